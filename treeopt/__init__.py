@@ -1,0 +1,30 @@
+"""treeopt: the optimizers of ``mlx.optimizers`` on NumPy, PyTorch, JAX and MLX arrays.
+
+    import treeopt as optim
+
+gives the names, signatures, defaults and state layout of ``mlx.optimizers``; the tree
+helpers of ``mlx.utils`` are in :mod:`treeopt.tree`.
+"""
+
+from treeopt import schedules, tree
+from treeopt.clip import clip_grad_norm
+from treeopt.errors import MissingParameterError, ParameterError, TreeoptError
+from treeopt.multi import MultiOptimizer, RoutingError
+from treeopt.optimizer import Optimizer
+from treeopt.optimizers import (SGD, AdaDelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Lion, Muon,
+                                RMSprop)
+from treeopt.schedules import (cosine_decay, exponential_decay, join_schedules, linear_schedule,
+                               step_decay)
+
+schedulers = schedules  # the name mlx.optimizers uses
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Optimizer", "MultiOptimizer",
+    "SGD", "RMSprop", "Adagrad", "AdaDelta", "Adam", "AdamW", "Adamax", "Lion", "Adafactor", "Muon",
+    "clip_grad_norm",
+    "exponential_decay", "step_decay", "cosine_decay", "linear_schedule", "join_schedules",
+    "TreeoptError", "ParameterError", "MissingParameterError", "RoutingError",
+    "tree", "schedules",
+]

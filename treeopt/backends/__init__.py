@@ -1,0 +1,63 @@
+"""Array backends: everything treeopt needs to know about one array library.
+
+Each backend is a small object (see :class:`~treeopt.backends.base.Backend`) that tells
+whether an array is its own, makes zeros and scalars like an array, does the few math
+functions the rules use, casts, and writes in place where the library allows it.
+Nothing else in treeopt imports torch, jax or mlx: a framework backend is loaded only once
+that framework has been imported by the user, so ``import treeopt`` needs only NumPy.
+"""
+
+import sys
+
+from treeopt.backends.base import Backend, PythonScalars
+from treeopt.backends.numpy_backend import NumpyBackend
+
+__all__ = ["Backend", "backend_of", "get_backend", "numpy_backend", "python_scalars"]
+
+numpy_backend = NumpyBackend()
+python_scalars = PythonScalars()
+
+# Framework backends, by the module whose import makes them possible.
+_FRAMEWORKS = {
+    "torch": ("torch", "treeopt.backends.torch_backend", "TorchBackend"),
+    "jax": ("jax", "treeopt.backends.jax_backend", "JaxBackend"),
+    "mlx": ("mlx.core", "treeopt.backends.mlx_backend", "MlxBackend"),
+}
+_loaded = {"numpy": numpy_backend}
+_by_type = {int: python_scalars, float: python_scalars, bool: python_scalars}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name`` (``"numpy"``, ``"torch"``, ``"jax"`` or ``"mlx"``),
+    importing its framework."""
+    if name not in _loaded:
+        if name not in _FRAMEWORKS:
+            raise ValueError(f"unknown backend {name!r}; expected one of numpy, torch, jax, mlx")
+        import importlib
+
+        framework, module, cls = _FRAMEWORKS[name]
+        importlib.import_module(framework)
+        _loaded[name] = getattr(importlib.import_module(module), cls)()
+    return _loaded[name]
+
+
+def _candidates():
+    yield numpy_backend
+    for name, (framework, _, _) in _FRAMEWORKS.items():
+        if framework in sys.modules:  # an array of a framework implies the framework is imported
+            yield get_backend(name)
+
+
+def backend_of(x):
+    """The backend that owns ``x``, or ``None`` when ``x`` is not an array or a number."""
+    cls = type(x)
+    found = _by_type.get(cls)
+    if found is None:
+        for candidate in _candidates():
+            if candidate.owns(x):
+                found = candidate
+                break
+        else:
+            return None
+        _by_type[cls] = found
+    return found

@@ -1,0 +1,166 @@
+"""The interface every array backend implements, and the one for plain Python numbers."""
+
+import math
+
+
+class Backend:
+    """What treeopt needs from an array library.
+
+    ``mutable`` says whether arrays can be written in place (NumPy, torch); JAX and MLX
+    arrays are immutable, so updated values are rebound instead. Math functions take arrays
+    of this backend, or Python numbers where noted.
+    """
+
+    name = "?"
+    mutable = False
+    #: dtype names of floating types the rules may update
+    floating = ("float16", "bfloat16", "float32", "float64")
+
+    # --- what an array is -------------------------------------------------------------
+    def owns(self, x) -> bool:
+        raise NotImplementedError
+
+    def dtype_name(self, x) -> str:
+        """The dtype as a plain name: ``float32``, ``bfloat16``, ``uint64``..."""
+        raise NotImplementedError
+
+    def is_floating(self, x) -> bool:
+        return self.dtype_name(x) in self.floating
+
+    def shape(self, x) -> tuple:
+        return tuple(x.shape)
+
+    def device(self, x) -> str:
+        return "cpu"
+
+    def nbytes(self, x) -> int:
+        return int(x.nbytes)
+
+    # --- making arrays ------------------------------------------------------------------
+    def zeros_like(self, x):
+        raise NotImplementedError
+
+    def zeros(self, shape, like):
+        """Zeros of ``shape`` with ``like``'s dtype and device."""
+        raise NotImplementedError
+
+    def scalar_array(self, value, dtype: str, like=None):
+        """A 0-d array holding ``value`` (a number or 0-d array), on ``like``'s device."""
+        raise NotImplementedError
+
+    def cast(self, x, like):
+        """``x`` (a number or an array) in ``like``'s dtype, ready to combine with ``like``
+        without promotion: the rules see every coefficient in the array's own dtype."""
+        raise NotImplementedError
+
+    def astype(self, x, dtype: str):
+        raise NotImplementedError
+
+    def writable(self, x) -> bool:
+        """Whether ``x`` can be written in place."""
+        return False
+
+    def write(self, dst, src):
+        """Write ``src`` into ``dst`` in place (mutable backends only)."""
+        raise NotImplementedError(f"{self.name} arrays are immutable")
+
+    def to_numpy(self, x):
+        raise NotImplementedError
+
+    def from_numpy(self, a, like=None):
+        raise NotImplementedError
+
+    def to_float(self, x) -> float:
+        return float(x)
+
+    # --- math used by the rules ---------------------------------------------------------
+    def sqrt(self, x):
+        raise NotImplementedError
+
+    def rsqrt(self, x):
+        raise NotImplementedError
+
+    def sign(self, x):
+        raise NotImplementedError
+
+    def abs(self, x):
+        return abs(x)
+
+    def maximum(self, a, b):
+        raise NotImplementedError
+
+    def minimum(self, a, b):
+        raise NotImplementedError
+
+    def where(self, cond, a, b):
+        raise NotImplementedError
+
+    def cos(self, x):
+        raise NotImplementedError
+
+    def mean(self, x, axis=None, keepdims=False):
+        raise NotImplementedError
+
+    def sum(self, x):
+        raise NotImplementedError
+
+    def matmul(self, a, b):
+        return a @ b
+
+    def addmm(self, c, a, b, alpha=None):
+        """``c + alpha * (a @ b)`` with one rounding to the dtype."""
+        product = self.matmul(a, b)
+        return c + (product if alpha is None else alpha * product)
+
+    def swap_last(self, x):
+        """``x`` with its last two axes swapped (the matrix transpose)."""
+        raise NotImplementedError
+
+    def all_finite(self, x):
+        """A 0-d boolean array: no NaN or infinity in ``x``."""
+        raise NotImplementedError
+
+
+class PythonScalars(Backend):
+    """Plain Python numbers, e.g. a schedule evaluated at an integer step."""
+
+    name = "python"
+
+    def owns(self, x):
+        return isinstance(x, (int, float, bool))
+
+    def dtype_name(self, x):
+        return "float64" if isinstance(x, float) else "int64"
+
+    def shape(self, x):
+        return ()
+
+    def cast(self, x, like):
+        return float(x)
+
+    def astype(self, x, dtype):
+        return float(x) if dtype.startswith(("float", "bfloat")) else int(x)
+
+    def sqrt(self, x):
+        return math.sqrt(x)
+
+    def rsqrt(self, x):
+        return 1.0 / math.sqrt(x)
+
+    def sign(self, x):
+        return float((x > 0) - (x < 0))
+
+    def maximum(self, a, b):
+        return max(a, b)
+
+    def minimum(self, a, b):
+        return min(a, b)
+
+    def where(self, cond, a, b):
+        return a if cond else b
+
+    def cos(self, x):
+        return math.cos(x)
+
+    def all_finite(self, x):
+        return math.isfinite(x)

@@ -1,0 +1,113 @@
+"""NumPy arrays (bfloat16 through ``ml_dtypes``). Arrays are written in place."""
+
+import numpy as np
+
+from treeopt.backends.base import Backend
+
+try:  # bfloat16 for NumPy; optional, but installed with treeopt
+    import ml_dtypes
+except ImportError:  # pragma: no cover - ml_dtypes is a core dependency
+    ml_dtypes = None
+
+_HALF = ("float16", "bfloat16")
+
+
+def _dtype(name: str):
+    if name == "bfloat16":
+        if ml_dtypes is None:  # pragma: no cover
+            raise TypeError("bfloat16 NumPy arrays need the ml_dtypes package")
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    mutable = True
+
+    def owns(self, x):
+        return isinstance(x, (np.ndarray, np.generic))
+
+    def dtype_name(self, x):
+        return x.dtype.name
+
+    def zeros_like(self, x):
+        return np.zeros(np.shape(x), dtype=x.dtype)
+
+    def zeros(self, shape, like):
+        return np.zeros(shape, dtype=like.dtype)
+
+    def scalar_array(self, value, dtype, like=None):
+        return np.array(value, dtype=_dtype(dtype))
+
+    def cast(self, x, like):
+        dtype = like.dtype
+        if isinstance(x, (np.ndarray, np.generic)):
+            return x.astype(dtype)[()] if x.dtype != dtype else x
+        return dtype.type(x)
+
+    def astype(self, x, dtype):
+        return np.asarray(x).astype(_dtype(dtype))
+
+    def writable(self, x):
+        return isinstance(x, np.ndarray) and x.flags.writeable
+
+    def write(self, dst, src):
+        np.copyto(dst, src, casting="unsafe")
+
+    def to_numpy(self, x):
+        return np.asarray(x)
+
+    def from_numpy(self, a, like=None):
+        return np.array(a, copy=True) if like is None else np.array(a, dtype=like.dtype, copy=True)
+
+    # ml_dtypes' bfloat16 promotes to float32 in reductions and products; the helpers below
+    # compute half types in float32 and round back, as MLX does.
+    def _in_float32(self, x):
+        return x.astype(np.float32) if x.dtype.name in _HALF else x
+
+    def sqrt(self, x):
+        return np.sqrt(x)
+
+    def rsqrt(self, x):
+        return np.reciprocal(np.sqrt(x))
+
+    def sign(self, x):
+        return np.sign(x)
+
+    def maximum(self, a, b):
+        return np.maximum(a, b)
+
+    def minimum(self, a, b):
+        return np.minimum(a, b)
+
+    def where(self, cond, a, b):
+        return np.where(cond, a, b)
+
+    def cos(self, x):
+        return np.cos(x)
+
+    def mean(self, x, axis=None, keepdims=False):
+        # MLX's mean: a float32-accumulated sum in the dtype, times 1/n in the dtype
+        total = np.sum(self._in_float32(x), axis=axis, keepdims=keepdims).astype(x.dtype)
+        count = x.size if axis is None else x.shape[axis]
+        return total * x.dtype.type(1 / count)
+
+    def sum(self, x):
+        return np.sum(self._in_float32(x)).astype(x.dtype)
+
+    def matmul(self, a, b):
+        return np.matmul(a, b).astype(a.dtype, copy=False)
+
+    def addmm(self, c, a, b, alpha=None):
+        if a.dtype.name not in _HALF:
+            return super().addmm(c, a, b, alpha)
+        product = np.matmul(a.astype(np.float32), b.astype(np.float32))
+        if alpha is not None:
+            product *= np.float32(alpha)
+        return (product + c.astype(np.float32)).astype(a.dtype)
+
+    def swap_last(self, x):
+        return np.swapaxes(x, -1, -2)
+
+    def all_finite(self, x):
+        return np.isfinite(x).all()

@@ -1,0 +1,64 @@
+"""Clipping gradients by their global norm."""
+
+from treeopt.backends import backend_of, numpy_backend
+from treeopt.errors import ParameterError
+from treeopt.ops import astype, dtype_name, minimum, sqrt, total
+from treeopt.tree import tree_flatten, tree_map
+
+
+def clip_grad_norm(grads, max_norm):
+    r"""Scale ``grads`` so that their global L2 norm is at most ``max_norm``.
+
+    .. math::
+
+        \|g\| = \sqrt{\textstyle\sum_{\text{leaves}} \sum g^2}, \qquad
+        g \leftarrow g \cdot \min\!\left(\frac{\text{max\_norm}}{\|g\| + 10^{-6}}, 1\right)
+
+    float16 leaves are squared and summed in float32. Floating leaves keep their dtype,
+    integer leaves come back as float32, ``None`` leaves stay ``None``.
+
+    Args:
+        grads: a tree of gradient arrays.
+        max_norm (float): the largest norm allowed, >= 0.
+
+    Returns:
+        ``(clipped_grads, total_norm)``, where ``total_norm`` is the norm before clipping.
+
+    Example:
+        >>> import numpy as np
+        >>> clipped, norm = clip_grad_norm({"w": np.array([3.0, 4.0], np.float32)}, 1.0)
+        >>> float(norm), clipped["w"].round(4).tolist()
+        (5.0, [0.6, 0.8])
+    """
+    if max_norm < 0:
+        raise ValueError(f"max_norm should be >=0, {max_norm} was provided instead")
+    leaves = [(path, g) for path, g in tree_flatten(grads) if g is not None]
+    libraries = {}
+    for path, g in leaves:
+        backend = backend_of(g)
+        if backend is None or backend.name == "python":
+            raise ParameterError(f"clip_grad_norm: the gradient at {path!r} is a {type(g).__name__}, not an array", path)
+        libraries.setdefault(backend.name, path)
+    if len(libraries) > 1:
+        (first, a), (second, b) = list(libraries.items())[:2]
+        raise ParameterError(f"clip_grad_norm: {b!r} is a {second} array but {a!r} is a {first} array", b)
+
+    def squared_norm(g):
+        return total(astype(g, "float32") * astype(g, "float32")) if dtype_name(g) == "float16" else total(g * g)
+
+    squared = 0.0
+    for _, g in leaves:
+        squared = squared + squared_norm(g)
+    if not leaves:
+        return tree_map(lambda g: g, grads), numpy_backend.scalar_array(0.0, "float32")
+    norm = sqrt(squared)
+    normalizer = minimum(max_norm / (norm + 1e-6), 1.0)
+
+    def scale(g):
+        if g is None:
+            return None
+        if backend_of(g).is_floating(g):
+            return astype(g * normalizer, dtype_name(g))
+        return astype(g, "float32") * normalizer
+
+    return tree_map(scale, grads), norm

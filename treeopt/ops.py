@@ -1,0 +1,94 @@
+"""The math functions the rules are written with.
+
+Each dispatches on its first array argument to that array's backend, so one rule runs on
+NumPy, torch, JAX and MLX arrays, and on plain Python numbers. The fast runners rebind
+these names (e.g. to NumPy scalar functions inside numba) without touching the rules.
+Arithmetic operators (``+ - * / @``) need no function: every backend's arrays have them.
+"""
+
+from treeopt.backends import backend_of
+
+__all__ = [
+    "astype", "cast", "sqrt", "rsqrt", "sign", "maximum", "minimum", "where", "cos", "mean", "total",
+    "swap_last", "matmul", "addmm", "all_finite",
+]
+
+
+def _of(*xs):
+    for x in xs:
+        backend = backend_of(x)
+        if backend is not None and backend.name != "python":
+            return backend
+    backend = backend_of(xs[0])
+    if backend is None:
+        raise TypeError(f"expected an array or a number, got {type(xs[0]).__name__}")
+    return backend
+
+
+def astype(x, dtype):
+    """``x`` converted to the dtype named ``dtype`` (e.g. ``"float32"``)."""
+    return _of(x).astype(x, dtype)
+
+
+def dtype_name(x):
+    return _of(x).dtype_name(x)
+
+
+def cast(value, like):
+    """``value`` (a number or array) in ``like``'s dtype, so combining them never promotes."""
+    return _of(like).cast(value, like)
+
+
+def sqrt(x):
+    return _of(x).sqrt(x)
+
+
+def rsqrt(x):
+    return _of(x).rsqrt(x)
+
+
+def sign(x):
+    return _of(x).sign(x)
+
+
+def maximum(a, b):
+    return _of(a, b).maximum(a, b)
+
+
+def minimum(a, b):
+    return _of(a, b).minimum(a, b)
+
+
+def where(cond, a, b):
+    return _of(cond, a, b).where(cond, a, b)
+
+
+def cos(x):
+    return _of(x).cos(x)
+
+
+def mean(x, axis=None, keepdims=False):
+    return _of(x).mean(x, axis=axis, keepdims=keepdims)
+
+
+def total(x):
+    """The sum of all elements."""
+    return _of(x).sum(x)
+
+
+def matmul(a, b):
+    return _of(a).matmul(a, b)
+
+
+def addmm(c, a, b, alpha=None):
+    """``c + alpha * (a @ b)``, accumulated in float32 (or wider) and rounded once to the
+    dtype, as a GEMM does. ``alpha`` is a Python float (default 1), not rounded to the dtype."""
+    return _of(a).addmm(c, a, b, alpha)
+
+
+def swap_last(x):
+    return _of(x).swap_last(x)
+
+
+def all_finite(x):
+    return _of(x).all_finite(x)

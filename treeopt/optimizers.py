@@ -1,0 +1,375 @@
+"""The built-in optimizers: each declares its hyper-parameters, checks them, and points at
+its rule in :mod:`treeopt.rules`, where the math is.
+
+Every numeric hyper-parameter may also be a schedule (a callable of the step); its current
+value then lives in the state under its name, like ``learning_rate``.
+"""
+
+import numbers
+
+from treeopt import rules
+from treeopt.optimizer import Optimizer
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+class _Builtin(Optimizer):
+    """Shared constructor helpers of the built-in optimizers."""
+
+    def _set_learning_rate(self, learning_rate):
+        if not (callable(learning_rate) or _is_number(learning_rate) or hasattr(learning_rate, "dtype")):
+            raise TypeError(f"{type(self).__name__} learning_rate must be a number, an array or a schedule, "
+                            f"got {type(learning_rate).__name__}")
+        self._maybe_schedule("learning_rate", learning_rate)
+
+    def _set(self, name, value, check=None, message=None):
+        """Store hyper-parameter ``name``: a number (checked by ``check``) or a schedule."""
+        if callable(value):
+            self._maybe_schedule(name, value)
+        elif _is_number(value):
+            value = float(value)
+            if check is not None and not check(value):
+                raise ValueError(message.format(name=type(self).__name__, value=value))
+        else:
+            raise TypeError(f"{type(self).__name__} {name} must be a number or a schedule, got {type(value).__name__}")
+        setattr(self, name, value)
+
+    def _set_betas(self, betas, count=2, label=None):
+        label = label or type(self).__name__
+        betas = tuple(betas)
+        if len(betas) != count:
+            raise ValueError(f"{label} betas should have {count} values, got {len(betas)}")
+        for i, beta in enumerate(betas, 1):
+            if not _is_number(beta) or not 0.0 <= beta < 1.0:
+                raise ValueError(f"{label} beta{i} should be in [0, 1), {beta} was provided instead")
+        self.betas = tuple(float(b) for b in betas)
+
+
+_NON_NEGATIVE = "{name} {value_name} should be >=0, {value} was provided instead"
+
+
+def _non_negative(what):
+    return _NON_NEGATIVE.replace("{value_name}", what)
+
+
+class SGD(_Builtin):
+    r"""Stochastic gradient descent, with optional momentum, Nesterov and weight decay.
+
+    .. math::
+
+        g &\leftarrow g + \lambda_{wd} w \\
+        v &\leftarrow \mu v + (1 - \tau) g \\
+        w &\leftarrow w - \eta (g + \mu v \text{ if nesterov else } v)
+
+    As in MLX the momentum buffer starts at zero and dampening applies from the first step.
+
+    Args:
+        learning_rate (float or callable): the learning rate :math:`\eta`.
+        momentum (float): the momentum :math:`\mu`. Default: ``0``.
+        weight_decay (float): L2 penalty :math:`\lambda_{wd}`, added to the gradient. Default: ``0``.
+        dampening (float): dampening :math:`\tau` of the momentum. Default: ``0``.
+        nesterov (bool): Nesterov momentum. Default: ``False``.
+
+    Example:
+        >>> import numpy as np, treeopt as optim
+        >>> opt = optim.SGD(0.1, momentum=0.9)
+        >>> params = {"w": np.array([1.0, 2.0], np.float32)}
+        >>> opt.update(params, {"w": np.array([1.0, 1.0], np.float32)})
+        >>> params["w"]
+        array([0.9, 1.9], dtype=float32)
+    """
+
+    rule = rules.SGD
+    hyperparameters = ("momentum", "weight_decay", "dampening", "nesterov")
+
+    def __init__(self, learning_rate, momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False):
+        if nesterov and (not callable(momentum) and momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening.")
+        super().__init__()
+        self._set_learning_rate(learning_rate)
+        self._set("momentum", momentum, lambda v: v >= 0, _non_negative("momentum"))
+        self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
+        self._set("dampening", dampening, lambda v: 0 <= v <= 1,
+                  "{name} dampening should be in [0, 1], {value} was provided instead")
+        self.nesterov = bool(nesterov)
+
+
+class RMSprop(_Builtin):
+    r"""RMSprop (Tieleman and Hinton, 2012).
+
+    .. math::
+
+        v &\leftarrow \alpha v + (1 - \alpha) g^2 \\
+        w &\leftarrow w - \eta \frac{g}{\sqrt{v} + \epsilon}
+
+    Args:
+        learning_rate (float or callable): the learning rate :math:`\eta`.
+        alpha (float): smoothing constant, in [0, 1]. Default: ``0.99``.
+        eps (float): added to the denominator, > 0. Default: ``1e-8``.
+    """
+
+    rule = rules.RMSPROP
+    hyperparameters = ("alpha", "eps")
+
+    def __init__(self, learning_rate, alpha=0.99, eps=1e-8):
+        super().__init__()
+        if _is_number(alpha) and alpha < 0:
+            raise ValueError(f"RMSprop alpha should be >=0, {alpha} was provided instead")
+        if _is_number(eps) and eps <= 0:
+            raise ValueError(f"RMSprop epsilon should be >0, {eps} was provided instead")
+        self._set_learning_rate(learning_rate)
+        self._set("alpha", alpha, lambda v: v <= 1, "{name} alpha should be <=1, {value} was provided instead")
+        self._set("eps", eps)
+
+
+class Adagrad(_Builtin):
+    r"""Adagrad (Duchi et al., 2011).
+
+    .. math::
+
+        v &\leftarrow v + g^2 \\
+        w &\leftarrow w - \eta \frac{g}{\sqrt{v} + \epsilon}
+
+    Args:
+        learning_rate (float or callable): the learning rate :math:`\eta`.
+        eps (float): added to the denominator, > 0. Default: ``1e-8``.
+    """
+
+    rule = rules.ADAGRAD
+    hyperparameters = ("eps",)
+
+    def __init__(self, learning_rate, eps=1e-8):
+        super().__init__()
+        if _is_number(eps) and eps <= 0:
+            raise ValueError(f"Adagrad epsilon should be >0, {eps} was provided instead")
+        self._set_learning_rate(learning_rate)
+        self._set("eps", eps)
+
+
+class AdaDelta(_Builtin):
+    r"""AdaDelta (Zeiler, 2012).
+
+    .. math::
+
+        v &\leftarrow \rho v + (1 - \rho) g^2 \\
+        \Delta &= \frac{\sqrt{u + \epsilon}}{\sqrt{v + \epsilon}} g \\
+        u &\leftarrow \rho u + (1 - \rho) \Delta^2 \\
+        w &\leftarrow w - \eta \Delta
+
+    Args:
+        learning_rate (float or callable): the learning rate :math:`\eta`.
+        rho (float): averaging coefficient, in [0, 1]. Default: ``0.9``.
+        eps (float): added inside the square roots, > 0. Default: ``1e-6``.
+    """
+
+    rule = rules.ADADELTA
+    hyperparameters = ("rho", "eps")
+
+    def __init__(self, learning_rate, rho=0.9, eps=1e-6):
+        super().__init__()
+        if _is_number(rho) and rho < 0:
+            raise ValueError(f"AdaDelta rho should be >=0, {rho} was provided instead")
+        if _is_number(eps) and eps <= 0:
+            raise ValueError(f"AdaDelta epsilon should be >0, {eps} was provided instead")
+        self._set_learning_rate(learning_rate)
+        self._set("rho", rho, lambda v: v <= 1, "{name} rho should be <=1, {value} was provided instead")
+        self._set("eps", eps)
+
+
+class Adam(_Builtin):
+    r"""Adam (Kingma and Ba, 2015).
+
+    .. math::
+
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g \\
+        v &\leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        w &\leftarrow w - \eta \frac{m}{\sqrt{v} + \epsilon}
+
+    With ``bias_correction`` (off by default, as in MLX) the step uses
+    :math:`\eta / (1 - \beta_1^t)` and :math:`\sqrt{v / (1 - \beta_2^t)}`, as in PyTorch.
+
+    Args:
+        learning_rate (float or callable): the learning rate :math:`\eta`.
+        betas (tuple[float, float]): :math:`(\beta_1, \beta_2)`, each in [0, 1). Default: ``(0.9, 0.999)``.
+        eps (float): added to the denominator, >= 0. Default: ``1e-8``.
+        bias_correction (bool): correct the moments' bias toward zero. Default: ``False``.
+    """
+
+    rule = rules.ADAM
+    hyperparameters = ("betas", "eps", "bias_correction")
+
+    def __init__(self, learning_rate, betas=(0.9, 0.999), eps=1e-8, bias_correction=False):
+        super().__init__()
+        self._set_betas(betas)
+        if _is_number(eps) and eps < 0:
+            raise ValueError(f"{type(self).__name__} epsilon should be >=0, {eps} was provided instead")
+        self._set_learning_rate(learning_rate)
+        self._set("eps", eps)
+        self.bias_correction = bool(bias_correction)
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov and Hutter, 2019): Adam with decoupled weight decay.
+
+    .. math::
+
+        w &\leftarrow w (1 - \eta \lambda) \\
+        w &\leftarrow \mathrm{Adam}(w)
+
+    Args:
+        learning_rate (float or callable): the learning rate :math:`\eta`.
+        betas (tuple[float, float]): :math:`(\beta_1, \beta_2)`. Default: ``(0.9, 0.999)``.
+        eps (float): added to the denominator. Default: ``1e-8``.
+        weight_decay (float): the decay :math:`\lambda`, >= 0. Default: ``0.01``.
+        bias_correction (bool): as in :class:`Adam`. Default: ``False``.
+    """
+
+    rule = rules.ADAMW
+    hyperparameters = ("betas", "eps", "bias_correction", "weight_decay")
+
+    def __init__(self, learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, bias_correction=False):
+        super().__init__(learning_rate, betas=betas, eps=eps, bias_correction=bias_correction)
+        self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
+
+
+class Adamax(Adam):
+    r"""Adamax (Kingma and Ba, 2015): Adam with the infinity norm.
+
+    .. math::
+
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g \\
+        v &\leftarrow \max(\beta_2 v, |g|) \\
+        w &\leftarrow w - \eta \frac{m}{v + \epsilon}
+
+    Args:
+        learning_rate (float or callable): the learning rate :math:`\eta`.
+        betas (tuple[float, float]): :math:`(\beta_1, \beta_2)`. Default: ``(0.9, 0.999)``.
+        eps (float): added to the denominator. Default: ``1e-8``.
+    """
+
+    rule = rules.ADAMAX
+    hyperparameters = ("betas", "eps")
+
+    def __init__(self, learning_rate, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(learning_rate, betas=betas, eps=eps)
+
+
+class Lion(_Builtin):
+    r"""Lion (Chen et al., 2023): the sign of an interpolated momentum.
+
+    .. math::
+
+        c &= \beta_1 m + (1 - \beta_1) g \\
+        m &\leftarrow \beta_2 m + (1 - \beta_2) g \\
+        w &\leftarrow w (1 - \eta \lambda) - \eta\, \mathrm{sign}(c)
+
+    Use a learning rate 3-10x smaller and a weight decay 3-10x larger than for AdamW.
+
+    Args:
+        learning_rate (float or callable): the learning rate :math:`\eta`.
+        betas (tuple[float, float]): :math:`(\beta_1, \beta_2)`. Default: ``(0.9, 0.99)``.
+        weight_decay (float): the decoupled decay :math:`\lambda`, >= 0. Default: ``0``.
+    """
+
+    rule = rules.LION
+    hyperparameters = ("betas", "weight_decay")
+
+    def __init__(self, learning_rate, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__()
+        self._set_betas(betas)
+        self._set_learning_rate(learning_rate)
+        self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
+
+
+class Adafactor(_Builtin):
+    r"""Adafactor (Shazeer and Stern, 2018): factored second moments, sub-linear memory.
+
+    For a matrix (or a batch of matrices) only row and column averages of :math:`g^2` are
+    kept. By default the step size is relative (:math:`\min(10^{-2}, 1/\sqrt{t})`) and scaled
+    by the parameter's RMS; ``learning_rate`` is then ignored, as in MLX. See
+    :mod:`treeopt.rules.adafactor` for the full update.
+
+    Args:
+        learning_rate (float or callable, optional): used when ``relative_step=False``.
+        eps (tuple[float, float]): :math:`(\epsilon_1, \epsilon_2)`: added to :math:`g^2`, and
+            the smallest parameter scale. Default: ``(1e-30, 1e-3)``.
+        clip_threshold (float): clips the unscaled update's RMS, > 0. Default: ``1.0``.
+        decay_rate (float): :math:`\hat\beta_2 = 1 - t^{\text{decay\_rate}}`, <= 0. Default: ``-0.8``.
+        beta_1 (float, optional): first-moment coefficient in [0, 1); ``None`` keeps no
+            first moment. Default: ``None``.
+        weight_decay (float): >= 0. Default: ``0``.
+        scale_parameter (bool): scale the step by the parameter's RMS. Default: ``True``.
+        relative_step (bool): use the relative step size. Default: ``True``.
+        warmup_init (bool): relative step warm-up, :math:`10^{-6} t`. Default: ``False``.
+    """
+
+    rule = rules.ADAFACTOR
+    hyperparameters = ("eps", "clip_threshold", "decay_rate", "beta_1", "weight_decay",
+                       "scale_parameter", "relative_step", "warmup_init")
+
+    def __init__(self, learning_rate=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
+                 beta_1=None, weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False):
+        super().__init__()
+        eps = tuple(eps)
+        if len(eps) != 2 or not all(_is_number(e) and e >= 0 for e in eps):
+            raise ValueError(f"Adafactor eps should be two numbers >=0, {eps} was provided instead")
+        if beta_1 is not None and not (_is_number(beta_1) and 0 <= beta_1 < 1):
+            raise ValueError(f"Adafactor beta_1 should be None or in [0, 1), {beta_1} was provided instead")
+        if not relative_step and learning_rate is None:
+            raise ValueError("Adafactor with relative_step=False needs a learning_rate")
+        if learning_rate is not None:
+            self._set_learning_rate(learning_rate)
+        self.eps = tuple(float(e) for e in eps)
+        self._set("clip_threshold", clip_threshold, lambda v: v > 0,
+                  "{name} clip_threshold should be >0, {value} was provided instead")
+        self._set("decay_rate", decay_rate, lambda v: v <= 0,
+                  "{name} decay_rate should be <=0, {value} was provided instead")
+        self.beta_1 = None if beta_1 is None else float(beta_1)
+        self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
+        self.scale_parameter = bool(scale_parameter)
+        self.relative_step = bool(relative_step)
+        self.warmup_init = bool(warmup_init)
+
+    def slot_shapes(self, parameter):
+        shape = tuple(parameter.shape)
+        if len(shape) >= 2:
+            shapes = {"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]}
+        else:
+            shapes = {"exp_avg_sq": shape}
+        if self.beta_1 is not None:
+            shapes["exp_avg"] = shape
+        return shapes
+
+
+class Muon(_Builtin):
+    r"""Muon (Jordan et al., 2024): momentum orthogonalised by Newton-Schulz iterations.
+
+    Meant for the hidden matrices of a network; route embeddings, the output head, norms and
+    biases to :class:`AdamW` with :class:`MultiOptimizer`. Tensors with more than two
+    dimensions are flattened to ``(shape[0], -1)``; tensors with fewer get the momentum step
+    only. As in MLX, weight decay is coupled (added to the gradient). See
+    :mod:`treeopt.rules.muon`.
+
+    Args:
+        learning_rate (float or callable): the learning rate.
+        momentum (float): in [0, 1). Default: ``0.95``.
+        weight_decay (float): >= 0. Default: ``0.01``.
+        nesterov (bool): Nesterov momentum. Default: ``True``.
+        ns_steps (int): Newton-Schulz iterations, >= 0. Default: ``5``.
+    """
+
+    rule = rules.MUON
+    hyperparameters = ("momentum", "weight_decay", "nesterov", "ns_steps")
+
+    def __init__(self, learning_rate, momentum=0.95, weight_decay=0.01, nesterov=True, ns_steps=5):
+        super().__init__()
+        self._set_learning_rate(learning_rate)
+        self._set("momentum", momentum, lambda v: 0 <= v < 1,
+                  "{name} momentum should be in [0, 1), {value} was provided instead")
+        self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
+        if isinstance(ns_steps, bool) or not isinstance(ns_steps, numbers.Integral) or ns_steps < 0:
+            raise ValueError(f"Muon ns_steps should be an integer >=0, {ns_steps!r} was provided instead")
+        self.nesterov = bool(nesterov)
+        self.ns_steps = int(ns_steps)

@@ -1,0 +1,77 @@
+"""Adafactor: second moments kept as row and column averages for matrices.
+
+With RMS(x) = sqrt(mean(x^2)) and t the step:
+
+    rho    = min(1e-2 or 1e-6 t under warm-up, 1/sqrt(t))  if relative_step, else lr
+    alpha  = max(eps2, RMS(p)) * rho                        (rho alone without scale_parameter)
+    b2     = 1 - t^decay_rate
+    u      = g^2 + eps1
+    matrices (ndim >= 2), over the last two axes:
+        R <- b2 R + (1 - b2) mean(u, -1);  C <- b2 C + (1 - b2) mean(u, -2)
+        u  = rsqrt(R / mean(R, -1)) (outer) rsqrt(C) * g
+    otherwise:
+        S <- b2 S + (1 - b2) u;  u = rsqrt(S) * g
+    u  = alpha * u / max(1, RMS(u) / clip_threshold)
+    E <- b1 E + (1 - b1) u;  u = E                          (if beta_1 is not None)
+    p <- p + p * (-wd * alpha)                              (if wd != 0)
+    p <- p - u
+"""
+
+from treeopt.ops import maximum, mean, minimum, rsqrt, sqrt
+from treeopt.rules.base import Rule, active
+
+
+def adafactor_slots(ndim, hyper):
+    second = ("exp_avg_sq_row", "exp_avg_sq_col") if ndim >= 2 else ("exp_avg_sq",)
+    return second + (("exp_avg",) if hyper["beta_1"] is not None else ())
+
+
+def adafactor_coefficients(lr, step, *, eps, clip_threshold, decay_rate, beta_1, weight_decay,
+                           scale_parameter, relative_step, warmup_init):
+    if relative_step:
+        rho = minimum(1e-6 * step if warmup_init else 1e-2, rsqrt(step))
+    else:
+        rho = lr
+    has_first_moment = beta_1 is not None
+    return dict(
+        rho=rho, eps1=eps[0], eps2=eps[1], one=1.0, clip_threshold=clip_threshold,
+        step_decay=step**decay_rate,
+        beta_1=beta_1 if has_first_moment else 0.0,
+        one_minus_beta_1=1 - beta_1 if has_first_moment else 0.0,
+        neg_weight_decay=-weight_decay, decays=active(weight_decay),
+        scale_parameter=scale_parameter,
+    )
+
+
+def rms(x):
+    return sqrt(mean(x * x))
+
+
+def adafactor(grad, param, *slots, rho, eps1, eps2, one, clip_threshold, step_decay,
+              beta_1, one_minus_beta_1, neg_weight_decay, decays, scale_parameter):
+    alpha = maximum(eps2, rms(param)) * rho if scale_parameter else rho
+    beta_2 = one - step_decay
+    one_minus_beta_2 = one - beta_2
+    update = grad * grad + eps1
+    if grad.ndim >= 2:
+        row, col, *first_moment = slots
+        row = beta_2 * row + one_minus_beta_2 * mean(update, axis=-1)
+        col = beta_2 * col + one_minus_beta_2 * mean(update, axis=-2)
+        row_factor = rsqrt(row / mean(row, axis=-1, keepdims=True))
+        update = row_factor[..., None] * rsqrt(col)[..., None, :] * grad
+        second_moment = (row, col)
+    else:
+        square, *first_moment = slots
+        square = beta_2 * square + one_minus_beta_2 * update
+        update = rsqrt(square) * grad
+        second_moment = (square,)
+    update = alpha * (update / maximum(one, rms(update) / clip_threshold))
+    if first_moment:
+        update = beta_1 * first_moment[0] + one_minus_beta_1 * update
+        first_moment = [update]
+    if decays:
+        param = param + param * (neg_weight_decay * alpha)
+    return (param - update, *second_moment, *first_moment)
+
+
+ADAFACTOR = Rule("adafactor", adafactor, adafactor_coefficients, slots=adafactor_slots, elementwise=False)
