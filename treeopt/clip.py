@@ -44,7 +44,10 @@ def clip_grad_norm(grads, max_norm):
         raise ParameterError(f"clip_grad_norm: {b!r} is a {second} array but {a!r} is a {first} array", b)
 
     def squared_norm(g):
-        return total(astype(g, "float32") * astype(g, "float32")) if dtype_name(g) == "float16" else total(g * g)
+        # float16 squares overflow: sum them in float32 (bfloat16 has float32's range)
+        if dtype_name(g) == "float16" or not backend_of(g).is_floating(g):
+            g = astype(g, "float32")
+        return total(g * g)
 
     squared = 0.0
     for _, g in leaves:

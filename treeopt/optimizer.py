@@ -102,16 +102,18 @@ class Optimizer:
         self._state["learning_rate"] = self._scalar(value)
 
     def _scalar(self, value, dtype="float32"):
-        """A state scalar: an array of the state's library. Numbers become ``dtype``
-        (an integer learning rate becomes float32); arrays keep their dtype."""
+        """A state scalar: an array of the state's library. Numbers (an integer learning
+        rate too) become ``dtype``; float16, bfloat16 and float32 arrays keep their dtype."""
         backend = self._backend or numpy_backend
         owner = backend_of(value)
-        if owner is backend:
-            return value
         if owner is None:
             raise TypeError(f"expected a number or an array, got {type(value).__name__}")
-        if owner.name != "python":
+        if owner.name != "python" and owner.dtype_name(value) in ("float16", "bfloat16", "float32"):
+            if owner is backend:
+                return value
             dtype, value = owner.dtype_name(value), owner.to_numpy(value)
+        elif owner.name != "python":
+            value = owner.to_float(value)
         return backend.scalar_array(value, dtype)
 
     def _maybe_schedule(self, name, value):

@@ -1,0 +1,106 @@
+"""One registry of optimizers and settings, shared by the generic tests (in the manner of
+torch.optim's OptimizerInfo): every hyper-parameter path of every optimizer, and every
+constructor error with the exception MLX raises (or the one treeopt adds)."""
+
+from dataclasses import dataclass, field
+
+import treeopt as optim
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An optimizer and keyword arguments, with the paths of the rule they exercise."""
+
+    optimizer: str
+    kwargs: dict = field(default_factory=dict)
+    covers: str = ""
+
+    @property
+    def id(self):
+        args = ",".join(f"{k}={v}" for k, v in self.kwargs.items() if k != "learning_rate")
+        return f"{self.optimizer}({args})"
+
+    def make(self, module=optim, **overrides):
+        return getattr(module, self.optimizer)(**{**self.kwargs, **overrides})
+
+
+SETTINGS = [
+    Setting("SGD", dict(learning_rate=0.1), "plain"),
+    Setting("SGD", dict(learning_rate=0.1, momentum=0.9), "momentum"),
+    Setting("SGD", dict(learning_rate=0.1, momentum=0.9, dampening=0.2, weight_decay=0.05), "dampening, coupled decay"),
+    Setting("SGD", dict(learning_rate=0.1, momentum=0.9, nesterov=True), "nesterov"),
+    Setting("SGD", dict(learning_rate=0.1, weight_decay=0.05), "decay without momentum"),
+    Setting("RMSprop", dict(learning_rate=0.01), "default"),
+    Setting("RMSprop", dict(learning_rate=0.01, alpha=0.5, eps=1e-4), "alpha, eps"),
+    Setting("Adagrad", dict(learning_rate=0.1), "default"),
+    Setting("Adagrad", dict(learning_rate=0.1, eps=1e-3), "eps"),
+    Setting("AdaDelta", dict(learning_rate=1.0), "default"),
+    Setting("AdaDelta", dict(learning_rate=0.5, rho=0.5, eps=1e-4), "rho, eps"),
+    Setting("Adam", dict(learning_rate=0.01), "no bias correction"),
+    Setting("Adam", dict(learning_rate=0.01, bias_correction=True), "bias correction"),
+    Setting("Adam", dict(learning_rate=0.01, betas=(0.5, 0.9), eps=1e-3), "betas, eps"),
+    Setting("AdamW", dict(learning_rate=0.01), "default decay"),
+    Setting("AdamW", dict(learning_rate=0.01, weight_decay=0.1, bias_correction=True), "decay + bias correction"),
+    Setting("Adamax", dict(learning_rate=0.01), "default"),
+    Setting("Adamax", dict(learning_rate=0.01, betas=(0.8, 0.9), eps=1e-3), "betas, eps"),
+    Setting("Lion", dict(learning_rate=0.01), "no decay"),
+    Setting("Lion", dict(learning_rate=0.01, betas=(0.8, 0.95), weight_decay=0.1), "decoupled decay"),
+    Setting("Adafactor", dict(), "relative step, scaled, factored and not"),
+    Setting("Adafactor", dict(warmup_init=True), "warm-up relative step"),
+    Setting("Adafactor", dict(learning_rate=0.01, relative_step=False, scale_parameter=False), "fixed lr"),
+    Setting("Adafactor", dict(learning_rate=0.01, relative_step=False, beta_1=0.9, weight_decay=0.1,
+                              clip_threshold=0.5, decay_rate=-0.5), "first moment, decay, clipping"),
+    Setting("Adafactor", dict(beta_1=0.0), "beta_1 = 0 still keeps a first moment"),
+    Setting("Muon", dict(learning_rate=0.02), "nesterov, coupled decay"),
+    Setting("Muon", dict(learning_rate=0.02, nesterov=False, weight_decay=0.0), "plain momentum"),
+    Setting("Muon", dict(learning_rate=0.02, momentum=0.0, ns_steps=3), "no momentum, 3 iterations"),
+]
+
+#: scheduled learning rates, run on every optimizer that takes one
+SCHEDULES = {
+    "exponential_decay": lambda m: m.exponential_decay(0.05, 0.9),
+    "step_decay": lambda m: m.step_decay(0.05, 0.5, 2),
+    "cosine_decay": lambda m: m.cosine_decay(0.05, 5, 0.001),
+    "linear_schedule": lambda m: m.linear_schedule(0.0, 0.05, 3),
+    "join_schedules": lambda m: m.join_schedules([m.linear_schedule(0.0, 0.05, 2), m.cosine_decay(0.05, 4)], [2]),
+}
+
+#: (optimizer, kwargs, exception type, message regex, does MLX 0.32.4 raise it too?)
+ERRORS = [
+    ("SGD", dict(learning_rate=0.1, nesterov=True), ValueError, "Nesterov momentum requires", True),
+    ("SGD", dict(learning_rate=0.1, momentum=0.9, dampening=0.1, nesterov=True), ValueError, "Nesterov", True),
+    ("SGD", dict(learning_rate=0.1, momentum=-0.5), ValueError, "SGD momentum should be >=0", False),
+    ("SGD", dict(learning_rate=0.1, weight_decay=-1.0), ValueError, "SGD weight_decay should be >=0", False),
+    ("RMSprop", dict(learning_rate=0.1, alpha=-0.1), ValueError, "RMSprop alpha should be >=0", True),
+    ("RMSprop", dict(learning_rate=0.1, alpha=1.5), ValueError, "RMSprop alpha should be <=1", False),
+    ("RMSprop", dict(learning_rate=0.1, eps=0.0), ValueError, ">0", True),
+    ("RMSprop", dict(learning_rate=0.1, eps=-1.0), ValueError, ">0", True),
+    ("Adagrad", dict(learning_rate=0.1, eps=0.0), ValueError, "Adagrad epsilon should be >0", True),
+    ("AdaDelta", dict(learning_rate=0.1, rho=-0.1), ValueError, "AdaDelta rho should be >=0", True),
+    ("AdaDelta", dict(learning_rate=0.1, eps=0.0), ValueError, "AdaDelta epsilon should be >0", True),
+    ("Adam", dict(learning_rate=0.1, betas=(1.0, 0.999)), ValueError, r"Adam beta1 should be in \[0, 1\)", True),
+    ("Adam", dict(learning_rate=0.1, betas=(0.9, -0.1)), ValueError, "Adam beta2", True),
+    ("Adam", dict(learning_rate=0.1, eps=-1e-8), ValueError, "Adam epsilon should be >=0", True),
+    ("Adam", dict(learning_rate=0.1, betas=(0.9,)), ValueError, "Adam betas should have 2 values", False),
+    ("Adam", dict(learning_rate=0.1, betas=(0.9, 0.99, 0.999)), ValueError, "Adam betas should have 2 values", False),
+    ("AdamW", dict(learning_rate=0.1, betas=(1.5, 0.999)), ValueError, "AdamW beta1", True),
+    ("AdamW", dict(learning_rate=0.1, weight_decay=-0.1), ValueError, "AdamW weight_decay should be >=0", False),
+    ("Adamax", dict(learning_rate=0.1, betas=(0.9, 1.0)), ValueError, "Adamax beta2", True),
+    ("Lion", dict(learning_rate=0.1, betas=(0.9, 1.2)), ValueError, "Lion beta2", True),
+    ("Lion", dict(learning_rate=0.1, weight_decay=-0.1), ValueError, "Lion weight_decay should be >=0", False),
+    ("Lion", dict(learning_rate=0.1, betas=(0.9,)), ValueError, "Lion betas should have 2 values", False),
+    ("Adafactor", dict(relative_step=False), ValueError, "needs a learning_rate", False),
+    ("Adafactor", dict(eps=(1e-30,)), ValueError, "Adafactor eps", False),
+    ("Adafactor", dict(clip_threshold=0.0), ValueError, "Adafactor clip_threshold should be >0", False),
+    ("Adafactor", dict(decay_rate=0.5), ValueError, "Adafactor decay_rate should be <=0", False),
+    ("Adafactor", dict(beta_1=1.0), ValueError, "Adafactor beta_1", False),
+    ("Adafactor", dict(weight_decay=-1.0), ValueError, "Adafactor weight_decay", False),
+    ("Muon", dict(learning_rate=0.1, momentum=1.0), ValueError, r"Muon momentum should be in \[0, 1\)", False),
+    ("Muon", dict(learning_rate=0.1, momentum=-1.0), ValueError, "Muon momentum", False),
+    ("Muon", dict(learning_rate=0.1, weight_decay=-0.01), ValueError, "Muon weight_decay should be >=0", False),
+    ("Muon", dict(learning_rate=0.1, ns_steps=-1), ValueError, "Muon ns_steps", False),
+    ("Muon", dict(learning_rate=0.1, ns_steps=2.5), ValueError, "Muon ns_steps", False),
+    ("SGD", dict(learning_rate="fast"), TypeError, "learning_rate must be", False),
+]
+
+OPTIMIZERS = sorted({s.optimizer for s in SETTINGS})

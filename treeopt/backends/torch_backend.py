@@ -1,0 +1,129 @@
+"""PyTorch tensors, on any device. Tensors are written in place (under ``no_grad``); state
+slots are created on the parameter's device and never leave it."""
+
+import numpy as np
+import torch
+
+from treeopt.backends.base import Backend
+
+_HALF = (torch.float16, torch.bfloat16)
+# torch has no arithmetic on uint64: the step counter is int64 here
+_DTYPES = {"uint64": torch.int64}
+
+
+def _dtype(name):
+    return _DTYPES.get(name) or getattr(torch, name)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    mutable = True
+
+    def owns(self, x):
+        return isinstance(x, torch.Tensor)
+
+    def dtype_name(self, x):
+        return str(x.dtype).removeprefix("torch.")
+
+    def device(self, x):
+        return str(x.device)
+
+    def zeros_like(self, x):
+        return torch.zeros_like(x, memory_format=torch.preserve_format)
+
+    def zeros(self, shape, like):
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def scalar_array(self, value, dtype, like=None):
+        if isinstance(value, np.ndarray):
+            value = value.item()
+        return torch.tensor(value, dtype=_dtype(dtype), device=None if like is None else like.device)
+
+    def cast(self, x, like):
+        if isinstance(x, torch.Tensor):
+            return x.to(like.dtype)
+        # A Python number rounded to the tensor's dtype: torch then computes exactly what an
+        # operation between two tensors of that dtype would.
+        if like.dtype == torch.float64:
+            return float(x)
+        if like.dtype == torch.bfloat16:
+            return torch.tensor(float(x), dtype=torch.bfloat16).item()
+        return float(np.asarray(x, dtype=str(like.dtype).removeprefix("torch.")))
+
+    def astype(self, x, dtype):
+        return x.to(_dtype(dtype))
+
+    def writable(self, x):
+        return isinstance(x, torch.Tensor) and not x.is_inference()
+
+    def write(self, dst, src):
+        with torch.no_grad():
+            dst.copy_(src)
+
+    def to_numpy(self, x):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+
+    def from_numpy(self, a, like=None):
+        a = np.ascontiguousarray(a)
+        if a.dtype.name == "bfloat16":
+            tensor = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        else:
+            tensor = torch.from_numpy(a.copy())
+        return tensor if like is None else tensor.to(device=like.device, dtype=like.dtype)
+
+    def to_float(self, x):
+        return float(x)
+
+    def _in_float32(self, x):
+        return x.float() if x.dtype in _HALF else x
+
+    def sqrt(self, x):
+        return torch.sqrt(x)
+
+    def rsqrt(self, x):
+        return torch.reciprocal(torch.sqrt(x))
+
+    def sign(self, x):
+        return torch.sign(x)
+
+    def maximum(self, a, b):
+        if not isinstance(a, torch.Tensor):
+            a, b = b, a
+        return torch.clamp_min(a, b) if not isinstance(b, torch.Tensor) else torch.maximum(a, b)
+
+    def minimum(self, a, b):
+        if not isinstance(a, torch.Tensor):
+            a, b = b, a
+        return torch.clamp_max(a, b) if not isinstance(b, torch.Tensor) else torch.minimum(a, b)
+
+    def where(self, cond, a, b):
+        return torch.where(torch.as_tensor(cond), a, b)
+
+    def cos(self, x):
+        return torch.cos(x)
+
+    def mean(self, x, axis=None, keepdims=False):
+        dims = () if axis is None else axis
+        total = torch.sum(self._in_float32(x), dim=dims, keepdim=keepdims).to(x.dtype)
+        count = x.numel() if axis is None else x.shape[axis]
+        return total * self.cast(1 / count, x)
+
+    def sum(self, x):
+        return torch.sum(self._in_float32(x)).to(x.dtype)
+
+    def matmul(self, a, b):
+        return torch.matmul(a, b)
+
+    def addmm(self, c, a, b, alpha=None):
+        return torch.addmm(c, a, b, alpha=1.0 if alpha is None else alpha)
+
+    def swap_last(self, x):
+        return x.transpose(-1, -2)
+
+    def all_finite(self, x):
+        return torch.isfinite(x).all()

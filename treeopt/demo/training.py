@@ -1,0 +1,131 @@
+"""The two optimizer set-ups the demo compares, and the training loop they share."""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import treeopt as optim
+from treeopt.demo import model
+
+#: peak learning rates and decoupled weight decay; chosen on this data set (see the README
+#: of the demo): Muon's orthogonalised steps have a fixed size, so its rate is larger
+MUON_LR = 0.02
+ADAMW_LR = 3e-3
+WEIGHT_DECAY = 0.01  # Muon's and AdamW's default
+MAX_GRAD_NORM = 1.0
+
+
+def warmup_cosine(peak, steps, warmup_fraction=0.1, end_fraction=0.1):
+    """A linear warm-up from 0 to ``peak`` over the first tenth of ``steps``, then half a
+    cosine down to ``end_fraction * peak`` at the last step."""
+    warmup = max(1, round(steps * warmup_fraction))
+    return optim.join_schedules(
+        [optim.linear_schedule(0.0, peak, warmup),
+         optim.cosine_decay(peak, max(1, steps - warmup), end=peak * end_fraction)],
+        [warmup])
+
+
+def is_hidden_matrix(path, param):
+    """Filter: the weight matrices of the hidden layers (``layers.<i>.weight``), Muon's
+    share. The input layer and the head stay with AdamW, as Muon's authors advise."""
+    return path.startswith("layers.") and param.ndim == 2
+
+
+def is_bias(path, param):
+    """Filter: the biases (every vector), which get no weight decay."""
+    return param.ndim == 1
+
+
+def muon_adamw(steps):
+    """The Muon + AdamW set-up: a MultiOptimizer with three groups.
+
+    Returns:
+        ``(optimizer, group names)``: the groups are Muon for the hidden matrices, AdamW
+        without weight decay for the biases, and AdamW for the rest (input layer, head).
+    """
+    adamw_lr = warmup_cosine(ADAMW_LR, steps)
+    optimizer = optim.MultiOptimizer(
+        [optim.Muon(warmup_cosine(MUON_LR, steps), weight_decay=WEIGHT_DECAY),
+         optim.AdamW(adamw_lr, weight_decay=0.0),
+         optim.AdamW(adamw_lr, weight_decay=WEIGHT_DECAY)],
+        [is_hidden_matrix, is_bias])
+    return optimizer, ["Muon", "AdamW, no decay", "AdamW"]
+
+
+def adamw_only(steps):
+    """The baseline: one AdamW for every parameter, the AdamW group's schedule and decay.
+
+    Returns:
+        ``(optimizer, group names)``.
+    """
+    return optim.AdamW(warmup_cosine(ADAMW_LR, steps), weight_decay=WEIGHT_DECAY), ["AdamW"]
+
+
+def learning_rates(optimizer):
+    """The current learning rate of each optimizer inside ``optimizer``, as floats."""
+    rates = optimizer.learning_rate
+    return [float(r) for r in (rates if isinstance(rates, list) else [rates])]
+
+
+def batches(n, batch_size, rng):
+    """Endless index batches: a fresh shuffle every epoch, the incomplete last batch
+    dropped so that every step sees ``batch_size`` examples."""
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
+
+
+@dataclass
+class Run:
+    """The outcome of one training run."""
+
+    name: str
+    steps: int
+    train_loss: float = float("nan")  # on the whole training set, after the last step
+    test_loss: float = float("nan")
+    test_accuracy: float = float("nan")
+    seconds: float = 0.0  # wall time of the training steps (evaluation excluded)
+    history: list = field(default_factory=list)  # (step, mean batch loss, test accuracy)
+
+
+def train(name, params, optimizer, data, steps, batch_size=128, seed=0, log_every=100, log=print):
+    """Train ``params`` in place with ``optimizer`` for ``steps`` mini-batch steps.
+
+    Args:
+        name: the run's name, for the report.
+        params: the model's parameter tree (see :mod:`treeopt.demo.model`); updated in place.
+        optimizer: any treeopt optimizer.
+        data: ``(x_train, y_train, x_test, y_test)``.
+        seed: seeds the batch order, so runs with the same seed see the same batches.
+        log_every: print the mean batch loss every this many steps (0: never).
+        log: where the log lines go.
+
+    Returns:
+        a :class:`Run`.
+    """
+    x_train, y_train, x_test, y_test = data
+    run = Run(name, steps)
+    sampler = batches(len(y_train), min(batch_size, len(y_train)), np.random.default_rng(seed))
+    recent = []
+    elapsed = 0.0
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        index = next(sampler)
+        loss, grads = model.loss_and_grads(params, x_train[index], y_train[index])
+        grads, _ = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
+        optimizer.update(params, grads)
+        elapsed += time.perf_counter() - start
+        recent.append(loss)
+        if log_every and (step % log_every == 0 or step == steps):
+            accuracy = model.accuracy(params, x_test, y_test)
+            run.history.append((step, float(np.mean(recent)), accuracy))
+            rates = "  ".join(f"{r:.2e}" for r in learning_rates(optimizer))
+            log(f"  {step:6d}  {np.mean(recent):10.4f}  {100 * accuracy:8.1f}%  {rates}")
+            recent = []
+    run.seconds = elapsed
+    run.train_loss = model.loss(params, x_train, y_train)
+    run.test_loss = model.loss(params, x_test, y_test)
+    run.test_accuracy = model.accuracy(params, x_test, y_test)
+    return run
