@@ -14,6 +14,8 @@ class Setting:
     optimizer: str
     kwargs: dict = field(default_factory=dict)
     covers: str = ""
+    #: steps to reach a quarter of the starting loss on the test quadratic
+    convergence_steps: int = 300
 
     @property
     def id(self):
@@ -46,7 +48,7 @@ SETTINGS = [
     Setting("Lion", dict(learning_rate=0.01), "no decay"),
     Setting("Lion", dict(learning_rate=0.01, betas=(0.8, 0.95), weight_decay=0.1), "decoupled decay"),
     Setting("Adafactor", dict(), "relative step, scaled, factored and not"),
-    Setting("Adafactor", dict(warmup_init=True), "warm-up relative step"),
+    Setting("Adafactor", dict(warmup_init=True), "warm-up relative step", convergence_steps=3000),
     Setting("Adafactor", dict(learning_rate=0.01, relative_step=False, scale_parameter=False), "fixed lr"),
     Setting("Adafactor", dict(learning_rate=0.01, relative_step=False, beta_1=0.9, weight_decay=0.1,
                               clip_threshold=0.5, decay_rate=-0.5), "first moment, decay, clipping"),

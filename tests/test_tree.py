@@ -383,22 +383,18 @@ def test_tree_unflatten_canonical_integers_give_lists():
     assert_same(T.tree_unflatten([("1.0", "a"), ("0", "b")]), ["b", ["a"]])
 
 
-# Suspected bugs in tree.py, reported rather than fixed. strict=True: once fixed these
-# XPASS and fail, so the marker must be removed.
+# Keys that differ only by an empty segment, and digits that are not ASCII.
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason="'a' and 'a.' are distinct keys with the same sub-path")
 def test_tree_unflatten_distinct_keys_with_empty_segment_do_not_recurse_forever():
     with pytest.raises(ValueError):
         T.tree_unflatten([("a", 1), ("a.", 2)])
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="str.isdigit accepts '²', which int() rejects")
 def test_tree_unflatten_superscript_digit_key_gives_a_dict():
     assert T.tree_unflatten([("²", 1)]) == {"²": 1}  # MLX: {'²': 1}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="str.isdigit accepts non-ASCII digits like '١'")
 def test_tree_unflatten_non_ascii_digit_key_gives_a_dict():
     assert T.tree_unflatten([("١", 1)]) == {"١": 1}
 

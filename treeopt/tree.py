@@ -118,7 +118,7 @@ def tree_flatten(tree: Any, prefix: str = "", is_leaf: Optional[Callable] = None
 
 def _list_index(key: str):
     """``int(key)`` when ``key`` is a canonical non-negative integer, else ``None``."""
-    if key.isdigit() and (key == "0" or not key.startswith("0")):
+    if key.isascii() and key.isdigit() and (key == "0" or not key.startswith("0")):
         return int(key)
     return None
 
@@ -134,17 +134,17 @@ def tree_unflatten(tree) -> Any:
     {'a': [1, {'b': 2}]}
     """
     pairs = list(tree.items()) if isinstance(tree, dict) else list(tree)
-    seen = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise ValueError(f"tree_unflatten: duplicate key {key!r}")
-        seen.add(key)
-    return _unflatten(pairs)
+    return _unflatten(pairs, "")
 
 
-def _unflatten(pairs):
+def _unflatten(pairs, prefix):
     if len(pairs) == 1 and pairs[0][0] == "":
         return pairs[0][1]
+    seen = set()  # checked at every level: "a" and "a." collide one level down
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"tree_unflatten: duplicate key {prefix + key!r}")
+        seen.add(key)
     children = {}
     for key, value in pairs:
         head, _, tail = key.partition(".")
@@ -154,11 +154,11 @@ def _unflatten(pairs):
         result = []
         for i in sorted(indices):
             result.extend({} for _ in range(i - len(result)))
-            result.append(_unflatten(children[indices[i]]))
+            result.append(_unflatten(children[indices[i]], f"{prefix}{indices[i]}."))
         return result
     if not children:
         return []
-    return {k: _unflatten(v) for k, v in children.items()}
+    return {k: _unflatten(v, f"{prefix}{k}.") for k, v in children.items()}
 
 
 def tree_reduce(fn: Callable, tree: Any, initializer=None, is_leaf: Optional[Callable] = None) -> Any:
