@@ -360,7 +360,7 @@ def _store_slot(backend, slots, name, value):
         if value is not old:
             backend.write(old, value)
     else:
-        slots[name] = value
+        slots[name] = backend.as_array(value)
 
 
 def _store_param(leaf, value, in_place):
@@ -368,7 +368,7 @@ def _store_param(leaf, value, in_place):
         leaf.backend.write(leaf.param, value)
         leaf.result = leaf.param
     else:
-        leaf.result = value
+        leaf.result = leaf.backend.as_array(value)
 
 
 def _buckets(leaves):

@@ -56,6 +56,10 @@ class Backend:
     def astype(self, x, dtype: str):
         raise NotImplementedError
 
+    def as_array(self, x):
+        """A result of the rules as an array of this library (NumPy makes 0-d results scalars)."""
+        return x
+
     def writable(self, x) -> bool:
         """Whether ``x`` can be written in place."""
         return False

@@ -4,18 +4,15 @@ import numpy as np
 
 from treeopt.backends.base import Backend
 
-try:  # bfloat16 for NumPy; optional, but installed with treeopt
-    import ml_dtypes
-except ImportError:  # pragma: no cover - ml_dtypes is a core dependency
-    ml_dtypes = None
-
 _HALF = ("float16", "bfloat16")
 
 
 def _dtype(name: str):
-    if name == "bfloat16":
-        if ml_dtypes is None:  # pragma: no cover
-            raise TypeError("bfloat16 NumPy arrays need the ml_dtypes package")
+    if name == "bfloat16":  # NumPy's bfloat16 comes from ml_dtypes (pip install treeopt[bfloat16])
+        try:
+            import ml_dtypes
+        except ImportError:  # pragma: no cover
+            raise TypeError("bfloat16 NumPy arrays need the ml_dtypes package") from None
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
@@ -47,6 +44,9 @@ class NumpyBackend(Backend):
 
     def astype(self, x, dtype):
         return np.asarray(x).astype(_dtype(dtype))
+
+    def as_array(self, x):
+        return np.asarray(x) if isinstance(x, np.generic) else x
 
     def writable(self, x):
         return isinstance(x, np.ndarray) and x.flags.writeable
