@@ -27,7 +27,7 @@ def clip_grad_norm(grads, max_norm):
     Example:
         >>> import numpy as np
         >>> clipped, norm = clip_grad_norm({"w": np.array([3.0, 4.0], np.float32)}, 1.0)
-        >>> float(norm), clipped["w"].round(4).tolist()
+        >>> float(norm), [round(float(g), 4) for g in clipped["w"]]
         (5.0, [0.6, 0.8])
     """
     if max_norm < 0:

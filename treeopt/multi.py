@@ -18,6 +18,15 @@ def _accept_all(path, weight):
     return True
 
 
+def _default_names(optimizers):
+    names = []
+    for optimizer in optimizers:
+        base = type(optimizer).__name__
+        count = sum(n == base or n.startswith(base + "_") for n in names)
+        names.append(base if count == 0 else f"{base}_{count}")
+    return names
+
+
 def _name(fn):
     return getattr(fn, "__name__", None) or type(fn).__name__
 
@@ -32,6 +41,8 @@ class MultiOptimizer(Optimizer):
             last, called as ``filter(path, parameter)`` with the dotted path (for example
             ``"layers.0.attn.weight"``) and the parameter. The first filter that returns a
             true value wins.
+        names (list[str], optional): a name per optimizer, shown in plans and stored in
+            checkpoints (default: the class names, numbered when repeated).
 
     Example:
         >>> import numpy as np
@@ -44,7 +55,7 @@ class MultiOptimizer(Optimizer):
         (0, 1)
     """
 
-    def __init__(self, optimizers, filters=()):
+    def __init__(self, optimizers, filters=(), *, names=None):
         super().__init__()
         optimizers, filters = list(optimizers), list(filters)
         if len(filters) != len(optimizers) - 1:
@@ -55,8 +66,11 @@ class MultiOptimizer(Optimizer):
         for i, fn in enumerate(filters):
             if not callable(fn):
                 raise TypeError(f"MultiOptimizer: filters[{i}] is a {type(fn).__name__}, not a callable")
+        if names is not None and (len(names) != len(optimizers) or len(set(names)) != len(names)):
+            raise ValueError(f"MultiOptimizer: names must be {len(optimizers)} distinct strings, got {names!r}")
         self.optimizers = optimizers
         self.filters = filters + [_accept_all]
+        self.names = list(names) if names is not None else _default_names(optimizers)
         self._routes = {}  # keys of a parameter -> index of its optimizer
         self._pending = {}  # routes decided during a step that has not committed yet
         self._state = {"states": [o.state for o in optimizers]}

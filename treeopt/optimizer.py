@@ -204,6 +204,34 @@ class Optimizer:
     def _state_key(self, key):
         return "~" + key if key in RESERVED or key in self._schedulers else key
 
+    def _scalar_names(self):
+        """The state entries that are not parameters: step, learning rate, schedules."""
+        return [k for k in ("step", "learning_rate", *self._schedulers) if k in self._state]
+
+    def _slot_items(self):
+        """``(keys, slot dict)`` of every parameter with state, in state order."""
+        scalars = set(self._scalar_names())
+
+        def walk(node, keys):
+            if isinstance(node, dict):
+                if node and not any(is_container(v) for v in node.values()):
+                    yield keys, node
+                    return
+                children = node.items()
+            elif isinstance(node, (list, tuple)):
+                children = enumerate(node)
+            else:
+                return
+            for key, child in children:
+                yield from walk(child, keys + (key,))
+
+        for key, child in self._state.items():
+            if key in scalars:
+                continue
+            if isinstance(key, str) and key.startswith("~") and key[1:] in (*RESERVED, *self._schedulers):
+                key = key[1:]
+            yield from walk(child, (key,))
+
     def _slots_at(self, keys):
         node = _trees.lookup(self._state, self._state_key(keys[0]))
         return _trees.lookup_path(node, keys[1:]) if node is not None else None

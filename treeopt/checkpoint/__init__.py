@@ -1,0 +1,77 @@
+"""Checkpoints of optimizer state keyed by parameter name, validated, atomic, and loadable on
+any array library.
+
+    from treeopt import checkpoint
+
+    checkpoint.save(optimizer, "opt.safetensors")
+    report = checkpoint.load(optimizer, "opt.safetensors", params=model_params)
+
+The file is safetensors: every state array under ``"{parameter path}/{slot}"`` (for example
+``layers.0.attn.weight/m``), and JSON metadata saying which optimizer owns each parameter,
+every slot's shape and dtype, each optimizer's hyper-parameters, the step and a checksum.
+Loading matches by name, never by position, and checks everything first: with
+``strict=True`` (the default) a problem raises :class:`CheckpointError` listing every
+problem and nothing changes.
+"""
+
+import os
+
+import numpy as np
+
+from treeopt.checkpoint import files, mlx_layout
+from treeopt.checkpoint.format import CheckpointError, LoadReport, Problem, from_flat, to_flat
+
+__all__ = ["save", "load", "read", "to_flat", "from_flat", "CheckpointError", "LoadReport", "Problem"]
+
+
+def save(optimizer, path, *, layout="treeopt"):
+    """Save ``optimizer``'s state to ``path`` (a safetensors file), atomically.
+
+    Args:
+        layout: ``"treeopt"`` (keyed by parameter path, with metadata and checksum), or
+            ``"mlx"``: the keys of ``tree_flatten(optimizer.state)``, readable by
+            ``mx.load`` and ``mlx.optimizers`` code, without metadata.
+    """
+    if layout == "treeopt":
+        tensors, metadata = to_flat(optimizer)
+        files.write(path, tensors, metadata)
+    elif layout == "mlx":
+        from safetensors.numpy import save_file
+
+        arrays = {k: files.as_numpy(v) for k, v in mlx_layout.to_mlx(optimizer).items()}
+        temporary = f"{os.fspath(path)}.tmp"
+        save_file(arrays, temporary)
+        os.replace(temporary, path)
+    else:
+        raise ValueError(f"layout must be 'treeopt' or 'mlx', got {layout!r}")
+
+
+def read(path):
+    """``(tensors, metadata)`` of a checkpoint file, checksum verified; for an MLX-layout
+    file (safetensors or ``.npz``) ``metadata`` is ``None``."""
+    if os.fspath(path).endswith(".npz"):
+        with np.load(path, allow_pickle=False) as npz:
+            return dict(npz), None
+    return files.read(path)
+
+
+def load(optimizer, path, params=None, *, strict=True):
+    """Load a checkpoint into ``optimizer``, by parameter name.
+
+    Args:
+        params: the parameters (or the model) to initialise the optimizer with first; needed
+            unless the optimizer already took a step or was initialised.
+        strict: with ``True`` any problem raises :class:`CheckpointError` and nothing
+            changes; with ``False`` what fits is loaded and the report lists the rest.
+
+    Returns:
+        a :class:`LoadReport`.
+    """
+    tensors, metadata = read(path)
+    if params is not None:
+        optimizer.init(params)
+    if metadata is None:
+        if not mlx_layout.is_mlx_layout(tensors):
+            raise CheckpointError(f"{path} has neither treeopt metadata nor MLX's optimizer layout")
+        tensors, metadata = mlx_layout.from_mlx(optimizer, tensors)
+    return from_flat(optimizer, tensors, metadata, strict=strict)

@@ -1,0 +1,261 @@
+"""The checkpoint's content: every state array keyed by parameter path and slot, plus
+metadata saying who owns what; and loading it back by name, checked, all or nothing.
+
+Keys: ``"{path}/{slot}"`` for a parameter's slot (``layers.0.attn.weight/m``) and
+``"@{optimizer}/{scalar}"`` for an optimizer's step, learning rate and scheduled values.
+"""
+
+import numbers
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from treeopt import __version__
+from treeopt._trees import dotted
+from treeopt.backends import backend_of, numpy_backend
+from treeopt.errors import TreeoptError
+
+FORMAT = "treeopt-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(TreeoptError, ValueError):
+    """A checkpoint that cannot be read, or does not fit the optimizer (see ``report``)."""
+
+    def __init__(self, message, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # missing, unexpected, shape, dtype, slots, owner, hyperparameter, optimizer
+    path: str
+    message: str
+
+    def __str__(self):
+        return f"{self.kind:<14} {self.path}: {self.message}"
+
+
+@dataclass
+class LoadReport:
+    """What a load found: every problem, and what it loaded."""
+
+    problems: list = field(default_factory=list)
+    loaded: list = field(default_factory=list)  # parameter paths whose state was loaded
+
+    @property
+    def ok(self):
+        return not self.problems
+
+    def __str__(self):
+        head = f"loaded the state of {len(self.loaded)} parameters"
+        if self.ok:
+            return head + ", no problem found"
+        return "\n".join([f"{head}; {len(self.problems)} problems:"] + [f"  {p}" for p in self.problems])
+
+
+# ---------------------------------------------------------------------------------- saving
+def leaf_optimizers(optimizer, name=None, position=()):
+    """``(name, position, optimizer)`` for every optimizer that holds state, in order."""
+    from treeopt.multi import MultiOptimizer
+
+    if isinstance(optimizer, MultiOptimizer):
+        found = []
+        for i, (child_name, child) in enumerate(zip(optimizer.names, optimizer.optimizers)):
+            full = child_name if name is None else f"{name}/{child_name}"
+            found.extend(leaf_optimizers(child, full, position + (i,)))
+        return found
+    return [(name or type(optimizer).__name__, position, optimizer)]
+
+
+def _json_value(value):
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    if callable(value):
+        return {"schedule": getattr(value, "__qualname__", type(value).__name__)}
+    return repr(value)
+
+
+def hyperparameters(optimizer):
+    return {n: _json_value(getattr(optimizer, n, None)) for n in optimizer.hyperparameters}
+
+
+def _shape_dtype(array):
+    backend = backend_of(array)
+    return {"shape": list(backend.shape(array)), "dtype": backend.dtype_name(array)}
+
+
+def to_flat(optimizer):
+    """``(tensors, metadata)``: the state arrays by key (arrays of the state's own library,
+    not copied) and a JSON-able description of who owns what."""
+    tensors, optimizers, parameters = {}, [], {}
+
+    def put(key, value):
+        if key in tensors:
+            raise CheckpointError(f"two state entries have the key {key!r}: rename one of the parameters")
+        tensors[key] = value
+
+    for name, position, leaf in leaf_optimizers(optimizer):
+        for scalar in leaf._scalar_names():
+            put(f"@{name}/{scalar}", leaf.state[scalar])
+        for keys, slots in leaf._slot_items():
+            path = dotted(keys)
+            if path in parameters:
+                raise CheckpointError(f"two parameters have the path {path!r}: rename one of them")
+            parameters[path] = {"owner": name, "slots": {s: _shape_dtype(v) for s, v in slots.items()}}
+            for slot, value in slots.items():
+                put(f"{path}/{slot}", value)
+        optimizers.append({"name": name, "position": list(position), "type": type(leaf).__name__,
+                           "hyperparameters": hyperparameters(leaf), "scheduled": sorted(leaf._schedulers)})
+    metadata = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "treeopt_version": __version__,
+        "step": int(numpy_scalar(leaf_optimizers(optimizer)[0][2].step)),
+        "optimizers": optimizers, "parameters": parameters,
+    }
+    return tensors, metadata
+
+
+def numpy_scalar(value):
+    backend = backend_of(value)
+    return np.asarray(backend.to_numpy(value) if backend.name != "python" else value)
+
+
+# ---------------------------------------------------------------------------------- loading
+def _check_metadata(metadata):
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise CheckpointError("not a treeopt checkpoint (no treeopt metadata)")
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint format {metadata['format_version']} is newer than this treeopt reads ({FORMAT_VERSION}); "
+            "upgrade treeopt")
+
+
+def _match_optimizers(current, metadata):
+    """Each current optimizer's saved counterpart: the one that owned most of its
+    parameters; else the one with its name; else the one at its position."""
+    saved = {o["name"]: o for o in metadata["optimizers"]}
+    owner = {path: info["owner"] for path, info in metadata["parameters"].items()}
+    matches = {}
+    for name, position, leaf in current:
+        votes = Counter(owner[dotted(keys)] for keys, _ in leaf._slot_items() if dotted(keys) in owner)
+        if votes:
+            matches[id(leaf)] = saved[votes.most_common(1)[0][0]]
+        elif name in saved:
+            matches[id(leaf)] = saved[name]
+        else:
+            matches[id(leaf)] = next((o for o in saved.values() if o["position"] == list(position)), None)
+    return matches
+
+
+def from_flat(optimizer, tensors, metadata, strict=True):
+    """Load ``tensors`` into ``optimizer``'s state, matched by parameter path.
+
+    The optimizer must know its parameters (initialised, or after a step). Every problem is
+    collected into one :class:`LoadReport`. With ``strict`` (the default) any problem raises
+    :class:`CheckpointError` and nothing changes; otherwise what matches is loaded and the
+    report is returned.
+    """
+    _check_metadata(metadata)
+    report = LoadReport()
+    current = leaf_optimizers(optimizer)
+    matches = _match_optimizers(current, metadata)
+    saved_params = metadata["parameters"]
+    saved_types = {o["name"]: o["type"] for o in metadata["optimizers"]}
+    writes = []  # (slots dict, slot name, saved array), applied only after every check
+    seen = set()
+
+    for name, _, leaf in current:
+        for keys, slots in leaf._slot_items():
+            path = dotted(keys)
+            seen.add(path)
+            saved = saved_params.get(path)
+            if saved is None:
+                report.problems.append(Problem("missing", path, "no state for this parameter in the checkpoint"))
+                continue
+            saved_type, current_type = saved_types.get(saved["owner"]), type(leaf).__name__
+            if saved_type != current_type:
+                report.problems.append(Problem(
+                    "owner", path, f"owned by {saved_type} ({saved['owner']}) in the checkpoint, by {current_type} ({name}) now"))
+                continue
+            if set(saved["slots"]) != set(slots):
+                report.problems.append(Problem(
+                    "slots", path, f"slots {sorted(saved['slots'])} in the checkpoint, {sorted(slots)} now"))
+                continue
+            fits = True
+            for slot, value in slots.items():
+                expected, found = _shape_dtype(value), saved["slots"][slot]
+                array = tensors.get(f"{path}/{slot}")
+                if array is None:
+                    report.problems.append(Problem("missing", f"{path}/{slot}", "listed in the metadata but not stored"))
+                    fits = False
+                elif found["shape"] != expected["shape"] or list(backend_of(array).shape(array)) != expected["shape"]:
+                    report.problems.append(Problem(
+                        "shape", f"{path}/{slot}", f"shape {tuple(found['shape'])} in the checkpoint, {tuple(expected['shape'])} now"))
+                    fits = False
+                elif found["dtype"] != expected["dtype"] or backend_of(array).dtype_name(array) != expected["dtype"]:
+                    report.problems.append(Problem(
+                        "dtype", f"{path}/{slot}", f"dtype {found['dtype']} in the checkpoint, {expected['dtype']} now"))
+                    fits = False
+            if fits:
+                writes.extend((slots, slot, tensors[f"{path}/{slot}"]) for slot in slots)
+                report.loaded.append(path)
+    for path in saved_params:
+        if path not in seen:
+            report.problems.append(Problem("unexpected", path, "in the checkpoint but not a parameter of this optimizer"))
+
+    scalar_writes = []
+    for name, _, leaf in current:
+        saved = matches[id(leaf)]
+        if saved is None:
+            report.problems.append(Problem("optimizer", name, "no optimizer of the checkpoint matches it"))
+            continue
+        ours = hyperparameters(leaf)
+        for key, value in saved["hyperparameters"].items():
+            if key in ours and ours[key] != value and not isinstance(value, dict) and not isinstance(ours[key], dict):
+                report.problems.append(Problem(
+                    "hyperparameter", name, f"{key} is {value!r} in the checkpoint, {ours[key]!r} now"))
+        for scalar in leaf._scalar_names():
+            array = tensors.get(f"@{saved['name']}/{scalar}")
+            if array is None:
+                report.problems.append(Problem("missing", f"@{name}/{scalar}", "not in the checkpoint"))
+            else:
+                scalar_writes.append((leaf, scalar, array))
+
+    if strict and report.problems:
+        raise CheckpointError(f"the checkpoint does not fit the optimizer (nothing was loaded): {report}", report)
+    for slots, slot, array in writes:
+        _assign(slots, slot, array)
+    for leaf, scalar, array in scalar_writes:
+        _assign_scalar(leaf, scalar, array)
+    for _, _, leaf in current:
+        leaf._initialized = True
+    return report
+
+
+def _assign(slots, slot, array):
+    """Put ``array`` into ``slots[slot]``, on the library, device and dtype of what is there."""
+    current = slots[slot]
+    target, source = backend_of(current), backend_of(array)
+    value = array if source is target else target.from_numpy(source.to_numpy(array), like=current)
+    if target.mutable and target.writable(current):
+        target.write(current, value)
+    else:
+        slots[slot] = value
+
+
+def _assign_scalar(leaf, scalar, array):
+    value = numpy_scalar(array)
+    backend = leaf._backend or numpy_backend
+    dtype = "uint64" if scalar == "step" else value.dtype.name
+    if dtype not in ("uint64", "float16", "bfloat16", "float32"):
+        dtype = "float32"
+    leaf.state[scalar] = backend.scalar_array(value.astype(np.float64) if dtype != "uint64" else value.astype(np.uint64),
+                                              dtype)

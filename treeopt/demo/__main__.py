@@ -1,0 +1,6 @@
+"""``python -m treeopt.demo``: see :mod:`treeopt.demo.cli`."""
+
+from treeopt.demo.cli import main
+
+if __name__ == "__main__":  # not on import (pytest --doctest-modules imports every module)
+    main()
