@@ -109,8 +109,8 @@ class Optimizer:
         if owner is None:
             raise TypeError(f"expected a number or an array, got {type(value).__name__}")
         if owner.name != "python" and owner.dtype_name(value) in ("float16", "bfloat16", "float32"):
-            if owner is backend:
-                return value
+            if owner is backend:  # astype: a JAX schedule's result may be weakly typed (retraces)
+                return backend.astype(value, owner.dtype_name(value))
             dtype, value = owner.dtype_name(value), owner.to_numpy(value)
         elif owner.name != "python":
             value = owner.to_float(value)

@@ -1,0 +1,62 @@
+"""MLX: code written for mlx.optimizers, with ``import treeopt as optim`` instead; the step
+is compiled with the optimizer state captured.
+
+    python examples/mlx_digits.py --steps 200
+"""
+
+import argparse
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+
+import treeopt as optim
+from treeopt.demo.dataset import train_test_split
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(64, 128)
+        self.hidden = nn.Linear(128, 128)
+        self.head = nn.Linear(128, 10)
+
+    def __call__(self, x):
+        return self.head(nn.gelu(self.hidden(nn.gelu(self.embed(x)))))
+
+
+def main(steps=200, seed=0):
+    mx.random.seed(seed)
+    x_train, y_train, x_test, y_test = (mx.array(a) for a in train_test_split(seed))
+    model = MLP()
+    optimizer = optim.MultiOptimizer(
+        [optim.Muon(optim.cosine_decay(0.02, steps)), optim.AdamW(optim.cosine_decay(3e-3, steps))],
+        [lambda path, w: path == "hidden.weight"])
+
+    def loss_fn(model, x, y):
+        return nn.losses.cross_entropy(model(x), y).mean()
+
+    state = [model.state, optimizer.state]
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(x, y):
+        loss, grads = loss_and_grad(model, x, y)
+        optimizer.update(model, grads)
+        return loss
+
+    for i in range(steps):
+        batch = mx.random.randint(0, len(y_train), (128,))
+        loss = step(x_train[batch], y_train[batch])
+        mx.eval(state)
+        if i % 50 == 0 or i == steps - 1:
+            print(f"step {i:4d}  loss {loss.item():.4f}")
+    accuracy = (model(x_test).argmax(-1) == y_test).astype(mx.float32).mean().item()
+    print(f"test accuracy {100 * accuracy:.1f}%")
+    return loss.item(), accuracy
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=200)
+    main(parser.parse_args().steps)

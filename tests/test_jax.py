@@ -1,0 +1,176 @@
+"""treeopt in JAX: pure init/update under jax.jit, the optax adapter, flax models."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax", reason="JAX tests need jax")
+import jax.numpy as jnp  # noqa: E402
+
+import treeopt as optim  # noqa: E402
+import treeopt.jax as tj  # noqa: E402
+
+
+def params():
+    return {"params": {"Dense_0": {"kernel": jnp.full((3, 4), 0.5, jnp.float32), "bias": jnp.zeros(4)},
+                       "head": {"kernel": jnp.full((4, 2), 0.3, jnp.float32)}}}
+
+
+def loss(p, x):
+    hidden = jnp.tanh(x @ p["params"]["Dense_0"]["kernel"] + p["params"]["Dense_0"]["bias"])
+    return jnp.mean((hidden @ p["params"]["head"]["kernel"] - 1.0) ** 2)
+
+
+def muon_adamw():
+    return optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(optim.cosine_decay(0.05, 20))],
+                                [lambda path, w: w.ndim == 2 and "Dense" in path])
+
+
+X = jnp.linspace(-1, 1, 12).reshape(4, 3)
+
+
+def test_paths_are_dotted_key_paths():
+    flat, names, _ = tj._flat(params())
+    assert names == ["params.Dense_0.bias", "params.Dense_0.kernel", "params.head.kernel"]
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class Linear:  # an equinox-style module: fields are GetAttrKey entries
+        weight: jax.Array
+        bias: jax.Array
+
+    _, names, _ = tj._flat({"layers": [Linear(jnp.ones((2, 2)), jnp.zeros(2))]})
+    assert names == ["layers.0.weight", "layers.0.bias"]
+
+
+def test_update_is_pure_and_matches_the_stateful_optimizer():
+    functional, stateful = muon_adamw(), muon_adamw()
+    state, p = tj.init(functional, params()), params()
+    q = params()
+    for _ in range(3):
+        p, state = tj.update(functional, jax.grad(loss)(p, X), state, p)
+        stateful.update(q, jax.grad(loss)(q, X))
+    assert int(functional.step) == 0 and functional.route("params.head.kernel") == 1
+    for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q)):
+        assert jnp.array_equal(a, b)
+    assert int(state["states"][0]["step"]) == 3
+    assert set(state["states"][0]) == {"step", "learning_rate", "params.Dense_0.kernel"}
+
+
+def test_jit_traces_once_and_learning_rate_changes_need_no_retrace():
+    opt = muon_adamw()
+    traces = []
+
+    @jax.jit
+    def step(p, state):
+        traces.append(1)
+        return tj.update(opt, jax.grad(loss)(p, X), state, p)
+
+    p, state = params(), tj.init(opt, params())
+    losses = []
+    for i in range(6):
+        if i == 3:
+            state["states"][0]["learning_rate"] = jnp.asarray(0.01, jnp.float32)
+        p, state = step(p, state)
+        losses.append(float(loss(p, X)))
+    assert len(traces) == 1
+    assert losses[-1] < losses[0]
+    assert float(state["states"][0]["learning_rate"]) == pytest.approx(0.01)
+    np.testing.assert_allclose(float(state["states"][1]["learning_rate"]),
+                               float(optim.cosine_decay(0.05, 20)(5)), rtol=1e-6)
+
+
+def test_optax_adapter_composes_and_runs_under_jit():
+    optax = pytest.importorskip("optax")
+    opt = muon_adamw()
+    tx = optax.chain(optax.clip_by_global_norm(1.0), tj.as_optax(opt))
+    p, state = params(), tx.init(params())
+
+    @jax.jit
+    def step(p, state):
+        grads = jax.grad(loss)(p, X)
+        updates, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, updates), state
+
+    start = float(loss(p, X))
+    for _ in range(10):
+        p, state = step(p, state)
+    assert float(loss(p, X)) < 0.5 * start
+    with pytest.raises(ValueError, match="needs the parameters"):
+        tj.as_optax(opt).update(jax.grad(loss)(p, X), tj.init(opt, p))
+
+
+def test_optax_updates_give_the_direct_result_up_to_rounding():
+    optax = pytest.importorskip("optax")
+    tx = tj.as_optax(muon_adamw())
+    direct = muon_adamw()
+    p, q = params(), params()
+    state, direct_state = tx.init(p), tj.init(direct, q)
+    for _ in range(3):
+        updates, state = tx.update(jax.grad(loss)(p, X), state, p)
+        p = optax.apply_updates(p, updates)
+        q, direct_state = tj.update(direct, jax.grad(loss)(q, X), direct_state, q)
+    for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_flax_nnx_optimizer_routes_by_attribute_path():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Linear(3, 8, rngs=rngs)
+            self.layers = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(2)])
+            self.head = nnx.Linear(8, 1, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.embed(x))
+            for layer in self.layers:
+                x = nnx.relu(layer(x))
+            return self.head(x)
+
+    model = MLP(nnx.Rngs(0))
+    multi = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(0.01)],
+                                 [lambda path, w: path.startswith("layers.") and path.endswith("kernel")])
+    optimizer = nnx.Optimizer(model, tj.as_optax(multi), wrt=nnx.Param)
+
+    def mse(model):
+        return jnp.mean((model(X) - 1.0) ** 2)
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        value, grads = nnx.value_and_grad(mse)(model)
+        optimizer.update(model, grads)
+        return value
+
+    losses = [float(train_step(model, optimizer)) for _ in range(15)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert multi.route("layers.0.kernel") == 0 and multi.route("embed.kernel") == 1 and multi.route("head.bias") == 1
+
+
+def test_flax_linen_train_state():
+    linen = pytest.importorskip("flax.linen")
+    train_state = pytest.importorskip("flax.training.train_state")
+
+    class Net(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.Dense(1)(linen.relu(linen.Dense(8)(x)))
+
+    net = Net()
+    variables = net.init(jax.random.key(0), X)
+    multi = optim.MultiOptimizer([optim.Muon(0.02), optim.Adam(0.01)], [lambda path, w: path == "Dense_0.kernel"])
+    state = train_state.TrainState.create(apply_fn=net.apply, params=variables["params"], tx=tj.as_optax(multi))
+
+    @jax.jit
+    def step(state):
+        grads = jax.grad(lambda p: jnp.mean((state.apply_fn({"params": p}, X) - 1.0) ** 2))(state.params)
+        return state.apply_gradients(grads=grads)
+
+    first = float(jnp.mean((net.apply({"params": state.params}, X) - 1.0) ** 2))
+    for _ in range(20):
+        state = step(state)
+    last = float(jnp.mean((net.apply({"params": state.params}, X) - 1.0) ** 2))
+    assert last < 0.5 * first
+    assert multi.route("Dense_0.kernel") == 0 and multi.route("Dense_1.kernel") == 1

@@ -1,0 +1,136 @@
+"""treeopt in JAX: pure functions of an explicit state, and an optax adapter.
+
+    import treeopt as optim
+    import treeopt.jax
+
+    opt = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-4)], [is_hidden_matrix])
+    state = treeopt.jax.init(opt, params)
+
+    @jax.jit
+    def train_step(params, state, batch):
+        grads = jax.grad(loss)(params, batch)
+        return treeopt.jax.update(opt, grads, state, params)   # (new params, new state)
+
+    tx = treeopt.jax.as_optax(opt)    # an optax.GradientTransformation: optax.chain, flax...
+
+Any pytree works (dicts, flax ``nnx.State``, equinox modules...): its leaves are named by
+their key paths joined with dots, so filters see ``params.Dense_0.kernel`` (a trailing
+``.value``, as in flax nnx variables, is dropped). The state is a plain pytree of JAX arrays:
+the step, the learning rate and one dict of slots per parameter, keyed by that name.
+Nothing is mutated: the optimizer object only holds its configuration and routes.
+"""
+
+import contextlib
+
+import jax
+
+from treeopt.checkpoint.format import leaf_optimizers
+from treeopt.tree import tree_map
+
+__all__ = ["init", "update", "as_optax", "path_of"]
+
+
+def path_of(key_path) -> str:
+    """The dotted name of a JAX key path: ``(DictKey('params'), DictKey('Dense_0'),
+    DictKey('kernel'))`` -> ``params.Dense_0.kernel``."""
+    parts = []
+    for entry in key_path:
+        for attribute in ("key", "idx", "name"):
+            if hasattr(entry, attribute):
+                parts.append(str(getattr(entry, attribute)))
+                break
+        else:
+            parts.append(str(entry))
+    if len(parts) > 1 and parts[-1] == "value" and type(key_path[-1]).__name__ == "GetAttrKey":
+        parts.pop()  # flax nnx variables hold their array in .value
+    return ".".join(parts)
+
+
+def _flat(tree):
+    """``({name: leaf}, names, treedef)``."""
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+    names = [path_of(path) for path, _ in pairs]
+    flat = {}
+    for name, (_, leaf) in zip(names, pairs):
+        if name in flat:
+            raise ValueError(f"two leaves of the tree are both named {name!r}")
+        flat[name] = leaf
+    return flat, names, treedef
+
+
+def _copy_containers(state):
+    return tree_map(lambda leaf: leaf, state)
+
+
+def _get_state(optimizer):
+    return _copy_containers(optimizer.state)
+
+
+@contextlib.contextmanager
+def _borrowed(optimizer, state):
+    """Run ``optimizer`` on a copy of ``state`` (its containers, not its arrays), leaving the
+    optimizer's own state untouched."""
+    leaves = [leaf for _, _, leaf in leaf_optimizers(optimizer)]
+    saved = [(leaf._state, leaf._initialized, leaf._backend) for leaf in leaves]
+    try:
+        if state is not None:
+            optimizer.state = _copy_containers(state)  # checked against the parameters on use
+        yield
+    finally:
+        for leaf, (own, initialized, backend) in zip(leaves, saved):
+            leaf._state, leaf._initialized, leaf._backend = own, initialized, backend
+
+
+def init(optimizer, params):
+    """A new state for ``params``: zero slots, and the optimizer's current step and
+    scalars (so a new optimizer starts at step 0)."""
+    flat, _, _ = _flat(params)
+    with _borrowed(optimizer, _scalars(optimizer)):
+        optimizer.init(flat)
+        return _get_state(optimizer)
+
+
+def _scalars(optimizer):
+    """The state without parameter entries (for a MultiOptimizer, per child)."""
+    from treeopt.multi import MultiOptimizer
+
+    if isinstance(optimizer, MultiOptimizer):
+        return {"states": [_scalars(child) for child in optimizer.optimizers]}
+    return {k: optimizer.state[k] for k in optimizer._scalar_names()}
+
+
+def update(optimizer, grads, state, params):
+    """One step, as a pure function: ``(new_params, new_state)``. Usable inside ``jax.jit``
+    (the learning rate and schedules are read from ``state``, so changing them does not
+    retrace). ``grads`` has ``params``' structure; a ``None`` gradient leaves its
+    parameter as it is."""
+    flat_params, names, treedef = _flat(params)
+    flat_grads, _, _ = _flat(grads)
+    with _borrowed(optimizer, state):
+        new = optimizer.apply_gradients(flat_grads, flat_params)
+        new_state = _get_state(optimizer)
+    return jax.tree_util.tree_unflatten(treedef, [new.get(n, flat_params[n]) for n in names]), new_state
+
+
+def as_optax(optimizer):
+    """``optimizer`` as an ``optax.GradientTransformation``.
+
+    ``update(grads, state, params)`` returns ``new_params - params`` as the updates, so
+    ``optax.apply_updates`` gives the new parameters (up to one rounding of the
+    subtraction; :func:`update` gives them exactly). ``params`` is required.
+    """
+    import optax
+
+    def init_fn(params):
+        return init(optimizer, params)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("treeopt's optax transformation needs the parameters: tx.update(grads, state, params)")
+        new_params, new_state = update(optimizer, updates, state, params)
+        deltas = jax.tree_util.tree_map(lambda new, old: None if new is None else new - old, new_params, params,
+                                        is_leaf=lambda x: x is None)
+        return deltas, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
