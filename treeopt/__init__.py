@@ -6,13 +6,15 @@ gives the names, signatures, defaults and state layout of ``mlx.optimizers``; th
 helpers of ``mlx.utils`` are in :mod:`treeopt.tree`.
 """
 
-from treeopt import schedules, tree
+from treeopt import filters, schedules, tree
 from treeopt.clip import clip_grad_norm
 from treeopt.errors import MissingParameterError, ParameterError, TreeoptError
-from treeopt.multi import MultiOptimizer, RoutingError
+from treeopt.multi import MultiOptimizer, RoutingError, RoutingWarning
 from treeopt.optimizer import Optimizer
 from treeopt.optimizers import (SGD, AdaDelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Lion, Muon,
                                 RMSprop)
+from treeopt.plan import Plan
+from treeopt.presets import muon_adamw
 from treeopt.schedules import (cosine_decay, exponential_decay, join_schedules, linear_schedule,
                                step_decay)
 
@@ -25,6 +27,7 @@ __all__ = [
     "SGD", "RMSprop", "Adagrad", "AdaDelta", "Adam", "AdamW", "Adamax", "Lion", "Adafactor", "Muon",
     "clip_grad_norm",
     "exponential_decay", "step_decay", "cosine_decay", "linear_schedule", "join_schedules",
-    "TreeoptError", "ParameterError", "MissingParameterError", "RoutingError",
-    "tree", "schedules",
+    "muon_adamw", "Plan",
+    "TreeoptError", "ParameterError", "MissingParameterError", "RoutingError", "RoutingWarning",
+    "tree", "schedules", "filters",
 ]

@@ -50,7 +50,7 @@ def mirror(state, params, select, init_leaf, keys=()):
 
     Containers are mirrored with the same kind (a tuple or namedtuple gives the same type;
     empty containers are kept). Each leaf for which ``select(keys, leaf)`` holds gets a
-    slot dict, filled by ``init_leaf(leaf, slots)`` when empty. Existing entries are kept,
+    slot dict, filled by ``init_leaf(keys, leaf, slots)`` when empty. Existing entries are kept,
     so mirroring is additive and idempotent.
     """
     if isinstance(params, dict):
@@ -77,7 +77,7 @@ def mirror(state, params, select, init_leaf, keys=()):
         return rebuild(params, node[: len(params)])
     slots = state if isinstance(state, dict) else {}
     if not slots:
-        init_leaf(params, slots)
+        init_leaf(keys, params, slots)
     return slots
 
 

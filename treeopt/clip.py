@@ -43,25 +43,30 @@ def clip_grad_norm(grads, max_norm):
         (first, a), (second, b) = list(libraries.items())[:2]
         raise ParameterError(f"clip_grad_norm: {b!r} is a {second} array but {a!r} is a {first} array", b)
 
-    def squared_norm(g):
-        # float16 squares overflow: sum them in float32 (bfloat16 has float32's range)
-        if dtype_name(g) == "float16" or not backend_of(g).is_floating(g):
-            g = astype(g, "float32")
-        return total(g * g)
-
-    squared = 0.0
-    for _, g in leaves:
-        squared = squared + squared_norm(g)
     if not leaves:
         return tree_map(lambda g: g, grads), numpy_backend.scalar_array(0.0, "float32")
-    norm = sqrt(squared)
-    normalizer = minimum(max_norm / (norm + 1e-6), 1.0)
+    norm = global_norm([g for _, g in leaves])
+    factor = clip_factor(norm, max_norm)
+    return tree_map(lambda g: None if g is None else scale(g, factor), grads), norm
 
-    def scale(g):
-        if g is None:
-            return None
-        if backend_of(g).is_floating(g):
-            return astype(g * normalizer, dtype_name(g))
-        return astype(g, "float32") * normalizer
 
-    return tree_map(scale, grads), norm
+def global_norm(grads):
+    """The L2 norm of all ``grads`` together (float16 and integers squared in float32)."""
+    squared = 0.0
+    for g in grads:
+        if dtype_name(g) == "float16" or not backend_of(g).is_floating(g):
+            g = astype(g, "float32")  # float16 squares overflow (bfloat16 has float32's range)
+        squared = squared + total(g * g)
+    return sqrt(squared)
+
+
+def clip_factor(norm, max_norm):
+    """The factor that brings ``norm`` down to ``max_norm`` (1 when it is already below)."""
+    return minimum(max_norm / (norm + 1e-6), 1.0)
+
+
+def scale(g, factor):
+    """``g * factor``, cast back to ``g``'s dtype (integers become float32)."""
+    if backend_of(g).is_floating(g):
+        return astype(g * factor, dtype_name(g))
+    return astype(g, "float32") * factor

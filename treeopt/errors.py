@@ -1,4 +1,11 @@
-"""Errors that name the parameter path and what was wrong."""
+"""Errors that name the parameter path and what was wrong, and warnings that point at the
+caller's line."""
+
+import os
+import sys
+import warnings
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
 class TreeoptError(Exception):
@@ -22,3 +29,11 @@ class MissingParameterError(ParameterError, KeyError):
 
 def describe(path) -> str:
     return "the root" if path in ("", None) else repr(path)
+
+
+def warn(message, category=UserWarning):
+    """``warnings.warn`` attributed to the first frame outside treeopt."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

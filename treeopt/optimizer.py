@@ -62,6 +62,8 @@ class Optimizer:
         self._backend = None
         self._state = {"step": numpy_backend.scalar_array(0, "uint64")}
         self._schedulers = dict(schedulers or {})
+        self._params_info = {}  # keys -> (shape, dtype) of each parameter with state, for plans
+        self._carried = {}  # keys -> slots to start from when the parameter is initialised
 
     def __repr__(self):
         hyper = ", ".join(f"{n}={getattr(self, n, None)!r}" for n in self.hyperparameters)
@@ -125,7 +127,20 @@ class Optimizer:
 
     def _hyper(self) -> dict:
         """Current hyper-parameter values: the state's for scheduled ones."""
-        return {n: self._state[n] if n in self._schedulers else getattr(self, n) for n in self.hyperparameters}
+        return {n: self._value(n) for n in self.hyperparameters}
+
+    def _value(self, name, evaluate=None):
+        """A hyper-parameter's value: the state's when scheduled (or ``evaluate(schedule)``);
+        a tuple such as ``betas`` may have scheduled members, kept as ``betas[i]``."""
+        def one(key, value):
+            if key in self._schedulers:
+                return evaluate(self._schedulers[key]) if evaluate else self._state[key]
+            return value
+
+        value = getattr(self, name)
+        if isinstance(value, tuple):
+            return tuple(one(f"{name}[{i}]", v) for i, v in enumerate(value))
+        return one(name, value)
 
     def _adopt(self, backend):
         """Settle the state's array library; state scalars move to it."""
@@ -183,13 +198,23 @@ class Optimizer:
     def _mirror(self, parameters, keys):
         """Mirror ``parameters`` into the state, with slots for the leaves at ``keys``."""
         def select(leaf_keys, leaf):
-            return leaf_keys in keys
+            if leaf_keys not in keys:
+                return False
+            backend = backend_of(leaf)
+            self._params_info[leaf_keys] = (tuple(backend.shape(leaf)), backend.dtype_name(leaf)) \
+                if backend.name != "python" else ((), "float32")
+            return True
 
-        def init_leaf(param, slots):
+        def init_leaf(leaf_keys, param, slots):
             backend = backend_of(param)
             if backend.name == "python":
                 param = (self._backend or numpy_backend).scalar_array(param, "float32")
             self.init_single(param, slots)
+            carried = self._carried.pop(leaf_keys, None)
+            if carried:  # slots handed over by MultiOptimizer.reroute(..., state="carry")
+                for name, value in carried.items():
+                    if name in slots and _fits(value, slots[name]):
+                        slots[name] = value
 
         entries = items(parameters) if is_container(parameters) else ()
         for key, child in entries:
@@ -232,6 +257,22 @@ class Optimizer:
                 key = key[1:]
             yield from walk(child, (key,))
 
+    def _drop(self, keys):
+        """Forget the state of the parameter at ``keys``; returns its slots."""
+        slots = self._slots_at(keys) or {}
+        if slots:
+            root_key = self._state_key(keys[0])
+            if _trees.lookup(self._state, root_key) is not None and root_key not in self._state:
+                root_key = str(root_key)
+            self._state[root_key] = _trees.assign(self._state[root_key], keys[1:], {})
+        self._params_info.pop(keys, None)
+        return dict(slots)
+
+    def unsuited(self, path, parameter):
+        """Why this optimizer should not get ``parameter``, or ``None``. ``MultiOptimizer``
+        checks it when it routes a parameter here (Muon: vectors, embeddings, heads)."""
+        return None
+
     def _slots_at(self, keys):
         node = _trees.lookup(self._state, self._state_key(keys[0]))
         return _trees.lookup_path(node, keys[1:]) if node is not None else None
@@ -251,6 +292,50 @@ class Optimizer:
     def _optimizers(self):
         """The optimizers that hold state and take steps."""
         return [self]
+
+    def _named_optimizers(self, name=None, position=()):
+        """``(name, position, optimizer)`` of every optimizer that holds state."""
+        return [(name or type(self).__name__, position, self)]
+
+    def _routing_table(self):
+        """``(keys, optimizer, rule, also matched, notes)`` of every parameter with state;
+        the optimizer is ``None`` for a frozen parameter."""
+        return [(keys, self, "all parameters", (), ()) for keys in self._params_info]
+
+    def _prepare_step(self, leaves, owners):
+        """Whole-model work between checking and committing (``MultiOptimizer``: clipping,
+        the non-finite guard, accumulation). Returns the leaves and owners to update, the
+        optimizers that take a step, and a function that commits the hook's own state."""
+        return leaves, owners, self._optimizers(), None
+
+    def plan(self, params=None):
+        """The routing plan (a :class:`treeopt.plan.Plan`): for every parameter, its optimizer
+        and why, shape, dtype, size, state bytes and the hyper-parameters of the next step.
+
+        With ``params``, new parameters are routed and initialised first, exactly as a step
+        would: the plan shown is the plan used.
+        """
+        from treeopt.plan import build
+
+        if params is not None:
+            self.init(params)
+        return build(self)
+
+    def _current_hyper(self):
+        """The hyper-parameters the next step will use, as Python values."""
+        step = self._state["step"]
+        values = {}
+        if "learning_rate" in self._state:
+            lr = self._schedulers["learning_rate"](step) if "learning_rate" in self._schedulers else self._state["learning_rate"]
+            values["learning_rate"] = _as_float(lr)
+        def plain(value):
+            if isinstance(value, tuple):
+                return tuple(plain(v) for v in value)
+            return value if isinstance(value, (bool, str, int, type(None))) else _as_float(value)
+
+        for name in self.hyperparameters:
+            values[name] = plain(self._value(name, evaluate=lambda schedule: schedule(step)))
+        return values
 
     # ------------------------------------------------------------------ the step
     def apply_gradients(self, gradients, parameters):
@@ -285,6 +370,8 @@ class Optimizer:
         active = [leaf for leaf in leaves if leaf.grad is not None]
         backend = self._settle_backend(active)
         owners = self._plan(active)
+        kept = [(leaf, owner) for leaf, owner in zip(active, owners) if owner is not None]  # None: frozen
+        active, owners = [leaf for leaf, _ in kept], [owner for _, owner in kept]
         to_mirror = {}  # owner -> keys of the leaves it must (re)mirror into its state
         for leaf, owner in zip(active, owners):
             leaf.owner = owner
@@ -293,15 +380,23 @@ class Optimizer:
                 owner._check_slots(leaf)
             if not leaf.slots or not owner._initialized:
                 to_mirror.setdefault(owner, set()).add(leaf.keys)
+        active, owners, stepping, commit_hook = self._prepare_step(active, owners)
+        updating = {(id(leaf.owner), leaf.keys) for leaf in active}  # a skipped leaf gets no state yet
+        to_mirror = {o: {k for k in keys if (id(o), k) in updating} for o, keys in to_mirror.items()}
         # 2. commit
         self._commit(backend)
+        if commit_hook is not None:
+            commit_hook()
         for owner, keys in to_mirror.items():
+            if not keys:
+                continue
             owner._mirror(parameters, keys)
             for leaf in active:
                 if leaf.owner is owner:
                     leaf.slots = owner._slots_at(leaf.keys)
         for optimizer in self._optimizers():
             optimizer._initialized = True
+        for optimizer in stepping:
             optimizer._advance()
         # 3. run
         for group in _buckets(active).values():
@@ -382,6 +477,16 @@ class Optimizer:
 
 
 # ---------------------------------------------------------------------- helpers
+def _as_float(value):
+    backend = backend_of(value)
+    return float(value) if backend is None or backend.name == "python" else backend.to_float(value)
+
+
+def _fits(value, like):
+    a, b = backend_of(value), backend_of(like)
+    return a is b and tuple(a.shape(value)) == tuple(b.shape(like)) and a.dtype_name(value) == b.dtype_name(like)
+
+
 def _store_slot(backend, slots, name, value):
     old = slots[name]
     if backend.mutable and backend.writable(old):

@@ -36,15 +36,19 @@ class _Builtin(Optimizer):
             raise TypeError(f"{type(self).__name__} {name} must be a number or a schedule, got {type(value).__name__}")
         setattr(self, name, value)
 
-    def _set_betas(self, betas, count=2, label=None):
-        label = label or type(self).__name__
+    def _set_betas(self, betas, count=2):
+        label = type(self).__name__
         betas = tuple(betas)
         if len(betas) != count:
             raise ValueError(f"{label} betas should have {count} values, got {len(betas)}")
-        for i, beta in enumerate(betas, 1):
-            if not _is_number(beta) or not 0.0 <= beta < 1.0:
-                raise ValueError(f"{label} beta{i} should be in [0, 1), {beta} was provided instead")
-        self.betas = tuple(float(b) for b in betas)
+        values = []
+        for i, beta in enumerate(betas):
+            if callable(beta):  # a scheduled beta lives in the state as betas[i]
+                self._maybe_schedule(f"betas[{i}]", beta)
+            elif not _is_number(beta) or not 0.0 <= beta < 1.0:
+                raise ValueError(f"{label} beta{i + 1} should be in [0, 1), {beta} was provided instead")
+            values.append(beta if callable(beta) else float(beta))
+        self.betas = tuple(values)
 
 
 _NON_NEGATIVE = "{name} {value_name} should be >=0, {value} was provided instead"
@@ -202,10 +206,10 @@ class Adam(_Builtin):
 
     def __init__(self, learning_rate, betas=(0.9, 0.999), eps=1e-8, bias_correction=False):
         super().__init__()
-        self._set_betas(betas)
         if _is_number(eps) and eps < 0:
             raise ValueError(f"{type(self).__name__} epsilon should be >=0, {eps} was provided instead")
         self._set_learning_rate(learning_rate)
+        self._set_betas(betas)
         self._set("eps", eps)
         self.bias_correction = bool(bias_correction)
 
@@ -278,8 +282,8 @@ class Lion(_Builtin):
 
     def __init__(self, learning_rate, betas=(0.9, 0.99), weight_decay=0.0):
         super().__init__()
-        self._set_betas(betas)
         self._set_learning_rate(learning_rate)
+        self._set_betas(betas)
         self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
 
 
@@ -358,13 +362,20 @@ class Muon(_Builtin):
         weight_decay (float): >= 0. Default: ``0.01``.
         nesterov (bool): Nesterov momentum. Default: ``True``.
         ns_steps (int): Newton-Schulz iterations, >= 0. Default: ``5``.
+        allow (list[str]): silence the routing guard for ``"vectors"``, ``"embeddings"`` or
+            ``"heads"`` (keyword-only).
     """
 
     rule = rules.MUON
     hyperparameters = ("momentum", "weight_decay", "nesterov", "ns_steps")
+    _SUITED = ("vectors", "embeddings", "heads")
 
-    def __init__(self, learning_rate, momentum=0.95, weight_decay=0.01, nesterov=True, ns_steps=5):
+    def __init__(self, learning_rate, momentum=0.95, weight_decay=0.01, nesterov=True, ns_steps=5, *, allow=()):
         super().__init__()
+        allow = (allow,) if isinstance(allow, str) else tuple(allow)
+        if any(a not in self._SUITED for a in allow):
+            raise ValueError(f"Muon allow should name some of {self._SUITED}, {allow!r} was provided instead")
+        self.allow = allow
         self._set_learning_rate(learning_rate)
         self._set("momentum", momentum, lambda v: 0 <= v < 1,
                   "{name} momentum should be in [0, 1), {value} was provided instead")
@@ -373,3 +384,17 @@ class Muon(_Builtin):
             raise ValueError(f"Muon ns_steps should be an integer >=0, {ns_steps!r} was provided instead")
         self.nesterov = bool(nesterov)
         self.ns_steps = int(ns_steps)
+
+    def unsuited(self, path, parameter):
+        """Muon orthogonalises hidden matrices. In a MultiOptimizer it warns (or refuses) on
+        vectors and scalars, embeddings and output heads, unless ``allow`` names them."""
+        from treeopt.filters import is_embedding, is_head
+
+        if len(parameter.shape) < 2 and "vectors" not in self.allow:
+            return (f"Muon got a {len(parameter.shape)}-D tensor: it orthogonalises matrices "
+                    "(route vectors and scalars to AdamW, or Muon(allow=['vectors']))")
+        if is_embedding(path, parameter) and "embeddings" not in self.allow:
+            return "Muon got what looks like an embedding (use AdamW, or Muon(allow=['embeddings']))"
+        if is_head(path, parameter) and "heads" not in self.allow:
+            return "Muon got what looks like an output head (use AdamW, or Muon(allow=['heads']))"
+        return None

@@ -57,17 +57,9 @@ class LoadReport:
 
 
 # ---------------------------------------------------------------------------------- saving
-def leaf_optimizers(optimizer, name=None, position=()):
+def leaf_optimizers(optimizer):
     """``(name, position, optimizer)`` for every optimizer that holds state, in order."""
-    from treeopt.multi import MultiOptimizer
-
-    if isinstance(optimizer, MultiOptimizer):
-        found = []
-        for i, (child_name, child) in enumerate(zip(optimizer.names, optimizer.optimizers)):
-            full = child_name if name is None else f"{name}/{child_name}"
-            found.extend(leaf_optimizers(child, full, position + (i,)))
-        return found
-    return [(name or type(optimizer).__name__, position, optimizer)]
+    return optimizer._named_optimizers()
 
 
 def _json_value(value):
@@ -115,12 +107,31 @@ def to_flat(optimizer):
                 put(f"{path}/{slot}", value)
         optimizers.append({"name": name, "position": list(position), "type": type(leaf).__name__,
                            "hyperparameters": hyperparameters(leaf), "scheduled": sorted(leaf._schedulers)})
+    extra = {}
+    for name, value in _whole_model_state(optimizer).items():
+        if name == "accumulated":
+            for path, array in value.items():
+                put(f"#accumulated/{path}", array)
+        else:
+            extra[name] = value if isinstance(value, int) else None
+            if not isinstance(value, int):
+                put(f"#{name}", value)
     metadata = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "treeopt_version": __version__,
+        "whole_model": {k: v for k, v in extra.items() if v is not None},
         "step": int(numpy_scalar(leaf_optimizers(optimizer)[0][2].step)),
         "optimizers": optimizers, "parameters": parameters,
     }
     return tensors, metadata
+
+
+def _whole_model_state(optimizer):
+    """The state a MultiOptimizer keeps itself: step counters, norms, accumulation buffers."""
+    from treeopt.multi import MultiOptimizer
+
+    if not isinstance(optimizer, MultiOptimizer):
+        return {}
+    return {k: v for k, v in optimizer._state.items() if k != "states"}
 
 
 def numpy_scalar(value):
@@ -231,6 +242,7 @@ def from_flat(optimizer, tensors, metadata, strict=True):
 
     if strict and report.problems:
         raise CheckpointError(f"the checkpoint does not fit the optimizer (nothing was loaded): {report}", report)
+    _load_whole_model_state(optimizer, tensors, metadata)
     for slots, slot, array in writes:
         _assign(slots, slot, array)
     for leaf, scalar, array in scalar_writes:
@@ -238,6 +250,26 @@ def from_flat(optimizer, tensors, metadata, strict=True):
     for _, _, leaf in current:
         leaf._initialized = True
     return report
+
+
+def _load_whole_model_state(optimizer, tensors, metadata):
+    from treeopt.multi import MultiOptimizer
+
+    if not isinstance(optimizer, MultiOptimizer):
+        return
+    state = optimizer._state
+    for key in [k for k in state if k != "states"]:
+        del state[key]
+    state.update(metadata.get("whole_model", {}))
+    backend = optimizer._optimizers()[0]._backend or numpy_backend
+    accumulated = {}
+    for key, array in tensors.items():
+        if key.startswith("#accumulated/"):
+            accumulated[key[len("#accumulated/"):]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
+        elif key.startswith("#"):
+            state[key[1:]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
+    if accumulated or "micro_step" in state:
+        state["accumulated"] = accumulated
 
 
 def _assign(slots, slot, array):

@@ -1,0 +1,139 @@
+"""Filters for ``MultiOptimizer``: predicates ``filter(path, weight) -> bool`` with readable
+names, that compose with ``&``, ``|`` and ``~``.
+
+    from treeopt.filters import glob, ndim, is_bias, is_norm, is_embedding, is_head
+
+    hidden = ndim(min=2) & ~is_embedding & ~is_head
+    no_decay = is_bias | is_norm
+    blocks = glob("blocks.*.attn.*") | regex(r"^layers\\.\\d+\\.mlp\\.")
+
+The name patterns fit the usual naming of PyTorch (``transformer.wte.weight``,
+``layers.0.attention_norm.weight``, ``lm_head.weight``), flax (``params.Embed_0.embedding``,
+``LayerNorm_0.scale``), equinox and MLX (``embed.weight``, ``norm.weight``). Names are
+heuristics: check them on your model with ``multi.plan(params)``.
+"""
+
+import fnmatch
+import re
+
+__all__ = ["Filter", "as_filter", "glob", "regex", "ndim", "shape", "is_bias", "is_norm", "is_embedding",
+           "is_head", "is_hidden_matrix", "everything"]
+
+
+class Filter:
+    """A named predicate of ``(path, weight)``."""
+
+    def __init__(self, fn, name, op=None):
+        self.fn, self.name, self.op = fn, name, op
+
+    def __call__(self, path, weight) -> bool:
+        return bool(self.fn(path, weight))
+
+    def _operand(self, op):
+        return self.name if self.op in (None, op) else f"({self.name})"
+
+    def __and__(self, other):
+        other = as_filter(other)
+        return Filter(lambda p, w: self(p, w) and other(p, w), f"{self._operand('&')} & {other._operand('&')}", "&")
+
+    def __or__(self, other):
+        other = as_filter(other)
+        return Filter(lambda p, w: self(p, w) or other(p, w), f"{self._operand('|')} | {other._operand('|')}", "|")
+
+    def __rand__(self, other):
+        return as_filter(other) & self
+
+    def __ror__(self, other):
+        return as_filter(other) | self
+
+    def __invert__(self):
+        return Filter(lambda p, w: not self(p, w), f"~{self._operand('~')}", "~")
+
+    def __repr__(self):
+        return self.name
+
+
+def as_filter(fn):
+    """``fn`` as a :class:`Filter` (a plain callable is named after its ``__name__``)."""
+    if isinstance(fn, Filter):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"a filter must be callable, got {type(fn).__name__}")
+    return Filter(fn, getattr(fn, "__name__", type(fn).__name__))
+
+
+def glob(*patterns):
+    """The path matches one of the shell-style ``patterns`` (``*`` also crosses dots):
+    ``glob("blocks.*.weight")``."""
+    return Filter(lambda p, w: any(fnmatch.fnmatchcase(p, pat) for pat in patterns),
+                  f"glob({', '.join(map(repr, patterns))})")
+
+
+def regex(pattern):
+    """A regular expression found in the path (``re.search``)."""
+    compiled = re.compile(pattern)
+    return Filter(lambda p, w: compiled.search(p) is not None, f"regex({pattern!r})")
+
+
+def _ndim(weight):
+    return len(weight.shape)
+
+
+def ndim(n=None, *, min=None, max=None):
+    """The number of dimensions is ``n``, or within ``[min, max]``."""
+    if n is not None:
+        return Filter(lambda p, w: _ndim(w) == n, f"ndim({n})")
+    low, high = -1 if min is None else min, float("inf") if max is None else max
+    label = ", ".join(f"{k}={v}" for k, v in (("min", min), ("max", max)) if v is not None)
+    return Filter(lambda p, w: low <= _ndim(w) <= high, f"ndim({label})")
+
+
+def shape(*dims):
+    """The shape is ``dims``, where ``None`` matches any size: ``shape(None, 768)``."""
+    def matches(p, w):
+        actual = tuple(w.shape)
+        return len(actual) == len(dims) and all(d is None or d == a for d, a in zip(dims, actual))
+    return Filter(matches, f"shape{dims}")
+
+
+def _segments(path):
+    return path.lower().split(".")
+
+
+_NORM = re.compile(r"norm|^ln(_?\w*)?$|^bn\d*$")
+_EMBED = re.compile(r"embed|^wte$|^wpe$|^tok_emb|^pos_emb")
+_HEADS = {"lm_head", "head", "heads", "classifier", "cls", "score", "logits", "output_layer", "fc_out"}
+
+
+def _is_bias(path, weight):
+    last = _segments(path)[-1]
+    return last == "bias" or last.endswith("_bias") or (last == "b" and _ndim(weight) <= 1)
+
+
+def _is_norm(path, weight):
+    return any(_NORM.search(s) for s in _segments(path)[:-1])
+
+
+def _is_embedding(path, weight):
+    return any(_EMBED.search(s) for s in _segments(path))
+
+
+def _is_head(path, weight):
+    segments = _segments(path)
+    return any(s in _HEADS for s in segments[:-1]) or segments[0] == "output"
+
+
+#: biases: a last name of ``bias``, ``*_bias``, or ``b`` for a vector
+is_bias = Filter(_is_bias, "is_bias")
+#: parameters of normalisation layers: a module named ``*norm*``, ``ln*`` or ``bn*``
+is_norm = Filter(_is_norm, "is_norm")
+#: embeddings: a name containing ``embed``, or GPT-2's ``wte``/``wpe``
+is_embedding = Filter(_is_embedding, "is_embedding")
+#: output heads: a module named ``lm_head``, ``head``, ``classifier``, ``score``..., or a
+#: top-level ``output``
+is_head = Filter(_is_head, "is_head")
+#: the hidden matrices Muon is meant for: two or more dimensions, neither embedding nor head
+is_hidden_matrix = Filter(lambda p, w: _ndim(w) >= 2 and not _is_embedding(p, w) and not _is_head(p, w),
+                          "is_hidden_matrix")
+#: every parameter
+everything = Filter(lambda p, w: True, "everything")

@@ -1,0 +1,224 @@
+"""The routing plan: which optimizer owns each parameter, why, and with what settings.
+
+``optimizer.plan(params)`` returns a :class:`Plan`. It is built from the routes the optimizer
+actually uses (giving ``params`` routes and initialises them first, exactly as a step
+would), so the plan that is printed is the plan that runs. It prints as a table (with
+``rich`` when installed), exports to dict, JSON and Markdown, and two plans can be diffed.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from treeopt._trees import dotted
+from treeopt.backends import backend_of
+
+__all__ = ["Plan", "Row", "Group", "PlanDiff", "build"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One parameter of the plan."""
+
+    path: str
+    group: int  # index of its optimizer in the plan's groups; -1 when frozen
+    optimizer: str  # the optimizer's name, or "frozen"
+    rule: str  # why: "filters[0] (is_hidden_matrix)", "fallback", "frozen"
+    shape: tuple
+    dtype: str
+    size: int
+    state_bytes: int
+    learning_rate: float = None  # at the next step, after schedules
+    weight_decay: float = None
+    also_matched: tuple = ()  # other filters that accept the path (the first one won)
+    notes: tuple = ()  # guard warnings
+
+
+@dataclass(frozen=True)
+class Group:
+    """One optimizer of the plan, with its totals."""
+
+    index: int
+    name: str
+    type: str
+    parameters: int
+    size: int
+    state_bytes: int
+    hyperparameters: dict = field(default_factory=dict)
+
+
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _number(x):
+    return "-" if x is None else f"{x:.4g}"
+
+
+@dataclass
+class Plan:
+    step: int
+    groups: list
+    rows: list
+    changes: list = field(default_factory=list)  # freezes, re-routes... in order
+    warnings: list = field(default_factory=list)
+
+    # ------------------------------------------------------------------ export
+    def to_dict(self):
+        return {"step": self.step, "groups": [asdict(g) for g in self.groups],
+                "parameters": [dict(asdict(r), shape=list(r.shape), also_matched=list(r.also_matched),
+                                    notes=list(r.notes)) for r in self.rows],
+                "changes": list(self.changes), "warnings": list(self.warnings)}
+
+    def to_json(self, **kwargs):
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data):
+        groups = [Group(**g) for g in data["groups"]]
+        rows = [Row(**dict(r, shape=tuple(r["shape"]), also_matched=tuple(r["also_matched"]), notes=tuple(r["notes"])))
+                for r in data["parameters"]]
+        return cls(data["step"], groups, rows, list(data.get("changes", [])), list(data.get("warnings", [])))
+
+    def _table(self):
+        header = ["path", "optimizer", "rule", "shape", "dtype", "size", "state", "lr", "wd", "notes"]
+        body = [[r.path, r.optimizer, r.rule, "x".join(map(str, r.shape)) or "()", r.dtype, f"{r.size:,}",
+                 _human(r.state_bytes), _number(r.learning_rate), _number(r.weight_decay),
+                 "; ".join(([f"also matched filters{list(r.also_matched)}"] if r.also_matched else []) + list(r.notes))]
+                for r in self.rows]
+        totals = [["group", "type", "parameters", "size", "state", "hyper-parameters"]] + [
+            [f"{g.index}: {g.name}", g.type, str(g.parameters), f"{g.size:,}", _human(g.state_bytes),
+             ", ".join(f"{k}={_number(v) if isinstance(v, float) else v}" for k, v in g.hyperparameters.items())]
+            for g in self.groups]
+        return header, body, totals
+
+    def to_markdown(self):
+        header, body, totals = self._table()
+
+        def table(rows):
+            lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows[1:]]
+
+        parts = [f"**Routing plan at step {self.step}**", ""] + table([header] + body) + [""] + table(totals)
+        parts += [""] + [f"- {line}" for line in self.changes + self.warnings]
+        return "\n".join(parts).rstrip() + "\n"
+
+    def __str__(self):
+        header, body, totals = self._table()
+
+        def table(rows):
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+
+        lines = [f"Routing plan at step {self.step}"] + table([header] + body) + [""] + table(totals)
+        lines += [f"* {line}" for line in self.changes + self.warnings]
+        return "\n".join(lines)
+
+    def __rich__(self):
+        from rich.console import Group as RichGroup
+        from rich.table import Table
+
+        header, body, totals = self._table()
+        parameters = Table(*header, title=f"Routing plan at step {self.step}", title_justify="left")
+        for row in body:
+            parameters.add_row(*row)
+        groups = Table(*totals[0])
+        for row in totals[1:]:
+            groups.add_row(*row)
+        return RichGroup(parameters, groups, *[f"* {line}" for line in self.changes + self.warnings])
+
+    def print(self):
+        """Print the plan: a rich table when ``rich`` is installed, plain text otherwise."""
+        try:
+            import rich
+        except ImportError:
+            print(self)
+        else:
+            rich.print(self)
+
+    # ------------------------------------------------------------------ diff
+    def diff(self, other):
+        """What changed from this plan to ``other`` (e.g. after a model change)."""
+        mine, theirs = {r.path: r for r in self.rows}, {r.path: r for r in other.rows}
+        moved, changed = [], []
+        for path in mine.keys() & theirs.keys():
+            a, b = mine[path], theirs[path]
+            if a.optimizer != b.optimizer:
+                moved.append((path, a.optimizer, b.optimizer))
+            elif (a.shape, a.dtype) != (b.shape, b.dtype):
+                changed.append((path, f"{a.dtype}{list(a.shape)}", f"{b.dtype}{list(b.shape)}"))
+        return PlanDiff(added=sorted(theirs.keys() - mine.keys()), removed=sorted(mine.keys() - theirs.keys()),
+                        moved=sorted(moved), changed=sorted(changed))
+
+
+@dataclass
+class PlanDiff:
+    added: list
+    removed: list
+    moved: list  # (path, from optimizer, to optimizer)
+    changed: list  # (path, before, after): shape or dtype
+
+    def __bool__(self):
+        return bool(self.added or self.removed or self.moved or self.changed)
+
+    def to_dict(self):
+        return asdict(self)
+
+    def __str__(self):
+        if not self:
+            return "no change"
+        lines = [f"+ {p}" for p in self.added] + [f"- {p}" for p in self.removed]
+        lines += [f"~ {p}: {a} -> {b}" for p, a, b in self.moved + self.changed]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- building
+def _predicted_bytes(leaf, shape, dtype):
+    """State bytes of a parameter that has no state yet, from the optimizer's slot shapes."""
+    import numpy as np
+
+    class _Like:  # stands in for the parameter in slot_shapes
+        def __init__(self, shape):
+            self.shape, self.ndim = shape, len(shape)
+
+    try:
+        itemsize = 2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize
+        return sum(math.prod(s) * itemsize for s in leaf.slot_shapes(_Like(shape)).values())
+    except Exception:
+        return 0
+
+
+def build(optimizer):
+    """The plan of ``optimizer`` from the routes and state it actually holds."""
+    named = optimizer._named_optimizers()
+    group_of = {id(leaf): i for i, (_, _, leaf) in enumerate(named)}
+    hyper = {id(leaf): leaf._current_hyper() for _, _, leaf in named}
+    rows = []
+    totals = {i: [0, 0, 0] for i in range(len(named))}
+    for keys, leaf, rule, also, notes in optimizer._routing_table():
+        path = dotted(keys)
+        if leaf is None:
+            shape, dtype = optimizer._info_of(keys)
+            rows.append(Row(path, -1, "frozen", rule, tuple(shape), dtype, math.prod(shape), 0))
+            continue
+        shape, dtype = leaf._params_info.get(keys, ((), "?"))
+        slots = leaf._slots_at(keys) or {}
+        state_bytes = (sum(backend_of(v).nbytes(v) for v in slots.values()) if slots
+                       else _predicted_bytes(leaf, tuple(shape), dtype))
+        group = group_of[id(leaf)]
+        values = hyper[id(leaf)]
+        rows.append(Row(path, group, named[group][0], rule, tuple(shape), dtype, math.prod(shape), state_bytes,
+                        values.get("learning_rate"), values.get("weight_decay"), tuple(also), tuple(notes)))
+        totals[group][0] += 1
+        totals[group][1] += math.prod(shape)
+        totals[group][2] += state_bytes
+    groups = [Group(i, name, type(leaf).__name__, *totals[i], hyperparameters=hyper[id(leaf)])
+              for i, (name, _, leaf) in enumerate(named)]
+    step = int(backend_of(optimizer.step).to_float(optimizer.step)) if backend_of(optimizer.step).name != "python" \
+        else int(optimizer.step)
+    warnings = [f"{optimizer._filter_name(i)} matches no parameter" for i in range(len(getattr(optimizer, "filters", [])) - 1)
+                if i not in set(getattr(optimizer, "_routes", {}).values())] if hasattr(optimizer, "_routes") else []
+    return Plan(step, groups, rows, list(getattr(optimizer, "changes", [])), warnings)

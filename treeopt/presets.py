@@ -1,0 +1,63 @@
+"""Ready-made MultiOptimizers for common recipes."""
+
+from treeopt.filters import is_bias, is_hidden_matrix, is_norm, ndim
+from treeopt.multi import MultiOptimizer
+from treeopt.optimizers import AdamW, Muon
+
+__all__ = ["muon_adamw"]
+
+#: the defaults of Keller Jordan's reference Muon (github.com/KellerJordan/Muon, README "Usage"):
+#: Muon lr=0.02, momentum=0.95; the auxiliary AdamW lr=3e-4, betas=(0.90, 0.95),
+#: weight_decay=0.01 (PyTorch's AdamW, hence bias correction)
+MUON_LR, MUON_MOMENTUM = 0.02, 0.95
+ADAMW_LR, ADAMW_BETAS, WEIGHT_DECAY = 3e-4, (0.9, 0.95), 0.01
+
+
+def muon_adamw(params=None, *, muon_lr=MUON_LR, adamw_lr=ADAMW_LR, momentum=MUON_MOMENTUM, betas=ADAMW_BETAS,
+               weight_decay=WEIGHT_DECAY, hidden=is_hidden_matrix, no_decay=is_bias | is_norm | ndim(max=1),
+               frozen=None, lr_schedule=None, print_plan=False, **options):
+    """Muon for the hidden matrices, AdamW for the rest: the recipe of the Muon paper and of
+    the NanoGPT speedruns, as one :class:`MultiOptimizer` with three named groups.
+
+    - ``muon``: matrices that are neither embeddings nor output heads (``hidden``).
+    - ``adamw_no_decay``: biases, normalisation weights and other vectors (``no_decay``):
+      AdamW without weight decay.
+    - ``adamw``: everything else (embeddings, the head): AdamW with weight decay.
+
+    Args:
+        params: the model's parameters; when given they are routed now, so the plan can be
+            printed and checked before the first step.
+        muon_lr, adamw_lr: peak learning rates of the two families; their ratio is kept by
+            ``lr_schedule``.
+        momentum: Muon's momentum. betas: AdamW's betas. weight_decay: for ``muon`` and
+            ``adamw`` (Muon's is coupled, as in MLX).
+        hidden, no_decay: the filters of the first two groups (see :mod:`treeopt.filters`).
+        frozen: a filter of parameters that no group gets.
+        lr_schedule: a multiplier of the step for every group's learning rate (warm-up,
+            decay), e.g. ``join_schedules([linear_schedule(0, 1, 100), cosine_decay(1, 900)], [100])``.
+        print_plan: print the routing plan (needs ``params``).
+        options: other :class:`MultiOptimizer` options (``max_grad_norm``,
+            ``skip_nonfinite``, ``accumulate``, ``on_unmatched``, ``guards``).
+
+    Example:
+        >>> import numpy as np, treeopt
+        >>> params = {"embed": np.ones((100, 16), np.float32),
+        ...           "blocks": [{"w": np.ones((16, 16), np.float32), "b": np.zeros(16, np.float32)}],
+        ...           "lm_head": {"weight": np.ones((100, 16), np.float32)}}
+        >>> opt = treeopt.muon_adamw(params)
+        >>> [opt.names[opt.route(p)] for p in ("blocks.0.w", "blocks.0.b", "embed", "lm_head.weight")]
+        ['muon', 'adamw_no_decay', 'adamw', 'adamw']
+    """
+    multi = MultiOptimizer(
+        [Muon(muon_lr, momentum=momentum, weight_decay=weight_decay),
+         AdamW(adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True),
+         AdamW(adamw_lr, betas=betas, weight_decay=weight_decay, bias_correction=True)],
+        [hidden, no_decay], names=["muon", "adamw_no_decay", "adamw"], frozen=frozen, lr_schedule=lr_schedule,
+        **options)
+    if params is not None:
+        plan = multi.plan(params)
+        if print_plan:
+            plan.print()
+    elif print_plan:
+        raise ValueError("muon_adamw(print_plan=True) needs the params")
+    return multi
