@@ -29,3 +29,13 @@ def test_quick_demo_trains_both_runs(capsys):
     for run in runs.values():
         assert np.isfinite(run.train_loss) and run.train_loss < 0.6 * initial
         assert run.test_accuracy > 0.5
+
+
+def test_demo_stops_and_resumes_from_a_checkpoint_exactly(tmp_path):
+    folder = str(tmp_path / "checkpoint")
+    straight = main(["--steps", "12", "--seed", "2"])
+    main(["--steps", "12", "--seed", "2", "--stop-after", "5", "--checkpoint", folder])
+    resumed = main(["--steps", "12", "--seed", "2", "--checkpoint", folder])
+    for name, run in straight.items():
+        assert resumed[name].steps == 12
+        assert resumed[name].train_loss == run.train_loss and resumed[name].test_loss == run.test_loss

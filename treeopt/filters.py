@@ -110,8 +110,14 @@ def _is_bias(path, weight):
     return last == "bias" or last.endswith("_bias") or (last == "b" and _ndim(weight) <= 1)
 
 
+def _modules(path):
+    """The module names on the path (a lone name counts as its own module)."""
+    segments = _segments(path)
+    return segments[:-1] or segments
+
+
 def _is_norm(path, weight):
-    return any(_NORM.search(s) for s in _segments(path)[:-1])
+    return any(_NORM.search(s) for s in _modules(path))
 
 
 def _is_embedding(path, weight):
@@ -119,8 +125,7 @@ def _is_embedding(path, weight):
 
 
 def _is_head(path, weight):
-    segments = _segments(path)
-    return any(s in _HEADS for s in segments[:-1]) or segments[0] == "output"
+    return any(s in _HEADS for s in _modules(path)) or _segments(path)[0] == "output"
 
 
 #: biases: a last name of ``bias``, ``*_bias``, or ``b`` for a vector

@@ -231,7 +231,7 @@ class Optimizer:
 
     def _scalar_names(self):
         """The state entries that are not parameters: step, learning rate, schedules."""
-        return [k for k in ("step", "learning_rate", *self._schedulers) if k in self._state]
+        return [k for k in dict.fromkeys(("step", "learning_rate", *self._schedulers)) if k in self._state]
 
     def _slot_items(self):
         """``(keys, slot dict)`` of every parameter with state, in state order."""

@@ -89,9 +89,12 @@ class Plan:
                  _human(r.state_bytes), _number(r.learning_rate), _number(r.weight_decay),
                  "; ".join(([f"also matched filters{list(r.also_matched)}"] if r.also_matched else []) + list(r.notes))]
                 for r in self.rows]
+        if not any(row[-1] for row in body):  # no note anywhere: drop the column
+            header, body = header[:-1], [row[:-1] for row in body]
         totals = [["group", "type", "parameters", "size", "state", "hyper-parameters"]] + [
             [f"{g.index}: {g.name}", g.type, str(g.parameters), f"{g.size:,}", _human(g.state_bytes),
-             ", ".join(f"{k}={_number(v) if isinstance(v, float) else v}" for k, v in g.hyperparameters.items())]
+             ", ".join(f"{k}={_number(v) if isinstance(v, float) else v}" for k, v in g.hyperparameters.items()
+                      if k not in ("learning_rate", "weight_decay") or v is not None)]
             for g in self.groups]
         return header, body, totals
 
@@ -130,14 +133,17 @@ class Plan:
             groups.add_row(*row)
         return RichGroup(parameters, groups, *[f"* {line}" for line in self.changes + self.warnings])
 
-    def print(self):
+    def print(self, file=None):
         """Print the plan: a rich table when ``rich`` is installed, plain text otherwise."""
         try:
-            import rich
+            from rich.console import Console
         except ImportError:
-            print(self)
+            print(self, file=file)
         else:
-            rich.print(self)
+            console = Console(file=file)
+            if not console.is_terminal:
+                console = Console(file=file, width=160)  # a log or a pipe: do not wrap at 80
+            console.print(self)
 
     # ------------------------------------------------------------------ diff
     def diff(self, other):

@@ -23,8 +23,8 @@ METADATA_KEY = "treeopt"
 def as_numpy(value):
     """An array as NumPy (zero-copy for NumPy and CPU torch), contiguous."""
     backend = backend_of(value)
-    array = np.asarray(value) if backend.name == "python" else backend.to_numpy(value)
-    return np.ascontiguousarray(array)
+    array = np.asarray(value) if backend.name == "python" else np.asarray(backend.to_numpy(value))
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)  # (keeps 0-d arrays 0-d)
 
 
 def checksum(arrays, metadata):
@@ -32,7 +32,7 @@ def checksum(arrays, metadata):
     for key in sorted(arrays):
         array = arrays[key]
         digest.update(f"{key}|{array.dtype.name}|{list(array.shape)}|".encode())
-        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+        digest.update(memoryview(array if array.flags.c_contiguous else np.ascontiguousarray(array)).cast("B"))
     body = {k: v for k, v in metadata.items() if k != "checksum"}
     digest.update(json.dumps(body, sort_keys=True).encode())
     return digest.hexdigest()

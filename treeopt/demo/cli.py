@@ -37,6 +37,11 @@ def parse_args(argv=None):
                         help=f"examples per step (default {BATCH_SIZE})")
     parser.add_argument("--log-every", type=_positive, default=None,
                         help="print the loss every this many steps (default: 10 lines per run)")
+    parser.add_argument("--checkpoint", metavar="DIR", default=None,
+                        help="save each run's parameters and optimizer state in DIR at the end, and "
+                             "resume from there when DIR holds a checkpoint")
+    parser.add_argument("--stop-after", type=_positive, default=None, metavar="N",
+                        help="stop each run after step N (to resume later with --checkpoint)")
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
@@ -101,33 +106,58 @@ def _demo(args):
         params = model.init_mlp(sizes, args.seed)  # the same start for both runs
         optimizer, groups = make(args.steps)
         if number == 1:
-            optimizer.init(params)  # routes every parameter now, so the table can show them
-            print_routes(params, optimizer, groups)
-        print(f"\n[{number}/{len(setups)}] {name}")
+            print("\nWhich optimizer owns which parameter (the plan the MultiOptimizer uses):")
+            optimizer.plan(params).print()  # routes every parameter now, from the filters
+        start = resume(args.checkpoint, name, params, optimizer)
+        print(f"\n[{number}/{len(setups)}] {name}" + (f" (resumed at step {start})" if start else ""))
         print(f"  {'step':>6}  {'batch loss':>10}  {'test acc':>9}  lr: {' / '.join(g.name for g in groups)}")
         runs[name] = training.train(name, params, optimizer, data, args.steps, batch_size=args.batch_size,
-                                    seed=args.seed, log_every=args.log_every)
+                                    seed=args.seed, log_every=args.log_every, start=start, stop=args.stop_after)
+        if args.checkpoint:
+            save(args.checkpoint, name, params, optimizer)
     print_comparison(list(runs.values()))
     return runs
 
 
-def print_routes(params, multi, groups):
-    """The table of which optimizer owns which parameter, from ``multi.route``."""
-    rows = []
-    for path, param in tree_flatten(params):
-        index = multi.route(path)
-        rows.append((path, " x ".join(map(str, param.shape)), f"{index}: {groups[index].name}"))
-    widths = [max(len(row[i]) for row in rows + [("path", "shape", "optimizer")]) for i in range(3)]
-    print("\nWhich optimizer owns which parameter (MultiOptimizer.route, decided by the filters):")
-    line = "  {:<{}}  {:<{}}  {:<{}}"
-    print(line.format("path", widths[0], "shape", widths[1], "optimizer", widths[2]).rstrip())
-    print(line.format("-" * widths[0], widths[0], "-" * widths[1], widths[1], "-" * widths[2], widths[2]))
-    for path, shape, owner in rows:
-        print(line.format(path, widths[0], shape, widths[1], owner, widths[2]).rstrip())
-    for index, (child, group) in enumerate(zip(multi.optimizers, groups)):
-        owned = [p for path, p in tree_flatten(params) if multi.route(path) == index]
-        print(f"  {index}: {type(child).__name__:<5}  {len(owned)} tensors, {sum(p.size for p in owned):>6,} "
-              f"weights, peak lr {group.peak_lr:g}, weight decay {group.weight_decay:g}")
+def _files(folder, name):
+    import os
+
+    stem = os.path.join(folder, name.replace(" + ", "_").replace(" ", "_").lower())
+    return f"{stem}.params.safetensors", f"{stem}.optimizer.safetensors"
+
+
+def save(folder, name, params, optimizer):
+    """Write the run's parameters and optimizer state (atomically, checksummed)."""
+    import os
+
+    from treeopt import checkpoint
+    from treeopt.checkpoint import files
+
+    os.makedirs(folder, exist_ok=True)
+    params_file, optimizer_file = _files(folder, name)
+    files.write(params_file, dict(tree_flatten(params)), {"format": "treeopt-demo-parameters"})
+    checkpoint.save(optimizer, optimizer_file)
+    print(f"  saved {params_file} and {optimizer_file}")
+
+
+def resume(folder, name, params, optimizer):
+    """Load the run's checkpoint into ``params`` (in place) and ``optimizer`` if ``folder``
+    has one; returns the step to resume from (0 without a checkpoint)."""
+    import os
+
+    from treeopt import checkpoint
+    from treeopt.checkpoint import files
+
+    if not folder:
+        return 0
+    params_file, optimizer_file = _files(folder, name)
+    if not (os.path.exists(params_file) and os.path.exists(optimizer_file)):
+        return 0
+    saved, _ = files.read(params_file)
+    for path, value in tree_flatten(params):
+        value[...] = saved[path]
+    checkpoint.load(optimizer, optimizer_file, params=params)
+    return int(optimizer.step)
 
 
 def print_comparison(runs):

@@ -71,7 +71,7 @@ def muon_adamw(steps):
         [optim.Muon(muon, weight_decay=groups[0].weight_decay),
          optim.AdamW(bias_adamw, weight_decay=groups[1].weight_decay),
          optim.AdamW(adamw, weight_decay=groups[2].weight_decay)],
-        [is_hidden_matrix, is_bias])
+        [is_hidden_matrix, is_bias], names=[g.name for g in groups])
     return optimizer, groups
 
 
@@ -115,7 +115,7 @@ class Run:
     history: list = field(default_factory=list)  # (step, mean batch loss, test accuracy)
 
 
-def train(name, params, optimizer, data, steps, batch_size=128, seed=0, log_every=100, log=print):
+def train(name, params, optimizer, data, steps, batch_size=128, seed=0, log_every=100, log=print, start=0, stop=None):
     """Train ``params`` in place with ``optimizer`` for ``steps`` mini-batch steps.
 
     Args:
@@ -126,16 +126,21 @@ def train(name, params, optimizer, data, steps, batch_size=128, seed=0, log_ever
         seed: seeds the batch order, so runs with the same seed see the same batches.
         log_every: print the mean batch loss every this many steps (0: never).
         log: where the log lines go.
+        start: the step to resume from (the batches before it are skipped, so a resumed run
+            sees the batches an uninterrupted one would).
+        stop: stop after this step (default ``steps``), e.g. to checkpoint and resume later.
 
     Returns:
         a :class:`Run`.
     """
     x_train, y_train, x_test, y_test = data
-    run = Run(name, steps)
+    run = Run(name, stop or steps)
     sampler = batches(len(y_train), min(batch_size, len(y_train)), np.random.default_rng(seed))
+    for _ in range(start):
+        next(sampler)
     recent = []
     elapsed = 0.0
-    for step in range(1, steps + 1):
+    for step in range(start + 1, (stop or steps) + 1):
         start = time.perf_counter()
         index = next(sampler)
         loss, grads = model.loss_and_grads(params, x_train[index], y_train[index])
