@@ -33,7 +33,7 @@ def describe(path) -> str:
 
 def warn(message, category=UserWarning):
     """``warnings.warn`` attributed to the first frame outside treeopt."""
-    level, frame = 1, sys._getframe(1)
+    level, frame = 2, sys._getframe(1)  # 1 is this function, 2 its caller
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

@@ -30,7 +30,8 @@ class Filter:
         return bool(self.fn(path, weight))
 
     def _operand(self, op):
-        return self.name if self.op in (None, op) else f"({self.name})"
+        binary = self.op in ("&", "|")  # ~ binds tightest: never needs parentheses
+        return f"({self.name})" if binary and (self.op != op or op == "~") else self.name
 
     def __and__(self, other):
         other = as_filter(other)

@@ -107,7 +107,9 @@ class MultiOptimizer(Optimizer):
         self._matched = {}  # keys -> every filter that accepts the parameter
         self._notes = {}  # keys -> guard findings
         self._frozen = {}  # keys -> (shape, dtype) of frozen parameters
-        self._seen = {}  # every path routed or frozen, in the order first seen
+        self._unfrozen = set()  # keys unfrozen by hand: the frozen filter no longer applies
+        self._rerouted = set()  # keys moved by reroute(): no filter decided their route
+        self._info = {}  # keys -> (shape, dtype) of every path routed or frozen, in the order first seen
         self._pending = {}  # decisions of a step that has not committed yet
         self._warned = set()
         self.changes = []  # freezes, unfreezes and re-routes, in order
@@ -173,10 +175,11 @@ class MultiOptimizer(Optimizer):
             if i is None:
                 decided = self._pending.get(leaf.keys)
                 if decided is None:
-                    if self.frozen is not None and self.frozen(leaf.path, leaf.param):
+                    if (self.frozen is not None and leaf.keys not in self._unfrozen
+                            and self.frozen(leaf.path, leaf.param)):
                         decided = self._pending[leaf.keys] = ("frozen", leaf)
                     else:
-                        decided = self._pending[leaf.keys] = self._route(leaf)
+                        decided = self._pending[leaf.keys] = self._route(leaf) + ((), leaf)
                 i = None if decided[0] == "frozen" else decided[0]
             indices.append(i)
         owners = [None] * len(leaves)
@@ -188,20 +191,21 @@ class MultiOptimizer(Optimizer):
         for leaf, owner in zip(leaves, owners):  # guards, for new paths only
             decided = self._pending.get(leaf.keys)
             if owner is not None and decided is not None and decided[0] != "frozen":
-                self._pending[leaf.keys] = decided + (self._guard(leaf, owner),)
+                self._pending[leaf.keys] = decided[:2] + (self._guard(leaf, owner), leaf)
         return owners
 
     def _commit(self, backend):
         for keys, decided in self._pending.items():
-            self._seen[keys] = None
+            leaf = decided[-1]
+            self._info[keys] = (tuple(leaf.backend.shape(leaf.param)), leaf.backend.dtype_name(leaf.param))
             if decided[0] == "frozen":
-                leaf = decided[1]
-                self._frozen[keys] = (tuple(leaf.backend.shape(leaf.param)), leaf.backend.dtype_name(leaf.param))
+                self._frozen[keys] = self._info[keys]
             else:
                 self._routes[keys], self._matched[keys] = decided[0], decided[1]
-                if len(decided) > 2 and decided[2]:
+                if decided[2]:
                     self._notes[keys] = decided[2]
         if self._pending:
+            self._version += 1
             self._warn_dead_filters()
         self._pending = {}
         for child in self.optimizers:
@@ -218,6 +222,12 @@ class MultiOptimizer(Optimizer):
     def _optimizers(self):
         return [o for child in self.optimizers for o in child._optimizers()]
 
+    _SNAPSHOT = ("_routes", "_matched", "_notes", "_frozen", "_unfrozen", "_rerouted", "_info", "_warned",
+                 "_version", "_compiled")
+
+    def _bookkeepers(self):
+        return [self] + [o for child in self.optimizers for o in child._bookkeepers()]
+
     def _named_optimizers(self, name=None, position=()):
         found = []
         for i, (child_name, child) in enumerate(zip(self.names, self.optimizers)):
@@ -227,18 +237,19 @@ class MultiOptimizer(Optimizer):
 
     def _routing_table(self):
         table = []
-        for i, child in enumerate(self.optimizers):
-            for keys, leaf, rule, also, notes in child._routing_table():
-                if self._routes.get(keys) != i or keys in self._frozen:
-                    continue
-                if isinstance(child, MultiOptimizer):
-                    rule = f"{self._filter_name(i)} > {rule}"
-                else:
-                    rule = self._filter_name(i)
-                table.append((keys, leaf, rule, also or self._matched.get(keys, ()), notes or self._notes.get(keys, ())))
-        table += [(keys, None, "frozen", (), ()) for keys in self._frozen]
-        order = {keys: i for i, keys in enumerate(self._seen)}
-        return sorted(table, key=lambda row: order.get(row[0], len(order)))
+        for keys in self._info:
+            if keys in self._frozen:
+                table.append((keys, None, "frozen", (), ()))
+                continue
+            i = self._routes[keys]
+            child = self.optimizers[i]
+            if isinstance(child, MultiOptimizer):
+                for _, leaf, rule, also, notes in [row for row in child._routing_table() if row[0] == keys]:
+                    table.append((keys, leaf, f"{self._filter_name(i)} > {rule}", also, notes))
+            else:
+                rule = "rerouted" if keys in self._rerouted else self._filter_name(i)
+                table.append((keys, child, rule, self._matched.get(keys, ()), self._notes.get(keys, ())))
+        return table
 
     def route(self, path):
         """The index of the optimizer that owns ``path`` (a dotted path or keys tuple), or
@@ -255,12 +266,11 @@ class MultiOptimizer(Optimizer):
     def _keys_of(self, path):
         if isinstance(path, tuple):
             return path
-        known = list(self._routes) + list(self._frozen)
-        return next((keys for keys in known if dotted(keys) == path), None)
+        return next((keys for keys in self._info if dotted(keys) == path), None)
 
     def _select(self, which):
         """Known parameters (routed or frozen) selected by a path, a list of paths, or a filter."""
-        known = {**{k: None for k in self._routes}, **{k: None for k in self._frozen}}
+        known = self._info
         if isinstance(which, (str, tuple)):
             which = [which]
         if callable(which):
@@ -276,10 +286,7 @@ class MultiOptimizer(Optimizer):
 
     def _info_of(self, keys):
         """``(shape, dtype)`` of a known parameter."""
-        if keys in self._frozen:
-            return self._frozen[keys]
-        owner = self._leaf_owner(keys)
-        return owner._params_info.get(keys, ((), "")) if owner is not None else ((), "")
+        return self._info.get(keys, ((), "?"))
 
     def _shape_of(self, keys):
         return self._info_of(keys)[0]
@@ -302,6 +309,7 @@ class MultiOptimizer(Optimizer):
         selected = [k for k in self._select(which) if k not in self._frozen]
         for keys in selected:
             self._frozen[keys] = self._info_of(keys)
+        self._version += 1
         if selected:
             self.changes.append(f"step {self._step_number()}: froze {', '.join(dotted(k) for k in selected)}")
         return [dotted(k) for k in selected]
@@ -312,6 +320,8 @@ class MultiOptimizer(Optimizer):
         selected = [k for k in self._select(which) if k in self._frozen]
         for keys in selected:
             del self._frozen[keys]
+            self._unfrozen.add(keys)
+        self._version += 1
         if selected:
             self.changes.append(f"step {self._step_number()}: unfroze {', '.join(dotted(k) for k in selected)}")
         return [dotted(k) for k in selected]
@@ -326,10 +336,11 @@ class MultiOptimizer(Optimizer):
         """
         if state not in ("reset", "carry"):
             raise ValueError(f"reroute: state must be 'reset' or 'carry', got {state!r}")
-        target = self.names.index(to) if isinstance(to, str) else int(to)
-        if not 0 <= target < len(self.optimizers):
-            raise IndexError(f"reroute: there is no optimizer {to!r}")
+        target = self.names.index(to) if isinstance(to, str) and to in self.names else to
+        if not isinstance(target, int) or not 0 <= target < len(self.optimizers):
+            raise IndexError(f"reroute: there is no optimizer {to!r} (names: {self.names})")
         moved = []
+        self._version += 1
         for keys in self._select(which):
             old = self._routes.get(keys)
             if old == target:
@@ -337,13 +348,16 @@ class MultiOptimizer(Optimizer):
             owner = self._leaf_owner(keys)
             slots = owner._drop(keys) if owner is not None else {}
             self._routes[keys] = target
+            self._rerouted.add(keys)
             self._matched.pop(keys, None)
             self._notes.pop(keys, None)
             new_owner = self.optimizers[target]
-            if state == "carry" and slots and not isinstance(new_owner, MultiOptimizer):
-                new_owner._carried[keys] = slots
+            kept = {}
+            if state == "carry" and slots and owner is not None and not isinstance(new_owner, MultiOptimizer):
+                kept = _carry(owner, new_owner, slots)
+                new_owner._carried[keys] = kept
             moved.append(keys)
-            carried = f", carrying {', '.join(sorted(slots))}" if state == "carry" and slots else ", state reset"
+            carried = f", carrying {', '.join(sorted(kept))}" if kept else ", state reset"
             self.changes.append(f"step {self._step_number()}: rerouted {dotted(keys)} from "
                                 f"{self.names[old] if old is not None else 'nowhere'} to {self.names[target]}{carried}")
         return [dotted(k) for k in moved]
@@ -400,6 +414,7 @@ class MultiOptimizer(Optimizer):
                 raise type(error)(f"states[{i}]: {error}") from error
         state["states"] = list(states)
         self._state = state
+        self._version += 1
 
     @property
     def step(self):
@@ -423,6 +438,16 @@ class MultiOptimizer(Optimizer):
         for child, value in zip(self.optimizers, values):
             if value is not None:
                 child.learning_rate = value
+
+
+def _carry(old, new, slots):
+    """The slots of ``old`` that mean the same in ``new`` (e.g. AdamW's m and v into Adam),
+    under ``new``'s slot names. A slot carries only to a slot of the same meaning: Adam's
+    second moment ``v`` never becomes SGD's momentum buffer ``v``."""
+    old_meanings = old.rule.slot_meanings if old.rule is not None else {}
+    new_meanings = new.rule.slot_meanings if new.rule is not None else {}
+    by_meaning = {old_meanings[name]: value for name, value in slots.items() if name in old_meanings}
+    return {name: by_meaning[meaning] for name, meaning in new_meanings.items() if meaning in by_meaning}
 
 
 class _Scaled:

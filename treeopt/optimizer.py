@@ -64,6 +64,8 @@ class Optimizer:
         self._schedulers = dict(schedulers or {})
         self._params_info = {}  # keys -> (shape, dtype) of each parameter with state, for plans
         self._carried = {}  # keys -> slots to start from when the parameter is initialised
+        self._version = 0  # bumped by every change a compiled step depends on
+        self._compiled = None  # the step planned once (treeopt.kernels.compiled_step)
 
     def __repr__(self):
         hyper = ", ".join(f"{n}={getattr(self, n, None)!r}" for n in self.hyperparameters)
@@ -87,6 +89,7 @@ class Optimizer:
         self._state = state
         self._initialized = False  # the next step checks the new slots against the parameters
         self._backend = None
+        self._version += 1
 
     @property
     def step(self):
@@ -191,7 +194,8 @@ class Optimizer:
         owners = self._plan(leaves)
         self._commit(backend)
         for owner, keys in _group_keys(leaves, owners).items():
-            owner._mirror(parameters, keys)
+            if owner is not None:  # None: frozen
+                owner._mirror(parameters, keys)
         for optimizer in self._optimizers():
             optimizer._initialized = True
 
@@ -200,9 +204,7 @@ class Optimizer:
         def select(leaf_keys, leaf):
             if leaf_keys not in keys:
                 return False
-            backend = backend_of(leaf)
-            self._params_info[leaf_keys] = (tuple(backend.shape(leaf)), backend.dtype_name(leaf)) \
-                if backend.name != "python" else ((), "float32")
+            self._params_info[leaf_keys] = _info(leaf)
             return True
 
         def init_leaf(leaf_keys, param, slots):
@@ -216,10 +218,13 @@ class Optimizer:
                     if name in slots and _fits(value, slots[name]):
                         slots[name] = value
 
+        self._version += 1
         entries = items(parameters) if is_container(parameters) else ()
         for key, child in entries:
-            if not is_container(child) and (key,) not in keys:
-                continue
+            if not is_container(child):
+                if (key,) not in keys:
+                    continue
+                self._params_info[(key,)] = _info(child)
             skey = self._state_key(key)
             found = _trees.lookup(self._state, skey)
             if found is not None and skey not in self._state:
@@ -228,6 +233,27 @@ class Optimizer:
 
     def _state_key(self, key):
         return "~" + key if key in RESERVED or key in self._schedulers else key
+
+    _SNAPSHOT = ("_initialized", "_backend", "_params_info", "_carried", "_version", "_compiled")
+
+    def _snapshot(self):
+        """A function that puts the optimizer back as it is now: the state's containers and
+        the bookkeeping (arrays are not copied: what is snapshotted is what ``init`` and a
+        load add, not what a step writes)."""
+        from treeopt.tree import tree_map
+
+        saved = [(o, tree_map(lambda x: x, o._state), {k: _copy(getattr(o, k)) for k in o._SNAPSHOT})
+                 for o in self._bookkeepers()]
+
+        def restore():
+            for optimizer, state, attributes in saved:
+                optimizer._state = state
+                for key, value in attributes.items():
+                    setattr(optimizer, key, value)
+        return restore
+
+    def _bookkeepers(self):
+        return [self]
 
     def _scalar_names(self):
         """The state entries that are not parameters: step, learning rate, schedules."""
@@ -259,6 +285,7 @@ class Optimizer:
 
     def _drop(self, keys):
         """Forget the state of the parameter at ``keys``; returns its slots."""
+        self._version += 1
         slots = self._slots_at(keys) or {}
         if slots:
             root_key = self._state_key(keys[0])
@@ -298,9 +325,13 @@ class Optimizer:
         return [(name or type(self).__name__, position, self)]
 
     def _routing_table(self):
-        """``(keys, optimizer, rule, also matched, notes)`` of every parameter with state;
-        the optimizer is ``None`` for a frozen parameter."""
+        """``(keys, optimizer, rule, also matched, notes)`` of every parameter known; the
+        optimizer is ``None`` for a frozen parameter."""
         return [(keys, self, "all parameters", (), ()) for keys in self._params_info]
+
+    def _info_of(self, keys):
+        """``(shape, dtype)`` of a known parameter."""
+        return self._params_info.get(keys, ((), "?"))
 
     def _prepare_step(self, leaves, owners):
         """Whole-model work between checking and committing (``MultiOptimizer``: clipping,
@@ -349,9 +380,15 @@ class Optimizer:
         """Apply one step to ``model`` (a tree of arrays, or an ``mlx.nn.Module``).
 
         NumPy and torch arrays are written in place, so every reference to them sees the new
-        values; immutable arrays (JAX, MLX) are replaced inside the model's containers.
+        values; immutable arrays (JAX, MLX) are replaced inside the model's containers. When
+        the tree keeps its structure, later steps reuse the plan of the first one (see
+        :mod:`treeopt.kernels.compiled_step`).
         """
-        new, leaves = self._apply(gradients, model, in_place=True)
+        compiled = self._compiled
+        if compiled is not None and compiled.run(gradients, model):
+            return
+        new, leaves, active, stepping = self._apply(gradients, model, in_place=True)
+        self._compiled = _compile(self, gradients, model, leaves, active, stepping)
         replaced = [leaf for leaf in leaves if leaf.result is not leaf.param or not leaf.owned]
         if not replaced:
             return
@@ -401,7 +438,7 @@ class Optimizer:
         # 3. run
         for group in _buckets(active).values():
             group[0].owner._run(group, in_place)
-        return _rebuild(gradients, iter(leaves)), active
+        return _rebuild(gradients, iter(leaves)), leaves, active, stepping
 
     def _settle_backend(self, leaves):
         """The one array library of these leaves and of the state; checked, not adopted."""
@@ -477,9 +514,36 @@ class Optimizer:
 
 
 # ---------------------------------------------------------------------- helpers
+def _compile(optimizer, gradients, model, leaves, active, stepping):
+    """The plan of the step just taken, for the next ``update``; ``None`` when it cannot be
+    reused (immutable arrays, whole-model options, a custom ``apply_single``...)."""
+    from treeopt import kernels
+
+    options = getattr(optimizer, "whole_model", None)
+    if not kernels.enabled or (options is not None and options.active):
+        return None
+    if not active or not active[0].backend.mutable:
+        return None
+    from treeopt.kernels.compiled_step import CompiledStep
+
+    return CompiledStep.build(optimizer, gradients, model, leaves, active, stepping)
+
+
 def _as_float(value):
     backend = backend_of(value)
     return float(value) if backend is None or backend.name == "python" else backend.to_float(value)
+
+
+def _copy(value):
+    return dict(value) if isinstance(value, dict) else set(value) if isinstance(value, set) else value
+
+
+def _info(param):
+    """``(shape, dtype)`` of a parameter, for plans."""
+    backend = backend_of(param)
+    if backend is None or backend.name == "python":
+        return (), "float32"  # a number becomes a float32 0-d array
+    return tuple(backend.shape(param)), backend.dtype_name(param)
 
 
 def _fits(value, like):

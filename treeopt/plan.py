@@ -201,7 +201,7 @@ def build(optimizer):
     """The plan of ``optimizer`` from the routes and state it actually holds."""
     named = optimizer._named_optimizers()
     group_of = {id(leaf): i for i, (_, _, leaf) in enumerate(named)}
-    hyper = {id(leaf): leaf._current_hyper() for _, _, leaf in named}
+    hyper = {id(leaf): json.loads(json.dumps(leaf._current_hyper())) for _, _, leaf in named}  # tuples as lists
     rows = []
     totals = {i: [0, 0, 0] for i in range(len(named))}
     for keys, leaf, rule, also, notes in optimizer._routing_table():
@@ -210,7 +210,7 @@ def build(optimizer):
             shape, dtype = optimizer._info_of(keys)
             rows.append(Row(path, -1, "frozen", rule, tuple(shape), dtype, math.prod(shape), 0))
             continue
-        shape, dtype = leaf._params_info.get(keys, ((), "?"))
+        shape, dtype = optimizer._info_of(keys)
         slots = leaf._slots_at(keys) or {}
         state_bytes = (sum(backend_of(v).nbytes(v) for v in slots.values()) if slots
                        else _predicted_bytes(leaf, tuple(shape), dtype))

@@ -106,7 +106,7 @@ class Optimizer:
         ``torch.save`` and ``torch.distributed.checkpoint`` can store it."""
         from treeopt import checkpoint
 
-        tensors, metadata = checkpoint.to_flat(self.optimizer)
+        tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self._trainable()))
         return {"tensors": tensors, "metadata": metadata}
 
     def load_state_dict(self, state_dict, strict: bool = True):

@@ -5,6 +5,7 @@ import numpy as np
 from treeopt.backends.base import Backend
 
 _HALF = ("float16", "bfloat16")
+_NAMES = {}
 
 
 def _dtype(name: str):
@@ -25,7 +26,11 @@ class NumpyBackend(Backend):
         return isinstance(x, (np.ndarray, np.generic))
 
     def dtype_name(self, x):
-        return x.dtype.name
+        dtype = x.dtype
+        name = _NAMES.get(dtype)
+        if name is None:  # NumPy builds dtype.name anew on every call (about 10 us)
+            name = _NAMES[dtype] = dtype.name
+        return name
 
     def zeros_like(self, x):
         return np.zeros(np.shape(x), dtype=x.dtype)

@@ -50,8 +50,13 @@ def read(path):
     """``(tensors, metadata)`` of a checkpoint file, checksum verified; for an MLX-layout
     file (safetensors or ``.npz``) ``metadata`` is ``None``."""
     if os.fspath(path).endswith(".npz"):
-        with np.load(path, allow_pickle=False) as npz:
-            return dict(npz), None
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return dict(npz), None
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # zipfile, zlib and format errors of a damaged file
+            raise CheckpointError(f"{path} is not a readable .npz file (truncated or corrupted?): {error}") from error
     return files.read(path)
 
 
@@ -68,10 +73,15 @@ def load(optimizer, path, params=None, *, strict=True):
         a :class:`LoadReport`.
     """
     tensors, metadata = read(path)
-    if params is not None:
-        optimizer.init(params)
-    if metadata is None:
-        if not mlx_layout.is_mlx_layout(tensors):
-            raise CheckpointError(f"{path} has neither treeopt metadata nor MLX's optimizer layout")
-        tensors, metadata = mlx_layout.from_mlx(optimizer, tensors)
-    return from_flat(optimizer, tensors, metadata, strict=strict)
+    if metadata is None and not mlx_layout.is_mlx_layout(tensors):
+        raise CheckpointError(f"{path} has neither treeopt metadata nor MLX's optimizer layout")
+    restore = optimizer._snapshot()
+    try:
+        if params is not None:
+            optimizer.init(params)
+        if metadata is None:
+            tensors, metadata = mlx_layout.from_mlx(optimizer, tensors)
+        return from_flat(optimizer, tensors, metadata, strict=strict)
+    except BaseException:
+        restore()  # a failed load leaves the optimizer exactly as it was, initialised or not
+        raise

@@ -32,7 +32,8 @@ def checksum(arrays, metadata):
     for key in sorted(arrays):
         array = arrays[key]
         digest.update(f"{key}|{array.dtype.name}|{list(array.shape)}|".encode())
-        digest.update(memoryview(array if array.flags.c_contiguous else np.ascontiguousarray(array)).cast("B"))
+        # as bytes: ml_dtypes' bfloat16 has no buffer format of its own
+        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
     body = {k: v for k, v in metadata.items() if k != "checksum"}
     digest.update(json.dumps(body, sort_keys=True).encode())
     return digest.hexdigest()

@@ -85,9 +85,14 @@ def _shape_dtype(array):
     return {"shape": list(backend.shape(array)), "dtype": backend.dtype_name(array)}
 
 
-def to_flat(optimizer):
+def to_flat(optimizer, known=()):
     """``(tensors, metadata)``: the state arrays by key (arrays of the state's own library,
-    not copied) and a JSON-able description of who owns what."""
+    not copied) and a JSON-able description of who owns what.
+
+    ``known`` adds parameter paths that have no state yet (a group that has not stepped, a
+    layer that got no gradient): they are recorded with no slots, so loading into a fresh
+    optimizer that initialised them does not call them missing.
+    """
     tensors, optimizers, parameters = {}, [], {}
 
     def put(key, value):
@@ -107,6 +112,14 @@ def to_flat(optimizer):
                 put(f"{path}/{slot}", value)
         optimizers.append({"name": name, "position": list(position), "type": type(leaf).__name__,
                            "hyperparameters": hyperparameters(leaf), "scheduled": sorted(leaf._schedulers)})
+    owners = {dotted(keys): name for name, _, leaf in leaf_optimizers(optimizer) for keys in leaf._params_info}
+    for keys, owner in _known_paths(optimizer):
+        path = dotted(keys)
+        if path not in parameters:
+            parameters[path] = {"owner": owner, "slots": {}}
+    for path in known:
+        if path not in parameters:
+            parameters[path] = {"owner": owners.get(path), "slots": {}}
     extra = {}
     for name, value in _whole_model_state(optimizer).items():
         if name == "accumulated":
@@ -123,6 +136,17 @@ def to_flat(optimizer):
         "optimizers": optimizers, "parameters": parameters,
     }
     return tensors, metadata
+
+
+def _known_paths(optimizer):
+    """``(keys, owner name)`` of every routed parameter of a MultiOptimizer."""
+    from treeopt.multi import MultiOptimizer
+
+    if not isinstance(optimizer, MultiOptimizer):
+        return []
+    names = {id(leaf): name for name, _, leaf in leaf_optimizers(optimizer)}
+    return [(keys, names.get(id(optimizer._leaf_owner(keys))) if keys not in optimizer._frozen else None)
+            for keys in optimizer._info]
 
 
 def _whole_model_state(optimizer):
@@ -156,13 +180,16 @@ def _match_optimizers(current, metadata):
     owner = {path: info["owner"] for path, info in metadata["parameters"].items()}
     matches = {}
     for name, position, leaf in current:
-        votes = Counter(owner[dotted(keys)] for keys, _ in leaf._slot_items() if dotted(keys) in owner)
+        kind = type(leaf).__name__
+        votes = Counter(owner[dotted(keys)] for keys, _ in leaf._slot_items()
+                        if owner.get(dotted(keys)) in saved and saved[owner[dotted(keys)]]["type"] == kind)
         if votes:
             matches[id(leaf)] = saved[votes.most_common(1)[0][0]]
-        elif name in saved:
+        elif name in saved and saved[name]["type"] == kind:
             matches[id(leaf)] = saved[name]
         else:
-            matches[id(leaf)] = next((o for o in saved.values() if o["position"] == list(position)), None)
+            matches[id(leaf)] = next((o for o in saved.values()
+                                      if o["position"] == list(position) and o["type"] == kind), None)
     return matches
 
 
@@ -191,6 +218,8 @@ def from_flat(optimizer, tensors, metadata, strict=True):
             if saved is None:
                 report.problems.append(Problem("missing", path, "no state for this parameter in the checkpoint"))
                 continue
+            if not saved["slots"]:
+                continue  # known but without state when saved: the fresh state is right
             saved_type, current_type = saved_types.get(saved["owner"]), type(leaf).__name__
             if saved_type != current_type:
                 report.problems.append(Problem(
@@ -218,15 +247,15 @@ def from_flat(optimizer, tensors, metadata, strict=True):
             if fits:
                 writes.extend((slots, slot, tensors[f"{path}/{slot}"]) for slot in slots)
                 report.loaded.append(path)
-    for path in saved_params:
-        if path not in seen:
+    for path, saved in saved_params.items():
+        if path not in seen and saved["slots"]:
             report.problems.append(Problem("unexpected", path, "in the checkpoint but not a parameter of this optimizer"))
 
     scalar_writes = []
     for name, _, leaf in current:
         saved = matches[id(leaf)]
         if saved is None:
-            report.problems.append(Problem("optimizer", name, "no optimizer of the checkpoint matches it"))
+            report.problems.append(Problem("optimizer", name, f"no {type(leaf).__name__} in the checkpoint matches it"))
             continue
         ours = hyperparameters(leaf)
         for key, value in saved["hyperparameters"].items():

@@ -21,4 +21,5 @@ def adadelta(grad, param, v, u, lr, rho, one_minus_rho, eps):
     return param - lr * d, v, u
 
 
-ADADELTA = Rule("adadelta", adadelta, adadelta_coefficients, slots=("v", "u"))
+ADADELTA = Rule("adadelta", adadelta, adadelta_coefficients, slots=("v", "u"),
+                slot_meanings={"v": "average of squared gradients", "u": "average of squared updates"})

@@ -74,4 +74,5 @@ def adafactor(grad, param, *slots, rho, eps1, eps2, one, clip_threshold, step_de
     return (param - update, *second_moment, *first_moment)
 
 
-ADAFACTOR = Rule("adafactor", adafactor, adafactor_coefficients, slots=adafactor_slots, elementwise=False)
+ADAFACTOR = Rule("adafactor", adafactor, adafactor_coefficients, slots=adafactor_slots, elementwise=False,
+                 slot_meanings={"exp_avg": "average of updates", "exp_avg_sq": "average of squared gradients"})

@@ -17,4 +17,5 @@ def adagrad(grad, param, v, lr, eps):
     return param - lr * grad / (sqrt(v) + eps), v
 
 
-ADAGRAD = Rule("adagrad", adagrad, adagrad_coefficients, slots=("v",))
+ADAGRAD = Rule("adagrad", adagrad, adagrad_coefficients, slots=("v",),
+               slot_meanings={"v": "sum of squared gradients"})

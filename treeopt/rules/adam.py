@@ -54,6 +54,8 @@ def adamax(grad, param, m, v, lr, b1, one_minus_b1, b2, eps):
     return param - lr * m / (v + eps), m, v
 
 
-ADAM = Rule("adam", adam, adam_coefficients, slots=("m", "v"))
-ADAMW = Rule("adamw", adamw, adamw_coefficients, slots=("m", "v"))
-ADAMAX = Rule("adamax", adamax, adamax_coefficients, slots=("m", "v"))
+_MOMENTS = {"m": "average of gradients", "v": "average of squared gradients"}
+ADAM = Rule("adam", adam, adam_coefficients, slots=("m", "v"), slot_meanings=_MOMENTS)
+ADAMW = Rule("adamw", adamw, adamw_coefficients, slots=("m", "v"), slot_meanings=_MOMENTS)
+ADAMAX = Rule("adamax", adamax, adamax_coefficients, slots=("m", "v"),
+              slot_meanings={"m": "average of gradients", "v": "infinity norm of gradients"})

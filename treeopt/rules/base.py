@@ -13,7 +13,7 @@ An *elementwise* update also works on single elements; the fast runners inline i
 loop over many tensors. Runners decide how a rule runs, never what it computes.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Tuple, Union
 
 Numeric = (int, float)
@@ -28,6 +28,8 @@ class Rule:
     #: ``(ndim, hyper)`` for rules whose slots depend on the parameter
     slots: Union[Tuple[str, ...], Callable]
     elementwise: bool = True
+    #: what each slot holds, so state can move between optimizers whose slots mean the same
+    slot_meanings: dict = field(default=None, compare=False, hash=False)
 
     def slot_names(self, ndim: int, hyper) -> Tuple[str, ...]:
         return self.slots(ndim, hyper) if callable(self.slots) else self.slots

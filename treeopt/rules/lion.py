@@ -24,4 +24,4 @@ def lion(grad, param, m, lr, b1, one_minus_b1, b2, one_minus_b2, decay, decays):
     return param - lr * sign(c), m
 
 
-LION = Rule("lion", lion, lion_coefficients, slots=("m",))
+LION = Rule("lion", lion, lion_coefficients, slots=("m",), slot_meanings={"m": "average of gradients"})

@@ -57,4 +57,5 @@ def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, decays,
     return param - lr * direction, v
 
 
-MUON = Rule("muon", muon, muon_coefficients, slots=("v",), elementwise=False)
+MUON = Rule("muon", muon, muon_coefficients, slots=("v",), elementwise=False,
+            slot_meanings={"v": "average of gradients"})

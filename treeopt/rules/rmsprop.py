@@ -17,4 +17,5 @@ def rmsprop(grad, param, v, lr, alpha, one_minus_alpha, eps):
     return param - lr * grad / (sqrt(v) + eps), v
 
 
-RMSPROP = Rule("rmsprop", rmsprop, rmsprop_coefficients, slots=("v",))
+RMSPROP = Rule("rmsprop", rmsprop, rmsprop_coefficients, slots=("v",),
+               slot_meanings={"v": "average of squared gradients"})

@@ -36,4 +36,4 @@ def sgd(grad, param, v, lr, momentum, weight_decay, one_minus_dampening,
     return param - lr * direction, v
 
 
-SGD = Rule("sgd", sgd, sgd_coefficients, slots=("v",))
+SGD = Rule("sgd", sgd, sgd_coefficients, slots=("v",), slot_meanings={"v": "momentum buffer"})

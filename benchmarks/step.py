@@ -1,0 +1,431 @@
+"""One optimizer step, timed against the memory-bandwidth bound and against the peers.
+
+    python benchmarks/step.py                     # every tree, every installed library
+    python benchmarks/step.py --trees many --quick
+    python benchmarks/step.py --json results/step.json
+
+An optimizer step is memory-bound: AdamW reads the parameter, gradient and two moments and
+writes three arrays, 28 bytes per float32 parameter. The bound is measured in the same run:
+a parallel loop with exactly AdamW's traffic (4 reads, 3 writes per element) over the same
+number of elements. Every candidate is timed in the same process, interleaved round by round
+(so a busy machine slows all of them alike); the table gives the median, the ratio to the
+bound and the peak memory a step adds (resident set sampled during the step).
+
+Trees: ``gpt2`` (GPT-2 small: 124M parameters in 148 tensors), ``many`` (2,000 tensors of
+64 x 64), ``small`` (a 12-layer d=256 transformer, about 10M parameters). Muon's time is
+compared with the time of its matrix products alone (15 per matrix for 5 Newton-Schulz
+iterations), measured in the same run.
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import threading
+import time
+
+import numpy as np
+
+# --------------------------------------------------------------------------------- trees
+
+
+def gpt2_shapes():
+    shapes = {"wte": (50257, 768), "wpe": (1024, 768)}
+    for i in range(12):
+        p = f"h.{i}."
+        shapes.update({p + "ln_1.weight": (768,), p + "ln_1.bias": (768,),
+                       p + "attn.c_attn.weight": (768, 2304), p + "attn.c_attn.bias": (2304,),
+                       p + "attn.c_proj.weight": (768, 768), p + "attn.c_proj.bias": (768,),
+                       p + "ln_2.weight": (768,), p + "ln_2.bias": (768,),
+                       p + "mlp.c_fc.weight": (768, 3072), p + "mlp.c_fc.bias": (3072,),
+                       p + "mlp.c_proj.weight": (3072, 768), p + "mlp.c_proj.bias": (768,)})
+    shapes.update({"ln_f.weight": (768,), "ln_f.bias": (768,)})
+    return shapes
+
+
+def many_shapes():
+    return {f"layers.{i}.weight": (64, 64) for i in range(2000)}
+
+
+def small_shapes(d=256, layers=12, vocab=2048):
+    shapes = {"embed.weight": (vocab, d)}
+    for i in range(layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attn_norm.weight": (d,), p + "attn.qkv.weight": (3 * d, d), p + "attn.proj.weight": (d, d),
+                       p + "mlp_norm.weight": (d,), p + "mlp.fc.weight": (4 * d, d), p + "mlp.proj.weight": (d, 4 * d)})
+    shapes.update({"norm.weight": (d,), "head.weight": (vocab, d)})
+    return shapes
+
+
+TREES = {"gpt2": gpt2_shapes, "many": many_shapes, "small": small_shapes}
+
+
+def is_hidden(path, shape):
+    return len(shape) == 2 and path.startswith(("h.", "layers.")) and "norm" not in path
+
+
+# --------------------------------------------------------------------------------- measuring
+class PeakMemory:
+    """The largest resident-set growth while the block runs (sampled every ~0.2 ms)."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.0002)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.added = self.peak - self.start
+
+
+def bandwidth_kernel():
+    """A parallel loop with AdamW's memory traffic: read p, g, m, v; write p, m, v."""
+    import numba
+
+    @numba.njit(parallel=True, fastmath=True)
+    def stream(p, g, m, v):
+        for i in numba.prange(p.size):
+            gi = g[i]
+            m[i] = m[i] + gi
+            v[i] = v[i] + gi
+            p[i] = p[i] + gi
+
+    return stream
+
+
+# --------------------------------------------------------------------------------- candidates
+def numpy_arrays(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {k: (rng.standard_normal(s, dtype=np.float32) * 0.02) for k, s in shapes.items()}
+    grads = {k: (rng.standard_normal(s, dtype=np.float32) * 0.01) for k, s in shapes.items()}
+    return params, grads
+
+
+def treeopt_candidates(kind, shapes, libraries):
+    """``{name: (setup, step)}`` for treeopt on each library."""
+    import treeopt as optim
+
+    def make(module_optim):
+        if kind == "adamw":
+            return optim.AdamW(1e-3, weight_decay=0.01)
+        if kind == "sgd":
+            return optim.SGD(1e-2, momentum=0.9)
+        return optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-4), optim.AdamW(3e-4, weight_decay=0.0)],
+                                    [lambda p, w: is_hidden(p, w.shape), lambda p, w: w.ndim < 2])
+
+    candidates = {}
+    if "numpy" in libraries:
+        def numpy_setup():
+            params, grads = numpy_arrays(shapes)
+            opt = make(optim)
+            opt.update(params, grads)  # the first step plans and compiles
+            return lambda: opt.update(params, grads)
+        candidates["treeopt numpy"] = numpy_setup
+    if "torch" in libraries:
+        def torch_setup():
+            import torch
+
+            params, grads = numpy_arrays(shapes)
+            params = {k: torch.from_numpy(v) for k, v in params.items()}
+            grads = {k: torch.from_numpy(v) for k, v in grads.items()}
+            opt = make(optim)
+            opt.update(params, grads)
+            return lambda: opt.update(params, grads)
+        candidates["treeopt torch"] = torch_setup
+    if "jax" in libraries:
+        def jax_setup():
+            import jax
+            import treeopt.jax as tj
+
+            params, grads = numpy_arrays(shapes)
+            params = jax.tree_util.tree_map(jax.numpy.asarray, params)
+            grads = jax.tree_util.tree_map(jax.numpy.asarray, grads)
+            opt = make(optim)
+            state = tj.init(opt, params)
+            step = jax.jit(lambda p, s, g: tj.update(opt, g, s, p), donate_argnums=(0, 1))
+            box = [params, state]
+
+            def run():
+                box[0], box[1] = step(box[0], box[1], grads)
+                jax.block_until_ready(box[0])
+            run()
+            return run
+        candidates["treeopt jax (jit, donated)"] = jax_setup
+    if "mlx" in libraries:
+        def mlx_setup(compiled):
+            import mlx.core as mx
+
+            params, grads = numpy_arrays(shapes)
+            params = {k: mx.array(v) for k, v in params.items()}
+            grads = {k: mx.array(v) for k, v in grads.items()}
+            opt = make(optim)
+            opt.init(params)
+            box = {"params": params}
+            if compiled:
+                @mx.compile
+                def apply(p, s, g):
+                    opt.state = s
+                    return opt.apply_gradients(g, p), opt.state
+
+                def run():
+                    box["params"], new_state = apply(box["params"], opt.state, grads)
+                    opt.state = new_state
+                    mx.eval(box["params"], opt.state)
+            else:
+                def run():
+                    box["params"] = opt.apply_gradients(grads, box["params"])
+                    mx.eval(box["params"], opt.state)
+            run()
+            return run
+        candidates["treeopt mlx eager"] = lambda: mlx_setup(False)
+        candidates["treeopt mlx compiled"] = lambda: mlx_setup(True)
+    return candidates
+
+
+def peer_candidates(kind, shapes, libraries):
+    candidates = {}
+    if "torch" in libraries:
+        import torch
+
+        def torch_setup(mode):
+            params, grads = numpy_arrays(shapes)
+            tensors = [torch.nn.Parameter(torch.from_numpy(v)) for v in params.values()]
+            for t, g in zip(tensors, grads.values()):
+                t.grad = torch.from_numpy(g)
+            flags = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[mode]
+            if kind == "adamw":
+                opts = [torch.optim.AdamW(tensors, lr=1e-3, weight_decay=0.01, **flags)]
+            elif kind == "sgd":
+                opts = [torch.optim.SGD(tensors, lr=1e-2, momentum=0.9, **flags)]
+            else:
+                names = list(params)
+                hidden = [t for n, t in zip(names, tensors) if is_hidden(n, tuple(t.shape))]
+                rest = [t for n, t in zip(names, tensors) if not is_hidden(n, tuple(t.shape))]
+                muon_flags = {} if mode == "loop" else None
+                if muon_flags is None or not hasattr(torch.optim, "Muon"):
+                    return None
+                opts = [torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest, lr=3e-4, **flags)]
+
+            def run():
+                for o in opts:
+                    o.step()
+            run()
+            return run
+        modes = ["loop", "foreach", "fused"] if kind != "muon" else ["loop"]
+        for mode in modes:
+            candidates[f"torch.optim {mode}"] = (lambda m=mode: torch_setup(m))
+    if "jax" in libraries:
+        def optax_setup():
+            import jax
+            import optax
+
+            params, grads = numpy_arrays(shapes)
+            params = jax.tree_util.tree_map(jax.numpy.asarray, params)
+            grads = jax.tree_util.tree_map(jax.numpy.asarray, grads)
+            if kind == "adamw":
+                tx = optax.adamw(1e-3, weight_decay=0.01)
+            elif kind == "sgd":
+                tx = optax.sgd(1e-2, momentum=0.9)
+            else:
+                labels = {k: "muon" if is_hidden(k, v.shape) else "adamw" for k, v in params.items()}
+                tx = optax.multi_transform({"muon": optax.contrib.muon(0.02), "adamw": optax.adamw(3e-4)}, labels)
+            state = tx.init(params)
+
+            def update(p, s, g):
+                updates, s = tx.update(g, s, p)
+                return optax.apply_updates(p, updates), s
+            step = jax.jit(update, donate_argnums=(0, 1))
+            box = [params, state]
+
+            def run():
+                box[0], box[1] = step(box[0], box[1], grads)
+                jax.block_until_ready(box[0])
+            run()
+            return run
+        candidates["optax (jit, donated)"] = optax_setup
+    if "mlx" in libraries:
+        def mlx_setup(compiled):
+            import mlx.core as mx
+            import mlx.optimizers as mo
+
+            params, grads = numpy_arrays(shapes)
+            params = {k: mx.array(v) for k, v in params.items()}
+            grads = {k: mx.array(v) for k, v in grads.items()}
+            if kind == "adamw":
+                opt = mo.AdamW(1e-3, weight_decay=0.01)
+            elif kind == "sgd":
+                opt = mo.SGD(1e-2, momentum=0.9)
+            else:
+                opt = mo.MultiOptimizer([mo.Muon(0.02), mo.AdamW(3e-4)], [lambda p, w: is_hidden(p, w.shape)])
+            opt.init(params)
+            box = {"params": params}
+            if compiled:
+                @mx.compile
+                def apply(p, s, g):
+                    opt.state = s
+                    return opt.apply_gradients(g, p), opt.state
+
+                def run():
+                    box["params"], state = apply(box["params"], opt.state, grads)
+                    opt.state = state
+                    mx.eval(box["params"], opt.state)
+            else:
+                def run():
+                    box["params"] = opt.apply_gradients(grads, box["params"])
+                    mx.eval(box["params"], opt.state)
+            run()
+            return run
+        candidates["mlx.optimizers eager"] = lambda: mlx_setup(False)
+        candidates["mlx.optimizers compiled"] = lambda: mlx_setup(True)
+    return candidates
+
+
+def matmul_bound(shapes, steps=5):
+    """Seconds of Muon's matrix products alone, for the hidden matrices of ``shapes``."""
+    total = 0.0
+    rng = np.random.default_rng(1)
+    for path, shape in shapes.items():
+        if not is_hidden(path, shape):
+            continue
+        rows, cols = sorted(shape)
+        x = rng.standard_normal((rows, cols), dtype=np.float32)
+        gram = np.empty((rows, rows), np.float32)
+        square = np.empty((rows, rows), np.float32)
+        out = np.empty_like(x)
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(steps):
+                np.matmul(x, x.T, out=gram)
+                np.matmul(gram, gram, out=square)
+                np.matmul(square, x, out=out)
+            best = min(best, time.perf_counter() - start)
+        total += best
+    return total
+
+
+# --------------------------------------------------------------------------------- running
+def main(argv=None):
+    import functools, builtins
+    global print
+    print = functools.partial(builtins.print, flush=True)  # progress shows in logs and pipes
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trees", nargs="*", default=list(TREES), choices=list(TREES))
+    parser.add_argument("--optimizers", nargs="*", default=["adamw", "muon", "sgd"], choices=["adamw", "muon", "sgd"])
+    parser.add_argument("--libraries", nargs="*", default=["numpy", "torch", "jax", "mlx"])
+    parser.add_argument("--no-peers", action="store_true", help="time treeopt only")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median)")
+    parser.add_argument("--quick", action="store_true", help="3 rounds")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    rounds = 3 if args.quick else args.rounds
+    libraries = [lib for lib in args.libraries if _installed(lib)]
+
+    import numba
+    import treeopt.kernels as kernels
+
+    print(f"numba threads: {kernels.get_num_threads()} (NUMBA_NUM_THREADS / TREEOPT_NUM_THREADS / OMP_NUM_THREADS)")
+    compile_start = time.perf_counter()
+    import treeopt as optim
+    warm = {"w": np.zeros(8, np.float32)}
+    for make in (lambda: optim.AdamW(1e-3), lambda: optim.SGD(1e-2, momentum=0.9)):
+        opt = make()
+        opt.update(warm, {"w": np.ones(8, np.float32)})
+        opt.update(warm, {"w": np.ones(8, np.float32)})
+    from treeopt.kernels.numba_kernels import cache_dir
+
+    print(f"numba kernels ready in {time.perf_counter() - compile_start:.2f} s "
+          f"(compiled once, then loaded from the disk cache in {cache_dir()})")
+
+    stream = bandwidth_kernel()
+    results = []
+    for tree in args.trees:
+        shapes = TREES[tree]()
+        elements = sum(int(np.prod(s)) for s in shapes.values())
+        print(f"\n== {tree}: {len(shapes)} tensors, {elements / 1e6:.1f}M parameters (float32)")
+        buffers = [np.zeros(elements, np.float32) for _ in range(4)]
+        stream(*buffers)
+        bound = min(_timed(lambda: stream(*buffers)) for _ in range(5))
+        del buffers
+        gc.collect()
+        print(f"   bandwidth: {28 * elements / bound / 1e9:.1f} GB/s -> AdamW bound {bound * 1e3:.2f} ms "
+              f"(SGD momentum moves 20 B/element: bound {bound * 20 / 28 * 1e3:.2f} ms)")
+        muon_bound = matmul_bound(shapes) if "muon" in args.optimizers else None
+        if muon_bound:
+            print(f"   Muon matrix products alone (5 Newton-Schulz steps, numpy BLAS): {muon_bound * 1e3:.1f} ms")
+        for kind in args.optimizers:
+            candidates = treeopt_candidates(kind, shapes, libraries)
+            if not args.no_peers:
+                candidates.update(peer_candidates(kind, shapes, libraries))
+            results += _run(tree, kind, candidates, rounds, bound, muon_bound, elements)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"numba": numba.__version__, "threads": kernels.get_num_threads(), "results": results}, f, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+def _installed(name):
+    import importlib.util
+
+    return importlib.util.find_spec({"mlx": "mlx.core"}.get(name, name)) is not None
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _run(tree, kind, candidates, rounds, bound, muon_bound, elements):
+    traffic = {"adamw": 1.0, "sgd": 20 / 28, "muon": 1.0}[kind]
+    runners, memory = {}, {}
+    for name, setup in candidates.items():
+        try:
+            runner = setup()
+        except Exception as error:  # a peer that cannot run this case
+            print(f"   {kind:<5} {name:<30} skipped: {type(error).__name__}: {str(error)[:80]}")
+            continue
+        if runner is None:
+            continue
+        with PeakMemory() as peak:
+            runner()
+        runners[name], memory[name] = runner, peak.added
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():  # interleaved: one step of each per round
+            times[name].append(_timed(runner))
+    rows = []
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        row = {"tree": tree, "optimizer": kind, "candidate": name, "median_ms": median * 1e3,
+               "ratio_to_bound": median / (bound * traffic), "peak_added_mb": memory[name] / 2**20}
+        if kind == "muon" and muon_bound:
+            row["ratio_to_matmul"] = median / muon_bound
+        rows.append(row)
+        extra = f"  {row['ratio_to_matmul']:5.2f}x matmul" if "ratio_to_matmul" in row else ""
+        print(f"   {kind:<5} {name:<30} {median * 1e3:9.2f} ms  {row['ratio_to_bound']:6.2f}x bound"
+              f"  +{row['peak_added_mb']:7.1f} MB{extra}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

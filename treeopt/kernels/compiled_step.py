@@ -1,0 +1,220 @@
+"""A step planned once: ``update(model, grads)`` on a tree whose structure does not change.
+
+The first ``update`` goes through the general engine (checks, routing, initialisation). When
+every parameter is a NumPy array or a CPU torch tensor written in place, the optimizer then
+keeps a :class:`CompiledStep`: the structure of the gradient tree, the parameter objects,
+and per bucket (optimizer, dtype) the tables of parameter and slot pointers. A later
+``update`` with the same structure and the same parameter objects only collects the
+gradients, checks them (shape, dtype, layout; in compiled code for NumPy), advances the
+schedules and runs one compiled loop per bucket. Anything else (a new path, a replaced
+array, a changed state, a wrong gradient) falls back to the general engine, which gives the
+same numbers and the proper error.
+
+Elementwise rules on float32/float64 run in numba (see :mod:`.numba_kernels`); other
+buckets (Muon, Adafactor, half precision) run their rule per tensor, in place.
+"""
+
+import operator
+
+import numpy as np
+
+from treeopt.kernels import numba_available
+
+_is = operator.is_
+_LEAF_TYPES = {np.ndarray}  # torch.Tensor is added when torch is in use
+
+
+def _flatten_pair(grad, model, grads, params):
+    """The gradient leaves and the model's leaves at the same keys, in the engine's order.
+
+    No structure signature is needed: the plan holds the parameter objects in order, and a
+    tree with other paths or another order cannot pair every gradient with the same object.
+    """
+    if type(grad) is dict:
+        pairs = grad.items()
+    elif type(grad) is list or type(grad) is tuple:
+        if len(model) < len(grad):
+            raise IndexError
+        pairs = zip(range(len(grad)), grad)
+    elif isinstance(grad, dict):
+        pairs = grad.items()
+    elif isinstance(grad, (list, tuple)):
+        pairs = zip(range(len(grad)), grad)
+    else:
+        grads.append(grad)
+        params.append(model)
+        return
+    for key, child in pairs:
+        if type(child) in _LEAF_TYPES:
+            grads.append(child)
+            params.append(model[key])
+        else:
+            _flatten_pair(child, model[key], grads, params)
+
+
+class _RuleBucket:
+    """Leaves of one optimizer, library and dtype, updated by the rule per tensor."""
+
+    def __init__(self, owner, backend, leaves, positions):
+        self.owner, self.backend, self.positions = owner, backend, positions
+        self.params = [leaf.param for leaf in leaves]
+        self.slots = [leaf.slots for leaf in leaves]
+        ndim = [len(backend.shape(leaf.param)) for leaf in leaves]
+        hyper = owner._hyper()
+        self.names = [owner.rule.slot_names(n, hyper) for n in ndim]
+        self.shapes = [tuple(backend.shape(leaf.param)) for leaf in leaves]
+        self.dtype = leaves[0].param.dtype
+
+    def prepare(self, grads):
+        chosen = [grads[k] for k in self.positions]
+        for g, shape in zip(chosen, self.shapes):
+            if type(g) is not type(self.params[0]) or g.dtype != self.dtype or tuple(g.shape) != shape:
+                return None
+        return chosen
+
+    def run(self, grads):
+        backend, update = self.backend, self.owner.rule.update
+        coefficients = self.owner._coefficients(self.params[0], backend)
+        for g, p, slots, names in zip(grads, self.params, self.slots, self.names):
+            new_param, *new_slots = update(g, p, *(slots[n] for n in names), **coefficients)
+            for name, value in zip(names, new_slots):
+                if value is not slots[name]:
+                    backend.write(slots[name], value)
+            backend.write(p, new_param)
+
+
+class _NumbaBucket(_RuleBucket):
+    """Leaves of an elementwise rule, float32 or float64, run as one parallel loop."""
+
+    def __init__(self, owner, backend, leaves, positions):
+        from treeopt.kernels.numba_kernels import kernel_for, segments_of
+
+        super().__init__(owner, backend, leaves, positions)
+        self.kernel, self.coefficient_names = kernel_for(owner.rule)
+        slot_names = owner.rule.slots
+        self.numpy = backend.name == "numpy"
+        self.np_dtype = np.dtype(backend.dtype_name(leaves[0].param))
+        self.like = np.zeros(0, self.np_dtype)
+        self.segments = segments_of([int(np.prod(s)) for s in self.shapes])
+        self.slot_arrays = [[slots[n] for n in slot_names] for slots in self.slots]  # kept alive with the table
+        self.slot_ptrs = np.array([[_pointer(a) for a in row] for row in self.slot_arrays],
+                                  dtype=np.int64).reshape(len(leaves), len(slot_names))
+        self.param_ptrs = np.array([_pointer(p) for p in self.params], dtype=np.int64)
+        if self.numpy:
+            from treeopt.kernels.numba_support import numpy_pointers
+
+            width = max([len(s) for s in self.shapes] + [1])
+            self.shape_table = np.zeros((len(leaves), width), np.int64)
+            for i, shape in enumerate(self.shapes):
+                self.shape_table[i, :len(shape)] = shape
+            self.ndims = np.array([len(s) for s in self.shapes], np.int64)
+            self.descr = id(self.np_dtype)
+            self.pointers = numpy_pointers
+
+    def prepare(self, grads):
+        chosen = [grads[k] for k in self.positions]
+        out = np.empty(len(chosen), np.int64)
+        if self.numpy:
+            ids = np.fromiter(map(id, chosen), np.int64, len(chosen))
+            if self.pointers(ids, self.descr, self.shape_table, self.ndims, False, out) != -1:
+                return None
+        else:
+            dtype = self.dtype
+            for i, (g, shape) in enumerate(zip(chosen, self.shapes)):
+                if g.dtype != dtype or g.device.type != "cpu" or tuple(g.shape) != shape or not g.is_contiguous():
+                    return None
+                out[i] = g.data_ptr()
+            self.param_ptrs = np.array([p.data_ptr() for p in self.params], np.int64)  # p.data may be rebound
+        return chosen, out
+
+    def run(self, prepared):
+        _, grad_ptrs = prepared
+        values = self.owner._coefficients(self.params[0], self.backend)
+        scalar = self.np_dtype.type
+        coefficients = tuple(v if isinstance(v, (bool, np.bool_)) else scalar(_float(v))
+                             for v in (values[n] for n in self.coefficient_names))
+        self.kernel(grad_ptrs, self.param_ptrs, self.slot_ptrs, self.segments, self.like, coefficients)
+
+
+def _pointer(array):
+    return array.ctypes.data if isinstance(array, np.ndarray) else array.data_ptr()
+
+
+def _float(value):
+    return float(value)
+
+
+def _numba_eligible(owner, backend, param):
+    if not numba_available() or not owner.rule.elementwise:
+        return False
+    if backend.name == "numpy":
+        from treeopt.kernels.numba_support import STRUCT_OK
+
+        return STRUCT_OK and param.dtype.name in ("float32", "float64")
+    return backend.name == "torch" and param.device.type == "cpu" and backend.dtype_name(param) in ("float32", "float64")
+
+
+class CompiledStep:
+    def __init__(self, params, buckets, stepping, watched):
+        self.params, self.buckets = params, buckets
+        self.stepping, self.watched = stepping, watched
+        self.versions = [o._version for o in watched]
+
+    @classmethod
+    def build(cls, optimizer, gradients, model, leaves, active, stepping):
+        """The plan of the step just taken, or ``None`` when it cannot be reused."""
+        if not active or any(leaf.grad is None for leaf in leaves):
+            return None
+        for leaf in active:
+            owner, backend, param = leaf.owner, leaf.backend, leaf.param
+            if owner.rule is None or owner._custom("apply_single") or not backend.mutable or not leaf.owned:
+                return None
+            if not backend.writable(param) or (backend.name == "numpy" and not param.flags.c_contiguous):
+                return None
+            if backend.name == "torch" and not param.is_contiguous():
+                return None
+        if any(leaf.backend.name == "torch" for leaf in active):
+            import torch
+
+            _LEAF_TYPES.add(torch.Tensor)
+            _LEAF_TYPES.add(torch.nn.Parameter)
+        try:
+            grads, params = [], []
+            _flatten_pair(gradients, model, grads, params)
+        except (KeyError, IndexError, TypeError):
+            return None
+        if len(params) != len(leaves) or not all(map(_is, params, [leaf.param for leaf in leaves])):
+            return None  # e.g. numbers in the tree: the engine made arrays of them
+        position = {id(leaf): k for k, leaf in enumerate(leaves)}
+        groups = {}
+        for leaf in active:
+            key = (id(leaf.owner), leaf.backend.name, leaf.backend.dtype_name(leaf.param), leaf.backend.device(leaf.param))
+            groups.setdefault(key, []).append(leaf)
+        buckets = []
+        for group in groups.values():
+            first = group[0]
+            kind = _NumbaBucket if _numba_eligible(first.owner, first.backend, first.param) else _RuleBucket
+            buckets.append(kind(first.owner, first.backend, group, [position[id(leaf)] for leaf in group]))
+        watched = [optimizer] + optimizer._optimizers()
+        return cls(params, buckets, stepping, watched)
+
+    def run(self, gradients, model):
+        """Take the step if ``gradients`` and ``model`` fit the plan; ``False`` otherwise
+        (nothing has changed then)."""
+        if [o._version for o in self.watched] != self.versions:
+            return False
+        grads, params = [], []
+        try:
+            _flatten_pair(gradients, model, grads, params)
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return False
+        if len(params) != len(self.params) or not all(map(_is, params, self.params)):
+            return False
+        prepared = [bucket.prepare(grads) for bucket in self.buckets]
+        if any(p is None for p in prepared):
+            return False
+        for optimizer in self.stepping:
+            optimizer._advance()
+        for bucket, ready in zip(self.buckets, prepared):
+            bucket.run(ready)
+        return True
