@@ -507,7 +507,8 @@ class Optimizer:
         for leaf in leaves:
             names = rule.slot_names(len(leaf.backend.shape(leaf.param)), hyper)
             slots = leaf.slots
-            new_param, *new_slots = rule.update(leaf.grad, leaf.param, *(slots[n] for n in names), **coefficients)
+            with first.backend.quiet():
+                new_param, *new_slots = rule.update(leaf.grad, leaf.param, *(slots[n] for n in names), **coefficients)
             for name, value in zip(names, new_slots):
                 _store_slot(leaf.backend, slots, name, value)
             _store_param(leaf, new_param, in_place)

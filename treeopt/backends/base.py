@@ -60,6 +60,13 @@ class Backend:
         """A result of the rules as an array of this library (NumPy makes 0-d results scalars)."""
         return x
 
+    def quiet(self):
+        """A context in which the rules run: NumPy's floating-point warnings are off, as
+        every other library is silent about them (see ``skip_nonfinite`` to act on them)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
     def writable(self, x) -> bool:
         """Whether ``x`` can be written in place."""
         return False

@@ -80,7 +80,7 @@ class JaxBackend(Backend):
     def mean(self, x, axis=None, keepdims=False):
         total = jnp.sum(self._in_float32(x), axis=axis, keepdims=keepdims).astype(x.dtype)
         count = x.size if axis is None else x.shape[axis]
-        return total * x.dtype.type(1 / count)
+        return total * x.dtype.type(1 / count if count else float("nan"))  # empty: NaN, as MLX
 
     def sum(self, x):
         return jnp.sum(self._in_float32(x)).astype(x.dtype)

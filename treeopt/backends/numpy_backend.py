@@ -50,6 +50,9 @@ class NumpyBackend(Backend):
     def astype(self, x, dtype):
         return np.asarray(x).astype(_dtype(dtype))
 
+    def quiet(self):
+        return np.errstate(all="ignore")
+
     def as_array(self, x):
         return np.asarray(x) if isinstance(x, np.generic) else x
 
@@ -95,7 +98,7 @@ class NumpyBackend(Backend):
         # MLX's mean: a float32-accumulated sum in the dtype, times 1/n in the dtype
         total = np.sum(self._in_float32(x), axis=axis, keepdims=keepdims).astype(x.dtype)
         count = x.size if axis is None else x.shape[axis]
-        return total * x.dtype.type(1 / count)
+        return total * x.dtype.type(1 / count if count else float("nan"))  # empty: NaN, as MLX
 
     def sum(self, x):
         return np.sum(self._in_float32(x)).astype(x.dtype)

@@ -76,7 +76,8 @@ class _RuleBucket:
         backend, update = self.backend, self.owner.rule.update
         coefficients = self.owner._coefficients(self.params[0], backend)
         for g, p, slots, names in zip(grads, self.params, self.slots, self.names):
-            new_param, *new_slots = update(g, p, *(slots[n] for n in names), **coefficients)
+            with backend.quiet():
+                new_param, *new_slots = update(g, p, *(slots[n] for n in names), **coefficients)
             for name, value in zip(names, new_slots):
                 if value is not slots[name]:
                     backend.write(slots[name], value)

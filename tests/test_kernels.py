@@ -1,0 +1,191 @@
+"""The fast paths run the same rules: a step planned once and compiled loops give exactly the
+per-tensor reference's numbers, and fall back to it whenever the plan does not fit."""
+
+import copy
+
+import numpy as np
+import pytest
+
+import treeopt as optim
+import treeopt.kernels as kernels
+from treeopt.kernels.compiled_step import _NumbaBucket, _RuleBucket
+from treeopt.tree import tree_flatten, tree_map
+
+from arrays import as_float64, backend_params, make
+from registry import SETTINGS
+
+numba = pytest.importorskip("numba", reason="the compiled loops need numba")
+
+SHAPES = {"embed": (11, 6), "layers": [{"w": (6, 6), "b": (6,)}, {"w": (6, 4), "b": (4,)}], "scale": (), "empty": (0, 3)}
+
+
+def problem(backend, dtype, seed=0, steps=4):
+    rng = np.random.default_rng(seed)
+
+    def tree(scale):
+        return tree_map(lambda shape: make(rng.standard_normal(shape) * scale, backend, dtype), SHAPES,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+    return tree(1.0), [tree(0.1) for _ in range(steps)]
+
+
+def run(setting, backend, dtype, fast, steps=4, make_optimizer=None):
+    kernels.enabled = fast
+    try:
+        params, grads = problem(backend, dtype, steps=steps)
+        opt = make_optimizer() if make_optimizer else setting.make()
+        for g in grads:
+            opt.update(params, g)
+        return params, opt
+    finally:
+        kernels.enabled = True
+
+
+def assert_identical(a, b):
+    flat_a, flat_b = tree_flatten(a), tree_flatten(b)
+    assert [k for k, _ in flat_a] == [k for k, _ in flat_b]
+    for (key, x), (_, y) in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(as_float64(x), as_float64(y), err_msg=key)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("backend", backend_params(["numpy", "torch"]))
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.id)
+def test_compiled_step_equals_the_reference(setting, backend, dtype):
+    fast_params, fast = run(setting, backend, dtype, fast=True)
+    ref_params, ref = run(setting, backend, dtype, fast=False)
+    assert fast._compiled is not None and ref._compiled is None
+    kinds = {type(b) for b in fast._compiled.buckets}
+    compiled = setting.make().rule.elementwise and dtype in ("float32", "float64")
+    assert kinds == ({_NumbaBucket} if compiled else {_RuleBucket})
+    assert_identical(fast_params, ref_params)
+    assert_identical(fast.state, ref.state)
+
+
+def muon_adamw():
+    return optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(optim.cosine_decay(0.01, 5)), optim.SGD(0.1, momentum=0.9)],
+                                [lambda p, w: p.startswith("layers") and w.ndim == 2, lambda p, w: w.ndim == 2])
+
+
+@pytest.mark.parametrize("backend", backend_params(["numpy", "torch"]))
+def test_multioptimizer_buckets_by_group(backend):
+    fast_params, fast = run(None, backend, "float32", True, make_optimizer=muon_adamw)
+    ref_params, ref = run(None, backend, "float32", False, make_optimizer=muon_adamw)
+    assert len(fast._compiled.buckets) == 3  # one per group and dtype, not one per tensor
+    assert_identical(fast_params, ref_params)
+    assert_identical(fast.state, ref.state)
+
+
+def reference(make_optimizer, params, grads, between=None):
+    """Run the per-tensor reference path (kernels off) on a copy of ``params``."""
+    params, opt = copy.deepcopy(params), make_optimizer()
+    kernels.enabled = False
+    try:
+        for i, g in enumerate(grads):
+            if between:
+                between(i, opt)
+            opt.update(params, g)
+    finally:
+        kernels.enabled = True
+    return params, opt
+
+
+def test_schedules_and_learning_rate_changes_are_seen_by_the_compiled_step():
+    def set_lr(i, opt):
+        if i == 3:
+            opt.learning_rate = 0.01
+
+    for make_optimizer, between in ((lambda: optim.SGD(optim.exponential_decay(0.5, 0.5)), None),
+                                    (lambda: optim.Adam(0.1), set_lr)):
+        params, grads = problem("numpy", "float32", steps=6)
+        expected, expected_opt = reference(make_optimizer, params, grads, between)
+        opt = make_optimizer()
+        for i, g in enumerate(grads):
+            if between:
+                between(i, opt)
+            opt.update(params, g)
+        assert opt._compiled is not None
+        assert_identical(params, expected)
+        assert_identical(opt.state, expected_opt.state)
+
+
+def test_falls_back_when_the_tree_changes():
+    params, grads = problem("numpy", "float32", steps=3)
+    opt = optim.AdamW(0.01)
+    opt.update(params, grads[0])
+    opt.update(params, grads[1])
+    compiled = opt._compiled
+    params["new"] = np.ones(3, np.float32)  # a new path: the general engine initialises it
+    g = dict(grads[2], new=np.ones(3, np.float32))
+    opt.update(params, g)
+    assert "new" in opt.state and not np.array_equal(params["new"], np.ones(3, np.float32))
+    assert opt._compiled is not compiled
+
+
+def test_falls_back_when_an_array_is_replaced_and_updates_the_new_one():
+    params, grads = problem("numpy", "float32", steps=3)
+    opt = optim.SGD(0.5)
+    opt.update(params, grads[0])
+    replacement = np.zeros((11, 6), np.float32)
+    params["embed"] = replacement
+    opt.update(params, grads[1])
+    np.testing.assert_array_equal(replacement, -0.5 * grads[1]["embed"])
+
+
+def test_a_bad_gradient_on_the_compiled_path_is_the_engine_error_and_changes_nothing():
+    params, grads = problem("numpy", "float32", steps=2)
+    opt = optim.Adam(0.1)
+    opt.update(params, grads[0])
+    opt.update(params, grads[1])
+    before = [np.array(v, copy=True) for _, v in tree_flatten(opt.state)]
+    values = [np.array(v, copy=True) for _, v in tree_flatten(params)]
+    for bad in (np.ones((6, 11), np.float32), np.ones((11, 6), np.float64), np.ones((6, 11), np.float32).T):
+        wrong = dict(grads[1], embed=bad)
+        if bad.flags.c_contiguous:
+            with pytest.raises(optim.ParameterError, match="'embed'"):
+                opt.update(params, wrong)
+        else:  # a transposed view is a fine gradient: the engine takes it
+            continue
+        for (_, a), b in zip(tree_flatten(opt.state), before):
+            np.testing.assert_array_equal(a, b)
+        for (_, a), b in zip(tree_flatten(params), values):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_non_contiguous_gradients_take_the_engine_with_the_same_numbers():
+    params, grads = problem("numpy", "float32", steps=2)
+    twin = copy.deepcopy(params)
+    fast, ref = optim.Adam(0.1), optim.Adam(0.1)
+    for step, g in enumerate(grads):
+        strided = dict(g, embed=np.asfortranarray(g["embed"]))
+        fast.update(params, strided)
+        kernels.enabled = False
+        try:
+            ref.update(twin, strided)
+        finally:
+            kernels.enabled = True
+    assert_identical(params, twin)
+
+
+def test_one_thread_gives_the_same_numbers():
+    kernels.numba_available()
+    threads = kernels.get_num_threads()
+    try:
+        kernels.set_num_threads(1)
+        one_params, _ = run(SETTINGS[13], "numpy", "float32", fast=True)
+    finally:
+        kernels.set_num_threads(threads)
+    many_params, _ = run(SETTINGS[13], "numpy", "float32", fast=True)
+    assert_identical(one_params, many_params)
+
+
+def test_disabled_kernels_never_compile():
+    kernels.enabled = False
+    try:
+        params, grads = problem("numpy", "float32", steps=2)
+        opt = optim.AdamW(0.1)
+        for g in grads:
+            opt.update(params, g)
+        assert opt._compiled is None
+    finally:
+        kernels.enabled = True
