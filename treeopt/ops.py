@@ -80,10 +80,11 @@ def matmul(a, b):
     return _of(a).matmul(a, b)
 
 
-def addmm(c, a, b, alpha=None):
-    """``c + alpha * (a @ b)``, accumulated in float32 (or wider) and rounded once to the
-    dtype, as a GEMM does. ``alpha`` is a Python float (default 1), not rounded to the dtype."""
-    return _of(a).addmm(c, a, b, alpha)
+def addmm(c, a, b, alpha=1.0, beta=1.0):
+    """``beta * c + alpha * (a @ b)``, as a GEMM computes it: ``beta * c`` in the dtype, the
+    product accumulated in float32 (or wider) and the sum rounded once (MLX's ``addmm`` of
+    ``beta * c``). ``alpha`` and ``beta`` are Python floats."""
+    return _of(a).addmm(c, a, b, alpha, beta)
 
 
 def swap_last(x):

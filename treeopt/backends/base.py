@@ -118,10 +118,12 @@ class Backend:
     def matmul(self, a, b):
         return a @ b
 
-    def addmm(self, c, a, b, alpha=None):
-        """``c + alpha * (a @ b)`` with one rounding to the dtype."""
+    def addmm(self, c, a, b, alpha=1.0, beta=1.0):
+        """``beta * c + alpha * (a @ b)`` (see :func:`treeopt.ops.addmm`)."""
         product = self.matmul(a, b)
-        return c + (product if alpha is None else alpha * product)
+        if alpha != 1.0:
+            product = self.cast(alpha, product) * product
+        return (c if beta == 1.0 else self.cast(beta, c) * c) + product
 
     def swap_last(self, x):
         """``x`` with its last two axes swapped (the matrix transpose)."""

@@ -88,9 +88,11 @@ class JaxBackend(Backend):
     def matmul(self, a, b):
         return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
-    def addmm(self, c, a, b, alpha=None):
+    def addmm(self, c, a, b, alpha=1.0, beta=1.0):
+        if beta != 1.0:
+            c = c * c.dtype.type(beta)  # rounded in the dtype, as MLX's separate product
         product = jnp.matmul(a, b, preferred_element_type=jnp.float32)
-        if alpha is not None:
+        if alpha != 1.0:
             product = product * jnp.float32(alpha)
         return (product + c.astype(jnp.float32)).astype(a.dtype)
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from treeopt.backends import blas
 from treeopt.backends.base import Backend
 
 _HALF = ("float16", "bfloat16")
@@ -106,13 +107,22 @@ class NumpyBackend(Backend):
     def matmul(self, a, b):
         return np.matmul(a, b).astype(a.dtype, copy=False)
 
-    def addmm(self, c, a, b, alpha=None):
-        if a.dtype.name not in _HALF:
-            return super().addmm(c, a, b, alpha)
-        product = np.matmul(a.astype(np.float32), b.astype(np.float32))
-        if alpha is not None:
-            product *= np.float32(alpha)
-        return (product + c.astype(np.float32)).astype(a.dtype)
+    def addmm(self, c, a, b, alpha=1.0, beta=1.0):
+        if beta != 1.0:
+            c = c * c.dtype.type(beta)  # rounded in the dtype, as MLX's separate product
+        if a.dtype.name in _HALF:  # accumulate in float32, round once
+            product = np.matmul(a.astype(np.float32), b.astype(np.float32))
+            if alpha != 1.0:
+                product *= np.float32(alpha)
+            return (product + c.astype(np.float32)).astype(a.dtype)
+        out = np.array(c, order="C")  # the GEMM adds into its own copy of c
+        if blas.gemm(alpha, a, b, 1.0, out):
+            return out
+        product = np.matmul(a, b)
+        if alpha != 1.0:
+            product *= a.dtype.type(alpha)
+        product += c
+        return product
 
     def swap_last(self, x):
         return np.swapaxes(x, -1, -2)

@@ -124,8 +124,10 @@ class TorchBackend(Backend):
     def matmul(self, a, b):
         return torch.matmul(a, b)
 
-    def addmm(self, c, a, b, alpha=None):
-        return torch.addmm(c, a, b, alpha=1.0 if alpha is None else alpha)
+    def addmm(self, c, a, b, alpha=1.0, beta=1.0):
+        if beta != 1.0:
+            c = self.cast(beta, c) * c  # rounded in the dtype, as MLX's separate product
+        return torch.addmm(c, a, b, alpha=alpha)
 
     def swap_last(self, x):
         return x.transpose(-1, -2)

@@ -32,15 +32,14 @@ def muon_coefficients(lr, step, *, momentum, weight_decay, nesterov, ns_steps):
 def newton_schulz(x, steps):
     """Approximately orthogonalise the matrix ``x`` (its nearest semi-orthogonal matrix)."""
     a, b, c = NS_COEFFICIENTS
-    a, b, eps = cast(a, x), cast(b, x), cast(1e-7, x)
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = swap_last(x)
-    x = x / (sqrt(total(x * x)) + eps)
+    x = x / (sqrt(total(x * x)) + cast(1e-7, x))
     for _ in range(steps):
         gram = matmul(x, swap_last(x))
-        # a X + (b A + c A A) X, each product accumulated and rounded once (c stays float32)
-        x = addmm(a * x, addmm(b * gram, gram, gram, c), x)
+        # X <- a X + (b A + c A A) X: two GEMMs, each product accumulated and rounded once
+        x = addmm(x, addmm(gram, gram, gram, alpha=c, beta=b), x, beta=a)
     return swap_last(x) if tall else x
 
 
