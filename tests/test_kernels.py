@@ -71,7 +71,8 @@ def muon_adamw():
 def test_multioptimizer_buckets_by_group(backend):
     fast_params, fast = run(None, backend, "float32", True, make_optimizer=muon_adamw)
     ref_params, ref = run(None, backend, "float32", False, make_optimizer=muon_adamw)
-    assert len(fast._compiled.buckets) == 3  # one per group and dtype, not one per tensor
+    # one loop per rule, dtype and switches (not one per tensor): Muon per tensor, AdamW, SGD
+    assert len(fast._compiled.buckets) == 3
     assert_identical(fast_params, ref_params)
     assert_identical(fast.state, ref.state)
 
@@ -189,3 +190,34 @@ def test_disabled_kernels_never_compile():
         assert opt._compiled is None
     finally:
         kernels.enabled = True
+
+
+def test_groups_of_one_rule_run_in_one_loop_with_their_own_coefficients():
+    def three_adamw():
+        return optim.MultiOptimizer([optim.AdamW(0.1), optim.AdamW(0.01, weight_decay=0.0), optim.AdamW(0.001)],
+                                    [lambda p, w: p.startswith("layers.0"), lambda p, w: w.ndim == 1])
+
+    fast_params, fast = run(None, "numpy", "float32", True, make_optimizer=three_adamw)
+    ref_params, ref = run(None, "numpy", "float32", False, make_optimizer=three_adamw)
+    assert len(fast._compiled.buckets) == 1 and len(fast._compiled.buckets[0].owners) == 3
+    assert_identical(fast_params, ref_params)
+    assert_identical(fast.state, ref.state)
+
+
+def test_a_changed_switch_takes_a_new_plan():
+    params, grads = problem("numpy", "float32", steps=4)
+    twin = copy.deepcopy(params)
+    fast, ref = optim.SGD(0.1, momentum=0.9), optim.SGD(0.1, momentum=0.9)
+    kernels.enabled = False
+    try:
+        for i, g in enumerate(grads):
+            if i == 2:
+                ref.momentum = 0.0
+            ref.update(twin, g)
+    finally:
+        kernels.enabled = True
+    for i, g in enumerate(grads):
+        if i == 2:
+            fast.momentum = 0.0  # switches the momentum term off: the compiled loop must notice
+        fast.update(params, g)
+    assert_identical(params, twin)

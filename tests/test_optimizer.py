@@ -391,3 +391,17 @@ def test_apply_single_of_a_builtin_follows_mlx():
     new = opt.apply_single(f32(1, 1), f32(1, 2), state)
     np.testing.assert_allclose(new, f32(0.9, 1.9))
     np.testing.assert_array_equal(state["v"], f32(1, 1))
+
+
+def test_muon_bfloat16_newton_schulz_is_opt_in_and_close():
+    pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((16, 48)).astype(np.float32)}
+    grads = {"w": rng.standard_normal((16, 48)).astype(np.float32)}
+    exact, low = optim.Muon(0.1), optim.Muon(0.1, ns_dtype="bfloat16")
+    a, b = exact.apply_gradients(grads, params)["w"], low.apply_gradients(grads, params)["w"]
+    assert a.dtype == b.dtype == np.float32 and not np.array_equal(a, b)
+    step_a, step_b = a - params["w"], b - params["w"]
+    assert np.linalg.norm(step_a - step_b) / np.linalg.norm(step_a) < 0.05
+    with pytest.raises(ValueError, match="Muon ns_dtype"):
+        optim.Muon(0.1, ns_dtype="int8")

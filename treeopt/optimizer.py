@@ -496,7 +496,7 @@ class Optimizer:
         # Step-dependent scalars are computed in float32, as MLX computes them.
         step = backend.astype(self._state["step"], "float32")
         values = self.rule.coefficients(lr, step, **self._hyper())
-        return {k: v if v is None or isinstance(v, (bool, int)) else backend.cast(v, like)
+        return {k: v if v is None or isinstance(v, (bool, int, str)) else backend.cast(v, like)
                 for k, v in values.items()}
 
     def _run_rule(self, leaves, in_place):

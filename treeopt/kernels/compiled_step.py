@@ -84,22 +84,34 @@ class _RuleBucket:
             backend.write(p, new_param)
 
 
-class _NumbaBucket(_RuleBucket):
-    """Leaves of an elementwise rule, float32 or float64, run as one parallel loop."""
+class _NumbaBucket:
+    """Leaves of one elementwise rule and dtype, from one or more optimizers (groups of a
+    MultiOptimizer), run as one parallel loop: each tensor reads its optimizer's numeric
+    coefficients from a row of a table; the switches (booleans) are shared."""
 
-    def __init__(self, owner, backend, leaves, positions):
+    def __init__(self, groups, backend, static, flags):
         from treeopt.kernels.numba_kernels import kernel_for, segments_of
 
-        super().__init__(owner, backend, leaves, positions)
-        self.kernel, self.coefficient_names = kernel_for(owner.rule)
-        slot_names = owner.rule.slots
+        self.backend, self.static, self.flags = backend, static, flags
+        self.owners = [owner for owner, _, _ in groups]
+        leaves = [leaf for _, group, _ in groups for leaf in group]
+        self.positions = [k for _, _, positions in groups for k in positions]
+        rows = [r for r, (_, group, _) in enumerate(groups) for _ in group]
+        rule = self.owners[0].rule
+        self.kernel, self.numeric = kernel_for(rule, static)
+        self.hyper = [_settings(owner) for owner in self.owners]
+        self.params = [leaf.param for leaf in leaves]
+        self.shapes = [tuple(backend.shape(p)) for p in self.params]
+        self.dtype = self.params[0].dtype
         self.numpy = backend.name == "numpy"
-        self.np_dtype = np.dtype(backend.dtype_name(leaves[0].param))
+        self.np_dtype = np.dtype(backend.dtype_name(self.params[0]))
         self.like = np.zeros(0, self.np_dtype)
+        self.rows = np.array(rows, np.int64)
+        self.table = np.zeros((len(self.owners), len(self.numeric)), self.np_dtype)
         self.segments = segments_of([int(np.prod(s)) for s in self.shapes])
-        self.slot_arrays = [[slots[n] for n in slot_names] for slots in self.slots]  # kept alive with the table
+        self.slot_arrays = [[leaf.slots[n] for n in rule.slots] for leaf in leaves]  # kept alive with the table
         self.slot_ptrs = np.array([[_pointer(a) for a in row] for row in self.slot_arrays],
-                                  dtype=np.int64).reshape(len(leaves), len(slot_names))
+                                  dtype=np.int64).reshape(len(leaves), len(rule.slots))
         self.param_ptrs = np.array([_pointer(p) for p in self.params], dtype=np.int64)
         if self.numpy:
             from treeopt.kernels.numba_support import numpy_pointers
@@ -113,6 +125,11 @@ class _NumbaBucket(_RuleBucket):
             self.pointers = numpy_pointers
 
     def prepare(self, grads):
+        hyper = [_settings(owner) for owner in self.owners]
+        if hyper != self.hyper:  # a hyper-parameter changed: a switch (momentum 0?) may have too
+            if any(_flags(o, self.params[0], self.backend, self.static) != self.flags for o in self.owners):
+                return None
+            self.hyper = hyper
         chosen = [grads[k] for k in self.positions]
         out = np.empty(len(chosen), np.int64)
         if self.numpy:
@@ -130,11 +147,29 @@ class _NumbaBucket(_RuleBucket):
 
     def run(self, prepared):
         _, grad_ptrs = prepared
-        values = self.owner._coefficients(self.params[0], self.backend)
-        scalar = self.np_dtype.type
-        coefficients = tuple(v if isinstance(v, (bool, np.bool_)) else scalar(_float(v))
-                             for v in (values[n] for n in self.coefficient_names))
-        self.kernel(grad_ptrs, self.param_ptrs, self.slot_ptrs, self.segments, self.like, coefficients)
+        for row, owner in enumerate(self.owners):
+            values = owner._coefficients(self.params[0], self.backend)
+            self.table[row] = [_float(values[n]) for n in self.numeric]
+        self.kernel(grad_ptrs, self.param_ptrs, self.slot_ptrs, self.segments, self.rows, self.table, self.like,
+                    self.flags)
+
+
+def _settings(owner):
+    """The hyper-parameters that decide the switches: numbers and flags (a schedule always
+    switches its term on, whatever its value)."""
+    return [v if isinstance(v, (bool, int, float, str, tuple, type(None))) else "scheduled"
+            for v in owner._hyper().values()]
+
+
+def _flags(owner, like, backend, static):
+    values = owner._coefficients(like, backend)
+    return tuple(bool(values[n]) for n in static)
+
+
+def _static_names(owner, like, backend):
+    """The coefficients of ``owner``'s rule that are switches rather than numbers."""
+    values = owner._coefficients(like, backend)
+    return tuple(n for n, v in values.items() if isinstance(v, (bool, np.bool_)))
 
 
 def _pointer(array):
@@ -191,11 +226,21 @@ class CompiledStep:
         for leaf in active:
             key = (id(leaf.owner), leaf.backend.name, leaf.backend.dtype_name(leaf.param), leaf.backend.device(leaf.param))
             groups.setdefault(key, []).append(leaf)
-        buckets = []
+        buckets, fused = [], {}
         for group in groups.values():
             first = group[0]
-            kind = _NumbaBucket if _numba_eligible(first.owner, first.backend, first.param) else _RuleBucket
-            buckets.append(kind(first.owner, first.backend, group, [position[id(leaf)] for leaf in group]))
+            positions = [position[id(leaf)] for leaf in group]
+            if not _numba_eligible(first.owner, first.backend, first.param):
+                buckets.append(_RuleBucket(first.owner, first.backend, group, positions))
+                continue
+            # optimizers that share a rule, dtype and switches run in one loop
+            static = _static_names(first.owner, first.param, first.backend)
+            flags = _flags(first.owner, first.param, first.backend, static)
+            key = (first.owner.rule, first.backend.name, first.backend.dtype_name(first.param),
+                   first.backend.device(first.param), static, flags)
+            fused.setdefault(key, []).append((first.owner, group, positions))
+        for key, members in fused.items():
+            buckets.append(_NumbaBucket(members, members[0][1][0].backend, key[4], key[5]))
         watched = [optimizer] + optimizer._optimizers()
         return cls(params, buckets, stepping, watched)
 

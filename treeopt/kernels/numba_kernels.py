@@ -26,7 +26,9 @@ import numpy as np
 
 from treeopt import ops
 
-SEGMENT = 1 << 16  # elements per parallel work item
+# elements per parallel work item: long enough for the hardware prefetchers (1 Mi elements
+# ran 25% faster than 64 Ki on a 124M-parameter tree), short enough to spread over threads
+SEGMENT_MIN, SEGMENT_MAX = 1 << 16, 1 << 20
 # the numba scalar version of each function a rule may call
 SCALAR_OPS = {"sqrt": np.sqrt, "sign": np.sign, "maximum": np.maximum, "minimum": np.minimum}
 
@@ -42,12 +44,16 @@ rule = scalar_version(_update)
 
 
 @njit(parallel=True, cache={cache})
-def kernel(grad_ptrs, param_ptrs, slot_ptrs, segments, like, c):
+def kernel(grad_ptrs, param_ptrs, slot_ptrs, segments, rows, table, like, flags):
+    # rows[i]: the row of tensor i in table, the numeric coefficients of its optimizer;
+    # flags: the switches (booleans) every optimizer of this loop shares
     itemsize = like.itemsize
     for s in prange(segments.shape[0]):
         i = segments[s, 0]
         offset = segments[s, 1] * itemsize
         n = segments[s, 2] - segments[s, 1]  # from 0: no negative-index checks, so it vectorises
+        row = rows[i]
+{coefficients}
         g = carray(as_voidptr(grad_ptrs[i] + offset), n, like.dtype)
         p = carray(as_voidptr(param_ptrs[i] + offset), n, like.dtype)
 {slot_arrays}
@@ -70,17 +76,22 @@ def scalar_version(update):
     return numba.njit(inline="always")(rebound)
 
 
-def _source(rule, cache):
+def _source(rule, static, cache):
+    """The kernel's source: ``static`` are the coefficients passed as switches in ``flags``,
+    the others come from the table."""
     update = rule.update
     parameters = list(inspect.signature(update).parameters)[2:]
     slots = list(rule.slots)
-    coefficients = parameters[len(slots):]
+    names = parameters[len(slots):]
+    numeric = [n for n in names if n not in static]
+    coefficients = "\n".join(f"        c{k} = table[row, {k}]" for k in range(len(numeric)))
     slot_arrays = "\n".join(
         f"        s{k} = carray(as_voidptr(slot_ptrs[i, {k}] + offset), n, like.dtype)" for k in range(len(slots)))
     targets = ", ".join(["p[j]"] + [f"s{k}[j]" for k in range(len(slots))])
-    arguments = ", ".join([f"s{k}[j]" for k in range(len(slots))] + [f"c[{k}]" for k in range(len(coefficients))])
-    return _TEMPLATE.format(module=update.__module__, function=update.__name__, cache=cache,
-                            slot_arrays=slot_arrays, targets=targets, arguments=arguments), coefficients
+    values = [f"flags[{static.index(n)}]" if n in static else f"c{numeric.index(n)}" for n in names]
+    arguments = ", ".join([f"s{k}[j]" for k in range(len(slots))] + values)
+    return _TEMPLATE.format(module=update.__module__, function=update.__name__, cache=cache, coefficients=coefficients,
+                            slot_arrays=slot_arrays, targets=targets, arguments=arguments), numeric
 
 
 def cache_dir():
@@ -88,9 +99,10 @@ def cache_dir():
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_for(rule):
-    """``(kernel, coefficient names)`` for an elementwise rule."""
-    source, coefficients = _source(rule, cache=True)
+def kernel_for(rule, static=()):
+    """``(kernel, names of the numeric coefficients)`` for an elementwise rule whose
+    coefficients named in ``static`` are switches (booleans)."""
+    source, coefficients = _source(rule, static, cache=True)
     rule_source = inspect.getsource(sys.modules[rule.update.__module__])
     digest = hashlib.sha256((source + rule_source + numba.__version__).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir(), "kernels")
@@ -108,11 +120,18 @@ def kernel_for(rule):
         spec.loader.exec_module(module)
     except OSError:  # no writable cache: compile in memory, every process
         module = types.ModuleType(f"treeopt_kernel_{rule.name}")
-        exec(compile(_source(rule, cache=False)[0], f"<treeopt kernel {rule.name}>", "exec"), module.__dict__)
+        exec(compile(_source(rule, static, cache=False)[0], f"<treeopt kernel {rule.name}>", "exec"), module.__dict__)
     return module.kernel, coefficients
 
 
-def segments_of(sizes, segment=SEGMENT):
+def segment_length(total, threads=None):
+    """Elements per work item for ``total`` elements: about eight items per thread."""
+    threads = threads or numba.config.NUMBA_NUM_THREADS
+    return min(SEGMENT_MAX, max(SEGMENT_MIN, total // (8 * threads)))
+
+
+def segments_of(sizes, segment=None):
     """``(tensor, start, stop)`` rows covering every element, each at most ``segment`` long."""
+    segment = segment or segment_length(sum(sizes))
     rows = [(i, start, min(size, start + segment)) for i, size in enumerate(sizes) for start in range(0, size, segment)]
     return np.array(rows, dtype=np.int64).reshape(-1, 3)

@@ -17,16 +17,16 @@ only; route them to AdamW with MultiOptimizer.
 
 from math import sqrt as py_sqrt
 
-from treeopt.ops import addmm, cast, matmul, sqrt, swap_last, total
+from treeopt.ops import addmm, astype, cast, dtype_name, matmul, sqrt, swap_last, total
 from treeopt.rules.base import Rule, active
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def muon_coefficients(lr, step, *, momentum, weight_decay, nesterov, ns_steps):
+def muon_coefficients(lr, step, *, momentum, weight_decay, nesterov, ns_steps, ns_dtype):
     return dict(lr=lr, momentum=momentum, one_minus_momentum=1 - momentum,
                 weight_decay=weight_decay, decays=active(weight_decay), nesterov=nesterov,
-                ns_steps=ns_steps)
+                ns_steps=ns_steps, ns_dtype=ns_dtype)
 
 
 def newton_schulz(x, steps):
@@ -43,7 +43,7 @@ def newton_schulz(x, steps):
     return swap_last(x) if tall else x
 
 
-def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, decays, nesterov, ns_steps):
+def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, decays, nesterov, ns_steps, ns_dtype):
     if decays:
         grad = grad + weight_decay * param
     v = momentum * v + one_minus_momentum * grad
@@ -51,7 +51,11 @@ def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, decays,
     if direction.ndim >= 2:
         shape = tuple(direction.shape)
         matrix = direction.reshape((shape[0], -1)) if len(shape) > 2 else direction
-        direction = newton_schulz(matrix, ns_steps).reshape(shape)
+        if ns_dtype is None:
+            orthogonal = newton_schulz(matrix, ns_steps)
+        else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
+            orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps), dtype_name(matrix))
+        direction = orthogonal.reshape(shape)
         lr = lr * cast(py_sqrt(max(1.0, shape[-2] / shape[-1])), lr)
     return param - lr * direction, v
 
