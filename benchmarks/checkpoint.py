@@ -75,7 +75,7 @@ def main(argv=None):
           f"peak memory +{peak.added / state_bytes:.2f} state copies", flush=True)
 
     fresh = optim.AdamW(1e-3)
-    fresh.init(params)
+    fresh.update(params, grads)  # its state is resident before the load, as a trained one would be
     with PeakMemory() as peak:
         start = time.perf_counter()
         report = checkpoint.load(fresh, path)

@@ -180,7 +180,7 @@ def test_file_is_safetensors_with_keys_by_path_and_metadata(tmp_path):
     assert params_meta["norm.scale"]["slots"] == {"m": {"shape": [8], "dtype": "float32"},
                                                   "v": {"shape": [8], "dtype": "float32"}}
     assert set(params_meta) == {k.rpartition("/")[0] for k in keys if not k.startswith("@")}
-    assert metadata["checksum"]["algorithm"] == "sha256" and len(metadata["checksum"]["value"]) == 64
+    assert metadata["checksum"]["algorithm"] == "crc32" and len(metadata["checksum"]["value"]) == 8
     # read() gives the same, checksum verified
     arrays, read_meta = checkpoint.read(path)
     assert read_meta == metadata and set(arrays) == keys

@@ -2,13 +2,17 @@
 
 A write goes to a temporary file in the same folder, is flushed and fsync'ed, then renamed
 over the destination (and the folder fsync'ed): a crash at any moment leaves the old file or
-the new one, never a torn one. The metadata carries a SHA-256 of every key, dtype, shape and
-byte of data, and of the metadata itself, so a truncated or corrupted file is an error, never
-garbage state. Nothing on the load path executes code (no pickle).
+the new one, never a torn one. The metadata carries a CRC-32 (as zip and PNG do) of every
+key, dtype, shape and byte of data, and of the metadata itself, so a truncated or corrupted
+file is an error, never garbage state. Nothing on the load path executes code (no pickle).
+
+Reading streams: the checksum is verified reading one tensor at a time, and the tensors are
+then read again, one at a time, as the loader copies them into the optimizer's slots, so a
+load holds at most one tensor besides the state (the file's pages stay in the page cache).
 """
 
-import hashlib
 import json
+import zlib
 import os
 import tempfile
 
@@ -27,16 +31,23 @@ def as_numpy(value):
     return array if array.flags.c_contiguous else np.ascontiguousarray(array)  # (keeps 0-d arrays 0-d)
 
 
-def checksum(arrays, metadata):
-    digest = hashlib.sha256()
-    for key in sorted(arrays):
-        array = arrays[key]
-        digest.update(f"{key}|{array.dtype.name}|{list(array.shape)}|".encode())
-        # as bytes: ml_dtypes' bfloat16 has no buffer format of its own
-        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+def _feed(crc, key, array):
+    crc = zlib.crc32(f"{key}|{array.dtype.name}|{list(array.shape)}|".encode(), crc)
+    # as bytes: ml_dtypes' bfloat16 has no buffer format of its own
+    return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data, crc)
+
+
+def _finish(crc, metadata):
     body = {k: v for k, v in metadata.items() if k != "checksum"}
-    digest.update(json.dumps(body, sort_keys=True).encode())
-    return digest.hexdigest()
+    return f"{zlib.crc32(json.dumps(body, sort_keys=True).encode(), crc):08x}"
+
+
+def checksum(arrays, metadata):
+    """The checksum of ``arrays`` (by key, in sorted order) and ``metadata``."""
+    crc = 0
+    for key in sorted(arrays):
+        crc = _feed(crc, key, arrays[key])
+    return _finish(crc, metadata)
 
 
 def write(path, tensors, metadata):
@@ -44,7 +55,7 @@ def write(path, tensors, metadata):
     from safetensors.numpy import save_file
 
     arrays = {key: as_numpy(value) for key, value in tensors.items()}
-    metadata = dict(metadata, checksum={"algorithm": "sha256", "value": checksum(arrays, metadata)})
+    metadata = dict(metadata, checksum={"algorithm": "crc32", "value": checksum(arrays, metadata)})
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -65,27 +76,74 @@ def write(path, tensors, metadata):
         os.close(directory)
 
 
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
+
+
+class Tensors:
+    """The tensors of an open checkpoint, read one at a time: ``tensors[key]`` reads it,
+    ``spec(key)`` gives ``(shape, dtype)`` from the header without reading."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._keys = list(handle.keys())
+
+    def keys(self):
+        return list(self._keys)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, key):
+        return key in self._keys
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._handle.get_tensor(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self._keys else default
+
+    def items(self):
+        return ((key, self[key]) for key in self._keys)
+
+    def values(self):
+        return (self[key] for key in self._keys)
+
+    def spec(self, key):
+        view = self._handle.get_slice(key)
+        return list(view.get_shape()), _DTYPES.get(view.get_dtype(), view.get_dtype().lower())
+
+
 def read(path):
-    """``(arrays, metadata)`` of a safetensors file, checked against its checksum when it has
-    treeopt metadata (``metadata`` is ``None`` for a plain safetensors file)."""
+    """``(tensors, metadata)`` of a safetensors file, its checksum verified when it has
+    treeopt metadata (``metadata`` is ``None`` for a plain safetensors file). ``tensors`` is a
+    :class:`Tensors`, read lazily from the open file."""
     from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
     try:
-        with safe_open(path, framework="numpy") as handle:
-            header = handle.metadata() or {}
-            arrays = {key: handle.get_tensor(key) for key in handle.keys()}
+        handle = safe_open(path, framework="numpy")
+        header = handle.metadata() or {}
+        tensors = Tensors(handle)
+        if METADATA_KEY not in header:
+            return tensors, None
+        try:
+            metadata = json.loads(header[METADATA_KEY])
+            expected = metadata["checksum"]["value"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{path}: the treeopt metadata is corrupted ({error})") from error
+        crc = 0
+        for key in sorted(tensors.keys()):  # one tensor in memory at a time
+            crc = _feed(crc, key, tensors[key])
     except (SafetensorError, OSError, ValueError) as error:
-        if isinstance(error, FileNotFoundError):
+        if isinstance(error, (FileNotFoundError, CheckpointError)):
             raise
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
-    if METADATA_KEY not in header:
-        return arrays, None
-    try:
-        metadata = json.loads(header[METADATA_KEY])
-        expected = metadata["checksum"]["value"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{path}: the treeopt metadata is corrupted ({error})") from error
-    if checksum(arrays, metadata) != expected:
+    if _finish(crc, metadata) != expected:
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupted")
-    return arrays, metadata
+    return tensors, metadata

@@ -232,20 +232,22 @@ def from_flat(optimizer, tensors, metadata, strict=True):
             fits = True
             for slot, value in slots.items():
                 expected, found = _shape_dtype(value), saved["slots"][slot]
-                array = tensors.get(f"{path}/{slot}")
-                if array is None:
-                    report.problems.append(Problem("missing", f"{path}/{slot}", "listed in the metadata but not stored"))
+                key = f"{path}/{slot}"
+                if key not in tensors:
+                    report.problems.append(Problem("missing", key, "listed in the metadata but not stored"))
                     fits = False
-                elif found["shape"] != expected["shape"] or list(backend_of(array).shape(array)) != expected["shape"]:
+                    continue
+                stored_shape, stored_dtype = _spec(tensors, key)
+                if found["shape"] != expected["shape"] or stored_shape != expected["shape"]:
                     report.problems.append(Problem(
-                        "shape", f"{path}/{slot}", f"shape {tuple(found['shape'])} in the checkpoint, {tuple(expected['shape'])} now"))
+                        "shape", key, f"shape {tuple(found['shape'])} in the checkpoint, {tuple(expected['shape'])} now"))
                     fits = False
-                elif found["dtype"] != expected["dtype"] or backend_of(array).dtype_name(array) != expected["dtype"]:
+                elif found["dtype"] != expected["dtype"] or stored_dtype != expected["dtype"]:
                     report.problems.append(Problem(
-                        "dtype", f"{path}/{slot}", f"dtype {found['dtype']} in the checkpoint, {expected['dtype']} now"))
+                        "dtype", key, f"dtype {found['dtype']} in the checkpoint, {expected['dtype']} now"))
                     fits = False
             if fits:
-                writes.extend((slots, slot, tensors[f"{path}/{slot}"]) for slot in slots)
+                writes.extend((slots, slot, f"{path}/{slot}") for slot in slots)  # read when written
                 report.loaded.append(path)
     for path, saved in saved_params.items():
         if path not in seen and saved["slots"]:
@@ -263,22 +265,31 @@ def from_flat(optimizer, tensors, metadata, strict=True):
                 report.problems.append(Problem(
                     "hyperparameter", name, f"{key} is {value!r} in the checkpoint, {ours[key]!r} now"))
         for scalar in leaf._scalar_names():
-            array = tensors.get(f"@{saved['name']}/{scalar}")
-            if array is None:
+            key = f"@{saved['name']}/{scalar}"
+            if key not in tensors:
                 report.problems.append(Problem("missing", f"@{name}/{scalar}", "not in the checkpoint"))
             else:
-                scalar_writes.append((leaf, scalar, array))
+                scalar_writes.append((leaf, scalar, tensors[key]))
 
     if strict and report.problems:
         raise CheckpointError(f"the checkpoint does not fit the optimizer (nothing was loaded): {report}", report)
     _load_whole_model_state(optimizer, tensors, metadata)
-    for slots, slot, array in writes:
-        _assign(slots, slot, array)
+    for slots, slot, key in writes:
+        _assign(slots, slot, tensors[key])  # one tensor read at a time
     for leaf, scalar, array in scalar_writes:
         _assign_scalar(leaf, scalar, array)
     for _, _, leaf in current:
         leaf._initialized = True
     return report
+
+
+def _spec(tensors, key):
+    """``(shape list, dtype name)`` of a stored tensor, without reading it if possible."""
+    if hasattr(tensors, "spec"):
+        return tensors.spec(key)
+    array = tensors[key]
+    backend = backend_of(array)
+    return list(backend.shape(array)), backend.dtype_name(array)
 
 
 def _load_whole_model_state(optimizer, tensors, metadata):
@@ -292,10 +303,11 @@ def _load_whole_model_state(optimizer, tensors, metadata):
     state.update(metadata.get("whole_model", {}))
     backend = optimizer._optimizers()[0]._backend or numpy_backend
     accumulated = {}
-    for key, array in tensors.items():
+    for key in [k for k in tensors.keys() if k.startswith("#")]:
+        array = tensors[key]
         if key.startswith("#accumulated/"):
             accumulated[key[len("#accumulated/"):]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
-        elif key.startswith("#"):
+        else:
             state[key[1:]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
     if accumulated or "micro_step" in state:
         state["accumulated"] = accumulated
