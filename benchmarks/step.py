@@ -159,53 +159,66 @@ def treeopt_candidates(kind, shapes, libraries):
             return lambda: opt.update(params, grads)
         candidates["treeopt torch"] = torch_setup
     if "jax" in libraries:
-        def jax_setup():
-            import jax
+        def treeopt_jax(params):
             import treeopt.jax as tj
 
-            params, grads = numpy_arrays(shapes)
-            params = jax.tree_util.tree_map(jax.numpy.asarray, params)
-            grads = jax.tree_util.tree_map(jax.numpy.asarray, grads)
             opt = make(optim)
-            state = tj.init(opt, params)
-            step = jax.jit(lambda p, s, g: tj.update(opt, g, s, p), donate_argnums=(0, 1))
-            box = [params, state]
-
-            def run():
-                box[0], box[1] = step(box[0], box[1], grads)
-                jax.block_until_ready(box[0])
-            run()
-            return run
-        candidates["treeopt jax (jit, donated)"] = jax_setup
+            return tj.init(opt, params), lambda p, s, g: tj.update(opt, g, s, p)
+        candidates["treeopt jax (jit, donated)"] = lambda: jax_runner(treeopt_jax, shapes)
     if "mlx" in libraries:
-        def mlx_setup(compiled):
-            import mlx.core as mx
-
-            params, grads = numpy_arrays(shapes)
-            params = {k: mx.array(v) for k, v in params.items()}
-            grads = {k: mx.array(v) for k, v in grads.items()}
-            opt = make(optim)
-            opt.init(params)
-            box = {"params": params}
-            if compiled:
-                @mx.compile
-                def apply(p, s, g):
-                    opt.state = s
-                    return opt.apply_gradients(g, p), opt.state
-
-                def run():
-                    box["params"], new_state = apply(box["params"], opt.state, grads)
-                    opt.state = new_state
-                    mx.eval(box["params"], opt.state)
-            else:
-                def run():
-                    box["params"] = opt.apply_gradients(grads, box["params"])
-                    mx.eval(box["params"], opt.state)
-            run()
-            return run
-        candidates["treeopt mlx eager"] = lambda: mlx_setup(False)
-        candidates["treeopt mlx compiled"] = lambda: mlx_setup(True)
+        candidates["treeopt mlx eager"] = lambda: mlx_runner(lambda: make(optim), shapes, compiled=False)
+        candidates["treeopt mlx compiled"] = lambda: mlx_runner(lambda: make(optim), shapes, compiled=True)
     return candidates
+
+
+def jax_runner(make_step, shapes):
+    """A jitted step (parameters and state donated) of ``make_step(params) -> (state,
+    update(params, state, grads) -> (params, state))``, on JAX arrays."""
+    import jax
+
+    params, grads = numpy_arrays(shapes)
+    params = jax.tree_util.tree_map(jax.numpy.asarray, params)
+    grads = jax.tree_util.tree_map(jax.numpy.asarray, grads)
+    state, update = make_step(params)
+    step = jax.jit(update, donate_argnums=(0, 1))
+    box = [params, state]
+
+    def run():
+        box[0], box[1] = step(box[0], box[1], grads)
+        jax.block_until_ready(box[0])
+    run()
+    return run
+
+
+def mlx_runner(make_optimizer, shapes, compiled):
+    """A step of an MLX optimizer (treeopt or mlx.optimizers) on a nested tree of MLX arrays,
+    eager or under ``mx.compile`` with the state passed in and out."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    params, grads = numpy_arrays(shapes)
+    # nested: mlx.optimizers.MultiOptimizer fails on dotted keys (KeyError, MLX's W4)
+    params = tree_unflatten([(k, mx.array(v)) for k, v in params.items()])
+    grads = tree_unflatten([(k, mx.array(v)) for k, v in grads.items()])
+    opt = make_optimizer()
+    opt.init(params)
+    box = {"params": params}
+    if compiled:
+        @mx.compile
+        def apply(p, s, g):
+            opt.state = s
+            return opt.apply_gradients(g, p), opt.state
+
+        def run():
+            box["params"], state = apply(box["params"], opt.state, grads)
+            opt.state = state
+            mx.eval(box["params"], opt.state)
+    else:
+        def run():
+            box["params"] = opt.apply_gradients(grads, box["params"])
+            mx.eval(box["params"], opt.state)
+    run()
+    return run
 
 
 def peer_candidates(kind, shapes, libraries):
@@ -241,13 +254,9 @@ def peer_candidates(kind, shapes, libraries):
         for mode in modes:
             candidates[f"torch.optim {mode}"] = (lambda m=mode: torch_setup(m))
     if "jax" in libraries:
-        def optax_setup():
-            import jax
+        def optax_step(params):
             import optax
 
-            params, grads = numpy_arrays(shapes)
-            params = jax.tree_util.tree_map(jax.numpy.asarray, params)
-            grads = jax.tree_util.tree_map(jax.numpy.asarray, grads)
             if kind == "adamw":
                 tx = optax.adamw(1e-3, weight_decay=0.01)
             elif kind == "sgd":
@@ -255,57 +264,24 @@ def peer_candidates(kind, shapes, libraries):
             else:
                 labels = {k: "muon" if is_hidden(k, v.shape) else "adamw" for k, v in params.items()}
                 tx = optax.multi_transform({"muon": optax.contrib.muon(0.02), "adamw": optax.adamw(3e-4)}, labels)
-            state = tx.init(params)
 
             def update(p, s, g):
                 updates, s = tx.update(g, s, p)
                 return optax.apply_updates(p, updates), s
-            step = jax.jit(update, donate_argnums=(0, 1))
-            box = [params, state]
-
-            def run():
-                box[0], box[1] = step(box[0], box[1], grads)
-                jax.block_until_ready(box[0])
-            run()
-            return run
-        candidates["optax (jit, donated)"] = optax_setup
+            return tx.init(params), update
+        candidates["optax (jit, donated)"] = lambda: jax_runner(optax_step, shapes)
     if "mlx" in libraries:
-        def mlx_setup(compiled):
-            import mlx.core as mx
+        def mlx_peer():
             import mlx.optimizers as mo
 
-            from mlx.utils import tree_unflatten
-
-            params, grads = numpy_arrays(shapes)
-            # nested: mlx.optimizers.MultiOptimizer fails on dotted keys (KeyError, MLX's W4)
-            params = tree_unflatten([(k, mx.array(v)) for k, v in params.items()])
-            grads = tree_unflatten([(k, mx.array(v)) for k, v in grads.items()])
             if kind == "adamw":
-                opt = mo.AdamW(1e-3, weight_decay=0.01)
-            elif kind == "sgd":
-                opt = mo.SGD(1e-2, momentum=0.9)
-            else:
-                opt = mo.MultiOptimizer([mo.Muon(0.02), mo.AdamW(3e-4)], [lambda p, w: is_hidden(p, w.shape)])
-            opt.init(params)
-            box = {"params": params}
-            if compiled:
-                @mx.compile
-                def apply(p, s, g):
-                    opt.state = s
-                    return opt.apply_gradients(g, p), opt.state
+                return mo.AdamW(1e-3, weight_decay=0.01)
+            if kind == "sgd":
+                return mo.SGD(1e-2, momentum=0.9)
+            return mo.MultiOptimizer([mo.Muon(0.02), mo.AdamW(3e-4)], [lambda p, w: is_hidden(p, w.shape)])
 
-                def run():
-                    box["params"], state = apply(box["params"], opt.state, grads)
-                    opt.state = state
-                    mx.eval(box["params"], opt.state)
-            else:
-                def run():
-                    box["params"] = opt.apply_gradients(grads, box["params"])
-                    mx.eval(box["params"], opt.state)
-            run()
-            return run
-        candidates["mlx.optimizers eager"] = lambda: mlx_setup(False)
-        candidates["mlx.optimizers compiled"] = lambda: mlx_setup(True)
+        candidates["mlx.optimizers eager"] = lambda: mlx_runner(mlx_peer, shapes, compiled=False)
+        candidates["mlx.optimizers compiled"] = lambda: mlx_runner(mlx_peer, shapes, compiled=True)
     return candidates
 
 

@@ -10,7 +10,7 @@ import pytest
 import treeopt as optim
 from treeopt.tree import tree_flatten, tree_map, tree_unflatten
 
-from arrays import backend_params, make
+from arrays import as_float64, backend_params, make
 from registry import SETTINGS
 
 Pair = namedtuple("Pair", "first second")
@@ -405,3 +405,19 @@ def test_muon_bfloat16_newton_schulz_is_opt_in_and_close():
     assert np.linalg.norm(step_a - step_b) / np.linalg.norm(step_a) < 0.05
     with pytest.raises(ValueError, match="Muon ns_dtype"):
         optim.Muon(0.1, ns_dtype="int8")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_python_numbers_and_zero_d_arrays_work_on_every_backend(backend):
+    opt = optim.Adam(0.1)
+    params = {"scalar": make(2.0, backend), "number": 3.0, "w": make([1.0, 2.0], backend)}
+    grads = {"scalar": make(1.0, backend), "number": make(1.0, backend), "w": 1.0}
+    with pytest.raises(optim.ParameterError, match="gradient at 'w' has shape"):
+        opt.apply_gradients(grads, params)  # a number is a 0-d gradient, not a broadcast
+    grads["w"] = make([1.0, 1.0], backend)
+    new = opt.apply_gradients(grads, params)
+    for key, expected in (("scalar", 2.0), ("number", 3.0)):
+        value = as_float64(new[key])
+        step = 0.1 * 0.1 / (0.001 ** 0.5 + 1e-8)  # lr * m / (sqrt(v) + eps) after one Adam step
+        assert value.shape == () and value == pytest.approx(expected - step, rel=1e-5)
+    assert type(new["scalar"]) is type(params["scalar"]) and type(new["number"]) is type(params["scalar"])
