@@ -675,14 +675,20 @@ def test_a_truncated_file_is_an_error_at_every_offset(tmp_path, small_checkpoint
         assert _attempt(tmp_path, data[:offset], state, arrays) == "error", offset
 
 
-def test_random_truncations_of_a_larger_checkpoint(tmp_path):
+def saved_larger_checkpoint(tmp_path):
+    """A Muon + AdamW checkpoint after two steps: its values, optimizer, path, bytes and the
+    end of its header."""
     values = model_values()
     opt = muon_adamw()
     train(opt, on(values, "numpy"), "numpy", 2)
     path = tmp_path / "opt.safetensors"
     checkpoint.save(opt, path)
     data = path.read_bytes()
-    header_end = 8 + int.from_bytes(data[:8], "little")
+    return values, opt, path, data, 8 + int.from_bytes(data[:8], "little")
+
+
+def test_random_truncations_of_a_larger_checkpoint(tmp_path):
+    values, opt, path, data, header_end = saved_larger_checkpoint(tmp_path)
     rng = random.Random(1234)
     offsets = [rng.randrange(0, header_end) for _ in range(15)] + [rng.randrange(header_end, len(data)) for _ in range(15)]
     for offset in offsets:
@@ -716,13 +722,7 @@ def test_a_bit_flip_anywhere_is_an_error_never_wrong_values(tmp_path, small_chec
 
 
 def test_bit_flips_in_a_larger_checkpoint(tmp_path):
-    values = model_values()
-    opt = muon_adamw()
-    train(opt, on(values, "numpy"), "numpy", 2)
-    path = tmp_path / "opt.safetensors"
-    checkpoint.save(opt, path)
-    data = path.read_bytes()
-    header_end = 8 + int.from_bytes(data[:8], "little")
+    values, opt, path, data, header_end = saved_larger_checkpoint(tmp_path)
     rng = random.Random(99)
     positions = [rng.randrange(header_end, len(data)) for _ in range(30)] + [rng.randrange(8, header_end) for _ in range(30)]
     expected = state_by_key(opt)
