@@ -140,13 +140,9 @@ def test_a_bad_gradient_on_the_compiled_path_is_the_engine_error_and_changes_not
     opt.update(params, grads[1])
     before = [np.array(v, copy=True) for _, v in tree_flatten(opt.state)]
     values = [np.array(v, copy=True) for _, v in tree_flatten(params)]
-    for bad in (np.ones((6, 11), np.float32), np.ones((11, 6), np.float64), np.ones((6, 11), np.float32).T):
-        wrong = dict(grads[1], embed=bad)
-        if bad.flags.c_contiguous:
-            with pytest.raises(optim.ParameterError, match="'embed'"):
-                opt.update(params, wrong)
-        else:  # a transposed view is a fine gradient: the engine takes it
-            continue
+    for bad in (np.ones((6, 11), np.float32), np.ones((11, 6), np.float64)):  # shape, dtype
+        with pytest.raises(optim.ParameterError, match="'embed'"):
+            opt.update(params, dict(grads[1], embed=bad))
         for (_, a), b in zip(tree_flatten(opt.state), before):
             np.testing.assert_array_equal(a, b)
         for (_, a), b in zip(tree_flatten(params), values):

@@ -59,11 +59,8 @@ def _flat(tree):
 
 
 def _copy_containers(state):
+    """``state`` with new containers and the same arrays."""
     return tree_map(lambda leaf: leaf, state)
-
-
-def _get_state(optimizer):
-    return _copy_containers(optimizer.state)
 
 
 @contextlib.contextmanager
@@ -73,8 +70,7 @@ def _borrowed(optimizer, state):
     leaves = [leaf for _, _, leaf in leaf_optimizers(optimizer)]
     saved = [(leaf._state, leaf._initialized, leaf._backend) for leaf in leaves]
     try:
-        if state is not None:
-            optimizer.state = _copy_containers(state)  # checked against the parameters on use
+        optimizer.state = _copy_containers(state)  # checked against the parameters on use
         yield
     finally:
         for leaf, (own, initialized, backend) in zip(leaves, saved):
@@ -87,7 +83,7 @@ def init(optimizer, params):
     flat, _, _ = _flat(params)
     with _borrowed(optimizer, _scalars(optimizer)):
         optimizer.init(flat)
-        return _get_state(optimizer)
+        return _copy_containers(optimizer.state)
 
 
 def _scalars(optimizer):
@@ -108,7 +104,7 @@ def update(optimizer, grads, state, params):
     flat_grads, _, _ = _flat(grads)
     with _borrowed(optimizer, state):
         new = optimizer.apply_gradients(flat_grads, flat_params)
-        new_state = _get_state(optimizer)
+        new_state = _copy_containers(optimizer.state)
     return jax.tree_util.tree_unflatten(treedef, [new.get(n, flat_params[n]) for n in names]), new_state
 
 

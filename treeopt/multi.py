@@ -211,10 +211,17 @@ class MultiOptimizer(Optimizer):
         for child in self.optimizers:
             child._commit(backend)
 
-    def _warn_dead_filters(self):
+    def _dead_filters(self):
+        """Indices of the filters that no routed parameter went through."""
         used = set(self._routes.values())
-        for i in range(len(self.filters) - 1):
-            if i not in used and ("dead", i) not in self._warned:
+        return [i for i in range(len(self.filters) - 1) if i not in used]
+
+    def _plan_warnings(self):
+        return [f"{self._filter_name(i)} matches no parameter" for i in self._dead_filters()]
+
+    def _warn_dead_filters(self):
+        for i in self._dead_filters():
+            if ("dead", i) not in self._warned:
                 self._warned.add(("dead", i))
                 warn(f"MultiOptimizer: {self._filter_name(i)} matches no parameter, so "
                      f"{self.names[i]} updates nothing", RoutingWarning)

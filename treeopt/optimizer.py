@@ -333,6 +333,10 @@ class Optimizer:
         """``(shape, dtype)`` of a known parameter."""
         return self._params_info.get(keys, ((), "?"))
 
+    def _plan_warnings(self):
+        """What the plan should point out (``MultiOptimizer``: filters that match nothing)."""
+        return []
+
     def _prepare_step(self, leaves, owners):
         """Whole-model work between checking and committing (``MultiOptimizer``: clipping,
         the non-finite guard, accumulation). Returns the leaves and owners to update, the

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from treeopt._trees import dotted
 from treeopt.backends import backend_of
+from treeopt.optimizer import _as_float
 
 __all__ = ["Plan", "Row", "Group", "PlanDiff", "build"]
 
@@ -223,8 +224,5 @@ def build(optimizer):
         totals[group][2] += state_bytes
     groups = [Group(i, name, type(leaf).__name__, *totals[i], hyperparameters=hyper[id(leaf)])
               for i, (name, _, leaf) in enumerate(named)]
-    step = int(backend_of(optimizer.step).to_float(optimizer.step)) if backend_of(optimizer.step).name != "python" \
-        else int(optimizer.step)
-    warnings = [f"{optimizer._filter_name(i)} matches no parameter" for i in range(len(getattr(optimizer, "filters", [])) - 1)
-                if i not in set(getattr(optimizer, "_routes", {}).values())] if hasattr(optimizer, "_routes") else []
-    return Plan(step, groups, rows, list(getattr(optimizer, "changes", [])), warnings)
+    return Plan(int(_as_float(optimizer.step)), groups, rows, list(getattr(optimizer, "changes", [])),
+                optimizer._plan_warnings())
