@@ -20,6 +20,7 @@ names) are updated once, under the first name. State slots live on each paramete
 
 import torch
 
+from treeopt import checkpoint
 from treeopt.optimizer import Optimizer as _Optimizer
 
 __all__ = ["Optimizer"]
@@ -104,15 +105,11 @@ class Optimizer:
         with the metadata that lets :meth:`load_state_dict` check it: see
         :mod:`treeopt.checkpoint`. Plain tensors and Python values, so
         ``torch.save`` and ``torch.distributed.checkpoint`` can store it."""
-        from treeopt import checkpoint
-
         tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self._trainable()))
         return {"tensors": tensors, "metadata": metadata}
 
     def load_state_dict(self, state_dict, strict: bool = True):
         """Load a state saved by :meth:`state_dict` (or any treeopt checkpoint's content),
         matched by parameter name, never by position. Returns the load report."""
-        from treeopt import checkpoint
-
         self.init()
         return checkpoint.from_flat(self.optimizer, state_dict["tensors"], state_dict["metadata"], strict=strict)
