@@ -39,7 +39,7 @@ def run_one(job):
     hyper = setups.Hyper(**settings)
     data = training_gpt.Data(context=64, batch_size=32)
     model = training_gpt.build_model(seed)
-    optimizer = setups.make(setup, dict(model.named_parameters()), steps, hyper)
+    optimizer = setups.make(setup, model, steps, hyper)
     began = time.perf_counter()
     curve, seconds = training_gpt.train(model, optimizer, data, steps, seed, evaluations=1)
     return {**job, "final_val_loss": curve.val_loss[-1], "train_seconds": seconds,

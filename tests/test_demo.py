@@ -73,20 +73,21 @@ def test_other_frameworks_are_refused_with_a_pointer_to_what_exists(capsys):
 
 
 def test_the_three_setups_route_as_their_names_say():
-    params = dict(gpt.build(0).named_parameters())
-    routed = setups.make("muon_adamw", params, steps=10)
+    model = gpt.build(0)
+    params = dict(model.named_parameters())
+    routed = setups.make("muon_adamw", model, steps=10).optimizer
     names = {path: routed.names[routed.route(path)] for path in params}
     assert names["blocks.2.mlp.fc.weight"] == names["blocks.0.attn.proj.weight"] == "muon"
     assert names["tok_embed.weight"] == names["pos_embed.weight"] == names["head.weight"] == "adamw"
     assert names["blocks.0.ln1.weight"] == names["ln_f.bias"] == "adamw_no_decay"
 
     with pytest.warns(RoutingWarning) as caught:
-        naive = setups.make("Muon everywhere", params, steps=10)
+        naive = setups.make("Muon everywhere", model, steps=10).optimizer
     warned = " ".join(str(w.message) for w in caught)
     assert "tok_embed.weight" in warned and "head.weight" in warned
     assert all(naive.route(path) == 0 for path, p in params.items() if p.ndim == 2)
 
-    adamw = setups.make("AdamW", params, steps=10)
+    adamw = setups.make("AdamW", model, steps=10).optimizer
     assert {adamw.names[adamw.route(path)] for path in params} == {"adamw", "adamw_no_decay"}
     assert adamw.optimizers[0].weight_decay == setups.Hyper().weight_decay
     assert adamw.optimizers[1].weight_decay == 0

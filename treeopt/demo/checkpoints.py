@@ -1,5 +1,6 @@
 """Stop and resume the demo's runs: per run, the model's weights, the optimizer's state (a
-treeopt checkpoint, keyed by parameter name) and the curve so far."""
+treeopt checkpoint, keyed by parameter name) and the curve so far. ``optimizer`` is the
+run's :class:`treeopt.torch.Optimizer`; the file holds its treeopt optimizer's state."""
 
 import json
 import pathlib
@@ -19,7 +20,7 @@ def save(folder, setup, model, optimizer, step, curve, seconds):
     pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
     model_file, optimizer_file, curve_file = _files(folder, setup)
     torch.save(model.state_dict(), model_file)
-    checkpoint.save(optimizer, str(optimizer_file))
+    checkpoint.save(optimizer.optimizer, str(optimizer_file))
     progress = {"step": step, "seconds": seconds, "curve": vars(curve)}
     curve_file.write_text(json.dumps(progress).replace("NaN", "null"))
 
@@ -39,6 +40,6 @@ def resume(folder, setup, model, optimizer):
         return 0, None, 0.0
     progress = json.loads(curve_file.read_text())
     model.load_state_dict(torch.load(model_file, weights_only=True))
-    checkpoint.load(optimizer, str(optimizer_file), params=dict(model.named_parameters()))
+    checkpoint.load(optimizer.optimizer, str(optimizer_file), params=dict(model.named_parameters()))
     curve = Curve(**{k: [float("nan") if v is None else v for v in values] for k, values in progress["curve"].items()})
     return progress["step"], curve, progress["seconds"]

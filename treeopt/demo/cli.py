@@ -107,17 +107,16 @@ def run(args, console):
     for number, setup in enumerate(setups.SETUPS, 1):
         name = NAMES[setup]
         model = training_gpt.build_model(args.seed, config)  # the same start for every run
-        params = dict(model.named_parameters())
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            optimizer = setups.make(setup, params, args.steps, hyper)
-        plans[setup] = optimizer.plan(params)
+            optimizer = setups.make(setup, model, args.steps, hyper)
+        plans[setup] = optimizer.plan()
         console.print(f"\n[bold][{number}/{len(setups.SETUPS)}] {name}[/]: {setups.DESCRIPTIONS[setup]}")
         if setup == "muon_adamw":
             console.print("The routing plan (every parameter: its group, rule, state and learning rate):")
             console.print(plans[setup])
         if setup == "Muon everywhere":
-            moved = plans["Muon everywhere"].diff(_plan_of("muon_adamw", params, args.steps, hyper)).moved
+            moved = plans[setup].diff(_plan_of("muon_adamw", model, args.steps, hyper)).moved
             console.print("  parameters that muon_adamw routes elsewhere: "
                           + ", ".join(f"{path} ({here} -> {there})" for path, here, there in moved))
         for warning in caught:
@@ -148,12 +147,12 @@ def run(args, console):
     return record
 
 
-def _plan_of(setup, params, steps, hyper):
+def _plan_of(setup, model, steps, hyper):
     from treeopt.demo import setups
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return setups.make(setup, params, steps, hyper).plan(params)
+        return setups.make(setup, model, steps, hyper).plan()
 
 
 def _train(args, name, setup, model, optimizer, data, console):

@@ -48,9 +48,18 @@ def lr_multiplier(steps, warmup):
         [optim.linear_schedule(0.0, 1.0, warm), optim.cosine_decay(1.0, max(1, steps - warm))], [warm])
 
 
-def make(setup, params, steps, hyper=Hyper()):
-    """The optimizer of ``setup`` (one of :data:`SETUPS`) for ``params`` (a dict of named
-    tensors), routed now so its plan can be shown."""
+def make(setup, model, steps, hyper=Hyper()):
+    """The optimizer of ``setup`` (one of :data:`SETUPS`) for ``model`` (a ``torch.nn.Module``):
+    a ``torch.optim.Optimizer`` (:class:`treeopt.torch.Optimizer`) that routes the model's
+    parameters now, by name and module type (``nn.Embedding``, the output ``nn.Linear``), so
+    its plan can be shown and the guards warn before the first step."""
+    import treeopt.torch
+
+    return treeopt.torch.Optimizer(model, routing(setup, steps, hyper))
+
+
+def routing(setup, steps, hyper=Hyper()):
+    """The treeopt optimizer of ``setup``, before it meets a model."""
     betas = (0.9, hyper.beta2)
     common = {"lr_schedule": lr_multiplier(steps, hyper.warmup), "max_grad_norm": hyper.max_grad_norm}
     if setup == "AdamW":
@@ -64,14 +73,13 @@ def make(setup, params, steps, hyper=Hyper()):
              optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
             [ndim(min=2)], names=["muon", "adamw_no_decay"], **common)
     elif setup == "muon_adamw":
-        optimizer = _muon_adamw(params, hyper, betas, common)
+        optimizer = _muon_adamw(hyper, betas, common)
     else:
         raise ValueError(f"unknown set-up {setup!r}: expected one of {SETUPS}")
-    optimizer.plan(params)  # route every parameter now (and raise the guards' warnings here)
     return optimizer
 
 
-def _muon_adamw(params, hyper, betas, common):
+def _muon_adamw(hyper, betas, common):
     # TODO(muon branch): treeopt.muon_adamw with decoupled Muon decay
     from treeopt.filters import is_bias, is_hidden_matrix, is_norm
     return optim.MultiOptimizer(

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import treeopt.torch
 from treeopt.demo import gpt, text
 
 
@@ -82,8 +81,8 @@ def evaluation_steps(steps, evaluations=24):
 
 def train(model, optimizer, data, steps, seed, *, start=0, stop=None, curve=None, seconds=0.0, on_step=None,
           evaluations=24):
-    """Train ``model`` (a :class:`gpt.GPT`) in place with ``optimizer`` (a treeopt
-    optimizer of its named parameters) for steps ``start + 1 .. stop`` of ``steps``.
+    """Train ``model`` (a :class:`gpt.GPT`) in place with ``optimizer`` (a
+    :class:`treeopt.torch.Optimizer` of it) for steps ``start + 1 .. stop`` of ``steps``.
 
     ``curve`` and ``seconds`` carry a resumed run's history. ``on_step(step, loss, seconds)``
     is called after every step (for a progress bar). The validation loss is measured at step
@@ -91,8 +90,6 @@ def train(model, optimizer, data, steps, seed, *, start=0, stop=None, curve=None
     """
     stop = steps if stop is None else stop
     curve = curve if curve is not None else Curve()
-    params = dict(model.named_parameters())
-    wrapped = treeopt.torch.Optimizer(params.items(), optimizer)
     schedule = data.schedule(steps, seed)
     evaluate_at = set(evaluation_steps(steps, evaluations))
     if start == 0 and not curve.steps:
@@ -103,8 +100,8 @@ def train(model, optimizer, data, steps, seed, *, start=0, stop=None, curve=None
         inputs, targets = data.batch(schedule[step - 1])
         loss = model.loss(inputs, targets)
         loss.backward()
-        wrapped.step()
-        wrapped.zero_grad()
+        optimizer.step()
+        optimizer.zero_grad()
         loss = loss.item()
         seconds += time.perf_counter() - began
         recent.append(loss)
