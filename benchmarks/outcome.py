@@ -42,7 +42,7 @@ def run_one(job):
     optimizer = setups.make(setup, model, steps, hyper)
     began = time.perf_counter()
     curve, seconds = training_gpt.train(model, optimizer, data, steps, seed, evaluations=1)
-    return {**job, "final_val_loss": curve.val_loss[-1], "train_seconds": seconds,
+    return {**job, "final_val_loss": curve.val_loss[-1], "train_seconds": seconds[0], "cpu_seconds": seconds[1],
             "wall_seconds": time.perf_counter() - began, "curve": {"steps": curve.steps, "val_loss": curve.val_loss}}
 
 

@@ -103,10 +103,10 @@ def test_the_learning_rate_multiplier_warms_up_then_decays_to_zero():
 def test_curve_reach_interpolates_between_evaluations():
     curve = Curve()
     for step, seconds, loss in ((0, 0.0, 5.0), (10, 2.0, 3.0), (20, 4.0, 2.0)):
-        curve.add(step, seconds, loss, float("nan"))
-    assert curve.reach(2.5) == pytest.approx((15.0, 3.0))
-    assert curve.reach(3.0) == (10, 2.0)
-    assert curve.reach(1.9) == (None, None)
+        curve.add(step, seconds, seconds / 2, loss, float("nan"))
+    assert curve.reach(2.5) == pytest.approx((15.0, 3.0, 1.5))
+    assert curve.reach(3.0) == (10, 2.0, 1.0)
+    assert curve.reach(6.0) == (0.0, 0.0, 0.0) and curve.reach(1.9) is None
 
 
 def test_shipped_text_is_the_stdlib_with_whole_modules_held_out():

@@ -21,25 +21,25 @@ def save(folder, setup, model, optimizer, step, curve, seconds):
     model_file, optimizer_file, curve_file = _files(folder, setup)
     torch.save(model.state_dict(), model_file)
     checkpoint.save(optimizer.optimizer, str(optimizer_file))
-    progress = {"step": step, "seconds": seconds, "curve": vars(curve)}
+    progress = {"step": step, "seconds": list(seconds), "curve": vars(curve)}
     curve_file.write_text(json.dumps(progress).replace("NaN", "null"))
 
 
 def resume(folder, setup, model, optimizer):
     """Load the run's checkpoint from ``folder`` into ``model`` and ``optimizer`` if there is
-    one. Returns ``(step, curve, seconds)``: ``(0, None, 0.0)`` without a checkpoint."""
+    one. Returns ``(step, curve, (wall, CPU) seconds)``: ``(0, None, (0.0, 0.0))`` without one."""
     import torch
 
     from treeopt import checkpoint
     from treeopt.demo.training_gpt import Curve
 
     if not folder:
-        return 0, None, 0.0
+        return 0, None, (0.0, 0.0)
     model_file, optimizer_file, curve_file = _files(folder, setup)
     if not curve_file.exists():
-        return 0, None, 0.0
+        return 0, None, (0.0, 0.0)
     progress = json.loads(curve_file.read_text())
     model.load_state_dict(torch.load(model_file, weights_only=True))
     checkpoint.load(optimizer.optimizer, str(optimizer_file), params=dict(model.named_parameters()))
     curve = Curve(**{k: [float("nan") if v is None else v for v in values] for k, values in progress["curve"].items()})
-    return progress["step"], curve, progress["seconds"]
+    return progress["step"], curve, tuple(progress["seconds"])

@@ -77,7 +77,10 @@ def main(argv=None):
     except ImportError as error:
         raise SystemExit(f"the demo needs PyTorch, rich and matplotlib ({error}): "
                          "pip install -e '.[demo]' (or `python -m treeopt.demo digits`, NumPy only)")
-    return run(args, Console())
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: do not squeeze the tables into 80 columns
+        console = Console(width=130)
+    return run(args, console)
 
 
 def run(args, console):
@@ -173,7 +176,7 @@ def _train(args, name, setup, model, optimizer, data, console):
 
         def on_step(step, loss, elapsed):
             progress.update(task, completed=step, loss=f"{loss:.3f}",
-                            speed=f"{(step - start) * tokens / max(elapsed - seconds, 1e-9):,.0f}")
+                            speed=f"{(step - start) * tokens / max(elapsed - seconds[0], 1e-9):,.0f}")
 
         if start < stop:
             curve, seconds = training_gpt.train(model, optimizer, data, args.steps, args.seed, start=start,

@@ -10,23 +10,28 @@ COLOURS = ("#1f77b4", "#d62728", "#2ca02c")
 
 
 def summarise(runs, steps):
-    """Per run: final validation loss, and steps and wall time to reach the target (the first
-    run's, tuned AdamW's, final validation loss), also as ratios of the first run's."""
-    names = list(runs)
-    target = runs[names[0]]["curve"].val_loss[-1]
-    base_steps, base_seconds = steps, runs[names[0]]["seconds"]
+    """Per run: final validation loss, and steps, wall time and CPU time to reach the target
+    (the first run's, tuned AdamW's, final validation loss), also as ratios of the first
+    run's totals. ``runs``: ``{name: {"curve": Curve, "seconds": (wall, cpu)}}``."""
+    first = next(iter(runs.values()))
+    target = first["curve"].val_loss[-1]
+    base_wall, base_cpu = first["seconds"]
     summary = {}
     for name, run in runs.items():
-        curve = run["curve"]
-        step, seconds = curve.reach(target)
+        curve, (wall, cpu) = run["curve"], run["seconds"]
+        step, wall_to, cpu_to = curve.reach(target) or (None, None, None)
+        reached = step is not None
         summary[name] = {
             "final_val_loss": curve.val_loss[-1],
             "steps_to_target": step,
-            "seconds_to_target": seconds,
-            "steps_ratio": None if step is None else step / base_steps,
-            "seconds_ratio": None if seconds is None else seconds / base_seconds,
-            "train_seconds": run["seconds"],
-            "ms_per_step": 1000 * run["seconds"] / steps,
+            "seconds_to_target": wall_to,
+            "cpu_seconds_to_target": cpu_to,
+            "steps_ratio": step / steps if reached else None,
+            "seconds_ratio": wall_to / base_wall if reached else None,
+            "cpu_seconds_ratio": cpu_to / base_cpu if reached else None,
+            "train_seconds": wall,
+            "train_cpu_seconds": cpu,
+            "ms_per_step": 1000 * wall / steps,
         }
     return target, summary
 
@@ -37,7 +42,7 @@ def table(target, summary, console):
     grid = Table(title=f"Target: tuned AdamW's final validation loss, {target:.4f} nats/byte",
                  title_justify="left")
     for column in ("run", "final val loss", "steps to target", "x AdamW", "time to target", "x AdamW",
-                   "ms / step", "training time"):
+                   "CPU x AdamW", "ms / step", "training time"):
         grid.add_column(column, justify="left" if column == "run" else "right")
     for name, s in summary.items():
         reached = s["steps_to_target"] is not None
@@ -46,8 +51,11 @@ def table(target, summary, console):
                      f"{s['steps_ratio']:.2f}" if reached else "-",
                      f"{s['seconds_to_target']:.1f} s" if reached else "-",
                      f"{s['seconds_ratio']:.2f}" if reached else "-",
+                     f"{s['cpu_seconds_ratio']:.2f}" if reached else "-",
                      f"{s['ms_per_step']:.0f}", f"{s['train_seconds']:.1f} s")
     console.print(grid)
+    console.print("  time: wall seconds of the training steps (evaluations excluded); CPU: this process's CPU "
+                  "seconds, which other work on the machine disturbs less")
 
 
 def plot(runs, target, path):
@@ -105,6 +113,7 @@ def write_json(path, *, settings, hyper, target, summary, runs, plan):
         "settings": settings, "hyperparameters": hyper, "versions": versions(),
         "target_val_loss": target,
         "runs": {name: {**summary[name], "curve": {"step": run["curve"].steps, "seconds": run["curve"].seconds,
+                                                   "cpu_seconds": run["curve"].cpu_seconds,
                                                    "val_loss": run["curve"].val_loss,
                                                    "train_loss": [_finite(x) for x in run["curve"].train_loss]}}
                  for name, run in runs.items()},

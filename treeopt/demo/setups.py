@@ -23,9 +23,9 @@ class Hyper:
 
     adamw_lr: float = 3e-3
     beta2: float = 0.99
-    weight_decay: float = 0.1  # AdamW's, on the matrices it owns (decoupled: w *= 1 - lr * wd)
+    #: on every matrix, decoupled (w *= 1 - lr * wd): AdamW's, and Muon's as in muon_adamw
+    weight_decay: float = 0.1
     muon_lr: float = 0.02
-    muon_weight_decay: float = 0.0
     warmup: float = 0.2  # fraction of the steps
     max_grad_norm: float = 1.0
 
@@ -68,22 +68,14 @@ def routing(setup, steps, hyper=Hyper()):
              optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
             [ndim(min=2)], names=["adamw", "adamw_no_decay"], **common)
     elif setup == "Muon everywhere":
+        # the same Muon as muon_adamw's, given every matrix
+        muon = optim.muon_adamw(muon_lr=hyper.muon_lr, weight_decay=hyper.weight_decay).optimizers[0]
         optimizer = optim.MultiOptimizer(
-            [optim.Muon(hyper.muon_lr, weight_decay=hyper.muon_weight_decay),
-             optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
+            [muon, optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
             [ndim(min=2)], names=["muon", "adamw_no_decay"], **common)
     elif setup == "muon_adamw":
-        optimizer = _muon_adamw(hyper, betas, common)
+        optimizer = optim.muon_adamw(muon_lr=hyper.muon_lr, adamw_lr=hyper.adamw_lr, betas=betas,
+                                     weight_decay=hyper.weight_decay, **common)
     else:
         raise ValueError(f"unknown set-up {setup!r}: expected one of {SETUPS}")
     return optimizer
-
-
-def _muon_adamw(hyper, betas, common):
-    # TODO(muon branch): treeopt.muon_adamw with decoupled Muon decay
-    from treeopt.filters import is_bias, is_hidden_matrix, is_norm
-    return optim.MultiOptimizer(
-        [optim.Muon(hyper.muon_lr, weight_decay=hyper.muon_weight_decay),
-         optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True),
-         optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=hyper.weight_decay, bias_correction=True)],
-        [is_hidden_matrix, is_bias | is_norm | ndim(max=1)], names=["muon", "adamw_no_decay", "adamw"], **common)

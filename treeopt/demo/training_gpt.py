@@ -17,32 +17,33 @@ from treeopt.demo import gpt, text
 
 @dataclass
 class Curve:
-    """The validation loss every ``eval_every`` steps (step 0 included), with the training
-    seconds spent up to that step and the mean training loss since the previous point."""
+    """The validation loss at some steps (step 0 included), with the training time spent up
+    to that step (wall seconds, and CPU seconds of this process, which a busy machine
+    disturbs less) and the mean training loss since the previous point."""
 
     steps: list = field(default_factory=list)
     seconds: list = field(default_factory=list)
+    cpu_seconds: list = field(default_factory=list)
     val_loss: list = field(default_factory=list)
     train_loss: list = field(default_factory=list)
 
-    def add(self, step, seconds, val_loss, train_loss):
+    def add(self, step, seconds, cpu_seconds, val_loss, train_loss):
         self.steps.append(step)
         self.seconds.append(seconds)
+        self.cpu_seconds.append(cpu_seconds)
         self.val_loss.append(val_loss)
         self.train_loss.append(train_loss)
 
     def reach(self, target):
-        """``(step, seconds)`` at which the validation loss first reaches ``target``,
-        interpolated linearly between evaluations; ``(None, None)`` if it never does."""
+        """``(step, seconds, cpu_seconds)`` at which the validation loss first reaches
+        ``target``, interpolated linearly between evaluations; ``None`` if it never does."""
         for i, loss in enumerate(self.val_loss):
             if loss <= target:
                 if i == 0:
-                    return 0.0, 0.0
-                before = self.val_loss[i - 1]
-                t = (before - target) / (before - loss)
-                return (self.steps[i - 1] + t * (self.steps[i] - self.steps[i - 1]),
-                        self.seconds[i - 1] + t * (self.seconds[i] - self.seconds[i - 1]))
-        return None, None
+                    return 0.0, 0.0, 0.0
+                t = (self.val_loss[i - 1] - target) / (self.val_loss[i - 1] - loss)
+                return tuple(xs[i - 1] + t * (xs[i] - xs[i - 1]) for xs in (self.steps, self.seconds, self.cpu_seconds))
+        return None
 
 
 class Data:
@@ -79,12 +80,12 @@ def evaluation_steps(steps, evaluations=24):
     return sorted(set(range(0, steps, every)) | {steps})
 
 
-def train(model, optimizer, data, steps, seed, *, start=0, stop=None, curve=None, seconds=0.0, on_step=None,
-          evaluations=24):
+def train(model, optimizer, data, steps, seed, *, start=0, stop=None, curve=None, seconds=(0.0, 0.0),
+          on_step=None, evaluations=24):
     """Train ``model`` (a :class:`gpt.GPT`) in place with ``optimizer`` (a
     :class:`treeopt.torch.Optimizer` of it) for steps ``start + 1 .. stop`` of ``steps``.
 
-    ``curve`` and ``seconds`` carry a resumed run's history. ``on_step(step, loss, seconds)``
+    ``curve`` and ``seconds`` (wall, CPU) carry a resumed run's history. ``on_step(step, loss, seconds)``
     is called after every step (for a progress bar). The validation loss is measured at step
     0 and about ``evaluations`` times more. Returns ``(curve, seconds)``.
     """
@@ -93,24 +94,26 @@ def train(model, optimizer, data, steps, seed, *, start=0, stop=None, curve=None
     schedule = data.schedule(steps, seed)
     evaluate_at = set(evaluation_steps(steps, evaluations))
     if start == 0 and not curve.steps:
-        curve.add(0, 0.0, validation_loss(model, data), float("nan"))
+        curve.add(0, 0.0, 0.0, validation_loss(model, data), float("nan"))
+    wall, cpu = seconds
     recent = []
     for step in range(start + 1, stop + 1):
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         inputs, targets = data.batch(schedule[step - 1])
         loss = model.loss(inputs, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         loss = loss.item()
-        seconds += time.perf_counter() - began
+        wall += time.perf_counter() - began
+        cpu += time.process_time() - began_cpu
         recent.append(loss)
         if step in evaluate_at:
-            curve.add(step, seconds, validation_loss(model, data), float(np.mean(recent)))
+            curve.add(step, wall, cpu, validation_loss(model, data), float(np.mean(recent)))
             recent = []
         if on_step is not None:
-            on_step(step, loss, seconds)
-    return curve, seconds
+            on_step(step, loss, wall)
+    return curve, (wall, cpu)
 
 
 def build_model(seed, config=gpt.Config()):
