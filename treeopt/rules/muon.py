@@ -17,7 +17,7 @@ only; route them to AdamW with MultiOptimizer.
 
 from math import sqrt as py_sqrt
 
-from treeopt.ops import addmm, astype, cast, dtype_name, matmul, sqrt, swap_last, total
+from treeopt.ops import addmm, astype, cast, dtype_name, matmul, on_whole, sqrt, swap_last, total
 from treeopt.rules.base import Rule, active
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -50,14 +50,22 @@ def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, decays,
     direction = grad * one_minus_momentum + v * momentum if nesterov else v
     if direction.ndim >= 2:
         shape = tuple(direction.shape)
-        matrix = direction.reshape((shape[0], -1)) if len(shape) > 2 else direction
-        if ns_dtype is None:
-            orthogonal = newton_schulz(matrix, ns_steps)
-        else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
-            orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps), dtype_name(matrix))
-        direction = orthogonal.reshape(shape)
+        # a matrix split across devices is orthogonalised whole, then split back as it was
+        direction = on_whole(lambda d: orthogonalise(d, ns_steps, ns_dtype), direction)
         lr = lr * cast(py_sqrt(max(1.0, shape[-2] / shape[-1])), lr)
     return param - lr * direction, v
+
+
+def orthogonalise(direction, ns_steps, ns_dtype):
+    """Newton-Schulz on ``direction`` taken as a matrix (more dims flattened to
+    ``(shape[0], -1)``), in its own shape."""
+    shape = tuple(direction.shape)
+    matrix = direction.reshape((shape[0], -1)) if len(shape) > 2 else direction
+    if ns_dtype is None:
+        orthogonal = newton_schulz(matrix, ns_steps)
+    else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
+        orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps), dtype_name(matrix))
+    return orthogonal.reshape(shape)
 
 
 MUON = Rule("muon", muon, muon_coefficients, slots=("v",), elementwise=False,
