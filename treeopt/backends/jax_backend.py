@@ -122,6 +122,10 @@ class JaxBackend(Backend):
         mesh, spec = _mesh_of(x)
         if mesh is None:
             return fn(x)
+        if not isinstance(x, jax.core.Tracer):  # outside jit: compute on one full copy per device
+            placement = x.sharding
+            return jax.device_put(fn(jax.device_put(x, jax.sharding.NamedSharding(placement.mesh, _REPLICATED))),
+                                  placement)
         explicit = jax.sharding.AxisType.Explicit
         if all(kind == explicit for kind in mesh.axis_types):
             if all(axis is None for axis in spec):
