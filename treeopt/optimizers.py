@@ -8,6 +8,7 @@ value then lives in the state under its name, like ``learning_rate``.
 import numbers
 
 from treeopt import rules
+from treeopt.filters import is_embedding, is_head
 from treeopt.optimizer import Optimizer
 
 
@@ -398,8 +399,6 @@ class Muon(_Builtin):
     def unsuited(self, path, parameter):
         """Muon orthogonalises hidden matrices. In a MultiOptimizer it warns (or refuses) on
         vectors and scalars, embeddings and output heads, unless ``allow`` names them."""
-        from treeopt.filters import is_embedding, is_head
-
         if len(parameter.shape) < 2 and "vectors" not in self.allow:
             return (f"Muon got a {len(parameter.shape)}-D tensor: it orthogonalises matrices "
                     "(route vectors and scalars to AdamW, or Muon(allow=['vectors']))")
