@@ -116,7 +116,8 @@ class JaxBackend(Backend):
         ``fn`` runs on it and its result is resharded back to ``x``'s sharding (a slice).
         Auto axes: ``fn`` runs inside ``shard_map`` on the full, replicated ``x``, so the
         compiler cannot split ``fn``'s own computation (which would add collectives in every
-        iteration of Newton-Schulz and change the rounding). Either way each device computes
+        iteration of Newton-Schulz and change the rounding). Outside ``jit``, ``x`` is copied
+        whole to every device and ``fn`` runs op by op on the copies. Each device computes
         exactly what one device would, so the result is the unsharded one.
         """
         mesh, spec = _mesh_of(x)
@@ -124,6 +125,8 @@ class JaxBackend(Backend):
             return fn(x)
         if not isinstance(x, jax.core.Tracer):  # outside jit: compute on one full copy per device
             placement = x.sharding
+            if not isinstance(placement, jax.sharding.NamedSharding):
+                return fn(x)
             return jax.device_put(fn(jax.device_put(x, jax.sharding.NamedSharding(placement.mesh, _REPLICATED))),
                                   placement)
         explicit = jax.sharding.AxisType.Explicit
