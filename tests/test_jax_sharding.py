@@ -21,7 +21,7 @@ jax = pytest.importorskip("jax", reason="JAX tests need jax")
 CHILD = "TREEOPT_TEST_FOUR_HOST_DEVICES"
 FOUR_DEVICES = "--xla_force_host_platform_device_count=4"
 CHECKS = ["init_shards_state_like_parameters", "jitted_steps_trace_once_and_keep_sharding",
-          "muon_on_sharded_matrices_equals_one_device", "muon_on_a_2d_mesh_and_outside_jit", "collectives_are_one_gather_per_sharded_matrix",
+          "muon_on_sharded_matrices_equals_one_device", "muon_on_a_2d_mesh_outside_jit_and_in_shard_map", "collectives_are_one_gather_per_sharded_matrix",
           "optax_adapter_in_a_flax_loop"]
 
 if os.environ.get(CHILD) != "1":
@@ -144,16 +144,16 @@ else:
             for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference_state), strict=True):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    def test_muon_on_a_2d_mesh_and_outside_jit():
+    def test_muon_on_a_2d_mesh_outside_jit_and_in_shard_map():
         rng = np.random.default_rng(7)
         weight, grad = (rng.standard_normal((16, 24)).astype(np.float32) for _ in range(2))
 
-        def one_step(place, jit):
+        def one_step_on(w, g):
             opt = optim.Muon(0.02)
-            w = place(weight)
-            step = lambda w, g, s: tj.update(opt, {"w": g}, s, {"w": w})  # noqa: E731
-            new, _ = (jax.jit(step) if jit else step)(w, place(grad), tj.init(opt, {"w": w}))
-            return new["w"]
+            return tj.update(opt, {"w": g}, tj.init(opt, {"w": w}), {"w": w})[0]["w"]
+
+        def one_step(place, jit):
+            return (jax.jit(one_step_on) if jit else one_step_on)(place(weight), place(grad))
 
         # a matrix split along both axes of a 2-D mesh, in a jitted step
         mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
@@ -168,6 +168,15 @@ else:
             sharded = one_step(lambda a: jax.device_put(a, rows), jit=False)
             assert sharded.sharding == rows
             np.testing.assert_array_equal(np.asarray(sharded), np.asarray(reference), err_msg=str(kind))
+        # inside shard_map the user has chosen per-device blocks: each block is its own matrix
+        rows = NamedSharding(mesh_1d(AxisType.Explicit), P("x", None))
+        blockwise = jax.jit(jax.shard_map(lambda w, g: one_step_on(w, g), mesh=rows.mesh, in_specs=(P("x", None),) * 2,
+                                          out_specs=P("x", None)))(*(jax.device_put(a, rows) for a in (weight, grad)))
+        blockwise = np.asarray(blockwise)
+        for block in range(4):
+            part = slice(4 * block, 4 * block + 4)
+            expected = jax.jit(one_step_on)(jnp.asarray(weight[part]), jnp.asarray(grad[part]))
+            np.testing.assert_array_equal(blockwise[part], np.asarray(expected))
 
     def test_collectives_are_one_gather_per_sharded_matrix():
         sharded_muon = [name for name in MUON if LAYOUT[name][1] != P()]

@@ -148,4 +148,6 @@ def _mesh_of(x):
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or mesh.empty or mesh.size == 1:
         return None, None
+    if all(kind == jax.sharding.AxisType.Manual for kind in mesh.axis_types):
+        return None, None  # inside shard_map: x is this device's own block, as the user chose
     return mesh, sharding.spec
