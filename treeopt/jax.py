@@ -96,7 +96,31 @@ def init(optimizer, params):
     flat, _, _ = _flat(params)
     with _borrowed(optimizer, optimizer.scalar_state()):
         optimizer.init(flat)
-        return _copy_containers(optimizer.state)
+        return _on_mesh_of(flat.values(), _copy_containers(optimizer.state))
+
+
+def _on_mesh_of(params, state):
+    """``state`` with the arrays that are on no mesh (the step, learning rates) copied to every
+    device of the parameters' mesh. Slots already follow their parameters' sharding. A jitted
+    step returns its scalars on the mesh: starting them there too keeps step 2 from retracing."""
+    mesh = next((sharding.mesh for sharding in map(_sharding, params)
+                 if isinstance(sharding, jax.sharding.NamedSharding)), None)
+    if mesh is None or mesh.size == 1:
+        return state
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(leaf):
+        sharding = _sharding(leaf)
+        return jax.device_put(leaf, replicated) if isinstance(sharding, jax.sharding.SingleDeviceSharding) else leaf
+
+    return tree_map(place, state)
+
+
+def _sharding(leaf):
+    """A concrete array's sharding; ``None`` for a tracer or anything else."""
+    if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+        return None
+    return leaf.sharding
 
 
 def update(optimizer, grads, state, params):
