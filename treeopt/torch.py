@@ -114,5 +114,10 @@ class Optimizer:
         matched by parameter name, never by position. Returns the load report."""
         from treeopt import checkpoint
 
-        self.init()
-        return checkpoint.from_flat(self.optimizer, state_dict["tensors"], state_dict["metadata"], strict=strict)
+        if not isinstance(state_dict, dict) or set(state_dict) != {"tensors", "metadata"}:
+            found = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise checkpoint.CheckpointError(
+                f"load_state_dict expects the dict state_dict() returns, with 'tensors' and 'metadata'; got {found}")
+        with torch.no_grad():  # checked first, initialised and loaded together, or nothing changes
+            return checkpoint.load_content(self.optimizer, state_dict["tensors"], state_dict["metadata"],
+                                           params=self._trainable(), strict=strict)
