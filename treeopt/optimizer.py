@@ -16,6 +16,7 @@ from treeopt import _trees
 from treeopt.backends import backend_of, numpy_backend
 from treeopt.errors import MissingParameterError, ParameterError, describe
 from treeopt.tree import is_container, items, rebuild
+from treeopt.values import hyper
 
 _MISSING = object()
 #: state keys that are never parameter names; a top-level parameter with one of these names
@@ -104,7 +105,7 @@ class Optimizer:
 
     @learning_rate.setter
     def learning_rate(self, value):
-        self._state["learning_rate"] = self._scalar(value)
+        self._state["learning_rate"] = self._scalar(hyper(value, f"{type(self).__name__} learning_rate"))
 
     def _scalar(self, value, dtype="float32"):
         """A state scalar: an array of the state's library. Numbers (an integer learning
@@ -124,9 +125,19 @@ class Optimizer:
     def _maybe_schedule(self, name, value):
         """Put hyper-parameter ``name`` in the state, on a schedule if ``value`` is callable."""
         if callable(value):
-            self._schedulers[name] = value
-            value = value(self.step)
-        self._state[name] = self._scalar(value)
+            schedule, value = value, self._scheduled(name, value, self.step)
+            self._schedulers[name] = schedule
+        self._state[name] = self._scalar(hyper(value, f"{type(self).__name__} {name}"))
+
+    def _scheduled(self, name, schedule, step):
+        """``schedule(step)``, checked: one finite number."""
+        what = f"{type(self).__name__} {name}: its schedule {getattr(schedule, '__name__', schedule)!r} at step "
+        try:
+            return hyper(schedule(step), what + f"{_step_text(step)} returned a value that")
+        except (TypeError, ValueError) as error:
+            if str(error).startswith(what):
+                raise
+            raise type(error)(f"{what}{_step_text(step)} raised {type(error).__name__}: {error}") from error
 
     def _hyper(self) -> dict:
         """Current hyper-parameter values: the state's for scheduled ones."""
@@ -483,7 +494,7 @@ class Optimizer:
         """Evaluate the schedules at the current step, then count the step."""
         step = self._state["step"]
         for name, schedule in self._schedulers.items():
-            self._state[name] = self._scalar(schedule(step))
+            self._state[name] = self._scalar(self._scheduled(name, schedule, step))
         self._state["step"] = step + 1
 
     def _run(self, leaves, in_place):
@@ -532,6 +543,13 @@ def _compile(optimizer, gradients, model, leaves, active, stepping):
     from treeopt.kernels.compiled_step import CompiledStep
 
     return CompiledStep.build(optimizer, gradients, model, leaves, active, stepping)
+
+
+def _step_text(step):
+    try:
+        return str(int(_as_float(step)))
+    except Exception:  # a traced step
+        return "(traced)"
 
 
 def _as_float(value):
