@@ -1046,7 +1046,7 @@ def test_torch_state_dict_is_the_checkpoint_content_and_torch_save_loads_it_weig
     _torch_steps(model, opt, 0, 3)
     state = opt.state_dict()
     tensors, metadata = checkpoint.to_flat(opt.optimizer)
-    assert set(state) == {"tensors", "metadata"}
+    assert set(state) == {"tensors", "metadata", "state", "param_groups"}  # treeopt's content and torch's layout
     assert set(state["tensors"]) == set(tensors) and state["metadata"] == metadata
     assert {"0.weight/v", "2.weight/v", "4.weight/m", "0.bias/v", "@hidden/step", "@rest/learning_rate"} <= set(tensors)
     assert all(isinstance(v, torch.Tensor) for v in state["tensors"].values())
