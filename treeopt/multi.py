@@ -245,7 +245,7 @@ class MultiOptimizer(Optimizer):
         return [o for child in self.optimizers for o in child._optimizers()]
 
     _SNAPSHOT = ("_routes", "_matched", "_notes", "_frozen", "_unfrozen", "_rerouted", "_info", "_warned",
-                 "_version", "_compiled")
+                 "_version", "_compiled", "changes")
 
     def _bookkeepers(self):
         return [self] + [o for child in self.optimizers for o in child._bookkeepers()]

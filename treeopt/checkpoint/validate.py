@@ -15,6 +15,8 @@ from treeopt.checkpoint.format import FORMAT, FORMAT_VERSION, CheckpointError
 
 #: dtypes a state array may have
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: dtypes a state scalar (learning rate, scheduled value) may have
+SCALAR_DTYPES = ("float16", "bfloat16", "float32")
 #: whole-model counters kept in the metadata (non-negative integers)
 WHOLE_MODEL_COUNTERS = ("micro_step", "skipped_steps")
 #: whole-model arrays kept as tensors: ``#grad_norm``, ``#accumulated/{path}``, ``#carried/{path}/{slot}``
@@ -127,7 +129,7 @@ def metadata(meta):
         if set(info) != {"owner", "slots"}:
             _fail(where, f"must have exactly 'owner' and 'slots', got {sorted(info)}")
         owner = info["owner"]
-        if owner is not None and owner not in names:
+        if owner is not None and (not isinstance(owner, str) or owner not in names):
             _fail(f"{where[:-1]}.owner'", f"{_short(owner)} is not one of the optimizers {sorted(names)}")
         slots = _expect(info["slots"], dict, f"{where[:-1]}.slots'", "a dict")
         if slots and owner is None:
@@ -211,14 +213,11 @@ def scalar(tensors, key, integer, finite=True):
     if shape != []:
         raise CheckpointError(f"checkpoint tensor {key!r} has shape {tuple(shape)}; a state scalar has shape ()")
     if integer:
-        if not dtype.startswith(("uint", "int")):
-            raise CheckpointError(f"checkpoint tensor {key!r} is {dtype}; a step count is an integer")
-        value = _value(tensors, key)
-        if int(value) < 0:
-            raise CheckpointError(f"checkpoint tensor {key!r} is {int(value)}; a step count is >= 0")
-        return value
-    if dtype not in FLOAT_DTYPES:
-        raise CheckpointError(f"checkpoint tensor {key!r} is {dtype}; a hyper-parameter is one of {FLOAT_DTYPES}")
+        if dtype != "uint64":
+            raise CheckpointError(f"checkpoint tensor {key!r} is {dtype}; a step count is uint64")
+        return _value(tensors, key)
+    if dtype not in SCALAR_DTYPES:
+        raise CheckpointError(f"checkpoint tensor {key!r} is {dtype}; a state scalar is one of {SCALAR_DTYPES}")
     value = _value(tensors, key)
     if finite and not math.isfinite(float(value)):
         raise CheckpointError(f"checkpoint tensor {key!r} is {float(value)}; a hyper-parameter must be finite")
