@@ -182,8 +182,8 @@ def routing(nodes):
             if route is not None and route not in names:
                 _fail(f"{at[:-1]}.route'", f"{_short(route)} is not one of {names}")
             flags = _expect(entry["flags"], list, f"{at[:-1]}.flags'", "a list")
-            if not all(f in ROUTING_FLAGS for f in flags) or len(set(flags)) != len(flags):
-                _fail(f"{at[:-1]}.flags'", f"must be distinct members of {ROUTING_FLAGS}, got {_short(flags)}")
+            if not flags or not all(f in ROUTING_FLAGS for f in flags) or len(set(flags)) != len(flags):
+                _fail(f"{at[:-1]}.flags'", f"must be one or more distinct members of {ROUTING_FLAGS}, got {_short(flags)}")
             if route is None and "frozen" not in flags:
                 _fail(at, "a parameter that is not frozen must have a route")
 
