@@ -90,7 +90,7 @@ def load_content(optimizer, tensors, metadata, params=None, *, strict=True):
     if metadata is not None:
         validate.metadata(metadata)
         validate.tensors(tensors, metadata)
-    restore = optimizer._snapshot()
+    restore = optimizer.snapshot()
     try:
         if metadata is not None:
             routing.restore(optimizer, metadata)  # before init: parameters get their saved owners

@@ -12,6 +12,7 @@ A load restores the routing before it creates any state, so each parameter's slo
 created by, and loaded into, the optimizer that owned them when the file was saved.
 """
 
+from treeopt import engine
 from treeopt._trees import dotted
 from treeopt.checkpoint.format import CheckpointError, Problem
 
@@ -41,13 +42,12 @@ def to_metadata(optimizer):
     nodes = []
     for position, multi in multis(optimizer):
         paths = []
-        for keys, (shape, dtype) in multi._info.items():
-            flags = [name for name, found in (("frozen", keys in multi._frozen), ("rerouted", keys in multi._rerouted),
-                                              ("unfrozen", keys in multi._unfrozen)) if found]
+        for keys, route in multi._routes.items():
+            flags = [name for name, found in (("frozen", route.frozen), ("rerouted", route.reason == "rerouted"),
+                                              ("unfrozen", route.unfrozen)) if found]
             if flags:
-                route = multi._routes.get(keys)
-                paths.append({"keys": list(keys), "shape": list(shape), "dtype": dtype,
-                              "route": None if route is None else multi.names[route], "flags": flags})
+                paths.append({"keys": list(keys), "shape": list(route.shape), "dtype": route.dtype,
+                              "route": None if route.group is None else multi.names[route.group], "flags": flags})
         if paths or multi.changes:
             nodes.append({"position": list(position), "names": list(multi.names), "paths": paths,
                           "changes": list(multi.changes)})
@@ -59,7 +59,7 @@ def carried_tensors(optimizer, leaves):
     taken up yet (the parameter has not stepped on its new optimizer)."""
     found = {}
     for _, _, leaf in leaves:
-        for keys, slots in leaf._carried.items():
+        for keys, slots in leaf.book.carried.items():
             for slot, value in slots.items():
                 found[f"{CARRIED}{dotted(keys)}/{slot}"] = value
     return found
@@ -68,6 +68,10 @@ def carried_tensors(optimizer, leaves):
 def restore(optimizer, metadata):
     """Apply the saved routing changes to ``optimizer`` (checked first; raises
     :class:`CheckpointError` naming the path when they cannot apply)."""
+    from dataclasses import replace
+
+    from treeopt.multi import Route
+
     nodes = metadata.get("routing", [])
     if not nodes:
         return
@@ -80,38 +84,32 @@ def restore(optimizer, metadata):
                                   f"at position {node['position']}, and this optimizer has none there")
         index = {name: k for k, name in enumerate(multi.names)}
         for entry in node["paths"]:
-            keys, info = tuple(entry["keys"]), (tuple(entry["shape"]), entry["dtype"])
-            known = multi._info.get(keys)
-            if known is not None and (tuple(known[0]), known[1]) != info:
+            keys, shape, dtype = tuple(entry["keys"]), tuple(entry["shape"]), entry["dtype"]
+            known = multi._routes.get(keys)
+            if known is not None and (tuple(known.shape), known.dtype) != (shape, dtype):
                 raise CheckpointError(
-                    f"checkpoint routing: {dotted(keys)!r} is {info[1]}{list(info[0])} in the checkpoint but "
-                    f"{known[1]}{list(known[0])} now")
+                    f"checkpoint routing: {dotted(keys)!r} is {dtype}{list(shape)} in the checkpoint but "
+                    f"{known.dtype}{list(known.shape)} now")
             if entry["route"] is not None and entry["route"] not in index:
                 raise CheckpointError(
                     f"checkpoint routing: {dotted(keys)!r} goes to {entry['route']!r}, and this MultiOptimizer has "
                     f"no optimizer of that name ({multi.names})")
-            plans.append((multi, keys, info, index.get(entry["route"]), entry["flags"]))
+            plans.append((multi, keys, (shape, dtype), index.get(entry["route"]), entry["flags"]))
         plans.append((multi, None, node["changes"], None, None))
     for multi, keys, info, target, flags in plans:
-        multi._version += 1
+        multi.book.version += 1
         if keys is None:
             multi.changes = list(info)
             continue
-        multi._info[keys] = info
-        if target is not None and multi._routes.get(keys) != target:
-            owner = multi._leaf_owner(keys)
+        known = multi._routes.get(keys) or Route(*info)
+        if target is not None and known.group != target:
+            owner = multi.owner_of(keys)
             if owner is not None:
-                owner._drop(keys)
-            multi._routes[keys] = target
-            multi._matched.pop(keys, None)
-            multi._notes.pop(keys, None)
-        if "frozen" in flags:
-            multi._frozen[keys] = info
-        else:
-            multi._frozen.pop(keys, None)
-        for flag, where in (("rerouted", "_rerouted"), ("unfrozen", "_unfrozen")):
-            if flag in flags:
-                setattr(multi, where, getattr(multi, where) | {keys})
+                engine.drop(owner, keys)
+            known = replace(known, group=target, also=(), notes=())
+        if "rerouted" in flags:
+            known = replace(known, reason="rerouted")
+        multi._routes[keys] = replace(known, frozen="frozen" in flags, unfrozen="unfrozen" in flags)
 
 
 def mirror_frozen(optimizer, metadata, params):
@@ -119,10 +117,10 @@ def mirror_frozen(optimizer, metadata, params):
     ``unfreeze``), so the saved state has somewhere to go: ``init`` skips frozen parameters."""
     saved = metadata.get("parameters", {})
     for _, multi in multis(optimizer):
-        for keys in multi._frozen:
-            owner = multi._leaf_owner(keys)
-            if owner is not None and saved.get(dotted(keys), {}).get("slots") and not owner._slots_at(keys):
-                owner._mirror(params, {keys})
+        for keys, route in multi._routes.items():
+            owner = multi.owner_of(keys) if route.frozen else None
+            if owner is not None and saved.get(dotted(keys), {}).get("slots") and not engine.slots_at(owner, keys):
+                engine.mirror(owner, params, {keys})
 
 
 def check_carried(optimizer, metadata, tensors):
@@ -138,7 +136,7 @@ def check_carried(optimizer, metadata, tensors):
         path, _, slot = key[len(CARRIED):].rpartition("/")
         position, entry = entries[path]
         keys = tuple(entry["keys"])
-        owner = found[position]._leaf_owner(keys) if position in found else None
+        owner = found[position].owner_of(keys) if position in found else None
         if owner is None or owner.rule is None:
             problems.append(Problem("carried", path, f"slot {slot!r} was carried to an optimizer that cannot take it"))
             continue
@@ -162,10 +160,10 @@ def apply_carried(writes):
     from treeopt.checkpoint.format import _assign
 
     for owner, keys, slot, array in writes:
-        slots = owner._slots_at(keys)
+        slots = engine.slots_at(owner, keys)
         if slots and slot in slots:
             _assign(slots, slot, array)
             continue
-        source, target = backend_of(array), owner._backend or numpy_backend
+        source, target = backend_of(array), owner.book.backend or numpy_backend
         value = array if source is target else target.from_numpy(source.to_numpy(array))
-        owner._carried = {**owner._carried, keys: {**owner._carried.get(keys, {}), slot: value}}
+        owner.book.carried = {**owner.book.carried, keys: {**owner.book.carried.get(keys, {}), slot: value}}

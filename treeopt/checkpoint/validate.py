@@ -213,9 +213,12 @@ def scalar(tensors, key, integer, finite=True):
     if shape != []:
         raise CheckpointError(f"checkpoint tensor {key!r} has shape {tuple(shape)}; a state scalar has shape ()")
     if integer:
-        if dtype != "uint64":
-            raise CheckpointError(f"checkpoint tensor {key!r} is {dtype}; a step count is uint64")
-        return _value(tensors, key)
+        if not dtype.startswith(("uint", "int")) or dtype in ("uint8", "int8"):  # torch: int64, JAX: uint32
+            raise CheckpointError(f"checkpoint tensor {key!r} is {dtype}; a step count is an integer of 16 bits or more")
+        value = _value(tensors, key)
+        if int(value) < 0:
+            raise CheckpointError(f"checkpoint tensor {key!r} is {int(value)}; a step count is >= 0")
+        return value
     if dtype not in SCALAR_DTYPES:
         raise CheckpointError(f"checkpoint tensor {key!r} is {dtype}; a state scalar is one of {SCALAR_DTYPES}")
     value = _value(tensors, key)
