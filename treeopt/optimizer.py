@@ -13,6 +13,7 @@ from treeopt.engine import RESERVED, Book
 from treeopt.kernels.compiled_step import CompiledStep
 from treeopt.plan import Plan, build as build_plan
 from treeopt.tree import is_container, tree_map
+from treeopt.errors import warn
 from treeopt.values import hyper
 
 __all__ = ["Optimizer", "Placement", "RESERVED"]
@@ -278,12 +279,13 @@ class Optimizer:
         state scalars: computed before a step commits, so a schedule that fails (raises,
         returns a vector, a string or NaN) fails before anything changes."""
         step = self._state["step"]
-        return {name: self._scalar(self._scheduled(name, schedule, step)) for name, schedule in self._schedulers.items()}
+        return {name: self._scheduled(name, schedule, step) for name, schedule in self._schedulers.items()}
 
     def advance(self, values=None):
-        """Count the step, with the schedules' ``values`` (:meth:`scheduled_values`)."""
+        """Count the step, with the schedules' ``values`` (:meth:`scheduled_values`), made
+        state scalars of the state's library (settled by now)."""
         values = self.scheduled_values() if values is None else values
-        self._state.update(values)
+        self._state.update({name: self._scalar(value) for name, value in values.items()})
         self._state["step"] = self._state["step"] + 1
 
     def coefficients(self, like, backend) -> dict:
@@ -355,7 +357,12 @@ class Optimizer:
             return None
         if not active or not active[0].backend.mutable:
             return None
-        return CompiledStep.build(self, gradients, model, pairs, active, stepping)
+        try:
+            return CompiledStep.build(self, gradients, model, pairs, active, stepping)
+        except Exception as error:  # the step is done: a fast path that cannot be built is only slower
+            warn(f"treeopt: no compiled step for {type(self).__name__} ({type(error).__name__}: {error}); "
+                 "later steps take the reference path", RuntimeWarning)
+            return None
 
 
 class Placement(NamedTuple):

@@ -277,8 +277,9 @@ class CompiledStep:
         prepared = [bucket.prepare(grads) for bucket in self.buckets]
         if any(p is None for p in prepared):
             return False
-        for optimizer in self.stepping:
-            optimizer.advance()
+        scheduled = [(optimizer, optimizer.scheduled_values()) for optimizer in self.stepping]  # may raise
+        for optimizer, values in scheduled:
+            optimizer.advance(values)
         for bucket, ready in zip(self.buckets, prepared):
             bucket.run(ready)
         return True
