@@ -71,7 +71,7 @@ class _RuleBucket:
 
     def prepare(self, grads):
         writable = self.backend.writable
-        if not all(writable(p) and all(writable(a) for a in slots.values()) for p, slots in zip(self.params, self.slots)):
+        if not all(writable(p) and all(writable(a) for a in slots.values()) for p, slots in zip(self.params, (pair.slots for pair in self.pairs))):
             return None  # made read-only since the plan: the engine replaces it instead
         chosen = [grads[k] for k in self.positions]
         for g, shape in zip(chosen, self.shapes):
