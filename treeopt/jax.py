@@ -18,6 +18,11 @@ their key paths joined with dots, so filters see ``params.Dense_0.kernel`` (a tr
 ``.value``, as in flax nnx variables, is dropped). The state is a plain pytree of JAX arrays:
 the step, the learning rate and one dict of slots per parameter, keyed by that name.
 Nothing is mutated: the optimizer object only holds its configuration and routes.
+
+Weights are taken to be laid out as in flax, ``(in, out)`` and conv kernels
+``(kh, kw, in, out)``: a ``Muon`` without an explicit ``layout`` orthogonalises them that way
+(``"in_out"``; see ``docs/muon.md``). For ``(out, in)`` weights (equinox), give
+``Muon(..., layout="out_in")``.
 """
 
 import contextlib
@@ -26,7 +31,10 @@ import jax
 
 from treeopt.tree import tree_map
 
-__all__ = ["init", "update", "as_optax", "path_of"]
+__all__ = ["init", "update", "as_optax", "path_of", "LAYOUT"]
+
+#: how flax lays out its weights: the output axis last (see Muon's ``layout``)
+LAYOUT = "in_out"
 
 
 def path_of(key_path) -> str:
@@ -68,10 +76,15 @@ def _borrowed(optimizer, state):
     optimizer's own state untouched."""
     leaves = optimizer.stateful()
     saved = [(leaf.state, leaf.book.initialized, leaf.book.backend) for leaf in leaves]
+    laid_out = [leaf for leaf in leaves if hasattr(leaf, "_implicit_layout")]
     try:
+        for leaf in laid_out:  # weights are flax's here, unless the optimizer says otherwise
+            leaf._implicit_layout = LAYOUT
         optimizer.state = _copy_containers(state)  # checked against the parameters on use
         yield
     finally:
+        for leaf in laid_out:
+            del leaf._implicit_layout  # back to the class's
         for leaf, (own, initialized, backend) in zip(leaves, saved):
             leaf.state = own
             leaf.book.initialized, leaf.book.backend = initialized, backend

@@ -339,8 +339,9 @@ class Optimizer(torch.optim.Optimizer):
             if not param.is_leaf:
                 raise ValueError("add_param_group: can't optimize a non-leaf tensor")
             name = canonical_name(name) if name is not None else names_in_model.get(id(param))
-            if name is None:
-                name = f"added.{len(self._added) + len(entries)}"
+            if name is None:  # the first free added.N
+                taken = set(self.parameters) | {n for n, _ in entries}
+                name = next(f"added.{i}" for i in range(len(taken) + 1) if f"added.{i}" not in taken)
             if self._group_of.get(name) is not None:
                 raise ValueError(f"add_param_group: {name!r} is already in group "
                                  f"{self._group_names[self._group_of[name]]!r}")
@@ -544,7 +545,7 @@ def _setter(leaf, key, value, where):
         if len(value) != len(current) or not all(0.0 <= b < 1.0 for b in value):
             raise ValueError(f"{where} must be {len(current)} values in [0, 1), got {value!r}")
         return lambda: (leaf._set_betas(value), _touch(leaf))
-    if isinstance(current, bool):
+    if isinstance(current, bool) and isinstance(value, bool):
         return lambda: (setattr(leaf, key, bool(value)), _touch(leaf))
     if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not np.isfinite(value):
