@@ -42,10 +42,12 @@ def _flatten_pair(grad, model, grads, params):
         pairs = grad.items()
     elif isinstance(grad, (list, tuple)):
         pairs = zip(range(len(grad)), grad)
-    else:
+    elif type(grad) in _LEAF_TYPES:
         grads.append(grad)
         params.append(model)
         return
+    else:  # None, a number, an array subclass: the general engine decides (and never reads id(None))
+        raise TypeError(type(grad).__name__)
     for key, child in pairs:
         if type(child) in _LEAF_TYPES:
             grads.append(child)
@@ -68,6 +70,9 @@ class _RuleBucket:
         self.dtype = leaves[0].param.dtype
 
     def prepare(self, grads):
+        writable = self.backend.writable
+        if not all(writable(p) and all(writable(a) for a in slots.values()) for p, slots in zip(self.params, self.slots)):
+            return None  # made read-only since the plan: the engine replaces it instead
         chosen = [grads[k] for k in self.positions]
         for g, shape in zip(chosen, self.shapes):
             if type(g) is not type(self.params[0]) or g.dtype != self.dtype or tuple(g.shape) != shape:
@@ -123,6 +128,14 @@ class _NumbaBucket:
             self.ndims = np.array([len(s) for s in self.shapes], np.int64)
             self.descr = id(self.np_dtype)
             self.pointers = numpy_pointers
+            # what the loop writes, checked still writable (and of its shape) at every step
+            targets = self.params + [a for row in self.slot_arrays for a in row]
+            self.target_ids = np.array([id(a) for a in targets], np.int64)
+            self.target_shapes = np.zeros((len(targets), width), np.int64)
+            for i, a in enumerate(targets):
+                self.target_shapes[i, :a.ndim] = a.shape
+            self.target_ndims = np.array([a.ndim for a in targets], np.int64)
+            self.target_out = np.empty(len(targets), np.int64)
 
     def prepare(self, grads):
         hyper = [_settings(owner) for owner in self.owners]
@@ -136,13 +149,21 @@ class _NumbaBucket:
             ids = np.fromiter(map(id, chosen), np.int64, len(chosen))
             if self.pointers(ids, self.descr, self.shape_table, self.ndims, False, out) != -1:
                 return None
+            if self.pointers(self.target_ids, self.descr, self.target_shapes, self.target_ndims, True,
+                             self.target_out) != -1:
+                return None  # a parameter or slot made read-only (or resized) since the plan
         else:
             dtype = self.dtype  # the cheapest checks torch has (about 1 us a tensor in all)
             if not all(g.dtype is dtype and g.is_cpu and g.shape == shape and g.is_contiguous()
                        for g, shape in zip(chosen, self.shapes)):
                 return None
             out[:] = [g.data_ptr() for g in chosen]
-            self.param_ptrs = np.array([p.data_ptr() for p in self.params], np.int64)  # p.data may be rebound
+            pointers = np.array([p.data_ptr() for p in self.params], np.int64)
+            if not np.array_equal(pointers, self.param_ptrs):  # p.data rebound: to a tensor that fits?
+                if not all(p.dtype is dtype and p.is_cpu and p.shape == shape and p.is_contiguous()
+                           for p, shape in zip(self.params, self.shapes)):
+                    return None
+                self.param_ptrs = pointers
         return chosen, out
 
     def compiled(self):
@@ -268,8 +289,9 @@ class CompiledStep:
         prepared = [bucket.prepare(grads) for bucket in self.buckets]
         if any(p is None for p in prepared):
             return False
-        for optimizer in self.stepping:
-            optimizer.advance()
+        scheduled = [(optimizer, optimizer.scheduled_values()) for optimizer in self.stepping]  # may raise
+        for optimizer, values in scheduled:
+            optimizer.advance(values)
         for bucket, ready in zip(self.buckets, prepared):
             bucket.run(ready)
         return True

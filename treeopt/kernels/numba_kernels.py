@@ -131,7 +131,8 @@ def kernel_for(rule, static=()):
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # numba's cache finds the kernel's globals through it
         spec.loader.exec_module(module)
-    except OSError:  # no writable cache: compile in memory, every process
+    except (OSError, SyntaxError, ImportError, AttributeError, ValueError):
+        # no writable cache, or a damaged cache file: compile in memory, every process
         module = types.ModuleType(f"treeopt_kernel_{rule.name}")
         exec(compile(_source(rule, static, cache=False)[0], f"<treeopt kernel {rule.name}>", "exec"), module.__dict__)
     return module.kernel, coefficients
