@@ -288,8 +288,12 @@ def _check_rules(pairs):
         owner = pair.owner
         if owner.runs_rule and id(owner) not in seen and not rule_checked(owner.rule):
             seen.add(id(owner))
-            with pair.backend.quiet():
-                owner.coefficients(pair.param, pair.backend)
+            if owner.book.backend is pair.backend:
+                with pair.backend.quiet():
+                    owner.coefficients(pair.param, pair.backend)
+            else:  # the state is not in the parameters' library until the commit: check on NumPy
+                with numpy_backend.quiet():
+                    owner.coefficients(numpy_backend.astype(owner.state["step"], "float32"), numpy_backend)
 
 
 def store_slot(backend, slots, name, value):
