@@ -90,7 +90,7 @@ class _NumbaBucket:
     coefficients from a row of a table; the switches (booleans) are shared."""
 
     def __init__(self, groups, backend, static, flags):
-        from treeopt.kernels.numba_kernels import kernel_for, segments_of
+        from treeopt.kernels.numba_kernels import kernel_for, work_items
 
         self.backend, self.static, self.flags = backend, static, flags
         self.owners = [owner for owner, _, _ in groups]
@@ -108,7 +108,7 @@ class _NumbaBucket:
         self.like = np.zeros(0, self.np_dtype)
         self.rows = np.array(rows, np.int64)
         self.table = np.zeros((len(self.owners), len(self.numeric)), self.np_dtype)
-        self.segments = segments_of([int(np.prod(s)) for s in self.shapes])
+        self.pieces, self.items = work_items([int(np.prod(s)) for s in self.shapes])
         self.slot_arrays = [[leaf.slots[n] for n in rule.slots] for leaf in leaves]  # kept alive with the table
         self.slot_ptrs = np.array([[_pointer(a) for a in row] for row in self.slot_arrays],
                                   dtype=np.int64).reshape(len(leaves), len(rule.slots))
@@ -150,7 +150,7 @@ class _NumbaBucket:
         for row, owner in enumerate(self.owners):
             values = owner._coefficients(self.params[0], self.backend)
             self.table[row] = [_float(values[n]) for n in self.numeric]
-        self.kernel(grad_ptrs, self.param_ptrs, self.slot_ptrs, self.segments, self.rows, self.table, self.like,
+        self.kernel(grad_ptrs, self.param_ptrs, self.slot_ptrs, self.pieces, self.items, self.rows, self.table, self.like,
                     self.flags)
 
 
