@@ -508,6 +508,8 @@ class Optimizer:
         rule, first = self.rule, leaves[0]
         coefficients = self._coefficients(first.param, first.backend)
         hyper = self._hyper() if callable(rule.slots) else None
+        if rule.stackable and len(leaves) > 1:
+            leaves = _run_stacked(rule, coefficients, leaves, hyper, in_place)
         for leaf in leaves:
             names = rule.slot_names(len(leaf.backend.shape(leaf.param)), hyper)
             slots = leaf.slots
@@ -532,6 +534,30 @@ def _compile(optimizer, gradients, model, leaves, active, stepping):
     from treeopt.kernels.compiled_step import CompiledStep
 
     return CompiledStep.build(optimizer, gradients, model, leaves, active, stepping)
+
+
+def _run_stacked(rule, coefficients, leaves, hyper, in_place):
+    """Run ``rule`` on the stacks of same-shape leaves (see :mod:`treeopt.kernels.stacking`);
+    returns the leaves left to run one by one."""
+    from treeopt.kernels import stacking
+
+    backend = leaves[0].backend
+    names = [rule.slot_names(len(backend.shape(leaf.param)), hyper) for leaf in leaves]
+    alone = []
+    for group in stacking.groups_by_shape([(tuple(backend.shape(leaf.param)), n) for leaf, n in zip(leaves, names)]):
+        for run in stacking.chunks(backend, leaves[group[0]].param, group):
+            if len(run) == 1:
+                alone.append(run[0])
+                continue
+            chosen, slot_names = [leaves[k] for k in run], names[run[0]]
+            new_param, *new_slots = stacking.update_stacked(
+                rule.update, coefficients, backend, [leaf.grad for leaf in chosen], [leaf.param for leaf in chosen],
+                [[leaf.slots[n] for leaf in chosen] for n in slot_names])
+            for j, leaf in enumerate(chosen):
+                for name, value in zip(slot_names, new_slots):
+                    _store_slot(backend, leaf.slots, name, value[j])
+                _store_param(leaf, new_param[j], in_place)
+    return [leaves[k] for k in sorted(alone)]
 
 
 def _as_float(value):

@@ -130,8 +130,12 @@ class TorchBackend(Backend):
         count = x.numel() if axis is None else x.shape[axis]
         return total * self.cast(1 / count if count else float("nan"), x)  # empty: NaN, as MLX
 
-    def sum(self, x):
-        return torch.sum(self._in_float32(x)).to(x.dtype)
+    def sum(self, x, axis=None, keepdims=False):
+        dims = () if axis is None else axis
+        return torch.sum(self._in_float32(x), dim=dims, keepdim=keepdims).to(x.dtype)
+
+    def stack(self, arrays, out=None):
+        return torch.stack(arrays, out=out)
 
     def matmul(self, a, b):
         return torch.matmul(a, b)
@@ -139,6 +143,8 @@ class TorchBackend(Backend):
     def addmm(self, c, a, b, alpha=1.0, beta=1.0):
         if beta != 1.0:
             c = self.cast(beta, c) * c  # rounded in the dtype, as MLX's separate product
+        if a.ndim == 3:  # a stack of matrices
+            return torch.baddbmm(c, a, b, alpha=alpha)
         return torch.addmm(c, a, b, alpha=alpha)
 
     def swap_last(self, x):

@@ -53,7 +53,9 @@ def _flatten_pair(grad, model, grads, params):
 
 
 class _RuleBucket:
-    """Leaves of one optimizer, library and dtype, updated by the rule per tensor."""
+    """Leaves of one optimizer, library and dtype, updated by the rule per tensor, or for a
+    stackable rule (Muon) per stack of same-shape tensors (see :mod:`.stacking`), stacked
+    into buffers kept from step to step."""
 
     def __init__(self, owner, backend, leaves, positions):
         self.owner, self.backend, self.positions = owner, backend, positions
@@ -64,6 +66,21 @@ class _RuleBucket:
         self.names = [owner.rule.slot_names(n, hyper) for n in ndim]
         self.shapes = [tuple(backend.shape(leaf.param)) for leaf in leaves]
         self.dtype = leaves[0].param.dtype
+        self.stacks, self.alone = [], list(range(len(leaves)))  # stacks: (indices, buffers)
+        if owner.rule.stackable:
+            from treeopt.kernels import stacking
+
+            self.alone = []
+            for group in stacking.groups_by_shape(list(zip(self.shapes, self.names))):
+                for run in stacking.chunks(backend, self.params[group[0]], group):
+                    if len(run) == 1:
+                        self.alone.append(run[0])
+                        continue
+                    like = self.params[run[0]]
+                    buffers = [backend.zeros((len(run),) + self.shapes[run[0]], like)
+                               for _ in range(2 + len(self.names[run[0]]))]
+                    self.stacks.append((run, buffers))
+            self.alone.sort()
 
     def prepare(self, grads):
         chosen = [grads[k] for k in self.positions]
@@ -73,9 +90,23 @@ class _RuleBucket:
         return chosen
 
     def run(self, grads):
+        from treeopt.kernels.stacking import update_stacked
+
         backend, update = self.backend, self.owner.rule.update
         coefficients = self.owner._coefficients(self.params[0], backend)
-        for g, p, slots, names in zip(grads, self.params, self.slots, self.names):
+        write = backend.write
+        for run, buffers in self.stacks:
+            names = self.names[run[0]]
+            new_param, *new_slots = update_stacked(update, coefficients, backend, [grads[k] for k in run],
+                                                   [self.params[k] for k in run],
+                                                   [[self.slots[k][n] for k in run] for n in names], buffers)
+            for j, k in enumerate(run):
+                slots = self.slots[k]
+                for name, value in zip(names, new_slots):
+                    write(slots[name], value[j])
+                write(self.params[k], new_param[j])
+        for k in self.alone:
+            g, p, slots, names = grads[k], self.params[k], self.slots[k], self.names[k]
             with backend.quiet():
                 new_param, *new_slots = update(g, p, *(slots[n] for n in names), **coefficients)
             for name, value in zip(names, new_slots):

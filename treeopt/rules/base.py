@@ -10,7 +10,10 @@ A rule is an optimizer's math in two plain functions:
   every coefficient already cast to the tensor's dtype.
 
 An *elementwise* update also works on single elements; the fast runners inline it into one
-loop over many tensors. Runners decide how a rule runs, never what it computes.
+loop over many tensors. A *stackable* update also takes ``stacked=True``: then every array
+holds same-shape tensors stacked along a new first axis, and the result is the stack of the
+per-tensor results (runners use it to batch matrix products). Runners decide how a rule
+runs, never what it computes.
 """
 
 from dataclasses import dataclass, field
@@ -28,6 +31,8 @@ class Rule:
     #: ``(ndim, hyper)`` for rules whose slots depend on the parameter
     slots: Union[Tuple[str, ...], Callable]
     elementwise: bool = True
+    #: ``update(..., stacked=True)`` runs on same-shape tensors stacked along a first axis
+    stackable: bool = False
     #: what each slot holds, so state can move between optimizers whose slots mean the same
     slot_meanings: dict = field(default=None, compare=False, hash=False)
 

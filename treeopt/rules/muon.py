@@ -13,6 +13,10 @@ wide (transposed when rows > columns), repeat ``ns_steps`` times
     A = X X^T;  B = b A + c A A;  X = a X + B X
 with (a, b, c) = (3.4445, -4.7750, 2.0315). Tensors with ndim < 2 get the momentum step
 only; route them to AdamW with MultiOptimizer.
+
+Runners may stack same-shape tensors: ``muon(..., stacked=True)`` takes arrays whose first
+axis indexes the tensors, and Newton-Schulz orthogonalises every matrix of the stack at once
+(batched matrix products; each matrix has its own norm).
 """
 
 from math import sqrt as py_sqrt
@@ -30,12 +34,13 @@ def muon_coefficients(lr, step, *, momentum, weight_decay, nesterov, ns_steps, n
 
 
 def newton_schulz(x, steps):
-    """Approximately orthogonalise the matrix ``x`` (its nearest semi-orthogonal matrix)."""
+    """Approximately orthogonalise the matrix ``x`` (its nearest semi-orthogonal matrix), or
+    each matrix of a stack (the last two axes; leading axes index the matrices)."""
     a, b, c = NS_COEFFICIENTS
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = swap_last(x)
-    x = x / (sqrt(total(x * x)) + cast(1e-7, x))
+    x = x / (sqrt(total(x * x, axis=(-2, -1), keepdims=True)) + cast(1e-7, x))
     for _ in range(steps):
         gram = matmul(x, swap_last(x))
         # X <- a X + (b A + c A A) X: two GEMMs, each product accumulated and rounded once
@@ -43,22 +48,24 @@ def newton_schulz(x, steps):
     return swap_last(x) if tall else x
 
 
-def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, decays, nesterov, ns_steps, ns_dtype):
+def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, decays, nesterov, ns_steps, ns_dtype,
+         stacked=False):
     if decays:
         grad = grad + weight_decay * param
     v = momentum * v + one_minus_momentum * grad
     direction = grad * one_minus_momentum + v * momentum if nesterov else v
-    if direction.ndim >= 2:
-        shape = tuple(direction.shape)
-        matrix = direction.reshape((shape[0], -1)) if len(shape) > 2 else direction
+    stack = tuple(direction.shape[:1]) if stacked else ()  # the leading axis of a stack of tensors
+    shape = tuple(direction.shape[len(stack):])  # one tensor's
+    if len(shape) >= 2:
+        matrix = direction.reshape(stack + (shape[0], -1)) if len(shape) > 2 else direction
         if ns_dtype is None:
             orthogonal = newton_schulz(matrix, ns_steps)
         else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
             orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps), dtype_name(matrix))
-        direction = orthogonal.reshape(shape)
+        direction = orthogonal.reshape(stack + shape)
         lr = lr * cast(py_sqrt(max(1.0, shape[-2] / shape[-1])), lr)
     return param - lr * direction, v
 
 
-MUON = Rule("muon", muon, muon_coefficients, slots=("v",), elementwise=False,
+MUON = Rule("muon", muon, muon_coefficients, slots=("v",), elementwise=False, stackable=True,
             slot_meanings={"v": "average of gradients"})
