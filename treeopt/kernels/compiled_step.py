@@ -10,8 +10,11 @@ schedules and runs one compiled loop per bucket. Anything else (a new path, a re
 array, a changed state, a wrong gradient) falls back to the general engine, which gives the
 same numbers and the proper error.
 
-Elementwise rules on float32/float64 run in numba (see :mod:`.numba_kernels`); other
-buckets (Muon, Adafactor, half precision) run their rule per tensor, in place.
+Elementwise rules on float32/float64 run in numba (see :mod:`.numba_kernels`); on torch
+tensors on accelerators they run as one ``torch.compile``d step (see
+:mod:`treeopt.backends.torch_compiled`). Other buckets (Muon, Adafactor, half precision on
+CPU) run their rule per tensor, or per stack of same-shape tensors (see :mod:`.stacking`), in
+place.
 """
 
 import operator
@@ -185,6 +188,73 @@ class _NumbaBucket:
                     self.flags)
 
 
+class _TorchCompiledBucket:
+    """Leaves of one elementwise rule, dtype and device (torch), from one or more optimizers,
+    run as one ``torch.compile``d step; coefficients as in :class:`_NumbaBucket`."""
+
+    def __init__(self, groups, backend, static, flags):
+        import torch
+
+        from treeopt.backends.torch_compiled import compile_step
+
+        self.backend, self.static, self.flags = backend, static, flags
+        self.owners = [owner for owner, _, _ in groups]
+        leaves = [leaf for _, group, _ in groups for leaf in group]
+        self.positions = [k for _, _, positions in groups for k in positions]
+        rows = [r for r, (_, group, _) in enumerate(groups) for _ in group]
+        rule = self.owners[0].rule
+        self.numeric = _numeric_names(rule, static)
+        self.hyper = [_settings(owner) for owner in self.owners]
+        self.params = [leaf.param for leaf in leaves]
+        self.shapes = [tuple(p.shape) for p in self.params]
+        self.dtype, self.device = self.params[0].dtype, self.params[0].device
+        self.slots = [[leaf.slots[n] for leaf in leaves] for n in rule.slots]
+        self.table = torch.zeros((len(self.owners), len(self.numeric)), dtype=self.dtype, device=self.device)
+        self.step = compile_step(rule.update, len(rule.slots), self.numeric, dict(zip(static, flags)), rows)
+
+    def prepare(self, grads):
+        hyper = [_settings(owner) for owner in self.owners]
+        if hyper != self.hyper:
+            if any(_flags(o, self.params[0], self.backend, self.static) != self.flags for o in self.owners):
+                return None
+            self.hyper = hyper
+        chosen = [grads[k] for k in self.positions]
+        dtype, device = self.dtype, self.device
+        if not all(g.dtype is dtype and g.device == device and g.shape == shape
+                   for g, shape in zip(chosen, self.shapes)):
+            return None
+        return chosen
+
+    def run(self, grads):
+        import torch
+
+        values = []
+        for owner in self.owners:
+            coefficients = owner._coefficients(self.params[0], self.backend)
+            values.append([_float(coefficients[n]) for n in self.numeric])
+        self.table.copy_(torch.tensor(values, dtype=self.dtype))  # one copy to the device per step
+        self.step(grads, self.params, self.slots, self.table)
+
+
+def _numeric_names(rule, static):
+    """The coefficients of ``rule.update`` that are numbers (not the switches ``static``)."""
+    import inspect
+
+    parameters = list(inspect.signature(rule.update).parameters)[2 + len(rule.slots):]
+    return [n for n in parameters if n not in static]
+
+
+def _torch_compile_eligible(owner, backend, param):
+    from treeopt import kernels
+
+    if backend.name != "torch" or not owner.rule.elementwise or callable(owner.rule.slots):
+        return False
+    mode = kernels.torch_compile
+    if mode == "always":
+        return True
+    return mode == "auto" and param.device.type != "cpu"
+
+
 def _settings(owner):
     """The hyper-parameters that decide the switches: numbers and flags (a schedule always
     switches its term on, whatever its value)."""
@@ -261,17 +331,19 @@ class CompiledStep:
         for group in groups.values():
             first = group[0]
             positions = [position[id(leaf)] for leaf in group]
-            if not _numba_eligible(first.owner, first.backend, first.param):
+            compiled = _torch_compile_eligible(first.owner, first.backend, first.param)
+            if not compiled and not _numba_eligible(first.owner, first.backend, first.param):
                 buckets.append(_RuleBucket(first.owner, first.backend, group, positions))
                 continue
             # optimizers that share a rule, dtype and switches run in one loop
             static = _static_names(first.owner, first.param, first.backend)
             flags = _flags(first.owner, first.param, first.backend, static)
             key = (first.owner.rule, first.backend.name, first.backend.dtype_name(first.param),
-                   first.backend.device(first.param), static, flags)
+                   first.backend.device(first.param), static, flags, compiled)
             fused.setdefault(key, []).append((first.owner, group, positions))
         for key, members in fused.items():
-            buckets.append(_NumbaBucket(members, members[0][1][0].backend, key[4], key[5]))
+            kind = _TorchCompiledBucket if key[6] else _NumbaBucket
+            buckets.append(kind(members, members[0][1][0].backend, key[4], key[5]))
         watched = [optimizer] + optimizer._optimizers()
         return cls(params, buckets, stepping, watched)
 
