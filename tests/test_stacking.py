@@ -22,7 +22,8 @@ CLOSE = {"float32": dict(rtol=2e-5, atol=2e-6), "float16": dict(rtol=2e-3, atol=
 
 
 def coefficients(backend, dtype, **hyper):
-    settings = dict(momentum=0.95, weight_decay=0.01, nesterov=True, ns_steps=5, ns_dtype=None) | hyper
+    settings = dict(momentum=0.95, weight_decay=0.01, decoupled_weight_decay=False, nesterov=True, ns_steps=5,
+                    ns_dtype=None, ns_eps=1e-7, adjust_lr="original", layout="out_in") | hyper
     values = MUON.coefficients(0.02, 3.0, **settings)
     lr = make(values.pop("lr"), backend, dtype)
     return dict(values, lr=lr)
@@ -34,15 +35,19 @@ def data(shape, count, backend, dtype, seed=0):
             for scale in (0.1, 1.0, 0.05)]  # grads, params, v
 
 
-@pytest.mark.parametrize("ns_dtype", [None, "bfloat16"])
+HYPER = [dict(), dict(ns_dtype="bfloat16"), dict(layout="in_out", adjust_lr="match_rms_adamw"),
+         dict(decoupled_weight_decay=True, nesterov=False)]
+
+
+@pytest.mark.parametrize("hyper", HYPER, ids=lambda h: ",".join(f"{k}={v}" for k, v in h.items()) or "defaults")
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_the_rule_on_a_stack_equals_the_rule_per_tensor(shape, backend, dtype, ns_dtype):
+def test_the_rule_on_a_stack_equals_the_rule_per_tensor(shape, backend, dtype, hyper):
     from treeopt.backends import backend_of
 
     grads, params, vs = data(shape, 4, backend, dtype)
-    values = coefficients(backend, dtype, ns_dtype=ns_dtype)
+    values = coefficients(backend, dtype, **hyper)
     lib = backend_of(grads[0])
     new_params, new_v = stacking.update_stacked(MUON.update, values, lib, grads, params, [vs])
     assert tuple(lib.shape(new_params)) == (4,) + shape

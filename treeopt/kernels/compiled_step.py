@@ -24,7 +24,7 @@ import numpy as np
 from treeopt.kernels import numba_available
 
 _is = operator.is_
-_LEAF_TYPES = {np.ndarray}  # torch.Tensor is added when torch is in use
+_LEAF_TYPES = {np.ndarray}  # the array types of every backend in use (Backend.array_types)
 
 
 def _flatten_pair(grad, model, grads, params):
@@ -65,7 +65,7 @@ class _RuleBucket:
         self.params = [leaf.param for leaf in leaves]
         self.slots = [leaf.slots for leaf in leaves]
         ndim = [len(backend.shape(leaf.param)) for leaf in leaves]
-        hyper = owner._hyper()
+        hyper = owner.rule_hyperparameters()
         self.names = [owner.rule.slot_names(n, hyper) for n in ndim]
         self.shapes = [tuple(backend.shape(leaf.param)) for leaf in leaves]
         self.dtype = leaves[0].param.dtype
@@ -96,7 +96,7 @@ class _RuleBucket:
         from treeopt.kernels.stacking import update_stacked
 
         backend, update = self.backend, self.owner.rule.update
-        coefficients = self.owner._coefficients(self.params[0], backend)
+        coefficients = self.owner.coefficients(self.params[0], backend)
         write = backend.write
         for run, buffers in self.stacks:
             names = self.names[run[0]]
@@ -182,7 +182,7 @@ class _NumbaBucket:
     def run(self, prepared):
         _, grad_ptrs = prepared
         for row, owner in enumerate(self.owners):
-            values = owner._coefficients(self.params[0], self.backend)
+            values = owner.coefficients(self.params[0], self.backend)
             self.table[row] = [_float(values[n]) for n in self.numeric]
         self.kernel(grad_ptrs, self.param_ptrs, self.slot_ptrs, self.pieces, self.items, self.rows, self.table, self.like,
                     self.flags)
@@ -230,7 +230,7 @@ class _TorchCompiledBucket:
 
         values = []
         for owner in self.owners:
-            coefficients = owner._coefficients(self.params[0], self.backend)
+            coefficients = owner.coefficients(self.params[0], self.backend)
             values.append([_float(coefficients[n]) for n in self.numeric])
         self.table.copy_(torch.tensor(values, dtype=self.dtype))  # one copy to the device per step
         self.step(grads, self.params, self.slots, self.table)
@@ -259,17 +259,17 @@ def _settings(owner):
     """The hyper-parameters that decide the switches: numbers and flags (a schedule always
     switches its term on, whatever its value)."""
     return [v if isinstance(v, (bool, int, float, str, tuple, type(None))) else "scheduled"
-            for v in owner._hyper().values()]
+            for v in owner.rule_hyperparameters().values()]
 
 
 def _flags(owner, like, backend, static):
-    values = owner._coefficients(like, backend)
+    values = owner.coefficients(like, backend)
     return tuple(bool(values[n]) for n in static)
 
 
 def _static_names(owner, like, backend):
     """The coefficients of ``owner``'s rule that are switches rather than numbers."""
-    values = owner._coefficients(like, backend)
+    values = owner.coefficients(like, backend)
     return tuple(n for n, v in values.items() if isinstance(v, (bool, np.bool_)))
 
 
@@ -295,7 +295,7 @@ class CompiledStep:
     def __init__(self, params, buckets, stepping, watched):
         self.params, self.buckets = params, buckets
         self.stepping, self.watched = stepping, watched
-        self.versions = [o._version for o in watched]
+        self.versions = [o.book.version for o in watched]
 
     @classmethod
     def build(cls, optimizer, gradients, model, leaves, active, stepping):
@@ -304,17 +304,14 @@ class CompiledStep:
             return None
         for leaf in active:
             owner, backend, param = leaf.owner, leaf.backend, leaf.param
-            if owner.rule is None or owner._custom("apply_single") or not backend.mutable or not leaf.owned:
+            if not owner.runs_rule or not backend.mutable or not leaf.owned:
                 return None
             if not backend.writable(param) or (backend.name == "numpy" and not param.flags.c_contiguous):
                 return None
             if backend.name == "torch" and not param.is_contiguous():
                 return None
-        if any(leaf.backend.name == "torch" for leaf in active):
-            import torch
-
-            _LEAF_TYPES.add(torch.Tensor)
-            _LEAF_TYPES.add(torch.nn.Parameter)
+        for backend in {leaf.backend for leaf in active}:
+            _LEAF_TYPES.update(backend.array_types)
         try:
             grads, params = [], []
             _flatten_pair(gradients, model, grads, params)
@@ -344,13 +341,13 @@ class CompiledStep:
         for key, members in fused.items():
             kind = _TorchCompiledBucket if key[6] else _NumbaBucket
             buckets.append(kind(members, members[0][1][0].backend, key[4], key[5]))
-        watched = [optimizer] + optimizer._optimizers()
+        watched = [optimizer] + optimizer.stateful()
         return cls(params, buckets, stepping, watched)
 
     def run(self, gradients, model):
         """Take the step if ``gradients`` and ``model`` fit the plan; ``False`` otherwise
         (nothing has changed then)."""
-        if [o._version for o in self.watched] != self.versions:
+        if [o.book.version for o in self.watched] != self.versions:
             return False
         grads, params = [], []
         try:
@@ -363,7 +360,7 @@ class CompiledStep:
         if any(p is None for p in prepared):
             return False
         for optimizer in self.stepping:
-            optimizer._advance()
+            optimizer.advance()
         for bucket, ready in zip(self.buckets, prepared):
             bucket.run(ready)
         return True
