@@ -429,8 +429,8 @@ class Muon(_Builtin):
     #: the layout that ``layout=None`` stands for; treeopt.jax lends its Muons flax's
     _implicit_layout = "out_in"
 
-    def _hyper(self):
-        hyper = super()._hyper()
+    def rule_hyperparameters(self) -> dict:
+        hyper = super().rule_hyperparameters()
         if hyper["layout"] is None:
             hyper["layout"] = self._implicit_layout
         return hyper
