@@ -199,6 +199,17 @@ class Optimizer:
         for optimizer in self._optimizers():
             optimizer._initialized = True
 
+    def assign_routes(self, parameters) -> dict:
+        """Decide and keep the route of every parameter in ``parameters`` (a flat or nested
+        tree), creating no state: ``{path: optimizer that will update it}``, ``None`` for a
+        frozen one. ZeRO-1 (:mod:`treeopt.distributed`) uses it to plan who owns what before
+        any rank creates a slot."""
+        leaves = [leaf for leaf in _collect(parameters, parameters, self, check_pairs=False) if leaf.grad is not None]
+        backend = self._settle_backend(leaves)
+        owners = self._plan(leaves)
+        self._commit(backend)
+        return {leaf.path: owner for leaf, owner in zip(leaves, owners)}
+
     def _mirror(self, parameters, keys):
         """Mirror ``parameters`` into the state, with slots for the leaves at ``keys``."""
         def select(leaf_keys, leaf):

@@ -52,13 +52,18 @@ class Optimizer:
         optimizer: any treeopt optimizer, e.g. a ``MultiOptimizer``.
     """
 
-    def __init__(self, model, optimizer: _Optimizer):
+    def __init__(self, model, optimizer: _Optimizer, sharding: str = None, process_group=None):
         if not isinstance(optimizer, _Optimizer):
             raise TypeError(f"expected a treeopt optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self.parameters = _named_parameters(model)
         if not self.parameters:
             raise ValueError("treeopt.torch.Optimizer got no parameters")
+        # sharding="zero1": each rank keeps the state of the parameters it owns (see
+        # treeopt.distributed); None: every rank (if any) keeps all of it, as in one process
+        from treeopt.distributed import attach
+
+        self._distributed = attach(self, sharding, process_group)
 
     def __repr__(self):
         return f"treeopt.torch.Optimizer({len(self.parameters)} parameters, {self.optimizer!r})"
@@ -70,7 +75,10 @@ class Optimizer:
         """Create the state of every trainable parameter now (it is otherwise created at the
         first step)."""
         with torch.no_grad():
-            self.optimizer.init(self._trainable())
+            if self._distributed is not None:
+                self._distributed.init()
+            else:
+                self.optimizer.init(self._trainable())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -81,7 +89,10 @@ class Optimizer:
             with torch.enable_grad():
                 loss = closure()
         params = self._trainable()
-        self.optimizer.update(params, {name: p.grad for name, p in params.items()})
+        if self._distributed is not None:
+            self._distributed.step({name: p.grad for name, p in params.items()})
+        else:
+            self.optimizer.update(params, {name: p.grad for name, p in params.items()})
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
@@ -106,6 +117,8 @@ class Optimizer:
         ``torch.save`` and ``torch.distributed.checkpoint`` can store it."""
         from treeopt import checkpoint
 
+        if self._distributed is not None:
+            return self._distributed.state_dict()
         tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self._trainable()))
         return {"tensors": tensors, "metadata": metadata}
 
@@ -114,5 +127,7 @@ class Optimizer:
         matched by parameter name, never by position. Returns the load report."""
         from treeopt import checkpoint
 
+        if self._distributed is not None:
+            return self._distributed.load_state_dict(state_dict, strict=strict)
         self.init()
         return checkpoint.from_flat(self.optimizer, state_dict["tensors"], state_dict["metadata"], strict=strict)

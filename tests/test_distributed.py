@@ -1,0 +1,149 @@
+"""treeopt on several processes: DDP, ZeRO-1 and checkpoints that reshard, on 1, 2 and 4 forked
+CPU ranks with gloo (see tests/_world.py). Each world takes well under a second once warm.
+
+The reference is always one process given the same averaged gradients: ZeRO-1 must equal it
+bit for bit, because each whole matrix and each element is updated by the same rule, only
+on another rank.
+"""
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="distributed tests need torch")
+import torch.distributed as dist  # noqa: E402
+
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import treeopt as optim  # noqa: E402
+import treeopt.torch  # noqa: E402
+from treeopt.distributed import ownership  # noqa: E402
+from _world import run_world  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+# matrices of every kind: wide, tall, rows not divisible by 4, fewer rows than ranks
+SHAPES = {"blocks.0.attn.weight": (96, 64), "blocks.0.attn.bias": (96,), "blocks.0.mlp.weight": (64, 96),
+          "blocks.1.attn.weight": (128, 32), "blocks.1.mlp.weight": (18, 32), "blocks.1.gate.weight": (3, 8),
+          "embed.weight": (64, 16), "head.weight": (10, 16), "norm.weight": (16,), "norm.bias": (16,)}
+MUON_MATRICES = [n for n, s in SHAPES.items() if n.startswith("blocks.") and len(s) == 2]
+
+
+def hidden_matrix(name, param):
+    return name.startswith("blocks.") and param.ndim == 2
+
+
+def muon_adamw(**options):
+    return optim.MultiOptimizer([optim.Muon(0.02, weight_decay=0.01), optim.AdamW(3e-3)], [hidden_matrix], **options)
+
+
+def make_params():
+    generator = torch.Generator().manual_seed(0)
+    return [(name, torch.nn.Parameter(torch.randn(shape, generator=generator))) for name, shape in SHAPES.items()]
+
+
+def gradients(step, rank=None, nan_at=None):
+    """The averaged gradients of ``step``, as DDP gives every rank the same ones."""
+    generator = torch.Generator().manual_seed(100 + step)
+    grads = {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
+    if nan_at is not None and nan_at[:2] == (step, rank):
+        grads[nan_at[2]][0] = float("nan")
+    return grads
+
+
+def train(rank, world, steps, sharding="zero1", options=None, nan_at=None, count_ns=False):
+    """``steps`` steps; returns the parameters, what each rank owns and its counts."""
+    import treeopt.rules.muon as muon_rule
+
+    calls = []
+    if count_ns:
+        original = muon_rule.newton_schulz
+        muon_rule.newton_schulz = lambda x, steps: calls.append(tuple(x.shape)) or original(x, steps)
+    params = make_params()
+    opt = treeopt.torch.Optimizer(params, muon_adamw(**(options or {})), sharding=sharding if world > 1 else None)
+    for step in range(steps):
+        for (name, p), g in zip(params, gradients(step, rank, nan_at).values()):
+            p.grad = g
+        opt.step()
+    state = opt.optimizer.state
+    return {"params": {n: p.detach().clone() for n, p in params},
+            "ns_calls": calls, "skipped": state.get("skipped_steps", 0),
+            "steps": [int(o.step) for o in opt.optimizer.optimizers],
+            "state_bytes": _state_bytes(opt.optimizer),
+            "owned": sorted(getattr(opt._distributed, "local", {}) or {}),
+            "sent": getattr(getattr(opt._distributed, "comm", None), "sent_bytes", 0),
+            "collectives": getattr(getattr(opt._distributed, "comm", None), "calls", 0)}
+
+
+def _state_bytes(multi):
+    total = 0
+    for child in multi.optimizers:
+        for _, slots in child._slot_items():
+            total += sum(v.numel() * v.element_size() for v in slots.values())
+    return total
+
+
+def assert_same_params(results, reference):
+    for rank, result in enumerate(results):
+        for name, value in reference["params"].items():
+            assert torch.equal(result["params"][name], value), f"rank {rank}: {name} differs from one process"
+
+
+# ---------------------------------------------------------------------------------- ownership (no processes)
+def test_ownership_balances_newton_schulz_and_bytes_deterministically():
+    entries = [ownership.Entry(f"m{i}", (768, 768 * (1 + i % 4)), ownership.ORTH, 4 * 768 * 768 * (1 + i % 4),
+                               4 * 768 * 768 * (1 + i % 4), ownership.newton_schulz_flops((768, 768 * (1 + i % 4)), 5))
+               for i in range(48)]
+    entries.append(ownership.Entry("wte", (50257, 768), ownership.ELEMENTWISE, 8 * 50257 * 768, 4 * 50257 * 768))
+    entries += [ownership.Entry(f"b{i}", (768,), ownership.ELEMENTWISE, 8 * 768, 4 * 768) for i in range(50)]
+    plan = ownership.assign(entries, 4)
+    assert plan.owner["wte"] == "rows"
+    state, flops = plan.imbalance()
+    assert state <= 1.15 and flops <= 1.3
+    assert sum(plan.state_bytes) == sum(e.state_bytes for e in entries)
+    assert sum(plan.flops) == sum(e.flops for e in entries)
+    assert ownership.assign(list(reversed(entries)), 4).owner == plan.owner  # order does not matter
+    assert ownership.assign(entries, 4).fingerprint() == plan.fingerprint()
+    # every row of the split parameter has exactly one owner, as torch.chunk splits them
+    assert [plan.rows("wte", r) for r in range(4)] == [(0, 12565), (12565, 25130), (25130, 37695), (37695, 50257)]
+
+
+def test_ownership_ties_are_broken_by_name_and_small_worlds_own_everything():
+    entries = [ownership.Entry(n, (4, 4), ownership.ORTH, 64, 64, 100) for n in ("b", "a", "c")]
+    plan = ownership.assign(entries, 2)
+    assert plan.owner == {"b": 1, "a": 0, "c": 0}
+    assert ownership.assign(entries, 1).owned(0) == ["b", "a", "c"]
+    assert ownership.row_range(3, 4, 3) == (3, 3)  # a rank with no rows
+
+
+# ---------------------------------------------------------------------------------- ZeRO-1
+@pytest.fixture(scope="module")
+def reference():
+    return run_world(train, 1, 3, None, None, None, True)[0]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero1_is_bit_identical_to_one_process_and_runs_newton_schulz_once_per_matrix(world, reference):
+    results = run_world(train, world, 3, "zero1", None, None, True)
+    assert_same_params(results, reference)
+    owned = [set(r["owned"]) for r in results]
+    whole = [n for n in SHAPES if not any(n in o for o in owned[1:]) or sum(n in o for o in owned) == 1]
+    assert set().union(*owned) == set(SHAPES)
+    assert all(sum(n in o for o in owned) == 1 for n in MUON_MATRICES)  # Muon matrices stay whole
+    assert whole
+    # Newton-Schulz: once per matrix per step, over all ranks together, as in one process
+    assert sum(len(r["ns_calls"]) for r in results) == len(reference["ns_calls"]) == 3 * len(MUON_MATRICES)
+    # optimizer memory per rank is what the plan says, and adds up to one process's
+    assert sum(r["state_bytes"] for r in results) == reference["state_bytes"]
+    plan = ownership.assign([_entry(n, s) for n, s in SHAPES.items()], world)
+    assert [r["state_bytes"] for r in results] == plan.state_bytes
+    # one all-gather per step (one dtype, one bucket), plus the start-up plan check
+    assert all(r["collectives"] == 3 + 1 for r in results)
+
+
+def _entry(name, shape):
+    if hidden_matrix(name, torch.empty(shape)):
+        return ownership.Entry(name, shape, ownership.ORTH, 4 * math.prod(shape), 4 * math.prod(shape),
+                               ownership.newton_schulz_flops(shape, 5))
+    return ownership.Entry(name, shape, ownership.ELEMENTWISE, 8 * math.prod(shape), 4 * math.prod(shape))
