@@ -147,3 +147,119 @@ def _entry(name, shape):
         return ownership.Entry(name, shape, ownership.ORTH, 4 * math.prod(shape), 4 * math.prod(shape),
                                ownership.newton_schulz_flops(shape, 5))
     return ownership.Entry(name, shape, ownership.ELEMENTWISE, 8 * math.prod(shape), 4 * math.prod(shape))
+
+
+def _owned_by(world, rank):
+    plan = ownership.assign([_entry(n, s) for n, s in SHAPES.items()], world)
+    return next(n for n in SHAPES if plan.owner[n] == rank)
+
+
+WHOLE_MODEL = dict(max_grad_norm=5.0, skip_nonfinite=True, accumulate=[1, 2], lr_schedule=lambda step: 1.0 / (1.0 + step))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero1_whole_model_options_agree_on_every_rank(world):
+    """Global clipping over every gradient, a NaN in one rank's copy of a gradient it owns
+    (the step is skipped on every rank), accumulation and a shared schedule."""
+    name = _owned_by(world, world - 1)
+    results = run_world(train, world, 5, "zero1", WHOLE_MODEL, (2, world - 1, name))
+    expected = run_world(train, 1, 5, None, WHOLE_MODEL, (2, 0, name))[0]
+    assert expected["skipped"] == 1
+    assert [r["skipped"] for r in results] == [1] * world
+    assert all(r["steps"] == expected["steps"] for r in results)
+    assert_same_params(results, expected)
+
+
+def test_a_rank_that_owns_no_parameter_of_a_group_still_steps_it():
+    one = {"blocks.0.attn.weight": (8, 8), "norm.weight": (3,)}  # 4 ranks, 2 parameters (too few rows to split)
+
+    def run(rank, world):
+        params = [(n, torch.nn.Parameter(torch.ones(s))) for n, s in one.items()]
+        opt = treeopt.torch.Optimizer(params, muon_adamw(), sharding="zero1")
+        for _ in range(2):
+            for _, p in params:
+                p.grad = torch.full_like(p, 0.5)
+            opt.step()
+        return [int(o.step) for o in opt.optimizer.optimizers], {n: p.detach() for n, p in params}, sorted(opt._distributed.local)
+
+    results = run_world(run, 4)
+    assert [r[0] for r in results] == [[2, 2]] * 4
+    assert sum(len(r[2]) for r in results) == 2 and [] in [r[2] for r in results]
+    assert all(torch.equal(r[1]["norm.weight"], results[0][1]["norm.weight"]) for r in results)
+
+
+def test_ranks_that_route_differently_fail_at_construction():
+    def run(rank, world):
+        params = make_params()
+        rank_filter = (lambda name, p: p.ndim == 2 and rank == 0)  # a filter that depends on the rank
+        opt = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [rank_filter])
+        treeopt.torch.Optimizer(params, opt, sharding="zero1")
+
+    with pytest.raises(Exception, match="plans differently"):
+        run_world(run, 2)
+
+
+# ---------------------------------------------------------------------------------- DDP
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(10, 16)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(2)])
+        self.head = torch.nn.Linear(16, 10, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return self.head(x)
+
+
+def ddp_train(rank, world, steps):
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(Net())
+    opt = treeopt.torch.Optimizer(model.module, muon_adamw())
+    generator = torch.Generator().manual_seed(rank)
+    seen = []
+    for _ in range(steps):
+        tokens = torch.randint(0, 10, (4, 6), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), ((tokens + 1) % 10).flatten())
+        loss.backward()
+        seen.append({n: p.grad.clone() for n, p in model.module.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+    return {"params": {n: p.detach().clone() for n, p in model.module.named_parameters()}, "grads": seen,
+            "keys": sorted(opt.state_dict()["metadata"]["parameters"])}
+
+
+def replay(rank, world, grads):
+    model = Net()
+    opt = treeopt.torch.Optimizer(model, muon_adamw())
+    for step in grads:
+        for n, p in model.named_parameters():
+            p.grad = step[n]
+        opt.step()
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ddp_is_bit_identical_to_one_process_fed_the_averaged_gradients(world):
+    results = run_world(ddp_train, world, 3)
+    assert all(torch.equal(r["grads"][-1]["head.weight"], results[0]["grads"][-1]["head.weight"]) for r in results)
+    expected = run_world(replay, 1, results[0]["grads"])[0]
+    assert_same_params(results, expected)
+    assert all(not k.startswith("module.") for k in results[0]["keys"])
+
+
+def test_ddp_ranks_that_route_differently_fail_after_the_first_step():
+    def run(rank, world):
+        params = make_params()
+        opt = treeopt.torch.Optimizer(params, optim.MultiOptimizer(
+            [optim.Muon(0.02), optim.AdamW(3e-3)], [lambda name, p: p.ndim == 2 and rank == 0]))
+        for (name, p), g in zip(params, gradients(0).values()):
+            p.grad = g
+        opt.step()
+
+    with pytest.raises(Exception, match="disagree on the routes"):
+        run_world(run, 2)
