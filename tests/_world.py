@@ -42,6 +42,22 @@ def run_world(fn, world, *args, timeout=60):
         return [torch.load(os.path.join(folder, f"result-{r}.pt"), weights_only=False) for r in range(world)]
 
 
-def warm_dtensor():
-    """Pay DTensor's first-use cost (seconds) once in the parent instead of in every world."""
-    from torch.distributed.tensor import DTensor, Replicate  # noqa: F401
+def warm_up():
+    """Pay the first use of DTensor, DCP and DDP (seconds) once in the parent, on a 1-rank group,
+    instead of in every forked world (each would pay 3-20 s here)."""
+    from torch.distributed.checkpoint import load, save
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with tempfile.TemporaryDirectory() as folder:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
+        try:
+            mesh = init_device_mesh("cpu", (1,))
+            value = distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)])
+            (value + 1).full_tensor()
+            save({"x": value, "y": torch.ones(2)}, checkpoint_id=f"{folder}/checkpoint")
+            load({"x": value, "y": torch.ones(2)}, checkpoint_id=f"{folder}/checkpoint")
+            model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+            model(torch.ones(1, 2)).sum().backward()
+        finally:
+            dist.destroy_process_group()

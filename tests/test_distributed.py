@@ -6,6 +6,7 @@ bit for bit, because each whole matrix and each element is updated by the same r
 on another rank.
 """
 
+import json
 import math
 
 import pytest
@@ -19,9 +20,14 @@ if not dist.is_available() or not dist.is_gloo_available():
 import treeopt as optim  # noqa: E402
 import treeopt.torch  # noqa: E402
 from treeopt.distributed import ownership  # noqa: E402
-from _world import run_world  # noqa: E402
+from _world import run_world, warm_up  # noqa: E402
 
 pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm():
+    warm_up()
 
 # matrices of every kind: wide, tall, rows not divisible by 4, fewer rows than ranks
 SHAPES = {"blocks.0.attn.weight": (96, 64), "blocks.0.attn.bias": (96,), "blocks.0.mlp.weight": (64, 96),
@@ -230,7 +236,7 @@ def ddp_train(rank, world, steps):
         opt.step()
         opt.zero_grad()
     return {"params": {n: p.detach().clone() for n, p in model.module.named_parameters()}, "grads": seen,
-            "keys": sorted(opt.state_dict()["metadata"]["parameters"])}
+            "keys": sorted(json.loads(opt.state_dict()["metadata"])["parameters"])}
 
 
 def replay(rank, world, grads):
@@ -263,3 +269,43 @@ def test_ddp_ranks_that_route_differently_fail_after_the_first_step():
 
     with pytest.raises(Exception, match="disagree on the routes"):
         run_world(run, 2)
+
+
+# ---------------------------------------------------------------------------------- checkpoints that reshard
+RESUME = dict(max_grad_norm=5.0, accumulate=[1, 2])
+
+
+def dcp_phase(rank, world, folder, phase, calls):
+    """Save after ``calls`` steps, or load and take ``calls`` more, with DCP at this world size
+    (ZeRO-1 on several ranks, the plain adapter on one)."""
+    import torch.distributed.checkpoint as dcp
+
+    params = make_params()
+    model = {n: p.detach() for n, p in params}
+    opt = treeopt.torch.Optimizer(params, muon_adamw(**RESUME), sharding="zero1" if world > 1 else None)
+    first = 0
+    if phase == "load":
+        dcp.load({"model": model, "optim": opt}, checkpoint_id=folder)
+        first = int(opt.optimizer.optimizers[1].step) * 2  # the AdamW group steps every 2 calls
+    for step in range(first, first + calls):
+        for (name, p), g in zip(params, gradients(step).values()):
+            p.grad = g
+        opt.step()
+    if phase == "save":
+        dcp.save({"model": model, "optim": opt}, checkpoint_id=folder)
+    return {"params": {n: p.detach().clone() for n, p in params}, "metadata": opt.state_dict()["metadata"]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    def run(rank, world):
+        return dcp_phase(rank, world, None, "none", 6)
+    return run_world(run, 1)[0]
+
+
+@pytest.mark.parametrize("saved, loaded", [(2, 1), (1, 2), (2, 4), (4, 2)])
+def test_dcp_checkpoint_saved_at_one_world_size_resumes_at_another(saved, loaded, uninterrupted, tmp_path):
+    before = run_world(dcp_phase, saved, str(tmp_path), "save", 4)
+    assert len({r["metadata"] for r in before}) == 1  # the same metadata on every rank
+    after = run_world(dcp_phase, loaded, str(tmp_path), "load", 2)
+    assert_same_params(after, uninterrupted)

@@ -112,15 +112,18 @@ class Optimizer:
 
     def state_dict(self):
         """The optimizer state keyed by parameter name and slot (``"blocks.0.attn.weight/m"``),
-        with the metadata that lets :meth:`load_state_dict` check it: see
-        :mod:`treeopt.checkpoint`. Plain tensors and Python values, so
-        ``torch.save`` and ``torch.distributed.checkpoint`` can store it."""
+        with the metadata that lets :meth:`load_state_dict` check it (one JSON string): see
+        :mod:`treeopt.checkpoint`. Plain tensors and a string, so ``torch.save`` and
+        ``torch.distributed.checkpoint`` can store it."""
         from treeopt import checkpoint
 
         if self._distributed is not None:
             return self._distributed.state_dict()
+        from treeopt.distributed.state import encode
+
+        self.init()  # every slot exists, in torch: a load target for torch.distributed.checkpoint
         tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self._trainable()))
-        return {"tensors": tensors, "metadata": metadata}
+        return {"tensors": tensors, "metadata": encode(metadata)}
 
     def load_state_dict(self, state_dict, strict: bool = True):
         """Load a state saved by :meth:`state_dict` (or any treeopt checkpoint's content),
@@ -129,5 +132,7 @@ class Optimizer:
 
         if self._distributed is not None:
             return self._distributed.load_state_dict(state_dict, strict=strict)
+        from treeopt.distributed.state import decode
+
         self.init()
-        return checkpoint.from_flat(self.optimizer, state_dict["tensors"], state_dict["metadata"], strict=strict)
+        return checkpoint.from_flat(self.optimizer, state_dict["tensors"], decode(state_dict["metadata"]), strict=strict)

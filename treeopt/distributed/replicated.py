@@ -8,7 +8,7 @@ that depends on the rank, or a rank that skipped a step, would otherwise drift s
 import torch
 
 from treeopt.distributed.comm import Collectives
-from treeopt.distributed.state import agreed
+from treeopt.distributed.state import agreed, decode, encode
 
 __all__ = ["Replicated"]
 
@@ -31,9 +31,10 @@ class Replicated:
     def state_dict(self):
         from treeopt import checkpoint
 
+        with torch.no_grad():
+            self.init()  # every slot exists: a load target for torch.distributed.checkpoint
         tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self.parameters))
-        agreed(self.comm, "checkpoint metadata", metadata)
-        return {"tensors": tensors, "metadata": metadata}
+        return {"tensors": tensors, "metadata": encode(agreed(self.comm, "checkpoint metadata", metadata))}
 
     def load_state_dict(self, state_dict, strict=True):
         from treeopt import checkpoint
@@ -41,7 +42,7 @@ class Replicated:
         with torch.no_grad():
             self.init()
             return checkpoint.from_flat(self.optimizer, _local_tensors(state_dict["tensors"]),
-                                        state_dict["metadata"], strict=strict)
+                                        decode(state_dict["metadata"]), strict=strict)
 
 
 def _local_tensors(tensors):

@@ -17,7 +17,18 @@ saved regions each target needs.
 import hashlib
 import json
 
-__all__ = ["agreed", "fingerprint"]
+__all__ = ["agreed", "fingerprint", "encode", "decode"]
+
+
+def encode(metadata) -> str:
+    """The metadata as one JSON string: DCP stores a string as one value, whereas it would
+    flatten a dict and load back only the entries the *current* metadata happens to have."""
+    return json.dumps(metadata, sort_keys=True)
+
+
+def decode(metadata):
+    """The metadata dict of :func:`encode`'s string (a dict passes through)."""
+    return json.loads(metadata) if isinstance(metadata, (str, bytes)) else metadata
 
 
 def fingerprint(value) -> str:

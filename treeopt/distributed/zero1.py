@@ -223,14 +223,14 @@ class Zero1:
         """Name-keyed state for ``torch.distributed.checkpoint``: owned slots as plain
         tensors, row-split ones as ``Shard(0)`` DTensors, the same metadata on every rank."""
         from treeopt import checkpoint
-        from treeopt.distributed.state import global_metadata, split_key
+        from treeopt.distributed.state import encode, global_metadata, split_key
 
         tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self.parameters))
         for key, value in list(tensors.items()):
             parsed = split_key(key)
             if parsed is not None and parsed[0] in self.ownership.entries and self.ownership.split(parsed[0]):
                 tensors[key] = self._as_dtensor(parsed[0], value)
-        return {"tensors": tensors, "metadata": global_metadata(self.comm, metadata, self.ownership)}
+        return {"tensors": tensors, "metadata": encode(global_metadata(self.comm, metadata, self.ownership))}
 
     def _as_dtensor(self, name, local):
         from torch.distributed.tensor import DTensor, Shard
@@ -245,9 +245,9 @@ class Zero1:
         tensors into this rank's layout first); returns this rank's load report."""
         from treeopt import checkpoint
         from treeopt.distributed.replicated import _local_tensors
-        from treeopt.distributed.state import agreed, local_metadata
+        from treeopt.distributed.state import agreed, decode, local_metadata
 
-        metadata = agreed(self.comm, "checkpoint metadata being loaded", state_dict["metadata"])
+        metadata = agreed(self.comm, "checkpoint metadata being loaded", decode(state_dict["metadata"]))
         with torch.no_grad():
             self.init()
             report = checkpoint.from_flat(self.optimizer, _local_tensors(state_dict["tensors"]),
