@@ -28,6 +28,7 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module", autouse=True)
 def warm():
     warm_up()
+    train(0, 1, 2, None)  # numba compiles the fused loops once here, not in every rank
 
 # matrices of every kind: wide, tall, rows not divisible by 4, fewer rows than ranks
 SHAPES = {"blocks.0.attn.weight": (96, 64), "blocks.0.attn.bias": (96,), "blocks.0.mlp.weight": (64, 96),
