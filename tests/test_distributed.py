@@ -310,3 +310,19 @@ def test_dcp_checkpoint_saved_at_one_world_size_resumes_at_another(saved, loaded
     assert len({r["metadata"] for r in before}) == 1  # the same metadata on every rank
     after = run_world(dcp_phase, loaded, str(tmp_path), "load", 2)
     assert_same_params(after, uninterrupted)
+
+
+def test_zero1_plan_shows_an_owner_column_and_per_rank_totals():
+    def run(rank, world):
+        opt = treeopt.torch.Optimizer(make_params(), muon_adamw(), sharding="zero1")
+        plan = opt.plan()
+        return plan.to_dict(), str(plan)
+
+    results = run_world(run, 2)
+    data, text = results[0]
+    assert results[1][0] == data  # the same plan on every rank
+    expected = ownership.assign([_entry(n, s) for n, s in SHAPES.items()], 2)
+    assert {row["path"]: row["owner"] for row in data["parameters"]} == {n: str(o) for n, o in expected.owner.items()}
+    assert [r["state_bytes"] for r in data["ranks"]] == expected.state_bytes
+    assert sum(r["state_bytes"] for r in data["ranks"]) == sum(row["state_bytes"] for row in data["parameters"])
+    assert "owner" in text.splitlines()[1] and "Newton-Schulz" in text

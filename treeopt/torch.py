@@ -105,6 +105,14 @@ class Optimizer:
                 p.grad.detach_()
                 p.grad.zero_()
 
+    def plan(self):
+        """The routing plan of every trainable parameter (see :meth:`treeopt.Optimizer.plan`);
+        under ``sharding="zero1"`` with an owner column and per-rank totals."""
+        if self._distributed is not None and hasattr(self._distributed, "plan"):
+            return self._distributed.plan()
+        with torch.no_grad():
+            return self.optimizer.plan(self._trainable())
+
     @property
     def state(self):
         """The treeopt state, keyed by parameter name."""

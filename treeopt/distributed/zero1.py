@@ -19,7 +19,7 @@ import torch
 from treeopt.distributed import ownership as _ownership
 from treeopt.distributed.comm import Collectives
 
-__all__ = ["Zero1"]
+__all__ = ["Zero1", "plan"]
 
 BUCKET_BYTES = 64 << 20  # per rank and collective: bounds the receive buffer to W x this
 
@@ -206,6 +206,10 @@ class Zero1:
         return [{"rank": r, "state_bytes": o.state_bytes[r], "ns_flops": o.flops[r], "param_bytes": o.param_bytes[r]}
                 for r in range(o.world)]
 
+    def plan(self):
+        """The routing plan with an owner column and per-rank totals (see :func:`plan`)."""
+        return plan(self)
+
     # ------------------------------------------------------------------ state
     def init(self):
         with torch.no_grad():
@@ -259,3 +263,22 @@ def _world():
     import torch.distributed as dist
 
     return dist.group.WORLD
+
+
+def plan(zero1):
+    """The optimizer's :class:`~treeopt.plan.Plan` with an owner per parameter (global state
+    bytes), and one line per rank: parameters, state bytes, Newton-Schulz GFLOP per step and
+    the parameter bytes it sends per step."""
+    from dataclasses import replace
+
+    from treeopt.plan import build
+
+    o = zero1.ownership
+    result = build(zero1.optimizer)
+    result.rows = [replace(row, owner=str(o.owner[row.path]), state_bytes=o.entries[row.path].state_bytes)
+                   if row.path in o.entries else row for row in result.rows]
+    result.groups = [replace(g, state_bytes=sum(r.state_bytes for r in result.rows if r.group == g.index))
+                     for g in result.groups]
+    result.ranks = [{"rank": r, "parameters": len(o.owned(r)), "state_bytes": o.state_bytes[r],
+                     "ns_gflop": o.flops[r] / 1e9, "sent_bytes": o.param_bytes[r]} for r in range(o.world)]
+    return result
