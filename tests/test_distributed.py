@@ -326,3 +326,51 @@ def test_zero1_plan_shows_an_owner_column_and_per_rank_totals():
     assert [r["state_bytes"] for r in data["ranks"]] == expected.state_bytes
     assert sum(r["state_bytes"] for r in data["ranks"]) == sum(row["state_bytes"] for row in data["parameters"])
     assert "owner" in text.splitlines()[1] and "Newton-Schulz" in text
+
+
+def folder_phase(rank, world, folder, phase):
+    from treeopt import checkpoint
+
+    params = make_params()
+    opt = treeopt.torch.Optimizer(params, muon_adamw(**RESUME), sharding="zero1" if world > 1 else None)
+    first = 0
+    if phase == "load":
+        report = checkpoint.load(opt, folder)
+        assert report.ok, str(report)
+        with torch.no_grad():  # the parameters come from the model's own checkpoint; here: replayed
+            for (name, p), value in zip(params, torch.load(f"{folder}/params.pt").values()):
+                p.copy_(value)
+        first = int(opt.optimizer.optimizers[1].step) * 2
+    for step in range(first, first + (4 if phase == "save" else 2)):
+        for (name, p), g in zip(params, gradients(step).values()):
+            p.grad = g
+        opt.step()
+    if phase == "save":
+        checkpoint.save(opt, folder)
+        if rank == 0:
+            torch.save({n: p.detach() for n, p in params}, f"{folder}/params.pt")
+    return {"params": {n: p.detach().clone() for n, p in params}}
+
+
+@pytest.mark.parametrize("saved, loaded", [(2, 4), (4, 1)])
+def test_treeopt_checkpoint_folder_of_several_ranks_loads_at_any_world_size(saved, loaded, uninterrupted, tmp_path):
+    import glob
+    import subprocess
+    import sys
+
+    run_world(folder_phase, saved, str(tmp_path), "save")
+    assert len(glob.glob(str(tmp_path / "*.safetensors"))) == saved
+    assert not glob.glob(str(tmp_path / ".metadata"))  # nothing pickled
+    info = subprocess.run([sys.executable, "-m", "treeopt.checkpoint", "info", str(tmp_path), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stdout + info.stderr
+    summary = json.loads(info.stdout)
+    assert summary["problems"] == [] and summary["saved_world_size"] == saved
+    assert summary["groups"]["Muon"]["parameters"] == len(MUON_MATRICES)
+    after = run_world(folder_phase, loaded, str(tmp_path), "load")
+    assert_same_params(after, uninterrupted)
+    # a lost file is found by the inspector
+    (sorted(tmp_path.glob("*.safetensors"))[0]).unlink()
+    info = subprocess.run([sys.executable, "-m", "treeopt.checkpoint", "info", str(tmp_path), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 1 and json.loads(info.stdout)["problems"]
