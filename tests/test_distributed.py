@@ -374,3 +374,82 @@ def test_treeopt_checkpoint_folder_of_several_ranks_loads_at_any_world_size(save
     info = subprocess.run([sys.executable, "-m", "treeopt.checkpoint", "info", str(tmp_path), "--json"],
                           capture_output=True, text=True, timeout=120)
     assert info.returncode == 1 and json.loads(info.stdout)["problems"]
+
+
+# ---------------------------------------------------------------------------------- FSDP2 / DTensor parameters
+def fsdp_train(rank, world, steps, count_ns=False, placement=None, optimizer=None):
+    """The same parameters and gradients as :func:`train`, as ``Shard(0)`` DTensors."""
+    import treeopt.rules.muon as muon_rule
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    calls = []
+    if count_ns:
+        original = muon_rule.newton_schulz
+        muon_rule.newton_schulz = lambda x, steps: calls.append(tuple(x.shape)) or original(x, steps)
+    mesh = init_device_mesh("cpu", (world,))
+    def placements(tensor):  # Shard(0), or ``placement`` for the matrices
+        return [placement if placement is not None and tensor.ndim == 2 else Shard(0)]
+
+    params = [(n, torch.nn.Parameter(distribute_tensor(p.detach(), mesh, placements(p)))) for n, p in make_params()]
+    opt = treeopt.torch.Optimizer(params, optimizer or muon_adamw())
+    for step in range(steps):
+        for (name, p), g in zip(params, gradients(step).values()):
+            p.grad = distribute_tensor(g, mesh, placements(g))
+        opt.step()
+    tensors = opt.state_dict()["tensors"]
+    return {"params": {n: p.full_tensor() for n, p in params}, "ns_calls": calls,
+            "slots": {k: (type(v).__name__, tuple(v.placements) if isinstance(v, DTensor) else None)
+                      for k, v in tensors.items() if "/" in k and not k.startswith("@")},
+            "collectives": opt._distributed.comm.calls}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_parameters_equal_one_process_and_gather_each_matrix_once(world, reference):
+    from torch.distributed.tensor import Shard
+
+    results = run_world(fsdp_train, world, 3, True)
+    assert_same_params(results, reference)
+    assert sum(len(r["ns_calls"]) for r in results) == 3 * len(MUON_MATRICES)  # once per matrix, on its owner
+    assert all(set(r["ns_calls"]) <= {SHAPES[n] for n in MUON_MATRICES} for r in results)  # whole matrices only
+    slots = results[0]["slots"]
+    assert slots["embed.weight/m"] == ("DTensor", (Shard(0),)) and slots["blocks.0.attn.weight/v"][0] == "DTensor"
+    assert all(r["collectives"] == results[0]["collectives"] for r in results)
+
+
+def test_fsdp2_unsupported_placements_and_rules_raise_with_the_path():
+    from torch.distributed.tensor import Shard
+
+    def shard1(rank, world):
+        try:
+            fsdp_train(rank, world, 1, placement=Shard(1))
+        except Exception as error:
+            return str(error)
+
+    def adafactor(rank, world):
+        try:
+            fsdp_train(rank, world, 1, optimizer=optim.MultiOptimizer(
+                [optim.Muon(0.02), optim.Adafactor()], [hidden_matrix]))
+        except Exception as error:
+            return str(error)
+
+    message = run_world(shard1, 2)[0]
+    assert "blocks.0.attn.weight" in message and "Shard(dim=1)" in message
+    message = run_world(adafactor, 2)[0]
+    assert "Adafactor needs whole matrices" in message and "blocks.0.attn.bias" in message
+
+
+def test_an_optimizer_built_before_fully_shard_raises_at_its_first_step():
+    def run(rank, world):
+        from torch.distributed.fsdp import fully_shard
+
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+        opt = treeopt.torch.Optimizer(model, optim.AdamW(1e-3), sharding="replicated")
+        fully_shard(model)
+        model(torch.ones(2, 8)).sum().backward()
+        try:
+            opt.step()
+        except RuntimeError as error:
+            return str(error)
+
+    assert "before fully_shard" in run_world(run, 2)[0]

@@ -63,7 +63,7 @@ class Optimizer:
         # treeopt.distributed); None: every rank (if any) keeps all of it, as in one process
         from treeopt.distributed import attach
 
-        self._distributed = attach(self, sharding, process_group)
+        self._distributed = attach(self, sharding, process_group, model if isinstance(model, torch.nn.Module) else None)
 
     def __repr__(self):
         return f"treeopt.torch.Optimizer({len(self.parameters)} parameters, {self.optimizer!r})"

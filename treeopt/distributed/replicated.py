@@ -8,14 +8,15 @@ that depends on the rank, or a rank that skipped a step, would otherwise drift s
 import torch
 
 from treeopt.distributed.comm import Collectives
+from treeopt.distributed.fsdp import check_current
 from treeopt.distributed.state import agreed, decode, encode
 
 __all__ = ["Replicated"]
 
 
 class Replicated:
-    def __init__(self, optimizer, parameters, group=None):
-        self.optimizer, self.parameters = optimizer, dict(parameters)
+    def __init__(self, optimizer, parameters, group=None, model=None):
+        self.optimizer, self.parameters, self.model = optimizer, dict(parameters), model
         self.comm = Collectives(group)
         self.checked = False
 
@@ -23,6 +24,8 @@ class Replicated:
         self.optimizer.init(self.parameters)
 
     def step(self, gradients):
+        if not self.checked:
+            check_current(self.model, self.parameters)
         self.optimizer.update(self.parameters, gradients)
         if not self.checked:
             self.checked = True

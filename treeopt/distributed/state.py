@@ -59,9 +59,10 @@ def split_key(key):
     return path, slot
 
 
-def global_metadata(comm, local_metadata, ownership):
+def global_metadata(comm, local_metadata, split_rows):
     """One metadata for every rank: the parameters' entries come from the ranks that own them
-    (global shapes for row-split ones); everything else must already agree."""
+    (global shapes for the row-split ones: ``split_rows`` maps their names to their rows);
+    everything else must already agree."""
     gathered = comm.all_gather_object(local_metadata)
     common = [{k: v for k, v in m.items() if k != "parameters"} for m in gathered]
     for rank, other in enumerate(common):
@@ -75,26 +76,27 @@ def global_metadata(comm, local_metadata, ownership):
         entries = [m["parameters"].get(name) for m in gathered]
         with_slots = [e for e in entries if e and e["slots"]]
         chosen = dict(with_slots[0] if with_slots else entries[0])
-        if ownership is not None and name in ownership.entries and ownership.split(name):
-            shape = list(ownership.entries[name].shape)
-            chosen["slots"] = {s: dict(spec, shape=shape[:1] + spec["shape"][1:]) for s, spec in chosen["slots"].items()}
+        if name in split_rows:
+            chosen["slots"] = {s: dict(spec, shape=[split_rows[name]] + spec["shape"][1:])
+                               for s, spec in chosen["slots"].items()}
         parameters[name] = chosen
     merged["parameters"] = parameters
     return merged
 
 
-def local_metadata(metadata, ownership, rank):
-    """The part of a global metadata that one rank loads: its parameters, its rows."""
-    local = dict(metadata)
+def local_metadata(metadata, rows):
+    """The part of a global metadata that one rank loads: ``rows`` maps each parameter it
+    updates to its ``(start, stop)`` rows, ``None`` for whole ones; other parameters are left
+    out (``rows=None``: keep every parameter whole)."""
+    if rows is None:
+        return metadata
     parameters = {}
     for name, entry in metadata["parameters"].items():
-        if ownership is not None and name in ownership.entries:
-            if name not in ownership.owned(rank):
-                continue
-            if ownership.split(name):
-                start, stop = ownership.rows(name, rank)
-                entry = dict(entry, slots={s: dict(spec, shape=[stop - start] + spec["shape"][1:])
-                                           for s, spec in entry["slots"].items()})
+        if name not in rows:
+            continue
+        if rows[name] is not None:
+            start, stop = rows[name]
+            entry = dict(entry, slots={s: dict(spec, shape=[stop - start] + spec["shape"][1:])
+                                       for s, spec in entry["slots"].items()})
         parameters[name] = entry
-    local["parameters"] = parameters
-    return local
+    return dict(metadata, parameters=parameters)

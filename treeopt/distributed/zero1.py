@@ -82,8 +82,9 @@ class Zero1:
         bucket_bytes: the most each rank sends per collective.
     """
 
-    def __init__(self, optimizer, parameters, group=None, split_fraction=0.125, bucket_bytes=BUCKET_BYTES):
-        self.optimizer = optimizer
+    def __init__(self, optimizer, parameters, group=None, split_fraction=0.125, bucket_bytes=BUCKET_BYTES,
+                 model=None):
+        self.optimizer, self.model, self._checked = optimizer, model, False
         self.comm = Collectives(group)
         self.parameters = dict(parameters)
         self.bucket_bytes = bucket_bytes
@@ -139,6 +140,11 @@ class Zero1:
     def step(self, gradients):
         """One step: ``gradients`` maps every parameter name to its full averaged gradient
         (or ``None``)."""
+        if not self._checked:
+            from treeopt.distributed.fsdp import check_current
+
+            check_current(self.model, self.parameters)
+            self._checked = True
         local_grads = {}
         for name, view in self.local.items():
             grad = gradients.get(name)
@@ -234,7 +240,16 @@ class Zero1:
             parsed = split_key(key)
             if parsed is not None and parsed[0] in self.ownership.entries and self.ownership.split(parsed[0]):
                 tensors[key] = self._as_dtensor(parsed[0], value)
-        return {"tensors": tensors, "metadata": encode(global_metadata(self.comm, metadata, self.ownership))}
+        split = {n: e.shape[0] for n, e in self.ownership.entries.items() if self.ownership.split(n)}
+        return {"tensors": tensors, "metadata": encode(global_metadata(self.comm, metadata, split))}
+
+    def _rows(self):
+        """The parameters this rank updates: ``(start, stop)`` rows when split, else ``None``;
+        frozen parameters are kept whole."""
+        rank, o = self.comm.rank, self.ownership
+        rows = {n: (o.rows(n, rank) if o.split(n) else None) for n in o.owned(rank)}
+        rows.update({n: None for n in self.parameters if n not in o.entries})
+        return rows
 
     def _as_dtensor(self, name, local):
         from torch.distributed.tensor import DTensor, Shard
@@ -255,7 +270,7 @@ class Zero1:
         with torch.no_grad():
             self.init()
             report = checkpoint.from_flat(self.optimizer, _local_tensors(state_dict["tensors"]),
-                                          local_metadata(metadata, self.ownership, self.comm.rank), strict=strict)
+                                          local_metadata(metadata, self._rows()), strict=strict)
         return report
 
 

@@ -43,20 +43,36 @@ def newton_schulz(x, steps):
     return swap_last(x) if tall else x
 
 
-def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, decays, nesterov, ns_steps, ns_dtype):
+def muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, decays, nesterov, **_):
+    """The elementwise part: decay and momentum, on a whole tensor or on any rows of it."""
     if decays:
         grad = grad + weight_decay * param
     v = momentum * v + one_minus_momentum * grad
-    direction = grad * one_minus_momentum + v * momentum if nesterov else v
-    if direction.ndim >= 2:
-        shape = tuple(direction.shape)
-        matrix = direction.reshape((shape[0], -1)) if len(shape) > 2 else direction
-        if ns_dtype is None:
-            orthogonal = newton_schulz(matrix, ns_steps)
-        else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
-            orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps), dtype_name(matrix))
-        direction = orthogonal.reshape(shape)
-        lr = lr * cast(py_sqrt(max(1.0, shape[-2] / shape[-1])), lr)
+    return (grad * one_minus_momentum + v * momentum if nesterov else v), v
+
+
+def muon_orthogonalize(direction, lr, ns_steps, ns_dtype, **_):
+    """The full-matrix part: Newton-Schulz on the whole matrix and the shape's lr factor.
+    Sharded parameters gather each matrix to one rank for it (treeopt.distributed)."""
+    if direction.ndim < 2:
+        return direction, lr
+    shape = tuple(direction.shape)
+    matrix = direction.reshape((shape[0], -1)) if len(shape) > 2 else direction
+    if ns_dtype is None:
+        orthogonal = newton_schulz(matrix, ns_steps)
+    else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
+        orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps), dtype_name(matrix))
+    return orthogonal.reshape(shape), scaled_lr(lr, shape)
+
+
+def scaled_lr(lr, shape):
+    """The learning rate of a matrix of ``shape``: ``sqrt(rows / columns)`` times larger when tall."""
+    return lr * cast(py_sqrt(max(1.0, shape[-2] / shape[-1])), lr)
+
+
+def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, decays, nesterov, ns_steps, ns_dtype):
+    direction, v = muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, decays, nesterov)
+    direction, lr = muon_orthogonalize(direction, lr, ns_steps, ns_dtype)
     return param - lr * direction, v
 
 
