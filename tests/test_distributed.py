@@ -453,3 +453,36 @@ def test_an_optimizer_built_before_fully_shard_raises_at_its_first_step():
             return str(error)
 
     assert "before fully_shard" in run_world(run, 2)[0]
+
+
+def fsdp_checkpoint_phase(rank, world, folder, phase, mode):
+    """DCP save after 2 steps or load and take 1 more, with DTensor parameters ("fsdp") or
+    plain ones under ZeRO-1 ("zero1"): the same keys, so either loads the other."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    params = make_params()
+    if mode == "fsdp":
+        mesh = init_device_mesh("cpu", (world,))
+        params = [(n, torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)]))) for n, p in params]
+    opt = treeopt.torch.Optimizer(params, muon_adamw(), sharding="zero1" if mode == "zero1" else None)
+    model = {n: p.detach() for n, p in params}
+    steps = range(2)
+    if phase == "load":
+        dcp.load({"model": model, "optim": opt}, checkpoint_id=folder)
+        steps = range(2, 3)
+    for step in steps:
+        for (name, p), g in zip(params, gradients(step).values()):
+            p.grad = distribute_tensor(g, mesh, [Shard(0)]) if mode == "fsdp" else g
+        opt.step()
+    if phase == "save":
+        dcp.save({"model": model, "optim": opt}, checkpoint_id=folder)
+    return {"params": {n: p.full_tensor() if mode == "fsdp" else p.detach().clone() for n, p in params}}
+
+
+@pytest.mark.parametrize("saved, loaded", [((2, "fsdp"), (4, "fsdp")), ((4, "fsdp"), (2, "zero1"))])
+def test_fsdp2_checkpoint_reshards_to_another_world_size_and_mode(saved, loaded, reference, tmp_path):
+    run_world(fsdp_checkpoint_phase, saved[0], str(tmp_path), "save", saved[1])
+    after = run_world(fsdp_checkpoint_phase, loaded[0], str(tmp_path), "load", loaded[1])
+    assert_same_params(after, reference)
