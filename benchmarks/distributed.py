@@ -36,6 +36,7 @@ from step import gpt2_shapes  # noqa: E402
 
 import treeopt as optim  # noqa: E402
 import treeopt.torch  # noqa: E402
+from treeopt.engine import slot_items  # noqa: E402
 
 
 def rank_main(rank, world, mode, steps, folder):
@@ -52,9 +53,9 @@ def rank_main(rank, world, mode, steps, folder):
     original = muon_rule.newton_schulz
     from treeopt.distributed.ownership import newton_schulz_flops
 
-    def counted(x, ns_steps):
+    def counted(x, ns_steps, *rest):
         ns_flops.append(newton_schulz_flops(tuple(x.shape), ns_steps))
-        return original(x, ns_steps)
+        return original(x, ns_steps, *rest)
 
     muon_rule.newton_schulz = counted
     times = []
@@ -65,8 +66,8 @@ def rank_main(rank, world, mode, steps, folder):
         start = time.perf_counter()
         opt.step()
         times.append(time.perf_counter() - start)
-    state_bytes = sum(v.numel() * v.element_size() for child in opt.optimizer._optimizers()
-                      for _, slots in child._slot_items() for v in slots.values())
+    state_bytes = sum(v.numel() * v.element_size() for child in opt.optimizer.stateful()
+                      for _, slots in slot_items(child) for v in slots.values())
     digest = hashlib.sha256()
     for _, p in params:
         digest.update(p.detach().numpy().tobytes())
@@ -75,7 +76,7 @@ def rank_main(rank, world, mode, steps, folder):
               "sent": (comm.sent_bytes if comm else 0) / steps, "calls": (comm.calls if comm else 0),
               "time": statistics.median(times[1:]) if steps > 1 else times[0], "digest": digest.hexdigest(),
               "param_bytes": sum(p.numel() * p.element_size() for _, p in params),
-              "muon": sum(1 for n in opt.optimizer._routes if opt.optimizer.route(n) == 0)}
+              "muon": sum(1 for n, _ in params if opt.optimizer.route(n) == 0)}
     torch.save(result, os.path.join(folder, f"{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import treeopt as optim
-from treeopt import checkpoint
+from treeopt import checkpoint, engine
 from treeopt.backends import backend_of
 from treeopt.tree import tree_flatten, tree_map
 
@@ -170,8 +170,9 @@ def test_file_is_safetensors_with_keys_by_path_and_metadata(tmp_path):
     hidden, rest = metadata["optimizers"]
     assert (hidden["name"], hidden["position"], hidden["type"]) == ("hidden", [0], "Muon")
     assert (rest["name"], rest["position"], rest["type"]) == ("rest", [1], "AdamW")
-    assert hidden["hyperparameters"] == {"momentum": 0.95, "weight_decay": 0.01, "nesterov": True, "ns_steps": 5,
-                                         "ns_dtype": None}
+    assert hidden["hyperparameters"] == {"momentum": 0.95, "weight_decay": 0.01, "decoupled_weight_decay": False,
+                                         "nesterov": True, "ns_steps": 5, "ns_dtype": None, "ns_eps": 1e-7,
+                                         "adjust_lr": "original"}
     assert rest["hyperparameters"]["eps"] == 1e-8 and rest["hyperparameters"]["weight_decay"] == 0.01
     assert rest["scheduled"] == ["betas[1]"] and hidden["scheduled"] == []
     params_meta = metadata["parameters"]
@@ -811,9 +812,9 @@ def _uniform_value(path):
         sys.path.remove(HERE)
     opt = state_for(ELEMENTS)
     assert checkpoint.load(opt, path).ok
-    values = {float(np.unique(a)[0]) for _, slots in opt._slot_items() for a in slots.values()
+    values = {float(np.unique(a)[0]) for _, slots in engine.slot_items(opt) for a in slots.values()
               if np.unique(a).size == 1}
-    assert len(values) == 1 and all(np.unique(a).size == 1 for _, s in opt._slot_items() for a in s.values())
+    assert len(values) == 1 and all(np.unique(a).size == 1 for _, s in engine.slot_items(opt) for a in s.values())
     value = values.pop()
     assert as_float64(opt.learning_rate) == value
     return int(value)
@@ -1046,7 +1047,7 @@ def test_torch_state_dict_is_the_checkpoint_content_and_torch_save_loads_it_weig
     _torch_steps(model, opt, 0, 3)
     state = opt.state_dict()
     tensors, metadata = checkpoint.to_flat(opt.optimizer)
-    assert set(state) == {"tensors", "metadata"}
+    assert set(state) == {"tensors", "metadata", "state", "param_groups"}  # treeopt's content and torch's layout
     assert set(state["tensors"]) == set(tensors) and state["metadata"] == metadata
     assert {"0.weight/v", "2.weight/v", "4.weight/m", "0.bias/v", "@hidden/step", "@rest/learning_rate"} <= set(tensors)
     assert all(isinstance(v, torch.Tensor) for v in state["tensors"].values())

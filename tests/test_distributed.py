@@ -20,6 +20,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 import treeopt as optim  # noqa: E402
 import treeopt.torch  # noqa: E402
 from treeopt.distributed import ownership  # noqa: E402
+from treeopt.engine import slot_items  # noqa: E402
 from _world import run_world, warm_up  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -66,7 +67,7 @@ def train(rank, world, steps, sharding="zero1", options=None, nan_at=None, count
     calls = []
     if count_ns:
         original = muon_rule.newton_schulz
-        muon_rule.newton_schulz = lambda x, steps: calls.append(tuple(x.shape)) or original(x, steps)
+        muon_rule.newton_schulz = lambda x, *rest: calls.append(tuple(x.shape)) or original(x, *rest)
     params = make_params()
     opt = treeopt.torch.Optimizer(params, muon_adamw(**(options or {})), sharding=sharding if world > 1 else None)
     for step in range(steps):
@@ -86,7 +87,7 @@ def train(rank, world, steps, sharding="zero1", options=None, nan_at=None, count
 def _state_bytes(multi):
     total = 0
     for child in multi.optimizers:
-        for _, slots in child._slot_items():
+        for _, slots in slot_items(child):
             total += sum(v.numel() * v.element_size() for v in slots.values())
     return total
 
@@ -226,7 +227,7 @@ def ddp_train(rank, world, steps):
     from torch.nn.parallel import DistributedDataParallel
 
     model = DistributedDataParallel(Net())
-    opt = treeopt.torch.Optimizer(model.module, muon_adamw())
+    opt = treeopt.torch.Optimizer(model, muon_adamw())  # the DDP wrapper: names lose "module."
     generator = torch.Generator().manual_seed(rank)
     seen = []
     for _ in range(steps):
@@ -283,7 +284,7 @@ def dcp_phase(rank, world, folder, phase, calls):
 
     params = make_params()
     model = {n: p.detach() for n, p in params}
-    opt = treeopt.torch.Optimizer(params, muon_adamw(**RESUME), sharding="zero1" if world > 1 else None)
+    opt = treeopt.torch.Optimizer(params, muon_adamw(**RESUME), sharding="zero1")  # at world 1 too: one layout
     first = 0
     if phase == "load":
         dcp.load({"model": model, "optim": opt}, checkpoint_id=folder)
@@ -332,7 +333,7 @@ def folder_phase(rank, world, folder, phase):
     from treeopt import checkpoint
 
     params = make_params()
-    opt = treeopt.torch.Optimizer(params, muon_adamw(**RESUME), sharding="zero1" if world > 1 else None)
+    opt = treeopt.torch.Optimizer(params, muon_adamw(**RESUME), sharding="zero1")  # at world 1 too: one layout
     first = 0
     if phase == "load":
         report = checkpoint.load(opt, folder)
@@ -386,7 +387,7 @@ def fsdp_train(rank, world, steps, count_ns=False, placement=None, optimizer=Non
     calls = []
     if count_ns:
         original = muon_rule.newton_schulz
-        muon_rule.newton_schulz = lambda x, steps: calls.append(tuple(x.shape)) or original(x, steps)
+        muon_rule.newton_schulz = lambda x, *rest: calls.append(tuple(x.shape)) or original(x, *rest)
     mesh = init_device_mesh("cpu", (world,))
     def placements(tensor):  # Shard(0), or ``placement`` for the matrices
         return [placement if placement is not None and tensor.ndim == 2 else Shard(0)]

@@ -24,7 +24,6 @@ import contextlib
 
 import jax
 
-from treeopt.checkpoint.format import leaf_optimizers
 from treeopt.tree import tree_map
 
 __all__ = ["init", "update", "as_optax", "path_of"]
@@ -67,32 +66,24 @@ def _copy_containers(state):
 def _borrowed(optimizer, state):
     """Run ``optimizer`` on a copy of ``state`` (its containers, not its arrays), leaving the
     optimizer's own state untouched."""
-    leaves = [leaf for _, _, leaf in leaf_optimizers(optimizer)]
-    saved = [(leaf._state, leaf._initialized, leaf._backend) for leaf in leaves]
+    leaves = optimizer.stateful()
+    saved = [(leaf.state, leaf.book.initialized, leaf.book.backend) for leaf in leaves]
     try:
         optimizer.state = _copy_containers(state)  # checked against the parameters on use
         yield
     finally:
         for leaf, (own, initialized, backend) in zip(leaves, saved):
-            leaf._state, leaf._initialized, leaf._backend = own, initialized, backend
+            leaf.state = own
+            leaf.book.initialized, leaf.book.backend = initialized, backend
 
 
 def init(optimizer, params):
     """A new state for ``params``: zero slots, and the optimizer's current step and
     scalars (so a new optimizer starts at step 0)."""
     flat, _, _ = _flat(params)
-    with _borrowed(optimizer, _scalars(optimizer)):
+    with _borrowed(optimizer, optimizer.scalar_state()):
         optimizer.init(flat)
         return _copy_containers(optimizer.state)
-
-
-def _scalars(optimizer):
-    """The state without parameter entries (for a MultiOptimizer, per child)."""
-    from treeopt.multi import MultiOptimizer
-
-    if isinstance(optimizer, MultiOptimizer):
-        return {"states": [_scalars(child) for child in optimizer.optimizers]}
-    return {k: optimizer.state[k] for k in optimizer._scalar_names()}
 
 
 def update(optimizer, grads, state, params):

@@ -19,6 +19,7 @@ that need a whole matrix other than Muon (Adafactor), and gradient accumulation.
 
 import torch
 
+from treeopt import engine
 from treeopt.distributed import ownership as _ownership
 from treeopt.distributed.comm import Collectives
 from treeopt.errors import ParameterError
@@ -140,7 +141,7 @@ class FullyShardedStep:
         return total.sqrt()
 
     def _muon(self, grads):
-        from treeopt.rules.muon import muon_direction, muon_orthogonalize, scaled_lr
+        from treeopt.rules.muon import muon_apply, muon_direction, muon_orthogonalize, scaled_lr
 
         by_optimizer = {}
         for name in self.matrices:
@@ -153,17 +154,17 @@ class FullyShardedStep:
                 by_dtype.setdefault(self.local[name].dtype, []).append(name)
             for group in by_dtype.values():
                 first = self.local[group[0]]
-                coefficients = optimizer._coefficients(first, _backend(first))
+                coefficients = optimizer.coefficients(first, _backend(first))
                 directions = {}
                 for name in group:
-                    slots = optimizer._slots_at((name,))
+                    slots = engine.slots_at(optimizer, (name,))
                     direction, v = muon_direction(grads[name], self.local[name], slots["v"], **coefficients)
                     slots["v"].copy_(v)
                     directions[name] = direction
                 updates = self._orthogonalize_on_owners(group, directions, coefficients, muon_orthogonalize)
                 for name in group:  # the rate depends on the global shape: every rank computes it alike
-                    rate = scaled_lr(coefficients["lr"], tuple(self.parameters[name].shape))
-                    self.local[name].copy_(self.local[name] - rate * updates[name])
+                    rate = scaled_lr(coefficients["lr"], tuple(self.parameters[name].shape), coefficients["adjust_lr"])
+                    self.local[name].copy_(muon_apply(self.local[name], updates[name], rate, coefficients["keep"]))
 
     def _orthogonalize_on_owners(self, names, directions, coefficients, orthogonalize):
         """Each matrix's rows to its owner, Newton-Schulz there once, the rows back."""

@@ -56,6 +56,6 @@ def _routes_and_step(optimizer, parameters):
     from treeopt.checkpoint.format import numpy_scalar
 
     routes = optimizer.assign_routes(parameters)
-    names = {id(o): n for n, _, o in optimizer._named_optimizers()}
+    names = {id(o): n for n, _, o in optimizer.named_stateful()}
     return {"routes": {n: names.get(id(o)) for n, o in routes.items()},
             "step": int(numpy_scalar(optimizer.step))}

@@ -120,7 +120,7 @@ class Zero1:
                     "every rank must build the same model and the same optimizer")
 
     def _route_names(self):
-        names = {id(o): n for n, _, o in self.optimizer._named_optimizers()}
+        names = {id(o): n for n, _, o in self.optimizer.named_stateful()}
         return {n: names.get(id(o)) for n, o in self.routes.items()}
 
     # ------------------------------------------------------------------ the step

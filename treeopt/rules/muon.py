@@ -1,41 +1,64 @@
 """Muon: momentum orthogonalised by Newton-Schulz iterations.
 
-    g <- g + wd * p                                 (coupled decay, as in MLX)
+    g <- g + wd * p                                 (coupled decay, as in MLX; the default)
     v <- mu * v + (1 - mu) * g
     d  = (1 - mu) * g + mu * v if nesterov else v
     for matrices (ndim >= 2; more dims are flattened to (shape[0], -1)):
         d  = NewtonSchulz5(d)
-        lr = lr * sqrt(max(1, shape[-2] / shape[-1]))   (on the original shape)
-    p <- p - lr * d
+        s  = sqrt(max(1, shape[-2] / shape[-1]))        "original": on the original shape, as MLX
+          or 0.2 * sqrt(max(rows, cols))                "match_rms_adamw": of the flattened matrix
+    p <- p * (1 - lr * wd)                          (decoupled decay, when chosen instead)
+    p <- p - lr * s * d
 
-NewtonSchulz5 makes d's singular values close to 1: with X = d / (|d|_F + 1e-7), taken
+NewtonSchulz5 makes d's singular values close to 1: with X = d / (|d|_F + eps), taken
 wide (transposed when rows > columns), repeat ``ns_steps`` times
     A = X X^T;  B = b A + c A A;  X = a X + B X
-with (a, b, c) = (3.4445, -4.7750, 2.0315). Tensors with ndim < 2 get the momentum step
-only; route them to AdamW with MultiOptimizer.
+with (a, b, c) = (3.4445, -4.7750, 2.0315) and eps = 1e-7 (MLX's and Keller Jordan's).
+Tensors with ndim < 2 get the momentum step (and the decay) only; route them to AdamW with
+MultiOptimizer.
+
+The match-RMS scale (Liu et al., "Muon is Scalable for LLM Training", 2025) gives the update
+the root-mean-square of a typical AdamW update (about 0.2), so one learning rate serves both.
 """
 
-from math import sqrt as py_sqrt
+from math import prod, sqrt as py_sqrt
 
 from treeopt.ops import addmm, astype, cast, dtype_name, matmul, sqrt, swap_last, total
 from treeopt.rules.base import Rule, active
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7
+#: how the learning rate of a matrix is scaled by its shape
+ADJUST_LR = ("original", "match_rms_adamw")
+#: the root-mean-square of an AdamW update that "match_rms_adamw" matches
+ADAMW_RMS = 0.2
 
 
-def muon_coefficients(lr, step, *, momentum, weight_decay, nesterov, ns_steps, ns_dtype):
+def muon_coefficients(lr, step, *, momentum, weight_decay, decoupled_weight_decay, nesterov, ns_steps, ns_dtype,
+                      ns_eps, adjust_lr):
+    decays = active(weight_decay)
+    decoupled = decays and decoupled_weight_decay
     return dict(lr=lr, momentum=momentum, one_minus_momentum=1 - momentum,
-                weight_decay=weight_decay, decays=active(weight_decay), nesterov=nesterov,
-                ns_steps=ns_steps, ns_dtype=ns_dtype)
+                weight_decay=weight_decay, coupled=decays and not decoupled,
+                keep=1 - lr * weight_decay if decoupled else None, nesterov=nesterov,
+                ns_steps=ns_steps, ns_dtype=ns_dtype, ns_eps=ns_eps, adjust_lr=adjust_lr)
 
 
-def newton_schulz(x, steps):
+def lr_scale(shape, adjust_lr):
+    """The factor of the learning rate of a matrix of this (original) shape."""
+    if adjust_lr == "match_rms_adamw":
+        rows, columns = shape[0], prod(shape[1:])
+        return ADAMW_RMS * py_sqrt(max(rows, columns))
+    return py_sqrt(max(1.0, shape[-2] / shape[-1]))
+
+
+def newton_schulz(x, steps, eps=NS_EPS):
     """Approximately orthogonalise the matrix ``x`` (its nearest semi-orthogonal matrix)."""
     a, b, c = NS_COEFFICIENTS
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = swap_last(x)
-    x = x / (sqrt(total(x * x)) + cast(1e-7, x))
+    x = x / (sqrt(total(x * x)) + cast(eps, x))
     for _ in range(steps):
         gram = matmul(x, swap_last(x))
         # X <- a X + (b A + c A A) X: two GEMMs, each product accumulated and rounded once
@@ -43,37 +66,46 @@ def newton_schulz(x, steps):
     return swap_last(x) if tall else x
 
 
-def muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, decays, nesterov, **_):
-    """The elementwise part: decay and momentum, on a whole tensor or on any rows of it."""
-    if decays:
+def muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, coupled, nesterov, **_):
+    """The elementwise part: coupled decay and momentum, on a whole tensor or on any rows of it."""
+    if coupled:
         grad = grad + weight_decay * param
     v = momentum * v + one_minus_momentum * grad
     return (grad * one_minus_momentum + v * momentum if nesterov else v), v
 
 
-def muon_orthogonalize(direction, lr, ns_steps, ns_dtype, **_):
-    """The full-matrix part: Newton-Schulz on the whole matrix and the shape's lr factor.
-    Sharded parameters gather each matrix to one rank for it (treeopt.distributed)."""
+def muon_orthogonalize(direction, lr, ns_steps, ns_dtype, ns_eps, adjust_lr, **_):
+    """The full-matrix part: Newton-Schulz on the whole matrix, and the learning rate for its
+    shape. Sharded parameters gather each matrix to one rank for it (treeopt.distributed)."""
     if direction.ndim < 2:
         return direction, lr
     shape = tuple(direction.shape)
     matrix = direction.reshape((shape[0], -1)) if len(shape) > 2 else direction
     if ns_dtype is None:
-        orthogonal = newton_schulz(matrix, ns_steps)
+        orthogonal = newton_schulz(matrix, ns_steps, ns_eps)
     else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
-        orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps), dtype_name(matrix))
-    return orthogonal.reshape(shape), scaled_lr(lr, shape)
+        orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps, ns_eps), dtype_name(matrix))
+    return orthogonal.reshape(shape), scaled_lr(lr, shape, adjust_lr)
 
 
-def scaled_lr(lr, shape):
-    """The learning rate of a matrix of ``shape``: ``sqrt(rows / columns)`` times larger when tall."""
-    return lr * cast(py_sqrt(max(1.0, shape[-2] / shape[-1])), lr)
+def scaled_lr(lr, shape, adjust_lr):
+    """The learning rate of a matrix of ``shape`` (see :func:`lr_scale`)."""
+    return lr * cast(lr_scale(shape, adjust_lr), lr)
 
 
-def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, decays, nesterov, ns_steps, ns_dtype):
-    direction, v = muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, decays, nesterov)
-    direction, lr = muon_orthogonalize(direction, lr, ns_steps, ns_dtype)
-    return param - lr * direction, v
+def muon_apply(param, direction, lr, keep, **_):
+    """The last, elementwise part: decoupled decay (by the unscaled learning rate, as the
+    references do) and the step."""
+    if keep is not None:
+        param = param * keep
+    return param - lr * direction
+
+
+def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, coupled, keep, nesterov, ns_steps, ns_dtype,
+         ns_eps, adjust_lr):
+    direction, v = muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, coupled, nesterov)
+    direction, step_lr = muon_orthogonalize(direction, lr, ns_steps, ns_dtype, ns_eps, adjust_lr)
+    return muon_apply(param, direction, step_lr, keep), v
 
 
 MUON = Rule("muon", muon, muon_coefficients, slots=("v",), elementwise=False,
