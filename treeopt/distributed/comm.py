@@ -3,7 +3,7 @@
 Every call goes through :class:`Collectives`, which records how many collectives ran and how
 many bytes this rank sent, under the cost of a ring (the algorithm NCCL and gloo use for
 large messages): an all-gather of ``W`` chunks of ``c`` bytes sends ``(W-1)*c`` per rank, an
-all-reduce of ``n`` bytes ``2*(W-1)/W*n``, an all-to-all of ``n`` bytes ``(W-1)/W*n``.
+all-reduce of ``n`` bytes ``2*(W-1)/W*n``; an all-to-all sends what goes to the other ranks.
 The benchmark reads the counts; tests read them to check bucketing.
 """
 
@@ -41,7 +41,9 @@ class Collectives:
             dist.all_reduce(tensor, op=op, group=self.group)
 
     def all_to_all(self, output, input, output_split_sizes=None, input_split_sizes=None):
-        self._count((self.world - 1) * input.numel() * input.element_size() // self.world)
+        """``all_to_all_single``; counted exactly: what this rank sends to the others."""
+        sizes = input_split_sizes or [input.numel() // self.world] * self.world
+        self._count((sum(sizes) - sizes[self.rank]) * input.element_size())
         if self.world == 1:
             output.copy_(input)
         else:
