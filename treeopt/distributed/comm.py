@@ -16,8 +16,8 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 class Collectives:
     """The process group's collectives, counted per rank."""
 
-    def __init__(self, group=None):
-        self.group = group
+    def __init__(self, group=None, device="cpu"):
+        self.group, self.device = group, device  # NCCL needs the flags on the GPU
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.calls = 0
@@ -61,6 +61,6 @@ class Collectives:
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank."""
-        tensor = torch.tensor([1.0 if flag else 0.0])
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
         self.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())

@@ -60,7 +60,7 @@ class FullyShardedStep:
         if len(meshes) > 1 and len({p.device_mesh.get_group() for p in sharded.values()}) > 1:
             raise ParameterError("treeopt: the parameters are sharded over different meshes; one mesh is supported",
                                  next(iter(sharded)))
-        self.comm = Collectives(self.mesh.get_group())
+        self.comm = Collectives(self.mesh.get_group(), first.to_local().device)
         options = getattr(optimizer, "whole_model", None)
         if options is not None and options.accumulating:
             raise NotImplementedError("treeopt: accumulate=... with FSDP2 parameters is not supported; "
@@ -133,7 +133,7 @@ class FullyShardedStep:
 
     def _norm(self, grads):
         """The global norm: local sums of squares, all-reduced (float32 for half types)."""
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=self.comm.device)
         for name, g in grads.items():
             if g is not None and (is_sharded(self.parameters[name]) or self.comm.rank == 0):  # replicated: once
                 total = total + (g.float() * g.float()).sum()

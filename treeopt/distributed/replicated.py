@@ -17,7 +17,7 @@ __all__ = ["Replicated"]
 class Replicated:
     def __init__(self, optimizer, parameters, group=None, model=None):
         self.optimizer, self.parameters, self.model = optimizer, dict(parameters), model
-        self.comm = Collectives(group)
+        self.comm = Collectives(group, next(iter(self.parameters.values())).device)
         self.checked = False
 
     def init(self):

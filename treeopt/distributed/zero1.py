@@ -85,8 +85,8 @@ class Zero1:
     def __init__(self, optimizer, parameters, group=None, split_fraction=0.125, bucket_bytes=BUCKET_BYTES,
                  model=None):
         self.optimizer, self.model, self._checked = optimizer, model, False
-        self.comm = Collectives(group)
         self.parameters = dict(parameters)
+        self.comm = Collectives(group, next(iter(self.parameters.values())).device)
         self.bucket_bytes = bucket_bytes
         with torch.no_grad():
             routes = optimizer.assign_routes(self.parameters)
