@@ -487,3 +487,31 @@ def test_fsdp2_checkpoint_reshards_to_another_world_size_and_mode(saved, loaded,
     run_world(fsdp_checkpoint_phase, saved[0], str(tmp_path), "save", saved[1])
     after = run_world(fsdp_checkpoint_phase, loaded[0], str(tmp_path), "load", loaded[1])
     assert_same_params(after, reference)
+
+
+def fully_shard_train(rank, world, steps):
+    """A real ``fully_shard`` model: forward, backward, step; returns the full gradients each
+    step gave (to replay in one process) and the final parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = Net()
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    opt = treeopt.torch.Optimizer(model, muon_adamw())
+    generator = torch.Generator().manual_seed(rank)
+    seen = []
+    for _ in range(steps):
+        tokens = torch.randint(0, 10, (4, 6), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), ((tokens + 1) % 10).flatten())
+        loss.backward()
+        seen.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+    return {"params": {n: p.full_tensor() for n, p in model.named_parameters()}, "grads": seen}
+
+
+def test_a_fully_sharded_model_trains_as_one_process_fed_its_gradients():
+    results = run_world(fully_shard_train, 2, 3)
+    expected = run_world(replay, 1, results[0]["grads"])[0]
+    assert_same_params(results, expected)
