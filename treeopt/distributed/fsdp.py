@@ -163,7 +163,8 @@ class FullyShardedStep:
                     directions[name] = direction
                 updates = self._orthogonalize_on_owners(group, directions, coefficients, muon_orthogonalize)
                 for name in group:  # the rate depends on the global shape: every rank computes it alike
-                    rate = scaled_lr(coefficients["lr"], tuple(self.parameters[name].shape), coefficients["adjust_lr"])
+                    rate = scaled_lr(coefficients["lr"], tuple(self.parameters[name].shape), coefficients["layout"],
+                                     coefficients["adjust_lr"])
                     self.local[name].copy_(muon_apply(self.local[name], updates[name], rate, coefficients["keep"]))
 
     def _orthogonalize_on_owners(self, names, directions, coefficients, orthogonalize):
