@@ -1,6 +1,6 @@
 """treeopt on several ranks: memory, Newton-Schulz work, traffic and step time per mode.
 
-    python benchmarks/distributed.py [--worlds 1 2 4] [--modes replicated zero1 fsdp2] [--steps 2]
+    python benchmarks/distributed.py [--worlds 1 2 4] [--modes zero1 fsdp2 replicated] [--steps 2]
 
 The GPT-2 small tree (124M parameters, 148 tensors, built directly: no model, no download)
 under ``optim.muon_adamw()`` (48 hidden matrices to Muon, the rest to AdamW), on W forked CPU
@@ -107,7 +107,7 @@ def mib(n):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--modes", nargs="+", default=["replicated", "zero1", "fsdp2"])
+    parser.add_argument("--modes", nargs="+", default=["zero1", "fsdp2", "replicated"])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--tree", default="gpt2", choices=sorted(TREES), help="gpt2 (124M); small: a quick check")
     args = parser.parse_args()
