@@ -170,8 +170,9 @@ def test_file_is_safetensors_with_keys_by_path_and_metadata(tmp_path):
     hidden, rest = metadata["optimizers"]
     assert (hidden["name"], hidden["position"], hidden["type"]) == ("hidden", [0], "Muon")
     assert (rest["name"], rest["position"], rest["type"]) == ("rest", [1], "AdamW")
-    assert hidden["hyperparameters"] == {"momentum": 0.95, "weight_decay": 0.01, "nesterov": True, "ns_steps": 5,
-                                         "ns_dtype": None}
+    assert hidden["hyperparameters"] == {"momentum": 0.95, "weight_decay": 0.01, "decoupled_weight_decay": False,
+                                         "nesterov": True, "ns_steps": 5, "ns_dtype": None, "ns_eps": 1e-7,
+                                         "adjust_lr": "original", "layout": None}
     assert rest["hyperparameters"]["eps"] == 1e-8 and rest["hyperparameters"]["weight_decay"] == 0.01
     assert rest["scheduled"] == ["betas[1]"] and hidden["scheduled"] == []
     params_meta = metadata["parameters"]
@@ -1046,7 +1047,7 @@ def test_torch_state_dict_is_the_checkpoint_content_and_torch_save_loads_it_weig
     _torch_steps(model, opt, 0, 3)
     state = opt.state_dict()
     tensors, metadata = checkpoint.to_flat(opt.optimizer)
-    assert set(state) == {"tensors", "metadata"}
+    assert set(state) == {"tensors", "metadata", "state", "param_groups"}  # treeopt's content and torch's layout
     assert set(state["tensors"]) == set(tensors) and state["metadata"] == metadata
     assert {"0.weight/v", "2.weight/v", "4.weight/m", "0.bias/v", "@hidden/step", "@rest/learning_rate"} <= set(tensors)
     assert all(isinstance(v, torch.Tensor) for v in state["tensors"].values())

@@ -11,13 +11,69 @@ The name patterns fit the usual naming of PyTorch (``transformer.wte.weight``,
 ``layers.0.attention_norm.weight``, ``lm_head.weight``), flax (``params.Embed_0.embedding``,
 ``LayerNorm_0.scale``), equinox and MLX (``embed.weight``, ``norm.weight``). Names are
 heuristics: check them on your model with ``multi.plan(params)``.
+
+Module kinds. A framework integration knows more than names: the module that owns each
+parameter. It declares what a parameter *is* (``"embedding"``, ``"head"``, ``"norm"``...) by
+path, and the filters read it as well as the name::
+
+    multi.declare_kinds({"tok.weight": "embedding", "out.weight": "head"})
+    # or, for code that routes directly:
+    with module_kinds({"tok.weight": "embedding"}):
+        multi.update(params, grads)
+
+``is_embedding``, ``is_head`` and ``is_norm`` accept a parameter whose declared kinds include
+theirs *or* whose name matches (a declared kind adds, never removes), so Muon's routing guard
+warns on an ``nn.Embedding`` named ``tok``. ``kind("conv")`` selects any declared kind.
+``treeopt.torch`` declares the kinds of ``torch.nn`` modules; the JAX integration those of flax.
 """
 
+import contextlib
+import contextvars
 import fnmatch
 import re
 
 __all__ = ["Filter", "as_filter", "glob", "regex", "ndim", "shape", "is_bias", "is_norm", "is_embedding",
-           "is_head", "is_hidden_matrix", "everything"]
+           "is_head", "is_hidden_matrix", "everything", "kind", "kinds_of", "module_kinds", "normalise_kinds",
+           "EMBEDDING", "HEAD", "NORM"]
+
+#: the kinds that treeopt's own filters read; integrations may declare others ("conv", "linear")
+EMBEDDING, HEAD, NORM = "embedding", "head", "norm"
+_NO_KINDS = frozenset()
+_declared = contextvars.ContextVar("treeopt_module_kinds", default={})
+
+
+def normalise_kinds(kinds) -> dict:
+    """``{path: kind or kinds}`` as ``{path: frozenset of kinds}``, checked."""
+    result = {}
+    for path, value in dict(kinds).items():
+        values = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else (None,)
+        if not isinstance(path, str) or not all(isinstance(v, str) for v in values):
+            raise TypeError(f"module kinds map a dotted path to a kind name or names, got {path!r}: {value!r}")
+        result[path] = frozenset(values)
+    return result
+
+
+def kinds_of(path) -> frozenset:
+    """The kinds declared for ``path`` where routing runs now (empty when none)."""
+    return _declared.get().get(path, _NO_KINDS)
+
+
+@contextlib.contextmanager
+def module_kinds(kinds):
+    """Within the block, the parameters at the paths of ``kinds`` (``{path: kind or kinds}``)
+    have those kinds; nested blocks add to the outer ones."""
+    kinds = normalise_kinds(kinds)
+    outer = _declared.get()
+    if outer:
+        merged = dict(outer)
+        for path, values in kinds.items():
+            merged[path] = merged.get(path, _NO_KINDS) | values
+        kinds = merged
+    token = _declared.set(kinds)
+    try:
+        yield
+    finally:
+        _declared.reset(token)
 
 
 class Filter:
@@ -118,25 +174,35 @@ def _modules(path):
 
 
 def _is_norm(path, weight):
-    return any(_NORM.search(s) for s in _modules(path))
+    return NORM in kinds_of(path) or any(_NORM.search(s) for s in _modules(path))
 
 
 def _is_embedding(path, weight):
-    return any(_EMBED.search(s) for s in _segments(path))
+    return EMBEDDING in kinds_of(path) or any(_EMBED.search(s) for s in _segments(path))
 
 
 def _is_head(path, weight):
-    return any(s in _HEADS for s in _modules(path)) or _segments(path)[0] == "output"
+    return (HEAD in kinds_of(path) or any(s in _HEADS for s in _modules(path))
+            or _segments(path)[0] == "output")
+
+
+def kind(*names):
+    """The parameter's declared kinds (see :func:`module_kinds`) include one of ``names``:
+    ``kind("conv")``."""
+    wanted = frozenset(names)
+    return Filter(lambda p, w: bool(kinds_of(p) & wanted), f"kind({', '.join(map(repr, names))})")
 
 
 #: biases: a last name of ``bias``, ``*_bias``, or ``b`` for a vector
 is_bias = Filter(_is_bias, "is_bias")
-#: parameters of normalisation layers: a module named ``*norm*``, ``ln*`` or ``bn*``
+#: parameters of normalisation layers: declared ``"norm"``, or a module named ``*norm*``,
+#: ``ln*`` or ``bn*``
 is_norm = Filter(_is_norm, "is_norm")
-#: embeddings: a name containing ``embed``, or GPT-2's ``wte``/``wpe``
+#: embeddings: declared ``"embedding"``, or a name containing ``embed``, or GPT-2's
+#: ``wte``/``wpe``
 is_embedding = Filter(_is_embedding, "is_embedding")
-#: output heads: a module named ``lm_head``, ``head``, ``classifier``, ``score``..., or a
-#: top-level ``output``
+#: output heads: declared ``"head"``, or a module named ``lm_head``, ``head``,
+#: ``classifier``, ``score``..., or a top-level ``output``
 is_head = Filter(_is_head, "is_head")
 #: the hidden matrices Muon is meant for: two or more dimensions, neither embedding nor head
 is_hidden_matrix = Filter(lambda p, w: _ndim(w) >= 2 and not _is_embedding(p, w) and not _is_head(p, w),

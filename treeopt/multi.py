@@ -19,7 +19,7 @@ from treeopt import engine, whole_model
 from treeopt._trees import dotted
 from treeopt.backends import as_float
 from treeopt.errors import TreeoptError, describe, warn
-from treeopt.filters import as_filter
+from treeopt.filters import as_filter, module_kinds, normalise_kinds
 from treeopt.optimizer import Optimizer, Placement
 
 _CHOICES = {"on_unmatched": ("fallback", "warn", "error"), "guards": ("warn", "error", "off")}
@@ -131,6 +131,7 @@ class MultiOptimizer(Optimizer):
         self._pending = {}  # keys -> the Route decided by a step that has not committed yet
         self._warned = set()
         self.changes = []  # freezes, unfreezes and re-routes, in order
+        self.module_kinds = {}  # path -> kinds declared by an integration (see declare_kinds)
         self._state = {"states": [o.state for o in optimizers]}
         self.lr_schedule = None
         if lr_schedule is not None:
@@ -191,7 +192,21 @@ class MultiOptimizer(Optimizer):
             self._warned.add(key)
             warn(message, RoutingWarning)
 
+    def declare_kinds(self, kinds):
+        """Say what some parameters are, by path: ``{"tok.weight": "embedding"}`` (a kind or
+        several). Filters see it through :func:`treeopt.filters.kinds_of` (``is_embedding``,
+        ``is_head``, ``is_norm``, ``kind(...)``), and so do optimizers' routing guards. It
+        applies to paths routed from now on; framework integrations call it."""
+        for path, values in normalise_kinds(kinds).items():
+            self.module_kinds[path] = self.module_kinds.get(path, frozenset()) | values
+
     def assign_owners(self, pairs):
+        if not self.module_kinds:
+            return self._assign_owners(pairs)
+        with module_kinds(self.module_kinds):
+            return self._assign_owners(pairs)
+
+    def _assign_owners(self, pairs):
         self._pending = {}
         groups = [self.group_of(pair.keys) for pair in pairs]
         for k, pair in enumerate(pairs):

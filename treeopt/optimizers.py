@@ -10,6 +10,7 @@ import numbers
 from treeopt import engine, rules
 from treeopt.filters import is_embedding, is_head
 from treeopt.optimizer import Optimizer
+from treeopt.rules.muon import ADJUST_LR, LAYOUTS, NS_EPS
 
 
 def _is_number(value):
@@ -333,9 +334,9 @@ class Muon(_Builtin):
 
     Meant for the hidden matrices of a network; route embeddings, the output head, norms and
     biases to :class:`AdamW` with :class:`MultiOptimizer`. Tensors with more than two
-    dimensions are flattened to ``(shape[0], -1)``; tensors with fewer get the momentum step
-    only. As in MLX, weight decay is coupled (added to the gradient). See
-    :mod:`treeopt.rules.muon`.
+    dimensions are viewed as a matrix by ``layout`` (``(shape[0], -1)`` by default, as MLX);
+    tensors with fewer get the momentum step only. As in MLX, weight decay is coupled (added to the gradient) unless
+    ``decoupled_weight_decay``. See :mod:`treeopt.rules.muon` and ``docs/muon.md``.
 
     Args:
         learning_rate (float or callable): the learning rate.
@@ -351,14 +352,42 @@ class Muon(_Builtin):
             3.5% (relative Frobenius norm, measured on Gaussian matrices from 256 x 256 to
             1024 x 256, 5 iterations); it pays off on accelerators with bfloat16 matrix
             units, not on CPUs.
+        decoupled_weight_decay (bool): shrink the weights by ``1 - lr * weight_decay``
+            before the step, as Keller Jordan's reference, ``torch.optim.Muon`` and optax do,
+            instead of adding ``weight_decay * p`` to the gradient (MLX's coupled decay, which
+            Newton-Schulz normalises up to the full learning rate). Keyword-only. Default:
+            ``False``.
+        ns_eps (float): added to the Frobenius norm before Newton-Schulz (keyword-only).
+            Default: ``1e-7``, as in MLX and Keller Jordan's reference (optax uses ``1e-8``).
+        adjust_lr (str): how a matrix's learning rate is scaled by its shape (keyword-only):
+            ``"original"`` (default, as MLX and Keller Jordan): ``sqrt(max(1, rows / cols))``;
+            ``"match_rms_adamw"`` (Moonlight): ``0.2 * sqrt(max(rows, cols))``, so that the
+            update's RMS is AdamW's and one learning rate serves both.
+        layout (str, optional): where the weights keep their output axis (keyword-only):
+            ``"out_in"``: first, as MLX, torch and equinox (``(out, in)``, conv kernels
+            ``(out, in, kh, kw)`` viewed as ``(out, in * kh * kw)``, as Keller Jordan does);
+            ``"in_out"``: last, as flax and Keras (``(in, out)``, conv kernels
+            ``(kh, kw, in, out)`` viewed as ``(kh * kw * in, out)``, as optax does). Default
+            ``None``: ``"out_in"``, except under :mod:`treeopt.jax`'s ``init``/``update``/
+            ``as_optax``, which follow flax (``"in_out"``).
     """
 
     rule = rules.MUON
     _SUITED = ("vectors", "embeddings", "heads")
 
     def __init__(self, learning_rate, momentum=0.95, weight_decay=0.01, nesterov=True, ns_steps=5, *, allow=(),
-                 ns_dtype=None):
+                 ns_dtype=None, decoupled_weight_decay=False, ns_eps=NS_EPS, adjust_lr="original",
+                 layout=None):
         super().__init__()
+        if layout not in (None, *LAYOUTS):
+            raise ValueError(f"Muon layout should be None or one of {LAYOUTS}, {layout!r} was provided instead")
+        self.layout = layout
+        if adjust_lr not in ADJUST_LR:
+            raise ValueError(f"Muon adjust_lr should be one of {ADJUST_LR}, {adjust_lr!r} was provided instead")
+        if not _is_number(ns_eps) or not ns_eps > 0:
+            raise ValueError(f"Muon ns_eps should be a number >0, {ns_eps!r} was provided instead")
+        self.adjust_lr, self.ns_eps = adjust_lr, float(ns_eps)
+        self.decoupled_weight_decay = bool(decoupled_weight_decay)
         if ns_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"Muon ns_dtype should be None, 'bfloat16', 'float16' or 'float32', {ns_dtype!r} was provided instead")
         self.ns_dtype = ns_dtype
@@ -374,6 +403,15 @@ class Muon(_Builtin):
             raise ValueError(f"Muon ns_steps should be an integer >=0, {ns_steps!r} was provided instead")
         self.nesterov = bool(nesterov)
         self.ns_steps = int(ns_steps)
+
+    #: the layout that ``layout=None`` stands for; treeopt.jax lends its Muons flax's
+    _implicit_layout = "out_in"
+
+    def rule_hyperparameters(self):
+        hyper = super().rule_hyperparameters()
+        if hyper["layout"] is None:
+            hyper["layout"] = self._implicit_layout
+        return hyper
 
     def unsuited(self, path, parameter):
         """Muon orthogonalises hidden matrices. In a MultiOptimizer it warns (or refuses) on

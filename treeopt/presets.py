@@ -3,34 +3,65 @@
 from treeopt.filters import is_bias, is_hidden_matrix, is_norm, ndim
 from treeopt.multi import MultiOptimizer
 from treeopt.optimizers import AdamW, Muon
+from treeopt.tree import tree_flatten
 
 __all__ = ["muon_adamw"]
 
 #: the defaults of Keller Jordan's reference Muon (github.com/KellerJordan/Muon, README "Usage"):
-#: Muon lr=0.02, momentum=0.95; the auxiliary AdamW lr=3e-4, betas=(0.90, 0.95),
-#: weight_decay=0.01 (PyTorch's AdamW, hence bias correction)
-MUON_LR, MUON_MOMENTUM = 0.02, 0.95
+#: Muon lr=0.02, momentum=0.95, decoupled weight_decay=0.01, eps=1e-7 in Newton-Schulz; the
+#: auxiliary AdamW lr=3e-4, betas=(0.90, 0.95), weight_decay=0.01 (PyTorch's AdamW, hence bias
+#: correction)
+MUON_LR, MUON_MOMENTUM, NS_EPS = 0.02, 0.95, 1e-7
 ADAMW_LR, ADAMW_BETAS, WEIGHT_DECAY = 3e-4, (0.9, 0.95), 0.01
 
 
-def muon_adamw(params=None, *, muon_lr=MUON_LR, adamw_lr=ADAMW_LR, momentum=MUON_MOMENTUM, betas=ADAMW_BETAS,
-               weight_decay=WEIGHT_DECAY, hidden=is_hidden_matrix, no_decay=is_bias | is_norm | ndim(max=1),
-               frozen=None, lr_schedule=None, print_plan=False, **options):
-    """Muon for the hidden matrices, AdamW for the rest: the recipe of the Muon paper and of
-    the NanoGPT speedruns, as one :class:`MultiOptimizer` with three named groups.
+def layout_of(params):
+    """``"in_out"`` when the matrices of ``params`` are named ``kernel`` (flax, Keras: output
+    axis last), ``"out_in"`` when they are named ``weight`` (torch, MLX, equinox), else None."""
+    names = {path.rsplit(".", 1)[-1] for path, leaf in tree_flatten(params) if len(getattr(leaf, "shape", ())) >= 2}
+    if "kernel" in names and "weight" not in names:
+        return "in_out"
+    if "weight" in names and "kernel" not in names:
+        return "out_in"
+    return None
 
-    - ``muon``: matrices that are neither embeddings nor output heads (``hidden``).
+
+def muon_adamw(params=None, *, muon_lr=None, adamw_lr=ADAMW_LR, momentum=MUON_MOMENTUM, betas=ADAMW_BETAS,
+               weight_decay=WEIGHT_DECAY, adjust_lr="original", layout=None, hidden=is_hidden_matrix,
+               no_decay=is_bias | is_norm | ndim(max=1), frozen=None, lr_schedule=None, print_plan=False, **options):
+    """Muon for the hidden matrices, AdamW for the rest: Keller Jordan's recipe (the Muon
+    paper, the NanoGPT speedruns), as one :class:`MultiOptimizer` with three named groups.
+
+    - ``muon``: matrices that are neither embeddings nor output heads (``hidden``):
+      ``Muon(muon_lr, momentum, weight_decay, decoupled_weight_decay=True, ns_eps=1e-7,
+      adjust_lr=adjust_lr)``. Unlike a bare :class:`Muon` (MLX's coupled decay, for drop-in
+      fidelity), the decay is decoupled, ``p <- p * (1 - lr * weight_decay)``, as in the
+      reference: a coupled decay passes through Newton-Schulz and is amplified to the full
+      learning rate.
     - ``adamw_no_decay``: biases, normalisation weights and other vectors (``no_decay``):
       AdamW without weight decay.
     - ``adamw``: everything else (embeddings, the head): AdamW with weight decay.
+
+    The learning rate of a Muon matrix is scaled by its shape (``adjust_lr``):
+
+    - ``"original"`` (default): ``sqrt(max(1, rows / cols))``, Keller Jordan's; Muon's
+      learning rate is its own (``muon_lr`` defaults to 0.02, AdamW's to 3e-4).
+    - ``"match_rms_adamw"``: ``0.2 * sqrt(max(rows, cols))``, Moonlight's (Liu et al., 2025):
+      the update then has AdamW's typical RMS, so one learning rate serves both families
+      (``muon_lr`` defaults to ``adamw_lr``).
 
     Args:
         params: the model's parameters; when given they are routed now, so the plan can be
             printed and checked before the first step.
         muon_lr, adamw_lr: peak learning rates of the two families; their ratio is kept by
-            ``lr_schedule``.
+            ``lr_schedule``. ``muon_lr`` defaults as said above.
         momentum: Muon's momentum. betas: AdamW's betas. weight_decay: for ``muon`` and
-            ``adamw`` (Muon's is coupled, as in MLX).
+            ``adamw``, decoupled in both.
+        adjust_lr: ``"original"`` or ``"match_rms_adamw"`` (see above).
+        layout: Muon's ``layout``: ``"out_in"`` (torch, MLX, equinox: ``weight`` of shape
+            ``(out, in)``) or ``"in_out"`` (flax, Keras: ``kernel`` of shape ``(in, out)``).
+            Default: read from ``params`` when given (matrices named ``kernel`` are flax's,
+            ``weight`` torch's), else Muon's own default (see :class:`Muon`).
         hidden, no_decay: the filters of the first two groups (see :mod:`treeopt.filters`).
         frozen: a filter of parameters that no group gets.
         lr_schedule: a multiplier of the step for every group's learning rate (warm-up,
@@ -48,8 +79,13 @@ def muon_adamw(params=None, *, muon_lr=MUON_LR, adamw_lr=ADAMW_LR, momentum=MUON
         >>> [opt.names[opt.route(p)] for p in ("blocks.0.w", "blocks.0.b", "embed", "lm_head.weight")]
         ['muon', 'adamw_no_decay', 'adamw', 'adamw']
     """
+    if muon_lr is None:
+        muon_lr = adamw_lr if adjust_lr == "match_rms_adamw" else MUON_LR
+    if layout is None and params is not None:
+        layout = layout_of(params)
     multi = MultiOptimizer(
-        [Muon(muon_lr, momentum=momentum, weight_decay=weight_decay),
+        [Muon(muon_lr, momentum=momentum, weight_decay=weight_decay, decoupled_weight_decay=True, ns_eps=NS_EPS,
+              adjust_lr=adjust_lr, layout=layout),
          AdamW(adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True),
          AdamW(adamw_lr, betas=betas, weight_decay=weight_decay, bias_correction=True)],
         [hidden, no_decay], names=["muon", "adamw_no_decay", "adamw"], frozen=frozen, lr_schedule=lr_schedule,

@@ -1,41 +1,79 @@
 """Muon: momentum orthogonalised by Newton-Schulz iterations.
 
-    g <- g + wd * p                                 (coupled decay, as in MLX)
+    g <- g + wd * p                                 (coupled decay, as in MLX; the default)
     v <- mu * v + (1 - mu) * g
     d  = (1 - mu) * g + mu * v if nesterov else v
-    for matrices (ndim >= 2; more dims are flattened to (shape[0], -1)):
+    for matrices (ndim >= 2), viewed as 2-D by their layout:
+        "out_in" (MLX, torch: (out, in, *kernel)) -> (out, in * kernel), as Keller Jordan's
+        "in_out" (flax: (*kernel, in, out))       -> (kernel * in, out),  as optax
         d  = NewtonSchulz5(d)
-        lr = lr * sqrt(max(1, shape[-2] / shape[-1]))   (on the original shape)
-    p <- p - lr * d
+        s  = sqrt(max(1, shape[-2] / shape[-1]))        "original", "out_in": as MLX and Keller Jordan
+          or sqrt(max(1, fan_out / fan_in))             "original", "in_out": as optax
+          or 0.2 * sqrt(max(rows, cols))                "match_rms_adamw": of the 2-D view
+    p <- p * (1 - lr * wd)                          (decoupled decay, when chosen instead)
+    p <- p - lr * s * d
 
-NewtonSchulz5 makes d's singular values close to 1: with X = d / (|d|_F + 1e-7), taken
+NewtonSchulz5 makes d's singular values close to 1: with X = d / (|d|_F + eps), taken
 wide (transposed when rows > columns), repeat ``ns_steps`` times
     A = X X^T;  B = b A + c A A;  X = a X + B X
-with (a, b, c) = (3.4445, -4.7750, 2.0315). Tensors with ndim < 2 get the momentum step
-only; route them to AdamW with MultiOptimizer.
+with (a, b, c) = (3.4445, -4.7750, 2.0315) and eps = 1e-7 (MLX's and Keller Jordan's).
+Tensors with ndim < 2 get the momentum step (and the decay) only; route them to AdamW with
+MultiOptimizer.
+
+The match-RMS scale (Liu et al., "Muon is Scalable for LLM Training", 2025) gives the update
+the root-mean-square of a typical AdamW update (about 0.2), so one learning rate serves both.
 """
 
-from math import sqrt as py_sqrt
+from math import prod, sqrt as py_sqrt
 
-from treeopt.ops import addmm, astype, cast, dtype_name, matmul, sqrt, swap_last, total
+from treeopt.ops import addmm, astype, cast, dtype_name, matmul, on_whole, sqrt, swap_last, total
 from treeopt.rules.base import Rule, active
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7
+#: how the learning rate of a matrix is scaled by its shape
+ADJUST_LR = ("original", "match_rms_adamw")
+#: the root-mean-square of an AdamW update that "match_rms_adamw" matches
+ADAMW_RMS = 0.2
+#: where a weight keeps its output axis: first ("out_in") or last ("in_out")
+LAYOUTS = ("out_in", "in_out")
 
 
-def muon_coefficients(lr, step, *, momentum, weight_decay, nesterov, ns_steps, ns_dtype):
+def muon_coefficients(lr, step, *, momentum, weight_decay, decoupled_weight_decay, nesterov, ns_steps, ns_dtype,
+                      ns_eps, adjust_lr, layout):
+    decays = active(weight_decay)
+    decoupled = decays and decoupled_weight_decay
     return dict(lr=lr, momentum=momentum, one_minus_momentum=1 - momentum,
-                weight_decay=weight_decay, decays=active(weight_decay), nesterov=nesterov,
-                ns_steps=ns_steps, ns_dtype=ns_dtype)
+                weight_decay=weight_decay, coupled=decays and not decoupled,
+                keep=1 - lr * weight_decay if decoupled else None, nesterov=nesterov,
+                ns_steps=ns_steps, ns_dtype=ns_dtype, ns_eps=ns_eps, adjust_lr=adjust_lr,
+                layout=layout)
 
 
-def newton_schulz(x, steps):
+def matrix_shape(shape, layout):
+    """The 2-D view Newton-Schulz orthogonalises: the output axis against all the others."""
+    if layout == "in_out":
+        return prod(shape[:-1]), shape[-1]
+    return shape[0], prod(shape[1:])
+
+
+def lr_scale(shape, layout, adjust_lr):
+    """The factor of the learning rate of a weight of this (stored) shape."""
+    rows, columns = matrix_shape(shape, layout)
+    if adjust_lr == "match_rms_adamw":
+        return ADAMW_RMS * py_sqrt(max(rows, columns))
+    if layout == "in_out":
+        return py_sqrt(max(1.0, columns / rows))
+    return py_sqrt(max(1.0, shape[-2] / shape[-1]))  # for a conv kernel: kh / kw, as the references
+
+
+def newton_schulz(x, steps, eps=NS_EPS):
     """Approximately orthogonalise the matrix ``x`` (its nearest semi-orthogonal matrix)."""
     a, b, c = NS_COEFFICIENTS
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = swap_last(x)
-    x = x / (sqrt(total(x * x)) + cast(1e-7, x))
+    x = x / (sqrt(total(x * x)) + cast(eps, x))
     for _ in range(steps):
         gram = matmul(x, swap_last(x))
         # X <- a X + (b A + c A A) X: two GEMMs, each product accumulated and rounded once
@@ -43,21 +81,33 @@ def newton_schulz(x, steps):
     return swap_last(x) if tall else x
 
 
-def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, decays, nesterov, ns_steps, ns_dtype):
-    if decays:
+def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, coupled, keep, nesterov, ns_steps, ns_dtype,
+         ns_eps, adjust_lr, layout):
+    if coupled:
         grad = grad + weight_decay * param
     v = momentum * v + one_minus_momentum * grad
     direction = grad * one_minus_momentum + v * momentum if nesterov else v
     if direction.ndim >= 2:
         shape = tuple(direction.shape)
-        matrix = direction.reshape((shape[0], -1)) if len(shape) > 2 else direction
-        if ns_dtype is None:
-            orthogonal = newton_schulz(matrix, ns_steps)
-        else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
-            orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps), dtype_name(matrix))
-        direction = orthogonal.reshape(shape)
-        lr = lr * cast(py_sqrt(max(1.0, shape[-2] / shape[-1])), lr)
-    return param - lr * direction, v
+        # a matrix split across devices is orthogonalised whole, then split back as it was
+        direction = on_whole(lambda d: orthogonalise(d, ns_steps, ns_eps, ns_dtype, layout), direction)
+        scaled_lr = lr * cast(lr_scale(shape, layout, adjust_lr), lr)
+    else:
+        scaled_lr = lr
+    if keep is not None:  # decoupled: shrink by the unscaled learning rate, as the references do
+        param = param * keep
+    return param - scaled_lr * direction, v
+
+
+def orthogonalise(direction, ns_steps, ns_eps, ns_dtype, layout):
+    """Newton-Schulz on ``direction`` viewed as a matrix by its ``layout``, in its own shape."""
+    shape = tuple(direction.shape)
+    matrix = direction.reshape(matrix_shape(shape, layout)) if len(shape) > 2 else direction
+    if ns_dtype is None:
+        orthogonal = newton_schulz(matrix, ns_steps, ns_eps)
+    else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
+        orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps, ns_eps), dtype_name(matrix))
+    return orthogonal.reshape(shape)
 
 
 MUON = Rule("muon", muon, muon_coefficients, slots=("v",), elementwise=False,

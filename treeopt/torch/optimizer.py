@@ -1,0 +1,560 @@
+"""``treeopt.torch.Optimizer``: a ``torch.optim.Optimizer`` whose step is a treeopt optimizer.
+
+    import treeopt as optim
+    import treeopt.torch
+
+    opt = treeopt.torch.Optimizer(model, optim.MultiOptimizer(
+        [optim.Muon(0.02), optim.AdamW(3e-4)],
+        [lambda name, p: p.ndim == 2 and name.startswith("blocks.")]))
+    for x, y in data:
+        loss = criterion(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+Parameters are routed by their canonical names (``blocks.0.attn.weight``, wrapper prefixes
+removed: :func:`treeopt.torch.canonical_name`) when the optimizer is built, and updated in
+place under ``torch.no_grad()``; a parameter whose ``.grad`` is ``None`` or that does not
+require grad is skipped (its state is kept). Tied weights (one tensor under two names) are
+updated once, under the first name. State slots live on each parameter's device.
+
+What torch code expects is there: ``param_groups`` (one per treeopt optimizer of a
+``MultiOptimizer``, whose edits reach treeopt before the next step, so every
+``torch.optim.lr_scheduler`` works), ``state`` by parameter, ``add_param_group``, step hooks,
+``zero_grad``, ``GradScaler``, and a ``state_dict`` that is both treeopt's name-keyed
+checkpoint and torch's layout (for ``torch.distributed.checkpoint``). Parameters added to the
+model later are noticed at the next step (see :meth:`Optimizer.refresh`).
+"""
+
+from collections.abc import MutableMapping
+
+import numpy as np
+import torch
+
+from treeopt._trees import dotted
+from treeopt.multi import MultiOptimizer
+from treeopt.optimizer import Optimizer as _TreeoptOptimizer
+from treeopt import engine
+from treeopt.backends import as_float
+from treeopt.torch import state_dict as _layout
+from treeopt.torch.names import canonical_name, module_kinds, named_parameters
+
+__all__ = ["Optimizer"]
+
+# Every parameter or module registered on any nn.Module bumps this count, so an optimizer
+# knows in O(1) whether its model may have changed since it last looked.
+_registrations = [0]
+
+
+def _count_registration(module, name, value):
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+#: group keys that are not hyper-parameters
+_STRUCTURE = ("params", "param_names", "name")
+_TORCH_NAMES = {"learning_rate": "lr"}  # treeopt hyper-parameter -> param_groups key
+
+
+def _shortest(value):
+    """A float32 value as the shortest decimal that rounds back to it (0.02, not
+    0.019999999552965164), so that what param_groups shows reads as what was given."""
+    return float(str(np.float32(value)))
+
+
+def _plain(value):
+    """A group value comparable with ``==``: tensors as Python numbers, lists as tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else tuple(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _named(model):
+    """``{canonical name: parameter}`` of a module or of an iterable of ``(name, parameter)``
+    pairs or of parameters (named ``"0"``, ``"1"``...), each tensor once."""
+    if isinstance(model, torch.nn.Module):
+        return named_parameters(model)
+    if isinstance(model, torch.Tensor):
+        raise TypeError("treeopt.torch.Optimizer expects a model or its named_parameters(), got one tensor")
+    items = list(model)
+    if items and isinstance(items[0], dict):
+        raise TypeError(
+            "treeopt.torch.Optimizer does not take torch-style parameter groups ([{'params': ..., 'lr': ...}]): "
+            "treeopt routes parameters by name. Pass the model (or model.named_parameters()) and express the "
+            "groups as a MultiOptimizer, e.g. MultiOptimizer([AdamW(1e-3), AdamW(1e-4)], "
+            "[filters.glob('head.*')]); see docs/torch.md")
+    if items and isinstance(items[0], torch.Tensor):
+        items = [(str(i), p) for i, p in enumerate(items)]
+    result, seen = {}, set()
+    for entry in items:
+        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], torch.Tensor)):
+            raise TypeError(f"expected (name, parameter) pairs or parameters, got {type(entry).__name__}")
+        name, param = entry
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        result[canonical_name(name)] = param
+    return result
+
+
+class Optimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that steps with a treeopt optimizer.
+
+    Args:
+        model: a ``torch.nn.Module`` (wrapped by ``torch.compile``, DDP or not), or an iterable
+            of ``(name, parameter)`` pairs, or of parameters (named ``"0"``, ``"1"``...).
+            Torch-style lists of parameter groups are refused (``TypeError``): groups are the
+            optimizers of a ``MultiOptimizer``.
+        optimizer: any treeopt optimizer, e.g. a ``MultiOptimizer``.
+
+    ``param_groups[i]`` belongs to the i-th optimizer holding state (``name``, ``lr``, and that
+    optimizer's hyper-parameters: ``betas``, ``momentum``, ``weight_decay``, ``eps``...). An
+    edit (by hand or by an LR scheduler) is checked and applied before the next step; a
+    hyper-parameter on a treeopt schedule is shown at its next value and refuses edits.
+    """
+
+    # The future keywords ``sharding=None, process_group=None`` (ZeRO-1) go after
+    # ``optimizer``: they change how step() runs the treeopt optimizer, never the groups.
+    def __init__(self, model, optimizer: _TreeoptOptimizer):
+        if not isinstance(optimizer, _TreeoptOptimizer):
+            raise TypeError(f"expected a treeopt optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self.model = model if isinstance(model, torch.nn.Module) else None
+        self.parameters = _named(model)  # canonical name -> parameter: the model's, then added ones
+        if not self.parameters:
+            raise ValueError("treeopt.torch.Optimizer got no parameters")
+        self._added = {}  # name -> parameter given to add_param_group that the model does not hold
+        self._seen = _registrations[0]
+        self._check_known_paths()
+        self._leaves = [leaf for _, _, leaf in optimizer.named_stateful()]
+        self._group_names = [name for name, _, _ in optimizer.named_stateful()]
+        self._group_of = {}  # name -> group index; None: frozen by the MultiOptimizer
+        self._unrouted = set()  # names that did not require grad when last seen
+        self._declare_kinds(self.parameters)
+        self._route([n for n, p in self.parameters.items() if p.requires_grad])
+        self._unrouted = {n for n, p in self.parameters.items() if not p.requires_grad}
+        self._published = [self._group_values(i) for i in range(len(self._leaves))]
+        groups = [dict(self._published[i], **self._members(i)) for i in range(len(self._leaves))]
+        shared = set.intersection(*(set(values) for values in self._published)) - {"name"}
+        self._building = True
+        super().__init__(groups, {k: v for k, v in self._published[0].items() if k in shared})
+        self._building = False
+
+    def __repr__(self):
+        return f"treeopt.torch.Optimizer({len(self.parameters)} parameters, {self.optimizer!r})"
+
+    def __getstate__(self):  # torch's keeps only defaults, state and param_groups
+        return self.__dict__.copy()
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    # ------------------------------------------------------------------ what torch reads
+    @property
+    def param_groups(self) -> list:
+        """One dict per treeopt optimizer that holds state (parameters noticed first)."""
+        self.refresh()
+        return self._groups
+
+    @param_groups.setter
+    def param_groups(self, groups):
+        if not getattr(self, "_building", True) and len(groups) != len(self._leaves):
+            raise ValueError(f"treeopt.torch.Optimizer has {len(self._leaves)} parameter groups (one per treeopt "
+                             f"optimizer); got {len(groups)}")
+        self._groups = groups  # torch.optim's __init__ sets [] first; wrappers may set the same dicts back
+
+    @property
+    def state(self) -> "ParameterState":
+        """The treeopt state by parameter: ``{parameter: {slot name: tensor}}`` for every
+        parameter with state (also readable by name: ``opt.state["blocks.0.weight"]``)."""
+        return ParameterState(self)
+
+    @state.setter
+    def state(self, value):
+        if not getattr(self, "_building", False) or value:
+            raise TypeError("treeopt.torch.Optimizer.state is a view of the treeopt state: write into its slot "
+                            "tensors, or use load_state_dict")
+
+    # ------------------------------------------------------------------ routing
+    def _check_known_paths(self):
+        """A treeopt optimizer planned on wrapper names (``_orig_mod.x``) would keep a second
+        state under the canonical name: refuse it."""
+        known = [placement.keys for placement in self.optimizer.routing_table()]
+        stale = [p for p in map(dotted, known) if canonical_name(p) != p and canonical_name(p) in self.parameters]
+        if stale:
+            raise ValueError(
+                f"the optimizer already routed {stale[:3]} under a wrapper's name; treeopt.torch names parameters "
+                f"canonically ({canonical_name(stale[0])!r}): plan it with treeopt.torch.named_parameters(model), "
+                "or pass it fresh")
+
+    def _declare_kinds(self, named):
+        if self.model is not None and isinstance(self.optimizer, MultiOptimizer):
+            kinds = module_kinds(self.model)
+            self.optimizer.declare_kinds({n: k for n, k in kinds.items() if n in named})
+
+    def _route(self, names, check=None):
+        """Route ``names`` now, as a step would, without creating state; ``check(owners)`` may
+        refuse the routes before they are recorded."""
+        if not names:
+            return
+        params = {n: self.parameters[n] for n in names}
+        leaves = engine.collect(params, params, type(self.optimizer).__name__, check_pairs=False)
+        backend = engine.settle_backend(self.optimizer, leaves)
+        owners = self.optimizer.assign_owners(leaves)
+        group = {id(leaf): i for i, leaf in enumerate(self._leaves)}
+        indices = {leaf.path: None if owner is None else group[id(owner)] for leaf, owner in zip(leaves, owners)}
+        if check is not None:
+            check(indices)
+        self.optimizer.commit(backend)
+        self._group_of.update(indices)
+
+    def _members(self, i):
+        names = [n for n, g in self._group_of.items() if g == i]
+        return {"params": [self.parameters[n] for n in names], "param_names": names}
+
+    def _regroup(self):
+        for i, group in enumerate(self._groups):
+            group.update(self._members(i))
+
+    def refresh(self):
+        """Notice parameters added to (or replaced in, or removed from) the model, and
+        parameters that now require grad: route them (their state is created at their first
+        step). Cheap when nothing changed: ``step()`` and ``param_groups`` call it.
+
+        Parameters registered on an ``nn.Module`` (attribute assignment, ``register_parameter``,
+        ``add_module``, ``ModuleList.append``...) are noticed; call it after writing into
+        ``module._parameters`` by hand."""
+        changed = False
+        if self.model is not None and self._seen != _registrations[0]:
+            self._seen = _registrations[0]
+            changed = self._rescan()
+        if self._unrouted:
+            now = [n for n in self._unrouted if self.parameters[n].requires_grad]
+            if now:
+                self._route(now)
+                self._unrouted.difference_update(now)
+                changed = True
+        if changed:
+            self._regroup()
+
+    def _rescan(self):
+        current = named_parameters(self.model)
+        before = {n: p for n, p in self.parameters.items() if n not in self._added}
+        added = [n for n in current if n not in before]
+        replaced = [n for n in current if n in before and current[n] is not before[n]]
+        removed = [n for n in before if n not in current]
+        if not (added or replaced or removed):
+            return False
+        for name in replaced + removed:
+            self._forget(name, "replaced" if name in current else "removed")
+        self.parameters = {**current, **{n: p for n, p in self._added.items() if n not in current}}
+        self._declare_kinds(added)
+        self._route([n for n in added + replaced if self.parameters[n].requires_grad])
+        self._unrouted |= {n for n in added + replaced if not self.parameters[n].requires_grad}
+        return True
+
+    def _forget(self, name, why):
+        """Drop the state of a parameter that left the model or was replaced by another tensor
+        (a new head must not inherit the old one's moments)."""
+        group = self._group_of.pop(name, None)
+        self._unrouted.discard(name)
+        if group is None:
+            return
+        owner = self._leaves[group]
+        if engine.slots_at(owner, (name,)):
+            engine.drop(owner, (name,))
+            if isinstance(self.optimizer, MultiOptimizer):
+                step = int(as_float(self.optimizer.step))
+                self.optimizer.changes.append(f"step {step}: {why} {name} in the model, its state reset")
+        if isinstance(self.optimizer, MultiOptimizer) and why == "replaced":
+            self.optimizer.book.version += 1
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add parameters, as ``torch.optim`` does, to the groups treeopt already has.
+
+        ``param_group["params"]``: tensors or ``(name, tensor)`` pairs; a tensor of the model
+        keeps its canonical name, another one is named ``added.N``. With ``"name"`` they go to
+        that group (a MultiOptimizer's optimizer name), else routing places them as it places
+        any new parameter. Any other key (``"lr"``...) must equal the value of the group they
+        land in: a treeopt group cannot be split."""
+        if getattr(self, "_building", False):
+            self._groups.append(param_group)
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        self.refresh()
+        entries = self._new_entries(param_group)
+        target = param_group.get("name")
+        if target is not None and target not in self._group_names:
+            raise ValueError(f"add_param_group: there is no group {target!r} (groups: {self._group_names})")
+        wanted = {k: _plain(v) for k, v in param_group.items() if k not in _STRUCTURE}
+
+        def check(indices):
+            for name, index in indices.items():
+                index = self._group_names.index(target) if target is not None else index
+                if index is None:
+                    raise ValueError(f"add_param_group: {name!r} is frozen by the MultiOptimizer")
+                for key, value in wanted.items():
+                    have = _plain(self._groups[index].get(key))
+                    if have != value:
+                        raise ValueError(
+                            f"add_param_group: {name!r} goes to group {self._group_names[index]!r}, whose {key} is "
+                            f"{have!r}, not {value!r}; treeopt groups are the MultiOptimizer's optimizers: add one "
+                            "there, or leave the key out")
+
+        for name, param in entries:
+            self.parameters[name] = param
+            if self.model is None or named_parameters(self.model).get(name) is not param:
+                self._added[name] = param
+        try:
+            self._route([name for name, _ in entries], check)
+        except BaseException:
+            for name, _ in entries:
+                self.parameters.pop(name, None)
+                self._added.pop(name, None)
+            raise
+        if target is not None and isinstance(self.optimizer, MultiOptimizer):
+            moving = [name for name, _ in entries if self._group_of[name] != self._group_names.index(target)]
+            if moving:
+                self.optimizer.reroute(moving, self._group_names.index(target))
+                self._group_of.update({name: self._group_names.index(target) for name in moving})
+        self._regroup()
+
+    def _new_entries(self, param_group):
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("add_param_group: params must be an ordered collection, not a set")
+        names_in_model = {id(p): n for n, p in self.parameters.items()}
+        entries = []
+        for item in params:
+            name, param = item if isinstance(item, tuple) else (None, item)
+            if not isinstance(param, torch.Tensor):
+                raise TypeError(f"add_param_group: expected tensors or (name, tensor) pairs, got {type(param).__name__}")
+            if not param.is_leaf:
+                raise ValueError("add_param_group: can't optimize a non-leaf tensor")
+            name = canonical_name(name) if name is not None else names_in_model.get(id(param))
+            if name is None:  # the first free added.N
+                taken = set(self.parameters) | {n for n, _ in entries}
+                name = next(f"added.{i}" for i in range(len(taken) + 1) if f"added.{i}" not in taken)
+            if self._group_of.get(name) is not None:
+                raise ValueError(f"add_param_group: {name!r} is already in group "
+                                 f"{self._group_names[self._group_of[name]]!r}")
+            entries.append((name, param))
+        return entries
+
+    # ------------------------------------------------------------------ groups <-> treeopt
+    def _group_values(self, i):
+        """Group ``i``'s name and hyper-parameters as the next step will use them."""
+        leaf = self._leaves[i]
+        values = {"name": self._group_names[i]}
+        for key, value in leaf.current_hyperparameters().items():
+            if key == "learning_rate" or key in leaf.schedules:
+                value = _shortest(value)
+            values[_TORCH_NAMES.get(key, key)] = value
+        return values
+
+    def _scheduled(self, leaf, key):
+        name = next((k for k, v in _TORCH_NAMES.items() if v == key), key)
+        return name in leaf.schedules or any(s.startswith(f"{name}[") for s in leaf.schedules)
+
+    def _pull(self):
+        """Apply the edits of param_groups to treeopt: all checked first, then all applied."""
+        edits = []
+        for i, (group, published) in enumerate(zip(self._groups, self._published)):
+            for key, value in published.items():
+                if key == "name" or key not in group or _plain(group[key]) == _plain(value):
+                    continue
+                leaf = self._leaves[i]
+                if self._scheduled(leaf, key):
+                    raise ValueError(
+                        f"param_groups[{i}] ({self._group_names[i]}): {key} was changed to {group[key]!r}, but it "
+                        "follows a treeopt schedule; drive it by one or the other (a torch LR scheduler on a "
+                        "constant treeopt learning rate, or a treeopt schedule). torch.distributed.checkpoint "
+                        "sets lr to 0 for one step on an optimizer with no state: call opt.init() first")
+                edits.append((i, key, _setter(leaf, key, group[key], f"param_groups[{i}][{key!r}]")))
+        for i, key, apply in edits:
+            apply()
+            self._published[i][key] = self._groups[i][key]
+
+    def _push(self, everything=False):
+        """Show the values of treeopt's schedules (and, after a load, of everything)."""
+        for i, leaf in enumerate(self._leaves):
+            if not (everything or leaf.schedules):
+                continue
+            values = self._group_values(i)
+            for key, value in values.items():
+                if everything or self._scheduled(leaf, key):
+                    self._groups[i][key] = self._published[i][key] = value
+
+    # ------------------------------------------------------------------ the step
+    def _trainable(self):
+        return {name: p for name, p in self.parameters.items() if p.requires_grad}
+
+    def init(self):
+        """Create the state of every trainable parameter now (it is otherwise created at the
+        first step)."""
+        self.refresh()
+        with torch.no_grad():
+            self.optimizer.init(self._trainable())
+
+    def plan(self):
+        """The routing plan (:class:`treeopt.plan.Plan`) of the parameters known now."""
+        self.refresh()
+        return self.optimizer.plan()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step for every parameter that has a gradient. ``closure`` (optional)
+        re-evaluates the model and returns the loss, as in torch.optim."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.refresh()
+        self._pull()
+        params = self._trainable()
+        self.optimizer.update(params, {name: p.grad for name, p in params.items()})
+        self._push()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self.parameters.values():  # frozen by the MultiOptimizer too: in no group
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_()
+                p.grad.zero_()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The optimizer state, twice over the same tensors (nothing is copied):
+
+        - ``"tensors"`` and ``"metadata"``: treeopt's checkpoint content, keyed by parameter
+          name and slot (``"blocks.0.attn.weight/m"``): see :mod:`treeopt.checkpoint`;
+        - ``"state"`` and ``"param_groups"``: torch's layout (state by position in the groups,
+          ``param_names`` beside ``params``), which ``torch.distributed.checkpoint``'s
+          ``get_optimizer_state_dict`` re-keys by name.
+
+        Plain tensors and Python values: ``torch.save(..., weights_only=True)`` loads it."""
+        from treeopt import checkpoint
+
+        self.refresh()
+        self._pull()  # an LR scheduler's edit after the last step is the next step's: save it
+        tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self._trainable()))
+        state, groups = _layout.to_torch(tensors, metadata, self.param_groups, self._group_names)
+        return {"tensors": tensors, "metadata": metadata, "state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True):
+        """Load a state saved by :meth:`state_dict`, or its torch layout alone (what
+        ``set_optimizer_state_dict`` passes), matched by parameter name, never by position;
+        everything is checked before anything changes. Returns the load report."""
+        from treeopt import checkpoint
+
+        if "tensors" in state_dict and "metadata" in state_dict:
+            tensors, metadata = state_dict["tensors"], state_dict["metadata"]
+        elif "state" in state_dict and "param_groups" in state_dict:
+            tensors, metadata = _layout.from_torch(state_dict)
+        else:
+            raise ValueError("not a treeopt.torch state dict: it needs 'tensors' and 'metadata', or torch's "
+                             f"'state' and 'param_groups' (got {sorted(state_dict)})")
+        self.init()
+        self._pull()  # edits made before the load are replaced by the saved values
+        report = checkpoint.from_flat(self.optimizer, tensors, metadata, strict=strict)
+        self._push(everything=True)
+        for saved in state_dict.get("param_groups", ()):  # LR schedulers' keys (initial_lr...)
+            if saved.get("name") in self._group_names:
+                group = self._groups[self._group_names.index(saved["name"])]
+                published = self._published[self._group_names.index(saved["name"])]
+                for key, value in saved.items():
+                    if key not in published and not key.startswith("treeopt_") and key not in _STRUCTURE:
+                        group[key] = value
+        return report
+
+
+class ParameterState(MutableMapping):
+    """``optimizer.state`` as torch code reads it: parameter -> slot dict (the live treeopt
+    slots). Keys may also be canonical names. Assigning copies into the existing slots."""
+
+    def __init__(self, owner: Optimizer):
+        self._owner = owner
+
+    def _name(self, key):
+        if isinstance(key, str):
+            return key
+        return next((n for n, p in self._owner.parameters.items() if p is key), None)
+
+    def _slots(self, name):
+        group = self._owner._group_of.get(name)
+        return None if group is None else engine.slots_at(self._owner._leaves[group], (name,))
+
+    def __getitem__(self, key):
+        name = self._name(key)
+        if name not in self._owner.parameters:
+            raise KeyError(key)
+        return self._slots(name) or {}
+
+    def __setitem__(self, key, value):
+        slots = self[key]
+        if set(value) != set(slots):
+            raise ValueError(f"the state of {self._name(key)!r} has slots {sorted(slots)}, got {sorted(value)}")
+        for slot, tensor in value.items():
+            if tuple(tensor.shape) != tuple(slots[slot].shape):
+                raise ValueError(f"slot {slot!r} of {self._name(key)!r} has shape {tuple(slots[slot].shape)}, "
+                                 f"got {tuple(tensor.shape)}")
+        for slot, tensor in value.items():
+            if tensor is not slots[slot]:
+                slots[slot].copy_(tensor)
+
+    def __delitem__(self, key):
+        raise TypeError("the state of a parameter cannot be deleted; use the MultiOptimizer's freeze or reroute")
+
+    def __iter__(self):
+        return (p for n, p in list(self._owner.parameters.items()) if self._slots(n))
+
+    def __len__(self):
+        return sum(1 for n in self._owner.parameters if self._slots(n))
+
+    def __contains__(self, key):
+        name = self._name(key)
+        return name in self._owner.parameters and bool(self._slots(name))
+
+    def __repr__(self):
+        return f"ParameterState({ {n: sorted(s) for n in self._owner.parameters if (s := self._slots(n))} })"
+
+
+def _setter(leaf, key, value, where):
+    """A function that writes one edited group value into ``leaf``, checked now."""
+    value = _plain(value)
+    if key == "lr":
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or value < 0:
+            raise ValueError(f"{where} must be a finite number >= 0, got {value!r}")
+        return lambda: setattr(leaf, "learning_rate", float(value))
+    current = getattr(leaf, key, None)
+    if key not in leaf.hyperparameters:
+        raise ValueError(f"{where}: {type(leaf).__name__} has no hyper-parameter {key!r}")
+    if key == "betas":
+        value = tuple(float(b) for b in value)
+        if len(value) != len(current) or not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"{where} must be {len(current)} values in [0, 1), got {value!r}")
+        return lambda: (leaf._set_betas(value), _touch(leaf))
+    if isinstance(current, bool) and isinstance(value, bool):
+        return lambda: (setattr(leaf, key, bool(value)), _touch(leaf))
+    if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not np.isfinite(value):
+            raise ValueError(f"{where} must be finite, got {value!r}")
+        return lambda: (setattr(leaf, key, float(value)), _touch(leaf))
+    if isinstance(current, tuple) and isinstance(value, tuple) and len(value) == len(current):
+        return lambda: (setattr(leaf, key, tuple(float(v) for v in value)), _touch(leaf))
+    raise ValueError(f"{where} cannot be set to {value!r} (it is {current!r})")
+
+
+def _touch(leaf):
+    leaf.book.version += 1  # a compiled step re-plans
