@@ -30,6 +30,7 @@ optimizer's private attributes.
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from treeopt import _trees
 from treeopt.backends import backend_of, numpy_backend
@@ -51,7 +52,7 @@ class Book:
     """What the engine keeps about one optimizer beside its state dict."""
 
     #: the state's array library, settled at the first step (``None`` before)
-    backend: object = None
+    backend: Any = None
     #: the slots are known to fit the parameters (``False`` after a state assignment: the next
     #: step checks them)
     initialized: bool = False
