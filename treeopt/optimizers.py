@@ -416,7 +416,7 @@ class Muon(_Builtin):
     #: the layout that ``layout=None`` stands for; treeopt.jax lends its Muons flax's
     _implicit_layout = "out_in"
 
-    def rule_hyperparameters(self):
+    def rule_hyperparameters(self) -> dict:
         hyper = super().rule_hyperparameters()
         if hyper["layout"] is None:
             hyper["layout"] = self._implicit_layout
