@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # checkpoints sit above the optimizers, which never import th
 __all__ = ["save", "load", "read", "to_flat", "from_flat", "CheckpointError", "LoadReport", "Problem"]
 
 
-def save(optimizer: Optimizer, path: str | os.PathLike, *, layout: str = "treeopt") -> None:
+def save(optimizer: "Optimizer", path: str | os.PathLike, *, layout: str = "treeopt") -> None:
     """Save ``optimizer``'s state to ``path`` (a safetensors file), atomically.
 
     Args:
@@ -66,7 +66,7 @@ def read(path: str | os.PathLike) -> tuple[Mapping[str, Any], dict | None]:
     return files.read(path)
 
 
-def load(optimizer: Optimizer, path: str | os.PathLike, params: Tree | None = None, *,
+def load(optimizer: "Optimizer", path: str | os.PathLike, params: Tree | None = None, *,
          strict: bool = True) -> LoadReport:
     """Load a checkpoint into ``optimizer``, by parameter name.
 
