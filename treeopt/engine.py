@@ -226,8 +226,7 @@ def _check_rules(pairs):
         owner = pair.owner
         if owner.runs_rule and id(owner) not in seen and not rule_checked(owner.rule):
             seen.add(id(owner))
-            with pair.backend.quiet():
-                owner.coefficients(pair.param, pair.backend)
+            owner.check_rule()
 
 
 def store_slot(backend, slots, name, value):

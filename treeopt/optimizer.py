@@ -301,6 +301,17 @@ class Optimizer:
             for name, value in values.items():
                 self._state[name] = self._scalar(value)
 
+    def check_rule(self) -> None:
+        """Compute the coefficients once, in the state's own library, so that a rule whose
+        coefficients do not fit its update fails before a step changes anything."""
+        rule = self._rule()
+        state_backend = backend_of(self._state["step"])
+        with state_backend.quiet():
+            step = state_backend.astype(self._state["step"], "float32")
+            running = {n: self._state[n] for n in rule.running}
+            values = rule.coefficients(self._state.get("learning_rate"), step, **self.rule_hyperparameters(), **running)
+        check_coefficients(rule, values)
+
     def coefficients(self, like: Array, backend: Backend) -> dict:
         """The rule's coefficients for this step, in ``like``'s dtype."""
         lr = self._state.get("learning_rate")
