@@ -135,6 +135,9 @@ class MultiOptimizer(Optimizer):
         self._pending: dict[tuple, Route] = {}  # keys -> the Route decided by a step that has not committed yet
         self._warned: set = set()
         self.changes: list[str] = []  # freezes, unfreezes and re-routes, in order
+        #: ``None``, or a function giving the global gradient norm of the step when this
+        #: optimizer sees only some of the gradients (set by treeopt.distributed under ZeRO-1)
+        self.shared_norm = None
         self.module_kinds: dict = {}  # path -> kinds declared by an integration (see declare_kinds)
         self._state = {"states": [o.state for o in optimizers]}
         self.lr_schedule: Schedule | None = None
@@ -269,7 +272,7 @@ class MultiOptimizer(Optimizer):
     def stateful(self) -> list:
         return [o for child in self.optimizers for o in child.stateful()]
 
-    _SNAPSHOT = ("book", "_compiled", "_routes", "_warned")
+    _SNAPSHOT = ("book", "_compiled", "_routes", "_warned", "changes")
 
     def snapshot(self) -> Callable[[], None]:
         restores = [super().snapshot()] + [child.snapshot() for child in self.optimizers]

@@ -27,27 +27,34 @@ from treeopt.types import Tree
 if TYPE_CHECKING:  # checkpoints sit above the optimizers, which never import them
     from treeopt.optimizer import Optimizer
 
-__all__ = ["save", "load", "read", "to_flat", "from_flat", "CheckpointError", "LoadReport", "Problem"]
+__all__ = ["save", "load", "load_content", "read", "to_flat", "from_flat", "CheckpointError", "LoadReport", "Problem"]
 
 
 def save(optimizer: "Optimizer", path: str | os.PathLike, *, layout: str = "treeopt") -> None:
     """Save ``optimizer``'s state to ``path`` (a safetensors file), atomically.
+
+    A ``treeopt.torch.Optimizer`` on several ranks (DDP or ``sharding="zero1"``) saves to a
+    folder instead, every rank together: one safetensors file per rank and ``treeopt.json``,
+    loadable at any world size (see :mod:`treeopt.distributed.files`).
 
     Args:
         layout: ``"treeopt"`` (keyed by parameter path, with metadata and checksum), or
             ``"mlx"``: the keys of ``tree_flatten(optimizer.state)``, readable by
             ``mx.load`` and ``mlx.optimizers`` code, without metadata.
     """
+    if getattr(optimizer, "_distributed", None) is not None:  # a treeopt.torch.Optimizer on several ranks
+        if layout != "treeopt":
+            raise ValueError("a checkpoint of several ranks has the treeopt layout only")
+        from treeopt.distributed import files as folders
+
+        return folders.save(optimizer, path)
     if layout == "treeopt":
         tensors, metadata = to_flat(optimizer)
         files.write(path, tensors, metadata)
     elif layout == "mlx":
-        from safetensors.numpy import save_file
-
         arrays = {k: files.as_numpy(v) for k, v in mlx_layout.to_mlx(optimizer).items()}
-        temporary = f"{os.fspath(path)}.tmp"
-        save_file(arrays, temporary)
-        os.replace(temporary, path)
+        save_file = files.safetensors().numpy.save_file
+        files.replace_atomically(path, lambda temporary: save_file(arrays, temporary))
     else:
         raise ValueError(f"layout must be 'treeopt' or 'mlx', got {layout!r}")
 
@@ -79,16 +86,49 @@ def load(optimizer: "Optimizer", path: str | os.PathLike, params: Tree | None = 
     Returns:
         a :class:`LoadReport`.
     """
+    from treeopt.distributed import files as folders
+
+    if getattr(optimizer, "_distributed", None) is not None or folders.is_folder_checkpoint(path):
+        return folders.load(optimizer, path, strict=strict)
     tensors, metadata = read(path)
     if metadata is None and not mlx_layout.is_mlx_layout(tensors):
         raise CheckpointError(f"{path} has neither treeopt metadata nor MLX's optimizer layout")
+    return load_content(optimizer, tensors, metadata, params, strict=strict)
+
+
+def load_content(optimizer, tensors, metadata, params=None, *, strict=True):
+    """Load checkpoint content (``tensors`` by key and ``metadata``, as :func:`to_flat` makes
+    them; ``metadata`` ``None`` for MLX's layout) into ``optimizer``; see :func:`load`.
+
+    Every value is checked before the optimizer changes (:mod:`.validate`); the saved routing
+    changes are applied before any state is created, so each parameter's state is created by
+    the optimizer that owned it; any failure puts the optimizer back as it was.
+    """
+    from treeopt.checkpoint import routing, validate
+
+    if not hasattr(tensors, "keys") or not hasattr(tensors, "__getitem__"):
+        raise CheckpointError(f"checkpoint tensors must be a mapping of key to array, got {type(tensors).__name__}")
+    if metadata is not None:
+        validate.metadata(metadata)
+        validate.tensors(tensors, metadata)
     restore = optimizer.snapshot()
     try:
+        if metadata is not None:
+            routing.restore(optimizer, metadata)  # before init: parameters get their saved owners
         if params is not None:
             optimizer.init(params)
+            if metadata is not None:
+                routing.mirror_frozen(optimizer, metadata, params)
         if metadata is None:
             tensors, metadata = mlx_layout.from_mlx(optimizer, tensors)
-        return from_flat(optimizer, tensors, metadata, strict=strict)
+        carried, problems = routing.check_carried(optimizer, metadata, tensors)
+        if problems and strict:
+            report = LoadReport(problems=problems)
+            raise CheckpointError(f"the checkpoint does not fit the optimizer (nothing was loaded): {report}", report)
+        report = from_flat(optimizer, tensors, metadata, strict=strict)
+        report.problems.extend(problems)
+        routing.apply_carried(carried)
+        return report
     except BaseException:
         restore()  # a failed load leaves the optimizer exactly as it was, initialised or not
         raise

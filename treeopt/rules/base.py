@@ -21,7 +21,10 @@ A rule is an optimizer's math in plain functions:
 
 An *elementwise* update also works on single elements; the fast runners inline it into one
 loop over many tensors, so it may call only the :data:`treeopt.ops.ELEMENTWISE` functions.
-Runners decide how a rule runs, never what it computes.
+A *stackable* update also takes ``stacked=True``: then every array holds same-shape tensors
+stacked along a new first axis, and the result is the stack of the per-tensor results
+(runners use it to batch matrix products). Runners decide how a rule runs, never what it
+computes.
 
 :class:`Rule` checks all of this when it is created, and the coefficient names the first
 time they are computed (before anything is written); a broken rule raises
@@ -54,6 +57,8 @@ class Rule:
     #: parameter
     slots: tuple[str, ...] | Callable
     elementwise: bool = True
+    #: ``update(..., stacked=True)`` runs on same-shape tensors stacked along a first axis
+    stackable: bool = False
     #: what each slot holds, so state can move between optimizers whose slots mean the same
     slot_meanings: dict | None = field(default=None, compare=False, hash=False)
     #: slots that start as a copy of the parameter (the others start at zero)
@@ -86,7 +91,8 @@ class Rule:
         parameters = list(inspect.signature(self.update).parameters.values())[2:]
         if not callable(self.slots):
             parameters = parameters[len(self.slots):]
-        return tuple(p.name for p in parameters if p.kind is not p.VAR_POSITIONAL)
+        runner_only = ("stacked",) if self.stackable else ()  # how a runner calls it, not a coefficient
+        return tuple(p.name for p in parameters if p.kind is not p.VAR_POSITIONAL and p.name not in runner_only)
 
 
 _CHECKED: set = set()  # rules whose coefficient names were found to be update's
@@ -127,6 +133,8 @@ def _check(rule):
         names = [p.name for p in update[2:2 + len(rule.slots)]]
         if names != list(rule.slots):
             raise RuleError(f"{label}: update takes the slots {names} but the rule declares {list(rule.slots)}")
+    if rule.stackable and "stacked" not in [p.name for p in update]:
+        raise RuleError(f"{label}: a stackable update takes stacked=False (True: a stack of same-shape tensors)")
     if any(p.kind is p.VAR_KEYWORD for p in update):
         raise RuleError(f"{label}: update must name every coefficient it takes (no **kwargs)")
     coefficients = list(inspect.signature(rule.coefficients).parameters.values())
