@@ -11,12 +11,23 @@ from treeopt.clip import clip_grad_norm
 from treeopt.errors import MissingParameterError, ParameterError, TreeoptError
 from treeopt.multi import MultiOptimizer, RoutingError, RoutingWarning
 from treeopt.optimizer import Optimizer
-from treeopt.optimizers import (SGD, AdaDelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Adan, Lion, Muon,
-                                RMSprop, ScheduleFreeAdamW)
+from treeopt.optimizers import (
+    SGD,
+    AdaDelta,
+    Adafactor,
+    Adagrad,
+    Adam,
+    Adamax,
+    AdamW,
+    Adan,
+    Lion,
+    Muon,
+    RMSprop,
+    ScheduleFreeAdamW,
+)
 from treeopt.plan import Plan
 from treeopt.presets import muon_adamw
-from treeopt.schedules import (cosine_decay, exponential_decay, join_schedules, linear_schedule,
-                               step_decay)
+from treeopt.schedules import cosine_decay, exponential_decay, join_schedules, linear_schedule, step_decay
 
 schedulers = schedules  # the name mlx.optimizers uses
 

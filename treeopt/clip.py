@@ -1,12 +1,15 @@
 """Clipping gradients by their global norm."""
 
+from collections.abc import Sequence
+
 from treeopt.backends import backend_of, numpy_backend
 from treeopt.errors import ParameterError
 from treeopt.ops import astype, dtype_name, minimum, sqrt, total
 from treeopt.tree import tree_flatten, tree_map
+from treeopt.types import Array, Tree
 
 
-def clip_grad_norm(grads, max_norm):
+def clip_grad_norm(grads: Tree, max_norm: float) -> tuple[Tree, Array]:
     r"""Scale ``grads`` so that their global L2 norm is at most ``max_norm``.
 
     .. math::
@@ -33,7 +36,7 @@ def clip_grad_norm(grads, max_norm):
     if max_norm < 0:
         raise ValueError(f"max_norm should be >=0, {max_norm} was provided instead")
     leaves = [(path, g) for path, g in tree_flatten(grads) if g is not None]
-    libraries = {}
+    libraries: dict = {}
     for path, g in leaves:
         backend = backend_of(g)
         if backend is None or backend.name == "python":
@@ -50,7 +53,7 @@ def clip_grad_norm(grads, max_norm):
     return tree_map(lambda g: None if g is None else scale(g, factor), grads), norm
 
 
-def global_norm(grads):
+def global_norm(grads: Sequence[Array]) -> Array:
     """The L2 norm of all ``grads`` together (float16 and integers squared in float32)."""
     squared = 0.0
     for g in grads:

@@ -31,6 +31,7 @@ optimizer's private attributes.
 
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from treeopt import _trees
 from treeopt.backends import backend_of, numpy_backend
@@ -52,7 +53,7 @@ class Book:
     """What the engine keeps about one optimizer beside its state dict."""
 
     #: the state's array library, settled at the first step (``None`` before)
-    backend: object = None
+    backend: Any = None
     #: the slots are known to fit the parameters (``False`` after a state assignment: the next
     #: step checks them)
     initialized: bool = False
@@ -291,12 +292,7 @@ def _check_rules(pairs):
         owner = pair.owner
         if owner.runs_rule and id(owner) not in seen and not rule_checked(owner.rule):
             seen.add(id(owner))
-            if owner.book.backend is pair.backend:
-                with pair.backend.quiet():
-                    owner.coefficients(pair.param, pair.backend)
-            else:  # the state is not in the parameters' library until the commit: check on NumPy
-                with numpy_backend.quiet():
-                    owner.coefficients(numpy_backend.astype(owner.state["step"], "float32"), numpy_backend)
+            owner.check_rule()
 
 
 def run_stacked(rule, coefficients, pairs, hyper, in_place, stacks=None):

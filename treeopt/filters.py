@@ -31,6 +31,9 @@ import contextlib
 import contextvars
 import fnmatch
 import re
+import types
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["Filter", "as_filter", "glob", "regex", "ndim", "shape", "is_bias", "is_norm", "is_embedding",
            "is_head", "is_hidden_matrix", "everything", "kind", "kinds_of", "module_kinds", "normalise_kinds",
@@ -38,8 +41,8 @@ __all__ = ["Filter", "as_filter", "glob", "regex", "ndim", "shape", "is_bias", "
 
 #: the kinds that treeopt's own filters read; integrations may declare others ("conv", "linear")
 EMBEDDING, HEAD, NORM = "embedding", "head", "norm"
-_NO_KINDS = frozenset()
-_declared = contextvars.ContextVar("treeopt_module_kinds", default={})
+_NO_KINDS: frozenset = frozenset()
+_declared: contextvars.ContextVar = contextvars.ContextVar("treeopt_module_kinds", default=types.MappingProxyType({}))
 
 
 def normalise_kinds(kinds) -> dict:
@@ -110,7 +113,7 @@ class Filter:
         return self.name
 
 
-def as_filter(fn):
+def as_filter(fn: Callable[[str, Any], Any]) -> "Filter":
     """``fn`` as a :class:`Filter` (a plain callable is named after its ``__name__``)."""
     if isinstance(fn, Filter):
         return fn
@@ -119,14 +122,14 @@ def as_filter(fn):
     return Filter(fn, getattr(fn, "__name__", type(fn).__name__))
 
 
-def glob(*patterns):
+def glob(*patterns: str) -> "Filter":
     """The path matches one of the shell-style ``patterns`` (``*`` also crosses dots):
     ``glob("blocks.*.weight")``."""
     return Filter(lambda p, w: any(fnmatch.fnmatchcase(p, pat) for pat in patterns),
                   f"glob({', '.join(map(repr, patterns))})")
 
 
-def regex(pattern):
+def regex(pattern: str) -> "Filter":
     """A regular expression found in the path (``re.search``)."""
     compiled = re.compile(pattern)
     return Filter(lambda p, w: compiled.search(p) is not None, f"regex({pattern!r})")
@@ -136,7 +139,7 @@ def _ndim(weight):
     return len(weight.shape)
 
 
-def ndim(n=None, *, min=None, max=None):
+def ndim(n: int | None = None, *, min: int | None = None, max: int | None = None) -> "Filter":
     """The number of dimensions is ``n``, or within ``[min, max]``."""
     if n is not None:
         return Filter(lambda p, w: _ndim(w) == n, f"ndim({n})")
@@ -145,7 +148,7 @@ def ndim(n=None, *, min=None, max=None):
     return Filter(lambda p, w: low <= _ndim(w) <= high, f"ndim({label})")
 
 
-def shape(*dims):
+def shape(*dims: int | None) -> "Filter":
     """The shape is ``dims``, where ``None`` matches any size: ``shape(None, 768)``."""
     def matches(p, w):
         actual = tuple(w.shape)
@@ -186,7 +189,7 @@ def _is_head(path, weight):
             or _segments(path)[0] == "output")
 
 
-def kind(*names):
+def kind(*names: str) -> "Filter":
     """The parameter's declared kinds (see :func:`module_kinds`) include one of ``names``:
     ``kind("conv")``."""
     wanted = frozenset(names)

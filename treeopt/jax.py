@@ -26,10 +26,16 @@ Weights are taken to be laid out as in flax, ``(in, out)`` and conv kernels
 """
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import jax
 
+from treeopt.optimizer import Optimizer
 from treeopt.tree import tree_map
+from treeopt.types import Tree
+
+if TYPE_CHECKING:
+    import optax
 
 __all__ = ["init", "update", "as_optax", "path_of", "LAYOUT"]
 
@@ -90,7 +96,7 @@ def _borrowed(optimizer, state):
             leaf.book.initialized, leaf.book.backend = initialized, backend
 
 
-def init(optimizer, params):
+def init(optimizer: Optimizer, params: Tree) -> dict:
     """A new state for ``params``: zero slots, and the optimizer's current step and
     scalars (so a new optimizer starts at step 0)."""
     flat, _, _ = _flat(params)
@@ -123,7 +129,7 @@ def _sharding(leaf):
     return leaf.sharding
 
 
-def update(optimizer, grads, state, params):
+def update(optimizer: Optimizer, grads: Tree, state: dict, params: Tree) -> tuple[Tree, dict]:
     """One step, as a pure function: ``(new_params, new_state)``. Usable inside ``jax.jit``
     (the learning rate and schedules are read from ``state``, so changing them does not
     retrace). ``grads`` has ``params``' structure; a ``None`` gradient leaves its
@@ -136,7 +142,7 @@ def update(optimizer, grads, state, params):
     return jax.tree_util.tree_unflatten(treedef, [new.get(n, flat_params[n]) for n in names]), new_state
 
 
-def as_optax(optimizer):
+def as_optax(optimizer: Optimizer) -> "optax.GradientTransformation":
     """``optimizer`` as an ``optax.GradientTransformation``.
 
     ``update(grads, state, params)`` returns ``new_params - params`` as the updates, so

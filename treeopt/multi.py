@@ -12,15 +12,17 @@ accumulation with per-group frequencies), changes during training (freeze, unfre
 reroute) and :meth:`plan`, which shows all of it.
 """
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Optional
 
 from treeopt import engine, whole_model
 from treeopt._trees import dotted
-from treeopt.backends import as_float
+from treeopt.backends import Backend, as_float
+from treeopt.engine import Pair
 from treeopt.errors import TreeoptError, describe, warn
 from treeopt.filters import as_filter, module_kinds, normalise_kinds
 from treeopt.optimizer import Optimizer, Placement
+from treeopt.types import Array, Filter, Schedule
 
 _CHOICES = {"on_unmatched": ("fallback", "warn", "error"), "guards": ("warn", "error", "off")}
 
@@ -41,7 +43,7 @@ class Route:
     shape: tuple
     dtype: str
     #: index of its optimizer; ``None`` when it was frozen before it was ever routed
-    group: Optional[int] = None
+    group: int | None = None
     #: why it goes there: ``"filters[0] (name)"``, ``"fallback"``, ``"rerouted"``
     reason: str = ""
     #: other filters that accept it (the first one won)
@@ -104,8 +106,10 @@ class MultiOptimizer(Optimizer):
         (0, 1)
     """
 
-    def __init__(self, optimizers, filters=(), *, names=None, frozen=None, on_unmatched="fallback", guards="warn",
-                 lr_schedule=None, max_grad_norm=None, skip_nonfinite=False, accumulate=1):
+    def __init__(self, optimizers: Sequence[Optimizer], filters: Sequence[Filter] = (), *,
+                 names: Sequence[str] | None = None, frozen: Filter | None = None, on_unmatched: str = "fallback",
+                 guards: str = "warn", lr_schedule: Schedule | None = None, max_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False, accumulate: int | Sequence[int] = 1) -> None:
         super().__init__()
         optimizers, filters = list(optimizers), list(filters)
         if len(filters) != len(optimizers) - 1:
@@ -127,16 +131,16 @@ class MultiOptimizer(Optimizer):
         self.frozen = None if frozen is None else as_filter(frozen)
         self.on_unmatched, self.guards = on_unmatched, guards
         self.whole_model = whole_model.Options(max_grad_norm, skip_nonfinite, accumulate, len(optimizers))
-        self._routes = {}  # keys of a parameter -> its Route, in the order first seen
-        self._pending = {}  # keys -> the Route decided by a step that has not committed yet
-        self._warned = set()
-        self.changes = []  # freezes, unfreezes and re-routes, in order
+        self._routes: dict[tuple, Route] = {}  # keys of a parameter -> its Route, in the order first seen
+        self._pending: dict[tuple, Route] = {}  # keys -> the Route decided by a step that has not committed yet
+        self._warned: set = set()
+        self.changes: list[str] = []  # freezes, unfreezes and re-routes, in order
         #: ``None``, or a function giving the global gradient norm of the step when this
         #: optimizer sees only some of the gradients (set by treeopt.distributed under ZeRO-1)
         self.shared_norm = None
-        self.module_kinds = {}  # path -> kinds declared by an integration (see declare_kinds)
+        self.module_kinds: dict = {}  # path -> kinds declared by an integration (see declare_kinds)
         self._state = {"states": [o.state for o in optimizers]}
-        self.lr_schedule = None
+        self.lr_schedule: Schedule | None = None
         if lr_schedule is not None:
             if not callable(lr_schedule):
                 raise TypeError("MultiOptimizer: lr_schedule must be a callable of the step (a multiplier)")
@@ -203,7 +207,7 @@ class MultiOptimizer(Optimizer):
         for path, values in normalise_kinds(kinds).items():
             self.module_kinds[path] = self.module_kinds.get(path, frozenset()) | values
 
-    def assign_owners(self, pairs):
+    def assign_owners(self, pairs: list[Pair]) -> list:
         if not self.module_kinds:
             return self._assign_owners(pairs)
         with module_kinds(self.module_kinds):
@@ -232,7 +236,7 @@ class MultiOptimizer(Optimizer):
                 self._pending[pair.keys] = replace(decided, notes=self._guard(pair, owner))
         return owners
 
-    def group_of(self, keys):
+    def group_of(self, keys: tuple) -> int | None:
         """The index of the optimizer that takes ``keys`` in the step under way (decided now
         or before), or ``None`` (frozen, or not decided)."""
         route = self._routes.get(keys)
@@ -240,7 +244,7 @@ class MultiOptimizer(Optimizer):
             route = self._pending.get(keys)
         return None if route is None or route.frozen else route.group
 
-    def commit(self, backend):
+    def commit(self, backend: Backend | None) -> None:
         for keys, route in self._pending.items():
             self._routes[keys] = route
         if self._pending:
@@ -255,7 +259,7 @@ class MultiOptimizer(Optimizer):
         used = {route.group for route in self._routes.values()}
         return [i for i in range(len(self.filters) - 1) if i not in used]
 
-    def plan_warnings(self):
+    def plan_warnings(self) -> list:
         return [f"{self._filter_name(i)} matches no parameter" for i in self._dead_filters()]
 
     def _warn_dead_filters(self):
@@ -265,12 +269,12 @@ class MultiOptimizer(Optimizer):
                 warn(f"MultiOptimizer: {self._filter_name(i)} matches no parameter, so "
                      f"{self.names[i]} updates nothing", RoutingWarning)
 
-    def stateful(self):
+    def stateful(self) -> list:
         return [o for child in self.optimizers for o in child.stateful()]
 
     _SNAPSHOT = ("book", "_compiled", "_routes", "_warned", "changes")
 
-    def snapshot(self):
+    def snapshot(self) -> Callable[[], None]:
         restores = [super().snapshot()] + [child.snapshot() for child in self.optimizers]
 
         def restore():
@@ -278,14 +282,14 @@ class MultiOptimizer(Optimizer):
                 undo()
         return restore
 
-    def named_stateful(self, name=None, position=()):
+    def named_stateful(self, name: str | None = None, position: tuple = ()) -> list:
         found = []
         for i, (child_name, child) in enumerate(zip(self.names, self.optimizers)):
             full = child_name if name is None else f"{name}/{child_name}"
             found.extend(child.named_stateful(full, position + (i,)))
         return found
 
-    def placement(self, keys):
+    def placement(self, keys: tuple) -> Placement | None:
         route = self._routes.get(keys)
         if route is None:
             return None
@@ -297,23 +301,24 @@ class MultiOptimizer(Optimizer):
             return inner._replace(reason=f"{self._filter_name(route.group)} > {inner.reason}")
         return Placement(keys, child, route.reason, route.also, route.notes, route.shape, route.dtype)
 
-    def routing_table(self):
+    def routing_table(self) -> list:
         return [self.placement(keys) for keys in self._routes]
 
-    def owner_of(self, keys):
+    def owner_of(self, keys: tuple) -> Optimizer | None:
         route = self._routes.get(keys)  # a frozen parameter keeps its owner, and its state
         return None if route is None or route.group is None else self.optimizers[route.group].owner_of(keys)
 
-    def route(self, path):
+    def route(self, path: str | tuple) -> int | None:
         """The index of the optimizer that owns ``path`` (a dotted path or keys tuple), or
         ``None`` for a path not seen yet or frozen."""
         route = self._routes.get(self._keys_of(path))
         return None if route is None or route.frozen else route.group
 
-    def overlaps(self):
+    def overlaps(self) -> dict[str, list[int]]:
         """``{path: [every filter index that accepts it]}`` for parameters accepted by more
         than one filter (the first still wins)."""
-        return {dotted(k): [route.group, *route.also] for k, route in self._routes.items() if route.also}
+        return {dotted(k): [route.group, *route.also] for k, route in self._routes.items()
+                if route.also and route.group is not None}
 
     # ------------------------------------------------------------------ changes during training
     def _keys_of(self, path):
@@ -340,7 +345,7 @@ class MultiOptimizer(Optimizer):
     def _step_number(self):
         return int(as_float(self.step))
 
-    def freeze(self, which):
+    def freeze(self, which: str | tuple | Sequence | Filter) -> list[str]:
         """Stop updating the selected parameters (a path, paths, or a filter). Their state is
         kept, so :meth:`unfreeze` resumes where they stopped."""
         selected = [k for k in self._select(which) if not self._routes[k].frozen]
@@ -351,7 +356,7 @@ class MultiOptimizer(Optimizer):
             self.changes.append(f"step {self._step_number()}: froze {', '.join(dotted(k) for k in selected)}")
         return [dotted(k) for k in selected]
 
-    def unfreeze(self, which):
+    def unfreeze(self, which: str | tuple | Sequence | Filter) -> list[str]:
         """Update the selected frozen parameters again (routed by the filters if they never
         had a route)."""
         selected = [k for k in self._select(which) if self._routes[k].frozen]
@@ -362,7 +367,7 @@ class MultiOptimizer(Optimizer):
             self.changes.append(f"step {self._step_number()}: unfroze {', '.join(dotted(k) for k in selected)}")
         return [dotted(k) for k in selected]
 
-    def reroute(self, which, to, state="reset"):
+    def reroute(self, which: str | tuple | Sequence | Filter, to: int | str, state: str = "reset") -> list[str]:
         """Move the selected parameters to optimizer ``to`` (an index or a name).
 
         Args:
@@ -397,18 +402,18 @@ class MultiOptimizer(Optimizer):
         return [dotted(k) for k in moved]
 
     @property
-    def lr_multiplier(self):
+    def lr_multiplier(self) -> float | None:
         """The value of ``lr_schedule`` that the next step uses (``None`` without one)."""
         return None if self.lr_schedule is None else as_float(self.lr_schedule(self.step))
 
     # ------------------------------------------------------------------ whole-model operations
-    def prepare_step(self, pairs, owners):
+    def prepare_step(self, pairs: list[Pair], owners: list) -> tuple:
         return whole_model.prepare(self, pairs, owners, [self.group_of(pair.keys) for pair in pairs])
 
-    def whole_model_state(self):
+    def whole_model_state(self) -> dict:
         return {k: v for k, v in self._state.items() if k != "states"}
 
-    def scalar_state(self):
+    def scalar_state(self) -> dict:
         return {"states": [child.scalar_state() for child in self.optimizers]}
 
     # ------------------------------------------------------------------ state and scalars
@@ -422,7 +427,7 @@ class MultiOptimizer(Optimizer):
         return self._state
 
     @state.setter
-    def state(self, state):
+    def state(self, state: dict) -> None:
         if not isinstance(state, dict) or "states" not in state:
             raise ValueError("MultiOptimizer.state must be a dict {'states': [one state per optimizer]}")
         states = state["states"]
@@ -440,17 +445,17 @@ class MultiOptimizer(Optimizer):
         self.book.version += 1
 
     @property
-    def step(self):
+    def step(self) -> Array:
         """The number of steps taken (every optimizer counts every step it takes)."""
         return self.optimizers[0].step
 
     @property
-    def learning_rate(self):
+    def learning_rate(self) -> list:
         """One learning rate per optimizer (``None`` for one without)."""
         return [getattr(o, "learning_rate", None) for o in self.optimizers]
 
-    @learning_rate.setter
-    def learning_rate(self, values):
+    @learning_rate.setter  # type: ignore[override]  # one per optimizer
+    def learning_rate(self, values: Sequence) -> None:
         if not isinstance(values, (list, tuple)):
             raise TypeError(
                 f"MultiOptimizer has {len(self.optimizers)} learning rates, one per optimizer; set them "

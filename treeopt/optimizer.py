@@ -5,16 +5,18 @@ the schedules and the hyper-parameters, and implements the engine's interface (t
 "engine interface" section below) that ``MultiOptimizer`` overrides to route.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple, Optional
 
 from treeopt import engine, kernels
-from treeopt.backends import as_float, backend_of, numpy_backend
-from treeopt.engine import RESERVED, Book
+from treeopt.backends import Backend, as_float, backend_of, numpy_backend
+from treeopt.engine import RESERVED, Book, Pair
+from treeopt.errors import warn
 from treeopt.kernels.compiled_step import CompiledStep
 from treeopt.plan import Plan, build as build_plan
-from treeopt.rules.base import check_coefficients, keyword_only
+from treeopt.rules.base import Rule, check_coefficients, keyword_only
 from treeopt.tree import is_container, tree_map
-from treeopt.errors import warn
+from treeopt.types import Array, Schedule, Tree
 from treeopt.values import hyper
 
 __all__ = ["Optimizer", "Placement", "RESERVED"]
@@ -34,17 +36,17 @@ class Optimizer:
     """
 
     #: the update math of a built-in optimizer
-    rule = None
+    rule: Rule | None = None
     #: hyper-parameters the rule reads: attributes, or state entries when scheduled; a class
     #: with a rule gets them from the rule's coefficient function
-    hyperparameters = ()
+    hyperparameters: tuple = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "rule" in cls.__dict__ and cls.rule is not None and "hyperparameters" not in cls.__dict__:
             cls.hyperparameters = cls.rule.hyperparameters
 
-    def __init__(self, schedulers=None):
+    def __init__(self, schedulers: dict[str, Schedule] | None = None) -> None:
         self.book = Book()  # what the engine keeps beside the state (treeopt.engine.Book)
         self._state = {"step": numpy_backend.scalar_array(0, "uint64")}
         for name in self.rule.running if self.rule is not None else ():
@@ -64,7 +66,7 @@ class Optimizer:
         return self._state
 
     @state.setter
-    def state(self, state):
+    def state(self, state: dict) -> None:
         if not isinstance(state, dict):
             raise TypeError(f"{type(self).__name__}.state must be a dict, got {type(state).__name__}")
         required = ["step"] + [k for k in ("learning_rate", *self._schedulers, *self._running()) if k in self._state]
@@ -77,18 +79,18 @@ class Optimizer:
         self.book.version += 1
 
     @property
-    def step(self):
+    def step(self) -> Array:
         """The number of steps taken, as a scalar array."""
         return self._state["step"]
 
     @property
-    def learning_rate(self):
+    def learning_rate(self) -> Array:
         if "learning_rate" not in self._state:
             raise AttributeError(f"{type(self).__name__} has no learning_rate")
         return self._state["learning_rate"]
 
     @learning_rate.setter
-    def learning_rate(self, value):
+    def learning_rate(self, value: float | Array) -> None:
         self._state["learning_rate"] = self._scalar(hyper(value, f"{type(self).__name__} learning_rate"))
 
     def _scalar(self, value, dtype="float32"):
@@ -124,18 +126,17 @@ class Optimizer:
             raise type(error)(f"{what}{_step_text(step)} raised {type(error).__name__}: {error}") from error
 
     @property
-    def schedules(self) -> dict:
+    def schedules(self) -> dict[str, Schedule]:
         """The schedules of the hyper-parameters: ``{name: callable of the step}``."""
         return dict(self._schedulers)
 
-    def scale_learning_rate(self, multiplier):
+    def scale_learning_rate(self, multiplier: Schedule) -> None:
         """Multiply the learning rate (a number or a schedule) by ``multiplier``, a schedule
         of the step, from the next step on (``MultiOptimizer(lr_schedule=...)``)."""
         if "learning_rate" not in self._state:
             return
-        base = self._schedulers.get("learning_rate")
-        if base is None:
-            base = as_float(self._state["learning_rate"])
+        schedule = self._schedulers.get("learning_rate")
+        base = as_float(self._state["learning_rate"]) if schedule is None else schedule
         self._maybe_schedule("learning_rate", _Scaled(base, multiplier))
 
     def rule_hyperparameters(self) -> dict:
@@ -167,7 +168,7 @@ class Optimizer:
                 self._state[key] = backend.scalar_array(owner.to_numpy(value), dtype)
 
     # ------------------------------------------------------------------ per-parameter hooks
-    def init_single(self, parameter, state: dict):
+    def init_single(self, parameter: Array, state: dict) -> None:
         """Fill ``state`` with zero slots for ``parameter``."""
         if self.rule is None:
             raise NotImplementedError(f"{type(self).__name__} must implement init_single")
@@ -177,11 +178,11 @@ class Optimizer:
             if name in self.rule.copies_param:  # e.g. schedule-free's z starts at the parameter
                 state[name] = state[name] + parameter
 
-    def slot_shapes(self, parameter) -> dict:
+    def slot_shapes(self, parameter: Array) -> dict[str, tuple]:
         """The shape of each state slot of ``parameter``."""
-        return self.rule.slot_shapes(tuple(parameter.shape), self.rule_hyperparameters())
+        return self._rule().slot_shapes(tuple(parameter.shape), self.rule_hyperparameters())
 
-    def apply_single(self, gradient, parameter, state: dict):
+    def apply_single(self, gradient: Array, parameter: Array, state: dict) -> Array:
         """One step for one parameter: returns the new parameter and updates ``state``."""
         if self.rule is None:
             raise NotImplementedError(f"{type(self).__name__} must implement apply_single")
@@ -190,6 +191,12 @@ class Optimizer:
         engine.run_rule(self, [pair], in_place=False)
         return pair.result
 
+    def _rule(self) -> Rule:
+        if self.rule is None:
+            raise NotImplementedError(f"{type(self).__name__} has no rule: it must implement init_single and "
+                                      "apply_single")
+        return self.rule
+
     @property
     def runs_rule(self) -> bool:
         """Whether the engine runs :attr:`rule` itself: a built-in optimizer, not a subclass
@@ -197,7 +204,7 @@ class Optimizer:
         return self.rule is not None and type(self).apply_single is Optimizer.apply_single
 
     # ------------------------------------------------------------------ init
-    def init(self, parameters):
+    def init(self, parameters: Tree) -> None:
         """Create the state of every parameter in ``parameters`` that has none yet.
 
         Optional (the first step initialises lazily) and additive: existing slots are kept,
@@ -205,7 +212,7 @@ class Optimizer:
         """
         engine.initialize(self, parameters)
 
-    def assign_routes(self, parameters) -> dict:
+    def assign_routes(self, parameters: Tree) -> dict:
         """Decide and keep the route of every parameter in ``parameters`` (a flat or nested
         tree), creating no state: ``{path: stateful optimizer that will update it}``, ``None``
         for a frozen one. ZeRO-1 (:mod:`treeopt.distributed`) plans who owns what with it
@@ -217,7 +224,7 @@ class Optimizer:
         self.commit(backend)
         return {pair.path: owner for pair, owner in zip(pairs, owners)}
 
-    def unsuited(self, path, parameter):
+    def unsuited(self, path: str, parameter: Array) -> str | None:
         """Why this optimizer should not get ``parameter``, or ``None``. ``MultiOptimizer``
         checks it when it routes a parameter here (Muon: vectors, embeddings, heads)."""
         return None
@@ -225,12 +232,12 @@ class Optimizer:
     # ------------------------------------------------------------------ engine interface
     # Used by treeopt.engine, and by routing, plans, checkpoints, kernels and the
     # integrations; MultiOptimizer overrides the routing hooks. Not needed in training code.
-    def assign_owners(self, pairs) -> list:
+    def assign_owners(self, pairs: list[Pair]) -> list:
         """The optimizer that owns each :class:`~treeopt.engine.Pair` (``None``: frozen).
         ``MultiOptimizer`` routes; decisions for new paths wait for :meth:`commit`."""
         return [self] * len(pairs)
 
-    def commit(self, backend):
+    def commit(self, backend: Backend | None) -> None:
         """Record the decisions of :meth:`assign_owners`, and settle the state's library."""
         if backend is not None:
             for optimizer in self.stateful():
@@ -240,15 +247,15 @@ class Optimizer:
         """The optimizers that hold state and take steps (``self``, or every group)."""
         return [self]
 
-    def named_stateful(self, name=None, position=()) -> list:
+    def named_stateful(self, name: str | None = None, position: tuple = ()) -> list:
         """``(name, position, optimizer)`` of every optimizer that holds state."""
         return [(name or type(self).__name__, position, self)]
 
-    def owner_of(self, keys):
+    def owner_of(self, keys: tuple) -> Optional["Optimizer"]:
         """The stateful optimizer that owns the parameter at ``keys`` (``None``: none)."""
         return self
 
-    def placement(self, keys):
+    def placement(self, keys: tuple) -> Optional["Placement"]:
         """The :class:`Placement` of a parameter this optimizer routed, or ``None`` when it
         does not route (a single optimizer takes every parameter given to it)."""
         return None
@@ -262,7 +269,7 @@ class Optimizer:
         """What the plan should point out (``MultiOptimizer``: filters that match nothing)."""
         return []
 
-    def prepare_step(self, pairs, owners):
+    def prepare_step(self, pairs: list[Pair], owners: list) -> tuple:
         """Whole-model work between checking and committing (``MultiOptimizer``: clipping,
         the non-finite guard, accumulation). Returns the pairs and owners to update, the
         optimizers that take a step, and a function that commits the hook's own state."""
@@ -287,9 +294,9 @@ class Optimizer:
     def _running(self):
         return self.rule.running if self.rule is not None else ()
 
-    _SNAPSHOT = ("book", "_compiled")
+    _SNAPSHOT: tuple[str, ...] = ("book", "_compiled")
 
-    def snapshot(self):
+    def snapshot(self) -> Callable[[], None]:
         """A function that puts the optimizer back as it is now: the state's containers and
         the bookkeeping (arrays are not copied: what is snapshotted is what ``init`` and a
         load add, not what a step writes)."""
@@ -325,20 +332,32 @@ class Optimizer:
             for name, value in running.items():
                 self._state[name] = self._scalar(value)
 
-    def coefficients(self, like, backend) -> dict:
+    def check_rule(self) -> None:
+        """Compute the coefficients once, in the state's own library, so that a rule whose
+        coefficients do not fit its update fails before a step changes anything."""
+        rule = self._rule()
+        state_backend = backend_of(self._state["step"])
+        with state_backend.quiet():
+            step = state_backend.astype(self._state["step"], "float32")
+            running = {n: self._state[n] for n in rule.running}
+            values = rule.coefficients(self._state.get("learning_rate"), step, **self.rule_hyperparameters(), **running)
+        check_coefficients(rule, values)
+
+    def coefficients(self, like: Array, backend: Backend) -> dict:
         """The rule's coefficients for this step, in ``like``'s dtype."""
         lr = self._state.get("learning_rate")
         if lr is not None:
             lr = backend.cast(lr, like)
         # Step-dependent scalars are computed in float32, as MLX computes them.
         step = backend.astype(self._state["step"], "float32")
-        running = {n: self._state[n] for n in self.rule.running}
-        values = self.rule.coefficients(lr, step, **self.rule_hyperparameters(), **running)
-        check_coefficients(self.rule, values)
+        rule = self._rule()
+        running = {n: self._state[n] for n in rule.running}
+        values = rule.coefficients(lr, step, **self.rule_hyperparameters(), **running)
+        check_coefficients(rule, values)
         return {k: v if v is None or isinstance(v, (bool, int, str)) else backend.cast(v, like)
                 for k, v in values.items()}
 
-    def plan(self, params=None) -> Plan:
+    def plan(self, params: Tree | None = None) -> Plan:
         """The routing plan (a :class:`treeopt.plan.Plan`): for every parameter, its optimizer
         and why, shape, dtype, size, state bytes and the hyper-parameters of the next step.
 
@@ -368,14 +387,14 @@ class Optimizer:
         return values
 
     # ------------------------------------------------------------------ the step
-    def apply_gradients(self, gradients, parameters):
+    def apply_gradients(self, gradients: Tree, parameters: Tree) -> Tree:
         """Apply one step and return the new parameters, with the structure of
         ``gradients``. ``parameters`` may hold more entries than ``gradients``; a ``None``
         gradient leaves its parameter (and its state) as they are. Inputs are not changed.
         """
         return engine.step(self, gradients, parameters, in_place=False)[0]
 
-    def update(self, model, gradients):
+    def update(self, model: Tree, gradients: Tree) -> None:
         """Apply one step to ``model`` (a tree of arrays, or an ``mlx.nn.Module``).
 
         NumPy and torch arrays are written in place, so every reference to them sees the new

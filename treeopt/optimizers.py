@@ -7,11 +7,13 @@ value then lives in the state under its name, like ``learning_rate``.
 
 import math
 import numbers
+from collections.abc import Sequence
 
 from treeopt import engine, rules
 from treeopt.filters import is_embedding, is_head
 from treeopt.optimizer import Optimizer
 from treeopt.rules.muon import ADJUST_LR, LAYOUTS, NS_EPS
+from treeopt.types import Array, Scalar, Tree
 
 
 def _is_number(value):
@@ -92,7 +94,8 @@ class SGD(_Builtin):
 
     rule = rules.SGD
 
-    def __init__(self, learning_rate, momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False):
+    def __init__(self, learning_rate: Scalar, momentum: Scalar = 0.0, weight_decay: Scalar = 0.0,
+                 dampening: Scalar = 0.0, nesterov: bool = False) -> None:
         if nesterov and (not callable(momentum) and momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening.")
         super().__init__()
@@ -120,7 +123,7 @@ class RMSprop(_Builtin):
 
     rule = rules.RMSPROP
 
-    def __init__(self, learning_rate, alpha=0.99, eps=1e-8):
+    def __init__(self, learning_rate: Scalar, alpha: Scalar = 0.99, eps: Scalar = 1e-8) -> None:
         super().__init__()
         if _is_number(alpha) and alpha < 0:
             raise ValueError(f"RMSprop alpha should be >=0, {alpha} was provided instead")
@@ -146,7 +149,7 @@ class Adagrad(_Builtin):
 
     rule = rules.ADAGRAD
 
-    def __init__(self, learning_rate, eps=1e-8):
+    def __init__(self, learning_rate: Scalar, eps: Scalar = 1e-8) -> None:
         super().__init__()
         if _is_number(eps) and eps <= 0:
             raise ValueError(f"Adagrad epsilon should be >0, {eps} was provided instead")
@@ -172,7 +175,7 @@ class AdaDelta(_Builtin):
 
     rule = rules.ADADELTA
 
-    def __init__(self, learning_rate, rho=0.9, eps=1e-6):
+    def __init__(self, learning_rate: Scalar, rho: Scalar = 0.9, eps: Scalar = 1e-6) -> None:
         super().__init__()
         if _is_number(rho) and rho < 0:
             raise ValueError(f"AdaDelta rho should be >=0, {rho} was provided instead")
@@ -204,7 +207,8 @@ class Adam(_Builtin):
 
     rule = rules.ADAM
 
-    def __init__(self, learning_rate, betas=(0.9, 0.999), eps=1e-8, bias_correction=False):
+    def __init__(self, learning_rate: Scalar, betas: tuple[Scalar, Scalar] = (0.9, 0.999), eps: Scalar = 1e-8,
+                 bias_correction: bool = False) -> None:
         super().__init__()
         if _is_number(eps) and eps < 0:
             raise ValueError(f"{type(self).__name__} epsilon should be >=0, {eps} was provided instead")
@@ -232,7 +236,8 @@ class AdamW(Adam):
 
     rule = rules.ADAMW
 
-    def __init__(self, learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, bias_correction=False):
+    def __init__(self, learning_rate: Scalar, betas: tuple[Scalar, Scalar] = (0.9, 0.999), eps: Scalar = 1e-8,
+                 weight_decay: Scalar = 0.01, bias_correction: bool = False) -> None:
         super().__init__(learning_rate, betas=betas, eps=eps, bias_correction=bias_correction)
         self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
 
@@ -254,7 +259,7 @@ class Adamax(Adam):
 
     rule = rules.ADAMAX
 
-    def __init__(self, learning_rate, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, learning_rate: Scalar, betas: tuple[Scalar, Scalar] = (0.9, 0.999), eps: Scalar = 1e-8) -> None:
         super().__init__(learning_rate, betas=betas, eps=eps)
 
 
@@ -277,7 +282,8 @@ class Lion(_Builtin):
 
     rule = rules.LION
 
-    def __init__(self, learning_rate, betas=(0.9, 0.99), weight_decay=0.0):
+    def __init__(self, learning_rate: Scalar, betas: tuple[Scalar, Scalar] = (0.9, 0.99),
+                 weight_decay: Scalar = 0.0) -> None:
         super().__init__()
         self._set_learning_rate(learning_rate)
         self._set_betas(betas)
@@ -308,8 +314,10 @@ class Adafactor(_Builtin):
 
     rule = rules.ADAFACTOR
 
-    def __init__(self, learning_rate=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
-                 beta_1=None, weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False):
+    def __init__(self, learning_rate: Scalar | None = None, eps: Sequence[float] = (1e-30, 1e-3),
+                 clip_threshold: Scalar = 1.0, decay_rate: Scalar = -0.8, beta_1: float | None = None,
+                 weight_decay: Scalar = 0.0, scale_parameter: bool = True, relative_step: bool = True,
+                 warmup_init: bool = False) -> None:
         super().__init__()
         eps = tuple(eps)
         if len(eps) != 2 or not all(_is_number(e) and e >= 0 for e in eps):
@@ -378,9 +386,10 @@ class Muon(_Builtin):
     rule = rules.MUON
     _SUITED = ("vectors", "embeddings", "heads")
 
-    def __init__(self, learning_rate, momentum=0.95, weight_decay=0.01, nesterov=True, ns_steps=5, *, allow=(),
-                 ns_dtype=None, decoupled_weight_decay=False, ns_eps=NS_EPS, adjust_lr="original",
-                 layout=None):
+    def __init__(self, learning_rate: Scalar, momentum: Scalar = 0.95, weight_decay: Scalar = 0.01,
+                 nesterov: bool = True, ns_steps: int = 5, *, allow: Sequence[str] | str = (),
+                 ns_dtype: str | None = None, decoupled_weight_decay: bool = False, ns_eps: float = NS_EPS,
+                 adjust_lr: str = "original", layout: str | None = None) -> None:
         super().__init__()
         if layout not in (None, *LAYOUTS):
             raise ValueError(f"Muon layout should be None or one of {LAYOUTS}, {layout!r} was provided instead")
@@ -416,7 +425,7 @@ class Muon(_Builtin):
             hyper["layout"] = self._implicit_layout
         return hyper
 
-    def unsuited(self, path, parameter):
+    def unsuited(self, path: str, parameter: Array) -> str | None:
         """Muon orthogonalises hidden matrices. In a MultiOptimizer it warns (or refuses) on
         vectors and scalars, embeddings and output heads, unless ``allow`` names them."""
         if len(parameter.shape) < 2 and "vectors" not in self.allow:
@@ -458,7 +467,8 @@ class ScheduleFreeAdamW(_Builtin):
 
     rule = rules.SCHEDULE_FREE_ADAMW
 
-    def __init__(self, learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, weight_lr_power=2.0):
+    def __init__(self, learning_rate: Scalar, betas: tuple[Scalar, Scalar] = (0.9, 0.999), eps: Scalar = 1e-8,
+                 weight_decay: Scalar = 0.0, weight_lr_power: Scalar = 2.0) -> None:
         super().__init__()
         self._set_learning_rate(learning_rate)
         self._set_betas(betas)
@@ -468,7 +478,7 @@ class ScheduleFreeAdamW(_Builtin):
         self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
         self._set("weight_lr_power", weight_lr_power, lambda v: v >= 0, _non_negative("weight_lr_power"))
 
-    def eval_params(self, params):
+    def eval_params(self, params: Tree) -> Tree:
         """The parameters to evaluate the model at: the average :math:`x = (y - (1 - \\beta_1)
         z) / \\beta_1` of every parameter with state (``params``, the :math:`y`, are not
         changed; a parameter without state is returned as it is)."""
@@ -507,7 +517,8 @@ class Adan(_Builtin):
 
     rule = rules.ADAN
 
-    def __init__(self, learning_rate, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.0, *, eps_root=0.0):
+    def __init__(self, learning_rate: Scalar, betas: tuple[Scalar, Scalar, Scalar] = (0.98, 0.92, 0.99),
+                 eps: Scalar = 1e-8, weight_decay: Scalar = 0.0, *, eps_root: Scalar = 0.0) -> None:
         super().__init__()
         self._set_learning_rate(learning_rate)
         self._set_betas(betas, count=3)

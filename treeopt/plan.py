@@ -9,6 +9,7 @@ would), so the plan that is printed is the plan that runs. It prints as a table 
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from typing import IO, Any
 
 import numpy as np
 
@@ -31,11 +32,11 @@ class Row:
     dtype: str
     size: int
     state_bytes: int
-    learning_rate: float = None  # at the next step, after schedules
-    weight_decay: float = None
+    learning_rate: float | None = None  # at the next step, after schedules
+    weight_decay: float | None = None
     also_matched: tuple = ()  # other filters that accept the path (the first one won)
     notes: tuple = ()  # guard warnings
-    owner: str = None  # under ZeRO-1: the rank that updates it ("0"), or "rows" (split over every rank)
+    owner: str | None = None  # under ZeRO-1: the rank that updates it ("0"), or "rows" (split over every rank)
 
 
 @dataclass(frozen=True)
@@ -74,17 +75,17 @@ class Plan:
     ranks: list = field(default_factory=list)
 
     # ------------------------------------------------------------------ export
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return {"step": self.step, "groups": [asdict(g) for g in self.groups], "ranks": [dict(r) for r in self.ranks],
                 "parameters": [dict(asdict(r), shape=list(r.shape), also_matched=list(r.also_matched),
                                     notes=list(r.notes)) for r in self.rows],
                 "changes": list(self.changes), "warnings": list(self.warnings)}
 
-    def to_json(self, **kwargs):
+    def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_dict(cls, data):
+    def from_dict(cls, data: dict) -> "Plan":
         groups = [Group(**g) for g in data["groups"]]
         rows = [Row(**dict(_renamed(r), shape=tuple(r["shape"]), also_matched=tuple(r["also_matched"]),
                            notes=tuple(r["notes"])))
@@ -114,7 +115,7 @@ class Plan:
                  _human(r["sent_bytes"]), ""] for r in self.ranks]
         return header, body, totals
 
-    def to_markdown(self):
+    def to_markdown(self) -> str:
         header, body, totals = self._table()
 
         def table(rows):
@@ -149,7 +150,7 @@ class Plan:
             groups.add_row(*row)
         return RichGroup(parameters, groups, *[f"* {line}" for line in self.changes + self.warnings])
 
-    def print(self, file=None):
+    def print(self, file: IO[str] | None = None) -> None:
         """Print the plan: a rich table when ``rich`` is installed, plain text otherwise."""
         try:
             from rich.console import Console
@@ -162,7 +163,7 @@ class Plan:
             console.print(self)
 
     # ------------------------------------------------------------------ diff
-    def diff(self, other):
+    def diff(self, other: "Plan") -> "PlanDiff":
         """What changed from this plan to ``other`` (e.g. after a model change)."""
         mine, theirs = {r.path: r for r in self.rows}, {r.path: r for r in other.rows}
         moved, changed = [], []
@@ -216,7 +217,7 @@ def _predicted_bytes(leaf, shape, dtype):
         return 0
 
 
-def build(optimizer):
+def build(optimizer: Any) -> Plan:
     """The plan of ``optimizer`` from the routes and state it actually holds."""
     named = optimizer.named_stateful()
     group_of = {id(stateful): i for i, (_, _, stateful) in enumerate(named)}
@@ -239,7 +240,7 @@ def build(optimizer):
         totals[group][0] += 1
         totals[group][1] += math.prod(shape)
         totals[group][2] += state_bytes
-    groups = [Group(i, name, type(stateful).__name__, *totals[i], hyperparameters=hyper[id(stateful)])
+    groups = [Group(i, name, type(stateful).__name__, totals[i][0], totals[i][1], totals[i][2], hyper[id(stateful)])
               for i, (name, _, stateful) in enumerate(named)]
     return Plan(int(as_float(optimizer.step)), groups, rows, list(getattr(optimizer, "changes", [])),
                 optimizer.plan_warnings())

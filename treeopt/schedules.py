@@ -6,13 +6,15 @@ the parameters' library; called with a Python int, these schedules return Python
 """
 
 import math
+from collections.abc import Sequence
 
 from treeopt.ops import cos, maximum, minimum, where
+from treeopt.types import Schedule
 
 __all__ = ["exponential_decay", "step_decay", "cosine_decay", "linear_schedule", "join_schedules"]
 
 
-def exponential_decay(init: float, decay_rate: float):
+def exponential_decay(init: float, decay_rate: float) -> Schedule:
     r"""``init * decay_rate ** step``.
 
     >>> exponential_decay(0.1, 0.9)(2)
@@ -25,7 +27,7 @@ def exponential_decay(init: float, decay_rate: float):
     return schedule
 
 
-def step_decay(init: float, decay_rate: float, step_size: int):
+def step_decay(init: float, decay_rate: float, step_size: int) -> Schedule:
     r"""``init * decay_rate ** (step // step_size)``: decay every ``step_size`` steps.
 
     >>> step_decay(0.1, 0.9, 1000)(2500)
@@ -40,7 +42,7 @@ def step_decay(init: float, decay_rate: float, step_size: int):
     return schedule
 
 
-def cosine_decay(init: float, decay_steps: int, end: float = 0.0):
+def cosine_decay(init: float, decay_steps: int, end: float = 0.0) -> Schedule:
     r"""Half a cosine from ``init`` to ``end`` over ``decay_steps``, then ``end``:
     ``end + (init - end) * (1 + cos(pi * min(step, decay_steps) / decay_steps)) / 2``.
 
@@ -58,7 +60,7 @@ def cosine_decay(init: float, decay_steps: int, end: float = 0.0):
     return schedule
 
 
-def linear_schedule(init: float, end: float, steps: int):
+def linear_schedule(init: float, end: float, steps: int) -> Schedule:
     r"""A straight line from ``init`` to ``end`` over ``steps``, then ``end``.
 
     >>> linear_schedule(0.0, 1.0, 4)(1)
@@ -73,7 +75,7 @@ def linear_schedule(init: float, end: float, steps: int):
     return schedule
 
 
-def join_schedules(schedules, boundaries):
+def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     r"""Run ``schedules[0]`` until ``boundaries[0]``, then ``schedules[1]`` (counting its
     steps from that boundary), and so on.
 

@@ -12,8 +12,9 @@ Only canonical non-negative integers (``"0"``, ``"12"``) become list indices.
 This module imports no array library.
 """
 
+from collections.abc import Callable
 from itertools import zip_longest
-from typing import Any, Callable, Optional
+from typing import Any
 
 __all__ = [
     "tree_map",
@@ -44,7 +45,7 @@ def items(node):
     return node.items() if isinstance(node, dict) else enumerate(node)
 
 
-def tree_map(fn: Callable, tree: Any, *rest: Any, is_leaf: Optional[Callable] = None) -> Any:
+def tree_map(fn: Callable, tree: Any, *rest: Any, is_leaf: Callable | None = None) -> Any:
     """Apply ``fn`` to every leaf of ``tree`` and return a tree of the results.
 
     ``rest`` are trees with at least ``tree``'s structure; their matching nodes are passed
@@ -65,7 +66,7 @@ def tree_map(fn: Callable, tree: Any, *rest: Any, is_leaf: Optional[Callable] = 
 
 
 def tree_map_with_path(
-    fn: Callable, tree: Any, *rest: Any, is_leaf: Optional[Callable] = None, path: Optional[Any] = None
+    fn: Callable, tree: Any, *rest: Any, is_leaf: Callable | None = None, path: Any | None = None
 ) -> Any:
     """Like :func:`tree_map`, but ``fn(path, leaf, *rest_leaves)`` also gets the leaf's
     dotted path. A root leaf gets ``path`` (``None`` by default).
@@ -85,7 +86,7 @@ def tree_map_with_path(
     return rebuild(tree, (child_result(i, c) for i, c in enumerate(tree)))
 
 
-def tree_flatten(tree: Any, prefix: str = "", is_leaf: Optional[Callable] = None, destination=None):
+def tree_flatten(tree: Any, prefix: str = "", is_leaf: Callable | None = None, destination=None):
     """The ``(path, leaf)`` pairs of ``tree``, depth first, in insertion order.
 
     As in ``mlx.utils`` the first character of every key is dropped, so a prefix is
@@ -161,7 +162,7 @@ def _unflatten(pairs, prefix):
     return {k: _unflatten(v, f"{prefix}{k}.") for k, v in children.items()}
 
 
-def tree_reduce(fn: Callable, tree: Any, initializer=None, is_leaf: Optional[Callable] = None) -> Any:
+def tree_reduce(fn: Callable, tree: Any, initializer=None, is_leaf: Callable | None = None) -> Any:
     """Fold ``fn(accumulator, leaf)`` over the leaves in flatten order. Without an
     ``initializer`` the first leaf seeds the fold.
 
@@ -174,7 +175,7 @@ def tree_reduce(fn: Callable, tree: Any, initializer=None, is_leaf: Optional[Cal
     return accumulator
 
 
-def tree_merge(tree_a: Any, tree_b: Any, merge_fn: Optional[Callable] = None) -> Any:
+def tree_merge(tree_a: Any, tree_b: Any, merge_fn: Callable | None = None) -> Any:
     """Merge two trees into one, like a deep ``dict.update``.
 
     Empty containers and ``None`` count as absent. Two leaves at the same place are

@@ -15,7 +15,7 @@ from treeopt.ops import all_finite, cast
 
 @dataclass(frozen=True)
 class Options:
-    max_grad_norm: float = None
+    max_grad_norm: float | None = None
     skip_nonfinite: bool = False
     accumulate: tuple = ()  # update frequency of each optimizer (all 1: no accumulation)
 

@@ -16,7 +16,7 @@ class Backend:
     #: dtype names of floating types the rules may update
     floating = ("float16", "bfloat16", "float32", "float64")
     #: the exact types of this library's arrays, for walks that test ``type(x) in ...``
-    array_types = ()
+    array_types: tuple = ()
 
     # --- what an array is -------------------------------------------------------------
     def owns(self, x) -> bool:

@@ -6,7 +6,7 @@ from treeopt.backends import blas
 from treeopt.backends.base import Backend
 
 _HALF = ("float16", "bfloat16")
-_NAMES = {}
+_NAMES: dict = {}  # dtype -> its name
 
 
 def _dtype(name: str):

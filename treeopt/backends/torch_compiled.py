@@ -12,7 +12,7 @@ shapes and dtypes are part of the compiled step. Float32 results equal the per-t
 to the compiler's fusion of multiply-adds (a rounding or two).
 """
 
-from typing import Callable, Dict, List, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -21,8 +21,8 @@ import torch
 COMPILER = "inductor"
 
 
-def compile_step(update: Callable, slot_count: int, numeric: Sequence[str], switches: Dict[str, bool],
-                 rows: List[int]) -> Callable:
+def compile_step(update: Callable, slot_count: int, numeric: Sequence[str], switches: dict[str, bool],
+                 rows: list[int]) -> Callable:
     """``step(grads, params, slots, table)``: ``update`` on every tensor, written in place.
 
     ``slots`` holds one list of tensors per slot; ``table[rows[i]]`` are tensor ``i``'s numeric

@@ -15,16 +15,22 @@ problem and nothing changes.
 """
 
 import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from treeopt.checkpoint import files, mlx_layout
 from treeopt.checkpoint.format import CheckpointError, LoadReport, Problem, from_flat, to_flat
+from treeopt.types import Tree
+
+if TYPE_CHECKING:  # checkpoints sit above the optimizers, which never import them
+    from treeopt.optimizer import Optimizer
 
 __all__ = ["save", "load", "load_content", "read", "to_flat", "from_flat", "CheckpointError", "LoadReport", "Problem"]
 
 
-def save(optimizer, path, *, layout="treeopt"):
+def save(optimizer: "Optimizer", path: str | os.PathLike, *, layout: str = "treeopt") -> None:
     """Save ``optimizer``'s state to ``path`` (a safetensors file), atomically.
 
     A ``treeopt.torch.Optimizer`` on several ranks (DDP or ``sharding="zero1"``) saves to a
@@ -53,7 +59,7 @@ def save(optimizer, path, *, layout="treeopt"):
         raise ValueError(f"layout must be 'treeopt' or 'mlx', got {layout!r}")
 
 
-def read(path):
+def read(path: str | os.PathLike) -> tuple[Mapping[str, Any], dict | None]:
     """``(tensors, metadata)`` of a checkpoint file, checksum verified; for an MLX-layout
     file (safetensors or ``.npz``) ``metadata`` is ``None``."""
     if os.fspath(path).endswith(".npz"):
@@ -67,7 +73,8 @@ def read(path):
     return files.read(path)
 
 
-def load(optimizer, path, params=None, *, strict=True):
+def load(optimizer: "Optimizer", path: str | os.PathLike, params: Tree | None = None, *,
+         strict: bool = True) -> LoadReport:
     """Load a checkpoint into ``optimizer``, by parameter name.
 
     Args:

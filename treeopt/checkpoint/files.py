@@ -12,9 +12,9 @@ load holds at most one tensor besides the state (the file's pages stay in the pa
 """
 
 import json
-import zlib
 import os
 import tempfile
+import zlib
 
 import numpy as np
 

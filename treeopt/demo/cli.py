@@ -76,7 +76,7 @@ def main(argv=None):
         from rich.console import Console
     except ImportError as error:
         raise SystemExit(f"the demo needs PyTorch, rich and matplotlib ({error}): "
-                         "pip install -e '.[demo]' (or `python -m treeopt.demo digits`, NumPy only)")
+                         "pip install -e '.[demo]' (or `python -m treeopt.demo digits`, NumPy only)") from error
     console = Console()
     if not console.is_terminal:  # a log or a pipe: do not squeeze the tables into 80 columns
         console = Console(width=130)

@@ -56,7 +56,7 @@ def set_num_threads(count: int):
     """Threads of the compiled loops (at most numba's pool size, the core count)."""
     import numba
 
-    numba.set_num_threads(max(1, min(int(count), numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(int(count), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
 
 
 def get_num_threads() -> int:

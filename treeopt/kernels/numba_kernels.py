@@ -81,7 +81,7 @@ def kernel(grad_ptrs, param_ptrs, slot_ptrs, pieces, items, rows, table, like, f
 '''
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def scalar_version(update):
     """``update`` compiled by numba for scalars, with the ops and any rule it calls rebound."""
     names = dict(update.__globals__)
@@ -117,7 +117,7 @@ def cache_dir():
     return os.environ.get("TREEOPT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "treeopt")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_for(rule, static=()):
     """``(kernel, names of the numeric coefficients)`` for an elementwise rule whose
     coefficients named in ``static`` are switches (booleans)."""

@@ -15,16 +15,16 @@ Float32 results equal the per-tensor rule's up to the summation order of the mat
 products (NumPy: exactly, each matrix gets the same BLAS call).
 """
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 #: bytes of one stacked array on eager CPU backends (the rule makes a few temporaries of it)
 CHUNK_BYTES = 1 << 19
 
 
-def groups_by_shape(keys: Sequence) -> List[List[int]]:
+def groups_by_shape(keys: Sequence) -> list[list[int]]:
     """Indices of ``keys`` (a shape, or any hashable that must match) grouped by equal key,
     in order of first appearance."""
-    groups = {}
+    groups: dict = {}
     for index, key in enumerate(keys):
         groups.setdefault(key, []).append(index)
     return list(groups.values())
@@ -38,7 +38,7 @@ def chunk_length(backend, like, count: int) -> int:
     return count
 
 
-def chunks(backend, like, indices: List[int]) -> List[List[int]]:
+def chunks(backend, like, indices: list[int]) -> list[list[int]]:
     """``indices`` (one group) cut into the runs that share a call."""
     length = chunk_length(backend, like, len(indices))
     return [indices[start:start + length] for start in range(0, len(indices), length)]

@@ -33,8 +33,8 @@ time they are computed (before anything is written); a broken rule raises
 
 import inspect
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Tuple, Union
 
 from treeopt import ops
 
@@ -55,23 +55,23 @@ class Rule:
     #: slot names in the order ``update`` takes and returns them, or a function of
     #: ``(shape, hyper)`` giving ``{slot name: shape}`` for rules whose slots depend on the
     #: parameter
-    slots: Union[Tuple[str, ...], Callable]
+    slots: tuple[str, ...] | Callable
     elementwise: bool = True
     #: ``update(..., stacked=True)`` runs on same-shape tensors stacked along a first axis
     stackable: bool = False
     #: what each slot holds, so state can move between optimizers whose slots mean the same
-    slot_meanings: dict = field(default=None, compare=False, hash=False)
+    slot_meanings: dict | None = field(default=None, compare=False, hash=False)
     #: slots that start as a copy of the parameter (the others start at zero)
-    copies_param: Tuple[str, ...] = ()
+    copies_param: tuple[str, ...] = ()
     #: optimizer-level running values (start at zero) and the function that advances them
-    running: Tuple[str, ...] = ()
-    advance: Optional[Callable] = field(default=None, compare=False, hash=False)
+    running: tuple[str, ...] = ()
+    advance: Callable | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
         _check(self)
 
     @property
-    def hyperparameters(self) -> Tuple[str, ...]:
+    def hyperparameters(self) -> tuple[str, ...]:
         """The optimizer's hyper-parameters: ``coefficients``' keyword-only parameters that
         are not running values, in their order."""
         return tuple(n for n in keyword_only(self.coefficients) if n not in self.running)
@@ -82,11 +82,11 @@ class Rule:
             return self.slots(tuple(shape), hyper)
         return {n: tuple(shape) for n in self.slots}
 
-    def slot_names(self, shape, hyper) -> Tuple[str, ...]:
+    def slot_names(self, shape, hyper) -> tuple[str, ...]:
         """The slots ``update`` takes, in order, for a parameter of ``shape``."""
         return tuple(self.slot_shapes(shape, hyper)) if callable(self.slots) else self.slots
 
-    def coefficient_names(self) -> Tuple[str, ...]:
+    def coefficient_names(self) -> tuple[str, ...]:
         """The coefficients ``update`` takes, after its slots, in its order."""
         parameters = list(inspect.signature(self.update).parameters.values())[2:]
         if not callable(self.slots):
@@ -95,7 +95,7 @@ class Rule:
         return tuple(p.name for p in parameters if p.kind is not p.VAR_POSITIONAL and p.name not in runner_only)
 
 
-_CHECKED = set()  # rules whose coefficient names were found to be update's
+_CHECKED: set = set()  # rules whose coefficient names were found to be update's
 
 
 def check_coefficients(rule: Rule, values: dict):

@@ -31,7 +31,8 @@ def canonical_name(name: str) -> str:
 def named_parameters(model) -> dict:
     """``{canonical name: parameter}`` of a module, each tensor once (a tied weight under its
     first name), in ``model.named_parameters()`` order."""
-    result, names = {}, {}
+    result: dict = {}
+    names: dict = {}
     for name, param in model.named_parameters():  # de-duplicated by identity
         canonical = canonical_name(name)
         if canonical in result:
@@ -55,7 +56,7 @@ def module_kinds(model) -> dict:
     - ``"norm"``: the parameters of normalisation layers (``LayerNorm``, ``GroupNorm``,
       batch and instance norms, and any module whose class name contains ``Norm``).
     """
-    kinds = {}  # id(parameter) -> set of kinds
+    kinds: dict = {}  # id(parameter) -> set of kinds
 
     def add(params, kind):
         for param in params:

@@ -31,11 +31,11 @@ from collections.abc import MutableMapping
 import numpy as np
 import torch
 
+from treeopt import engine
 from treeopt._trees import dotted
+from treeopt.backends import as_float
 from treeopt.multi import MultiOptimizer
 from treeopt.optimizer import Optimizer as _TreeoptOptimizer
-from treeopt import engine
-from treeopt.backends import as_float
 from treeopt.torch import state_dict as _layout
 from treeopt.torch.names import canonical_name, module_kinds, named_parameters
 
@@ -119,7 +119,7 @@ class Optimizer(torch.optim.Optimizer):
 
     # ``sharding`` and ``process_group`` change how step() runs the treeopt optimizer on
     # several ranks (treeopt.distributed), never the groups.
-    def __init__(self, model, optimizer: _TreeoptOptimizer, sharding: str = None, process_group=None):
+    def __init__(self, model, optimizer: _TreeoptOptimizer, sharding: str | None = None, process_group=None):
         if not isinstance(optimizer, _TreeoptOptimizer):
             raise TypeError(f"expected a treeopt optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
@@ -127,12 +127,12 @@ class Optimizer(torch.optim.Optimizer):
         self.parameters = _named(model)  # canonical name -> parameter: the model's, then added ones
         if not self.parameters:
             raise ValueError("treeopt.torch.Optimizer got no parameters")
-        self._added = {}  # name -> parameter given to add_param_group that the model does not hold
+        self._added: dict = {}  # name -> parameter given to add_param_group that the model does not hold
         self._seen = _registrations[0]
         self._check_known_paths()
         self._leaves = [leaf for _, _, leaf in optimizer.named_stateful()]
         self._group_names = [name for name, _, _ in optimizer.named_stateful()]
-        self._group_of = {}  # name -> group index; None: frozen by the MultiOptimizer
+        self._group_of: dict = {}  # name -> group index; None: frozen by the MultiOptimizer
         self._unrouted = set()  # names that did not require grad when last seen
         self._declare_kinds(self.parameters)
         self._route([n for n, p in self.parameters.items() if p.requires_grad])
@@ -171,7 +171,7 @@ class Optimizer(torch.optim.Optimizer):
                              f"optimizer); got {len(groups)}")
         self._groups = groups  # torch.optim's __init__ sets [] first; wrappers may set the same dicts back
 
-    @property
+    @property  # type: ignore[override]  # keyed by name as well as by tensor
     def state(self) -> "ParameterState":
         """The treeopt state by parameter: ``{parameter: {slot name: tensor}}`` for every
         parameter with state (also readable by name: ``opt.state["blocks.0.weight"]``)."""
@@ -485,7 +485,7 @@ class Optimizer(torch.optim.Optimizer):
             try:
                 tensors, metadata = _layout.from_torch(state_dict)
             except (KeyError, TypeError, ValueError, AttributeError) as error:
-                raise checkpoint.CheckpointError(f"not a treeopt.torch state dict ({type(error).__name__}: {error})")
+                raise checkpoint.CheckpointError(f"not a treeopt.torch state dict ({type(error).__name__}: {error})") from error
         else:
             raise checkpoint.CheckpointError("not a treeopt.torch state dict: it needs 'tensors' and 'metadata', or "
                                              f"torch's 'state' and 'param_groups' (got {sorted(state_dict)})")

@@ -1,0 +1,21 @@
+"""Names for the types of the public API, for readers and type checkers.
+
+treeopt works on the arrays of four libraries, none of which it imports, so an array is
+``Any`` here; the names say what is expected.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+#: an array of NumPy, torch, JAX or MLX, or a Python number
+Array = Any
+#: dicts, lists and tuples of arrays and sub-trees (for ``update``, also an ``mlx.nn.Module``)
+Tree = Any
+#: a function of the step count (a scalar array) giving a hyper-parameter's value
+Schedule = Callable[[Any], Any]
+#: a hyper-parameter: a number, a scalar array, or a schedule (``Any``: the constructors check it)
+Scalar = Any
+#: ``filter(path, parameter) -> bool``: the dotted path (``"layers.0.weight"``) and the parameter
+Filter = Callable[[str, Any], Any]
+
+__all__ = ["Array", "Tree", "Schedule", "Scalar", "Filter"]
