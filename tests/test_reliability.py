@@ -6,8 +6,6 @@ steps, so the compiled step is planned) and generators of bad inputs; one test r
 docs/reliability.md quotes the count (``test_the_catalogue_is_large_enough``).
 """
 
-import json
-import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -156,8 +154,6 @@ def other_library(backend):
 
 
 def gradient_cases(backend, kind, entry):
-    w = world(kind, backend)
-
     def bad(make_grads, arrange=None):
         act = lambda world: world.step(make_grads(world), entry)  # noqa: E731
         return act if arrange is None else (arrange, act)
@@ -200,9 +196,6 @@ def gradient_cases(backend, kind, entry):
             slots[name] = make(np.ones(4), backend, "float16") if fault == "dtype" else [0.0] * 4
         yield label, bad(lambda wd: wd.grads(), corrupt), ParameterError, (r"slot '\w+' of 'b' is float16 but the parameter is float32"
                                                     if slot_fault == "dtype" else r"slot '\w+' of 'b' is a list, not")
-    for case_id, act, error, match in []:
-        yield case_id, act, error, match
-    _ = w
 
 
 for backend in BACKENDS:
@@ -772,5 +765,3 @@ def test_saving_without_safetensors_says_how_to_install_it(tmp_path, monkeypatch
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'treeopt\[checkpoint\]'"):
         checkpoint.save(World("single", "numpy").opt, tmp_path / "x.safetensors")
 
-
-_ = (json, math)
