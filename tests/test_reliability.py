@@ -310,20 +310,6 @@ for backend in [b for b in BACKENDS if b != "jax"]:
 
 
 # ------------------------------------------------------------------------------ routing
-def new_path(value_fn, opt_kwargs, backend):
-    """A MultiOptimizer built with ``opt_kwargs`` that sees a new parameter ``extra``."""
-    def make_world():
-        wd = World("multi", backend)
-        wd.opt = optim.MultiOptimizer([optim.Muon(0.02), optim.SGD(0.1)], **opt_kwargs)
-        wd.opt.update(wd.params, wd.grads())
-        return wd
-
-    def act(wd):
-        wd.params["extra"] = value_fn()
-        wd.opt.update(wd.params, wd.grads())
-    return make_world, act
-
-
 for backend in [b for b in BACKENDS if b != "jax"]:
     routed = {"filters": [lambda path, w: path.startswith("layers")]}
     for label, kwargs, value, error, match in (
@@ -342,8 +328,7 @@ for backend in [b for b in BACKENDS if b != "jax"]:
                 wd.opt.update(wd.params, wd.grads())
                 wd.opt.on_unmatched = kwargs.get("on_unmatched", "fallback")
                 if "guards" in kwargs:
-                    wd.opt = optim.MultiOptimizer([optim.Muon(0.02), optim.SGD(0.1)],
-                                                  [lambda path, w: path == "extra" or path.startswith("layers")],
+                    wd.opt = optim.MultiOptimizer([optim.Muon(0.02), optim.SGD(0.1)], [lambda path, w: path == "extra"],
                                                   guards="error")
                     wd.opt.update(wd.params, {k: v for k, v in wd.grads().items()})
                 return wd

@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from treeopt import _trees
 from treeopt.backends import backend_of, numpy_backend
 from treeopt.errors import MissingParameterError, ParameterError, describe
+from treeopt.rules.base import rule_checked
 from treeopt.tree import is_container, items, rebuild
 
 __all__ = ["Book", "Pair", "collect", "step", "initialize", "write_back", "run_rule", "slots_at", "slot_items",
-           "drop", "RESERVED"]
+           "drop", "with_results", "RESERVED"]
 
 _MISSING = object()
 #: state keys that are never parameter names; a top-level parameter with one of these names
@@ -100,6 +101,7 @@ def step(optimizer, gradients, parameters, in_place):
             check_slots(owner, pair)  # every step: a parameter may have changed shape under its path
         if not pair.slots or not owner.book.initialized:
             to_mirror.setdefault(owner, set()).add(pair.keys)
+    _check_rules(active)
     if in_place:
         check_write_back(parameters, active)
     check_depth(pairs)
@@ -141,7 +143,7 @@ def step(optimizer, gradients, parameters, in_place):
             run_rule(group[0].owner, group, in_place)
         else:
             write_custom(custom[id(group[0])], in_place)
-    return _rebuild(gradients, iter(pairs)), pairs, active, stepping
+    return with_results(gradients, iter(pairs)), pairs, active, stepping
 
 
 def initialize(optimizer, parameters):
@@ -287,14 +289,56 @@ def run_rule(optimizer, pairs, in_place):
     rule, first = optimizer.rule, pairs[0]
     coefficients = optimizer.coefficients(first.param, first.backend)
     hyper = optimizer.rule_hyperparameters() if callable(rule.slots) else None
+    if rule.stackable and len(pairs) > 1:
+        pairs = run_stacked(rule, coefficients, pairs, hyper, in_place)
     for pair in pairs:
-        names = rule.slot_names(len(pair.backend.shape(pair.param)), hyper)
+        names = rule.slot_names(pair.backend.shape(pair.param), hyper)
         slots = pair.slots
         with first.backend.quiet():
             new_param, *new_slots = rule.update(pair.grad, pair.param, *(slots[n] for n in names), **coefficients)
         for name, value in zip(names, new_slots):
             store_slot(pair.backend, slots, name, value)
         store_param(pair, new_param, in_place)
+
+
+def _check_rules(pairs):
+    """Compute each rule's coefficients once before the commit, so that a rule whose
+    coefficients do not fit its update fails before anything changes (checked once per rule)."""
+    seen = set()
+    for pair in pairs:
+        owner = pair.owner
+        if owner.runs_rule and id(owner) not in seen and not rule_checked(owner.rule):
+            seen.add(id(owner))
+            if owner.book.backend is pair.backend:
+                with pair.backend.quiet():
+                    owner.coefficients(pair.param, pair.backend)
+            else:  # the state is not in the parameters' library until the commit: check on NumPy
+                with numpy_backend.quiet():
+                    owner.coefficients(numpy_backend.astype(owner.state["step"], "float32"), numpy_backend)
+
+
+def run_stacked(rule, coefficients, pairs, hyper, in_place):
+    """Run a stackable ``rule`` on the stacks of same-shape pairs (see
+    :mod:`treeopt.kernels.stacking`); returns the pairs left to run one by one."""
+    from treeopt.kernels import stacking
+
+    backend = pairs[0].backend
+    names = [rule.slot_names(backend.shape(pair.param), hyper) for pair in pairs]
+    alone = []
+    for group in stacking.groups_by_shape([(tuple(backend.shape(pair.param)), n) for pair, n in zip(pairs, names)]):
+        for run in stacking.chunks(backend, pairs[group[0]].param, group):
+            if len(run) == 1:
+                alone.append(run[0])
+                continue
+            chosen, slot_names = [pairs[k] for k in run], names[run[0]]
+            new_param, *new_slots = stacking.update_stacked(
+                rule.update, coefficients, backend, [pair.grad for pair in chosen], [pair.param for pair in chosen],
+                [[pair.slots[n] for pair in chosen] for n in slot_names])
+            for j, pair in enumerate(chosen):
+                for name, value in zip(slot_names, new_slots):
+                    store_slot(backend, pair.slots, name, value[j])
+                store_param(pair, new_param[j], in_place)
+    return [pairs[k] for k in sorted(alone)]
 
 
 def store_slot(backend, slots, name, value):
@@ -513,10 +557,10 @@ def _check_pair(name, path, grad, grad_backend, param, param_backend):
             f"{name}: the gradient at {describe(path)} is on {g_device} but the parameter is on {p_device}", path)
 
 
-def _rebuild(tree, pairs):
+def with_results(tree, pairs):
     """``tree``'s structure with each leaf replaced by the next pair's result."""
     if is_container(tree):
         if isinstance(tree, dict):
-            return rebuild(tree, ((k, _rebuild(v, pairs)) for k, v in tree.items()))
-        return rebuild(tree, [_rebuild(v, pairs) for v in tree])
+            return rebuild(tree, ((k, with_results(v, pairs)) for k, v in tree.items()))
+        return rebuild(tree, [with_results(v, pairs) for v in tree])
     return next(pairs).result

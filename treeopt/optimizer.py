@@ -14,6 +14,7 @@ from treeopt.backends import as_float, backend_of, numpy_backend
 from treeopt.engine import RESERVED, Book
 from treeopt.kernels.compiled_step import CompiledStep
 from treeopt.plan import Plan, build as build_plan
+from treeopt.rules.base import check_coefficients, keyword_only
 from treeopt.tree import is_container, tree_map
 from treeopt.errors import warn
 from treeopt.values import hyper
@@ -36,12 +37,20 @@ class Optimizer:
 
     #: the update math of a built-in optimizer
     rule = None
-    #: hyper-parameters the rule reads: attributes, or state entries when scheduled
+    #: hyper-parameters the rule reads: attributes, or state entries when scheduled; a class
+    #: with a rule gets them from the rule's coefficient function
     hyperparameters = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "rule" in cls.__dict__ and cls.rule is not None and "hyperparameters" not in cls.__dict__:
+            cls.hyperparameters = cls.rule.hyperparameters
 
     def __init__(self, schedulers=None):
         self.book = Book()  # what the engine keeps beside the state (treeopt.engine.Book)
         self._state = {"step": numpy_backend.scalar_array(0, "uint64")}
+        for name in self.rule.running if self.rule is not None else ():
+            self._state[name] = numpy_backend.scalar_array(0.0, "float32")  # e.g. schedule-free's weight sum
         self._schedulers = dict(schedulers or {})
         self._compiled = None  # the step planned once (treeopt.kernels.compiled_step)
 
@@ -72,7 +81,7 @@ class Optimizer:
         name = type(self).__name__
         if not isinstance(state, dict):
             raise TypeError(f"{name}.state must be a dict, got {type(state).__name__}")
-        required = ["step"] + [k for k in ("learning_rate", *self._schedulers) if k in self._state]
+        required = ["step"] + [k for k in ("learning_rate", *self._schedulers, *self._running()) if k in self._state]
         missing = [k for k in required if k not in state]
         if missing:
             raise ValueError(f"{name}.state is missing {', '.join(map(repr, missing))}")
@@ -92,7 +101,7 @@ class Optimizer:
             if key in state:
                 hyper(state[key], f"{name}.state[{key!r}]")
         known = self.book.parameters
-        view = _StateView(state, ("step", "learning_rate", *self._schedulers))
+        view = _StateView(state, ("step", "learning_rate", *self._schedulers, *self._running()))
         for keys in known:
             slots = engine.slots_at(view, keys)
             if slots is not None and not (isinstance(slots, dict) and all(
@@ -100,7 +109,7 @@ class Optimizer:
                     for v in slots.values())):
                 raise TypeError(f"{name}.state: the state of {'.'.join(map(str, keys))!r} must be a dict of arrays "
                                 f"(slot name -> array), got {type(slots).__name__} {str(slots)[:40]}")
-        for keys, slots in engine.slot_items(_StateView(state, ("step", "learning_rate", *self._schedulers))):
+        for keys, slots in engine.slot_items(view):
             path = ".".join(map(str, keys))
             for slot, value in slots.items():
                 found = backend_of(value)
@@ -221,11 +230,12 @@ class Optimizer:
         backend = backend_of(parameter)
         for name, shape in self.slot_shapes(parameter).items():
             state[name] = backend.zeros(shape, parameter)
+            if name in self.rule.copies_param:  # e.g. schedule-free's z starts at the parameter
+                state[name] = state[name] + parameter
 
     def slot_shapes(self, parameter) -> dict:
         """The shape of each state slot of ``parameter``."""
-        shape = tuple(parameter.shape)
-        return {n: shape for n in self.rule.slot_names(len(shape), self.rule_hyperparameters())}
+        return self.rule.slot_shapes(tuple(parameter.shape), self.rule_hyperparameters())
 
     def apply_single(self, gradient, parameter, state: dict):
         """One step for one parameter: returns the new parameter and updates ``state``."""
@@ -314,8 +324,13 @@ class Optimizer:
         return {k: self._state[k] for k in self.scalar_names()}
 
     def scalar_names(self) -> list:
-        """The state entries that are not parameters: step, learning rate, schedules."""
-        return [k for k in dict.fromkeys(("step", "learning_rate", *self._schedulers)) if k in self._state]
+        """The state entries that are not parameters: step, learning rate, schedules, and the
+        rule's running values."""
+        names = ("step", "learning_rate", *self._schedulers, *self._running())
+        return [k for k in dict.fromkeys(names) if k in self._state]
+
+    def _running(self):
+        return self.rule.running if self.rule is not None else ()
 
     _SNAPSHOT = ("book", "_compiled")
 
@@ -340,10 +355,20 @@ class Optimizer:
 
     def advance(self, values=None):
         """Count the step, with the schedules' ``values`` (:meth:`scheduled_values`), made
-        state scalars of the state's library (settled by now)."""
+        state scalars of the state's library (settled by now); then advance the rule's running
+        values (once per step, before any coefficient is computed)."""
         values = self.scheduled_values() if values is None else values
         self._state.update({name: self._scalar(value) for name, value in values.items()})
         self._state["step"] = self._state["step"] + 1
+        if self.rule is not None and self.rule.advance is not None:
+            backend = self.book.backend or numpy_backend
+            settings = self.rule_hyperparameters()
+            running = self.rule.advance(
+                self._state.get("learning_rate"), backend.astype(self._state["step"], "float32"),
+                **{n: self._state[n] for n in self.rule.running},
+                **{n: settings[n] for n in keyword_only(self.rule.advance) if n in settings})
+            for name, value in running.items():
+                self._state[name] = self._scalar(value)
 
     def coefficients(self, like, backend) -> dict:
         """The rule's coefficients for this step, in ``like``'s dtype."""
@@ -352,7 +377,9 @@ class Optimizer:
             lr = backend.cast(lr, like)
         # Step-dependent scalars are computed in float32, as MLX computes them.
         step = backend.astype(self._state["step"], "float32")
-        values = self.rule.coefficients(lr, step, **self.rule_hyperparameters())
+        running = {n: self._state[n] for n in self.rule.running}
+        values = self.rule.coefficients(lr, step, **self.rule_hyperparameters(), **running)
+        check_coefficients(self.rule, values)
         return {k: v if v is None or isinstance(v, (bool, int, str)) else backend.cast(v, like)
                 for k, v in values.items()}
 
@@ -381,6 +408,8 @@ class Optimizer:
 
         for name in self.hyperparameters:
             values[name] = plain(self._value(name, evaluate=lambda schedule: schedule(step)))
+        for name in self._running():
+            values[name] = as_float(self._state[name])
         return values
 
     # ------------------------------------------------------------------ the step

@@ -114,7 +114,12 @@ class Backend:
     def mean(self, x, axis=None, keepdims=False):
         raise NotImplementedError
 
-    def sum(self, x):
+    def sum(self, x, axis=None, keepdims=False):
+        raise NotImplementedError
+
+    def stack(self, arrays, out=None):
+        """``arrays`` (same shape and dtype) stacked along a new first axis, into ``out``
+        when given and the library writes in place."""
         raise NotImplementedError
 
     def matmul(self, a, b):
@@ -134,6 +139,11 @@ class Backend:
     def all_finite(self, x):
         """A 0-d boolean array: no NaN or infinity in ``x``."""
         raise NotImplementedError
+
+    def on_whole(self, fn, x):
+        """``fn(x)`` computed on the whole array, placed as ``x`` is. Only an array split
+        across devices (JAX sharding) needs more than calling ``fn``."""
+        return fn(x)
 
 
 class PythonScalars(Backend):

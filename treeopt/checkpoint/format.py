@@ -2,7 +2,8 @@
 metadata saying who owns what; and loading it back by name, checked, all or nothing.
 
 Keys: ``"{path}/{slot}"`` for a parameter's slot (``layers.0.attn.weight/m``) and
-``"@{optimizer}/{scalar}"`` for an optimizer's step, learning rate and scheduled values.
+``"@{optimizer}/{scalar}"`` for an optimizer's step, learning rate, scheduled values and the
+rule's running values (schedule-free's weight sum).
 """
 
 import numbers
@@ -111,7 +112,9 @@ def to_flat(optimizer, known=()):
             for slot, value in slots.items():
                 put(f"{path}/{slot}", value)
         optimizers.append({"name": name, "position": list(position), "type": type(leaf).__name__,
-                           "hyperparameters": hyperparameters(leaf), "scheduled": sorted(leaf.schedules)})
+                           "hyperparameters": hyperparameters(leaf), "scheduled": sorted(leaf.schedules),
+                           "running": [n for n in leaf.scalar_names() if n not in ("step", "learning_rate")
+                                       and n not in leaf.schedules]})
     names = {id(leaf): name for name, _, leaf in leaf_optimizers(optimizer)}
     for placed in optimizer.routing_table():  # known paths without state
         parameters.setdefault(dotted(placed.keys), {"owner": names.get(id(placed.owner)), "slots": {}})

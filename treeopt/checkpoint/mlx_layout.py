@@ -43,7 +43,7 @@ def from_mlx(optimizer, arrays):
                 s: {"shape": list(v.shape), "dtype": v.dtype.name} for s, v in slots.items()}}
             tensors.update({f"{path}/{s}": v for s, v in slots.items()})
         optimizers.append({"name": name, "position": list(position), "type": type(leaf).__name__,
-                           "hyperparameters": {}, "scheduled": sorted(leaf._schedulers)})
+                           "hyperparameters": {}, "scheduled": sorted(leaf.schedules)})
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizers,
                 "parameters": parameters}
     return tensors, metadata

@@ -119,6 +119,9 @@ def metadata(meta):
         scheduled = _expect(entry.get("scheduled", []), list, f"'optimizers[{i}].scheduled'", "a list of names")
         if not all(isinstance(s, str) for s in scheduled):
             _fail(f"'optimizers[{i}].scheduled'", f"must be a list of names, got {_short(scheduled)}")
+        running = _expect(entry.get("running", []), list, f"'optimizers[{i}].running'", "a list of names")
+        if not all(isinstance(s, str) for s in running):
+            _fail(f"'optimizers[{i}].running'", f"must be a list of names, got {_short(running)}")
         if entry["name"] in names:
             _fail(f"'optimizers[{i}].name'", f"{entry['name']!r} is used twice")
         names.add(entry["name"])
@@ -244,7 +247,7 @@ def tensors(stored, meta):
             if entry is None:
                 raise CheckpointError(f"checkpoint tensor {key!r} belongs to no optimizer of the metadata "
                                       f"({sorted(optimizers)})")
-            if name_scalar not in ("step", "learning_rate", *entry.get("scheduled", [])):
+            if name_scalar not in ("step", "learning_rate", *entry.get("scheduled", []), *entry.get("running", [])):
                 raise CheckpointError(f"checkpoint tensor {key!r}: {entry['type']} {name!r} has no state scalar "
                                       f"{name_scalar!r}")
             scalar(stored, key, integer=name_scalar == "step")
