@@ -750,3 +750,34 @@ def test_saving_without_safetensors_says_how_to_install_it(tmp_path, monkeypatch
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'treeopt\[checkpoint\]'"):
         checkpoint.save(World("single", "numpy").opt, tmp_path / "x.safetensors")
 
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("numba") is None, reason="numba is not installed")
+def test_a_damaged_kernel_cache_file_only_costs_a_compile(tmp_path, monkeypatch):
+    """A kernel cache file that does not parse (a half-written disk, an edit) is compiled anew
+    in memory: the step is taken, with the reference numbers, and no error escapes."""
+    from treeopt.kernels import numba_kernels
+
+    monkeypatch.setenv("TREEOPT_CACHE_DIR", str(tmp_path))
+
+    def train():
+        params, reference = {"w": np.ones((8, 8), np.float32)}, {"w": np.ones((8, 8), np.float32)}
+        opt, ref = optim.AdamW(1e-2), optim.AdamW(1e-2)
+        for step in range(3):
+            grads = {"w": np.full((8, 8), 0.1 * (step + 1), np.float32)}
+            opt.update(params, grads)
+            reference = ref.apply_gradients(grads, reference)
+        return params["w"], reference["w"]
+
+    numba_kernels.kernel_for.cache_clear()
+    train()
+    written = list((tmp_path / "kernels").glob("*.py"))
+    assert written
+    for path in written:
+        path.write_text("def kernel(:\n")  # not Python
+    numba_kernels.kernel_for.cache_clear()
+    try:
+        got, want = train()
+    finally:
+        numba_kernels.kernel_for.cache_clear()
+    np.testing.assert_array_equal(got, want)
