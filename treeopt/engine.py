@@ -130,9 +130,20 @@ def step(optimizer, gradients, parameters, in_place):
     except BaseException:
         restore()
         raise
-    # 3. run: every input was checked above, so this cannot fail on bad input
-    for group in _buckets(active).values():
-        run(group[0].owner, group, in_place)
+    # 3. run: every input was checked above. User code (a custom apply_single) runs first,
+    # into temporaries, and a failure there still undoes the commit; then everything is written.
+    groups = list(_buckets(active).values())
+    try:
+        custom = {id(group[0]): compute_custom(group[0].owner, group) for group in groups
+                  if not group[0].owner.runs_rule}
+    except BaseException:
+        restore()
+        raise
+    for group in groups:
+        if group[0].owner.runs_rule:
+            run_rule(group[0].owner, group, in_place)
+        else:
+            write_custom(custom[id(group[0])], in_place)
     return with_results(gradients, iter(pairs)), pairs, active, stepping
 
 
@@ -255,11 +266,19 @@ def run(optimizer, pairs, in_place):
     if optimizer.runs_rule:
         run_rule(optimizer, pairs, in_place)
         return
-    # user code: every result first, on copies of the slot dicts, then written
+    write_custom(compute_custom(optimizer, pairs), in_place)
+
+
+def compute_custom(optimizer, pairs):
+    """A custom ``apply_single`` on every pair, on copies of the slot dicts: nothing written."""
     results = []
     for pair in pairs:
         slots = dict(pair.slots)
         results.append((pair, optimizer.apply_single(pair.grad, pair.param, slots), slots))
+    return results
+
+
+def write_custom(results, in_place):
     for pair, new_param, slots in results:
         pair.slots.update(slots)
         store_param(pair, new_param, in_place)

@@ -12,6 +12,7 @@ accumulation with per-group frequencies), changes during training (freeze, unfre
 reroute) and :meth:`plan`, which shows all of it.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -117,6 +118,14 @@ class MultiOptimizer(Optimizer):
         for i, child in enumerate(optimizers):
             if not isinstance(child, Optimizer):
                 raise TypeError(f"MultiOptimizer: optimizers[{i}] is a {type(child).__name__}, not an Optimizer")
+        seen = {}
+        for i, child in enumerate(optimizers):
+            for leaf in child.stateful():
+                if id(leaf) in seen:
+                    raise ValueError(
+                        f"MultiOptimizer: optimizers[{i}] is (or holds) the same {type(leaf).__name__} instance as "
+                        f"optimizers[{seen[id(leaf)]}]; each group needs its own optimizer (its own state and step)")
+                seen[id(leaf)] = i
         for i, fn in enumerate(filters):
             if not callable(fn):
                 raise TypeError(f"MultiOptimizer: filters[{i}] is a {type(fn).__name__}, not a callable")
@@ -167,7 +176,7 @@ class MultiOptimizer(Optimizer):
         chosen, also = None, []
         for i, fn in enumerate(self.filters[:-1]):
             try:
-                accepted = fn(leaf.path, leaf.param)
+                accepted = _truth(fn(leaf.path, leaf.param))
             except Exception as error:
                 if chosen is not None:
                     continue  # only the overlap report needed it
@@ -428,6 +437,15 @@ class MultiOptimizer(Optimizer):
 
     @state.setter
     def state(self, state: dict) -> None:
+        self.check_state(state)
+        for child, child_state in zip(self.optimizers, state["states"]):
+            child.state = child_state
+        state["states"] = list(state["states"])
+        self._state = state
+        self.book.version += 1
+
+    def check_state(self, state: dict) -> None:
+        """Every child's state checked (see ``Optimizer.check_state``) before any is set."""
         if not isinstance(state, dict) or "states" not in state:
             raise ValueError("MultiOptimizer.state must be a dict {'states': [one state per optimizer]}")
         states = state["states"]
@@ -435,14 +453,11 @@ class MultiOptimizer(Optimizer):
             count = len(states) if isinstance(states, (list, tuple)) else type(states).__name__
             raise ValueError(
                 f"MultiOptimizer has {len(self.optimizers)} optimizers but the state holds {count} states")
-        for i, (child, child_state) in enumerate(zip(self.optimizers, states)):
+        for i, (child, child_state) in enumerate(zip(self.optimizers, states)):  # every child checked first
             try:
-                child.state = child_state
+                child.check_state(child_state)
             except (TypeError, ValueError) as error:
-                raise type(error)(f"states[{i}]: {error}") from error
-        state["states"] = list(states)
-        self._state = state
-        self.book.version += 1
+                raise type(error)(f"MultiOptimizer.state: states[{i}]: {error}") from error
 
     @property
     def step(self) -> Array:
@@ -463,6 +478,13 @@ class MultiOptimizer(Optimizer):
                 "multi.optimizers[i].learning_rate = value")
         if len(values) != len(self.optimizers):
             raise ValueError(f"MultiOptimizer has {len(self.optimizers)} optimizers but got {len(values)} learning rates")
+        from treeopt.values import hyper
+
+        for i, (child, value) in enumerate(zip(self.optimizers, values)):  # all checked before any is set
+            if value is not None:
+                if not hasattr(child, "learning_rate") or isinstance(child, MultiOptimizer):
+                    raise TypeError(f"MultiOptimizer: optimizers[{i}] ({self.names[i]}) takes no single learning rate")
+                hyper(value, f"MultiOptimizer learning_rate[{i}] ({self.names[i]})")
         for child, value in zip(self.optimizers, values):
             if value is not None:
                 child.learning_rate = value
@@ -476,6 +498,16 @@ def _carry(old, new, slots):
     new_meanings = new.rule.slot_meanings if new.rule is not None else {}
     by_meaning = {old_meanings[name]: value for name, value in slots.items() if name in old_meanings}
     return {name: by_meaning[meaning] for name, meaning in new_meanings.items() if meaning in by_meaning}
+
+
+def _truth(value):
+    """A filter's answer as a bool: a Python or NumPy bool, or a one-element array."""
+    if isinstance(value, bool):
+        return value
+    shape = tuple(getattr(value, "shape", ()))
+    if math.prod(shape) != 1:
+        raise TypeError(f"a filter must return a bool, got {type(value).__name__} of shape {getattr(value, 'shape', '?')}")
+    return bool(value)
 
 
 class _Shape:

@@ -5,6 +5,8 @@ the schedules and the hyper-parameters, and implements the engine's interface (t
 "engine interface" section below) that ``MultiOptimizer`` overrides to route.
 """
 
+import threading
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple, Optional
 
@@ -67,16 +69,70 @@ class Optimizer:
 
     @state.setter
     def state(self, state: dict) -> None:
-        if not isinstance(state, dict):
-            raise TypeError(f"{type(self).__name__}.state must be a dict, got {type(state).__name__}")
-        required = ["step"] + [k for k in ("learning_rate", *self._schedulers, *self._running()) if k in self._state]
-        missing = [k for k in required if k not in state]
-        if missing:
-            raise ValueError(f"{type(self).__name__}.state is missing {', '.join(map(repr, missing))}")
+        self.check_state(state)
         self._state = state
         self.book.initialized = False  # the next step checks the new slots against the parameters
         self.book.backend = None
         self.book.version += 1
+
+    def check_state(self, state: dict) -> None:
+        """Raise a ``TypeError`` or ``ValueError`` naming what is wrong if ``state`` cannot be
+        this optimizer's state; nothing changes. Checked: the scalars (a step count >= 0, finite
+        hyper-parameters), every slot is an array, and, for parameters this optimizer knows,
+        the slots are this optimizer's (names), of the parameter's shape and dtype."""
+        name = type(self).__name__
+        if not isinstance(state, dict):
+            raise TypeError(f"{name}.state must be a dict, got {type(state).__name__}")
+        required = ["step"] + [k for k in ("learning_rate", *self._schedulers, *self._running()) if k in self._state]
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(f"{name}.state is missing {', '.join(map(repr, missing))}")
+        step, backend = state["step"], backend_of(state["step"])
+        if (backend is None or isinstance(step, bool) or tuple(backend.shape(step)) != ()
+                or backend.dtype_name(step).startswith(("float", "bfloat", "complex", "bool"))
+                or backend.name == "python" and not isinstance(step, int)):
+            raise TypeError(f"{name}.state['step'] must be a step count (an integer or a 0-d integer array), "
+                            f"got {type(step).__name__} {getattr(step, 'dtype', '')}".rstrip())
+        try:
+            count = as_float(step)
+        except Exception:  # traced (jax.jit): no value to check yet
+            count = 0
+        if count < 0:
+            raise ValueError(f"{name}.state['step'] must be >= 0, got {count:.0f}")
+        for key in ("learning_rate", *self._schedulers):
+            if key in state:
+                hyper(state[key], f"{name}.state[{key!r}]")
+        known = self.book.parameters
+        view = _StateView(state, ("step", "learning_rate", *self._schedulers, *self._running()))
+        for keys in known:
+            slots = engine.slots_at(view, keys)
+            if slots is not None and not (isinstance(slots, dict) and all(
+                    backend_of(v) is not None and not is_container(v) and backend_of(v).name != "python"
+                    for v in slots.values())):
+                raise TypeError(f"{name}.state: the state of {'.'.join(map(str, keys))!r} must be a dict of arrays "
+                                f"(slot name -> array), got {type(slots).__name__} {str(slots)[:40]}")
+        for keys, slots in engine.slot_items(view):
+            path = ".".join(map(str, keys))
+            for slot, value in slots.items():
+                found = backend_of(value)
+                if found is None or found.name == "python":
+                    raise TypeError(f"{name}.state: slot {slot!r} of {path!r} is a {type(value).__name__}, not an array")
+            if self.rule is None or not known:
+                continue
+            if keys not in known:
+                raise ValueError(f"{name}.state has slots for {path!r}, a parameter this optimizer does not hold "
+                                 f"(it holds {', '.join(sorted('.'.join(map(str, k)) for k in known))})")
+            shape, dtype = known[keys]
+            expected = self.slot_shapes(_StateView.Shape(shape))
+            if set(slots) != set(expected):
+                raise ValueError(f"{name}.state: {path!r} has slots {sorted(slots)}, and {name} keeps "
+                                 f"{sorted(expected)} (the state of another kind of optimizer?)")
+            for slot, value in slots.items():
+                found = backend_of(value)
+                got = (tuple(found.shape(value)), found.dtype_name(value))
+                if got != (tuple(expected[slot]), dtype):
+                    raise ValueError(f"{name}.state: slot {slot!r} of {path!r} is {got[1]}{list(got[0])}; the "
+                                     f"parameter needs {dtype}{list(expected[slot])}")
 
     @property
     def step(self) -> Array:
@@ -210,7 +266,8 @@ class Optimizer:
         Optional (the first step initialises lazily) and additive: existing slots are kept,
         so it is safe after loading a state.
         """
-        engine.initialize(self, parameters)
+        with _lock(self):
+            engine.initialize(self, parameters)
 
     def assign_routes(self, parameters: Tree) -> dict:
         """Decide and keep the route of every parameter in ``parameters`` (a flat or nested
@@ -392,7 +449,8 @@ class Optimizer:
         ``gradients``. ``parameters`` may hold more entries than ``gradients``; a ``None``
         gradient leaves its parameter (and its state) as they are. Inputs are not changed.
         """
-        return engine.step(self, gradients, parameters, in_place=False)[0]
+        with _lock(self):
+            return engine.step(self, gradients, parameters, in_place=False)[0]
 
     def update(self, model: Tree, gradients: Tree) -> None:
         """Apply one step to ``model`` (a tree of arrays, or an ``mlx.nn.Module``).
@@ -402,12 +460,13 @@ class Optimizer:
         the tree keeps its structure, later steps reuse the plan of the first one (see
         :mod:`treeopt.kernels.compiled_step`).
         """
-        compiled = self._compiled
-        if compiled is not None and compiled.run(gradients, model):
-            return
-        new, pairs, active, stepping = engine.step(self, gradients, model, in_place=True)
-        self._compiled = self._compile(gradients, model, pairs, active, stepping)
-        engine.write_back(model, new, pairs)
+        with _lock(self):  # one step at a time per optimizer (see docs/reliability.md, threads)
+            compiled = self._compiled
+            if compiled is not None and compiled.run(gradients, model):
+                return
+            new, pairs, active, stepping = engine.step(self, gradients, model, in_place=True)
+            self._compiled = self._compile(gradients, model, pairs, active, stepping)
+            engine.write_back(model, new, pairs)
 
     def _compile(self, gradients, model, pairs, active, stepping):
         """The plan of the step just taken, for the next ``update``; ``None`` when it cannot be
@@ -439,6 +498,34 @@ class Placement(NamedTuple):
     notes: tuple
     shape: tuple
     dtype: str
+
+
+_LOCKS = weakref.WeakKeyDictionary()  # optimizer -> the lock its steps take
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(optimizer):
+    """The re-entrant lock of ``optimizer``: concurrent steps (and inits) of one optimizer
+    run one after the other, so routes decided in one cannot be lost by another."""
+    lock = _LOCKS.get(optimizer)
+    if lock is None:
+        with _LOCKS_GUARD:
+            lock = _LOCKS.setdefault(optimizer, threading.RLock())
+    return lock
+
+
+class _StateView:
+    """A candidate state dict, read with the engine's layout functions before it is adopted."""
+
+    def __init__(self, state, scalars):
+        self.state, self._scalars = state, scalars
+
+    def scalar_names(self):
+        return [k for k in self._scalars if k in self.state]
+
+    class Shape:
+        def __init__(self, shape):
+            self.shape, self.ndim = tuple(shape), len(shape)
 
 
 def _step_text(step):

@@ -82,6 +82,9 @@ def restore(optimizer, metadata):
         if multi is None:
             raise CheckpointError(f"checkpoint routing[{i}]: the checkpoint has routing changes for a MultiOptimizer "
                                   f"at position {node['position']}, and this optimizer has none there")
+        if sorted(node["names"]) != sorted(multi.names):
+            raise CheckpointError(f"checkpoint routing[{i}]: saved for a MultiOptimizer with the groups {node['names']}, "
+                                  f"and this one has {multi.names}")
         index = {name: k for k, name in enumerate(multi.names)}
         for entry in node["paths"]:
             keys, shape, dtype = tuple(entry["keys"]), tuple(entry["shape"]), entry["dtype"]
