@@ -1,7 +1,7 @@
 """What treeopt.torch.Optimizer adds to a step: its torch.optim bookkeeping (noticing new
 parameters, applying param_groups edits, showing schedules) against the bare treeopt update
-on the same tensors, and torch.optim.AdamW (foreach) as the peer, all timed in one process,
-interleaved round by round.
+on the same kind of model, timed in one process, interleaved round by round. The step itself
+against torch.optim and the bandwidth bound is benchmarks/step.py's subject.
 
     python benchmarks/torch_adapter.py [--tensors 400] [--size 64] [--rounds 30]
 
@@ -42,15 +42,12 @@ def main():
     bare_model = model_of(args.tensors, args.size)
     bare = optim.AdamW(1e-3, bias_correction=True)
     bare_params = dict(bare_model.named_parameters())
-    peer_model = model_of(args.tensors, args.size)
-    peer = torch.optim.AdamW(peer_model.parameters(), 1e-3, weight_decay=0.01, foreach=True)
 
     def bare_step():
         with torch.no_grad():
             bare.update(bare_params, {n: p.grad for n, p in bare_params.items()})
 
-    candidates = {"torch.optim.AdamW (foreach)": (peer_model, peer.step),
-                  "treeopt AdamW, bare update()": (bare_model, bare_step),
+    candidates = {"treeopt AdamW, bare update()": (bare_model, bare_step),
                   "treeopt.torch.Optimizer(AdamW)": (adapted, adapter.step)}
     times = {name: [] for name in candidates}
     for model, _ in candidates.values():

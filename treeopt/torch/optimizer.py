@@ -485,11 +485,14 @@ class ParameterState(MutableMapping):
 
     def __init__(self, owner: Optimizer):
         self._owner = owner
+        self._names = None  # id(parameter) -> name, built at the first lookup by tensor
 
     def _name(self, key):
         if isinstance(key, str):
             return key
-        return next((n for n, p in self._owner.parameters.items() if p is key), None)
+        if self._names is None:
+            self._names = {id(p): n for n, p in self._owner.parameters.items()}
+        return self._names.get(id(key))
 
     def _slots(self, name):
         group = self._owner._group_of.get(name)
