@@ -424,6 +424,7 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
+        self.refresh()  # a parameter added since the last step has a gradient too
         for p in self.parameters.values():  # frozen by the MultiOptimizer too: in no group
             if p.grad is None:
                 continue
