@@ -133,10 +133,9 @@ class Optimizer(torch.optim.Optimizer):
         self._leaves = [leaf for _, _, leaf in optimizer.named_stateful()]
         self._group_names = [name for name, _, _ in optimizer.named_stateful()]
         self._group_of = {}  # name -> group index; None: frozen by the MultiOptimizer
-        self._unrouted = set()  # names that did not require grad when last seen
         self._declare_kinds(self.parameters)
         self._route([n for n, p in self.parameters.items() if p.requires_grad])
-        self._unrouted = {n for n, p in self.parameters.items() if not p.requires_grad}
+        self._unrouted = {n for n, p in self.parameters.items() if not p.requires_grad}  # routed once they do
         self._published = [self._group_values(i) for i in range(len(self._leaves))]
         groups = [dict(self._published[i], **self._members(i)) for i in range(len(self._leaves))]
         shared = set.intersection(*(set(values) for values in self._published)) - {"name"}
@@ -147,7 +146,7 @@ class Optimizer(torch.optim.Optimizer):
     def __repr__(self):
         return f"treeopt.torch.Optimizer({len(self.parameters)} parameters, {self.optimizer!r})"
 
-    def __getstate__(self):  # torch's keeps only defaults, state and param_groups
+    def __getstate__(self):  # torch's keeps defaults, state and param_groups: here views of the rest
         return self.__dict__.copy()
 
     def __setstate__(self, state):
