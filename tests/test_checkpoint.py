@@ -172,7 +172,7 @@ def test_file_is_safetensors_with_keys_by_path_and_metadata(tmp_path):
     assert (rest["name"], rest["position"], rest["type"]) == ("rest", [1], "AdamW")
     assert hidden["hyperparameters"] == {"momentum": 0.95, "weight_decay": 0.01, "decoupled_weight_decay": False,
                                          "nesterov": True, "ns_steps": 5, "ns_dtype": None, "ns_eps": 1e-7,
-                                         "adjust_lr": "original"}
+                                         "adjust_lr": "original", "layout": None}
     assert rest["hyperparameters"]["eps"] == 1e-8 and rest["hyperparameters"]["weight_decay"] == 0.01
     assert rest["scheduled"] == ["betas[1]"] and hidden["scheduled"] == []
     params_meta = metadata["parameters"]

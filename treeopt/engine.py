@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from treeopt import _trees
 from treeopt.backends import backend_of, numpy_backend
 from treeopt.errors import MissingParameterError, ParameterError, describe
+from treeopt.rules.base import rule_checked
 from treeopt.tree import is_container, items, rebuild
 
 __all__ = ["Book", "Pair", "collect", "step", "initialize", "write_back", "run_rule", "slots_at", "slot_items",
-           "drop", "RESERVED"]
+           "drop", "with_results", "RESERVED"]
 
 _MISSING = object()
 #: state keys that are never parameter names; a top-level parameter with one of these names
@@ -99,6 +100,7 @@ def step(optimizer, gradients, parameters, in_place):
             check_slots(owner, pair)
         if not pair.slots or not owner.book.initialized:
             to_mirror.setdefault(owner, set()).add(pair.keys)
+    _check_rules(active)
     active, owners, stepping, commit_hook = optimizer.prepare_step(active, owners)
     updating = {(id(pair.owner), pair.keys) for pair in active}  # a skipped pair gets no state yet
     to_mirror = {o: {k for k in keys if (id(o), k) in updating} for o, keys in to_mirror.items()}
@@ -120,7 +122,7 @@ def step(optimizer, gradients, parameters, in_place):
     # 3. run
     for group in _buckets(active).values():
         run(group[0].owner, group, in_place)
-    return _rebuild(gradients, iter(pairs)), pairs, active, stepping
+    return with_results(gradients, iter(pairs)), pairs, active, stepping
 
 
 def initialize(optimizer, parameters):
@@ -206,13 +208,25 @@ def run_rule(optimizer, pairs, in_place):
     coefficients = optimizer.coefficients(first.param, first.backend)
     hyper = optimizer.rule_hyperparameters() if callable(rule.slots) else None
     for pair in pairs:
-        names = rule.slot_names(len(pair.backend.shape(pair.param)), hyper)
+        names = rule.slot_names(pair.backend.shape(pair.param), hyper)
         slots = pair.slots
         with first.backend.quiet():
             new_param, *new_slots = rule.update(pair.grad, pair.param, *(slots[n] for n in names), **coefficients)
         for name, value in zip(names, new_slots):
             store_slot(pair.backend, slots, name, value)
         store_param(pair, new_param, in_place)
+
+
+def _check_rules(pairs):
+    """Compute each rule's coefficients once before the commit, so that a rule whose
+    coefficients do not fit its update fails before anything changes (checked once per rule)."""
+    seen = set()
+    for pair in pairs:
+        owner = pair.owner
+        if owner.runs_rule and id(owner) not in seen and not rule_checked(owner.rule):
+            seen.add(id(owner))
+            with pair.backend.quiet():
+                owner.coefficients(pair.param, pair.backend)
 
 
 def store_slot(backend, slots, name, value):
@@ -427,10 +441,10 @@ def _check_pair(name, path, grad, grad_backend, param, param_backend):
             f"{p_dtype}; cast the gradient to the parameter's dtype", path)
 
 
-def _rebuild(tree, pairs):
+def with_results(tree, pairs):
     """``tree``'s structure with each leaf replaced by the next pair's result."""
     if is_container(tree):
         if isinstance(tree, dict):
-            return rebuild(tree, ((k, _rebuild(v, pairs)) for k, v in tree.items()))
-        return rebuild(tree, [_rebuild(v, pairs) for v in tree])
+            return rebuild(tree, ((k, with_results(v, pairs)) for k, v in tree.items()))
+        return rebuild(tree, [with_results(v, pairs) for v in tree])
     return next(pairs).result

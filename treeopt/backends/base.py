@@ -135,6 +135,11 @@ class Backend:
         """A 0-d boolean array: no NaN or infinity in ``x``."""
         raise NotImplementedError
 
+    def on_whole(self, fn, x):
+        """``fn(x)`` computed on the whole array, placed as ``x`` is. Only an array split
+        across devices (JAX sharding) needs more than calling ``fn``."""
+        return fn(x)
+
 
 class PythonScalars(Backend):
     """Plain Python numbers, e.g. a schedule evaluated at an integer step."""

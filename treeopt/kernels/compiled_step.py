@@ -18,6 +18,8 @@ import operator
 
 import numpy as np
 
+from treeopt import engine
+from treeopt.errors import warn
 from treeopt.kernels import numba_available
 
 _is = operator.is_
@@ -53,15 +55,15 @@ def _flatten_pair(grad, model, grads, params):
 
 
 class _RuleBucket:
-    """Leaves of one optimizer, library and dtype, updated by the rule per tensor."""
+    """Parameters of one optimizer, library and dtype, updated in place by the engine's
+    per-tensor rule runner (:func:`treeopt.engine.run_rule`)."""
 
     def __init__(self, owner, backend, leaves, positions):
         self.owner, self.backend, self.positions = owner, backend, positions
+        self.pairs = [engine.Pair(leaf.keys, None, leaf.param, backend) for leaf in leaves]
+        for pair, leaf in zip(self.pairs, leaves):
+            pair.slots = leaf.slots
         self.params = [leaf.param for leaf in leaves]
-        self.slots = [leaf.slots for leaf in leaves]
-        ndim = [len(backend.shape(leaf.param)) for leaf in leaves]
-        hyper = owner.rule_hyperparameters()
-        self.names = [owner.rule.slot_names(n, hyper) for n in ndim]
         self.shapes = [tuple(backend.shape(leaf.param)) for leaf in leaves]
         self.dtype = leaves[0].param.dtype
 
@@ -73,15 +75,13 @@ class _RuleBucket:
         return chosen
 
     def run(self, grads):
-        backend, update = self.backend, self.owner.rule.update
-        coefficients = self.owner.coefficients(self.params[0], backend)
-        for g, p, slots, names in zip(grads, self.params, self.slots, self.names):
-            with backend.quiet():
-                new_param, *new_slots = update(g, p, *(slots[n] for n in names), **coefficients)
-            for name, value in zip(names, new_slots):
-                if value is not slots[name]:
-                    backend.write(slots[name], value)
-            backend.write(p, new_param)
+        for pair, g in zip(self.pairs, grads):
+            pair.grad = g
+        try:
+            engine.run_rule(self.owner, self.pairs, in_place=True)
+        finally:
+            for pair in self.pairs:
+                pair.grad = None  # do not keep the caller's gradients alive
 
 
 class _NumbaBucket:
@@ -144,6 +144,12 @@ class _NumbaBucket:
             out[:] = [g.data_ptr() for g in chosen]
             self.param_ptrs = np.array([p.data_ptr() for p in self.params], np.int64)  # p.data may be rebound
         return chosen, out
+
+    def compiled(self):
+        """This bucket, its loop compiled (called on no element)."""
+        self.kernel(np.zeros(len(self.params), np.int64), self.param_ptrs, self.slot_ptrs, np.zeros((0, 3), np.int64),
+                    self.rows, self.table, self.like, self.flags)
+        return self
 
     def run(self, prepared):
         _, grad_ptrs = prepared
@@ -237,7 +243,13 @@ class CompiledStep:
                    first.backend.device(first.param), static, flags)
             fused.setdefault(key, []).append((first.owner, group, positions))
         for key, members in fused.items():
-            buckets.append(_NumbaBucket(members, members[0][1][0].backend, key[4], key[5]))
+            try:  # compiled now, so that a rule numba cannot compile falls back before any write
+                buckets.append(_NumbaBucket(members, members[0][1][0].backend, key[4], key[5]).compiled())
+            except Exception as error:
+                warn(f"the compiled loop of rule {key[0].name!r} failed to build ({type(error).__name__}: "
+                     f"{str(error).splitlines()[0] if str(error) else ''}); it runs per tensor", RuntimeWarning)
+                buckets.extend(_RuleBucket(owner, group[0].backend, group, positions)
+                               for owner, group, positions in members)
         watched = [optimizer] + optimizer.stateful()
         return cls(params, buckets, stepping, watched)
 
