@@ -415,3 +415,27 @@ def test_lightning_trainer_with_configure_optimizers():
     assert isinstance(opt, treeopt.torch.Optimizer) and int(opt.optimizer.step) == 12
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02 * 0.5 ** 2, 3e-3 * 0.5 ** 2])
     assert torch.nn.functional.mse_loss(module.net(x), y).item() < first
+
+
+def test_a_ddp_wrapped_model_in_one_process_keeps_the_bare_names(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        bare, wrapped = mlp(), torch.nn.parallel.DistributedDataParallel(mlp())
+        opt_bare, opt_ddp = (treeopt.torch.Optimizer(m, optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)],
+                                                                             [F.is_hidden_matrix]))
+                             for m in (bare, wrapped))
+        for step in range(3):
+            for model, opt in ((bare, opt_bare), (wrapped, opt_ddp)):
+                loss_of(model, step).backward()
+                opt.step()
+                opt.zero_grad()
+        assert [g["param_names"] for g in opt_ddp.param_groups] == [g["param_names"] for g in opt_bare.param_groups]
+        assert set(opt_ddp.state_dict()["tensors"]) == set(opt_bare.state_dict()["tensors"])
+        for a, b in zip(bare.parameters(), wrapped.module.parameters()):
+            assert torch.equal(a, b)
+    finally:
+        dist.destroy_process_group()
