@@ -14,6 +14,8 @@ from treeopt.kernels.compiled_step import CompiledStep
 from treeopt.plan import Plan, build as build_plan
 from treeopt.rules.base import check_coefficients, keyword_only
 from treeopt.tree import is_container, tree_map
+from treeopt.errors import warn
+from treeopt.values import hyper
 
 __all__ = ["Optimizer", "Placement", "RESERVED"]
 
@@ -87,7 +89,7 @@ class Optimizer:
 
     @learning_rate.setter
     def learning_rate(self, value):
-        self._state["learning_rate"] = self._scalar(value)
+        self._state["learning_rate"] = self._scalar(hyper(value, f"{type(self).__name__} learning_rate"))
 
     def _scalar(self, value, dtype="float32"):
         """A state scalar: an array of the state's library. Numbers (an integer learning
@@ -107,9 +109,19 @@ class Optimizer:
     def _maybe_schedule(self, name, value):
         """Put hyper-parameter ``name`` in the state, on a schedule if ``value`` is callable."""
         if callable(value):
-            self._schedulers[name] = value
-            value = value(self.step)
-        self._state[name] = self._scalar(value)
+            schedule, value = value, self._scheduled(name, value, self.step)
+            self._schedulers[name] = schedule
+        self._state[name] = self._scalar(hyper(value, f"{type(self).__name__} {name}"))
+
+    def _scheduled(self, name, schedule, step):
+        """``schedule(step)``, checked: one finite number."""
+        what = f"{type(self).__name__} {name}: its schedule {getattr(schedule, '__name__', schedule)!r} at step "
+        try:
+            return hyper(schedule(step), what + f"{_step_text(step)} returned a value that")
+        except (TypeError, ValueError) as error:
+            if str(error).startswith(what):
+                raise
+            raise type(error)(f"{what}{_step_text(step)} raised {type(error).__name__}: {error}") from error
 
     @property
     def schedules(self) -> dict:
@@ -277,21 +289,28 @@ class Optimizer:
                 setattr(self, key, value)
         return restore
 
-    def advance(self):
-        """Evaluate the schedules at the current step, count the step, then advance the
-        rule's running values (once per step, before any coefficient is computed)."""
+    def scheduled_values(self) -> dict:
+        """Every schedule evaluated at the current step and checked (one finite number), as
+        state scalars: computed before a step commits, so a schedule that fails (raises,
+        returns a vector, a string or NaN) fails before anything changes."""
         step = self._state["step"]
-        for name, schedule in self._schedulers.items():
-            self._state[name] = self._scalar(schedule(step))
-        self._state["step"] = step + 1
+        return {name: self._scheduled(name, schedule, step) for name, schedule in self._schedulers.items()}
+
+    def advance(self, values=None):
+        """Count the step, with the schedules' ``values`` (:meth:`scheduled_values`), made
+        state scalars of the state's library (settled by now); then advance the rule's running
+        values (once per step, before any coefficient is computed)."""
+        values = self.scheduled_values() if values is None else values
+        self._state.update({name: self._scalar(value) for name, value in values.items()})
+        self._state["step"] = self._state["step"] + 1
         if self.rule is not None and self.rule.advance is not None:
             backend = self.book.backend or numpy_backend
-            hyper = self.rule_hyperparameters()
-            values = self.rule.advance(
+            settings = self.rule_hyperparameters()
+            running = self.rule.advance(
                 self._state.get("learning_rate"), backend.astype(self._state["step"], "float32"),
                 **{n: self._state[n] for n in self.rule.running},
-                **{n: hyper[n] for n in keyword_only(self.rule.advance) if n in hyper})
-            for name, value in values.items():
+                **{n: settings[n] for n in keyword_only(self.rule.advance) if n in settings})
+            for name, value in running.items():
                 self._state[name] = self._scalar(value)
 
     def coefficients(self, like, backend) -> dict:
@@ -367,7 +386,12 @@ class Optimizer:
             return None
         if not active or not active[0].backend.mutable:
             return None
-        return CompiledStep.build(self, gradients, model, pairs, active, stepping)
+        try:
+            return CompiledStep.build(self, gradients, model, pairs, active, stepping)
+        except Exception as error:  # the step is done: a fast path that cannot be built is only slower
+            warn(f"treeopt: no compiled step for {type(self).__name__} ({type(error).__name__}: {error}); "
+                 "later steps take the reference path", RuntimeWarning)
+            return None
 
 
 class Placement(NamedTuple):
@@ -384,6 +408,13 @@ class Placement(NamedTuple):
     notes: tuple
     shape: tuple
     dtype: str
+
+
+def _step_text(step):
+    try:
+        return str(int(as_float(step)))
+    except Exception:  # a traced step (jax.jit): no number yet
+        return "(traced)"
 
 
 def _copy(value):

@@ -5,6 +5,7 @@ Every numeric hyper-parameter may also be a schedule (a callable of the step); i
 value then lives in the state under its name, like ``learning_rate``.
 """
 
+import math
 import numbers
 
 from treeopt import engine, rules
@@ -32,6 +33,8 @@ class _Builtin(Optimizer):
             self._maybe_schedule(name, value)
         elif _is_number(value):
             value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"{type(self).__name__} {name} must be a finite number, {value} was provided instead")
             if check is not None and not check(value):
                 raise ValueError(message.format(name=type(self).__name__, value=value))
         else:
