@@ -91,7 +91,8 @@ class Rule:
         parameters = list(inspect.signature(self.update).parameters.values())[2:]
         if not callable(self.slots):
             parameters = parameters[len(self.slots):]
-        return tuple(p.name for p in parameters if p.kind is not p.VAR_POSITIONAL)
+        # a parameter with a default is a runner's switch (Muon's stacked=), not a coefficient
+        return tuple(p.name for p in parameters if p.kind is not p.VAR_POSITIONAL and p.default is p.empty)
 
 
 _CHECKED = set()  # rules whose coefficient names were found to be update's
