@@ -348,31 +348,41 @@ def test_nanogpt_training_loop_learns_and_matches_torch_adamw():
 
 
 # ------------------------------------------------------------------------------ trainers
-def test_hugging_face_trainer_with_a_treeopt_optimizer_and_scheduler(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="the Hugging Face client test needs transformers")
-    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+def hugging_face_run(transformers, folder, resume=None):
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                      bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config)  # random weights from a config: nothing downloaded
     opt = treeopt.torch.Optimizer(model, optim.muon_adamw())
-    routes = {row.path: row.optimizer for row in opt.plan().rows}
-    assert routes["transformer.wte.weight"] == "adamw" and routes["transformer.h.0.mlp.c_fc.weight"] == "muon"
     scheduler = transformers.get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=8)
     ids = torch.arange(16) % 8
     data = [{"input_ids": ids, "labels": ids} for _ in range(32)]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
-                                          logging_steps=4, report_to=[], use_cpu=True, save_strategy="no",
-                                          disable_tqdm=True)
+    args = transformers.TrainingArguments(output_dir=str(folder), max_steps=8, per_device_train_batch_size=4,
+                                          logging_steps=4, report_to=[], use_cpu=True, save_strategy="steps",
+                                          save_steps=4, disable_tqdm=True, seed=0, data_seed=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, scheduler))
     used = []
     opt.register_step_post_hook(lambda o, args, kwargs: used.append(float(o.optimizer.optimizers[0].learning_rate)))
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
+    return model, opt, trainer, result, used
+
+
+def test_hugging_face_trainer_with_a_treeopt_optimizer_and_scheduler_resumes_exactly(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face client test needs transformers")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    model, opt, trainer, result, used = hugging_face_run(transformers, tmp_path)
+    routes = {row.path: row.optimizer for row in opt.plan().rows}
+    assert routes["transformer.wte.weight"] == "adamw" and routes["transformer.h.0.mlp.c_fc.weight"] == "muon"
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert result.global_step == 8 and int(opt.optimizer.step) == 8
     assert logs[-1]["loss"] < logs[0]["loss"]
     warmup_then_cosine = [k / 2 if k < 2 else 0.5 * (1 + math.cos(math.pi * (k - 2) / 6)) for k in range(8)]
     assert used == pytest.approx([0.02 * f for f in warmup_then_cosine], rel=1e-6)  # what Muon stepped with
+    # the Trainer saved the optimizer at step 4 (torch.save of state_dict()); resume from it
+    resumed, resumed_opt, _, _, resumed_used = hugging_face_run(transformers, tmp_path, resume=tmp_path / "checkpoint-4")
+    assert int(resumed_opt.optimizer.step) == 8 and resumed_used == used[4:]
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_lightning_trainer_with_configure_optimizers():
@@ -405,3 +415,27 @@ def test_lightning_trainer_with_configure_optimizers():
     assert isinstance(opt, treeopt.torch.Optimizer) and int(opt.optimizer.step) == 12
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02 * 0.5 ** 2, 3e-3 * 0.5 ** 2])
     assert torch.nn.functional.mse_loss(module.net(x), y).item() < first
+
+
+def test_a_ddp_wrapped_model_in_one_process_keeps_the_bare_names(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        bare, wrapped = mlp(), torch.nn.parallel.DistributedDataParallel(mlp())
+        opt_bare, opt_ddp = (treeopt.torch.Optimizer(m, optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)],
+                                                                             [F.is_hidden_matrix]))
+                             for m in (bare, wrapped))
+        for step in range(3):
+            for model, opt in ((bare, opt_bare), (wrapped, opt_ddp)):
+                loss_of(model, step).backward()
+                opt.step()
+                opt.zero_grad()
+        assert [g["param_names"] for g in opt_ddp.param_groups] == [g["param_names"] for g in opt_bare.param_groups]
+        assert set(opt_ddp.state_dict()["tensors"]) == set(opt_bare.state_dict()["tensors"])
+        for a, b in zip(bare.parameters(), wrapped.module.parameters()):
+            assert torch.equal(a, b)
+    finally:
+        dist.destroy_process_group()

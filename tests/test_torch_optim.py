@@ -357,3 +357,21 @@ def test_a_foreign_torch_state_dict_is_refused_with_the_reason():
     opt = treeopt.torch.Optimizer(model, two_groups())
     with pytest.raises(ValueError, match="not written by treeopt.torch.Optimizer"):
         opt.load_state_dict(reference.state_dict())
+
+
+def test_a_parameter_added_between_steps_is_unscaled_by_grad_scaler():
+    """GradScaler reads param_groups before step(): the new parameter must be there already."""
+    model = Net()
+    opt = treeopt.torch.Optimizer(model, two_groups())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    train(model, opt, 1)
+    model.blocks.append(torch.nn.Linear(8, 8))
+    backward(model)
+    expected = model.blocks[2].weight.grad.clone()
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(TOKENS).reshape(-1, 10), TARGETS.reshape(-1))
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.testing.assert_close(model.blocks[2].weight.grad, expected)
+    scaler.step(opt)
+    assert "blocks.2.weight" in opt.state and int(opt.optimizer.step) == 2

@@ -133,10 +133,9 @@ class Optimizer(torch.optim.Optimizer):
         self._leaves = [leaf for _, _, leaf in optimizer.named_stateful()]
         self._group_names = [name for name, _, _ in optimizer.named_stateful()]
         self._group_of: dict = {}  # name -> group index; None: frozen by the MultiOptimizer
-        self._unrouted = set()  # names that did not require grad when last seen
         self._declare_kinds(self.parameters)
         self._route([n for n, p in self.parameters.items() if p.requires_grad])
-        self._unrouted = {n for n, p in self.parameters.items() if not p.requires_grad}
+        self._unrouted = {n for n, p in self.parameters.items() if not p.requires_grad}  # routed once they do
         self._published = [self._group_values(i) for i in range(len(self._leaves))]
         groups = [dict(self._published[i], **self._members(i)) for i in range(len(self._leaves))]
         shared = set.intersection(*(set(values) for values in self._published)) - {"name"}
@@ -151,7 +150,7 @@ class Optimizer(torch.optim.Optimizer):
     def __repr__(self):
         return f"treeopt.torch.Optimizer({len(self.parameters)} parameters, {self.optimizer!r})"
 
-    def __getstate__(self):  # torch's keeps only defaults, state and param_groups
+    def __getstate__(self):  # torch's keeps defaults, state and param_groups: here views of the rest
         return self.__dict__.copy()
 
     def __setstate__(self, state):
@@ -436,6 +435,7 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
+        self.refresh()  # a parameter added since the last step has a gradient too
         for p in self.parameters.values():  # frozen by the MultiOptimizer too: in no group
             if p.grad is None:
                 continue
@@ -510,11 +510,14 @@ class ParameterState(MutableMapping):
 
     def __init__(self, owner: Optimizer):
         self._owner = owner
+        self._names = None  # id(parameter) -> name, built at the first lookup by tensor
 
     def _name(self, key):
         if isinstance(key, str):
             return key
-        return next((n for n, p in self._owner.parameters.items() if p is key), None)
+        if self._names is None:
+            self._names = {id(p): n for n, p in self._owner.parameters.items()}
+        return self._names.get(id(key))
 
     def _slots(self, name):
         group = self._owner._group_of.get(name)
