@@ -13,7 +13,7 @@ A step goes in three phases, so that bad input never leaves the optimizer half-c
 """
 
 from treeopt import _trees
-from treeopt.backends import backend_of, numpy_backend
+from treeopt.backends import backend_of, default_backend, numpy_backend
 from treeopt.errors import MissingParameterError, ParameterError, describe
 from treeopt.tree import is_container, items, rebuild
 
@@ -60,7 +60,7 @@ class Optimizer:
     def __init__(self, schedulers=None):
         self._initialized = False
         self._backend = None
-        self._state = {"step": numpy_backend.scalar_array(0, "uint64")}
+        self._state = {"step": default_backend().scalar_array(0, "uint64")}
         self._schedulers = dict(schedulers or {})
         self._params_info = {}  # keys -> (shape, dtype) of each parameter with state, for plans
         self._carried = {}  # keys -> slots to start from when the parameter is initialised
@@ -109,7 +109,7 @@ class Optimizer:
     def _scalar(self, value, dtype="float32"):
         """A state scalar: an array of the state's library. Numbers (an integer learning
         rate too) become ``dtype``; float16, bfloat16 and float32 arrays keep their dtype."""
-        backend = self._backend or numpy_backend
+        backend = self._backend or backend_of(self._state["step"]) or numpy_backend
         owner = backend_of(value)
         if owner is None:
             raise TypeError(f"expected a number or an array, got {type(value).__name__}")

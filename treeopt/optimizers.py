@@ -9,6 +9,7 @@ import numbers
 
 from treeopt import rules
 from treeopt.optimizer import Optimizer
+from treeopt.rules.adafactor import factored_rsqrt
 from treeopt.rules.muon import ADJUST_LR, LAYOUTS, NS_EPS
 
 
@@ -336,6 +337,11 @@ class Adafactor(_Builtin):
         self.scale_parameter = bool(scale_parameter)
         self.relative_step = bool(relative_step)
         self.warmup_init = bool(warmup_init)
+
+    def _approximate_exp_moving_avg(self, exp_avg_sq_row, exp_avg_sq_col):
+        """MLX's name for the factored preconditioner (kept for code that calls it): the
+        inverse square root of the second moment the row and column averages stand for."""
+        return factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col)
 
     def slot_shapes(self, parameter):
         shape = tuple(parameter.shape)
