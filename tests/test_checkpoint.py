@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import treeopt as optim
-from treeopt import checkpoint
+from treeopt import checkpoint, engine
 from treeopt.backends import backend_of
 from treeopt.tree import tree_flatten, tree_map
 
@@ -812,9 +812,9 @@ def _uniform_value(path):
         sys.path.remove(HERE)
     opt = state_for(ELEMENTS)
     assert checkpoint.load(opt, path).ok
-    values = {float(np.unique(a)[0]) for _, slots in opt._slot_items() for a in slots.values()
+    values = {float(np.unique(a)[0]) for _, slots in engine.slot_items(opt) for a in slots.values()
               if np.unique(a).size == 1}
-    assert len(values) == 1 and all(np.unique(a).size == 1 for _, s in opt._slot_items() for a in s.values())
+    assert len(values) == 1 and all(np.unique(a).size == 1 for _, s in engine.slot_items(opt) for a in s.values())
     value = values.pop()
     assert as_float64(opt.learning_rate) == value
     return int(value)

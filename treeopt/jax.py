@@ -34,7 +34,6 @@ import re
 
 import jax
 
-from treeopt.checkpoint.format import leaf_optimizers
 from treeopt.tree import tree_map
 
 __all__ = ["init", "update", "as_optax", "path_of", "module_kinds", "declare_kinds", "LAYOUT"]
@@ -80,8 +79,8 @@ def _copy_containers(state):
 def _borrowed(optimizer, state):
     """Run ``optimizer`` on a copy of ``state`` (its containers, not its arrays), leaving the
     optimizer's own state untouched."""
-    leaves = [leaf for _, _, leaf in leaf_optimizers(optimizer)]
-    saved = [(leaf._state, leaf._initialized, leaf._backend) for leaf in leaves]
+    leaves = optimizer.stateful()
+    saved = [(leaf.state, leaf.book.initialized, leaf.book.backend) for leaf in leaves]
     laid_out = [leaf for leaf in leaves if hasattr(leaf, "_implicit_layout")]
     try:
         for leaf in laid_out:  # weights are flax's here, unless the optimizer says otherwise
@@ -92,7 +91,8 @@ def _borrowed(optimizer, state):
         for leaf in laid_out:
             del leaf._implicit_layout  # back to the class's
         for leaf, (own, initialized, backend) in zip(leaves, saved):
-            leaf._state, leaf._initialized, leaf._backend = own, initialized, backend
+            leaf.state = own
+            leaf.book.initialized, leaf.book.backend = initialized, backend
 
 
 def _natural(path):
@@ -155,18 +155,33 @@ def init(optimizer, params):
     (:func:`declare_kinds`) first."""
     declare_kinds(optimizer, params)
     flat, _, _ = _flat(params)
-    with _borrowed(optimizer, _scalars(optimizer)):
+    with _borrowed(optimizer, optimizer.scalar_state()):
         optimizer.init(flat)
-        return _copy_containers(optimizer.state)
+        return _on_mesh_of(flat.values(), _copy_containers(optimizer.state))
 
 
-def _scalars(optimizer):
-    """The state without parameter entries (for a MultiOptimizer, per child)."""
-    from treeopt.multi import MultiOptimizer
+def _on_mesh_of(params, state):
+    """``state`` with the arrays that are on no mesh (the step, learning rates) copied to every
+    device of the parameters' mesh. Slots already follow their parameters' sharding. A jitted
+    step returns its scalars on the mesh: starting them there too keeps step 2 from retracing."""
+    mesh = next((sharding.mesh for sharding in map(_sharding, params)
+                 if isinstance(sharding, jax.sharding.NamedSharding)), None)
+    if mesh is None or mesh.size == 1:
+        return state
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    if isinstance(optimizer, MultiOptimizer):
-        return {"states": [_scalars(child) for child in optimizer.optimizers]}
-    return {k: optimizer.state[k] for k in optimizer._scalar_names()}
+    def place(leaf):
+        sharding = _sharding(leaf)
+        return jax.device_put(leaf, replicated) if isinstance(sharding, jax.sharding.SingleDeviceSharding) else leaf
+
+    return tree_map(place, state)
+
+
+def _sharding(leaf):
+    """A concrete array's sharding; ``None`` for a tracer or anything else."""
+    if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+        return None
+    return leaf.sharding
 
 
 def update(optimizer, grads, state, params):

@@ -2,7 +2,8 @@
 metadata saying who owns what; and loading it back by name, checked, all or nothing.
 
 Keys: ``"{path}/{slot}"`` for a parameter's slot (``layers.0.attn.weight/m``) and
-``"@{optimizer}/{scalar}"`` for an optimizer's step, learning rate and scheduled values.
+``"@{optimizer}/{scalar}"`` for an optimizer's step, learning rate, scheduled values and the
+rule's running values (schedule-free's weight sum).
 """
 
 import numbers
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from treeopt import __version__
+from treeopt import __version__, engine
 from treeopt._trees import dotted
 from treeopt.backends import backend_of, numpy_backend
 from treeopt.errors import TreeoptError
@@ -59,7 +60,7 @@ class LoadReport:
 # ---------------------------------------------------------------------------------- saving
 def leaf_optimizers(optimizer):
     """``(name, position, optimizer)`` for every optimizer that holds state, in order."""
-    return optimizer._named_optimizers()
+    return optimizer.named_stateful()
 
 
 def _json_value(value):
@@ -101,9 +102,9 @@ def to_flat(optimizer, known=()):
         tensors[key] = value
 
     for name, position, leaf in leaf_optimizers(optimizer):
-        for scalar in leaf._scalar_names():
+        for scalar in leaf.scalar_names():
             put(f"@{name}/{scalar}", leaf.state[scalar])
-        for keys, slots in leaf._slot_items():
+        for keys, slots in engine.slot_items(leaf):
             path = dotted(keys)
             if path in parameters:
                 raise CheckpointError(f"two parameters have the path {path!r}: rename one of them")
@@ -111,17 +112,20 @@ def to_flat(optimizer, known=()):
             for slot, value in slots.items():
                 put(f"{path}/{slot}", value)
         optimizers.append({"name": name, "position": list(position), "type": type(leaf).__name__,
-                           "hyperparameters": hyperparameters(leaf), "scheduled": sorted(leaf._schedulers)})
-    owners = {dotted(keys): name for name, _, leaf in leaf_optimizers(optimizer) for keys in leaf._params_info}
-    for keys, owner in _known_paths(optimizer):
-        path = dotted(keys)
-        if path not in parameters:
-            parameters[path] = {"owner": owner, "slots": {}}
+                           "hyperparameters": hyperparameters(leaf), "scheduled": sorted(leaf.schedules),
+                           "running": [n for n in leaf.scalar_names() if n not in ("step", "learning_rate")
+                                       and n not in leaf.schedules]})
+    names = {id(leaf): name for name, _, leaf in leaf_optimizers(optimizer)}
+    for placed in optimizer.routing_table():  # known paths without state
+        parameters.setdefault(dotted(placed.keys), {"owner": names.get(id(placed.owner)), "slots": {}})
     for path in known:
-        if path not in parameters:
-            parameters[path] = {"owner": owners.get(path), "slots": {}}
+        parameters.setdefault(path, {"owner": None, "slots": {}})
+    from treeopt.checkpoint import routing
+
+    for key, value in routing.carried_tensors(optimizer, leaf_optimizers(optimizer)).items():
+        put(key, value)
     extra = {}
-    for name, value in _whole_model_state(optimizer).items():
+    for name, value in optimizer.whole_model_state().items():
         if name == "accumulated":
             for path, array in value.items():
                 put(f"#accumulated/{path}", array)
@@ -135,27 +139,10 @@ def to_flat(optimizer, known=()):
         "step": int(numpy_scalar(leaf_optimizers(optimizer)[0][2].step)),
         "optimizers": optimizers, "parameters": parameters,
     }
+    changes = routing.to_metadata(optimizer)
+    if changes:
+        metadata["routing"] = changes
     return tensors, metadata
-
-
-def _known_paths(optimizer):
-    """``(keys, owner name)`` of every routed parameter of a MultiOptimizer."""
-    from treeopt.multi import MultiOptimizer
-
-    if not isinstance(optimizer, MultiOptimizer):
-        return []
-    names = {id(leaf): name for name, _, leaf in leaf_optimizers(optimizer)}
-    return [(keys, names.get(id(optimizer._leaf_owner(keys))) if keys not in optimizer._frozen else None)
-            for keys in optimizer._info]
-
-
-def _whole_model_state(optimizer):
-    """The state a MultiOptimizer keeps itself: step counters, norms, accumulation buffers."""
-    from treeopt.multi import MultiOptimizer
-
-    if not isinstance(optimizer, MultiOptimizer):
-        return {}
-    return {k: v for k, v in optimizer._state.items() if k != "states"}
 
 
 def numpy_scalar(value):
@@ -164,15 +151,6 @@ def numpy_scalar(value):
 
 
 # ---------------------------------------------------------------------------------- loading
-def _check_metadata(metadata):
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise CheckpointError("not a treeopt checkpoint (no treeopt metadata)")
-    if metadata.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint format {metadata['format_version']} is newer than this treeopt reads ({FORMAT_VERSION}); "
-            "upgrade treeopt")
-
-
 def _match_optimizers(current, metadata):
     """Each current optimizer's saved counterpart: the one that owned most of its
     parameters; else the one with its name; else the one at its position."""
@@ -181,7 +159,7 @@ def _match_optimizers(current, metadata):
     matches = {}
     for name, position, leaf in current:
         kind = type(leaf).__name__
-        votes = Counter(owner[dotted(keys)] for keys, _ in leaf._slot_items()
+        votes = Counter(owner[dotted(keys)] for keys, _ in engine.slot_items(leaf)
                         if owner.get(dotted(keys)) in saved and saved[owner[dotted(keys)]]["type"] == kind)
         if votes:
             matches[id(leaf)] = saved[votes.most_common(1)[0][0]]
@@ -201,7 +179,10 @@ def from_flat(optimizer, tensors, metadata, strict=True):
     :class:`CheckpointError` and nothing changes; otherwise what matches is loaded and the
     report is returned.
     """
-    _check_metadata(metadata)
+    from treeopt.checkpoint import validate
+
+    validate.metadata(metadata)
+    validate.tensors(tensors, metadata)
     report = LoadReport()
     current = leaf_optimizers(optimizer)
     matches = _match_optimizers(current, metadata)
@@ -211,7 +192,7 @@ def from_flat(optimizer, tensors, metadata, strict=True):
     seen = set()
 
     for name, _, leaf in current:
-        for keys, slots in leaf._slot_items():
+        for keys, slots in engine.slot_items(leaf):
             path = dotted(keys)
             seen.add(path)
             saved = saved_params.get(path)
@@ -264,22 +245,24 @@ def from_flat(optimizer, tensors, metadata, strict=True):
             if key in ours and ours[key] != value and not isinstance(value, dict) and not isinstance(ours[key], dict):
                 report.problems.append(Problem(
                     "hyperparameter", name, f"{key} is {value!r} in the checkpoint, {ours[key]!r} now"))
-        for scalar in leaf._scalar_names():
+        for scalar in leaf.scalar_names():
             key = f"@{saved['name']}/{scalar}"
             if key not in tensors:
                 report.problems.append(Problem("missing", f"@{name}/{scalar}", "not in the checkpoint"))
             else:
                 scalar_writes.append((leaf, scalar, tensors[key]))
 
+    whole_model = _check_whole_model_state(optimizer, tensors, metadata, report)
     if strict and report.problems:
         raise CheckpointError(f"the checkpoint does not fit the optimizer (nothing was loaded): {report}", report)
-    _load_whole_model_state(optimizer, tensors, metadata)
+    if whole_model:
+        _load_whole_model_state(optimizer, tensors, metadata)
     for slots, slot, key in writes:
         _assign(slots, slot, tensors[key])  # one tensor read at a time
     for leaf, scalar, array in scalar_writes:
         _assign_scalar(leaf, scalar, array)
     for _, _, leaf in current:
-        leaf._initialized = True
+        leaf.book.initialized = True
     return report
 
 
@@ -292,18 +275,41 @@ def _spec(tensors, key):
     return list(backend.shape(array)), backend.dtype_name(array)
 
 
-def _load_whole_model_state(optimizer, tensors, metadata):
-    from treeopt.multi import MultiOptimizer
+def _check_whole_model_state(optimizer, tensors, metadata, report):
+    """Whether the optimizer takes whole-model state (a MultiOptimizer); each accumulation
+    buffer must have its parameter's shape and dtype."""
+    keys = [k for k in tensors.keys() if k.startswith("#accumulated/") or k == "#grad_norm"]
+    if optimizer.stateful() == [optimizer]:
+        for name in [*metadata.get("whole_model", {}), *keys]:
+            report.problems.append(Problem("unexpected", name, f"whole-model state, and {type(optimizer).__name__} is "
+                                                               "not a MultiOptimizer"))
+        return False
+    known = {dotted(p.keys): (p.shape, p.dtype) for p in optimizer.routing_table()}
+    for key in keys:
+        if key == "#grad_norm":
+            continue
+        path = key[len("#accumulated/"):]
+        shape, dtype = _spec(tensors, key)
+        info = known.get(path)
+        if info is None:  # not seen yet: checked against its gradient at the next step
+            if path not in metadata["parameters"]:
+                report.problems.append(Problem("unexpected", key, "an accumulation buffer of no parameter"))
+        elif (tuple(shape), dtype) != (tuple(info[0]), info[1]):
+            report.problems.append(Problem("shape", key, f"an accumulation buffer of {dtype}{list(shape)}; the parameter "
+                                                         f"is {info[1]}{list(info[0])}"))
+    return True
 
-    if not isinstance(optimizer, MultiOptimizer):
-        return
-    state = optimizer._state
-    for key in [k for k in state if k != "states"]:
+
+def _load_whole_model_state(optimizer, tensors, metadata):
+    if optimizer.stateful() == [optimizer]:
+        return  # only a MultiOptimizer keeps state for the whole model
+    state = optimizer.state
+    for key in optimizer.whole_model_state():
         del state[key]
     state.update(metadata.get("whole_model", {}))
-    backend = optimizer._optimizers()[0]._backend or numpy_backend
+    backend = optimizer.stateful()[0].book.backend or numpy_backend
     accumulated = {}
-    for key in [k for k in tensors.keys() if k.startswith("#")]:
+    for key in [k for k in tensors.keys() if k.startswith("#") and not k.startswith("#carried/")]:
         array = tensors[key]
         if key.startswith("#accumulated/"):
             accumulated[key[len("#accumulated/"):]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
@@ -325,8 +331,9 @@ def _assign(slots, slot, array):
 
 
 def _assign_scalar(leaf, scalar, array):
+    """A state scalar (checked by :mod:`.validate`: 0-d, a step >= 0, a finite float)."""
     value = numpy_scalar(array)
-    backend = leaf._backend or numpy_backend
+    backend = leaf.book.backend or numpy_backend
     dtype = "uint64" if scalar == "step" else value.dtype.name
     if dtype not in ("uint64", "float16", "bfloat16", "float32"):
         dtype = "float32"

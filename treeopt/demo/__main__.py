@@ -1,4 +1,5 @@
-"""``python -m treeopt.demo``: see :mod:`treeopt.demo.cli`."""
+"""``python -m treeopt.demo`` (the GPT) and ``python -m treeopt.demo digits`` (the NumPy MLP):
+see :mod:`treeopt.demo.cli`."""
 
 from treeopt.demo.cli import main
 

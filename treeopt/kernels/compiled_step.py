@@ -18,10 +18,12 @@ import operator
 
 import numpy as np
 
+from treeopt import engine
+from treeopt.errors import warn
 from treeopt.kernels import numba_available
 
 _is = operator.is_
-_LEAF_TYPES = {np.ndarray}  # torch.Tensor is added when torch is in use
+_LEAF_TYPES = {np.ndarray}  # the array types of every backend in use (Backend.array_types)
 
 
 def _flatten_pair(grad, model, grads, params):
@@ -40,10 +42,12 @@ def _flatten_pair(grad, model, grads, params):
         pairs = grad.items()
     elif isinstance(grad, (list, tuple)):
         pairs = zip(range(len(grad)), grad)
-    else:
+    elif type(grad) in _LEAF_TYPES:
         grads.append(grad)
         params.append(model)
         return
+    else:  # None, a number, an array subclass: the general engine decides (and never reads id(None))
+        raise TypeError(type(grad).__name__)
     for key, child in pairs:
         if type(child) in _LEAF_TYPES:
             grads.append(child)
@@ -53,19 +57,22 @@ def _flatten_pair(grad, model, grads, params):
 
 
 class _RuleBucket:
-    """Leaves of one optimizer, library and dtype, updated by the rule per tensor."""
+    """Parameters of one optimizer, library and dtype, updated in place by the engine's
+    per-tensor rule runner (:func:`treeopt.engine.run_rule`)."""
 
     def __init__(self, owner, backend, leaves, positions):
         self.owner, self.backend, self.positions = owner, backend, positions
+        self.pairs = [engine.Pair(leaf.keys, None, leaf.param, backend) for leaf in leaves]
+        for pair, leaf in zip(self.pairs, leaves):
+            pair.slots = leaf.slots
         self.params = [leaf.param for leaf in leaves]
-        self.slots = [leaf.slots for leaf in leaves]
-        ndim = [len(backend.shape(leaf.param)) for leaf in leaves]
-        hyper = owner._hyper()
-        self.names = [owner.rule.slot_names(n, hyper) for n in ndim]
         self.shapes = [tuple(backend.shape(leaf.param)) for leaf in leaves]
         self.dtype = leaves[0].param.dtype
 
     def prepare(self, grads):
+        writable = self.backend.writable
+        if not all(writable(p) and all(writable(a) for a in slots.values()) for p, slots in zip(self.params, (pair.slots for pair in self.pairs))):
+            return None  # made read-only since the plan: the engine replaces it instead
         chosen = [grads[k] for k in self.positions]
         for g, shape in zip(chosen, self.shapes):
             if type(g) is not type(self.params[0]) or g.dtype != self.dtype or tuple(g.shape) != shape:
@@ -73,15 +80,13 @@ class _RuleBucket:
         return chosen
 
     def run(self, grads):
-        backend, update = self.backend, self.owner.rule.update
-        coefficients = self.owner._coefficients(self.params[0], backend)
-        for g, p, slots, names in zip(grads, self.params, self.slots, self.names):
-            with backend.quiet():
-                new_param, *new_slots = update(g, p, *(slots[n] for n in names), **coefficients)
-            for name, value in zip(names, new_slots):
-                if value is not slots[name]:
-                    backend.write(slots[name], value)
-            backend.write(p, new_param)
+        for pair, g in zip(self.pairs, grads):
+            pair.grad = g
+        try:
+            engine.run_rule(self.owner, self.pairs, in_place=True)
+        finally:
+            for pair in self.pairs:
+                pair.grad = None  # do not keep the caller's gradients alive
 
 
 class _NumbaBucket:
@@ -123,6 +128,14 @@ class _NumbaBucket:
             self.ndims = np.array([len(s) for s in self.shapes], np.int64)
             self.descr = id(self.np_dtype)
             self.pointers = numpy_pointers
+            # what the loop writes, checked still writable (and of its shape) at every step
+            targets = self.params + [a for row in self.slot_arrays for a in row]
+            self.target_ids = np.array([id(a) for a in targets], np.int64)
+            self.target_shapes = np.zeros((len(targets), width), np.int64)
+            for i, a in enumerate(targets):
+                self.target_shapes[i, :a.ndim] = a.shape
+            self.target_ndims = np.array([a.ndim for a in targets], np.int64)
+            self.target_out = np.empty(len(targets), np.int64)
 
     def prepare(self, grads):
         hyper = [_settings(owner) for owner in self.owners]
@@ -136,19 +149,33 @@ class _NumbaBucket:
             ids = np.fromiter(map(id, chosen), np.int64, len(chosen))
             if self.pointers(ids, self.descr, self.shape_table, self.ndims, False, out) != -1:
                 return None
+            if self.pointers(self.target_ids, self.descr, self.target_shapes, self.target_ndims, True,
+                             self.target_out) != -1:
+                return None  # a parameter or slot made read-only (or resized) since the plan
         else:
             dtype = self.dtype  # the cheapest checks torch has (about 1 us a tensor in all)
             if not all(g.dtype is dtype and g.is_cpu and g.shape == shape and g.is_contiguous()
                        for g, shape in zip(chosen, self.shapes)):
                 return None
             out[:] = [g.data_ptr() for g in chosen]
-            self.param_ptrs = np.array([p.data_ptr() for p in self.params], np.int64)  # p.data may be rebound
+            pointers = np.array([p.data_ptr() for p in self.params], np.int64)
+            if not np.array_equal(pointers, self.param_ptrs):  # p.data rebound: to a tensor that fits?
+                if not all(p.dtype is dtype and p.is_cpu and p.shape == shape and p.is_contiguous()
+                           for p, shape in zip(self.params, self.shapes)):
+                    return None
+                self.param_ptrs = pointers
         return chosen, out
+
+    def compiled(self):
+        """This bucket, its loop compiled (called on no element)."""
+        self.kernel(np.zeros(len(self.params), np.int64), self.param_ptrs, self.slot_ptrs, np.zeros((0, 3), np.int64),
+                    self.rows, self.table, self.like, self.flags)
+        return self
 
     def run(self, prepared):
         _, grad_ptrs = prepared
         for row, owner in enumerate(self.owners):
-            values = owner._coefficients(self.params[0], self.backend)
+            values = owner.coefficients(self.params[0], self.backend)
             self.table[row] = [_float(values[n]) for n in self.numeric]
         self.kernel(grad_ptrs, self.param_ptrs, self.slot_ptrs, self.segments, self.rows, self.table, self.like,
                     self.flags)
@@ -158,17 +185,17 @@ def _settings(owner):
     """The hyper-parameters that decide the switches: numbers and flags (a schedule always
     switches its term on, whatever its value)."""
     return [v if isinstance(v, (bool, int, float, str, tuple, type(None))) else "scheduled"
-            for v in owner._hyper().values()]
+            for v in owner.rule_hyperparameters().values()]
 
 
 def _flags(owner, like, backend, static):
-    values = owner._coefficients(like, backend)
+    values = owner.coefficients(like, backend)
     return tuple(bool(values[n]) for n in static)
 
 
 def _static_names(owner, like, backend):
     """The coefficients of ``owner``'s rule that are switches rather than numbers."""
-    values = owner._coefficients(like, backend)
+    values = owner.coefficients(like, backend)
     return tuple(n for n, v in values.items() if isinstance(v, (bool, np.bool_)))
 
 
@@ -194,7 +221,7 @@ class CompiledStep:
     def __init__(self, params, buckets, stepping, watched):
         self.params, self.buckets = params, buckets
         self.stepping, self.watched = stepping, watched
-        self.versions = [o._version for o in watched]
+        self.versions = [o.book.version for o in watched]
 
     @classmethod
     def build(cls, optimizer, gradients, model, leaves, active, stepping):
@@ -203,17 +230,14 @@ class CompiledStep:
             return None
         for leaf in active:
             owner, backend, param = leaf.owner, leaf.backend, leaf.param
-            if owner.rule is None or owner._custom("apply_single") or not backend.mutable or not leaf.owned:
+            if not owner.runs_rule or not backend.mutable or not leaf.owned:
                 return None
             if not backend.writable(param) or (backend.name == "numpy" and not param.flags.c_contiguous):
                 return None
             if backend.name == "torch" and not param.is_contiguous():
                 return None
-        if any(leaf.backend.name == "torch" for leaf in active):
-            import torch
-
-            _LEAF_TYPES.add(torch.Tensor)
-            _LEAF_TYPES.add(torch.nn.Parameter)
+        for backend in {leaf.backend for leaf in active}:
+            _LEAF_TYPES.update(backend.array_types)
         try:
             grads, params = [], []
             _flatten_pair(gradients, model, grads, params)
@@ -240,14 +264,20 @@ class CompiledStep:
                    first.backend.device(first.param), static, flags)
             fused.setdefault(key, []).append((first.owner, group, positions))
         for key, members in fused.items():
-            buckets.append(_NumbaBucket(members, members[0][1][0].backend, key[4], key[5]))
-        watched = [optimizer] + optimizer._optimizers()
+            try:  # compiled now, so that a rule numba cannot compile falls back before any write
+                buckets.append(_NumbaBucket(members, members[0][1][0].backend, key[4], key[5]).compiled())
+            except Exception as error:
+                warn(f"the compiled loop of rule {key[0].name!r} failed to build ({type(error).__name__}: "
+                     f"{str(error).splitlines()[0] if str(error) else ''}); it runs per tensor", RuntimeWarning)
+                buckets.extend(_RuleBucket(owner, group[0].backend, group, positions)
+                               for owner, group, positions in members)
+        watched = [optimizer] + optimizer.stateful()
         return cls(params, buckets, stepping, watched)
 
     def run(self, gradients, model):
         """Take the step if ``gradients`` and ``model`` fit the plan; ``False`` otherwise
         (nothing has changed then)."""
-        if [o._version for o in self.watched] != self.versions:
+        if [o.book.version for o in self.watched] != self.versions:
             return False
         grads, params = [], []
         try:
@@ -259,8 +289,9 @@ class CompiledStep:
         prepared = [bucket.prepare(grads) for bucket in self.buckets]
         if any(p is None for p in prepared):
             return False
-        for optimizer in self.stepping:
-            optimizer._advance()
+        scheduled = [(optimizer, optimizer.scheduled_values()) for optimizer in self.stepping]  # may raise
+        for optimizer, values in scheduled:
+            optimizer.advance(values)
         for bucket, ready in zip(self.buckets, prepared):
             bucket.run(ready)
         return True

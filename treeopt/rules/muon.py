@@ -26,7 +26,7 @@ the root-mean-square of a typical AdamW update (about 0.2), so one learning rate
 
 from math import prod, sqrt as py_sqrt
 
-from treeopt.ops import addmm, astype, cast, dtype_name, matmul, sqrt, swap_last, total
+from treeopt.ops import addmm, astype, cast, dtype_name, matmul, on_whole, sqrt, swap_last, total
 from treeopt.rules.base import Rule, active
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -89,18 +89,25 @@ def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, coupled
     direction = grad * one_minus_momentum + v * momentum if nesterov else v
     if direction.ndim >= 2:
         shape = tuple(direction.shape)
-        matrix = direction.reshape(matrix_shape(shape, layout)) if len(shape) > 2 else direction
-        if ns_dtype is None:
-            orthogonal = newton_schulz(matrix, ns_steps, ns_eps)
-        else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
-            orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps, ns_eps), dtype_name(matrix))
-        direction = orthogonal.reshape(shape)
+        # a matrix split across devices is orthogonalised whole, then split back as it was
+        direction = on_whole(lambda d: orthogonalise(d, ns_steps, ns_eps, ns_dtype, layout), direction)
         scaled_lr = lr * cast(lr_scale(shape, layout, adjust_lr), lr)
     else:
         scaled_lr = lr
     if keep is not None:  # decoupled: shrink by the unscaled learning rate, as the references do
         param = param * keep
     return param - scaled_lr * direction, v
+
+
+def orthogonalise(direction, ns_steps, ns_eps, ns_dtype, layout):
+    """Newton-Schulz on ``direction`` viewed as a matrix by its ``layout``, in its own shape."""
+    shape = tuple(direction.shape)
+    matrix = direction.reshape(matrix_shape(shape, layout)) if len(shape) > 2 else direction
+    if ns_dtype is None:
+        orthogonal = newton_schulz(matrix, ns_steps, ns_eps)
+    else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
+        orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps, ns_eps), dtype_name(matrix))
+    return orthogonal.reshape(shape)
 
 
 MUON = Rule("muon", muon, muon_coefficients, slots=("v",), elementwise=False,

@@ -1,0 +1,146 @@
+"""The sweep behind the demo's settings: how good is tuned AdamW, and which Muon rate to route.
+
+    python benchmarks/outcome.py [--steps 600] [--seeds 0 1] [--jobs 1]
+
+1. AdamW alone (the demo's "AdamW" set-up): peak learning rate x beta2, every seed.
+2. muon_adamw (the demo's routed set-up), its AdamW part at the best AdamW settings of 1:
+   Muon's peak learning rate, every seed.
+
+Every run trains the demo's GPT on one thread (``torch.set_num_threads(1)``) and appends one
+JSON line to ``--results`` as it finishes; a run already there is not repeated, so the sweep
+resumes where it stopped. At the end the table goes into ``docs/outcome.md`` (between its
+``<!-- sweep -->`` markers) and to stdout. The best settings are those with the lowest final
+validation loss, averaged over the seeds.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ADAMW_LRS = (1e-3, 2e-3, 3e-3, 5e-3, 8e-3)
+BETA2S = (0.95, 0.99)
+MUON_LRS = (0.01, 0.02, 0.04)
+
+
+def run_one(job):
+    """Train one set-up with one setting; returns its JSON record."""
+    import torch
+
+    from treeopt.demo import setups, training_gpt
+
+    torch.set_num_threads(1)
+    setup, settings, seed, steps = job["setup"], job["hyper"], job["seed"], job["steps"]
+    hyper = setups.Hyper(**settings)
+    data = training_gpt.Data(context=64, batch_size=32)
+    model = training_gpt.build_model(seed)
+    optimizer = setups.make(setup, model, steps, hyper)
+    began = time.perf_counter()
+    curve, seconds = training_gpt.train(model, optimizer, data, steps, seed, evaluations=1)
+    return {**job, "final_val_loss": curve.val_loss[-1], "train_seconds": seconds[0], "cpu_seconds": seconds[1],
+            "wall_seconds": time.perf_counter() - began, "curve": {"steps": curve.steps, "val_loss": curve.val_loss}}
+
+
+def key(job):
+    return json.dumps([job["setup"], job["hyper"], job["seed"], job["steps"]], sort_keys=True)
+
+
+def load(path):
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def sweep(jobs, results_path, workers):
+    done = {key(r) for r in load(results_path)}
+    todo = [j for j in jobs if key(j) not in done]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {results_path}; {len(todo)} to go", flush=True)
+    with ProcessPoolExecutor(workers) as pool:
+        for record in pool.map(run_one, todo):
+            with open(results_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"  {record['setup']:<12} {record['hyper']} seed {record['seed']}: "
+                  f"val {record['final_val_loss']:.4f} ({record['train_seconds']:.0f} s)", flush=True)
+
+
+def mean_by_setting(records, setup, steps, seeds):
+    groups = {}
+    for r in records:
+        if r["setup"] == setup and r["steps"] == steps and r["seed"] in seeds:
+            groups.setdefault(json.dumps(r["hyper"], sort_keys=True), []).append(r["final_val_loss"])
+    return {k: (sum(v) / len(v), v) for k, v in groups.items() if len(v) == len(seeds)}
+
+
+def best(means):
+    setting = min(means, key=lambda k: means[k][0])
+    return json.loads(setting), means[setting][0]
+
+
+def table(records, steps, seeds):
+    lines = [f"Final validation loss (nats per byte) after {steps} steps, mean over seeds "
+             f"{', '.join(map(str, seeds))} (each seed's value in brackets); **bold**: the best of each part.", "",
+             "| set-up | Muon lr | AdamW lr | beta2 | final val loss |", "|---|---|---|---|---|"]
+    for setup in ("AdamW", "muon_adamw"):
+        means = mean_by_setting(records, setup, steps, seeds)
+        if not means:
+            continue
+        winner, _ = best(means)
+        for setting in sorted(means, key=lambda k: (json.loads(k)["muon_lr"], json.loads(k)["beta2"],
+                                                    json.loads(k)["adamw_lr"])):
+            h = json.loads(setting)
+            mean, values = means[setting]
+            cell = f"{mean:.4f} ({', '.join(f'{v:.3f}' for v in values)})"
+            if h == winner:
+                cell = f"**{cell}**"
+            muon = f"{h['muon_lr']:g}" if setup == "muon_adamw" else "-"
+            lines.append(f"| {setup} | {muon} | {h['adamw_lr']:g} | {h['beta2']:g} | {cell} |")
+    return "\n".join(lines)
+
+
+def write_doc(markdown, doc=ROOT / "docs" / "outcome.md"):
+    text = doc.read_text()
+    start, end = "<!-- sweep -->", "<!-- /sweep -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{doc} has no {start} ... {end} section")
+    head, rest = text.split(start, 1)
+    doc.write_text(head + start + "\n" + markdown + "\n" + end + rest.split(end, 1)[1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200,
+                        help="steps per run (default 200: a third of the demo's, to fit a loaded 2-core machine)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each")
+    parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("outcome.jsonl"))
+    parser.add_argument("--no-doc", action="store_true", help="print the table, leave docs/outcome.md alone")
+    args = parser.parse_args(argv)
+    from treeopt.demo import setups
+
+    default = setups.Hyper().to_dict()
+    print(f"sweep: {args.steps} steps, seeds {args.seeds}, {args.jobs} job(s) of one thread; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
+          flush=True)
+    adamw = [{"setup": "AdamW", "hyper": {**default, "adamw_lr": lr, "beta2": b2}, "seed": s, "steps": args.steps}
+             for b2 in BETA2S for lr in ADAMW_LRS for s in args.seeds]
+    sweep(adamw, args.results, args.jobs)
+    tuned, loss = best(mean_by_setting(load(args.results), "AdamW", args.steps, args.seeds))
+    print(f"best AdamW: lr {tuned['adamw_lr']:g}, beta2 {tuned['beta2']:g}: {loss:.4f}", flush=True)
+    muon = [{"setup": "muon_adamw", "hyper": {**tuned, "muon_lr": lr}, "seed": s, "steps": args.steps}
+            for lr in MUON_LRS for s in args.seeds]
+    sweep(muon, args.results, args.jobs)
+    routed, loss = best(mean_by_setting(load(args.results), "muon_adamw", args.steps, args.seeds))
+    print(f"best muon_adamw: Muon lr {routed['muon_lr']:g}: {loss:.4f}", flush=True)
+    markdown = table(load(args.results), args.steps, args.seeds)
+    print(markdown)
+    if not args.no_doc:
+        write_doc(markdown)
+
+
+if __name__ == "__main__":
+    main()

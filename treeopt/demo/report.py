@@ -1,0 +1,129 @@
+"""What the demo shows at the end: a table per run, ``loss.png`` and ``results.json``."""
+
+import json
+import os
+import platform
+import sys
+
+#: the runs' colours in the plot (AdamW, Muon everywhere, muon_adamw)
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c")
+
+
+def summarise(runs, steps):
+    """Per run: final validation loss, and steps, wall time and CPU time to reach the target
+    (the first run's, tuned AdamW's, final validation loss), also as ratios of the first
+    run's totals. ``runs``: ``{name: {"curve": Curve, "seconds": (wall, cpu)}}``."""
+    first = next(iter(runs.values()))
+    target = first["curve"].val_loss[-1]
+    base_wall, base_cpu = first["seconds"]
+    summary = {}
+    for name, run in runs.items():
+        curve, (wall, cpu) = run["curve"], run["seconds"]
+        step, wall_to, cpu_to = curve.reach(target) or (None, None, None)
+        reached = step is not None
+        summary[name] = {
+            "final_val_loss": curve.val_loss[-1],
+            "steps_to_target": step,
+            "seconds_to_target": wall_to,
+            "cpu_seconds_to_target": cpu_to,
+            "steps_ratio": step / steps if reached else None,
+            "seconds_ratio": wall_to / base_wall if reached else None,
+            "cpu_seconds_ratio": cpu_to / base_cpu if reached else None,
+            "train_seconds": wall,
+            "train_cpu_seconds": cpu,
+            "ms_per_step": 1000 * wall / steps,
+        }
+    return target, summary
+
+
+def table(target, summary, console):
+    from rich.table import Table
+
+    grid = Table(title=f"Target: tuned AdamW's final validation loss, {target:.4f} nats/byte",
+                 title_justify="left")
+    for column in ("run", "final val loss", "steps to target", "x AdamW", "time to target", "x AdamW",
+                   "CPU x AdamW", "ms / step", "training time"):
+        grid.add_column(column, justify="left" if column == "run" else "right")
+    for name, s in summary.items():
+        reached = s["steps_to_target"] is not None
+        grid.add_row(name, f"{s['final_val_loss']:.4f}",
+                     f"{s['steps_to_target']:.0f}" if reached else "not reached",
+                     f"{s['steps_ratio']:.2f}" if reached else "-",
+                     f"{s['seconds_to_target']:.1f} s" if reached else "-",
+                     f"{s['seconds_ratio']:.2f}" if reached else "-",
+                     f"{s['cpu_seconds_ratio']:.2f}" if reached else "-",
+                     f"{s['ms_per_step']:.0f}", f"{s['train_seconds']:.1f} s")
+    console.print(grid)
+    console.print("  time: wall seconds of the training steps (evaluations excluded); CPU: this process's CPU "
+                  "seconds, which other work on the machine disturbs less")
+
+
+def plot(runs, target, path):
+    """Validation loss against steps and against training seconds, the target dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no window
+    from matplotlib import pyplot as plt
+
+    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for (name, run), colour in zip(runs.items(), COLOURS):
+        curve = run["curve"]
+        by_step.plot(curve.steps, curve.val_loss, color=colour, label=name)
+        by_time.plot(curve.seconds, curve.val_loss, color=colour, label=name)
+    for axes, label in ((by_step, "step"), (by_time, "training time (s)")):
+        axes.axhline(target, color="grey", linestyle="--", linewidth=0.8)
+        axes.set_xlabel(label)
+        axes.grid(alpha=0.3)
+    by_step.set_ylabel("validation loss (nats per byte)")
+    by_step.set_ylim(top=min(4.0, max(max(r["curve"].val_loss) for r in runs.values())),
+                     bottom=min(min(r["curve"].val_loss) for r in runs.values()) - 0.1)
+    by_step.annotate("tuned AdamW's final loss", (0, target), xytext=(4, 4), textcoords="offset points",
+                     fontsize=8, color="grey")
+    by_time.legend()
+    figure.suptitle("Byte-level GPT on the Python standard library: one seed, the same batches")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def versions():
+    import numpy
+    import torch
+
+    import treeopt
+
+    return {"python": sys.version.split()[0], "treeopt": getattr(treeopt, "__version__", None),
+            "torch": torch.__version__, "numpy": numpy.__version__, "platform": platform.platform(),
+            "processor": _processor(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def _processor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_json(path, *, settings, hyper, target, summary, runs, plan):
+    record = {
+        "settings": settings, "hyperparameters": hyper, "versions": versions(),
+        "target_val_loss": target,
+        "runs": {name: {**summary[name], "curve": {"step": run["curve"].steps, "seconds": run["curve"].seconds,
+                                                   "cpu_seconds": run["curve"].cpu_seconds,
+                                                   "val_loss": run["curve"].val_loss,
+                                                   "train_loss": [_finite(x) for x in run["curve"].train_loss]}}
+                 for name, run in runs.items()},
+        "plan": plan,
+    }
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1, allow_nan=False)
+    return record
+
+
+def _finite(value):
+    """JSON has no NaN (the training loss before the first step): null instead."""
+    return None if value != value else value

@@ -1,0 +1,81 @@
+"""The three optimizer set-ups the demo compares, on the same model, seed and batches.
+
+- ``AdamW``: AdamW on everything, tuned (``benchmarks/outcome.py``): weight decay on the
+  matrices, none on the vectors. Two groups, which torch param groups could do too.
+- ``Muon everywhere``: the naive use of Muon: every matrix, the embeddings and the output head
+  included, gets Muon (vectors keep AdamW). treeopt's routing guards warn about it.
+- ``muon_adamw``: :func:`treeopt.muon_adamw`: Muon on the hidden matrices of the blocks,
+  the same tuned AdamW on the embeddings and the head, AdamW without decay on the vectors.
+
+All three share one warm-up + cosine multiplier (``lr_schedule``), which keeps the ratio of
+the groups' learning rates, and clip the global gradient norm over all groups.
+"""
+
+from dataclasses import asdict, dataclass
+
+import treeopt as optim
+from treeopt.filters import ndim
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The optimizer settings; the defaults are the best of the sweep in ``docs/outcome.md``."""
+
+    adamw_lr: float = 3e-3
+    beta2: float = 0.99
+    #: on every matrix, decoupled (w *= 1 - lr * wd): AdamW's, and Muon's as in muon_adamw
+    weight_decay: float = 0.1
+    muon_lr: float = 0.02
+    warmup: float = 0.2  # fraction of the steps
+    max_grad_norm: float = 1.0
+
+    def to_dict(self):
+        return asdict(self)
+
+
+SETUPS = ("AdamW", "Muon everywhere", "muon_adamw")
+DESCRIPTIONS = {
+    "AdamW": "AdamW on every parameter, weight decay on the matrices (two groups)",
+    "Muon everywhere": "Muon on every matrix, the embeddings and the head included; AdamW on the vectors",
+    "muon_adamw": "treeopt.muon_adamw: Muon on the blocks' matrices, AdamW on the embeddings, head and vectors",
+}
+
+
+def lr_multiplier(steps, warmup):
+    """Linear warm-up from 0 to 1 over ``warmup * steps`` steps, then half a cosine to 0."""
+    warm = max(1, round(warmup * steps))
+    return optim.join_schedules(
+        [optim.linear_schedule(0.0, 1.0, warm), optim.cosine_decay(1.0, max(1, steps - warm))], [warm])
+
+
+def make(setup, model, steps, hyper=Hyper()):
+    """The optimizer of ``setup`` (one of :data:`SETUPS`) for ``model`` (a ``torch.nn.Module``):
+    a ``torch.optim.Optimizer`` (:class:`treeopt.torch.Optimizer`) that routes the model's
+    parameters now, by name and module type (``nn.Embedding``, the output ``nn.Linear``), so
+    its plan can be shown and the guards warn before the first step."""
+    import treeopt.torch
+
+    return treeopt.torch.Optimizer(model, routing(setup, steps, hyper))
+
+
+def routing(setup, steps, hyper=Hyper()):
+    """The treeopt optimizer of ``setup``, before it meets a model."""
+    betas = (0.9, hyper.beta2)
+    common = {"lr_schedule": lr_multiplier(steps, hyper.warmup), "max_grad_norm": hyper.max_grad_norm}
+    if setup == "AdamW":
+        optimizer = optim.MultiOptimizer(
+            [optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=hyper.weight_decay, bias_correction=True),
+             optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
+            [ndim(min=2)], names=["adamw", "adamw_no_decay"], **common)
+    elif setup == "Muon everywhere":
+        # the same Muon as muon_adamw's, given every matrix
+        muon = optim.muon_adamw(muon_lr=hyper.muon_lr, weight_decay=hyper.weight_decay).optimizers[0]
+        optimizer = optim.MultiOptimizer(
+            [muon, optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
+            [ndim(min=2)], names=["muon", "adamw_no_decay"], **common)
+    elif setup == "muon_adamw":
+        optimizer = optim.muon_adamw(muon_lr=hyper.muon_lr, adamw_lr=hyper.adamw_lr, betas=betas,
+                                     weight_decay=hyper.weight_decay, **common)
+    else:
+        raise ValueError(f"unknown set-up {setup!r}: expected one of {SETUPS}")
+    return optimizer
