@@ -270,6 +270,8 @@ def run_rule(optimizer, pairs, in_place):
     rule, first = optimizer.rule, pairs[0]
     coefficients = optimizer.coefficients(first.param, first.backend)
     hyper = optimizer.rule_hyperparameters() if callable(rule.slots) else None
+    if rule.stackable and len(pairs) > 1:
+        pairs = run_stacked(rule, coefficients, pairs, hyper, in_place)
     for pair in pairs:
         names = rule.slot_names(pair.backend.shape(pair.param), hyper)
         slots = pair.slots
@@ -288,8 +290,36 @@ def _check_rules(pairs):
         owner = pair.owner
         if owner.runs_rule and id(owner) not in seen and not rule_checked(owner.rule):
             seen.add(id(owner))
-            with pair.backend.quiet():
-                owner.coefficients(pair.param, pair.backend)
+            if owner.book.backend is pair.backend:
+                with pair.backend.quiet():
+                    owner.coefficients(pair.param, pair.backend)
+            else:  # the state is not in the parameters' library until the commit: check on NumPy
+                with numpy_backend.quiet():
+                    owner.coefficients(numpy_backend.astype(owner.state["step"], "float32"), numpy_backend)
+
+
+def run_stacked(rule, coefficients, pairs, hyper, in_place):
+    """Run a stackable ``rule`` on the stacks of same-shape pairs (see
+    :mod:`treeopt.kernels.stacking`); returns the pairs left to run one by one."""
+    from treeopt.kernels import stacking
+
+    backend = pairs[0].backend
+    names = [rule.slot_names(backend.shape(pair.param), hyper) for pair in pairs]
+    alone = []
+    for group in stacking.groups_by_shape([(tuple(backend.shape(pair.param)), n) for pair, n in zip(pairs, names)]):
+        for run in stacking.chunks(backend, pairs[group[0]].param, group):
+            if len(run) == 1:
+                alone.append(run[0])
+                continue
+            chosen, slot_names = [pairs[k] for k in run], names[run[0]]
+            new_param, *new_slots = stacking.update_stacked(
+                rule.update, coefficients, backend, [pair.grad for pair in chosen], [pair.param for pair in chosen],
+                [[pair.slots[n] for pair in chosen] for n in slot_names])
+            for j, pair in enumerate(chosen):
+                for name, value in zip(slot_names, new_slots):
+                    store_slot(backend, pair.slots, name, value[j])
+                store_param(pair, new_param[j], in_place)
+    return [pairs[k] for k in sorted(alone)]
 
 
 def store_slot(backend, slots, name, value):

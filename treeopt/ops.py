@@ -75,9 +75,9 @@ def mean(x, axis=None, keepdims=False):
     return _of(x).mean(x, axis=axis, keepdims=keepdims)
 
 
-def total(x):
-    """The sum of all elements."""
-    return _of(x).sum(x)
+def total(x, axis=None, keepdims=False):
+    """The sum of all elements, or along ``axis`` (an int or a tuple of ints)."""
+    return _of(x).sum(x, axis=axis, keepdims=keepdims)
 
 
 def matmul(a, b):

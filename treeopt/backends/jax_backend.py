@@ -89,8 +89,11 @@ class JaxBackend(Backend):
         count = x.size if axis is None else x.shape[axis]
         return total * x.dtype.type(1 / count if count else float("nan"))  # empty: NaN, as MLX
 
-    def sum(self, x):
-        return jnp.sum(self._in_float32(x)).astype(x.dtype)
+    def sum(self, x, axis=None, keepdims=False):
+        return jnp.sum(self._in_float32(x), axis=axis, keepdims=keepdims).astype(x.dtype)
+
+    def stack(self, arrays, out=None):
+        return jnp.stack(arrays)
 
     def matmul(self, a, b):
         return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(a.dtype)

@@ -2,9 +2,13 @@
 
 The loop is generated around the rule's own ``update`` function: the function is rebound to
 scalar math (``sqrt`` becomes NumPy's scalar ``sqrt``), compiled by numba and inlined into a
-``prange`` loop over *segments*: pieces of at most 64 Ki elements of the bucket's tensors,
-so a 38M-element embedding and two thousand 4 Ki-element tensors both spread evenly over the
-threads. Each tensor is reached through a table of data pointers (no copy, no flat buffer).
+``prange`` loop over *work items* of equal element counts: the bucket's tensors, in order,
+are cut into items of the same length, an item covering pieces of one or more tensors, and
+the count of items is a multiple of the thread count. So a 38M-element embedding, two
+thousand 4 Ki-element tensors, and groups of big matrices followed by groups of small
+vectors all spread evenly over the threads (numba splits a ``prange`` by iteration count:
+items of unequal sizes would leave one thread with the big tensors). Each tensor is reached
+through a table of data pointers (no copy, no flat buffer).
 
 The rules take every coefficient in the tensor's dtype and have no literal, so the loop stays
 in float32 for float32 tensors (a Python float literal would promote it to float64).
@@ -57,21 +61,23 @@ rule = scalar_version(_update)
 
 
 @njit(parallel=True, cache={cache})
-def kernel(grad_ptrs, param_ptrs, slot_ptrs, segments, rows, table, like, flags):
+def kernel(grad_ptrs, param_ptrs, slot_ptrs, pieces, items, rows, table, like, flags):
+    # work item w: pieces[items[w]:items[w + 1]], each (tensor, start, stop);
     # rows[i]: the row of tensor i in table, the numeric coefficients of its optimizer;
     # flags: the switches (booleans) every optimizer of this loop shares
     itemsize = like.itemsize
-    for s in prange(segments.shape[0]):
-        i = segments[s, 0]
-        offset = segments[s, 1] * itemsize
-        n = segments[s, 2] - segments[s, 1]  # from 0: no negative-index checks, so it vectorises
-        row = rows[i]
+    for w in prange(items.shape[0] - 1):
+        for s in range(items[w], items[w + 1]):
+            i = pieces[s, 0]
+            offset = pieces[s, 1] * itemsize
+            n = pieces[s, 2] - pieces[s, 1]  # from 0: no negative-index checks, so it vectorises
+            row = rows[i]
 {coefficients}
-        g = carray(as_voidptr(grad_ptrs[i] + offset), n, like.dtype)
-        p = carray(as_voidptr(param_ptrs[i] + offset), n, like.dtype)
+            g = carray(as_voidptr(grad_ptrs[i] + offset), n, like.dtype)
+            p = carray(as_voidptr(param_ptrs[i] + offset), n, like.dtype)
 {slot_arrays}
-        for j in range(n):
-            {targets} = rule(g[j], p[j], {arguments})
+            for j in range(n):
+                {targets} = rule(g[j], p[j], {arguments})
 '''
 
 
@@ -97,9 +103,9 @@ def _source(rule, static, cache):
     slots = list(rule.slots)
     names = parameters[len(slots):]
     numeric = [n for n in names if n not in static]
-    coefficients = "\n".join(f"        c{k} = table[row, {k}]" for k in range(len(numeric)))
+    coefficients = "\n".join(f"            c{k} = table[row, {k}]" for k in range(len(numeric)))
     slot_arrays = "\n".join(
-        f"        s{k} = carray(as_voidptr(slot_ptrs[i, {k}] + offset), n, like.dtype)" for k in range(len(slots)))
+        f"            s{k} = carray(as_voidptr(slot_ptrs[i, {k}] + offset), n, like.dtype)" for k in range(len(slots)))
     targets = ", ".join(["p[j]"] + [f"s{k}[j]" for k in range(len(slots))])
     values = [f"flags[{static.index(n)}]" if n in static else f"c{numeric.index(n)}" for n in names]
     arguments = ", ".join([f"s{k}[j]" for k in range(len(slots))] + values)
@@ -140,12 +146,35 @@ def kernel_for(rule, static=()):
 
 def segment_length(total, threads=None):
     """Elements per work item for ``total`` elements: about eight items per thread."""
-    threads = threads or numba.config.NUMBA_NUM_THREADS
+    threads = threads or numba.get_num_threads()
     return min(SEGMENT_MAX, max(SEGMENT_MIN, total // (8 * threads)))
 
 
-def segments_of(sizes, segment=None):
-    """``(tensor, start, stop)`` rows covering every element, each at most ``segment`` long."""
-    segment = segment or segment_length(sum(sizes))
-    rows = [(i, start, min(size, start + segment)) for i, size in enumerate(sizes) for start in range(0, size, segment)]
-    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+def work_items(sizes, threads=None, segment=None):
+    """``(pieces, items)`` for tensors of ``sizes`` elements: ``pieces`` rows ``(tensor,
+    start, stop)``, and work item ``w`` is ``pieces[items[w]:items[w + 1]]``.
+
+    Every item holds the same number of elements (to one), whatever the sizes and their order,
+    and the number of items is a multiple of ``threads`` (unless there are fewer elements).
+    """
+    threads = threads or numba.get_num_threads()
+    total = sum(sizes)
+    segment = segment or segment_length(total, threads)
+    count = max(1, -(-total // (segment * threads))) * threads  # items, a multiple of threads
+    count = max(1, min(count, total))
+    cuts = [total * w // count for w in range(count + 1)]  # item w: elements cuts[w] to cuts[w + 1]
+    pieces, items, start, w = [], [0], 0, 1
+    for i, size in enumerate(sizes):
+        stop, position = start + size, start
+        while position < stop:
+            end = min(stop, cuts[w])
+            if end > position:
+                pieces.append((i, position - start, end - start))
+            position = end
+            if position == cuts[w] and w < count:
+                items.append(len(pieces))
+                w += 1
+        start = stop
+    while len(items) < count + 1:  # only when there are no elements at all
+        items.append(len(pieces))
+    return np.array(pieces, dtype=np.int64).reshape(-1, 3), np.array(items, dtype=np.int64)

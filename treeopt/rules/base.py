@@ -21,7 +21,10 @@ A rule is an optimizer's math in plain functions:
 
 An *elementwise* update also works on single elements; the fast runners inline it into one
 loop over many tensors, so it may call only the :data:`treeopt.ops.ELEMENTWISE` functions.
-Runners decide how a rule runs, never what it computes.
+A *stackable* update also takes ``stacked=True``: then every array holds same-shape tensors
+stacked along a new first axis, and the result is the stack of the per-tensor results
+(runners use it to batch matrix products). Runners decide how a rule runs, never what it
+computes.
 
 :class:`Rule` checks all of this when it is created, and the coefficient names the first
 time they are computed (before anything is written); a broken rule raises
@@ -54,6 +57,8 @@ class Rule:
     #: parameter
     slots: Union[Tuple[str, ...], Callable]
     elementwise: bool = True
+    #: ``update(..., stacked=True)`` runs on same-shape tensors stacked along a first axis
+    stackable: bool = False
     #: what each slot holds, so state can move between optimizers whose slots mean the same
     slot_meanings: dict = field(default=None, compare=False, hash=False)
     #: slots that start as a copy of the parameter (the others start at zero)
