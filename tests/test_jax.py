@@ -176,3 +176,80 @@ def test_flax_linen_train_state():
     last = float(jnp.mean((net.apply({"params": state.params}, X) - 1.0) ** 2))
     assert last < 0.5 * first
     assert multi.route("Dense_0.kernel") == 0 and multi.route("Dense_1.kernel") == 1
+
+
+def lm_parts(nnx):
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(16, 16, rngs=rngs)  # as wide as the vocabulary: not a head
+
+    class TinyLM(nnx.Module):  # names that the name filters do not know
+        def __init__(self, rngs):
+            self.tok = nnx.Embed(16, 16, rngs=rngs)
+            self.blocks = nnx.List([Block(rngs) for _ in range(2)])
+            self.out = nnx.Linear(16, 16, rngs=rngs)
+
+        def __call__(self, ids):
+            x = self.tok(ids)
+            for block in self.blocks:
+                x = jnp.tanh(block.fc(x))
+            return self.out(x)
+
+    return TinyLM
+
+
+def test_flax_nnx_embed_and_head_are_known_by_module():
+    nnx = pytest.importorskip("flax.nnx")
+    model = lm_parts(nnx)(nnx.Rngs(0))
+    expected = {"tok.embedding": "embedding", "out.kernel": "head"}
+    assert tj.module_kinds(model) == expected
+    assert tj.module_kinds(nnx.state(model, nnx.Param)) == expected  # the tree nnx.Optimizer hands optax
+
+    multi = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(0.01)], [lambda path, w: w.ndim == 2])
+    with pytest.warns(optim.RoutingWarning) as warned:
+        optimizer = nnx.Optimizer(model, tj.as_optax(multi), wrt=nnx.Param)
+    messages = [str(w.message) for w in warned]
+    assert any("'out.kernel'" in m and "output head" in m for m in messages)
+    assert any("'tok.embedding'" in m and "embedding" in m for m in messages)
+    ids = jnp.arange(8) % 16
+
+    @nnx.jit
+    def step(model, optimizer):
+        optimizer.update(model, nnx.grad(lambda m: jnp.mean(m(ids) ** 2))(model))
+
+    step(model, optimizer)
+    hidden = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(0.01)], [optim.filters.is_hidden_matrix])
+    tj.init(hidden, nnx.state(model, nnx.Param))
+    assert [hidden.route(p) for p in ("blocks.0.fc.kernel", "tok.embedding", "out.kernel")] == [0, 1, 1]
+
+
+def test_flax_linen_head_is_the_shallowest_last_dense_onto_the_vocabulary():
+    linen = pytest.importorskip("flax.linen")
+
+    class Block(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.Dense(16)(x)  # as wide as the vocabulary, but inside a block
+
+    class TinyLM(linen.Module):
+        @linen.compact
+        def __call__(self, ids):
+            x = linen.Embed(16, 16)(ids)
+            for _ in range(11):
+                x = Block()(x)
+            x = linen.Dense(16)(x)
+            return linen.Dense(16)(x)  # Dense_1: the head (the blocks' Dense_0 are deeper)
+
+    params = TinyLM().init(jax.random.key(0), jnp.zeros(4, jnp.int32))["params"]
+    assert tj.module_kinds(params) == {"Embed_0.embedding": "embedding", "Dense_1.kernel": "head"}
+    opt = optim.muon_adamw(params)  # a tree of JAX arrays: flax's kinds are declared before routing
+    assert opt.names[opt.route("Dense_1.kernel")] == "adamw"
+    assert opt.names[opt.route("Dense_0.kernel")] == "muon" and opt.optimizers[0].layout == "in_out"
+    assert opt.names[opt.route("Block_3.Dense_0.kernel")] == "muon"
+
+
+def test_of_several_denses_onto_the_vocabulary_the_last_is_the_head():
+    tree = {"Embed_0": {"embedding": jnp.zeros((8, 4))}, "Dense_2": {"kernel": jnp.zeros((4, 8))},
+            "Dense_10": {"kernel": jnp.zeros((8, 8))}, "Dense_3": {"kernel": jnp.zeros((8, 5))}}
+    assert tj.module_kinds(tree) == {"Embed_0.embedding": "embedding", "Dense_10.kernel": "head"}
+    assert tj.module_kinds({"Dense_0": {"kernel": jnp.zeros((4, 8))}}) == {}  # no vocabulary, no head

@@ -56,7 +56,8 @@ def train(tx, steps):
 
 def ours(**muon_options):
     """Muon on the kernels; the biases stay put (optax sends them to its Adam, here at lr 0)."""
-    return optim.MultiOptimizer([optim.Muon(LR, weight_decay=WD, decoupled_weight_decay=True, **muon_options),
+    return optim.MultiOptimizer([optim.Muon(LR, weight_decay=WD, decoupled_weight_decay=True, allow=["heads"],
+                                            **muon_options),
                                  optim.SGD(0.0)], [lambda path, w: path.endswith("kernel")])
 
 

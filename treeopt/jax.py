@@ -19,6 +19,10 @@ their key paths joined with dots, so filters see ``params.Dense_0.kernel`` (a tr
 the step, the learning rate and one dict of slots per parameter, keyed by that name.
 Nothing is mutated: the optimizer object only holds its configuration and routes.
 
+Routing knows flax's modules: :func:`init` declares each ``Embed`` table an embedding and the
+``Dense``/``Linear`` that maps to its vocabulary the output head (see :func:`module_kinds`), so
+``is_embedding``, ``is_head`` and Muon's guard see them whatever they are named.
+
 Weights are taken to be laid out as in flax, ``(in, out)`` and conv kernels
 ``(kh, kw, in, out)``: a ``Muon`` without an explicit ``layout`` orthogonalises them that way
 (``"in_out"``; see ``docs/muon.md``). For ``(out, in)`` weights (equinox), give
@@ -26,6 +30,7 @@ Weights are taken to be laid out as in flax, ``(in, out)`` and conv kernels
 """
 
 import contextlib
+import re
 from typing import TYPE_CHECKING
 
 import jax
@@ -37,7 +42,7 @@ from treeopt.types import Tree
 if TYPE_CHECKING:
     import optax
 
-__all__ = ["init", "update", "as_optax", "path_of", "LAYOUT"]
+__all__ = ["init", "update", "as_optax", "path_of", "module_kinds", "declare_kinds", "LAYOUT"]
 
 #: how flax lays out its weights: the output axis last (see Muon's ``layout``)
 LAYOUT = "in_out"
@@ -96,9 +101,65 @@ def _borrowed(optimizer, state):
             leaf.book.initialized, leaf.book.backend = initialized, backend
 
 
+def _natural(path):
+    """A sort key that puts ``Dense_2`` before ``Dense_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def module_kinds(model) -> dict:
+    """What flax's modules make of the parameters of ``model``: ``{path: "embedding" or
+    "head"}``, paths as :func:`path_of` names them.
+
+    ``model`` is an nnx module (its ``nnx.Embed`` and ``nnx.Linear`` are found by type) or a
+    tree of parameters (linen's ``params``, an ``nnx.State``), read by the names flax gives the
+    parameters of these modules: an ``Embed`` keeps its table in ``embedding``, a ``Dense`` or
+    ``Linear`` its weight in ``kernel``. The output head is the dense layer whose outputs are an
+    embedding's vocabulary: of several, the shallowest, then the last (``Dense_10`` after
+    ``Dense_2``), so hidden layers as wide as a byte vocabulary are not taken for it.
+    """
+    tables, denses = [], []  # (path of the parameter, rows) and (path, outputs), in model order
+    try:
+        from flax import nnx
+    except ImportError:
+        nnx = None
+    if nnx is not None and isinstance(model, nnx.Module):
+        for keys, module in nnx.iter_modules(model):
+            prefix = "".join(f"{key}." for key in keys)
+            if isinstance(module, nnx.Embed):
+                tables.append((prefix + "embedding", module.num_embeddings))
+            elif isinstance(module, nnx.Linear):
+                denses.append((prefix + "kernel", module.out_features))
+    else:
+        flat, _, _ = _flat(model)
+        for name in sorted(flat, key=_natural):
+            shape = getattr(flat[name], "shape", ())
+            if len(shape) == 2 and name.rsplit(".", 1)[-1] == "embedding":
+                tables.append((name, shape[0]))
+            elif len(shape) == 2 and name.rsplit(".", 1)[-1] == "kernel":
+                denses.append((name, shape[-1]))
+    kinds = {name: "embedding" for name, _ in tables}
+    vocabularies = {rows for _, rows in tables}
+    heads = [name for name, outputs in denses if outputs in vocabularies]
+    if heads:
+        shallowest = min(name.count(".") for name in heads)
+        kinds[[name for name in heads if name.count(".") == shallowest][-1]] = "head"
+    return kinds
+
+
+def declare_kinds(optimizer, model):
+    """Tell ``optimizer`` (a MultiOptimizer) what :func:`module_kinds` finds in ``model``,
+    before it routes; returns the kinds. :func:`init` does it for the tree it is given."""
+    kinds = module_kinds(model)
+    if kinds and hasattr(optimizer, "declare_kinds"):
+        optimizer.declare_kinds(kinds)
+    return kinds
+
+
 def init(optimizer: Optimizer, params: Tree) -> dict:
     """A new state for ``params``: zero slots, and the optimizer's current step and
-    scalars (so a new optimizer starts at step 0)."""
+    scalars (so a new optimizer starts at step 0). Declares the kinds of flax's modules
+    (:func:`declare_kinds`) first."""
+    declare_kinds(optimizer, params)
     flat, _, _ = _flat(params)
     with _borrowed(optimizer, optimizer.scalar_state()):
         optimizer.init(flat)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import NamedTuple, Optional
 
 from treeopt import engine, kernels
-from treeopt.backends import Backend, as_float, backend_of, numpy_backend
+from treeopt.backends import Backend, as_float, backend_of, default_backend, numpy_backend
 from treeopt.engine import RESERVED, Book, Pair
 from treeopt.errors import warn
 from treeopt.kernels.compiled_step import CompiledStep
@@ -50,9 +50,10 @@ class Optimizer:
 
     def __init__(self, schedulers: dict[str, Schedule] | None = None) -> None:
         self.book = Book()  # what the engine keeps beside the state (treeopt.engine.Book)
-        self._state = {"step": numpy_backend.scalar_array(0, "uint64")}
+        scalars = default_backend()  # MLX's once MLX is loaded, for mx.compile(inputs=opt.state)
+        self._state = {"step": scalars.scalar_array(0, "uint64")}
         for name in self.rule.running if self.rule is not None else ():
-            self._state[name] = numpy_backend.scalar_array(0.0, "float32")  # e.g. schedule-free's weight sum
+            self._state[name] = scalars.scalar_array(0.0, "float32")  # e.g. schedule-free's weight sum
         self._schedulers = dict(schedulers or {})
         self._compiled = None  # the step planned once (treeopt.kernels.compiled_step)
 
@@ -152,7 +153,7 @@ class Optimizer:
     def _scalar(self, value, dtype="float32"):
         """A state scalar: an array of the state's library. Numbers (an integer learning
         rate too) become ``dtype``; float16, bfloat16 and float32 arrays keep their dtype."""
-        backend = self.book.backend or numpy_backend
+        backend = self.book.backend or backend_of(self._state["step"]) or numpy_backend
         owner = backend_of(value)
         if owner is None:
             raise TypeError(f"expected a number or an array, got {type(value).__name__}")
@@ -380,7 +381,7 @@ class Optimizer:
         self._state.update({name: self._scalar(value) for name, value in values.items()})
         self._state["step"] = self._state["step"] + 1
         if self.rule is not None and self.rule.advance is not None:
-            backend = self.book.backend or numpy_backend
+            backend = self.book.backend or backend_of(self._state["step"]) or numpy_backend
             settings = self.rule_hyperparameters()
             running = self.rule.advance(
                 self._state.get("learning_rate"), backend.astype(self._state["step"], "float32"),

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from treeopt import engine, rules
 from treeopt.filters import is_embedding, is_head
 from treeopt.optimizer import Optimizer
+from treeopt.rules.adafactor import factored_rsqrt
 from treeopt.rules.muon import ADJUST_LR, LAYOUTS, NS_EPS
 from treeopt.types import Array, Scalar, Tree
 
@@ -338,6 +339,11 @@ class Adafactor(_Builtin):
         self.scale_parameter = bool(scale_parameter)
         self.relative_step = bool(relative_step)
         self.warmup_init = bool(warmup_init)
+
+    def _approximate_exp_moving_avg(self, exp_avg_sq_row, exp_avg_sq_col):
+        """MLX's name for the factored preconditioner (kept for code that calls it): the
+        inverse square root of the second moment the row and column averages stand for."""
+        return factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col)
 
 
 class Muon(_Builtin):

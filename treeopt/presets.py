@@ -1,5 +1,6 @@
 """Ready-made MultiOptimizers for common recipes."""
 
+from treeopt.backends import backend_of
 from treeopt.filters import is_bias, is_hidden_matrix, is_norm, ndim
 from treeopt.multi import MultiOptimizer
 from treeopt.optimizers import AdamW, Muon
@@ -24,6 +25,16 @@ def layout_of(params):
     if "weight" in names and "kernel" not in names:
         return "out_in"
     return None
+
+
+def _declare_flax_kinds(multi, params):
+    """A tree of JAX arrays: its embeddings and head as flax's modules make them (see
+    :func:`treeopt.jax.module_kinds`), declared before routing."""
+    leaves = tree_flatten(params)
+    if leaves and getattr(backend_of(leaves[0][1]), "name", None) == "jax":
+        from treeopt.jax import declare_kinds
+
+        declare_kinds(multi, params)
 
 
 def muon_adamw(params=None, *, muon_lr=None, adamw_lr=ADAMW_LR, momentum=MUON_MOMENTUM, betas=ADAMW_BETAS,
@@ -91,6 +102,7 @@ def muon_adamw(params=None, *, muon_lr=None, adamw_lr=ADAMW_LR, momentum=MUON_MO
         [hidden, no_decay], names=["muon", "adamw_no_decay", "adamw"], frozen=frozen, lr_schedule=lr_schedule,
         **options)
     if params is not None:
+        _declare_flax_kinds(multi, params)
         plan = multi.plan(params)
         if print_plan:
             plan.print()

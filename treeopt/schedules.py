@@ -2,14 +2,30 @@
 
 Any callable ``f(step)`` can be given to an optimizer instead of a number. The step passed
 in is the optimizer's step counter before the update (0 on the first update), as an array of
-the parameters' library; called with a Python int, these schedules return Python floats.
+the parameters' library, and the value comes back in that library. Called with a Python
+number, these schedules return a NumPy scalar, which has ``.item()`` as MLX's arrays do.
 """
 
+import functools
 import math
+import numbers
 from collections.abc import Sequence
+
+import numpy as np
 
 from treeopt.ops import cos, maximum, minimum, where
 from treeopt.types import Schedule
+
+
+def _has_item(schedule):
+    """``schedule``, returning NumPy scalars where it would return Python numbers."""
+
+    @functools.wraps(schedule)
+    def wrapped(step):
+        value = schedule(step)
+        return np.asarray(value)[()] if isinstance(value, numbers.Number) and not isinstance(value, np.generic) else value
+
+    return wrapped
 
 __all__ = ["exponential_decay", "step_decay", "cosine_decay", "linear_schedule", "join_schedules"]
 
@@ -17,20 +33,20 @@ __all__ = ["exponential_decay", "step_decay", "cosine_decay", "linear_schedule",
 def exponential_decay(init: float, decay_rate: float) -> Schedule:
     r"""``init * decay_rate ** step``.
 
-    >>> exponential_decay(0.1, 0.9)(2)
+    >>> exponential_decay(0.1, 0.9)(2).item()
     0.08100000000000002
     """
 
     def schedule(step):
         return init * decay_rate**step
 
-    return schedule
+    return _has_item(schedule)
 
 
 def step_decay(init: float, decay_rate: float, step_size: int) -> Schedule:
     r"""``init * decay_rate ** (step // step_size)``: decay every ``step_size`` steps.
 
-    >>> step_decay(0.1, 0.9, 1000)(2500)
+    >>> step_decay(0.1, 0.9, 1000)(2500).item()
     0.08100000000000002
     """
     if step_size < 1:
@@ -39,14 +55,14 @@ def step_decay(init: float, decay_rate: float, step_size: int) -> Schedule:
     def schedule(step):
         return init * decay_rate ** (step // step_size)
 
-    return schedule
+    return _has_item(schedule)
 
 
 def cosine_decay(init: float, decay_steps: int, end: float = 0.0) -> Schedule:
     r"""Half a cosine from ``init`` to ``end`` over ``decay_steps``, then ``end``:
     ``end + (init - end) * (1 + cos(pi * min(step, decay_steps) / decay_steps)) / 2``.
 
-    >>> round(cosine_decay(0.1, 10, 0.01)(5), 6)
+    >>> round(cosine_decay(0.1, 10, 0.01)(5).item(), 6)
     0.055
     """
     if decay_steps < 1:
@@ -57,13 +73,13 @@ def cosine_decay(init: float, decay_steps: int, end: float = 0.0) -> Schedule:
         decay = 0.5 * (1.0 + cos((math.pi / decay_steps) * progress))
         return end + decay * (init - end)
 
-    return schedule
+    return _has_item(schedule)
 
 
 def linear_schedule(init: float, end: float, steps: int) -> Schedule:
     r"""A straight line from ``init`` to ``end`` over ``steps``, then ``end``.
 
-    >>> linear_schedule(0.0, 1.0, 4)(1)
+    >>> linear_schedule(0.0, 1.0, 4)(1).item()
     0.25
     """
     if steps < 1:
@@ -72,7 +88,7 @@ def linear_schedule(init: float, end: float, steps: int) -> Schedule:
     def schedule(step):
         return minimum(step, steps) * ((end - init) / steps) + init
 
-    return schedule
+    return _has_item(schedule)
 
 
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
@@ -83,7 +99,7 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     evaluated at 0 and its value is not used.
 
     >>> warmup = join_schedules([linear_schedule(0.0, 1.0, 10), cosine_decay(1.0, 100)], [10])
-    >>> warmup(5), warmup(10)
+    >>> warmup(5).item(), warmup(10).item()
     (0.5, 1.0)
     """
     schedules, boundaries = list(schedules), list(boundaries)
@@ -100,4 +116,4 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
             value = where(step < boundary, value, later(maximum(step, boundary) - boundary))
         return value
 
-    return schedule
+    return _has_item(schedule)

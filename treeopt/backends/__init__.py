@@ -12,7 +12,7 @@ import sys
 from treeopt.backends.base import Backend, PythonScalars
 from treeopt.backends.numpy_backend import NumpyBackend
 
-__all__ = ["Backend", "as_float", "backend_of", "get_backend", "numpy_backend", "python_scalars"]
+__all__ = ["Backend", "as_float", "backend_of", "default_backend", "get_backend", "numpy_backend", "python_scalars"]
 
 numpy_backend = NumpyBackend()
 python_scalars = PythonScalars()
@@ -39,6 +39,14 @@ def get_backend(name: str) -> Backend:
         importlib.import_module(framework)
         _loaded[name] = getattr(importlib.import_module(module), cls)()
     return _loaded[name]
+
+
+def default_backend() -> Backend:
+    """The library of a new optimizer's scalars (step, learning rate), before any parameter is
+    seen: MLX's once MLX is loaded, so that ``mx.compile(step, inputs=optimizer.state,
+    outputs=optimizer.state)`` captures them as it does with mlx.optimizers; else NumPy's.
+    The first step moves them to the parameters' library."""
+    return get_backend("mlx") if "mlx.core" in sys.modules else numpy_backend
 
 
 def _candidates():

@@ -54,6 +54,12 @@ def rms(x):
     return sqrt(mean(x * x))
 
 
+def factored_rsqrt(row, col):
+    """The inverse square root of the second moment that the row and column averages stand
+    for: rsqrt(R / mean(R)) (outer) rsqrt(C), over the last two axes."""
+    return rsqrt(row / mean(row, axis=-1, keepdims=True))[..., None] * rsqrt(col)[..., None, :]
+
+
 def adafactor(grad, param, *slots, rho, eps1, eps2, one, clip_threshold, step_decay,
               beta_1, one_minus_beta_1, neg_weight_decay, decays, scale_parameter):
     alpha = maximum(eps2, rms(param)) * rho if scale_parameter else rho
@@ -64,8 +70,7 @@ def adafactor(grad, param, *slots, rho, eps1, eps2, one, clip_threshold, step_de
         row, col, *first_moment = slots
         row = beta_2 * row + one_minus_beta_2 * mean(update, axis=-1)
         col = beta_2 * col + one_minus_beta_2 * mean(update, axis=-2)
-        row_factor = rsqrt(row / mean(row, axis=-1, keepdims=True))
-        update = row_factor[..., None] * rsqrt(col)[..., None, :] * grad
+        update = factored_rsqrt(row, col) * grad
         second_moment = (row, col)
     else:
         square, *first_moment = slots
