@@ -20,7 +20,7 @@ import pathlib
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ADAMW_LRS = (1e-3, 2e-3, 3e-3, 5e-3, 8e-3)
@@ -61,7 +61,8 @@ def sweep(jobs, results_path, workers):
     todo = [j for j in jobs if key(j) not in done]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {results_path}; {len(todo)} to go", flush=True)
     with ProcessPoolExecutor(workers) as pool:
-        for record in pool.map(run_one, todo):
+        for future in as_completed([pool.submit(run_one, job) for job in todo]):  # saved as each finishes
+            record = future.result()
             with open(results_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"  {record['setup']:<12} {record['hyper']} seed {record['seed']}: "
