@@ -23,8 +23,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-ADAMW_LRS = (1e-3, 2e-3, 3e-3, 5e-3, 8e-3)
-BETA2S = (0.95, 0.99)
+#: in the order they run: the likely best first, so a sweep cut short still brackets it
+ADAMW_LRS = (3e-3, 5e-3, 2e-3, 8e-3, 1e-3)
+BETA2S = (0.99, 0.95)
 MUON_LRS = (0.01, 0.02, 0.04)
 
 

@@ -15,6 +15,8 @@ import warnings
 
 DEFAULT_STEPS = 600
 QUICK_STEPS = 100
+#: validation points per run (besides step 0): --quick measures fewer, to save its minute
+EVALUATIONS, QUICK_EVALUATIONS = 24, 10
 DEFAULT_OUT = "treeopt-demo"
 BATCH_SIZE, CONTEXT = 32, 64
 NAMES = {"AdamW": "AdamW (tuned)", "Muon everywhere": "Muon everywhere (naive)",
@@ -53,6 +55,7 @@ def parse_args(argv=None):
                      f"examples/ and docs/getting-started.md")
     if args.steps is None:
         args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
+    args.evaluations = QUICK_EVALUATIONS if args.quick else EVALUATIONS
     if args.stop_after is not None and not args.checkpoint:
         parser.error("--stop-after needs --checkpoint DIR (where the stopped runs are saved)")
     return args
@@ -214,7 +217,8 @@ def train_one(options, setup, report_step):
 
     if start < stop:
         curve, seconds = training_gpt.train(model, optimizer, data, steps, options["seed"], start=start, stop=stop,
-                                            curve=curve, seconds=seconds, on_step=on_step)
+                                            curve=curve, seconds=seconds, on_step=on_step,
+                                            evaluations=options["evaluations"])
         if folder:
             checkpoints.save(folder, setup, model, optimizer, stop, curve, seconds)
     return {"curve": curve, "seconds": seconds} if stop == steps else None
