@@ -78,6 +78,7 @@ def main(argv=None):
         return digits.main(argv[1:])
     args = parse_args(argv)
     try:
+        import matplotlib  # noqa: F401
         import torch  # noqa: F401
         from rich.console import Console
     except ImportError as error:
