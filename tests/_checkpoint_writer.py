@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 import treeopt as optim
-from treeopt import checkpoint
+from treeopt import checkpoint, engine
 
 
 def state_for(elements):
@@ -23,7 +23,7 @@ def state_for(elements):
 
 
 def fill(opt, value):
-    for _, slots in opt._slot_items():
+    for _, slots in engine.slot_items(opt):
         for array in slots.values():
             array[...] = value
     opt.learning_rate = float(value)

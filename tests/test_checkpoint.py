@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import treeopt as optim
-from treeopt import checkpoint
+from treeopt import checkpoint, engine
 from treeopt.backends import backend_of
 from treeopt.tree import tree_flatten, tree_map
 
@@ -172,7 +172,7 @@ def test_file_is_safetensors_with_keys_by_path_and_metadata(tmp_path):
     assert (rest["name"], rest["position"], rest["type"]) == ("rest", [1], "AdamW")
     assert hidden["hyperparameters"] == {"momentum": 0.95, "weight_decay": 0.01, "decoupled_weight_decay": False,
                                          "nesterov": True, "ns_steps": 5, "ns_dtype": None, "ns_eps": 1e-7,
-                                         "adjust_lr": "original"}
+                                         "adjust_lr": "original", "layout": None}
     assert rest["hyperparameters"]["eps"] == 1e-8 and rest["hyperparameters"]["weight_decay"] == 0.01
     assert rest["scheduled"] == ["betas[1]"] and hidden["scheduled"] == []
     params_meta = metadata["parameters"]
@@ -812,9 +812,9 @@ def _uniform_value(path):
         sys.path.remove(HERE)
     opt = state_for(ELEMENTS)
     assert checkpoint.load(opt, path).ok
-    values = {float(np.unique(a)[0]) for _, slots in opt._slot_items() for a in slots.values()
+    values = {float(np.unique(a)[0]) for _, slots in engine.slot_items(opt) for a in slots.values()
               if np.unique(a).size == 1}
-    assert len(values) == 1 and all(np.unique(a).size == 1 for _, s in opt._slot_items() for a in s.values())
+    assert len(values) == 1 and all(np.unique(a).size == 1 for _, s in engine.slot_items(opt) for a in s.values())
     value = values.pop()
     assert as_float64(opt.learning_rate) == value
     return int(value)

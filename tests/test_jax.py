@@ -22,8 +22,8 @@ def loss(p, x):
     return jnp.mean((hidden @ p["params"]["head"]["kernel"] - 1.0) ** 2)
 
 
-def muon_adamw():
-    return optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(optim.cosine_decay(0.05, 20))],
+def muon_adamw(**muon_options):
+    return optim.MultiOptimizer([optim.Muon(0.02, **muon_options), optim.AdamW(optim.cosine_decay(0.05, 20))],
                                 [lambda path, w: w.ndim == 2 and "Dense" in path])
 
 
@@ -45,13 +45,15 @@ def test_paths_are_dotted_key_paths():
 
 
 def test_update_is_pure_and_matches_the_stateful_optimizer():
-    functional, stateful = muon_adamw(), muon_adamw()
+    # the functions take weights as flax lays them out, (in, out); the stateful API as MLX does
+    functional, stateful = muon_adamw(), muon_adamw(layout="in_out")
     state, p = tj.init(functional, params()), params()
     q = params()
     for _ in range(3):
         p, state = tj.update(functional, jax.grad(loss)(p, X), state, p)
         stateful.update(q, jax.grad(loss)(q, X))
     assert int(functional.step) == 0 and functional.route("params.head.kernel") == 1
+    assert functional.optimizers[0]._hyper()["layout"] == "out_in"  # lent for the call only
     for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q)):
         assert jnp.array_equal(a, b)
     assert int(state["states"][0]["step"]) == 3

@@ -21,12 +21,17 @@ def orthogonalise(d, steps=5, eps=1e-7):
 
 
 def reference(weight, grads, lr, *, momentum=0.95, weight_decay=0.0, decoupled=False, nesterov=True,
-              eps=1e-7, adjust="original"):
-    """Muon on one (out, in) matrix, step by step, in float64."""
+              eps=1e-7, adjust="original", layout="out_in"):
+    """Muon on one weight, step by step, in float64. Its matrix: (out, in * rest) when the
+    output axis is first, (rest * in, out) when it is last."""
     w, v = weight.astype(np.float64), np.zeros(weight.shape)
-    rows, cols = weight.shape[0], int(np.prod(weight.shape[1:]))
-    scale = np.sqrt(max(1.0, weight.shape[-2] / weight.shape[-1])) if adjust == "original" \
-        else 0.2 * np.sqrt(max(rows, cols))
+    if layout == "out_in":
+        rows, cols = weight.shape[0], int(np.prod(weight.shape[1:]))
+        original = np.sqrt(max(1.0, weight.shape[-2] / weight.shape[-1]))  # MLX's: the last two axes
+    else:
+        rows, cols = int(np.prod(weight.shape[:-1])), weight.shape[-1]
+        original = np.sqrt(max(1.0, cols / rows))  # optax's: fan_out / fan_in
+    scale = original if adjust == "original" else 0.2 * np.sqrt(max(rows, cols))
     for g in grads:
         g = g.astype(np.float64)
         if weight_decay and not decoupled:
@@ -163,3 +168,45 @@ def test_muon_adamw_step_on_a_hidden_matrix_is_the_decoupled_reference():
         opt.update(params, {"blocks": [{"w": g, "b": np.ones(6, np.float32)}]})
     expected = reference(weight, grads, 0.02, weight_decay=0.01, decoupled=True)
     np.testing.assert_allclose(params["blocks"][0]["w"], expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape, layout", [
+    ((6, 3), "in_out"), ((3, 6), "in_out"),
+    ((3, 3, 2, 4), "in_out"),  # a flax conv kernel (kh, kw, in, out): (18, 4)
+    ((4, 2, 3, 3), "out_in"),  # a torch conv kernel (out, in, kh, kw): (4, 18)
+    ((2, 3, 2, 16), "in_out"),  # fan_out 16 > fan_in 12: the "original" scale is sqrt(16 / 12)
+])
+@pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
+def test_layouts_match_the_float64_reference(shape, layout, adjust):
+    weight, grads = problem(shape, seed=7)
+    opt = optim.Muon(0.05, weight_decay=0.1, decoupled_weight_decay=True, adjust_lr=adjust, layout=layout)
+    expected = reference(weight, grads, 0.05, weight_decay=0.1, decoupled=True, adjust=adjust, layout=layout)
+    np.testing.assert_allclose(run(opt, weight, grads), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_in_out_is_out_in_on_the_transpose():
+    weight, grads = problem((7, 3), seed=2)  # (in, out): Muon scales by sqrt(max(1, 3 / 7)) = 1
+    flax_like = run(optim.Muon(0.05, layout="in_out"), weight, grads)
+    torch_like = run(optim.Muon(0.05, layout="out_in"), weight.T.copy(), [g.T.copy() for g in grads])
+    np.testing.assert_allclose(flax_like, torch_like.T, rtol=1e-6, atol=1e-6)
+    as_mlx = run(optim.Muon(0.05), weight, grads)  # (7, 3) read as (out, in): scaled by sqrt(7 / 3)
+    assert not np.allclose(as_mlx, flax_like, atol=1e-3)
+
+
+def test_layout_none_is_mlx_and_a_bad_layout_is_refused():
+    weight, grads = problem((4, 2, 3), seed=4)
+    np.testing.assert_array_equal(run(optim.Muon(0.05), weight, grads),
+                                  run(optim.Muon(0.05, layout="out_in"), weight, grads))
+    with pytest.raises(ValueError, match="Muon layout should be None or one of"):
+        optim.Muon(0.02, layout="(in, out)")
+
+
+def test_muon_adamw_reads_the_layout_from_the_names():
+    def tree(name):
+        return {"block": {name: np.ones((4, 6), np.float32), "bias": np.zeros(6, np.float32)}}
+
+    assert optim.muon_adamw(tree("kernel")).optimizers[0].layout == "in_out"  # flax, Keras
+    assert optim.muon_adamw(tree("weight")).optimizers[0].layout == "out_in"  # torch, MLX, equinox
+    assert optim.muon_adamw(tree("w")).optimizers[0].layout is None
+    assert optim.muon_adamw().optimizers[0].layout is None
+    assert optim.muon_adamw(tree("kernel"), layout="out_in").optimizers[0].layout == "out_in"

@@ -132,7 +132,7 @@ def test_plan_rows_say_where_each_parameter_goes_and_why(backend):
     slots_per_element = {"muon": 1, "adamw": 2, "sgd": 1}  # Muon v; AdamW m, v; SGD momentum v
     for row in plan.rows:
         group, name, rule = GPT2_ROUTES[row.path]
-        assert (row.group, row.optimizer, row.rule) == (group, name, rule), row.path
+        assert (row.group, row.optimizer, row.reason) == (group, name, rule), row.path
         assert row.shape == tuple(params_at(params, row.path).shape)
         assert (row.dtype, row.size) == ("float32", sizes[row.path])
         assert row.state_bytes == slots_per_element[name] * 4 * row.size, row.path
@@ -186,7 +186,7 @@ def test_plan_exports_text_dict_json_markdown_and_rich(backend):
     assert Plan.from_dict(data).rows == plan.rows
     markdown = plan.to_markdown().splitlines()
     assert markdown[0] == "**Routing plan at step 0**"
-    assert markdown[2] == "| path | optimizer | rule | shape | dtype | size | state | lr | wd |"  # no notes column
+    assert markdown[2] == "| path | optimizer | reason | shape | dtype | size | state | lr | wd |"  # no notes column
     assert markdown[3] == "|---|---|---|---|---|---|---|---|---|"
     assert ("| transformer.h.0.ln_1.bias | adamw | filters[1] (is_bias \\| is_norm) | 8 | float32 | 8 | 64 B | 0.0003 "
             "| 0.1 |") in markdown  # a | inside a cell is escaped
@@ -259,7 +259,7 @@ def test_a_single_optimizer_has_a_plan_with_one_group(backend):
     params = gpt2(backend)
     plan = optim.AdamW(1e-3, weight_decay=0.05).plan(params)
     assert [r.path for r in plan.rows] == GPT2_PATHS
-    assert {(r.group, r.optimizer, r.rule) for r in plan.rows} == {(0, "AdamW", "all parameters")}
+    assert {(r.group, r.optimizer, r.reason) for r in plan.rows} == {(0, "AdamW", "all parameters")}
     assert all(r.state_bytes == 2 * 4 * r.size for r in plan.rows)
     assert all(r.weight_decay == pytest.approx(0.05) for r in plan.rows)
     (group,) = plan.groups
@@ -588,7 +588,7 @@ def test_frozen_parameters_get_no_state_and_never_change(backend):
     assert [r.path for r in plan.rows] == GPT2_PATHS
     rows = {r.path: r for r in plan.rows}
     assert (rows["transformer.wte.weight"].group, rows["transformer.wte.weight"].optimizer,
-            rows["transformer.wte.weight"].rule) == (-1, "frozen", "frozen")
+            rows["transformer.wte.weight"].reason) == (-1, "frozen", "frozen")
     assert [(rows[p].shape, rows[p].dtype, rows[p].size, rows[p].state_bytes) for p in frozen] == [
         ((16, 8), "float32", 128, 0), ((16, 8), "float32", 128, 0)]
     assert plan.groups[2].parameters == 0  # sgd (the fallback) took only what is not frozen: nothing

@@ -18,16 +18,23 @@ their key paths joined with dots, so filters see ``params.Dense_0.kernel`` (a tr
 ``.value``, as in flax nnx variables, is dropped). The state is a plain pytree of JAX arrays:
 the step, the learning rate and one dict of slots per parameter, keyed by that name.
 Nothing is mutated: the optimizer object only holds its configuration and routes.
+
+Weights are taken to be laid out as in flax, ``(in, out)`` and conv kernels
+``(kh, kw, in, out)``: a ``Muon`` without an explicit ``layout`` orthogonalises them that way
+(``"in_out"``; see ``docs/muon.md``). For ``(out, in)`` weights (equinox), give
+``Muon(..., layout="out_in")``.
 """
 
 import contextlib
 
 import jax
 
-from treeopt.checkpoint.format import leaf_optimizers
 from treeopt.tree import tree_map
 
-__all__ = ["init", "update", "as_optax", "path_of"]
+__all__ = ["init", "update", "as_optax", "path_of", "LAYOUT"]
+
+#: how flax lays out its weights: the output axis last (see Muon's ``layout``)
+LAYOUT = "in_out"
 
 
 def path_of(key_path) -> str:
@@ -67,32 +74,53 @@ def _copy_containers(state):
 def _borrowed(optimizer, state):
     """Run ``optimizer`` on a copy of ``state`` (its containers, not its arrays), leaving the
     optimizer's own state untouched."""
-    leaves = [leaf for _, _, leaf in leaf_optimizers(optimizer)]
-    saved = [(leaf._state, leaf._initialized, leaf._backend) for leaf in leaves]
+    leaves = optimizer.stateful()
+    saved = [(leaf.state, leaf.book.initialized, leaf.book.backend) for leaf in leaves]
+    laid_out = [leaf for leaf in leaves if hasattr(leaf, "_implicit_layout")]
     try:
+        for leaf in laid_out:  # weights are flax's here, unless the optimizer says otherwise
+            leaf._implicit_layout = LAYOUT
         optimizer.state = _copy_containers(state)  # checked against the parameters on use
         yield
     finally:
+        for leaf in laid_out:
+            del leaf._implicit_layout  # back to the class's
         for leaf, (own, initialized, backend) in zip(leaves, saved):
-            leaf._state, leaf._initialized, leaf._backend = own, initialized, backend
+            leaf.state = own
+            leaf.book.initialized, leaf.book.backend = initialized, backend
 
 
 def init(optimizer, params):
     """A new state for ``params``: zero slots, and the optimizer's current step and
     scalars (so a new optimizer starts at step 0)."""
     flat, _, _ = _flat(params)
-    with _borrowed(optimizer, _scalars(optimizer)):
+    with _borrowed(optimizer, optimizer.scalar_state()):
         optimizer.init(flat)
-        return _copy_containers(optimizer.state)
+        return _on_mesh_of(flat.values(), _copy_containers(optimizer.state))
 
 
-def _scalars(optimizer):
-    """The state without parameter entries (for a MultiOptimizer, per child)."""
-    from treeopt.multi import MultiOptimizer
+def _on_mesh_of(params, state):
+    """``state`` with the arrays that are on no mesh (the step, learning rates) copied to every
+    device of the parameters' mesh. Slots already follow their parameters' sharding. A jitted
+    step returns its scalars on the mesh: starting them there too keeps step 2 from retracing."""
+    mesh = next((sharding.mesh for sharding in map(_sharding, params)
+                 if isinstance(sharding, jax.sharding.NamedSharding)), None)
+    if mesh is None or mesh.size == 1:
+        return state
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    if isinstance(optimizer, MultiOptimizer):
-        return {"states": [_scalars(child) for child in optimizer.optimizers]}
-    return {k: optimizer.state[k] for k in optimizer._scalar_names()}
+    def place(leaf):
+        sharding = _sharding(leaf)
+        return jax.device_put(leaf, replicated) if isinstance(sharding, jax.sharding.SingleDeviceSharding) else leaf
+
+    return tree_map(place, state)
+
+
+def _sharding(leaf):
+    """A concrete array's sharding; ``None`` for a tracer or anything else."""
+    if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+        return None
+    return leaf.sharding
 
 
 def update(optimizer, grads, state, params):

@@ -12,11 +12,15 @@ accumulation with per-group frequencies), changes during training (freeze, unfre
 reroute) and :meth:`plan`, which shows all of it.
 """
 
-from treeopt import whole_model
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from treeopt import engine, whole_model
 from treeopt._trees import dotted
+from treeopt.backends import as_float
 from treeopt.errors import TreeoptError, describe, warn
 from treeopt.filters import as_filter, module_kinds, normalise_kinds
-from treeopt.optimizer import Optimizer
+from treeopt.optimizer import Optimizer, Placement
 
 _CHOICES = {"on_unmatched": ("fallback", "warn", "error"), "guards": ("warn", "error", "off")}
 
@@ -27,6 +31,26 @@ class RoutingError(TreeoptError, ValueError):
 
 class RoutingWarning(UserWarning):
     """A routing check set to ``"warn"`` found something."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a MultiOptimizer knows about one parameter path: one record per path, replaced
+    (never changed in place) when something changes."""
+
+    shape: tuple
+    dtype: str
+    #: index of its optimizer; ``None`` when it was frozen before it was ever routed
+    group: Optional[int] = None
+    #: why it goes there: ``"filters[0] (name)"``, ``"fallback"``, ``"rerouted"``
+    reason: str = ""
+    #: other filters that accept it (the first one won)
+    also: tuple = ()
+    #: the guard findings of its optimizer
+    notes: tuple = ()
+    frozen: bool = False
+    #: unfrozen by hand: the ``frozen`` filter no longer applies to it
+    unfrozen: bool = False
 
 
 def _accept_all(path, weight):
@@ -103,21 +127,19 @@ class MultiOptimizer(Optimizer):
         self.frozen = None if frozen is None else as_filter(frozen)
         self.on_unmatched, self.guards = on_unmatched, guards
         self.whole_model = whole_model.Options(max_grad_norm, skip_nonfinite, accumulate, len(optimizers))
-        self._routes = {}  # keys of a parameter -> index of its optimizer
-        self._matched = {}  # keys -> every filter that accepts the parameter
-        self._notes = {}  # keys -> guard findings
-        self._frozen = {}  # keys -> (shape, dtype) of frozen parameters
-        self._unfrozen = set()  # keys unfrozen by hand: the frozen filter no longer applies
-        self._rerouted = set()  # keys moved by reroute(): no filter decided their route
-        self._info = {}  # keys -> (shape, dtype) of every path routed or frozen, in the order first seen
-        self._pending = {}  # decisions of a step that has not committed yet
+        self._routes = {}  # keys of a parameter -> its Route, in the order first seen
+        self._pending = {}  # keys -> the Route decided by a step that has not committed yet
         self._warned = set()
         self.changes = []  # freezes, unfreezes and re-routes, in order
         self.module_kinds = {}  # path -> kinds declared by an integration (see declare_kinds)
         self._state = {"states": [o.state for o in optimizers]}
         self.lr_schedule = None
         if lr_schedule is not None:
-            self._scale_learning_rates(lr_schedule)
+            if not callable(lr_schedule):
+                raise TypeError("MultiOptimizer: lr_schedule must be a callable of the step (a multiplier)")
+            self.lr_schedule = lr_schedule
+            for _, _, stateful in self.named_stateful():
+                stateful.scale_learning_rate(lr_schedule)
 
     def __repr__(self):
         return f"MultiOptimizer([{', '.join(map(repr, self.optimizers))}])"
@@ -128,8 +150,13 @@ class MultiOptimizer(Optimizer):
             return "fallback"
         return f"filters[{i}] ({getattr(self.filters[i], 'name', None) or getattr(self.filters[i], '__name__', type(self.filters[i]).__name__)})"
 
-    def _route(self, leaf):
-        """The first accepting filter, and every other filter that accepts too."""
+    def _route(self, leaf, known):
+        """A new :class:`Route` for ``leaf``: frozen, or the first accepting filter (and every
+        other filter that accepts too)."""
+        shape, dtype = tuple(leaf.backend.shape(leaf.param)), leaf.backend.dtype_name(leaf.param)
+        unfrozen = known is not None and known.unfrozen
+        if self.frozen is not None and not unfrozen and self.frozen(leaf.path, leaf.param):
+            return Route(shape, dtype, frozen=True)
         chosen, also = None, []
         for i, fn in enumerate(self.filters[:-1]):
             try:
@@ -150,7 +177,7 @@ class MultiOptimizer(Optimizer):
             if self.on_unmatched != "fallback" and len(self.filters) > 1:
                 self._report(self.on_unmatched, f"{describe(leaf.path)} is accepted by no filter; it goes to the "
                                                 f"fallback optimizer {self.names[chosen]}", ("unmatched", leaf.keys))
-        return chosen, tuple(also)
+        return Route(shape, dtype, chosen, self._filter_name(chosen), tuple(also), unfrozen=unfrozen)
 
     def _guard(self, leaf, owner):
         reason = owner.unsuited(leaf.path, leaf.param)
@@ -173,65 +200,59 @@ class MultiOptimizer(Optimizer):
         for path, values in normalise_kinds(kinds).items():
             self.module_kinds[path] = self.module_kinds.get(path, frozenset()) | values
 
-    def _plan(self, leaves):
+    def assign_owners(self, pairs):
         if not self.module_kinds:
-            return self._plan_leaves(leaves)
+            return self._assign_owners(pairs)
         with module_kinds(self.module_kinds):
-            return self._plan_leaves(leaves)
+            return self._assign_owners(pairs)
 
-    def _plan_leaves(self, leaves):
+    def _assign_owners(self, pairs):
         self._pending = {}
-        indices = []
-        for leaf in leaves:
-            if leaf.keys in self._frozen:
-                indices.append(None)
-                continue
-            i = self._routes.get(leaf.keys)
-            if i is None:
-                decided = self._pending.get(leaf.keys)
-                if decided is None:
-                    if (self.frozen is not None and leaf.keys not in self._unfrozen
-                            and self.frozen(leaf.path, leaf.param)):
-                        decided = self._pending[leaf.keys] = ("frozen", leaf)
-                    else:
-                        decided = self._pending[leaf.keys] = self._route(leaf) + ((), leaf)
-                i = None if decided[0] == "frozen" else decided[0]
-            indices.append(i)
-        owners = [None] * len(leaves)
+        groups = [self.group_of(pair.keys) for pair in pairs]
+        for k, pair in enumerate(pairs):
+            if groups[k] is None and pair.keys not in self._pending:
+                known = self._routes.get(pair.keys)
+                if known is None or not known.frozen:
+                    self._pending[pair.keys] = self._route(pair, known)
+                    groups[k] = self._pending[pair.keys].group
+            elif groups[k] is None:
+                groups[k] = self._pending[pair.keys].group
+        owners = [None] * len(pairs)
         for i, child in enumerate(self.optimizers):
-            mine = [j for j, k in enumerate(indices) if k == i]
+            mine = [j for j, group in enumerate(groups) if group == i]
             if mine:
-                for j, owner in zip(mine, child._plan([leaves[j] for j in mine])):
+                for j, owner in zip(mine, child.assign_owners([pairs[j] for j in mine])):
                     owners[j] = owner
-        for leaf, owner in zip(leaves, owners):  # guards, for new paths only
-            decided = self._pending.get(leaf.keys)
-            if owner is not None and decided is not None and decided[0] != "frozen":
-                self._pending[leaf.keys] = decided[:2] + (self._guard(leaf, owner), leaf)
+        for pair, owner in zip(pairs, owners):  # guards, for new paths only
+            decided = self._pending.get(pair.keys)
+            if owner is not None and decided is not None and not decided.frozen:
+                self._pending[pair.keys] = replace(decided, notes=self._guard(pair, owner))
         return owners
 
-    def _commit(self, backend):
-        for keys, decided in self._pending.items():
-            leaf = decided[-1]
-            self._info[keys] = (tuple(leaf.backend.shape(leaf.param)), leaf.backend.dtype_name(leaf.param))
-            if decided[0] == "frozen":
-                self._frozen[keys] = self._info[keys]
-            else:
-                self._routes[keys], self._matched[keys] = decided[0], decided[1]
-                if decided[2]:
-                    self._notes[keys] = decided[2]
+    def group_of(self, keys):
+        """The index of the optimizer that takes ``keys`` in the step under way (decided now
+        or before), or ``None`` (frozen, or not decided)."""
+        route = self._routes.get(keys)
+        if route is None:
+            route = self._pending.get(keys)
+        return None if route is None or route.frozen else route.group
+
+    def commit(self, backend):
+        for keys, route in self._pending.items():
+            self._routes[keys] = route
         if self._pending:
-            self._version += 1
+            self.book.version += 1
             self._warn_dead_filters()
         self._pending = {}
         for child in self.optimizers:
-            child._commit(backend)
+            child.commit(backend)
 
     def _dead_filters(self):
         """Indices of the filters that no routed parameter went through."""
-        used = set(self._routes.values())
+        used = {route.group for route in self._routes.values()}
         return [i for i in range(len(self.filters) - 1) if i not in used]
 
-    def _plan_warnings(self):
+    def plan_warnings(self):
         return [f"{self._filter_name(i)} matches no parameter" for i in self._dead_filters()]
 
     def _warn_dead_filters(self):
@@ -241,63 +262,70 @@ class MultiOptimizer(Optimizer):
                 warn(f"MultiOptimizer: {self._filter_name(i)} matches no parameter, so "
                      f"{self.names[i]} updates nothing", RoutingWarning)
 
-    def _optimizers(self):
-        return [o for child in self.optimizers for o in child._optimizers()]
+    def stateful(self):
+        return [o for child in self.optimizers for o in child.stateful()]
 
-    _SNAPSHOT = ("_routes", "_matched", "_notes", "_frozen", "_unfrozen", "_rerouted", "_info", "_warned",
-                 "_version", "_compiled")
+    _SNAPSHOT = ("book", "_compiled", "_routes", "_warned")
 
-    def _bookkeepers(self):
-        return [self] + [o for child in self.optimizers for o in child._bookkeepers()]
+    def snapshot(self):
+        restores = [super().snapshot()] + [child.snapshot() for child in self.optimizers]
 
-    def _named_optimizers(self, name=None, position=()):
+        def restore():
+            for undo in restores:
+                undo()
+        return restore
+
+    def named_stateful(self, name=None, position=()):
         found = []
         for i, (child_name, child) in enumerate(zip(self.names, self.optimizers)):
             full = child_name if name is None else f"{name}/{child_name}"
-            found.extend(child._named_optimizers(full, position + (i,)))
+            found.extend(child.named_stateful(full, position + (i,)))
         return found
 
-    def _routing_table(self):
-        table = []
-        for keys in self._info:
-            if keys in self._frozen:
-                table.append((keys, None, "frozen", (), ()))
-                continue
-            i = self._routes[keys]
-            child = self.optimizers[i]
-            if isinstance(child, MultiOptimizer):
-                for _, leaf, rule, also, notes in [row for row in child._routing_table() if row[0] == keys]:
-                    table.append((keys, leaf, f"{self._filter_name(i)} > {rule}", also, notes))
-            else:
-                rule = "rerouted" if keys in self._rerouted else self._filter_name(i)
-                table.append((keys, child, rule, self._matched.get(keys, ()), self._notes.get(keys, ())))
-        return table
+    def placement(self, keys):
+        route = self._routes.get(keys)
+        if route is None:
+            return None
+        if route.frozen or route.group is None:
+            return Placement(keys, None, "frozen", (), (), route.shape, route.dtype)
+        child = self.optimizers[route.group]
+        inner = child.placement(keys)
+        if inner is not None:  # a MultiOptimizer inside: its reason after ours
+            return inner._replace(reason=f"{self._filter_name(route.group)} > {inner.reason}")
+        return Placement(keys, child, route.reason, route.also, route.notes, route.shape, route.dtype)
+
+    def routing_table(self):
+        return [self.placement(keys) for keys in self._routes]
+
+    def owner_of(self, keys):
+        route = self._routes.get(keys)  # a frozen parameter keeps its owner, and its state
+        return None if route is None or route.group is None else self.optimizers[route.group].owner_of(keys)
 
     def route(self, path):
         """The index of the optimizer that owns ``path`` (a dotted path or keys tuple), or
         ``None`` for a path not seen yet or frozen."""
-        keys = self._keys_of(path)
-        return None if keys is None or keys in self._frozen else self._routes.get(keys)
+        route = self._routes.get(self._keys_of(path))
+        return None if route is None or route.frozen else route.group
 
     def overlaps(self):
         """``{path: [every filter index that accepts it]}`` for parameters accepted by more
         than one filter (the first still wins)."""
-        return {dotted(k): [self._routes[k], *also] for k, also in self._matched.items() if also}
+        return {dotted(k): [route.group, *route.also] for k, route in self._routes.items() if route.also}
 
     # ------------------------------------------------------------------ changes during training
     def _keys_of(self, path):
         if isinstance(path, tuple):
             return path
-        return next((keys for keys in self._info if dotted(keys) == path), None)
+        return next((keys for keys in self._routes if dotted(keys) == path), None)
 
     def _select(self, which):
         """Known parameters (routed or frozen) selected by a path, a list of paths, or a filter."""
-        known = self._info
+        known = self._routes
         if isinstance(which, (str, tuple)):
             which = [which]
         if callable(which):
             fn = as_filter(which)
-            return [k for k in known if fn(dotted(k), _Shape(self._shape_of(k)))]
+            return [k for k in known if fn(dotted(k), _Shape(known[k].shape))]
         selected = []
         for path in which:
             keys = self._keys_of(path)
@@ -306,32 +334,16 @@ class MultiOptimizer(Optimizer):
             selected.append(keys)
         return selected
 
-    def _info_of(self, keys):
-        """``(shape, dtype)`` of a known parameter."""
-        return self._info.get(keys, ((), "?"))
-
-    def _shape_of(self, keys):
-        return self._info_of(keys)[0]
-
-    def _leaf_owner(self, keys):
-        i = self._routes.get(keys)
-        if i is None:
-            return None
-        child = self.optimizers[i]
-        return child._leaf_owner(keys) if isinstance(child, MultiOptimizer) else child
-
     def _step_number(self):
-        from treeopt.optimizer import _as_float
-
-        return int(_as_float(self.step))
+        return int(as_float(self.step))
 
     def freeze(self, which):
         """Stop updating the selected parameters (a path, paths, or a filter). Their state is
         kept, so :meth:`unfreeze` resumes where they stopped."""
-        selected = [k for k in self._select(which) if k not in self._frozen]
+        selected = [k for k in self._select(which) if not self._routes[k].frozen]
         for keys in selected:
-            self._frozen[keys] = self._info_of(keys)
-        self._version += 1
+            self._routes[keys] = replace(self._routes[keys], frozen=True)
+        self.book.version += 1
         if selected:
             self.changes.append(f"step {self._step_number()}: froze {', '.join(dotted(k) for k in selected)}")
         return [dotted(k) for k in selected]
@@ -339,11 +351,10 @@ class MultiOptimizer(Optimizer):
     def unfreeze(self, which):
         """Update the selected frozen parameters again (routed by the filters if they never
         had a route)."""
-        selected = [k for k in self._select(which) if k in self._frozen]
+        selected = [k for k in self._select(which) if self._routes[k].frozen]
         for keys in selected:
-            del self._frozen[keys]
-            self._unfrozen.add(keys)
-        self._version += 1
+            self._routes[keys] = replace(self._routes[keys], frozen=False, unfrozen=True)
+        self.book.version += 1
         if selected:
             self.changes.append(f"step {self._step_number()}: unfroze {', '.join(dotted(k) for k in selected)}")
         return [dotted(k) for k in selected]
@@ -362,53 +373,40 @@ class MultiOptimizer(Optimizer):
         if not isinstance(target, int) or not 0 <= target < len(self.optimizers):
             raise IndexError(f"reroute: there is no optimizer {to!r} (names: {self.names})")
         moved = []
-        self._version += 1
+        self.book.version += 1
         for keys in self._select(which):
-            old = self._routes.get(keys)
+            route = self._routes[keys]
+            old = route.group
             if old == target:
                 continue
-            owner = self._leaf_owner(keys)
-            slots = owner._drop(keys) if owner is not None else {}
-            self._routes[keys] = target
-            self._rerouted.add(keys)
-            self._matched.pop(keys, None)
-            self._notes.pop(keys, None)
+            owner = self.optimizers[old].owner_of(keys) if old is not None else None
+            slots = engine.drop(owner, keys) if owner is not None else {}
+            self._routes[keys] = replace(route, group=target, reason="rerouted", also=(), notes=())
             new_owner = self.optimizers[target]
             kept = {}
-            if state == "carry" and slots and owner is not None and not isinstance(new_owner, MultiOptimizer):
+            if state == "carry" and slots and owner is not None and new_owner.stateful() == [new_owner]:
                 kept = _carry(owner, new_owner, slots)
-                new_owner._carried[keys] = kept
+                new_owner.book.carried[keys] = kept
             moved.append(keys)
             carried = f", carrying {', '.join(sorted(kept))}" if kept else ", state reset"
             self.changes.append(f"step {self._step_number()}: rerouted {dotted(keys)} from "
                                 f"{self.names[old] if old is not None else 'nowhere'} to {self.names[target]}{carried}")
         return [dotted(k) for k in moved]
 
-    # ------------------------------------------------------------------ schedules for every group
-    def _scale_learning_rates(self, multiplier):
-        if not callable(multiplier):
-            raise TypeError("MultiOptimizer: lr_schedule must be a callable of the step (a multiplier)")
-        self.lr_schedule = multiplier
-        for _, _, leaf in self._named_optimizers():
-            if "learning_rate" not in leaf.state:
-                continue
-            base = leaf._schedulers.get("learning_rate")
-            if base is None:
-                from treeopt.optimizer import _as_float
-
-                base = _as_float(leaf.state["learning_rate"])
-            leaf._maybe_schedule("learning_rate", _Scaled(base, multiplier))
-
     @property
     def lr_multiplier(self):
         """The value of ``lr_schedule`` that the next step uses (``None`` without one)."""
-        from treeopt.optimizer import _as_float
-
-        return None if self.lr_schedule is None else _as_float(self.lr_schedule(self.step))
+        return None if self.lr_schedule is None else as_float(self.lr_schedule(self.step))
 
     # ------------------------------------------------------------------ whole-model operations
-    def _prepare_step(self, leaves, owners):
-        return whole_model.prepare(self, leaves, owners)
+    def prepare_step(self, pairs, owners):
+        return whole_model.prepare(self, pairs, owners, [self.group_of(pair.keys) for pair in pairs])
+
+    def whole_model_state(self):
+        return {k: v for k, v in self._state.items() if k != "states"}
+
+    def scalar_state(self):
+        return {"states": [child.scalar_state() for child in self.optimizers]}
 
     # ------------------------------------------------------------------ state and scalars
     @property
@@ -436,7 +434,7 @@ class MultiOptimizer(Optimizer):
                 raise type(error)(f"states[{i}]: {error}") from error
         state["states"] = list(states)
         self._state = state
-        self._version += 1
+        self.book.version += 1
 
     @property
     def step(self):
@@ -470,20 +468,6 @@ def _carry(old, new, slots):
     new_meanings = new.rule.slot_meanings if new.rule is not None else {}
     by_meaning = {old_meanings[name]: value for name, value in slots.items() if name in old_meanings}
     return {name: by_meaning[meaning] for name, meaning in new_meanings.items() if meaning in by_meaning}
-
-
-class _Scaled:
-    """A learning rate (a number or a schedule) times a shared multiplier schedule."""
-
-    def __init__(self, base, multiplier):
-        self.base, self.multiplier = base, multiplier
-
-    def __call__(self, step):
-        base = self.base(step) if callable(self.base) else self.base
-        return base * self.multiplier(step)
-
-    def __repr__(self):
-        return f"{self.base!r} x {getattr(self.multiplier, '__name__', 'schedule')}"
 
 
 class _Shape:

@@ -10,7 +10,7 @@ from treeopt.backends import backend_of
 
 __all__ = [
     "astype", "cast", "sqrt", "rsqrt", "sign", "maximum", "minimum", "where", "cos", "mean", "total",
-    "swap_last", "matmul", "addmm", "all_finite",
+    "swap_last", "matmul", "addmm", "all_finite", "on_whole",
 ]
 
 
@@ -93,3 +93,10 @@ def swap_last(x):
 
 def all_finite(x):
     return _of(x).all_finite(x)
+
+
+def on_whole(fn, x):
+    """``fn(x)`` where ``fn`` needs all of ``x`` at once (Newton-Schulz): on an array split
+    across devices, ``fn`` runs on the gathered whole and the result is split back as ``x``
+    is, so every placement computes the same numbers."""
+    return _of(x).on_whole(fn, x)

@@ -8,8 +8,9 @@ value then lives in the state under its name, like ``learning_rate``.
 import numbers
 
 from treeopt import rules
+from treeopt.filters import is_embedding, is_head
 from treeopt.optimizer import Optimizer
-from treeopt.rules.muon import ADJUST_LR, NS_EPS
+from treeopt.rules.muon import ADJUST_LR, LAYOUTS, NS_EPS
 
 
 def _is_number(value):
@@ -353,8 +354,8 @@ class Muon(_Builtin):
 
     Meant for the hidden matrices of a network; route embeddings, the output head, norms and
     biases to :class:`AdamW` with :class:`MultiOptimizer`. Tensors with more than two
-    dimensions are flattened to ``(shape[0], -1)``; tensors with fewer get the momentum step
-    only. As in MLX, weight decay is coupled (added to the gradient) unless
+    dimensions are viewed as a matrix by ``layout`` (``(shape[0], -1)`` by default, as MLX);
+    tensors with fewer get the momentum step only. As in MLX, weight decay is coupled (added to the gradient) unless
     ``decoupled_weight_decay``. See :mod:`treeopt.rules.muon` and ``docs/muon.md``.
 
     Args:
@@ -382,16 +383,27 @@ class Muon(_Builtin):
             ``"original"`` (default, as MLX and Keller Jordan): ``sqrt(max(1, rows / cols))``;
             ``"match_rms_adamw"`` (Moonlight): ``0.2 * sqrt(max(rows, cols))``, so that the
             update's RMS is AdamW's and one learning rate serves both.
+        layout (str, optional): where the weights keep their output axis (keyword-only):
+            ``"out_in"``: first, as MLX, torch and equinox (``(out, in)``, conv kernels
+            ``(out, in, kh, kw)`` viewed as ``(out, in * kh * kw)``, as Keller Jordan does);
+            ``"in_out"``: last, as flax and Keras (``(in, out)``, conv kernels
+            ``(kh, kw, in, out)`` viewed as ``(kh * kw * in, out)``, as optax does). Default
+            ``None``: ``"out_in"``, except under :mod:`treeopt.jax`'s ``init``/``update``/
+            ``as_optax``, which follow flax (``"in_out"``).
     """
 
     rule = rules.MUON
     hyperparameters = ("momentum", "weight_decay", "decoupled_weight_decay", "nesterov", "ns_steps", "ns_dtype",
-                       "ns_eps", "adjust_lr")
+                       "ns_eps", "adjust_lr", "layout")
     _SUITED = ("vectors", "embeddings", "heads")
 
     def __init__(self, learning_rate, momentum=0.95, weight_decay=0.01, nesterov=True, ns_steps=5, *, allow=(),
-                 ns_dtype=None, decoupled_weight_decay=False, ns_eps=NS_EPS, adjust_lr="original"):
+                 ns_dtype=None, decoupled_weight_decay=False, ns_eps=NS_EPS, adjust_lr="original",
+                 layout=None):
         super().__init__()
+        if layout not in (None, *LAYOUTS):
+            raise ValueError(f"Muon layout should be None or one of {LAYOUTS}, {layout!r} was provided instead")
+        self.layout = layout
         if adjust_lr not in ADJUST_LR:
             raise ValueError(f"Muon adjust_lr should be one of {ADJUST_LR}, {adjust_lr!r} was provided instead")
         if not _is_number(ns_eps) or not ns_eps > 0:
@@ -414,11 +426,18 @@ class Muon(_Builtin):
         self.nesterov = bool(nesterov)
         self.ns_steps = int(ns_steps)
 
+    #: the layout that ``layout=None`` stands for; treeopt.jax lends its Muons flax's
+    _implicit_layout = "out_in"
+
+    def _hyper(self):
+        hyper = super()._hyper()
+        if hyper["layout"] is None:
+            hyper["layout"] = self._implicit_layout
+        return hyper
+
     def unsuited(self, path, parameter):
         """Muon orthogonalises hidden matrices. In a MultiOptimizer it warns (or refuses) on
         vectors and scalars, embeddings and output heads, unless ``allow`` names them."""
-        from treeopt.filters import is_embedding, is_head
-
         if len(parameter.shape) < 2 and "vectors" not in self.allow:
             return (f"Muon got a {len(parameter.shape)}-D tensor: it orthogonalises matrices "
                     "(route vectors and scalars to AdamW, or Muon(allow=['vectors']))")

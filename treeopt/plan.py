@@ -10,9 +10,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
+from treeopt import engine
 from treeopt._trees import dotted
-from treeopt.backends import backend_of
-from treeopt.optimizer import _as_float
+from treeopt.backends import as_float, backend_of
 
 __all__ = ["Plan", "Row", "Group", "PlanDiff", "build"]
 
@@ -24,7 +26,7 @@ class Row:
     path: str
     group: int  # index of its optimizer in the plan's groups; -1 when frozen
     optimizer: str  # the optimizer's name, or "frozen"
-    rule: str  # why: "filters[0] (is_hidden_matrix)", "fallback", "frozen"
+    reason: str  # why: "filters[0] (is_hidden_matrix)", "fallback", "frozen"
     shape: tuple
     dtype: str
     size: int
@@ -80,13 +82,14 @@ class Plan:
     @classmethod
     def from_dict(cls, data):
         groups = [Group(**g) for g in data["groups"]]
-        rows = [Row(**dict(r, shape=tuple(r["shape"]), also_matched=tuple(r["also_matched"]), notes=tuple(r["notes"])))
+        rows = [Row(**dict(_renamed(r), shape=tuple(r["shape"]), also_matched=tuple(r["also_matched"]),
+                           notes=tuple(r["notes"])))
                 for r in data["parameters"]]
         return cls(data["step"], groups, rows, list(data.get("changes", [])), list(data.get("warnings", [])))
 
     def _table(self):
-        header = ["path", "optimizer", "rule", "shape", "dtype", "size", "state", "lr", "wd", "notes"]
-        body = [[r.path, r.optimizer, r.rule, "x".join(map(str, r.shape)) or "()", r.dtype, f"{r.size:,}",
+        header = ["path", "optimizer", "reason", "shape", "dtype", "size", "state", "lr", "wd", "notes"]
+        body = [[r.path, r.optimizer, r.reason, "x".join(map(str, r.shape)) or "()", r.dtype, f"{r.size:,}",
                  _human(r.state_bytes), _number(r.learning_rate), _number(r.weight_decay),
                  "; ".join(([f"also matched filters{list(r.also_matched)}"] if r.also_matched else []) + list(r.notes))]
                 for r in self.rows]
@@ -182,11 +185,14 @@ class PlanDiff:
         return "\n".join(lines)
 
 
+def _renamed(row):
+    """A row of a plan exported before ``rule`` was called ``reason``."""
+    return {("reason" if k == "rule" else k): v for k, v in row.items()}
+
+
 # ---------------------------------------------------------------------------------- building
 def _predicted_bytes(leaf, shape, dtype):
     """State bytes of a parameter that has no state yet, from the optimizer's slot shapes."""
-    import numpy as np
-
     class _Like:  # stands in for the parameter in slot_shapes
         def __init__(self, shape):
             self.shape, self.ndim = shape, len(shape)
@@ -200,29 +206,28 @@ def _predicted_bytes(leaf, shape, dtype):
 
 def build(optimizer):
     """The plan of ``optimizer`` from the routes and state it actually holds."""
-    named = optimizer._named_optimizers()
-    group_of = {id(leaf): i for i, (_, _, leaf) in enumerate(named)}
-    hyper = {id(leaf): json.loads(json.dumps(leaf._current_hyper())) for _, _, leaf in named}  # tuples as lists
+    named = optimizer.named_stateful()
+    group_of = {id(stateful): i for i, (_, _, stateful) in enumerate(named)}
+    hyper = {id(stateful): json.loads(json.dumps(stateful.current_hyperparameters()))  # tuples as lists
+             for _, _, stateful in named}
     rows = []
     totals = {i: [0, 0, 0] for i in range(len(named))}
-    for keys, leaf, rule, also, notes in optimizer._routing_table():
-        path = dotted(keys)
-        if leaf is None:
-            shape, dtype = optimizer._info_of(keys)
-            rows.append(Row(path, -1, "frozen", rule, tuple(shape), dtype, math.prod(shape), 0))
+    for placed in optimizer.routing_table():
+        path, shape, dtype, owner = dotted(placed.keys), placed.shape, placed.dtype, placed.owner
+        if owner is None:
+            rows.append(Row(path, -1, "frozen", placed.reason, shape, dtype, math.prod(shape), 0))
             continue
-        shape, dtype = optimizer._info_of(keys)
-        slots = leaf._slots_at(keys) or {}
+        slots = engine.slots_at(owner, placed.keys) or {}
         state_bytes = (sum(backend_of(v).nbytes(v) for v in slots.values()) if slots
-                       else _predicted_bytes(leaf, tuple(shape), dtype))
-        group = group_of[id(leaf)]
-        values = hyper[id(leaf)]
-        rows.append(Row(path, group, named[group][0], rule, tuple(shape), dtype, math.prod(shape), state_bytes,
-                        values.get("learning_rate"), values.get("weight_decay"), tuple(also), tuple(notes)))
+                       else _predicted_bytes(owner, shape, dtype))
+        group = group_of[id(owner)]
+        values = hyper[id(owner)]
+        rows.append(Row(path, group, named[group][0], placed.reason, shape, dtype, math.prod(shape), state_bytes,
+                        values.get("learning_rate"), values.get("weight_decay"), placed.also, placed.notes))
         totals[group][0] += 1
         totals[group][1] += math.prod(shape)
         totals[group][2] += state_bytes
-    groups = [Group(i, name, type(leaf).__name__, *totals[i], hyperparameters=hyper[id(leaf)])
-              for i, (name, _, leaf) in enumerate(named)]
-    return Plan(int(_as_float(optimizer.step)), groups, rows, list(getattr(optimizer, "changes", [])),
-                optimizer._plan_warnings())
+    groups = [Group(i, name, type(stateful).__name__, *totals[i], hyperparameters=hyper[id(stateful)])
+              for i, (name, _, stateful) in enumerate(named)]
+    return Plan(int(as_float(optimizer.step)), groups, rows, list(getattr(optimizer, "changes", [])),
+                optimizer.plan_warnings())

@@ -3,6 +3,7 @@
 from treeopt.filters import is_bias, is_hidden_matrix, is_norm, ndim
 from treeopt.multi import MultiOptimizer
 from treeopt.optimizers import AdamW, Muon
+from treeopt.tree import tree_flatten
 
 __all__ = ["muon_adamw"]
 
@@ -14,8 +15,19 @@ MUON_LR, MUON_MOMENTUM, NS_EPS = 0.02, 0.95, 1e-7
 ADAMW_LR, ADAMW_BETAS, WEIGHT_DECAY = 3e-4, (0.9, 0.95), 0.01
 
 
+def layout_of(params):
+    """``"in_out"`` when the matrices of ``params`` are named ``kernel`` (flax, Keras: output
+    axis last), ``"out_in"`` when they are named ``weight`` (torch, MLX, equinox), else None."""
+    names = {path.rsplit(".", 1)[-1] for path, leaf in tree_flatten(params) if len(getattr(leaf, "shape", ())) >= 2}
+    if "kernel" in names and "weight" not in names:
+        return "in_out"
+    if "weight" in names and "kernel" not in names:
+        return "out_in"
+    return None
+
+
 def muon_adamw(params=None, *, muon_lr=None, adamw_lr=ADAMW_LR, momentum=MUON_MOMENTUM, betas=ADAMW_BETAS,
-               weight_decay=WEIGHT_DECAY, adjust_lr="original", hidden=is_hidden_matrix,
+               weight_decay=WEIGHT_DECAY, adjust_lr="original", layout=None, hidden=is_hidden_matrix,
                no_decay=is_bias | is_norm | ndim(max=1), frozen=None, lr_schedule=None, print_plan=False, **options):
     """Muon for the hidden matrices, AdamW for the rest: Keller Jordan's recipe (the Muon
     paper, the NanoGPT speedruns), as one :class:`MultiOptimizer` with three named groups.
@@ -46,6 +58,10 @@ def muon_adamw(params=None, *, muon_lr=None, adamw_lr=ADAMW_LR, momentum=MUON_MO
         momentum: Muon's momentum. betas: AdamW's betas. weight_decay: for ``muon`` and
             ``adamw``, decoupled in both.
         adjust_lr: ``"original"`` or ``"match_rms_adamw"`` (see above).
+        layout: Muon's ``layout``: ``"out_in"`` (torch, MLX, equinox: ``weight`` of shape
+            ``(out, in)``) or ``"in_out"`` (flax, Keras: ``kernel`` of shape ``(in, out)``).
+            Default: read from ``params`` when given (matrices named ``kernel`` are flax's,
+            ``weight`` torch's), else Muon's own default (see :class:`Muon`).
         hidden, no_decay: the filters of the first two groups (see :mod:`treeopt.filters`).
         frozen: a filter of parameters that no group gets.
         lr_schedule: a multiplier of the step for every group's learning rate (warm-up,
@@ -65,9 +81,11 @@ def muon_adamw(params=None, *, muon_lr=None, adamw_lr=ADAMW_LR, momentum=MUON_MO
     """
     if muon_lr is None:
         muon_lr = adamw_lr if adjust_lr == "match_rms_adamw" else MUON_LR
+    if layout is None and params is not None:
+        layout = layout_of(params)
     multi = MultiOptimizer(
         [Muon(muon_lr, momentum=momentum, weight_decay=weight_decay, decoupled_weight_decay=True, ns_eps=NS_EPS,
-              adjust_lr=adjust_lr),
+              adjust_lr=adjust_lr, layout=layout),
          AdamW(adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True),
          AdamW(adamw_lr, betas=betas, weight_decay=weight_decay, bias_correction=True)],
         [hidden, no_decay], names=["muon", "adamw_no_decay", "adamw"], frozen=frozen, lr_schedule=lr_schedule,

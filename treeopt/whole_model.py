@@ -1,7 +1,7 @@
 """Operations on the whole model, across every group of a ``MultiOptimizer``: global-norm
 clipping, skipping non-finite steps, and gradient accumulation with per-group frequencies.
 
-They run between the step's checks and its commit (see ``Optimizer._apply``): gradients are
+They run between the step's checks and its commit (see :mod:`treeopt.engine`): gradients are
 rescaled or accumulated here, and their own state (the last norm, the count of skipped
 steps, the accumulation buffers) is written only when the step commits.
 """
@@ -47,10 +47,11 @@ def _concrete(flag, option):
                            "there") from error
 
 
-def prepare(multi, leaves, owners):
-    """The leaves and owners to update this call, the optimizers that step, and a commit."""
-    options, state = multi.whole_model, multi._state
-    stepping = multi._optimizers()
+def prepare(multi, leaves, owners, groups):
+    """The leaves and owners to update this call, the optimizers that step, and a commit;
+    ``groups`` holds the index of each leaf's optimizer in ``multi``."""
+    options, state = multi.whole_model, multi.state
+    stepping = multi.stateful()
     if not options.active:
         return leaves, owners, stepping, None
     updates = {}  # entries of the multi's state, written at commit
@@ -71,10 +72,7 @@ def prepare(multi, leaves, owners):
         due = [(micro + 1) % n == 0 for n in options.accumulate]
         buffers = dict(state.get("accumulated", {}))
         kept = []
-        for leaf, owner in zip(leaves, owners):
-            group = multi._routes.get(leaf.keys)
-            if group is None:
-                group = multi._pending[leaf.keys][0]
+        for leaf, owner, group in zip(leaves, owners, groups):
             count = options.accumulate[group]
             if count == 1:
                 kept.append((leaf, owner))
@@ -87,7 +85,7 @@ def prepare(multi, leaves, owners):
             else:
                 buffers[leaf.path] = total
         leaves, owners = [leaf for leaf, _ in kept], [owner for _, owner in kept]
-        stepping = [o for i, child in enumerate(multi.optimizers) if due[i] for o in child._optimizers()]
+        stepping = [o for i, child in enumerate(multi.optimizers) if due[i] for o in child.stateful()]
         updates["micro_step"] = micro + 1
         updates["accumulated"] = buffers
     return leaves, owners, stepping, lambda: state.update(updates)

@@ -12,7 +12,7 @@ import sys
 from treeopt.backends.base import Backend, PythonScalars
 from treeopt.backends.numpy_backend import NumpyBackend
 
-__all__ = ["Backend", "backend_of", "get_backend", "numpy_backend", "python_scalars"]
+__all__ = ["Backend", "as_float", "backend_of", "get_backend", "numpy_backend", "python_scalars"]
 
 numpy_backend = NumpyBackend()
 python_scalars = PythonScalars()
@@ -61,3 +61,9 @@ def backend_of(x):
             return None
         _by_type[cls] = found
     return found
+
+
+def as_float(value) -> float:
+    """A number or a 0-d array of any backend as a Python float."""
+    backend = backend_of(value)
+    return float(value) if backend is None or backend.name == "python" else backend.to_float(value)

@@ -15,6 +15,8 @@ class Backend:
     mutable = False
     #: dtype names of floating types the rules may update
     floating = ("float16", "bfloat16", "float32", "float64")
+    #: the exact types of this library's arrays, for walks that test ``type(x) in ...``
+    array_types = ()
 
     # --- what an array is -------------------------------------------------------------
     def owns(self, x) -> bool:
@@ -132,6 +134,11 @@ class Backend:
     def all_finite(self, x):
         """A 0-d boolean array: no NaN or infinity in ``x``."""
         raise NotImplementedError
+
+    def on_whole(self, fn, x):
+        """``fn(x)`` computed on the whole array, placed as ``x`` is. Only an array split
+        across devices (JAX sharding) needs more than calling ``fn``."""
+        return fn(x)
 
 
 class PythonScalars(Backend):

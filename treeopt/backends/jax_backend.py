@@ -7,6 +7,7 @@ import numpy as np
 from treeopt.backends.base import Backend
 
 _HALF = ("float16", "bfloat16")
+_REPLICATED = jax.sharding.PartitionSpec()
 
 
 def _dtype(name):
@@ -34,6 +35,12 @@ class JaxBackend(Backend):
         return jnp.zeros_like(x)
 
     def zeros(self, shape, like):
+        if tuple(shape) == tuple(like.shape):
+            return jnp.zeros_like(like)  # keeps like's sharding: a slot is split as its parameter is
+        sharding = getattr(like, "sharding", None)  # a tracer has none: the compiler places it
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            # another shape (Adafactor's factored slots): one copy per device of like's mesh
+            return jnp.zeros(shape, dtype=like.dtype, device=jax.sharding.NamedSharding(sharding.mesh, _REPLICATED))
         return jnp.zeros(shape, dtype=like.dtype)
 
     def scalar_array(self, value, dtype, like=None):
@@ -101,3 +108,46 @@ class JaxBackend(Backend):
 
     def all_finite(self, x):
         return jnp.isfinite(x).all()
+
+    def on_whole(self, fn, x):
+        """``fn(x)`` computed on the whole of ``x``, wherever ``x`` is split across devices.
+
+        Explicit mesh axes: ``x`` is resharded to one full copy per device (one all-gather),
+        ``fn`` runs on it and its result is resharded back to ``x``'s sharding (a slice).
+        Auto axes: ``fn`` runs inside ``shard_map`` on the full, replicated ``x``, so the
+        compiler cannot split ``fn``'s own computation (which would add collectives in every
+        iteration of Newton-Schulz and change the rounding). Outside ``jit``, ``x`` is copied
+        whole to every device and ``fn`` runs op by op on the copies. Each device computes
+        exactly what one device would, so the result is the unsharded one.
+        """
+        mesh, spec = _mesh_of(x)
+        if mesh is None:
+            return fn(x)
+        if not isinstance(x, jax.core.Tracer):  # outside jit: compute on one full copy per device
+            placement = x.sharding
+            if not isinstance(placement, jax.sharding.NamedSharding):
+                return fn(x)
+            return jax.device_put(fn(jax.device_put(x, jax.sharding.NamedSharding(placement.mesh, _REPLICATED))),
+                                  placement)
+        explicit = jax.sharding.AxisType.Explicit
+        if all(kind == explicit for kind in mesh.axis_types):
+            if all(axis is None for axis in spec):
+                return fn(x)  # already whole on every device
+            whole = jax.sharding.NamedSharding(mesh, _REPLICATED)
+            return jax.sharding.reshard(fn(jax.sharding.reshard(x, whole)), jax.sharding.NamedSharding(mesh, spec))
+        return jax.shard_map(fn, mesh=mesh, in_specs=_REPLICATED, out_specs=_REPLICATED, check_vma=False)(x)
+
+
+def _mesh_of(x):
+    """``(mesh, spec)`` of an array or tracer split over a mesh of several devices, or
+    ``(None, None)``: on one device, or with a JAX too old to type shardings."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None or not hasattr(jax, "shard_map"):
+        return None, None
+    sharding = getattr(typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return None, None
+    if all(kind == jax.sharding.AxisType.Manual for kind in mesh.axis_types):
+        return None, None  # inside shard_map: x is this device's own block, as the user chose
+    return mesh, sharding.spec

@@ -21,6 +21,7 @@ def _dtype(name: str):
 
 class NumpyBackend(Backend):
     name = "numpy"
+    array_types = (np.ndarray,)
     mutable = True
 
     def owns(self, x):

@@ -26,6 +26,7 @@ def _dtype(name):
 class TorchBackend(Backend):
     name = "torch"
     mutable = True
+    array_types = (torch.Tensor, torch.nn.Parameter)
 
     def owns(self, x):
         return isinstance(x, torch.Tensor)

@@ -75,7 +75,7 @@ def load(optimizer, path, params=None, *, strict=True):
     tensors, metadata = read(path)
     if metadata is None and not mlx_layout.is_mlx_layout(tensors):
         raise CheckpointError(f"{path} has neither treeopt metadata nor MLX's optimizer layout")
-    restore = optimizer._snapshot()
+    restore = optimizer.snapshot()
     try:
         if params is not None:
             optimizer.init(params)

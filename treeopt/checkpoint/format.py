@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from treeopt import __version__
+from treeopt import __version__, engine
 from treeopt._trees import dotted
 from treeopt.backends import backend_of, numpy_backend
 from treeopt.errors import TreeoptError
@@ -59,7 +59,7 @@ class LoadReport:
 # ---------------------------------------------------------------------------------- saving
 def leaf_optimizers(optimizer):
     """``(name, position, optimizer)`` for every optimizer that holds state, in order."""
-    return optimizer._named_optimizers()
+    return optimizer.named_stateful()
 
 
 def _json_value(value):
@@ -101,9 +101,9 @@ def to_flat(optimizer, known=()):
         tensors[key] = value
 
     for name, position, leaf in leaf_optimizers(optimizer):
-        for scalar in leaf._scalar_names():
+        for scalar in leaf.scalar_names():
             put(f"@{name}/{scalar}", leaf.state[scalar])
-        for keys, slots in leaf._slot_items():
+        for keys, slots in engine.slot_items(leaf):
             path = dotted(keys)
             if path in parameters:
                 raise CheckpointError(f"two parameters have the path {path!r}: rename one of them")
@@ -111,17 +111,14 @@ def to_flat(optimizer, known=()):
             for slot, value in slots.items():
                 put(f"{path}/{slot}", value)
         optimizers.append({"name": name, "position": list(position), "type": type(leaf).__name__,
-                           "hyperparameters": hyperparameters(leaf), "scheduled": sorted(leaf._schedulers)})
-    owners = {dotted(keys): name for name, _, leaf in leaf_optimizers(optimizer) for keys in leaf._params_info}
-    for keys, owner in _known_paths(optimizer):
-        path = dotted(keys)
-        if path not in parameters:
-            parameters[path] = {"owner": owner, "slots": {}}
+                           "hyperparameters": hyperparameters(leaf), "scheduled": sorted(leaf.schedules)})
+    names = {id(leaf): name for name, _, leaf in leaf_optimizers(optimizer)}
+    for placed in optimizer.routing_table():  # known paths without state
+        parameters.setdefault(dotted(placed.keys), {"owner": names.get(id(placed.owner)), "slots": {}})
     for path in known:
-        if path not in parameters:
-            parameters[path] = {"owner": owners.get(path), "slots": {}}
+        parameters.setdefault(path, {"owner": None, "slots": {}})
     extra = {}
-    for name, value in _whole_model_state(optimizer).items():
+    for name, value in optimizer.whole_model_state().items():
         if name == "accumulated":
             for path, array in value.items():
                 put(f"#accumulated/{path}", array)
@@ -136,26 +133,6 @@ def to_flat(optimizer, known=()):
         "optimizers": optimizers, "parameters": parameters,
     }
     return tensors, metadata
-
-
-def _known_paths(optimizer):
-    """``(keys, owner name)`` of every routed parameter of a MultiOptimizer."""
-    from treeopt.multi import MultiOptimizer
-
-    if not isinstance(optimizer, MultiOptimizer):
-        return []
-    names = {id(leaf): name for name, _, leaf in leaf_optimizers(optimizer)}
-    return [(keys, names.get(id(optimizer._leaf_owner(keys))) if keys not in optimizer._frozen else None)
-            for keys in optimizer._info]
-
-
-def _whole_model_state(optimizer):
-    """The state a MultiOptimizer keeps itself: step counters, norms, accumulation buffers."""
-    from treeopt.multi import MultiOptimizer
-
-    if not isinstance(optimizer, MultiOptimizer):
-        return {}
-    return {k: v for k, v in optimizer._state.items() if k != "states"}
 
 
 def numpy_scalar(value):
@@ -181,7 +158,7 @@ def _match_optimizers(current, metadata):
     matches = {}
     for name, position, leaf in current:
         kind = type(leaf).__name__
-        votes = Counter(owner[dotted(keys)] for keys, _ in leaf._slot_items()
+        votes = Counter(owner[dotted(keys)] for keys, _ in engine.slot_items(leaf)
                         if owner.get(dotted(keys)) in saved and saved[owner[dotted(keys)]]["type"] == kind)
         if votes:
             matches[id(leaf)] = saved[votes.most_common(1)[0][0]]
@@ -211,7 +188,7 @@ def from_flat(optimizer, tensors, metadata, strict=True):
     seen = set()
 
     for name, _, leaf in current:
-        for keys, slots in leaf._slot_items():
+        for keys, slots in engine.slot_items(leaf):
             path = dotted(keys)
             seen.add(path)
             saved = saved_params.get(path)
@@ -264,7 +241,7 @@ def from_flat(optimizer, tensors, metadata, strict=True):
             if key in ours and ours[key] != value and not isinstance(value, dict) and not isinstance(ours[key], dict):
                 report.problems.append(Problem(
                     "hyperparameter", name, f"{key} is {value!r} in the checkpoint, {ours[key]!r} now"))
-        for scalar in leaf._scalar_names():
+        for scalar in leaf.scalar_names():
             key = f"@{saved['name']}/{scalar}"
             if key not in tensors:
                 report.problems.append(Problem("missing", f"@{name}/{scalar}", "not in the checkpoint"))
@@ -279,7 +256,7 @@ def from_flat(optimizer, tensors, metadata, strict=True):
     for leaf, scalar, array in scalar_writes:
         _assign_scalar(leaf, scalar, array)
     for _, _, leaf in current:
-        leaf._initialized = True
+        leaf.book.initialized = True
     return report
 
 
@@ -293,15 +270,13 @@ def _spec(tensors, key):
 
 
 def _load_whole_model_state(optimizer, tensors, metadata):
-    from treeopt.multi import MultiOptimizer
-
-    if not isinstance(optimizer, MultiOptimizer):
-        return
-    state = optimizer._state
-    for key in [k for k in state if k != "states"]:
+    if optimizer.stateful() == [optimizer]:
+        return  # only a MultiOptimizer keeps state for the whole model
+    state = optimizer.state
+    for key in optimizer.whole_model_state():
         del state[key]
     state.update(metadata.get("whole_model", {}))
-    backend = optimizer._optimizers()[0]._backend or numpy_backend
+    backend = optimizer.stateful()[0].book.backend or numpy_backend
     accumulated = {}
     for key in [k for k in tensors.keys() if k.startswith("#")]:
         array = tensors[key]
@@ -326,7 +301,7 @@ def _assign(slots, slot, array):
 
 def _assign_scalar(leaf, scalar, array):
     value = numpy_scalar(array)
-    backend = leaf._backend or numpy_backend
+    backend = leaf.book.backend or numpy_backend
     dtype = "uint64" if scalar == "step" else value.dtype.name
     if dtype not in ("uint64", "float16", "bfloat16", "float32"):
         dtype = "float32"

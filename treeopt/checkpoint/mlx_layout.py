@@ -25,7 +25,7 @@ def from_mlx(optimizer, arrays):
     prefixes = [(("".join(f"states.{i}." for i in position)), name, leaf) for name, position, leaf in leaves]
     tensors, parameters, optimizers = {}, {}, []
     for prefix, name, leaf in prefixes:
-        scalars = set(leaf._scalar_names()) | {"step", "learning_rate"}
+        scalars = set(leaf.scalar_names()) | {"step", "learning_rate"}
         slots_of = {}
         for key, value in arrays.items():
             if not key.startswith(prefix):

@@ -4,7 +4,7 @@
   tables of pointers (NumPy arrays and CPU torch tensors, float32/float64), used by
   :mod:`.compiled_step` for ``update`` on trees whose structure does not change.
 
-The per-tensor rule (``Optimizer._run_rule``) stays the reference: the tests check every
+The per-tensor rule (``treeopt.engine.run_rule``) stays the reference: the tests check every
 fast path against it. Fast paths need ``numba`` (``pip install treeopt[fast]``); without it,
 or with ``TREEOPT_KERNELS=0`` in the environment, or ``treeopt.kernels.enabled = False``,
 every step takes the reference path.

@@ -21,7 +21,7 @@ import numpy as np
 from treeopt.kernels import numba_available
 
 _is = operator.is_
-_LEAF_TYPES = {np.ndarray}  # torch.Tensor is added when torch is in use
+_LEAF_TYPES = {np.ndarray}  # the array types of every backend in use (Backend.array_types)
 
 
 def _flatten_pair(grad, model, grads, params):
@@ -60,7 +60,7 @@ class _RuleBucket:
         self.params = [leaf.param for leaf in leaves]
         self.slots = [leaf.slots for leaf in leaves]
         ndim = [len(backend.shape(leaf.param)) for leaf in leaves]
-        hyper = owner._hyper()
+        hyper = owner.rule_hyperparameters()
         self.names = [owner.rule.slot_names(n, hyper) for n in ndim]
         self.shapes = [tuple(backend.shape(leaf.param)) for leaf in leaves]
         self.dtype = leaves[0].param.dtype
@@ -74,7 +74,7 @@ class _RuleBucket:
 
     def run(self, grads):
         backend, update = self.backend, self.owner.rule.update
-        coefficients = self.owner._coefficients(self.params[0], backend)
+        coefficients = self.owner.coefficients(self.params[0], backend)
         for g, p, slots, names in zip(grads, self.params, self.slots, self.names):
             with backend.quiet():
                 new_param, *new_slots = update(g, p, *(slots[n] for n in names), **coefficients)
@@ -148,7 +148,7 @@ class _NumbaBucket:
     def run(self, prepared):
         _, grad_ptrs = prepared
         for row, owner in enumerate(self.owners):
-            values = owner._coefficients(self.params[0], self.backend)
+            values = owner.coefficients(self.params[0], self.backend)
             self.table[row] = [_float(values[n]) for n in self.numeric]
         self.kernel(grad_ptrs, self.param_ptrs, self.slot_ptrs, self.segments, self.rows, self.table, self.like,
                     self.flags)
@@ -158,17 +158,17 @@ def _settings(owner):
     """The hyper-parameters that decide the switches: numbers and flags (a schedule always
     switches its term on, whatever its value)."""
     return [v if isinstance(v, (bool, int, float, str, tuple, type(None))) else "scheduled"
-            for v in owner._hyper().values()]
+            for v in owner.rule_hyperparameters().values()]
 
 
 def _flags(owner, like, backend, static):
-    values = owner._coefficients(like, backend)
+    values = owner.coefficients(like, backend)
     return tuple(bool(values[n]) for n in static)
 
 
 def _static_names(owner, like, backend):
     """The coefficients of ``owner``'s rule that are switches rather than numbers."""
-    values = owner._coefficients(like, backend)
+    values = owner.coefficients(like, backend)
     return tuple(n for n, v in values.items() if isinstance(v, (bool, np.bool_)))
 
 
@@ -194,7 +194,7 @@ class CompiledStep:
     def __init__(self, params, buckets, stepping, watched):
         self.params, self.buckets = params, buckets
         self.stepping, self.watched = stepping, watched
-        self.versions = [o._version for o in watched]
+        self.versions = [o.book.version for o in watched]
 
     @classmethod
     def build(cls, optimizer, gradients, model, leaves, active, stepping):
@@ -203,17 +203,14 @@ class CompiledStep:
             return None
         for leaf in active:
             owner, backend, param = leaf.owner, leaf.backend, leaf.param
-            if owner.rule is None or owner._custom("apply_single") or not backend.mutable or not leaf.owned:
+            if not owner.runs_rule or not backend.mutable or not leaf.owned:
                 return None
             if not backend.writable(param) or (backend.name == "numpy" and not param.flags.c_contiguous):
                 return None
             if backend.name == "torch" and not param.is_contiguous():
                 return None
-        if any(leaf.backend.name == "torch" for leaf in active):
-            import torch
-
-            _LEAF_TYPES.add(torch.Tensor)
-            _LEAF_TYPES.add(torch.nn.Parameter)
+        for backend in {leaf.backend for leaf in active}:
+            _LEAF_TYPES.update(backend.array_types)
         try:
             grads, params = [], []
             _flatten_pair(gradients, model, grads, params)
@@ -241,13 +238,13 @@ class CompiledStep:
             fused.setdefault(key, []).append((first.owner, group, positions))
         for key, members in fused.items():
             buckets.append(_NumbaBucket(members, members[0][1][0].backend, key[4], key[5]))
-        watched = [optimizer] + optimizer._optimizers()
+        watched = [optimizer] + optimizer.stateful()
         return cls(params, buckets, stepping, watched)
 
     def run(self, gradients, model):
         """Take the step if ``gradients`` and ``model`` fit the plan; ``False`` otherwise
         (nothing has changed then)."""
-        if [o._version for o in self.watched] != self.versions:
+        if [o.book.version for o in self.watched] != self.versions:
             return False
         grads, params = [], []
         try:
@@ -260,7 +257,7 @@ class CompiledStep:
         if any(p is None for p in prepared):
             return False
         for optimizer in self.stepping:
-            optimizer._advance()
+            optimizer.advance()
         for bucket, ready in zip(self.buckets, prepared):
             bucket.run(ready)
         return True

@@ -3,10 +3,13 @@
     g <- g + wd * p                                 (coupled decay, as in MLX; the default)
     v <- mu * v + (1 - mu) * g
     d  = (1 - mu) * g + mu * v if nesterov else v
-    for matrices (ndim >= 2; more dims are flattened to (shape[0], -1)):
+    for matrices (ndim >= 2), viewed as 2-D by their layout:
+        "out_in" (MLX, torch: (out, in, *kernel)) -> (out, in * kernel), as Keller Jordan's
+        "in_out" (flax: (*kernel, in, out))       -> (kernel * in, out),  as optax
         d  = NewtonSchulz5(d)
-        s  = sqrt(max(1, shape[-2] / shape[-1]))        "original": on the original shape, as MLX
-          or 0.2 * sqrt(max(rows, cols))                "match_rms_adamw": of the flattened matrix
+        s  = sqrt(max(1, shape[-2] / shape[-1]))        "original", "out_in": as MLX and Keller Jordan
+          or sqrt(max(1, fan_out / fan_in))             "original", "in_out": as optax
+          or 0.2 * sqrt(max(rows, cols))                "match_rms_adamw": of the 2-D view
     p <- p * (1 - lr * wd)                          (decoupled decay, when chosen instead)
     p <- p - lr * s * d
 
@@ -23,7 +26,7 @@ the root-mean-square of a typical AdamW update (about 0.2), so one learning rate
 
 from math import prod, sqrt as py_sqrt
 
-from treeopt.ops import addmm, astype, cast, dtype_name, matmul, sqrt, swap_last, total
+from treeopt.ops import addmm, astype, cast, dtype_name, matmul, on_whole, sqrt, swap_last, total
 from treeopt.rules.base import Rule, active
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -32,24 +35,36 @@ NS_EPS = 1e-7
 ADJUST_LR = ("original", "match_rms_adamw")
 #: the root-mean-square of an AdamW update that "match_rms_adamw" matches
 ADAMW_RMS = 0.2
+#: where a weight keeps its output axis: first ("out_in") or last ("in_out")
+LAYOUTS = ("out_in", "in_out")
 
 
 def muon_coefficients(lr, step, *, momentum, weight_decay, decoupled_weight_decay, nesterov, ns_steps, ns_dtype,
-                      ns_eps, adjust_lr):
+                      ns_eps, adjust_lr, layout):
     decays = active(weight_decay)
     decoupled = decays and decoupled_weight_decay
     return dict(lr=lr, momentum=momentum, one_minus_momentum=1 - momentum,
                 weight_decay=weight_decay, coupled=decays and not decoupled,
                 keep=1 - lr * weight_decay if decoupled else None, nesterov=nesterov,
-                ns_steps=ns_steps, ns_dtype=ns_dtype, ns_eps=ns_eps, adjust_lr=adjust_lr)
+                ns_steps=ns_steps, ns_dtype=ns_dtype, ns_eps=ns_eps, adjust_lr=adjust_lr,
+                layout=layout)
 
 
-def lr_scale(shape, adjust_lr):
-    """The factor of the learning rate of a matrix of this (original) shape."""
+def matrix_shape(shape, layout):
+    """The 2-D view Newton-Schulz orthogonalises: the output axis against all the others."""
+    if layout == "in_out":
+        return prod(shape[:-1]), shape[-1]
+    return shape[0], prod(shape[1:])
+
+
+def lr_scale(shape, layout, adjust_lr):
+    """The factor of the learning rate of a weight of this (stored) shape."""
+    rows, columns = matrix_shape(shape, layout)
     if adjust_lr == "match_rms_adamw":
-        rows, columns = shape[0], prod(shape[1:])
         return ADAMW_RMS * py_sqrt(max(rows, columns))
-    return py_sqrt(max(1.0, shape[-2] / shape[-1]))
+    if layout == "in_out":
+        return py_sqrt(max(1.0, columns / rows))
+    return py_sqrt(max(1.0, shape[-2] / shape[-1]))  # for a conv kernel: kh / kw, as the references
 
 
 def newton_schulz(x, steps, eps=NS_EPS):
@@ -67,25 +82,32 @@ def newton_schulz(x, steps, eps=NS_EPS):
 
 
 def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, coupled, keep, nesterov, ns_steps, ns_dtype,
-         ns_eps, adjust_lr):
+         ns_eps, adjust_lr, layout):
     if coupled:
         grad = grad + weight_decay * param
     v = momentum * v + one_minus_momentum * grad
     direction = grad * one_minus_momentum + v * momentum if nesterov else v
     if direction.ndim >= 2:
         shape = tuple(direction.shape)
-        matrix = direction.reshape((shape[0], -1)) if len(shape) > 2 else direction
-        if ns_dtype is None:
-            orthogonal = newton_schulz(matrix, ns_steps, ns_eps)
-        else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
-            orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps, ns_eps), dtype_name(matrix))
-        direction = orthogonal.reshape(shape)
-        scaled_lr = lr * cast(lr_scale(shape, adjust_lr), lr)
+        # a matrix split across devices is orthogonalised whole, then split back as it was
+        direction = on_whole(lambda d: orthogonalise(d, ns_steps, ns_eps, ns_dtype, layout), direction)
+        scaled_lr = lr * cast(lr_scale(shape, layout, adjust_lr), lr)
     else:
         scaled_lr = lr
     if keep is not None:  # decoupled: shrink by the unscaled learning rate, as the references do
         param = param * keep
     return param - scaled_lr * direction, v
+
+
+def orthogonalise(direction, ns_steps, ns_eps, ns_dtype, layout):
+    """Newton-Schulz on ``direction`` viewed as a matrix by its ``layout``, in its own shape."""
+    shape = tuple(direction.shape)
+    matrix = direction.reshape(matrix_shape(shape, layout)) if len(shape) > 2 else direction
+    if ns_dtype is None:
+        orthogonal = newton_schulz(matrix, ns_steps, ns_eps)
+    else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
+        orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps, ns_eps), dtype_name(matrix))
+    return orthogonal.reshape(shape)
 
 
 MUON = Rule("muon", muon, muon_coefficients, slots=("v",), elementwise=False,

@@ -34,7 +34,8 @@ import torch
 from treeopt._trees import dotted
 from treeopt.multi import MultiOptimizer
 from treeopt.optimizer import Optimizer as _TreeoptOptimizer
-from treeopt.optimizer import _as_float, _collect
+from treeopt import engine
+from treeopt.backends import as_float
 from treeopt.torch import state_dict as _layout
 from treeopt.torch.names import canonical_name, module_kinds, named_parameters
 
@@ -129,8 +130,8 @@ class Optimizer(torch.optim.Optimizer):
         self._added = {}  # name -> parameter given to add_param_group that the model does not hold
         self._seen = _registrations[0]
         self._check_known_paths()
-        self._leaves = [leaf for _, _, leaf in optimizer._named_optimizers()]
-        self._group_names = [name for name, _, _ in optimizer._named_optimizers()]
+        self._leaves = [leaf for _, _, leaf in optimizer.named_stateful()]
+        self._group_names = [name for name, _, _ in optimizer.named_stateful()]
         self._group_of = {}  # name -> group index; None: frozen by the MultiOptimizer
         self._unrouted = set()  # names that did not require grad when last seen
         self._declare_kinds(self.parameters)
@@ -182,7 +183,7 @@ class Optimizer(torch.optim.Optimizer):
     def _check_known_paths(self):
         """A treeopt optimizer planned on wrapper names (``_orig_mod.x``) would keep a second
         state under the canonical name: refuse it."""
-        known = getattr(self.optimizer, "_info", None) or self.optimizer._params_info
+        known = [placement.keys for placement in self.optimizer.routing_table()]
         stale = [p for p in map(dotted, known) if canonical_name(p) != p and canonical_name(p) in self.parameters]
         if stale:
             raise ValueError(
@@ -201,14 +202,14 @@ class Optimizer(torch.optim.Optimizer):
         if not names:
             return
         params = {n: self.parameters[n] for n in names}
-        leaves = _collect(params, params, self.optimizer, check_pairs=False)
-        backend = self.optimizer._settle_backend(leaves)
-        owners = self.optimizer._plan(leaves)
+        leaves = engine.collect(params, params, type(self.optimizer).__name__, check_pairs=False)
+        backend = engine.settle_backend(self.optimizer, leaves)
+        owners = self.optimizer.assign_owners(leaves)
         group = {id(leaf): i for i, leaf in enumerate(self._leaves)}
         indices = {leaf.path: None if owner is None else group[id(owner)] for leaf, owner in zip(leaves, owners)}
         if check is not None:
             check(indices)
-        self.optimizer._commit(backend)
+        self.optimizer.commit(backend)
         self._group_of.update(indices)
 
     def _members(self, i):
@@ -264,13 +265,13 @@ class Optimizer(torch.optim.Optimizer):
         if group is None:
             return
         owner = self._leaves[group]
-        if owner._slots_at((name,)):
-            owner._drop((name,))
+        if engine.slots_at(owner, (name,)):
+            engine.drop(owner, (name,))
             if isinstance(self.optimizer, MultiOptimizer):
-                step = int(_as_float(self.optimizer.step))
+                step = int(as_float(self.optimizer.step))
                 self.optimizer.changes.append(f"step {step}: {why} {name} in the model, its state reset")
         if isinstance(self.optimizer, MultiOptimizer) and why == "replaced":
-            self.optimizer._version += 1
+            self.optimizer.book.version += 1
 
     def add_param_group(self, param_group: dict) -> None:
         """Add parameters, as ``torch.optim`` does, to the groups treeopt already has.
@@ -338,8 +339,9 @@ class Optimizer(torch.optim.Optimizer):
             if not param.is_leaf:
                 raise ValueError("add_param_group: can't optimize a non-leaf tensor")
             name = canonical_name(name) if name is not None else names_in_model.get(id(param))
-            if name is None:
-                name = f"added.{len(self._added) + len(entries)}"
+            if name is None:  # the first free added.N
+                taken = set(self.parameters) | {n for n, _ in entries}
+                name = next(f"added.{i}" for i in range(len(taken) + 1) if f"added.{i}" not in taken)
             if self._group_of.get(name) is not None:
                 raise ValueError(f"add_param_group: {name!r} is already in group "
                                  f"{self._group_names[self._group_of[name]]!r}")
@@ -351,15 +353,15 @@ class Optimizer(torch.optim.Optimizer):
         """Group ``i``'s name and hyper-parameters as the next step will use them."""
         leaf = self._leaves[i]
         values = {"name": self._group_names[i]}
-        for key, value in leaf._current_hyper().items():
-            if key == "learning_rate" or key in leaf._schedulers:
+        for key, value in leaf.current_hyperparameters().items():
+            if key == "learning_rate" or key in leaf.schedules:
                 value = _shortest(value)
             values[_TORCH_NAMES.get(key, key)] = value
         return values
 
     def _scheduled(self, leaf, key):
         name = next((k for k, v in _TORCH_NAMES.items() if v == key), key)
-        return name in leaf._schedulers or any(s.startswith(f"{name}[") for s in leaf._schedulers)
+        return name in leaf.schedules or any(s.startswith(f"{name}[") for s in leaf.schedules)
 
     def _pull(self):
         """Apply the edits of param_groups to treeopt: all checked first, then all applied."""
@@ -383,7 +385,7 @@ class Optimizer(torch.optim.Optimizer):
     def _push(self, everything=False):
         """Show the values of treeopt's schedules (and, after a load, of everything)."""
         for i, leaf in enumerate(self._leaves):
-            if not (everything or leaf._schedulers):
+            if not (everything or leaf.schedules):
                 continue
             values = self._group_values(i)
             for key, value in values.items():
@@ -491,7 +493,7 @@ class ParameterState(MutableMapping):
 
     def _slots(self, name):
         group = self._owner._group_of.get(name)
-        return None if group is None else self._owner._leaves[group]._slots_at((name,))
+        return None if group is None else engine.slots_at(self._owner._leaves[group], (name,))
 
     def __getitem__(self, key):
         name = self._name(key)
@@ -543,7 +545,7 @@ def _setter(leaf, key, value, where):
         if len(value) != len(current) or not all(0.0 <= b < 1.0 for b in value):
             raise ValueError(f"{where} must be {len(current)} values in [0, 1), got {value!r}")
         return lambda: (leaf._set_betas(value), _touch(leaf))
-    if isinstance(current, bool):
+    if isinstance(current, bool) and isinstance(value, bool):
         return lambda: (setattr(leaf, key, bool(value)), _touch(leaf))
     if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not np.isfinite(value):
@@ -555,4 +557,4 @@ def _setter(leaf, key, value, where):
 
 
 def _touch(leaf):
-    leaf._version += 1  # a compiled step re-plans
+    leaf.book.version += 1  # a compiled step re-plans

@@ -1,0 +1,436 @@
+"""The step engine: how one step checks, commits and runs, whatever the optimizer.
+
+A step goes in three phases, so that bad input never leaves the optimizer half-changed:
+
+1. *Check*: walk the gradients with the parameters and check every pair (a parameter
+   exists, same library, shape and dtype) and every state slot it will use. The optimizer
+   decides the owner of each new path (``assign_owners``: a ``MultiOptimizer`` routes).
+   Nothing is changed yet; any error names the parameter path.
+2. *Commit*: record new routes (``commit``), create slots for new parameters, evaluate
+   schedules and increment the step of every optimizer (``advance``).
+3. *Run*: group the pairs by (optimizer, library, dtype, device), compute each group's
+   coefficients once, and run the optimizer's rule on each pair.
+
+The engine talks to optimizers through a small interface, written once here and
+implemented by :class:`~treeopt.optimizer.Optimizer` (and overridden where routing differs by
+:class:`~treeopt.multi.MultiOptimizer`):
+
+- ``stateful()``: the optimizers that hold state and take steps (itself, or every group);
+- ``assign_owners(pairs)`` and ``commit(backend)``: who owns each pair, decided during the
+  checks and recorded at the commit;
+- ``prepare_step(pairs, owners)``: whole-model work between checks and commit;
+- ``book``: a :class:`Book`, what the engine keeps about a stateful optimizer beside its
+  state dict;
+- ``scalar_names()``, ``advance()``, ``coefficients(like, backend)``,
+  ``rule_hyperparameters()`` and ``runs_rule``: its scalars, schedules and rule.
+
+Routing, plans, checkpoints, kernels and the integrations use the same interface, and the
+state-layout functions below (:func:`slots_at`, :func:`slot_items`, :func:`drop`), never an
+optimizer's private attributes.
+"""
+
+from dataclasses import dataclass, field
+
+from treeopt import _trees
+from treeopt.backends import backend_of, numpy_backend
+from treeopt.errors import MissingParameterError, ParameterError, describe
+from treeopt.tree import is_container, items, rebuild
+
+__all__ = ["Book", "Pair", "collect", "step", "initialize", "write_back", "run_rule", "slots_at", "slot_items",
+           "drop", "RESERVED"]
+
+_MISSING = object()
+#: state keys that are never parameter names; a top-level parameter with one of these names
+#: (or the name of another scalar of the state) keeps its slots under the name prefixed with ``~``
+RESERVED = ("step", "learning_rate")
+
+
+@dataclass
+class Book:
+    """What the engine keeps about one optimizer beside its state dict."""
+
+    #: the state's array library, settled at the first step (``None`` before)
+    backend: object = None
+    #: the slots are known to fit the parameters (``False`` after a state assignment: the next
+    #: step checks them)
+    initialized: bool = False
+    #: keys -> ``(shape, dtype)`` of each parameter with state
+    parameters: dict = field(default_factory=dict)
+    #: keys -> slots to start from when the parameter is initialised (``reroute(state="carry")``)
+    carried: dict = field(default_factory=dict)
+    #: bumped by every change a compiled step depends on
+    version: int = 0
+
+    def copy(self):
+        return Book(self.backend, self.initialized, dict(self.parameters), dict(self.carried), self.version)
+
+
+class Pair:
+    """One gradient and its parameter in one step: where they are, and what the step decides."""
+
+    __slots__ = ("keys", "grad", "param", "backend", "owner", "slots", "result", "owned")
+
+    def __init__(self, keys, grad, param, backend=None, owned=True):
+        self.keys, self.grad, self.param, self.backend = keys, grad, param, backend
+        self.owned = owned  # the param is the caller's own array (not made from a number)
+        self.owner = self.slots = None
+        self.result = param
+
+    @property
+    def path(self):
+        return _trees.dotted(self.keys)
+
+
+# ---------------------------------------------------------------------- the step
+def step(optimizer, gradients, parameters, in_place):
+    """One step: ``(new tree, every pair, the pairs updated, the optimizers that stepped)``."""
+    # 1. check
+    pairs = collect(gradients, parameters, type(optimizer).__name__)
+    active = [pair for pair in pairs if pair.grad is not None]
+    backend = settle_backend(optimizer, active)
+    owners = optimizer.assign_owners(active)
+    kept = [(pair, owner) for pair, owner in zip(active, owners) if owner is not None]  # None: frozen
+    active, owners = [pair for pair, _ in kept], [owner for _, owner in kept]
+    to_mirror = {}  # owner -> keys of the pairs it must (re)mirror into its state
+    for pair, owner in zip(active, owners):
+        pair.owner = owner
+        pair.slots = slots_at(owner, pair.keys)
+        if pair.slots and not owner.book.initialized:
+            check_slots(owner, pair)
+        if not pair.slots or not owner.book.initialized:
+            to_mirror.setdefault(owner, set()).add(pair.keys)
+    active, owners, stepping, commit_hook = optimizer.prepare_step(active, owners)
+    updating = {(id(pair.owner), pair.keys) for pair in active}  # a skipped pair gets no state yet
+    to_mirror = {o: {k for k in keys if (id(o), k) in updating} for o, keys in to_mirror.items()}
+    # 2. commit
+    optimizer.commit(backend)
+    if commit_hook is not None:
+        commit_hook()
+    for owner, keys in to_mirror.items():
+        if not keys:
+            continue
+        mirror(owner, parameters, keys)
+        for pair in active:
+            if pair.owner is owner:
+                pair.slots = slots_at(owner, pair.keys)
+    for stateful in optimizer.stateful():
+        stateful.book.initialized = True
+    for stateful in stepping:
+        stateful.advance()
+    # 3. run
+    for group in _buckets(active).values():
+        run(group[0].owner, group, in_place)
+    return _rebuild(gradients, iter(pairs)), pairs, active, stepping
+
+
+def initialize(optimizer, parameters):
+    """Create the state of every parameter in ``parameters`` that has none yet (additive)."""
+    pairs = [pair for pair in collect(parameters, parameters, type(optimizer).__name__, check_pairs=False)
+             if pair.grad is not None]
+    backend = settle_backend(optimizer, pairs)
+    owners = optimizer.assign_owners(pairs)
+    optimizer.commit(backend)
+    for owner, keys in _group_keys(pairs, owners).items():
+        if owner is not None:  # None: frozen
+            mirror(owner, parameters, keys)
+    for stateful in optimizer.stateful():
+        stateful.book.initialized = True
+
+
+def write_back(model, new, pairs):
+    """Put the results that are not the caller's own arrays, written in place, into ``model``."""
+    replaced = [pair for pair in pairs if pair.result is not pair.param or not pair.owned]
+    if not replaced:
+        return
+    if not is_container(model) and hasattr(model, "update"):
+        model.update(new)
+        return
+    for pair in replaced:
+        if _trees.assign(model, pair.keys, pair.result) is not model:
+            raise TypeError(
+                f"cannot update {describe(pair.path)} inside a tuple at the root of the model; "
+                "use apply_gradients and keep its result")
+
+
+def settle_backend(optimizer, pairs):
+    """The one array library of these pairs and of the state; checked, not adopted."""
+    expected = next((o.book.backend for o in optimizer.stateful() if o.book.backend is not None), None)
+    first = None
+    for pair in pairs:
+        if expected is None:
+            expected, first = pair.backend, pair
+        elif pair.backend is not expected:
+            other = f"{describe(first.path)} is a" if first else "the optimizer state holds"
+            raise ParameterError(
+                f"{type(optimizer).__name__}: {describe(pair.path)} is a {pair.backend.name} array, but "
+                f"{other} {expected.name} array; one optimizer works on arrays of one library",
+                pair.path)
+    return expected
+
+
+def check_slots(optimizer, pair):
+    """A state set from outside must fit its parameter: no silent broadcasting."""
+    name = type(optimizer).__name__
+    for slot, shape in optimizer.slot_shapes(pair.param).items():
+        if slot not in pair.slots:
+            raise ParameterError(
+                f"{name}: the state of {describe(pair.path)} has no slot {slot!r} "
+                f"(it has {sorted(pair.slots)})", pair.path)
+        value = pair.slots[slot]
+        backend = backend_of(value)
+        if backend is not pair.backend:
+            raise ParameterError(
+                f"{name}: slot {slot!r} of {describe(pair.path)} is a "
+                f"{getattr(backend, 'name', type(value).__name__)} array but the parameter is a "
+                f"{pair.backend.name} array", pair.path)
+        if tuple(backend.shape(value)) != shape:
+            raise ParameterError(
+                f"{name}: slot {slot!r} of {describe(pair.path)} has shape "
+                f"{tuple(backend.shape(value))}, expected {shape}", pair.path)
+
+
+# ---------------------------------------------------------------------- running a rule
+def run(optimizer, pairs, in_place):
+    """One optimizer's step on pairs of one library, dtype and device."""
+    if optimizer.runs_rule:
+        run_rule(optimizer, pairs, in_place)
+    else:
+        for pair in pairs:
+            store_param(pair, optimizer.apply_single(pair.grad, pair.param, pair.slots), in_place)
+
+
+def run_rule(optimizer, pairs, in_place):
+    """Run ``optimizer``'s rule on pairs of one library, dtype and device: the reference
+    every fast path is checked against."""
+    rule, first = optimizer.rule, pairs[0]
+    coefficients = optimizer.coefficients(first.param, first.backend)
+    hyper = optimizer.rule_hyperparameters() if callable(rule.slots) else None
+    for pair in pairs:
+        names = rule.slot_names(len(pair.backend.shape(pair.param)), hyper)
+        slots = pair.slots
+        with first.backend.quiet():
+            new_param, *new_slots = rule.update(pair.grad, pair.param, *(slots[n] for n in names), **coefficients)
+        for name, value in zip(names, new_slots):
+            store_slot(pair.backend, slots, name, value)
+        store_param(pair, new_param, in_place)
+
+
+def store_slot(backend, slots, name, value):
+    old = slots[name]
+    if backend.mutable and backend.writable(old):
+        if value is not old:
+            backend.write(old, value)
+    else:
+        slots[name] = backend.as_array(value)
+
+
+def store_param(pair, value, in_place):
+    if in_place and pair.owned and pair.backend.mutable and pair.backend.writable(pair.param):
+        pair.backend.write(pair.param, value)
+        pair.result = pair.param
+    else:
+        pair.result = pair.backend.as_array(value)
+
+
+def _buckets(pairs):
+    groups = {}
+    for pair in pairs:
+        b = pair.backend
+        key = (id(pair.owner), b.name, b.dtype_name(pair.param), b.device(pair.param))
+        groups.setdefault(key, []).append(pair)
+    return groups
+
+
+def _group_keys(pairs, owners):
+    grouped = {}
+    for pair, owner in zip(pairs, owners):
+        grouped.setdefault(owner, set()).add(pair.keys)
+    return grouped
+
+
+# ---------------------------------------------------------------------- the state's layout
+def state_key(optimizer, key):
+    """The state key of a top-level parameter name (``~name`` for a reserved name)."""
+    return "~" + key if key in RESERVED or key in optimizer.scalar_names() else key
+
+
+def slots_at(optimizer, keys):
+    """The slot dict of the parameter at ``keys``, or ``None``."""
+    node = _trees.lookup(optimizer.state, state_key(optimizer, keys[0]))
+    return _trees.lookup_path(node, keys[1:]) if node is not None else None
+
+
+def slot_items(optimizer):
+    """``(keys, slot dict)`` of every parameter with state, in state order."""
+    scalars = set(optimizer.scalar_names())
+
+    def walk(node, keys):
+        if isinstance(node, dict):
+            if node and not any(is_container(v) for v in node.values()):
+                yield keys, node
+                return
+            children = node.items()
+        elif isinstance(node, (list, tuple)):
+            children = enumerate(node)
+        else:
+            return
+        for key, child in children:
+            yield from walk(child, keys + (key,))
+
+    for key, child in optimizer.state.items():
+        if key in scalars:
+            continue
+        if isinstance(key, str) and key.startswith("~") and key[1:] in (*RESERVED, *scalars):
+            key = key[1:]
+        yield from walk(child, (key,))
+
+
+def drop(optimizer, keys):
+    """Forget the state of the parameter at ``keys``; returns its slots."""
+    optimizer.book.version += 1
+    state = optimizer.state
+    slots = slots_at(optimizer, keys) or {}
+    if slots:
+        root_key = state_key(optimizer, keys[0])
+        if _trees.lookup(state, root_key) is not None and root_key not in state:
+            root_key = str(root_key)
+        state[root_key] = _trees.assign(state[root_key], keys[1:], {})
+    optimizer.book.parameters.pop(keys, None)
+    return dict(slots)
+
+
+def mirror(optimizer, parameters, keys):
+    """Mirror ``parameters`` into the state, with slots for the parameters at ``keys``."""
+    book, state = optimizer.book, optimizer.state
+
+    def select(leaf_keys, leaf):
+        if leaf_keys not in keys:
+            return False
+        book.parameters[leaf_keys] = _info(leaf)
+        return True
+
+    def init_leaf(leaf_keys, param, slots):
+        backend = backend_of(param)
+        if backend.name == "python":
+            param = (book.backend or numpy_backend).scalar_array(param, "float32")
+        optimizer.init_single(param, slots)
+        carried = book.carried.pop(leaf_keys, None)
+        if carried:  # slots handed over by MultiOptimizer.reroute(..., state="carry")
+            for name, value in carried.items():
+                if name in slots and _fits(value, slots[name]):
+                    slots[name] = value
+
+    book.version += 1
+    entries = items(parameters) if is_container(parameters) else ()
+    for key, child in entries:
+        if not is_container(child):
+            if (key,) not in keys:
+                continue
+            book.parameters[(key,)] = _info(child)
+        skey = state_key(optimizer, key)
+        found = _trees.lookup(state, skey)
+        if found is not None and skey not in state:
+            del state[str(skey)]
+        state[skey] = _trees.mirror(found, child, select, init_leaf, (key,))
+
+
+def _info(param):
+    """``(shape, dtype)`` of a parameter, for plans."""
+    backend = backend_of(param)
+    if backend is None or backend.name == "python":
+        return (), "float32"  # a number becomes a float32 0-d array
+    return tuple(backend.shape(param)), backend.dtype_name(param)
+
+
+def _fits(value, like):
+    a, b = backend_of(value), backend_of(like)
+    return a is b and tuple(a.shape(value)) == tuple(b.shape(like)) and a.dtype_name(value) == b.dtype_name(like)
+
+
+# ---------------------------------------------------------------------- collecting pairs
+def _child(node, key):
+    if isinstance(node, dict):
+        return node[key] if key in node else _MISSING
+    if isinstance(node, (list, tuple)) and isinstance(key, int) and 0 <= key < len(node):
+        return node[key]
+    return _MISSING
+
+
+def collect(gradients, parameters, name, check_pairs=True):
+    """Every leaf of ``gradients`` with its parameter, checked, as :class:`Pair` s in
+    flatten order; ``name`` (the optimizer's) starts every error message.
+
+    With ``check_pairs=False`` (``init``), ``gradients`` is the parameter tree itself.
+    """
+    if not is_container(gradients):
+        raise TypeError(f"{name}: expected a tree (dict, list or tuple) of arrays, got {type(gradients).__name__}")
+    pairs = []
+
+    def walk(grad, param, keys):
+        if is_container(grad):
+            if param is not _MISSING and not is_container(param):
+                raise ParameterError(
+                    f"{name}: the gradients have a sub-tree at {describe(_trees.dotted(keys))} "
+                    f"but the parameter there is a {type(param).__name__}", _trees.dotted(keys))
+            for key, child in items(grad):
+                walk(child, _MISSING if param is _MISSING else _child(param, key), keys + (key,))
+        else:
+            pairs.append(_pair(name, grad, param, keys, check_pairs))
+
+    walk(gradients, parameters, ())
+    return pairs
+
+
+def _pair(name, grad, param, keys, check_pairs):
+    path = _trees.dotted(keys)
+    if grad is None:
+        return Pair(keys, None, None if param is _MISSING else param)
+    if param is _MISSING:
+        raise MissingParameterError(
+            f"{name}: there is a gradient for {describe(path)} but no parameter at that path", path)
+    grad_backend, param_backend = backend_of(grad), backend_of(param)
+    if param_backend is None:
+        raise ParameterError(f"{name}: the parameter at {describe(path)} is a {type(param).__name__}, not an array", path)
+    if grad_backend is None:
+        raise ParameterError(f"{name}: the gradient at {describe(path)} is a {type(grad).__name__}, not an array", path)
+    owned = True
+    if param_backend.name == "python":  # a number: it becomes a float32 0-d array
+        param_backend = numpy_backend if grad_backend.name == "python" else grad_backend
+        param = param_backend.scalar_array(param, "float32", like=grad if grad_backend is param_backend else None)
+        owned = False
+    if grad_backend.name == "python":
+        grad = param_backend.scalar_array(grad, param_backend.dtype_name(param), like=param)
+        grad_backend = param_backend
+    if check_pairs:
+        _check_pair(name, path, grad, grad_backend, param, param_backend)
+    if not param_backend.is_floating(param):
+        raise ParameterError(
+            f"{name}: the parameter at {describe(path)} has dtype {param_backend.dtype_name(param)}; "
+            "only floating-point parameters can be optimized", path)
+    return Pair(keys, grad, param, param_backend, owned)
+
+
+def _check_pair(name, path, grad, grad_backend, param, param_backend):
+    if grad_backend is not param_backend:
+        raise ParameterError(
+            f"{name}: the gradient at {describe(path)} is a {grad_backend.name} array but the "
+            f"parameter is a {param_backend.name} array", path)
+    g_shape, p_shape = tuple(grad_backend.shape(grad)), tuple(param_backend.shape(param))
+    if g_shape != p_shape:
+        raise ParameterError(
+            f"{name}: the gradient at {describe(path)} has shape {g_shape} but the parameter "
+            f"has shape {p_shape}", path)
+    g_dtype, p_dtype = grad_backend.dtype_name(grad), param_backend.dtype_name(param)
+    if g_dtype != p_dtype:
+        raise ParameterError(
+            f"{name}: the gradient at {describe(path)} is {g_dtype} but the parameter is "
+            f"{p_dtype}; cast the gradient to the parameter's dtype", path)
+
+
+def _rebuild(tree, pairs):
+    """``tree``'s structure with each leaf replaced by the next pair's result."""
+    if is_container(tree):
+        if isinstance(tree, dict):
+            return rebuild(tree, ((k, _rebuild(v, pairs)) for k, v in tree.items()))
+        return rebuild(tree, [_rebuild(v, pairs) for v in tree])
+    return next(pairs).result
