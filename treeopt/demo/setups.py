@@ -70,14 +70,14 @@ def routing(setup, steps, hyper=Hyper()):
              optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
             [ndim(min=2)], names=["adamw", "adamw_no_decay"], **common)
     elif setup == "Muon everywhere":
-        # the same Muon as muon_adamw's, given every matrix
-        muon = optim.muon_adamw(muon_lr=hyper.muon_lr, weight_decay=hyper.weight_decay).optimizers[0]
+        # the same Muon as muon_adamw's (torch weights are (out, in)), given every matrix
+        muon = optim.muon_adamw(muon_lr=hyper.muon_lr, weight_decay=hyper.weight_decay, layout="out_in").optimizers[0]
         optimizer = optim.MultiOptimizer(
             [muon, optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
             [ndim(min=2)], names=["muon", "adamw_no_decay"], **common)
     elif setup == "muon_adamw":
         optimizer = optim.muon_adamw(muon_lr=hyper.muon_lr, adamw_lr=hyper.adamw_lr, betas=betas,
-                                     weight_decay=hyper.weight_decay, **common)
+                                     weight_decay=hyper.weight_decay, layout="out_in", **common)
     else:
         raise ValueError(f"unknown set-up {setup!r}: expected one of {SETUPS}")
     return optimizer
