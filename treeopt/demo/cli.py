@@ -86,7 +86,7 @@ def main(argv=None):
                          "pip install -e '.[demo]' (or `python -m treeopt.demo digits`, NumPy only)")
     console = Console()
     if not console.is_terminal:  # a log or a pipe: do not squeeze the tables into 80 columns
-        console = Console(width=130)
+        console = Console(width=160)
     return run(args, console)
 
 

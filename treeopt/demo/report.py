@@ -43,7 +43,7 @@ def table(target, summary, console):
                  title_justify="left")
     for column in ("run", "final val loss", "steps to target", "x AdamW", "time to target", "x AdamW",
                    "CPU x AdamW", "ms / step", "training time"):
-        grid.add_column(column, justify="left" if column == "run" else "right")
+        grid.add_column(column, justify="left" if column == "run" else "right", no_wrap=column == "run")
     for name, s in summary.items():
         reached = s["steps_to_target"] is not None
         grid.add_row(name, f"{s['final_val_loss']:.4f}",
