@@ -66,6 +66,16 @@ def is_hidden(path, shape):
 
 
 # --------------------------------------------------------------------------------- measuring
+def cpu_name():
+    """The CPU's model name and core count, as the kernel reports them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]}, {len(names)} cores" if names else "unknown CPU"
+    except OSError:
+        return "unknown CPU"
+
+
 class PeakMemory:
     """The largest growth of anonymous resident memory (RssAnon: not the page cache of
     mapped files) while the block runs, sampled every ~0.2 ms."""

@@ -217,3 +217,37 @@ def test_a_changed_switch_takes_a_new_plan():
             fast.momentum = 0.0  # switches the momentum term off: the compiled loop must notice
         fast.update(params, g)
     assert_identical(params, twin)
+
+
+@pytest.mark.parametrize("sizes", [[3_000_000] * 4 + [256] * 40,  # matrices, then vectors (a split by ndim)
+                                   [256] * 40 + [3_000_000] * 4,
+                                   [4096] * 2000, [5] * 7, [1], [0, 70_000, 0, 3], [2_000_000, 1]])
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_work_items_cover_every_element_once_in_equal_items(sizes, threads):
+    from treeopt.kernels.numba_kernels import work_items
+
+    pieces, items = work_items(sizes, threads=threads)
+    covered = [np.zeros(n, np.int64) for n in sizes]
+    for tensor, start, stop in pieces:
+        assert 0 <= start < stop <= sizes[tensor]
+        covered[tensor][start:stop] += 1
+    assert all((c == 1).all() for c in covered)
+    loads = [int((pieces[items[w]:items[w + 1], 2] - pieces[items[w]:items[w + 1], 1]).sum())
+             for w in range(len(items) - 1)]
+    assert max(loads) - min(loads) <= 1
+    if sum(sizes) >= threads:
+        assert len(loads) % threads == 0
+
+
+@pytest.mark.parametrize("backend", backend_params(["numpy", "torch"]))
+def test_matrices_and_vectors_in_separate_groups_run_in_one_loop(backend):
+    def by_ndim():
+        return optim.MultiOptimizer([optim.AdamW(0.1, bias_correction=True), optim.AdamW(0.01, bias_correction=True)],
+                                    [lambda p, w: w.ndim == 2])
+
+    fast_params, fast = run(None, backend, "float32", True, make_optimizer=by_ndim)
+    ref_params, ref = run(None, backend, "float32", False, make_optimizer=by_ndim)
+    bucket, = fast._compiled.buckets
+    assert len(bucket.owners) == 2
+    assert_identical(fast_params, ref_params)
+    assert_identical(fast.state, ref.state)

@@ -114,7 +114,12 @@ class Backend:
     def mean(self, x, axis=None, keepdims=False):
         raise NotImplementedError
 
-    def sum(self, x):
+    def sum(self, x, axis=None, keepdims=False):
+        raise NotImplementedError
+
+    def stack(self, arrays, out=None):
+        """``arrays`` (same shape and dtype) stacked along a new first axis, into ``out``
+        when given and the library writes in place."""
         raise NotImplementedError
 
     def matmul(self, a, b):

@@ -4,7 +4,11 @@ NumPy's ``matmul`` has no ``beta``: ``a X + B X`` costs a product and then two m
 over memory (scale, add) and two temporaries. BLAS's GEMM computes
 ``C = alpha A B + beta C`` in one call. This module calls the ``cblas_?gemm`` of the OpenBLAS
 that NumPy ships (found among the loaded libraries), through ctypes, on the arrays' own
-memory. Where it cannot be found, :func:`gemm` is ``None`` and callers use NumPy.
+memory. Where it cannot be found, :func:`gemm` returns False and callers use NumPy.
+
+Stacks of matrices (3-D arrays) make one GEMM per matrix, from a compiled loop when numba is
+there (one call from Python for the whole stack), else from Python: each matrix gets the
+same call, so the numbers are those of the matrices one by one.
 """
 
 import ctypes
@@ -48,11 +52,14 @@ _GEMM = _find()
 
 
 def _operand(x):
-    """``(transpose flag, leading dimension)`` for a 2-D array in C or Fortran order."""
-    if x.flags.c_contiguous:
-        return _NO_TRANS, max(1, x.shape[1])
-    if x.flags.f_contiguous:
-        return _TRANS, max(1, x.shape[0])
+    """``(transpose flag, leading dimension)`` for the (last two dimensions of the) matrices of
+    ``x`` in C or Fortran order."""
+    rows, cols = x.shape[-2:]
+    row_stride, col_stride = x.strides[-2:]
+    if (col_stride == x.itemsize or cols <= 1) and (row_stride == cols * x.itemsize or rows <= 1):
+        return _NO_TRANS, max(1, cols)
+    if (row_stride == x.itemsize or rows <= 1) and (col_stride == rows * x.itemsize or cols <= 1):
+        return _TRANS, max(1, rows)
     return None
 
 
@@ -60,19 +67,41 @@ def gemm(alpha, a, b, beta, c):
     """``c <- alpha a @ b + beta c`` in place (``c`` C-contiguous, not overlapping ``a`` or
     ``b``); returns False (and changes nothing) when BLAS cannot take these arrays."""
     function = _GEMM.get(c.dtype)
-    if function is None or a.dtype != c.dtype or b.dtype != c.dtype or a.ndim != 2 or b.ndim != 2:
+    if function is None or a.dtype != c.dtype or b.dtype != c.dtype or not a.ndim == b.ndim == c.ndim or a.ndim not in (2, 3):
         return False
     if not c.flags.c_contiguous or not c.flags.writeable:
         return False
     ta, tb = _operand(a), _operand(b)
     if ta is None or tb is None:
         return False
-    (m, k), n = a.shape, b.shape[1]
-    if c.shape != (m, n) or b.shape[0] != k or 0 in (m, n, k):
+    (m, k), n = a.shape[-2:], b.shape[-1]
+    if c.shape[-2:] != (m, n) or b.shape[-2] != k or 0 in (m, n, k) or not a.shape[:-2] == b.shape[:-2] == c.shape[:-2]:
         return False
     # a Fortran-ordered array is the transpose of a C-ordered one with swapped leading dimension
-    function(_ROW_MAJOR, ta[0], tb[0], m, n, k, alpha, a.ctypes.data, ta[1], b.ctypes.data, tb[1], beta,
-             c.ctypes.data, max(1, n))
+    if a.ndim == 2:
+        function(_ROW_MAJOR, ta[0], tb[0], m, n, k, alpha, a.ctypes.data, ta[1], b.ctypes.data, tb[1], beta,
+                 c.ctypes.data, max(1, n))
+        return True
+    if _numba_stack(function, ta, tb, m, n, k, alpha, a, b, beta, c):
+        return True
+    for x, y, z in zip(a, b, c):
+        function(_ROW_MAJOR, ta[0], tb[0], m, n, k, alpha, x.ctypes.data, ta[1], y.ctypes.data, tb[1], beta,
+                 z.ctypes.data, max(1, n))
+    return True
+
+
+def _numba_stack(function, ta, tb, m, n, k, alpha, a, b, beta, c):
+    """The GEMMs of a stack from one compiled loop; False without numba."""
+    from treeopt.kernels import numba_available
+
+    if not numba_available():
+        return False
+    from treeopt.kernels.numba_support import gemm_stack
+
+    scalar = c.dtype.type
+    gemm_stack(ctypes.cast(function, ctypes.c_void_p).value, c.shape[0], ta[0], tb[0], m, n, k, scalar(alpha),
+               a.ctypes.data, a.strides[0], ta[1], b.ctypes.data, b.strides[0], tb[1], scalar(beta), c.ctypes.data,
+               c.strides[0], max(1, n))
     return True
 
 

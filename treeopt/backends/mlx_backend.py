@@ -97,8 +97,11 @@ class MlxBackend(Backend):
     def mean(self, x, axis=None, keepdims=False):
         return mx.mean(x, axis=axis, keepdims=keepdims)
 
-    def sum(self, x):
-        return mx.sum(x)
+    def sum(self, x, axis=None, keepdims=False):
+        return mx.sum(x, axis=axis, keepdims=keepdims)
+
+    def stack(self, arrays, out=None):
+        return mx.stack(arrays)
 
     def matmul(self, a, b):
         host = _host(a, b)

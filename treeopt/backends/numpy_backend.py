@@ -102,8 +102,11 @@ class NumpyBackend(Backend):
         count = x.size if axis is None else x.shape[axis]
         return total * x.dtype.type(1 / count if count else float("nan"))  # empty: NaN, as MLX
 
-    def sum(self, x):
-        return np.sum(self._in_float32(x)).astype(x.dtype)
+    def sum(self, x, axis=None, keepdims=False):
+        return np.sum(self._in_float32(x), axis=axis, keepdims=keepdims).astype(x.dtype)
+
+    def stack(self, arrays, out=None):
+        return np.stack(arrays, out=out)
 
     def matmul(self, a, b):
         return np.matmul(a, b).astype(a.dtype, copy=False)

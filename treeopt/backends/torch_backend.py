@@ -99,7 +99,8 @@ class TorchBackend(Backend):
         # torch's vectorised CPU sqrt is off by an ulp for a fifth of float32 inputs (and some
         # float64 ones); NumPy's, on a zero-copy view, is correctly rounded, as are MLX's, the
         # compiled loops' and CUDA's
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
+        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad
+                and not torch.compiler.is_compiling()):  # compiled: the generated code's sqrt
             return torch.from_numpy(np.asarray(np.sqrt(x.numpy())))
         return torch.sqrt(x)
 
@@ -131,8 +132,12 @@ class TorchBackend(Backend):
         count = x.numel() if axis is None else x.shape[axis]
         return total * self.cast(1 / count if count else float("nan"), x)  # empty: NaN, as MLX
 
-    def sum(self, x):
-        return torch.sum(self._in_float32(x)).to(x.dtype)
+    def sum(self, x, axis=None, keepdims=False):
+        dims = () if axis is None else axis
+        return torch.sum(self._in_float32(x), dim=dims, keepdim=keepdims).to(x.dtype)
+
+    def stack(self, arrays, out=None):
+        return torch.stack(arrays, out=out)
 
     def matmul(self, a, b):
         return torch.matmul(a, b)
@@ -140,6 +145,8 @@ class TorchBackend(Backend):
     def addmm(self, c, a, b, alpha=1.0, beta=1.0):
         if beta != 1.0:
             c = self.cast(beta, c) * c  # rounded in the dtype, as MLX's separate product
+        if a.ndim == 3:  # a stack of matrices
+            return torch.baddbmm(c, a, b, alpha=alpha)
         return torch.addmm(c, a, b, alpha=alpha)
 
     def swap_last(self, x):

@@ -9,6 +9,12 @@ fast path against it. Fast paths need ``numba`` (``pip install treeopt[fast]``);
 or with ``TREEOPT_KERNELS=0`` in the environment, or ``treeopt.kernels.enabled = False``,
 every step takes the reference path.
 
+- :mod:`treeopt.backends.torch_compiled`: an elementwise rule over a list of torch tensors as
+  one ``torch.compile``d step, for tensors on accelerators (CUDA). ``torch_compile`` (or
+  ``TREEOPT_TORCH_COMPILE``) chooses: ``"auto"`` (accelerators only), ``"always"`` (CPU
+  tensors too: for testing it), ``"never"``.
+- :mod:`.stacking`: same-shape tensors of a stackable rule (Muon) updated as one stack.
+
 Threads: numba's ``NUMBA_NUM_THREADS``, else ``TREEOPT_NUM_THREADS`` or ``OMP_NUM_THREADS``
 when set, else every core; :func:`set_num_threads` changes it at run time.
 """
@@ -18,6 +24,9 @@ import os
 
 #: False: every step takes the per-tensor reference path
 enabled = os.environ.get("TREEOPT_KERNELS", "1") not in ("0", "false", "no", "off")
+
+#: where torch tensors of elementwise rules run as a torch.compile'd step: "auto", "always", "never"
+torch_compile = os.environ.get("TREEOPT_TORCH_COMPILE", "auto")
 
 _numba = None
 

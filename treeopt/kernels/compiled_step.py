@@ -10,14 +10,19 @@ schedules and runs one compiled loop per bucket. Anything else (a new path, a re
 array, a changed state, a wrong gradient) falls back to the general engine, which gives the
 same numbers and the proper error.
 
-Elementwise rules on float32/float64 run in numba (see :mod:`.numba_kernels`); other
-buckets (Muon, Adafactor, half precision) run their rule per tensor, in place.
+Elementwise rules on float32/float64 run in numba (see :mod:`.numba_kernels`); on torch
+tensors on accelerators they run as one ``torch.compile``d step (see
+:mod:`treeopt.backends.torch_compiled`). Other buckets (Muon, Adafactor, half precision on
+CPU) run their rule per tensor, or per stack of same-shape tensors (see :mod:`.stacking`), in
+place.
 """
 
 import operator
 
 import numpy as np
 
+from treeopt import engine
+from treeopt.errors import warn
 from treeopt.kernels import numba_available
 
 _is = operator.is_
@@ -40,10 +45,12 @@ def _flatten_pair(grad, model, grads, params):
         pairs = grad.items()
     elif isinstance(grad, (list, tuple)):
         pairs = zip(range(len(grad)), grad)
-    else:
+    elif type(grad) in _LEAF_TYPES:
         grads.append(grad)
         params.append(model)
         return
+    else:  # None, a number, an array subclass: the general engine decides (and never reads id(None))
+        raise TypeError(type(grad).__name__)
     for key, child in pairs:
         if type(child) in _LEAF_TYPES:
             grads.append(child)
@@ -53,19 +60,23 @@ def _flatten_pair(grad, model, grads, params):
 
 
 class _RuleBucket:
-    """Leaves of one optimizer, library and dtype, updated by the rule per tensor."""
+    """Parameters of one optimizer, library and dtype, updated in place by the engine's rule
+    runner (:func:`treeopt.engine.run_rule`): per tensor, or for a stackable rule (Muon) per
+    stack of same-shape tensors (see :mod:`.stacking`)."""
 
     def __init__(self, owner, backend, leaves, positions):
         self.owner, self.backend, self.positions = owner, backend, positions
+        self.pairs = [engine.Pair(leaf.keys, None, leaf.param, backend) for leaf in leaves]
+        for pair, leaf in zip(self.pairs, leaves):
+            pair.slots = leaf.slots
         self.params = [leaf.param for leaf in leaves]
-        self.slots = [leaf.slots for leaf in leaves]
-        ndim = [len(backend.shape(leaf.param)) for leaf in leaves]
-        hyper = owner.rule_hyperparameters()
-        self.names = [owner.rule.slot_names(n, hyper) for n in ndim]
         self.shapes = [tuple(backend.shape(leaf.param)) for leaf in leaves]
         self.dtype = leaves[0].param.dtype
 
     def prepare(self, grads):
+        writable = self.backend.writable
+        if not all(writable(p) and all(writable(a) for a in slots.values()) for p, slots in zip(self.params, (pair.slots for pair in self.pairs))):
+            return None  # made read-only since the plan: the engine replaces it instead
         chosen = [grads[k] for k in self.positions]
         for g, shape in zip(chosen, self.shapes):
             if type(g) is not type(self.params[0]) or g.dtype != self.dtype or tuple(g.shape) != shape:
@@ -73,15 +84,13 @@ class _RuleBucket:
         return chosen
 
     def run(self, grads):
-        backend, update = self.backend, self.owner.rule.update
-        coefficients = self.owner.coefficients(self.params[0], backend)
-        for g, p, slots, names in zip(grads, self.params, self.slots, self.names):
-            with backend.quiet():
-                new_param, *new_slots = update(g, p, *(slots[n] for n in names), **coefficients)
-            for name, value in zip(names, new_slots):
-                if value is not slots[name]:
-                    backend.write(slots[name], value)
-            backend.write(p, new_param)
+        for pair, g in zip(self.pairs, grads):
+            pair.grad = g
+        try:
+            engine.run_rule(self.owner, self.pairs, in_place=True)
+        finally:
+            for pair in self.pairs:
+                pair.grad = None  # do not keep the caller's gradients alive
 
 
 class _NumbaBucket:
@@ -90,7 +99,7 @@ class _NumbaBucket:
     coefficients from a row of a table; the switches (booleans) are shared."""
 
     def __init__(self, groups, backend, static, flags):
-        from treeopt.kernels.numba_kernels import kernel_for, segments_of
+        from treeopt.kernels.numba_kernels import kernel_for, work_items
 
         self.backend, self.static, self.flags = backend, static, flags
         self.owners = [owner for owner, _, _ in groups]
@@ -108,7 +117,7 @@ class _NumbaBucket:
         self.like = np.zeros(0, self.np_dtype)
         self.rows = np.array(rows, np.int64)
         self.table = np.zeros((len(self.owners), len(self.numeric)), self.np_dtype)
-        self.segments = segments_of([int(np.prod(s)) for s in self.shapes])
+        self.pieces, self.items = work_items([int(np.prod(s)) for s in self.shapes])
         self.slot_arrays = [[leaf.slots[n] for n in rule.slots] for leaf in leaves]  # kept alive with the table
         self.slot_ptrs = np.array([[_pointer(a) for a in row] for row in self.slot_arrays],
                                   dtype=np.int64).reshape(len(leaves), len(rule.slots))
@@ -123,6 +132,14 @@ class _NumbaBucket:
             self.ndims = np.array([len(s) for s in self.shapes], np.int64)
             self.descr = id(self.np_dtype)
             self.pointers = numpy_pointers
+            # what the loop writes, checked still writable (and of its shape) at every step
+            targets = self.params + [a for row in self.slot_arrays for a in row]
+            self.target_ids = np.array([id(a) for a in targets], np.int64)
+            self.target_shapes = np.zeros((len(targets), width), np.int64)
+            for i, a in enumerate(targets):
+                self.target_shapes[i, :a.ndim] = a.shape
+            self.target_ndims = np.array([a.ndim for a in targets], np.int64)
+            self.target_out = np.empty(len(targets), np.int64)
 
     def prepare(self, grads):
         hyper = [_settings(owner) for owner in self.owners]
@@ -136,22 +153,108 @@ class _NumbaBucket:
             ids = np.fromiter(map(id, chosen), np.int64, len(chosen))
             if self.pointers(ids, self.descr, self.shape_table, self.ndims, False, out) != -1:
                 return None
+            if self.pointers(self.target_ids, self.descr, self.target_shapes, self.target_ndims, True,
+                             self.target_out) != -1:
+                return None  # a parameter or slot made read-only (or resized) since the plan
         else:
             dtype = self.dtype  # the cheapest checks torch has (about 1 us a tensor in all)
             if not all(g.dtype is dtype and g.is_cpu and g.shape == shape and g.is_contiguous()
                        for g, shape in zip(chosen, self.shapes)):
                 return None
             out[:] = [g.data_ptr() for g in chosen]
-            self.param_ptrs = np.array([p.data_ptr() for p in self.params], np.int64)  # p.data may be rebound
+            pointers = np.array([p.data_ptr() for p in self.params], np.int64)
+            if not np.array_equal(pointers, self.param_ptrs):  # p.data rebound: to a tensor that fits?
+                if not all(p.dtype is dtype and p.is_cpu and p.shape == shape and p.is_contiguous()
+                           for p, shape in zip(self.params, self.shapes)):
+                    return None
+                self.param_ptrs = pointers
         return chosen, out
+
+    def compiled(self):
+        """This bucket, its loop compiled (called on no element)."""
+        self.kernel(np.zeros(len(self.params), np.int64), self.param_ptrs, self.slot_ptrs, np.zeros((0, 3), np.int64),
+                    np.zeros(1, np.int64), self.rows, self.table, self.like, self.flags)
+        return self
 
     def run(self, prepared):
         _, grad_ptrs = prepared
         for row, owner in enumerate(self.owners):
             values = owner.coefficients(self.params[0], self.backend)
             self.table[row] = [_float(values[n]) for n in self.numeric]
-        self.kernel(grad_ptrs, self.param_ptrs, self.slot_ptrs, self.segments, self.rows, self.table, self.like,
+        self.kernel(grad_ptrs, self.param_ptrs, self.slot_ptrs, self.pieces, self.items, self.rows, self.table, self.like,
                     self.flags)
+
+
+class _TorchCompiledBucket:
+    """Leaves of one elementwise rule, dtype and device (torch), from one or more optimizers,
+    run as one ``torch.compile``d step; coefficients as in :class:`_NumbaBucket`."""
+
+    def __init__(self, groups, backend, static, flags):
+        import torch
+
+        from treeopt.backends.torch_compiled import compile_step
+
+        self.backend, self.static, self.flags = backend, static, flags
+        self.owners = [owner for owner, _, _ in groups]
+        leaves = [leaf for _, group, _ in groups for leaf in group]
+        self.positions = [k for _, _, positions in groups for k in positions]
+        rows = [r for r, (_, group, _) in enumerate(groups) for _ in group]
+        rule = self.owners[0].rule
+        self.numeric = _numeric_names(rule, static)
+        self.hyper = [_settings(owner) for owner in self.owners]
+        self.params = [leaf.param for leaf in leaves]
+        self.shapes = [tuple(p.shape) for p in self.params]
+        self.dtype, self.device = self.params[0].dtype, self.params[0].device
+        self.slots = [[leaf.slots[n] for leaf in leaves] for n in rule.slots]
+        self.table = torch.zeros((len(self.owners), len(self.numeric)), dtype=self.dtype, device=self.device)
+        self.step = compile_step(rule.update, len(rule.slots), self.numeric, dict(zip(static, flags)), rows)
+
+    def compiled(self):
+        """This bucket (inductor compiles at the first call, which checks nothing the engine
+        has not checked already)."""
+        return self
+
+    def prepare(self, grads):
+        hyper = [_settings(owner) for owner in self.owners]
+        if hyper != self.hyper:
+            if any(_flags(o, self.params[0], self.backend, self.static) != self.flags for o in self.owners):
+                return None
+            self.hyper = hyper
+        chosen = [grads[k] for k in self.positions]
+        dtype, device = self.dtype, self.device
+        if not all(g.dtype is dtype and g.device == device and g.shape == shape
+                   for g, shape in zip(chosen, self.shapes)):
+            return None
+        return chosen
+
+    def run(self, grads):
+        import torch
+
+        values = []
+        for owner in self.owners:
+            coefficients = owner.coefficients(self.params[0], self.backend)
+            values.append([_float(coefficients[n]) for n in self.numeric])
+        self.table.copy_(torch.tensor(values, dtype=self.dtype))  # one copy to the device per step
+        self.step(grads, self.params, self.slots, self.table)
+
+
+def _numeric_names(rule, static):
+    """The coefficients of ``rule.update`` that are numbers (not the switches ``static``)."""
+    import inspect
+
+    parameters = list(inspect.signature(rule.update).parameters)[2 + len(rule.slots):]
+    return [n for n in parameters if n not in static]
+
+
+def _torch_compile_eligible(owner, backend, param):
+    from treeopt import kernels
+
+    if backend.name != "torch" or not owner.rule.elementwise or callable(owner.rule.slots):
+        return False
+    mode = kernels.torch_compile
+    if mode == "always":
+        return True
+    return mode == "auto" and param.device.type != "cpu"
 
 
 def _settings(owner):
@@ -227,17 +330,25 @@ class CompiledStep:
         for group in groups.values():
             first = group[0]
             positions = [position[id(leaf)] for leaf in group]
-            if not _numba_eligible(first.owner, first.backend, first.param):
+            compiled = _torch_compile_eligible(first.owner, first.backend, first.param)
+            if not compiled and not _numba_eligible(first.owner, first.backend, first.param):
                 buckets.append(_RuleBucket(first.owner, first.backend, group, positions))
                 continue
             # optimizers that share a rule, dtype and switches run in one loop
             static = _static_names(first.owner, first.param, first.backend)
             flags = _flags(first.owner, first.param, first.backend, static)
             key = (first.owner.rule, first.backend.name, first.backend.dtype_name(first.param),
-                   first.backend.device(first.param), static, flags)
+                   first.backend.device(first.param), static, flags, compiled)
             fused.setdefault(key, []).append((first.owner, group, positions))
         for key, members in fused.items():
-            buckets.append(_NumbaBucket(members, members[0][1][0].backend, key[4], key[5]))
+            kind = _TorchCompiledBucket if key[6] else _NumbaBucket
+            try:  # compiled now, so that a rule that cannot compile falls back before any write
+                buckets.append(kind(members, members[0][1][0].backend, key[4], key[5]).compiled())
+            except Exception as error:
+                warn(f"the compiled loop of rule {key[0].name!r} failed to build ({type(error).__name__}: "
+                     f"{str(error).splitlines()[0] if str(error) else ''}); it runs per tensor", RuntimeWarning)
+                buckets.extend(_RuleBucket(owner, group[0].backend, group, positions)
+                               for owner, group, positions in members)
         watched = [optimizer] + optimizer.stateful()
         return cls(params, buckets, stepping, watched)
 
@@ -256,8 +367,9 @@ class CompiledStep:
         prepared = [bucket.prepare(grads) for bucket in self.buckets]
         if any(p is None for p in prepared):
             return False
-        for optimizer in self.stepping:
-            optimizer.advance()
+        scheduled = [(optimizer, optimizer.scheduled_values()) for optimizer in self.stepping]  # may raise
+        for optimizer, values in scheduled:
+            optimizer.advance(values)
         for bucket, ready in zip(self.buckets, prepared):
             bucket.run(ready)
         return True

@@ -84,3 +84,31 @@ def _struct_matches():
 
 
 STRUCT_OK = ctypes.sizeof(ctypes.c_void_p) == 8 and _struct_matches()
+
+
+@intrinsic
+def call_gemm(typingctx, address, transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Call the row-major ``cblas_?gemm`` (64-bit integers) at ``address``: ``c <- alpha a b +
+    beta c``, the matrices given by their addresses. ``alpha``'s type picks float or double."""
+    def codegen(context, builder, signature, args):
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        scalar, pointer = context.get_value_type(signature.args[6]), cgutils.voidptr_t
+        function_type = ir.FunctionType(ir.VoidType(), [i32, i32, i32, i64, i64, i64, scalar, pointer, i64, pointer,
+                                                        i64, scalar, pointer, i64])
+        function = builder.inttoptr(args[0], function_type.as_pointer())
+        ptr = lambda value: builder.inttoptr(value, pointer)  # noqa: E731
+        builder.call(function, [ir.Constant(i32, 101), builder.trunc(args[1], i32), builder.trunc(args[2], i32),
+                                args[3], args[4], args[5], args[6], ptr(args[7]), args[8], ptr(args[9]), args[10],
+                                args[11], ptr(args[12]), args[13]])
+        return context.get_dummy_value()
+    return types.void(address, transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc), codegen
+
+
+@njit(cache=True)
+def gemm_stack(address, count, transpose_a, transpose_b, m, n, k, alpha, a, a_step, lda, b, b_step, ldb, beta, c,
+               c_step, ldc):
+    """``count`` GEMMs, the i-th on the matrices at ``a + i * a_step`` (bytes), and so on: a
+    stack of matrices costs one call from Python, each product the same BLAS call as alone."""
+    for i in range(count):
+        call_gemm(address, transpose_a, transpose_b, m, n, k, alpha, a + i * a_step, lda, b + i * b_step, ldb, beta,
+                  c + i * c_step, ldc)

@@ -20,6 +20,10 @@ with (a, b, c) = (3.4445, -4.7750, 2.0315) and eps = 1e-7 (MLX's and Keller Jord
 Tensors with ndim < 2 get the momentum step (and the decay) only; route them to AdamW with
 MultiOptimizer.
 
+Runners may stack same-shape tensors: ``muon(..., stacked=True)`` takes arrays whose first
+axis indexes the tensors, and Newton-Schulz orthogonalises every matrix of the stack at once
+(batched matrix products; each matrix has its own norm).
+
 The match-RMS scale (Liu et al., "Muon is Scalable for LLM Training", 2025) gives the update
 the root-mean-square of a typical AdamW update (about 0.2), so one learning rate serves both.
 """
@@ -68,12 +72,13 @@ def lr_scale(shape, layout, adjust_lr):
 
 
 def newton_schulz(x, steps, eps=NS_EPS):
-    """Approximately orthogonalise the matrix ``x`` (its nearest semi-orthogonal matrix)."""
+    """Approximately orthogonalise the matrix ``x`` (its nearest semi-orthogonal matrix), or
+    each matrix of a stack (the last two axes; leading axes index the matrices)."""
     a, b, c = NS_COEFFICIENTS
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = swap_last(x)
-    x = x / (sqrt(total(x * x)) + cast(eps, x))
+    x = x / (sqrt(total(x * x, axis=(-2, -1), keepdims=True)) + cast(eps, x))
     for _ in range(steps):
         gram = matmul(x, swap_last(x))
         # X <- a X + (b A + c A A) X: two GEMMs, each product accumulated and rounded once
@@ -82,15 +87,16 @@ def newton_schulz(x, steps, eps=NS_EPS):
 
 
 def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, coupled, keep, nesterov, ns_steps, ns_dtype,
-         ns_eps, adjust_lr, layout):
+         ns_eps, adjust_lr, layout, stacked=False):
     if coupled:
         grad = grad + weight_decay * param
     v = momentum * v + one_minus_momentum * grad
     direction = grad * one_minus_momentum + v * momentum if nesterov else v
-    if direction.ndim >= 2:
-        shape = tuple(direction.shape)
+    stack = int(stacked)  # a stack of tensors has one leading axis
+    shape = tuple(direction.shape[stack:])  # one tensor's
+    if len(shape) >= 2:
         # a matrix split across devices is orthogonalised whole, then split back as it was
-        direction = on_whole(lambda d: orthogonalise(d, ns_steps, ns_eps, ns_dtype, layout), direction)
+        direction = on_whole(lambda d: orthogonalise(d, ns_steps, ns_eps, ns_dtype, layout, stack), direction)
         scaled_lr = lr * cast(lr_scale(shape, layout, adjust_lr), lr)
     else:
         scaled_lr = lr
@@ -99,16 +105,17 @@ def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, coupled
     return param - scaled_lr * direction, v
 
 
-def orthogonalise(direction, ns_steps, ns_eps, ns_dtype, layout):
-    """Newton-Schulz on ``direction`` viewed as a matrix by its ``layout``, in its own shape."""
-    shape = tuple(direction.shape)
-    matrix = direction.reshape(matrix_shape(shape, layout)) if len(shape) > 2 else direction
+def orthogonalise(direction, ns_steps, ns_eps, ns_dtype, layout, stack=0):
+    """Newton-Schulz on ``direction`` viewed as a matrix by its ``layout``, in its own shape
+    (of each of its matrices when its first ``stack`` axes index a stack)."""
+    lead, shape = tuple(direction.shape[:stack]), tuple(direction.shape[stack:])
+    matrix = direction.reshape(lead + matrix_shape(shape, layout)) if len(shape) > 2 else direction
     if ns_dtype is None:
         orthogonal = newton_schulz(matrix, ns_steps, ns_eps)
     else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
         orthogonal = astype(newton_schulz(astype(matrix, ns_dtype), ns_steps, ns_eps), dtype_name(matrix))
-    return orthogonal.reshape(shape)
+    return orthogonal.reshape(lead + shape)
 
 
-MUON = Rule("muon", muon, muon_coefficients, slots=("v",), elementwise=False,
+MUON = Rule("muon", muon, muon_coefficients, slots=("v",), elementwise=False, stackable=True,
             slot_meanings={"v": "average of gradients"})
