@@ -136,10 +136,9 @@ def test_zero1_is_bit_identical_to_one_process_and_runs_newton_schulz_once_per_m
     results = run_world(train, world, 3, "zero1", None, None, True)
     assert_same_params(results, reference)
     owned = [set(r["owned"]) for r in results]
-    whole = [n for n in SHAPES if not any(n in o for o in owned[1:]) or sum(n in o for o in owned) == 1]
     assert set().union(*owned) == set(SHAPES)
     assert all(sum(n in o for o in owned) == 1 for n in MUON_MATRICES)  # Muon matrices stay whole
-    assert whole
+    assert all("embed.weight" in o for o in owned)  # the largest elementwise state is split by rows
     # Newton-Schulz: once per matrix per step, over all ranks together, as in one process
     assert sum(len(r["ns_calls"]) for r in results) == len(reference["ns_calls"]) == 3 * len(MUON_MATRICES)
     # optimizer memory per rank is what the plan says, and adds up to one process's

@@ -24,10 +24,6 @@ __all__ = ["Zero1", "plan"]
 BUCKET_BYTES = 64 << 20  # per rank and collective: bounds the receive buffer to W x this
 
 
-def _itemsize(dtype_name):
-    return torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
-
-
 def entry(name, param, optimizer):
     """The :class:`~treeopt.distributed.ownership.Entry` of a parameter routed to ``optimizer``."""
     shape = tuple(param.shape)
