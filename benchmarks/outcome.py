@@ -1,6 +1,6 @@
 """The sweep behind the demo's settings: how good is tuned AdamW, and which Muon rate to route.
 
-    python benchmarks/outcome.py [--steps 600] [--seeds 0 1] [--jobs 1]
+    python benchmarks/outcome.py [--steps 200] [--seeds 0 1] [--jobs 1]
 
 1. AdamW alone (the demo's "AdamW" set-up): peak learning rate x beta2, every seed.
 2. muon_adamw (the demo's routed set-up), its AdamW part at the best AdamW settings of 1:
@@ -20,11 +20,12 @@ import pathlib
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-ADAMW_LRS = (1e-3, 2e-3, 3e-3, 5e-3, 8e-3)
-BETA2S = (0.95, 0.99)
+#: in the order they run: the likely best first, so a sweep cut short still brackets it
+ADAMW_LRS = (3e-3, 5e-3, 2e-3, 8e-3, 1e-3)
+BETA2S = (0.99, 0.95)
 MUON_LRS = (0.01, 0.02, 0.04)
 
 
@@ -61,19 +62,22 @@ def sweep(jobs, results_path, workers):
     todo = [j for j in jobs if key(j) not in done]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {results_path}; {len(todo)} to go", flush=True)
     with ProcessPoolExecutor(workers) as pool:
-        for record in pool.map(run_one, todo):
+        for future in as_completed([pool.submit(run_one, job) for job in todo]):  # saved as each finishes
+            record = future.result()
             with open(results_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"  {record['setup']:<12} {record['hyper']} seed {record['seed']}: "
                   f"val {record['final_val_loss']:.4f} ({record['train_seconds']:.0f} s)", flush=True)
 
 
-def mean_by_setting(records, setup, steps, seeds):
+def mean_by_setting(records, setup, steps, seeds, complete=True):
+    """``{setting: (mean final loss, [loss per seed])}``; only settings run on every seed
+    unless ``complete=False``."""
     groups = {}
-    for r in records:
+    for r in sorted(records, key=lambda r: r["seed"]):
         if r["setup"] == setup and r["steps"] == steps and r["seed"] in seeds:
             groups.setdefault(json.dumps(r["hyper"], sort_keys=True), []).append(r["final_val_loss"])
-    return {k: (sum(v) / len(v), v) for k, v in groups.items() if len(v) == len(seeds)}
+    return {k: (sum(v) / len(v), v) for k, v in groups.items() if len(v) == len(seeds) or not complete}
 
 
 def best(means):
@@ -83,18 +87,22 @@ def best(means):
 
 def table(records, steps, seeds):
     lines = [f"Final validation loss (nats per byte) after {steps} steps, mean over seeds "
-             f"{', '.join(map(str, seeds))} (each seed's value in brackets); **bold**: the best of each part.", "",
+             f"{', '.join(map(str, seeds))} (each seed's value in brackets); **bold**: the best of each part "
+             "among the settings run on every seed.", "",
              "| set-up | Muon lr | AdamW lr | beta2 | final val loss |", "|---|---|---|---|---|"]
     for setup in ("AdamW", "muon_adamw"):
-        means = mean_by_setting(records, setup, steps, seeds)
+        means = mean_by_setting(records, setup, steps, seeds, complete=False)
+        complete = mean_by_setting(records, setup, steps, seeds)
         if not means:
             continue
-        winner, _ = best(means)
+        winner = best(complete)[0] if complete else None
         for setting in sorted(means, key=lambda k: (json.loads(k)["muon_lr"], json.loads(k)["beta2"],
                                                     json.loads(k)["adamw_lr"])):
             h = json.loads(setting)
             mean, values = means[setting]
             cell = f"{mean:.4f} ({', '.join(f'{v:.3f}' for v in values)})"
+            if len(values) < len(seeds):
+                cell += f" ({len(values)} of {len(seeds)} seeds)"
             if h == winner:
                 cell = f"**{cell}**"
             muon = f"{h['muon_lr']:g}" if setup == "muon_adamw" else "-"
@@ -119,7 +127,10 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each")
     parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("outcome.jsonl"))
     parser.add_argument("--no-doc", action="store_true", help="print the table, leave docs/outcome.md alone")
+    parser.add_argument("--table-only", action="store_true", help="run nothing: the table of the results so far")
     args = parser.parse_args(argv)
+    if args.table_only:
+        return report(args)
     from treeopt.demo import setups
 
     default = setups.Hyper().to_dict()
@@ -136,6 +147,10 @@ def main(argv=None):
     sweep(muon, args.results, args.jobs)
     routed, loss = best(mean_by_setting(load(args.results), "muon_adamw", args.steps, args.seeds))
     print(f"best muon_adamw: Muon lr {routed['muon_lr']:g}: {loss:.4f}", flush=True)
+    report(args)
+
+
+def report(args):
     markdown = table(load(args.results), args.steps, args.seeds)
     print(markdown)
     if not args.no_doc:

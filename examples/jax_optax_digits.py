@@ -2,13 +2,18 @@
 global-norm clipping, in a jitted training step.
 
     python examples/jax_optax_digits.py --steps 200
+
+Install (from the treeopt checkout): pip install -e ".[jax]"
 """
 
 import argparse
 
-import jax
-import jax.numpy as jnp
-import optax
+try:
+    import jax
+    import jax.numpy as jnp
+    import optax
+except ModuleNotFoundError as error:  # say what to install, not just what is missing
+    raise SystemExit(f"{error.name} is not installed: pip install -e '.[jax]' (from the treeopt checkout)") from None
 
 import treeopt as optim
 import treeopt.jax

@@ -2,13 +2,18 @@
 is compiled with the optimizer state captured.
 
     python examples/mlx_digits.py --steps 200
+
+Install (from the treeopt checkout): pip install -e ".[mlx]"
 """
 
 import argparse
 from functools import partial
 
-import mlx.core as mx
-import mlx.nn as nn
+try:
+    import mlx.core as mx
+    import mlx.nn as nn
+except ModuleNotFoundError as error:  # say what to install, not just what is missing
+    raise SystemExit(f"{error.name} is not installed: pip install -e '.[mlx]' (from the treeopt checkout)") from None
 
 import treeopt as optim
 from treeopt.demo.dataset import train_test_split

@@ -6,15 +6,20 @@ state (Muon for the hidden matrices, AdamW for the rest), and a checkpoint that
     torchrun --standalone --nproc_per_node 1 examples/torch_ddp_zero1.py --steps 50 --checkpoint /tmp/digits
 
 The second command resumes the first one's checkpoint on one process.
+
+Install (from the treeopt checkout): pip install -e ".[torch]"
 """
 
 import argparse
 import os
 
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.nn.parallel import DistributedDataParallel
+try:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.nn.parallel import DistributedDataParallel
+except ModuleNotFoundError as error:  # say what to install, not just what is missing
+    raise SystemExit(f"{error.name} is not installed: pip install -e '.[torch]' (from the treeopt checkout)") from None
 
 import treeopt as optim
 import treeopt.torch

@@ -2,11 +2,16 @@
 rest, driven by treeopt.torch.Optimizer like any torch.optim optimizer.
 
     python examples/torch_digits.py --steps 200
+
+Install (from the treeopt checkout): pip install -e ".[torch]"
 """
 
 import argparse
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError as error:  # say what to install, not just what is missing
+    raise SystemExit(f"{error.name} is not installed: pip install -e '.[torch]' (from the treeopt checkout)") from None
 
 import treeopt as optim
 import treeopt.torch

@@ -44,3 +44,37 @@ def test_doc_code_runs(page, tmp_path, monkeypatch, capsys):
             if error.name and error.name.split(".")[0] in OPTIONAL:
                 pytest.skip(f"{page.name} line {line} needs {error.name}, which is not installed")
             raise
+
+
+# ---------------------------------------------------------------------------------- examples
+EXAMPLES = sorted((DOCS.parent / "examples").glob("*.py"))
+INSTALL = re.compile(r'Install \(from the treeopt checkout\): pip install -e "\.\[(?P<extra>\w+)\]"')
+
+
+def _extras():
+    import tomllib
+
+    return tomllib.loads((DOCS.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
+def test_each_example_says_what_to_install_and_getting_started_says_it_too(example):
+    match = INSTALL.search(example.read_text())
+    assert match, f"{example.name} does not state its install line"
+    extra = match["extra"]
+    assert extra in _extras()
+    assert f"`examples/{example.name}` | `pip install -e \".[{extra}]\"`" in (DOCS / "getting-started.md").read_text()
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
+def test_an_example_without_its_framework_says_what_to_install(example):
+    import subprocess
+    import sys
+
+    extra = INSTALL.search(example.read_text())["extra"]
+    framework = {"torch": "torch", "jax": "jax", "mlx": "mlx"}[extra]
+    blocked = (f"import sys, runpy; sys.modules[{framework!r}] = None; sys.argv = [{str(example)!r}]; "
+               f"runpy.run_path({str(example)!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"pip install -e '.[{extra}]'" in result.stderr and "Traceback" not in result.stderr

@@ -15,6 +15,8 @@ import warnings
 
 DEFAULT_STEPS = 600
 QUICK_STEPS = 100
+#: validation points per run (besides step 0): --quick measures fewer, to save its minute
+EVALUATIONS, QUICK_EVALUATIONS = 24, 10
 DEFAULT_OUT = "treeopt-demo"
 BATCH_SIZE, CONTEXT = 32, 64
 NAMES = {"AdamW": "AdamW (tuned)", "Muon everywhere": "Muon everywhere (naive)",
@@ -35,6 +37,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=_positive, default=1,
                         help="torch threads (default 1: the model is small, and on a busy machine a second "
                              "thread waiting for the first costs more than it saves)")
+    parser.add_argument("--jobs", type=_positive, default=1,
+                        help="runs trained at once, in separate processes (default 1: one after the other); "
+                             "on a busy machine this also gives the three runs the same conditions")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run: under a minute")
     parser.add_argument("--checkpoint", metavar="DIR", default=None,
                         help="save each run's model, optimizer and curve in DIR when it ends (or stops), and "
@@ -50,6 +55,7 @@ def parse_args(argv=None):
                      f"examples/ and docs/getting-started.md")
     if args.steps is None:
         args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
+    args.evaluations = QUICK_EVALUATIONS if args.quick else EVALUATIONS
     if args.stop_after is not None and not args.checkpoint:
         parser.error("--stop-after needs --checkpoint DIR (where the stopped runs are saved)")
     return args
@@ -72,6 +78,7 @@ def main(argv=None):
         return digits.main(argv[1:])
     args = parse_args(argv)
     try:
+        import matplotlib  # noqa: F401
         import torch  # noqa: F401
         from rich.console import Console
     except ImportError as error:
@@ -79,7 +86,7 @@ def main(argv=None):
                          "pip install -e '.[demo]' (or `python -m treeopt.demo digits`, NumPy only)") from error
     console = Console()
     if not console.is_terminal:  # a log or a pipe: do not squeeze the tables into 80 columns
-        console = Console(width=130)
+        console = Console(width=160)
     return run(args, console)
 
 
@@ -106,15 +113,13 @@ def run(args, console):
                   f"to {hyper.max_grad_norm:g}\n"
                   f"  output    {out.resolve()}/loss.png and results.json")
 
-    runs, plans = {}, {}
+    plans = {}
     for number, setup in enumerate(setups.SETUPS, 1):
-        name = NAMES[setup]
-        model = training_gpt.build_model(args.seed, config)  # the same start for every run
+        model = training_gpt.build_model(args.seed, config)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            optimizer = setups.make(setup, model, args.steps, hyper)
-        plans[setup] = optimizer.plan()
-        console.print(f"\n[bold][{number}/{len(setups.SETUPS)}] {name}[/]: {setups.DESCRIPTIONS[setup]}")
+            plans[setup] = setups.make(setup, model, args.steps, hyper).plan()
+        console.print(f"\n[bold][{number}/{len(setups.SETUPS)}] {NAMES[setup]}[/]: {setups.DESCRIPTIONS[setup]}")
         if setup == "muon_adamw":
             console.print("The routing plan (every parameter: its group, rule, state and learning rate):")
             console.print(plans[setup])
@@ -124,7 +129,15 @@ def run(args, console):
                           + ", ".join(f"{path} ({here} -> {there})" for path, here, there in moved))
         for warning in caught:
             console.print(f"  [yellow]{type(warning.message).__name__}[/]: {warning.message}")
-        runs[setup] = _train(args, name, setup, model, optimizer, data, console)
+
+    console.print(f"\nTraining{' (' + str(args.jobs) + ' runs at once)' if args.jobs > 1 else ''}:")
+    with _progress(console) as progress:
+        tasks = {setup: progress.add_task(NAMES[setup], total=args.steps, loss="-", speed="-")
+                 for setup in setups.SETUPS}
+        if args.jobs == 1:
+            runs = {setup: train_one(vars(args), setup, _Bar(progress, tasks[setup])) for setup in setups.SETUPS}
+        else:
+            runs = _train_in_processes(args, progress, tasks)
     if any(r is None for r in runs.values()):
         console.print(f"\nStopped after step {args.stop_after}; run again with --checkpoint {args.checkpoint} "
                       "to finish.")
@@ -136,7 +149,8 @@ def run(args, console):
     report.table(target, summary, console)
     out.mkdir(parents=True, exist_ok=True)
     report.plot(named, target, out / "loss.png")
-    settings = {"steps": args.steps, "seed": args.seed, "threads": args.threads, "batch_size": BATCH_SIZE,
+    settings = {"steps": args.steps, "seed": args.seed, "threads": args.threads, "jobs": args.jobs,
+                "batch_size": BATCH_SIZE,
                 "context": CONTEXT, "model": dataclasses.asdict(config),
                 "parameters": count}
     record = report.write_json(out / "results.json", settings=settings, hyper=hyper.to_dict(), target=target,
@@ -158,31 +172,81 @@ def _plan_of(setup, model, steps, hyper):
         return setups.make(setup, model, steps, hyper).plan()
 
 
-def _train(args, name, setup, model, optimizer, data, console):
-    """One run with a progress bar, resumed from and saved to ``--checkpoint``. Returns
-    ``{"curve", "seconds"}``, or ``None`` when stopped early by ``--stop-after``."""
+def _progress(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from treeopt.demo import checkpoints, training_gpt
+    return Progress(TextColumn("  {task.description:<26}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tokens/s"),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console)
 
-    start, curve, seconds = checkpoints.resume(args.checkpoint, setup, model, optimizer)
-    stop = min(args.steps, args.stop_after or args.steps)
-    tokens = BATCH_SIZE * CONTEXT
-    columns = (TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tokens/s"),
-               TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(name, total=args.steps, completed=start, loss="-", speed="-")
 
-        def on_step(step, loss, elapsed):
-            progress.update(task, completed=step, loss=f"{loss:.3f}",
-                            speed=f"{(step - start) * tokens / max(elapsed - seconds[0], 1e-9):,.0f}")
+class _Bar:
+    """Where a run reports its steps: a task of a rich progress display."""
 
-        if start < stop:
-            curve, seconds = training_gpt.train(model, optimizer, data, args.steps, args.seed, start=start,
-                                                stop=stop, curve=curve, seconds=seconds, on_step=on_step)
-    if start < stop and args.checkpoint:
-        checkpoints.save(args.checkpoint, setup, model, optimizer, stop, curve, seconds)
-    if stop < args.steps:
-        return None
-    return {"curve": curve, "seconds": seconds}
+    def __init__(self, progress, task):
+        self.progress, self.task = progress, task
+
+    def __call__(self, step, loss, tokens_per_second):
+        if loss == loss:  # not the NaN of the first report, before any step
+            self.progress.update(self.task, completed=step, loss=f"{loss:.3f}", speed=f"{tokens_per_second:,.0f}")
+        else:
+            self.progress.update(self.task, completed=step)
+
+
+def train_one(options, setup, report_step):
+    """One run from start to end (or to ``--stop-after``), resumed from and saved to
+    ``--checkpoint``; ``report_step(step, loss, tokens/s)`` is called as it goes. Returns
+    ``{"curve", "seconds": (wall, cpu)}``, or ``None`` when stopped early."""
+    import torch
+
+    from treeopt.demo import checkpoints, setups, training_gpt
+
+    torch.set_num_threads(options["threads"])
+    data = training_gpt.Data(CONTEXT, BATCH_SIZE)
+    model = training_gpt.build_model(options["seed"], training_gpt.gpt.Config(context=CONTEXT))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # shown once, before training
+        optimizer = setups.make(setup, model, options["steps"], setups.Hyper())
+    steps, folder = options["steps"], options["checkpoint"]
+    start, curve, seconds = checkpoints.resume(folder, setup, model, optimizer)
+    stop = min(steps, options["stop_after"] or steps)
+    report_step(start, float("nan"), 0.0)
+
+    def on_step(step, loss, elapsed):
+        if step % 5 == 0 or step == stop:
+            report_step(step, loss, (step - start) * BATCH_SIZE * CONTEXT / max(elapsed - seconds[0], 1e-9))
+
+    if start < stop:
+        curve, seconds = training_gpt.train(model, optimizer, data, steps, options["seed"], start=start, stop=stop,
+                                            curve=curve, seconds=seconds, on_step=on_step,
+                                            evaluations=options["evaluations"])
+        if folder:
+            checkpoints.save(folder, setup, model, optimizer, stop, curve, seconds)
+    return {"curve": curve, "seconds": seconds} if stop == steps else None
+
+
+def _train_in_processes(args, progress, tasks):
+    """The runs in ``args.jobs`` processes at once; their steps come back through a queue."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from treeopt.demo.training_gpt import Curve
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
+    with context.Manager() as manager, ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        queue = manager.Queue()
+        futures = {setup: pool.submit(_run_in_process, vars(args), setup, queue) for setup in tasks}
+        while not all(f.done() for f in futures.values()) or not queue.empty():
+            try:
+                setup, step, loss, speed = queue.get(timeout=0.2)
+            except Exception:  # queue.Empty, from the manager's process
+                continue
+            _Bar(progress, tasks[setup])(step, loss, speed)
+        runs = {setup: f.result() for setup, f in futures.items()}
+    return {setup: None if r is None else {"curve": Curve(**r["curve"]), "seconds": tuple(r["seconds"])}
+            for setup, r in runs.items()}
+
+
+def _run_in_process(options, setup, queue):
+    run = train_one(options, setup, lambda step, loss, speed: queue.put((setup, step, loss, speed)))
+    return None if run is None else {"curve": vars(run["curve"]), "seconds": run["seconds"]}

@@ -43,7 +43,7 @@ def table(target, summary, console):
                  title_justify="left")
     for column in ("run", "final val loss", "steps to target", "x AdamW", "time to target", "x AdamW",
                    "CPU x AdamW", "ms / step", "training time"):
-        grid.add_column(column, justify="left" if column == "run" else "right")
+        grid.add_column(column, justify="left" if column == "run" else "right", no_wrap=column == "run")
     for name, s in summary.items():
         reached = s["steps_to_target"] is not None
         grid.add_row(name, f"{s['final_val_loss']:.4f}",
@@ -75,8 +75,10 @@ def plot(runs, target, path):
         axes.set_xlabel(label)
         axes.grid(alpha=0.3)
     by_step.set_ylabel("validation loss (nats per byte)")
-    by_step.set_ylim(top=min(4.0, max(max(r["curve"].val_loss) for r in runs.values())),
-                     bottom=min(min(r["curve"].val_loss) for r in runs.values()) - 0.1)
+    lowest = min(min(r["curve"].val_loss) for r in runs.values())
+    highest = max(max(r["curve"].val_loss) for r in runs.values())
+    bottom = lowest - 0.1  # the start (a uniform guess, 5.5) is off the top: the end is what differs
+    by_step.set_ylim(bottom=bottom, top=max(bottom + 0.5, min(highest, target + 1.5)))
     by_step.annotate("tuned AdamW's final loss", (0, target), xytext=(4, 4), textcoords="offset points",
                      fontsize=8, color="grey")
     by_time.legend()

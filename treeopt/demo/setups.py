@@ -3,7 +3,8 @@
 - ``AdamW``: AdamW on everything, tuned (``benchmarks/outcome.py``): weight decay on the
   matrices, none on the vectors. Two groups, which torch param groups could do too.
 - ``Muon everywhere``: the naive use of Muon: every matrix, the embeddings and the output head
-  included, gets Muon (vectors keep AdamW). treeopt's routing guards warn about it.
+  included, gets ``muon_adamw``'s Muon (vectors keep AdamW), as ``optax.contrib.muon`` does
+  by default. treeopt's routing guards warn about it.
 - ``muon_adamw``: :func:`treeopt.muon_adamw`: Muon on the hidden matrices of the blocks,
   the same tuned AdamW on the embeddings and the head, AdamW without decay on the vectors.
 
@@ -19,7 +20,8 @@ from treeopt.filters import ndim
 
 @dataclass(frozen=True)
 class Hyper:
-    """The optimizer settings; the defaults are the best of the sweep in ``docs/outcome.md``."""
+    """The optimizer settings; the defaults are the best of the sweep in ``docs/outcome.md``
+    (AdamW's peak lr and beta2, Muon's peak lr)."""
 
     adamw_lr: float = 3e-3
     beta2: float = 0.99
@@ -68,14 +70,14 @@ def routing(setup, steps, hyper=Hyper()):
              optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
             [ndim(min=2)], names=["adamw", "adamw_no_decay"], **common)
     elif setup == "Muon everywhere":
-        # the same Muon as muon_adamw's, given every matrix
-        muon = optim.muon_adamw(muon_lr=hyper.muon_lr, weight_decay=hyper.weight_decay).optimizers[0]
+        # the same Muon as muon_adamw's (torch weights are (out, in)), given every matrix
+        muon = optim.muon_adamw(muon_lr=hyper.muon_lr, weight_decay=hyper.weight_decay, layout="out_in").optimizers[0]
         optimizer = optim.MultiOptimizer(
             [muon, optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
             [ndim(min=2)], names=["muon", "adamw_no_decay"], **common)
     elif setup == "muon_adamw":
         optimizer = optim.muon_adamw(muon_lr=hyper.muon_lr, adamw_lr=hyper.adamw_lr, betas=betas,
-                                     weight_decay=hyper.weight_decay, **common)
+                                     weight_decay=hyper.weight_decay, layout="out_in", **common)
     else:
         raise ValueError(f"unknown set-up {setup!r}: expected one of {SETUPS}")
     return optimizer
