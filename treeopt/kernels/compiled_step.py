@@ -97,17 +97,15 @@ class _RuleBucket:
 
         backend, update = self.backend, self.owner.rule.update
         coefficients = self.owner.coefficients(self.params[0], backend)
-        write = backend.write
         for run, buffers in self.stacks:
             names = self.names[run[0]]
-            new_param, *new_slots = update_stacked(update, coefficients, backend, [grads[k] for k in run],
-                                                   [self.params[k] for k in run],
-                                                   [[self.slots[k][n] for k in run] for n in names], buffers)
-            for j, k in enumerate(run):
-                slots = self.slots[k]
-                for name, value in zip(names, new_slots):
-                    write(slots[name], value[j])
-                write(self.params[k], new_param[j])
+            params = [self.params[k] for k in run]
+            slots = [[self.slots[k][n] for k in run] for n in names]
+            new_param, *new_slots = update_stacked(update, coefficients, backend, [grads[k] for k in run], params,
+                                                   slots, buffers)
+            for old, new in zip(slots, new_slots):
+                backend.write_stack(old, new)
+            backend.write_stack(params, new_param)
         for k in self.alone:
             g, p, slots, names = grads[k], self.params[k], self.slots[k], self.names[k]
             with backend.quiet():
