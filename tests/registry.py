@@ -1,10 +1,55 @@
 """One registry of optimizers and settings, shared by the generic tests (in the manner of
-torch.optim's OptimizerInfo): every hyper-parameter path of every optimizer, and every
-constructor error with the exception MLX raises (or the one treeopt adds)."""
+torch.optim's OptimizerInfo): what each optimizer can be checked against (its capabilities),
+every hyper-parameter path of every optimizer, and every constructor error with the exception
+MLX raises (or the one treeopt adds)."""
 
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import treeopt as optim
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the generic tests may expect of an optimizer."""
+
+    #: ``mlx.optimizers`` has it: test_conformance compares numbers with MLX's
+    mlx_reference: bool = True
+    #: its rule is elementwise (runs in the compiled loop)
+    elementwise: bool = True
+    #: it keeps optimizer-level running values in its state beside the step
+    running_values: bool = False
+    #: another published implementation to compare numbers with, from a setting's kwargs
+    #: (e.g. an optax transformation), when MLX has none
+    reference: Optional[Callable] = None
+    reference_name: str = ""
+
+
+def _schedule_free_adamw(kwargs):
+    import optax
+
+    b1, b2 = kwargs.get("betas", (0.9, 0.999))
+    return optax.contrib.schedule_free_adamw(
+        kwargs["learning_rate"], b1=b1, b2=b2, eps=kwargs.get("eps", 1e-8),
+        weight_decay=kwargs.get("weight_decay", 0.0), weight_lr_power=kwargs.get("weight_lr_power", 2.0))
+
+
+def _adan(kwargs):
+    import optax
+
+    b1, b2, b3 = kwargs.get("betas", (0.98, 0.92, 0.99))
+    return optax.adan(kwargs["learning_rate"], b1=b1, b2=b2, b3=b3, eps=kwargs.get("eps", 1e-8),
+                      eps_root=kwargs.get("eps_root", 0.0), weight_decay=kwargs.get("weight_decay", 0.0))
+
+
+CAPABILITIES = {
+    "SGD": Capabilities(), "RMSprop": Capabilities(), "Adagrad": Capabilities(), "AdaDelta": Capabilities(),
+    "Adam": Capabilities(), "AdamW": Capabilities(), "Adamax": Capabilities(), "Lion": Capabilities(),
+    "Adafactor": Capabilities(elementwise=False), "Muon": Capabilities(elementwise=False),
+    "ScheduleFreeAdamW": Capabilities(mlx_reference=False, running_values=True, reference=_schedule_free_adamw,
+                                      reference_name="optax.contrib.schedule_free_adamw"),
+    "Adan": Capabilities(mlx_reference=False, reference=_adan, reference_name="optax.adan"),
+}
 
 
 @dataclass(frozen=True)
@@ -24,6 +69,10 @@ class Setting:
 
     def make(self, module=optim, **overrides):
         return getattr(module, self.optimizer)(**{**self.kwargs, **overrides})
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return CAPABILITIES[self.optimizer]
 
 
 SETTINGS = [
@@ -56,6 +105,12 @@ SETTINGS = [
     Setting("Muon", dict(learning_rate=0.02), "nesterov, coupled decay"),
     Setting("Muon", dict(learning_rate=0.02, nesterov=False, weight_decay=0.0), "plain momentum"),
     Setting("Muon", dict(learning_rate=0.02, momentum=0.0, ns_steps=3), "no momentum, 3 iterations"),
+    Setting("ScheduleFreeAdamW", dict(learning_rate=0.05), "default"),
+    Setting("ScheduleFreeAdamW", dict(learning_rate=0.05, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.1,
+                                      weight_lr_power=1.0), "betas, eps, decay, weight power"),
+    Setting("Adan", dict(learning_rate=0.05), "default"),
+    Setting("Adan", dict(learning_rate=0.05, betas=(0.9, 0.8, 0.95), eps=1e-4, weight_decay=0.1, eps_root=1e-6),
+            "betas, eps, decay, eps_root"),
 ]
 
 #: scheduled learning rates, run on every optimizer that takes one
@@ -67,7 +122,8 @@ SCHEDULES = {
     "join_schedules": lambda m: m.join_schedules([m.linear_schedule(0.0, 0.05, 2), m.cosine_decay(0.05, 4)], [2]),
 }
 
-#: (optimizer, kwargs, exception type, message regex, does MLX 0.32.4 raise it too?)
+#: (optimizer, kwargs, exception type, message regex, does MLX 0.32.4 raise it too? None: MLX
+#: has no such optimizer)
 ERRORS = [
     ("SGD", dict(learning_rate=0.1, nesterov=True), ValueError, "Nesterov momentum requires", True),
     ("SGD", dict(learning_rate=0.1, momentum=0.9, dampening=0.1, nesterov=True), ValueError, "Nesterov", True),
@@ -102,7 +158,14 @@ ERRORS = [
     ("Muon", dict(learning_rate=0.1, weight_decay=-0.01), ValueError, "Muon weight_decay should be >=0", False),
     ("Muon", dict(learning_rate=0.1, ns_steps=-1), ValueError, "Muon ns_steps", False),
     ("Muon", dict(learning_rate=0.1, ns_steps=2.5), ValueError, "Muon ns_steps", False),
-    ("SGD", dict(learning_rate="fast"), TypeError, "learning_rate must be", False),
+    ("SGD", dict(learning_rate="fast"), TypeError, "learning_rate must be", True),  # MLX: a ValueError
+    ("ScheduleFreeAdamW", dict(learning_rate=0.1, betas=(0.0, 0.999)), ValueError, "ScheduleFreeAdamW beta1", None),
+    ("ScheduleFreeAdamW", dict(learning_rate=0.1, weight_lr_power=-1.0), ValueError, "weight_lr_power should be >=0",
+     None),
+    ("ScheduleFreeAdamW", dict(learning_rate=0.1, eps=-1.0), ValueError, "ScheduleFreeAdamW eps should be >=0", None),
+    ("Adan", dict(learning_rate=0.1, betas=(0.9, 0.9)), ValueError, "Adan betas should have 3 values", None),
+    ("Adan", dict(learning_rate=0.1, betas=(0.9, 0.9, 1.0)), ValueError, "Adan beta3", None),
+    ("Adan", dict(learning_rate=0.1, weight_decay=-1.0), ValueError, "Adan weight_decay should be >=0", None),
 ]
 
 OPTIMIZERS = sorted({s.optimizer for s in SETTINGS})

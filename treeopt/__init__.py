@@ -11,8 +11,8 @@ from treeopt.clip import clip_grad_norm
 from treeopt.errors import MissingParameterError, ParameterError, TreeoptError
 from treeopt.multi import MultiOptimizer, RoutingError, RoutingWarning
 from treeopt.optimizer import Optimizer
-from treeopt.optimizers import (SGD, AdaDelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Lion, Muon,
-                                RMSprop)
+from treeopt.optimizers import (SGD, AdaDelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Adan, Lion, Muon,
+                                RMSprop, ScheduleFreeAdamW)
 from treeopt.plan import Plan
 from treeopt.presets import muon_adamw
 from treeopt.schedules import (cosine_decay, exponential_decay, join_schedules, linear_schedule,
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Optimizer", "MultiOptimizer",
     "SGD", "RMSprop", "Adagrad", "AdaDelta", "Adam", "AdamW", "Adamax", "Lion", "Adafactor", "Muon",
+    "ScheduleFreeAdamW", "Adan",
     "clip_grad_norm",
     "exponential_decay", "step_decay", "cosine_decay", "linear_schedule", "join_schedules",
     "muon_adamw", "Plan",

@@ -29,15 +29,17 @@ state-layout functions below (:func:`slots_at`, :func:`slot_items`, :func:`drop`
 optimizer's private attributes.
 """
 
+import sys
 from dataclasses import dataclass, field
 
 from treeopt import _trees
 from treeopt.backends import backend_of, numpy_backend
 from treeopt.errors import MissingParameterError, ParameterError, describe
+from treeopt.rules.base import rule_checked
 from treeopt.tree import is_container, items, rebuild
 
 __all__ = ["Book", "Pair", "collect", "step", "initialize", "write_back", "run_rule", "slots_at", "slot_items",
-           "drop", "RESERVED"]
+           "drop", "with_results", "RESERVED"]
 
 _MISSING = object()
 #: state keys that are never parameter names; a top-level parameter with one of these names
@@ -95,32 +97,42 @@ def step(optimizer, gradients, parameters, in_place):
     for pair, owner in zip(active, owners):
         pair.owner = owner
         pair.slots = slots_at(owner, pair.keys)
-        if pair.slots and not owner.book.initialized:
-            check_slots(owner, pair)
+        if pair.slots and owner.rule is not None:
+            check_slots(owner, pair)  # every step: a parameter may have changed shape under its path
         if not pair.slots or not owner.book.initialized:
             to_mirror.setdefault(owner, set()).add(pair.keys)
+    _check_rules(active)
+    if in_place:
+        check_write_back(parameters, active)
+    check_depth(pairs)
     active, owners, stepping, commit_hook = optimizer.prepare_step(active, owners)
     updating = {(id(pair.owner), pair.keys) for pair in active}  # a skipped pair gets no state yet
     to_mirror = {o: {k for k in keys if (id(o), k) in updating} for o, keys in to_mirror.items()}
-    # 2. commit
-    optimizer.commit(backend)
-    if commit_hook is not None:
-        commit_hook()
-    for owner, keys in to_mirror.items():
-        if not keys:
-            continue
-        mirror(owner, parameters, keys)
-        for pair in active:
-            if pair.owner is owner:
-                pair.slots = slots_at(owner, pair.keys)
-    for stateful in optimizer.stateful():
-        stateful.book.initialized = True
-    for stateful in stepping:
-        stateful.advance()
-    # 3. run
+    scheduled = [(stateful, stateful.scheduled_values()) for stateful in stepping]  # may raise: before any write
+    # 2. commit: only bookkeeping and new slots, undone if anything here fails
+    restore = optimizer.snapshot()
+    try:
+        optimizer.commit(backend)
+        if commit_hook is not None:
+            commit_hook()
+        for owner, keys in to_mirror.items():
+            if not keys:
+                continue
+            mirror(owner, parameters, keys)
+            for pair in active:
+                if pair.owner is owner:
+                    pair.slots = slots_at(owner, pair.keys)
+        for stateful in optimizer.stateful():
+            stateful.book.initialized = True
+        for stateful, values in scheduled:
+            stateful.advance(values)
+    except BaseException:
+        restore()
+        raise
+    # 3. run: every input was checked above, so this cannot fail on bad input
     for group in _buckets(active).values():
         run(group[0].owner, group, in_place)
-    return _rebuild(gradients, iter(pairs)), pairs, active, stepping
+    return with_results(gradients, iter(pairs)), pairs, active, stepping
 
 
 def initialize(optimizer, parameters):
@@ -169,24 +181,71 @@ def settle_backend(optimizer, pairs):
 
 
 def check_slots(optimizer, pair):
-    """A state set from outside must fit its parameter: no silent broadcasting."""
+    """The slots must fit their parameter (its shape may have changed under the same path, or
+    the state was set from outside): same names, library, shape, dtype and device; no
+    silent broadcasting, no slot of another optimizer's meaning."""
     name = type(optimizer).__name__
-    for slot, shape in optimizer.slot_shapes(pair.param).items():
+    expected = optimizer.slot_shapes(pair.param)
+    if optimizer.runs_rule and set(pair.slots) != set(expected):
+        extra = sorted(set(pair.slots) - set(expected))
+        if extra:
+            raise ParameterError(
+                f"{name}: the state of {describe(pair.path)} has slots {sorted(pair.slots)}, and {name} "
+                f"uses {sorted(expected)}; {extra} belong to another optimizer's state", pair.path)
+    dtype, device = pair.backend.dtype_name(pair.param), pair.backend.device(pair.param)
+    for slot, shape in expected.items():
         if slot not in pair.slots:
             raise ParameterError(
                 f"{name}: the state of {describe(pair.path)} has no slot {slot!r} "
                 f"(it has {sorted(pair.slots)})", pair.path)
         value = pair.slots[slot]
         backend = backend_of(value)
+        if backend is None or backend.name == "python":
+            raise ParameterError(
+                f"{name}: slot {slot!r} of {describe(pair.path)} is a {type(value).__name__}, not an array", pair.path)
         if backend is not pair.backend:
             raise ParameterError(
-                f"{name}: slot {slot!r} of {describe(pair.path)} is a "
-                f"{getattr(backend, 'name', type(value).__name__)} array but the parameter is a "
-                f"{pair.backend.name} array", pair.path)
+                f"{name}: slot {slot!r} of {describe(pair.path)} is a {backend.name} array but the parameter "
+                f"is a {pair.backend.name} array", pair.path)
         if tuple(backend.shape(value)) != shape:
             raise ParameterError(
-                f"{name}: slot {slot!r} of {describe(pair.path)} has shape "
-                f"{tuple(backend.shape(value))}, expected {shape}", pair.path)
+                f"{name}: slot {slot!r} of {describe(pair.path)} has shape {tuple(backend.shape(value))}, "
+                f"expected {shape} for a parameter of shape {tuple(pair.backend.shape(pair.param))}", pair.path)
+        if backend.dtype_name(value) != dtype:
+            raise ParameterError(
+                f"{name}: slot {slot!r} of {describe(pair.path)} is {backend.dtype_name(value)} but the parameter "
+                f"is {dtype}", pair.path)
+        if backend.device(value) != device:
+            raise ParameterError(
+                f"{name}: slot {slot!r} of {describe(pair.path)} is on {backend.device(value)} but the parameter "
+                f"is on {device}", pair.path)
+
+
+def check_write_back(model, pairs):
+    """An in-place step that must replace an array (immutable, read-only, made from a number)
+    needs a container to put it in: refused before the step when the model is a tuple."""
+    if type(model) is not tuple:
+        return
+    for pair in pairs:
+        if len(pair.keys) == 1 and not (pair.owned and pair.backend.mutable and pair.backend.writable(pair.param)):
+            raise TypeError(
+                f"cannot update {describe(pair.path)} inside a tuple at the root of the model (it is not an array "
+                "that can be written in place); use a list or a dict, or apply_gradients and keep its result")
+
+
+def check_depth(pairs):
+    """A tree so deep that rebuilding it would exceed Python's recursion limit is refused
+    before the step, not after the parameters were written."""
+    depth = max((len(pair.keys) for pair in pairs), default=0)
+    if depth < 64:
+        return
+    frame, used = sys._getframe(), 0
+    while frame is not None:
+        frame, used = frame.f_back, used + 1
+    if used + 4 * depth + 64 > sys.getrecursionlimit():
+        raise RecursionError(
+            f"the tree is {depth} levels deep, too deep to rebuild within Python's recursion limit "
+            f"({sys.getrecursionlimit()}); nothing was changed (raise it with sys.setrecursionlimit)")
 
 
 # ---------------------------------------------------------------------- running a rule
@@ -194,9 +253,15 @@ def run(optimizer, pairs, in_place):
     """One optimizer's step on pairs of one library, dtype and device."""
     if optimizer.runs_rule:
         run_rule(optimizer, pairs, in_place)
-    else:
-        for pair in pairs:
-            store_param(pair, optimizer.apply_single(pair.grad, pair.param, pair.slots), in_place)
+        return
+    # user code: every result first, on copies of the slot dicts, then written
+    results = []
+    for pair in pairs:
+        slots = dict(pair.slots)
+        results.append((pair, optimizer.apply_single(pair.grad, pair.param, slots), slots))
+    for pair, new_param, slots in results:
+        pair.slots.update(slots)
+        store_param(pair, new_param, in_place)
 
 
 def run_rule(optimizer, pairs, in_place):
@@ -208,7 +273,7 @@ def run_rule(optimizer, pairs, in_place):
     if rule.stackable and len(pairs) > 1:
         pairs = run_stacked(rule, coefficients, pairs, hyper, in_place)
     for pair in pairs:
-        names = rule.slot_names(len(pair.backend.shape(pair.param)), hyper)
+        names = rule.slot_names(pair.backend.shape(pair.param), hyper)
         slots = pair.slots
         with first.backend.quiet():
             new_param, *new_slots = rule.update(pair.grad, pair.param, *(slots[n] for n in names), **coefficients)
@@ -217,13 +282,29 @@ def run_rule(optimizer, pairs, in_place):
         store_param(pair, new_param, in_place)
 
 
+def _check_rules(pairs):
+    """Compute each rule's coefficients once before the commit, so that a rule whose
+    coefficients do not fit its update fails before anything changes (checked once per rule)."""
+    seen = set()
+    for pair in pairs:
+        owner = pair.owner
+        if owner.runs_rule and id(owner) not in seen and not rule_checked(owner.rule):
+            seen.add(id(owner))
+            if owner.book.backend is pair.backend:
+                with pair.backend.quiet():
+                    owner.coefficients(pair.param, pair.backend)
+            else:  # the state is not in the parameters' library until the commit: check on NumPy
+                with numpy_backend.quiet():
+                    owner.coefficients(numpy_backend.astype(owner.state["step"], "float32"), numpy_backend)
+
+
 def run_stacked(rule, coefficients, pairs, hyper, in_place):
     """Run a stackable ``rule`` on the stacks of same-shape pairs (see
     :mod:`treeopt.kernels.stacking`); returns the pairs left to run one by one."""
     from treeopt.kernels import stacking
 
     backend = pairs[0].backend
-    names = [rule.slot_names(len(backend.shape(pair.param)), hyper) for pair in pairs]
+    names = [rule.slot_names(backend.shape(pair.param), hyper) for pair in pairs]
     alone = []
     for group in stacking.groups_by_shape([(tuple(backend.shape(pair.param)), n) for pair, n in zip(pairs, names)]):
         for run in stacking.chunks(backend, pairs[group[0]].param, group):
@@ -234,6 +315,16 @@ def run_stacked(rule, coefficients, pairs, hyper, in_place):
             new_param, *new_slots = stacking.update_stacked(
                 rule.update, coefficients, backend, [pair.grad for pair in chosen], [pair.param for pair in chosen],
                 [[pair.slots[n] for pair in chosen] for n in slot_names])
+            writable = backend.writable
+            if in_place and backend.mutable and all(
+                    pair.owned and writable(pair.param) and all(writable(pair.slots[n]) for n in slot_names)
+                    for pair in chosen):  # the common case: one write per stack (a foreach copy on torch)
+                for name, value in zip(slot_names, new_slots):
+                    backend.write_stack([pair.slots[name] for pair in chosen], value)
+                backend.write_stack([pair.param for pair in chosen], new_param)
+                for pair in chosen:
+                    pair.result = pair.param
+                continue
             for j, pair in enumerate(chosen):
                 for name, value in zip(slot_names, new_slots):
                     store_slot(backend, pair.slots, name, value[j])
@@ -451,12 +542,16 @@ def _check_pair(name, path, grad, grad_backend, param, param_backend):
         raise ParameterError(
             f"{name}: the gradient at {describe(path)} is {g_dtype} but the parameter is "
             f"{p_dtype}; cast the gradient to the parameter's dtype", path)
+    g_device, p_device = grad_backend.device(grad), param_backend.device(param)
+    if g_device != p_device:
+        raise ParameterError(
+            f"{name}: the gradient at {describe(path)} is on {g_device} but the parameter is on {p_device}", path)
 
 
-def _rebuild(tree, pairs):
+def with_results(tree, pairs):
     """``tree``'s structure with each leaf replaced by the next pair's result."""
     if is_container(tree):
         if isinstance(tree, dict):
-            return rebuild(tree, ((k, _rebuild(v, pairs)) for k, v in tree.items()))
-        return rebuild(tree, [_rebuild(v, pairs) for v in tree])
+            return rebuild(tree, ((k, with_results(v, pairs)) for k, v in tree.items()))
+        return rebuild(tree, [with_results(v, pairs) for v in tree])
     return next(pairs).result

@@ -265,7 +265,7 @@ class MultiOptimizer(Optimizer):
     def stateful(self):
         return [o for child in self.optimizers for o in child.stateful()]
 
-    _SNAPSHOT = ("book", "_compiled", "_routes", "_warned")
+    _SNAPSHOT = ("book", "_compiled", "_routes", "_warned", "changes")
 
     def snapshot(self):
         restores = [super().snapshot()] + [child.snapshot() for child in self.optimizers]

@@ -10,8 +10,12 @@ from treeopt.backends import backend_of
 
 __all__ = [
     "astype", "cast", "sqrt", "rsqrt", "sign", "maximum", "minimum", "where", "cos", "mean", "total",
-    "swap_last", "matmul", "addmm", "all_finite", "on_whole",
+    "swap_last", "matmul", "addmm", "all_finite", "on_whole", "ELEMENTWISE",
 ]
+
+#: the functions an elementwise rule may call: each has a scalar form, so a compiled loop can
+#: run the rule one element at a time (``treeopt.kernels.numba_kernels.SCALAR_OPS``)
+ELEMENTWISE = ("sqrt", "rsqrt", "sign", "maximum", "minimum", "where", "cos")
 
 
 def _of(*xs):

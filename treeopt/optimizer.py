@@ -12,7 +12,10 @@ from treeopt.backends import as_float, backend_of, numpy_backend
 from treeopt.engine import RESERVED, Book
 from treeopt.kernels.compiled_step import CompiledStep
 from treeopt.plan import Plan, build as build_plan
+from treeopt.rules.base import check_coefficients, keyword_only
 from treeopt.tree import is_container, tree_map
+from treeopt.errors import warn
+from treeopt.values import hyper
 
 __all__ = ["Optimizer", "Placement", "RESERVED"]
 
@@ -32,12 +35,20 @@ class Optimizer:
 
     #: the update math of a built-in optimizer
     rule = None
-    #: hyper-parameters the rule reads: attributes, or state entries when scheduled
+    #: hyper-parameters the rule reads: attributes, or state entries when scheduled; a class
+    #: with a rule gets them from the rule's coefficient function
     hyperparameters = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "rule" in cls.__dict__ and cls.rule is not None and "hyperparameters" not in cls.__dict__:
+            cls.hyperparameters = cls.rule.hyperparameters
 
     def __init__(self, schedulers=None):
         self.book = Book()  # what the engine keeps beside the state (treeopt.engine.Book)
         self._state = {"step": numpy_backend.scalar_array(0, "uint64")}
+        for name in self.rule.running if self.rule is not None else ():
+            self._state[name] = numpy_backend.scalar_array(0.0, "float32")  # e.g. schedule-free's weight sum
         self._schedulers = dict(schedulers or {})
         self._compiled = None  # the step planned once (treeopt.kernels.compiled_step)
 
@@ -56,7 +67,7 @@ class Optimizer:
     def state(self, state):
         if not isinstance(state, dict):
             raise TypeError(f"{type(self).__name__}.state must be a dict, got {type(state).__name__}")
-        required = ["step"] + [k for k in ("learning_rate", *self._schedulers) if k in self._state]
+        required = ["step"] + [k for k in ("learning_rate", *self._schedulers, *self._running()) if k in self._state]
         missing = [k for k in required if k not in state]
         if missing:
             raise ValueError(f"{type(self).__name__}.state is missing {', '.join(map(repr, missing))}")
@@ -78,7 +89,7 @@ class Optimizer:
 
     @learning_rate.setter
     def learning_rate(self, value):
-        self._state["learning_rate"] = self._scalar(value)
+        self._state["learning_rate"] = self._scalar(hyper(value, f"{type(self).__name__} learning_rate"))
 
     def _scalar(self, value, dtype="float32"):
         """A state scalar: an array of the state's library. Numbers (an integer learning
@@ -98,9 +109,19 @@ class Optimizer:
     def _maybe_schedule(self, name, value):
         """Put hyper-parameter ``name`` in the state, on a schedule if ``value`` is callable."""
         if callable(value):
-            self._schedulers[name] = value
-            value = value(self.step)
-        self._state[name] = self._scalar(value)
+            schedule, value = value, self._scheduled(name, value, self.step)
+            self._schedulers[name] = schedule
+        self._state[name] = self._scalar(hyper(value, f"{type(self).__name__} {name}"))
+
+    def _scheduled(self, name, schedule, step):
+        """``schedule(step)``, checked: one finite number."""
+        what = f"{type(self).__name__} {name}: its schedule {getattr(schedule, '__name__', schedule)!r} at step "
+        try:
+            return hyper(schedule(step), what + f"{_step_text(step)} returned a value that")
+        except (TypeError, ValueError) as error:
+            if str(error).startswith(what):
+                raise
+            raise type(error)(f"{what}{_step_text(step)} raised {type(error).__name__}: {error}") from error
 
     @property
     def schedules(self) -> dict:
@@ -153,11 +174,12 @@ class Optimizer:
         backend = backend_of(parameter)
         for name, shape in self.slot_shapes(parameter).items():
             state[name] = backend.zeros(shape, parameter)
+            if name in self.rule.copies_param:  # e.g. schedule-free's z starts at the parameter
+                state[name] = state[name] + parameter
 
     def slot_shapes(self, parameter) -> dict:
         """The shape of each state slot of ``parameter``."""
-        shape = tuple(parameter.shape)
-        return {n: shape for n in self.rule.slot_names(len(shape), self.rule_hyperparameters())}
+        return self.rule.slot_shapes(tuple(parameter.shape), self.rule_hyperparameters())
 
     def apply_single(self, gradient, parameter, state: dict):
         """One step for one parameter: returns the new parameter and updates ``state``."""
@@ -245,8 +267,13 @@ class Optimizer:
         return {k: self._state[k] for k in self.scalar_names()}
 
     def scalar_names(self) -> list:
-        """The state entries that are not parameters: step, learning rate, schedules."""
-        return [k for k in dict.fromkeys(("step", "learning_rate", *self._schedulers)) if k in self._state]
+        """The state entries that are not parameters: step, learning rate, schedules, and the
+        rule's running values."""
+        names = ("step", "learning_rate", *self._schedulers, *self._running())
+        return [k for k in dict.fromkeys(names) if k in self._state]
+
+    def _running(self):
+        return self.rule.running if self.rule is not None else ()
 
     _SNAPSHOT = ("book", "_compiled")
 
@@ -262,12 +289,29 @@ class Optimizer:
                 setattr(self, key, value)
         return restore
 
-    def advance(self):
-        """Evaluate the schedules at the current step, then count the step."""
+    def scheduled_values(self) -> dict:
+        """Every schedule evaluated at the current step and checked (one finite number), as
+        state scalars: computed before a step commits, so a schedule that fails (raises,
+        returns a vector, a string or NaN) fails before anything changes."""
         step = self._state["step"]
-        for name, schedule in self._schedulers.items():
-            self._state[name] = self._scalar(schedule(step))
-        self._state["step"] = step + 1
+        return {name: self._scheduled(name, schedule, step) for name, schedule in self._schedulers.items()}
+
+    def advance(self, values=None):
+        """Count the step, with the schedules' ``values`` (:meth:`scheduled_values`), made
+        state scalars of the state's library (settled by now); then advance the rule's running
+        values (once per step, before any coefficient is computed)."""
+        values = self.scheduled_values() if values is None else values
+        self._state.update({name: self._scalar(value) for name, value in values.items()})
+        self._state["step"] = self._state["step"] + 1
+        if self.rule is not None and self.rule.advance is not None:
+            backend = self.book.backend or numpy_backend
+            settings = self.rule_hyperparameters()
+            running = self.rule.advance(
+                self._state.get("learning_rate"), backend.astype(self._state["step"], "float32"),
+                **{n: self._state[n] for n in self.rule.running},
+                **{n: settings[n] for n in keyword_only(self.rule.advance) if n in settings})
+            for name, value in running.items():
+                self._state[name] = self._scalar(value)
 
     def coefficients(self, like, backend) -> dict:
         """The rule's coefficients for this step, in ``like``'s dtype."""
@@ -276,7 +320,9 @@ class Optimizer:
             lr = backend.cast(lr, like)
         # Step-dependent scalars are computed in float32, as MLX computes them.
         step = backend.astype(self._state["step"], "float32")
-        values = self.rule.coefficients(lr, step, **self.rule_hyperparameters())
+        running = {n: self._state[n] for n in self.rule.running}
+        values = self.rule.coefficients(lr, step, **self.rule_hyperparameters(), **running)
+        check_coefficients(self.rule, values)
         return {k: v if v is None or isinstance(v, (bool, int, str)) else backend.cast(v, like)
                 for k, v in values.items()}
 
@@ -305,6 +351,8 @@ class Optimizer:
 
         for name in self.hyperparameters:
             values[name] = plain(self._value(name, evaluate=lambda schedule: schedule(step)))
+        for name in self._running():
+            values[name] = as_float(self._state[name])
         return values
 
     # ------------------------------------------------------------------ the step
@@ -338,7 +386,12 @@ class Optimizer:
             return None
         if not active or not active[0].backend.mutable:
             return None
-        return CompiledStep.build(self, gradients, model, pairs, active, stepping)
+        try:
+            return CompiledStep.build(self, gradients, model, pairs, active, stepping)
+        except Exception as error:  # the step is done: a fast path that cannot be built is only slower
+            warn(f"treeopt: no compiled step for {type(self).__name__} ({type(error).__name__}: {error}); "
+                 "later steps take the reference path", RuntimeWarning)
+            return None
 
 
 class Placement(NamedTuple):
@@ -355,6 +408,13 @@ class Placement(NamedTuple):
     notes: tuple
     shape: tuple
     dtype: str
+
+
+def _step_text(step):
+    try:
+        return str(int(as_float(step)))
+    except Exception:  # a traced step (jax.jit): no number yet
+        return "(traced)"
 
 
 def _copy(value):

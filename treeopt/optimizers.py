@@ -5,9 +5,10 @@ Every numeric hyper-parameter may also be a schedule (a callable of the step); i
 value then lives in the state under its name, like ``learning_rate``.
 """
 
+import math
 import numbers
 
-from treeopt import rules
+from treeopt import engine, rules
 from treeopt.filters import is_embedding, is_head
 from treeopt.optimizer import Optimizer
 from treeopt.rules.muon import ADJUST_LR, LAYOUTS, NS_EPS
@@ -32,6 +33,8 @@ class _Builtin(Optimizer):
             self._maybe_schedule(name, value)
         elif _is_number(value):
             value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"{type(self).__name__} {name} must be a finite number, {value} was provided instead")
             if check is not None and not check(value):
                 raise ValueError(message.format(name=type(self).__name__, value=value))
         else:
@@ -88,7 +91,6 @@ class SGD(_Builtin):
     """
 
     rule = rules.SGD
-    hyperparameters = ("momentum", "weight_decay", "dampening", "nesterov")
 
     def __init__(self, learning_rate, momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False):
         if nesterov and (not callable(momentum) and momentum <= 0 or dampening != 0):
@@ -117,7 +119,6 @@ class RMSprop(_Builtin):
     """
 
     rule = rules.RMSPROP
-    hyperparameters = ("alpha", "eps")
 
     def __init__(self, learning_rate, alpha=0.99, eps=1e-8):
         super().__init__()
@@ -144,7 +145,6 @@ class Adagrad(_Builtin):
     """
 
     rule = rules.ADAGRAD
-    hyperparameters = ("eps",)
 
     def __init__(self, learning_rate, eps=1e-8):
         super().__init__()
@@ -171,7 +171,6 @@ class AdaDelta(_Builtin):
     """
 
     rule = rules.ADADELTA
-    hyperparameters = ("rho", "eps")
 
     def __init__(self, learning_rate, rho=0.9, eps=1e-6):
         super().__init__()
@@ -204,7 +203,6 @@ class Adam(_Builtin):
     """
 
     rule = rules.ADAM
-    hyperparameters = ("betas", "eps", "bias_correction")
 
     def __init__(self, learning_rate, betas=(0.9, 0.999), eps=1e-8, bias_correction=False):
         super().__init__()
@@ -233,7 +231,6 @@ class AdamW(Adam):
     """
 
     rule = rules.ADAMW
-    hyperparameters = ("betas", "eps", "bias_correction", "weight_decay")
 
     def __init__(self, learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, bias_correction=False):
         super().__init__(learning_rate, betas=betas, eps=eps, bias_correction=bias_correction)
@@ -256,7 +253,6 @@ class Adamax(Adam):
     """
 
     rule = rules.ADAMAX
-    hyperparameters = ("betas", "eps")
 
     def __init__(self, learning_rate, betas=(0.9, 0.999), eps=1e-8):
         super().__init__(learning_rate, betas=betas, eps=eps)
@@ -280,7 +276,6 @@ class Lion(_Builtin):
     """
 
     rule = rules.LION
-    hyperparameters = ("betas", "weight_decay")
 
     def __init__(self, learning_rate, betas=(0.9, 0.99), weight_decay=0.0):
         super().__init__()
@@ -312,8 +307,6 @@ class Adafactor(_Builtin):
     """
 
     rule = rules.ADAFACTOR
-    hyperparameters = ("eps", "clip_threshold", "decay_rate", "beta_1", "weight_decay",
-                       "scale_parameter", "relative_step", "warmup_init")
 
     def __init__(self, learning_rate=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
                  beta_1=None, weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False):
@@ -337,16 +330,6 @@ class Adafactor(_Builtin):
         self.scale_parameter = bool(scale_parameter)
         self.relative_step = bool(relative_step)
         self.warmup_init = bool(warmup_init)
-
-    def slot_shapes(self, parameter):
-        shape = tuple(parameter.shape)
-        if len(shape) >= 2:
-            shapes = {"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]}
-        else:
-            shapes = {"exp_avg_sq": shape}
-        if self.beta_1 is not None:
-            shapes["exp_avg"] = shape
-        return shapes
 
 
 class Muon(_Builtin):
@@ -393,8 +376,6 @@ class Muon(_Builtin):
     """
 
     rule = rules.MUON
-    hyperparameters = ("momentum", "weight_decay", "decoupled_weight_decay", "nesterov", "ns_steps", "ns_dtype",
-                       "ns_eps", "adjust_lr", "layout")
     _SUITED = ("vectors", "embeddings", "heads")
 
     def __init__(self, learning_rate, momentum=0.95, weight_decay=0.01, nesterov=True, ns_steps=5, *, allow=(),
@@ -446,3 +427,90 @@ class Muon(_Builtin):
         if is_head(path, parameter) and "heads" not in self.allow:
             return "Muon got what looks like an output head (use AdamW, or Muon(allow=['heads']))"
         return None
+
+
+class ScheduleFreeAdamW(_Builtin):
+    r"""Schedule-free AdamW (Defazio et al., 2024): no learning-rate decay to tune.
+
+    Gradients are taken at :math:`y`, an interpolation between the base sequence :math:`z`
+    (an Adam step with decay at :math:`y`) and the running average :math:`x`, whose weights
+    come from the largest learning rate so far:
+
+    .. math::
+
+        z &\leftarrow z - \eta \left(\frac{g}{\sqrt{\hat v} + \epsilon} + \lambda y\right),
+        \quad x \leftarrow (1 - c_t)\, x + c_t z,
+        \quad y \leftarrow \beta_1 x + (1 - \beta_1) z
+
+    The parameters are :math:`y`; evaluate the model at :meth:`eval_params`. Numbers agree
+    with ``optax.contrib.schedule_free_adamw`` (see :mod:`treeopt.rules.schedule_free`).
+    Warm up with a learning-rate schedule; its largest value so far weights the average.
+
+    Args:
+        learning_rate (float or callable): the learning rate :math:`\eta`.
+        betas (tuple[float, float]): :math:`(\beta_1, \beta_2)`: the interpolation and the
+            second moment's decay, each in [0, 1). Default: ``(0.9, 0.999)``.
+        eps (float): added to the denominator, >= 0. Default: ``1e-8``.
+        weight_decay (float): :math:`\lambda`, >= 0, applied at :math:`y`. Default: ``0``.
+        weight_lr_power (float): the average weights step :math:`t` by
+            :math:`\max_{i \le t} \eta_i^{p}`, >= 0. Default: ``2``.
+    """
+
+    rule = rules.SCHEDULE_FREE_ADAMW
+
+    def __init__(self, learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, weight_lr_power=2.0):
+        super().__init__()
+        self._set_learning_rate(learning_rate)
+        self._set_betas(betas)
+        if not callable(self.betas[0]) and self.betas[0] == 0:
+            raise ValueError("ScheduleFreeAdamW beta1 should be in (0, 1): the average is recovered by dividing by it")
+        self._set("eps", eps, lambda v: v >= 0, _non_negative("eps"))
+        self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
+        self._set("weight_lr_power", weight_lr_power, lambda v: v >= 0, _non_negative("weight_lr_power"))
+
+    def eval_params(self, params):
+        """The parameters to evaluate the model at: the average :math:`x = (y - (1 - \\beta_1)
+        z) / \\beta_1` of every parameter with state (``params``, the :math:`y`, are not
+        changed; a parameter without state is returned as it is)."""
+        b1 = self._value("betas")[0]
+        pairs = engine.collect(params, params, type(self).__name__, check_pairs=False)
+        for pair in pairs:
+            slots = engine.slots_at(self, pair.keys) if pair.grad is not None else None
+            if slots:
+                pair.result = (pair.param - (1 - b1) * slots["z"]) / b1
+        return engine.with_results(params, iter(pairs))
+
+
+class Adan(_Builtin):
+    r"""Adan (Xie et al., 2022): adaptive Nesterov momentum from gradient differences.
+
+    .. math::
+
+        m &\leftarrow (1 - \beta_1) g + \beta_1 m, \quad
+        v \leftarrow (1 - \beta_2)(g - g_{-1}) + \beta_2 v \\
+        n &\leftarrow (1 - \beta_3)\,(g + (1 - \beta_2)(g - g_{-1}))^2 + \beta_3 n \\
+        w &\leftarrow w - \eta \left(\frac{\hat m + (1 - \beta_2) \hat v}{\sqrt{\hat n} + \epsilon}
+        + \lambda w\right)
+
+    with bias-corrected averages :math:`\hat m, \hat v, \hat n`. The betas are the averages'
+    decays, as in the paper's code and optax's ``adan``, whose numbers it matches (see
+    :mod:`treeopt.rules.adan`).
+
+    Args:
+        learning_rate (float or callable): the learning rate :math:`\eta`.
+        betas (tuple[float, float, float]): :math:`(\beta_1, \beta_2, \beta_3)`, each in
+            [0, 1). Default: ``(0.98, 0.92, 0.99)``.
+        eps (float): added to the denominator, >= 0. Default: ``1e-8``.
+        weight_decay (float): :math:`\lambda`, >= 0. Default: ``0``.
+        eps_root (float): added inside the square root, >= 0 (keyword-only). Default: ``0``.
+    """
+
+    rule = rules.ADAN
+
+    def __init__(self, learning_rate, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.0, *, eps_root=0.0):
+        super().__init__()
+        self._set_learning_rate(learning_rate)
+        self._set_betas(betas, count=3)
+        self._set("eps", eps, lambda v: v >= 0, _non_negative("eps"))
+        self._set("eps_root", eps_root, lambda v: v >= 0, _non_negative("eps_root"))
+        self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))

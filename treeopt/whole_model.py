@@ -77,6 +77,8 @@ def prepare(multi, leaves, owners, groups):
             if count == 1:
                 kept.append((leaf, owner))
                 continue
+            if leaf.path in buffers:
+                _check_buffer(buffers[leaf.path], leaf)
             total = leaf.grad if leaf.path not in buffers else buffers[leaf.path] + leaf.grad
             if due[group]:
                 leaf.grad = total * cast(1 / count, total)
@@ -89,3 +91,19 @@ def prepare(multi, leaves, owners, groups):
         updates["micro_step"] = micro + 1
         updates["accumulated"] = buffers
     return leaves, owners, stepping, lambda: state.update(updates)
+
+
+def _check_buffer(buffer, leaf):
+    """An accumulation buffer (perhaps loaded from a checkpoint) must be of its gradient's
+    library, shape and dtype: never broadcast."""
+    from treeopt.backends import backend_of
+    from treeopt.errors import ParameterError, describe
+
+    backend = backend_of(buffer)
+    found = (getattr(backend, "name", type(buffer).__name__), tuple(backend.shape(buffer)) if backend else None,
+             backend.dtype_name(buffer) if backend else None)
+    expected = (leaf.backend.name, tuple(leaf.backend.shape(leaf.grad)), leaf.backend.dtype_name(leaf.grad))
+    if found != expected:
+        raise ParameterError(f"MultiOptimizer: the accumulated gradient of {describe(leaf.path)} is a {found[0]} "
+                             f"{found[2]} array of shape {found[1]}, but the gradient is a {expected[0]} {expected[2]} "
+                             f"array of shape {expected[1]}", leaf.path)

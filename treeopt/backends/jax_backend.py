@@ -115,30 +115,31 @@ class JaxBackend(Backend):
     def on_whole(self, fn, x):
         """``fn(x)`` computed on the whole of ``x``, wherever ``x`` is split across devices.
 
-        Explicit mesh axes: ``x`` is resharded to one full copy per device (one all-gather),
-        ``fn`` runs on it and its result is resharded back to ``x``'s sharding (a slice).
-        Auto axes: ``fn`` runs inside ``shard_map`` on the full, replicated ``x``, so the
-        compiler cannot split ``fn``'s own computation (which would add collectives in every
-        iteration of Newton-Schulz and change the rounding). Outside ``jit``, ``x`` is copied
-        whole to every device and ``fn`` runs op by op on the copies. Each device computes
-        exactly what one device would, so the result is the unsharded one.
+        Under ``jit``: ``x``'s Explicit mesh axes are resharded away (one all-gather gives
+        every device the whole array) and ``fn``'s result is resharded back (a slice). If the
+        mesh has Auto axes, ``fn`` runs inside ``shard_map`` on the whole, replicated ``x``,
+        so the compiler cannot split ``fn``'s own computation (which would add collectives in
+        every iteration of Newton-Schulz and change the rounding). Outside ``jit``, ``x`` is
+        copied whole to every device and ``fn`` runs op by op on the copies. Each device
+        computes exactly what one device would, so the result is the unsharded one.
         """
         mesh, spec = _mesh_of(x)
         if mesh is None:
             return fn(x)
+        NamedSharding = jax.sharding.NamedSharding
         if not isinstance(x, jax.core.Tracer):  # outside jit: compute on one full copy per device
             placement = x.sharding
-            if not isinstance(placement, jax.sharding.NamedSharding):
+            if not isinstance(placement, NamedSharding):
                 return fn(x)
-            return jax.device_put(fn(jax.device_put(x, jax.sharding.NamedSharding(placement.mesh, _REPLICATED))),
-                                  placement)
-        explicit = jax.sharding.AxisType.Explicit
-        if all(kind == explicit for kind in mesh.axis_types):
-            if all(axis is None for axis in spec):
-                return fn(x)  # already whole on every device
-            whole = jax.sharding.NamedSharding(mesh, _REPLICATED)
-            return jax.sharding.reshard(fn(jax.sharding.reshard(x, whole)), jax.sharding.NamedSharding(mesh, spec))
-        return jax.shard_map(fn, mesh=mesh, in_specs=_REPLICATED, out_specs=_REPLICATED, check_vma=False)(x)
+            return jax.device_put(fn(jax.device_put(x, NamedSharding(placement.mesh, _REPLICATED))), placement)
+        split = any(axis is not None for axis in spec)  # along Explicit axes (Auto ones are not typed)
+        if split:
+            x = jax.sharding.reshard(x, NamedSharding(mesh, _REPLICATED))
+        if all(kind == jax.sharding.AxisType.Explicit for kind in mesh.axis_types):
+            y = fn(x)  # whole operands: every operation stays whole
+        else:
+            y = jax.shard_map(fn, mesh=mesh, in_specs=_REPLICATED, out_specs=_REPLICATED, check_vma=False)(x)
+        return jax.sharding.reshard(y, NamedSharding(mesh, spec)) if split else y
 
 
 def _mesh_of(x):

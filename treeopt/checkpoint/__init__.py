@@ -21,7 +21,7 @@ import numpy as np
 from treeopt.checkpoint import files, mlx_layout
 from treeopt.checkpoint.format import CheckpointError, LoadReport, Problem, from_flat, to_flat
 
-__all__ = ["save", "load", "read", "to_flat", "from_flat", "CheckpointError", "LoadReport", "Problem"]
+__all__ = ["save", "load", "load_content", "read", "to_flat", "from_flat", "CheckpointError", "LoadReport", "Problem"]
 
 
 def save(optimizer, path, *, layout="treeopt"):
@@ -36,12 +36,9 @@ def save(optimizer, path, *, layout="treeopt"):
         tensors, metadata = to_flat(optimizer)
         files.write(path, tensors, metadata)
     elif layout == "mlx":
-        from safetensors.numpy import save_file
-
         arrays = {k: files.as_numpy(v) for k, v in mlx_layout.to_mlx(optimizer).items()}
-        temporary = f"{os.fspath(path)}.tmp"
-        save_file(arrays, temporary)
-        os.replace(temporary, path)
+        save_file = files.safetensors().numpy.save_file
+        files.replace_atomically(path, lambda temporary: save_file(arrays, temporary))
     else:
         raise ValueError(f"layout must be 'treeopt' or 'mlx', got {layout!r}")
 
@@ -75,13 +72,42 @@ def load(optimizer, path, params=None, *, strict=True):
     tensors, metadata = read(path)
     if metadata is None and not mlx_layout.is_mlx_layout(tensors):
         raise CheckpointError(f"{path} has neither treeopt metadata nor MLX's optimizer layout")
+    return load_content(optimizer, tensors, metadata, params, strict=strict)
+
+
+def load_content(optimizer, tensors, metadata, params=None, *, strict=True):
+    """Load checkpoint content (``tensors`` by key and ``metadata``, as :func:`to_flat` makes
+    them; ``metadata`` ``None`` for MLX's layout) into ``optimizer``; see :func:`load`.
+
+    Every value is checked before the optimizer changes (:mod:`.validate`); the saved routing
+    changes are applied before any state is created, so each parameter's state is created by
+    the optimizer that owned it; any failure puts the optimizer back as it was.
+    """
+    from treeopt.checkpoint import routing, validate
+
+    if not hasattr(tensors, "keys") or not hasattr(tensors, "__getitem__"):
+        raise CheckpointError(f"checkpoint tensors must be a mapping of key to array, got {type(tensors).__name__}")
+    if metadata is not None:
+        validate.metadata(metadata)
+        validate.tensors(tensors, metadata)
     restore = optimizer.snapshot()
     try:
+        if metadata is not None:
+            routing.restore(optimizer, metadata)  # before init: parameters get their saved owners
         if params is not None:
             optimizer.init(params)
+            if metadata is not None:
+                routing.mirror_frozen(optimizer, metadata, params)
         if metadata is None:
             tensors, metadata = mlx_layout.from_mlx(optimizer, tensors)
-        return from_flat(optimizer, tensors, metadata, strict=strict)
+        carried, problems = routing.check_carried(optimizer, metadata, tensors)
+        if problems and strict:
+            report = LoadReport(problems=problems)
+            raise CheckpointError(f"the checkpoint does not fit the optimizer (nothing was loaded): {report}", report)
+        report = from_flat(optimizer, tensors, metadata, strict=strict)
+        report.problems.extend(problems)
+        routing.apply_carried(carried)
+        return report
     except BaseException:
         restore()  # a failed load leaves the optimizer exactly as it was, initialised or not
         raise

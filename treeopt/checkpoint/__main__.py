@@ -12,22 +12,41 @@ import json
 import math
 import sys
 
+import numpy as np
+
 from treeopt.checkpoint import files
 from treeopt.checkpoint.format import CheckpointError
 
 
 def inspect(path):
     """``(summary dict, problems list)`` of a checkpoint file."""
+    from treeopt.checkpoint import mlx_layout, validate
+
     problems = []
     try:
         arrays, metadata = files.read(path)
     except CheckpointError as error:
         return {"file": str(path)}, [str(error)]
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+        return {"file": str(path)}, [f"cannot read {path}: {error.strerror or error}"]
     if metadata is None:
         keys = sorted(arrays)
-        return {"file": str(path), "layout": "mlx" if any(k == "step" or k.startswith("states.") for k in keys)
-                else "plain safetensors", "tensors": len(keys),
-                "bytes": sum(a.nbytes for a in arrays.values())}, []
+        mlx = mlx_layout.is_mlx_layout(keys)
+        summary = {"file": str(path), "layout": "mlx" if mlx else "plain safetensors", "tensors": len(keys),
+                   "bytes": sum(math.prod(arrays.spec(k)[0]) * _itemsize(arrays.spec(k)[1]) for k in keys)}
+        if not mlx:
+            problems.append(f"not an optimizer checkpoint: a safetensors file of {len(keys)} tensors without treeopt "
+                            f"metadata or MLX's optimizer layout (model parameters?), e.g. {keys[:3]}")
+        return summary, problems
+    if metadata.get("format") != validate.FORMAT:
+        return {"file": str(path), "format": metadata.get("format"), "tensors": len(arrays)}, [
+            f"not an optimizer checkpoint: a treeopt file of format {metadata.get('format')!r} "
+            f"({len(arrays)} tensors), expected {validate.FORMAT!r}"]
+    try:
+        validate.metadata(metadata)
+        validate.tensors(arrays, metadata)
+    except CheckpointError as error:
+        return {"file": str(path), "format_version": metadata.get("format_version")}, [str(error)]
     groups = {o["name"]: {"type": o["type"], "parameters": 0, "elements": 0, "bytes": 0,
                           "hyperparameters": o["hyperparameters"]} for o in metadata["optimizers"]}
     for path_, info in metadata["parameters"].items():
@@ -54,6 +73,10 @@ def inspect(path):
                "treeopt_version": metadata.get("treeopt_version"), "step": metadata.get("step"), "groups": groups,
                "checksum": "ok"}
     return summary, problems
+
+
+def _itemsize(dtype):
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
 
 
 def _print(summary, problems):

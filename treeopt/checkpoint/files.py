@@ -50,18 +50,51 @@ def checksum(arrays, metadata):
     return _finish(crc, metadata)
 
 
+def safetensors():
+    """The ``safetensors`` package, or an ImportError that says how to install it."""
+    try:
+        import safetensors.numpy
+    except ImportError as error:
+        raise ModuleNotFoundError(
+            "treeopt checkpoints are safetensors files and the safetensors package is not installed: "
+            "pip install 'treeopt[checkpoint]' (or pip install safetensors)", name="safetensors") from error
+    return safetensors
+
+
+def _umask():
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and put back at once
+    os.umask(mask)
+    return mask
+
+
 def write(path, tensors, metadata):
     """Write ``tensors`` (any library) and ``metadata`` (JSON-able) to ``path`` atomically."""
-    from safetensors.numpy import save_file
-
     arrays = {key: as_numpy(value) for key, value in tensors.items()}
     metadata = dict(metadata, checksum={"algorithm": "crc32", "value": checksum(arrays, metadata)})
+    save_file = safetensors().numpy.save_file
+    replace_atomically(path, lambda temporary: save_file(arrays, temporary,
+                                                         metadata={METADATA_KEY: json.dumps(metadata)}))
+
+
+def replace_atomically(path, write_to):
+    """Call ``write_to(temporary)`` for a temporary file beside ``path``, flush it to disk and
+    rename it over ``path``: readers see the old file or the new one, never a torn one. The
+    file gets the permissions any new file gets (``0666`` less the umask), as ``open`` gives."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(handle)
     try:
-        save_file(arrays, temporary, metadata={METADATA_KEY: json.dumps(metadata)})
+        write_to(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600: private even on a shared cluster
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)
@@ -123,8 +156,7 @@ def read(path):
     """``(tensors, metadata)`` of a safetensors file, its checksum verified when it has
     treeopt metadata (``metadata`` is ``None`` for a plain safetensors file). ``tensors`` is a
     :class:`Tensors`, read lazily from the open file."""
-    from safetensors import SafetensorError, safe_open
-
+    safe_open = safetensors().safe_open
     path = os.fspath(path)
     try:
         handle = safe_open(path, framework="numpy")
@@ -134,15 +166,19 @@ def read(path):
             return tensors, None
         try:
             metadata = json.loads(header[METADATA_KEY])
-            expected = metadata["checksum"]["value"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{path}: the treeopt metadata is corrupted ({error})") from error
+            expected = metadata["checksum"]["value"] if isinstance(metadata, dict) else None
+            if not isinstance(expected, str):
+                raise KeyError("no checksum")
+            crc = _finish(0, metadata)  # serialises it again: too deep a nesting fails here or in loads
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError) as error:
+            detail = "nested too deeply" if isinstance(error, RecursionError) else f"{type(error).__name__}: {error}"
+            raise CheckpointError(f"{path}: the treeopt metadata is corrupted ({detail})") from error
         crc = 0
         for key in sorted(tensors.keys()):  # one tensor in memory at a time
             crc = _feed(crc, key, tensors[key])
-    except (SafetensorError, OSError, ValueError) as error:
-        if isinstance(error, (FileNotFoundError, CheckpointError)):
-            raise
+    except (FileNotFoundError, CheckpointError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as error:  # safetensors, OS and format errors of a damaged file
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
     if _finish(crc, metadata) != expected:
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupted")

@@ -2,7 +2,8 @@
 metadata saying who owns what; and loading it back by name, checked, all or nothing.
 
 Keys: ``"{path}/{slot}"`` for a parameter's slot (``layers.0.attn.weight/m``) and
-``"@{optimizer}/{scalar}"`` for an optimizer's step, learning rate and scheduled values.
+``"@{optimizer}/{scalar}"`` for an optimizer's step, learning rate, scheduled values and the
+rule's running values (schedule-free's weight sum).
 """
 
 import numbers
@@ -111,12 +112,18 @@ def to_flat(optimizer, known=()):
             for slot, value in slots.items():
                 put(f"{path}/{slot}", value)
         optimizers.append({"name": name, "position": list(position), "type": type(leaf).__name__,
-                           "hyperparameters": hyperparameters(leaf), "scheduled": sorted(leaf.schedules)})
+                           "hyperparameters": hyperparameters(leaf), "scheduled": sorted(leaf.schedules),
+                           "running": [n for n in leaf.scalar_names() if n not in ("step", "learning_rate")
+                                       and n not in leaf.schedules]})
     names = {id(leaf): name for name, _, leaf in leaf_optimizers(optimizer)}
     for placed in optimizer.routing_table():  # known paths without state
         parameters.setdefault(dotted(placed.keys), {"owner": names.get(id(placed.owner)), "slots": {}})
     for path in known:
         parameters.setdefault(path, {"owner": None, "slots": {}})
+    from treeopt.checkpoint import routing
+
+    for key, value in routing.carried_tensors(optimizer, leaf_optimizers(optimizer)).items():
+        put(key, value)
     extra = {}
     for name, value in optimizer.whole_model_state().items():
         if name == "accumulated":
@@ -132,6 +139,9 @@ def to_flat(optimizer, known=()):
         "step": int(numpy_scalar(leaf_optimizers(optimizer)[0][2].step)),
         "optimizers": optimizers, "parameters": parameters,
     }
+    changes = routing.to_metadata(optimizer)
+    if changes:
+        metadata["routing"] = changes
     return tensors, metadata
 
 
@@ -141,15 +151,6 @@ def numpy_scalar(value):
 
 
 # ---------------------------------------------------------------------------------- loading
-def _check_metadata(metadata):
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise CheckpointError("not a treeopt checkpoint (no treeopt metadata)")
-    if metadata.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint format {metadata['format_version']} is newer than this treeopt reads ({FORMAT_VERSION}); "
-            "upgrade treeopt")
-
-
 def _match_optimizers(current, metadata):
     """Each current optimizer's saved counterpart: the one that owned most of its
     parameters; else the one with its name; else the one at its position."""
@@ -178,7 +179,10 @@ def from_flat(optimizer, tensors, metadata, strict=True):
     :class:`CheckpointError` and nothing changes; otherwise what matches is loaded and the
     report is returned.
     """
-    _check_metadata(metadata)
+    from treeopt.checkpoint import validate
+
+    validate.metadata(metadata)
+    validate.tensors(tensors, metadata)
     report = LoadReport()
     current = leaf_optimizers(optimizer)
     matches = _match_optimizers(current, metadata)
@@ -248,9 +252,11 @@ def from_flat(optimizer, tensors, metadata, strict=True):
             else:
                 scalar_writes.append((leaf, scalar, tensors[key]))
 
+    whole_model = _check_whole_model_state(optimizer, tensors, metadata, report)
     if strict and report.problems:
         raise CheckpointError(f"the checkpoint does not fit the optimizer (nothing was loaded): {report}", report)
-    _load_whole_model_state(optimizer, tensors, metadata)
+    if whole_model:
+        _load_whole_model_state(optimizer, tensors, metadata)
     for slots, slot, key in writes:
         _assign(slots, slot, tensors[key])  # one tensor read at a time
     for leaf, scalar, array in scalar_writes:
@@ -269,6 +275,31 @@ def _spec(tensors, key):
     return list(backend.shape(array)), backend.dtype_name(array)
 
 
+def _check_whole_model_state(optimizer, tensors, metadata, report):
+    """Whether the optimizer takes whole-model state (a MultiOptimizer); each accumulation
+    buffer must have its parameter's shape and dtype."""
+    keys = [k for k in tensors.keys() if k.startswith("#accumulated/") or k == "#grad_norm"]
+    if optimizer.stateful() == [optimizer]:
+        for name in [*metadata.get("whole_model", {}), *keys]:
+            report.problems.append(Problem("unexpected", name, f"whole-model state, and {type(optimizer).__name__} is "
+                                                               "not a MultiOptimizer"))
+        return False
+    known = {dotted(p.keys): (p.shape, p.dtype) for p in optimizer.routing_table()}
+    for key in keys:
+        if key == "#grad_norm":
+            continue
+        path = key[len("#accumulated/"):]
+        shape, dtype = _spec(tensors, key)
+        info = known.get(path)
+        if info is None:  # not seen yet: checked against its gradient at the next step
+            if path not in metadata["parameters"]:
+                report.problems.append(Problem("unexpected", key, "an accumulation buffer of no parameter"))
+        elif (tuple(shape), dtype) != (tuple(info[0]), info[1]):
+            report.problems.append(Problem("shape", key, f"an accumulation buffer of {dtype}{list(shape)}; the parameter "
+                                                         f"is {info[1]}{list(info[0])}"))
+    return True
+
+
 def _load_whole_model_state(optimizer, tensors, metadata):
     if optimizer.stateful() == [optimizer]:
         return  # only a MultiOptimizer keeps state for the whole model
@@ -278,7 +309,7 @@ def _load_whole_model_state(optimizer, tensors, metadata):
     state.update(metadata.get("whole_model", {}))
     backend = optimizer.stateful()[0].book.backend or numpy_backend
     accumulated = {}
-    for key in [k for k in tensors.keys() if k.startswith("#")]:
+    for key in [k for k in tensors.keys() if k.startswith("#") and not k.startswith("#carried/")]:
         array = tensors[key]
         if key.startswith("#accumulated/"):
             accumulated[key[len("#accumulated/"):]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
@@ -300,6 +331,7 @@ def _assign(slots, slot, array):
 
 
 def _assign_scalar(leaf, scalar, array):
+    """A state scalar (checked by :mod:`.validate`: 0-d, a step >= 0, a finite float)."""
     value = numpy_scalar(array)
     backend = leaf.book.backend or numpy_backend
     dtype = "uint64" if scalar == "step" else value.dtype.name

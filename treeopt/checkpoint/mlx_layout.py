@@ -22,9 +22,9 @@ def from_mlx(optimizer, arrays):
     """``(tensors, metadata)`` in treeopt's form for MLX-layout ``arrays``, with the
     optimizers of ``optimizer`` (matched by position, as MLX's layout has nothing else)."""
     leaves = leaf_optimizers(optimizer)
-    prefixes = [(("".join(f"states.{i}." for i in position)), name, leaf) for name, position, leaf in leaves]
+    prefixes = [(("".join(f"states.{i}." for i in position)), name, leaf, position) for name, position, leaf in leaves]
     tensors, parameters, optimizers = {}, {}, []
-    for prefix, name, leaf in prefixes:
+    for prefix, name, leaf, position in prefixes:
         scalars = set(leaf.scalar_names()) | {"step", "learning_rate"}
         slots_of = {}
         for key, value in arrays.items():
@@ -42,8 +42,8 @@ def from_mlx(optimizer, arrays):
             parameters[path] = {"owner": name, "slots": {
                 s: {"shape": list(v.shape), "dtype": v.dtype.name} for s, v in slots.items()}}
             tensors.update({f"{path}/{s}": v for s, v in slots.items()})
-        optimizers.append({"name": name, "position": [], "type": type(leaf).__name__, "hyperparameters": {},
-                           "scheduled": []})
+        optimizers.append({"name": name, "position": list(position), "type": type(leaf).__name__,
+                           "hyperparameters": {}, "scheduled": sorted(leaf.schedules)})
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizers,
                 "parameters": parameters}
     return tensors, metadata

@@ -21,6 +21,8 @@ import operator
 
 import numpy as np
 
+from treeopt import engine
+from treeopt.errors import warn
 from treeopt.kernels import numba_available
 
 _is = operator.is_
@@ -43,10 +45,12 @@ def _flatten_pair(grad, model, grads, params):
         pairs = grad.items()
     elif isinstance(grad, (list, tuple)):
         pairs = zip(range(len(grad)), grad)
-    else:
+    elif type(grad) in _LEAF_TYPES:
         grads.append(grad)
         params.append(model)
         return
+    else:  # None, a number, an array subclass: the general engine decides (and never reads id(None))
+        raise TypeError(type(grad).__name__)
     for key, child in pairs:
         if type(child) in _LEAF_TYPES:
             grads.append(child)
@@ -56,36 +60,23 @@ def _flatten_pair(grad, model, grads, params):
 
 
 class _RuleBucket:
-    """Leaves of one optimizer, library and dtype, updated by the rule per tensor, or for a
-    stackable rule (Muon) per stack of same-shape tensors (see :mod:`.stacking`), stacked
-    into buffers kept from step to step."""
+    """Parameters of one optimizer, library and dtype, updated in place by the engine's rule
+    runner (:func:`treeopt.engine.run_rule`): per tensor, or for a stackable rule (Muon) per
+    stack of same-shape tensors (see :mod:`.stacking`)."""
 
     def __init__(self, owner, backend, leaves, positions):
         self.owner, self.backend, self.positions = owner, backend, positions
+        self.pairs = [engine.Pair(leaf.keys, None, leaf.param, backend) for leaf in leaves]
+        for pair, leaf in zip(self.pairs, leaves):
+            pair.slots = leaf.slots
         self.params = [leaf.param for leaf in leaves]
-        self.slots = [leaf.slots for leaf in leaves]
-        ndim = [len(backend.shape(leaf.param)) for leaf in leaves]
-        hyper = owner.rule_hyperparameters()
-        self.names = [owner.rule.slot_names(n, hyper) for n in ndim]
         self.shapes = [tuple(backend.shape(leaf.param)) for leaf in leaves]
         self.dtype = leaves[0].param.dtype
-        self.stacks, self.alone = [], list(range(len(leaves)))  # stacks: (indices, buffers)
-        if owner.rule.stackable:
-            from treeopt.kernels import stacking
-
-            self.alone = []
-            for group in stacking.groups_by_shape(list(zip(self.shapes, self.names))):
-                for run in stacking.chunks(backend, self.params[group[0]], group):
-                    if len(run) == 1:
-                        self.alone.append(run[0])
-                        continue
-                    like = self.params[run[0]]
-                    buffers = [backend.zeros((len(run),) + self.shapes[run[0]], like)
-                               for _ in range(2 + len(self.names[run[0]]))]
-                    self.stacks.append((run, buffers))
-            self.alone.sort()
 
     def prepare(self, grads):
+        writable = self.backend.writable
+        if not all(writable(p) and all(writable(a) for a in slots.values()) for p, slots in zip(self.params, (pair.slots for pair in self.pairs))):
+            return None  # made read-only since the plan: the engine replaces it instead
         chosen = [grads[k] for k in self.positions]
         for g, shape in zip(chosen, self.shapes):
             if type(g) is not type(self.params[0]) or g.dtype != self.dtype or tuple(g.shape) != shape:
@@ -93,27 +84,13 @@ class _RuleBucket:
         return chosen
 
     def run(self, grads):
-        from treeopt.kernels.stacking import update_stacked
-
-        backend, update = self.backend, self.owner.rule.update
-        coefficients = self.owner.coefficients(self.params[0], backend)
-        for run, buffers in self.stacks:
-            names = self.names[run[0]]
-            params = [self.params[k] for k in run]
-            slots = [[self.slots[k][n] for k in run] for n in names]
-            new_param, *new_slots = update_stacked(update, coefficients, backend, [grads[k] for k in run], params,
-                                                   slots, buffers)
-            for old, new in zip(slots, new_slots):
-                backend.write_stack(old, new)
-            backend.write_stack(params, new_param)
-        for k in self.alone:
-            g, p, slots, names = grads[k], self.params[k], self.slots[k], self.names[k]
-            with backend.quiet():
-                new_param, *new_slots = update(g, p, *(slots[n] for n in names), **coefficients)
-            for name, value in zip(names, new_slots):
-                if value is not slots[name]:
-                    backend.write(slots[name], value)
-            backend.write(p, new_param)
+        for pair, g in zip(self.pairs, grads):
+            pair.grad = g
+        try:
+            engine.run_rule(self.owner, self.pairs, in_place=True)
+        finally:
+            for pair in self.pairs:
+                pair.grad = None  # do not keep the caller's gradients alive
 
 
 class _NumbaBucket:
@@ -155,6 +132,14 @@ class _NumbaBucket:
             self.ndims = np.array([len(s) for s in self.shapes], np.int64)
             self.descr = id(self.np_dtype)
             self.pointers = numpy_pointers
+            # what the loop writes, checked still writable (and of its shape) at every step
+            targets = self.params + [a for row in self.slot_arrays for a in row]
+            self.target_ids = np.array([id(a) for a in targets], np.int64)
+            self.target_shapes = np.zeros((len(targets), width), np.int64)
+            for i, a in enumerate(targets):
+                self.target_shapes[i, :a.ndim] = a.shape
+            self.target_ndims = np.array([a.ndim for a in targets], np.int64)
+            self.target_out = np.empty(len(targets), np.int64)
 
     def prepare(self, grads):
         hyper = [_settings(owner) for owner in self.owners]
@@ -168,14 +153,28 @@ class _NumbaBucket:
             ids = np.fromiter(map(id, chosen), np.int64, len(chosen))
             if self.pointers(ids, self.descr, self.shape_table, self.ndims, False, out) != -1:
                 return None
+            if self.pointers(self.target_ids, self.descr, self.target_shapes, self.target_ndims, True,
+                             self.target_out) != -1:
+                return None  # a parameter or slot made read-only (or resized) since the plan
         else:
             dtype = self.dtype  # the cheapest checks torch has (about 1 us a tensor in all)
             if not all(g.dtype is dtype and g.is_cpu and g.shape == shape and g.is_contiguous()
                        for g, shape in zip(chosen, self.shapes)):
                 return None
             out[:] = [g.data_ptr() for g in chosen]
-            self.param_ptrs = np.array([p.data_ptr() for p in self.params], np.int64)  # p.data may be rebound
+            pointers = np.array([p.data_ptr() for p in self.params], np.int64)
+            if not np.array_equal(pointers, self.param_ptrs):  # p.data rebound: to a tensor that fits?
+                if not all(p.dtype is dtype and p.is_cpu and p.shape == shape and p.is_contiguous()
+                           for p, shape in zip(self.params, self.shapes)):
+                    return None
+                self.param_ptrs = pointers
         return chosen, out
+
+    def compiled(self):
+        """This bucket, its loop compiled (called on no element)."""
+        self.kernel(np.zeros(len(self.params), np.int64), self.param_ptrs, self.slot_ptrs, np.zeros((0, 3), np.int64),
+                    np.zeros(1, np.int64), self.rows, self.table, self.like, self.flags)
+        return self
 
     def run(self, prepared):
         _, grad_ptrs = prepared
@@ -209,6 +208,11 @@ class _TorchCompiledBucket:
         self.slots = [[leaf.slots[n] for leaf in leaves] for n in rule.slots]
         self.table = torch.zeros((len(self.owners), len(self.numeric)), dtype=self.dtype, device=self.device)
         self.step = compile_step(rule.update, len(rule.slots), self.numeric, dict(zip(static, flags)), rows)
+
+    def compiled(self):
+        """This bucket (inductor compiles at the first call, which checks nothing the engine
+        has not checked already)."""
+        return self
 
     def prepare(self, grads):
         hyper = [_settings(owner) for owner in self.owners]
@@ -338,7 +342,13 @@ class CompiledStep:
             fused.setdefault(key, []).append((first.owner, group, positions))
         for key, members in fused.items():
             kind = _TorchCompiledBucket if key[6] else _NumbaBucket
-            buckets.append(kind(members, members[0][1][0].backend, key[4], key[5]))
+            try:  # compiled now, so that a rule that cannot compile falls back before any write
+                buckets.append(kind(members, members[0][1][0].backend, key[4], key[5]).compiled())
+            except Exception as error:
+                warn(f"the compiled loop of rule {key[0].name!r} failed to build ({type(error).__name__}: "
+                     f"{str(error).splitlines()[0] if str(error) else ''}); it runs per tensor", RuntimeWarning)
+                buckets.extend(_RuleBucket(owner, group[0].backend, group, positions)
+                               for owner, group, positions in members)
         watched = [optimizer] + optimizer.stateful()
         return cls(params, buckets, stepping, watched)
 
@@ -357,8 +367,9 @@ class CompiledStep:
         prepared = [bucket.prepare(grads) for bucket in self.buckets]
         if any(p is None for p in prepared):
             return False
-        for optimizer in self.stepping:
-            optimizer.advance()
+        scheduled = [(optimizer, optimizer.scheduled_values()) for optimizer in self.stepping]  # may raise
+        for optimizer, values in scheduled:
+            optimizer.advance(values)
         for bucket, ready in zip(self.buckets, prepared):
             bucket.run(ready)
         return True

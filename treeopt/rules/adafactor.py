@@ -21,9 +21,16 @@ from treeopt.ops import maximum, mean, minimum, rsqrt, sqrt
 from treeopt.rules.base import Rule, active
 
 
-def adafactor_slots(ndim, hyper):
-    second = ("exp_avg_sq_row", "exp_avg_sq_col") if ndim >= 2 else ("exp_avg_sq",)
-    return second + (("exp_avg",) if hyper["beta_1"] is not None else ())
+def adafactor_slots(shape, hyper):
+    """The slots and their shapes: row and column averages for a matrix (or a batch of
+    them), else the full second moment; the first moment only with ``beta_1``."""
+    if len(shape) >= 2:
+        slots = {"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]}
+    else:
+        slots = {"exp_avg_sq": shape}
+    if hyper["beta_1"] is not None:
+        slots["exp_avg"] = shape
+    return slots
 
 
 def adafactor_coefficients(lr, step, *, eps, clip_threshold, decay_rate, beta_1, weight_decay,

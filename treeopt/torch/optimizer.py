@@ -458,16 +458,22 @@ class Optimizer(torch.optim.Optimizer):
         everything is checked before anything changes. Returns the load report."""
         from treeopt import checkpoint
 
+        if not isinstance(state_dict, dict):
+            raise checkpoint.CheckpointError(f"load_state_dict expects a dict, got {type(state_dict).__name__}")
         if "tensors" in state_dict and "metadata" in state_dict:
             tensors, metadata = state_dict["tensors"], state_dict["metadata"]
         elif "state" in state_dict and "param_groups" in state_dict:
-            tensors, metadata = _layout.from_torch(state_dict)
+            try:
+                tensors, metadata = _layout.from_torch(state_dict)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                raise checkpoint.CheckpointError(f"not a treeopt.torch state dict ({type(error).__name__}: {error})")
         else:
-            raise ValueError("not a treeopt.torch state dict: it needs 'tensors' and 'metadata', or torch's "
-                             f"'state' and 'param_groups' (got {sorted(state_dict)})")
-        self.init()
+            raise checkpoint.CheckpointError("not a treeopt.torch state dict: it needs 'tensors' and 'metadata', or "
+                                             f"torch's 'state' and 'param_groups' (got {sorted(state_dict)})")
+        self.refresh()
         self._pull()  # edits made before the load are replaced by the saved values
-        report = checkpoint.from_flat(self.optimizer, tensors, metadata, strict=strict)
+        with torch.no_grad():  # checked, initialised and loaded together, or nothing changes
+            report = checkpoint.load_content(self.optimizer, tensors, metadata, params=self._trainable(), strict=strict)
         self._push(everything=True)
         for saved in state_dict.get("param_groups", ()):  # LR schedulers' keys (initial_lr...)
             if saved.get("name") in self._group_names:

@@ -1,0 +1,169 @@
+"""Routing changes in a checkpoint: what ``freeze``, ``unfreeze`` and ``reroute`` did to each
+MultiOptimizer, and the slots a ``reroute(..., state="carry")`` hands over.
+
+Filters decide the route of a parameter the first time it is seen, so a fresh optimizer
+routes by its filters again; what the filters cannot redo is saved: the metadata's
+``routing`` lists, for every MultiOptimizer (by position), the parameters that are frozen,
+re-routed or unfrozen by hand, with their keys (as a JSON list, so ``0`` and ``"0"`` stay
+apart), shape, dtype and the name of the optimizer they go to, and the log of changes.
+Slots carried by a re-route and not yet taken up are stored as ``#carried/{path}/{slot}``.
+
+A load restores the routing before it creates any state, so each parameter's slots are
+created by, and loaded into, the optimizer that owned them when the file was saved.
+"""
+
+from treeopt import engine
+from treeopt._trees import dotted
+from treeopt.checkpoint.format import CheckpointError, Problem
+
+CARRIED = "#carried/"
+
+
+class _Shape:
+    """Stands in for a parameter in ``slot_shapes``."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+        self.ndim = len(self.shape)
+
+
+def multis(optimizer, position=()):
+    """``(position, MultiOptimizer)`` of every MultiOptimizer in ``optimizer``, outermost first."""
+    from treeopt.multi import MultiOptimizer
+
+    if isinstance(optimizer, MultiOptimizer):
+        yield position, optimizer
+        for i, child in enumerate(optimizer.optimizers):
+            yield from multis(child, position + (i,))
+
+
+def to_metadata(optimizer):
+    """The ``routing`` entry of the metadata."""
+    nodes = []
+    for position, multi in multis(optimizer):
+        paths = []
+        for keys, route in multi._routes.items():
+            flags = [name for name, found in (("frozen", route.frozen), ("rerouted", route.reason == "rerouted"),
+                                              ("unfrozen", route.unfrozen)) if found]
+            if flags:
+                paths.append({"keys": list(keys), "shape": list(route.shape), "dtype": route.dtype,
+                              "route": None if route.group is None else multi.names[route.group], "flags": flags})
+        if paths or multi.changes:
+            nodes.append({"position": list(position), "names": list(multi.names), "paths": paths,
+                          "changes": list(multi.changes)})
+    return nodes
+
+
+def carried_tensors(optimizer, leaves):
+    """``{"#carried/{path}/{slot}": array}`` of slots handed over by a re-route and not
+    taken up yet (the parameter has not stepped on its new optimizer)."""
+    found = {}
+    for _, _, leaf in leaves:
+        for keys, slots in leaf.book.carried.items():
+            for slot, value in slots.items():
+                found[f"{CARRIED}{dotted(keys)}/{slot}"] = value
+    return found
+
+
+def restore(optimizer, metadata):
+    """Apply the saved routing changes to ``optimizer`` (checked first; raises
+    :class:`CheckpointError` naming the path when they cannot apply)."""
+    from dataclasses import replace
+
+    from treeopt.multi import Route
+
+    nodes = metadata.get("routing", [])
+    if not nodes:
+        return
+    found = dict(multis(optimizer))
+    plans = []
+    for i, node in enumerate(nodes):
+        multi = found.get(tuple(node["position"]))
+        if multi is None:
+            raise CheckpointError(f"checkpoint routing[{i}]: the checkpoint has routing changes for a MultiOptimizer "
+                                  f"at position {node['position']}, and this optimizer has none there")
+        index = {name: k for k, name in enumerate(multi.names)}
+        for entry in node["paths"]:
+            keys, shape, dtype = tuple(entry["keys"]), tuple(entry["shape"]), entry["dtype"]
+            known = multi._routes.get(keys)
+            if known is not None and (tuple(known.shape), known.dtype) != (shape, dtype):
+                raise CheckpointError(
+                    f"checkpoint routing: {dotted(keys)!r} is {dtype}{list(shape)} in the checkpoint but "
+                    f"{known.dtype}{list(known.shape)} now")
+            if entry["route"] is not None and entry["route"] not in index:
+                raise CheckpointError(
+                    f"checkpoint routing: {dotted(keys)!r} goes to {entry['route']!r}, and this MultiOptimizer has "
+                    f"no optimizer of that name ({multi.names})")
+            plans.append((multi, keys, (shape, dtype), index.get(entry["route"]), entry["flags"]))
+        plans.append((multi, None, node["changes"], None, None))
+    for multi, keys, info, target, flags in plans:
+        multi.book.version += 1
+        if keys is None:
+            multi.changes = list(info)
+            continue
+        known = multi._routes.get(keys) or Route(*info)
+        if target is not None and known.group != target:
+            owner = multi.owner_of(keys)
+            if owner is not None:
+                engine.drop(owner, keys)
+            known = replace(known, group=target, also=(), notes=())
+        if "rerouted" in flags:
+            known = replace(known, reason="rerouted")
+        multi._routes[keys] = replace(known, frozen="frozen" in flags, unfrozen="unfrozen" in flags)
+
+
+def mirror_frozen(optimizer, metadata, params):
+    """Create the state of parameters frozen after they had state (``freeze`` keeps it for
+    ``unfreeze``), so the saved state has somewhere to go: ``init`` skips frozen parameters."""
+    saved = metadata.get("parameters", {})
+    for _, multi in multis(optimizer):
+        for keys, route in multi._routes.items():
+            owner = multi.owner_of(keys) if route.frozen else None
+            if owner is not None and saved.get(dotted(keys), {}).get("slots") and not engine.slots_at(owner, keys):
+                engine.mirror(owner, params, {keys})
+
+
+def check_carried(optimizer, metadata, tensors):
+    """``(writes, problems)`` for the saved carried slots: each goes to the optimizer that
+    now owns its parameter, and must be a slot of that optimizer, of the right shape and dtype."""
+    from treeopt.backends import backend_of
+
+    entries = {dotted(tuple(e["keys"])): (tuple(node["position"]), e)
+               for node in metadata.get("routing", []) for e in node["paths"]}
+    found = dict(multis(optimizer))
+    writes, problems = [], []
+    for key in [k for k in tensors.keys() if k.startswith(CARRIED)]:
+        path, _, slot = key[len(CARRIED):].rpartition("/")
+        position, entry = entries[path]
+        keys = tuple(entry["keys"])
+        owner = found[position].owner_of(keys) if position in found else None
+        if owner is None or owner.rule is None:
+            problems.append(Problem("carried", path, f"slot {slot!r} was carried to an optimizer that cannot take it"))
+            continue
+        expected = owner.slot_shapes(_Shape(entry["shape"]))
+        array = tensors[key]
+        source = backend_of(array)
+        shape, dtype = list(source.shape(array)), source.dtype_name(array)
+        if slot not in expected or list(expected[slot]) != shape or dtype != entry["dtype"]:
+            want = f"{entry['dtype']}{list(expected[slot])}" if slot in expected else f"one of {sorted(expected)}"
+            problems.append(Problem("carried", path, f"carried slot {slot!r} is {dtype}{shape}; "
+                                                     f"{type(owner).__name__} expects {want}"))
+            continue
+        writes.append((owner, keys, slot, array))
+    return writes, problems
+
+
+def apply_carried(writes):
+    """Put the checked carried slots in place: into the slots when the parameter has state
+    already, else kept for its first step on its new optimizer."""
+    from treeopt.backends import backend_of, numpy_backend
+    from treeopt.checkpoint.format import _assign
+
+    for owner, keys, slot, array in writes:
+        slots = engine.slots_at(owner, keys)
+        if slots and slot in slots:
+            _assign(slots, slot, array)
+            continue
+        source, target = backend_of(array), owner.book.backend or numpy_backend
+        value = array if source is target else target.from_numpy(source.to_numpy(array))
+        owner.book.carried = {**owner.book.carried, keys: {**owner.book.carried.get(keys, {}), slot: value}}
