@@ -113,7 +113,7 @@ def test_muon_steps_on_stacks_equal_the_per_tensor_steps(backend, compiled, monk
     stacked_params, stacked = run()
     if compiled and backend in ("numpy", "torch"):
         bucket, = stacked._compiled.buckets
-        assert sorted(len(run) for run, _ in bucket.stacks) == [2, 3, 5]  # biases, convolutions, matrices
+        assert sorted(len(run) for run in bucket.stacks) == [2, 3, 5]  # biases, convolutions, matrices
     with monkeypatch.context() as patch:
         per_tensor(patch)
         alone_params, alone = run()

@@ -264,14 +264,15 @@ def run(optimizer, pairs, in_place):
         store_param(pair, new_param, in_place)
 
 
-def run_rule(optimizer, pairs, in_place):
+def run_rule(optimizer, pairs, in_place, stacks=None):
     """Run ``optimizer``'s rule on pairs of one library, dtype and device: the reference
-    every fast path is checked against."""
+    every fast path is checked against. ``stacks``: a dict in which a caller that runs the
+    same pairs every step keeps the stacking buffers of a stackable rule."""
     rule, first = optimizer.rule, pairs[0]
     coefficients = optimizer.coefficients(first.param, first.backend)
     hyper = optimizer.rule_hyperparameters() if callable(rule.slots) else None
     if rule.stackable and len(pairs) > 1:
-        pairs = run_stacked(rule, coefficients, pairs, hyper, in_place)
+        pairs = run_stacked(rule, coefficients, pairs, hyper, in_place, stacks)
     for pair in pairs:
         names = rule.slot_names(pair.backend.shape(pair.param), hyper)
         slots = pair.slots
@@ -298,9 +299,10 @@ def _check_rules(pairs):
                     owner.coefficients(numpy_backend.astype(owner.state["step"], "float32"), numpy_backend)
 
 
-def run_stacked(rule, coefficients, pairs, hyper, in_place):
+def run_stacked(rule, coefficients, pairs, hyper, in_place, stacks=None):
     """Run a stackable ``rule`` on the stacks of same-shape pairs (see
-    :mod:`treeopt.kernels.stacking`); returns the pairs left to run one by one."""
+    :mod:`treeopt.kernels.stacking`); returns the pairs left to run one by one. ``stacks``
+    (optional) keeps each run's stacking buffers, by the run's indices, from call to call."""
     from treeopt.kernels import stacking
 
     backend = pairs[0].backend
@@ -312,9 +314,16 @@ def run_stacked(rule, coefficients, pairs, hyper, in_place):
                 alone.append(run[0])
                 continue
             chosen, slot_names = [pairs[k] for k in run], names[run[0]]
+            buffers = None
+            if stacks is not None:
+                buffers = stacks.get(tuple(run))
+                if buffers is None:
+                    like = chosen[0].param
+                    buffers = stacks[tuple(run)] = [backend.zeros((len(run),) + tuple(backend.shape(like)), like)
+                                                    for _ in range(2 + len(slot_names))]
             new_param, *new_slots = stacking.update_stacked(
                 rule.update, coefficients, backend, [pair.grad for pair in chosen], [pair.param for pair in chosen],
-                [[pair.slots[n] for pair in chosen] for n in slot_names])
+                [[pair.slots[n] for pair in chosen] for n in slot_names], buffers)
             writable = backend.writable
             if in_place and backend.mutable and all(
                     pair.owned and writable(pair.param) and all(writable(pair.slots[n]) for n in slot_names)

@@ -131,6 +131,9 @@ class MultiOptimizer(Optimizer):
         self._pending = {}  # keys -> the Route decided by a step that has not committed yet
         self._warned = set()
         self.changes = []  # freezes, unfreezes and re-routes, in order
+        #: ``None``, or a function giving the global gradient norm of the step when this
+        #: optimizer sees only some of the gradients (set by treeopt.distributed under ZeRO-1)
+        self.shared_norm = None
         self.module_kinds = {}  # path -> kinds declared by an integration (see declare_kinds)
         self._state = {"states": [o.state for o in optimizers]}
         self.lr_schedule = None

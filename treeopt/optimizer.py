@@ -205,6 +205,18 @@ class Optimizer:
         """
         engine.initialize(self, parameters)
 
+    def assign_routes(self, parameters) -> dict:
+        """Decide and keep the route of every parameter in ``parameters`` (a flat or nested
+        tree), creating no state: ``{path: stateful optimizer that will update it}``, ``None``
+        for a frozen one. ZeRO-1 (:mod:`treeopt.distributed`) plans who owns what with it
+        before any rank creates a slot."""
+        pairs = [pair for pair in engine.collect(parameters, parameters, type(self).__name__, check_pairs=False)
+                 if pair.grad is not None]
+        backend = engine.settle_backend(self, pairs)
+        owners = self.assign_owners(pairs)
+        self.commit(backend)
+        return {pair.path: owner for pair, owner in zip(pairs, owners)}
+
     def unsuited(self, path, parameter):
         """Why this optimizer should not get ``parameter``, or ``None``. ``MultiOptimizer``
         checks it when it routes a parameter here (Muon: vectors, embeddings, heads)."""

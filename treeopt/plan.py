@@ -35,6 +35,7 @@ class Row:
     weight_decay: float = None
     also_matched: tuple = ()  # other filters that accept the path (the first one won)
     notes: tuple = ()  # guard warnings
+    owner: str = None  # under ZeRO-1: the rank that updates it ("0"), or "rows" (split over every rank)
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,13 @@ class Plan:
     rows: list
     changes: list = field(default_factory=list)  # freezes, re-routes... in order
     warnings: list = field(default_factory=list)
+    #: under ZeRO-1, one dict per rank: parameters, state_bytes, ns_gflop (Newton-Schulz per
+    #: step), sent_bytes (parameter values it sends per step)
+    ranks: list = field(default_factory=list)
 
     # ------------------------------------------------------------------ export
     def to_dict(self):
-        return {"step": self.step, "groups": [asdict(g) for g in self.groups],
+        return {"step": self.step, "groups": [asdict(g) for g in self.groups], "ranks": [dict(r) for r in self.ranks],
                 "parameters": [dict(asdict(r), shape=list(r.shape), also_matched=list(r.also_matched),
                                     notes=list(r.notes)) for r in self.rows],
                 "changes": list(self.changes), "warnings": list(self.warnings)}
@@ -85,7 +89,8 @@ class Plan:
         rows = [Row(**dict(_renamed(r), shape=tuple(r["shape"]), also_matched=tuple(r["also_matched"]),
                            notes=tuple(r["notes"])))
                 for r in data["parameters"]]
-        return cls(data["step"], groups, rows, list(data.get("changes", [])), list(data.get("warnings", [])))
+        return cls(data["step"], groups, rows, list(data.get("changes", [])), list(data.get("warnings", [])),
+                   [dict(r) for r in data.get("ranks", [])])
 
     def _table(self):
         header = ["path", "optimizer", "reason", "shape", "dtype", "size", "state", "lr", "wd", "notes"]
@@ -95,11 +100,18 @@ class Plan:
                 for r in self.rows]
         if not any(row[-1] for row in body):  # no note anywhere: drop the column
             header, body = header[:-1], [row[:-1] for row in body]
+        if any(r.owner is not None for r in self.rows):  # ZeRO-1: who updates each parameter
+            header = header[:2] + ["owner"] + header[2:]
+            body = [row[:2] + ["-" if r.owner is None else r.owner] + row[2:] for row, r in zip(body, self.rows)]
         totals = [["group", "type", "parameters", "size", "state", "hyper-parameters"]] + [
             [f"{g.index}: {g.name}", g.type, str(g.parameters), f"{g.size:,}", _human(g.state_bytes),
              ", ".join(f"{k}={_number(v) if isinstance(v, float) else v}" for k, v in g.hyperparameters.items()
                       if k not in ("learning_rate", "weight_decay") or v is not None)]
             for g in self.groups]
+        if self.ranks:
+            totals = totals + [["rank", "parameters", "state", "Newton-Schulz", "sends per step", ""]] + [
+                [str(r["rank"]), str(r["parameters"]), _human(r["state_bytes"]), f"{r['ns_gflop']:.3g} GFLOP",
+                 _human(r["sent_bytes"]), ""] for r in self.ranks]
         return header, body, totals
 
     def to_markdown(self):

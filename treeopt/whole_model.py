@@ -56,8 +56,11 @@ def prepare(multi, leaves, owners, groups):
         return leaves, owners, stepping, None
     updates = {}  # entries of the multi's state, written at commit
 
-    if (options.max_grad_norm is not None or options.skip_nonfinite) and leaves:
-        norm = global_norm([leaf.grad for leaf in leaves])
+    shared = getattr(multi, "shared_norm", None)
+    if (options.max_grad_norm is not None or options.skip_nonfinite) and (leaves or shared is not None):
+        # under ZeRO-1 a rank updates only its own parameters, but the norm and the skip
+        # decision are the whole model's: treeopt.distributed hands them in
+        norm = global_norm([leaf.grad for leaf in leaves]) if shared is None else shared()
         updates["grad_norm"] = norm
         if options.skip_nonfinite and not _concrete(all_finite(norm), "skip_nonfinite"):
             updates["skipped_steps"] = state.get("skipped_steps", 0) + 1

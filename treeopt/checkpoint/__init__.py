@@ -27,11 +27,21 @@ __all__ = ["save", "load", "load_content", "read", "to_flat", "from_flat", "Chec
 def save(optimizer, path, *, layout="treeopt"):
     """Save ``optimizer``'s state to ``path`` (a safetensors file), atomically.
 
+    A ``treeopt.torch.Optimizer`` on several ranks (DDP or ``sharding="zero1"``) saves to a
+    folder instead, every rank together: one safetensors file per rank and ``treeopt.json``,
+    loadable at any world size (see :mod:`treeopt.distributed.files`).
+
     Args:
         layout: ``"treeopt"`` (keyed by parameter path, with metadata and checksum), or
             ``"mlx"``: the keys of ``tree_flatten(optimizer.state)``, readable by
             ``mx.load`` and ``mlx.optimizers`` code, without metadata.
     """
+    if getattr(optimizer, "_distributed", None) is not None:  # a treeopt.torch.Optimizer on several ranks
+        if layout != "treeopt":
+            raise ValueError("a checkpoint of several ranks has the treeopt layout only")
+        from treeopt.distributed import files as folders
+
+        return folders.save(optimizer, path)
     if layout == "treeopt":
         tensors, metadata = to_flat(optimizer)
         files.write(path, tensors, metadata)
@@ -69,6 +79,10 @@ def load(optimizer, path, params=None, *, strict=True):
     Returns:
         a :class:`LoadReport`.
     """
+    from treeopt.distributed import files as folders
+
+    if getattr(optimizer, "_distributed", None) is not None or folders.is_folder_checkpoint(path):
+        return folders.load(optimizer, path, strict=strict)
     tensors, metadata = read(path)
     if metadata is None and not mlx_layout.is_mlx_layout(tensors):
         raise CheckpointError(f"{path} has neither treeopt metadata nor MLX's optimizer layout")

@@ -1,6 +1,6 @@
 """Inspect a checkpoint from the command line.
 
-    python -m treeopt.checkpoint info FILE [--json]
+    python -m treeopt.checkpoint info FILE_OR_FOLDER [--json]
 
 Prints the step, each optimizer (group) with its parameter count, elements, state bytes and
 hyper-parameters, and every problem found: a checksum mismatch, a truncated file, tensors
@@ -19,9 +19,13 @@ from treeopt.checkpoint.format import CheckpointError
 
 
 def inspect(path):
-    """``(summary dict, problems list)`` of a checkpoint file."""
+    """``(summary dict, problems list)`` of a checkpoint file, or of a folder saved by
+    several ranks (every slot must be stored and its rows covered exactly once)."""
     from treeopt.checkpoint import mlx_layout, validate
+    from treeopt.distributed import files as folders
 
+    if folders.is_folder_checkpoint(path):
+        return folders.inspect(path)
     problems = []
     try:
         arrays, metadata = files.read(path)

@@ -72,6 +72,7 @@ class _RuleBucket:
         self.params = [leaf.param for leaf in leaves]
         self.shapes = [tuple(backend.shape(leaf.param)) for leaf in leaves]
         self.dtype = leaves[0].param.dtype
+        self.stacks = {}  # a stackable rule's buffers, by run, kept from step to step
 
     def prepare(self, grads):
         writable = self.backend.writable
@@ -87,7 +88,7 @@ class _RuleBucket:
         for pair, g in zip(self.pairs, grads):
             pair.grad = g
         try:
-            engine.run_rule(self.owner, self.pairs, in_place=True)
+            engine.run_rule(self.owner, self.pairs, in_place=True, stacks=self.stacks)
         finally:
             for pair in self.pairs:
                 pair.grad = None  # do not keep the caller's gradients alive

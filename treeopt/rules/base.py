@@ -91,7 +91,8 @@ class Rule:
         parameters = list(inspect.signature(self.update).parameters.values())[2:]
         if not callable(self.slots):
             parameters = parameters[len(self.slots):]
-        return tuple(p.name for p in parameters if p.kind is not p.VAR_POSITIONAL)
+        runner_only = ("stacked",) if self.stackable else ()  # how a runner calls it, not a coefficient
+        return tuple(p.name for p in parameters if p.kind is not p.VAR_POSITIONAL and p.name not in runner_only)
 
 
 _CHECKED = set()  # rules whose coefficient names were found to be update's
@@ -132,6 +133,8 @@ def _check(rule):
         names = [p.name for p in update[2:2 + len(rule.slots)]]
         if names != list(rule.slots):
             raise RuleError(f"{label}: update takes the slots {names} but the rule declares {list(rule.slots)}")
+    if rule.stackable and "stacked" not in [p.name for p in update]:
+        raise RuleError(f"{label}: a stackable update takes stacked=False (True: a stack of same-shape tensors)")
     if any(p.kind is p.VAR_KEYWORD for p in update):
         raise RuleError(f"{label}: update must name every coefficient it takes (no **kwargs)")
     coefficients = list(inspect.signature(rule.coefficients).parameters.values())

@@ -86,23 +86,44 @@ def newton_schulz(x, steps, eps=NS_EPS):
     return swap_last(x) if tall else x
 
 
-def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, coupled, keep, nesterov, ns_steps, ns_dtype,
-         ns_eps, adjust_lr, layout, stacked=False):
+def muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, coupled, nesterov, **_):
+    """The elementwise part: coupled decay and momentum, on a whole tensor or on any rows of it."""
     if coupled:
         grad = grad + weight_decay * param
     v = momentum * v + one_minus_momentum * grad
-    direction = grad * one_minus_momentum + v * momentum if nesterov else v
-    stack = int(stacked)  # a stack of tensors has one leading axis
+    return (grad * one_minus_momentum + v * momentum if nesterov else v), v
+
+
+def muon_orthogonalize(direction, lr, ns_steps, ns_dtype, ns_eps, adjust_lr, layout, stack=0, **_):
+    """The full-matrix part: Newton-Schulz on the whole matrix (each matrix of a stack when
+    the first ``stack`` axes index one), and the learning rate for its shape. Row-sharded
+    torch parameters gather each matrix to one rank for it (treeopt.distributed.fsdp)."""
     shape = tuple(direction.shape[stack:])  # one tensor's
-    if len(shape) >= 2:
-        # a matrix split across devices is orthogonalised whole, then split back as it was
-        direction = on_whole(lambda d: orthogonalise(d, ns_steps, ns_eps, ns_dtype, layout, stack), direction)
-        scaled_lr = lr * cast(lr_scale(shape, layout, adjust_lr), lr)
-    else:
-        scaled_lr = lr
-    if keep is not None:  # decoupled: shrink by the unscaled learning rate, as the references do
+    if len(shape) < 2:
+        return direction, lr
+    # a matrix split across devices is orthogonalised whole, then split back as it was
+    direction = on_whole(lambda d: orthogonalise(d, ns_steps, ns_eps, ns_dtype, layout, stack), direction)
+    return direction, scaled_lr(lr, shape, layout, adjust_lr)
+
+
+def scaled_lr(lr, shape, layout, adjust_lr):
+    """The learning rate of a matrix of ``shape`` (see :func:`lr_scale`)."""
+    return lr * cast(lr_scale(shape, layout, adjust_lr), lr)
+
+
+def muon_apply(param, direction, lr, keep, **_):
+    """The last, elementwise part: decoupled decay (by the unscaled learning rate, as the
+    references do) and the step."""
+    if keep is not None:
         param = param * keep
-    return param - scaled_lr * direction, v
+    return param - lr * direction
+
+
+def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, coupled, keep, nesterov, ns_steps, ns_dtype,
+         ns_eps, adjust_lr, layout, stacked=False):
+    direction, v = muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, coupled, nesterov)
+    direction, step_lr = muon_orthogonalize(direction, lr, ns_steps, ns_dtype, ns_eps, adjust_lr, layout, int(stacked))
+    return muon_apply(param, direction, step_lr, keep), v
 
 
 def orthogonalise(direction, ns_steps, ns_eps, ns_dtype, layout, stack=0):

@@ -117,9 +117,9 @@ class Optimizer(torch.optim.Optimizer):
     hyper-parameter on a treeopt schedule is shown at its next value and refuses edits.
     """
 
-    # The future keywords ``sharding=None, process_group=None`` (ZeRO-1) go after
-    # ``optimizer``: they change how step() runs the treeopt optimizer, never the groups.
-    def __init__(self, model, optimizer: _TreeoptOptimizer):
+    # ``sharding`` and ``process_group`` change how step() runs the treeopt optimizer on
+    # several ranks (treeopt.distributed), never the groups.
+    def __init__(self, model, optimizer: _TreeoptOptimizer, sharding: str = None, process_group=None):
         if not isinstance(optimizer, _TreeoptOptimizer):
             raise TypeError(f"expected a treeopt optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
@@ -143,6 +143,10 @@ class Optimizer(torch.optim.Optimizer):
         self._building = True
         super().__init__(groups, {k: v for k, v in self._published[0].items() if k in shared})
         self._building = False
+        from treeopt.distributed import attach
+
+        # None in one process; DDP checks, ZeRO-1 (sharding="zero1") or FSDP2 parameters
+        self._distributed = attach(self, sharding, process_group, self.model)
 
     def __repr__(self):
         return f"treeopt.torch.Optimizer({len(self.parameters)} parameters, {self.optimizer!r})"
@@ -401,11 +405,16 @@ class Optimizer(torch.optim.Optimizer):
         first step)."""
         self.refresh()
         with torch.no_grad():
-            self.optimizer.init(self._trainable())
+            if self._distributed is not None:
+                self._distributed.init()
+            else:
+                self.optimizer.init(self._trainable())
 
     def plan(self):
         """The routing plan (:class:`treeopt.plan.Plan`) of the parameters known now."""
         self.refresh()
+        if self._distributed is not None and hasattr(self._distributed, "plan"):
+            return self._distributed.plan()  # ZeRO-1: with an owner column and per-rank totals
         return self.optimizer.plan()
 
     @torch.no_grad()
@@ -419,7 +428,10 @@ class Optimizer(torch.optim.Optimizer):
         self.refresh()
         self._pull()
         params = self._trainable()
-        self.optimizer.update(params, {name: p.grad for name, p in params.items()})
+        if self._distributed is not None:
+            self._distributed.step({name: p.grad for name, p in params.items()})
+        else:
+            self.optimizer.update(params, {name: p.grad for name, p in params.items()})
         self._push()
         return loss
 
@@ -448,6 +460,8 @@ class Optimizer(torch.optim.Optimizer):
 
         self.refresh()
         self._pull()  # an LR scheduler's edit after the last step is the next step's: save it
+        if self._distributed is not None:  # several ranks: name-keyed only (see treeopt.distributed.state)
+            return self._distributed.state_dict()
         tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self._trainable()))
         state, groups = _layout.to_torch(tensors, metadata, self.param_groups, self._group_names)
         return {"tensors": tensors, "metadata": metadata, "state": state, "param_groups": groups}
@@ -460,6 +474,11 @@ class Optimizer(torch.optim.Optimizer):
 
         if not isinstance(state_dict, dict):
             raise checkpoint.CheckpointError(f"load_state_dict expects a dict, got {type(state_dict).__name__}")
+        if self._distributed is not None:  # several ranks: this rank's part, by name
+            self._pull()
+            report = self._distributed.load_state_dict(state_dict, strict=strict)
+            self._push(everything=True)
+            return report
         if "tensors" in state_dict and "metadata" in state_dict:
             tensors, metadata = state_dict["tensors"], state_dict["metadata"]
         elif "state" in state_dict and "param_groups" in state_dict:

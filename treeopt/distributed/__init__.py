@@ -1,0 +1,50 @@
+"""treeopt on several processes with torch.distributed: DDP, ZeRO-1 and FSDP2 parameters.
+
+- :mod:`~treeopt.distributed.ownership`: who owns what under ZeRO-1 (pure, no torch).
+- :mod:`~treeopt.distributed.zero1`: the ZeRO-1 step (owners update, one all-gather per
+  bucket sends the new values).
+- :mod:`~treeopt.distributed.state`: state dicts keyed by name with the same metadata on
+  every rank, which ``torch.distributed.checkpoint`` saves and reshards.
+
+Users reach it through ``treeopt.torch.Optimizer(model, optimizer, sharding="zero1")``;
+see docs/distributed.md.
+"""
+
+__all__ = ["attach", "SHARDINGS"]
+
+SHARDINGS = (None, "replicated", "zero1")
+
+
+def attach(adapter, sharding=None, process_group=None, model=None):
+    """The distributed step of a ``treeopt.torch.Optimizer``: ``None`` in one process, a
+    :class:`~treeopt.distributed.replicated.Replicated` check under DDP, a
+    :class:`~treeopt.distributed.zero1.Zero1` with ``sharding="zero1"``, a
+    :class:`~treeopt.distributed.fsdp.FullyShardedStep` for FSDP2 (DTensor) parameters."""
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    import torch.distributed as dist
+
+    running = dist.is_available() and dist.is_initialized()
+    from treeopt.distributed.fsdp import is_sharded
+
+    if running and any(is_sharded(p) for p in adapter._trainable().values()):
+        if sharding == "zero1":
+            raise ValueError("the parameters are already sharded (FSDP2 DTensors): leave sharding=None; "
+                             "their state is sharded like them")
+        from treeopt.distributed.fsdp import FullyShardedStep
+
+        return FullyShardedStep(adapter.optimizer, adapter._trainable(), model=model)
+    if sharding == "zero1":
+        if not running:
+            raise RuntimeError("sharding='zero1' needs torch.distributed: call "
+                               "torch.distributed.init_process_group first (torchrun sets it up)")
+        from treeopt.distributed.zero1 import Zero1
+
+        return Zero1(adapter.optimizer, adapter._trainable(), group=process_group, model=model)
+    if running and (sharding == "replicated" or dist.get_world_size(process_group) > 1):
+        from treeopt.distributed.replicated import Replicated
+
+        return Replicated(adapter.optimizer, adapter._trainable(), group=process_group, model=model)
+    if sharding == "replicated" or process_group is not None:
+        raise RuntimeError("sharding='replicated' and process_group need torch.distributed to be initialised")
+    return None

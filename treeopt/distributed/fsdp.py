@@ -1,0 +1,267 @@
+"""FSDP2 / DTensor parameters (``fully_shard``): each rank updates its rows; Muon gathers.
+
+Every parameter is a ``DTensor`` sharded ``Shard(0)`` on a 1-D mesh, and so is its gradient.
+
+- Elementwise rules (AdamW, Lion...) run through the normal engine on the local shards: a
+  rule on some rows is the rule on those elements. Their slots are local tensors of the
+  shard's shape; :meth:`FullyShardedStep.state_dict` hands them out as DTensors with the
+  parameter's placement, which ``torch.distributed.checkpoint`` reshards.
+- Muon runs its elementwise part (decay, momentum) on the local rows, keeping the momentum
+  sharded like the parameter. Each matrix then goes whole to one owner (balanced by
+  Newton-Schulz cost, see :mod:`~treeopt.distributed.ownership`) through one
+  ``all_to_all_single`` per optimizer and dtype (uneven and empty shards are uneven splits,
+  no padding), the owner orthogonalises it once, a second ``all_to_all_single`` returns the
+  rows, and every rank applies its rows.
+
+Refused, with the parameter's path: placements other than ``Shard(0)`` on a 1-D mesh, rules
+that need a whole matrix other than Muon (Adafactor), and gradient accumulation.
+"""
+
+import torch
+
+from treeopt import engine
+from treeopt.distributed import ownership as _ownership
+from treeopt.distributed.comm import Collectives
+from treeopt.errors import ParameterError
+
+__all__ = ["FullyShardedStep", "is_sharded"]
+
+
+def is_sharded(param):
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
+def _check_placement(name, param):
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(param.placements)
+    if param.device_mesh.ndim != 1 or placements != (Shard(0),):
+        raise ParameterError(
+            f"treeopt: parameter {name!r} is a DTensor with placements {placements} on a {param.device_mesh.ndim}-D "
+            "mesh; treeopt supports Shard(0) on a 1-D mesh (fully_shard's default; for HSDP pass the shard "
+            "sub-mesh)", name)
+
+
+class FullyShardedStep:
+    """The step of ``optimizer`` over FSDP2 (``Shard(0)`` DTensor) parameters."""
+
+    def __init__(self, optimizer, parameters, model=None):
+        self.optimizer = optimizer
+        self.parameters = dict(parameters)
+        self.model = model
+        sharded = {n: p for n, p in self.parameters.items() if is_sharded(p)}
+        for name, param in sharded.items():
+            _check_placement(name, param)
+        meshes = {id(p.device_mesh) for p in sharded.values()}
+        first = next(iter(sharded.values()))
+        self.mesh = first.device_mesh
+        if len(meshes) > 1 and len({p.device_mesh.get_group() for p in sharded.values()}) > 1:
+            raise ParameterError("treeopt: the parameters are sharded over different meshes; one mesh is supported",
+                                 next(iter(sharded)))
+        self.comm = Collectives(self.mesh.get_group(), first.to_local().device)
+        options = getattr(optimizer, "whole_model", None)
+        if options is not None and options.accumulating:
+            raise NotImplementedError("treeopt: accumulate=... with FSDP2 parameters is not supported; "
+                                      "accumulate in the training loop (no_sync / several backward passes)")
+        with torch.no_grad():
+            self.routes = optimizer.assign_routes(self.parameters)
+        self.local = {}
+        entries = []
+        for name, param in self.parameters.items():
+            owner = self.routes.get(name)
+            if owner is None:
+                continue
+            rule = owner.rule
+            muon = rule is not None and rule.name == "muon"
+            if is_sharded(param) and not muon and (rule is None or not rule.elementwise):
+                raise ParameterError(
+                    f"treeopt: {type(owner).__name__} needs whole matrices but {name!r} is sharded (FSDP2); route it "
+                    "to an elementwise optimizer (AdamW...) or Muon", name)
+            local = param.to_local() if is_sharded(param) else param
+            if is_sharded(param):
+                start, stop = _ownership.row_range(param.shape[0], self.comm.world, self.comm.rank)
+                if local.shape[0] != stop - start:
+                    raise ParameterError(f"treeopt: {name!r} holds {local.shape[0]} rows on rank {self.comm.rank}, "
+                                         f"expected {stop - start} (torch.chunk's split)", name)
+            self.local[name] = local
+            if muon and param.ndim >= 2:
+                shape = tuple(param.shape)
+                entries.append(_ownership.Entry(name, shape, _ownership.ORTH, 0, 0,
+                                                _ownership.newton_schulz_flops(shape, owner.ns_steps)))
+        self.matrices = [e.name for e in entries]  # Muon matrices, gathered to owners
+        self.ownership = _ownership.assign(entries, self.comm.world)
+        self._checked = False
+        with torch.no_grad():
+            optimizer.init(self.local)
+
+    def init(self):
+        with torch.no_grad():
+            self.optimizer.init(self.local)
+
+    # ------------------------------------------------------------------ the step
+    def step(self, gradients):
+        if not self._checked:
+            self._checked = True
+            check_current(self.model, self.parameters)
+        grads = {n: (g.to_local() if g is not None and is_sharded(g) else g) for n, g in gradients.items()
+                 if n in self.local}
+        if all(g is None for g in grads.values()):
+            raise RuntimeError("treeopt: no parameter has a gradient. Was the optimizer built before fully_shard? "
+                               "Build treeopt.torch.Optimizer after fully_shard(model)")
+        options = getattr(self.optimizer, "whole_model", None)
+        shared = None
+        if options is not None and (options.max_grad_norm is not None or options.skip_nonfinite):
+            shared = self._norm(grads)
+            self.optimizer.shared_norm = lambda: shared
+        matrices = {n: grads[n] for n in self.matrices if grads.get(n) is not None}
+        elementwise = {n: g for n, g in grads.items() if n not in matrices}
+        skipped = self.optimizer.state.get("skipped_steps", 0)
+        try:
+            self.optimizer.update({n: self.local[n] for n in elementwise}, elementwise)
+        finally:
+            self.optimizer.shared_norm = None
+        if self.optimizer.state.get("skipped_steps", 0) != skipped:
+            return
+        if shared is not None and options.max_grad_norm is not None:
+            from treeopt.clip import clip_factor, scale
+
+            factor = clip_factor(shared, options.max_grad_norm)
+            matrices = {n: scale(g, factor) for n, g in matrices.items()}
+        self._muon(matrices)
+
+    def _norm(self, grads):
+        """The global norm: local sums of squares, all-reduced (float32 for half types)."""
+        total = torch.zeros((), dtype=torch.float32, device=self.comm.device)
+        for name, g in grads.items():
+            if g is not None and (is_sharded(self.parameters[name]) or self.comm.rank == 0):  # replicated: once
+                total = total + (g.float() * g.float()).sum()
+        self.comm.all_reduce(total)
+        return total.sqrt()
+
+    def _muon(self, grads):
+        from treeopt.rules.muon import muon_apply, muon_direction, muon_orthogonalize, scaled_lr
+
+        by_optimizer = {}
+        for name in self.matrices:
+            if name in grads:
+                by_optimizer.setdefault(id(self.routes[name]), []).append(name)
+        for names in by_optimizer.values():
+            optimizer = self.routes[names[0]]
+            by_dtype = {}
+            for name in names:
+                by_dtype.setdefault(self.local[name].dtype, []).append(name)
+            for group in by_dtype.values():
+                first = self.local[group[0]]
+                coefficients = optimizer.coefficients(first, _backend(first))
+                directions = {}
+                for name in group:
+                    slots = engine.slots_at(optimizer, (name,))
+                    direction, v = muon_direction(grads[name], self.local[name], slots["v"], **coefficients)
+                    slots["v"].copy_(v)
+                    directions[name] = direction
+                updates = self._orthogonalize_on_owners(group, directions, coefficients, muon_orthogonalize)
+                for name in group:  # the rate depends on the global shape: every rank computes it alike
+                    rate = scaled_lr(coefficients["lr"], tuple(self.parameters[name].shape), coefficients["layout"],
+                                     coefficients["adjust_lr"])
+                    self.local[name].copy_(muon_apply(self.local[name], updates[name], rate, coefficients["keep"]))
+
+    def _orthogonalize_on_owners(self, names, directions, coefficients, orthogonalize):
+        """Each matrix's rows to its owner, Newton-Schulz there once, the rows back."""
+        world, rank = self.comm.world, self.comm.rank
+        first = directions[names[0]]
+        owner = self.ownership.owner
+        rows = {n: [_ownership.row_range(self.parameters[n].shape[0], world, r) for r in range(world)] for n in names}
+        width = {n: int(torch.Size(self.parameters[n].shape[1:]).numel()) for n in names}
+
+        def size(name, r):
+            start, stop = rows[name][r]
+            return (stop - start) * width[name]
+
+        # forward: my rows of each matrix, grouped by destination (its owner)
+        send = [directions[n].reshape(-1) for d in range(world) for n in names if owner[n] == d]
+        send_sizes = [sum(size(n, rank) for n in names if owner[n] == d) for d in range(world)]
+        receive_sizes = [sum(size(n, r) for n in names if owner[n] == rank) for r in range(world)]
+        gathered = torch.empty(sum(receive_sizes), dtype=first.dtype, device=first.device)
+        self.comm.all_to_all(gathered, _cat(send, first), receive_sizes, send_sizes)
+        # assemble my matrices: from each source rank, its rows of my matrices in plan order
+        mine = [n for n in names if owner[n] == rank]
+        parts = {n: [] for n in mine}
+        offset = 0
+        for r in range(world):
+            for n in mine:
+                parts[n].append(gathered[offset:offset + size(n, r)])
+                offset += size(n, r)
+        results = {}
+        for n in mine:
+            full = torch.cat(parts[n]).reshape(self.parameters[n].shape)
+            results[n], _ = orthogonalize(full, **coefficients)
+        # back: to each rank its rows of my matrices
+        back = [results[n][rows[n][d][0]:rows[n][d][1]].reshape(-1) for d in range(world) for n in mine]
+        back_sizes = [sum(size(n, d) for n in mine) for d in range(world)]
+        returned = torch.empty(sum(send_sizes), dtype=first.dtype, device=first.device)
+        self.comm.all_to_all(returned, _cat(back, first), send_sizes, back_sizes)
+        updates, offset = {}, 0
+        for d in range(world):
+            for n in names:
+                if owner[n] == d:
+                    updates[n] = returned[offset:offset + size(n, rank)].reshape(self.local[n].shape)
+                    offset += size(n, rank)
+        return updates
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self):
+        from treeopt import checkpoint
+        from treeopt.distributed.state import encode, global_metadata, split_key
+
+        tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self.parameters))
+        for key, value in list(tensors.items()):
+            parsed = split_key(key)
+            if parsed is not None and is_sharded(self.parameters.get(parsed[0])):
+                tensors[key] = self._as_dtensor(parsed[0], value)
+        rows = {n: p.shape[0] for n, p in self.parameters.items() if is_sharded(p)}
+        return {"tensors": tensors, "metadata": encode(global_metadata(self.comm, metadata, rows))}
+
+    def _as_dtensor(self, name, local):
+        from torch.distributed.tensor import DTensor
+
+        param = self.parameters[name]
+        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
+
+    def load_state_dict(self, state_dict, strict=True):
+        from treeopt import checkpoint
+        from treeopt.distributed.replicated import _local_tensors
+        from treeopt.distributed.state import agreed, decode, local_metadata
+
+        metadata = agreed(self.comm, "checkpoint metadata being loaded", decode(state_dict["metadata"]))
+        rows = {n: (_ownership.row_range(p.shape[0], self.comm.world, self.comm.rank) if is_sharded(p) else None)
+                for n, p in self.parameters.items()}
+        with torch.no_grad():
+            self.init()
+            return checkpoint.from_flat(self.optimizer, _local_tensors(state_dict["tensors"]),
+                                        local_metadata(metadata, rows), strict=strict)
+
+
+def _cat(pieces, like):
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=like.dtype, device=like.device)
+
+
+def _backend(tensor):
+    from treeopt.backends import backend_of
+
+    return backend_of(tensor)
+
+
+def check_current(model, parameters):
+    """Raise when the model no longer holds the parameters the optimizer was built with
+    (built before ``fully_shard`` replaced them): its steps would change nothing."""
+    if model is None:
+        return
+    current = {id(p) for p in model.parameters()}
+    stale = [n for n, p in parameters.items() if id(p) not in current]
+    if stale:
+        raise RuntimeError(
+            f"treeopt: the model no longer holds the parameters the optimizer was built with ({stale[0]!r}...): "
+            "was it built before fully_shard? Build treeopt.torch.Optimizer after fully_shard(model)")

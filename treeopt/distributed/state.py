@@ -1,0 +1,102 @@
+"""State dicts that ``torch.distributed.checkpoint`` saves at one world size and loads at another.
+
+The layout is treeopt's checkpoint layout (``"{path}/{slot}"``, ``"@{optimizer}/{scalar}"``,
+plus JSON-able metadata) with ranks in mind:
+
+- a slot of a parameter one rank owns whole is a plain tensor, present on that rank only;
+- a slot of a row-split parameter is a ``DTensor`` with ``Shard(0)`` placement on a 1-D mesh
+  of the process group, so DCP knows which global rows each rank holds;
+- scalars and the metadata are the same on every rank. The metadata describes the global
+  state (every parameter, global shapes) and is checked to hash alike on every rank: DCP
+  keeps one rank's copy of a replicated value, silently, whichever it is.
+
+Resharding is DCP's: the load target is this process's current layout, and DCP reads the
+saved regions each target needs.
+"""
+
+import hashlib
+import json
+
+__all__ = ["agreed", "fingerprint", "encode", "decode"]
+
+
+def encode(metadata) -> str:
+    """The metadata as one JSON string: DCP stores a string as one value, whereas it would
+    flatten a dict and load back only the entries the *current* metadata happens to have."""
+    return json.dumps(metadata, sort_keys=True)
+
+
+def decode(metadata):
+    """The metadata dict of :func:`encode`'s string (a dict passes through)."""
+    return json.loads(metadata) if isinstance(metadata, (str, bytes)) else metadata
+
+
+def fingerprint(value) -> str:
+    """A hash of a JSON-able value (dict keys sorted)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
+def agreed(comm, what, value):
+    """Raise unless ``value`` is the same on every rank of ``comm`` (compared by hash)."""
+    mine = fingerprint(value)
+    seen = comm.all_gather_object(mine)
+    differing = [rank for rank, theirs in enumerate(seen) if theirs != mine]
+    if differing:
+        raise RuntimeError(
+            f"treeopt: ranks disagree on the {what}: rank {comm.rank} differs from rank(s) {differing}. "
+            "Every rank must build the same model, routes and optimizer, and take the same steps")
+    return value
+
+
+def split_key(key):
+    """``(parameter path, slot)`` of a ``"{path}/{slot}"`` key, ``(path, None)`` for an
+    accumulation buffer ``"#accumulated/{path}"``, ``None`` for anything else."""
+    if key.startswith("#accumulated/"):
+        return key[len("#accumulated/"):], None
+    if key.startswith(("@", "#")) or "/" not in key:
+        return None
+    path, slot = key.rsplit("/", 1)
+    return path, slot
+
+
+def global_metadata(comm, local_metadata, split_rows):
+    """One metadata for every rank: the parameters' entries come from the ranks that own them
+    (global shapes for the row-split ones: ``split_rows`` maps their names to their rows);
+    everything else must already agree."""
+    gathered = comm.all_gather_object(local_metadata)
+    common = [{k: v for k, v in m.items() if k != "parameters"} for m in gathered]
+    for rank, other in enumerate(common):
+        if fingerprint(other) != fingerprint(common[0]):
+            differs = sorted(k for k in set(other) | set(common[0]) if other.get(k) != common[0].get(k))
+            raise RuntimeError(f"treeopt: rank {rank} and rank 0 disagree on the checkpoint's {differs}: "
+                               "every rank must take the same steps with the same optimizer")
+    merged = dict(common[0])
+    parameters = {}
+    for name in gathered[0]["parameters"]:
+        entries = [m["parameters"].get(name) for m in gathered]
+        with_slots = [e for e in entries if e and e["slots"]]
+        chosen = dict(with_slots[0] if with_slots else entries[0])
+        if name in split_rows:
+            chosen["slots"] = {s: dict(spec, shape=[split_rows[name]] + spec["shape"][1:])
+                               for s, spec in chosen["slots"].items()}
+        parameters[name] = chosen
+    merged["parameters"] = parameters
+    return merged
+
+
+def local_metadata(metadata, rows):
+    """The part of a global metadata that one rank loads: ``rows`` maps each parameter it
+    updates to its ``(start, stop)`` rows, ``None`` for whole ones; other parameters are left
+    out (``rows=None``: keep every parameter whole)."""
+    if rows is None:
+        return metadata
+    parameters = {}
+    for name, entry in metadata["parameters"].items():
+        if name not in rows:
+            continue
+        if rows[name] is not None:
+            start, stop = rows[name]
+            entry = dict(entry, slots={s: dict(spec, shape=[stop - start] + spec["shape"][1:])
+                                       for s, spec in entry["slots"].items()})
+        parameters[name] = entry
+    return dict(metadata, parameters=parameters)
