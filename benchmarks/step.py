@@ -264,7 +264,7 @@ def peer_candidates(kind, shapes, libraries):
                 muon_flags = {} if mode == "loop" else None
                 if muon_flags is None or not hasattr(torch.optim, "Muon"):
                     return None
-                opts = [torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest, lr=3e-4, **flags)]
+                opts = [torch.optim.Muon(hidden, lr=0.02)] + ([torch.optim.AdamW(rest, lr=3e-4, **flags)] if rest else [])
 
             def run():
                 for o in opts:
