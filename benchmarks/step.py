@@ -9,12 +9,15 @@ writes three arrays, 28 bytes per float32 parameter. The bound is measured in th
 a parallel loop with exactly AdamW's traffic (4 reads, 3 writes per element) over the same
 number of elements. Every candidate is timed in the same process, interleaved round by round
 (so a busy machine slows all of them alike); the table gives the median, the ratio to the
-bound and the peak memory a step adds (resident set sampled during the step).
+bound and the peak memory a step adds (resident set sampled during the step). treeopt's
+first two steps (planning, compiling or loading kernels) are timed and printed apart.
 
 Trees: ``gpt2`` (GPT-2 small: 124M parameters in 148 tensors), ``many`` (2,000 tensors of
 64 x 64), ``small`` (a 12-layer d=256 transformer, about 10M parameters). Muon's time is
 compared with the time of its matrix products alone (15 per matrix for 5 Newton-Schulz
-iterations), measured in the same run.
+iterations), measured in the same run the way Muon runs them: same-shape matrices stacked,
+one batched product (NumPy ``matmul`` on 3-D arrays; ``torch.bmm`` for torch), re-timed in
+every round. GPU rows (CUDA) need a GPU machine; without one they are printed as not measured.
 """
 
 import argparse
@@ -154,7 +157,7 @@ def treeopt_candidates(kind, shapes, libraries):
         def numpy_setup():
             params, grads = numpy_arrays(shapes)
             opt = make(optim)
-            opt.update(params, grads)  # the first step plans and compiles
+            _first_steps("treeopt numpy", kind, lambda: opt.update(params, grads))  # plans, compiles
             return lambda: opt.update(params, grads)
         candidates["treeopt numpy"] = numpy_setup
     if "torch" in libraries:
@@ -165,7 +168,7 @@ def treeopt_candidates(kind, shapes, libraries):
             params = {k: torch.from_numpy(v) for k, v in params.items()}
             grads = {k: torch.from_numpy(v) for k, v in grads.items()}
             opt = make(optim)
-            opt.update(params, grads)
+            _first_steps("treeopt torch", kind, lambda: opt.update(params, grads))
             return lambda: opt.update(params, grads)
         candidates["treeopt torch"] = torch_setup
     if "jax" in libraries:
@@ -179,6 +182,14 @@ def treeopt_candidates(kind, shapes, libraries):
         candidates["treeopt mlx eager"] = lambda: mlx_runner(lambda: make(optim), shapes, compiled=False)
         candidates["treeopt mlx compiled"] = lambda: mlx_runner(lambda: make(optim), shapes, compiled=True)
     return candidates
+
+
+FIRST_STEPS = []  # (candidate, optimizer, seconds of step 1, of step 2)
+
+
+def _first_steps(name, kind, step):
+    times = [_timed(step), _timed(step)]
+    FIRST_STEPS.append((name, kind, *times))
 
 
 def jax_runner(make_step, shapes):
@@ -253,7 +264,7 @@ def peer_candidates(kind, shapes, libraries):
                 muon_flags = {} if mode == "loop" else None
                 if muon_flags is None or not hasattr(torch.optim, "Muon"):
                     return None
-                opts = [torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest, lr=3e-4, **flags)]
+                opts = [torch.optim.Muon(hidden, lr=0.02)] + ([torch.optim.AdamW(rest, lr=3e-4, **flags)] if rest else [])
 
             def run():
                 for o in opts:
@@ -295,8 +306,34 @@ def peer_candidates(kind, shapes, libraries):
     return candidates
 
 
+def matmul_runner(shapes, library="numpy", steps=5):
+    """A step of Muon's matrix products alone for the hidden matrices of ``shapes``, batched as
+    Muon batches them: same-shape matrices stacked, three products per Newton-Schulz step."""
+    rng = np.random.default_rng(1)
+    groups = {}
+    for path, shape in shapes.items():
+        if is_hidden(path, shape):
+            groups.setdefault(tuple(sorted(shape)), []).append(path)
+    stacks = [rng.standard_normal((len(paths),) + shape, dtype=np.float32) for shape, paths in groups.items()]
+    if library == "torch":
+        import torch
+
+        stacks = [torch.from_numpy(x) for x in stacks]
+        product, swap = torch.bmm, lambda x: x.transpose(1, 2)
+    else:
+        product, swap = np.matmul, lambda x: x.transpose(0, 2, 1)
+
+    def run():
+        for x in stacks:
+            for _ in range(steps):
+                gram = product(x, swap(x))
+                product(product(gram, gram), x)
+    return run
+
+
 def matmul_bound(shapes, steps=5):
-    """Seconds of Muon's matrix products alone, for the hidden matrices of ``shapes``."""
+    """Seconds of Muon's matrix products alone, for the hidden matrices of ``shapes``, one
+    matrix at a time."""
     total = 0.0
     rng = np.random.default_rng(1)
     for path, shape in shapes.items():
@@ -341,7 +378,8 @@ def main(argv=None):
     import numba
     import treeopt.kernels as kernels
 
-    print(f"numba threads: {kernels.get_num_threads()} (NUMBA_NUM_THREADS / TREEOPT_NUM_THREADS / OMP_NUM_THREADS)")
+    print(f"CPU: {cpu_name()}; numba threads: {kernels.get_num_threads()} "
+          "(NUMBA_NUM_THREADS / TREEOPT_NUM_THREADS / OMP_NUM_THREADS)")
     compile_start = time.perf_counter()
     import treeopt as optim
     warm = {"w": np.zeros(8, np.float32)}
@@ -371,9 +409,11 @@ def main(argv=None):
         print(f"   bandwidth: {28 * elements / bound / 1e9:.1f} GB/s -> AdamW bound {bound * 1e3:.2f} ms "
               f"(SGD momentum moves 20 B/element: bound {bound * 20 / 28 * 1e3:.2f} ms); "
               "the bound is re-timed in every round, interleaved with the candidates")
-        muon_bound = matmul_bound(shapes) if "muon" in args.optimizers else None
-        if muon_bound:
-            print(f"   Muon matrix products alone (5 Newton-Schulz steps, numpy BLAS): {muon_bound * 1e3:.1f} ms")
+        muon_bound = None
+        if "muon" in args.optimizers:
+            muon_bound = {lib: matmul_runner(shapes, lib) for lib in ("numpy", "torch") if lib in libraries}
+            print("   Muon matrix products alone (5 Newton-Schulz steps, same-shape matrices batched): re-timed "
+                  "in every round (numpy matmul on stacks; torch.bmm for torch)")
         for kind in args.optimizers:
             # interleaved within a family of libraries (all of them at once would not fit in
             # memory for the 124M tree); families share the bound measured above
@@ -390,6 +430,12 @@ def main(argv=None):
                 gc.collect()
         del buffers
         gc.collect()
+    if FIRST_STEPS:
+        print("\n== first steps (a fresh optimizer: planning, compiling or loading kernels from the disk cache)")
+        for name, kind, first, second in FIRST_STEPS:
+            print(f"   {kind:<5} {name:<16} step 1 {first * 1e3:9.1f} ms   step 2 {second * 1e3:9.1f} ms")
+    print("\n== GPU rows (CUDA: treeopt's torch.compile runner against torch.optim.AdamW(fused=True) on GPT-2 "
+          "small; Muon batched in bfloat16 against torch.optim.Muon): not measured (no GPU in this session)")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -412,6 +458,9 @@ def _timed(fn):
 def _run(tree, kind, candidates, rounds, bound_step, muon_bound, elements):
     traffic = {"adamw": 1.0, "sgd": 20 / 28, "muon": 1.0}[kind]
     runners, memory = {"(bandwidth bound)": bound_step}, {"(bandwidth bound)": 0}
+    if kind == "muon" and muon_bound:  # the matrix products alone, re-timed in every round
+        for lib, product_step in muon_bound.items():
+            runners[f"(matmul {lib})"], memory[f"(matmul {lib})"] = product_step, 0
     for name, setup in candidates.items():
         try:
             runner = setup()
@@ -428,14 +477,19 @@ def _run(tree, kind, candidates, rounds, bound_step, muon_bound, elements):
         for name, runner in runners.items():  # interleaved: one step of each per round
             times[name].append(_timed(runner))
     bound = statistics.median(times.pop("(bandwidth bound)"))
+    products = {name[len("(matmul "):-1]: statistics.median(times.pop(name)) for name in list(times)
+                if name.startswith("(matmul ")}
+    for lib, seconds in products.items():
+        print(f"   {kind:<5} {'matrix products alone, ' + lib:<30} {seconds * 1e3:9.2f} ms  (batched, this round)")
     rows = []
     for name, samples in times.items():
         median = statistics.median(samples)
         row = {"tree": tree, "optimizer": kind, "candidate": name, "median_ms": median * 1e3,
                "bound_ms": bound * traffic * 1e3,
                "ratio_to_bound": median / (bound * traffic), "peak_added_mb": memory[name] / 2**20}
-        if kind == "muon" and muon_bound:
-            row["ratio_to_matmul"] = median / muon_bound
+        if products:  # torch's candidates against torch.bmm, the others against NumPy's matmul
+            own = products.get("torch" if "torch" in name else "numpy", next(iter(products.values())))
+            row["ratio_to_matmul"] = median / own
         rows.append(row)
         extra = f"  {row['ratio_to_matmul']:5.2f}x matmul" if "ratio_to_matmul" in row else ""
         extra += f"  (bound {bound * traffic * 1e3:.2f} ms this round)" if name == next(iter(times)) else ""

@@ -58,7 +58,7 @@ def test_the_rule_on_a_stack_equals_the_rule_per_tensor(shape, backend, dtype, h
         np.testing.assert_array_equal(as_float64(new_v[k]), as_float64(alone_v))  # elementwise: exact
 
 
-def test_chunks_keep_eager_cpu_stacks_in_cache_and_give_lazy_libraries_the_whole_group():
+def test_chunks_keep_numpy_stacks_in_cache():
     from treeopt.backends import backend_of
 
     numpy_like = np.zeros((64, 64), np.float32)  # 16 KiB

@@ -339,6 +339,16 @@ def run_stacked(rule, coefficients, pairs, hyper, in_place, stacks=None):
             new_param, *new_slots = stacking.update_stacked(
                 rule.update, coefficients, backend, [pair.grad for pair in chosen], [pair.param for pair in chosen],
                 [[pair.slots[n] for pair in chosen] for n in slot_names], buffers)
+            writable = backend.writable
+            if in_place and backend.mutable and all(
+                    pair.owned and writable(pair.param) and all(writable(pair.slots[n]) for n in slot_names)
+                    for pair in chosen):  # the common case: one write per stack (a foreach copy on torch)
+                for name, value in zip(slot_names, new_slots):
+                    backend.write_stack([pair.slots[name] for pair in chosen], value)
+                backend.write_stack([pair.param for pair in chosen], new_param)
+                for pair in chosen:
+                    pair.result = pair.param
+                continue
             for j, pair in enumerate(chosen):
                 for name, value in zip(slot_names, new_slots):
                     store_slot(backend, pair.slots, name, value[j])

@@ -117,6 +117,11 @@ class Backend:
     def sum(self, x, axis=None, keepdims=False):
         raise NotImplementedError
 
+    def write_stack(self, dsts, stack):
+        """Write ``stack[k]`` into ``dsts[k]`` for every k (mutable backends only)."""
+        for k, dst in enumerate(dsts):
+            self.write(dst, stack[k])
+
     def stack(self, arrays, out=None):
         """``arrays`` (same shape and dtype) stacked along a new first axis, into ``out``
         when given and the library writes in place."""

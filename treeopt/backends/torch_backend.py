@@ -136,6 +136,10 @@ class TorchBackend(Backend):
         dims = () if axis is None else axis
         return torch.sum(self._in_float32(x), dim=dims, keepdim=keepdims).to(x.dtype)
 
+    def write_stack(self, dsts, stack):
+        with torch.no_grad():
+            torch._foreach_copy_(list(dsts), list(stack.unbind(0)))  # one call for the whole stack
+
     def stack(self, arrays, out=None):
         return torch.stack(arrays, out=out)
 

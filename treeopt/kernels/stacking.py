@@ -6,10 +6,11 @@ The rule itself does the work (``update(..., stacked=True)``, see
 :class:`treeopt.rules.base.Rule`); this module only decides which tensors share a call:
 
 - tensors are grouped by shape and slot names, in the order they come;
-- eager CPU arrays (NumPy, CPU torch) are stacked a chunk at a time, each stacked array about
-  :data:`CHUNK_BYTES`, so the rule's temporaries stay in cache; a tensor bigger than that
-  runs alone (stacking would only add a copy);
-- traced or lazy arrays (JAX, MLX) and accelerators take the whole group in one stack.
+- NumPy arrays are stacked a chunk at a time, each stacked array about :data:`CHUNK_BYTES`,
+  so the rule's temporaries stay in cache (NumPy's elementwise operations run on one thread);
+  a tensor bigger than that runs alone (stacking would only add a copy);
+- torch (whose every operation is a parallel region on CPU: fewer, bigger ones cost less),
+  traced or lazy arrays (JAX, MLX) and accelerators take the whole group in one stack.
 
 Float32 results equal the per-tensor rule's up to the summation order of the matrix
 products (NumPy: exactly, each matrix gets the same BLAS call).
@@ -17,7 +18,7 @@ products (NumPy: exactly, each matrix gets the same BLAS call).
 
 from collections.abc import Sequence
 
-#: bytes of one stacked array on eager CPU backends (the rule makes a few temporaries of it)
+#: bytes of one stacked NumPy array (the rule makes a few temporaries of it)
 CHUNK_BYTES = 1 << 19
 
 
@@ -32,7 +33,7 @@ def groups_by_shape(keys: Sequence) -> list[list[int]]:
 
 def chunk_length(backend, like, count: int) -> int:
     """How many tensors like ``like`` to stack per call, for a group of ``count``."""
-    if backend.mutable and backend.device(like) == "cpu":
+    if backend.name == "numpy":
         size = max(1, int(backend.nbytes(like)))
         return max(1, min(count, CHUNK_BYTES // size))
     return count
