@@ -121,7 +121,7 @@ def module_kinds(model) -> dict:
     try:
         from flax import nnx
     except ImportError:
-        nnx = None
+        nnx = None  # type: ignore[assignment]
     if nnx is not None and isinstance(model, nnx.Module):
         for keys, module in nnx.iter_modules(model):
             prefix = "".join(f"{key}." for key in keys)
@@ -132,7 +132,7 @@ def module_kinds(model) -> dict:
     else:
         flat, _, _ = _flat(model)
         for name in sorted(flat, key=_natural):
-            shape = getattr(flat[name], "shape", ())
+            shape: tuple = tuple(getattr(flat[name], "shape", ()))
             if len(shape) == 2 and name.rsplit(".", 1)[-1] == "embedding":
                 tables.append((name, shape[0]))
             elif len(shape) == 2 and name.rsplit(".", 1)[-1] == "kernel":

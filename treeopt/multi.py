@@ -118,7 +118,7 @@ class MultiOptimizer(Optimizer):
         for i, child in enumerate(optimizers):
             if not isinstance(child, Optimizer):
                 raise TypeError(f"MultiOptimizer: optimizers[{i}] is a {type(child).__name__}, not an Optimizer")
-        seen = {}
+        seen: dict = {}
         for i, child in enumerate(optimizers):
             for leaf in child.stateful():
                 if id(leaf) in seen:

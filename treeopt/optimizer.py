@@ -501,7 +501,7 @@ class Placement(NamedTuple):
     dtype: str
 
 
-_LOCKS = weakref.WeakKeyDictionary()  # optimizer -> the lock its steps take
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> the lock its steps take
 _LOCKS_GUARD = threading.Lock()
 
 
