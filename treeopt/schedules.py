@@ -23,7 +23,11 @@ def _has_item(schedule):
     @functools.wraps(schedule)
     def wrapped(step):
         value = schedule(step)
-        return np.asarray(value)[()] if isinstance(value, numbers.Number) and not isinstance(value, np.generic) else value
+        if isinstance(value, numbers.Number) and not isinstance(value, np.generic):
+            return np.asarray(value)[()]
+        if isinstance(step, numbers.Number) and isinstance(value, np.ndarray) and value.ndim == 0:
+            return value[()]  # a NumPy scalar, as for the other schedules
+        return value
 
     return wrapped
 
