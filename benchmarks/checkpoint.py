@@ -63,16 +63,22 @@ def main(argv=None):
     print(f"AdamW state of GPT-2 small on {args.library}: {state_bytes / 2**30:.2f} GiB in {folder}", flush=True)
 
     write, read = raw_io(os.path.join(folder, "raw.bin"), state_bytes)
-    print(f"plain file I/O of the same bytes: write+fsync {write:.2f} s ({state_bytes / write / 1e9:.2f} GB/s), "
-          f"read {read:.2f} s ({state_bytes / read / 1e9:.2f} GB/s)", flush=True)
+    print(
+        f"plain file I/O of the same bytes: write+fsync {write:.2f} s ({state_bytes / write / 1e9:.2f} GB/s), "
+        f"read {read:.2f} s ({state_bytes / read / 1e9:.2f} GB/s)",
+        flush=True,
+    )
 
     path = os.path.join(folder, "opt.safetensors")
     with PeakMemory() as peak:
         start = time.perf_counter()
         checkpoint.save(opt, path)
         seconds = time.perf_counter() - start
-    print(f"checkpoint.save: {seconds:.2f} s ({seconds / write:.2f}x plain write), "
-          f"peak memory +{peak.added / state_bytes:.2f} state copies", flush=True)
+    print(
+        f"checkpoint.save: {seconds:.2f} s ({seconds / write:.2f}x plain write), "
+        f"peak memory +{peak.added / state_bytes:.2f} state copies",
+        flush=True,
+    )
 
     fresh = optim.AdamW(1e-3)
     fresh.update(params, grads)  # its state is resident before the load, as a trained one would be
@@ -80,8 +86,11 @@ def main(argv=None):
         start = time.perf_counter()
         report = checkpoint.load(fresh, path)
         seconds = time.perf_counter() - start
-    print(f"checkpoint.load: {seconds:.2f} s ({seconds / read:.2f}x plain read), "
-          f"peak memory +{peak.added / state_bytes:.2f} state copies; {report}", flush=True)
+    print(
+        f"checkpoint.load: {seconds:.2f} s ({seconds / read:.2f}x plain read), "
+        f"peak memory +{peak.added / state_bytes:.2f} state copies; {report}",
+        flush=True,
+    )
     os.remove(path)
 
 

@@ -42,8 +42,9 @@ from treeopt.engine import slot_items  # noqa: E402
 
 def rank_main(rank, world, mode, steps, folder, tree):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=1200))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world, timeout=timedelta(seconds=1200)
+    )
     generator = torch.Generator().manual_seed(0)
     params = [(n, torch.nn.Parameter(torch.randn(s, generator=generator) * 0.02)) for n, s in TREES[tree]().items()]
     grads = {n: torch.randn(s, generator=generator) * 1e-3 for n, s in TREES[tree]().items()}
@@ -77,18 +78,26 @@ def rank_main(rank, world, mode, steps, folder, tree):
         start = time.perf_counter()
         opt.step()
         times.append(time.perf_counter() - start)
-    state_bytes = sum(v.numel() * v.element_size() for child in opt.optimizer.stateful()
-                      for _, slots in slot_items(child) for v in slots.values())
+    state_bytes = sum(
+        v.numel() * v.element_size()
+        for child in opt.optimizer.stateful()
+        for _, slots in slot_items(child)
+        for v in slots.values()
+    )
     digest = hashlib.sha256()
     for _, p in params:
         digest.update((p.full_tensor() if mode == "fsdp2" else p).detach().numpy().tobytes())
-    result = {"state_bytes": state_bytes, "ns_gflop": sum(ns_flops) / steps / 1e9,
-              "sent": ((comm.sent_bytes if comm else 0) - sent_before) / steps,
-              "calls": (comm.calls if comm else 0) - calls_before,
-              "time": statistics.median(times[1:]) if steps > 1 else times[0], "digest": digest.hexdigest(),
-              "param_bytes": sum(p.numel() * p.element_size() for _, p in params),
-              "muon": sum(1 for n, _ in params if opt.optimizer.route(n) == 0),
-              "muon_bytes": sum(p.numel() * p.element_size() for n, p in params if opt.optimizer.route(n) == 0)}
+    result = {
+        "state_bytes": state_bytes,
+        "ns_gflop": sum(ns_flops) / steps / 1e9,
+        "sent": ((comm.sent_bytes if comm else 0) - sent_before) / steps,
+        "calls": (comm.calls if comm else 0) - calls_before,
+        "time": statistics.median(times[1:]) if steps > 1 else times[0],
+        "digest": digest.hexdigest(),
+        "param_bytes": sum(p.numel() * p.element_size() for _, p in params),
+        "muon": sum(1 for n, _ in params if opt.optimizer.route(n) == 0),
+        "muon_bytes": sum(p.numel() * p.element_size() for n, p in params if opt.optimizer.route(n) == 0),
+    }
     torch.save(result, os.path.join(folder, f"{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -113,16 +122,23 @@ def main():
     args = parser.parse_args()
     cores = os.cpu_count()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{args.tree} tree, optim.muon_adamw(), float32, gloo, 1 thread per rank; {cores} cores ({cpu}); "
-          f"torch {torch.__version__}; other work may share the machine: times are indicative only")
+    print(
+        f"{args.tree} tree, optim.muon_adamw(), float32, gloo, 1 thread per rank; {cores} cores ({cpu}); "
+        f"torch {torch.__version__}; other work may share the machine: times are indicative only"
+    )
     baseline = run(1, None, args.steps, args.tree)[0]
     total = baseline["state_bytes"]
-    print(f"world 1: {baseline['muon']} Muon matrices, params {mib(baseline['param_bytes'])} MiB, "
-          f"state {mib(total)} MiB, Newton-Schulz {baseline['ns_gflop']:.1f} GFLOP/step, "
-          f"step {baseline['time'] * 1e3:.0f} ms", flush=True)
-    header = (f"{'W':>2} {'mode':<10} {'state/rank MiB max':>18} {'mean':>8} {'max/(S/W)':>9} "
-              f"{'NS GFLOP max':>12} {'max/mean':>8} {'sent MiB/step':>13} {'vs ideal':>8} {'coll/step':>9} "
-              f"{'step ms':>8} {'vs W=1':>6} {'same as W=1':>11}")
+    print(
+        f"world 1: {baseline['muon']} Muon matrices, params {mib(baseline['param_bytes'])} MiB, "
+        f"state {mib(total)} MiB, Newton-Schulz {baseline['ns_gflop']:.1f} GFLOP/step, "
+        f"step {baseline['time'] * 1e3:.0f} ms",
+        flush=True,
+    )
+    header = (
+        f"{'W':>2} {'mode':<10} {'state/rank MiB max':>18} {'mean':>8} {'max/(S/W)':>9} "
+        f"{'NS GFLOP max':>12} {'max/mean':>8} {'sent MiB/step':>13} {'vs ideal':>8} {'coll/step':>9} "
+        f"{'step ms':>8} {'vs W=1':>6} {'same as W=1':>11}"
+    )
     print(header, flush=True)
     for world in args.worlds:
         for mode in args.modes:
@@ -132,20 +148,27 @@ def main():
             state = [r["state_bytes"] for r in results]
             ns = [r["ns_gflop"] for r in results]
             sent = max(r["sent"] for r in results)
-            ideal = {"zero1": (world - 1) / world * baseline["param_bytes"],  # all-gather of the new values
-                     "fsdp2": 2 * (world - 1) / world ** 2 * baseline["muon_bytes"]}.get(mode, 0)  # rows there, back
+            ideal = {
+                "zero1": (world - 1) / world * baseline["param_bytes"],  # all-gather of the new values
+                "fsdp2": 2 * (world - 1) / world**2 * baseline["muon_bytes"],
+            }.get(mode, 0)  # rows there, back
             calls = max(r["calls"] for r in results) / args.steps
             step = max(r["time"] for r in results)
             timing = f"{step * 1e3:8.0f} {baseline['time'] / step:5.2f}x" if world <= cores else f"{'-':>8} {'-':>6}"
             same = all(r["digest"] == baseline["digest"] for r in results)
-            print(f"{world:>2} {mode if world > 1 else '-':<10} {mib(max(state)):>18} {mib(statistics.mean(state))} "
-                  f"{max(state) / (total / world):9.3f} {max(ns):12.2f} "
-                  f"{max(ns) / statistics.mean(ns) if statistics.mean(ns) else 1:8.3f} {mib(sent):>13} "
-                  f"{sent / ideal if ideal else (1.0 if sent == 0 else float('inf')):8.3f} {calls:9.2f} {timing} "
-                  f"{'yes' if same else 'NO':>11}", flush=True)
-    print("sent: bytes a rank sends per step (all-gather of W chunks of c: (W-1)c, ring cost; all-to-all: exact); "
-          "ideal: replicated 0, zero1 (W-1)/W x params, fsdp2 2(W-1)/W^2 x Muon matrices (each rank's rows to "
-          "their owner and back). Step time: the median over steps after the first (the only step with --steps 1).")
+            print(
+                f"{world:>2} {mode if world > 1 else '-':<10} {mib(max(state)):>18} {mib(statistics.mean(state))} "
+                f"{max(state) / (total / world):9.3f} {max(ns):12.2f} "
+                f"{max(ns) / statistics.mean(ns) if statistics.mean(ns) else 1:8.3f} {mib(sent):>13} "
+                f"{sent / ideal if ideal else (1.0 if sent == 0 else float('inf')):8.3f} {calls:9.2f} {timing} "
+                f"{'yes' if same else 'NO':>11}",
+                flush=True,
+            )
+    print(
+        "sent: bytes a rank sends per step (all-gather of W chunks of c: (W-1)c, ring cost; all-to-all: exact); "
+        "ideal: replicated 0, zero1 (W-1)/W x params, fsdp2 2(W-1)/W^2 x Muon matrices (each rank's rows to "
+        "their owner and back). Step time: the median over steps after the first (the only step with --steps 1)."
+    )
 
 
 if __name__ == "__main__":

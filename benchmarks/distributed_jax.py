@@ -95,23 +95,30 @@ def bytes_per_device(state):
 def memory_table(mesh):
     shapes = gpt2_tree()
     params = make(shapes, mesh, 0)
-    print(f"\nOptimizer state per device, GPT-2 small ({sum(np.prod(s) for s in shapes.values()) / 1e6:.1f}M "
-          f"parameters, {len(shapes)} tensors), {mesh.size} devices")
-    print(f"{'optimizer':32s} {'total MiB':>10s} {'max/device':>11s} {'min/device':>11s} {'total/dev':>10s} "
-          f"{'max/ideal':>9s}")
+    print(
+        f"\nOptimizer state per device, GPT-2 small ({sum(np.prod(s) for s in shapes.values()) / 1e6:.1f}M "
+        f"parameters, {len(shapes)} tensors), {mesh.size} devices"
+    )
+    print(
+        f"{'optimizer':32s} {'total MiB':>10s} {'max/device':>11s} {'min/device':>11s} {'total/dev':>10s} "
+        f"{'max/ideal':>9s}"
+    )
     candidates = {
         "treeopt AdamW": lambda: tj.init(optim.AdamW(3e-4), params),
         "optax.adamw": lambda: optax.adamw(3e-4).init(params),
-        "treeopt Muon+AdamW": lambda: tj.init(optim.MultiOptimizer(
-            [optim.Muon(0.02), optim.AdamW(3e-4)], [is_hidden_matrix]), params),
+        "treeopt Muon+AdamW": lambda: tj.init(
+            optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-4)], [is_hidden_matrix]), params
+        ),
         "treeopt Adafactor (factored)": lambda: tj.init(optim.Adafactor(), params),
     }
     for name, init in candidates.items():
         state = init()
         high, low, total, devices = bytes_per_device(state)
         ideal = total / mesh.size
-        print(f"{name:32s} {total / 2**20:10.1f} {high / 2**20:11.1f} {low / 2**20:11.1f} {ideal / 2**20:10.1f} "
-              f"{high / ideal:9.3f}")
+        print(
+            f"{name:32s} {total / 2**20:10.1f} {high / 2**20:11.1f} {low / 2**20:11.1f} {ideal / 2**20:10.1f} "
+            f"{high / ideal:9.3f}"
+        )
         del state
 
 
@@ -131,13 +138,19 @@ def collectives(step, args):
 
 
 def time_table(mesh, rounds, muon_layers):
-    print(f"\nStep time (jit, fixed gradients), median of {rounds} rounds interleaved; {mesh.size} simulated devices "
-          f"on {os.cpu_count()} cores of {cpu_name()}; other work was running on this machine")
+    print(
+        f"\nStep time (jit, fixed gradients), median of {rounds} rounds interleaved; {mesh.size} simulated devices "
+        f"on {os.cpu_count()} cores of {cpu_name()}; other work was running on this machine"
+    )
     cases = {}
     for label, shapes, make_opt in (
-            ("AdamW, GPT-2 small", gpt2_tree(), lambda: optim.AdamW(3e-4)),
-            (f"Muon+AdamW, GPT-2 {muon_layers} block(s)", gpt2_tree(muon_layers),
-             lambda: optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-4)], [is_hidden_matrix]))):
+        ("AdamW, GPT-2 small", gpt2_tree(), lambda: optim.AdamW(3e-4)),
+        (
+            f"Muon+AdamW, GPT-2 {muon_layers} block(s)",
+            gpt2_tree(muon_layers),
+            lambda: optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-4)], [is_hidden_matrix]),
+        ),
+    ):
         for where in ("one device", "sharded"):
             m = None if where == "one device" else mesh
             opt = make_opt()
@@ -161,8 +174,10 @@ def time_table(mesh, rounds, muon_layers):
         one = statistics.median(times[(label, "one device", library)])
         sharded = statistics.median(times[(label, "sharded", library)])
         step, args = cases[(label, "sharded", library)]
-        print(f"{label:34s} {library:8s} {one * 1e3:9.1f}ms {sharded * 1e3:7.1f}ms {sharded / one:6.2f}  "
-              f"{collectives(step, args)}")
+        print(
+            f"{label:34s} {library:8s} {one * 1e3:9.1f}ms {sharded * 1e3:7.1f}ms {sharded / one:6.2f}  "
+            f"{collectives(step, args)}"
+        )
 
 
 def main():
@@ -170,8 +185,10 @@ def main():
     if len(devices) != ARGS.devices:
         raise SystemExit(f"JAX started with {len(devices)} devices, not {ARGS.devices}: run this script on its own")
     mesh = jax.make_mesh((ARGS.devices,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
-    print(f"jax {jax.__version__}, optax {optax.__version__}, {ARGS.devices} host devices simulated on "
-          f"{os.cpu_count()} cores ({cpu_name()})")
+    print(
+        f"jax {jax.__version__}, optax {optax.__version__}, {ARGS.devices} host devices simulated on "
+        f"{os.cpu_count()} cores ({cpu_name()})"
+    )
     memory_table(mesh)
     time_table(mesh, ARGS.rounds, ARGS.muon_layers)
 

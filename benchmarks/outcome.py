@@ -43,8 +43,14 @@ def run_one(job):
     optimizer = setups.make(setup, model, steps, hyper)
     began = time.perf_counter()
     curve, seconds = training_gpt.train(model, optimizer, data, steps, seed, evaluations=1)
-    return {**job, "final_val_loss": curve.val_loss[-1], "train_seconds": seconds[0], "cpu_seconds": seconds[1],
-            "wall_seconds": time.perf_counter() - began, "curve": {"steps": curve.steps, "val_loss": curve.val_loss}}
+    return {
+        **job,
+        "final_val_loss": curve.val_loss[-1],
+        "train_seconds": seconds[0],
+        "cpu_seconds": seconds[1],
+        "wall_seconds": time.perf_counter() - began,
+        "curve": {"steps": curve.steps, "val_loss": curve.val_loss},
+    }
 
 
 def key(job):
@@ -66,8 +72,11 @@ def sweep(jobs, results_path, workers):
             record = future.result()
             with open(results_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"  {record['setup']:<12} {record['hyper']} seed {record['seed']}: "
-                  f"val {record['final_val_loss']:.4f} ({record['train_seconds']:.0f} s)", flush=True)
+            print(
+                f"  {record['setup']:<12} {record['hyper']} seed {record['seed']}: "
+                f"val {record['final_val_loss']:.4f} ({record['train_seconds']:.0f} s)",
+                flush=True,
+            )
 
 
 def mean_by_setting(records, setup, steps, seeds, complete=True):
@@ -86,18 +95,23 @@ def best(means):
 
 
 def table(records, steps, seeds):
-    lines = [f"Final validation loss (nats per byte) after {steps} steps, mean over seeds "
-             f"{', '.join(map(str, seeds))} (each seed's value in brackets); **bold**: the best of each part "
-             "among the settings run on every seed.", "",
-             "| set-up | Muon lr | AdamW lr | beta2 | final val loss |", "|---|---|---|---|---|"]
+    lines = [
+        f"Final validation loss (nats per byte) after {steps} steps, mean over seeds "
+        f"{', '.join(map(str, seeds))} (each seed's value in brackets); **bold**: the best of each part "
+        "among the settings run on every seed.",
+        "",
+        "| set-up | Muon lr | AdamW lr | beta2 | final val loss |",
+        "|---|---|---|---|---|",
+    ]
     for setup in ("AdamW", "muon_adamw"):
         means = mean_by_setting(records, setup, steps, seeds, complete=False)
         complete = mean_by_setting(records, setup, steps, seeds)
         if not means:
             continue
         winner = best(complete)[0] if complete else None
-        for setting in sorted(means, key=lambda k: (json.loads(k)["muon_lr"], json.loads(k)["beta2"],
-                                                    json.loads(k)["adamw_lr"])):
+        for setting in sorted(
+            means, key=lambda k: (json.loads(k)["muon_lr"], json.loads(k)["beta2"], json.loads(k)["adamw_lr"])
+        ):
             h = json.loads(setting)
             mean, values = means[setting]
             cell = f"{mean:.4f} ({', '.join(f'{v:.3f}' for v in values)})"
@@ -121,8 +135,12 @@ def write_doc(markdown, doc=ROOT / "docs" / "outcome.md"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200,
-                        help="steps per run (default 200: a third of the demo's, to fit a loaded 2-core machine)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=200,
+        help="steps per run (default 200: a third of the demo's, to fit a loaded 2-core machine)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each")
     parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("outcome.jsonl"))
@@ -134,16 +152,25 @@ def main(argv=None):
     from treeopt.demo import setups
 
     default = setups.Hyper().to_dict()
-    print(f"sweep: {args.steps} steps, seeds {args.seeds}, {args.jobs} job(s) of one thread; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
-          flush=True)
-    adamw = [{"setup": "AdamW", "hyper": {**default, "adamw_lr": lr, "beta2": b2}, "seed": s, "steps": args.steps}
-             for b2 in BETA2S for lr in ADAMW_LRS for s in args.seeds]
+    print(
+        f"sweep: {args.steps} steps, seeds {args.seeds}, {args.jobs} job(s) of one thread; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
+        flush=True,
+    )
+    adamw = [
+        {"setup": "AdamW", "hyper": {**default, "adamw_lr": lr, "beta2": b2}, "seed": s, "steps": args.steps}
+        for b2 in BETA2S
+        for lr in ADAMW_LRS
+        for s in args.seeds
+    ]
     sweep(adamw, args.results, args.jobs)
     tuned, loss = best(mean_by_setting(load(args.results), "AdamW", args.steps, args.seeds))
     print(f"best AdamW: lr {tuned['adamw_lr']:g}, beta2 {tuned['beta2']:g}: {loss:.4f}", flush=True)
-    muon = [{"setup": "muon_adamw", "hyper": {**tuned, "muon_lr": lr}, "seed": s, "steps": args.steps}
-            for lr in MUON_LRS for s in args.seeds]
+    muon = [
+        {"setup": "muon_adamw", "hyper": {**tuned, "muon_lr": lr}, "seed": s, "steps": args.steps}
+        for lr in MUON_LRS
+        for s in args.seeds
+    ]
     sweep(muon, args.results, args.jobs)
     routed, loss = best(mean_by_setting(load(args.results), "muon_adamw", args.steps, args.seeds))
     print(f"best muon_adamw: Muon lr {routed['muon_lr']:g}: {loss:.4f}", flush=True)

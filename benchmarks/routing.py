@@ -50,8 +50,13 @@ def layers_mod_3():
     return optim.MultiOptimizer([adamw(), adamw(), adamw()], [lambda p, w: third(p) == 0, lambda p, w: third(p) == 1])
 
 
-CANDIDATES = {"AdamW": adamw, "MultiOptimizer, 1 group": lambda: optim.MultiOptimizer([adamw()]),
-              "matrices | vectors": by_ndim, "muon_adamw layout": muon_adamw_layout, "layers % 3": layers_mod_3}
+CANDIDATES = {
+    "AdamW": adamw,
+    "MultiOptimizer, 1 group": lambda: optim.MultiOptimizer([adamw()]),
+    "matrices | vectors": by_ndim,
+    "muon_adamw layout": muon_adamw_layout,
+    "layers % 3": layers_mod_3,
+}
 
 
 def setup(shapes, make, compiled, library):
@@ -71,6 +76,7 @@ def setup(shapes, make, compiled, library):
             opt.update(params, grads)
         finally:
             kernels.enabled = True
+
     step()
     return step
 
@@ -83,11 +89,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     libraries = [lib for lib in args.libraries if importlib.util.find_spec(lib)]
     warnings.simplefilter("ignore")  # groups that match nothing in a tree (no vectors in 2,000 x 64x64)
-    print(f"CPU: {cpu_name()}; numba threads: {kernels.get_num_threads()}; other work may be running: "
-          "every ratio is to one AdamW timed in the same rounds", flush=True)
+    print(
+        f"CPU: {cpu_name()}; numba threads: {kernels.get_num_threads()}; other work may be running: "
+        "every ratio is to one AdamW timed in the same rounds",
+        flush=True,
+    )
     tiny = {f"layers.{i}.weight": (4,) for i in range(2000)}  # the step is all overhead
-    for tree, shapes in (("2,000 tensors of 4 elements: the per-step overhead alone", tiny),
-                         ("2,000 tensors of 64x64", many_shapes()), ("10M transformer", small_shapes())):
+    for tree, shapes in (
+        ("2,000 tensors of 4 elements: the per-step overhead alone", tiny),
+        ("2,000 tensors of 64x64", many_shapes()),
+        ("10M transformer", small_shapes()),
+    ):
         print(f"== {tree} ({len(shapes)} tensors)", flush=True)
         for library in libraries:
             for compiled in (True, False) if not args.no_reference else (True,):
@@ -102,8 +114,10 @@ def main(argv=None):
                 path = "compiled step" if compiled else "per-tensor path"
                 for name, samples in times.items():
                     median = statistics.median(samples)
-                    print(f"   {library:<6} {path:<16} {name:<26} {median * 1e3:8.2f} ms  {median / base:6.3f}x",
-                          flush=True)
+                    print(
+                        f"   {library:<6} {path:<16} {name:<26} {median * 1e3:8.2f} ms  {median / base:6.3f}x",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -37,12 +37,22 @@ def gpt2_shapes():
     shapes = {"wte": (50257, 768), "wpe": (1024, 768)}
     for i in range(12):
         p = f"h.{i}."
-        shapes.update({p + "ln_1.weight": (768,), p + "ln_1.bias": (768,),
-                       p + "attn.c_attn.weight": (768, 2304), p + "attn.c_attn.bias": (2304,),
-                       p + "attn.c_proj.weight": (768, 768), p + "attn.c_proj.bias": (768,),
-                       p + "ln_2.weight": (768,), p + "ln_2.bias": (768,),
-                       p + "mlp.c_fc.weight": (768, 3072), p + "mlp.c_fc.bias": (3072,),
-                       p + "mlp.c_proj.weight": (3072, 768), p + "mlp.c_proj.bias": (768,)})
+        shapes.update(
+            {
+                p + "ln_1.weight": (768,),
+                p + "ln_1.bias": (768,),
+                p + "attn.c_attn.weight": (768, 2304),
+                p + "attn.c_attn.bias": (2304,),
+                p + "attn.c_proj.weight": (768, 768),
+                p + "attn.c_proj.bias": (768,),
+                p + "ln_2.weight": (768,),
+                p + "ln_2.bias": (768,),
+                p + "mlp.c_fc.weight": (768, 3072),
+                p + "mlp.c_fc.bias": (3072,),
+                p + "mlp.c_proj.weight": (3072, 768),
+                p + "mlp.c_proj.bias": (768,),
+            }
+        )
     shapes.update({"ln_f.weight": (768,), "ln_f.bias": (768,)})
     return shapes
 
@@ -55,8 +65,16 @@ def small_shapes(d=256, layers=12, vocab=2048):
     shapes = {"embed.weight": (vocab, d)}
     for i in range(layers):
         p = f"layers.{i}."
-        shapes.update({p + "attn_norm.weight": (d,), p + "attn.qkv.weight": (3 * d, d), p + "attn.proj.weight": (d, d),
-                       p + "mlp_norm.weight": (d,), p + "mlp.fc.weight": (4 * d, d), p + "mlp.proj.weight": (d, 4 * d)})
+        shapes.update(
+            {
+                p + "attn_norm.weight": (d,),
+                p + "attn.qkv.weight": (3 * d, d),
+                p + "attn.proj.weight": (d, d),
+                p + "mlp_norm.weight": (d,),
+                p + "mlp.fc.weight": (4 * d, d),
+                p + "mlp.proj.weight": (d, 4 * d),
+            }
+        )
     shapes.update({"norm.weight": (d,), "head.weight": (vocab, d)})
     return shapes
 
@@ -149,18 +167,23 @@ def treeopt_candidates(kind, shapes, libraries):
             return optim.AdamW(1e-3, weight_decay=0.01)
         if kind == "sgd":
             return optim.SGD(1e-2, momentum=0.9)
-        return optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-4), optim.AdamW(3e-4, weight_decay=0.0)],
-                                    [lambda p, w: is_hidden(p, w.shape), lambda p, w: w.ndim < 2])
+        return optim.MultiOptimizer(
+            [optim.Muon(0.02), optim.AdamW(3e-4), optim.AdamW(3e-4, weight_decay=0.0)],
+            [lambda p, w: is_hidden(p, w.shape), lambda p, w: w.ndim < 2],
+        )
 
     candidates = {}
     if "numpy" in libraries:
+
         def numpy_setup():
             params, grads = numpy_arrays(shapes)
             opt = make(optim)
             _first_steps("treeopt numpy", kind, lambda: opt.update(params, grads))  # plans, compiles
             return lambda: opt.update(params, grads)
+
         candidates["treeopt numpy"] = numpy_setup
     if "torch" in libraries:
+
         def torch_setup():
             import torch
 
@@ -170,13 +193,16 @@ def treeopt_candidates(kind, shapes, libraries):
             opt = make(optim)
             _first_steps("treeopt torch", kind, lambda: opt.update(params, grads))
             return lambda: opt.update(params, grads)
+
         candidates["treeopt torch"] = torch_setup
     if "jax" in libraries:
+
         def treeopt_jax(params):
             import treeopt.jax as tj
 
             opt = make(optim)
             return tj.init(opt, params), lambda p, s, g: tj.update(opt, g, s, p)
+
         candidates["treeopt jax (jit, donated)"] = lambda: jax_runner(treeopt_jax, shapes)
     if "mlx" in libraries:
         candidates["treeopt mlx eager"] = lambda: mlx_runner(lambda: make(optim), shapes, compiled=False)
@@ -207,6 +233,7 @@ def jax_runner(make_step, shapes):
     def run():
         box[0], box[1] = step(box[0], box[1], grads)
         jax.block_until_ready(box[0])
+
     run()
     return run
 
@@ -225,6 +252,7 @@ def mlx_runner(make_optimizer, shapes, compiled):
     opt.init(params)
     box = {"params": params}
     if compiled:
+
         @mx.compile
         def apply(p, s, g):
             opt.state = s
@@ -235,9 +263,11 @@ def mlx_runner(make_optimizer, shapes, compiled):
             opt.state = state
             mx.eval(box["params"], opt.state)
     else:
+
         def run():
             box["params"] = opt.apply_gradients(grads, box["params"])
             mx.eval(box["params"], opt.state)
+
     run()
     return run
 
@@ -264,17 +294,22 @@ def peer_candidates(kind, shapes, libraries):
                 muon_flags = {} if mode == "loop" else None
                 if muon_flags is None or not hasattr(torch.optim, "Muon"):
                     return None
-                opts = [torch.optim.Muon(hidden, lr=0.02)] + ([torch.optim.AdamW(rest, lr=3e-4, **flags)] if rest else [])
+                opts = [torch.optim.Muon(hidden, lr=0.02)] + (
+                    [torch.optim.AdamW(rest, lr=3e-4, **flags)] if rest else []
+                )
 
             def run():
                 for o in opts:
                     o.step()
+
             run()
             return run
+
         modes = ["loop", "foreach", "fused"] if kind != "muon" else ["loop"]
         for mode in modes:
-            candidates[f"torch.optim {mode}"] = (lambda m=mode: torch_setup(m))
+            candidates[f"torch.optim {mode}"] = lambda m=mode: torch_setup(m)
     if "jax" in libraries:
+
         def optax_step(params):
             import optax
 
@@ -289,9 +324,12 @@ def peer_candidates(kind, shapes, libraries):
             def update(p, s, g):
                 updates, s = tx.update(g, s, p)
                 return optax.apply_updates(p, updates), s
+
             return tx.init(params), update
+
         candidates["optax (jit, donated)"] = lambda: jax_runner(optax_step, shapes)
     if "mlx" in libraries:
+
         def mlx_peer():
             import mlx.optimizers as mo
 
@@ -328,6 +366,7 @@ def matmul_runner(shapes, library="numpy", steps=5):
             for _ in range(steps):
                 gram = product(x, swap(x))
                 product(product(gram, gram), x)
+
     return run
 
 
@@ -359,6 +398,7 @@ def matmul_bound(shapes, steps=5):
 # --------------------------------------------------------------------------------- running
 def main(argv=None):
     import functools, builtins
+
     global print
     print = functools.partial(builtins.print, flush=True)  # progress shows in logs and pipes
 
@@ -378,10 +418,13 @@ def main(argv=None):
     import numba
     import treeopt.kernels as kernels
 
-    print(f"CPU: {cpu_name()}; numba threads: {kernels.get_num_threads()} "
-          "(NUMBA_NUM_THREADS / TREEOPT_NUM_THREADS / OMP_NUM_THREADS)")
+    print(
+        f"CPU: {cpu_name()}; numba threads: {kernels.get_num_threads()} "
+        "(NUMBA_NUM_THREADS / TREEOPT_NUM_THREADS / OMP_NUM_THREADS)"
+    )
     compile_start = time.perf_counter()
     import treeopt as optim
+
     warm = {"w": np.zeros(8, np.float32)}
     for make in (lambda: optim.AdamW(1e-3), lambda: optim.SGD(1e-2, momentum=0.9)):
         opt = make()
@@ -389,8 +432,10 @@ def main(argv=None):
         opt.update(warm, {"w": np.ones(8, np.float32)})
     from treeopt.kernels.numba_kernels import cache_dir
 
-    print(f"numba kernels ready in {time.perf_counter() - compile_start:.2f} s "
-          f"(compiled once, then loaded from the disk cache in {cache_dir()})")
+    print(
+        f"numba kernels ready in {time.perf_counter() - compile_start:.2f} s "
+        f"(compiled once, then loaded from the disk cache in {cache_dir()})"
+    )
 
     stream = bandwidth_kernel()
     results = []
@@ -406,14 +451,18 @@ def main(argv=None):
             stream(*buffers)
 
         bound = statistics.median(_timed(bound_step) for _ in range(5))
-        print(f"   bandwidth: {28 * elements / bound / 1e9:.1f} GB/s -> AdamW bound {bound * 1e3:.2f} ms "
-              f"(SGD momentum moves 20 B/element: bound {bound * 20 / 28 * 1e3:.2f} ms); "
-              "the bound is re-timed in every round, interleaved with the candidates")
+        print(
+            f"   bandwidth: {28 * elements / bound / 1e9:.1f} GB/s -> AdamW bound {bound * 1e3:.2f} ms "
+            f"(SGD momentum moves 20 B/element: bound {bound * 20 / 28 * 1e3:.2f} ms); "
+            "the bound is re-timed in every round, interleaved with the candidates"
+        )
         muon_bound = None
         if "muon" in args.optimizers:
             muon_bound = {lib: matmul_runner(shapes, lib) for lib in ("numpy", "torch") if lib in libraries}
-            print("   Muon matrix products alone (5 Newton-Schulz steps, same-shape matrices batched): re-timed "
-                  "in every round (numpy matmul on stacks; torch.bmm for torch)")
+            print(
+                "   Muon matrix products alone (5 Newton-Schulz steps, same-shape matrices batched): re-timed "
+                "in every round (numpy matmul on stacks; torch.bmm for torch)"
+            )
         for kind in args.optimizers:
             # interleaved within a family of libraries (all of them at once would not fit in
             # memory for the 124M tree); families share the bound measured above
@@ -434,12 +483,16 @@ def main(argv=None):
         print("\n== first steps (a fresh optimizer: planning, compiling or loading kernels from the disk cache)")
         for name, kind, first, second in FIRST_STEPS:
             print(f"   {kind:<5} {name:<16} step 1 {first * 1e3:9.1f} ms   step 2 {second * 1e3:9.1f} ms")
-    print("\n== GPU rows (CUDA: treeopt's torch.compile runner against torch.optim.AdamW(fused=True) on GPT-2 "
-          "small; Muon batched in bfloat16 against torch.optim.Muon): not measured (no GPU in this session)")
+    print(
+        "\n== GPU rows (CUDA: treeopt's torch.compile runner against torch.optim.AdamW(fused=True) on GPT-2 "
+        "small; Muon batched in bfloat16 against torch.optim.Muon): not measured (no GPU in this session)"
+    )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"numba": numba.__version__, "threads": kernels.get_num_threads(), "results": results}, f, indent=2)
+            json.dump(
+                {"numba": numba.__version__, "threads": kernels.get_num_threads(), "results": results}, f, indent=2
+            )
         print(f"\nwrote {args.json}")
 
 
@@ -477,24 +530,35 @@ def _run(tree, kind, candidates, rounds, bound_step, muon_bound, elements):
         for name, runner in runners.items():  # interleaved: one step of each per round
             times[name].append(_timed(runner))
     bound = statistics.median(times.pop("(bandwidth bound)"))
-    products = {name[len("(matmul "):-1]: statistics.median(times.pop(name)) for name in list(times)
-                if name.startswith("(matmul ")}
+    products = {
+        name[len("(matmul ") : -1]: statistics.median(times.pop(name))
+        for name in list(times)
+        if name.startswith("(matmul ")
+    }
     for lib, seconds in products.items():
         print(f"   {kind:<5} {'matrix products alone, ' + lib:<30} {seconds * 1e3:9.2f} ms  (batched, this round)")
     rows = []
     for name, samples in times.items():
         median = statistics.median(samples)
-        row = {"tree": tree, "optimizer": kind, "candidate": name, "median_ms": median * 1e3,
-               "bound_ms": bound * traffic * 1e3,
-               "ratio_to_bound": median / (bound * traffic), "peak_added_mb": memory[name] / 2**20}
+        row = {
+            "tree": tree,
+            "optimizer": kind,
+            "candidate": name,
+            "median_ms": median * 1e3,
+            "bound_ms": bound * traffic * 1e3,
+            "ratio_to_bound": median / (bound * traffic),
+            "peak_added_mb": memory[name] / 2**20,
+        }
         if products:  # torch's candidates against torch.bmm, the others against NumPy's matmul
             own = products.get("torch" if "torch" in name else "numpy", next(iter(products.values())))
             row["ratio_to_matmul"] = median / own
         rows.append(row)
         extra = f"  {row['ratio_to_matmul']:5.2f}x matmul" if "ratio_to_matmul" in row else ""
         extra += f"  (bound {bound * traffic * 1e3:.2f} ms this round)" if name == next(iter(times)) else ""
-        print(f"   {kind:<5} {name:<30} {median * 1e3:9.2f} ms  {row['ratio_to_bound']:6.2f}x bound"
-              f"  +{row['peak_added_mb']:7.1f} MB{extra}")
+        print(
+            f"   {kind:<5} {name:<30} {median * 1e3:9.2f} ms  {row['ratio_to_bound']:6.2f}x bound"
+            f"  +{row['peak_added_mb']:7.1f} MB{extra}"
+        )
     return rows
 
 

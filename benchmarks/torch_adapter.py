@@ -47,8 +47,10 @@ def main():
         with torch.no_grad():
             bare.update(bare_params, {n: p.grad for n, p in bare_params.items()})
 
-    candidates = {"treeopt AdamW, bare update()": (bare_model, bare_step),
-                  "treeopt.torch.Optimizer(AdamW)": (adapted, adapter.step)}
+    candidates = {
+        "treeopt AdamW, bare update()": (bare_model, bare_step),
+        "treeopt.torch.Optimizer(AdamW)": (adapted, adapter.step),
+    }
     times = {name: [] for name in candidates}
     for model, _ in candidates.values():
         fill_grads(model)
@@ -60,8 +62,10 @@ def main():
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    print(f"{args.tensors} tensors of {args.size}x{args.size} and {args.size}; one thread; "
-          f"{platform.processor() or platform.machine()}; torch {torch.__version__}")
+    print(
+        f"{args.tensors} tensors of {args.size}x{args.size} and {args.size}; one thread; "
+        f"{platform.processor() or platform.machine()}; torch {torch.__version__}"
+    )
     base = statistics.median(times["treeopt AdamW, bare update()"])
     for name, values in times.items():
         median = statistics.median(values)

@@ -43,7 +43,8 @@ def main(steps=200, seed=0):
     params = init_params(jax.random.key(seed))
     multi = optim.MultiOptimizer(
         [optim.Muon(optim.cosine_decay(0.02, steps)), optim.AdamW(optim.cosine_decay(3e-3, steps))],
-        [lambda path, w: path == "hidden.w"])
+        [lambda path, w: path == "hidden.w"],
+    )
     tx = optax.chain(optax.clip_by_global_norm(1.0), treeopt.jax.as_optax(multi))
     state = tx.init(params)
 

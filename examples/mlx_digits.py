@@ -36,7 +36,8 @@ def main(steps=200, seed=0):
     model = MLP()
     optimizer = optim.MultiOptimizer(
         [optim.Muon(optim.cosine_decay(0.02, steps)), optim.AdamW(optim.cosine_decay(3e-3, steps))],
-        [lambda path, w: path == "hidden.weight"])
+        [lambda path, w: path == "hidden.weight"],
+    )
 
     def loss_fn(model, x, y):
         return nn.losses.cross_entropy(model(x), y).mean()

@@ -80,6 +80,8 @@ def main(steps, checkpoint=None, seed=0):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--checkpoint", default=None, help="a folder: resume from it if it holds a checkpoint, save to it")
+    parser.add_argument(
+        "--checkpoint", default=None, help="a folder: resume from it if it holds a checkpoint, save to it"
+    )
     arguments = parser.parse_args()
     main(arguments.steps, arguments.checkpoint)

@@ -32,8 +32,12 @@ def main(steps=200, seed=0):
     model.add_module("head", torch.nn.Linear(128, 10))
 
     schedule = optim.join_schedules([optim.linear_schedule(0.0, 1.0, 20), optim.cosine_decay(1.0, steps)], [20])
-    opt = treeopt.torch.Optimizer(model, optim.MultiOptimizer(
-        [optim.Muon(lambda t: 0.02 * schedule(t)), optim.AdamW(lambda t: 3e-3 * schedule(t))], [hidden_matrix]))
+    opt = treeopt.torch.Optimizer(
+        model,
+        optim.MultiOptimizer(
+            [optim.Muon(lambda t: 0.02 * schedule(t)), optim.AdamW(lambda t: 3e-3 * schedule(t))], [hidden_matrix]
+        ),
+    )
 
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):

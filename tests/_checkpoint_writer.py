@@ -15,8 +15,10 @@ from treeopt import checkpoint, engine
 
 
 def state_for(elements):
-    params = {"big": {"a": np.zeros(elements, np.float32), "b": np.zeros((elements // 64, 64), np.float32)},
-              "small": np.zeros(3, np.float32)}
+    params = {
+        "big": {"a": np.zeros(elements, np.float32), "b": np.zeros((elements // 64, 64), np.float32)},
+        "small": np.zeros(3, np.float32),
+    }
     opt = optim.SGD(1.0, momentum=0.9)
     opt.init(params)
     return opt

@@ -31,7 +31,8 @@ def model_and_optimizer():
     model = MLP()
     optimizer = optim.MultiOptimizer(
         [optim.Muon(0.02, weight_decay=0.01), optim.AdamW(optim.cosine_decay(3e-3, 10))],
-        [lambda path, w: path == "hidden.weight"])
+        [lambda path, w: path == "hidden.weight"],
+    )
     return model, optimizer
 
 

@@ -17,8 +17,9 @@ import torch.multiprocessing as mp
 
 def _rank_main(rank, fn, world, folder, timeout, args):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
+    )
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(folder, f"result-{rank}.pt"))
@@ -30,8 +31,9 @@ def _rank_main(rank, fn, world, folder, timeout, args):
 def run_world(fn, world, *args, timeout=60):
     """``[fn(rank, world, *args) for each rank]``, each run in its own forked process."""
     with tempfile.TemporaryDirectory() as folder:
-        context = mp.start_processes(_rank_main, args=(fn, world, folder, timeout, args), nprocs=world,
-                                     join=False, start_method="fork")
+        context = mp.start_processes(
+            _rank_main, args=(fn, world, folder, timeout, args), nprocs=world, join=False, start_method="fork"
+        )
         deadline = time.monotonic() + timeout
         while not context.join(timeout=1):
             if time.monotonic() > deadline:

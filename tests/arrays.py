@@ -24,8 +24,7 @@ def available(name):
 
 def backend_params(names=BACKENDS):
     """pytest params for backends; one whose library is not installed is skipped with a reason."""
-    return [pytest.param(n, marks=pytest.mark.skipif(not available(n), reason=f"{n} is not installed"))
-            for n in names]
+    return [pytest.param(n, marks=pytest.mark.skipif(not available(n), reason=f"{n} is not installed")) for n in names]
 
 
 def np_dtype(dtype):

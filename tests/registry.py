@@ -30,24 +30,47 @@ def _schedule_free_adamw(kwargs):
 
     b1, b2 = kwargs.get("betas", (0.9, 0.999))
     return optax.contrib.schedule_free_adamw(
-        kwargs["learning_rate"], b1=b1, b2=b2, eps=kwargs.get("eps", 1e-8),
-        weight_decay=kwargs.get("weight_decay", 0.0), weight_lr_power=kwargs.get("weight_lr_power", 2.0))
+        kwargs["learning_rate"],
+        b1=b1,
+        b2=b2,
+        eps=kwargs.get("eps", 1e-8),
+        weight_decay=kwargs.get("weight_decay", 0.0),
+        weight_lr_power=kwargs.get("weight_lr_power", 2.0),
+    )
 
 
 def _adan(kwargs):
     import optax
 
     b1, b2, b3 = kwargs.get("betas", (0.98, 0.92, 0.99))
-    return optax.adan(kwargs["learning_rate"], b1=b1, b2=b2, b3=b3, eps=kwargs.get("eps", 1e-8),
-                      eps_root=kwargs.get("eps_root", 0.0), weight_decay=kwargs.get("weight_decay", 0.0))
+    return optax.adan(
+        kwargs["learning_rate"],
+        b1=b1,
+        b2=b2,
+        b3=b3,
+        eps=kwargs.get("eps", 1e-8),
+        eps_root=kwargs.get("eps_root", 0.0),
+        weight_decay=kwargs.get("weight_decay", 0.0),
+    )
 
 
 CAPABILITIES = {
-    "SGD": Capabilities(), "RMSprop": Capabilities(), "Adagrad": Capabilities(), "AdaDelta": Capabilities(),
-    "Adam": Capabilities(), "AdamW": Capabilities(), "Adamax": Capabilities(), "Lion": Capabilities(),
-    "Adafactor": Capabilities(elementwise=False), "Muon": Capabilities(elementwise=False),
-    "ScheduleFreeAdamW": Capabilities(mlx_reference=False, running_values=True, reference=_schedule_free_adamw,
-                                      reference_name="optax.contrib.schedule_free_adamw"),
+    "SGD": Capabilities(),
+    "RMSprop": Capabilities(),
+    "Adagrad": Capabilities(),
+    "AdaDelta": Capabilities(),
+    "Adam": Capabilities(),
+    "AdamW": Capabilities(),
+    "Adamax": Capabilities(),
+    "Lion": Capabilities(),
+    "Adafactor": Capabilities(elementwise=False),
+    "Muon": Capabilities(elementwise=False),
+    "ScheduleFreeAdamW": Capabilities(
+        mlx_reference=False,
+        running_values=True,
+        reference=_schedule_free_adamw,
+        reference_name="optax.contrib.schedule_free_adamw",
+    ),
     "Adan": Capabilities(mlx_reference=False, reference=_adan, reference_name="optax.adan"),
 }
 
@@ -99,18 +122,29 @@ SETTINGS = [
     Setting("Adafactor", dict(), "relative step, scaled, factored and not"),
     Setting("Adafactor", dict(warmup_init=True), "warm-up relative step", convergence_steps=3000),
     Setting("Adafactor", dict(learning_rate=0.01, relative_step=False, scale_parameter=False), "fixed lr"),
-    Setting("Adafactor", dict(learning_rate=0.01, relative_step=False, beta_1=0.9, weight_decay=0.1,
-                              clip_threshold=0.5, decay_rate=-0.5), "first moment, decay, clipping"),
+    Setting(
+        "Adafactor",
+        dict(
+            learning_rate=0.01, relative_step=False, beta_1=0.9, weight_decay=0.1, clip_threshold=0.5, decay_rate=-0.5
+        ),
+        "first moment, decay, clipping",
+    ),
     Setting("Adafactor", dict(beta_1=0.0), "beta_1 = 0 still keeps a first moment"),
     Setting("Muon", dict(learning_rate=0.02), "nesterov, coupled decay"),
     Setting("Muon", dict(learning_rate=0.02, nesterov=False, weight_decay=0.0), "plain momentum"),
     Setting("Muon", dict(learning_rate=0.02, momentum=0.0, ns_steps=3), "no momentum, 3 iterations"),
     Setting("ScheduleFreeAdamW", dict(learning_rate=0.05), "default"),
-    Setting("ScheduleFreeAdamW", dict(learning_rate=0.05, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.1,
-                                      weight_lr_power=1.0), "betas, eps, decay, weight power"),
+    Setting(
+        "ScheduleFreeAdamW",
+        dict(learning_rate=0.05, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.1, weight_lr_power=1.0),
+        "betas, eps, decay, weight power",
+    ),
     Setting("Adan", dict(learning_rate=0.05), "default"),
-    Setting("Adan", dict(learning_rate=0.05, betas=(0.9, 0.8, 0.95), eps=1e-4, weight_decay=0.1, eps_root=1e-6),
-            "betas, eps, decay, eps_root"),
+    Setting(
+        "Adan",
+        dict(learning_rate=0.05, betas=(0.9, 0.8, 0.95), eps=1e-4, weight_decay=0.1, eps_root=1e-6),
+        "betas, eps, decay, eps_root",
+    ),
 ]
 
 #: scheduled learning rates, run on every optimizer that takes one
@@ -160,8 +194,13 @@ ERRORS = [
     ("Muon", dict(learning_rate=0.1, ns_steps=2.5), ValueError, "Muon ns_steps", False),
     ("SGD", dict(learning_rate="fast"), TypeError, "learning_rate must be", True),  # MLX: a ValueError
     ("ScheduleFreeAdamW", dict(learning_rate=0.1, betas=(0.0, 0.999)), ValueError, "ScheduleFreeAdamW beta1", None),
-    ("ScheduleFreeAdamW", dict(learning_rate=0.1, weight_lr_power=-1.0), ValueError, "weight_lr_power should be >=0",
-     None),
+    (
+        "ScheduleFreeAdamW",
+        dict(learning_rate=0.1, weight_lr_power=-1.0),
+        ValueError,
+        "weight_lr_power should be >=0",
+        None,
+    ),
     ("ScheduleFreeAdamW", dict(learning_rate=0.1, eps=-1.0), ValueError, "ScheduleFreeAdamW eps should be >=0", None),
     ("Adan", dict(learning_rate=0.1, betas=(0.9, 0.9)), ValueError, "Adan betas should have 3 values", None),
     ("Adan", dict(learning_rate=0.1, betas=(0.9, 0.9, 1.0)), ValueError, "Adan beta3", None),

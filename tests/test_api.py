@@ -11,9 +11,26 @@ import pytest
 import treeopt as optim
 import treeopt.tree
 
-MLX_NAMES = ["Optimizer", "MultiOptimizer", "SGD", "RMSprop", "Adagrad", "AdaDelta", "Adam", "AdamW", "Adamax",
-             "Lion", "Adafactor", "Muon", "clip_grad_norm", "exponential_decay", "step_decay", "cosine_decay",
-             "linear_schedule", "join_schedules"]
+MLX_NAMES = [
+    "Optimizer",
+    "MultiOptimizer",
+    "SGD",
+    "RMSprop",
+    "Adagrad",
+    "AdaDelta",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "Lion",
+    "Adafactor",
+    "Muon",
+    "clip_grad_norm",
+    "exponential_decay",
+    "step_decay",
+    "cosine_decay",
+    "linear_schedule",
+    "join_schedules",
+]
 TREE_NAMES = ["tree_map", "tree_map_with_path", "tree_flatten", "tree_unflatten", "tree_reduce", "tree_merge"]
 
 
@@ -35,7 +52,9 @@ def test_signatures_and_defaults_match_mlx(name):
 def test_tree_signatures_match_mlx_utils(name):
     mlx_utils = pytest.importorskip("mlx.utils")
     ours, theirs = inspect.signature(getattr(treeopt.tree, name)), inspect.signature(getattr(mlx_utils, name))
-    assert [(p.name, p.default) for p in ours.parameters.values()] == [(p.name, p.default) for p in theirs.parameters.values()]
+    assert [(p.name, p.default) for p in ours.parameters.values()] == [
+        (p.name, p.default) for p in theirs.parameters.values()
+    ]
 
 
 def test_no_stray_public_names():

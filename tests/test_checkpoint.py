@@ -73,7 +73,9 @@ def muon_adamw(**options):
     """Muon for the layers' matrices, AdamW (scheduled learning rate and weight decay) for the rest."""
     return optim.MultiOptimizer(
         [optim.Muon(0.02), optim.AdamW(optim.cosine_decay(3e-3, 10), weight_decay=optim.linear_schedule(0.0, 0.1, 10))],
-        [is_layer_matrix], **options)
+        [is_layer_matrix],
+        **options,
+    )
 
 
 def train(opt, params, backend, steps, start=0, nonfinite_at=()):
@@ -114,8 +116,9 @@ def assert_bit_identical(a, b):
 def assert_close(a, b, rtol=1e-5, atol=1e-6):
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
     for key in a:
-        np.testing.assert_allclose(np.asarray(a[key], np.float64), np.asarray(b[key], np.float64),
-                                   rtol=rtol, atol=atol, err_msg=key)
+        np.testing.assert_allclose(
+            np.asarray(a[key], np.float64), np.asarray(b[key], np.float64), rtol=rtol, atol=atol, err_msg=key
+        )
 
 
 def state_by_key(opt):
@@ -137,8 +140,11 @@ def child(opt, type_name):
 def test_file_is_safetensors_with_keys_by_path_and_metadata(tmp_path):
     values = model_values()
     params = on(values, "numpy")
-    opt = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3, betas=(0.9, lambda step: 0.99))],
-                               [is_layer_matrix], names=["hidden", "rest"])
+    opt = optim.MultiOptimizer(
+        [optim.Muon(0.02), optim.AdamW(3e-3, betas=(0.9, lambda step: 0.99))],
+        [is_layer_matrix],
+        names=["hidden", "rest"],
+    )
     train(opt, params, "numpy", 3)
     path = tmp_path / "opt.safetensors"
     checkpoint.save(opt, path)
@@ -151,12 +157,18 @@ def test_file_is_safetensors_with_keys_by_path_and_metadata(tmp_path):
         metadata = json.loads(handle.metadata()["treeopt"])
     expected = {"@hidden/step", "@hidden/learning_rate", "@rest/step", "@rest/learning_rate", "@rest/betas[1]"}
     for i in range(2):
-        expected |= {f"layers.{i}.attn.weight/v", f"layers.{i}.mlp.weight/v",
-                     f"layers.{i}.attn.bias/m", f"layers.{i}.attn.bias/v"}
+        expected |= {
+            f"layers.{i}.attn.weight/v",
+            f"layers.{i}.mlp.weight/v",
+            f"layers.{i}.attn.bias/m",
+            f"layers.{i}.attn.bias/v",
+        }
     for name in ("embed.weight", "norm.scale", "head.weight"):
         expected |= {f"{name}/m", f"{name}/v"}
     assert keys == expected
-    np.testing.assert_array_equal(tensors["layers.0.attn.weight/v"], opt.optimizers[0].state["layers"][0]["attn"]["weight"]["v"])
+    np.testing.assert_array_equal(
+        tensors["layers.0.attn.weight/v"], opt.optimizers[0].state["layers"][0]["attn"]["weight"]["v"]
+    )
     np.testing.assert_array_equal(tensors["head.weight/m"], opt.optimizers[1].state["head"]["weight"]["m"])
     assert int(tensors["@hidden/step"]) == 3 and int(tensors["@rest/step"]) == 3
     assert tensors["@hidden/step"].shape == () and tensors["@rest/learning_rate"].shape == ()  # 0-d, as in the state
@@ -170,16 +182,29 @@ def test_file_is_safetensors_with_keys_by_path_and_metadata(tmp_path):
     hidden, rest = metadata["optimizers"]
     assert (hidden["name"], hidden["position"], hidden["type"]) == ("hidden", [0], "Muon")
     assert (rest["name"], rest["position"], rest["type"]) == ("rest", [1], "AdamW")
-    assert hidden["hyperparameters"] == {"momentum": 0.95, "weight_decay": 0.01, "decoupled_weight_decay": False,
-                                         "nesterov": True, "ns_steps": 5, "ns_dtype": None, "ns_eps": 1e-7,
-                                         "adjust_lr": "original", "layout": None}
+    assert hidden["hyperparameters"] == {
+        "momentum": 0.95,
+        "weight_decay": 0.01,
+        "decoupled_weight_decay": False,
+        "nesterov": True,
+        "ns_steps": 5,
+        "ns_dtype": None,
+        "ns_eps": 1e-7,
+        "adjust_lr": "original",
+        "layout": None,
+    }
     assert rest["hyperparameters"]["eps"] == 1e-8 and rest["hyperparameters"]["weight_decay"] == 0.01
     assert rest["scheduled"] == ["betas[1]"] and hidden["scheduled"] == []
     params_meta = metadata["parameters"]
-    assert params_meta["layers.1.mlp.weight"] == {"owner": "hidden", "slots": {"v": {"shape": [16, 8], "dtype": "float32"}}}
+    assert params_meta["layers.1.mlp.weight"] == {
+        "owner": "hidden",
+        "slots": {"v": {"shape": [16, 8], "dtype": "float32"}},
+    }
     assert params_meta["norm.scale"]["owner"] == "rest"
-    assert params_meta["norm.scale"]["slots"] == {"m": {"shape": [8], "dtype": "float32"},
-                                                  "v": {"shape": [8], "dtype": "float32"}}
+    assert params_meta["norm.scale"]["slots"] == {
+        "m": {"shape": [8], "dtype": "float32"},
+        "v": {"shape": [8], "dtype": "float32"},
+    }
     assert set(params_meta) == {k.rpartition("/")[0] for k in keys if not k.startswith("@")}
     assert metadata["checksum"]["algorithm"] == "crc32" and len(metadata["checksum"]["value"]) == 8
     # read() gives the same, checksum verified
@@ -214,9 +239,16 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ 2. any backend to any backend
-PAIRS = [pytest.param(s, d, id=f"{s}-to-{d}",
-                      marks=pytest.mark.skipif(not (available(s) and available(d)), reason=f"{s} or {d} is not installed"))
-         for s in BACKENDS for d in BACKENDS]
+PAIRS = [
+    pytest.param(
+        s,
+        d,
+        id=f"{s}-to-{d}",
+        marks=pytest.mark.skipif(not (available(s) and available(d)), reason=f"{s} or {d} is not installed"),
+    )
+    for s in BACKENDS
+    for d in BACKENDS
+]
 
 
 @pytest.mark.parametrize("src,dst", PAIRS)
@@ -247,7 +279,9 @@ def test_resume_on_any_backend_from_any_backend(tmp_path, src, dst):
     for a, b in zip(original.optimizers, resumed.optimizers):
         assert int(as_float64(b.step)) == int(as_float64(a.step)) == 3
         assert as_float64(b.learning_rate) == as_float64(a.learning_rate)
-    assert as_float64(resumed.optimizers[1].state["weight_decay"]) == as_float64(original.optimizers[1].state["weight_decay"])
+    assert as_float64(resumed.optimizers[1].state["weight_decay"]) == as_float64(
+        original.optimizers[1].state["weight_decay"]
+    )
 
     # continue both with the same gradients
     train(original, original_params, src, 3, start=3)
@@ -267,9 +301,12 @@ def test_resume_on_any_backend_from_any_backend(tmp_path, src, dst):
 def test_resume_with_a_scheduled_learning_rate(tmp_path, how):
     def make_opt():
         if how == "optimizer schedule":
-            return optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(optim.cosine_decay(3e-3, 10))], [is_layer_matrix])
-        return optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [is_layer_matrix],
-                                    lr_schedule=optim.linear_schedule(0.1, 1.0, 5))
+            return optim.MultiOptimizer(
+                [optim.Muon(0.02), optim.AdamW(optim.cosine_decay(3e-3, 10))], [is_layer_matrix]
+            )
+        return optim.MultiOptimizer(
+            [optim.Muon(0.02), optim.AdamW(3e-3)], [is_layer_matrix], lr_schedule=optim.linear_schedule(0.1, 1.0, 5)
+        )
 
     values = model_values()
     original_params = on(values, "numpy")
@@ -334,22 +371,36 @@ VARIANTS = {
     # name: (optimizer that saves, optimizer that loads, reverse the parameter dicts at load)
     "children reordered": (
         lambda: optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [is_layer_matrix]),
-        lambda: optim.MultiOptimizer([optim.AdamW(3e-3), optim.Muon(0.02)], [not_layer_matrix]), False),
+        lambda: optim.MultiOptimizer([optim.AdamW(3e-3), optim.Muon(0.02)], [not_layer_matrix]),
+        False,
+    ),
     "parameter dict reordered": (
         lambda: optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [is_layer_matrix]),
-        lambda: optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [is_layer_matrix]), True),
+        lambda: optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [is_layer_matrix]),
+        True,
+    ),
     "child renamed": (
         lambda: optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [is_layer_matrix]),
-        lambda: optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [is_layer_matrix],
-                                     names=["hidden", "rest"]), False),
+        lambda: optim.MultiOptimizer(
+            [optim.Muon(0.02), optim.AdamW(3e-3)], [is_layer_matrix], names=["hidden", "rest"]
+        ),
+        False,
+    ),
     "names swapped between children": (
         lambda: optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [is_layer_matrix], names=["a", "b"]),
         lambda: optim.MultiOptimizer([optim.AdamW(3e-3), optim.Muon(0.02)], [not_layer_matrix], names=["a", "b"]),
-        False),
+        False,
+    ),
     "all at once, per-group steps": (
         lambda: optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [is_layer_matrix], accumulate=[1, 2]),
-        lambda: optim.MultiOptimizer([optim.AdamW(3e-3), optim.Muon(0.02)], [not_layer_matrix],
-                                     names=["matrices_later", "first"], accumulate=[2, 1]), True),
+        lambda: optim.MultiOptimizer(
+            [optim.AdamW(3e-3), optim.Muon(0.02)],
+            [not_layer_matrix],
+            names=["matrices_later", "first"],
+            accumulate=[2, 1],
+        ),
+        True,
+    ),
 }
 
 
@@ -397,29 +448,53 @@ def _ones_grads(params):
 
 
 def strict_saver():
-    return optim.MultiOptimizer([optim.Adafactor(), optim.SGD(0.1, momentum=0.9), optim.AdamW(1e-2)],
-                                [lambda p, w: p.startswith("fac."), lambda p, w: p.startswith("sgd.")])
+    return optim.MultiOptimizer(
+        [optim.Adafactor(), optim.SGD(0.1, momentum=0.9), optim.AdamW(1e-2)],
+        [lambda p, w: p.startswith("fac."), lambda p, w: p.startswith("sgd.")],
+    )
 
 
 def strict_loader():
     # eps changed; "owner.w" now goes to SGD (it was AdamW's)
-    return optim.MultiOptimizer([optim.Adafactor(), optim.SGD(0.1, momentum=0.9), optim.AdamW(1e-2, eps=1e-6)],
-                                [lambda p, w: p.startswith("fac."), lambda p, w: p.startswith("sgd.") or p == "owner.w"])
+    return optim.MultiOptimizer(
+        [optim.Adafactor(), optim.SGD(0.1, momentum=0.9), optim.AdamW(1e-2, eps=1e-6)],
+        [lambda p, w: p.startswith("fac."), lambda p, w: p.startswith("sgd.") or p == "owner.w"],
+    )
 
 
 def strict_saved_params():
-    return {"keep": {"w": _f(4, 4)}, "gone": {"w": _f(3)}, "shape": {"w": _f(4, 4)}, "dtype": {"w": _f(4)},
-            "owner": {"w": _f(5)}, "fac": {"w": _f(4, 8)}, "sgd": {"a": _f(6), "b": _f(7)}}
+    return {
+        "keep": {"w": _f(4, 4)},
+        "gone": {"w": _f(3)},
+        "shape": {"w": _f(4, 4)},
+        "dtype": {"w": _f(4)},
+        "owner": {"w": _f(5)},
+        "fac": {"w": _f(4, 8)},
+        "sgd": {"a": _f(6), "b": _f(7)},
+    }
 
 
 def strict_new_params():
-    return {"keep": {"w": _f(4, 4, seed=1)}, "shape": {"w": _f(5, 4)}, "dtype": {"w": _f(4).astype(np.float16)},
-            "owner": {"w": _f(5)}, "fac": {"w": _f(32)}, "sgd": {"a": _f(6), "b": _f(7)}, "new": {"w": _f(2)}}
+    return {
+        "keep": {"w": _f(4, 4, seed=1)},
+        "shape": {"w": _f(5, 4)},
+        "dtype": {"w": _f(4).astype(np.float16)},
+        "owner": {"w": _f(5)},
+        "fac": {"w": _f(32)},
+        "sgd": {"a": _f(6), "b": _f(7)},
+        "new": {"w": _f(2)},
+    }
 
 
 EXPECTED_PROBLEMS = {
-    ("missing", "new.w"), ("unexpected", "gone.w"), ("shape", "shape.w/m"), ("shape", "shape.w/v"),
-    ("dtype", "dtype.w/m"), ("dtype", "dtype.w/v"), ("owner", "owner.w"), ("slots", "fac.w"),
+    ("missing", "new.w"),
+    ("unexpected", "gone.w"),
+    ("shape", "shape.w/m"),
+    ("shape", "shape.w/v"),
+    ("dtype", "dtype.w/m"),
+    ("dtype", "dtype.w/v"),
+    ("owner", "owner.w"),
+    ("slots", "fac.w"),
     ("hyperparameter", "AdamW"),
 }
 
@@ -488,8 +563,15 @@ def test_strict_load_reports_every_problem_at_once_and_changes_nothing(mismatche
     assert all(isinstance(p, checkpoint.Problem) for p in report.problems)
     found = {(p.kind, p.path) for p in report.problems}
     assert found == EXPECTED_PROBLEMS, str(report)
-    assert {p.kind for p in report.problems} == {"missing", "unexpected", "shape", "dtype", "owner", "slots",
-                                                 "hyperparameter"}
+    assert {p.kind for p in report.problems} == {
+        "missing",
+        "unexpected",
+        "shape",
+        "dtype",
+        "owner",
+        "slots",
+        "hyperparameter",
+    }
     hyper = next(p for p in report.problems if p.kind == "hyperparameter")
     assert "eps" in hyper.message and "1e-08" in hyper.message and "1e-06" in hyper.message
     for kind, where in EXPECTED_PROBLEMS:
@@ -507,8 +589,20 @@ def test_strict_is_the_default(mismatched):
         checkpoint.load(loader, path, params=strict_new_params())
 
 
-@pytest.mark.parametrize("kind", ["missing", "unexpected", "shape", "dtype", "owner-sgd", "owner-adam", "slots",
-                                  "hyperparameter-eps", "hyperparameter-weight_decay"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing",
+        "unexpected",
+        "shape",
+        "dtype",
+        "owner-sgd",
+        "owner-adam",
+        "slots",
+        "hyperparameter-eps",
+        "hyperparameter-weight_decay",
+    ],
+)
 def test_each_problem_alone_is_reported(tmp_path, kind):
     base = {"a": {"w": _f(4, 4)}, "b": _f(6), "fac": _f(4, 8)}
     saver = optim.MultiOptimizer([optim.Adafactor(), optim.AdamW(1e-2)], [lambda p, w: p.startswith("fac")])
@@ -585,8 +679,9 @@ def test_a_new_group_of_another_type_is_not_given_another_optimizers_scalars(tmp
     path = tmp_path / "opt.safetensors"
     checkpoint.save(saver, path)
     # a new SGD group takes "c", which AdamW owned
-    loader = optim.MultiOptimizer([optim.Muon(0.02), optim.SGD(0.5), optim.AdamW(1e-3)],
-                                  [lambda p, w: p == "w", lambda p, w: p == "c"])
+    loader = optim.MultiOptimizer(
+        [optim.Muon(0.02), optim.SGD(0.5), optim.AdamW(1e-3)], [lambda p, w: p == "w", lambda p, w: p == "c"]
+    )
     report = checkpoint.load(loader, path, params=params, strict=False)
     assert ("owner", "c") in {(p.kind, p.path) for p in report.problems}
     assert not [p for p in report.problems if p.kind == "hyperparameter"], str(report)
@@ -604,8 +699,7 @@ def test_failed_strict_load_leaves_a_fresh_optimizer_unchanged(mismatched):
 
 # ------------------------------------------------------------------------------ 5. atomic, checksummed files
 def small_optimizer():
-    return optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(optim.cosine_decay(1e-3, 10))],
-                                [lambda p, w: p == "w"])
+    return optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(optim.cosine_decay(1e-3, 10))], [lambda p, w: p == "w"])
 
 
 def small_params():
@@ -665,7 +759,8 @@ def _attempt(tmp_path, damaged, expected_state, expected_arrays):
 
 def _check_error(error):
     assert isinstance(error, checkpoint.CheckpointError) or any(
-        word in str(error).lower() for word in ("corrupt", "truncat")), f"unclear error {type(error).__name__}: {error}"
+        word in str(error).lower() for word in ("corrupt", "truncat")
+    ), f"unclear error {type(error).__name__}: {error}"
 
 
 def test_a_truncated_file_is_an_error_at_every_offset(tmp_path, small_checkpoint):
@@ -691,7 +786,9 @@ def saved_larger_checkpoint(tmp_path):
 def test_random_truncations_of_a_larger_checkpoint(tmp_path):
     values, opt, path, data, header_end = saved_larger_checkpoint(tmp_path)
     rng = random.Random(1234)
-    offsets = [rng.randrange(0, header_end) for _ in range(15)] + [rng.randrange(header_end, len(data)) for _ in range(15)]
+    offsets = [rng.randrange(0, header_end) for _ in range(15)] + [
+        rng.randrange(header_end, len(data)) for _ in range(15)
+    ]
     for offset in offsets:
         path.write_bytes(data[:offset])
         with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupted"):
@@ -712,7 +809,7 @@ def test_a_bit_flip_anywhere_is_an_error_never_wrong_values(tmp_path, small_chec
         outcome = _attempt(tmp_path, bytes(damaged), state, arrays)
         outcomes[_region(position, header_end, data)].append(outcome)
         if outcome == "same":
-            harmless.append(data[max(0, position - 12):position + 1])
+            harmless.append(data[max(0, position - 12) : position + 1])
     assert all(len(v) > 0 for v in outcomes.values()), {k: len(v) for k, v in outcomes.items()}
     # the length, the tensor index and every byte of tensor data are always caught
     for region in ("length", "header", "data"):
@@ -725,7 +822,9 @@ def test_a_bit_flip_anywhere_is_an_error_never_wrong_values(tmp_path, small_chec
 def test_bit_flips_in_a_larger_checkpoint(tmp_path):
     values, opt, path, data, header_end = saved_larger_checkpoint(tmp_path)
     rng = random.Random(99)
-    positions = [rng.randrange(header_end, len(data)) for _ in range(30)] + [rng.randrange(8, header_end) for _ in range(30)]
+    positions = [rng.randrange(header_end, len(data)) for _ in range(30)] + [
+        rng.randrange(8, header_end) for _ in range(30)
+    ]
     expected = state_by_key(opt)
     for position in positions:
         damaged = bytearray(data)
@@ -765,7 +864,7 @@ def test_a_damaged_npz_never_loads_wrong_values(tmp_path):
     for trial in range(60):
         damaged = bytearray(data)
         if trial % 2:
-            damaged = damaged[:rng.randrange(len(data))]
+            damaged = damaged[: rng.randrange(len(data))]
         else:
             damaged[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
         path.write_bytes(bytes(damaged))
@@ -787,7 +886,7 @@ def test_a_damaged_npz_is_a_checkpoint_error(tmp_path):
     path = tmp_path / "opt.npz"
     np.savez(path, **{k: numpy_of(v) for k, v in tree_flatten(opt.state)})
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.read(path)
     damaged = bytearray(data)
@@ -799,8 +898,13 @@ def test_a_damaged_npz_is_a_checkpoint_error(tmp_path):
 
 def _writer(path, elements, start):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "_checkpoint_writer.py"), str(path), str(elements),
-                             str(start)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "_checkpoint_writer.py"), str(path), str(elements), str(start)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
 
 
 def _uniform_value(path):
@@ -812,8 +916,9 @@ def _uniform_value(path):
         sys.path.remove(HERE)
     opt = state_for(ELEMENTS)
     assert checkpoint.load(opt, path).ok
-    values = {float(np.unique(a)[0]) for _, slots in engine.slot_items(opt) for a in slots.values()
-              if np.unique(a).size == 1}
+    values = {
+        float(np.unique(a)[0]) for _, slots in engine.slot_items(opt) for a in slots.values() if np.unique(a).size == 1
+    }
     assert len(values) == 1 and all(np.unique(a).size == 1 for _, s in engine.slot_items(opt) for a in s.values())
     value = values.pop()
     assert as_float64(opt.learning_rate) == value
@@ -1004,11 +1109,17 @@ def _torch_setup(seed=0):
     import treeopt.torch
 
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
-                                torch.nn.Linear(8, 2))
-    opt = treeopt.torch.Optimizer(model, optim.MultiOptimizer(
-        [optim.Muon(0.02), optim.AdamW(optim.cosine_decay(3e-3, 10))],
-        [lambda path, w: w.ndim == 2 and path in ("0.weight", "2.weight")], names=["hidden", "rest"]))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)
+    )
+    opt = treeopt.torch.Optimizer(
+        model,
+        optim.MultiOptimizer(
+            [optim.Muon(0.02), optim.AdamW(optim.cosine_decay(3e-3, 10))],
+            [lambda path, w: w.ndim == 2 and path in ("0.weight", "2.weight")],
+            names=["hidden", "rest"],
+        ),
+    )
     return model, opt
 
 
@@ -1034,8 +1145,10 @@ def _torch_resumed(model, load):
 def _same_torch_training(model_a, opt_a, model_b, opt_b):
     _torch_steps(model_a, opt_a, 3, 3)
     _torch_steps(model_b, opt_b, 3, 3)
-    assert_bit_identical({k: v.numpy().copy() for k, v in model_a.state_dict().items()},
-                         {k: v.numpy().copy() for k, v in model_b.state_dict().items()})
+    assert_bit_identical(
+        {k: v.numpy().copy() for k, v in model_a.state_dict().items()},
+        {k: v.numpy().copy() for k, v in model_b.state_dict().items()},
+    )
     assert_bit_identical(state_by_key(opt_a.optimizer), state_by_key(opt_b.optimizer))
 
 
@@ -1055,8 +1168,9 @@ def test_torch_state_dict_is_the_checkpoint_content_and_torch_save_loads_it_weig
     torch.save(state, path)
     loaded = torch.load(path, weights_only=True)
     assert loaded["metadata"] == metadata
-    assert_bit_identical({k: v.numpy() for k, v in loaded["tensors"].items()},
-                         {k: numpy_of(v) for k, v in tensors.items()})
+    assert_bit_identical(
+        {k: v.numpy() for k, v in loaded["tensors"].items()}, {k: numpy_of(v) for k, v in tensors.items()}
+    )
 
     def load(fresh_opt):
         report = fresh_opt.load_state_dict(loaded)
@@ -1099,17 +1213,27 @@ def test_torch_load_state_dict_is_strict_and_by_name(tmp_path):
     _torch_steps(model, opt, 0, 3)
     state = opt.state_dict()
     # another model: one more layer, so "4.weight" becomes a hidden matrix of other shape
-    bigger = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
-                                 torch.nn.Linear(8, 3))
+    bigger = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    )
     import treeopt.torch
 
-    other = treeopt.torch.Optimizer(bigger, optim.MultiOptimizer(
-        [optim.Muon(0.02), optim.AdamW(optim.cosine_decay(3e-3, 10))],
-        [lambda path, w: w.ndim == 2 and path in ("0.weight", "2.weight")], names=["hidden", "rest"]))
+    other = treeopt.torch.Optimizer(
+        bigger,
+        optim.MultiOptimizer(
+            [optim.Muon(0.02), optim.AdamW(optim.cosine_decay(3e-3, 10))],
+            [lambda path, w: w.ndim == 2 and path in ("0.weight", "2.weight")],
+            names=["hidden", "rest"],
+        ),
+    )
     with pytest.raises(checkpoint.CheckpointError) as caught:
         other.load_state_dict(state)
-    assert {(p.kind, p.path) for p in caught.value.report.problems} == {("shape", "4.weight/m"), ("shape", "4.weight/v"),
-                                                                        ("shape", "4.bias/m"), ("shape", "4.bias/v")}
+    assert {(p.kind, p.path) for p in caught.value.report.problems} == {
+        ("shape", "4.weight/m"),
+        ("shape", "4.weight/v"),
+        ("shape", "4.bias/m"),
+        ("shape", "4.bias/v"),
+    }
     report = other.load_state_dict(state, strict=False)
     assert sorted(report.loaded) == ["0.bias", "0.weight", "2.bias", "2.weight"]
 
@@ -1139,8 +1263,16 @@ WHOLE_MODEL = {
     "accumulate=2": dict(accumulate=2),
     "clip + skip + per-group accumulation": dict(max_grad_norm=0.5, skip_nonfinite=True, accumulate=[1, 3]),
 }
-WHOLE_MODEL_PAIRS = [("numpy", "numpy"), ("torch", "torch"), ("jax", "jax"), ("mlx", "mlx"),
-                     ("numpy", "torch"), ("torch", "jax"), ("jax", "mlx"), ("mlx", "numpy")]
+WHOLE_MODEL_PAIRS = [
+    ("numpy", "numpy"),
+    ("torch", "torch"),
+    ("jax", "jax"),
+    ("mlx", "mlx"),
+    ("numpy", "torch"),
+    ("torch", "jax"),
+    ("jax", "mlx"),
+    ("mlx", "numpy"),
+]
 
 
 @pytest.mark.parametrize("options", list(WHOLE_MODEL))
@@ -1170,8 +1302,10 @@ def test_whole_model_state_survives_save_and_load(tmp_path, options, src, dst):
         buffers = resumed.state["accumulated"]
         assert set(buffers) == set(original.state["accumulated"])
         assert all(backend_of(v).name == dst for v in buffers.values())
-        assert_bit_identical({k: numpy_of(v) for k, v in buffers.items()},
-                             {k: numpy_of(v) for k, v in original.state["accumulated"].items()})
+        assert_bit_identical(
+            {k: numpy_of(v) for k, v in buffers.items()},
+            {k: numpy_of(v) for k, v in original.state["accumulated"].items()},
+        )
     if "grad_norm" in original.state:
         assert as_float64(resumed.state["grad_norm"]) == as_float64(original.state["grad_norm"])
 
@@ -1213,7 +1347,9 @@ def test_resuming_gives_the_same_parameters_as_never_stopping(tmp_path):
     assert second.state["skipped_steps"] == straight.state["skipped_steps"] == 1
 
 
-@pytest.mark.parametrize("case", ["accumulate=2, saved after the first micro-step", "skip_nonfinite, first step skipped"])
+@pytest.mark.parametrize(
+    "case", ["accumulate=2, saved after the first micro-step", "skip_nonfinite, first step skipped"]
+)
 def test_resume_before_the_first_step_without_params(tmp_path, case):
     """Saved before any parameter has state: loading without ``params`` (lazy init) resumes exactly."""
     kwargs = dict(accumulate=2) if case.startswith("accumulate") else dict(skip_nonfinite=True)
@@ -1234,8 +1370,14 @@ def test_resume_before_the_first_step_without_params(tmp_path, case):
     assert_bit_identical(state_by_key(original), state_by_key(resumed))
 
 
-@pytest.mark.parametrize("case", ["accumulate=2, saved after the first micro-step", "skip_nonfinite, first step skipped",
-                                  "per-group accumulate=[1, 3]"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "accumulate=2, saved after the first micro-step",
+        "skip_nonfinite, first step skipped",
+        "per-group accumulate=[1, 3]",
+    ],
+)
 def test_resume_with_params_before_a_group_took_its_first_step(tmp_path, case):
     if case.startswith("accumulate"):
         kwargs, nonfinite, calls = dict(accumulate=2), (), 1

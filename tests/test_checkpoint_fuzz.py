@@ -37,18 +37,26 @@ EXAMPLES = int(os.environ.get("TREEOPT_FUZZ_EXAMPLES", "150"))
 # ------------------------------------------------------------------------------ the subject
 def parameters():
     rng = np.random.default_rng(0)
-    return {"embed": rng.standard_normal((6, 4)).astype(np.float32),
-            "layers": [{"w": rng.standard_normal((4, 4)).astype(np.float32),
-                        "b": rng.standard_normal(4).astype(np.float32)} for _ in range(2)],
-            "head": rng.standard_normal((3, 4)).astype(np.float32)}
+    return {
+        "embed": rng.standard_normal((6, 4)).astype(np.float32),
+        "layers": [
+            {"w": rng.standard_normal((4, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+            for _ in range(2)
+        ],
+        "head": rng.standard_normal((3, 4)).astype(np.float32),
+    }
 
 
 def gradients(step):
     rng = np.random.default_rng(100 + step)
-    return {"embed": rng.standard_normal((6, 4)).astype(np.float32),
-            "layers": [{"w": rng.standard_normal((4, 4)).astype(np.float32),
-                        "b": rng.standard_normal(4).astype(np.float32)} for _ in range(2)],
-            "head": rng.standard_normal((3, 4)).astype(np.float32)}
+    return {
+        "embed": rng.standard_normal((6, 4)).astype(np.float32),
+        "layers": [
+            {"w": rng.standard_normal((4, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+            for _ in range(2)
+        ],
+        "head": rng.standard_normal((3, 4)).astype(np.float32),
+    }
 
 
 def optimizer():
@@ -56,7 +64,9 @@ def optimizer():
     return optim.MultiOptimizer(
         [optim.Adam(1e-2), optim.AdamW(optim.cosine_decay(1e-2, 20)), optim.SGD(0.1, momentum=0.9)],
         [lambda path, w: path.endswith(".w"), lambda path, w: path.startswith("embed")],
-        accumulate=2, skip_nonfinite=True)
+        accumulate=2,
+        skip_nonfinite=True,
+    )
 
 
 def trained():
@@ -90,21 +100,27 @@ def target():
 
 def fingerprint(opt, params):
     """Everything a load may change, as bytes: state, routing, bookkeeping, parameters."""
+
     def arrays(tree):
-        return {k: (type(v).__name__, str(getattr(v, "dtype", None)), np.shape(v), files.as_numpy(v).tobytes())
-                for k, v in tree_flatten(tree)}
+        return {
+            k: (type(v).__name__, str(getattr(v, "dtype", None)), np.shape(v), files.as_numpy(v).tobytes())
+            for k, v in tree_flatten(tree)
+        }
 
     routing = (dict(opt._routes), list(opt.changes))
-    bookkeeping = [(dict(o.book.parameters), {k: arrays(v) for k, v in o.book.carried.items()}, o.book.initialized)
-                   for o in opt.stateful()]
+    bookkeeping = [
+        (dict(o.book.parameters), {k: arrays(v) for k, v in o.book.carried.items()}, o.book.initialized)
+        for o in opt.stateful()
+    ]
     return arrays(opt.state), routing, bookkeeping, arrays(params)
 
 
 # ------------------------------------------------------------------------------ mutations
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats() | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=6)
+    max_leaves=6,
+)
 dtypes = st.sampled_from(["float64", "float32", "float16", "int64", "int32", "uint64", "uint8", "bool"])
 
 
@@ -144,8 +160,13 @@ def mutate_tensors(data, tensors):
     array = tensors[key]
     action = data.draw(st.sampled_from(["shape", "dtype", "values", "drop", "rename", "add"]))
     if action == "shape":
-        options = [array.reshape(-1), array.reshape((1,) + array.shape), np.stack([array, array]),
-                   np.zeros((), array.dtype), np.zeros((0,), array.dtype)]
+        options = [
+            array.reshape(-1),
+            array.reshape((1,) + array.shape),
+            np.stack([array, array]),
+            np.zeros((), array.dtype),
+            np.zeros((0,), array.dtype),
+        ]
         if array.ndim:
             options.append(array[..., :1])
         tensors[key] = data.draw(st.sampled_from(options))
@@ -158,8 +179,11 @@ def mutate_tensors(data, tensors):
     elif action == "drop":
         del tensors[key]
     else:
-        prefix = data.draw(st.sampled_from(["", "@", "#", "#accumulated/", "#carried/", "@AdamW/", "layers.1.b/",
-                                            "#grad_norm", "head/"]))
+        prefix = data.draw(
+            st.sampled_from(
+                ["", "@", "#", "#accumulated/", "#carried/", "@AdamW/", "layers.1.b/", "#grad_norm", "head/"]
+            )
+        )
         suffix = data.draw(st.sampled_from(["", "m", "v", "step", "learning_rate", "x", "layers.0.w/v", "embed"]))
         value = array if action == "rename" else np.ones(data.draw(st.sampled_from([(), (4,), (4, 4)])), np.float32)
         if action == "rename":
@@ -190,14 +214,16 @@ def check_load(path):
     for key in stored.keys():
         value = stored[key]
         if key.startswith("#carried/") and key not in exported:  # taken up by the slots at init
-            path_, _, slot = key[len("#carried/"):].rpartition("/")
+            path_, _, slot = key[len("#carried/") :].rpartition("/")
             key = f"{path_}/{slot}"
         assert key in exported, f"{key} was in the file and is not in the optimizer"
         got = exported[key]
         if key.endswith("/step") and key.startswith("@"):  # a step count: its value (the library picks the dtype)
             assert int(got) == int(value), f"{key}: step {int(got)} != {int(value)}"
             continue
-        assert (got.dtype, got.shape) == (value.dtype, value.shape), f"{key}: {got.dtype}{got.shape} != {value.dtype}{value.shape}"
+        assert (got.dtype, got.shape) == (value.dtype, value.shape), (
+            f"{key}: {got.dtype}{got.shape} != {value.dtype}{value.shape}"
+        )
         assert got.tobytes() == value.tobytes(), f"{key}: loaded values differ from the file"
     assert exported_meta["step"] == metadata.get("step", exported_meta["step"])
     assert exported_meta["whole_model"] == metadata.get("whole_model", {})
@@ -216,13 +242,23 @@ OUTCOMES = {"refused": 0, "loaded": 0}
 def outcomes():
     """Prints how the crafted files ended (``pytest -s`` shows it; docs/reliability.md quotes it)."""
     yield
-    print(f"\ncrafted checkpoints: {OUTCOMES['refused']} refused with CheckpointError and nothing changed, "
-          f"{OUTCOMES['loaded']} loaded exactly as written; no other outcome")
+    print(
+        f"\ncrafted checkpoints: {OUTCOMES['refused']} refused with CheckpointError and nothing changed, "
+        f"{OUTCOMES['loaded']} loaded exactly as written; no other outcome"
+    )
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.filter_too_much, HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=False,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.data_too_large,
+    ],
+)
 @given(data=st.data())
 def test_crafted_checkpoints_with_valid_checksums_never_load_wrong(tmp_path_factory, valid, data):
     tensors = {k: v.copy() for k, v in valid[0].items()}
@@ -237,8 +273,11 @@ def test_crafted_checkpoints_with_valid_checksums_never_load_wrong(tmp_path_fact
     OUTCOMES[check_load(path)] += 1
 
 
-@settings(max_examples=max(20, EXAMPLES // 5), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=max(20, EXAMPLES // 5),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_damaged_bytes_are_refused_and_change_nothing(tmp_path_factory, valid, data):
     folder = tmp_path_factory.mktemp("bytes")

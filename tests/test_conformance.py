@@ -24,7 +24,9 @@ def tree_of(arrays):
     """A nested tree (dict, list, digit-free keys) around the named arrays."""
     return {
         "layers": [{"weight": arrays["tall"], "bias": arrays["vector"]}, {"weight": arrays["wide"]}],
-        "cube": arrays["cube"], "conv": arrays["conv"], "scalar": arrays["scalar"],
+        "cube": arrays["cube"],
+        "conv": arrays["conv"],
+        "scalar": arrays["scalar"],
     }
 
 
@@ -81,15 +83,27 @@ def compare_state(reference_state, our_state, backend, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("setting", [
-    pytest.param(s, id=s.id, marks=() if s.capabilities.mlx_reference else pytest.mark.skip(
-        reason=f"mlx.optimizers has no {s.optimizer}: test_references.py checks it against "
-               f"{s.capabilities.reference_name}"))
-    for s in SETTINGS])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        pytest.param(
+            s,
+            id=s.id,
+            marks=()
+            if s.capabilities.mlx_reference
+            else pytest.mark.skip(
+                reason=f"mlx.optimizers has no {s.optimizer}: test_references.py checks it against "
+                f"{s.capabilities.reference_name}"
+            ),
+        )
+        for s in SETTINGS
+    ],
+)
 def test_optimizer_matches_mlx(setting, backend, dtype):
     seed = zlib.crc32(setting.id.encode())
     reference, ours, mlx_params, our_params = run_both(
-        lambda: setting.make(mlx_optim), lambda: setting.make(optim), backend, dtype, seed)
+        lambda: setting.make(mlx_optim), lambda: setting.make(optim), backend, dtype, seed
+    )
     for (path, expected), (_, actual) in zip(tree_flatten(mlx_params), tree_flatten(our_params)):
         assert as_float64(actual).dtype == np.float64
         assert_close(actual, expected, backend, dtype, f"parameter {path}")
@@ -104,7 +118,10 @@ def test_scheduled_learning_rate_matches_mlx(optimizer, schedule, backend):
     reference, ours, mlx_params, our_params = run_both(
         lambda: getattr(mlx_optim, optimizer)(learning_rate=SCHEDULES[schedule](mlx_optim), **extra),
         lambda: getattr(optim, optimizer)(learning_rate=SCHEDULES[schedule](optim), **extra),
-        backend, "float32", seed=7)
+        backend,
+        "float32",
+        seed=7,
+    )
     assert_close(ours.learning_rate, reference.learning_rate, backend, "float32", "learning_rate")
     for (path, expected), (_, actual) in zip(tree_flatten(mlx_params), tree_flatten(our_params)):
         assert_close(actual, expected, backend, "float32", f"parameter {path}")
@@ -126,13 +143,18 @@ def clip_inputs(lib, dtype):
         if lib == "mlx":
             return {"a": mx.array(a.astype(np.int32)), "b": (mx.array(b.astype(np.int32)),)}
         return {"a": a.astype(np.int32), "b": (b.astype(np.int32),)}
-    return {"a": make(rng.standard_normal((4, 3)) * 3, lib, dtype), "b": (make(rng.standard_normal(5) * 2, lib, dtype),)}
+    return {
+        "a": make(rng.standard_normal((4, 3)) * 3, lib, dtype),
+        "b": (make(rng.standard_normal(5) * 2, lib, dtype),),
+    }
 
 
 @pytest.mark.parametrize("max_norm", [0.0, 0.5, 100.0])
-@pytest.mark.parametrize("backend, dtype", [
-    pytest.param(b.values[0], d, marks=b.marks, id=f"{b.values[0]}-{d}")
-    for b in backend_params() for d in DTYPES] + [("numpy", "int32")])
+@pytest.mark.parametrize(
+    "backend, dtype",
+    [pytest.param(b.values[0], d, marks=b.marks, id=f"{b.values[0]}-{d}") for b in backend_params() for d in DTYPES]
+    + [("numpy", "int32")],
+)
 def test_clip_grad_norm_matches_mlx(backend, dtype, max_norm):
     expected, expected_norm = mlx_optim.clip_grad_norm(clip_inputs("mlx", dtype), max_norm)
     actual, norm = optim.clip_grad_norm(clip_inputs(backend, dtype), max_norm)

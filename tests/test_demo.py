@@ -58,8 +58,12 @@ def test_quick_demo_writes_the_table_the_plot_and_the_json(tmp_path, capsys):
 def test_demo_stops_and_resumes_from_a_checkpoint_exactly(tmp_path):
     straight = cli.main(["--steps", "6", "--seed", "3", "--out", str(tmp_path / "a")])
     folder = str(tmp_path / "checkpoint")
-    assert cli.main(["--steps", "6", "--seed", "3", "--checkpoint", folder, "--stop-after", "2",
-                     "--out", str(tmp_path / "b")]) is None
+    assert (
+        cli.main(
+            ["--steps", "6", "--seed", "3", "--checkpoint", folder, "--stop-after", "2", "--out", str(tmp_path / "b")]
+        )
+        is None
+    )
     resumed = cli.main(["--steps", "6", "--seed", "3", "--checkpoint", folder, "--out", str(tmp_path / "b")])
     for name, run in straight["runs"].items():
         assert resumed["runs"][name]["curve"]["val_loss"] == run["curve"]["val_loss"]

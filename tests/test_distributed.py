@@ -31,10 +31,20 @@ def warm():
     warm_up()
     train(0, 1, 2, None)  # numba compiles the fused loops once here, not in every rank
 
+
 # matrices of every kind: wide, tall, rows not divisible by 4, fewer rows than ranks
-SHAPES = {"blocks.0.attn.weight": (96, 64), "blocks.0.attn.bias": (96,), "blocks.0.mlp.weight": (64, 96),
-          "blocks.1.attn.weight": (128, 32), "blocks.1.mlp.weight": (18, 32), "blocks.1.gate.weight": (3, 8),
-          "embed.weight": (64, 16), "head.weight": (10, 16), "norm.weight": (16,), "norm.bias": (16,)}
+SHAPES = {
+    "blocks.0.attn.weight": (96, 64),
+    "blocks.0.attn.bias": (96,),
+    "blocks.0.mlp.weight": (64, 96),
+    "blocks.1.attn.weight": (128, 32),
+    "blocks.1.mlp.weight": (18, 32),
+    "blocks.1.gate.weight": (3, 8),
+    "embed.weight": (64, 16),
+    "head.weight": (10, 16),
+    "norm.weight": (16,),
+    "norm.bias": (16,),
+}
 MUON_MATRICES = [n for n, s in SHAPES.items() if n.startswith("blocks.") and len(s) == 2]
 
 
@@ -75,13 +85,16 @@ def train(rank, world, steps, sharding="zero1", options=None, nan_at=None, count
             p.grad = g
         opt.step()
     state = opt.optimizer.state
-    return {"params": {n: p.detach().clone() for n, p in params},
-            "ns_calls": calls, "skipped": state.get("skipped_steps", 0),
-            "steps": [int(o.step) for o in opt.optimizer.optimizers],
-            "state_bytes": _state_bytes(opt.optimizer),
-            "owned": sorted(getattr(opt._distributed, "local", {}) or {}),
-            "sent": getattr(getattr(opt._distributed, "comm", None), "sent_bytes", 0),
-            "collectives": getattr(getattr(opt._distributed, "comm", None), "calls", 0)}
+    return {
+        "params": {n: p.detach().clone() for n, p in params},
+        "ns_calls": calls,
+        "skipped": state.get("skipped_steps", 0),
+        "steps": [int(o.step) for o in opt.optimizer.optimizers],
+        "state_bytes": _state_bytes(opt.optimizer),
+        "owned": sorted(getattr(opt._distributed, "local", {}) or {}),
+        "sent": getattr(getattr(opt._distributed, "comm", None), "sent_bytes", 0),
+        "collectives": getattr(getattr(opt._distributed, "comm", None), "calls", 0),
+    }
 
 
 def _state_bytes(multi):
@@ -100,9 +113,17 @@ def assert_same_params(results, reference):
 
 # ---------------------------------------------------------------------------------- ownership (no processes)
 def test_ownership_balances_newton_schulz_and_bytes_deterministically():
-    entries = [ownership.Entry(f"m{i}", (768, 768 * (1 + i % 4)), ownership.ORTH, 4 * 768 * 768 * (1 + i % 4),
-                               4 * 768 * 768 * (1 + i % 4), ownership.newton_schulz_flops((768, 768 * (1 + i % 4)), 5))
-               for i in range(48)]
+    entries = [
+        ownership.Entry(
+            f"m{i}",
+            (768, 768 * (1 + i % 4)),
+            ownership.ORTH,
+            4 * 768 * 768 * (1 + i % 4),
+            4 * 768 * 768 * (1 + i % 4),
+            ownership.newton_schulz_flops((768, 768 * (1 + i % 4)), 5),
+        )
+        for i in range(48)
+    ]
     entries.append(ownership.Entry("wte", (50257, 768), ownership.ELEMENTWISE, 8 * 50257 * 768, 4 * 50257 * 768))
     entries += [ownership.Entry(f"b{i}", (768,), ownership.ELEMENTWISE, 8 * 768, 4 * 768) for i in range(50)]
     plan = ownership.assign(entries, 4)
@@ -151,8 +172,14 @@ def test_zero1_is_bit_identical_to_one_process_and_runs_newton_schulz_once_per_m
 
 def _entry(name, shape):
     if hidden_matrix(name, torch.empty(shape)):
-        return ownership.Entry(name, shape, ownership.ORTH, 4 * math.prod(shape), 4 * math.prod(shape),
-                               ownership.newton_schulz_flops(shape, 5))
+        return ownership.Entry(
+            name,
+            shape,
+            ownership.ORTH,
+            4 * math.prod(shape),
+            4 * math.prod(shape),
+            ownership.newton_schulz_flops(shape, 5),
+        )
     return ownership.Entry(name, shape, ownership.ELEMENTWISE, 8 * math.prod(shape), 4 * math.prod(shape))
 
 
@@ -161,7 +188,9 @@ def _owned_by(world, rank):
     return next(n for n in SHAPES if plan.owner[n] == rank)
 
 
-WHOLE_MODEL = dict(max_grad_norm=5.0, skip_nonfinite=True, accumulate=[1, 2], lr_schedule=lambda step: 1.0 / (1.0 + step))
+WHOLE_MODEL = dict(
+    max_grad_norm=5.0, skip_nonfinite=True, accumulate=[1, 2], lr_schedule=lambda step: 1.0 / (1.0 + step)
+)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -187,7 +216,11 @@ def test_a_rank_that_owns_no_parameter_of_a_group_still_steps_it():
             for _, p in params:
                 p.grad = torch.full_like(p, 0.5)
             opt.step()
-        return [int(o.step) for o in opt.optimizer.optimizers], {n: p.detach() for n, p in params}, sorted(opt._distributed.local)
+        return (
+            [int(o.step) for o in opt.optimizer.optimizers],
+            {n: p.detach() for n, p in params},
+            sorted(opt._distributed.local),
+        )
 
     results = run_world(run, 4)
     assert [r[0] for r in results] == [[2, 2]] * 4
@@ -198,7 +231,7 @@ def test_a_rank_that_owns_no_parameter_of_a_group_still_steps_it():
 def test_ranks_that_route_differently_fail_at_construction():
     def run(rank, world):
         params = make_params()
-        rank_filter = (lambda name, p: p.ndim == 2 and rank == 0)  # a filter that depends on the rank
+        rank_filter = lambda name, p: p.ndim == 2 and rank == 0  # a filter that depends on the rank
         opt = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [rank_filter])
         treeopt.torch.Optimizer(params, opt, sharding="zero1")
 
@@ -236,8 +269,11 @@ def ddp_train(rank, world, steps):
         seen.append({n: p.grad.clone() for n, p in model.module.named_parameters()})
         opt.step()
         opt.zero_grad()
-    return {"params": {n: p.detach().clone() for n, p in model.module.named_parameters()}, "grads": seen,
-            "keys": sorted(json.loads(opt.state_dict()["metadata"])["parameters"])}
+    return {
+        "params": {n: p.detach().clone() for n, p in model.module.named_parameters()},
+        "grads": seen,
+        "keys": sorted(json.loads(opt.state_dict()["metadata"])["parameters"]),
+    }
 
 
 def replay(rank, world, grads):
@@ -262,8 +298,10 @@ def test_ddp_is_bit_identical_to_one_process_fed_the_averaged_gradients(world):
 def test_ddp_ranks_that_route_differently_fail_after_the_first_step():
     def run(rank, world):
         params = make_params()
-        opt = treeopt.torch.Optimizer(params, optim.MultiOptimizer(
-            [optim.Muon(0.02), optim.AdamW(3e-3)], [lambda name, p: p.ndim == 2 and rank == 0]))
+        opt = treeopt.torch.Optimizer(
+            params,
+            optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [lambda name, p: p.ndim == 2 and rank == 0]),
+        )
         for (name, p), g in zip(params, gradients(0).values()):
             p.grad = g
         opt.step()
@@ -301,6 +339,7 @@ def dcp_phase(rank, world, folder, phase, calls):
 def uninterrupted():
     def run(rank, world):
         return dcp_phase(rank, world, None, "none", 6)
+
     return run_world(run, 1)[0]
 
 
@@ -361,8 +400,12 @@ def test_treeopt_checkpoint_folder_of_several_ranks_loads_at_any_world_size(save
     run_world(folder_phase, saved, str(tmp_path), "save")
     assert len(glob.glob(str(tmp_path / "*.safetensors"))) == saved
     assert not glob.glob(str(tmp_path / ".metadata"))  # nothing pickled
-    info = subprocess.run([sys.executable, "-m", "treeopt.checkpoint", "info", str(tmp_path), "--json"],
-                          capture_output=True, text=True, timeout=120)
+    info = subprocess.run(
+        [sys.executable, "-m", "treeopt.checkpoint", "info", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert info.returncode == 0, info.stdout + info.stderr
     summary = json.loads(info.stdout)
     assert summary["problems"] == [] and summary["saved_world_size"] == saved
@@ -371,8 +414,12 @@ def test_treeopt_checkpoint_folder_of_several_ranks_loads_at_any_world_size(save
     assert_same_params(after, uninterrupted)
     # a lost file is found by the inspector
     (sorted(tmp_path.glob("*.safetensors"))[0]).unlink()
-    info = subprocess.run([sys.executable, "-m", "treeopt.checkpoint", "info", str(tmp_path), "--json"],
-                          capture_output=True, text=True, timeout=120)
+    info = subprocess.run(
+        [sys.executable, "-m", "treeopt.checkpoint", "info", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert info.returncode == 1 and json.loads(info.stdout)["problems"]
 
 
@@ -388,6 +435,7 @@ def fsdp_train(rank, world, steps, count_ns=False, placement=None, optimizer=Non
         original = muon_rule.newton_schulz
         muon_rule.newton_schulz = lambda x, *rest: calls.append(tuple(x.shape)) or original(x, *rest)
     mesh = init_device_mesh("cpu", (world,))
+
     def placements(tensor):  # Shard(0), or ``placement`` for the matrices
         return [placement if placement is not None and tensor.ndim == 2 else Shard(0)]
 
@@ -398,10 +446,16 @@ def fsdp_train(rank, world, steps, count_ns=False, placement=None, optimizer=Non
             p.grad = distribute_tensor(g, mesh, placements(g))
         opt.step()
     tensors = opt.state_dict()["tensors"]
-    return {"params": {n: p.full_tensor() for n, p in params}, "ns_calls": calls,
-            "slots": {k: (type(v).__name__, tuple(v.placements) if isinstance(v, DTensor) else None)
-                      for k, v in tensors.items() if "/" in k and not k.startswith("@")},
-            "collectives": opt._distributed.comm.calls}
+    return {
+        "params": {n: p.full_tensor() for n, p in params},
+        "ns_calls": calls,
+        "slots": {
+            k: (type(v).__name__, tuple(v.placements) if isinstance(v, DTensor) else None)
+            for k, v in tensors.items()
+            if "/" in k and not k.startswith("@")
+        },
+        "collectives": opt._distributed.comm.calls,
+    }
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -428,8 +482,9 @@ def test_fsdp2_unsupported_placements_and_rules_raise_with_the_path():
 
     def adafactor(rank, world):
         try:
-            fsdp_train(rank, world, 1, optimizer=optim.MultiOptimizer(
-                [optim.Muon(0.02), optim.Adafactor()], [hidden_matrix]))
+            fsdp_train(
+                rank, world, 1, optimizer=optim.MultiOptimizer([optim.Muon(0.02), optim.Adafactor()], [hidden_matrix])
+            )
         except Exception as error:
             return str(error)
 

@@ -19,7 +19,7 @@ def blocks(page):
     for match in BLOCK.finditer("\n" + text):
         if match["before"].strip().startswith("<!-- not run"):
             continue
-        line = text[:match.start("code")].count("\n")
+        line = text[: match.start("code")].count("\n")
         found.append((line, match["code"]))
     return found
 
@@ -29,8 +29,14 @@ PAGES = sorted(p for p in DOCS.glob("*.md") if blocks(p))
 
 def test_the_first_hour_pages_have_code_that_runs():
     names = {p.name for p in PAGES}
-    assert names >= {"getting-started.md", "routing.md", "schedules.md", "checkpoints.md", "backends.md",
-                     "performance.md"}
+    assert names >= {
+        "getting-started.md",
+        "routing.md",
+        "schedules.md",
+        "checkpoints.md",
+        "backends.md",
+        "performance.md",
+    }
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
@@ -63,7 +69,7 @@ def test_each_example_says_what_to_install_and_getting_started_says_it_too(examp
     assert match, f"{example.name} does not state its install line"
     extra = match["extra"]
     assert extra in _extras()
-    assert f"`examples/{example.name}` | `pip install -e \".[{extra}]\"`" in (DOCS / "getting-started.md").read_text()
+    assert f'`examples/{example.name}` | `pip install -e ".[{extra}]"`' in (DOCS / "getting-started.md").read_text()
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
@@ -73,8 +79,10 @@ def test_an_example_without_its_framework_says_what_to_install(example):
 
     extra = INSTALL.search(example.read_text())["extra"]
     framework = {"torch": "torch", "jax": "jax", "mlx": "mlx"}[extra]
-    blocked = (f"import sys, runpy; sys.modules[{framework!r}] = None; sys.argv = [{str(example)!r}]; "
-               f"runpy.run_path({str(example)!r}, run_name='__main__')")
+    blocked = (
+        f"import sys, runpy; sys.modules[{framework!r}] = None; sys.argv = [{str(example)!r}]; "
+        f"runpy.run_path({str(example)!r}, run_name='__main__')"
+    )
     result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert f"pip install -e '.[{extra}]'" in result.stderr and "Traceback" not in result.stderr

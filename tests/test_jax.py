@@ -13,8 +13,12 @@ import treeopt.jax as tj  # noqa: E402
 
 
 def params():
-    return {"params": {"Dense_0": {"kernel": jnp.full((3, 4), 0.5, jnp.float32), "bias": jnp.zeros(4)},
-                       "head": {"kernel": jnp.full((4, 2), 0.3, jnp.float32)}}}
+    return {
+        "params": {
+            "Dense_0": {"kernel": jnp.full((3, 4), 0.5, jnp.float32), "bias": jnp.zeros(4)},
+            "head": {"kernel": jnp.full((4, 2), 0.3, jnp.float32)},
+        }
+    }
 
 
 def loss(p, x):
@@ -23,8 +27,10 @@ def loss(p, x):
 
 
 def muon_adamw(**muon_options):
-    return optim.MultiOptimizer([optim.Muon(0.02, **muon_options), optim.AdamW(optim.cosine_decay(0.05, 20))],
-                                [lambda path, w: w.ndim == 2 and "Dense" in path])
+    return optim.MultiOptimizer(
+        [optim.Muon(0.02, **muon_options), optim.AdamW(optim.cosine_decay(0.05, 20))],
+        [lambda path, w: w.ndim == 2 and "Dense" in path],
+    )
 
 
 X = jnp.linspace(-1, 1, 12).reshape(4, 3)
@@ -79,8 +85,9 @@ def test_jit_traces_once_and_learning_rate_changes_need_no_retrace():
     assert len(traces) == 1
     assert losses[-1] < losses[0]
     assert float(state["states"][0]["learning_rate"]) == pytest.approx(0.01)
-    np.testing.assert_allclose(float(state["states"][1]["learning_rate"]),
-                               float(optim.cosine_decay(0.05, 20)(5)), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(state["states"][1]["learning_rate"]), float(optim.cosine_decay(0.05, 20)(5)), rtol=1e-6
+    )
 
 
 def test_optax_adapter_composes_and_runs_under_jit():
@@ -133,8 +140,9 @@ def test_flax_nnx_optimizer_routes_by_attribute_path():
             return self.head(x)
 
     model = MLP(nnx.Rngs(0))
-    multi = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(0.01)],
-                                 [lambda path, w: path.startswith("layers.") and path.endswith("kernel")])
+    multi = optim.MultiOptimizer(
+        [optim.Muon(0.02), optim.AdamW(0.01)], [lambda path, w: path.startswith("layers.") and path.endswith("kernel")]
+    )
     optimizer = nnx.Optimizer(model, tj.as_optax(multi), wrt=nnx.Param)
 
     def mse(model):
@@ -249,7 +257,11 @@ def test_flax_linen_head_is_the_shallowest_last_dense_onto_the_vocabulary():
 
 
 def test_of_several_denses_onto_the_vocabulary_the_last_is_the_head():
-    tree = {"Embed_0": {"embedding": jnp.zeros((8, 4))}, "Dense_2": {"kernel": jnp.zeros((4, 8))},
-            "Dense_10": {"kernel": jnp.zeros((8, 8))}, "Dense_3": {"kernel": jnp.zeros((8, 5))}}
+    tree = {
+        "Embed_0": {"embedding": jnp.zeros((8, 4))},
+        "Dense_2": {"kernel": jnp.zeros((4, 8))},
+        "Dense_10": {"kernel": jnp.zeros((8, 8))},
+        "Dense_3": {"kernel": jnp.zeros((8, 5))},
+    }
     assert tj.module_kinds(tree) == {"Embed_0.embedding": "embedding", "Dense_10.kernel": "head"}
     assert tj.module_kinds({"Dense_0": {"kernel": jnp.zeros((4, 8))}}) == {}  # no vocabulary, no head

@@ -20,15 +20,25 @@ jax = pytest.importorskip("jax", reason="JAX tests need jax")
 
 CHILD = "TREEOPT_TEST_FOUR_HOST_DEVICES"
 FOUR_DEVICES = "--xla_force_host_platform_device_count=4"
-CHECKS = ["init_shards_state_like_parameters", "jitted_steps_trace_once_and_keep_sharding",
-          "muon_on_sharded_matrices_equals_one_device", "muon_on_a_2d_mesh_outside_jit_and_in_shard_map", "collectives_are_one_gather_per_sharded_matrix",
-          "optax_adapter_in_a_flax_loop"]
+CHECKS = [
+    "init_shards_state_like_parameters",
+    "jitted_steps_trace_once_and_keep_sharding",
+    "muon_on_sharded_matrices_equals_one_device",
+    "muon_on_a_2d_mesh_outside_jit_and_in_shard_map",
+    "collectives_are_one_gather_per_sharded_matrix",
+    "optax_adapter_in_a_flax_loop",
+]
 
 if os.environ.get(CHILD) != "1":
+
     @pytest.mark.parametrize("check", CHECKS)
     def test_on_four_host_devices(check):
-        env = {**os.environ, CHILD: "1", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FOUR_DEVICES}".strip(),
-               "JAX_PLATFORMS": "cpu"}
+        env = {
+            **os.environ,
+            CHILD: "1",
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FOUR_DEVICES}".strip(),
+            "JAX_PLATFORMS": "cpu",
+        }
         command = [sys.executable, "-m", "pytest", __file__, "-x", "-p", "no:cacheprovider", "-k", check]
         try:
             run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
@@ -48,23 +58,26 @@ else:
     if len(jax.devices()) != 4:
         pytest.skip(f"needs 4 host devices, JAX started with {len(jax.devices())}", allow_module_level=True)
     if not all(hasattr(jax, name) for name in ("typeof", "shard_map", "set_mesh")):
-        pytest.skip(f"JAX {jax.__version__} has no typed shardings (jax.typeof, jax.set_mesh)",
-                    allow_module_level=True)
+        pytest.skip(f"JAX {jax.__version__} has no typed shardings (jax.typeof, jax.set_mesh)", allow_module_level=True)
     AxisType = jax.sharding.AxisType
 
     # name: (shape, spec on a 1-D mesh "x" of 4 devices)
-    LAYOUT = {"embed": ((32, 16), P("x", None)),  # AdamW, sharded rows
-              "w_in": ((64, 32), P("x", None)),  # Muon, sharded rows (tall)
-              "w_out": ((32, 64), P(None, "x")),  # Muon, sharded columns (wide)
-              "conv": ((8, 4, 3), P("x", None, None)),  # Muon, flattened to (8, 12)
-              "w_small": ((12, 20), P()),  # Muon, replicated
-              "bias": ((64,), P("x")),  # AdamW
-              "scale": ((6,), P())}  # AdamW, replicated
+    LAYOUT = {
+        "embed": ((32, 16), P("x", None)),  # AdamW, sharded rows
+        "w_in": ((64, 32), P("x", None)),  # Muon, sharded rows (tall)
+        "w_out": ((32, 64), P(None, "x")),  # Muon, sharded columns (wide)
+        "conv": ((8, 4, 3), P("x", None, None)),  # Muon, flattened to (8, 12)
+        "w_small": ((12, 20), P()),  # Muon, replicated
+        "bias": ((64,), P("x")),  # AdamW
+        "scale": ((6,), P()),
+    }  # AdamW, replicated
     MUON = {"w_in", "w_out", "conv", "w_small"}
 
     def muon_adamw():
-        return optim.MultiOptimizer([optim.Muon(0.02, weight_decay=0.01), optim.AdamW(optim.cosine_decay(1e-2, 10))],
-                                    [lambda path, w: path in MUON])
+        return optim.MultiOptimizer(
+            [optim.Muon(0.02, weight_decay=0.01), optim.AdamW(optim.cosine_decay(1e-2, 10))],
+            [lambda path, w: path in MUON],
+        )
 
     def tree(seed):
         rng = np.random.default_rng(seed)
@@ -81,8 +94,13 @@ else:
 
     def slots_by_parameter(state):
         """``{(child, name, slot): array}`` of a MultiOptimizer state."""
-        return {(i, name, slot): value for i, child in enumerate(state["states"])
-                for name, slots in child.items() if isinstance(slots, dict) for slot, value in slots.items()}
+        return {
+            (i, name, slot): value
+            for i, child in enumerate(state["states"])
+            for name, slots in child.items()
+            if isinstance(slots, dict)
+            for slot, value in slots.items()
+        }
 
     def run_steps(mesh, steps=3, jit=True):
         """Parameters and state after ``steps`` updates with fixed gradients, and the trace count."""
@@ -139,8 +157,9 @@ else:
         for kind in (AxisType.Auto, AxisType.Explicit):
             params, state, _ = run_steps(mesh_1d(kind))
             for name in LAYOUT:  # bit for bit: each device runs the one-device computation
-                np.testing.assert_array_equal(np.asarray(params[name]), np.asarray(reference[name]),
-                                              err_msg=f"{name}, {kind}")
+                np.testing.assert_array_equal(
+                    np.asarray(params[name]), np.asarray(reference[name]), err_msg=f"{name}, {kind}"
+                )
             for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference_state), strict=True):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -170,8 +189,11 @@ else:
             np.testing.assert_array_equal(np.asarray(sharded), np.asarray(reference), err_msg=str(kind))
         # inside shard_map the user has chosen per-device blocks: each block is its own matrix
         rows = NamedSharding(mesh_1d(AxisType.Explicit), P("x", None))
-        blockwise = jax.jit(jax.shard_map(lambda w, g: one_step_on(w, g), mesh=rows.mesh, in_specs=(P("x", None),) * 2,
-                                          out_specs=P("x", None)))(*(jax.device_put(a, rows) for a in (weight, grad)))
+        blockwise = jax.jit(
+            jax.shard_map(
+                lambda w, g: one_step_on(w, g), mesh=rows.mesh, in_specs=(P("x", None),) * 2, out_specs=P("x", None)
+            )
+        )(*(jax.device_put(a, rows) for a in (weight, grad)))
         blockwise = np.asarray(blockwise)
         for block in range(4):
             part = slice(4 * block, 4 * block + 4)
@@ -185,8 +207,11 @@ else:
             params, grads = placed(tree(0), mesh), placed(tree(1), mesh)
             step = jax.jit(lambda p, g, s: tj.update(opt, g, s, p))
             compiled = step.lower(params, grads, tj.init(opt, params)).compile().as_text()
-            collectives = re.findall(r" (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)"
-                                     r"(?:-start)?\(", compiled)
+            collectives = re.findall(
+                r" (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)"
+                r"(?:-start)?\(",
+                compiled,
+            )
             # Newton-Schulz runs on gathered matrices: no partial Grams reduced in every iteration
             assert sorted(collectives) == ["all-gather"] * len(sharded_muon), (kind, collectives)
 
@@ -208,11 +233,15 @@ else:
         specs = {"hidden": {"kernel": P(None, "x"), "bias": P("x")}, "head": {"kernel": P("x", None), "bias": P()}}
 
         def train(shard):
-            multi = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(1e-2)],
-                                         [lambda path, w: path.endswith("hidden.kernel")])
+            multi = optim.MultiOptimizer(
+                [optim.Muon(0.02), optim.AdamW(1e-2)], [lambda path, w: path.endswith("hidden.kernel")]
+            )
             tx = optax.chain(optax.clip_by_global_norm(1.0), tj.as_optax(multi))
-            params = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), initial, specs) \
-                if shard else initial
+            params = (
+                jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), initial, specs)
+                if shard
+                else initial
+            )
             opt_state, traces, losses = tx.init(params), [], []
 
             @jax.jit

@@ -16,15 +16,23 @@ from registry import SETTINGS
 
 numba = pytest.importorskip("numba", reason="the compiled loops need numba")
 
-SHAPES = {"embed": (11, 6), "layers": [{"w": (6, 6), "b": (6,)}, {"w": (6, 4), "b": (4,)}], "scale": (), "empty": (0, 3)}
+SHAPES = {
+    "embed": (11, 6),
+    "layers": [{"w": (6, 6), "b": (6,)}, {"w": (6, 4), "b": (4,)}],
+    "scale": (),
+    "empty": (0, 3),
+}
 
 
 def problem(backend, dtype, seed=0, steps=4):
     rng = np.random.default_rng(seed)
 
     def tree(scale):
-        return tree_map(lambda shape: make(rng.standard_normal(shape) * scale, backend, dtype), SHAPES,
-                        is_leaf=lambda x: isinstance(x, tuple))
+        return tree_map(
+            lambda shape: make(rng.standard_normal(shape) * scale, backend, dtype),
+            SHAPES,
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
 
     return tree(1.0), [tree(0.1) for _ in range(steps)]
 
@@ -63,8 +71,10 @@ def test_compiled_step_equals_the_reference(setting, backend, dtype):
 
 
 def muon_adamw():
-    return optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(optim.cosine_decay(0.01, 5)), optim.SGD(0.1, momentum=0.9)],
-                                [lambda p, w: p.startswith("layers") and w.ndim == 2, lambda p, w: w.ndim == 2])
+    return optim.MultiOptimizer(
+        [optim.Muon(0.02), optim.AdamW(optim.cosine_decay(0.01, 5)), optim.SGD(0.1, momentum=0.9)],
+        [lambda p, w: p.startswith("layers") and w.ndim == 2, lambda p, w: w.ndim == 2],
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params(["numpy", "torch"]))
@@ -96,8 +106,10 @@ def test_schedules_and_learning_rate_changes_are_seen_by_the_compiled_step():
         if i == 3:
             opt.learning_rate = 0.01
 
-    for make_optimizer, between in ((lambda: optim.SGD(optim.exponential_decay(0.5, 0.5)), None),
-                                    (lambda: optim.Adam(0.1), set_lr)):
+    for make_optimizer, between in (
+        (lambda: optim.SGD(optim.exponential_decay(0.5, 0.5)), None),
+        (lambda: optim.Adam(0.1), set_lr),
+    ):
         params, grads = problem("numpy", "float32", steps=6)
         expected, expected_opt = reference(make_optimizer, params, grads, between)
         opt = make_optimizer()
@@ -190,8 +202,10 @@ def test_disabled_kernels_never_compile():
 
 def test_groups_of_one_rule_run_in_one_loop_with_their_own_coefficients():
     def three_adamw():
-        return optim.MultiOptimizer([optim.AdamW(0.1), optim.AdamW(0.01, weight_decay=0.0), optim.AdamW(0.001)],
-                                    [lambda p, w: p.startswith("layers.0"), lambda p, w: w.ndim == 1])
+        return optim.MultiOptimizer(
+            [optim.AdamW(0.1), optim.AdamW(0.01, weight_decay=0.0), optim.AdamW(0.001)],
+            [lambda p, w: p.startswith("layers.0"), lambda p, w: w.ndim == 1],
+        )
 
     fast_params, fast = run(None, "numpy", "float32", True, make_optimizer=three_adamw)
     ref_params, ref = run(None, "numpy", "float32", False, make_optimizer=three_adamw)
@@ -219,9 +233,18 @@ def test_a_changed_switch_takes_a_new_plan():
     assert_identical(params, twin)
 
 
-@pytest.mark.parametrize("sizes", [[3_000_000] * 4 + [256] * 40,  # matrices, then vectors (a split by ndim)
-                                   [256] * 40 + [3_000_000] * 4,
-                                   [4096] * 2000, [5] * 7, [1], [0, 70_000, 0, 3], [2_000_000, 1]])
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [3_000_000] * 4 + [256] * 40,  # matrices, then vectors (a split by ndim)
+        [256] * 40 + [3_000_000] * 4,
+        [4096] * 2000,
+        [5] * 7,
+        [1],
+        [0, 70_000, 0, 3],
+        [2_000_000, 1],
+    ],
+)
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 def test_work_items_cover_every_element_once_in_equal_items(sizes, threads):
     from treeopt.kernels.numba_kernels import work_items
@@ -232,8 +255,10 @@ def test_work_items_cover_every_element_once_in_equal_items(sizes, threads):
         assert 0 <= start < stop <= sizes[tensor]
         covered[tensor][start:stop] += 1
     assert all((c == 1).all() for c in covered)
-    loads = [int((pieces[items[w]:items[w + 1], 2] - pieces[items[w]:items[w + 1], 1]).sum())
-             for w in range(len(items) - 1)]
+    loads = [
+        int((pieces[items[w] : items[w + 1], 2] - pieces[items[w] : items[w + 1], 1]).sum())
+        for w in range(len(items) - 1)
+    ]
     assert max(loads) - min(loads) <= 1
     if sum(sizes) >= threads:
         assert len(loads) % threads == 0
@@ -242,12 +267,14 @@ def test_work_items_cover_every_element_once_in_equal_items(sizes, threads):
 @pytest.mark.parametrize("backend", backend_params(["numpy", "torch"]))
 def test_matrices_and_vectors_in_separate_groups_run_in_one_loop(backend):
     def by_ndim():
-        return optim.MultiOptimizer([optim.AdamW(0.1, bias_correction=True), optim.AdamW(0.01, bias_correction=True)],
-                                    [lambda p, w: w.ndim == 2])
+        return optim.MultiOptimizer(
+            [optim.AdamW(0.1, bias_correction=True), optim.AdamW(0.01, bias_correction=True)],
+            [lambda p, w: w.ndim == 2],
+        )
 
     fast_params, fast = run(None, backend, "float32", True, make_optimizer=by_ndim)
     ref_params, ref = run(None, backend, "float32", False, make_optimizer=by_ndim)
-    bucket, = fast._compiled.buckets
+    (bucket,) = fast._compiled.buckets
     assert len(bucket.owners) == 2
     assert_identical(fast_params, ref_params)
     assert_identical(fast.state, ref.state)

@@ -13,8 +13,13 @@ INTEGRATIONS = ("backends/", "torch/", "jax.py", "distributed/", "demo/")
 #: (a MultiOptimizer interface to save and restore its routes; the function-level imports
 #: that close these cycles). The tests fail on any new one, and when one of these is fixed
 #: it must leave the list.
-KNOWN_CYCLES = {"treeopt.checkpoint.format", "treeopt.checkpoint.routing", "treeopt.checkpoint.validate",
-                "treeopt.distributed.fsdp", "treeopt.distributed.replicated"}
+KNOWN_CYCLES = {
+    "treeopt.checkpoint.format",
+    "treeopt.checkpoint.routing",
+    "treeopt.checkpoint.validate",
+    "treeopt.distributed.fsdp",
+    "treeopt.distributed.replicated",
+}
 KNOWN_PRIVATE_USES = {("checkpoint/routing.py", "_routes")}
 KNOWN_FRAMEWORK_IMPORTS = {"kernels/compiled_step.py: torch"}  # the torch.compile bucket: through a backend
 
@@ -60,8 +65,9 @@ def test_no_import_cycle():
                     return True
         return False
 
-    cycles = sorted(name for name in graph if name.count(".") and reaches(name, name, set())
-                    and not name.startswith("treeopt.demo"))
+    cycles = sorted(
+        name for name in graph if name.count(".") and reaches(name, name, set()) and not name.startswith("treeopt.demo")
+    )
     assert set(cycles) == KNOWN_CYCLES, f"modules on an import cycle: {cycles}"
 
 
@@ -72,8 +78,13 @@ def test_frameworks_are_imported_only_by_backends_and_integrations():
         if relative.startswith(INTEGRATIONS):
             continue
         for node in ast.walk(tree):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module
+                else []
+            )
             offenders += [f"{relative}: {n}" for n in names if n.split(".")[0] in FRAMEWORKS]
     assert set(offenders) == KNOWN_FRAMEWORK_IMPORTS
 
@@ -102,7 +113,11 @@ def test_no_module_uses_the_private_members_of_the_optimizers():
     for _, path, tree in modules():
         relative = str(path.relative_to(PACKAGE))
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and node.attr in members and relative not in members[node.attr]
-                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in members
+                and relative not in members[node.attr]
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            ):
                 used.append((relative, node.attr))
     assert set(used) == KNOWN_PRIVATE_USES, "use the engine interface (docs/architecture.md) instead"

@@ -64,10 +64,24 @@ def two_ranks(tmp_path_factory):
     if launch is None:
         pytest.skip("mlx.launch is not installed beside this Python")
     out = tmp_path_factory.mktemp("mlx_ring")
-    command = [launch, "-n", "2", "--backend", "ring", "--starting-port", str(free_ports(2)),
-               "--python", sys.executable, str(Path(worker.__file__)), str(out), str(STEPS)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
-                                                                    os.environ.get("PYTHONPATH")]))}
+    command = [
+        launch,
+        "-n",
+        "2",
+        "--backend",
+        "ring",
+        "--starting-port",
+        str(free_ports(2)),
+        "--python",
+        sys.executable,
+        str(Path(worker.__file__)),
+        str(out),
+        str(STEPS),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])),
+    }
     try:
         run = subprocess.run(command, capture_output=True, text=True, timeout=90, env=env)
     except subprocess.TimeoutExpired as timeout:
@@ -78,7 +92,7 @@ def two_ranks(tmp_path_factory):
 
 def parameters_at(saved, step):
     prefix = f"param/{step}/"
-    return {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
 
 
 def test_ranks_end_with_identical_parameters(two_ranks):
@@ -104,8 +118,9 @@ def test_one_process_with_the_averaged_gradients_gives_the_same_parameters(two_r
         optimizer.update(model, averaged)
         mx.eval(model.parameters(), optimizer.state)
         for key, value in tree_flatten(model.parameters()):
-            np.testing.assert_array_equal(np.array(value), np.array(rank0[f"param/{step}/{key}"]),
-                                          err_msg=f"step {step}, {key}")
+            np.testing.assert_array_equal(
+                np.array(value), np.array(rank0[f"param/{step}/{key}"]), err_msg=f"step {step}, {key}"
+            )
 
 
 def test_a_group_of_one_is_a_plain_step():

@@ -32,8 +32,9 @@ def data():
 
 
 def muon_adamw(module):
-    return module.MultiOptimizer([module.Muon(0.02), module.AdamW(0.01)],
-                                 [lambda path, w: w.ndim == 2 and not path.startswith("layers.5")])
+    return module.MultiOptimizer(
+        [module.Muon(0.02), module.AdamW(0.01)], [lambda path, w: w.ndim == 2 and not path.startswith("layers.5")]
+    )
 
 
 def train_eager(make_optimizer, steps=3, model=None):
@@ -207,11 +208,17 @@ def test_fresh_scalars_move_to_the_library_of_the_first_parameters():
     np.testing.assert_allclose(params["w"], 1 - 0.1 - 0.05)
 
 
-@pytest.mark.parametrize("make", [
-    lambda m: m.exponential_decay(0.3, 0.8), lambda m: m.step_decay(0.3, 0.5, 2), lambda m: m.cosine_decay(0.3, 6),
-    lambda m: m.linear_schedule(0.1, 0.4, 5),
-    lambda m: m.join_schedules([m.linear_schedule(0.0, 0.3, 3), m.cosine_decay(0.3, 4)], [3]),
-], ids=["exponential", "step", "cosine", "linear", "joined"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: m.exponential_decay(0.3, 0.8),
+        lambda m: m.step_decay(0.3, 0.5, 2),
+        lambda m: m.cosine_decay(0.3, 6),
+        lambda m: m.linear_schedule(0.1, 0.4, 5),
+        lambda m: m.join_schedules([m.linear_schedule(0.0, 0.3, 3), m.cosine_decay(0.3, 4)], [3]),
+    ],
+    ids=["exponential", "step", "cosine", "linear", "joined"],
+)
 def test_schedule_values_have_item_as_mlx_arrays_do(make):
     ours, theirs = make(optim), make(mlx_optim)
     for step in range(8):

@@ -11,8 +11,12 @@ from treeopt import filters as F
 from treeopt.multi import RoutingWarning
 
 W = np.ones((10, 4), np.float32)
-PARAMS = {"tok": {"weight": W}, "mid": {"weight": np.ones((4, 4), np.float32)}, "out": {"weight": W},
-          "scale": {"gamma": np.ones(4, np.float32)}}
+PARAMS = {
+    "tok": {"weight": W},
+    "mid": {"weight": np.ones((4, 4), np.float32)},
+    "out": {"weight": W},
+    "scale": {"gamma": np.ones(4, np.float32)},
+}
 
 
 def test_declared_kinds_are_seen_by_the_filters_only_inside_the_block():

@@ -30,13 +30,22 @@ def is_matrix(path, weight):
 
 
 def model():
-    return {"embed": np.ones((5, 3), np.float32),
-            "layers": [{"weight": np.full((3, 3), 0.5, np.float32), "bias": np.zeros(3, np.float32)},
-                       {}, {"weight": np.full((3, 2), 0.2, np.float32), "bias": np.zeros(2, np.float32)}]}
+    return {
+        "embed": np.ones((5, 3), np.float32),
+        "layers": [
+            {"weight": np.full((3, 3), 0.5, np.float32), "bias": np.zeros(3, np.float32)},
+            {},
+            {"weight": np.full((3, 2), 0.2, np.float32), "bias": np.zeros(2, np.float32)},
+        ],
+    }
 
 
 def test_constructor_checks_the_number_of_filters():
-    for optimizers, filters, needed in (([], [], -1), ([optim.SGD(0.1)] * 2, [], 1), ([optim.SGD(0.1)], [is_matrix], 0)):
+    for optimizers, filters, needed in (
+        ([], [], -1),
+        ([optim.SGD(0.1)] * 2, [], 1),
+        ([optim.SGD(0.1)], [is_matrix], 0),
+    ):
         with pytest.raises(ValueError, match=f"Given {len(filters)} filters but {needed} needed."):
             optim.MultiOptimizer(optimizers, filters)
     with pytest.raises(TypeError, match=r"filters\[0\] is a str"):
@@ -82,13 +91,21 @@ def test_a_single_optimizer_behaves_exactly_like_it():
     for (path, a), (_, b) in zip(tree_flatten(params_a), tree_flatten(params_b)):
         assert np.array_equal(a, b), path
     assert tree_flatten(alone.state)[2:] and [k for k, _ in tree_flatten(alone.state)] == [
-        k for k, _ in tree_flatten(multi.state["states"][0])]
+        k for k, _ in tree_flatten(multi.state["states"][0])
+    ]
 
 
 def test_structure_is_kept_whatever_the_number_of_optimizers():
-    params = {"pair": Pair(np.ones((2, 2), np.float32), f32(2)), "t": (f32(3), np.ones((2, 2), np.float32)),
-              "blocks": {"0": f32(4), "1": np.ones((1, 1), np.float32)}, "a.b": f32(6), 7: np.ones((2, 1), np.float32),
-              "empty": {}, "zs": [], "last": f32(1)}
+    params = {
+        "pair": Pair(np.ones((2, 2), np.float32), f32(2)),
+        "t": (f32(3), np.ones((2, 2), np.float32)),
+        "blocks": {"0": f32(4), "1": np.ones((1, 1), np.float32)},
+        "a.b": f32(6),
+        7: np.ones((2, 1), np.float32),
+        "empty": {},
+        "zs": [],
+        "last": f32(1),
+    }
     grads = tree_map(lambda p: np.ones_like(p), params)
     multi = optim.MultiOptimizer([optim.SGD(0.1), optim.Adam(0.1)], [is_matrix])
     new = multi.apply_gradients(grads, params)
@@ -100,7 +117,9 @@ def test_structure_is_kept_whatever_the_number_of_optimizers():
 
 
 def test_step_and_learning_rates():
-    multi = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-4), optim.Adafactor()], [is_matrix, lambda p, w: w.ndim == 1])
+    multi = optim.MultiOptimizer(
+        [optim.Muon(0.02), optim.AdamW(3e-4), optim.Adafactor()], [is_matrix, lambda p, w: w.ndim == 1]
+    )
     multi.update(model(), ones_like(model()))
     assert int(multi.step) == 1
     muon_lr, adamw_lr, adafactor_lr = multi.learning_rate
@@ -129,7 +148,9 @@ def test_a_filter_that_raises_names_itself_and_the_path_and_changes_nothing():
 
     multi = optim.MultiOptimizer([optim.SGD(0.1), optim.SGD(0.1)], [by_rank])
     params = model()
-    with pytest.raises(optim.RoutingError, match=r"filters\[0\] \(by_rank\) raised KeyError: 'rank' on 'layers.2.bias'"):
+    with pytest.raises(
+        optim.RoutingError, match=r"filters\[0\] \(by_rank\) raised KeyError: 'rank' on 'layers.2.bias'"
+    ):
         multi.update(params, ones_like(params))
     assert [int(s["step"]) for s in multi.state["states"]] == [0, 0]
     assert multi.route("layers.0.weight") is None  # no route was kept from the failed step
@@ -159,7 +180,13 @@ def test_nested_multi_optimizers_route_with_full_paths():
 
 def test_parameterless_layers_mlx_regression_4215():
     multi = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(0.01)], [is_matrix])
-    params = {"layers": [{"weight": np.eye(3, dtype=np.float32), "bias": f32(1, 1, 1)}, {}, {"weight": np.eye(3, dtype=np.float32)}]}
+    params = {
+        "layers": [
+            {"weight": np.eye(3, dtype=np.float32), "bias": f32(1, 1, 1)},
+            {},
+            {"weight": np.eye(3, dtype=np.float32)},
+        ]
+    }
     before = copy.deepcopy(params)
     for _ in range(2):
         multi.update(params, ones_like(params))
@@ -178,8 +205,10 @@ def test_numbers_match_mlx_multioptimizer(backend):
     grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(5)]
 
     def build(module):
-        return module.MultiOptimizer([module.Muon(0.02), module.AdamW(0.01, weight_decay=0.0), module.AdamW(0.01)],
-                                     [lambda path, w: w.ndim == 2 and path.startswith("w"), lambda path, w: w.ndim == 1])
+        return module.MultiOptimizer(
+            [module.Muon(0.02), module.AdamW(0.01, weight_decay=0.0), module.AdamW(0.01)],
+            [lambda path, w: w.ndim == 2 and path.startswith("w"), lambda path, w: w.ndim == 1],
+        )
 
     reference, ours = build(mlx_optim), build(optim)
     mlx_params = {k: mx.array(v) for k, v in params.items()}
@@ -196,9 +225,11 @@ names = st.sampled_from(["a", "b", "w", "bias", "0", "1", "x.y"])
 leaf_shapes = st.sampled_from([(), (2,), (3,), (2, 2), (2, 3), (1, 2, 2)])
 trees = st.recursive(
     leaf_shapes.map(lambda s: np.zeros(s, np.float32)),
-    lambda children: st.one_of(st.dictionaries(names, children, max_size=3),
-                               st.lists(children, max_size=3),
-                               st.lists(children, max_size=2).map(tuple)),
+    lambda children: st.one_of(
+        st.dictionaries(names, children, max_size=3),
+        st.lists(children, max_size=3),
+        st.lists(children, max_size=2).map(tuple),
+    ),
     max_leaves=8,
 ).filter(lambda t: isinstance(t, (dict, list, tuple)))  # a tree, not a single array
 predicates = [

@@ -20,8 +20,19 @@ def orthogonalise(d, steps=5, eps=1e-7):
     return x.T if d.shape[0] > d.shape[1] else x
 
 
-def reference(weight, grads, lr, *, momentum=0.95, weight_decay=0.0, decoupled=False, nesterov=True,
-              eps=1e-7, adjust="original", layout="out_in"):
+def reference(
+    weight,
+    grads,
+    lr,
+    *,
+    momentum=0.95,
+    weight_decay=0.0,
+    decoupled=False,
+    nesterov=True,
+    eps=1e-7,
+    adjust="original",
+    layout="out_in",
+):
     """Muon on one weight, step by step, in float64. Its matrix: (out, in * rest) when the
     output axis is first, (rest * in, out) when it is last."""
     w, v = weight.astype(np.float64), np.zeros(weight.shape)
@@ -70,9 +81,14 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_options_match_the_float64_reference(case, shape):
     weight, grads = problem(shape)
-    opt = optim.Muon(0.05, weight_decay=case["weight_decay"], nesterov=case.get("nesterov", True),
-                     decoupled_weight_decay=case["decoupled"], ns_eps=case.get("eps", 1e-7),
-                     adjust_lr=case.get("adjust", "original"))
+    opt = optim.Muon(
+        0.05,
+        weight_decay=case["weight_decay"],
+        nesterov=case.get("nesterov", True),
+        decoupled_weight_decay=case["decoupled"],
+        ns_eps=case.get("eps", 1e-7),
+        adjust_lr=case.get("adjust", "original"),
+    )
     expected = reference(weight, grads, 0.05, **case)
     np.testing.assert_allclose(run(opt, weight, grads), expected, rtol=2e-5, atol=2e-5)
 
@@ -101,11 +117,14 @@ def test_vectors_get_decoupled_decay_without_scaling():
     np.testing.assert_allclose(params["b"], 1.0 * (1 - 0.1 * 0.5) - 0.1 * 2.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(adjust_lr="spectral"), "Muon adjust_lr should be one of"),
-    (dict(ns_eps=0.0), "Muon ns_eps should be a number >0"),
-    (dict(ns_eps="small"), "Muon ns_eps should be a number >0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(adjust_lr="spectral"), "Muon adjust_lr should be one of"),
+        (dict(ns_eps=0.0), "Muon ns_eps should be a number >0"),
+        (dict(ns_eps="small"), "Muon ns_eps should be a number >0"),
+    ],
+)
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         optim.Muon(0.02, **kwargs)
@@ -149,8 +168,10 @@ def test_decoupled_muon_matches_torch_optim_muon(adjust, shape):
 
 
 def test_muon_adamw_uses_keller_jordans_recipe():
-    params = {"embed": np.ones((10, 4), np.float32),
-              "blocks": [{"w": np.ones((4, 4), np.float32), "b": np.zeros(4, np.float32)}]}
+    params = {
+        "embed": np.ones((10, 4), np.float32),
+        "blocks": [{"w": np.ones((4, 4), np.float32), "b": np.zeros(4, np.float32)}],
+    }
     muon = optim.muon_adamw(params).optimizers[0]
     assert (muon.decoupled_weight_decay, muon.ns_eps, muon.adjust_lr) == (True, 1e-7, "original")
     assert muon.weight_decay == 0.01 and float(muon.learning_rate) == pytest.approx(0.02)
@@ -170,12 +191,16 @@ def test_muon_adamw_step_on_a_hidden_matrix_is_the_decoupled_reference():
     np.testing.assert_allclose(params["blocks"][0]["w"], expected, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("shape, layout", [
-    ((6, 3), "in_out"), ((3, 6), "in_out"),
-    ((3, 3, 2, 4), "in_out"),  # a flax conv kernel (kh, kw, in, out): (18, 4)
-    ((4, 2, 3, 3), "out_in"),  # a torch conv kernel (out, in, kh, kw): (4, 18)
-    ((2, 3, 2, 16), "in_out"),  # fan_out 16 > fan_in 12: the "original" scale is sqrt(16 / 12)
-])
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        ((6, 3), "in_out"),
+        ((3, 6), "in_out"),
+        ((3, 3, 2, 4), "in_out"),  # a flax conv kernel (kh, kw, in, out): (18, 4)
+        ((4, 2, 3, 3), "out_in"),  # a torch conv kernel (out, in, kh, kw): (4, 18)
+        ((2, 3, 2, 16), "in_out"),  # fan_out 16 > fan_in 12: the "original" scale is sqrt(16 / 12)
+    ],
+)
 @pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
 def test_layouts_match_the_float64_reference(shape, layout, adjust):
     weight, grads = problem(shape, seed=7)
@@ -195,8 +220,9 @@ def test_in_out_is_out_in_on_the_transpose():
 
 def test_layout_none_is_mlx_and_a_bad_layout_is_refused():
     weight, grads = problem((4, 2, 3), seed=4)
-    np.testing.assert_array_equal(run(optim.Muon(0.05), weight, grads),
-                                  run(optim.Muon(0.05, layout="out_in"), weight, grads))
+    np.testing.assert_array_equal(
+        run(optim.Muon(0.05), weight, grads), run(optim.Muon(0.05, layout="out_in"), weight, grads)
+    )
     with pytest.raises(ValueError, match="Muon layout should be None or one of"):
         optim.Muon(0.02, layout="(in, out)")
 

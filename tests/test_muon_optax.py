@@ -36,8 +36,10 @@ def loss(model):
 
 def optax_dims(params):
     """optax's description of flax's layouts: every axis but the last is reduced."""
+
     def dims(w):
         return Dims(tuple(range(w.ndim - 1)), w.ndim - 1) if w.ndim >= 2 else None
+
     return jax.tree.map(dims, params)
 
 
@@ -56,14 +58,22 @@ def train(tx, steps):
 
 def ours(**muon_options):
     """Muon on the kernels; the biases stay put (optax sends them to its Adam, here at lr 0)."""
-    return optim.MultiOptimizer([optim.Muon(LR, weight_decay=WD, decoupled_weight_decay=True, allow=["heads"],
-                                            **muon_options),
-                                 optim.SGD(0.0)], [lambda path, w: path.endswith("kernel")])
+    return optim.MultiOptimizer(
+        [optim.Muon(LR, weight_decay=WD, decoupled_weight_decay=True, allow=["heads"], **muon_options), optim.SGD(0.0)],
+        [lambda path, w: path.endswith("kernel")],
+    )
 
 
 def theirs(nesterov, **options):
-    return optax_muon(LR, eps=1e-7, weight_decay=WD, nesterov=nesterov, adam_learning_rate=0.0,
-                      muon_weight_dimension_numbers=optax_dims, **options)
+    return optax_muon(
+        LR,
+        eps=1e-7,
+        weight_decay=WD,
+        nesterov=nesterov,
+        adam_learning_rate=0.0,
+        muon_weight_dimension_numbers=optax_dims,
+        **options,
+    )
 
 
 def assert_kernels_match(a, b, start):

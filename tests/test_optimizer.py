@@ -235,8 +235,14 @@ def test_shrinking_a_list_of_parameters_keeps_working():
 # ---------------------------------------------------------------------------- structure
 def test_tree_structure_is_kept():
     opt = optim.SGD(0.1, momentum=0.9)
-    params = {"pair": Pair(f32(1), f32(2)), "t": (f32(3),), "blocks": {"0": f32(4), "1": f32(5)},
-              "a.b": f32(6), 7: f32(7), "od": OrderedDict(x=f32(8))}
+    params = {
+        "pair": Pair(f32(1), f32(2)),
+        "t": (f32(3),),
+        "blocks": {"0": f32(4), "1": f32(5)},
+        "a.b": f32(6),
+        7: f32(7),
+        "od": OrderedDict(x=f32(8)),
+    }
     grads = tree_map(lambda p: np.ones_like(p), params)
     new = opt.apply_gradients(grads, params)
     assert type(new["pair"]) is Pair and type(new["t"]) is tuple
@@ -317,8 +323,16 @@ def test_a_loaded_slot_of_the_wrong_shape_is_an_error_not_a_broadcast():
 
 # ---------------------------------------------------------------------------- bad input
 BAD_INPUTS = {
-    "shape": ({"w": f32(1, 2)}, {"w": f32(1, 2, 3)}, r"gradient at 'w' has shape \(3,\) but the parameter has shape \(2,\)"),
-    "dtype": ({"w": f32(1, 2)}, {"w": np.ones(2, np.float64)}, "gradient at 'w' is float64 but the parameter is float32"),
+    "shape": (
+        {"w": f32(1, 2)},
+        {"w": f32(1, 2, 3)},
+        r"gradient at 'w' has shape \(3,\) but the parameter has shape \(2,\)",
+    ),
+    "dtype": (
+        {"w": f32(1, 2)},
+        {"w": np.ones(2, np.float64)},
+        "gradient at 'w' is float64 but the parameter is float32",
+    ),
     "missing": ({"w": f32(1)}, {"w": f32(1), "x": {"y": f32(1)}}, "gradient for 'x.y' but no parameter"),
     "not an array": ({"w": f32(1)}, {"w": "one"}, "gradient at 'w' is a str"),
     "integer parameter": ({"w": np.ones(2, np.int32)}, {"w": np.ones(2, np.int32)}, "'w' has dtype int32"),
@@ -419,6 +433,6 @@ def test_python_numbers_and_zero_d_arrays_work_on_every_backend(backend):
     new = opt.apply_gradients(grads, params)
     for key, expected in (("scalar", 2.0), ("number", 3.0)):
         value = as_float64(new[key])
-        step = 0.1 * 0.1 / (0.001 ** 0.5 + 1e-8)  # lr * m / (sqrt(v) + eps) after one Adam step
+        step = 0.1 * 0.1 / (0.001**0.5 + 1e-8)  # lr * m / (sqrt(v) + eps) after one Adam step
         assert value.shape == () and value == pytest.approx(expected - step, rel=1e-5)
     assert type(new["scalar"]) is type(params["scalar"]) and type(new["number"]) is type(params["scalar"])

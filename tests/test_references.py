@@ -51,8 +51,13 @@ def test_optimizer_matches_its_reference(setting, backend):
     for step, (step_grads, reference) in enumerate(zip(grads, expected), start=1):
         ours = opt.apply_gradients({k: make(v, backend) for k, v in step_grads.items()}, ours)
         for name, value in reference.items():
-            np.testing.assert_allclose(as_float64(ours[name]), value, rtol=RTOL, atol=ATOL,
-                                       err_msg=f"{setting.id} on {backend}: {name} after step {step}")
+            np.testing.assert_allclose(
+                as_float64(ours[name]),
+                value,
+                rtol=RTOL,
+                atol=ATOL,
+                err_msg=f"{setting.id} on {backend}: {name} after step {step}",
+            )
 
 
 def test_a_wrong_formula_would_be_caught():

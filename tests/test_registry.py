@@ -24,9 +24,11 @@ def test_constructor_errors(optimizer, kwargs, error, message, mlx_raises):
 
 
 @pytest.mark.skipif(not _MLX, reason="MLX is not installed")
-@pytest.mark.parametrize("optimizer, kwargs, error, message, mlx_raises",
-                         [case for case in ERRORS if CAPABILITIES[case[0]].mlx_reference],
-                         ids=map(_error_id, [case for case in ERRORS if CAPABILITIES[case[0]].mlx_reference]))
+@pytest.mark.parametrize(
+    "optimizer, kwargs, error, message, mlx_raises",
+    [case for case in ERRORS if CAPABILITIES[case[0]].mlx_reference],
+    ids=map(_error_id, [case for case in ERRORS if CAPABILITIES[case[0]].mlx_reference]),
+)
 def test_mlx_raises_exactly_where_the_registry_says(optimizer, kwargs, error, message, mlx_raises):
     import mlx.optimizers as mlx_optim
 
@@ -40,8 +42,13 @@ def test_mlx_raises_exactly_where_the_registry_says(optimizer, kwargs, error, me
 
 
 def test_every_optimizer_has_capabilities_settings_and_errors():
-    exported = {name for name in optim.__all__ if isinstance(getattr(optim, name), type)
-                and issubclass(getattr(optim, name), optim.Optimizer) and getattr(optim, name).rule is not None}
+    exported = {
+        name
+        for name in optim.__all__
+        if isinstance(getattr(optim, name), type)
+        and issubclass(getattr(optim, name), optim.Optimizer)
+        and getattr(optim, name).rule is not None
+    }
     assert exported == set(CAPABILITIES) == set(OPTIMIZERS)
     assert {case[0] for case in ERRORS} <= exported
     for setting in SETTINGS:

@@ -30,8 +30,11 @@ BACKENDS = [b for b in ("numpy", "torch", "jax") if available(b)]
 # ------------------------------------------------------------------------------ worlds
 def values():
     rng = np.random.default_rng(0)
-    return {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(4),
-            "layers": [{"w": rng.standard_normal((4, 4))}, {"w": rng.standard_normal((4, 4))}]}
+    return {
+        "w": rng.standard_normal((3, 4)),
+        "b": rng.standard_normal(4),
+        "layers": [{"w": rng.standard_normal((4, 4))}, {"w": rng.standard_normal((4, 4))}],
+    }
 
 
 def tree_on(tree, backend, dtype="float32"):
@@ -62,15 +65,21 @@ class World:
                 return 1e-2
             if mode[0] == "raise":
                 raise RuntimeError("the schedule failed")
-            return {"nan": float("nan"), "inf": float("inf"), "string": "1e-2", "vector": np.ones(3, np.float32),
-                    "none": None}[mode[0]]
+            return {
+                "nan": float("nan"),
+                "inf": float("inf"),
+                "string": "1e-2",
+                "vector": np.ones(3, np.float32),
+                "none": None,
+            }[mode[0]]
 
         if kind == "single":
             self.opt = optim.Adam(schedule)
         else:
             self.opt = optim.MultiOptimizer(
                 [optim.Adam(1e-2), optim.AdamW(schedule), optim.SGD(0.1, momentum=0.9)],
-                [lambda path, w: path.startswith("layers"), lambda path, w: path == "w"])
+                [lambda path, w: path.startswith("layers"), lambda path, w: path == "w"],
+            )
         self.params = tree_on(values(), backend)
         for _ in range(2):
             self.step(self.grads())
@@ -101,9 +110,15 @@ def fingerprint(world):
     opt = world.opt
     state = {k: as_bytes(v) for k, v in tree_flatten(opt.state)}
     params = {k: as_bytes(v) for k, v in tree_flatten(world.params)}
-    books = [(dict(o.book.parameters), o.book.initialized, getattr(o.book.backend, "name", None),
-              {k: {s: as_bytes(v) for s, v in slots.items()} for k, slots in o.book.carried.items()})
-             for o in opt.stateful()]
+    books = [
+        (
+            dict(o.book.parameters),
+            o.book.initialized,
+            getattr(o.book.backend, "name", None),
+            {k: {s: as_bytes(v) for s, v in slots.items()} for k, slots in o.book.carried.items()},
+        )
+        for o in opt.stateful()
+    ]
     routing = (dict(opt._routes), list(opt.changes)) if hasattr(opt, "_routes") else None
     return state, params, books, routing
 
@@ -158,35 +173,70 @@ def gradient_cases(backend, kind, entry):
         act = lambda world: world.step(make_grads(world), entry)  # noqa: E731
         return act if arrange is None else (arrange, act)
 
-    yield "wrong shape", bad(lambda wd: set_at(wd.grads(), ("layers", 1, "w"), make(np.ones((4, 5)), backend))), \
-        ParameterError, r"'layers\.1\.w' has shape \(4, 5\) but the parameter has shape \(4, 4\)"
-    yield "wrong dtype", bad(lambda wd: set_at(wd.grads(), ("b",), make(np.ones(4), backend, "float16"))), \
-        ParameterError, r"'b' is float16 but the parameter is float32"
+    yield (
+        "wrong shape",
+        bad(lambda wd: set_at(wd.grads(), ("layers", 1, "w"), make(np.ones((4, 5)), backend))),
+        ParameterError,
+        r"'layers\.1\.w' has shape \(4, 5\) but the parameter has shape \(4, 4\)",
+    )
+    yield (
+        "wrong dtype",
+        bad(lambda wd: set_at(wd.grads(), ("b",), make(np.ones(4), backend, "float16"))),
+        ParameterError,
+        r"'b' is float16 but the parameter is float32",
+    )
     other = other_library(backend)
     if other:
-        yield "another library", bad(lambda wd: set_at(wd.grads(), ("w",), make(np.ones((3, 4)), other))), \
-            ParameterError, rf"'w' is a {other} array but the parameter is a {backend} array"
-    yield "no parameter at the path", bad(lambda wd: set_at(wd.grads(), ("extra",), make(np.ones(2), backend))), \
-        ParameterError, r"gradient for 'extra' but no parameter"
-    yield "a string gradient", bad(lambda wd: set_at(wd.grads(), ("layers", 0, "w"), "0.1")), \
-        ParameterError, r"gradient at 'layers\.0\.w' is a str, not an array"
-    yield "a sub-tree where the parameter is an array", \
-        bad(lambda wd: set_at(wd.grads(), ("b",), {"x": make(np.ones(4), backend)})), \
-        ParameterError, r"sub-tree at 'b' but the parameter there is"
+        yield (
+            "another library",
+            bad(lambda wd: set_at(wd.grads(), ("w",), make(np.ones((3, 4)), other))),
+            ParameterError,
+            rf"'w' is a {other} array but the parameter is a {backend} array",
+        )
+    yield (
+        "no parameter at the path",
+        bad(lambda wd: set_at(wd.grads(), ("extra",), make(np.ones(2), backend))),
+        ParameterError,
+        r"gradient for 'extra' but no parameter",
+    )
+    yield (
+        "a string gradient",
+        bad(lambda wd: set_at(wd.grads(), ("layers", 0, "w"), "0.1")),
+        ParameterError,
+        r"gradient at 'layers\.0\.w' is a str, not an array",
+    )
+    yield (
+        "a sub-tree where the parameter is an array",
+        bad(lambda wd: set_at(wd.grads(), ("b",), {"x": make(np.ones(4), backend)})),
+        ParameterError,
+        r"sub-tree at 'b' but the parameter there is",
+    )
     yield "not a tree", bad(lambda wd: make(np.ones(4), backend)), TypeError, r"expected a tree"
 
     def reshaped(wd):  # the parameter at a known path changed shape (a resized layer)
         wd.params["b"] = make(np.ones(6), backend)
-    yield "parameter changed shape under its path", bad(lambda wd: wd.grads(), reshaped), ParameterError, \
-        r"slot '\w+' of 'b' has shape \(4,\), expected \(6,\)"
+
+    yield (
+        "parameter changed shape under its path",
+        bad(lambda wd: wd.grads(), reshaped),
+        ParameterError,
+        r"slot '\w+' of 'b' has shape \(4,\), expected \(6,\)",
+    )
 
     def integer_parameter(wd):
         wd.params["b"] = make(np.ones(4), backend, "int32") if backend != "numpy" else np.ones(4, np.int32)
-    yield "integer parameter", bad(lambda wd: wd.grads(), integer_parameter), ParameterError, r"'b' (has dtype int32; only floating-point|is float32 but the parameter is int32)"
+
+    yield (
+        "integer parameter",
+        bad(lambda wd: wd.grads(), integer_parameter),
+        ParameterError,
+        r"'b' (has dtype int32; only floating-point|is float32 but the parameter is int32)",
+    )
     # (through the engine: the compiled step holds the slot arrays it planned with; state is
     # replaced through opt.state = ..., which is checked, see the state cases)
     faults = (("slot of another dtype", "dtype"), ("slot replaced by a list", "list")) if entry != "update" else ()
     for label, slot_fault in faults:
+
         def corrupt(wd, fault=slot_fault):
             owner = wd.opt.owner_of(("b",)) if kind == "multi" else wd.opt
             from treeopt import engine
@@ -194,13 +244,22 @@ def gradient_cases(backend, kind, entry):
             slots = engine.slots_at(owner, ("b",))
             name = sorted(slots)[0]
             slots[name] = make(np.ones(4), backend, "float16") if fault == "dtype" else [0.0] * 4
-        yield label, bad(lambda wd: wd.grads(), corrupt), ParameterError, (r"slot '\w+' of 'b' is float16 but the parameter is float32"
-                                                    if slot_fault == "dtype" else r"slot '\w+' of 'b' is a list, not")
+
+        yield (
+            label,
+            bad(lambda wd: wd.grads(), corrupt),
+            ParameterError,
+            (
+                r"slot '\w+' of 'b' is float16 but the parameter is float32"
+                if slot_fault == "dtype"
+                else r"slot '\w+' of 'b' is a list, not"
+            ),
+        )
 
 
 for backend in BACKENDS:
     for kind in ("single", "multi"):
-        for entry in (("update", "apply_gradients") if backend != "jax" else ("apply_gradients",)):
+        for entry in ("update", "apply_gradients") if backend != "jax" else ("apply_gradients",):
             for label, act, error, match in gradient_cases(backend, kind, entry):
                 case(f"{backend}-{kind}-{entry}: {label}", world(kind, backend), act, error, match)
 
@@ -209,53 +268,100 @@ for backend in BACKENDS:
 def set_attr(target, name, value):
     def act(wd):
         setattr(target(wd), name, value)
+
     return act
 
 
 for backend in [b for b in BACKENDS if b != "jax"]:
     for kind in ("single", "multi"):
-        for mode, error, match in (("nan", ValueError, r"learning_rate.*at step 2 returned a value that must be finite"),
-                                   ("inf", ValueError, r"at step 2 returned a value that must be finite, got inf"),
-                                   ("string", TypeError, r"at step 2 returned a value that must be a number.*str"),
-                                   ("vector", ValueError, r"at step 2 returned a value that must be one number"),
-                                   ("none", TypeError, r"at step 2 returned a value that must be a number"),
-                                   ("raise", RuntimeError, r"the schedule failed")):
+        for mode, error, match in (
+            ("nan", ValueError, r"learning_rate.*at step 2 returned a value that must be finite"),
+            ("inf", ValueError, r"at step 2 returned a value that must be finite, got inf"),
+            ("string", TypeError, r"at step 2 returned a value that must be a number.*str"),
+            ("vector", ValueError, r"at step 2 returned a value that must be one number"),
+            ("none", TypeError, r"at step 2 returned a value that must be a number"),
+            ("raise", RuntimeError, r"the schedule failed"),
+        ):
+
             def act(wd, mode=mode):
                 wd.mode[0] = mode
                 wd.step(wd.grads())
+
             case(f"{backend}-{kind}: schedule {mode} mid-training", world(kind, backend), act, error, match)
     single = world("single", backend)
-    for label, value, error, match in (("nan", float("nan"), ValueError, r"Adam learning_rate must be finite, got nan"),
-                                       ("inf", float("inf"), ValueError, r"Adam learning_rate must be finite, got inf"),
-                                       ("vector", np.ones(2, np.float32), ValueError, r"learning_rate must be one number"),
-                                       ("string", "0.1", TypeError, r"learning_rate must be a number.*str"),
-                                       ("bool array", np.array(True), TypeError, r"learning_rate must be a number.*bool")):
-        case(f"{backend}: learning_rate setter {label}", single, set_attr(lambda wd: wd.opt, "learning_rate", value),
-             error, match)
+    for label, value, error, match in (
+        ("nan", float("nan"), ValueError, r"Adam learning_rate must be finite, got nan"),
+        ("inf", float("inf"), ValueError, r"Adam learning_rate must be finite, got inf"),
+        ("vector", np.ones(2, np.float32), ValueError, r"learning_rate must be one number"),
+        ("string", "0.1", TypeError, r"learning_rate must be a number.*str"),
+        ("bool array", np.array(True), TypeError, r"learning_rate must be a number.*bool"),
+    ):
+        case(
+            f"{backend}: learning_rate setter {label}",
+            single,
+            set_attr(lambda wd: wd.opt, "learning_rate", value),
+            error,
+            match,
+        )
     multi = world("multi", backend)
-    case(f"{backend}: multi learning_rate, bad second value", multi,
-         set_attr(lambda wd: wd.opt, "learning_rate", [0.5, float("nan"), 0.1]), ValueError,
-         r"learning_rate\[1\] \(AdamW\) must be finite")
-    case(f"{backend}: multi learning_rate, wrong count", multi,
-         set_attr(lambda wd: wd.opt, "learning_rate", [0.5, 0.1]), ValueError, r"3 optimizers but got 2 learning rates")
-    case(f"{backend}: multi learning_rate, a number", multi,
-         set_attr(lambda wd: wd.opt, "learning_rate", 0.5), TypeError, r"one per optimizer")
+    case(
+        f"{backend}: multi learning_rate, bad second value",
+        multi,
+        set_attr(lambda wd: wd.opt, "learning_rate", [0.5, float("nan"), 0.1]),
+        ValueError,
+        r"learning_rate\[1\] \(AdamW\) must be finite",
+    )
+    case(
+        f"{backend}: multi learning_rate, wrong count",
+        multi,
+        set_attr(lambda wd: wd.opt, "learning_rate", [0.5, 0.1]),
+        ValueError,
+        r"3 optimizers but got 2 learning rates",
+    )
+    case(
+        f"{backend}: multi learning_rate, a number",
+        multi,
+        set_attr(lambda wd: wd.opt, "learning_rate", 0.5),
+        TypeError,
+        r"one per optimizer",
+    )
 
 for label, make_opt, error, match in (
-        ("Adam(nan)", lambda: optim.Adam(float("nan")), ValueError, r"Adam learning_rate must be finite"),
-        ("Adam(eps=nan)", lambda: optim.Adam(1e-3, eps=float("nan")), ValueError, r"Adam eps must be a finite number"),
-        ("AdamW(weight_decay=inf)", lambda: optim.AdamW(1e-3, weight_decay=float("inf")), ValueError,
-         r"weight_decay must be a finite number"),
-        ("SGD(momentum=-1)", lambda: optim.SGD(0.1, momentum=-1.0), ValueError, r"momentum should be >=0"),
-        ("Adam(schedule returning a string)", lambda: optim.Adam(lambda step: "x"), TypeError,
-         r"its schedule '<lambda>' at step 0 returned a value that must be a number"),
-        ("RMSprop(eps=0)", lambda: optim.RMSprop(1e-3, eps=0.0), ValueError, r"epsilon should be >0"),
-        ("the same instance twice", lambda: (lambda a: optim.MultiOptimizer([a, a], [lambda p, w: True]))(optim.Adam(0.1)),
-         ValueError, r"optimizers\[1\] is \(or holds\) the same Adam instance as optimizers\[0\]"),
-        ("too few filters", lambda: optim.MultiOptimizer([optim.Adam(0.1), optim.SGD(0.1)], []), ValueError,
-         r"Given 0 filters but 1 needed"),
-        ("a filter that is not callable", lambda: optim.MultiOptimizer([optim.Adam(0.1), optim.SGD(0.1)], ["w"]),
-         TypeError, r"filters\[0\] is a str, not a callable")):
+    ("Adam(nan)", lambda: optim.Adam(float("nan")), ValueError, r"Adam learning_rate must be finite"),
+    ("Adam(eps=nan)", lambda: optim.Adam(1e-3, eps=float("nan")), ValueError, r"Adam eps must be a finite number"),
+    (
+        "AdamW(weight_decay=inf)",
+        lambda: optim.AdamW(1e-3, weight_decay=float("inf")),
+        ValueError,
+        r"weight_decay must be a finite number",
+    ),
+    ("SGD(momentum=-1)", lambda: optim.SGD(0.1, momentum=-1.0), ValueError, r"momentum should be >=0"),
+    (
+        "Adam(schedule returning a string)",
+        lambda: optim.Adam(lambda step: "x"),
+        TypeError,
+        r"its schedule '<lambda>' at step 0 returned a value that must be a number",
+    ),
+    ("RMSprop(eps=0)", lambda: optim.RMSprop(1e-3, eps=0.0), ValueError, r"epsilon should be >0"),
+    (
+        "the same instance twice",
+        lambda: (lambda a: optim.MultiOptimizer([a, a], [lambda p, w: True]))(optim.Adam(0.1)),
+        ValueError,
+        r"optimizers\[1\] is \(or holds\) the same Adam instance as optimizers\[0\]",
+    ),
+    (
+        "too few filters",
+        lambda: optim.MultiOptimizer([optim.Adam(0.1), optim.SGD(0.1)], []),
+        ValueError,
+        r"Given 0 filters but 1 needed",
+    ),
+    (
+        "a filter that is not callable",
+        lambda: optim.MultiOptimizer([optim.Adam(0.1), optim.SGD(0.1)], ["w"]),
+        TypeError,
+        r"filters\[0\] is a str, not a callable",
+    ),
+):
     case(f"constructor: {label}", world("single", "numpy"), lambda wd, make_opt=make_opt: make_opt(), error, match)
 
 
@@ -272,91 +378,180 @@ for backend in [b for b in BACKENDS if b != "jax"]:
 
     def with_step(value):
         return lambda wd: setattr(wd.opt, "state", dict(wd.opt.state, step=value))
-    for label, value, error, match in (("a string", "7", TypeError, r"state\['step'\] must be a step count"),
-                                       ("a float", 1.5, TypeError, r"state\['step'\] must be a step count"),
-                                       ("negative", np.array(-1, np.int64), ValueError, r"state\['step'\] must be >= 0"),
-                                       ("a vector", np.zeros(3, np.uint64), TypeError, r"state\['step'\] must be a step")):
+
+    for label, value, error, match in (
+        ("a string", "7", TypeError, r"state\['step'\] must be a step count"),
+        ("a float", 1.5, TypeError, r"state\['step'\] must be a step count"),
+        ("negative", np.array(-1, np.int64), ValueError, r"state\['step'\] must be >= 0"),
+        ("a vector", np.zeros(3, np.uint64), TypeError, r"state\['step'\] must be a step"),
+    ):
         case(f"{backend}: state step {label}", single, with_step(value), error, match)
-    case(f"{backend}: state learning_rate nan", single,
-         lambda wd: setattr(wd.opt, "state", dict(wd.opt.state, learning_rate=np.float32("nan"))), ValueError,
-         r"state\['learning_rate'\] must be finite")
-    case(f"{backend}: state without step", single,
-         lambda wd: setattr(wd.opt, "state", {k: v for k, v in wd.opt.state.items() if k != "step"}), ValueError,
-         r"missing 'step'")
+    case(
+        f"{backend}: state learning_rate nan",
+        single,
+        lambda wd: setattr(wd.opt, "state", dict(wd.opt.state, learning_rate=np.float32("nan"))),
+        ValueError,
+        r"state\['learning_rate'\] must be finite",
+    )
+    case(
+        f"{backend}: state without step",
+        single,
+        lambda wd: setattr(wd.opt, "state", {k: v for k, v in wd.opt.state.items() if k != "step"}),
+        ValueError,
+        r"missing 'step'",
+    )
     case(f"{backend}: state not a dict", single, lambda wd: setattr(wd.opt, "state", [1]), TypeError, r"must be a dict")
-    case(f"{backend}: slot of the wrong shape", single,
-         lambda wd: setattr(wd.opt, "state", dict(wd.opt.state, b={"m": make(np.ones(5), wd.backend),
-                                                                  "v": make(np.ones(4), wd.backend)})),
-         ValueError, r"slot 'm' of 'b' is float32\[5\]; the parameter needs float32\[4\]")
-    case(f"{backend}: slot of the wrong dtype", single,
-         lambda wd: setattr(wd.opt, "state", dict(wd.opt.state, b={"m": make(np.ones(4), wd.backend, "float16"),
-                                                                  "v": make(np.ones(4), wd.backend)})),
-         ValueError, r"slot 'm' of 'b' is float16\[4\]; the parameter needs float32\[4\]")
-    case(f"{backend}: slots that are not arrays", single,
-         lambda wd: setattr(wd.opt, "state", dict(wd.opt.state, b={"m": [0.0] * 4, "v": [0.0] * 4})),
-         TypeError, r"state of 'b' must be a dict of arrays")
-    case(f"{backend}: Adam's state given to SGD", multi, adam_state_into_sgd, ValueError,
-         r"states\[2\]: SGD.state has slots for 'layers\.0\.w'")
-    case(f"{backend}: children's states swapped", multi,
-         lambda wd: setattr(wd.opt, "state", {"states": wd.opt.state["states"][::-1]}), ValueError,
-         r"states\[0\]: Adam.state has slots for 'b'")
-    case(f"{backend}: one state for three children", multi,
-         lambda wd: setattr(wd.opt, "state", {"states": wd.opt.state["states"][:1]}), ValueError,
-         r"3 optimizers but the state holds 1 states")
-    case(f"{backend}: a bad third child state", multi,
-         lambda wd: setattr(wd.opt, "state", {"states": wd.opt.state["states"][:2] + [{"step": "x"}]}), (TypeError,
-                                                                                                       ValueError),
-         r"states\[2\]")
+    case(
+        f"{backend}: slot of the wrong shape",
+        single,
+        lambda wd: setattr(
+            wd.opt,
+            "state",
+            dict(wd.opt.state, b={"m": make(np.ones(5), wd.backend), "v": make(np.ones(4), wd.backend)}),
+        ),
+        ValueError,
+        r"slot 'm' of 'b' is float32\[5\]; the parameter needs float32\[4\]",
+    )
+    case(
+        f"{backend}: slot of the wrong dtype",
+        single,
+        lambda wd: setattr(
+            wd.opt,
+            "state",
+            dict(wd.opt.state, b={"m": make(np.ones(4), wd.backend, "float16"), "v": make(np.ones(4), wd.backend)}),
+        ),
+        ValueError,
+        r"slot 'm' of 'b' is float16\[4\]; the parameter needs float32\[4\]",
+    )
+    case(
+        f"{backend}: slots that are not arrays",
+        single,
+        lambda wd: setattr(wd.opt, "state", dict(wd.opt.state, b={"m": [0.0] * 4, "v": [0.0] * 4})),
+        TypeError,
+        r"state of 'b' must be a dict of arrays",
+    )
+    case(
+        f"{backend}: Adam's state given to SGD",
+        multi,
+        adam_state_into_sgd,
+        ValueError,
+        r"states\[2\]: SGD.state has slots for 'layers\.0\.w'",
+    )
+    case(
+        f"{backend}: children's states swapped",
+        multi,
+        lambda wd: setattr(wd.opt, "state", {"states": wd.opt.state["states"][::-1]}),
+        ValueError,
+        r"states\[0\]: Adam.state has slots for 'b'",
+    )
+    case(
+        f"{backend}: one state for three children",
+        multi,
+        lambda wd: setattr(wd.opt, "state", {"states": wd.opt.state["states"][:1]}),
+        ValueError,
+        r"3 optimizers but the state holds 1 states",
+    )
+    case(
+        f"{backend}: a bad third child state",
+        multi,
+        lambda wd: setattr(wd.opt, "state", {"states": wd.opt.state["states"][:2] + [{"step": "x"}]}),
+        (TypeError, ValueError),
+        r"states\[2\]",
+    )
 
 
 # ------------------------------------------------------------------------------ routing
 for backend in [b for b in BACKENDS if b != "jax"]:
     routed = {"filters": [lambda path, w: path.startswith("layers")]}
     for label, kwargs, value, error, match in (
-            ("a filter that raises", {"filters": [lambda path, w: 1 / 0 if path == "extra" else path == "w"]},
-             np.ones((2, 2)), RoutingError, r"filters\[0\] \(<lambda>\) raised ZeroDivisionError.*on 'extra'"),
-            ("a filter that returns a bool array", {"filters": [lambda path, w: np.ones(2, bool) if path == "extra" else path == "w"]}, np.ones(2),
-             RoutingError, r"a filter must return a bool, got ndarray of shape"),
-            ("an unmatched parameter with on_unmatched='error'", dict(routed, on_unmatched="error"), np.ones(2),
-             RoutingError, r"'extra' is accepted by no filter"),
-            ("Muon given a vector with guards='error'", {"filters": [lambda path, w: True], "guards": "error"},
-             np.ones(2), RoutingError, r"'extra'.*Muon")):
+        (
+            "a filter that raises",
+            {"filters": [lambda path, w: 1 / 0 if path == "extra" else path == "w"]},
+            np.ones((2, 2)),
+            RoutingError,
+            r"filters\[0\] \(<lambda>\) raised ZeroDivisionError.*on 'extra'",
+        ),
+        (
+            "a filter that returns a bool array",
+            {"filters": [lambda path, w: np.ones(2, bool) if path == "extra" else path == "w"]},
+            np.ones(2),
+            RoutingError,
+            r"a filter must return a bool, got ndarray of shape",
+        ),
+        (
+            "an unmatched parameter with on_unmatched='error'",
+            dict(routed, on_unmatched="error"),
+            np.ones(2),
+            RoutingError,
+            r"'extra' is accepted by no filter",
+        ),
+        (
+            "Muon given a vector with guards='error'",
+            {"filters": [lambda path, w: True], "guards": "error"},
+            np.ones(2),
+            RoutingError,
+            r"'extra'.*Muon",
+        ),
+    ):
         if label.startswith("an unmatched") or label.startswith("Muon"):
+
             def make_world(kwargs=kwargs, backend=backend):
                 wd = World("multi", backend)
                 wd.opt = optim.MultiOptimizer([optim.Adam(0.02), optim.SGD(0.1)], [lambda path, w: path != "extra"])
                 wd.opt.update(wd.params, wd.grads())
                 wd.opt.on_unmatched = kwargs.get("on_unmatched", "fallback")
                 if "guards" in kwargs:
-                    wd.opt = optim.MultiOptimizer([optim.Muon(0.02), optim.SGD(0.1)], [lambda path, w: path == "extra"],
-                                                  guards="error")
+                    wd.opt = optim.MultiOptimizer(
+                        [optim.Muon(0.02), optim.SGD(0.1)], [lambda path, w: path == "extra"], guards="error"
+                    )
                     wd.opt.update(wd.params, {k: v for k, v in wd.grads().items()})
                 return wd
 
-            act = (lambda wd, value=value: wd.params.__setitem__("extra", make(value, wd.backend)),
-                   lambda wd: wd.opt.update(wd.params, wd.grads()))
+            act = (
+                lambda wd, value=value: wd.params.__setitem__("extra", make(value, wd.backend)),
+                lambda wd: wd.opt.update(wd.params, wd.grads()),
+            )
         else:
+
             def make_world(kwargs=kwargs, backend=backend):
                 wd = World("multi", backend)
                 wd.opt = optim.MultiOptimizer([optim.Adam(0.02), optim.SGD(0.1)], **kwargs)
                 wd.opt.update(wd.params, wd.grads())
                 return wd
 
-            act = (lambda wd, value=value: wd.params.__setitem__("extra", make(value, wd.backend)),
-                   lambda wd: wd.opt.update(wd.params, wd.grads()))
+            act = (
+                lambda wd, value=value: wd.params.__setitem__("extra", make(value, wd.backend)),
+                lambda wd: wd.opt.update(wd.params, wd.grads()),
+            )
         case(f"{backend}: routing, {label}", make_world, act, error, match)
     multi = world("multi", backend)
-    case(f"{backend}: reroute to an unknown optimizer", multi, lambda wd: wd.opt.reroute("b", "Lion"), IndexError,
-         r"there is no optimizer 'Lion'")
-    case(f"{backend}: reroute with an unknown state mode", multi, lambda wd: wd.opt.reroute("b", 0, state="keep"),
-         ValueError, r"state must be 'reset' or 'carry', got 'keep'")
-    case(f"{backend}: freeze an unknown path", multi, lambda wd: wd.opt.freeze("nowhere"), KeyError,
-         r"no known parameter 'nowhere'")
+    case(
+        f"{backend}: reroute to an unknown optimizer",
+        multi,
+        lambda wd: wd.opt.reroute("b", "Lion"),
+        IndexError,
+        r"there is no optimizer 'Lion'",
+    )
+    case(
+        f"{backend}: reroute with an unknown state mode",
+        multi,
+        lambda wd: wd.opt.reroute("b", 0, state="keep"),
+        ValueError,
+        r"state must be 'reset' or 'carry', got 'keep'",
+    )
+    case(
+        f"{backend}: freeze an unknown path",
+        multi,
+        lambda wd: wd.opt.freeze("nowhere"),
+        KeyError,
+        r"no known parameter 'nowhere'",
+    )
 
 
 # ------------------------------------------------------------------------------ checkpoints
 def crafted(edit, backend, kind="multi"):
     """Load a file made from a valid save by ``edit(tensors, metadata)``, written with a valid checksum."""
+
     def act(wd):
         import tempfile
 
@@ -368,6 +563,7 @@ def crafted(edit, backend, kind="multi"):
             path = f"{folder}/crafted.safetensors"
             files.write(path, tensors, metadata)
             checkpoint.load(wd.opt, path, params=wd.params)
+
     return act
 
 
@@ -379,6 +575,7 @@ def raw(write, backend):
             path = f"{folder}/bad.safetensors"
             write(path)
             checkpoint.load(wd.opt, path, params=wd.params)
+
     return act
 
 
@@ -415,6 +612,7 @@ def setmeta(*path_value):
         for key in path[:-1]:
             node = node[key]
         node[path[-1]] = value
+
     return edit
 
 
@@ -422,51 +620,107 @@ CHECKPOINT_CASES = (
     ("step of shape (3,)", setkey("@Adam/step", np.zeros(3, np.uint64)), r"'@Adam/step' has shape \(3,\)"),
     ("step as a float", setkey("@Adam/step", np.float32(2)), r"'@Adam/step' is float32; a step count is an integer"),
     ("negative step", setkey("@Adam/step", np.int64(-3)), r"'@Adam/step' is -3; a step count is >= 0"),
-    ("learning rate as an integer", setkey("@Adam/learning_rate", np.int32(1)),
-     r"'@Adam/learning_rate' is int32; a state scalar is one of"),
-    ("learning rate of shape (2,)", setkey("@Adam/learning_rate", np.ones(2, np.float32)),
-     r"'@Adam/learning_rate' has shape \(2,\)"),
+    (
+        "learning rate as an integer",
+        setkey("@Adam/learning_rate", np.int32(1)),
+        r"'@Adam/learning_rate' is int32; a state scalar is one of",
+    ),
+    (
+        "learning rate of shape (2,)",
+        setkey("@Adam/learning_rate", np.ones(2, np.float32)),
+        r"'@Adam/learning_rate' has shape \(2,\)",
+    ),
     ("learning rate NaN", setkey("@Adam/learning_rate", np.float32("nan")), r"'@Adam/learning_rate' is nan"),
-    ("an unknown whole-model key", setkey("#momentum_of_everything", np.ones(1, np.float32)),
-     r"'#momentum_of_everything' is not whole-model state"),
+    (
+        "an unknown whole-model key",
+        setkey("#momentum_of_everything", np.ones(1, np.float32)),
+        r"'#momentum_of_everything' is not whole-model state",
+    ),
     ("an unknown scalar", setkey("@Adam/beta_7", np.float32(1)), r"Adam 'Adam' has no state scalar 'beta_7'"),
     ("a tensor of no parameter", setkey("ghost/m", np.ones(2, np.float32)), r"'ghost/m' is not listed in the metadata"),
     ("a slot stored with another shape", setkey("b/v", np.ones(5, np.float32)), r"'b/v' is stored as float32\[5\]"),
     ("parameters is a list", setmeta("parameters", []), r"'parameters': must be a dict"),
-    ("an optimizer name that is a number", setmeta("optimizers", 0, "name", 3), r"'optimizers\[0\]\.name': must be a string"),
+    (
+        "an optimizer name that is a number",
+        setmeta("optimizers", 0, "name", 3),
+        r"'optimizers\[0\]\.name': must be a string",
+    ),
     ("whole_model counter as a string", setmeta("whole_model", {"micro_step": "1"}), r"'whole_model\.micro_step'"),
     ("an unknown metadata field", setmeta("mystery", 1), r"'mystery': is not a field"),
-    ("a slot dtype that is not a float", setmeta("parameters", "b", "slots", "v", "dtype", "int8"),
-     r"'parameters\.b\.slots\.v\.dtype': must be one of"),
+    (
+        "a slot dtype that is not a float",
+        setmeta("parameters", "b", "slots", "v", "dtype", "int8"),
+        r"'parameters\.b\.slots\.v\.dtype': must be one of",
+    ),
     ("an owner that is no optimizer", setmeta("parameters", "b", "owner", "Nobody"), r"'parameters\.b\.owner'"),
     ("format version from the future", setmeta("format_version", 7), r"checkpoint format 7 is newer"),
     ("metadata step disagrees with the tensors", setmeta("step", 99), r"the metadata's 'step' is 99"),
-    ("routing to an optimizer that does not exist",
-     lambda t, m: m.__setitem__("routing", [{"position": [], "names": ["Adam", "AdamW", "SGD"], "changes": [],
-                                             "paths": [{"keys": ["b"], "shape": [4], "dtype": "float32",
-                                                        "route": "Lion", "flags": ["rerouted"]}]}]),
-     r"'routing\[0\]\.paths\[0\]\.route': 'Lion' is not one of"),
-    ("routing of a parameter with another shape",
-     lambda t, m: m.__setitem__("routing", [{"position": [], "names": ["Adam", "AdamW", "SGD"], "changes": [],
-                                             "paths": [{"keys": ["b"], "shape": [9], "dtype": "float32",
-                                                        "route": "Adam", "flags": ["rerouted"]}]}]),
-     r"'b' is float32\[9\] in the checkpoint but float32\[4\] now"),
-    ("a hyper-parameter that differs", setmeta("optimizers", 2, "hyperparameters", "momentum", 0.5),
-     r"momentum is 0\.5 in the checkpoint, 0\.9 now"),
+    (
+        "routing to an optimizer that does not exist",
+        lambda t, m: m.__setitem__(
+            "routing",
+            [
+                {
+                    "position": [],
+                    "names": ["Adam", "AdamW", "SGD"],
+                    "changes": [],
+                    "paths": [
+                        {"keys": ["b"], "shape": [4], "dtype": "float32", "route": "Lion", "flags": ["rerouted"]}
+                    ],
+                }
+            ],
+        ),
+        r"'routing\[0\]\.paths\[0\]\.route': 'Lion' is not one of",
+    ),
+    (
+        "routing of a parameter with another shape",
+        lambda t, m: m.__setitem__(
+            "routing",
+            [
+                {
+                    "position": [],
+                    "names": ["Adam", "AdamW", "SGD"],
+                    "changes": [],
+                    "paths": [
+                        {"keys": ["b"], "shape": [9], "dtype": "float32", "route": "Adam", "flags": ["rerouted"]}
+                    ],
+                }
+            ],
+        ),
+        r"'b' is float32\[9\] in the checkpoint but float32\[4\] now",
+    ),
+    (
+        "a hyper-parameter that differs",
+        setmeta("optimizers", 2, "hyperparameters", "momentum", 0.5),
+        r"momentum is 0\.5 in the checkpoint, 0\.9 now",
+    ),
 )
 
 for backend in [b for b in BACKENDS if b != "jax"]:
     for label, edit, match in CHECKPOINT_CASES:
-        case(f"{backend}: checkpoint, {label}", world("multi", backend), crafted(edit, backend),
-             checkpoint.CheckpointError, match)
-    for label, write, match in (("metadata nested 50,000 deep", deep_header, r"nested too deeply"),
-                                ("truncated", truncated, r"not a readable safetensors file"),
-                                ("one bit flipped", flipped, r"checksum mismatch|not a readable")):
-        case(f"{backend}: checkpoint file {label}", world("multi", backend), raw(write, backend),
-             checkpoint.CheckpointError, match)
+        case(
+            f"{backend}: checkpoint, {label}",
+            world("multi", backend),
+            crafted(edit, backend),
+            checkpoint.CheckpointError,
+            match,
+        )
+    for label, write, match in (
+        ("metadata nested 50,000 deep", deep_header, r"nested too deeply"),
+        ("truncated", truncated, r"not a readable safetensors file"),
+        ("one bit flipped", flipped, r"checksum mismatch|not a readable"),
+    ):
+        case(
+            f"{backend}: checkpoint file {label}",
+            world("multi", backend),
+            raw(write, backend),
+            checkpoint.CheckpointError,
+            match,
+        )
 
 
 if available("torch"):
+
     def adapter_world():
         import torch
 
@@ -482,16 +736,24 @@ if available("torch"):
         wd.params = dict(model.named_parameters())
         return wd
 
-    for label, value, match in (("None", None, r"expects a dict, got NoneType"),
-                                ("an empty dict", {}, r"not a treeopt\.torch state dict"),
-                                ("tensors that are not a mapping", {"tensors": 1, "metadata": {}},
-                                 r"tensors must be a mapping|not a treeopt"),
-                                ("metadata of another format", {"tensors": {}, "metadata": {"format": "x"}},
-                                 r"format 'x'"),
-                                ("torch layout without treeopt metadata",
-                                 {"state": {}, "param_groups": [{"params": [0]}]}, r"treeopt_metadata")):
-        case(f"torch adapter: load_state_dict of {label}", adapter_world,
-             lambda wd, value=value: wd.adapter.load_state_dict(value), (checkpoint.CheckpointError, TypeError), match)
+    for label, value, match in (
+        ("None", None, r"expects a dict, got NoneType"),
+        ("an empty dict", {}, r"not a treeopt\.torch state dict"),
+        ("tensors that are not a mapping", {"tensors": 1, "metadata": {}}, r"tensors must be a mapping|not a treeopt"),
+        ("metadata of another format", {"tensors": {}, "metadata": {"format": "x"}}, r"format 'x'"),
+        (
+            "torch layout without treeopt metadata",
+            {"state": {}, "param_groups": [{"params": [0]}]},
+            r"treeopt_metadata",
+        ),
+    ):
+        case(
+            f"torch adapter: load_state_dict of {label}",
+            adapter_world,
+            lambda wd, value=value: wd.adapter.load_state_dict(value),
+            (checkpoint.CheckpointError, TypeError),
+            match,
+        )
 
 
 # ------------------------------------------------------------------------------ faults
@@ -532,13 +794,24 @@ def flaky(mode, new_parameter=False):
             wd.step(wd.grads())
         finally:
             Flaky.fail[0] = None
+
     return arrange, act
 
 
-case("numpy: custom apply_single fails on the third parameter", flaky_world, flaky("apply"), FloatingPointError,
-     r"the update overflowed")
-case("numpy: custom init_single fails for a new parameter", flaky_world, flaky("init", True), MemoryError,
-     r"no memory for the slots")
+case(
+    "numpy: custom apply_single fails on the third parameter",
+    flaky_world,
+    flaky("apply"),
+    FloatingPointError,
+    r"the update overflowed",
+)
+case(
+    "numpy: custom init_single fails for a new parameter",
+    flaky_world,
+    flaky("init", True),
+    MemoryError,
+    r"no memory for the slots",
+)
 
 
 def tuple_world():
@@ -553,9 +826,13 @@ def read_only_in_tuple(wd):
     wd.opt.update(wd.params, (np.ones(3, np.float32), np.ones(2, np.float32)))
 
 
-case("numpy: a read-only parameter in a root tuple", tuple_world,
-     (lambda wd: setattr(wd.params[1].flags, "writeable", False), read_only_in_tuple), TypeError,
-     r"cannot update '1' inside a tuple at the root")
+case(
+    "numpy: a read-only parameter in a root tuple",
+    tuple_world,
+    (lambda wd: setattr(wd.params[1].flags, "writeable", False), read_only_in_tuple),
+    TypeError,
+    r"cannot update '1' inside a tuple at the root",
+)
 
 
 def deep_world():
@@ -579,25 +856,42 @@ def deep_step(wd):
         sys.setrecursionlimit(limit)
 
 
-case("numpy: a tree too deep for the recursion limit", deep_world, deep_step, RecursionError,
-     r"the tree is 300 levels deep.*nothing was changed")
+case(
+    "numpy: a tree too deep for the recursion limit",
+    deep_world,
+    deep_step,
+    RecursionError,
+    r"the tree is 300 levels deep.*nothing was changed",
+)
 
 if available("torch"):
+
     def meta_gradient(wd):
         import torch
 
         grads = wd.grads()
         grads["b"] = torch.ones(4, device="meta")
         wd.step(grads)
+
     for kind in ("single", "multi"):
-        case(f"torch-{kind}: a gradient on another device", world(kind, "torch"), meta_gradient, ParameterError,
-             r"gradient at 'b' is on meta but the parameter is on cpu")
+        case(
+            f"torch-{kind}: a gradient on another device",
+            world(kind, "torch"),
+            meta_gradient,
+            ParameterError,
+            r"gradient at 'b' is on meta but the parameter is on cpu",
+        )
 
         def rebound(wd):
             wd.params["b"].data = __import__("torch").ones(6)
-        case(f"torch-{kind}: p.data rebound to another shape", world(kind, "torch"),
-             (rebound, lambda wd: wd.step(wd.grads())), ParameterError,
-             r"slot '\w+' of 'b' has shape \(4,\), expected \(6,\)")
+
+        case(
+            f"torch-{kind}: p.data rebound to another shape",
+            world(kind, "torch"),
+            (rebound, lambda wd: wd.step(wd.grads())),
+            ParameterError,
+            r"slot '\w+' of 'b' has shape \(4,\), expected \(6,\)",
+        )
 
 
 # ------------------------------------------------------------------------------ the tests
@@ -654,7 +948,7 @@ def test_a_rule_the_compiled_loop_cannot_map_still_steps():
     from treeopt.rules import Rule
 
     def update(grad, param, lr):
-        return param - lr * grad * ops.rsqrt(grad * grad + lr),
+        return (param - lr * grad * ops.rsqrt(grad * grad + lr),)
 
     class Odd(optim.Optimizer):
         rule = Rule("odd_rsqrt", update, lambda lr, step: {"lr": lr}, slots=())
@@ -685,6 +979,7 @@ def test_concurrent_steps_with_new_paths_lose_no_route():
         def work(t):
             params = {f"t{t}_{i}": np.ones((4, 4) if i % 2 else 4, np.float32) for i in range(40)}
             opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
+
         threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
         for thread in threads:
             thread.start()
@@ -716,7 +1011,8 @@ def test_routing_changes_survive_a_checkpoint(tmp_path):
     fresh.params = tree_on(values(), "numpy")
     fresh.opt = optim.MultiOptimizer(
         [optim.Adam(1e-2), optim.AdamW(1e-2), optim.SGD(0.1, momentum=0.9)],
-        [lambda path, w: path.startswith("layers"), lambda path, w: path == "w"])
+        [lambda path, w: path.startswith("layers"), lambda path, w: path == "w"],
+    )
     assert checkpoint.load(fresh.opt, tmp_path / "opt.safetensors", params=fresh.params).ok
     assert fresh.opt.route("w") is None and fresh.opt.route("layers.0.w") == 1
     assert fresh.opt.changes == wd.opt.changes
@@ -746,10 +1042,10 @@ def test_saving_without_safetensors_says_how_to_install_it(tmp_path, monkeypatch
         if name.startswith("safetensors"):
             raise ImportError("No module named 'safetensors'")
         return real_import(name, *args, **kwargs)
+
     monkeypatch.setattr(builtins, "__import__", no_safetensors)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'treeopt\[checkpoint\]'"):
         checkpoint.save(World("single", "numpy").opt, tmp_path / "x.safetensors")
-
 
 
 @pytest.mark.skipif(__import__("importlib.util").util.find_spec("numba") is None, reason="numba is not installed")

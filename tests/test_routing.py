@@ -42,17 +42,32 @@ def gpt2(backend, seed=0):
     def r(*shape):
         return make(0.5 * rng.standard_normal(shape), backend)
 
-    return {"transformer": {"wte": {"weight": r(16, 8)},
-                            "h": [{"ln_1": {"weight": r(8), "bias": r(8)},
-                                   "attn": {"c_attn": {"weight": r(8, 24), "bias": r(24)}},
-                                   "mlp": {"c_fc": {"weight": r(8, 16)}}}],
-                            "ln_f": {"weight": r(8)}},
-            "lm_head": {"weight": r(16, 8)}}
+    return {
+        "transformer": {
+            "wte": {"weight": r(16, 8)},
+            "h": [
+                {
+                    "ln_1": {"weight": r(8), "bias": r(8)},
+                    "attn": {"c_attn": {"weight": r(8, 24), "bias": r(24)}},
+                    "mlp": {"c_fc": {"weight": r(8, 16)}},
+                }
+            ],
+            "ln_f": {"weight": r(8)},
+        },
+        "lm_head": {"weight": r(16, 8)},
+    }
 
 
-GPT2_PATHS = ["transformer.wte.weight", "transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias",
-              "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
-              "transformer.h.0.mlp.c_fc.weight", "transformer.ln_f.weight", "lm_head.weight"]
+GPT2_PATHS = [
+    "transformer.wte.weight",
+    "transformer.h.0.ln_1.weight",
+    "transformer.h.0.ln_1.bias",
+    "transformer.h.0.attn.c_attn.weight",
+    "transformer.h.0.attn.c_attn.bias",
+    "transformer.h.0.mlp.c_fc.weight",
+    "transformer.ln_f.weight",
+    "lm_head.weight",
+]
 
 
 def small(backend, seed=0):
@@ -103,8 +118,12 @@ def messages(record, category=RoutingWarning):
 
 
 def three_groups(**options):
-    return optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-4, weight_decay=0.1), optim.SGD(0.1, momentum=0.9)],
-                                [F.is_hidden_matrix, F.is_bias | F.is_norm], names=["muon", "adamw", "sgd"], **options)
+    return optim.MultiOptimizer(
+        [optim.Muon(0.02), optim.AdamW(3e-4, weight_decay=0.1), optim.SGD(0.1, momentum=0.9)],
+        [F.is_hidden_matrix, F.is_bias | F.is_norm],
+        names=["muon", "adamw", "sgd"],
+        **options,
+    )
 
 
 #: where three_groups() sends each GPT-2 parameter
@@ -140,12 +159,18 @@ def test_plan_rows_say_where_each_parameter_goes_and_why(backend):
         assert row.weight_decay == pytest.approx({"muon": 0.01, "adamw": 0.1, "sgd": 0.0}[name])
         assert row.also_matched == () and row.notes == ()
         assert multi.route(row.path) == group
-    assert [(g.index, g.name, g.type) for g in plan.groups] == [(0, "muon", "Muon"), (1, "adamw", "AdamW"),
-                                                                (2, "sgd", "SGD")]
+    assert [(g.index, g.name, g.type) for g in plan.groups] == [
+        (0, "muon", "Muon"),
+        (1, "adamw", "AdamW"),
+        (2, "sgd", "SGD"),
+    ]
     for g in plan.groups:
         mine = [r for r in plan.rows if r.group == g.index]
-        assert (g.parameters, g.size, g.state_bytes) == (len(mine), sum(r.size for r in mine),
-                                                         sum(r.state_bytes for r in mine))
+        assert (g.parameters, g.size, g.state_bytes) == (
+            len(mine),
+            sum(r.size for r in mine),
+            sum(r.state_bytes for r in mine),
+        )
     assert plan.groups[0].hyperparameters["momentum"] == pytest.approx(0.95)
     assert plan.groups[1].hyperparameters["betas"] == pytest.approx((0.9, 0.999))
     assert plan.changes == [] and plan.warnings == []
@@ -153,11 +178,15 @@ def test_plan_rows_say_where_each_parameter_goes_and_why(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_bytes_follow_the_parameter_dtype(backend):
-    params = {"a": {"weight": make(np.ones((4, 8)), backend, "float16")},
-              "b": {"weight": make(np.ones((4, 8)), backend, "float32")}}
+    params = {
+        "a": {"weight": make(np.ones((4, 8)), backend, "float16")},
+        "b": {"weight": make(np.ones((4, 8)), backend, "float32")},
+    }
     plan = optim.MultiOptimizer([optim.AdamW(1e-3), optim.SGD(0.1, momentum=0.9)], [F.glob("a.*")]).plan(params)
-    assert [(r.path, r.dtype, r.state_bytes) for r in plan.rows] == [("a.weight", "float16", 2 * 2 * 32),
-                                                                      ("b.weight", "float32", 1 * 4 * 32)]
+    assert [(r.path, r.dtype, r.state_bytes) for r in plan.rows] == [
+        ("a.weight", "float16", 2 * 2 * 32),
+        ("b.weight", "float32", 1 * 4 * 32),
+    ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -188,8 +217,10 @@ def test_plan_exports_text_dict_json_markdown_and_rich(backend):
     assert markdown[0] == "**Routing plan at step 0**"
     assert markdown[2] == "| path | optimizer | reason | shape | dtype | size | state | lr | wd |"  # no notes column
     assert markdown[3] == "|---|---|---|---|---|---|---|---|---|"
-    assert ("| transformer.h.0.ln_1.bias | adamw | filters[1] (is_bias \\| is_norm) | 8 | float32 | 8 | 64 B | 0.0003 "
-            "| 0.1 |") in markdown  # a | inside a cell is escaped
+    assert (
+        "| transformer.h.0.ln_1.bias | adamw | filters[1] (is_bias \\| is_norm) | 8 | float32 | 8 | 64 B | 0.0003 "
+        "| 0.1 |"
+    ) in markdown  # a | inside a cell is escaped
     rich_console = pytest.importorskip("rich.console")
     console = rich_console.Console(file=io.StringIO(), width=200)
     console.print(plan)
@@ -269,8 +300,11 @@ def test_a_single_optimizer_has_a_plan_with_one_group(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_top_level_parameters_are_in_the_plan(backend):
-    params = {"embed": make(np.ones((6, 4)), backend), "w": make(np.ones((4, 4)), backend),
-              "layers": [{"weight": make(np.ones((4, 4)), backend)}]}
+    params = {
+        "embed": make(np.ones((6, 4)), backend),
+        "w": make(np.ones((4, 4)), backend),
+        "layers": [{"weight": make(np.ones((4, 4)), backend)}],
+    }
     plan = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(1e-3)], [F.is_hidden_matrix]).plan(params)
     assert [r.path for r in plan.rows] == ["embed", "w", "layers.0.weight"]
 
@@ -279,8 +313,12 @@ def test_top_level_parameters_are_in_the_plan(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_routed_parameters_without_state_yet_are_in_the_plan(backend, case):
     params = small(backend)
-    multi = optim.MultiOptimizer([optim.AdamW(1e-3), optim.SGD(0.1, momentum=0.9)], [F.ndim(2)], names=["adamw", "sgd"],
-                                 accumulate=2 if case == "accumulating" else 1)
+    multi = optim.MultiOptimizer(
+        [optim.AdamW(1e-3), optim.SGD(0.1, momentum=0.9)],
+        [F.ndim(2)],
+        names=["adamw", "sgd"],
+        accumulate=2 if case == "accumulating" else 1,
+    )
     multi.update(params, grads_for(params, backend, 0))
     if case == "reroute":
         multi.reroute("layers.0.attn.bias", to="adamw")
@@ -294,14 +332,16 @@ def test_routed_parameters_without_state_yet_are_in_the_plan(backend, case):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unmatched_parameters_warn_once_per_path(backend):
     params = gpt2(backend)
-    multi = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-4)], [F.is_hidden_matrix],
-                                 names=["muon", "adamw"], on_unmatched="warn")
+    multi = optim.MultiOptimizer(
+        [optim.Muon(0.02), optim.AdamW(3e-4)], [F.is_hidden_matrix], names=["muon", "adamw"], on_unmatched="warn"
+    )
     with pytest.warns(RoutingWarning) as record:
         for k in range(3):
             multi.update(params, grads_for(params, backend, k))
     unmatched = [p for p in GPT2_PATHS if not p.endswith(("c_attn.weight", "c_fc.weight"))]
-    assert messages(record) == [f"'{p}' is accepted by no filter; it goes to the fallback optimizer adamw"
-                                for p in unmatched]
+    assert messages(record) == [
+        f"'{p}' is accepted by no filter; it goes to the fallback optimizer adamw" for p in unmatched
+    ]
     assert [multi.route(p) for p in unmatched] == [1] * len(unmatched)
 
 
@@ -318,10 +358,12 @@ def test_routing_warnings_point_at_the_callers_line(backend):
 def test_unmatched_parameters_as_errors_change_nothing(backend):
     params = gpt2(backend)
     before = flat(params)
-    multi = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-4)], [F.is_hidden_matrix],
-                                 names=["muon", "adamw"], on_unmatched="error")
-    message = ("MultiOptimizer: 'transformer.wte.weight' is accepted by no filter; it goes to the fallback "
-               "optimizer adamw")
+    multi = optim.MultiOptimizer(
+        [optim.Muon(0.02), optim.AdamW(3e-4)], [F.is_hidden_matrix], names=["muon", "adamw"], on_unmatched="error"
+    )
+    message = (
+        "MultiOptimizer: 'transformer.wte.weight' is accepted by no filter; it goes to the fallback optimizer adamw"
+    )
     with pytest.raises(RoutingError, match=re.escape(message)) as error:
         multi.update(params, grads_for(params, backend, 0))
     assert isinstance(error.value, ValueError)
@@ -345,13 +387,17 @@ def test_check_options_are_validated():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_filter_that_matches_nothing_warns_once(backend):
     params = gpt2(backend)
-    multi = optim.MultiOptimizer([optim.SGD(0.1), optim.Muon(0.02), optim.AdamW(3e-4)],
-                                 [F.glob("encoder.*"), F.is_hidden_matrix], names=["sgd", "muon", "adamw"])
+    multi = optim.MultiOptimizer(
+        [optim.SGD(0.1), optim.Muon(0.02), optim.AdamW(3e-4)],
+        [F.glob("encoder.*"), F.is_hidden_matrix],
+        names=["sgd", "muon", "adamw"],
+    )
     with pytest.warns(RoutingWarning) as record:
         for k in range(3):
             multi.update(params, grads_for(params, backend, k))
     assert messages(record) == [
-        "MultiOptimizer: filters[0] (glob('encoder.*')) matches no parameter, so sgd updates nothing"]
+        "MultiOptimizer: filters[0] (glob('encoder.*')) matches no parameter, so sgd updates nothing"
+    ]
     assert multi.plan().warnings == ["filters[0] (glob('encoder.*')) matches no parameter"]
     assert "* filters[0] (glob('encoder.*')) matches no parameter" in str(multi.plan())
 
@@ -359,8 +405,10 @@ def test_a_filter_that_matches_nothing_warns_once(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_overlaps_list_every_accepting_filter_winner_first(backend):
     params = gpt2(backend)
-    multi = optim.MultiOptimizer([optim.Muon(0.02), optim.SGD(0.1), optim.Adam(1e-3), optim.AdamW(1e-3)],
-                                 [F.is_hidden_matrix, F.ndim(2), F.glob("*.weight")])
+    multi = optim.MultiOptimizer(
+        [optim.Muon(0.02), optim.SGD(0.1), optim.Adam(1e-3), optim.AdamW(1e-3)],
+        [F.is_hidden_matrix, F.ndim(2), F.glob("*.weight")],
+    )
     plan = multi.plan(params)
     assert multi.overlaps() == {
         "transformer.wte.weight": [1, 2],
@@ -369,30 +417,43 @@ def test_overlaps_list_every_accepting_filter_winner_first(backend):
         "lm_head.weight": [1, 2],
     }
     also = {r.path: r.also_matched for r in plan.rows}
-    assert also == {"transformer.wte.weight": (2,), "transformer.h.0.ln_1.weight": (),
-                    "transformer.h.0.ln_1.bias": (), "transformer.h.0.attn.c_attn.weight": (1, 2),
-                    "transformer.h.0.attn.c_attn.bias": (), "transformer.h.0.mlp.c_fc.weight": (1, 2),
-                    "transformer.ln_f.weight": (), "lm_head.weight": (2,)}
+    assert also == {
+        "transformer.wte.weight": (2,),
+        "transformer.h.0.ln_1.weight": (),
+        "transformer.h.0.ln_1.bias": (),
+        "transformer.h.0.attn.c_attn.weight": (1, 2),
+        "transformer.h.0.attn.c_attn.bias": (),
+        "transformer.h.0.mlp.c_fc.weight": (1, 2),
+        "transformer.ln_f.weight": (),
+        "lm_head.weight": (2,),
+    }
     assert "also matched filters[1, 2]" in str(plan)
 
 
 GUARD_TEXT = {
     "vector": "Muon got a 1-D tensor: it orthogonalises matrices (route vectors and scalars to AdamW, or "
-              "Muon(allow=['vectors']))",
+    "Muon(allow=['vectors']))",
     "embedding": "Muon got what looks like an embedding (use AdamW, or Muon(allow=['embeddings']))",
     "head": "Muon got what looks like an output head (use AdamW, or Muon(allow=['heads']))",
 }
 
 
 def guarded_model(backend):
-    return {"embed": {"weight": make(np.ones((6, 4)), backend)},
-            "transformer": {"wte": {"weight": make(np.ones((6, 4)), backend)}},
-            "blocks": [{"w": make(np.eye(4), backend), "ln_1": {"weight": make(np.ones(4), backend)}}],
-            "lm_head": {"weight": make(np.ones((6, 4)), backend)}}
+    return {
+        "embed": {"weight": make(np.ones((6, 4)), backend)},
+        "transformer": {"wte": {"weight": make(np.ones((6, 4)), backend)}},
+        "blocks": [{"w": make(np.eye(4), backend), "ln_1": {"weight": make(np.ones(4), backend)}}],
+        "lm_head": {"weight": make(np.ones((6, 4)), backend)},
+    }
 
 
-GUARDED = {"embed.weight": "embedding", "transformer.wte.weight": "embedding", "blocks.0.w": None,
-           "blocks.0.ln_1.weight": "vector", "lm_head.weight": "head"}
+GUARDED = {
+    "embed.weight": "embedding",
+    "transformer.wte.weight": "embedding",
+    "blocks.0.w": None,
+    "blocks.0.ln_1.weight": "vector",
+    "lm_head.weight": "head",
+}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -418,10 +479,11 @@ def test_muon_guards_as_errors_change_nothing(backend):
     assert_identical(flat(params), before)
     assert [multi.route(p) for p in GUARDED] == [None] * len(GUARDED)
     assert [int(as_float64(s["step"])) for s in multi.state["states"]] == [0, 0]
-    for kind, path, model in (("vector", "x.w", {"x": {"w": make(np.ones(4), backend)}}),
-                              ("head", "lm_head.weight", {"lm_head": {"weight": make(np.ones((6, 4)), backend)}}),
-                              ("embedding", "transformer.wte.weight",
-                               {"transformer": {"wte": {"weight": make(np.ones((6, 4)), backend)}}})):
+    for kind, path, model in (
+        ("vector", "x.w", {"x": {"w": make(np.ones(4), backend)}}),
+        ("head", "lm_head.weight", {"lm_head": {"weight": make(np.ones((6, 4)), backend)}}),
+        ("embedding", "transformer.wte.weight", {"transformer": {"wte": {"weight": make(np.ones((6, 4)), backend)}}}),
+    ):
         strict = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-4)], [F.everything], guards="error")
         with pytest.raises(RoutingError, match=re.escape(f"MultiOptimizer: '{path}': {GUARD_TEXT[kind]}")):
             strict.update(model, grads_for(model, backend, 0))
@@ -434,16 +496,20 @@ def test_muon_guards_are_silenced_by_off_or_allow(backend):
         warnings.simplefilter("error", RoutingWarning)
         off = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-4)], [F.everything], guards="off")
         off.update(params, grads_for(params, backend, 0))
-        allowed = optim.MultiOptimizer([optim.Muon(0.02, allow=["vectors", "embeddings", "heads"]), optim.AdamW(3e-4)],
-                                       [F.everything], guards="error")
+        allowed = optim.MultiOptimizer(
+            [optim.Muon(0.02, allow=["vectors", "embeddings", "heads"]), optim.AdamW(3e-4)],
+            [F.everything],
+            guards="error",
+        )
         allowed.update(params, grads_for(params, backend, 0))
     assert [off.route(p) for p in GUARDED] == [0] * len(GUARDED)
     assert all(r.notes == () for r in allowed.plan().rows)
     partly = optim.MultiOptimizer([optim.Muon(0.02, allow="vectors"), optim.AdamW(3e-4)], [F.everything])
     with pytest.warns(RoutingWarning) as record:
         partly.update(params, grads_for(params, backend, 0))
-    assert messages(record) == [f"'{p}': {GUARD_TEXT[kind]}" for p, kind in GUARDED.items()
-                                if kind in ("embedding", "head")]
+    assert messages(record) == [
+        f"'{p}': {GUARD_TEXT[kind]}" for p, kind in GUARDED.items() if kind in ("embedding", "head")
+    ]
 
 
 # ================================================================================ 3. filters
@@ -499,7 +565,12 @@ def test_structural_filters(backend):
     assert [F.ndim(max=1)("p", w(*s)) for s in [(), (3,), (3, 3)]] == [True, True, False]
     assert [F.ndim(min=1, max=2)("p", w(*s)) for s in [(), (3,), (3, 3), (1, 1, 1)]] == [False, True, True, False]
     assert [F.shape(None, 4)("p", w(*s)) for s in [(3, 4), (7, 4), (4, 3), (4,), (2, 3, 4)]] == [
-        True, True, False, False, False]
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
     assert F.shape(2, 3)("p", w(2, 3)) and not F.shape(2, 3)("p", w(2, 4))
     assert F.everything("anything", w()) and F.everything("", w(5, 5))
 
@@ -565,8 +636,11 @@ def test_top_level_arrays_are_named_by_their_own_name(backend):
     assert F.is_embedding("embed", head) and F.is_embedding("wte", head)
     assert F.is_norm("ln_f", vector) and F.is_norm("norm", vector) and F.is_bias("bias", vector)
     assert not F.is_hidden_matrix("head", head) and F.is_hidden_matrix("w", head)
-    params = {"embed": {"weight": make(np.ones((10, 8)), backend)}, "layers": [{"w": make(np.ones((8, 8)), backend)}],
-              "head": make(np.ones((10, 8)), backend)}  # the README's naming
+    params = {
+        "embed": {"weight": make(np.ones((10, 8)), backend)},
+        "layers": [{"w": make(np.ones((8, 8)), backend)}],
+        "head": make(np.ones((10, 8)), backend),
+    }  # the README's naming
     assert treeopt.muon_adamw(params).route("head") == 2
 
 
@@ -587,10 +661,15 @@ def test_frozen_parameters_get_no_state_and_never_change(backend):
     plan = multi.plan()
     assert [r.path for r in plan.rows] == GPT2_PATHS
     rows = {r.path: r for r in plan.rows}
-    assert (rows["transformer.wte.weight"].group, rows["transformer.wte.weight"].optimizer,
-            rows["transformer.wte.weight"].reason) == (-1, "frozen", "frozen")
+    assert (
+        rows["transformer.wte.weight"].group,
+        rows["transformer.wte.weight"].optimizer,
+        rows["transformer.wte.weight"].reason,
+    ) == (-1, "frozen", "frozen")
     assert [(rows[p].shape, rows[p].dtype, rows[p].size, rows[p].state_bytes) for p in frozen] == [
-        ((16, 8), "float32", 128, 0), ((16, 8), "float32", 128, 0)]
+        ((16, 8), "float32", 128, 0),
+        ((16, 8), "float32", 128, 0),
+    ]
     assert plan.groups[2].parameters == 0  # sgd (the fallback) took only what is not frozen: nothing
 
 
@@ -604,11 +683,17 @@ def test_muon_adamw_routes_hidden_matrices_vectors_and_the_rest(backend):
         opt = treeopt.muon_adamw(params)
         opt.update(params, grads_for(params, backend, 0))
     assert opt.names == ["muon", "adamw_no_decay", "adamw"]
-    expected = {"transformer.wte.weight": "adamw", "transformer.h.0.ln_1.weight": "adamw_no_decay",
-                "transformer.h.0.ln_1.bias": "adamw_no_decay", "transformer.h.0.attn.c_attn.weight": "muon",
-                "transformer.h.0.attn.c_attn.bias": "adamw_no_decay", "transformer.h.0.attn.scale": "adamw_no_decay",
-                "transformer.h.0.mlp.c_fc.weight": "muon", "transformer.ln_f.weight": "adamw_no_decay",
-                "lm_head.weight": "adamw"}
+    expected = {
+        "transformer.wte.weight": "adamw",
+        "transformer.h.0.ln_1.weight": "adamw_no_decay",
+        "transformer.h.0.ln_1.bias": "adamw_no_decay",
+        "transformer.h.0.attn.c_attn.weight": "muon",
+        "transformer.h.0.attn.c_attn.bias": "adamw_no_decay",
+        "transformer.h.0.attn.scale": "adamw_no_decay",
+        "transformer.h.0.mlp.c_fc.weight": "muon",
+        "transformer.ln_f.weight": "adamw_no_decay",
+        "lm_head.weight": "adamw",
+    }
     assert {p: opt.names[opt.route(p)] for p in expected} == expected
     plan = opt.plan()
     for row in plan.rows:
@@ -652,8 +737,10 @@ def test_frozen_parameters_can_be_planned_before_the_first_step(backend, how):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_muon_adamw_prints_its_plan(backend, capsys):
-    params = {"h": [{"w": make(np.ones((4, 4)), backend), "b": make(np.zeros(4), backend)}],
-              "wte": {"weight": make(np.ones((6, 4)), backend)}}
+    params = {
+        "h": [{"w": make(np.ones((4, 4)), backend), "b": make(np.zeros(4), backend)}],
+        "wte": {"weight": make(np.ones((6, 4)), backend)},
+    }
     treeopt.muon_adamw(params, print_plan=True)
     out = capsys.readouterr().out
     assert "Routing plan at step 0" in out
@@ -697,19 +784,26 @@ def test_one_lr_schedule_keeps_the_groups_ratio(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lr_schedule_multiplies_a_groups_own_schedule(backend):
     params = small(backend)
-    multi = optim.MultiOptimizer([optim.SGD(optim.exponential_decay(0.1, 0.5)), optim.Adam(1e-3)], [F.ndim(2)],
-                                 lr_schedule=optim.linear_schedule(0.5, 1.0, 2))
+    multi = optim.MultiOptimizer(
+        [optim.SGD(optim.exponential_decay(0.1, 0.5)), optim.Adam(1e-3)],
+        [F.ndim(2)],
+        lr_schedule=optim.linear_schedule(0.5, 1.0, 2),
+    )
     for k in range(4):
         multi.update(params, grads_for(params, backend, k))
         m = min(k, 2) * 0.25 + 0.5
-        assert [float(as_float64(lr)) for lr in multi.learning_rate] == pytest.approx([0.1 * 0.5 ** k * m, 1e-3 * m],
-                                                                                     rel=1e-6)
+        assert [float(as_float64(lr)) for lr in multi.learning_rate] == pytest.approx(
+            [0.1 * 0.5**k * m, 1e-3 * m], rel=1e-6
+        )
 
 
 def scheduled_children():
-    return [optim.Muon(0.02, momentum=optim.linear_schedule(0.85, 0.95, 10)),
-            optim.AdamW(3e-4, weight_decay=optim.linear_schedule(0.0, 0.1, 10),
-                        betas=(0.9, optim.linear_schedule(0.9, 0.999, 10)))]
+    return [
+        optim.Muon(0.02, momentum=optim.linear_schedule(0.85, 0.95, 10)),
+        optim.AdamW(
+            3e-4, weight_decay=optim.linear_schedule(0.0, 0.1, 10), betas=(0.9, optim.linear_schedule(0.9, 0.999, 10))
+        ),
+    ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -727,9 +821,10 @@ def test_scheduled_hyperparameters_live_in_the_childs_state_and_are_used(backend
         grads = grads_for(params, backend, k)
         multi.update(params, grads)
         muon_state, adamw_state = multi.state["states"]
-        momentum, decay, beta2 = (float(as_float64(s[n])) for s, n in ((muon_state, "momentum"),
-                                                                        (adamw_state, "weight_decay"),
-                                                                        (adamw_state, "betas[1]")))
+        momentum, decay, beta2 = (
+            float(as_float64(s[n]))
+            for s, n in ((muon_state, "momentum"), (adamw_state, "weight_decay"), (adamw_state, "betas[1]"))
+        )
         assert momentum == pytest.approx(0.85 + 0.01 * k, rel=1e-6)
         assert decay == pytest.approx(0.01 * k, abs=1e-7) and beta2 == pytest.approx(0.9 + 0.0099 * k, rel=1e-6)
         muon.momentum, adamw.weight_decay, adamw.betas = momentum, decay, (0.9, beta2)
@@ -748,8 +843,9 @@ def test_scheduled_hyperparameters_survive_a_checkpoint(backend, tmp_path):
     restored_params = copy_tree(params, backend)
     report = checkpoint.load(restored, tmp_path / "opt.safetensors", params=restored_params)
     assert report.ok
-    for i, names in enumerate([("step", "learning_rate", "momentum"),
-                               ("step", "learning_rate", "weight_decay", "betas[1]")]):
+    for i, names in enumerate(
+        [("step", "learning_rate", "momentum"), ("step", "learning_rate", "weight_decay", "betas[1]")]
+    ):
         for name in names:
             saved, loaded = multi.state["states"][i][name], restored.state["states"][i][name]
             assert np.array_equal(as_float64(saved), as_float64(loaded)), (i, name)
@@ -835,8 +931,9 @@ def test_accumulate_averages_gradients_over_calls(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_accumulate_per_group(backend):
     params = {"dense": {"weight": make(np.full((3, 3), 0.5), backend)}, "dense2": {"bias": make(np.ones(3), backend)}}
-    multi = optim.MultiOptimizer([optim.SGD(0.1, momentum=0.9), optim.AdamW(1e-2, bias_correction=True)],
-                                 [F.ndim(2)], accumulate=[1, 2])
+    multi = optim.MultiOptimizer(
+        [optim.SGD(0.1, momentum=0.9), optim.AdamW(1e-2, bias_correction=True)], [F.ndim(2)], accumulate=[1, 2]
+    )
     sgd, adamw = optim.SGD(0.1, momentum=0.9), optim.AdamW(1e-2, bias_correction=True)
     alone = {"dense": copy_tree(params["dense"], backend), "dense2": copy_tree(params["dense2"], backend)}
     grads = [grads_for(params, backend, k) for k in range(4)]
@@ -885,18 +982,28 @@ def test_freeze_selects_by_paths_or_filter(backend):
     multi = three_groups()
     multi.update(params, grads_for(params, backend, 0))
     assert multi.freeze(F.is_bias) == ["transformer.h.0.ln_1.bias", "transformer.h.0.attn.c_attn.bias"]
-    assert multi.freeze(F.ndim(2) & F.glob("transformer.h.*")) == ["transformer.h.0.attn.c_attn.weight",
-                                                                    "transformer.h.0.mlp.c_fc.weight"]
-    assert multi.freeze(["lm_head.weight", ("transformer", "wte", "weight")]) == ["lm_head.weight",
-                                                                                  "transformer.wte.weight"]
+    assert multi.freeze(F.ndim(2) & F.glob("transformer.h.*")) == [
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.mlp.c_fc.weight",
+    ]
+    assert multi.freeze(["lm_head.weight", ("transformer", "wte", "weight")]) == [
+        "lm_head.weight",
+        "transformer.wte.weight",
+    ]
     frozen = flat(params)
     multi.update(params, grads_for(params, backend, 1))
     for path in GPT2_PATHS:
-        assert np.array_equal(flat(params)[path], frozen[path]) == (path not in (
-            "transformer.h.0.ln_1.weight", "transformer.ln_f.weight")), path
+        assert np.array_equal(flat(params)[path], frozen[path]) == (
+            path not in ("transformer.h.0.ln_1.weight", "transformer.ln_f.weight")
+        ), path
     assert multi.unfreeze(F.everything) == [  # in tree order
-        "transformer.wte.weight", "transformer.h.0.ln_1.bias", "transformer.h.0.attn.c_attn.weight",
-        "transformer.h.0.attn.c_attn.bias", "transformer.h.0.mlp.c_fc.weight", "lm_head.weight"]
+        "transformer.wte.weight",
+        "transformer.h.0.ln_1.bias",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.attn.c_attn.bias",
+        "transformer.h.0.mlp.c_fc.weight",
+        "lm_head.weight",
+    ]
     assert multi.changes[0] == "step 1: froze transformer.h.0.ln_1.bias, transformer.h.0.attn.c_attn.bias"
     with pytest.raises(KeyError, match="no known parameter 'nope'"):
         multi.freeze("nope")
@@ -994,8 +1101,9 @@ def test_reroute_with_carry_from_adamw_to_adam_keeps_the_moments(backend):
     multi.update(params, grads)
     g = as_float64(grads["layers"][0]["attn"]["weight"])
     np.testing.assert_allclose(flat(multi.state["states"][1])[f"{path}.m"], 0.9 * m + 0.1 * g, rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(flat(multi.state["states"][1])[f"{path}.v"], 0.999 * v + 0.001 * g * g,
-                               rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(
+        flat(multi.state["states"][1])[f"{path}.v"], 0.999 * v + 0.001 * g * g, rtol=1e-5, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

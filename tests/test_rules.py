@@ -33,16 +33,19 @@ def test_a_rule_that_follows_the_contract_is_accepted_and_says_its_hyperparamete
     assert rule.hyperparameters == ("decay",) and rule.coefficient_names() == ("lr", "decay")
 
 
-@pytest.mark.parametrize("case, message", [
-    (dict(update=lambda param, grad, v, lr, decay: None), r"start with \(grad, param"),
-    (dict(slots=("m",)), r"takes the slots \['v'\] but the rule declares \['m'\]"),
-    (dict(slots=lambda shape, hyper: {"v": shape}), r"\*slots"),
-    (dict(update=lambda grad, param, v, **coefficients: None), r"no \*\*kwargs"),
-    (dict(coefficients=lambda lr, step, decay: {}), "keyword-only|coefficients must be"),
-    (dict(coefficients=lambda rate, step, *, decay: {}), "coefficients must be"),
-    (dict(running=("total",)), "running values"),
-    (dict(copies_param=("z",)), "copies_param names"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (dict(update=lambda param, grad, v, lr, decay: None), r"start with \(grad, param"),
+        (dict(slots=("m",)), r"takes the slots \['v'\] but the rule declares \['m'\]"),
+        (dict(slots=lambda shape, hyper: {"v": shape}), r"\*slots"),
+        (dict(update=lambda grad, param, v, **coefficients: None), r"no \*\*kwargs"),
+        (dict(coefficients=lambda lr, step, decay: {}), "keyword-only|coefficients must be"),
+        (dict(coefficients=lambda rate, step, *, decay: {}), "coefficients must be"),
+        (dict(running=("total",)), "running values"),
+        (dict(copies_param=("z",)), "copies_param names"),
+    ],
+)
 def test_a_rule_that_breaks_the_contract_is_refused_when_defined(case, message):
     arguments = {**dict(name="broken", update=plain, coefficients=plain_coefficients, slots=("v",)), **case}
     with pytest.raises(RuleError, match=message):
@@ -78,7 +81,10 @@ def test_adafactor_slot_names_and_shapes_come_from_one_function():
         shapes = opt.slot_shapes(np.zeros(shape, np.float32))
         assert tuple(shapes) == rules.ADAFACTOR.slot_names(shape, hyper)
     assert opt.slot_shapes(np.zeros((4, 3), np.float32)) == {
-        "exp_avg_sq_row": (4,), "exp_avg_sq_col": (3,), "exp_avg": (4, 3)}
+        "exp_avg_sq_row": (4,),
+        "exp_avg_sq_col": (3,),
+        "exp_avg": (4, 3),
+    }
 
 
 class _Custom(optim.Optimizer):

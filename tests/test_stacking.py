@@ -17,13 +17,28 @@ from arrays import as_float64, backend_params, make
 
 SHAPES = [(6, 6), (8, 5), (5, 8), (4, 3, 2, 2), (7,)]  # square, tall, wide, a convolution, a vector
 # float32: the products' summation order may differ between the batched and the single call
-CLOSE = {"float32": dict(rtol=2e-5, atol=2e-6), "float16": dict(rtol=2e-3, atol=2e-3),
-         "bfloat16": dict(rtol=1.6e-2, atol=1.6e-2)}
+CLOSE = {
+    "float32": dict(rtol=2e-5, atol=2e-6),
+    "float16": dict(rtol=2e-3, atol=2e-3),
+    "bfloat16": dict(rtol=1.6e-2, atol=1.6e-2),
+}
 
 
 def coefficients(backend, dtype, **hyper):
-    settings = dict(momentum=0.95, weight_decay=0.01, decoupled_weight_decay=False, nesterov=True, ns_steps=5,
-                    ns_dtype=None, ns_eps=1e-7, adjust_lr="original", layout="out_in") | hyper
+    settings = (
+        dict(
+            momentum=0.95,
+            weight_decay=0.01,
+            decoupled_weight_decay=False,
+            nesterov=True,
+            ns_steps=5,
+            ns_dtype=None,
+            ns_eps=1e-7,
+            adjust_lr="original",
+            layout="out_in",
+        )
+        | hyper
+    )
     values = MUON.coefficients(0.02, 3.0, **settings)
     lr = make(values.pop("lr"), backend, dtype)
     return dict(values, lr=lr)
@@ -31,12 +46,17 @@ def coefficients(backend, dtype, **hyper):
 
 def data(shape, count, backend, dtype, seed=0):
     rng = np.random.default_rng(seed)
-    return [[make(rng.standard_normal(shape) * scale, backend, dtype) for _ in range(count)]
-            for scale in (0.1, 1.0, 0.05)]  # grads, params, v
+    return [
+        [make(rng.standard_normal(shape) * scale, backend, dtype) for _ in range(count)] for scale in (0.1, 1.0, 0.05)
+    ]  # grads, params, v
 
 
-HYPER = [dict(), dict(ns_dtype="bfloat16"), dict(layout="in_out", adjust_lr="match_rms_adamw"),
-         dict(decoupled_weight_decay=True, nesterov=False)]
+HYPER = [
+    dict(),
+    dict(ns_dtype="bfloat16"),
+    dict(layout="in_out", adjust_lr="match_rms_adamw"),
+    dict(decoupled_weight_decay=True, nesterov=False),
+]
 
 
 @pytest.mark.parametrize("hyper", HYPER, ids=lambda h: ",".join(f"{k}={v}" for k, v in h.items()) or "defaults")
@@ -112,7 +132,7 @@ def test_muon_steps_on_stacks_equal_the_per_tensor_steps(backend, compiled, monk
 
     stacked_params, stacked = run()
     if compiled and backend in ("numpy", "torch"):
-        bucket, = stacked._compiled.buckets
+        (bucket,) = stacked._compiled.buckets
         assert sorted(len(run) for run in bucket.stacks) == [2, 3, 5]  # biases, convolutions, matrices
     with monkeypatch.context() as patch:
         per_tensor(patch)

@@ -39,8 +39,9 @@ def pair(kind="adamw"):
         treeopt_groups = [optim.SGD(lr, momentum=0.9) for lr in LRS]
         reference = lambda groups: torch.optim.SGD(groups, momentum=0.9)  # noqa: E731
     opt_t = treeopt.torch.Optimizer(model_t, optim.MultiOptimizer(treeopt_groups, [first], names=["first", "second"]))
-    opt_r = reference([{"params": model_r[0].parameters(), "lr": LRS[0]},
-                       {"params": model_r[2].parameters(), "lr": LRS[1]}])
+    opt_r = reference(
+        [{"params": model_r[0].parameters(), "lr": LRS[0]}, {"params": model_r[2].parameters(), "lr": LRS[1]}]
+    )
     return (model_t, opt_t), (model_r, opt_r)
 
 
@@ -50,7 +51,7 @@ def loss_of(model, step):
 
 
 SCHEDULERS = {
-    "LambdaLR": lambda o: sched.LambdaLR(o, [lambda s: 0.9 ** s, lambda s: 1 / (1 + s)]),
+    "LambdaLR": lambda o: sched.LambdaLR(o, [lambda s: 0.9**s, lambda s: 1 / (1 + s)]),
     "MultiplicativeLR": lambda o: sched.MultiplicativeLR(o, lambda s: 0.95),
     "StepLR": lambda o: sched.StepLR(o, step_size=3, gamma=0.5),
     "MultiStepLR": lambda o: sched.MultiStepLR(o, milestones=[2, 5], gamma=0.3),
@@ -62,10 +63,12 @@ SCHEDULERS = {
     "LinearLR": lambda o: sched.LinearLR(o, start_factor=0.1, total_iters=4),
     "ConstantLR": lambda o: sched.ConstantLR(o, factor=0.5, total_iters=3),
     "PolynomialLR": lambda o: sched.PolynomialLR(o, total_iters=8, power=2.0),
-    "SequentialLR": lambda o: sched.SequentialLR(o, [sched.LinearLR(o, start_factor=0.2, total_iters=3),
-                                                     sched.ExponentialLR(o, gamma=0.7)], milestones=[3]),
-    "ChainedScheduler": lambda o: sched.ChainedScheduler([sched.ConstantLR(o, factor=0.5, total_iters=2),
-                                                          sched.ExponentialLR(o, gamma=0.9)]),
+    "SequentialLR": lambda o: sched.SequentialLR(
+        o, [sched.LinearLR(o, start_factor=0.2, total_iters=3), sched.ExponentialLR(o, gamma=0.7)], milestones=[3]
+    ),
+    "ChainedScheduler": lambda o: sched.ChainedScheduler(
+        [sched.ConstantLR(o, factor=0.5, total_iters=2), sched.ExponentialLR(o, gamma=0.9)]
+    ),
     "ReduceLROnPlateau": lambda o: sched.ReduceLROnPlateau(o, factor=0.5, patience=1),
 }
 MOMENTUM = {"OneCycleLR": "betas", "CyclicLR": "momentum"}  # these cycle momentum too
@@ -144,7 +147,7 @@ def test_grad_scaler_in_float16_unscales_and_skips_like_torch_optim():
     """float16 autocast on the CPU (torch supports it there): the scaler finds infinities in
     the optimizer's gradients through param_groups, unscales them, and skips the step."""
     (model_t, opt_t), (model_r, opt_r) = pair()
-    scaler_t, scaler_r = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2) for _ in range(2))
+    scaler_t, scaler_r = (torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) for _ in range(2))
     skipped_t = scaled_training(model_t, opt_t, scaler_t, 8, poison=3)
     skipped_r = scaled_training(model_r, opt_r, scaler_r, 8, poison=3)
     assert skipped_t == skipped_r and skipped_t[3] and sum(skipped_t) == 1
@@ -155,9 +158,12 @@ def test_grad_scaler_in_float16_unscales_and_skips_like_torch_optim():
 
 def test_grad_scaler_skipped_step_changes_nothing():
     (model, opt), _ = pair()
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     scaled_training(model, opt, scaler, 1)
-    weights, state = [p.clone() for p in model.parameters()], {k: v.clone() for k, v in opt.state_dict()["tensors"].items()}
+    weights, state = (
+        [p.clone() for p in model.parameters()],
+        {k: v.clone() for k, v in opt.state_dict()["tensors"].items()},
+    )
     assert scaled_training(model, opt, scaler, 1, poison=0) == [True]
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
     assert all(torch.equal(state[k], v) for k, v in opt.state_dict()["tensors"].items())
@@ -179,8 +185,9 @@ class LoRA(torch.nn.Module):
 
 def test_a_lora_adapter_added_after_the_first_step_is_trained():
     model = mlp()
-    opt = treeopt.torch.Optimizer(model, optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)],
-                                                              [F.is_hidden_matrix]))
+    opt = treeopt.torch.Optimizer(
+        model, optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [F.is_hidden_matrix])
+    )
     loss_of(model, 0).backward()
     opt.step()
     opt.zero_grad()
@@ -217,13 +224,18 @@ def test_a_model_compiled_by_inductor_trains_with_one_state_per_parameter():
 
 def test_distributed_checkpoint_state_dict_helpers_round_trip(tmp_path):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     def setup():
         model = mlp()
-        return model, treeopt.torch.Optimizer(model, optim.MultiOptimizer(
-            [optim.Muon(0.02), optim.AdamW(3e-3)], [F.is_hidden_matrix], names=["muon", "adamw"]))
+        return model, treeopt.torch.Optimizer(
+            model,
+            optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [F.is_hidden_matrix], names=["muon", "adamw"]),
+        )
 
     model, opt = setup()
     for step in range(3):
@@ -272,10 +284,12 @@ class TinyGPT(torch.nn.Module):
         self.wte, self.wpe = torch.nn.Embedding(vocab, width), torch.nn.Embedding(block, width)
         # bias=False, nanoGPT's option: an attention key bias has no gradient but rounding
         # noise, which Adam scales to full steps of either sign
-        self.blocks = torch.nn.ModuleList(torch.nn.TransformerEncoderLayer(width, 2, 4 * width, dropout=0.0,
-                                                                           batch_first=True, norm_first=True,
-                                                                           bias=False)
-                                          for _ in range(layers))
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.TransformerEncoderLayer(
+                width, 2, 4 * width, dropout=0.0, batch_first=True, norm_first=True, bias=False
+            )
+            for _ in range(layers)
+        )
         self.ln_f = torch.nn.LayerNorm(width, bias=False)
         self.lm_head = torch.nn.Linear(width, vocab, bias=False)
         self.lm_head.weight = self.wte.weight
@@ -294,21 +308,22 @@ class TinyGPT(torch.nn.Module):
 def nanogpt_training(model, optimizer, iters=12, learning_rate=3e-3, warmup=3):
     """nanoGPT's train.py loop: get_lr, the param_groups loop, GradScaler (float16 autocast),
     unscale_ and clipping, scaler.step, zero_grad(set_to_none=True)."""
+
     def get_lr(it):
         if it < warmup:
             return learning_rate * (it + 1) / (warmup + 1)
         ratio = (it - warmup) / (iters - warmup)
         return 3e-4 + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - 3e-4)
 
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     data = torch.arange(16).repeat(8)
     losses = []
     for it in range(iters):
         lr = get_lr(it)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
-        x = torch.stack([data[i:i + 8] for i in range(0, 32, 4)])
-        y = torch.stack([data[i + 1:i + 9] for i in range(0, 32, 4)])
+        x = torch.stack([data[i : i + 8] for i in range(0, 32, 4)])
+        y = torch.stack([data[i + 1 : i + 9] for i in range(0, 32, 4)])
         with torch.autocast("cpu", dtype=torch.float16):
             loss = model(x, y)
         scaler.scale(loss).backward()
@@ -324,13 +339,25 @@ def nanogpt_training(model, optimizer, iters=12, learning_rate=3e-3, warmup=3):
 def nanogpt_pair():
     ours, theirs = TinyGPT(), TinyGPT()
     decay = F.ndim(min=2)  # nanoGPT's configure_optimizers: 2-D tensors decay, the rest do not
-    opt = treeopt.torch.Optimizer(ours, optim.MultiOptimizer(
-        [optim.AdamW(3e-3, betas=(0.9, 0.95), weight_decay=0.1, bias_correction=True),
-         optim.AdamW(3e-3, betas=(0.9, 0.95), weight_decay=0.0, bias_correction=True)], [decay]))
+    opt = treeopt.torch.Optimizer(
+        ours,
+        optim.MultiOptimizer(
+            [
+                optim.AdamW(3e-3, betas=(0.9, 0.95), weight_decay=0.1, bias_correction=True),
+                optim.AdamW(3e-3, betas=(0.9, 0.95), weight_decay=0.0, bias_correction=True),
+            ],
+            [decay],
+        ),
+    )
     named = dict(theirs.named_parameters())
-    reference = torch.optim.AdamW([{"params": [p for p in named.values() if p.dim() >= 2], "weight_decay": 0.1},
-                                   {"params": [p for p in named.values() if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=3e-3, betas=(0.9, 0.95))
+    reference = torch.optim.AdamW(
+        [
+            {"params": [p for p in named.values() if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in named.values() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=3e-3,
+        betas=(0.9, 0.95),
+    )
     return (ours, opt), (theirs, reference)
 
 
@@ -350,16 +377,27 @@ def test_nanogpt_training_loop_learns_and_matches_torch_adamw():
 # ------------------------------------------------------------------------------ trainers
 def hugging_face_run(transformers, folder, resume=None):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(config)  # random weights from a config: nothing downloaded
     opt = treeopt.torch.Optimizer(model, optim.muon_adamw())
     scheduler = transformers.get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=8)
     ids = torch.arange(16) % 8
     data = [{"input_ids": ids, "labels": ids} for _ in range(32)]
-    args = transformers.TrainingArguments(output_dir=str(folder), max_steps=8, per_device_train_batch_size=4,
-                                          logging_steps=4, report_to=[], use_cpu=True, save_strategy="steps",
-                                          save_steps=4, disable_tqdm=True, seed=0, data_seed=0)
+    args = transformers.TrainingArguments(
+        output_dir=str(folder),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        logging_steps=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="steps",
+        save_steps=4,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, scheduler))
     used = []
     opt.register_step_post_hook(lambda o, args, kwargs: used.append(float(o.optimizer.optimizers[0].learning_rate)))
@@ -379,7 +417,9 @@ def test_hugging_face_trainer_with_a_treeopt_optimizer_and_scheduler_resumes_exa
     warmup_then_cosine = [k / 2 if k < 2 else 0.5 * (1 + math.cos(math.pi * (k - 2) / 6)) for k in range(8)]
     assert used == pytest.approx([0.02 * f for f in warmup_then_cosine], rel=1e-6)  # what Muon stepped with
     # the Trainer saved the optimizer at step 4 (torch.save of state_dict()); resume from it
-    resumed, resumed_opt, _, _, resumed_used = hugging_face_run(transformers, tmp_path, resume=tmp_path / "checkpoint-4")
+    resumed, resumed_opt, _, _, resumed_used = hugging_face_run(
+        transformers, tmp_path, resume=tmp_path / "checkpoint-4"
+    )
     assert int(resumed_opt.optimizer.step) == 8 and resumed_used == used[4:]
     for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
@@ -400,20 +440,27 @@ def test_lightning_trainer_with_configure_optimizers():
             return loss
 
         def configure_optimizers(self):
-            opt = treeopt.torch.Optimizer(self, optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)],
-                                                                     [F.is_hidden_matrix]))
+            opt = treeopt.torch.Optimizer(
+                self, optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [F.is_hidden_matrix])
+            )
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched.StepLR(opt, 5, 0.5), "interval": "step"}}
 
     x, y = batch(0)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     module = Regression()
     first = torch.nn.functional.mse_loss(module.net(x), y).item()
-    trainer = lightning.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False)
+    trainer = lightning.Trainer(
+        max_steps=12,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loader)
     opt = trainer.optimizers[0]
     assert isinstance(opt, treeopt.torch.Optimizer) and int(opt.optimizer.step) == 12
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02 * 0.5 ** 2, 3e-3 * 0.5 ** 2])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02 * 0.5**2, 3e-3 * 0.5**2])
     assert torch.nn.functional.mse_loss(module.net(x), y).item() < first
 
 
@@ -425,9 +472,12 @@ def test_a_ddp_wrapped_model_in_one_process_keeps_the_bare_names(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:
         bare, wrapped = mlp(), torch.nn.parallel.DistributedDataParallel(mlp())
-        opt_bare, opt_ddp = (treeopt.torch.Optimizer(m, optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)],
-                                                                             [F.is_hidden_matrix]))
-                             for m in (bare, wrapped))
+        opt_bare, opt_ddp = (
+            treeopt.torch.Optimizer(
+                m, optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [F.is_hidden_matrix])
+            )
+            for m in (bare, wrapped)
+        )
         for step in range(3):
             for model, opt in ((bare, opt_bare), (wrapped, opt_ddp)):
                 loss_of(model, step).backward()

@@ -26,6 +26,7 @@ def tree(seed, dtype=torch.float32):
         if isinstance(node, dict):
             return {k: build(v) for k, v in node.items()}
         return [build(v) for v in node]
+
     return build(SHAPES)
 
 
@@ -77,8 +78,9 @@ def test_the_compiled_runner_equals_the_per_tensor_rule(setting, compiled_on_cpu
 
 def test_groups_share_one_compiled_step_and_learning_rates_change_without_a_new_plan(compiled_on_cpu):
     def make():
-        return optim.MultiOptimizer([optim.AdamW(0.1, bias_correction=True), optim.AdamW(0.01, weight_decay=0.0)],
-                                    [lambda p, w: w.ndim == 2])
+        return optim.MultiOptimizer(
+            [optim.AdamW(0.1, bias_correction=True), optim.AdamW(0.01, weight_decay=0.0)], [lambda p, w: w.ndim == 2]
+        )
 
     def lower(opt, i):
         if i == 2:
@@ -86,7 +88,7 @@ def test_groups_share_one_compiled_step_and_learning_rates_change_without_a_new_
 
     fast_params, fast = run(make, True, steps=4, between=lower)
     ref_params, _ = run(make, False, steps=4, between=lower)
-    bucket, = fast._compiled.buckets
+    (bucket,) = fast._compiled.buckets
     assert isinstance(bucket, _TorchCompiledBucket) and len(bucket.owners) == 2
     assert_same(fast_params, ref_params)
 

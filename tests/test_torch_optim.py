@@ -38,8 +38,9 @@ class Net(torch.nn.Module):
 
 
 def two_groups():
-    return optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3, weight_decay=0.1)], [F.is_hidden_matrix],
-                                names=["muon", "adamw"])
+    return optim.MultiOptimizer(
+        [optim.Muon(0.02), optim.AdamW(3e-3, weight_decay=0.1)], [F.is_hidden_matrix], names=["muon", "adamw"]
+    )
 
 
 def backward(model):
@@ -67,8 +68,14 @@ def test_it_is_a_torch_optimizer_with_one_param_group_per_treeopt_group():
     assert (adamw["name"], adamw["lr"], adamw["betas"], adamw["weight_decay"]) == ("adamw", 0.003, (0.9, 0.999), 0.1)
     assert muon["param_names"] == ["blocks.0.weight", "blocks.1.weight"]
     assert [p is model.blocks[0].weight for p in muon["params"]] == [True, False]
-    assert sorted(adamw["param_names"]) == ["blocks.0.bias", "blocks.1.bias", "out.weight", "scale.bias",
-                                            "scale.weight", "tok.weight"]
+    assert sorted(adamw["param_names"]) == [
+        "blocks.0.bias",
+        "blocks.1.bias",
+        "out.weight",
+        "scale.bias",
+        "scale.weight",
+        "tok.weight",
+    ]
     assert "lr" in opt.defaults and "weight_decay" in opt.defaults and "betas" not in opt.defaults
 
 
@@ -120,13 +127,20 @@ def test_an_edit_of_a_scheduled_value_is_refused_before_anything_changes():
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
 
 
-@pytest.mark.parametrize("key, value, message", [("lr", -1.0, "finite number >= 0"), ("lr", "fast", "finite number"),
-                                                 ("betas", (0.9, 1.5), r"values in \[0, 1\)"),
-                                                 ("nesterov", 0.5, "cannot be set")])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lr", -1.0, "finite number >= 0"),
+        ("lr", "fast", "finite number"),
+        ("betas", (0.9, 1.5), r"values in \[0, 1\)"),
+        ("nesterov", 0.5, "cannot be set"),
+    ],
+)
 def test_bad_edits_name_the_group_and_key(key, value, message):
     model = Net()
-    opt = treeopt.torch.Optimizer(model, optim.MultiOptimizer([optim.AdamW(1e-3), optim.SGD(0.1, momentum=0.9)],
-                                                              [F.ndim(2)]))
+    opt = treeopt.torch.Optimizer(
+        model, optim.MultiOptimizer([optim.AdamW(1e-3), optim.SGD(0.1, momentum=0.9)], [F.ndim(2)])
+    )
     group = opt.param_groups[0] if key in ("lr", "betas") else opt.param_groups[1]
     group[key] = value
     backward(model)
@@ -260,11 +274,18 @@ def test_the_model_is_walked_again_only_after_a_registration(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ names and kinds
-@pytest.mark.parametrize("name, canonical", [
-    ("_orig_mod.blocks.0.weight", "blocks.0.weight"), ("module.blocks.0.weight", "blocks.0.weight"),
-    ("module._orig_mod.h.0.w", "h.0.w"), ("_orig_mod.module.h.0.w", "h.0.w"),
-    ("_fsdp_wrapped_module.h.0._fsdp_wrapped_module._checkpoint_wrapped_module.w", "h.0.w"),
-    ("blocks.module.weight", "blocks.module.weight"), ("module", "module")])
+@pytest.mark.parametrize(
+    "name, canonical",
+    [
+        ("_orig_mod.blocks.0.weight", "blocks.0.weight"),
+        ("module.blocks.0.weight", "blocks.0.weight"),
+        ("module._orig_mod.h.0.w", "h.0.w"),
+        ("_orig_mod.module.h.0.w", "h.0.w"),
+        ("_fsdp_wrapped_module.h.0._fsdp_wrapped_module._checkpoint_wrapped_module.w", "h.0.w"),
+        ("blocks.module.weight", "blocks.module.weight"),
+        ("module", "module"),
+    ],
+)
 def test_canonical_names_drop_what_wrappers_insert(name, canonical):
     assert treeopt.torch.canonical_name(name) == canonical
 
@@ -291,8 +312,12 @@ def test_an_optimizer_planned_on_wrapper_names_is_refused():
 
 
 def test_module_kinds_of_torch_layers():
-    assert treeopt.torch.module_kinds(Net()) == {"tok.weight": {"embedding"}, "scale.weight": {"norm"},
-                                                 "scale.bias": {"norm"}, "out.weight": {"head"}}
+    assert treeopt.torch.module_kinds(Net()) == {
+        "tok.weight": {"embedding"},
+        "scale.weight": {"norm"},
+        "scale.bias": {"norm"},
+        "out.weight": {"head"},
+    }
     assert treeopt.torch.module_kinds(Net(tied=True))["tok.weight"] == {"embedding", "head"}
 
 
@@ -339,8 +364,11 @@ def test_each_layout_loads_by_name_and_resumes_exactly(layout):
             group["params"] = [names[i] for i in group["params"]]
     resumed_model = Net()
     resumed_model.load_state_dict(model_b.state_dict())
-    reordered = optim.MultiOptimizer([optim.AdamW(3e-3, weight_decay=0.1), optim.Muon(0.02)],
-                                     [lambda n, p: not F.is_hidden_matrix(n, p)], names=["adamw", "muon"])
+    reordered = optim.MultiOptimizer(
+        [optim.AdamW(3e-3, weight_decay=0.1), optim.Muon(0.02)],
+        [lambda n, p: not F.is_hidden_matrix(n, p)],
+        names=["adamw", "muon"],
+    )
     resumed = treeopt.torch.Optimizer(resumed_model, reordered)
     report = resumed.load_state_dict(sd)
     assert report.ok and len(report.loaded) == 8
@@ -363,7 +391,7 @@ def test_a_parameter_added_between_steps_is_unscaled_by_grad_scaler():
     """GradScaler reads param_groups before step(): the new parameter must be there already."""
     model = Net()
     opt = treeopt.torch.Optimizer(model, two_groups())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     train(model, opt, 1)
     model.blocks.append(torch.nn.Linear(8, 8))
     backward(model)

@@ -91,11 +91,7 @@ def check_merge_order(result, a, b):
         for k in result:
             check_merge_order(result[k], a.get(k), b.get(k))
     elif (
-        isinstance(result, (list, tuple))
-        and isinstance(a, (list, tuple))
-        and isinstance(b, (list, tuple))
-        and a
-        and b
+        isinstance(result, (list, tuple)) and isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and a and b
     ):
         for i, child in enumerate(result):
             check_merge_order(child, a[i] if i < len(a) else None, b[i] if i < len(b) else None)
@@ -488,7 +484,11 @@ def test_tree_merge_conflicting_leaves_without_merge_fn_raise_like_mlx():
 
 @pytest.mark.parametrize(
     "a, b, message",
-    [({}, [], "Cannot merge dict with list"), ([], (), "Cannot merge list with tuple"), ((), {}, "Cannot merge tuple with dict")],
+    [
+        ({}, [], "Cannot merge dict with list"),
+        ([], (), "Cannot merge list with tuple"),
+        ((), {}, "Cannot merge tuple with dict"),
+    ],
 )
 def test_tree_merge_empty_containers_of_different_types_raise_like_mlx(a, b, message):
     for merge in (T.tree_merge, mlx_utils.tree_merge):

@@ -40,7 +40,9 @@ def clip_grad_norm(grads: Tree, max_norm: float) -> tuple[Tree, Array]:
     for path, g in leaves:
         backend = backend_of(g)
         if backend is None or backend.name == "python":
-            raise ParameterError(f"clip_grad_norm: the gradient at {path!r} is a {type(g).__name__}, not an array", path)
+            raise ParameterError(
+                f"clip_grad_norm: the gradient at {path!r} is a {type(g).__name__}, not an array", path
+            )
         libraries.setdefault(backend.name, path)
     if len(libraries) > 1:
         (first, a), (second, b) = list(libraries.items())[:2]

@@ -39,8 +39,20 @@ from treeopt.errors import MissingParameterError, ParameterError, describe
 from treeopt.rules.base import rule_checked
 from treeopt.tree import is_container, items, rebuild
 
-__all__ = ["Book", "Pair", "collect", "step", "initialize", "write_back", "run_rule", "slots_at", "slot_items",
-           "drop", "with_results", "RESERVED"]
+__all__ = [
+    "Book",
+    "Pair",
+    "collect",
+    "step",
+    "initialize",
+    "write_back",
+    "run_rule",
+    "slots_at",
+    "slot_items",
+    "drop",
+    "with_results",
+    "RESERVED",
+]
 
 _MISSING = object()
 #: state keys that are never parameter names; a top-level parameter with one of these names
@@ -134,8 +146,9 @@ def step(optimizer, gradients, parameters, in_place):
     # into temporaries, and a failure there still undoes the commit; then everything is written.
     groups = list(_buckets(active).values())
     try:
-        custom = {id(group[0]): compute_custom(group[0].owner, group) for group in groups
-                  if not group[0].owner.runs_rule}
+        custom = {
+            id(group[0]): compute_custom(group[0].owner, group) for group in groups if not group[0].owner.runs_rule
+        }
     except BaseException:
         restore()
         raise
@@ -149,8 +162,11 @@ def step(optimizer, gradients, parameters, in_place):
 
 def initialize(optimizer, parameters):
     """Create the state of every parameter in ``parameters`` that has none yet (additive)."""
-    pairs = [pair for pair in collect(parameters, parameters, type(optimizer).__name__, check_pairs=False)
-             if pair.grad is not None]
+    pairs = [
+        pair
+        for pair in collect(parameters, parameters, type(optimizer).__name__, check_pairs=False)
+        if pair.grad is not None
+    ]
     backend = settle_backend(optimizer, pairs)
     owners = optimizer.assign_owners(pairs)
     optimizer.commit(backend)
@@ -173,7 +189,8 @@ def write_back(model, new, pairs):
         if _trees.assign(model, pair.keys, pair.result) is not model:
             raise TypeError(
                 f"cannot update {describe(pair.path)} inside a tuple at the root of the model; "
-                "use apply_gradients and keep its result")
+                "use apply_gradients and keep its result"
+            )
 
 
 def settle_backend(optimizer, pairs):
@@ -188,7 +205,8 @@ def settle_backend(optimizer, pairs):
             raise ParameterError(
                 f"{type(optimizer).__name__}: {describe(pair.path)} is a {pair.backend.name} array, but "
                 f"{other} {expected.name} array; one optimizer works on arrays of one library",
-                pair.path)
+                pair.path,
+            )
     return expected
 
 
@@ -203,34 +221,46 @@ def check_slots(optimizer, pair):
         if extra:
             raise ParameterError(
                 f"{name}: the state of {describe(pair.path)} has slots {sorted(pair.slots)}, and {name} "
-                f"uses {sorted(expected)}; {extra} belong to another optimizer's state", pair.path)
+                f"uses {sorted(expected)}; {extra} belong to another optimizer's state",
+                pair.path,
+            )
     dtype, device = pair.backend.dtype_name(pair.param), pair.backend.device(pair.param)
     for slot, shape in expected.items():
         if slot not in pair.slots:
             raise ParameterError(
-                f"{name}: the state of {describe(pair.path)} has no slot {slot!r} "
-                f"(it has {sorted(pair.slots)})", pair.path)
+                f"{name}: the state of {describe(pair.path)} has no slot {slot!r} (it has {sorted(pair.slots)})",
+                pair.path,
+            )
         value = pair.slots[slot]
         backend = backend_of(value)
         if backend is None or backend.name == "python":
             raise ParameterError(
-                f"{name}: slot {slot!r} of {describe(pair.path)} is a {type(value).__name__}, not an array", pair.path)
+                f"{name}: slot {slot!r} of {describe(pair.path)} is a {type(value).__name__}, not an array", pair.path
+            )
         if backend is not pair.backend:
             raise ParameterError(
                 f"{name}: slot {slot!r} of {describe(pair.path)} is a {backend.name} array but the parameter "
-                f"is a {pair.backend.name} array", pair.path)
+                f"is a {pair.backend.name} array",
+                pair.path,
+            )
         if tuple(backend.shape(value)) != shape:
             raise ParameterError(
                 f"{name}: slot {slot!r} of {describe(pair.path)} has shape {tuple(backend.shape(value))}, "
-                f"expected {shape} for a parameter of shape {tuple(pair.backend.shape(pair.param))}", pair.path)
+                f"expected {shape} for a parameter of shape {tuple(pair.backend.shape(pair.param))}",
+                pair.path,
+            )
         if backend.dtype_name(value) != dtype:
             raise ParameterError(
                 f"{name}: slot {slot!r} of {describe(pair.path)} is {backend.dtype_name(value)} but the parameter "
-                f"is {dtype}", pair.path)
+                f"is {dtype}",
+                pair.path,
+            )
         if backend.device(value) != device:
             raise ParameterError(
                 f"{name}: slot {slot!r} of {describe(pair.path)} is on {backend.device(value)} but the parameter "
-                f"is on {device}", pair.path)
+                f"is on {device}",
+                pair.path,
+            )
 
 
 def check_write_back(model, pairs):
@@ -242,7 +272,8 @@ def check_write_back(model, pairs):
         if len(pair.keys) == 1 and not (pair.owned and pair.backend.mutable and pair.backend.writable(pair.param)):
             raise TypeError(
                 f"cannot update {describe(pair.path)} inside a tuple at the root of the model (it is not an array "
-                "that can be written in place); use a list or a dict, or apply_gradients and keep its result")
+                "that can be written in place); use a list or a dict, or apply_gradients and keep its result"
+            )
 
 
 def check_depth(pairs):
@@ -257,7 +288,8 @@ def check_depth(pairs):
     if used + 4 * depth + 64 > sys.getrecursionlimit():
         raise RecursionError(
             f"the tree is {depth} levels deep, too deep to rebuild within Python's recursion limit "
-            f"({sys.getrecursionlimit()}); nothing was changed (raise it with sys.setrecursionlimit)")
+            f"({sys.getrecursionlimit()}); nothing was changed (raise it with sys.setrecursionlimit)"
+        )
 
 
 # ---------------------------------------------------------------------- running a rule
@@ -334,15 +366,28 @@ def run_stacked(rule, coefficients, pairs, hyper, in_place, stacks=None):
                 buffers = stacks.get(tuple(run))
                 if buffers is None:
                     like = chosen[0].param
-                    buffers = stacks[tuple(run)] = [backend.zeros((len(run),) + tuple(backend.shape(like)), like)
-                                                    for _ in range(2 + len(slot_names))]
+                    buffers = stacks[tuple(run)] = [
+                        backend.zeros((len(run),) + tuple(backend.shape(like)), like)
+                        for _ in range(2 + len(slot_names))
+                    ]
             new_param, *new_slots = stacking.update_stacked(
-                rule.update, coefficients, backend, [pair.grad for pair in chosen], [pair.param for pair in chosen],
-                [[pair.slots[n] for pair in chosen] for n in slot_names], buffers)
+                rule.update,
+                coefficients,
+                backend,
+                [pair.grad for pair in chosen],
+                [pair.param for pair in chosen],
+                [[pair.slots[n] for pair in chosen] for n in slot_names],
+                buffers,
+            )
             writable = backend.writable
-            if in_place and backend.mutable and all(
+            if (
+                in_place
+                and backend.mutable
+                and all(
                     pair.owned and writable(pair.param) and all(writable(pair.slots[n]) for n in slot_names)
-                    for pair in chosen):  # the common case: one write per stack (a foreach copy on torch)
+                    for pair in chosen
+                )
+            ):  # the common case: one write per stack (a foreach copy on torch)
                 for name, value in zip(slot_names, new_slots):
                     backend.write_stack([pair.slots[name] for pair in chosen], value)
                 backend.write_stack([pair.param for pair in chosen], new_param)
@@ -512,7 +557,9 @@ def collect(gradients, parameters, name, check_pairs=True):
             if param is not _MISSING and not is_container(param):
                 raise ParameterError(
                     f"{name}: the gradients have a sub-tree at {describe(_trees.dotted(keys))} "
-                    f"but the parameter there is a {type(param).__name__}", _trees.dotted(keys))
+                    f"but the parameter there is a {type(param).__name__}",
+                    _trees.dotted(keys),
+                )
             for key, child in items(grad):
                 walk(child, _MISSING if param is _MISSING else _child(param, key), keys + (key,))
         else:
@@ -528,10 +575,13 @@ def _pair(name, grad, param, keys, check_pairs):
         return Pair(keys, None, None if param is _MISSING else param)
     if param is _MISSING:
         raise MissingParameterError(
-            f"{name}: there is a gradient for {describe(path)} but no parameter at that path", path)
+            f"{name}: there is a gradient for {describe(path)} but no parameter at that path", path
+        )
     grad_backend, param_backend = backend_of(grad), backend_of(param)
     if param_backend is None:
-        raise ParameterError(f"{name}: the parameter at {describe(path)} is a {type(param).__name__}, not an array", path)
+        raise ParameterError(
+            f"{name}: the parameter at {describe(path)} is a {type(param).__name__}, not an array", path
+        )
     if grad_backend is None:
         raise ParameterError(f"{name}: the gradient at {describe(path)} is a {type(grad).__name__}, not an array", path)
     owned = True
@@ -547,7 +597,9 @@ def _pair(name, grad, param, keys, check_pairs):
     if not param_backend.is_floating(param):
         raise ParameterError(
             f"{name}: the parameter at {describe(path)} has dtype {param_backend.dtype_name(param)}; "
-            "only floating-point parameters can be optimized", path)
+            "only floating-point parameters can be optimized",
+            path,
+        )
     return Pair(keys, grad, param, param_backend, owned)
 
 
@@ -555,21 +607,26 @@ def _check_pair(name, path, grad, grad_backend, param, param_backend):
     if grad_backend is not param_backend:
         raise ParameterError(
             f"{name}: the gradient at {describe(path)} is a {grad_backend.name} array but the "
-            f"parameter is a {param_backend.name} array", path)
+            f"parameter is a {param_backend.name} array",
+            path,
+        )
     g_shape, p_shape = tuple(grad_backend.shape(grad)), tuple(param_backend.shape(param))
     if g_shape != p_shape:
         raise ParameterError(
-            f"{name}: the gradient at {describe(path)} has shape {g_shape} but the parameter "
-            f"has shape {p_shape}", path)
+            f"{name}: the gradient at {describe(path)} has shape {g_shape} but the parameter has shape {p_shape}", path
+        )
     g_dtype, p_dtype = grad_backend.dtype_name(grad), param_backend.dtype_name(param)
     if g_dtype != p_dtype:
         raise ParameterError(
             f"{name}: the gradient at {describe(path)} is {g_dtype} but the parameter is "
-            f"{p_dtype}; cast the gradient to the parameter's dtype", path)
+            f"{p_dtype}; cast the gradient to the parameter's dtype",
+            path,
+        )
     g_device, p_device = grad_backend.device(grad), param_backend.device(param)
     if g_device != p_device:
         raise ParameterError(
-            f"{name}: the gradient at {describe(path)} is on {g_device} but the parameter is on {p_device}", path)
+            f"{name}: the gradient at {describe(path)} is on {g_device} but the parameter is on {p_device}", path
+        )
 
 
 def with_results(tree, pairs):

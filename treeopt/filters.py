@@ -35,9 +35,27 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Filter", "as_filter", "glob", "regex", "ndim", "shape", "is_bias", "is_norm", "is_embedding",
-           "is_head", "is_hidden_matrix", "everything", "kind", "kinds_of", "module_kinds", "normalise_kinds",
-           "EMBEDDING", "HEAD", "NORM"]
+__all__ = [
+    "Filter",
+    "as_filter",
+    "glob",
+    "regex",
+    "ndim",
+    "shape",
+    "is_bias",
+    "is_norm",
+    "is_embedding",
+    "is_head",
+    "is_hidden_matrix",
+    "everything",
+    "kind",
+    "kinds_of",
+    "module_kinds",
+    "normalise_kinds",
+    "EMBEDDING",
+    "HEAD",
+    "NORM",
+]
 
 #: the kinds that treeopt's own filters read; integrations may declare others ("conv", "linear")
 EMBEDDING, HEAD, NORM = "embedding", "head", "norm"
@@ -49,7 +67,13 @@ def normalise_kinds(kinds) -> dict:
     """``{path: kind or kinds}`` as ``{path: frozenset of kinds}``, checked."""
     result = {}
     for path, value in dict(kinds).items():
-        values = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else (None,)
+        values = (
+            (value,)
+            if isinstance(value, str)
+            else tuple(value)
+            if isinstance(value, (list, tuple, set, frozenset))
+            else (None,)
+        )
         if not isinstance(path, str) or not all(isinstance(v, str) for v in values):
             raise TypeError(f"module kinds map a dotted path to a kind name or names, got {path!r}: {value!r}")
         result[path] = frozenset(values)
@@ -125,8 +149,9 @@ def as_filter(fn: Callable[[str, Any], Any]) -> "Filter":
 def glob(*patterns: str) -> "Filter":
     """The path matches one of the shell-style ``patterns`` (``*`` also crosses dots):
     ``glob("blocks.*.weight")``."""
-    return Filter(lambda p, w: any(fnmatch.fnmatchcase(p, pat) for pat in patterns),
-                  f"glob({', '.join(map(repr, patterns))})")
+    return Filter(
+        lambda p, w: any(fnmatch.fnmatchcase(p, pat) for pat in patterns), f"glob({', '.join(map(repr, patterns))})"
+    )
 
 
 def regex(pattern: str) -> "Filter":
@@ -150,9 +175,11 @@ def ndim(n: int | None = None, *, min: int | None = None, max: int | None = None
 
 def shape(*dims: int | None) -> "Filter":
     """The shape is ``dims``, where ``None`` matches any size: ``shape(None, 768)``."""
+
     def matches(p, w):
         actual = tuple(w.shape)
         return len(actual) == len(dims) and all(d is None or d == a for d, a in zip(dims, actual))
+
     return Filter(matches, f"shape{dims}")
 
 
@@ -185,8 +212,7 @@ def _is_embedding(path, weight):
 
 
 def _is_head(path, weight):
-    return (HEAD in kinds_of(path) or any(s in _HEADS for s in _modules(path))
-            or _segments(path)[0] == "output")
+    return HEAD in kinds_of(path) or any(s in _HEADS for s in _modules(path)) or _segments(path)[0] == "output"
 
 
 def kind(*names: str) -> "Filter":
@@ -208,7 +234,8 @@ is_embedding = Filter(_is_embedding, "is_embedding")
 #: ``classifier``, ``score``..., or a top-level ``output``
 is_head = Filter(_is_head, "is_head")
 #: the hidden matrices Muon is meant for: two or more dimensions, neither embedding nor head
-is_hidden_matrix = Filter(lambda p, w: _ndim(w) >= 2 and not _is_embedding(p, w) and not _is_head(p, w),
-                          "is_hidden_matrix")
+is_hidden_matrix = Filter(
+    lambda p, w: _ndim(w) >= 2 and not _is_embedding(p, w) and not _is_head(p, w), "is_hidden_matrix"
+)
 #: every parameter
 everything = Filter(lambda p, w: True, "everything")

@@ -170,8 +170,9 @@ def _on_mesh_of(params, state):
     """``state`` with the arrays that are on no mesh (the step, learning rates) copied to every
     device of the parameters' mesh. Slots already follow their parameters' sharding. A jitted
     step returns its scalars on the mesh: starting them there too keeps step 2 from retracing."""
-    mesh = next((sharding.mesh for sharding in map(_sharding, params)
-                 if isinstance(sharding, jax.sharding.NamedSharding)), None)
+    mesh = next(
+        (sharding.mesh for sharding in map(_sharding, params) if isinstance(sharding, jax.sharding.NamedSharding)), None
+    )
     if mesh is None or mesh.size == 1:
         return state
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -219,9 +220,9 @@ def as_optax(optimizer: Optimizer) -> "optax.GradientTransformation":
         if params is None:
             raise ValueError("treeopt's optax transformation needs the parameters: tx.update(grads, state, params)")
         new_params, new_state = update(optimizer, updates, state, params)
-        deltas = jax.tree_util.tree_map(lambda new, old: None if new is None else new - old, new_params, params,
-                                        is_leaf=lambda x: x is None)
+        deltas = jax.tree_util.tree_map(
+            lambda new, old: None if new is None else new - old, new_params, params, is_leaf=lambda x: x is None
+        )
         return deltas, new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
-

@@ -107,10 +107,20 @@ class MultiOptimizer(Optimizer):
         (0, 1)
     """
 
-    def __init__(self, optimizers: Sequence[Optimizer], filters: Sequence[Filter] = (), *,
-                 names: Sequence[str] | None = None, frozen: Filter | None = None, on_unmatched: str = "fallback",
-                 guards: str = "warn", lr_schedule: Schedule | None = None, max_grad_norm: float | None = None,
-                 skip_nonfinite: bool = False, accumulate: int | Sequence[int] = 1) -> None:
+    def __init__(
+        self,
+        optimizers: Sequence[Optimizer],
+        filters: Sequence[Filter] = (),
+        *,
+        names: Sequence[str] | None = None,
+        frozen: Filter | None = None,
+        on_unmatched: str = "fallback",
+        guards: str = "warn",
+        lr_schedule: Schedule | None = None,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        accumulate: int | Sequence[int] = 1,
+    ) -> None:
         super().__init__()
         optimizers, filters = list(optimizers), list(filters)
         if len(filters) != len(optimizers) - 1:
@@ -124,7 +134,8 @@ class MultiOptimizer(Optimizer):
                 if id(leaf) in seen:
                     raise ValueError(
                         f"MultiOptimizer: optimizers[{i}] is (or holds) the same {type(leaf).__name__} instance as "
-                        f"optimizers[{seen[id(leaf)]}]; each group needs its own optimizer (its own state and step)")
+                        f"optimizers[{seen[id(leaf)]}]; each group needs its own optimizer (its own state and step)"
+                    )
                 seen[id(leaf)] = i
         for i, fn in enumerate(filters):
             if not callable(fn):
@@ -182,7 +193,8 @@ class MultiOptimizer(Optimizer):
                     continue  # only the overlap report needed it
                 raise RoutingError(
                     f"MultiOptimizer: {self._filter_name(i)} raised {type(error).__name__}: {error} "
-                    f"on {describe(leaf.path)}") from error
+                    f"on {describe(leaf.path)}"
+                ) from error
             if accepted:
                 if chosen is None:
                     chosen = i
@@ -191,8 +203,12 @@ class MultiOptimizer(Optimizer):
         if chosen is None:
             chosen = len(self.filters) - 1
             if self.on_unmatched != "fallback" and len(self.filters) > 1:
-                self._report(self.on_unmatched, f"{describe(leaf.path)} is accepted by no filter; it goes to the "
-                                                f"fallback optimizer {self.names[chosen]}", ("unmatched", leaf.keys))
+                self._report(
+                    self.on_unmatched,
+                    f"{describe(leaf.path)} is accepted by no filter; it goes to the "
+                    f"fallback optimizer {self.names[chosen]}",
+                    ("unmatched", leaf.keys),
+                )
         return Route(shape, dtype, chosen, self._filter_name(chosen), tuple(also), unfrozen=unfrozen)
 
     def _guard(self, leaf, owner):
@@ -275,8 +291,10 @@ class MultiOptimizer(Optimizer):
         for i in self._dead_filters():
             if ("dead", i) not in self._warned:
                 self._warned.add(("dead", i))
-                warn(f"MultiOptimizer: {self._filter_name(i)} matches no parameter, so "
-                     f"{self.names[i]} updates nothing", RoutingWarning)
+                warn(
+                    f"MultiOptimizer: {self._filter_name(i)} matches no parameter, so {self.names[i]} updates nothing",
+                    RoutingWarning,
+                )
 
     def stateful(self) -> list:
         return [o for child in self.optimizers for o in child.stateful()]
@@ -289,6 +307,7 @@ class MultiOptimizer(Optimizer):
         def restore():
             for undo in restores:
                 undo()
+
         return restore
 
     def named_stateful(self, name: str | None = None, position: tuple = ()) -> list:
@@ -326,8 +345,11 @@ class MultiOptimizer(Optimizer):
     def overlaps(self) -> dict[str, list[int]]:
         """``{path: [every filter index that accepts it]}`` for parameters accepted by more
         than one filter (the first still wins)."""
-        return {dotted(k): [route.group, *route.also] for k, route in self._routes.items()
-                if route.also and route.group is not None}
+        return {
+            dotted(k): [route.group, *route.also]
+            for k, route in self._routes.items()
+            if route.also and route.group is not None
+        }
 
     # ------------------------------------------------------------------ changes during training
     def _keys_of(self, path):
@@ -406,8 +428,10 @@ class MultiOptimizer(Optimizer):
                 new_owner.book.carried[keys] = kept
             moved.append(keys)
             carried = f", carrying {', '.join(sorted(kept))}" if kept else ", state reset"
-            self.changes.append(f"step {self._step_number()}: rerouted {dotted(keys)} from "
-                                f"{self.names[old] if old is not None else 'nowhere'} to {self.names[target]}{carried}")
+            self.changes.append(
+                f"step {self._step_number()}: rerouted {dotted(keys)} from "
+                f"{self.names[old] if old is not None else 'nowhere'} to {self.names[target]}{carried}"
+            )
         return [dotted(k) for k in moved]
 
     @property
@@ -451,8 +475,7 @@ class MultiOptimizer(Optimizer):
         states = state["states"]
         if not isinstance(states, (list, tuple)) or len(states) != len(self.optimizers):
             count = len(states) if isinstance(states, (list, tuple)) else type(states).__name__
-            raise ValueError(
-                f"MultiOptimizer has {len(self.optimizers)} optimizers but the state holds {count} states")
+            raise ValueError(f"MultiOptimizer has {len(self.optimizers)} optimizers but the state holds {count} states")
         for i, (child, child_state) in enumerate(zip(self.optimizers, states)):  # every child checked first
             try:
                 child.check_state(child_state)
@@ -475,9 +498,12 @@ class MultiOptimizer(Optimizer):
             raise TypeError(
                 f"MultiOptimizer has {len(self.optimizers)} learning rates, one per optimizer; set them "
                 "all with a list (e.g. multi.learning_rate = [0.02, 3e-4]) or one with "
-                "multi.optimizers[i].learning_rate = value")
+                "multi.optimizers[i].learning_rate = value"
+            )
         if len(values) != len(self.optimizers):
-            raise ValueError(f"MultiOptimizer has {len(self.optimizers)} optimizers but got {len(values)} learning rates")
+            raise ValueError(
+                f"MultiOptimizer has {len(self.optimizers)} optimizers but got {len(values)} learning rates"
+            )
         from treeopt.values import hyper
 
         for i, (child, value) in enumerate(zip(self.optimizers, values)):  # all checked before any is set
@@ -506,7 +532,9 @@ def _truth(value):
         return value
     shape = tuple(getattr(value, "shape", ()))
     if math.prod(shape) != 1:
-        raise TypeError(f"a filter must return a bool, got {type(value).__name__} of shape {getattr(value, 'shape', '?')}")
+        raise TypeError(
+            f"a filter must return a bool, got {type(value).__name__} of shape {getattr(value, 'shape', '?')}"
+        )
     return bool(value)
 
 

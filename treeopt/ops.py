@@ -9,8 +9,23 @@ Arithmetic operators (``+ - * / @``) need no function: every backend's arrays ha
 from treeopt.backends import backend_of
 
 __all__ = [
-    "astype", "cast", "sqrt", "rsqrt", "sign", "maximum", "minimum", "where", "cos", "mean", "total",
-    "swap_last", "matmul", "addmm", "all_finite", "on_whole", "ELEMENTWISE",
+    "astype",
+    "cast",
+    "sqrt",
+    "rsqrt",
+    "sign",
+    "maximum",
+    "minimum",
+    "where",
+    "cos",
+    "mean",
+    "total",
+    "swap_last",
+    "matmul",
+    "addmm",
+    "all_finite",
+    "on_whole",
+    "ELEMENTWISE",
 ]
 
 #: the functions an elementwise rule may call: each has a scalar form, so a compiled loop can

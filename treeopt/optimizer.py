@@ -89,11 +89,18 @@ class Optimizer:
         if missing:
             raise ValueError(f"{name}.state is missing {', '.join(map(repr, missing))}")
         step, backend = state["step"], backend_of(state["step"])
-        if (backend is None or isinstance(step, bool) or tuple(backend.shape(step)) != ()
-                or backend.dtype_name(step).startswith(("float", "bfloat", "complex", "bool"))
-                or backend.name == "python" and not isinstance(step, int)):
-            raise TypeError(f"{name}.state['step'] must be a step count (an integer or a 0-d integer array), "
-                            f"got {type(step).__name__} {getattr(step, 'dtype', '')}".rstrip())
+        if (
+            backend is None
+            or isinstance(step, bool)
+            or tuple(backend.shape(step)) != ()
+            or backend.dtype_name(step).startswith(("float", "bfloat", "complex", "bool"))
+            or backend.name == "python"
+            and not isinstance(step, int)
+        ):
+            raise TypeError(
+                f"{name}.state['step'] must be a step count (an integer or a 0-d integer array), "
+                f"got {type(step).__name__} {getattr(step, 'dtype', '')}".rstrip()
+            )
         try:
             count = as_float(step)
         except Exception:  # traced (jax.jit): no value to check yet
@@ -107,33 +114,47 @@ class Optimizer:
         view = _StateView(state, ("step", "learning_rate", *self._schedulers, *self._running()))
         for keys in known:
             slots = engine.slots_at(view, keys)
-            if slots is not None and not (isinstance(slots, dict) and all(
+            if slots is not None and not (
+                isinstance(slots, dict)
+                and all(
                     backend_of(v) is not None and not is_container(v) and backend_of(v).name != "python"
-                    for v in slots.values())):
-                raise TypeError(f"{name}.state: the state of {'.'.join(map(str, keys))!r} must be a dict of arrays "
-                                f"(slot name -> array), got {type(slots).__name__} {str(slots)[:40]}")
+                    for v in slots.values()
+                )
+            ):
+                raise TypeError(
+                    f"{name}.state: the state of {'.'.join(map(str, keys))!r} must be a dict of arrays "
+                    f"(slot name -> array), got {type(slots).__name__} {str(slots)[:40]}"
+                )
         for keys, slots in engine.slot_items(view):
             path = ".".join(map(str, keys))
             for slot, value in slots.items():
                 found = backend_of(value)
                 if found is None or found.name == "python":
-                    raise TypeError(f"{name}.state: slot {slot!r} of {path!r} is a {type(value).__name__}, not an array")
+                    raise TypeError(
+                        f"{name}.state: slot {slot!r} of {path!r} is a {type(value).__name__}, not an array"
+                    )
             if self.rule is None or not known:
                 continue
             if keys not in known:
-                raise ValueError(f"{name}.state has slots for {path!r}, a parameter this optimizer does not hold "
-                                 f"(it holds {', '.join(sorted('.'.join(map(str, k)) for k in known))})")
+                raise ValueError(
+                    f"{name}.state has slots for {path!r}, a parameter this optimizer does not hold "
+                    f"(it holds {', '.join(sorted('.'.join(map(str, k)) for k in known))})"
+                )
             shape, dtype = known[keys]
             expected = self.slot_shapes(_StateView.Shape(shape))
             if set(slots) != set(expected):
-                raise ValueError(f"{name}.state: {path!r} has slots {sorted(slots)}, and {name} keeps "
-                                 f"{sorted(expected)} (the state of another kind of optimizer?)")
+                raise ValueError(
+                    f"{name}.state: {path!r} has slots {sorted(slots)}, and {name} keeps "
+                    f"{sorted(expected)} (the state of another kind of optimizer?)"
+                )
             for slot, value in slots.items():
                 found = backend_of(value)
                 got = (tuple(found.shape(value)), found.dtype_name(value))
                 if got != (tuple(expected[slot]), dtype):
-                    raise ValueError(f"{name}.state: slot {slot!r} of {path!r} is {got[1]}{list(got[0])}; the "
-                                     f"parameter needs {dtype}{list(expected[slot])}")
+                    raise ValueError(
+                        f"{name}.state: slot {slot!r} of {path!r} is {got[1]}{list(got[0])}; the "
+                        f"parameter needs {dtype}{list(expected[slot])}"
+                    )
 
     @property
     def step(self) -> Array:
@@ -203,6 +224,7 @@ class Optimizer:
     def _value(self, name, evaluate=None):
         """A hyper-parameter's value: the state's when scheduled (or ``evaluate(schedule)``);
         a tuple such as ``betas`` may have scheduled members, kept as ``betas[i]``."""
+
         def one(key, value):
             if key in self._schedulers:
                 return evaluate(self._schedulers[key]) if evaluate else self._state[key]
@@ -250,8 +272,9 @@ class Optimizer:
 
     def _rule(self) -> Rule:
         if self.rule is None:
-            raise NotImplementedError(f"{type(self).__name__} has no rule: it must implement init_single and "
-                                      "apply_single")
+            raise NotImplementedError(
+                f"{type(self).__name__} has no rule: it must implement init_single and apply_single"
+            )
         return self.rule
 
     @property
@@ -275,8 +298,11 @@ class Optimizer:
         tree), creating no state: ``{path: stateful optimizer that will update it}``, ``None``
         for a frozen one. ZeRO-1 (:mod:`treeopt.distributed`) plans who owns what with it
         before any rank creates a slot."""
-        pairs = [pair for pair in engine.collect(parameters, parameters, type(self).__name__, check_pairs=False)
-                 if pair.grad is not None]
+        pairs = [
+            pair
+            for pair in engine.collect(parameters, parameters, type(self).__name__, check_pairs=False)
+            if pair.grad is not None
+        ]
         backend = engine.settle_backend(self, pairs)
         owners = self.assign_owners(pairs)
         self.commit(backend)
@@ -320,8 +346,10 @@ class Optimizer:
 
     def routing_table(self) -> list:
         """A :class:`Placement` for every parameter known, in the order first seen."""
-        return [Placement(keys, self, "all parameters", (), (), shape, dtype)
-                for keys, (shape, dtype) in self.book.parameters.items()]
+        return [
+            Placement(keys, self, "all parameters", (), (), shape, dtype)
+            for keys, (shape, dtype) in self.book.parameters.items()
+        ]
 
     def plan_warnings(self) -> list:
         """What the plan should point out (``MultiOptimizer``: filters that match nothing)."""
@@ -364,6 +392,7 @@ class Optimizer:
             self._state = saved[0]
             for key, value in saved[1].items():
                 setattr(self, key, value)
+
         return restore
 
     def scheduled_values(self) -> dict:
@@ -384,9 +413,11 @@ class Optimizer:
             backend = self.book.backend or backend_of(self._state["step"]) or numpy_backend
             settings = self.rule_hyperparameters()
             running = self.rule.advance(
-                self._state.get("learning_rate"), backend.astype(self._state["step"], "float32"),
+                self._state.get("learning_rate"),
+                backend.astype(self._state["step"], "float32"),
                 **{n: self._state[n] for n in self.rule.running},
-                **{n: settings[n] for n in keyword_only(self.rule.advance) if n in settings})
+                **{n: settings[n] for n in keyword_only(self.rule.advance) if n in settings},
+            )
             for name, value in running.items():
                 self._state[name] = self._scalar(value)
 
@@ -412,8 +443,9 @@ class Optimizer:
         running = {n: self._state[n] for n in rule.running}
         values = rule.coefficients(lr, step, **self.rule_hyperparameters(), **running)
         check_coefficients(rule, values)
-        return {k: v if v is None or isinstance(v, (bool, int, str)) else backend.cast(v, like)
-                for k, v in values.items()}
+        return {
+            k: v if v is None or isinstance(v, (bool, int, str)) else backend.cast(v, like) for k, v in values.items()
+        }
 
     def plan(self, params: Tree | None = None) -> Plan:
         """The routing plan (a :class:`treeopt.plan.Plan`): for every parameter, its optimizer
@@ -431,8 +463,13 @@ class Optimizer:
         step = self._state["step"]
         values = {}
         if "learning_rate" in self._state:
-            lr = self._schedulers["learning_rate"](step) if "learning_rate" in self._schedulers else self._state["learning_rate"]
+            lr = (
+                self._schedulers["learning_rate"](step)
+                if "learning_rate" in self._schedulers
+                else self._state["learning_rate"]
+            )
             values["learning_rate"] = as_float(lr)
+
         def plain(value):
             if isinstance(value, tuple):
                 return tuple(plain(v) for v in value)
@@ -480,8 +517,11 @@ class Optimizer:
         try:
             return CompiledStep.build(self, gradients, model, pairs, active, stepping)
         except Exception as error:  # the step is done: a fast path that cannot be built is only slower
-            warn(f"treeopt: no compiled step for {type(self).__name__} ({type(error).__name__}: {error}); "
-                 "later steps take the reference path", RuntimeWarning)
+            warn(
+                f"treeopt: no compiled step for {type(self).__name__} ({type(error).__name__}: {error}); "
+                "later steps take the reference path",
+                RuntimeWarning,
+            )
             return None
 
 

@@ -26,8 +26,10 @@ class _Builtin(Optimizer):
 
     def _set_learning_rate(self, learning_rate):
         if not (callable(learning_rate) or _is_number(learning_rate) or hasattr(learning_rate, "dtype")):
-            raise TypeError(f"{type(self).__name__} learning_rate must be a number, an array or a schedule, "
-                            f"got {type(learning_rate).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} learning_rate must be a number, an array or a schedule, "
+                f"got {type(learning_rate).__name__}"
+            )
         self._maybe_schedule("learning_rate", learning_rate)
 
     def _set(self, name, value, check=None, message=None):
@@ -95,16 +97,26 @@ class SGD(_Builtin):
 
     rule = rules.SGD
 
-    def __init__(self, learning_rate: Scalar, momentum: Scalar = 0.0, weight_decay: Scalar = 0.0,
-                 dampening: Scalar = 0.0, nesterov: bool = False) -> None:
+    def __init__(
+        self,
+        learning_rate: Scalar,
+        momentum: Scalar = 0.0,
+        weight_decay: Scalar = 0.0,
+        dampening: Scalar = 0.0,
+        nesterov: bool = False,
+    ) -> None:
         if nesterov and (not callable(momentum) and momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening.")
         super().__init__()
         self._set_learning_rate(learning_rate)
         self._set("momentum", momentum, lambda v: v >= 0, _non_negative("momentum"))
         self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
-        self._set("dampening", dampening, lambda v: 0 <= v <= 1,
-                  "{name} dampening should be in [0, 1], {value} was provided instead")
+        self._set(
+            "dampening",
+            dampening,
+            lambda v: 0 <= v <= 1,
+            "{name} dampening should be in [0, 1], {value} was provided instead",
+        )
         self.nesterov = bool(nesterov)
 
 
@@ -208,8 +220,13 @@ class Adam(_Builtin):
 
     rule = rules.ADAM
 
-    def __init__(self, learning_rate: Scalar, betas: tuple[Scalar, Scalar] = (0.9, 0.999), eps: Scalar = 1e-8,
-                 bias_correction: bool = False) -> None:
+    def __init__(
+        self,
+        learning_rate: Scalar,
+        betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+        eps: Scalar = 1e-8,
+        bias_correction: bool = False,
+    ) -> None:
         super().__init__()
         if _is_number(eps) and eps < 0:
             raise ValueError(f"{type(self).__name__} epsilon should be >=0, {eps} was provided instead")
@@ -237,8 +254,14 @@ class AdamW(Adam):
 
     rule = rules.ADAMW
 
-    def __init__(self, learning_rate: Scalar, betas: tuple[Scalar, Scalar] = (0.9, 0.999), eps: Scalar = 1e-8,
-                 weight_decay: Scalar = 0.01, bias_correction: bool = False) -> None:
+    def __init__(
+        self,
+        learning_rate: Scalar,
+        betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+        eps: Scalar = 1e-8,
+        weight_decay: Scalar = 0.01,
+        bias_correction: bool = False,
+    ) -> None:
         super().__init__(learning_rate, betas=betas, eps=eps, bias_correction=bias_correction)
         self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
 
@@ -283,8 +306,9 @@ class Lion(_Builtin):
 
     rule = rules.LION
 
-    def __init__(self, learning_rate: Scalar, betas: tuple[Scalar, Scalar] = (0.9, 0.99),
-                 weight_decay: Scalar = 0.0) -> None:
+    def __init__(
+        self, learning_rate: Scalar, betas: tuple[Scalar, Scalar] = (0.9, 0.99), weight_decay: Scalar = 0.0
+    ) -> None:
         super().__init__()
         self._set_learning_rate(learning_rate)
         self._set_betas(betas)
@@ -315,10 +339,18 @@ class Adafactor(_Builtin):
 
     rule = rules.ADAFACTOR
 
-    def __init__(self, learning_rate: Scalar | None = None, eps: Sequence[float] = (1e-30, 1e-3),
-                 clip_threshold: Scalar = 1.0, decay_rate: Scalar = -0.8, beta_1: float | None = None,
-                 weight_decay: Scalar = 0.0, scale_parameter: bool = True, relative_step: bool = True,
-                 warmup_init: bool = False) -> None:
+    def __init__(
+        self,
+        learning_rate: Scalar | None = None,
+        eps: Sequence[float] = (1e-30, 1e-3),
+        clip_threshold: Scalar = 1.0,
+        decay_rate: Scalar = -0.8,
+        beta_1: float | None = None,
+        weight_decay: Scalar = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+    ) -> None:
         super().__init__()
         eps = tuple(eps)
         if len(eps) != 2 or not all(_is_number(e) and e >= 0 for e in eps):
@@ -330,10 +362,15 @@ class Adafactor(_Builtin):
         if learning_rate is not None:
             self._set_learning_rate(learning_rate)
         self.eps = tuple(float(e) for e in eps)
-        self._set("clip_threshold", clip_threshold, lambda v: v > 0,
-                  "{name} clip_threshold should be >0, {value} was provided instead")
-        self._set("decay_rate", decay_rate, lambda v: v <= 0,
-                  "{name} decay_rate should be <=0, {value} was provided instead")
+        self._set(
+            "clip_threshold",
+            clip_threshold,
+            lambda v: v > 0,
+            "{name} clip_threshold should be >0, {value} was provided instead",
+        )
+        self._set(
+            "decay_rate", decay_rate, lambda v: v <= 0, "{name} decay_rate should be <=0, {value} was provided instead"
+        )
         self.beta_1 = None if beta_1 is None else float(beta_1)
         self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
         self.scale_parameter = bool(scale_parameter)
@@ -392,10 +429,21 @@ class Muon(_Builtin):
     rule = rules.MUON
     _SUITED = ("vectors", "embeddings", "heads")
 
-    def __init__(self, learning_rate: Scalar, momentum: Scalar = 0.95, weight_decay: Scalar = 0.01,
-                 nesterov: bool = True, ns_steps: int = 5, *, allow: Sequence[str] | str = (),
-                 ns_dtype: str | None = None, decoupled_weight_decay: bool = False, ns_eps: float = NS_EPS,
-                 adjust_lr: str = "original", layout: str | None = None) -> None:
+    def __init__(
+        self,
+        learning_rate: Scalar,
+        momentum: Scalar = 0.95,
+        weight_decay: Scalar = 0.01,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        *,
+        allow: Sequence[str] | str = (),
+        ns_dtype: str | None = None,
+        decoupled_weight_decay: bool = False,
+        ns_eps: float = NS_EPS,
+        adjust_lr: str = "original",
+        layout: str | None = None,
+    ) -> None:
         super().__init__()
         if layout not in (None, *LAYOUTS):
             raise ValueError(f"Muon layout should be None or one of {LAYOUTS}, {layout!r} was provided instead")
@@ -407,15 +455,21 @@ class Muon(_Builtin):
         self.adjust_lr, self.ns_eps = adjust_lr, float(ns_eps)
         self.decoupled_weight_decay = bool(decoupled_weight_decay)
         if ns_dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(f"Muon ns_dtype should be None, 'bfloat16', 'float16' or 'float32', {ns_dtype!r} was provided instead")
+            raise ValueError(
+                f"Muon ns_dtype should be None, 'bfloat16', 'float16' or 'float32', {ns_dtype!r} was provided instead"
+            )
         self.ns_dtype = ns_dtype
         allow = (allow,) if isinstance(allow, str) else tuple(allow)
         if any(a not in self._SUITED for a in allow):
             raise ValueError(f"Muon allow should name some of {self._SUITED}, {allow!r} was provided instead")
         self.allow = allow
         self._set_learning_rate(learning_rate)
-        self._set("momentum", momentum, lambda v: 0 <= v < 1,
-                  "{name} momentum should be in [0, 1), {value} was provided instead")
+        self._set(
+            "momentum",
+            momentum,
+            lambda v: 0 <= v < 1,
+            "{name} momentum should be in [0, 1), {value} was provided instead",
+        )
         self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
         if isinstance(ns_steps, bool) or not isinstance(ns_steps, numbers.Integral) or ns_steps < 0:
             raise ValueError(f"Muon ns_steps should be an integer >=0, {ns_steps!r} was provided instead")
@@ -435,8 +489,10 @@ class Muon(_Builtin):
         """Muon orthogonalises hidden matrices. In a MultiOptimizer it warns (or refuses) on
         vectors and scalars, embeddings and output heads, unless ``allow`` names them."""
         if len(parameter.shape) < 2 and "vectors" not in self.allow:
-            return (f"Muon got a {len(parameter.shape)}-D tensor: it orthogonalises matrices "
-                    "(route vectors and scalars to AdamW, or Muon(allow=['vectors']))")
+            return (
+                f"Muon got a {len(parameter.shape)}-D tensor: it orthogonalises matrices "
+                "(route vectors and scalars to AdamW, or Muon(allow=['vectors']))"
+            )
         if is_embedding(path, parameter) and "embeddings" not in self.allow:
             return "Muon got what looks like an embedding (use AdamW, or Muon(allow=['embeddings']))"
         if is_head(path, parameter) and "heads" not in self.allow:
@@ -473,8 +529,14 @@ class ScheduleFreeAdamW(_Builtin):
 
     rule = rules.SCHEDULE_FREE_ADAMW
 
-    def __init__(self, learning_rate: Scalar, betas: tuple[Scalar, Scalar] = (0.9, 0.999), eps: Scalar = 1e-8,
-                 weight_decay: Scalar = 0.0, weight_lr_power: Scalar = 2.0) -> None:
+    def __init__(
+        self,
+        learning_rate: Scalar,
+        betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+        eps: Scalar = 1e-8,
+        weight_decay: Scalar = 0.0,
+        weight_lr_power: Scalar = 2.0,
+    ) -> None:
         super().__init__()
         self._set_learning_rate(learning_rate)
         self._set_betas(betas)
@@ -523,8 +585,15 @@ class Adan(_Builtin):
 
     rule = rules.ADAN
 
-    def __init__(self, learning_rate: Scalar, betas: tuple[Scalar, Scalar, Scalar] = (0.98, 0.92, 0.99),
-                 eps: Scalar = 1e-8, weight_decay: Scalar = 0.0, *, eps_root: Scalar = 0.0) -> None:
+    def __init__(
+        self,
+        learning_rate: Scalar,
+        betas: tuple[Scalar, Scalar, Scalar] = (0.98, 0.92, 0.99),
+        eps: Scalar = 1e-8,
+        weight_decay: Scalar = 0.0,
+        *,
+        eps_root: Scalar = 0.0,
+    ) -> None:
         super().__init__()
         self._set_learning_rate(learning_rate)
         self._set_betas(betas, count=3)

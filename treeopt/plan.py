@@ -76,10 +76,17 @@ class Plan:
 
     # ------------------------------------------------------------------ export
     def to_dict(self) -> dict:
-        return {"step": self.step, "groups": [asdict(g) for g in self.groups], "ranks": [dict(r) for r in self.ranks],
-                "parameters": [dict(asdict(r), shape=list(r.shape), also_matched=list(r.also_matched),
-                                    notes=list(r.notes)) for r in self.rows],
-                "changes": list(self.changes), "warnings": list(self.warnings)}
+        return {
+            "step": self.step,
+            "groups": [asdict(g) for g in self.groups],
+            "ranks": [dict(r) for r in self.ranks],
+            "parameters": [
+                dict(asdict(r), shape=list(r.shape), also_matched=list(r.also_matched), notes=list(r.notes))
+                for r in self.rows
+            ],
+            "changes": list(self.changes),
+            "warnings": list(self.warnings),
+        }
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -87,32 +94,76 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
         groups = [Group(**g) for g in data["groups"]]
-        rows = [Row(**dict(_renamed(r), shape=tuple(r["shape"]), also_matched=tuple(r["also_matched"]),
-                           notes=tuple(r["notes"])))
-                for r in data["parameters"]]
-        return cls(data["step"], groups, rows, list(data.get("changes", [])), list(data.get("warnings", [])),
-                   [dict(r) for r in data.get("ranks", [])])
+        rows = [
+            Row(
+                **dict(
+                    _renamed(r), shape=tuple(r["shape"]), also_matched=tuple(r["also_matched"]), notes=tuple(r["notes"])
+                )
+            )
+            for r in data["parameters"]
+        ]
+        return cls(
+            data["step"],
+            groups,
+            rows,
+            list(data.get("changes", [])),
+            list(data.get("warnings", [])),
+            [dict(r) for r in data.get("ranks", [])],
+        )
 
     def _table(self):
         header = ["path", "optimizer", "reason", "shape", "dtype", "size", "state", "lr", "wd", "notes"]
-        body = [[r.path, r.optimizer, r.reason, "x".join(map(str, r.shape)) or "()", r.dtype, f"{r.size:,}",
-                 _human(r.state_bytes), _number(r.learning_rate), _number(r.weight_decay),
-                 "; ".join(([f"also matched filters{list(r.also_matched)}"] if r.also_matched else []) + list(r.notes))]
-                for r in self.rows]
+        body = [
+            [
+                r.path,
+                r.optimizer,
+                r.reason,
+                "x".join(map(str, r.shape)) or "()",
+                r.dtype,
+                f"{r.size:,}",
+                _human(r.state_bytes),
+                _number(r.learning_rate),
+                _number(r.weight_decay),
+                "; ".join(([f"also matched filters{list(r.also_matched)}"] if r.also_matched else []) + list(r.notes)),
+            ]
+            for r in self.rows
+        ]
         if not any(row[-1] for row in body):  # no note anywhere: drop the column
             header, body = header[:-1], [row[:-1] for row in body]
         if any(r.owner is not None for r in self.rows):  # ZeRO-1: who updates each parameter
             header = header[:2] + ["owner"] + header[2:]
             body = [row[:2] + ["-" if r.owner is None else r.owner] + row[2:] for row, r in zip(body, self.rows)]
         totals = [["group", "type", "parameters", "size", "state", "hyper-parameters"]] + [
-            [f"{g.index}: {g.name}", g.type, str(g.parameters), f"{g.size:,}", _human(g.state_bytes),
-             ", ".join(f"{k}={_number(v) if isinstance(v, float) else v}" for k, v in g.hyperparameters.items()
-                      if k not in ("learning_rate", "weight_decay") or v is not None)]
-            for g in self.groups]
+            [
+                f"{g.index}: {g.name}",
+                g.type,
+                str(g.parameters),
+                f"{g.size:,}",
+                _human(g.state_bytes),
+                ", ".join(
+                    f"{k}={_number(v) if isinstance(v, float) else v}"
+                    for k, v in g.hyperparameters.items()
+                    if k not in ("learning_rate", "weight_decay") or v is not None
+                ),
+            ]
+            for g in self.groups
+        ]
         if self.ranks:
-            totals = totals + [["rank", "parameters", "state", "Newton-Schulz", "sends per step", ""]] + [
-                [str(r["rank"]), str(r["parameters"]), _human(r["state_bytes"]), f"{r['ns_gflop']:.3g} GFLOP",
-                 _human(r["sent_bytes"]), ""] for r in self.ranks]
+            totals = (
+                totals
+                + [["rank", "parameters", "state", "Newton-Schulz", "sends per step", ""]]
+                + [
+                    [
+                        str(r["rank"]),
+                        str(r["parameters"]),
+                        _human(r["state_bytes"]),
+                        f"{r['ns_gflop']:.3g} GFLOP",
+                        _human(r["sent_bytes"]),
+                        "",
+                    ]
+                    for r in self.ranks
+                ]
+            )
         return header, body, totals
 
     def to_markdown(self) -> str:
@@ -173,8 +224,12 @@ class Plan:
                 moved.append((path, a.optimizer, b.optimizer))
             elif (a.shape, a.dtype) != (b.shape, b.dtype):
                 changed.append((path, f"{a.dtype}{list(a.shape)}", f"{b.dtype}{list(b.shape)}"))
-        return PlanDiff(added=sorted(theirs.keys() - mine.keys()), removed=sorted(mine.keys() - theirs.keys()),
-                        moved=sorted(moved), changed=sorted(changed))
+        return PlanDiff(
+            added=sorted(theirs.keys() - mine.keys()),
+            removed=sorted(mine.keys() - theirs.keys()),
+            moved=sorted(moved),
+            changed=sorted(changed),
+        )
 
 
 @dataclass
@@ -206,6 +261,7 @@ def _renamed(row):
 # ---------------------------------------------------------------------------------- building
 def _predicted_bytes(leaf, shape, dtype):
     """State bytes of a parameter that has no state yet, from the optimizer's slot shapes."""
+
     class _Like:  # stands in for the parameter in slot_shapes
         def __init__(self, shape):
             self.shape, self.ndim = shape, len(shape)
@@ -221,8 +277,10 @@ def build(optimizer: Any) -> Plan:
     """The plan of ``optimizer`` from the routes and state it actually holds."""
     named = optimizer.named_stateful()
     group_of = {id(stateful): i for i, (_, _, stateful) in enumerate(named)}
-    hyper = {id(stateful): json.loads(json.dumps(stateful.current_hyperparameters()))  # tuples as lists
-             for _, _, stateful in named}
+    hyper = {
+        id(stateful): json.loads(json.dumps(stateful.current_hyperparameters()))  # tuples as lists
+        for _, _, stateful in named
+    }
     rows = []
     totals = {i: [0, 0, 0] for i in range(len(named))}
     for placed in optimizer.routing_table():
@@ -231,16 +289,34 @@ def build(optimizer: Any) -> Plan:
             rows.append(Row(path, -1, "frozen", placed.reason, shape, dtype, math.prod(shape), 0))
             continue
         slots = engine.slots_at(owner, placed.keys) or {}
-        state_bytes = (sum(backend_of(v).nbytes(v) for v in slots.values()) if slots
-                       else _predicted_bytes(owner, shape, dtype))
+        state_bytes = (
+            sum(backend_of(v).nbytes(v) for v in slots.values()) if slots else _predicted_bytes(owner, shape, dtype)
+        )
         group = group_of[id(owner)]
         values = hyper[id(owner)]
-        rows.append(Row(path, group, named[group][0], placed.reason, shape, dtype, math.prod(shape), state_bytes,
-                        values.get("learning_rate"), values.get("weight_decay"), placed.also, placed.notes))
+        rows.append(
+            Row(
+                path,
+                group,
+                named[group][0],
+                placed.reason,
+                shape,
+                dtype,
+                math.prod(shape),
+                state_bytes,
+                values.get("learning_rate"),
+                values.get("weight_decay"),
+                placed.also,
+                placed.notes,
+            )
+        )
         totals[group][0] += 1
         totals[group][1] += math.prod(shape)
         totals[group][2] += state_bytes
-    groups = [Group(i, name, type(stateful).__name__, totals[i][0], totals[i][1], totals[i][2], hyper[id(stateful)])
-              for i, (name, _, stateful) in enumerate(named)]
-    return Plan(int(as_float(optimizer.step)), groups, rows, list(getattr(optimizer, "changes", [])),
-                optimizer.plan_warnings())
+    groups = [
+        Group(i, name, type(stateful).__name__, totals[i][0], totals[i][1], totals[i][2], hyper[id(stateful)])
+        for i, (name, _, stateful) in enumerate(named)
+    ]
+    return Plan(
+        int(as_float(optimizer.step)), groups, rows, list(getattr(optimizer, "changes", [])), optimizer.plan_warnings()
+    )

@@ -37,9 +37,23 @@ def _declare_flax_kinds(multi, params):
         declare_kinds(multi, params)
 
 
-def muon_adamw(params=None, *, muon_lr=None, adamw_lr=ADAMW_LR, momentum=MUON_MOMENTUM, betas=ADAMW_BETAS,
-               weight_decay=WEIGHT_DECAY, adjust_lr="original", layout=None, hidden=is_hidden_matrix,
-               no_decay=is_bias | is_norm | ndim(max=1), frozen=None, lr_schedule=None, print_plan=False, **options):
+def muon_adamw(
+    params=None,
+    *,
+    muon_lr=None,
+    adamw_lr=ADAMW_LR,
+    momentum=MUON_MOMENTUM,
+    betas=ADAMW_BETAS,
+    weight_decay=WEIGHT_DECAY,
+    adjust_lr="original",
+    layout=None,
+    hidden=is_hidden_matrix,
+    no_decay=is_bias | is_norm | ndim(max=1),
+    frozen=None,
+    lr_schedule=None,
+    print_plan=False,
+    **options,
+):
     """Muon for the hidden matrices, AdamW for the rest: Keller Jordan's recipe (the Muon
     paper, the NanoGPT speedruns), as one :class:`MultiOptimizer` with three named groups.
 
@@ -95,12 +109,25 @@ def muon_adamw(params=None, *, muon_lr=None, adamw_lr=ADAMW_LR, momentum=MUON_MO
     if layout is None and params is not None:
         layout = layout_of(params)
     multi = MultiOptimizer(
-        [Muon(muon_lr, momentum=momentum, weight_decay=weight_decay, decoupled_weight_decay=True, ns_eps=NS_EPS,
-              adjust_lr=adjust_lr, layout=layout),
-         AdamW(adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True),
-         AdamW(adamw_lr, betas=betas, weight_decay=weight_decay, bias_correction=True)],
-        [hidden, no_decay], names=["muon", "adamw_no_decay", "adamw"], frozen=frozen, lr_schedule=lr_schedule,
-        **options)
+        [
+            Muon(
+                muon_lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                decoupled_weight_decay=True,
+                ns_eps=NS_EPS,
+                adjust_lr=adjust_lr,
+                layout=layout,
+            ),
+            AdamW(adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True),
+            AdamW(adamw_lr, betas=betas, weight_decay=weight_decay, bias_correction=True),
+        ],
+        [hidden, no_decay],
+        names=["muon", "adamw_no_decay", "adamw"],
+        frozen=frozen,
+        lr_schedule=lr_schedule,
+        **options,
+    )
     if params is not None:
         _declare_flax_kinds(multi, params)
         plan = multi.plan(params)

@@ -31,6 +31,7 @@ def _has_item(schedule):
 
     return wrapped
 
+
 __all__ = ["exponential_decay", "step_decay", "cosine_decay", "linear_schedule", "join_schedules"]
 
 

@@ -101,6 +101,7 @@ def tree_flatten(tree: Any, prefix: str = "", is_leaf: Callable | None = None, d
     if isinstance(destination, list):
         add = destination.append
     elif isinstance(destination, dict):
+
         def add(pair):
             destination[pair[0]] = pair[1]
     else:

@@ -42,9 +42,11 @@ def _concrete(flag, option):
     try:
         return bool(flag)
     except Exception as error:  # a tracer inside jax.jit or mx.compile
-        raise TreeoptError(f"MultiOptimizer({option}=...) decides in Python whether to step, so it cannot "
-                           "run inside jax.jit or mx.compile; use optax.apply_if_finite / optax.MultiSteps "
-                           "there") from error
+        raise TreeoptError(
+            f"MultiOptimizer({option}=...) decides in Python whether to step, so it cannot "
+            "run inside jax.jit or mx.compile; use optax.apply_if_finite / optax.MultiSteps "
+            "there"
+        ) from error
 
 
 def prepare(multi, leaves, owners, groups):
@@ -103,10 +105,16 @@ def _check_buffer(buffer, leaf):
     from treeopt.errors import ParameterError, describe
 
     backend = backend_of(buffer)
-    found = (getattr(backend, "name", type(buffer).__name__), tuple(backend.shape(buffer)) if backend else None,
-             backend.dtype_name(buffer) if backend else None)
+    found = (
+        getattr(backend, "name", type(buffer).__name__),
+        tuple(backend.shape(buffer)) if backend else None,
+        backend.dtype_name(buffer) if backend else None,
+    )
     expected = (leaf.backend.name, tuple(leaf.backend.shape(leaf.grad)), leaf.backend.dtype_name(leaf.grad))
     if found != expected:
-        raise ParameterError(f"MultiOptimizer: the accumulated gradient of {describe(leaf.path)} is a {found[0]} "
-                             f"{found[2]} array of shape {found[1]}, but the gradient is a {expected[0]} {expected[2]} "
-                             f"array of shape {expected[1]}", leaf.path)
+        raise ParameterError(
+            f"MultiOptimizer: the accumulated gradient of {describe(leaf.path)} is a {found[0]} "
+            f"{found[2]} array of shape {found[1]}, but the gradient is a {expected[0]} {expected[2]} "
+            f"array of shape {expected[1]}",
+            leaf.path,
+        )

@@ -32,14 +32,30 @@ def _find():
         except OSError:
             continue
         found = {}
-        for dtype, names, scalar in ((np.float32, ("scipy_cblas_sgemm64_", "cblas_sgemm64_"), ctypes.c_float),
-                                     (np.float64, ("scipy_cblas_dgemm64_", "cblas_dgemm64_"), ctypes.c_double)):
+        for dtype, names, scalar in (
+            (np.float32, ("scipy_cblas_sgemm64_", "cblas_sgemm64_"), ctypes.c_float),
+            (np.float64, ("scipy_cblas_dgemm64_", "cblas_dgemm64_"), ctypes.c_double),
+        ):
             for name in names:
                 function = getattr(library, name, None)
                 if function is not None:
                     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-                    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, scalar, ptr, i64,
-                                         ptr, i64, scalar, ptr, i64]
+                    function.argtypes = [
+                        ctypes.c_int,
+                        ctypes.c_int,
+                        ctypes.c_int,
+                        i64,
+                        i64,
+                        i64,
+                        scalar,
+                        ptr,
+                        i64,
+                        ptr,
+                        i64,
+                        scalar,
+                        ptr,
+                        i64,
+                    ]
                     function.restype = None
                     found[np.dtype(dtype)] = function
                     break
@@ -67,7 +83,13 @@ def gemm(alpha, a, b, beta, c):
     """``c <- alpha a @ b + beta c`` in place (``c`` C-contiguous, not overlapping ``a`` or
     ``b``); returns False (and changes nothing) when BLAS cannot take these arrays."""
     function = _GEMM.get(c.dtype)
-    if function is None or a.dtype != c.dtype or b.dtype != c.dtype or not a.ndim == b.ndim == c.ndim or a.ndim not in (2, 3):
+    if (
+        function is None
+        or a.dtype != c.dtype
+        or b.dtype != c.dtype
+        or not a.ndim == b.ndim == c.ndim
+        or a.ndim not in (2, 3)
+    ):
         return False
     if not c.flags.c_contiguous or not c.flags.writeable:
         return False
@@ -79,14 +101,42 @@ def gemm(alpha, a, b, beta, c):
         return False
     # a Fortran-ordered array is the transpose of a C-ordered one with swapped leading dimension
     if a.ndim == 2:
-        function(_ROW_MAJOR, ta[0], tb[0], m, n, k, alpha, a.ctypes.data, ta[1], b.ctypes.data, tb[1], beta,
-                 c.ctypes.data, max(1, n))
+        function(
+            _ROW_MAJOR,
+            ta[0],
+            tb[0],
+            m,
+            n,
+            k,
+            alpha,
+            a.ctypes.data,
+            ta[1],
+            b.ctypes.data,
+            tb[1],
+            beta,
+            c.ctypes.data,
+            max(1, n),
+        )
         return True
     if _numba_stack(function, ta, tb, m, n, k, alpha, a, b, beta, c):
         return True
     for x, y, z in zip(a, b, c):
-        function(_ROW_MAJOR, ta[0], tb[0], m, n, k, alpha, x.ctypes.data, ta[1], y.ctypes.data, tb[1], beta,
-                 z.ctypes.data, max(1, n))
+        function(
+            _ROW_MAJOR,
+            ta[0],
+            tb[0],
+            m,
+            n,
+            k,
+            alpha,
+            x.ctypes.data,
+            ta[1],
+            y.ctypes.data,
+            tb[1],
+            beta,
+            z.ctypes.data,
+            max(1, n),
+        )
     return True
 
 
@@ -99,9 +149,26 @@ def _numba_stack(function, ta, tb, m, n, k, alpha, a, b, beta, c):
     from treeopt.kernels.numba_support import gemm_stack
 
     scalar = c.dtype.type
-    gemm_stack(ctypes.cast(function, ctypes.c_void_p).value, c.shape[0], ta[0], tb[0], m, n, k, scalar(alpha),
-               a.ctypes.data, a.strides[0], ta[1], b.ctypes.data, b.strides[0], tb[1], scalar(beta), c.ctypes.data,
-               c.strides[0], max(1, n))
+    gemm_stack(
+        ctypes.cast(function, ctypes.c_void_p).value,
+        c.shape[0],
+        ta[0],
+        tb[0],
+        m,
+        n,
+        k,
+        scalar(alpha),
+        a.ctypes.data,
+        a.strides[0],
+        ta[1],
+        b.ctypes.data,
+        b.strides[0],
+        tb[1],
+        scalar(beta),
+        c.ctypes.data,
+        c.strides[0],
+        max(1, n),
+    )
     return True
 
 

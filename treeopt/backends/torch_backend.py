@@ -15,6 +15,8 @@ def _numel(shape):
     for n in shape:
         count *= n
     return count
+
+
 # torch has no arithmetic on uint64: the step counter is int64 here
 _DTYPES = {"uint64": torch.int64}
 
@@ -99,8 +101,12 @@ class TorchBackend(Backend):
         # torch's vectorised CPU sqrt is off by an ulp for a fifth of float32 inputs (and some
         # float64 ones); NumPy's, on a zero-copy view, is correctly rounded, as are MLX's, the
         # compiled loops' and CUDA's
-        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad
-                and not torch.compiler.is_compiling()):  # compiled: the generated code's sqrt
+        if (
+            x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and not x.requires_grad
+            and not torch.compiler.is_compiling()
+        ):  # compiled: the generated code's sqrt
             return torch.from_numpy(np.asarray(np.sqrt(x.numpy())))
         return torch.sqrt(x)
 

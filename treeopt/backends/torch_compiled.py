@@ -21,8 +21,9 @@ import torch
 COMPILER = "inductor"
 
 
-def compile_step(update: Callable, slot_count: int, numeric: Sequence[str], switches: dict[str, bool],
-                 rows: list[int]) -> Callable:
+def compile_step(
+    update: Callable, slot_count: int, numeric: Sequence[str], switches: dict[str, bool], rows: list[int]
+) -> Callable:
     """``step(grads, params, slots, table)``: ``update`` on every tensor, written in place.
 
     ``slots`` holds one list of tensors per slot; ``table[rows[i]]`` are tensor ``i``'s numeric

@@ -73,8 +73,9 @@ def read(path: str | os.PathLike) -> tuple[Mapping[str, Any], dict | None]:
     return files.read(path)
 
 
-def load(optimizer: "Optimizer", path: str | os.PathLike, params: Tree | None = None, *,
-         strict: bool = True) -> LoadReport:
+def load(
+    optimizer: "Optimizer", path: str | os.PathLike, params: Tree | None = None, *, strict: bool = True
+) -> LoadReport:
     """Load a checkpoint into ``optimizer``, by parameter name.
 
     Args:

@@ -36,23 +36,38 @@ def inspect(path):
     if metadata is None:
         keys = sorted(arrays)
         mlx = mlx_layout.is_mlx_layout(keys)
-        summary = {"file": str(path), "layout": "mlx" if mlx else "plain safetensors", "tensors": len(keys),
-                   "bytes": sum(math.prod(arrays.spec(k)[0]) * _itemsize(arrays.spec(k)[1]) for k in keys)}
+        summary = {
+            "file": str(path),
+            "layout": "mlx" if mlx else "plain safetensors",
+            "tensors": len(keys),
+            "bytes": sum(math.prod(arrays.spec(k)[0]) * _itemsize(arrays.spec(k)[1]) for k in keys),
+        }
         if not mlx:
-            problems.append(f"not an optimizer checkpoint: a safetensors file of {len(keys)} tensors without treeopt "
-                            f"metadata or MLX's optimizer layout (model parameters?), e.g. {keys[:3]}")
+            problems.append(
+                f"not an optimizer checkpoint: a safetensors file of {len(keys)} tensors without treeopt "
+                f"metadata or MLX's optimizer layout (model parameters?), e.g. {keys[:3]}"
+            )
         return summary, problems
     if metadata.get("format") != validate.FORMAT:
         return {"file": str(path), "format": metadata.get("format"), "tensors": len(arrays)}, [
             f"not an optimizer checkpoint: a treeopt file of format {metadata.get('format')!r} "
-            f"({len(arrays)} tensors), expected {validate.FORMAT!r}"]
+            f"({len(arrays)} tensors), expected {validate.FORMAT!r}"
+        ]
     try:
         validate.metadata(metadata)
         validate.tensors(arrays, metadata)
     except CheckpointError as error:
         return {"file": str(path), "format_version": metadata.get("format_version")}, [str(error)]
-    groups = {o["name"]: {"type": o["type"], "parameters": 0, "elements": 0, "bytes": 0,
-                          "hyperparameters": o["hyperparameters"]} for o in metadata["optimizers"]}
+    groups = {
+        o["name"]: {
+            "type": o["type"],
+            "parameters": 0,
+            "elements": 0,
+            "bytes": 0,
+            "hyperparameters": o["hyperparameters"],
+        }
+        for o in metadata["optimizers"]
+    }
     for path_, info in metadata["parameters"].items():
         group = groups.get(info["owner"])
         if group is None:
@@ -65,17 +80,24 @@ def inspect(path):
                 problems.append(f"{path_}/{slot}: in the metadata but not stored")
                 continue
             if list(array.shape) != spec["shape"] or array.dtype.name != spec["dtype"]:
-                problems.append(f"{path_}/{slot}: stored as {array.dtype.name}{list(array.shape)}, "
-                                f"metadata says {spec['dtype']}{spec['shape']}")
+                problems.append(
+                    f"{path_}/{slot}: stored as {array.dtype.name}{list(array.shape)}, "
+                    f"metadata says {spec['dtype']}{spec['shape']}"
+                )
             group["bytes"] += array.nbytes
         shapes = [s["shape"] for s in info["slots"].values()]
         group["elements"] += math.prod(max(shapes, key=math.prod)) if shapes else 0
     for name, group in groups.items():
         rate = arrays.get(f"@{name}/learning_rate")
         group["learning_rate"] = None if rate is None else float(rate)
-    summary = {"file": str(path), "format_version": metadata["format_version"],
-               "treeopt_version": metadata.get("treeopt_version"), "step": metadata.get("step"), "groups": groups,
-               "checksum": "ok"}
+    summary = {
+        "file": str(path),
+        "format_version": metadata["format_version"],
+        "treeopt_version": metadata.get("treeopt_version"),
+        "step": metadata.get("step"),
+        "groups": groups,
+        "checksum": "ok",
+    }
     return summary, problems
 
 
@@ -94,8 +116,10 @@ def _print(summary, problems):
     if Console is None:
         print("\n".join(lines))
         for name, g in groups.items():
-            print(f"  {name} ({g['type']}): {g['parameters']} parameters, {g['elements']:,} elements, "
-                  f"{g['bytes']:,} bytes, lr {g['learning_rate']}")
+            print(
+                f"  {name} ({g['type']}): {g['parameters']} parameters, {g['elements']:,} elements, "
+                f"{g['bytes']:,} bytes, lr {g['learning_rate']}"
+            )
     else:
         console = Console()
         console.print("\n".join(lines))
@@ -103,8 +127,15 @@ def _print(summary, problems):
             table = Table("group", "type", "parameters", "elements", "state bytes", "lr", "hyper-parameters")
             for name, g in groups.items():
                 hyper = ", ".join(f"{k}={v}" for k, v in g["hyperparameters"].items())
-                table.add_row(name, g["type"], str(g["parameters"]), f"{g['elements']:,}", f"{g['bytes']:,}",
-                              "-" if g["learning_rate"] is None else f"{g['learning_rate']:.4g}", hyper)
+                table.add_row(
+                    name,
+                    g["type"],
+                    str(g["parameters"]),
+                    f"{g['elements']:,}",
+                    f"{g['bytes']:,}",
+                    "-" if g["learning_rate"] is None else f"{g['learning_rate']:.4g}",
+                    hyper,
+                )
             console.print(table)
     for problem in problems:
         print(f"problem: {problem}")

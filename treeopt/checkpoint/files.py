@@ -57,7 +57,9 @@ def safetensors():
     except ImportError as error:
         raise ModuleNotFoundError(
             "treeopt checkpoints are safetensors files and the safetensors package is not installed: "
-            "pip install 'treeopt[checkpoint]' (or pip install safetensors)", name="safetensors") from error
+            "pip install 'treeopt[checkpoint]' (or pip install safetensors)",
+            name="safetensors",
+        ) from error
     return safetensors
 
 
@@ -80,8 +82,9 @@ def write(path, tensors, metadata):
     arrays = {key: as_numpy(value) for key, value in tensors.items()}
     metadata = dict(metadata, checksum={"algorithm": "crc32", "value": checksum(arrays, metadata)})
     save_file = safetensors().numpy.save_file
-    replace_atomically(path, lambda temporary: save_file(arrays, temporary,
-                                                         metadata={METADATA_KEY: json.dumps(metadata)}))
+    replace_atomically(
+        path, lambda temporary: save_file(arrays, temporary, metadata={METADATA_KEY: json.dumps(metadata)})
+    )
 
 
 def replace_atomically(path, write_to):
@@ -109,8 +112,21 @@ def replace_atomically(path, write_to):
         os.close(directory)
 
 
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-           "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 class Tensors:
@@ -179,7 +195,9 @@ def read(path):
     except (FileNotFoundError, CheckpointError, IsADirectoryError, PermissionError):
         raise
     except Exception as error:  # safetensors, OS and format errors of a damaged file
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupted?): {error}"
+        ) from error
     if _finish(crc, metadata) != expected:
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupted")
     return tensors, metadata

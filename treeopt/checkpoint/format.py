@@ -111,10 +111,18 @@ def to_flat(optimizer, known=()):
             parameters[path] = {"owner": name, "slots": {s: _shape_dtype(v) for s, v in slots.items()}}
             for slot, value in slots.items():
                 put(f"{path}/{slot}", value)
-        optimizers.append({"name": name, "position": list(position), "type": type(leaf).__name__,
-                           "hyperparameters": hyperparameters(leaf), "scheduled": sorted(leaf.schedules),
-                           "running": [n for n in leaf.scalar_names() if n not in ("step", "learning_rate")
-                                       and n not in leaf.schedules]})
+        optimizers.append(
+            {
+                "name": name,
+                "position": list(position),
+                "type": type(leaf).__name__,
+                "hyperparameters": hyperparameters(leaf),
+                "scheduled": sorted(leaf.schedules),
+                "running": [
+                    n for n in leaf.scalar_names() if n not in ("step", "learning_rate") and n not in leaf.schedules
+                ],
+            }
+        )
     names = {id(leaf): name for name, _, leaf in leaf_optimizers(optimizer)}
     for placed in optimizer.routing_table():  # known paths without state
         parameters.setdefault(dotted(placed.keys), {"owner": names.get(id(placed.owner)), "slots": {}})
@@ -134,10 +142,13 @@ def to_flat(optimizer, known=()):
             if not isinstance(value, int):
                 put(f"#{name}", value)
     metadata = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "treeopt_version": __version__,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "treeopt_version": __version__,
         "whole_model": {k: v for k, v in extra.items() if v is not None},
         "step": int(numpy_scalar(leaf_optimizers(optimizer)[0][2].step)),
-        "optimizers": optimizers, "parameters": parameters,
+        "optimizers": optimizers,
+        "parameters": parameters,
     }
     changes = routing.to_metadata(optimizer)
     if changes:
@@ -159,15 +170,19 @@ def _match_optimizers(current, metadata):
     matches = {}
     for name, position, leaf in current:
         kind = type(leaf).__name__
-        votes = Counter(owner[dotted(keys)] for keys, _ in engine.slot_items(leaf)
-                        if owner.get(dotted(keys)) in saved and saved[owner[dotted(keys)]]["type"] == kind)
+        votes = Counter(
+            owner[dotted(keys)]
+            for keys, _ in engine.slot_items(leaf)
+            if owner.get(dotted(keys)) in saved and saved[owner[dotted(keys)]]["type"] == kind
+        )
         if votes:
             matches[id(leaf)] = saved[votes.most_common(1)[0][0]]
         elif name in saved and saved[name]["type"] == kind:
             matches[id(leaf)] = saved[name]
         else:
-            matches[id(leaf)] = next((o for o in saved.values()
-                                      if o["position"] == list(position) and o["type"] == kind), None)
+            matches[id(leaf)] = next(
+                (o for o in saved.values() if o["position"] == list(position) and o["type"] == kind), None
+            )
     return matches
 
 
@@ -203,12 +218,18 @@ def from_flat(optimizer, tensors, metadata, strict=True):
                 continue  # known but without state when saved: the fresh state is right
             saved_type, current_type = saved_types.get(saved["owner"]), type(leaf).__name__
             if saved_type != current_type:
-                report.problems.append(Problem(
-                    "owner", path, f"owned by {saved_type} ({saved['owner']}) in the checkpoint, by {current_type} ({name}) now"))
+                report.problems.append(
+                    Problem(
+                        "owner",
+                        path,
+                        f"owned by {saved_type} ({saved['owner']}) in the checkpoint, by {current_type} ({name}) now",
+                    )
+                )
                 continue
             if set(saved["slots"]) != set(slots):
-                report.problems.append(Problem(
-                    "slots", path, f"slots {sorted(saved['slots'])} in the checkpoint, {sorted(slots)} now"))
+                report.problems.append(
+                    Problem("slots", path, f"slots {sorted(saved['slots'])} in the checkpoint, {sorted(slots)} now")
+                )
                 continue
             fits = True
             for slot, value in slots.items():
@@ -220,19 +241,27 @@ def from_flat(optimizer, tensors, metadata, strict=True):
                     continue
                 stored_shape, stored_dtype = _spec(tensors, key)
                 if found["shape"] != expected["shape"] or stored_shape != expected["shape"]:
-                    report.problems.append(Problem(
-                        "shape", key, f"shape {tuple(found['shape'])} in the checkpoint, {tuple(expected['shape'])} now"))
+                    report.problems.append(
+                        Problem(
+                            "shape",
+                            key,
+                            f"shape {tuple(found['shape'])} in the checkpoint, {tuple(expected['shape'])} now",
+                        )
+                    )
                     fits = False
                 elif found["dtype"] != expected["dtype"] or stored_dtype != expected["dtype"]:
-                    report.problems.append(Problem(
-                        "dtype", key, f"dtype {found['dtype']} in the checkpoint, {expected['dtype']} now"))
+                    report.problems.append(
+                        Problem("dtype", key, f"dtype {found['dtype']} in the checkpoint, {expected['dtype']} now")
+                    )
                     fits = False
             if fits:
                 writes.extend((slots, slot, f"{path}/{slot}") for slot in slots)  # read when written
                 report.loaded.append(path)
     for path, saved in saved_params.items():
         if path not in seen and saved["slots"]:
-            report.problems.append(Problem("unexpected", path, "in the checkpoint but not a parameter of this optimizer"))
+            report.problems.append(
+                Problem("unexpected", path, "in the checkpoint but not a parameter of this optimizer")
+            )
 
     scalar_writes = []
     for name, _, leaf in current:
@@ -243,8 +272,9 @@ def from_flat(optimizer, tensors, metadata, strict=True):
         ours = hyperparameters(leaf)
         for key, value in saved["hyperparameters"].items():
             if key in ours and ours[key] != value and not isinstance(value, dict) and not isinstance(ours[key], dict):
-                report.problems.append(Problem(
-                    "hyperparameter", name, f"{key} is {value!r} in the checkpoint, {ours[key]!r} now"))
+                report.problems.append(
+                    Problem("hyperparameter", name, f"{key} is {value!r} in the checkpoint, {ours[key]!r} now")
+                )
         for scalar in leaf.scalar_names():
             key = f"@{saved['name']}/{scalar}"
             if key not in tensors:
@@ -281,22 +311,30 @@ def _check_whole_model_state(optimizer, tensors, metadata, report):
     keys = [k for k in tensors.keys() if k.startswith("#accumulated/") or k == "#grad_norm"]
     if optimizer.stateful() == [optimizer]:
         for name in [*metadata.get("whole_model", {}), *keys]:
-            report.problems.append(Problem("unexpected", name, f"whole-model state, and {type(optimizer).__name__} is "
-                                                               "not a MultiOptimizer"))
+            report.problems.append(
+                Problem(
+                    "unexpected", name, f"whole-model state, and {type(optimizer).__name__} is not a MultiOptimizer"
+                )
+            )
         return False
     known = {dotted(p.keys): (p.shape, p.dtype) for p in optimizer.routing_table()}
     for key in keys:
         if key == "#grad_norm":
             continue
-        path = key[len("#accumulated/"):]
+        path = key[len("#accumulated/") :]
         shape, dtype = _spec(tensors, key)
         info = known.get(path)
         if info is None:  # not seen yet: checked against its gradient at the next step
             if path not in metadata["parameters"]:
                 report.problems.append(Problem("unexpected", key, "an accumulation buffer of no parameter"))
         elif (tuple(shape), dtype) != (tuple(info[0]), info[1]):
-            report.problems.append(Problem("shape", key, f"an accumulation buffer of {dtype}{list(shape)}; the parameter "
-                                                         f"is {info[1]}{list(info[0])}"))
+            report.problems.append(
+                Problem(
+                    "shape",
+                    key,
+                    f"an accumulation buffer of {dtype}{list(shape)}; the parameter is {info[1]}{list(info[0])}",
+                )
+            )
     return True
 
 
@@ -312,7 +350,7 @@ def _load_whole_model_state(optimizer, tensors, metadata):
     for key in [k for k in tensors.keys() if k.startswith("#") and not k.startswith("#carried/")]:
         array = tensors[key]
         if key.startswith("#accumulated/"):
-            accumulated[key[len("#accumulated/"):]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
+            accumulated[key[len("#accumulated/") :]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
         else:
             state[key[1:]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
     if accumulated or "micro_step" in state:
@@ -337,5 +375,6 @@ def _assign_scalar(leaf, scalar, array):
     dtype = "uint64" if scalar == "step" else value.dtype.name
     if dtype not in ("uint64", "float16", "bfloat16", "float32"):
         dtype = "float32"
-    leaf.state[scalar] = backend.scalar_array(value.astype(np.float64) if dtype != "uint64" else value.astype(np.uint64),
-                                              dtype)
+    leaf.state[scalar] = backend.scalar_array(
+        value.astype(np.float64) if dtype != "uint64" else value.astype(np.uint64), dtype
+    )

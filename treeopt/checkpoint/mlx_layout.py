@@ -30,7 +30,7 @@ def from_mlx(optimizer, arrays):
         for key, value in arrays.items():
             if not key.startswith(prefix):
                 continue
-            rest = key[len(prefix):]
+            rest = key[len(prefix) :]
             if rest in scalars:
                 tensors[f"@{name}/{rest}"] = value
                 continue
@@ -39,13 +39,21 @@ def from_mlx(optimizer, arrays):
                 path = path[1:]
             slots_of.setdefault(path, {})[slot] = value
         for path, slots in slots_of.items():
-            parameters[path] = {"owner": name, "slots": {
-                s: {"shape": list(v.shape), "dtype": v.dtype.name} for s, v in slots.items()}}
+            parameters[path] = {
+                "owner": name,
+                "slots": {s: {"shape": list(v.shape), "dtype": v.dtype.name} for s, v in slots.items()},
+            }
             tensors.update({f"{path}/{s}": v for s, v in slots.items()})
-        optimizers.append({"name": name, "position": list(position), "type": type(leaf).__name__,
-                           "hyperparameters": {}, "scheduled": sorted(leaf.schedules)})
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizers,
-                "parameters": parameters}
+        optimizers.append(
+            {
+                "name": name,
+                "position": list(position),
+                "type": type(leaf).__name__,
+                "hyperparameters": {},
+                "scheduled": sorted(leaf.schedules),
+            }
+        )
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizers, "parameters": parameters}
     return tensors, metadata
 
 

@@ -43,14 +43,29 @@ def to_metadata(optimizer):
     for position, multi in multis(optimizer):
         paths = []
         for keys, route in multi._routes.items():
-            flags = [name for name, found in (("frozen", route.frozen), ("rerouted", route.reason == "rerouted"),
-                                              ("unfrozen", route.unfrozen)) if found]
+            flags = [
+                name
+                for name, found in (
+                    ("frozen", route.frozen),
+                    ("rerouted", route.reason == "rerouted"),
+                    ("unfrozen", route.unfrozen),
+                )
+                if found
+            ]
             if flags:
-                paths.append({"keys": list(keys), "shape": list(route.shape), "dtype": route.dtype,
-                              "route": None if route.group is None else multi.names[route.group], "flags": flags})
+                paths.append(
+                    {
+                        "keys": list(keys),
+                        "shape": list(route.shape),
+                        "dtype": route.dtype,
+                        "route": None if route.group is None else multi.names[route.group],
+                        "flags": flags,
+                    }
+                )
         if paths or multi.changes:
-            nodes.append({"position": list(position), "names": list(multi.names), "paths": paths,
-                          "changes": list(multi.changes)})
+            nodes.append(
+                {"position": list(position), "names": list(multi.names), "paths": paths, "changes": list(multi.changes)}
+            )
     return nodes
 
 
@@ -80,11 +95,15 @@ def restore(optimizer, metadata):
     for i, node in enumerate(nodes):
         multi = found.get(tuple(node["position"]))
         if multi is None:
-            raise CheckpointError(f"checkpoint routing[{i}]: the checkpoint has routing changes for a MultiOptimizer "
-                                  f"at position {node['position']}, and this optimizer has none there")
+            raise CheckpointError(
+                f"checkpoint routing[{i}]: the checkpoint has routing changes for a MultiOptimizer "
+                f"at position {node['position']}, and this optimizer has none there"
+            )
         if sorted(node["names"]) != sorted(multi.names):
-            raise CheckpointError(f"checkpoint routing[{i}]: saved for a MultiOptimizer with the groups {node['names']}, "
-                                  f"and this one has {multi.names}")
+            raise CheckpointError(
+                f"checkpoint routing[{i}]: saved for a MultiOptimizer with the groups {node['names']}, "
+                f"and this one has {multi.names}"
+            )
         index = {name: k for k, name in enumerate(multi.names)}
         for entry in node["paths"]:
             keys, shape, dtype = tuple(entry["keys"]), tuple(entry["shape"]), entry["dtype"]
@@ -92,11 +111,13 @@ def restore(optimizer, metadata):
             if known is not None and (tuple(known.shape), known.dtype) != (shape, dtype):
                 raise CheckpointError(
                     f"checkpoint routing: {dotted(keys)!r} is {dtype}{list(shape)} in the checkpoint but "
-                    f"{known.dtype}{list(known.shape)} now")
+                    f"{known.dtype}{list(known.shape)} now"
+                )
             if entry["route"] is not None and entry["route"] not in index:
                 raise CheckpointError(
                     f"checkpoint routing: {dotted(keys)!r} goes to {entry['route']!r}, and this MultiOptimizer has "
-                    f"no optimizer of that name ({multi.names})")
+                    f"no optimizer of that name ({multi.names})"
+                )
             plans.append((multi, keys, (shape, dtype), index.get(entry["route"]), entry["flags"]))
         plans.append((multi, None, node["changes"], None, None))
     for multi, keys, info, target, flags in plans:
@@ -131,12 +152,15 @@ def check_carried(optimizer, metadata, tensors):
     now owns its parameter, and must be a slot of that optimizer, of the right shape and dtype."""
     from treeopt.backends import backend_of
 
-    entries = {dotted(tuple(e["keys"])): (tuple(node["position"]), e)
-               for node in metadata.get("routing", []) for e in node["paths"]}
+    entries = {
+        dotted(tuple(e["keys"])): (tuple(node["position"]), e)
+        for node in metadata.get("routing", [])
+        for e in node["paths"]
+    }
     found = dict(multis(optimizer))
     writes, problems = [], []
     for key in [k for k in tensors.keys() if k.startswith(CARRIED)]:
-        path, _, slot = key[len(CARRIED):].rpartition("/")
+        path, _, slot = key[len(CARRIED) :].rpartition("/")
         position, entry = entries[path]
         keys = tuple(entry["keys"])
         owner = found[position].owner_of(keys) if position in found else None
@@ -149,8 +173,11 @@ def check_carried(optimizer, metadata, tensors):
         shape, dtype = list(source.shape(array)), source.dtype_name(array)
         if slot not in expected or list(expected[slot]) != shape or dtype != entry["dtype"]:
             want = f"{entry['dtype']}{list(expected[slot])}" if slot in expected else f"one of {sorted(expected)}"
-            problems.append(Problem("carried", path, f"carried slot {slot!r} is {dtype}{shape}; "
-                                                     f"{type(owner).__name__} expects {want}"))
+            problems.append(
+                Problem(
+                    "carried", path, f"carried slot {slot!r} is {dtype}{shape}; {type(owner).__name__} expects {want}"
+                )
+            )
             continue
         writes.append((owner, keys, slot, array))
     return writes, problems

@@ -22,8 +22,17 @@ WHOLE_MODEL_COUNTERS = ("micro_step", "skipped_steps")
 #: whole-model arrays kept as tensors: ``#grad_norm``, ``#accumulated/{path}``, ``#carried/{path}/{slot}``
 WHOLE_MODEL_ARRAYS = ("grad_norm",)
 ROUTING_FLAGS = ("frozen", "rerouted", "unfrozen")
-_TOP_LEVEL = ("format", "format_version", "treeopt_version", "step", "whole_model", "optimizers", "parameters",
-              "routing", "checksum")
+_TOP_LEVEL = (
+    "format",
+    "format_version",
+    "treeopt_version",
+    "step",
+    "whole_model",
+    "optimizers",
+    "parameters",
+    "routing",
+    "checksum",
+)
 
 
 def _fail(where, message):
@@ -89,8 +98,9 @@ def metadata(meta):
     if not _is_int(version) or version < 1:
         _fail("'format_version'", f"must be a positive integer, got {_short(version)}")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint format {version} is newer than this treeopt reads ({FORMAT_VERSION}); "
-                              "upgrade treeopt")
+        raise CheckpointError(
+            f"checkpoint format {version} is newer than this treeopt reads ({FORMAT_VERSION}); upgrade treeopt"
+        )
     unknown = sorted(set(meta) - set(_TOP_LEVEL))
     if unknown:
         _fail(f"{unknown[0]!r}", f"is not a field of format {FORMAT_VERSION} (known: {', '.join(_TOP_LEVEL)})")
@@ -108,8 +118,12 @@ def metadata(meta):
     for i, entry in enumerate(optimizers):
         where = f"'optimizers[{i}]'"
         _expect(entry, dict, where, "a dict")
-        for field, kind, what in (("name", str, "a string"), ("type", str, "a string"),
-                                  ("position", list, "a list of integers"), ("hyperparameters", dict, "a dict")):
+        for field, kind, what in (
+            ("name", str, "a string"),
+            ("type", str, "a string"),
+            ("position", list, "a list of integers"),
+            ("hyperparameters", dict, "a dict"),
+        ):
             if field not in entry:
                 _fail(where, f"has no {field!r}")
             _expect(entry[field], kind, f"'optimizers[{i}].{field}'", what)
@@ -186,7 +200,9 @@ def routing(nodes):
                 _fail(f"{at[:-1]}.route'", f"{_short(route)} is not one of {names}")
             flags = _expect(entry["flags"], list, f"{at[:-1]}.flags'", "a list")
             if not flags or not all(f in ROUTING_FLAGS for f in flags) or len(set(flags)) != len(flags):
-                _fail(f"{at[:-1]}.flags'", f"must be one or more distinct members of {ROUTING_FLAGS}, got {_short(flags)}")
+                _fail(
+                    f"{at[:-1]}.flags'", f"must be one or more distinct members of {ROUTING_FLAGS}, got {_short(flags)}"
+                )
             if route is None and "frozen" not in flags:
                 _fail(at, "a parameter that is not frozen must have a route")
 
@@ -217,7 +233,9 @@ def scalar(tensors, key, integer, finite=True):
         raise CheckpointError(f"checkpoint tensor {key!r} has shape {tuple(shape)}; a state scalar has shape ()")
     if integer:
         if not dtype.startswith(("uint", "int")) or dtype in ("uint8", "int8"):  # torch: int64, JAX: uint32
-            raise CheckpointError(f"checkpoint tensor {key!r} is {dtype}; a step count is an integer of 16 bits or more")
+            raise CheckpointError(
+                f"checkpoint tensor {key!r} is {dtype}; a step count is an integer of 16 bits or more"
+            )
         value = _value(tensors, key)
         if int(value) < 0:
             raise CheckpointError(f"checkpoint tensor {key!r} is {int(value)}; a step count is >= 0")
@@ -245,11 +263,13 @@ def tensors(stored, meta):
             name, _, name_scalar = key[1:].rpartition("/")
             entry = optimizers.get(name)
             if entry is None:
-                raise CheckpointError(f"checkpoint tensor {key!r} belongs to no optimizer of the metadata "
-                                      f"({sorted(optimizers)})")
+                raise CheckpointError(
+                    f"checkpoint tensor {key!r} belongs to no optimizer of the metadata ({sorted(optimizers)})"
+                )
             if name_scalar not in ("step", "learning_rate", *entry.get("scheduled", []), *entry.get("running", [])):
-                raise CheckpointError(f"checkpoint tensor {key!r}: {entry['type']} {name!r} has no state scalar "
-                                      f"{name_scalar!r}")
+                raise CheckpointError(
+                    f"checkpoint tensor {key!r}: {entry['type']} {name!r} has no state scalar {name_scalar!r}"
+                )
             scalar(stored, key, integer=name_scalar == "step")
             kinds[key] = "scalar"
         elif key.startswith("#"):
@@ -257,16 +277,17 @@ def tensors(stored, meta):
             if name in WHOLE_MODEL_ARRAYS:
                 scalar(stored, key, integer=False, finite=False)  # the norm of a skipped step is not
                 kinds[key] = "whole-model"
-            elif name.startswith("accumulated/") and name[len("accumulated/"):] in parameters:
+            elif name.startswith("accumulated/") and name[len("accumulated/") :] in parameters:
                 _float_array(stored, key)
                 kinds[key] = "accumulated"
-            elif name.startswith("carried/") and name[len("carried/"):].rpartition("/")[0] in rerouted:
+            elif name.startswith("carried/") and name[len("carried/") :].rpartition("/")[0] in rerouted:
                 _float_array(stored, key)
                 kinds[key] = "carried"
             else:
                 raise CheckpointError(
                     f"checkpoint tensor {key!r} is not whole-model state this treeopt knows (#grad_norm, "
-                    "#accumulated/<a parameter of the metadata>, #carried/<a rerouted parameter>/<slot>)")
+                    "#accumulated/<a parameter of the metadata>, #carried/<a rerouted parameter>/<slot>)"
+                )
         else:
             path, _, slot = key.rpartition("/")
             spec = parameters.get(path, {}).get("slots", {}).get(slot)
@@ -274,8 +295,10 @@ def tensors(stored, meta):
                 raise CheckpointError(f"checkpoint tensor {key!r} is not listed in the metadata's parameters")
             shape, dtype = _spec(stored, key)
             if shape != spec["shape"] or dtype != spec["dtype"]:
-                raise CheckpointError(f"checkpoint tensor {key!r} is stored as {dtype}{shape}, the metadata says "
-                                      f"{spec['dtype']}{spec['shape']}")
+                raise CheckpointError(
+                    f"checkpoint tensor {key!r} is stored as {dtype}{shape}, the metadata says "
+                    f"{spec['dtype']}{spec['shape']}"
+                )
             kinds[key] = "slot"
     for path, info in parameters.items():
         for slot in info["slots"]:
@@ -285,8 +308,9 @@ def tensors(stored, meta):
         first = next(iter(optimizers), None)
         key = f"@{first}/step"
         if first is not None and key in kinds and int(_value(stored, key)) != meta["step"]:
-            raise CheckpointError(f"checkpoint tensor {key!r} is {int(_value(stored, key))} but the metadata's "
-                                  f"'step' is {meta['step']}")
+            raise CheckpointError(
+                f"checkpoint tensor {key!r} is {int(_value(stored, key))} but the metadata's 'step' is {meta['step']}"
+            )
     return kinds
 
 

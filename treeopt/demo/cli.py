@@ -19,40 +19,68 @@ QUICK_STEPS = 100
 EVALUATIONS, QUICK_EVALUATIONS = 24, 10
 DEFAULT_OUT = "treeopt-demo"
 BATCH_SIZE, CONTEXT = 32, 64
-NAMES = {"AdamW": "AdamW (tuned)", "Muon everywhere": "Muon everywhere (naive)",
-         "muon_adamw": "muon_adamw (routed)"}
+NAMES = {"AdamW": "AdamW (tuned)", "Muon everywhere": "Muon everywhere (naive)", "muon_adamw": "muon_adamw (routed)"}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m treeopt.demo",
         description="Train a small byte-level GPT on Python's standard library three times, same seed and "
-                    "batches: tuned AdamW, Muon on every matrix (naive), and treeopt.muon_adamw (Muon on the "
-                    "hidden matrices, AdamW on the rest). `python -m treeopt.demo digits` runs the NumPy MLP.")
-    parser.add_argument("--steps", type=_positive, default=None,
-                        help=f"training steps of each run (default {DEFAULT_STEPS}, {QUICK_STEPS} with --quick)")
+        "batches: tuned AdamW, Muon on every matrix (naive), and treeopt.muon_adamw (Muon on the "
+        "hidden matrices, AdamW on the rest). `python -m treeopt.demo digits` runs the NumPy MLP.",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_positive,
+        default=None,
+        help=f"training steps of each run (default {DEFAULT_STEPS}, {QUICK_STEPS} with --quick)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="initial weights and batches (default 0)")
-    parser.add_argument("--out", default=DEFAULT_OUT,
-                        help=f"folder for loss.png and results.json (default ./{DEFAULT_OUT})")
-    parser.add_argument("--threads", type=_positive, default=1,
-                        help="torch threads (default 1: the model is small, and on a busy machine a second "
-                             "thread waiting for the first costs more than it saves)")
-    parser.add_argument("--jobs", type=_positive, default=1,
-                        help="runs trained at once, in separate processes (default 1: one after the other); "
-                             "on a busy machine this also gives the three runs the same conditions")
+    parser.add_argument(
+        "--out", default=DEFAULT_OUT, help=f"folder for loss.png and results.json (default ./{DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive,
+        default=1,
+        help="torch threads (default 1: the model is small, and on a busy machine a second "
+        "thread waiting for the first costs more than it saves)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_positive,
+        default=1,
+        help="runs trained at once, in separate processes (default 1: one after the other); "
+        "on a busy machine this also gives the three runs the same conditions",
+    )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run: under a minute")
-    parser.add_argument("--checkpoint", metavar="DIR", default=None,
-                        help="save each run's model, optimizer and curve in DIR when it ends (or stops), and "
-                             "resume from there when DIR holds them")
-    parser.add_argument("--stop-after", type=_positive, default=None, metavar="N",
-                        help="stop each run after step N (resume later with --checkpoint)")
-    parser.add_argument("--framework", default="torch", choices=["torch", "numpy", "jax", "mlx"],
-                        help="the model's library (default torch; the GPT is written for torch only)")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        default=None,
+        help="save each run's model, optimizer and curve in DIR when it ends (or stops), and "
+        "resume from there when DIR holds them",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="stop each run after step N (resume later with --checkpoint)",
+    )
+    parser.add_argument(
+        "--framework",
+        default="torch",
+        choices=["torch", "numpy", "jax", "mlx"],
+        help="the model's library (default torch; the GPT is written for torch only)",
+    )
     args = parser.parse_args(argv)
     if args.framework != "torch":
-        parser.error(f"the transformer is written in PyTorch only (--framework torch); for an example without "
-                     f"a framework run `python -m treeopt.demo digits`, and for {args.framework} see "
-                     f"examples/ and docs/getting-started.md")
+        parser.error(
+            f"the transformer is written in PyTorch only (--framework torch); for an example without "
+            f"a framework run `python -m treeopt.demo digits`, and for {args.framework} see "
+            f"examples/ and docs/getting-started.md"
+        )
     if args.steps is None:
         args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
     args.evaluations = QUICK_EVALUATIONS if args.quick else EVALUATIONS
@@ -82,8 +110,10 @@ def main(argv=None):
         import torch  # noqa: F401
         from rich.console import Console
     except ImportError as error:
-        raise SystemExit(f"the demo needs PyTorch, rich and matplotlib ({error}): "
-                         "pip install -e '.[demo]' (or `python -m treeopt.demo digits`, NumPy only)") from error
+        raise SystemExit(
+            f"the demo needs PyTorch, rich and matplotlib ({error}): "
+            "pip install -e '.[demo]' (or `python -m treeopt.demo digits`, NumPy only)"
+        ) from error
     console = Console()
     if not console.is_terminal:  # a log or a pipe: do not squeeze the tables into 80 columns
         console = Console(width=160)
@@ -102,16 +132,18 @@ def run(args, console):
     config = training_gpt.gpt.Config(context=CONTEXT)
     out = pathlib.Path(args.out)
     count = sum(p.numel() for p in training_gpt.build_model(args.seed, config).parameters())
-    console.print(f"[bold]treeopt demo[/]: routing Muon and AdamW in one optimizer, on a byte-level GPT\n"
-                  f"  model     {config.layers} layers, width {config.width}, {config.heads} heads, context "
-                  f"{config.context}: {count / 1e6:.2f}M parameters (PyTorch {torch.__version__}, "
-                  f"{args.threads} thread{'s' if args.threads > 1 else ''})\n"
-                  f"  data      Python's standard library source (shipped, PSF licence): {len(data.train):,} "
-                  f"training bytes, {data.val_inputs.numel():,} validation bytes from held-out modules\n"
-                  f"  training  {args.steps} steps of {BATCH_SIZE} x {CONTEXT} bytes, seed {args.seed}, the same "
-                  f"batches for every run; {hyper.warmup:.0%} warm-up then cosine to 0; gradient norm clipped "
-                  f"to {hyper.max_grad_norm:g}\n"
-                  f"  output    {out.resolve()}/loss.png and results.json")
+    console.print(
+        f"[bold]treeopt demo[/]: routing Muon and AdamW in one optimizer, on a byte-level GPT\n"
+        f"  model     {config.layers} layers, width {config.width}, {config.heads} heads, context "
+        f"{config.context}: {count / 1e6:.2f}M parameters (PyTorch {torch.__version__}, "
+        f"{args.threads} thread{'s' if args.threads > 1 else ''})\n"
+        f"  data      Python's standard library source (shipped, PSF licence): {len(data.train):,} "
+        f"training bytes, {data.val_inputs.numel():,} validation bytes from held-out modules\n"
+        f"  training  {args.steps} steps of {BATCH_SIZE} x {CONTEXT} bytes, seed {args.seed}, the same "
+        f"batches for every run; {hyper.warmup:.0%} warm-up then cosine to 0; gradient norm clipped "
+        f"to {hyper.max_grad_norm:g}\n"
+        f"  output    {out.resolve()}/loss.png and results.json"
+    )
 
     plans = {}
     for number, setup in enumerate(setups.SETUPS, 1):
@@ -125,22 +157,26 @@ def run(args, console):
             console.print(plans[setup])
         if setup == "Muon everywhere":
             moved = plans[setup].diff(_plan_of("muon_adamw", model, args.steps, hyper)).moved
-            console.print("  parameters that muon_adamw routes elsewhere: "
-                          + ", ".join(f"{path} ({here} -> {there})" for path, here, there in moved))
+            console.print(
+                "  parameters that muon_adamw routes elsewhere: "
+                + ", ".join(f"{path} ({here} -> {there})" for path, here, there in moved)
+            )
         for warning in caught:
             console.print(f"  [yellow]{type(warning.message).__name__}[/]: {warning.message}")
 
     console.print(f"\nTraining{' (' + str(args.jobs) + ' runs at once)' if args.jobs > 1 else ''}:")
     with _progress(console) as progress:
-        tasks = {setup: progress.add_task(NAMES[setup], total=args.steps, loss="-", speed="-")
-                 for setup in setups.SETUPS}
+        tasks = {
+            setup: progress.add_task(NAMES[setup], total=args.steps, loss="-", speed="-") for setup in setups.SETUPS
+        }
         if args.jobs == 1:
             runs = {setup: train_one(vars(args), setup, _Bar(progress, tasks[setup])) for setup in setups.SETUPS}
         else:
             runs = _train_in_processes(args, progress, tasks)
     if any(r is None for r in runs.values()):
-        console.print(f"\nStopped after step {args.stop_after}; run again with --checkpoint {args.checkpoint} "
-                      "to finish.")
+        console.print(
+            f"\nStopped after step {args.stop_after}; run again with --checkpoint {args.checkpoint} to finish."
+        )
         return None
 
     named = {NAMES[s]: r for s, r in runs.items()}
@@ -149,18 +185,32 @@ def run(args, console):
     report.table(target, summary, console)
     out.mkdir(parents=True, exist_ok=True)
     report.plot(named, target, out / "loss.png")
-    settings = {"steps": args.steps, "seed": args.seed, "threads": args.threads, "jobs": args.jobs,
-                "batch_size": BATCH_SIZE,
-                "context": CONTEXT, "model": dataclasses.asdict(config),
-                "parameters": count}
-    record = report.write_json(out / "results.json", settings=settings, hyper=hyper.to_dict(), target=target,
-                               summary=summary, runs=named, plan=plans["muon_adamw"].to_dict())
+    settings = {
+        "steps": args.steps,
+        "seed": args.seed,
+        "threads": args.threads,
+        "jobs": args.jobs,
+        "batch_size": BATCH_SIZE,
+        "context": CONTEXT,
+        "model": dataclasses.asdict(config),
+        "parameters": count,
+    }
+    record = report.write_json(
+        out / "results.json",
+        settings=settings,
+        hyper=hyper.to_dict(),
+        target=target,
+        summary=summary,
+        runs=named,
+        plan=plans["muon_adamw"].to_dict(),
+    )
     routed = summary[NAMES["muon_adamw"]]
     if routed["steps_to_target"] is not None:
-        console.print(f"muon_adamw reached tuned AdamW's final loss in {routed['steps_ratio']:.2f}x the steps "
-                      f"and {routed['seconds_ratio']:.2f}x the time.")
-    console.print(f"Wrote {out / 'loss.png'} and {out / 'results.json'}. "
-                  f"Total {time.perf_counter() - started:.0f} s.")
+        console.print(
+            f"muon_adamw reached tuned AdamW's final loss in {routed['steps_ratio']:.2f}x the steps "
+            f"and {routed['seconds_ratio']:.2f}x the time."
+        )
+    console.print(f"Wrote {out / 'loss.png'} and {out / 'results.json'}. Total {time.perf_counter() - started:.0f} s.")
     return record
 
 
@@ -175,9 +225,16 @@ def _plan_of(setup, model, steps, hyper):
 def _progress(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("  {task.description:<26}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tokens/s"),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    return Progress(
+        TextColumn("  {task.description:<26}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} tokens/s"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
 
 
 class _Bar:
@@ -217,9 +274,19 @@ def train_one(options, setup, report_step):
             report_step(step, loss, (step - start) * BATCH_SIZE * CONTEXT / max(elapsed - seconds[0], 1e-9))
 
     if start < stop:
-        curve, seconds = training_gpt.train(model, optimizer, data, steps, options["seed"], start=start, stop=stop,
-                                            curve=curve, seconds=seconds, on_step=on_step,
-                                            evaluations=options["evaluations"])
+        curve, seconds = training_gpt.train(
+            model,
+            optimizer,
+            data,
+            steps,
+            options["seed"],
+            start=start,
+            stop=stop,
+            curve=curve,
+            seconds=seconds,
+            on_step=on_step,
+            evaluations=options["evaluations"],
+        )
         if folder:
             checkpoints.save(folder, setup, model, optimizer, stop, curve, seconds)
     return {"curve": curve, "seconds": seconds} if stop == steps else None
@@ -243,8 +310,10 @@ def _train_in_processes(args, progress, tasks):
                 continue
             _Bar(progress, tasks[setup])(step, loss, speed)
         runs = {setup: f.result() for setup, f in futures.items()}
-    return {setup: None if r is None else {"curve": Curve(**r["curve"]), "seconds": tuple(r["seconds"])}
-            for setup, r in runs.items()}
+    return {
+        setup: None if r is None else {"curve": Curve(**r["curve"]), "seconds": tuple(r["seconds"])}
+        for setup, r in runs.items()
+    }
 
 
 def _run_in_process(options, setup, queue):

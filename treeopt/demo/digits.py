@@ -26,22 +26,41 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m treeopt.demo digits",
         description="Train a small NumPy MLP on the 8x8 handwritten digits with Muon + AdamW "
-                    "(a treeopt MultiOptimizer), then with plain AdamW, and compare.")
-    parser.add_argument("--steps", type=_positive, default=None,
-                        help=f"training steps of each run (default {DEFAULT_STEPS}, "
-                             f"{QUICK_STEPS} with --quick)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the split, the initial weights and the batch order (default 0)")
+        "(a treeopt MultiOptimizer), then with plain AdamW, and compare.",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_positive,
+        default=None,
+        help=f"training steps of each run (default {DEFAULT_STEPS}, {QUICK_STEPS} with --quick)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the split, the initial weights and the batch order (default 0)"
+    )
     parser.add_argument("--quick", action="store_true", help="a few steps only, for a smoke test")
-    parser.add_argument("--batch-size", type=_positive, default=BATCH_SIZE,
-                        help=f"examples per step (default {BATCH_SIZE})")
-    parser.add_argument("--log-every", type=_positive, default=None,
-                        help="print the loss every this many steps (default: 10 lines per run)")
-    parser.add_argument("--checkpoint", metavar="DIR", default=None,
-                        help="save each run's parameters and optimizer state in DIR at the end, and "
-                             "resume from there when DIR holds a checkpoint")
-    parser.add_argument("--stop-after", type=_positive, default=None, metavar="N",
-                        help="stop each run after step N (to resume later with --checkpoint)")
+    parser.add_argument(
+        "--batch-size", type=_positive, default=BATCH_SIZE, help=f"examples per step (default {BATCH_SIZE})"
+    )
+    parser.add_argument(
+        "--log-every",
+        type=_positive,
+        default=None,
+        help="print the loss every this many steps (default: 10 lines per run)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        default=None,
+        help="save each run's parameters and optimizer state in DIR at the end, and "
+        "resume from there when DIR holds a checkpoint",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="stop each run after step N (to resume later with --checkpoint)",
+    )
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
@@ -95,10 +114,14 @@ def _demo(args):
     print("treeopt demo: Muon + AdamW (one MultiOptimizer) vs plain AdamW, 8x8 handwritten digits")
     print(f"  data      {len(x_train)} train / {len(x_test)} test images, 64 pixels, 10 classes")
     print(f"  model     MLP {' -> '.join(map(str, sizes))}, GELU, {count:,} float32 parameters")
-    print(f"  backprop  finite-difference check (float64): max relative error {worst:.1e} "
-          f"{'ok' if worst < GRADIENT_TOLERANCE else 'MISMATCH'}")
-    print(f"  training  {args.steps} steps of {args.batch_size} examples, seed {args.seed}; linear warm-up "
-          f"then cosine decay to 10%; gradients clipped to norm {training.MAX_GRAD_NORM}")
+    print(
+        f"  backprop  finite-difference check (float64): max relative error {worst:.1e} "
+        f"{'ok' if worst < GRADIENT_TOLERANCE else 'MISMATCH'}"
+    )
+    print(
+        f"  training  {args.steps} steps of {args.batch_size} examples, seed {args.seed}; linear warm-up "
+        f"then cosine decay to 10%; gradients clipped to norm {training.MAX_GRAD_NORM}"
+    )
 
     setups = [("Muon + AdamW", training.muon_adamw), ("AdamW", training.adamw_only)]
     runs = {}
@@ -111,8 +134,18 @@ def _demo(args):
         start = resume(args.checkpoint, name, params, optimizer)
         print(f"\n[{number}/{len(setups)}] {name}" + (f" (resumed at step {start})" if start else ""))
         print(f"  {'step':>6}  {'batch loss':>10}  {'test acc':>9}  lr: {' / '.join(g.name for g in groups)}")
-        runs[name] = training.train(name, params, optimizer, data, args.steps, batch_size=args.batch_size,
-                                    seed=args.seed, log_every=args.log_every, start=start, stop=args.stop_after)
+        runs[name] = training.train(
+            name,
+            params,
+            optimizer,
+            data,
+            args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            log_every=args.log_every,
+            start=start,
+            stop=args.stop_after,
+        )
         if args.checkpoint:
             save(args.checkpoint, name, params, optimizer)
     print_comparison(list(runs.values()))
@@ -168,8 +201,10 @@ def print_comparison(runs):
     width = max(len(r.name) for r in runs)
     print(f"  {'run':<{width}}  {'train loss':>10}  {'test loss':>9}  {'test acc':>8}  {'time':>7}")
     for r in runs:
-        print(f"  {r.name:<{width}}  {r.train_loss:10.5f}  {r.test_loss:9.4f}  "
-              f"{100 * r.test_accuracy:7.1f}%  {r.seconds:6.2f}s")
+        print(
+            f"  {r.name:<{width}}  {r.train_loss:10.5f}  {r.test_loss:9.4f}  "
+            f"{100 * r.test_accuracy:7.1f}%  {r.seconds:6.2f}s"
+        )
     print("  (train loss: on the whole training set after the last step; time: the training steps;")
     print(f"   one test image is {100 / runs[0].test_size:.2f}% of the test accuracy)")
     print(f"  lower train loss:     {_winner(runs, lambda r: r.train_loss)}")

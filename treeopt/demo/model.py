@@ -38,13 +38,13 @@ def init_mlp(sizes=DEFAULT_SIZES, seed=0, dtype=np.float32):
 
     def linear(n_in, n_out):
         scale = 1.0 / math.sqrt(n_in)
-        return {"weight": rng.uniform(-scale, scale, (n_out, n_in)).astype(dtype),
-                "bias": rng.uniform(-scale, scale, (n_out,)).astype(dtype)}
+        return {
+            "weight": rng.uniform(-scale, scale, (n_out, n_in)).astype(dtype),
+            "bias": rng.uniform(-scale, scale, (n_out,)).astype(dtype),
+        }
 
     pairs = list(zip(sizes[:-1], sizes[1:]))
-    return {"embed": linear(*pairs[0]),
-            "layers": [linear(*pair) for pair in pairs[1:-1]],
-            "head": linear(*pairs[-1])}
+    return {"embed": linear(*pairs[0]), "layers": [linear(*pair) for pair in pairs[1:-1]], "head": linear(*pairs[-1])}
 
 
 def linear_layers(params):

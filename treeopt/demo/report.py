@@ -39,23 +39,37 @@ def summarise(runs, steps):
 def table(target, summary, console):
     from rich.table import Table
 
-    grid = Table(title=f"Target: tuned AdamW's final validation loss, {target:.4f} nats/byte",
-                 title_justify="left")
-    for column in ("run", "final val loss", "steps to target", "x AdamW", "time to target", "x AdamW",
-                   "CPU x AdamW", "ms / step", "training time"):
+    grid = Table(title=f"Target: tuned AdamW's final validation loss, {target:.4f} nats/byte", title_justify="left")
+    for column in (
+        "run",
+        "final val loss",
+        "steps to target",
+        "x AdamW",
+        "time to target",
+        "x AdamW",
+        "CPU x AdamW",
+        "ms / step",
+        "training time",
+    ):
         grid.add_column(column, justify="left" if column == "run" else "right", no_wrap=column == "run")
     for name, s in summary.items():
         reached = s["steps_to_target"] is not None
-        grid.add_row(name, f"{s['final_val_loss']:.4f}",
-                     f"{s['steps_to_target']:.0f}" if reached else "not reached",
-                     f"{s['steps_ratio']:.2f}" if reached else "-",
-                     f"{s['seconds_to_target']:.1f} s" if reached else "-",
-                     f"{s['seconds_ratio']:.2f}" if reached else "-",
-                     f"{s['cpu_seconds_ratio']:.2f}" if reached else "-",
-                     f"{s['ms_per_step']:.0f}", f"{s['train_seconds']:.1f} s")
+        grid.add_row(
+            name,
+            f"{s['final_val_loss']:.4f}",
+            f"{s['steps_to_target']:.0f}" if reached else "not reached",
+            f"{s['steps_ratio']:.2f}" if reached else "-",
+            f"{s['seconds_to_target']:.1f} s" if reached else "-",
+            f"{s['seconds_ratio']:.2f}" if reached else "-",
+            f"{s['cpu_seconds_ratio']:.2f}" if reached else "-",
+            f"{s['ms_per_step']:.0f}",
+            f"{s['train_seconds']:.1f} s",
+        )
     console.print(grid)
-    console.print("  time: wall seconds of the training steps (evaluations excluded); CPU: this process's CPU "
-                  "seconds, which other work on the machine disturbs less")
+    console.print(
+        "  time: wall seconds of the training steps (evaluations excluded); CPU: this process's CPU "
+        "seconds, which other work on the machine disturbs less"
+    )
 
 
 def plot(runs, target, path):
@@ -79,8 +93,9 @@ def plot(runs, target, path):
     highest = max(max(r["curve"].val_loss) for r in runs.values())
     bottom = lowest - 0.1  # the start (a uniform guess, 5.5) is off the top: the end is what differs
     by_step.set_ylim(bottom=bottom, top=max(bottom + 0.5, min(highest, target + 1.5)))
-    by_step.annotate("tuned AdamW's final loss", (0, target), xytext=(4, 4), textcoords="offset points",
-                     fontsize=8, color="grey")
+    by_step.annotate(
+        "tuned AdamW's final loss", (0, target), xytext=(4, 4), textcoords="offset points", fontsize=8, color="grey"
+    )
     by_time.legend()
     figure.suptitle("Byte-level GPT on the Python standard library: one seed, the same batches")
     figure.tight_layout()
@@ -94,9 +109,16 @@ def versions():
 
     import treeopt
 
-    return {"python": sys.version.split()[0], "treeopt": getattr(treeopt, "__version__", None),
-            "torch": torch.__version__, "numpy": numpy.__version__, "platform": platform.platform(),
-            "processor": _processor(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    return {
+        "python": sys.version.split()[0],
+        "treeopt": getattr(treeopt, "__version__", None),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "processor": _processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _processor():
@@ -112,13 +134,23 @@ def _processor():
 
 def write_json(path, *, settings, hyper, target, summary, runs, plan):
     record = {
-        "settings": settings, "hyperparameters": hyper, "versions": versions(),
+        "settings": settings,
+        "hyperparameters": hyper,
+        "versions": versions(),
         "target_val_loss": target,
-        "runs": {name: {**summary[name], "curve": {"step": run["curve"].steps, "seconds": run["curve"].seconds,
-                                                   "cpu_seconds": run["curve"].cpu_seconds,
-                                                   "val_loss": run["curve"].val_loss,
-                                                   "train_loss": [_finite(x) for x in run["curve"].train_loss]}}
-                 for name, run in runs.items()},
+        "runs": {
+            name: {
+                **summary[name],
+                "curve": {
+                    "step": run["curve"].steps,
+                    "seconds": run["curve"].seconds,
+                    "cpu_seconds": run["curve"].cpu_seconds,
+                    "val_loss": run["curve"].val_loss,
+                    "train_loss": [_finite(x) for x in run["curve"].train_loss],
+                },
+            }
+            for name, run in runs.items()
+        },
         "plan": plan,
     }
     with open(path, "w") as f:

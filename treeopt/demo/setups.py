@@ -47,7 +47,8 @@ def lr_multiplier(steps, warmup):
     """Linear warm-up from 0 to 1 over ``warmup * steps`` steps, then half a cosine to 0."""
     warm = max(1, round(warmup * steps))
     return optim.join_schedules(
-        [optim.linear_schedule(0.0, 1.0, warm), optim.cosine_decay(1.0, max(1, steps - warm))], [warm])
+        [optim.linear_schedule(0.0, 1.0, warm), optim.cosine_decay(1.0, max(1, steps - warm))], [warm]
+    )
 
 
 def make(setup, model, steps, hyper=Hyper()):
@@ -66,18 +67,32 @@ def routing(setup, steps, hyper=Hyper()):
     common = {"lr_schedule": lr_multiplier(steps, hyper.warmup), "max_grad_norm": hyper.max_grad_norm}
     if setup == "AdamW":
         optimizer = optim.MultiOptimizer(
-            [optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=hyper.weight_decay, bias_correction=True),
-             optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
-            [ndim(min=2)], names=["adamw", "adamw_no_decay"], **common)
+            [
+                optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=hyper.weight_decay, bias_correction=True),
+                optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True),
+            ],
+            [ndim(min=2)],
+            names=["adamw", "adamw_no_decay"],
+            **common,
+        )
     elif setup == "Muon everywhere":
         # the same Muon as muon_adamw's (torch weights are (out, in)), given every matrix
         muon = optim.muon_adamw(muon_lr=hyper.muon_lr, weight_decay=hyper.weight_decay, layout="out_in").optimizers[0]
         optimizer = optim.MultiOptimizer(
             [muon, optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
-            [ndim(min=2)], names=["muon", "adamw_no_decay"], **common)
+            [ndim(min=2)],
+            names=["muon", "adamw_no_decay"],
+            **common,
+        )
     elif setup == "muon_adamw":
-        optimizer = optim.muon_adamw(muon_lr=hyper.muon_lr, adamw_lr=hyper.adamw_lr, betas=betas,
-                                     weight_decay=hyper.weight_decay, layout="out_in", **common)
+        optimizer = optim.muon_adamw(
+            muon_lr=hyper.muon_lr,
+            adamw_lr=hyper.adamw_lr,
+            betas=betas,
+            weight_decay=hyper.weight_decay,
+            layout="out_in",
+            **common,
+        )
     else:
         raise ValueError(f"unknown set-up {setup!r}: expected one of {SETUPS}")
     return optimizer

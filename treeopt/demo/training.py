@@ -31,9 +31,12 @@ def warmup_cosine(peak, steps, warmup_fraction=0.1, end_fraction=0.1):
     then half a cosine down to ``end_fraction * peak`` at the end of training."""
     warmup = max(1, round(steps * warmup_fraction))
     return optim.join_schedules(
-        [optim.linear_schedule(0.0, peak, warmup),
-         optim.cosine_decay(peak, max(1, steps - warmup), end=peak * end_fraction)],
-        [warmup])
+        [
+            optim.linear_schedule(0.0, peak, warmup),
+            optim.cosine_decay(peak, max(1, steps - warmup), end=peak * end_fraction),
+        ],
+        [warmup],
+    )
 
 
 def is_hidden_matrix(path, param):
@@ -63,15 +66,21 @@ def muon_adamw(steps):
         ``(optimizer, groups)``: Muon for the hidden matrices, AdamW without weight decay
         for the biases, and AdamW for the rest (the input layer and the head).
     """
-    groups = [Group("Muon", MUON_LR, WEIGHT_DECAY),
-              Group("AdamW (no decay)", ADAMW_LR, 0.0),
-              Group("AdamW", ADAMW_LR, WEIGHT_DECAY)]
+    groups = [
+        Group("Muon", MUON_LR, WEIGHT_DECAY),
+        Group("AdamW (no decay)", ADAMW_LR, 0.0),
+        Group("AdamW", ADAMW_LR, WEIGHT_DECAY),
+    ]
     muon, bias_adamw, adamw = (warmup_cosine(g.peak_lr, steps) for g in groups)
     optimizer = optim.MultiOptimizer(
-        [optim.Muon(muon, weight_decay=groups[0].weight_decay),
-         optim.AdamW(bias_adamw, weight_decay=groups[1].weight_decay),
-         optim.AdamW(adamw, weight_decay=groups[2].weight_decay)],
-        [is_hidden_matrix, is_bias], names=[g.name for g in groups])
+        [
+            optim.Muon(muon, weight_decay=groups[0].weight_decay),
+            optim.AdamW(bias_adamw, weight_decay=groups[1].weight_decay),
+            optim.AdamW(adamw, weight_decay=groups[2].weight_decay),
+        ],
+        [is_hidden_matrix, is_bias],
+        names=[g.name for g in groups],
+    )
     return optimizer, groups
 
 
@@ -98,7 +107,7 @@ def batches(n, batch_size, rng):
     while True:
         order = rng.permutation(n)
         for start in range(0, n - batch_size + 1, batch_size):
-            yield order[start:start + batch_size]
+            yield order[start : start + batch_size]
 
 
 @dataclass

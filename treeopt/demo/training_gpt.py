@@ -54,8 +54,9 @@ class Data:
         self.context, self.batch_size = context, batch_size
         self.train = torch.from_numpy(train.astype(np.int64))
         starts = text.validation_starts(len(validation), context, validation_sequences)
-        windows = torch.from_numpy(validation.astype(np.int64))[torch.from_numpy(starts)[:, None] +
-                                                                 torch.arange(context + 1)]
+        windows = torch.from_numpy(validation.astype(np.int64))[
+            torch.from_numpy(starts)[:, None] + torch.arange(context + 1)
+        ]
         self.val_inputs, self.val_targets = windows[:, :-1], windows[:, 1:]
 
     def batch(self, starts):
@@ -69,8 +70,10 @@ class Data:
 
 @torch.no_grad()
 def validation_loss(model, data, chunk=64):
-    losses = [model.loss(data.val_inputs[i:i + chunk], data.val_targets[i:i + chunk]).item()
-              for i in range(0, len(data.val_inputs), chunk)]
+    losses = [
+        model.loss(data.val_inputs[i : i + chunk], data.val_targets[i : i + chunk]).item()
+        for i in range(0, len(data.val_inputs), chunk)
+    ]
     return float(np.mean(losses))
 
 
@@ -80,8 +83,20 @@ def evaluation_steps(steps, evaluations=24):
     return sorted(set(range(0, steps, every)) | {steps})
 
 
-def train(model, optimizer, data, steps, seed, *, start=0, stop=None, curve=None, seconds=(0.0, 0.0),
-          on_step=None, evaluations=24):
+def train(
+    model,
+    optimizer,
+    data,
+    steps,
+    seed,
+    *,
+    start=0,
+    stop=None,
+    curve=None,
+    seconds=(0.0, 0.0),
+    on_step=None,
+    evaluations=24,
+):
     """Train ``model`` (a :class:`gpt.GPT`) in place with ``optimizer`` (a
     :class:`treeopt.torch.Optimizer` of it) for steps ``start + 1 .. stop`` of ``steps``.
 

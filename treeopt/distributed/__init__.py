@@ -29,15 +29,19 @@ def attach(adapter, sharding=None, process_group=None, model=None):
 
     if running and any(is_sharded(p) for p in adapter._trainable().values()):
         if sharding == "zero1":
-            raise ValueError("the parameters are already sharded (FSDP2 DTensors): leave sharding=None; "
-                             "their state is sharded like them")
+            raise ValueError(
+                "the parameters are already sharded (FSDP2 DTensors): leave sharding=None; "
+                "their state is sharded like them"
+            )
         from treeopt.distributed.fsdp import FullyShardedStep
 
         return FullyShardedStep(adapter.optimizer, adapter._trainable(), model=model)
     if sharding == "zero1":
         if not running:
-            raise RuntimeError("sharding='zero1' needs torch.distributed: call "
-                               "torch.distributed.init_process_group first (torchrun sets it up)")
+            raise RuntimeError(
+                "sharding='zero1' needs torch.distributed: call "
+                "torch.distributed.init_process_group first (torchrun sets it up)"
+            )
         from treeopt.distributed.zero1 import Zero1
 
         return Zero1(adapter.optimizer, adapter._trainable(), group=process_group, model=model)

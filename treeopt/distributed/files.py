@@ -78,15 +78,26 @@ def inspect(folder):
                 offsets = info.get(key, {}).get("saved_offsets", [0] * len(shape))
                 pieces.setdefault(key, []).append((offsets, shape))
     problems = []
-    groups = {o["name"]: {"type": o["type"], "parameters": 0, "elements": 0, "bytes": 0, "learning_rate": None,
-                          "hyperparameters": o["hyperparameters"]} for o in metadata["optimizers"]}
+    groups = {
+        o["name"]: {
+            "type": o["type"],
+            "parameters": 0,
+            "elements": 0,
+            "bytes": 0,
+            "learning_rate": None,
+            "hyperparameters": o["hyperparameters"],
+        }
+        for o in metadata["optimizers"]
+    }
     for path_, entry in metadata["parameters"].items():
         group = groups.get(entry["owner"])
         if group is not None:
             group["parameters"] += 1
             shapes = [spec["shape"] for spec in entry["slots"].values()]
             group["elements"] += math.prod(max(shapes, key=math.prod)) if shapes else 0
-            group["bytes"] += sum(math.prod(spec["shape"]) * _itemsize(spec["dtype"]) for spec in entry["slots"].values())
+            group["bytes"] += sum(
+                math.prod(spec["shape"]) * _itemsize(spec["dtype"]) for spec in entry["slots"].values()
+            )
         for slot, spec in entry["slots"].items():
             key = f"{path_}/{slot}"
             if key not in pieces:
@@ -101,8 +112,14 @@ def inspect(folder):
                 position = max(position, stop)
             if position != rows:
                 problems.append(f"{key}: rows cover {position} of {rows}")
-    summary = {"folder": str(folder), "files": len(files), "saved_world_size": metadata.get("world_size"),
-               "step": metadata.get("step"), "groups": groups, "tensors": len(pieces)}
+    summary = {
+        "folder": str(folder),
+        "files": len(files),
+        "saved_world_size": metadata.get("world_size"),
+        "step": metadata.get("step"),
+        "groups": groups,
+        "tensors": len(pieces),
+    }
     return summary, problems
 
 

@@ -41,7 +41,9 @@ def _check_placement(name, param):
         raise ParameterError(
             f"treeopt: parameter {name!r} is a DTensor with placements {placements} on a {param.device_mesh.ndim}-D "
             "mesh; treeopt supports Shard(0) on a 1-D mesh (fully_shard's default; for HSDP pass the shard "
-            "sub-mesh)", name)
+            "sub-mesh)",
+            name,
+        )
 
 
 class FullyShardedStep:
@@ -58,13 +60,16 @@ class FullyShardedStep:
         first = next(iter(sharded.values()))
         self.mesh = first.device_mesh
         if len(meshes) > 1 and len({p.device_mesh.get_group() for p in sharded.values()}) > 1:
-            raise ParameterError("treeopt: the parameters are sharded over different meshes; one mesh is supported",
-                                 next(iter(sharded)))
+            raise ParameterError(
+                "treeopt: the parameters are sharded over different meshes; one mesh is supported", next(iter(sharded))
+            )
         self.comm = Collectives(self.mesh.get_group(), first.to_local().device)
         options = getattr(optimizer, "whole_model", None)
         if options is not None and options.accumulating:
-            raise NotImplementedError("treeopt: accumulate=... with FSDP2 parameters is not supported; "
-                                      "accumulate in the training loop (no_sync / several backward passes)")
+            raise NotImplementedError(
+                "treeopt: accumulate=... with FSDP2 parameters is not supported; "
+                "accumulate in the training loop (no_sync / several backward passes)"
+            )
         with torch.no_grad():
             self.routes = optimizer.assign_routes(self.parameters)
         self.local = {}
@@ -78,18 +83,26 @@ class FullyShardedStep:
             if is_sharded(param) and not muon and (rule is None or not rule.elementwise):
                 raise ParameterError(
                     f"treeopt: {type(owner).__name__} needs whole matrices but {name!r} is sharded (FSDP2); route it "
-                    "to an elementwise optimizer (AdamW...) or Muon", name)
+                    "to an elementwise optimizer (AdamW...) or Muon",
+                    name,
+                )
             local = param.to_local() if is_sharded(param) else param
             if is_sharded(param):
                 start, stop = _ownership.row_range(param.shape[0], self.comm.world, self.comm.rank)
                 if local.shape[0] != stop - start:
-                    raise ParameterError(f"treeopt: {name!r} holds {local.shape[0]} rows on rank {self.comm.rank}, "
-                                         f"expected {stop - start} (torch.chunk's split)", name)
+                    raise ParameterError(
+                        f"treeopt: {name!r} holds {local.shape[0]} rows on rank {self.comm.rank}, "
+                        f"expected {stop - start} (torch.chunk's split)",
+                        name,
+                    )
             self.local[name] = local
             if muon and param.ndim >= 2:
                 shape = tuple(param.shape)
-                entries.append(_ownership.Entry(name, shape, _ownership.ORTH, 0, 0,
-                                                _ownership.newton_schulz_flops(shape, owner.ns_steps)))
+                entries.append(
+                    _ownership.Entry(
+                        name, shape, _ownership.ORTH, 0, 0, _ownership.newton_schulz_flops(shape, owner.ns_steps)
+                    )
+                )
         self.matrices = [e.name for e in entries]  # Muon matrices, gathered to owners
         self.ownership = _ownership.assign(entries, self.comm.world)
         self._checked = False
@@ -105,11 +118,14 @@ class FullyShardedStep:
         if not self._checked:
             self._checked = True
             check_current(self.model, self.parameters)
-        grads = {n: (g.to_local() if g is not None and is_sharded(g) else g) for n, g in gradients.items()
-                 if n in self.local}
+        grads = {
+            n: (g.to_local() if g is not None and is_sharded(g) else g) for n, g in gradients.items() if n in self.local
+        }
         if all(g is None for g in grads.values()):
-            raise RuntimeError("treeopt: no parameter has a gradient. Was the optimizer built before fully_shard? "
-                               "Build treeopt.torch.Optimizer after fully_shard(model)")
+            raise RuntimeError(
+                "treeopt: no parameter has a gradient. Was the optimizer built before fully_shard? "
+                "Build treeopt.torch.Optimizer after fully_shard(model)"
+            )
         options = getattr(self.optimizer, "whole_model", None)
         shared = None
         if options is not None and (options.max_grad_norm is not None or options.skip_nonfinite):
@@ -163,8 +179,12 @@ class FullyShardedStep:
                     directions[name] = direction
                 updates = self._orthogonalize_on_owners(group, directions, coefficients, muon_orthogonalize)
                 for name in group:  # the rate depends on the global shape: every rank computes it alike
-                    rate = scaled_lr(coefficients["lr"], tuple(self.parameters[name].shape), coefficients["layout"],
-                                     coefficients["adjust_lr"])
+                    rate = scaled_lr(
+                        coefficients["lr"],
+                        tuple(self.parameters[name].shape),
+                        coefficients["layout"],
+                        coefficients["adjust_lr"],
+                    )
                     self.local[name].copy_(muon_apply(self.local[name], updates[name], rate, coefficients["keep"]))
 
     def _orthogonalize_on_owners(self, names, directions, coefficients, orthogonalize):
@@ -191,14 +211,14 @@ class FullyShardedStep:
         offset = 0
         for r in range(world):
             for n in mine:
-                parts[n].append(gathered[offset:offset + size(n, r)])
+                parts[n].append(gathered[offset : offset + size(n, r)])
                 offset += size(n, r)
         results = {}
         for n in mine:
             full = torch.cat(parts[n]).reshape(self.parameters[n].shape)
             results[n], _ = orthogonalize(full, **coefficients)
         # back: to each rank its rows of my matrices
-        back = [results[n][rows[n][d][0]:rows[n][d][1]].reshape(-1) for d in range(world) for n in mine]
+        back = [results[n][rows[n][d][0] : rows[n][d][1]].reshape(-1) for d in range(world) for n in mine]
         back_sizes = [sum(size(n, d) for n in mine) for d in range(world)]
         returned = torch.empty(sum(send_sizes), dtype=first.dtype, device=first.device)
         self.comm.all_to_all(returned, _cat(back, first), send_sizes, back_sizes)
@@ -206,7 +226,7 @@ class FullyShardedStep:
         for d in range(world):
             for n in names:
                 if owner[n] == d:
-                    updates[n] = returned[offset:offset + size(n, rank)].reshape(self.local[n].shape)
+                    updates[n] = returned[offset : offset + size(n, rank)].reshape(self.local[n].shape)
                     offset += size(n, rank)
         return updates
 
@@ -227,8 +247,9 @@ class FullyShardedStep:
         from torch.distributed.tensor import DTensor
 
         param = self.parameters[name]
-        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                                  shape=param.shape, stride=param.stride())
+        return DTensor.from_local(
+            local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
 
     def load_state_dict(self, state_dict, strict=True):
         from treeopt import checkpoint
@@ -236,12 +257,15 @@ class FullyShardedStep:
         from treeopt.distributed.state import agreed, decode, local_metadata
 
         metadata = agreed(self.comm, "checkpoint metadata being loaded", decode(state_dict["metadata"]))
-        rows = {n: (_ownership.row_range(p.shape[0], self.comm.world, self.comm.rank) if is_sharded(p) else None)
-                for n, p in self.parameters.items()}
+        rows = {
+            n: (_ownership.row_range(p.shape[0], self.comm.world, self.comm.rank) if is_sharded(p) else None)
+            for n, p in self.parameters.items()
+        }
         with torch.no_grad():
             self.init()
-            return checkpoint.from_flat(self.optimizer, _local_tensors(state_dict["tensors"]),
-                                        local_metadata(metadata, rows), strict=strict)
+            return checkpoint.from_flat(
+                self.optimizer, _local_tensors(state_dict["tensors"]), local_metadata(metadata, rows), strict=strict
+            )
 
 
 def _cat(pieces, like):
@@ -264,4 +288,5 @@ def check_current(model, parameters):
     if stale:
         raise RuntimeError(
             f"treeopt: the model no longer holds the parameters the optimizer was built with ({stale[0]!r}...): "
-            "was it built before fully_shard? Build treeopt.torch.Optimizer after fully_shard(model)")
+            "was it built before fully_shard? Build treeopt.torch.Optimizer after fully_shard(model)"
+        )

@@ -79,22 +79,28 @@ class Ownership:
 
     def owned(self, rank):
         """Names ``rank`` updates (whole or some rows), in plan order."""
-        return [n for n in self.entries if self.owner[n] == rank or (self.split(n) and self.rows(n, rank)[1] >
-                                                                     self.rows(n, rank)[0])]
+        return [
+            n
+            for n in self.entries
+            if self.owner[n] == rank or (self.split(n) and self.rows(n, rank)[1] > self.rows(n, rank)[0])
+        ]
 
     def imbalance(self):
         """``(state max/mean, Newton-Schulz FLOPs max/mean)``; 1.0 is perfect."""
+
         def ratio(values):
             mean = sum(values) / len(values)
             return max(values) / mean if mean else 1.0
+
         return ratio(self.state_bytes), ratio(self.flops)
 
     def fingerprint(self):
         """A short string equal on two ranks exactly when their plans are equal."""
         import hashlib
 
-        text = repr(sorted((n, str(o), tuple(self.entries[n].shape), self.entries[n].kind)
-                           for n, o in self.owner.items()))
+        text = repr(
+            sorted((n, str(o), tuple(self.entries[n].shape), self.entries[n].kind) for n, o in self.owner.items())
+        )
         return hashlib.sha256(f"{self.world}:{text}".encode()).hexdigest()[:16]
 
 

@@ -44,8 +44,9 @@ class Replicated:
 
         with torch.no_grad():
             self.init()
-            return checkpoint.from_flat(self.optimizer, _local_tensors(state_dict["tensors"]),
-                                        decode(state_dict["metadata"]), strict=strict)
+            return checkpoint.from_flat(
+                self.optimizer, _local_tensors(state_dict["tensors"]), decode(state_dict["metadata"]), strict=strict
+            )
 
 
 def _local_tensors(tensors):
@@ -57,5 +58,4 @@ def _routes_and_step(optimizer, parameters):
 
     routes = optimizer.assign_routes(parameters)
     names = {id(o): n for n, _, o in optimizer.named_stateful()}
-    return {"routes": {n: names.get(id(o)) for n, o in routes.items()},
-            "step": int(numpy_scalar(optimizer.step))}
+    return {"routes": {n: names.get(id(o)) for n, o in routes.items()}, "step": int(numpy_scalar(optimizer.step))}

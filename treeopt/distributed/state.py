@@ -44,7 +44,8 @@ def agreed(comm, what, value):
     if differing:
         raise RuntimeError(
             f"treeopt: ranks disagree on the {what}: rank {comm.rank} differs from rank(s) {differing}. "
-            "Every rank must build the same model, routes and optimizer, and take the same steps")
+            "Every rank must build the same model, routes and optimizer, and take the same steps"
+        )
     return value
 
 
@@ -52,7 +53,7 @@ def split_key(key):
     """``(parameter path, slot)`` of a ``"{path}/{slot}"`` key, ``(path, None)`` for an
     accumulation buffer ``"#accumulated/{path}"``, ``None`` for anything else."""
     if key.startswith("#accumulated/"):
-        return key[len("#accumulated/"):], None
+        return key[len("#accumulated/") :], None
     if key.startswith(("@", "#")) or "/" not in key:
         return None
     path, slot = key.rsplit("/", 1)
@@ -68,8 +69,10 @@ def global_metadata(comm, local_metadata, split_rows):
     for rank, other in enumerate(common):
         if fingerprint(other) != fingerprint(common[0]):
             differs = sorted(k for k in set(other) | set(common[0]) if other.get(k) != common[0].get(k))
-            raise RuntimeError(f"treeopt: rank {rank} and rank 0 disagree on the checkpoint's {differs}: "
-                               "every rank must take the same steps with the same optimizer")
+            raise RuntimeError(
+                f"treeopt: rank {rank} and rank 0 disagree on the checkpoint's {differs}: "
+                "every rank must take the same steps with the same optimizer"
+            )
     merged = dict(common[0])
     parameters = {}
     for name in gathered[0]["parameters"]:
@@ -77,8 +80,9 @@ def global_metadata(comm, local_metadata, split_rows):
         with_slots = [e for e in entries if e and e["slots"]]
         chosen = dict(with_slots[0] if with_slots else entries[0])
         if name in split_rows:
-            chosen["slots"] = {s: dict(spec, shape=[split_rows[name]] + spec["shape"][1:])
-                               for s, spec in chosen["slots"].items()}
+            chosen["slots"] = {
+                s: dict(spec, shape=[split_rows[name]] + spec["shape"][1:]) for s, spec in chosen["slots"].items()
+            }
         parameters[name] = chosen
     merged["parameters"] = parameters
     return merged
@@ -96,7 +100,9 @@ def local_metadata(metadata, rows):
             continue
         if rows[name] is not None:
             start, stop = rows[name]
-            entry = dict(entry, slots={s: dict(spec, shape=[stop - start] + spec["shape"][1:])
-                                       for s, spec in entry["slots"].items()})
+            entry = dict(
+                entry,
+                slots={s: dict(spec, shape=[stop - start] + spec["shape"][1:]) for s, spec in entry["slots"].items()},
+            )
         parameters[name] = entry
     return dict(metadata, parameters=parameters)

@@ -57,11 +57,11 @@ def _copy_range(segments, start, stop, buffer, pack):
         lo, hi = max(start, offset), min(stop, offset + segment.numel)
         if lo < hi:
             flat = segment.view.reshape(-1)
-            part = buffer[lo - start:hi - start]
+            part = buffer[lo - start : hi - start]
             if pack:
-                part.copy_(flat[lo - offset:hi - offset])
+                part.copy_(flat[lo - offset : hi - offset])
             else:
-                flat[lo - offset:hi - offset].copy_(part)
+                flat[lo - offset : hi - offset].copy_(part)
         offset += segment.numel
         if offset >= stop:
             break
@@ -78,8 +78,7 @@ class Zero1:
         bucket_bytes: the most each rank sends per collective.
     """
 
-    def __init__(self, optimizer, parameters, group=None, split_fraction=0.125, bucket_bytes=BUCKET_BYTES,
-                 model=None):
+    def __init__(self, optimizer, parameters, group=None, split_fraction=0.125, bucket_bytes=BUCKET_BYTES, model=None):
         self.optimizer, self.model, self._checked = optimizer, model, False
         self.parameters = dict(parameters)
         self.comm = Collectives(group, next(iter(self.parameters.values())).device)
@@ -113,7 +112,8 @@ class Zero1:
                 raise RuntimeError(
                     f"treeopt ZeRO-1: rank {rank} plans differently from rank {self.comm.rank} "
                     f"(parameters, shapes or routes differ{': ' + str(diff) if diff else ''}); "
-                    "every rank must build the same model and the same optimizer")
+                    "every rank must build the same model and the same optimizer"
+                )
 
     def _route_names(self):
         names = {id(o): n for n, _, o in self.optimizer.named_stateful()}
@@ -130,8 +130,10 @@ class Zero1:
                 view = param if self.ownership.owner[name] == rank else param[start:stop]
                 per_rank = layout.setdefault(param.dtype, [[] for _ in range(self.comm.world)])
                 per_rank[rank].append(_Segment(name, view))
-        return {dtype: (per_rank, max(sum(s.numel for s in segs) for segs in per_rank))
-                for dtype, per_rank in layout.items()}
+        return {
+            dtype: (per_rank, max(sum(s.numel for s in segs) for segs in per_rank))
+            for dtype, per_rank in layout.items()
+        }
 
     def step(self, gradients):
         """One step: ``gradients`` maps every parameter name to its full averaged gradient
@@ -198,15 +200,18 @@ class Zero1:
                 self.comm.all_gather(received, send)
                 for other in range(world):
                     if other != rank:
-                        _copy_range(per_rank[other], start, stop, received[other * chunk:(other + 1) * chunk],
-                                    pack=False)
+                        _copy_range(
+                            per_rank[other], start, stop, received[other * chunk : (other + 1) * chunk], pack=False
+                        )
 
     # ------------------------------------------------------------------ numbers for plans and benchmarks
     def totals(self):
         """Per rank: state bytes, Newton-Schulz FLOPs per step, parameter bytes it sends."""
         o = self.ownership
-        return [{"rank": r, "state_bytes": o.state_bytes[r], "ns_flops": o.flops[r], "param_bytes": o.param_bytes[r]}
-                for r in range(o.world)]
+        return [
+            {"rank": r, "state_bytes": o.state_bytes[r], "ns_flops": o.flops[r], "param_bytes": o.param_bytes[r]}
+            for r in range(o.world)
+        ]
 
     def plan(self):
         """The routing plan with an owner column and per-rank totals (see :func:`plan`)."""
@@ -252,7 +257,7 @@ class Zero1:
 
         rows = self.ownership.entries[name].shape[0]
         shape = (rows, *local.shape[1:])
-        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
         return DTensor.from_local(local, self._mesh(), [Shard(0)], run_check=False, shape=shape, stride=stride)
 
     def load_state_dict(self, state_dict, strict=True):
@@ -265,8 +270,12 @@ class Zero1:
         metadata = agreed(self.comm, "checkpoint metadata being loaded", decode(state_dict["metadata"]))
         with torch.no_grad():
             self.init()
-            report = checkpoint.from_flat(self.optimizer, _local_tensors(state_dict["tensors"]),
-                                          local_metadata(metadata, self._rows()), strict=strict)
+            report = checkpoint.from_flat(
+                self.optimizer,
+                _local_tensors(state_dict["tensors"]),
+                local_metadata(metadata, self._rows()),
+                strict=strict,
+            )
         return report
 
 
@@ -286,10 +295,23 @@ def plan(zero1):
 
     o = zero1.ownership
     result = build(zero1.optimizer)
-    result.rows = [replace(row, owner=str(o.owner[row.path]), state_bytes=o.entries[row.path].state_bytes)
-                   if row.path in o.entries else row for row in result.rows]
-    result.groups = [replace(g, state_bytes=sum(r.state_bytes for r in result.rows if r.group == g.index))
-                     for g in result.groups]
-    result.ranks = [{"rank": r, "parameters": len(o.owned(r)), "state_bytes": o.state_bytes[r],
-                     "ns_gflop": o.flops[r] / 1e9, "sent_bytes": o.param_bytes[r]} for r in range(o.world)]
+    result.rows = [
+        replace(row, owner=str(o.owner[row.path]), state_bytes=o.entries[row.path].state_bytes)
+        if row.path in o.entries
+        else row
+        for row in result.rows
+    ]
+    result.groups = [
+        replace(g, state_bytes=sum(r.state_bytes for r in result.rows if r.group == g.index)) for g in result.groups
+    ]
+    result.ranks = [
+        {
+            "rank": r,
+            "parameters": len(o.owned(r)),
+            "state_bytes": o.state_bytes[r],
+            "ns_gflop": o.flops[r] / 1e9,
+            "sent_bytes": o.param_bytes[r],
+        }
+        for r in range(o.world)
+    ]
     return result

@@ -76,7 +76,10 @@ class _RuleBucket:
 
     def prepare(self, grads):
         writable = self.backend.writable
-        if not all(writable(p) and all(writable(a) for a in slots.values()) for p, slots in zip(self.params, (pair.slots for pair in self.pairs))):
+        if not all(
+            writable(p) and all(writable(a) for a in slots.values())
+            for p, slots in zip(self.params, (pair.slots for pair in self.pairs))
+        ):
             return None  # made read-only since the plan: the engine replaces it instead
         chosen = [grads[k] for k in self.positions]
         for g, shape in zip(chosen, self.shapes):
@@ -120,8 +123,9 @@ class _NumbaBucket:
         self.table = np.zeros((len(self.owners), len(self.numeric)), self.np_dtype)
         self.pieces, self.items = work_items([int(np.prod(s)) for s in self.shapes])
         self.slot_arrays = [[leaf.slots[n] for n in rule.slots] for leaf in leaves]  # kept alive with the table
-        self.slot_ptrs = np.array([[_pointer(a) for a in row] for row in self.slot_arrays],
-                                  dtype=np.int64).reshape(len(leaves), len(rule.slots))
+        self.slot_ptrs = np.array([[_pointer(a) for a in row] for row in self.slot_arrays], dtype=np.int64).reshape(
+            len(leaves), len(rule.slots)
+        )
         self.param_ptrs = np.array([_pointer(p) for p in self.params], dtype=np.int64)
         if self.numpy:
             from treeopt.kernels.numba_support import numpy_pointers
@@ -129,7 +133,7 @@ class _NumbaBucket:
             width = max([len(s) for s in self.shapes] + [1])
             self.shape_table = np.zeros((len(leaves), width), np.int64)
             for i, shape in enumerate(self.shapes):
-                self.shape_table[i, :len(shape)] = shape
+                self.shape_table[i, : len(shape)] = shape
             self.ndims = np.array([len(s) for s in self.shapes], np.int64)
             self.descr = id(self.np_dtype)
             self.pointers = numpy_pointers
@@ -138,7 +142,7 @@ class _NumbaBucket:
             self.target_ids = np.array([id(a) for a in targets], np.int64)
             self.target_shapes = np.zeros((len(targets), width), np.int64)
             for i, a in enumerate(targets):
-                self.target_shapes[i, :a.ndim] = a.shape
+                self.target_shapes[i, : a.ndim] = a.shape
             self.target_ndims = np.array([a.ndim for a in targets], np.int64)
             self.target_out = np.empty(len(targets), np.int64)
 
@@ -154,27 +158,42 @@ class _NumbaBucket:
             ids = np.fromiter(map(id, chosen), np.int64, len(chosen))
             if self.pointers(ids, self.descr, self.shape_table, self.ndims, False, out) != -1:
                 return None
-            if self.pointers(self.target_ids, self.descr, self.target_shapes, self.target_ndims, True,
-                             self.target_out) != -1:
+            if (
+                self.pointers(self.target_ids, self.descr, self.target_shapes, self.target_ndims, True, self.target_out)
+                != -1
+            ):
                 return None  # a parameter or slot made read-only (or resized) since the plan
         else:
             dtype = self.dtype  # the cheapest checks torch has (about 1 us a tensor in all)
-            if not all(g.dtype is dtype and g.is_cpu and g.shape == shape and g.is_contiguous()
-                       for g, shape in zip(chosen, self.shapes)):
+            if not all(
+                g.dtype is dtype and g.is_cpu and g.shape == shape and g.is_contiguous()
+                for g, shape in zip(chosen, self.shapes)
+            ):
                 return None
             out[:] = [g.data_ptr() for g in chosen]
             pointers = np.array([p.data_ptr() for p in self.params], np.int64)
             if not np.array_equal(pointers, self.param_ptrs):  # p.data rebound: to a tensor that fits?
-                if not all(p.dtype is dtype and p.is_cpu and p.shape == shape and p.is_contiguous()
-                           for p, shape in zip(self.params, self.shapes)):
+                if not all(
+                    p.dtype is dtype and p.is_cpu and p.shape == shape and p.is_contiguous()
+                    for p, shape in zip(self.params, self.shapes)
+                ):
                     return None
                 self.param_ptrs = pointers
         return chosen, out
 
     def compiled(self):
         """This bucket, its loop compiled (called on no element)."""
-        self.kernel(np.zeros(len(self.params), np.int64), self.param_ptrs, self.slot_ptrs, np.zeros((0, 3), np.int64),
-                    np.zeros(1, np.int64), self.rows, self.table, self.like, self.flags)
+        self.kernel(
+            np.zeros(len(self.params), np.int64),
+            self.param_ptrs,
+            self.slot_ptrs,
+            np.zeros((0, 3), np.int64),
+            np.zeros(1, np.int64),
+            self.rows,
+            self.table,
+            self.like,
+            self.flags,
+        )
         return self
 
     def run(self, prepared):
@@ -182,8 +201,17 @@ class _NumbaBucket:
         for row, owner in enumerate(self.owners):
             values = owner.coefficients(self.params[0], self.backend)
             self.table[row] = [_float(values[n]) for n in self.numeric]
-        self.kernel(grad_ptrs, self.param_ptrs, self.slot_ptrs, self.pieces, self.items, self.rows, self.table, self.like,
-                    self.flags)
+        self.kernel(
+            grad_ptrs,
+            self.param_ptrs,
+            self.slot_ptrs,
+            self.pieces,
+            self.items,
+            self.rows,
+            self.table,
+            self.like,
+            self.flags,
+        )
 
 
 class _TorchCompiledBucket:
@@ -223,8 +251,9 @@ class _TorchCompiledBucket:
             self.hyper = hyper
         chosen = [grads[k] for k in self.positions]
         dtype, device = self.dtype, self.device
-        if not all(g.dtype is dtype and g.device == device and g.shape == shape
-                   for g, shape in zip(chosen, self.shapes)):
+        if not all(
+            g.dtype is dtype and g.device == device and g.shape == shape for g, shape in zip(chosen, self.shapes)
+        ):
             return None
         return chosen
 
@@ -243,7 +272,7 @@ def _numeric_names(rule, static):
     """The coefficients of ``rule.update`` that are numbers (not the switches ``static``)."""
     import inspect
 
-    parameters = list(inspect.signature(rule.update).parameters)[2 + len(rule.slots):]
+    parameters = list(inspect.signature(rule.update).parameters)[2 + len(rule.slots) :]
     return [n for n in parameters if n not in static]
 
 
@@ -261,8 +290,10 @@ def _torch_compile_eligible(owner, backend, param):
 def _settings(owner):
     """The hyper-parameters that decide the switches: numbers and flags (a schedule always
     switches its term on, whatever its value)."""
-    return [v if isinstance(v, (bool, int, float, str, tuple, type(None))) else "scheduled"
-            for v in owner.rule_hyperparameters().values()]
+    return [
+        v if isinstance(v, (bool, int, float, str, tuple, type(None))) else "scheduled"
+        for v in owner.rule_hyperparameters().values()
+    ]
 
 
 def _flags(owner, like, backend, static):
@@ -291,7 +322,9 @@ def _numba_eligible(owner, backend, param):
         from treeopt.kernels.numba_support import STRUCT_OK
 
         return STRUCT_OK and param.dtype.name in ("float32", "float64")
-    return backend.name == "torch" and param.device.type == "cpu" and backend.dtype_name(param) in ("float32", "float64")
+    return (
+        backend.name == "torch" and param.device.type == "cpu" and backend.dtype_name(param) in ("float32", "float64")
+    )
 
 
 class CompiledStep:
@@ -325,7 +358,12 @@ class CompiledStep:
         position = {id(leaf): k for k, leaf in enumerate(leaves)}
         groups = {}
         for leaf in active:
-            key = (id(leaf.owner), leaf.backend.name, leaf.backend.dtype_name(leaf.param), leaf.backend.device(leaf.param))
+            key = (
+                id(leaf.owner),
+                leaf.backend.name,
+                leaf.backend.dtype_name(leaf.param),
+                leaf.backend.device(leaf.param),
+            )
             groups.setdefault(key, []).append(leaf)
         buckets, fused = [], {}
         for group in groups.values():
@@ -338,18 +376,29 @@ class CompiledStep:
             # optimizers that share a rule, dtype and switches run in one loop
             static = _static_names(first.owner, first.param, first.backend)
             flags = _flags(first.owner, first.param, first.backend, static)
-            key = (first.owner.rule, first.backend.name, first.backend.dtype_name(first.param),
-                   first.backend.device(first.param), static, flags, compiled)
+            key = (
+                first.owner.rule,
+                first.backend.name,
+                first.backend.dtype_name(first.param),
+                first.backend.device(first.param),
+                static,
+                flags,
+                compiled,
+            )
             fused.setdefault(key, []).append((first.owner, group, positions))
         for key, members in fused.items():
             kind = _TorchCompiledBucket if key[6] else _NumbaBucket
             try:  # compiled now, so that a rule that cannot compile falls back before any write
                 buckets.append(kind(members, members[0][1][0].backend, key[4], key[5]).compiled())
             except Exception as error:
-                warn(f"the compiled loop of rule {key[0].name!r} failed to build ({type(error).__name__}: "
-                     f"{str(error).splitlines()[0] if str(error) else ''}); it runs per tensor", RuntimeWarning)
-                buckets.extend(_RuleBucket(owner, group[0].backend, group, positions)
-                               for owner, group, positions in members)
+                warn(
+                    f"the compiled loop of rule {key[0].name!r} failed to build ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}); it runs per tensor",
+                    RuntimeWarning,
+                )
+                buckets.extend(
+                    _RuleBucket(owner, group[0].backend, group, positions) for owner, group, positions in members
+                )
         watched = [optimizer] + optimizer.stateful()
         return cls(params, buckets, stepping, watched)
 

@@ -25,25 +25,31 @@ C_CONTIGUOUS, WRITEABLE = 0x0001, 0x0400
 @intrinsic
 def load_int64(typingctx, address):
     """The 64-bit integer stored at ``address``."""
+
     def codegen(context, builder, signature, args):
         return builder.load(builder.inttoptr(args[0], ir.IntType(64).as_pointer()))
+
     return types.int64(types.int64), codegen
 
 
 @intrinsic
 def load_int32(typingctx, address):
     """The 32-bit integer stored at ``address``, widened to 64 bits."""
+
     def codegen(context, builder, signature, args):
         value = builder.load(builder.inttoptr(args[0], ir.IntType(32).as_pointer()))
         return builder.sext(value, ir.IntType(64))
+
     return types.int64(types.int64), codegen
 
 
 @intrinsic
 def as_voidptr(typingctx, address):
     """``address`` as a ``void*`` (for ``numba.carray``)."""
+
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], cgutils.voidptr_t)
+
     return types.voidptr(types.int64), codegen
 
 
@@ -75,10 +81,13 @@ def _struct_matches():
     read = ctypes.c_int64.from_address
     try:
         dimensions = read(id(sample) + DIMENSIONS).value
-        return (read(id(sample) + DATA).value == sample.ctypes.data
-                and ctypes.c_int32.from_address(id(sample) + NDIM).value == 2
-                and read(dimensions).value == 3 and read(dimensions + 8).value == 5
-                and read(id(sample) + DESCR).value == id(sample.dtype))
+        return (
+            read(id(sample) + DATA).value == sample.ctypes.data
+            and ctypes.c_int32.from_address(id(sample) + NDIM).value == 2
+            and read(dimensions).value == 3
+            and read(dimensions + 8).value == 5
+            and read(id(sample) + DESCR).value == id(sample.dtype)
+        )
     except (ValueError, OSError):  # pragma: no cover
         return False
 
@@ -90,25 +99,59 @@ STRUCT_OK = ctypes.sizeof(ctypes.c_void_p) == 8 and _struct_matches()
 def call_gemm(typingctx, address, transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
     """Call the row-major ``cblas_?gemm`` (64-bit integers) at ``address``: ``c <- alpha a b +
     beta c``, the matrices given by their addresses. ``alpha``'s type picks float or double."""
+
     def codegen(context, builder, signature, args):
         i32, i64 = ir.IntType(32), ir.IntType(64)
         scalar, pointer = context.get_value_type(signature.args[6]), cgutils.voidptr_t
-        function_type = ir.FunctionType(ir.VoidType(), [i32, i32, i32, i64, i64, i64, scalar, pointer, i64, pointer,
-                                                        i64, scalar, pointer, i64])
+        function_type = ir.FunctionType(
+            ir.VoidType(), [i32, i32, i32, i64, i64, i64, scalar, pointer, i64, pointer, i64, scalar, pointer, i64]
+        )
         function = builder.inttoptr(args[0], function_type.as_pointer())
         ptr = lambda value: builder.inttoptr(value, pointer)  # noqa: E731
-        builder.call(function, [ir.Constant(i32, 101), builder.trunc(args[1], i32), builder.trunc(args[2], i32),
-                                args[3], args[4], args[5], args[6], ptr(args[7]), args[8], ptr(args[9]), args[10],
-                                args[11], ptr(args[12]), args[13]])
+        builder.call(
+            function,
+            [
+                ir.Constant(i32, 101),
+                builder.trunc(args[1], i32),
+                builder.trunc(args[2], i32),
+                args[3],
+                args[4],
+                args[5],
+                args[6],
+                ptr(args[7]),
+                args[8],
+                ptr(args[9]),
+                args[10],
+                args[11],
+                ptr(args[12]),
+                args[13],
+            ],
+        )
         return context.get_dummy_value()
+
     return types.void(address, transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc), codegen
 
 
 @njit(cache=True)
-def gemm_stack(address, count, transpose_a, transpose_b, m, n, k, alpha, a, a_step, lda, b, b_step, ldb, beta, c,
-               c_step, ldc):
+def gemm_stack(
+    address, count, transpose_a, transpose_b, m, n, k, alpha, a, a_step, lda, b, b_step, ldb, beta, c, c_step, ldc
+):
     """``count`` GEMMs, the i-th on the matrices at ``a + i * a_step`` (bytes), and so on: a
     stack of matrices costs one call from Python, each product the same BLAS call as alone."""
     for i in range(count):
-        call_gemm(address, transpose_a, transpose_b, m, n, k, alpha, a + i * a_step, lda, b + i * b_step, ldb, beta,
-                  c + i * c_step, ldc)
+        call_gemm(
+            address,
+            transpose_a,
+            transpose_b,
+            m,
+            n,
+            k,
+            alpha,
+            a + i * a_step,
+            lda,
+            b + i * b_step,
+            ldb,
+            beta,
+            c + i * c_step,
+            ldc,
+        )

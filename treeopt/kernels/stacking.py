@@ -42,7 +42,7 @@ def chunk_length(backend, like, count: int) -> int:
 def chunks(backend, like, indices: list[int]) -> list[list[int]]:
     """``indices`` (one group) cut into the runs that share a call."""
     length = chunk_length(backend, like, len(indices))
-    return [indices[start:start + length] for start in range(0, len(indices), length)]
+    return [indices[start : start + length] for start in range(0, len(indices), length)]
 
 
 def update_stacked(update, coefficients: dict, backend, grads, params, slots, buffers=None):

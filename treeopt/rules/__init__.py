@@ -12,5 +12,18 @@ from treeopt.rules.rmsprop import RMSPROP
 from treeopt.rules.schedule_free import SCHEDULE_FREE_ADAMW
 from treeopt.rules.sgd import SGD
 
-__all__ = ["Rule", "SGD", "RMSPROP", "ADAGRAD", "ADADELTA", "ADAM", "ADAMW", "ADAMAX", "LION",
-           "ADAFACTOR", "MUON", "ADAN", "SCHEDULE_FREE_ADAMW"]
+__all__ = [
+    "Rule",
+    "SGD",
+    "RMSPROP",
+    "ADAGRAD",
+    "ADADELTA",
+    "ADAM",
+    "ADAMW",
+    "ADAMAX",
+    "LION",
+    "ADAFACTOR",
+    "MUON",
+    "ADAN",
+    "SCHEDULE_FREE_ADAMW",
+]

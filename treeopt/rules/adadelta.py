@@ -1,9 +1,9 @@
 """AdaDelta: step sizes from running averages of squared gradients and squared updates.
 
-    v <- rho * v + (1 - rho) * g^2
-    d  = sqrt(u + eps) / sqrt(v + eps) * g
-    u <- rho * u + (1 - rho) * d^2
-    p <- p - lr * d
+v <- rho * v + (1 - rho) * g^2
+d  = sqrt(u + eps) / sqrt(v + eps) * g
+u <- rho * u + (1 - rho) * d^2
+p <- p - lr * d
 """
 
 from treeopt.ops import sqrt
@@ -21,5 +21,10 @@ def adadelta(grad, param, v, u, lr, rho, one_minus_rho, eps):
     return param - lr * d, v, u
 
 
-ADADELTA = Rule("adadelta", adadelta, adadelta_coefficients, slots=("v", "u"),
-                slot_meanings={"v": "average of squared gradients", "u": "average of squared updates"})
+ADADELTA = Rule(
+    "adadelta",
+    adadelta,
+    adadelta_coefficients,
+    slots=("v", "u"),
+    slot_meanings={"v": "average of squared gradients", "u": "average of squared updates"},
+)

@@ -33,19 +33,25 @@ def adafactor_slots(shape, hyper):
     return slots
 
 
-def adafactor_coefficients(lr, step, *, eps, clip_threshold, decay_rate, beta_1, weight_decay,
-                           scale_parameter, relative_step, warmup_init):
+def adafactor_coefficients(
+    lr, step, *, eps, clip_threshold, decay_rate, beta_1, weight_decay, scale_parameter, relative_step, warmup_init
+):
     if relative_step:
         rho = minimum(1e-6 * step if warmup_init else 1e-2, rsqrt(step))
     else:
         rho = lr
     has_first_moment = beta_1 is not None
     return dict(
-        rho=rho, eps1=eps[0], eps2=eps[1], one=1.0, clip_threshold=clip_threshold,
+        rho=rho,
+        eps1=eps[0],
+        eps2=eps[1],
+        one=1.0,
+        clip_threshold=clip_threshold,
         step_decay=step**decay_rate,
         beta_1=beta_1 if has_first_moment else 0.0,
         one_minus_beta_1=1 - beta_1 if has_first_moment else 0.0,
-        neg_weight_decay=-weight_decay, decays=active(weight_decay),
+        neg_weight_decay=-weight_decay,
+        decays=active(weight_decay),
         scale_parameter=scale_parameter,
     )
 
@@ -60,8 +66,22 @@ def factored_rsqrt(row, col):
     return rsqrt(row / mean(row, axis=-1, keepdims=True))[..., None] * rsqrt(col)[..., None, :]
 
 
-def adafactor(grad, param, *slots, rho, eps1, eps2, one, clip_threshold, step_decay,
-              beta_1, one_minus_beta_1, neg_weight_decay, decays, scale_parameter):
+def adafactor(
+    grad,
+    param,
+    *slots,
+    rho,
+    eps1,
+    eps2,
+    one,
+    clip_threshold,
+    step_decay,
+    beta_1,
+    one_minus_beta_1,
+    neg_weight_decay,
+    decays,
+    scale_parameter,
+):
     alpha = maximum(eps2, rms(param)) * rho if scale_parameter else rho
     beta_2 = one - step_decay
     one_minus_beta_2 = one - beta_2
@@ -86,5 +106,11 @@ def adafactor(grad, param, *slots, rho, eps1, eps2, one, clip_threshold, step_de
     return (param - update, *second_moment, *first_moment)
 
 
-ADAFACTOR = Rule("adafactor", adafactor, adafactor_coefficients, slots=adafactor_slots, elementwise=False,
-                 slot_meanings={"exp_avg": "average of updates", "exp_avg_sq": "average of squared gradients"})
+ADAFACTOR = Rule(
+    "adafactor",
+    adafactor,
+    adafactor_coefficients,
+    slots=adafactor_slots,
+    elementwise=False,
+    slot_meanings={"exp_avg": "average of updates", "exp_avg_sq": "average of squared gradients"},
+)

@@ -1,7 +1,7 @@
 """Adagrad: divide by the root of the sum of all squared gradients so far.
 
-    v <- v + g^2
-    p <- p - lr * g / (sqrt(v) + eps)
+v <- v + g^2
+p <- p - lr * g / (sqrt(v) + eps)
 """
 
 from treeopt.ops import sqrt
@@ -17,5 +17,4 @@ def adagrad(grad, param, v, lr, eps):
     return param - lr * grad / (sqrt(v) + eps), v
 
 
-ADAGRAD = Rule("adagrad", adagrad, adagrad_coefficients, slots=("v",),
-               slot_meanings={"v": "sum of squared gradients"})
+ADAGRAD = Rule("adagrad", adagrad, adagrad_coefficients, slots=("v",), slot_meanings={"v": "sum of squared gradients"})

@@ -35,8 +35,9 @@ def adam(grad, param, m, v, b1, one_minus_b1, b2, one_minus_b2, c1, c2, eps):
 
 
 def adamw_coefficients(lr, step, *, betas, eps, bias_correction, weight_decay):
-    return dict(adam_coefficients(lr, step, betas=betas, eps=eps, bias_correction=bias_correction),
-                decay=1 - lr * weight_decay)
+    return dict(
+        adam_coefficients(lr, step, betas=betas, eps=eps, bias_correction=bias_correction), decay=1 - lr * weight_decay
+    )
 
 
 def adamw(grad, param, m, v, b1, one_minus_b1, b2, one_minus_b2, c1, c2, eps, decay):
@@ -57,5 +58,10 @@ def adamax(grad, param, m, v, lr, b1, one_minus_b1, b2, eps):
 _MOMENTS = {"m": "average of gradients", "v": "average of squared gradients"}
 ADAM = Rule("adam", adam, adam_coefficients, slots=("m", "v"), slot_meanings=_MOMENTS)
 ADAMW = Rule("adamw", adamw, adamw_coefficients, slots=("m", "v"), slot_meanings=_MOMENTS)
-ADAMAX = Rule("adamax", adamax, adamax_coefficients, slots=("m", "v"),
-              slot_meanings={"m": "average of gradients", "v": "infinity norm of gradients"})
+ADAMAX = Rule(
+    "adamax",
+    adamax,
+    adamax_coefficients,
+    slots=("m", "v"),
+    slot_meanings={"m": "average of gradients", "v": "infinity norm of gradients"},
+)

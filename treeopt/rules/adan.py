@@ -19,13 +19,46 @@ from treeopt.rules.base import Rule
 
 def adan_coefficients(lr, step, *, betas, eps, eps_root, weight_decay):
     b1, b2, b3 = betas
-    return dict(lr=lr, b1=b1, one_minus_b1=1 - b1, b2=b2, one_minus_b2=1 - b2, b3=b3, one_minus_b3=1 - b3,
-                c1=1 - b1**step, c2=1 - b2**step, c3=1 - b3**step, eps=eps, eps_root=eps_root,
-                weight_decay=weight_decay, started=minimum(1.0, step - 1))
+    return dict(
+        lr=lr,
+        b1=b1,
+        one_minus_b1=1 - b1,
+        b2=b2,
+        one_minus_b2=1 - b2,
+        b3=b3,
+        one_minus_b3=1 - b3,
+        c1=1 - b1**step,
+        c2=1 - b2**step,
+        c3=1 - b3**step,
+        eps=eps,
+        eps_root=eps_root,
+        weight_decay=weight_decay,
+        started=minimum(1.0, step - 1),
+    )
 
 
-def adan(grad, param, m, v, n, prev_grad, lr, b1, one_minus_b1, b2, one_minus_b2, b3, one_minus_b3,
-         c1, c2, c3, eps, eps_root, weight_decay, started):
+def adan(
+    grad,
+    param,
+    m,
+    v,
+    n,
+    prev_grad,
+    lr,
+    b1,
+    one_minus_b1,
+    b2,
+    one_minus_b2,
+    b3,
+    one_minus_b3,
+    c1,
+    c2,
+    c3,
+    eps,
+    eps_root,
+    weight_decay,
+    started,
+):
     diff = (grad - prev_grad) * started  # no difference at the first step
     m = one_minus_b1 * grad + b1 * m
     v = one_minus_b2 * diff + b2 * v
@@ -35,6 +68,15 @@ def adan(grad, param, m, v, n, prev_grad, lr, b1, one_minus_b1, b2, one_minus_b2
     return param - lr * (u + weight_decay * param), m, v, n, grad
 
 
-ADAN = Rule("adan", adan, adan_coefficients, slots=("m", "v", "n", "prev_grad"),
-            slot_meanings={"m": "average of gradients", "v": "average of gradient differences",
-                           "n": "average of squared Nesterov gradients", "prev_grad": "previous gradient"})
+ADAN = Rule(
+    "adan",
+    adan,
+    adan_coefficients,
+    slots=("m", "v", "n", "prev_grad"),
+    slot_meanings={
+        "m": "average of gradients",
+        "v": "average of gradient differences",
+        "n": "average of squared Nesterov gradients",
+        "prev_grad": "previous gradient",
+    },
+)

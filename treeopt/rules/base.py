@@ -90,7 +90,7 @@ class Rule:
         """The coefficients ``update`` takes, after its slots, in its order."""
         parameters = list(inspect.signature(self.update).parameters.values())[2:]
         if not callable(self.slots):
-            parameters = parameters[len(self.slots):]
+            parameters = parameters[len(self.slots) :]
         runner_only = ("stacked",) if self.stackable else ()  # how a runner calls it, not a coefficient
         return tuple(p.name for p in parameters if p.kind is not p.VAR_POSITIONAL and p.name not in runner_only)
 
@@ -106,8 +106,10 @@ def check_coefficients(rule: Rule, values: dict):
     expected = rule.coefficient_names()
     if sorted(values) != sorted(expected):
         missing, extra = sorted(set(expected) - set(values)), sorted(set(values) - set(expected))
-        raise RuleError(f"rule {rule.name!r}: update takes the coefficients {list(expected)}, but coefficients "
-                        f"returned {sorted(values)} (missing {missing}, unexpected {extra})")
+        raise RuleError(
+            f"rule {rule.name!r}: update takes the coefficients {list(expected)}, but coefficients "
+            f"returned {sorted(values)} (missing {missing}, unexpected {extra})"
+        )
     _CHECKED.add(rule)
 
 
@@ -130,7 +132,7 @@ def _check(rule):
         if len(update) < 3 or update[2].kind is not update[2].VAR_POSITIONAL:
             raise RuleError(f"{label}: slots depend on the parameter, so update takes them as *slots")
     else:
-        names = [p.name for p in update[2:2 + len(rule.slots)]]
+        names = [p.name for p in update[2 : 2 + len(rule.slots)]]
         if names != list(rule.slots):
             raise RuleError(f"{label}: update takes the slots {names} but the rule declares {list(rule.slots)}")
     if rule.stackable and "stacked" not in [p.name for p in update]:
@@ -139,7 +141,8 @@ def _check(rule):
         raise RuleError(f"{label}: update must name every coefficient it takes (no **kwargs)")
     coefficients = list(inspect.signature(rule.coefficients).parameters.values())
     if [p.name for p in coefficients[:2]] != ["lr", "step"] or any(
-            p.kind is not p.KEYWORD_ONLY for p in coefficients[2:]):
+        p.kind is not p.KEYWORD_ONLY for p in coefficients[2:]
+    ):
         raise RuleError(f"{label}: coefficients must be (lr, step, *, <hyper-parameters>)")
     missing = [n for n in rule.running if n not in keyword_only(rule.coefficients)]
     if missing:
@@ -150,8 +153,10 @@ def _check(rule):
         wanted = set(rule.running) | set(rule.hyperparameters)
         taken = set(keyword_only(rule.advance))
         if not taken <= wanted:
-            raise RuleError(f"{label}: advance takes {sorted(taken - wanted)}, which are neither running "
-                            "values nor hyper-parameters")
+            raise RuleError(
+                f"{label}: advance takes {sorted(taken - wanted)}, which are neither running "
+                "values nor hyper-parameters"
+            )
     unknown = [n for n in rule.copies_param if not callable(rule.slots) and n not in rule.slots]
     if unknown:
         raise RuleError(f"{label}: copies_param names {unknown}, which are not slots")
@@ -161,7 +166,8 @@ def _check(rule):
             raise RuleError(
                 f"{label}: an elementwise update may call only {list(ops.ELEMENTWISE)} of treeopt.ops "
                 f"(the compiled loop has a scalar form of these); it calls {outside}: declare the rule "
-                "elementwise=False")
+                "elementwise=False"
+            )
 
 
 def _ops_called(function, seen=None):

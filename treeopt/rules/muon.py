@@ -43,15 +43,25 @@ ADAMW_RMS = 0.2
 LAYOUTS = ("out_in", "in_out")
 
 
-def muon_coefficients(lr, step, *, momentum, weight_decay, decoupled_weight_decay, nesterov, ns_steps, ns_dtype,
-                      ns_eps, adjust_lr, layout):
+def muon_coefficients(
+    lr, step, *, momentum, weight_decay, decoupled_weight_decay, nesterov, ns_steps, ns_dtype, ns_eps, adjust_lr, layout
+):
     decays = active(weight_decay)
     decoupled = decays and decoupled_weight_decay
-    return dict(lr=lr, momentum=momentum, one_minus_momentum=1 - momentum,
-                weight_decay=weight_decay, coupled=decays and not decoupled,
-                keep=1 - lr * weight_decay if decoupled else None, nesterov=nesterov,
-                ns_steps=ns_steps, ns_dtype=ns_dtype, ns_eps=ns_eps, adjust_lr=adjust_lr,
-                layout=layout)
+    return dict(
+        lr=lr,
+        momentum=momentum,
+        one_minus_momentum=1 - momentum,
+        weight_decay=weight_decay,
+        coupled=decays and not decoupled,
+        keep=1 - lr * weight_decay if decoupled else None,
+        nesterov=nesterov,
+        ns_steps=ns_steps,
+        ns_dtype=ns_dtype,
+        ns_eps=ns_eps,
+        adjust_lr=adjust_lr,
+        layout=layout,
+    )
 
 
 def matrix_shape(shape, layout):
@@ -119,8 +129,24 @@ def muon_apply(param, direction, lr, keep, **_):
     return param - lr * direction
 
 
-def muon(grad, param, v, lr, momentum, one_minus_momentum, weight_decay, coupled, keep, nesterov, ns_steps, ns_dtype,
-         ns_eps, adjust_lr, layout, stacked=False):
+def muon(
+    grad,
+    param,
+    v,
+    lr,
+    momentum,
+    one_minus_momentum,
+    weight_decay,
+    coupled,
+    keep,
+    nesterov,
+    ns_steps,
+    ns_dtype,
+    ns_eps,
+    adjust_lr,
+    layout,
+    stacked=False,
+):
     direction, v = muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, coupled, nesterov)
     direction, step_lr = muon_orthogonalize(direction, lr, ns_steps, ns_dtype, ns_eps, adjust_lr, layout, int(stacked))
     return muon_apply(param, direction, step_lr, keep), v
@@ -138,5 +164,12 @@ def orthogonalise(direction, ns_steps, ns_eps, ns_dtype, layout, stack=0):
     return orthogonal.reshape(lead + shape)
 
 
-MUON = Rule("muon", muon, muon_coefficients, slots=("v",), elementwise=False, stackable=True,
-            slot_meanings={"v": "average of gradients"})
+MUON = Rule(
+    "muon",
+    muon,
+    muon_coefficients,
+    slots=("v",),
+    elementwise=False,
+    stackable=True,
+    slot_meanings={"v": "average of gradients"},
+)

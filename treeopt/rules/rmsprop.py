@@ -1,7 +1,7 @@
 """RMSprop: divide by a running root mean square of the gradient.
 
-    v <- alpha * v + (1 - alpha) * g^2
-    p <- p - lr * g / (sqrt(v) + eps)
+v <- alpha * v + (1 - alpha) * g^2
+p <- p - lr * g / (sqrt(v) + eps)
 """
 
 from treeopt.ops import sqrt
@@ -17,5 +17,6 @@ def rmsprop(grad, param, v, lr, alpha, one_minus_alpha, eps):
     return param - lr * grad / (sqrt(v) + eps), v
 
 
-RMSPROP = Rule("rmsprop", rmsprop, rmsprop_coefficients, slots=("v",),
-               slot_meanings={"v": "average of squared gradients"})
+RMSPROP = Rule(
+    "rmsprop", rmsprop, rmsprop_coefficients, slots=("v",), slot_meanings={"v": "average of squared gradients"}
+)

@@ -31,12 +31,24 @@ def schedule_free_adamw_coefficients(lr, step, *, betas, eps, weight_decay, weig
     b1, b2 = betas
     # the weight of this step's point in the average (0 while the learning rate is 0)
     c = max_lr**weight_lr_power / maximum(weight_sum, 1e-38)
-    return dict(lr=lr, b1=b1, one_minus_b1=1 - b1, b2=b2, one_minus_b2=1 - b2, c2=1 - b2**step, eps=eps,
-                weight_decay=weight_decay, c=c, one_minus_c=1 - c, one=1.0)
+    return dict(
+        lr=lr,
+        b1=b1,
+        one_minus_b1=1 - b1,
+        b2=b2,
+        one_minus_b2=1 - b2,
+        c2=1 - b2**step,
+        eps=eps,
+        weight_decay=weight_decay,
+        c=c,
+        one_minus_c=1 - c,
+        one=1.0,
+    )
 
 
-def schedule_free_adamw(grad, param, z, v, lr, b1, one_minus_b1, b2, one_minus_b2, c2, eps, weight_decay,
-                        c, one_minus_c, one):
+def schedule_free_adamw(
+    grad, param, z, v, lr, b1, one_minus_b1, b2, one_minus_b2, c2, eps, weight_decay, c, one_minus_c, one
+):
     v = one_minus_b2 * (grad * grad) + b2 * v
     u = one / (sqrt(v / c2) + eps) * grad + weight_decay * param
     new_z = z - lr * u
@@ -46,6 +58,12 @@ def schedule_free_adamw(grad, param, z, v, lr, b1, one_minus_b1, b2, one_minus_b
 
 
 SCHEDULE_FREE_ADAMW = Rule(
-    "schedule_free_adamw", schedule_free_adamw, schedule_free_adamw_coefficients, slots=("z", "v"),
-    copies_param=("z",), running=("max_lr", "weight_sum"), advance=schedule_free_advance,
-    slot_meanings={"z": "schedule-free base sequence", "v": "average of squared gradients"})
+    "schedule_free_adamw",
+    schedule_free_adamw,
+    schedule_free_adamw_coefficients,
+    slots=("z", "v"),
+    copies_param=("z",),
+    running=("max_lr", "weight_sum"),
+    advance=schedule_free_advance,
+    slot_meanings={"z": "schedule-free base sequence", "v": "average of squared gradients"},
+)

@@ -24,8 +24,7 @@ def sgd_coefficients(lr, step, *, momentum, weight_decay, dampening, nesterov):
     )
 
 
-def sgd(grad, param, v, lr, momentum, weight_decay, one_minus_dampening,
-        decays, uses_momentum, dampens, nesterov):
+def sgd(grad, param, v, lr, momentum, weight_decay, one_minus_dampening, decays, uses_momentum, dampens, nesterov):
     if decays:
         grad = grad + weight_decay * param
     if not uses_momentum:

@@ -36,8 +36,10 @@ def named_parameters(model) -> dict:
     for name, param in model.named_parameters():  # de-duplicated by identity
         canonical = canonical_name(name)
         if canonical in result:
-            raise ValueError(f"parameters {names[canonical]!r} and {name!r} have the same canonical name "
-                             f"{canonical!r}; rename one of them")
+            raise ValueError(
+                f"parameters {names[canonical]!r} and {name!r} have the same canonical name "
+                f"{canonical!r}; rename one of them"
+            )
         result[canonical], names[canonical] = param, name
     return result
 
@@ -78,5 +80,4 @@ def module_kinds(model) -> dict:
     heads = [linear for linear in linears if linear.out_features in vocabularies]
     if heads:
         add(heads[-1].parameters(recurse=False), "head")
-    return {name: frozenset(kinds[id(param)]) for name, param in named_parameters(model).items()
-            if id(param) in kinds}
+    return {name: frozenset(kinds[id(param)]) for name, param in named_parameters(model).items() if id(param) in kinds}

@@ -86,7 +86,8 @@ def _named(model):
             "treeopt.torch.Optimizer does not take torch-style parameter groups ([{'params': ..., 'lr': ...}]): "
             "treeopt routes parameters by name. Pass the model (or model.named_parameters()) and express the "
             "groups as a MultiOptimizer, e.g. MultiOptimizer([AdamW(1e-3), AdamW(1e-4)], "
-            "[filters.glob('head.*')]); see docs/torch.md")
+            "[filters.glob('head.*')]); see docs/torch.md"
+        )
     if items and isinstance(items[0], torch.Tensor):
         items = [(str(i), p) for i, p in enumerate(items)]
     result, seen = {}, set()
@@ -166,8 +167,10 @@ class Optimizer(torch.optim.Optimizer):
     @param_groups.setter
     def param_groups(self, groups):
         if not getattr(self, "_building", True) and len(groups) != len(self._leaves):
-            raise ValueError(f"treeopt.torch.Optimizer has {len(self._leaves)} parameter groups (one per treeopt "
-                             f"optimizer); got {len(groups)}")
+            raise ValueError(
+                f"treeopt.torch.Optimizer has {len(self._leaves)} parameter groups (one per treeopt "
+                f"optimizer); got {len(groups)}"
+            )
         self._groups = groups  # torch.optim's __init__ sets [] first; wrappers may set the same dicts back
 
     @property  # type: ignore[override]  # keyed by name as well as by tensor
@@ -179,8 +182,10 @@ class Optimizer(torch.optim.Optimizer):
     @state.setter
     def state(self, value):
         if not getattr(self, "_building", False) or value:
-            raise TypeError("treeopt.torch.Optimizer.state is a view of the treeopt state: write into its slot "
-                            "tensors, or use load_state_dict")
+            raise TypeError(
+                "treeopt.torch.Optimizer.state is a view of the treeopt state: write into its slot "
+                "tensors, or use load_state_dict"
+            )
 
     # ------------------------------------------------------------------ routing
     def _check_known_paths(self):
@@ -192,7 +197,8 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"the optimizer already routed {stale[:3]} under a wrapper's name; treeopt.torch names parameters "
                 f"canonically ({canonical_name(stale[0])!r}): plan it with treeopt.torch.named_parameters(model), "
-                "or pass it fresh")
+                "or pass it fresh"
+            )
 
     def _declare_kinds(self, named):
         if self.model is not None and isinstance(self.optimizer, MultiOptimizer):
@@ -307,7 +313,8 @@ class Optimizer(torch.optim.Optimizer):
                         raise ValueError(
                             f"add_param_group: {name!r} goes to group {self._group_names[index]!r}, whose {key} is "
                             f"{have!r}, not {value!r}; treeopt groups are the MultiOptimizer's optimizers: add one "
-                            "there, or leave the key out")
+                            "there, or leave the key out"
+                        )
 
         for name, param in entries:
             self.parameters[name] = param
@@ -338,7 +345,9 @@ class Optimizer(torch.optim.Optimizer):
         for item in params:
             name, param = item if isinstance(item, tuple) else (None, item)
             if not isinstance(param, torch.Tensor):
-                raise TypeError(f"add_param_group: expected tensors or (name, tensor) pairs, got {type(param).__name__}")
+                raise TypeError(
+                    f"add_param_group: expected tensors or (name, tensor) pairs, got {type(param).__name__}"
+                )
             if not param.is_leaf:
                 raise ValueError("add_param_group: can't optimize a non-leaf tensor")
             name = canonical_name(name) if name is not None else names_in_model.get(id(param))
@@ -346,8 +355,9 @@ class Optimizer(torch.optim.Optimizer):
                 taken = set(self.parameters) | {n for n, _ in entries}
                 name = next(f"added.{i}" for i in range(len(taken) + 1) if f"added.{i}" not in taken)
             if self._group_of.get(name) is not None:
-                raise ValueError(f"add_param_group: {name!r} is already in group "
-                                 f"{self._group_names[self._group_of[name]]!r}")
+                raise ValueError(
+                    f"add_param_group: {name!r} is already in group {self._group_names[self._group_of[name]]!r}"
+                )
             entries.append((name, param))
         return entries
 
@@ -379,7 +389,8 @@ class Optimizer(torch.optim.Optimizer):
                         f"param_groups[{i}] ({self._group_names[i]}): {key} was changed to {group[key]!r}, but it "
                         "follows a treeopt schedule; drive it by one or the other (a torch LR scheduler on a "
                         "constant treeopt learning rate, or a treeopt schedule). torch.distributed.checkpoint "
-                        "sets lr to 0 for one step on an optimizer with no state: call opt.init() first")
+                        "sets lr to 0 for one step on an optimizer with no state: call opt.init() first"
+                    )
                 edits.append((i, key, _setter(leaf, key, group[key], f"param_groups[{i}][{key!r}]")))
         for i, key, apply in edits:
             apply()
@@ -485,10 +496,14 @@ class Optimizer(torch.optim.Optimizer):
             try:
                 tensors, metadata = _layout.from_torch(state_dict)
             except (KeyError, TypeError, ValueError, AttributeError) as error:
-                raise checkpoint.CheckpointError(f"not a treeopt.torch state dict ({type(error).__name__}: {error})") from error
+                raise checkpoint.CheckpointError(
+                    f"not a treeopt.torch state dict ({type(error).__name__}: {error})"
+                ) from error
         else:
-            raise checkpoint.CheckpointError("not a treeopt.torch state dict: it needs 'tensors' and 'metadata', or "
-                                             f"torch's 'state' and 'param_groups' (got {sorted(state_dict)})")
+            raise checkpoint.CheckpointError(
+                "not a treeopt.torch state dict: it needs 'tensors' and 'metadata', or "
+                f"torch's 'state' and 'param_groups' (got {sorted(state_dict)})"
+            )
         self.refresh()
         self._pull()  # edits made before the load are replaced by the saved values
         with torch.no_grad():  # checked, initialised and loaded together, or nothing changes
@@ -535,8 +550,10 @@ class ParameterState(MutableMapping):
             raise ValueError(f"the state of {self._name(key)!r} has slots {sorted(slots)}, got {sorted(value)}")
         for slot, tensor in value.items():
             if tuple(tensor.shape) != tuple(slots[slot].shape):
-                raise ValueError(f"slot {slot!r} of {self._name(key)!r} has shape {tuple(slots[slot].shape)}, "
-                                 f"got {tuple(tensor.shape)}")
+                raise ValueError(
+                    f"slot {slot!r} of {self._name(key)!r} has shape {tuple(slots[slot].shape)}, "
+                    f"got {tuple(tensor.shape)}"
+                )
         for slot, tensor in value.items():
             if tensor is not slots[slot]:
                 slots[slot].copy_(tensor)

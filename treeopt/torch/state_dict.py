@@ -44,10 +44,12 @@ def from_torch(state_dict):
     groups = state_dict["param_groups"]
     found = [g["treeopt_metadata"] for g in groups if "treeopt_metadata" in g]
     if not found:
-        raise ValueError("this optimizer state dict carries no treeopt_metadata in its param_groups: it was not "
-                         "written by treeopt.torch.Optimizer, or torch.distributed.checkpoint flattened it "
-                         "(StateDictOptions(flatten_optimizer_state_dict=True) keeps only the keys that the live "
-                         "param_groups have; use the default); treeopt loads by parameter name and needs it")
+        raise ValueError(
+            "this optimizer state dict carries no treeopt_metadata in its param_groups: it was not "
+            "written by treeopt.torch.Optimizer, or torch.distributed.checkpoint flattened it "
+            "(StateDictOptions(flatten_optimizer_state_dict=True) keeps only the keys that the live "
+            "param_groups have; use the default); treeopt loads by parameter name and needs it"
+        )
     metadata, tensors, state = json.loads(found[0]), {}, state_dict["state"]
     for group in groups:
         keys, names = group["params"], group.get("param_names")
