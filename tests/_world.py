@@ -5,7 +5,9 @@ rank. The rendezvous is a file store in a fresh directory, so no port can collid
 that hangs fails the test after ``timeout`` seconds instead of blocking the run.
 """
 
+import faulthandler
 import os
+import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -17,6 +19,11 @@ import torch.multiprocessing as mp
 
 def _rank_main(rank, fn, world, folder, timeout, args):
     torch.set_num_threads(1)
+    # MLX does not survive a fork (evaluating an array hangs), and a new optimizer's scalars are
+    # MLX's once MLX is imported (treeopt.backends.default_backend): earlier tests in the same
+    # session import it, so the ranks hide it and get NumPy's scalars, as a torch-only run does
+    sys.modules.pop("mlx.core", None)
+    faulthandler.dump_traceback_later(max(1, timeout - 5), file=sys.stderr)  # where a hung rank is stuck
     dist.init_process_group(
         "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
     )
