@@ -346,59 +346,75 @@ def _check_rules(pairs):
             owner.check_rule()
 
 
-def run_stacked(rule, coefficients, pairs, hyper, in_place, stacks=None):
-    """Run a stackable ``rule`` on the stacks of same-shape pairs (see
-    :mod:`treeopt.kernels.stacking`); returns the pairs left to run one by one. ``stacks``
-    (optional) keeps each run's stacking buffers, by the run's indices, from call to call."""
+def stack_plan(rule, pairs, hyper):
+    """How a stackable ``rule`` runs on ``pairs``: ``(runs, alone)``, each run the indices of
+    same-shape pairs that share one call, with their slot names; ``alone``, the rest, in order."""
     from treeopt.kernels import stacking
 
     backend = pairs[0].backend
     names = [rule.slot_names(backend.shape(pair.param), hyper) for pair in pairs]
-    alone = []
+    runs, alone = [], []
     for group in stacking.groups_by_shape([(tuple(backend.shape(pair.param)), n) for pair, n in zip(pairs, names)]):
         for run in stacking.chunks(backend, pairs[group[0]].param, group):
             if len(run) == 1:
                 alone.append(run[0])
-                continue
-            chosen, slot_names = [pairs[k] for k in run], names[run[0]]
-            buffers = None
-            if stacks is not None:
-                buffers = stacks.get(tuple(run))
-                if buffers is None:
-                    like = chosen[0].param
-                    buffers = stacks[tuple(run)] = [
-                        backend.zeros((len(run),) + tuple(backend.shape(like)), like)
-                        for _ in range(2 + len(slot_names))
-                    ]
-            new_param, *new_slots = stacking.update_stacked(
-                rule.update,
-                coefficients,
-                backend,
-                [pair.grad for pair in chosen],
-                [pair.param for pair in chosen],
-                [[pair.slots[n] for pair in chosen] for n in slot_names],
-                buffers,
+            else:
+                runs.append((tuple(run), names[run[0]]))
+    return runs, sorted(alone)
+
+
+def run_stacked(rule, coefficients, pairs, hyper, in_place, stacks=None):
+    """Run a stackable ``rule`` on the stacks of same-shape pairs (:func:`stack_plan`);
+    returns the pairs left to run one by one. ``stacks`` (optional) keeps the plan and each
+    run's stacking buffers from call to call, for a caller that runs the same pairs every step."""
+    from treeopt.kernels import stacking
+
+    backend = pairs[0].backend
+    plan = None if stacks is None else stacks.get("plan")
+    if plan is None:
+        plan = stack_plan(rule, pairs, hyper)
+        if stacks is not None:
+            stacks["plan"] = plan
+    runs, alone = plan
+    for run, slot_names in runs:
+        chosen = [pairs[k] for k in run]
+        buffers = None
+        if stacks is not None:
+            buffers = stacks.get(run)
+            if buffers is None:
+                like = chosen[0].param
+                buffers = stacks[run] = [
+                    backend.zeros((len(run),) + tuple(backend.shape(like)), like) for _ in range(2 + len(slot_names))
+                ]
+        new_param, *new_slots = stacking.update_stacked(
+            rule.update,
+            coefficients,
+            backend,
+            [pair.grad for pair in chosen],
+            [pair.param for pair in chosen],
+            [[pair.slots[n] for pair in chosen] for n in slot_names],
+            buffers,
+        )
+        writable = backend.writable
+        if (
+            in_place
+            and backend.mutable
+            and all(
+                pair.owned and writable(pair.param) and all(writable(pair.slots[n]) for n in slot_names)
+                for pair in chosen
             )
-            writable = backend.writable
-            if (
-                in_place
-                and backend.mutable
-                and all(
-                    pair.owned and writable(pair.param) and all(writable(pair.slots[n]) for n in slot_names)
-                    for pair in chosen
-                )
-            ):  # the common case: one write per stack (a foreach copy on torch)
-                for name, value in zip(slot_names, new_slots):
-                    backend.write_stack([pair.slots[name] for pair in chosen], value)
-                backend.write_stack([pair.param for pair in chosen], new_param)
-                for pair in chosen:
-                    pair.result = pair.param
-                continue
-            for j, pair in enumerate(chosen):
-                for name, value in zip(slot_names, new_slots):
-                    store_slot(backend, pair.slots, name, value[j])
-                store_param(pair, new_param[j], in_place)
-    return [pairs[k] for k in sorted(alone)]
+        ):  # the common case: one write per stack (a foreach copy on torch)
+            for name, value in zip(slot_names, new_slots):
+                backend.write_stack([pair.slots[name] for pair in chosen], value)
+            backend.write_stack([pair.param for pair in chosen], new_param)
+            for pair in chosen:
+                pair.result = pair.param
+            continue
+        for j, pair in enumerate(chosen):
+            for name, value in zip(slot_names, new_slots):
+                store_slot(backend, pair.slots, name, value[j])
+            store_param(pair, new_param[j], in_place)
+    return [pairs[k] for k in alone]
 
 
 def store_slot(backend, slots, name, value):

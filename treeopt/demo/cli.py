@@ -31,7 +31,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--steps",
-        type=_positive,
+        type=positive_int,
         default=None,
         help=f"training steps of each run (default {DEFAULT_STEPS}, {QUICK_STEPS} with --quick)",
     )
@@ -41,14 +41,14 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--threads",
-        type=_positive,
+        type=positive_int,
         default=1,
         help="torch threads (default 1: the model is small, and on a busy machine a second "
         "thread waiting for the first costs more than it saves)",
     )
     parser.add_argument(
         "--jobs",
-        type=_positive,
+        type=positive_int,
         default=1,
         help="runs trained at once, in separate processes (default 1: one after the other); "
         "on a busy machine this also gives the three runs the same conditions",
@@ -63,7 +63,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--stop-after",
-        type=_positive,
+        type=positive_int,
         default=None,
         metavar="N",
         help="stop each run after step N (resume later with --checkpoint)",
@@ -89,7 +89,8 @@ def parse_args(argv=None):
     return args
 
 
-def _positive(text):
+def positive_int(text):
+    """An argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")

@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from treeopt.demo import model, training
+from treeopt.demo.cli import positive_int as _positive
 from treeopt.demo.dataset import train_test_split
 from treeopt.tree import tree_flatten
 
@@ -67,13 +68,6 @@ def parse_args(argv=None):
     if args.log_every is None:
         args.log_every = max(1, args.steps // 10)
     return args
-
-
-def _positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv=None):

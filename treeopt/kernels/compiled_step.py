@@ -97,6 +97,18 @@ class _RuleBucket:
                 pair.grad = None  # do not keep the caller's gradients alive
 
 
+def _fuse(bucket, groups, backend, static, flags):
+    """What a fused bucket keeps of its ``groups`` (``(owner, leaves, positions)`` each, one
+    rule): sets its owners and gradient positions; returns its leaves, each leaf's row of the
+    coefficient table, and the rule."""
+    bucket.backend, bucket.static, bucket.flags = backend, static, flags
+    bucket.owners = [owner for owner, _, _ in groups]
+    bucket.positions = [k for _, _, positions in groups for k in positions]
+    leaves = [leaf for _, group, _ in groups for leaf in group]
+    rows = [r for r, (_, group, _) in enumerate(groups) for _ in group]
+    return leaves, rows, bucket.owners[0].rule
+
+
 class _NumbaBucket:
     """Leaves of one elementwise rule and dtype, from one or more optimizers (groups of a
     MultiOptimizer), run as one parallel loop: each tensor reads its optimizer's numeric
@@ -105,12 +117,7 @@ class _NumbaBucket:
     def __init__(self, groups, backend, static, flags):
         from treeopt.kernels.numba_kernels import kernel_for, work_items
 
-        self.backend, self.static, self.flags = backend, static, flags
-        self.owners = [owner for owner, _, _ in groups]
-        leaves = [leaf for _, group, _ in groups for leaf in group]
-        self.positions = [k for _, _, positions in groups for k in positions]
-        rows = [r for r, (_, group, _) in enumerate(groups) for _ in group]
-        rule = self.owners[0].rule
+        leaves, rows, rule = _fuse(self, groups, backend, static, flags)
         self.kernel, self.numeric = kernel_for(rule, static)
         self.hyper = [_settings(owner) for owner in self.owners]
         self.params = [leaf.param for leaf in leaves]
@@ -223,12 +230,7 @@ class _TorchCompiledBucket:
 
         from treeopt.backends.torch_compiled import compile_step
 
-        self.backend, self.static, self.flags = backend, static, flags
-        self.owners = [owner for owner, _, _ in groups]
-        leaves = [leaf for _, group, _ in groups for leaf in group]
-        self.positions = [k for _, _, positions in groups for k in positions]
-        rows = [r for r, (_, group, _) in enumerate(groups) for _ in group]
-        rule = self.owners[0].rule
+        leaves, rows, rule = _fuse(self, groups, backend, static, flags)
         self.numeric = _numeric_names(rule, static)
         self.hyper = [_settings(owner) for owner in self.owners]
         self.params = [leaf.param for leaf in leaves]
