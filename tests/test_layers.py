@@ -32,9 +32,19 @@ def modules():
 
 
 def imported(name, tree, known):
-    """The treeopt modules ``name`` imports (anywhere in it, functions included)."""
+    """The treeopt modules ``name`` imports (anywhere in it, functions included), not counting
+    the imports under ``if TYPE_CHECKING:``, which only annotations use (they run no code)."""
     found = set()
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
