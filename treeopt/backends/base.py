@@ -122,7 +122,7 @@ class Backend:
     def mean(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
         raise NotImplementedError
 
-    def sum(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+    def sum(self, x: Array, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Array:
         raise NotImplementedError
 
     def write_stack(self, dsts: Sequence[Array], stack: Array) -> None:

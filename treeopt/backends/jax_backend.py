@@ -94,7 +94,7 @@ class JaxBackend(Backend):
         count = x.size if axis is None else x.shape[axis]
         return total * x.dtype.type(1 / count if count else float("nan"))  # empty: NaN, as MLX
 
-    def sum(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+    def sum(self, x: Array, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Array:
         return jnp.sum(self._in_float32(x), axis=axis, keepdims=keepdims).astype(x.dtype)
 
     def stack(self, arrays: Sequence[Array], out: Array | None = None) -> Array:

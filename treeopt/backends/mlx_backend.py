@@ -101,7 +101,7 @@ class MlxBackend(Backend):
     def mean(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
         return mx.mean(x, axis=axis, keepdims=keepdims)
 
-    def sum(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+    def sum(self, x: Array, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Array:
         return mx.sum(x, axis=axis, keepdims=keepdims)
 
     def stack(self, arrays: Sequence[Array], out: Array | None = None) -> Array:

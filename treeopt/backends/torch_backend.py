@@ -143,7 +143,7 @@ class TorchBackend(Backend):
         count = x.numel() if axis is None else x.shape[axis]
         return total * self.cast(1 / count if count else float("nan"), x)  # empty: NaN, as MLX
 
-    def sum(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+    def sum(self, x: Array, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Array:
         dims = () if axis is None else axis
         return torch.sum(self._in_float32(x), dim=dims, keepdim=keepdims).to(x.dtype)
 
