@@ -4,10 +4,12 @@ A leaf is located by its *keys*, the tuple of dict keys and list indices on the 
 unlike a dotted path, keys are exact even for keys that contain dots or are digit strings.
 """
 
+from collections.abc import Iterable
+
 from treeopt.tree import is_container, rebuild
 
 
-def dotted(keys) -> str:
+def dotted(keys: Iterable[object]) -> str:
     return ".".join(map(str, keys))
 
 

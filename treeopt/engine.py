@@ -362,13 +362,14 @@ def run_rule(optimizer: Optimizer, pairs: list[Pair], in_place: bool, stacks: di
         store_param(pair, new_param, in_place)
 
 
-def _check_rules(pairs) -> None:
+def _check_rules(pairs: Iterable[Pair]) -> None:
     """Compute each rule's coefficients once before the commit, so that a rule whose
     coefficients do not fit its update fails before anything changes (checked once per rule)."""
-    seen = set()
+    seen: set[int] = set()
     for pair in pairs:
         owner = pair.owner
-        if owner.runs_rule and id(owner) not in seen and not rule_checked(owner.rule):
+        rule = owner.rule
+        if owner.runs_rule and rule is not None and id(owner) not in seen and not rule_checked(rule):
             seen.add(id(owner))
             owner.check_rule()
 
@@ -550,13 +551,13 @@ def mirror(optimizer: Optimizer, parameters: Tree, keys: Collection[Keys]) -> No
     """Mirror ``parameters`` into the state, with slots for the parameters at ``keys``."""
     book, state = optimizer.book, optimizer.state
 
-    def select(leaf_keys, leaf) -> bool:
+    def select(leaf_keys: Keys, leaf: Array) -> bool:
         if leaf_keys not in keys:
             return False
         book.parameters[leaf_keys] = _info(leaf)
         return True
 
-    def init_leaf(leaf_keys, param, slots) -> None:
+    def init_leaf(leaf_keys: Keys, param: Array, slots: dict[str, Array]) -> None:
         backend = backend_of(param)
         assert backend is not None  # the step checked every parameter
         if backend.name == "python":
@@ -614,7 +615,7 @@ def collect(gradients: Tree, parameters: Tree, name: str, check_pairs: bool = Tr
         raise TypeError(f"{name}: expected a tree (dict, list or tuple) of arrays, got {type(gradients).__name__}")
     pairs = []
 
-    def walk(grad, param, keys) -> None:
+    def walk(grad: Tree, param: Tree, keys: Keys) -> None:
         if is_container(grad):
             if param is not _MISSING and not is_container(param):
                 raise ParameterError(
@@ -665,7 +666,7 @@ def _pair(name, grad, param, keys, check_pairs):
     return Pair(keys, grad, param, param_backend, owned)
 
 
-def _check_pair(name, path, grad, grad_backend, param, param_backend) -> None:
+def _check_pair(name: str, path: str, grad: Array, grad_backend: Backend, param: Array, param_backend: Backend) -> None:
     if grad_backend is not param_backend:
         raise ParameterError(
             f"{name}: the gradient at {describe(path)} is a {grad_backend.name} array but the "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from treeopt import engine, kernels
@@ -20,7 +20,7 @@ from treeopt.kernels.compiled_step import CompiledStep
 from treeopt.plan import Plan, build as build_plan
 from treeopt.rules.base import Rule, check_coefficients, keyword_only
 from treeopt.tree import is_container, tree_map
-from treeopt.types import Array, Keys, Schedule, Shape, State, Tree
+from treeopt.types import Array, Keys, Scalar, Schedule, Shape, State, Tree
 from treeopt.values import hyper
 
 __all__ = ["Optimizer", "Placement", "RESERVED"]
@@ -189,7 +189,7 @@ class Optimizer:
             value = owner.to_float(value)
         return backend.scalar_array(value, dtype)
 
-    def _maybe_schedule(self, name, value) -> None:
+    def _maybe_schedule(self, name: str, value: Scalar) -> None:
         """Put hyper-parameter ``name`` in the state, on a schedule if ``value`` is callable."""
         if callable(value):
             schedule, value = value, self._scheduled(name, value, self.step)
@@ -238,7 +238,7 @@ class Optimizer:
             return tuple(one(f"{name}[{i}]", v) for i, v in enumerate(value))
         return one(name, value)
 
-    def _adopt(self, backend) -> None:
+    def _adopt(self, backend: Backend) -> None:
         """Settle the state's array library; state scalars move to it."""
         if self.book.backend is backend:
             return
@@ -567,14 +567,14 @@ def _lock(optimizer):
 class _StateView:
     """A candidate state dict, read with the engine's layout functions before it is adopted."""
 
-    def __init__(self, state, scalars) -> None:
+    def __init__(self, state: State, scalars: Sequence[str]) -> None:
         self.state, self._scalars = state, scalars
 
     def scalar_names(self):
         return [k for k in self._scalars if k in self.state]
 
     class Shape:
-        def __init__(self, shape) -> None:
+        def __init__(self, shape: Sequence[int]) -> None:
             self.shape, self.ndim = tuple(shape), len(shape)
 
 
@@ -594,10 +594,10 @@ def _copy(value):
 class _Scaled:
     """A learning rate (a number or a schedule) times a shared multiplier schedule."""
 
-    def __init__(self, base, multiplier) -> None:
+    def __init__(self, base: Scalar, multiplier: Schedule) -> None:
         self.base, self.multiplier = base, multiplier
 
-    def __call__(self, step):
+    def __call__(self, step: Array) -> Array:
         base = self.base(step) if callable(self.base) else self.base
         return base * self.multiplier(step)
 

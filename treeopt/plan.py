@@ -18,7 +18,7 @@ import numpy as np
 from treeopt import engine
 from treeopt._trees import dotted
 from treeopt.backends import as_float, backend_of
-from treeopt.types import Array
+from treeopt.types import Array, Shape
 
 if TYPE_CHECKING:
     from rich.console import Group as RichGroup
@@ -73,7 +73,7 @@ def _nbytes(array: Array) -> int:
     return backend.nbytes(array)
 
 
-def _number(x) -> str:
+def _number(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
@@ -277,7 +277,7 @@ def _predicted_bytes(leaf, shape, dtype):
     """State bytes of a parameter that has no state yet, from the optimizer's slot shapes."""
 
     class _Like:  # stands in for the parameter in slot_shapes
-        def __init__(self, shape) -> None:
+        def __init__(self, shape: Shape) -> None:
             self.shape, self.ndim = shape, len(shape)
 
     try:

@@ -32,7 +32,7 @@ def layout_of(params: Tree) -> str | None:
     return None
 
 
-def _declare_flax_kinds(multi, params) -> None:
+def _declare_flax_kinds(multi: MultiOptimizer, params: Tree) -> None:
     """A tree of JAX arrays: its embeddings and head as flax's modules make them (see
     :func:`treeopt.jax.module_kinds`), declared before routing."""
     leaves = tree_flatten(params)

@@ -120,12 +120,12 @@ def tree_flatten(
         add = destination.append
     elif isinstance(destination, dict):
 
-        def add(pair) -> None:
+        def add(pair: tuple[str, Any]) -> None:
             destination[pair[0]] = pair[1]
     else:
         raise ValueError("Destination should be either a list or a dictionary or None")
 
-    def walk(node, key) -> None:
+    def walk(node: Tree, key: str) -> None:
         if (is_leaf is not None and is_leaf(node)) or not is_container(node):
             add((key[1:], node))
             return
@@ -136,7 +136,7 @@ def tree_flatten(
     return destination
 
 
-def _list_index(key: str):
+def _list_index(key: str) -> int | None:
     """``int(key)`` when ``key`` is a canonical non-negative integer, else ``None``."""
     if key.isascii() and key.isdigit() and (key == "0" or not key.startswith("0")):
         return int(key)

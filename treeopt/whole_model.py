@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from treeopt.clip import clip_factor, global_norm, scale
 from treeopt.errors import TreeoptError
 from treeopt.ops import all_finite, cast
+from treeopt.types import Array
 
 if TYPE_CHECKING:
     from treeopt.engine import Pair
@@ -115,7 +116,7 @@ def prepare(
     return leaves, owners, stepping, lambda: state.update(updates)
 
 
-def _check_buffer(buffer, leaf) -> None:
+def _check_buffer(buffer: Array, leaf: Pair) -> None:
     """An accumulation buffer (perhaps loaded from a checkpoint) must be of its gradient's
     library, shape and dtype: never broadcast."""
     from treeopt.backends import backend_of

@@ -142,7 +142,7 @@ def gemm(alpha: float, a: np.ndarray, b: np.ndarray, beta: float, c: np.ndarray)
     return True
 
 
-def _numba_stack(function, ta, tb, m, n, k, alpha, a, b, beta, c) -> bool:
+def _numba_stack(function, ta, tb, m, n, k, alpha, a, b, beta, c):
     """The GEMMs of a stack from one compiled loop; False without numba."""
     from treeopt.kernels import numba_available
 

@@ -15,7 +15,7 @@ _HALF = ("float16", "bfloat16")
 _NAMES: dict = {}  # dtype -> its name
 
 
-def _dtype(name: str):
+def _dtype(name: str) -> np.dtype:
     if name == "bfloat16":  # NumPy's bfloat16 comes from ml_dtypes (pip install treeopt[bfloat16])
         try:
             import ml_dtypes

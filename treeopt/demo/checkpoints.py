@@ -4,6 +4,8 @@ run's :class:`treeopt.torch.Optimizer`; the file holds its treeopt optimizer's s
 
 from __future__ import annotations
 
+import json
+import pathlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -14,10 +16,6 @@ if TYPE_CHECKING:
 
     from treeopt.demo.training_gpt import Curve
     from treeopt.torch.optimizer import Optimizer as TorchOptimizer
-
-
-import json
-import pathlib
 
 
 def _files(folder, setup):

@@ -8,20 +8,18 @@ batches, with tuned AdamW, with Muon on every matrix, and with ``treeopt.muon_ad
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.progress import Progress, TaskID
-
-
 import argparse
 import dataclasses
 import pathlib
 import sys
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
 
 DEFAULT_STEPS = 600
 QUICK_STEPS = 100

@@ -6,15 +6,13 @@ its source and licence); nothing is downloaded.
 
 from __future__ import annotations
 
+from importlib import resources
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
-
-
-from importlib import resources
-
-import numpy as np
 
 NUM_CLASSES = 10
 NUM_PIXELS = 64

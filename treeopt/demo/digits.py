@@ -6,21 +6,11 @@ AdamW alone, and compare.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-from treeopt.types import Tree
-
-if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-
-    import treeopt as optim
-    from treeopt.demo.training import Run
-
-
 import argparse
 import contextlib
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +18,13 @@ from treeopt.demo import model, training
 from treeopt.demo.cli import positive_int as _positive
 from treeopt.demo.dataset import train_test_split
 from treeopt.tree import tree_flatten
+from treeopt.types import Tree
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    import treeopt as optim
+    from treeopt.demo.training import Run
 
 DEFAULT_STEPS = 300
 QUICK_STEPS = 20

@@ -14,20 +14,17 @@ mean softmax cross-entropy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-
-from treeopt.types import Tree
-
-if TYPE_CHECKING:
-    from numpy.typing import DTypeLike
-
-
-import math
 
 import numpy as np
 
 from treeopt.tree import tree_flatten
+from treeopt.types import Tree
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
 
 #: inputs, hidden widths, classes: 64 pixels -> three hidden layers of 128 -> 10 digits
 DEFAULT_SIZES = (64, 128, 128, 128, 10)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-
-import json
-import os
-import platform
-import sys
 
 #: the runs' colours in the plot (AdamW, Muon everywhere, muon_adamw)
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c")

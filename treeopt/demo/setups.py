@@ -14,20 +14,17 @@ the groups' learning rates, and clip the global gradient norm over all groups.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import treeopt as optim
+from treeopt.filters import ndim
 from treeopt.types import Schedule
 
 if TYPE_CHECKING:
     import torch
 
     from treeopt.torch.optimizer import Optimizer as TorchOptimizer
-
-
-from dataclasses import asdict, dataclass
-
-import treeopt as optim
-from treeopt.filters import ndim
 
 
 @dataclass(frozen=True)

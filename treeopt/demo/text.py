@@ -8,17 +8,15 @@ loss measures code the model has not seen.
 
 from __future__ import annotations
 
+import gzip
+import pathlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     import os
-
-
-import gzip
-import pathlib
-
-import numpy as np
 
 DATA = pathlib.Path(__file__).parent / "data"
 ARCHIVE = DATA / "stdlib.txt.gz"

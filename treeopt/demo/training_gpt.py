@@ -8,20 +8,18 @@ evaluations).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from treeopt.torch.optimizer import Optimizer as TorchOptimizer
-
-
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from treeopt.demo import gpt, text
+
+if TYPE_CHECKING:
+    from treeopt.torch.optimizer import Optimizer as TorchOptimizer
 
 
 @dataclass

@@ -12,16 +12,14 @@ holds, then checks everything by name as a single-file load does.
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from treeopt.checkpoint.format import LoadReport
     from treeopt.torch.optimizer import Optimizer as TorchOptimizer
-
-
-import json
-import math
-import os
 
 METADATA = "treeopt.json"
 

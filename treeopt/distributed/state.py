@@ -16,15 +16,13 @@ saved regions each target needs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from treeopt.distributed.comm import Collectives
-
-
-import hashlib
-import json
 
 T = TypeVar("T")
 

@@ -14,23 +14,20 @@ parameters or not, so steps and schedules count alike.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
+
+from treeopt.distributed import ownership as _ownership
+from treeopt.distributed.comm import Collectives
 
 if TYPE_CHECKING:
     from treeopt.checkpoint.format import LoadReport
     from treeopt.optimizer import Optimizer
     from treeopt.plan import Plan
-
-
-import math
-
-import torch
-
-from treeopt.distributed import ownership as _ownership
-from treeopt.distributed.comm import Collectives
 
 __all__ = ["Zero1", "plan"]
 
@@ -58,7 +55,7 @@ class _Segment:
 
     __slots__ = ("name", "view", "numel")
 
-    def __init__(self, name, view):
+    def __init__(self, name: str, view: torch.Tensor) -> None:
         self.name, self.view, self.numel = name, view, view.numel()
 
 

@@ -19,13 +19,6 @@ generated module is named after a hash of the rule's source, so a changed rule c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from treeopt.rules.base import Rule
-
-
 import functools
 import hashlib
 import importlib.util
@@ -33,11 +26,16 @@ import inspect
 import os
 import sys
 import types
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numba
 import numpy as np
 
 from treeopt import ops
+
+if TYPE_CHECKING:
+    from treeopt.rules.base import Rule
 
 # elements per parallel work item: long enough for the hardware prefetchers (1 Mi elements
 # ran 25% faster than 64 Ki on a 124M-parameter tree), short enough to spread over threads

@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from treeopt.types import Array
+
 if TYPE_CHECKING:
     from treeopt.backends import Backend
-from treeopt.types import Array
 
 #: bytes of one stacked NumPy array (the rule makes a few temporaries of it)
 CHUNK_BYTES = 1 << 19

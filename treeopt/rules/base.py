@@ -130,7 +130,7 @@ def keyword_only(function: Callable[..., Any]) -> list[str]:
     return [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
 
-def _check(rule) -> None:
+def _check(rule: Rule) -> None:
     label = f"rule {rule.name!r}"
     update = list(inspect.signature(rule.update).parameters.values())
     if [p.name for p in update[:2]] != ["grad", "param"]:
