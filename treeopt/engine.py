@@ -471,8 +471,8 @@ def store_param(pair: Pair, value: Array, in_place: bool) -> None:
         pair.result = pair.backend.as_array(value)
 
 
-def _buckets(pairs):
-    groups = {}
+def _buckets(pairs: Iterable[Pair]) -> dict[tuple[int, str, str, str], list[Pair]]:
+    groups: dict[tuple[int, str, str, str], list[Pair]] = {}
     for pair in pairs:
         b = pair.backend
         key = (id(pair.owner), b.name, b.dtype_name(pair.param), b.device(pair.param))
@@ -480,8 +480,8 @@ def _buckets(pairs):
     return groups
 
 
-def _group_keys(pairs, owners):
-    grouped = {}
+def _group_keys(pairs: Iterable[Pair], owners: Iterable[Optimizer | None]) -> dict[Optimizer | None, set[Keys]]:
+    grouped: dict[Optimizer | None, set[Keys]] = {}
     for pair, owner in zip(pairs, owners):
         grouped.setdefault(owner, set()).add(pair.keys)
     return grouped
@@ -517,7 +517,7 @@ def slot_items(optimizer: StateHolder) -> Iterator[tuple[Keys, dict[str, Array]]
             if node and not any(is_container(v) for v in node.values()):
                 yield keys, node
                 return
-            children = node.items()
+            children: Iterable[tuple[Any, Any]] = node.items()
         elif isinstance(node, (list, tuple)):
             children = enumerate(node)
         else:
@@ -593,7 +593,12 @@ def _info(param):
 
 def _fits(value, like):
     a, b = backend_of(value), backend_of(like)
-    return a is b and tuple(a.shape(value)) == tuple(b.shape(like)) and a.dtype_name(value) == b.dtype_name(like)
+    return (
+        a is not None
+        and a is b
+        and tuple(a.shape(value)) == tuple(b.shape(like))
+        and a.dtype_name(value) == b.dtype_name(like)
+    )
 
 
 # ---------------------------------------------------------------------- collecting pairs

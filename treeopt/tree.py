@@ -165,14 +165,14 @@ def _unflatten(pairs, prefix):
         if key in seen:
             raise ValueError(f"tree_unflatten: duplicate key {prefix + key!r}")
         seen.add(key)
-    children = {}
+    children: dict[str, list[tuple[str, Any]]] = {}
     for key, value in pairs:
         head, _, tail = key.partition(".")
         children.setdefault(head, []).append((tail, value))
     indices = {_list_index(k): k for k in children}
     if children and None not in indices and len(indices) == len(children):
-        result = []
-        for i in sorted(indices):
+        result: list[Any] = []
+        for i in sorted(i for i in indices if i is not None):  # all of them (checked above)
             result.extend({} for _ in range(i - len(result)))
             result.append(_unflatten(children[indices[i]], f"{prefix}{indices[i]}."))
         return result

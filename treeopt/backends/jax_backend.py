@@ -16,7 +16,7 @@ _REPLICATED = jax.sharding.PartitionSpec()
 
 
 def _dtype(name):
-    if name == "uint64" and not jax.config.jax_enable_x64:
+    if name == "uint64" and not jax.config.jax_enable_x64:  # type: ignore[attr-defined]  # not in jax's stubs
         return jnp.uint32  # JAX keeps 32-bit integers unless x64 is enabled
     return jnp.dtype(name)
 
@@ -159,4 +159,4 @@ def _mesh_of(x):
         return None, None
     if all(kind == jax.sharding.AxisType.Manual for kind in mesh.axis_types):
         return None, None  # inside shard_map: x is this device's own block, as the user chose
-    return mesh, sharding.spec
+    return mesh, sharding.spec  # type: ignore[union-attr]  # a mesh implies a sharding

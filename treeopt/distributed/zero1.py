@@ -140,7 +140,7 @@ class Zero1:
     # ------------------------------------------------------------------ the step
     def _build_layout(self):
         """Per dtype: each rank's segments in plan order, and the flat size of the largest."""
-        layout = {}
+        layout: dict[torch.dtype, list[list[_Segment]]] = {}
         for rank in range(self.comm.world):
             for name in self.ownership.owned(rank):
                 start, stop = self.ownership.rows(name, rank)
@@ -276,7 +276,9 @@ class Zero1:
         rows = self.ownership.entries[name].shape[0]
         shape = (rows, *local.shape[1:])
         stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
-        return DTensor.from_local(local, self._mesh(), [Shard(0)], run_check=False, shape=shape, stride=stride)
+        return DTensor.from_local(
+            local, self._mesh(), [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride
+        )
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
         """Load a state saved by :meth:`state_dict` at any world size (DCP reshards the
