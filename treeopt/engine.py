@@ -42,7 +42,7 @@ from treeopt.backends import backend_of, numpy_backend
 from treeopt.errors import MissingParameterError, ParameterError, describe
 from treeopt.rules.base import rule_checked
 from treeopt.tree import is_container, items, rebuild
-from treeopt.types import Array, Keys, State, Tree
+from treeopt.types import Array, Keys, Shape, State, Tree
 
 if TYPE_CHECKING:
     from treeopt.backends import Backend
@@ -80,9 +80,9 @@ class Book:
     #: step checks them)
     initialized: bool = False
     #: keys -> ``(shape, dtype)`` of each parameter with state
-    parameters: dict = field(default_factory=dict)
+    parameters: dict[Keys, tuple[Shape, str]] = field(default_factory=dict)
     #: keys -> slots to start from when the parameter is initialised (``reroute(state="carry")``)
-    carried: dict = field(default_factory=dict)
+    carried: dict[Keys, dict[str, Array]] = field(default_factory=dict)
     #: bumped by every change a compiled step depends on
     version: int = 0
 

@@ -43,7 +43,7 @@ class Optimizer:
     rule: Rule | None = None
     #: hyper-parameters the rule reads: attributes, or state entries when scheduled; a class
     #: with a rule gets them from the rule's coefficient function
-    hyperparameters: tuple = ()
+    hyperparameters: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -537,16 +537,16 @@ class Optimizer:
 class Placement(NamedTuple):
     """Where a parameter goes and why, as plans and checkpoints show it."""
 
-    keys: tuple
+    keys: Keys
     #: the stateful optimizer that owns it (``None``: frozen)
     owner: Optimizer | None
     #: why: ``"filters[0] (is_hidden_matrix)"``, ``"fallback"``, ``"rerouted"``, ``"frozen"``...
     reason: str
     #: other filters that accept it (the first one won)
-    also: tuple
+    also: tuple[str, ...]
     #: guard findings
-    notes: tuple
-    shape: tuple
+    notes: tuple[str, ...]
+    shape: Shape
     dtype: str
 
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class Options:
     max_grad_norm: float | None = None
     skip_nonfinite: bool = False
-    accumulate: tuple = ()  # update frequency of each optimizer (all 1: no accumulation)
+    accumulate: tuple[int, ...] = ()  # update frequency of each optimizer (all 1: no accumulation)
 
     def __init__(
         self,

@@ -19,12 +19,12 @@ class Backend:
     of this backend, or Python numbers where noted.
     """
 
-    name = "?"
-    mutable = False
+    name: str = "?"
+    mutable: bool = False
     #: dtype names of floating types the rules may update
-    floating = ("float16", "bfloat16", "float32", "float64")
+    floating: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
     #: the exact types of this library's arrays, for walks that test ``type(x) in ...``
-    array_types: tuple = ()
+    array_types: tuple[type, ...] = ()
 
     # --- what an array is -------------------------------------------------------------
     def owns(self, x: object) -> bool:

@@ -125,7 +125,7 @@ class Run:
     test_accuracy: float = float("nan")
     test_size: int = 0  # images in the test set
     seconds: float = 0.0  # wall time of the training steps (evaluation excluded)
-    history: list = field(default_factory=list)  # (step, mean batch loss, test accuracy)
+    history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, mean batch loss, test accuracy)
 
 
 def train(

@@ -28,11 +28,11 @@ class Curve:
     to that step (wall seconds, and CPU seconds of this process, which a busy machine
     disturbs less) and the mean training loss since the previous point."""
 
-    steps: list = field(default_factory=list)
-    seconds: list = field(default_factory=list)
-    cpu_seconds: list = field(default_factory=list)
-    val_loss: list = field(default_factory=list)
-    train_loss: list = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
 
     def add(self, step: int, seconds: float, cpu_seconds: float, val_loss: float, train_loss: float) -> None:
         self.steps.append(step)

@@ -50,7 +50,7 @@ class Entry:
     """One trainable parameter as the plan sees it."""
 
     name: str
-    shape: tuple
+    shape: tuple[int, ...]
     kind: str  # ORTH, WHOLE or ELEMENTWISE
     state_bytes: int  # of its optimizer slots, whole
     param_bytes: int
@@ -62,11 +62,11 @@ class Ownership:
     """The result: each parameter's owner (a rank) or ``"rows"`` (split over every rank)."""
 
     world: int
-    owner: dict  # name -> rank, or "rows"
-    entries: dict  # name -> Entry
-    state_bytes: list = field(default_factory=list)  # per rank
-    param_bytes: list = field(default_factory=list)  # per rank: what it sends each step
-    flops: list = field(default_factory=list)  # Newton-Schulz FLOPs per rank per step
+    owner: dict[str, int | str]  # name -> rank, or "rows"
+    entries: dict[str, Entry]  # name -> Entry
+    state_bytes: list[int] = field(default_factory=list)  # per rank
+    param_bytes: list[int] = field(default_factory=list)  # per rank: what it sends each step
+    flops: list[int] = field(default_factory=list)  # Newton-Schulz FLOPs per rank per step
 
     def split(self, name: str) -> bool:
         return self.owner[name] == "rows"
