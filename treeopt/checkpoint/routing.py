@@ -14,7 +14,8 @@ created by, and loaded into, the optimizer that owned them when the file was sav
 
 from treeopt import engine
 from treeopt._trees import dotted
-from treeopt.checkpoint.format import CheckpointError, Problem
+from treeopt.backends import backend_of, numpy_backend
+from treeopt.checkpoint.base import CheckpointError, Problem, assign
 
 CARRIED = "#carried/"
 
@@ -150,8 +151,6 @@ def mirror_frozen(optimizer, metadata, params):
 def check_carried(optimizer, metadata, tensors):
     """``(writes, problems)`` for the saved carried slots: each goes to the optimizer that
     now owns its parameter, and must be a slot of that optimizer, of the right shape and dtype."""
-    from treeopt.backends import backend_of
-
     entries = {
         dotted(tuple(e["keys"])): (tuple(node["position"]), e)
         for node in metadata.get("routing", [])
@@ -186,13 +185,10 @@ def check_carried(optimizer, metadata, tensors):
 def apply_carried(writes):
     """Put the checked carried slots in place: into the slots when the parameter has state
     already, else kept for its first step on its new optimizer."""
-    from treeopt.backends import backend_of, numpy_backend
-    from treeopt.checkpoint.format import _assign
-
     for owner, keys, slot, array in writes:
         slots = engine.slots_at(owner, keys)
         if slots and slot in slots:
-            _assign(slots, slot, array)
+            assign(slots, slot, array)
             continue
         source, target = backend_of(array), owner.book.backend or numpy_backend
         value = array if source is target else target.from_numpy(source.to_numpy(array))
