@@ -14,7 +14,7 @@ INTEGRATIONS = ("backends/", "torch/", "jax.py", "distributed/", "demo/")
 #: that close these cycles). The tests fail on any new one, and when one of these is fixed
 #: it must leave the list.
 KNOWN_CYCLES: set = set()
-KNOWN_PRIVATE_USES = {("checkpoint/routing.py", "_routes")}
+KNOWN_PRIVATE_USES: set = set()
 KNOWN_FRAMEWORK_IMPORTS = {"kernels/compiled_step.py: torch"}  # the torch.compile bucket: through a backend
 
 

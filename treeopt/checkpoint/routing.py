@@ -12,10 +12,13 @@ A load restores the routing before it creates any state, so each parameter's slo
 created by, and loaded into, the optimizer that owned them when the file was saved.
 """
 
+from dataclasses import replace
+
 from treeopt import engine
 from treeopt._trees import dotted
 from treeopt.backends import backend_of, numpy_backend
 from treeopt.checkpoint.base import CheckpointError, Problem, assign
+from treeopt.multi import Route
 
 CARRIED = "#carried/"
 
@@ -43,7 +46,7 @@ def to_metadata(optimizer):
     nodes = []
     for position, multi in multis(optimizer):
         paths = []
-        for keys, route in multi._routes.items():
+        for keys, route in multi.routes().items():
             flags = [
                 name
                 for name, found in (
@@ -84,10 +87,6 @@ def carried_tensors(optimizer, leaves):
 def restore(optimizer, metadata):
     """Apply the saved routing changes to ``optimizer`` (checked first; raises
     :class:`CheckpointError` naming the path when they cannot apply)."""
-    from dataclasses import replace
-
-    from treeopt.multi import Route
-
     nodes = metadata.get("routing", [])
     if not nodes:
         return
@@ -106,9 +105,10 @@ def restore(optimizer, metadata):
                 f"and this one has {multi.names}"
             )
         index = {name: k for k, name in enumerate(multi.names)}
+        current = multi.routes()
         for entry in node["paths"]:
             keys, shape, dtype = tuple(entry["keys"]), tuple(entry["shape"]), entry["dtype"]
-            known = multi._routes.get(keys)
+            known = current.get(keys)
             if known is not None and (tuple(known.shape), known.dtype) != (shape, dtype):
                 raise CheckpointError(
                     f"checkpoint routing: {dotted(keys)!r} is {dtype}{list(shape)} in the checkpoint but "
@@ -121,20 +121,18 @@ def restore(optimizer, metadata):
                 )
             plans.append((multi, keys, (shape, dtype), index.get(entry["route"]), entry["flags"]))
         plans.append((multi, None, node["changes"], None, None))
+    routes = {id(multi): multi.routes() for multi in found.values()}
     for multi, keys, info, target, flags in plans:
-        multi.book.version += 1
         if keys is None:
             multi.changes = list(info)
             continue
-        known = multi._routes.get(keys) or Route(*info)
+        known = routes[id(multi)].get(keys) or Route(*info)
         if target is not None and known.group != target:
-            owner = multi.owner_of(keys)
-            if owner is not None:
-                engine.drop(owner, keys)
             known = replace(known, group=target, also=(), notes=())
         if "rerouted" in flags:
             known = replace(known, reason="rerouted")
-        multi._routes[keys] = replace(known, frozen="frozen" in flags, unfrozen="unfrozen" in flags)
+        known = routes[id(multi)][keys] = replace(known, frozen="frozen" in flags, unfrozen="unfrozen" in flags)
+        multi.restore_route(keys, known)
 
 
 def mirror_frozen(optimizer, metadata, params):
@@ -142,7 +140,7 @@ def mirror_frozen(optimizer, metadata, params):
     ``unfreeze``), so the saved state has somewhere to go: ``init`` skips frozen parameters."""
     saved = metadata.get("parameters", {})
     for _, multi in multis(optimizer):
-        for keys, route in multi._routes.items():
+        for keys, route in multi.routes().items():
             owner = multi.owner_of(keys) if route.frozen else None
             if owner is not None and saved.get(dotted(keys), {}).get("slots") and not engine.slots_at(owner, keys):
                 engine.mirror(owner, params, {keys})
