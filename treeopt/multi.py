@@ -224,7 +224,7 @@ class MultiOptimizer(Optimizer):
             self._warned.add(key)
             warn(message, RoutingWarning)
 
-    def declare_kinds(self, kinds):
+    def declare_kinds(self, kinds: dict) -> None:
         """Say what some parameters are, by path: ``{"tok.weight": "embedding"}`` (a kind or
         several). Filters see it through :func:`treeopt.filters.kinds_of` (``is_embedding``,
         ``is_head``, ``is_norm``, ``kind(...)``), and so do optimizers' routing guards. It
@@ -309,6 +309,15 @@ class MultiOptimizer(Optimizer):
                 undo()
 
         return restore
+
+    def routers(self, position: tuple = ()) -> list:
+        found = [(position, self)]
+        for i, child in enumerate(self.optimizers):
+            found.extend(child.routers(position + (i,)))
+        return found
+
+    def note_change(self, what: str) -> None:
+        self.changes.append(f"step {self._step_number()}: {what}")
 
     def named_stateful(self, name: str | None = None, position: tuple = ()) -> list:
         found = []

@@ -31,20 +31,10 @@ class _Shape:
         self.ndim = len(self.shape)
 
 
-def multis(optimizer, position=()):
-    """``(position, MultiOptimizer)`` of every MultiOptimizer in ``optimizer``, outermost first."""
-    from treeopt.multi import MultiOptimizer
-
-    if isinstance(optimizer, MultiOptimizer):
-        yield position, optimizer
-        for i, child in enumerate(optimizer.optimizers):
-            yield from multis(child, position + (i,))
-
-
 def to_metadata(optimizer):
     """The ``routing`` entry of the metadata."""
     nodes = []
-    for position, multi in multis(optimizer):
+    for position, multi in optimizer.routers():
         paths = []
         for keys, route in multi.routes().items():
             flags = [
@@ -90,7 +80,7 @@ def restore(optimizer, metadata):
     nodes = metadata.get("routing", [])
     if not nodes:
         return
-    found = dict(multis(optimizer))
+    found = dict(optimizer.routers())
     plans = []
     for i, node in enumerate(nodes):
         multi = found.get(tuple(node["position"]))
@@ -139,7 +129,7 @@ def mirror_frozen(optimizer, metadata, params):
     """Create the state of parameters frozen after they had state (``freeze`` keeps it for
     ``unfreeze``), so the saved state has somewhere to go: ``init`` skips frozen parameters."""
     saved = metadata.get("parameters", {})
-    for _, multi in multis(optimizer):
+    for _, multi in optimizer.routers():
         for keys, route in multi.routes().items():
             owner = multi.owner_of(keys) if route.frozen else None
             if owner is not None and saved.get(dotted(keys), {}).get("slots") and not engine.slots_at(owner, keys):
@@ -154,7 +144,7 @@ def check_carried(optimizer, metadata, tensors):
         for node in metadata.get("routing", [])
         for e in node["paths"]
     }
-    found = dict(multis(optimizer))
+    found = dict(optimizer.routers())
     writes, problems = [], []
     for key in [k for k in tensors.keys() if k.startswith(CARRIED)]:
         path, _, slot = key[len(CARRIED) :].rpartition("/")
