@@ -15,7 +15,7 @@ INTEGRATIONS = ("backends/", "torch/", "jax.py", "distributed/", "demo/")
 #: it must leave the list.
 KNOWN_CYCLES: set = set()
 KNOWN_PRIVATE_USES: set = set()
-KNOWN_FRAMEWORK_IMPORTS = {"kernels/compiled_step.py: torch"}  # the torch.compile bucket: through a backend
+KNOWN_FRAMEWORK_IMPORTS: set = set()
 
 
 def modules():
