@@ -224,7 +224,7 @@ class MultiOptimizer(Optimizer):
             self._warned.add(key)
             warn(message, RoutingWarning)
 
-    def declare_kinds(self, kinds: dict) -> None:
+    def declare_kinds(self, kinds):
         """Say what some parameters are, by path: ``{"tok.weight": "embedding"}`` (a kind or
         several). Filters see it through :func:`treeopt.filters.kinds_of` (``is_embedding``,
         ``is_head``, ``is_norm``, ``kind(...)``), and so do optimizers' routing guards. It
