@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import jax
 
 from treeopt.optimizer import Optimizer
+from treeopt.optimizers import default_layout
 from treeopt.tree import tree_map
 from treeopt.types import Tree
 
@@ -87,15 +88,11 @@ def _borrowed(optimizer, state):
     optimizer's own state untouched."""
     leaves = optimizer.stateful()
     saved = [(leaf.state, leaf.book.initialized, leaf.book.backend) for leaf in leaves]
-    laid_out = [leaf for leaf in leaves if hasattr(leaf, "_implicit_layout")]
     try:
-        for leaf in laid_out:  # weights are flax's here, unless the optimizer says otherwise
-            leaf._implicit_layout = LAYOUT
-        optimizer.state = _copy_containers(state)  # checked against the parameters on use
-        yield
+        with default_layout(LAYOUT):  # weights are flax's here, unless a Muon says otherwise
+            optimizer.state = _copy_containers(state)  # checked against the parameters on use
+            yield
     finally:
-        for leaf in laid_out:
-            del leaf._implicit_layout  # back to the class's
         for leaf, (own, initialized, backend) in zip(leaves, saved):
             leaf.state = own
             leaf.book.initialized, leaf.book.backend = initialized, backend

@@ -310,6 +310,15 @@ class MultiOptimizer(Optimizer):
 
         return restore
 
+    def routers(self, position: tuple = ()) -> list:
+        found = [(position, self)]
+        for i, child in enumerate(self.optimizers):
+            found.extend(child.routers(position + (i,)))
+        return found
+
+    def note_change(self, what: str) -> None:
+        self.changes.append(f"step {self._step_number()}: {what}")
+
     def named_stateful(self, name: str | None = None, position: tuple = ()) -> list:
         found = []
         for i, (child_name, child) in enumerate(zip(self.names, self.optimizers)):
@@ -341,6 +350,24 @@ class MultiOptimizer(Optimizer):
         ``None`` for a path not seen yet or frozen."""
         route = self._routes.get(self._keys_of(path))
         return None if route is None or route.frozen else route.group
+
+    def routes(self) -> dict[tuple, Route]:
+        """Every known path's :class:`Route` (keys -> record), in the order first seen. A copy:
+        the records are immutable, so nothing read here changes the routing. Checkpoints save
+        from it what the filters cannot redo (freezes, unfreezes, re-routes)."""
+        return dict(self._routes)
+
+    def restore_route(self, keys: tuple, route: Route) -> None:
+        """Put ``route`` in place for the parameter at ``keys``, as a checkpoint restores a
+        freeze, unfreeze or re-route. A parameter that changes group loses the state its old
+        optimizer held for it, as ``reroute(..., state="reset")`` does."""
+        known = self._routes.get(keys)
+        if known is not None and known.group != route.group:
+            owner = self.owner_of(keys)
+            if owner is not None:
+                engine.drop(owner, keys)
+        self._routes[keys] = route
+        self.book.version += 1
 
     def overlaps(self) -> dict[str, list[int]]:
         """``{path: [every filter index that accepts it]}`` for parameters accepted by more

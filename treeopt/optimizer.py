@@ -388,6 +388,22 @@ class Optimizer:
     def _running(self):
         return self.rule.running if self.rule is not None else ()
 
+    def routers(self, position: tuple = ()) -> list:
+        """``(position, optimizer)`` of every optimizer in this one that routes parameters
+        (each ``MultiOptimizer``, outermost first, at its position among the groups); ``[]``
+        for an optimizer that takes every parameter given to it."""
+        return []
+
+    def declare_kinds(self, kinds: dict) -> None:
+        """Say what some parameters are, by path (``{"tok.weight": "embedding"}``). Only
+        routing reads kinds (``MultiOptimizer``); an optimizer that does not route ignores them."""
+
+    def note_change(self, what: str) -> None:
+        """Record a change made from outside to the parameters this optimizer updates (the
+        torch adapter resetting the state of a parameter replaced in the model). A
+        ``MultiOptimizer`` logs it in ``changes`` with the step, beside its freezes and
+        re-routes; an optimizer that does not route keeps no log."""
+
     _SNAPSHOT: tuple[str, ...] = ("book", "_compiled")
 
     def snapshot(self) -> Callable[[], None]:

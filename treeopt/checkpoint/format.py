@@ -15,28 +15,8 @@ import numpy as np
 from treeopt import __version__, engine
 from treeopt._trees import dotted
 from treeopt.backends import backend_of, numpy_backend
-from treeopt.errors import TreeoptError
-
-FORMAT = "treeopt-checkpoint"
-FORMAT_VERSION = 1
-
-
-class CheckpointError(TreeoptError, ValueError):
-    """A checkpoint that cannot be read, or does not fit the optimizer (see ``report``)."""
-
-    def __init__(self, message, report=None):
-        super().__init__(message)
-        self.report = report
-
-
-@dataclass(frozen=True)
-class Problem:
-    kind: str  # missing, unexpected, shape, dtype, slots, owner, hyperparameter, optimizer
-    path: str
-    message: str
-
-    def __str__(self):
-        return f"{self.kind:<14} {self.path}: {self.message}"
+from treeopt.checkpoint import routing, validate
+from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, Problem, assign, numpy_scalar
 
 
 @dataclass
@@ -128,8 +108,6 @@ def to_flat(optimizer, known=()):
         parameters.setdefault(dotted(placed.keys), {"owner": names.get(id(placed.owner)), "slots": {}})
     for path in known:
         parameters.setdefault(path, {"owner": None, "slots": {}})
-    from treeopt.checkpoint import routing
-
     for key, value in routing.carried_tensors(optimizer, leaf_optimizers(optimizer)).items():
         put(key, value)
     extra = {}
@@ -154,11 +132,6 @@ def to_flat(optimizer, known=()):
     if changes:
         metadata["routing"] = changes
     return tensors, metadata
-
-
-def numpy_scalar(value):
-    backend = backend_of(value)
-    return np.asarray(backend.to_numpy(value) if backend.name != "python" else value)
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -194,8 +167,6 @@ def from_flat(optimizer, tensors, metadata, strict=True):
     :class:`CheckpointError` and nothing changes; otherwise what matches is loaded and the
     report is returned.
     """
-    from treeopt.checkpoint import validate
-
     validate.metadata(metadata)
     validate.tensors(tensors, metadata)
     report = LoadReport()
@@ -288,7 +259,7 @@ def from_flat(optimizer, tensors, metadata, strict=True):
     if whole_model:
         _load_whole_model_state(optimizer, tensors, metadata)
     for slots, slot, key in writes:
-        _assign(slots, slot, tensors[key])  # one tensor read at a time
+        assign(slots, slot, tensors[key])  # one tensor read at a time
     for leaf, scalar, array in scalar_writes:
         _assign_scalar(leaf, scalar, array)
     for _, _, leaf in current:
@@ -355,17 +326,6 @@ def _load_whole_model_state(optimizer, tensors, metadata):
             state[key[1:]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
     if accumulated or "micro_step" in state:
         state["accumulated"] = accumulated
-
-
-def _assign(slots, slot, array):
-    """Put ``array`` into ``slots[slot]``, on the library, device and dtype of what is there."""
-    current = slots[slot]
-    target, source = backend_of(current), backend_of(array)
-    value = array if source is target else target.from_numpy(source.to_numpy(array), like=current)
-    if target.mutable and target.writable(current):
-        target.write(current, value)
-    else:
-        slots[slot] = value
 
 
 def _assign_scalar(leaf, scalar, array):

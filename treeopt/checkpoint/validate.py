@@ -11,7 +11,8 @@ the key and what was expected.
 import math
 
 from treeopt._trees import dotted
-from treeopt.checkpoint.format import FORMAT, FORMAT_VERSION, CheckpointError
+from treeopt.backends import backend_of
+from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, numpy_scalar
 
 #: dtypes a state array may have
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -210,8 +211,6 @@ def routing(nodes):
 def _spec(tensors, key):
     if hasattr(tensors, "spec"):
         return tensors.spec(key)
-    from treeopt.backends import backend_of
-
     array = tensors[key]
     backend = backend_of(array)
     if backend is None or backend.name == "python":
@@ -220,8 +219,6 @@ def _spec(tensors, key):
 
 
 def _value(tensors, key):
-    from treeopt.checkpoint.format import numpy_scalar
-
     return numpy_scalar(tensors[key])
 
 

@@ -253,8 +253,7 @@ class FullyShardedStep:
 
     def load_state_dict(self, state_dict, strict=True):
         from treeopt import checkpoint
-        from treeopt.distributed.replicated import _local_tensors
-        from treeopt.distributed.state import agreed, decode, local_metadata
+        from treeopt.distributed.state import agreed, decode, local_metadata, local_tensors
 
         metadata = agreed(self.comm, "checkpoint metadata being loaded", decode(state_dict["metadata"]))
         rows = {
@@ -264,7 +263,7 @@ class FullyShardedStep:
         with torch.no_grad():
             self.init()
             return checkpoint.from_flat(
-                self.optimizer, _local_tensors(state_dict["tensors"]), local_metadata(metadata, rows), strict=strict
+                self.optimizer, local_tensors(state_dict["tensors"]), local_metadata(metadata, rows), strict=strict
             )
 
 

@@ -7,9 +7,10 @@ that depends on the rank, or a rank that skipped a step, would otherwise drift s
 
 import torch
 
+from treeopt.checkpoint.base import numpy_scalar
 from treeopt.distributed.comm import Collectives
 from treeopt.distributed.fsdp import check_current
-from treeopt.distributed.state import agreed, decode, encode
+from treeopt.distributed.state import agreed, decode, encode, local_tensors
 
 __all__ = ["Replicated"]
 
@@ -45,17 +46,11 @@ class Replicated:
         with torch.no_grad():
             self.init()
             return checkpoint.from_flat(
-                self.optimizer, _local_tensors(state_dict["tensors"]), decode(state_dict["metadata"]), strict=strict
+                self.optimizer, local_tensors(state_dict["tensors"]), decode(state_dict["metadata"]), strict=strict
             )
 
 
-def _local_tensors(tensors):
-    return {k: v.to_local() if hasattr(v, "to_local") else v for k, v in tensors.items()}
-
-
 def _routes_and_step(optimizer, parameters):
-    from treeopt.checkpoint.format import numpy_scalar
-
     routes = optimizer.assign_routes(parameters)
     names = {id(o): n for n, _, o in optimizer.named_stateful()}
     return {"routes": {n: names.get(id(o)) for n, o in routes.items()}, "step": int(numpy_scalar(optimizer.step))}

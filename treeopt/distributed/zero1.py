@@ -284,15 +284,14 @@ class Zero1:
         """Load a state saved by :meth:`state_dict` at any world size (DCP reshards the
         tensors into this rank's layout first); returns this rank's load report."""
         from treeopt import checkpoint
-        from treeopt.distributed.replicated import _local_tensors
-        from treeopt.distributed.state import agreed, decode, local_metadata
+        from treeopt.distributed.state import agreed, decode, local_metadata, local_tensors
 
         metadata = agreed(self.comm, "checkpoint metadata being loaded", decode(state_dict["metadata"]))
         with torch.no_grad():
             self.init()
             report = checkpoint.from_flat(
                 self.optimizer,
-                _local_tensors(state_dict["tensors"]),
+                local_tensors(state_dict["tensors"]),
                 local_metadata(metadata, self._rows()),
                 strict=strict,
             )

@@ -226,9 +226,7 @@ class _TorchCompiledBucket:
     run as one ``torch.compile``d step; coefficients as in :class:`_NumbaBucket`."""
 
     def __init__(self, groups, backend, static, flags):
-        import torch
-
-        from treeopt.backends.torch_compiled import compile_step
+        from treeopt.backends.torch_compiled import CoefficientTable, compile_step
 
         leaves, rows, rule = _fuse(self, groups, backend, static, flags)
         self.numeric = _numeric_names(rule, static)
@@ -237,7 +235,7 @@ class _TorchCompiledBucket:
         self.shapes = [tuple(p.shape) for p in self.params]
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
         self.slots = [[leaf.slots[n] for leaf in leaves] for n in rule.slots]
-        self.table = torch.zeros((len(self.owners), len(self.numeric)), dtype=self.dtype, device=self.device)
+        self.table = CoefficientTable(len(self.owners), len(self.numeric), self.params[0])
         self.step = compile_step(rule.update, len(rule.slots), self.numeric, dict(zip(static, flags)), rows)
 
     def compiled(self):
@@ -260,14 +258,12 @@ class _TorchCompiledBucket:
         return chosen
 
     def run(self, grads):
-        import torch
-
         values = []
         for owner in self.owners:
             coefficients = owner.coefficients(self.params[0], self.backend)
             values.append([_float(coefficients[n]) for n in self.numeric])
-        self.table.copy_(torch.tensor(values, dtype=self.dtype))  # one copy to the device per step
-        self.step(grads, self.params, self.slots, self.table)
+        self.table.write(values)
+        self.step(grads, self.params, self.slots, self.table.tensor)
 
 
 def _numeric_names(rule, static):

@@ -33,8 +33,6 @@ import torch
 
 from treeopt import engine
 from treeopt._trees import dotted
-from treeopt.backends import as_float
-from treeopt.multi import MultiOptimizer
 from treeopt.optimizer import Optimizer as _TreeoptOptimizer
 from treeopt.torch import state_dict as _layout
 from treeopt.torch.names import canonical_name, module_kinds, named_parameters
@@ -201,7 +199,7 @@ class Optimizer(torch.optim.Optimizer):
             )
 
     def _declare_kinds(self, named):
-        if self.model is not None and isinstance(self.optimizer, MultiOptimizer):
+        if self.model is not None:  # read by routing (an optimizer that does not route ignores them)
             kinds = module_kinds(self.model)
             self.optimizer.declare_kinds({n: k for n, k in kinds.items() if n in named})
 
@@ -276,11 +274,9 @@ class Optimizer(torch.optim.Optimizer):
         owner = self._leaves[group]
         if engine.slots_at(owner, (name,)):
             engine.drop(owner, (name,))
-            if isinstance(self.optimizer, MultiOptimizer):
-                step = int(as_float(self.optimizer.step))
-                self.optimizer.changes.append(f"step {step}: {why} {name} in the model, its state reset")
-        if isinstance(self.optimizer, MultiOptimizer) and why == "replaced":
-            self.optimizer.book.version += 1
+            self.optimizer.note_change(f"{why} {name} in the model, its state reset")
+        if why == "replaced":
+            self.optimizer.book.version += 1  # a compiled step re-plans
 
     def add_param_group(self, param_group: dict) -> None:
         """Add parameters, as ``torch.optim`` does, to the groups treeopt already has.
@@ -327,10 +323,11 @@ class Optimizer(torch.optim.Optimizer):
                 self.parameters.pop(name, None)
                 self._added.pop(name, None)
             raise
-        if target is not None and isinstance(self.optimizer, MultiOptimizer):
+        router = dict(self.optimizer.routers()).get(())  # the optimizer itself, if it has groups
+        if target is not None and router is not None:
             moving = [name for name, _ in entries if self._group_of[name] != self._group_names.index(target)]
             if moving:
-                self.optimizer.reroute(moving, self._group_names.index(target))
+                router.reroute(moving, self._group_names.index(target))
                 self._group_of.update({name: self._group_names.index(target) for name in moving})
         self._regroup()
 

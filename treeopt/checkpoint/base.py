@@ -1,0 +1,48 @@
+"""What every checkpoint module shares: the format's name and version, the error and problem
+records a load reports, and how a stored array becomes a state scalar or takes the place of a
+state array. :mod:`.format` (saving and loading), :mod:`.routing` and :mod:`.validate` build on
+it; it imports none of them."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from treeopt.backends import backend_of
+from treeopt.errors import TreeoptError
+
+FORMAT = "treeopt-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(TreeoptError, ValueError):
+    """A checkpoint that cannot be read, or does not fit the optimizer (see ``report``)."""
+
+    def __init__(self, message, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # missing, unexpected, shape, dtype, slots, owner, hyperparameter, optimizer
+    path: str
+    message: str
+
+    def __str__(self):
+        return f"{self.kind:<14} {self.path}: {self.message}"
+
+
+def numpy_scalar(value):
+    backend = backend_of(value)
+    return np.asarray(backend.to_numpy(value) if backend.name != "python" else value)
+
+
+def assign(slots, slot, array):
+    """Put ``array`` into ``slots[slot]``, on the library, device and dtype of what is there."""
+    current = slots[slot]
+    target, source = backend_of(current), backend_of(array)
+    value = array if source is target else target.from_numpy(source.to_numpy(array), like=current)
+    if target.mutable and target.writable(current):
+        target.write(current, value)
+    else:
+        slots[slot] = value
