@@ -15,7 +15,16 @@ from treeopt.backends.base import Backend, PythonScalars
 from treeopt.backends.numpy_backend import NumpyBackend
 from treeopt.types import Scalar
 
-__all__ = ["Backend", "as_float", "backend_of", "default_backend", "get_backend", "numpy_backend", "python_scalars"]
+__all__ = [
+    "Backend",
+    "array_backend",
+    "as_float",
+    "backend_of",
+    "default_backend",
+    "get_backend",
+    "numpy_backend",
+    "python_scalars",
+]
 
 numpy_backend = NumpyBackend()
 python_scalars = PythonScalars()
@@ -72,6 +81,14 @@ def backend_of(x: object) -> Backend | None:
             return None
         _by_type[cls] = found
     return found
+
+
+def array_backend(x: object) -> Backend:
+    """The backend of ``x``, known to be an array or a number; a ``TypeError`` otherwise."""
+    backend = backend_of(x)
+    if backend is None:
+        raise TypeError(f"expected an array or a number, got {type(x).__name__}")
+    return backend
 
 
 def as_float(value: Scalar) -> float:

@@ -6,17 +6,26 @@ Keys: ``"{path}/{slot}"`` for a parameter's slot (``layers.0.attn.weight/m``) an
 rule's running values (schedule-free's weight sum).
 """
 
+from __future__ import annotations
+
 import numbers
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from treeopt import __version__, engine
 from treeopt._trees import dotted
-from treeopt.backends import backend_of, numpy_backend
+from treeopt.backends import array_backend, numpy_backend
 from treeopt.checkpoint import routing, validate
 from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, Problem, assign, numpy_scalar
+from treeopt.types import Array
+
+if TYPE_CHECKING:
+    from treeopt.checkpoint.base import Stored
+    from treeopt.optimizer import Optimizer
 
 
 @dataclass
@@ -27,10 +36,10 @@ class LoadReport:
     loaded: list = field(default_factory=list)  # parameter paths whose state was loaded
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return not self.problems
 
-    def __str__(self):
+    def __str__(self) -> str:
         head = f"loaded the state of {len(self.loaded)} parameters"
         if self.ok:
             return head + ", no problem found"
@@ -38,7 +47,7 @@ class LoadReport:
 
 
 # ---------------------------------------------------------------------------------- saving
-def leaf_optimizers(optimizer):
+def leaf_optimizers(optimizer: Optimizer) -> list[tuple[str, tuple[int, ...], Optimizer]]:
     """``(name, position, optimizer)`` for every optimizer that holds state, in order."""
     return optimizer.named_stateful()
 
@@ -57,16 +66,16 @@ def _json_value(value):
     return repr(value)
 
 
-def hyperparameters(optimizer):
+def hyperparameters(optimizer: Optimizer) -> dict[str, Any]:
     return {n: _json_value(getattr(optimizer, n, None)) for n in optimizer.hyperparameters}
 
 
 def _shape_dtype(array):
-    backend = backend_of(array)
+    backend = array_backend(array)
     return {"shape": list(backend.shape(array)), "dtype": backend.dtype_name(array)}
 
 
-def to_flat(optimizer, known=()):
+def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, Array], dict[str, Any]]:
     """``(tensors, metadata)``: the state arrays by key (arrays of the state's own library,
     not copied) and a JSON-able description of who owns what.
 
@@ -74,7 +83,9 @@ def to_flat(optimizer, known=()):
     layer that got no gradient): they are recorded with no slots, so loading into a fresh
     optimizer that initialised them does not call them missing.
     """
-    tensors, optimizers, parameters = {}, [], {}
+    tensors: dict[str, Array] = {}
+    optimizers: list[dict[str, Any]] = []
+    parameters: dict[str, dict[str, Any]] = {}
 
     def put(key, value):
         if key in tensors:
@@ -159,7 +170,7 @@ def _match_optimizers(current, metadata):
     return matches
 
 
-def from_flat(optimizer, tensors, metadata, strict=True):
+def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], strict: bool = True) -> LoadReport:
     """Load ``tensors`` into ``optimizer``'s state, matched by parameter path.
 
     The optimizer must know its parameters (initialised, or after a step). Every problem is
@@ -174,7 +185,9 @@ def from_flat(optimizer, tensors, metadata, strict=True):
     matches = _match_optimizers(current, metadata)
     saved_params = metadata["parameters"]
     saved_types = {o["name"]: o["type"] for o in metadata["optimizers"]}
-    writes = []  # (slots dict, slot name, saved array), applied only after every check
+    writes: list[
+        tuple[dict[str, Array], str, Array]
+    ] = []  # (slots dict, slot name, saved array), applied only after every check
     seen = set()
 
     for name, _, leaf in current:
@@ -272,7 +285,7 @@ def _spec(tensors, key):
     if hasattr(tensors, "spec"):
         return tensors.spec(key)
     array = tensors[key]
-    backend = backend_of(array)
+    backend = array_backend(array)
     return list(backend.shape(array)), backend.dtype_name(array)
 
 
@@ -321,9 +334,11 @@ def _load_whole_model_state(optimizer, tensors, metadata):
     for key in [k for k in tensors.keys() if k.startswith("#") and not k.startswith("#carried/")]:
         array = tensors[key]
         if key.startswith("#accumulated/"):
-            accumulated[key[len("#accumulated/") :]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
+            accumulated[key[len("#accumulated/") :]] = backend.from_numpy(
+                np.asarray(array_backend(array).to_numpy(array))
+            )
         else:
-            state[key[1:]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
+            state[key[1:]] = backend.from_numpy(np.asarray(array_backend(array).to_numpy(array)))
     if accumulated or "micro_step" in state:
         state["accumulated"] = accumulated
 

@@ -12,13 +12,22 @@ A load restores the routing before it creates any state, so each parameter's slo
 created by, and loaded into, the optimizer that owned them when the file was saved.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from treeopt import engine
 from treeopt._trees import dotted
-from treeopt.backends import backend_of, numpy_backend
+from treeopt.backends import array_backend, numpy_backend
 from treeopt.checkpoint.base import CheckpointError, Problem, assign
 from treeopt.multi import Route
+from treeopt.types import Array, Keys, Tree
+
+if TYPE_CHECKING:
+    from treeopt.checkpoint.base import Stored
+    from treeopt.optimizer import Optimizer
 
 CARRIED = "#carried/"
 
@@ -26,12 +35,12 @@ CARRIED = "#carried/"
 class _Shape:
     """Stands in for a parameter in ``slot_shapes``."""
 
-    def __init__(self, shape):
+    def __init__(self, shape: Sequence[int]) -> None:
         self.shape = tuple(shape)
         self.ndim = len(self.shape)
 
 
-def to_metadata(optimizer):
+def to_metadata(optimizer: Optimizer) -> list[dict[str, Any]]:
     """The ``routing`` entry of the metadata."""
     nodes = []
     for position, multi in optimizer.routers():
@@ -63,7 +72,7 @@ def to_metadata(optimizer):
     return nodes
 
 
-def carried_tensors(optimizer, leaves):
+def carried_tensors(optimizer: Optimizer, leaves: Iterable[tuple[str, tuple[int, ...], Optimizer]]) -> dict[str, Array]:
     """``{"#carried/{path}/{slot}": array}`` of slots handed over by a re-route and not
     taken up yet (the parameter has not stepped on its new optimizer)."""
     found = {}
@@ -74,14 +83,14 @@ def carried_tensors(optimizer, leaves):
     return found
 
 
-def restore(optimizer, metadata):
+def restore(optimizer: Optimizer, metadata: dict[str, Any]) -> None:
     """Apply the saved routing changes to ``optimizer`` (checked first; raises
     :class:`CheckpointError` naming the path when they cannot apply)."""
     nodes = metadata.get("routing", [])
     if not nodes:
         return
     found = dict(optimizer.routers())
-    plans = []
+    plans: list[tuple[Any, ...]] = []
     for i, node in enumerate(nodes):
         multi = found.get(tuple(node["position"]))
         if multi is None:
@@ -125,7 +134,7 @@ def restore(optimizer, metadata):
         multi.restore_route(keys, known)
 
 
-def mirror_frozen(optimizer, metadata, params):
+def mirror_frozen(optimizer: Optimizer, metadata: dict[str, Any], params: Tree) -> None:
     """Create the state of parameters frozen after they had state (``freeze`` keeps it for
     ``unfreeze``), so the saved state has somewhere to go: ``init`` skips frozen parameters."""
     saved = metadata.get("parameters", {})
@@ -136,7 +145,9 @@ def mirror_frozen(optimizer, metadata, params):
                 engine.mirror(owner, params, {keys})
 
 
-def check_carried(optimizer, metadata, tensors):
+def check_carried(
+    optimizer: Optimizer, metadata: dict[str, Any], tensors: Stored
+) -> tuple[list[tuple[Optimizer, Keys, str, Array]], list[Problem]]:
     """``(writes, problems)`` for the saved carried slots: each goes to the optimizer that
     now owns its parameter, and must be a slot of that optimizer, of the right shape and dtype."""
     entries = {
@@ -156,7 +167,7 @@ def check_carried(optimizer, metadata, tensors):
             continue
         expected = owner.slot_shapes(_Shape(entry["shape"]))
         array = tensors[key]
-        source = backend_of(array)
+        source = array_backend(array)
         shape, dtype = list(source.shape(array)), source.dtype_name(array)
         if slot not in expected or list(expected[slot]) != shape or dtype != entry["dtype"]:
             want = f"{entry['dtype']}{list(expected[slot])}" if slot in expected else f"one of {sorted(expected)}"
@@ -170,7 +181,7 @@ def check_carried(optimizer, metadata, tensors):
     return writes, problems
 
 
-def apply_carried(writes):
+def apply_carried(writes: Iterable[tuple[Optimizer, Keys, str, Array]]) -> None:
     """Put the checked carried slots in place: into the slots when the parameter has state
     already, else kept for its first step on its new optimizer."""
     for owner, keys, slot, array in writes:
@@ -178,6 +189,6 @@ def apply_carried(writes):
         if slots and slot in slots:
             assign(slots, slot, array)
             continue
-        source, target = backend_of(array), owner.book.backend or numpy_backend
+        source, target = array_backend(array), owner.book.backend or numpy_backend
         value = array if source is target else target.from_numpy(source.to_numpy(array))
         owner.book.carried = {**owner.book.carried, keys: {**owner.book.carried.get(keys, {}), slot: value}}

@@ -8,11 +8,19 @@ array, and every key, known or not. Each failure is a :class:`CheckpointError` t
 the key and what was expected.
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard
+
+import numpy as np
 
 from treeopt._trees import dotted
 from treeopt.backends import backend_of
 from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, numpy_scalar
+
+if TYPE_CHECKING:
+    from treeopt.checkpoint.base import Stored
 
 #: dtypes a state array may have
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -36,11 +44,11 @@ _TOP_LEVEL = (
 )
 
 
-def _fail(where, message):
+def _fail(where: str, message: str) -> NoReturn:
     raise CheckpointError(f"checkpoint metadata {where}: {message}")
 
 
-def _is_int(value):
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -90,7 +98,7 @@ def _hyper_value(value, where):
     _fail(where, f"must be a number, string, boolean, null, list or {{'schedule': name}}, got {_short(value)}")
 
 
-def metadata(meta):
+def metadata(meta: Any) -> dict[str, Any]:
     """Check the types of every field of treeopt ``meta``data; returns it."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
@@ -164,7 +172,7 @@ def metadata(meta):
     return meta
 
 
-def routing(nodes):
+def routing(nodes: Any) -> None:
     """Check the routing changes of every MultiOptimizer (see :mod:`.routing`)."""
     _expect(nodes, list, "'routing'", "a list")
     positions = set()
@@ -222,7 +230,7 @@ def _value(tensors, key):
     return numpy_scalar(tensors[key])
 
 
-def scalar(tensors, key, integer, finite=True):
+def scalar(tensors: Stored, key: str, integer: bool, finite: bool = True) -> np.ndarray:
     """Check the stored state scalar ``key`` (0-d; an integer >= 0 for a step, a finite
     float otherwise); returns its value as a NumPy 0-d array."""
     shape, dtype = _spec(tensors, key)
@@ -245,7 +253,7 @@ def scalar(tensors, key, integer, finite=True):
     return value
 
 
-def tensors(stored, meta):
+def tensors(stored: Stored, meta: dict[str, Any]) -> dict[str, str]:
     """Check every stored key against ``meta`` (already checked by :func:`metadata`):
     slots match their metadata's shape and dtype, scalars are 0-d of the right kind, and
     no key is unknown. Returns ``{key: kind}``."""
