@@ -29,9 +29,12 @@ Weights are taken to be laid out as in flax, ``(in, out)`` and conv kernels
 ``Muon(..., layout="out_in")``.
 """
 
+from __future__ import annotations
+
 import contextlib
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 
@@ -49,7 +52,7 @@ __all__ = ["init", "update", "as_optax", "path_of", "module_kinds", "declare_kin
 LAYOUT = "in_out"
 
 
-def path_of(key_path) -> str:
+def path_of(key_path: Sequence[Any]) -> str:
     """The dotted name of a JAX key path: ``(DictKey('params'), DictKey('Dense_0'),
     DictKey('kernel'))`` -> ``params.Dense_0.kernel``."""
     parts = []
@@ -103,7 +106,7 @@ def _natural(path):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
-def module_kinds(model) -> dict:
+def module_kinds(model: Tree) -> dict[str, str]:
     """What flax's modules make of the parameters of ``model``: ``{path: "embedding" or
     "head"}``, paths as :func:`path_of` names them.
 
@@ -143,7 +146,7 @@ def module_kinds(model) -> dict:
     return kinds
 
 
-def declare_kinds(optimizer, model):
+def declare_kinds(optimizer: Optimizer, model: Tree) -> dict[str, str]:
     """Tell ``optimizer`` (a MultiOptimizer) what :func:`module_kinds` finds in ``model``,
     before it routes; returns the kinds. :func:`init` does it for the tree it is given."""
     kinds = module_kinds(model)
@@ -201,7 +204,7 @@ def update(optimizer: Optimizer, grads: Tree, state: dict, params: Tree) -> tupl
     return jax.tree_util.tree_unflatten(treedef, [new.get(n, flat_params[n]) for n in names]), new_state
 
 
-def as_optax(optimizer: Optimizer) -> "optax.GradientTransformation":
+def as_optax(optimizer: Optimizer) -> optax.GradientTransformation:
     """``optimizer`` as an ``optax.GradientTransformation``.
 
     ``update(grads, state, params)`` returns ``new_params - params`` as the updates, so

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from treeopt import engine, kernels
 from treeopt.backends import Backend, as_float, backend_of, default_backend, numpy_backend
@@ -22,6 +22,9 @@ from treeopt.rules.base import Rule, check_coefficients, keyword_only
 from treeopt.tree import is_container, tree_map
 from treeopt.types import Array, Keys, Scalar, Schedule, Shape, State, Tree
 from treeopt.values import hyper
+
+if TYPE_CHECKING:
+    from treeopt.multi import MultiOptimizer
 
 __all__ = ["Optimizer", "Placement", "RESERVED"]
 
@@ -388,13 +391,13 @@ class Optimizer:
     def _running(self):
         return self.rule.running if self.rule is not None else ()
 
-    def routers(self, position: tuple = ()) -> list:
+    def routers(self, position: tuple[int, ...] = ()) -> list[tuple[tuple[int, ...], MultiOptimizer]]:
         """``(position, optimizer)`` of every optimizer in this one that routes parameters
         (each ``MultiOptimizer``, outermost first, at its position among the groups); ``[]``
         for an optimizer that takes every parameter given to it."""
         return []
 
-    def declare_kinds(self, kinds: dict) -> None:
+    def declare_kinds(self, kinds: Mapping[str, str | Iterable[str]]) -> None:
         """Say what some parameters are, by path (``{"tok.weight": "embedding"}``). Only
         routing reads kinds (``MultiOptimizer``); an optimizer that does not route ignores them."""
 

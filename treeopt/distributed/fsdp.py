@@ -17,6 +17,11 @@ Refused, with the parameter's path: placements other than ``Shard(0)`` on a 1-D 
 that need a whole matrix other than Muon (Adafactor), and gradient accumulation.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeGuard
+
 import torch
 
 from treeopt import engine
@@ -24,10 +29,16 @@ from treeopt.distributed import ownership as _ownership
 from treeopt.distributed.comm import Collectives
 from treeopt.errors import ParameterError
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+    from treeopt.checkpoint.format import LoadReport
+    from treeopt.optimizer import Optimizer
+
 __all__ = ["FullyShardedStep", "is_sharded"]
 
 
-def is_sharded(param):
+def is_sharded(param: object) -> TypeGuard[DTensor]:
     from torch.distributed.tensor import DTensor
 
     return isinstance(param, DTensor)
@@ -49,13 +60,15 @@ def _check_placement(name, param):
 class FullyShardedStep:
     """The step of ``optimizer`` over FSDP2 (``Shard(0)`` DTensor) parameters."""
 
-    def __init__(self, optimizer, parameters, model=None):
+    def __init__(
+        self, optimizer: Optimizer, parameters: Mapping[str, torch.Tensor], model: torch.nn.Module | None = None
+    ) -> None:
         self.optimizer = optimizer
         self.parameters = dict(parameters)
         self.model = model
         sharded = {n: p for n, p in self.parameters.items() if is_sharded(p)}
-        for name, param in sharded.items():
-            _check_placement(name, param)
+        for name, shard in sharded.items():
+            _check_placement(name, shard)
         meshes = {id(p.device_mesh) for p in sharded.values()}
         first = next(iter(sharded.values()))
         self.mesh = first.device_mesh
@@ -100,7 +113,12 @@ class FullyShardedStep:
                 shape = tuple(param.shape)
                 entries.append(
                     _ownership.Entry(
-                        name, shape, _ownership.ORTH, 0, 0, _ownership.newton_schulz_flops(shape, owner.ns_steps)
+                        name,
+                        shape,
+                        _ownership.ORTH,
+                        0,
+                        0,
+                        _ownership.newton_schulz_flops(shape, owner.ns_steps),  # type: ignore[attr-defined]  # a Muon
                     )
                 )
         self.matrices = [e.name for e in entries]  # Muon matrices, gathered to owners
@@ -109,12 +127,12 @@ class FullyShardedStep:
         with torch.no_grad():
             optimizer.init(self.local)
 
-    def init(self):
+    def init(self) -> None:
         with torch.no_grad():
             self.optimizer.init(self.local)
 
     # ------------------------------------------------------------------ the step
-    def step(self, gradients):
+    def step(self, gradients: Mapping[str, torch.Tensor | None]) -> None:
         if not self._checked:
             self._checked = True
             check_current(self.model, self.parameters)
@@ -130,17 +148,17 @@ class FullyShardedStep:
         shared = None
         if options is not None and (options.max_grad_norm is not None or options.skip_nonfinite):
             shared = self._norm(grads)
-            self.optimizer.shared_norm = lambda: shared
+            self.optimizer.shared_norm = lambda: shared  # type: ignore[attr-defined]  # read by whole_model
         matrices = {n: grads[n] for n in self.matrices if grads.get(n) is not None}
         elementwise = {n: g for n, g in grads.items() if n not in matrices}
         skipped = self.optimizer.state.get("skipped_steps", 0)
         try:
             self.optimizer.update({n: self.local[n] for n in elementwise}, elementwise)
         finally:
-            self.optimizer.shared_norm = None
+            self.optimizer.shared_norm = None  # type: ignore[attr-defined]
         if self.optimizer.state.get("skipped_steps", 0) != skipped:
             return
-        if shared is not None and options.max_grad_norm is not None:
+        if shared is not None and options is not None and options.max_grad_norm is not None:
             from treeopt.clip import clip_factor, scale
 
             factor = clip_factor(shared, options.max_grad_norm)
@@ -231,7 +249,7 @@ class FullyShardedStep:
         return updates
 
     # ------------------------------------------------------------------ state
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         from treeopt import checkpoint
         from treeopt.distributed.state import encode, global_metadata, split_key
 
@@ -251,7 +269,7 @@ class FullyShardedStep:
             local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
         )
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
         from treeopt import checkpoint
         from treeopt.distributed.state import agreed, decode, local_metadata, local_tensors
 
@@ -277,7 +295,7 @@ def _backend(tensor):
     return backend_of(tensor)
 
 
-def check_current(model, parameters):
+def check_current(model: torch.nn.Module | None, parameters: Mapping[str, torch.Tensor]) -> None:
     """Raise when the model no longer holds the parameters the optimizer was built with
     (built before ``fully_shard`` replaced them): its steps would change nothing."""
     if model is None:

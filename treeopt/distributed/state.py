@@ -118,7 +118,7 @@ def local_metadata(metadata: dict[str, Any], rows: Mapping[str, tuple[int, int] 
     return dict(metadata, parameters=parameters)
 
 
-def local_tensors(tensors):
+def local_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
     """The tensors of a state dict as this rank holds them: a ``DTensor`` (what DCP loaded
     into a sharded target) becomes its local shard, anything else stays as it is."""
     return {k: v.to_local() if hasattr(v, "to_local") else v for k, v in tensors.items()}
