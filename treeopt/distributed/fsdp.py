@@ -177,13 +177,14 @@ class FullyShardedStep:
     def _muon(self, grads):
         from treeopt.rules.muon import muon_apply, muon_direction, muon_orthogonalize, scaled_lr
 
-        by_optimizer = {}
+        by_optimizer: dict[int, list[str]] = {}
         for name in self.matrices:
             if name in grads:
                 by_optimizer.setdefault(id(self.routes[name]), []).append(name)
         for names in by_optimizer.values():
             optimizer = self.routes[names[0]]
-            by_dtype = {}
+            assert optimizer is not None  # a routed matrix
+            by_dtype: dict[torch.dtype, list[str]] = {}
             for name in names:
                 by_dtype.setdefault(self.local[name].dtype, []).append(name)
             for group in by_dtype.values():
@@ -192,6 +193,7 @@ class FullyShardedStep:
                 directions = {}
                 for name in group:
                     slots = engine.slots_at(optimizer, (name,))
+                    assert slots is not None  # created at construction
                     direction, v = muon_direction(grads[name], self.local[name], slots["v"], **coefficients)
                     slots["v"].copy_(v)
                     directions[name] = direction
@@ -225,7 +227,7 @@ class FullyShardedStep:
         self.comm.all_to_all(gathered, _cat(send, first), receive_sizes, send_sizes)
         # assemble my matrices: from each source rank, its rows of my matrices in plan order
         mine = [n for n in names if owner[n] == rank]
-        parts = {n: [] for n in mine}
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in mine}
         offset = 0
         for r in range(world):
             for n in mine:
@@ -265,6 +267,7 @@ class FullyShardedStep:
         from torch.distributed.tensor import DTensor
 
         param = self.parameters[name]
+        assert isinstance(param, DTensor)  # a sharded parameter's slot
         return DTensor.from_local(
             local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
         )

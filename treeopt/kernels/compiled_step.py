@@ -20,6 +20,7 @@ place.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +45,7 @@ def _flatten_pair(grad, model, grads, params):
     No structure signature is needed: the plan holds the parameter objects in order, and a
     tree with other paths or another order cannot pair every gradient with the same object.
     """
+    pairs: Iterable[tuple[Any, Any]]
     if type(grad) is dict:
         pairs = grad.items()
     elif type(grad) is list or type(grad) is tuple:
@@ -124,6 +126,9 @@ class _NumbaBucket:
     coefficients from a row of a table; the switches (booleans) are shared."""
 
     # set by _fuse
+    backend: Backend
+    static: tuple[str, ...]
+    flags: tuple[Any, ...]
     owners: list[Optimizer]
     positions: list[int]
 
@@ -245,6 +250,9 @@ class _TorchCompiledBucket:
     run as one ``torch.compile``d step; coefficients as in :class:`_NumbaBucket`."""
 
     # set by _fuse
+    backend: Backend
+    static: tuple[str, ...]
+    flags: tuple[Any, ...]
     owners: list[Optimizer]
     positions: list[int]
 
