@@ -17,16 +17,11 @@ With RMS(x) = sqrt(mean(x^2)) and t the step:
     p <- p - u
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 from treeopt.ops import maximum, mean, minimum, rsqrt, sqrt
 from treeopt.rules.base import Rule, active
-from treeopt.types import Array, Scalar, Shape
 
 
-def adafactor_slots(shape: Shape, hyper: dict[str, Any]) -> dict[str, Shape]:
+def adafactor_slots(shape, hyper):
     """The slots and their shapes: row and column averages for a matrix (or a batch of
     them), else the full second moment; the first moment only with ``beta_1``."""
     if len(shape) >= 2:
@@ -39,18 +34,8 @@ def adafactor_slots(shape: Shape, hyper: dict[str, Any]) -> dict[str, Shape]:
 
 
 def adafactor_coefficients(
-    lr: Scalar,
-    step: Array,
-    *,
-    eps: tuple[Scalar, Scalar],
-    clip_threshold: Scalar,
-    decay_rate: Scalar,
-    beta_1: Scalar,
-    weight_decay: Scalar,
-    scale_parameter: bool,
-    relative_step: bool,
-    warmup_init: bool,
-) -> dict[str, Scalar]:
+    lr, step, *, eps, clip_threshold, decay_rate, beta_1, weight_decay, scale_parameter, relative_step, warmup_init
+):
     if relative_step:
         rho = minimum(1e-6 * step if warmup_init else 1e-2, rsqrt(step))
     else:
@@ -71,32 +56,32 @@ def adafactor_coefficients(
     )
 
 
-def rms(x: Array) -> Array:
+def rms(x):
     return sqrt(mean(x * x))
 
 
-def factored_rsqrt(row: Array, col: Array) -> Array:
+def factored_rsqrt(row, col):
     """The inverse square root of the second moment that the row and column averages stand
     for: rsqrt(R / mean(R)) (outer) rsqrt(C), over the last two axes."""
     return rsqrt(row / mean(row, axis=-1, keepdims=True))[..., None] * rsqrt(col)[..., None, :]
 
 
 def adafactor(
-    grad: Array,
-    param: Array,
-    *slots: Array,
-    rho: Scalar,
-    eps1: Scalar,
-    eps2: Scalar,
-    one: Scalar,
-    clip_threshold: Scalar,
-    step_decay: Scalar,
-    beta_1: Scalar,
-    one_minus_beta_1: Scalar,
-    neg_weight_decay: Scalar,
-    decays: bool,
-    scale_parameter: bool,
-) -> tuple[Array, ...]:
+    grad,
+    param,
+    *slots,
+    rho,
+    eps1,
+    eps2,
+    one,
+    clip_threshold,
+    step_decay,
+    beta_1,
+    one_minus_beta_1,
+    neg_weight_decay,
+    decays,
+    scale_parameter,
+):
     alpha = maximum(eps2, rms(param)) * rho if scale_parameter else rho
     beta_2 = one - step_decay
     one_minus_beta_2 = one - beta_2
@@ -106,7 +91,7 @@ def adafactor(
         row = beta_2 * row + one_minus_beta_2 * mean(update, axis=-1)
         col = beta_2 * col + one_minus_beta_2 * mean(update, axis=-2)
         update = factored_rsqrt(row, col) * grad
-        second_moment: tuple[Array, ...] = (row, col)
+        second_moment: tuple = (row, col)
     else:
         square, *first_moment = slots
         square = beta_2 * square + one_minus_beta_2 * update

@@ -4,18 +4,15 @@ v <- v + g^2
 p <- p - lr * g / (sqrt(v) + eps)
 """
 
-from __future__ import annotations
-
 from treeopt.ops import sqrt
 from treeopt.rules.base import Rule
-from treeopt.types import Array, Scalar
 
 
-def adagrad_coefficients(lr: Scalar, step: Array, *, eps: Scalar) -> dict[str, Scalar]:
+def adagrad_coefficients(lr, step, *, eps):
     return dict(lr=lr, eps=eps)
 
 
-def adagrad(grad: Array, param: Array, v: Array, lr: Scalar, eps: Scalar) -> tuple[Array, ...]:
+def adagrad(grad, param, v, lr, eps):
     v = v + grad * grad
     return param - lr * grad / (sqrt(v) + eps), v
 

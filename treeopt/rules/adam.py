@@ -15,16 +15,11 @@ Adamax:
     p <- p - lr * m / (v + eps)
 """
 
-from __future__ import annotations
-
 from treeopt.ops import maximum, rsqrt, sqrt
 from treeopt.rules.base import Rule
-from treeopt.types import Array, Scalar
 
 
-def adam_coefficients(
-    lr: Scalar, step: Array, *, betas: tuple[Scalar, Scalar], eps: Scalar, bias_correction: bool
-) -> dict[str, Scalar]:
+def adam_coefficients(lr, step, *, betas, eps, bias_correction):
     b1, b2 = betas
     if bias_correction:
         c1, c2 = lr / (1 - b1**step), rsqrt(1 - b2**step)
@@ -33,57 +28,28 @@ def adam_coefficients(
     return dict(b1=b1, one_minus_b1=1 - b1, b2=b2, one_minus_b2=1 - b2, c1=c1, c2=c2, eps=eps)
 
 
-def adam(
-    grad: Array,
-    param: Array,
-    m: Array,
-    v: Array,
-    b1: Scalar,
-    one_minus_b1: Scalar,
-    b2: Scalar,
-    one_minus_b2: Scalar,
-    c1: Scalar,
-    c2: Scalar,
-    eps: Scalar,
-) -> tuple[Array, ...]:
+def adam(grad, param, m, v, b1, one_minus_b1, b2, one_minus_b2, c1, c2, eps):
     m = b1 * m + one_minus_b1 * grad
     v = b2 * v + one_minus_b2 * (grad * grad)
     return param - c1 * m / (sqrt(v) * c2 + eps), m, v
 
 
-def adamw_coefficients(
-    lr: Scalar, step: Array, *, betas: tuple[Scalar, Scalar], eps: Scalar, bias_correction: bool, weight_decay: Scalar
-) -> dict[str, Scalar]:
+def adamw_coefficients(lr, step, *, betas, eps, bias_correction, weight_decay):
     return dict(
         adam_coefficients(lr, step, betas=betas, eps=eps, bias_correction=bias_correction), decay=1 - lr * weight_decay
     )
 
 
-def adamw(
-    grad: Array,
-    param: Array,
-    m: Array,
-    v: Array,
-    b1: Scalar,
-    one_minus_b1: Scalar,
-    b2: Scalar,
-    one_minus_b2: Scalar,
-    c1: Scalar,
-    c2: Scalar,
-    eps: Scalar,
-    decay: Scalar,
-) -> tuple[Array, ...]:
+def adamw(grad, param, m, v, b1, one_minus_b1, b2, one_minus_b2, c1, c2, eps, decay):
     return adam(grad, param * decay, m, v, b1, one_minus_b1, b2, one_minus_b2, c1, c2, eps)
 
 
-def adamax_coefficients(lr: Scalar, step: Array, *, betas: tuple[Scalar, Scalar], eps: Scalar) -> dict[str, Scalar]:
+def adamax_coefficients(lr, step, *, betas, eps):
     b1, b2 = betas
     return dict(lr=lr, b1=b1, one_minus_b1=1 - b1, b2=b2, eps=eps)
 
 
-def adamax(
-    grad: Array, param: Array, m: Array, v: Array, lr: Scalar, b1: Scalar, one_minus_b1: Scalar, b2: Scalar, eps: Scalar
-) -> tuple[Array, ...]:
+def adamax(grad, param, m, v, lr, b1, one_minus_b1, b2, eps):
     m = b1 * m + one_minus_b1 * grad
     v = maximum(b2 * v, abs(grad))
     return param - lr * m / (v + eps), m, v

@@ -13,22 +13,11 @@ The weight decay is added to the update, as optax's ``adan`` does; the order of 
 operation is optax's, so float32 results agree with it to rounding.
 """
 
-from __future__ import annotations
-
 from treeopt.ops import minimum, sqrt
 from treeopt.rules.base import Rule
-from treeopt.types import Array, Scalar
 
 
-def adan_coefficients(
-    lr: Scalar,
-    step: Array,
-    *,
-    betas: tuple[Scalar, Scalar, Scalar],
-    eps: Scalar,
-    eps_root: Scalar,
-    weight_decay: Scalar,
-) -> dict[str, Scalar]:
+def adan_coefficients(lr, step, *, betas, eps, eps_root, weight_decay):
     b1, b2, b3 = betas
     return dict(
         lr=lr,
@@ -49,27 +38,27 @@ def adan_coefficients(
 
 
 def adan(
-    grad: Array,
-    param: Array,
-    m: Array,
-    v: Array,
-    n: Array,
-    prev_grad: Array,
-    lr: Scalar,
-    b1: Scalar,
-    one_minus_b1: Scalar,
-    b2: Scalar,
-    one_minus_b2: Scalar,
-    b3: Scalar,
-    one_minus_b3: Scalar,
-    c1: Scalar,
-    c2: Scalar,
-    c3: Scalar,
-    eps: Scalar,
-    eps_root: Scalar,
-    weight_decay: Scalar,
-    started: Scalar,
-) -> tuple[Array, ...]:
+    grad,
+    param,
+    m,
+    v,
+    n,
+    prev_grad,
+    lr,
+    b1,
+    one_minus_b1,
+    b2,
+    one_minus_b2,
+    b3,
+    one_minus_b3,
+    c1,
+    c2,
+    c3,
+    eps,
+    eps_root,
+    weight_decay,
+    started,
+):
     diff = (grad - prev_grad) * started  # no difference at the first step
     m = one_minus_b1 * grad + b1 * m
     v = one_minus_b2 * diff + b2 * v

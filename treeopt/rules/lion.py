@@ -6,16 +6,11 @@ p <- p * (1 - lr * wd)        (if wd > 0)
 p <- p - lr * sign(c)
 """
 
-from __future__ import annotations
-
 from treeopt.ops import sign
 from treeopt.rules.base import Rule, active
-from treeopt.types import Array, Scalar
 
 
-def lion_coefficients(
-    lr: Scalar, step: Array, *, betas: tuple[Scalar, Scalar], weight_decay: Scalar
-) -> dict[str, Scalar]:
+def lion_coefficients(lr, step, *, betas, weight_decay):
     b1, b2 = betas
     return dict(
         lr=lr,
@@ -28,18 +23,7 @@ def lion_coefficients(
     )
 
 
-def lion(
-    grad: Array,
-    param: Array,
-    m: Array,
-    lr: Scalar,
-    b1: Scalar,
-    one_minus_b1: Scalar,
-    b2: Scalar,
-    one_minus_b2: Scalar,
-    decay: Scalar,
-    decays: bool,
-) -> tuple[Array, ...]:
+def lion(grad, param, m, lr, b1, one_minus_b1, b2, one_minus_b2, decay, decays):
     c = b1 * m + one_minus_b1 * grad
     m = b2 * m + one_minus_b2 * grad
     if decays:

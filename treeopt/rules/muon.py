@@ -28,14 +28,10 @@ The match-RMS scale (Liu et al., "Muon is Scalable for LLM Training", 2025) give
 the root-mean-square of a typical AdamW update (about 0.2), so one learning rate serves both.
 """
 
-from __future__ import annotations
-
 from math import prod, sqrt as py_sqrt
-from typing import Any
 
 from treeopt.ops import addmm, astype, cast, dtype_name, matmul, on_whole, sqrt, swap_last, total
 from treeopt.rules.base import Rule, active
-from treeopt.types import Array, Scalar, Shape
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
@@ -48,19 +44,8 @@ LAYOUTS = ("out_in", "in_out")
 
 
 def muon_coefficients(
-    lr: Scalar,
-    step: Array,
-    *,
-    momentum: Scalar,
-    weight_decay: Scalar,
-    decoupled_weight_decay: bool,
-    nesterov: bool,
-    ns_steps: int,
-    ns_dtype: str | None,
-    ns_eps: Scalar,
-    adjust_lr: str,
-    layout: str,
-) -> dict[str, Scalar]:
+    lr, step, *, momentum, weight_decay, decoupled_weight_decay, nesterov, ns_steps, ns_dtype, ns_eps, adjust_lr, layout
+):
     decays = active(weight_decay)
     decoupled = decays and decoupled_weight_decay
     return dict(
@@ -79,14 +64,14 @@ def muon_coefficients(
     )
 
 
-def matrix_shape(shape: Shape, layout: str) -> tuple[int, int]:
+def matrix_shape(shape, layout):
     """The 2-D view Newton-Schulz orthogonalises: the output axis against all the others."""
     if layout == "in_out":
         return prod(shape[:-1]), shape[-1]
     return shape[0], prod(shape[1:])
 
 
-def lr_scale(shape: Shape, layout: str, adjust_lr: str) -> float:
+def lr_scale(shape, layout, adjust_lr):
     """The factor of the learning rate of a weight of this (stored) shape."""
     rows, columns = matrix_shape(shape, layout)
     if adjust_lr == "match_rms_adamw":
@@ -96,7 +81,7 @@ def lr_scale(shape: Shape, layout: str, adjust_lr: str) -> float:
     return py_sqrt(max(1.0, shape[-2] / shape[-1]))  # for a conv kernel: kh / kw, as the references
 
 
-def newton_schulz(x: Array, steps: int, eps: Scalar = NS_EPS) -> Array:
+def newton_schulz(x, steps, eps=NS_EPS):
     """Approximately orthogonalise the matrix ``x`` (its nearest semi-orthogonal matrix), or
     each matrix of a stack (the last two axes; leading axes index the matrices)."""
     a, b, c = NS_COEFFICIENTS
@@ -111,17 +96,7 @@ def newton_schulz(x: Array, steps: int, eps: Scalar = NS_EPS) -> Array:
     return swap_last(x) if tall else x
 
 
-def muon_direction(
-    grad: Array,
-    param: Array,
-    v: Array,
-    momentum: Scalar,
-    one_minus_momentum: Scalar,
-    weight_decay: Scalar,
-    coupled: bool,
-    nesterov: bool,
-    **_: Any,
-) -> tuple[Array, Array]:
+def muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, coupled, nesterov, **_):
     """The elementwise part: coupled decay and momentum, on a whole tensor or on any rows of it."""
     if coupled:
         grad = grad + weight_decay * param
@@ -129,17 +104,7 @@ def muon_direction(
     return (grad * one_minus_momentum + v * momentum if nesterov else v), v
 
 
-def muon_orthogonalize(
-    direction: Array,
-    lr: Scalar,
-    ns_steps: int,
-    ns_dtype: str | None,
-    ns_eps: Scalar,
-    adjust_lr: str,
-    layout: str,
-    stack: int = 0,
-    **_: Any,
-) -> tuple[Array, Scalar]:
+def muon_orthogonalize(direction, lr, ns_steps, ns_dtype, ns_eps, adjust_lr, layout, stack=0, **_):
     """The full-matrix part: Newton-Schulz on the whole matrix (each matrix of a stack when
     the first ``stack`` axes index one), and the learning rate for its shape. Row-sharded
     torch parameters gather each matrix to one rank for it (treeopt.distributed.fsdp)."""
@@ -151,12 +116,12 @@ def muon_orthogonalize(
     return direction, scaled_lr(lr, shape, layout, adjust_lr)
 
 
-def scaled_lr(lr: Scalar, shape: Shape, layout: str, adjust_lr: str) -> Scalar:
+def scaled_lr(lr, shape, layout, adjust_lr):
     """The learning rate of a matrix of ``shape`` (see :func:`lr_scale`)."""
     return lr * cast(lr_scale(shape, layout, adjust_lr), lr)
 
 
-def muon_apply(param: Array, direction: Array, lr: Scalar, keep: Scalar | None, **_: Any) -> Array:
+def muon_apply(param, direction, lr, keep, **_):
     """The last, elementwise part: decoupled decay (by the unscaled learning rate, as the
     references do) and the step."""
     if keep is not None:
@@ -165,31 +130,29 @@ def muon_apply(param: Array, direction: Array, lr: Scalar, keep: Scalar | None, 
 
 
 def muon(
-    grad: Array,
-    param: Array,
-    v: Array,
-    lr: Scalar,
-    momentum: Scalar,
-    one_minus_momentum: Scalar,
-    weight_decay: Scalar,
-    coupled: bool,
-    keep: Scalar | None,
-    nesterov: bool,
-    ns_steps: int,
-    ns_dtype: str | None,
-    ns_eps: Scalar,
-    adjust_lr: str,
-    layout: str,
-    stacked: bool = False,
-) -> tuple[Array, Array]:
+    grad,
+    param,
+    v,
+    lr,
+    momentum,
+    one_minus_momentum,
+    weight_decay,
+    coupled,
+    keep,
+    nesterov,
+    ns_steps,
+    ns_dtype,
+    ns_eps,
+    adjust_lr,
+    layout,
+    stacked=False,
+):
     direction, v = muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, coupled, nesterov)
     direction, step_lr = muon_orthogonalize(direction, lr, ns_steps, ns_dtype, ns_eps, adjust_lr, layout, int(stacked))
     return muon_apply(param, direction, step_lr, keep), v
 
 
-def orthogonalise(
-    direction: Array, ns_steps: int, ns_eps: Scalar, ns_dtype: str | None, layout: str, stack: int = 0
-) -> Array:
+def orthogonalise(direction, ns_steps, ns_eps, ns_dtype, layout, stack=0):
     """Newton-Schulz on ``direction`` viewed as a matrix by its ``layout``, in its own shape
     (of each of its matrices when its first ``stack`` axes index a stack)."""
     lead, shape = tuple(direction.shape[:stack]), tuple(direction.shape[stack:])

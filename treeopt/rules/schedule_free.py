@@ -18,31 +18,16 @@ The order of every operation is optax's ``contrib.schedule_free_adamw``, so floa
 agree with it to rounding.
 """
 
-from __future__ import annotations
-
 from treeopt.ops import maximum, sqrt
 from treeopt.rules.base import Rule
-from treeopt.types import Array, Scalar
 
 
-def schedule_free_advance(
-    lr: Scalar, step: Array, *, max_lr: Scalar, weight_sum: Scalar, weight_lr_power: Scalar
-) -> dict[str, Scalar]:
+def schedule_free_advance(lr, step, *, max_lr, weight_sum, weight_lr_power):
     max_lr = maximum(max_lr, lr)
     return dict(max_lr=max_lr, weight_sum=weight_sum + max_lr**weight_lr_power)
 
 
-def schedule_free_adamw_coefficients(
-    lr: Scalar,
-    step: Array,
-    *,
-    betas: tuple[Scalar, Scalar],
-    eps: Scalar,
-    weight_decay: Scalar,
-    weight_lr_power: Scalar,
-    max_lr: Scalar,
-    weight_sum: Scalar,
-) -> dict[str, Scalar]:
+def schedule_free_adamw_coefficients(lr, step, *, betas, eps, weight_decay, weight_lr_power, max_lr, weight_sum):
     b1, b2 = betas
     # the weight of this step's point in the average (0 while the learning rate is 0)
     c = max_lr**weight_lr_power / maximum(weight_sum, 1e-38)
@@ -62,22 +47,8 @@ def schedule_free_adamw_coefficients(
 
 
 def schedule_free_adamw(
-    grad: Array,
-    param: Array,
-    z: Array,
-    v: Array,
-    lr: Scalar,
-    b1: Scalar,
-    one_minus_b1: Scalar,
-    b2: Scalar,
-    one_minus_b2: Scalar,
-    c2: Scalar,
-    eps: Scalar,
-    weight_decay: Scalar,
-    c: Scalar,
-    one_minus_c: Scalar,
-    one: Scalar,
-) -> tuple[Array, ...]:
+    grad, param, z, v, lr, b1, one_minus_b1, b2, one_minus_b2, c2, eps, weight_decay, c, one_minus_c, one
+):
     v = one_minus_b2 * (grad * grad) + b2 * v
     u = one / (sqrt(v / c2) + eps) * grad + weight_decay * param
     new_z = z - lr * u

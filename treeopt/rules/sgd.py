@@ -8,15 +8,10 @@
 As in MLX the buffer starts at zero and dampening applies from the first step.
 """
 
-from __future__ import annotations
-
 from treeopt.rules.base import Rule, active
-from treeopt.types import Array, Scalar
 
 
-def sgd_coefficients(
-    lr: Scalar, step: Array, *, momentum: Scalar, weight_decay: Scalar, dampening: Scalar, nesterov: bool
-) -> dict[str, Scalar]:
+def sgd_coefficients(lr, step, *, momentum, weight_decay, dampening, nesterov):
     return dict(
         lr=lr,
         momentum=momentum,
@@ -29,19 +24,7 @@ def sgd_coefficients(
     )
 
 
-def sgd(
-    grad: Array,
-    param: Array,
-    v: Array,
-    lr: Scalar,
-    momentum: Scalar,
-    weight_decay: Scalar,
-    one_minus_dampening: Scalar,
-    decays: bool,
-    uses_momentum: bool,
-    dampens: bool,
-    nesterov: bool,
-) -> tuple[Array, ...]:
+def sgd(grad, param, v, lr, momentum, weight_decay, one_minus_dampening, decays, uses_momentum, dampens, nesterov):
     if decays:
         grad = grad + weight_decay * param
     if not uses_momentum:
