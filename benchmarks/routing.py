@@ -13,7 +13,10 @@ the MultiOptimizers split the tree the ways models are routed:
 
 Routes are decided once, so on the compiled path a step runs one parallel loop for all the
 groups of one rule, its work split by elements. Timed interleaved in one process, round by
-round; prints the medians and the ratio to one AdamW measured in the same rounds.
+round; prints the medians and the ratio to one AdamW measured in the same rounds. A second
+AdamW on its own copy of the tree is timed too: its ratio is the noise floor of the others
+(on the compiled path, a group costs about a dozen Python calls a step; the rest of any
+difference is the memory the tensors landed in and the machine's other work).
 """
 
 import argparse
@@ -52,6 +55,9 @@ def layers_mod_3():
 
 CANDIDATES = {
     "AdamW": adamw,
+    # the same optimizer on its own copy of the tree: how far apart two identical steps land
+    # (allocation, page placement, the machine's other work); read the other ratios against it
+    "AdamW, a second copy": adamw,
     "MultiOptimizer, 1 group": lambda: optim.MultiOptimizer([adamw()]),
     "matrices | vectors": by_ndim,
     "muon_adamw layout": muon_adamw_layout,

@@ -1,6 +1,7 @@
 """One optimizer step, timed against the memory-bandwidth bound and against the peers.
 
     python benchmarks/step.py                     # every tree, every installed library
+    python benchmarks/step.py --closing           # the issue's table: 10M tree and 2,000 x 64x64 (~10 min)
     python benchmarks/step.py --trees many --quick
     python benchmarks/step.py --json results/step.json
 
@@ -18,6 +19,12 @@ compared with the time of its matrix products alone (15 per matrix for 5 Newton-
 iterations), measured in the same run the way Muon runs them: same-shape matrices stacked,
 one batched product (NumPy ``matmul`` on 3-D arrays; ``torch.bmm`` for torch), re-timed in
 every round. GPU rows (CUDA) need a GPU machine; without one they are printed as not measured.
+
+Two things are timed in fresh processes, as a user meets them: the *cached start* (a second
+process: ``import treeopt`` and the first two AdamW steps on the 10M tree, the compiled loops
+loaded from the disk cache), and the *JAX compile* of a jitted Muon step (treeopt and optax:
+tracing plus XLA's compile), each stopped after ``--compile-limit`` seconds. JAX's Muon rows of
+a tree are timed in the main process only when its compile finished within the limit.
 """
 
 import argparse
@@ -211,6 +218,8 @@ def treeopt_candidates(kind, shapes, libraries):
 
 
 FIRST_STEPS = []  # (candidate, optimizer, seconds of step 1, of step 2)
+COMPILES = []  # JAX Muon compiles, timed in fresh processes
+CACHED_START = {}  # a second process's import and first steps
 
 
 def _first_steps(name, kind, step):
@@ -395,6 +404,87 @@ def matmul_bound(shapes, steps=5):
     return total
 
 
+# --------------------------------------------------------------------------------- fresh processes
+_CHILD_JAX = """
+import sys, time, statistics
+sys.path.insert(0, {folder!r})
+import step as bench
+import jax
+
+name, tree = {name!r}, {tree!r}
+candidate = bench.jax_candidates("muon", bench.TREES[tree]())[name]
+start = time.perf_counter()
+run = candidate()  # traces, compiles and takes the first step
+print("compile", time.perf_counter() - start, flush=True)
+print("step", statistics.median(bench._timed(run) for _ in range(5)), flush=True)
+"""
+
+_CHILD_START = """
+import time
+start = time.perf_counter()
+import numpy as np
+import treeopt as optim
+imported = time.perf_counter()
+rng = np.random.default_rng(0)
+shapes = {shapes!r}
+params = {{k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}}
+grads = {{k: rng.standard_normal(s, dtype=np.float32) * 0.01 for k, s in shapes.items()}}
+opt = optim.AdamW(1e-3, weight_decay=0.01)
+times = []
+for _ in range(2):
+    begin = time.perf_counter()
+    opt.update(params, grads)
+    times.append(time.perf_counter() - begin)
+print("import", imported - start)
+print("step1", times[0])
+print("step2", times[1])
+"""
+
+
+def fresh_process(source, limit):
+    """``{key: seconds}`` printed by ``source`` run in a new interpreter, or ``None`` when it
+    ran past ``limit`` seconds (or failed: the reason is printed)."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as stopped:
+        values = _values(stopped.stdout or "")
+        return values | {"stopped": limit}
+    if done.returncode != 0:
+        print(f"   (failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode})")
+        return None
+    return _values(done.stdout)
+
+
+def _values(text):
+    if isinstance(text, bytes):
+        text = text.decode()
+    values = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        try:
+            values[key] = float(value)
+        except ValueError:
+            pass
+    return values
+
+
+def jax_compile_times(tree, limit):
+    """``{candidate: {"compile": s, "step": s} or {"stopped": limit}}`` of a jitted Muon step."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    found = {}
+    for name in ("treeopt jax (jit, donated)", "optax (jit, donated)"):
+        found[name] = fresh_process(_CHILD_JAX.format(folder=folder, name=name, tree=tree), limit)
+    return found
+
+
+def jax_candidates(kind, shapes):
+    """treeopt's and optax's JAX candidates (for the fresh processes of the compile rows)."""
+    return treeopt_candidates(kind, shapes, ["jax"]) | peer_candidates(kind, shapes, ["jax"])
+
+
 # --------------------------------------------------------------------------------- running
 def main(argv=None):
     import functools, builtins
@@ -411,7 +501,17 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="3 rounds")
     parser.add_argument("--all", action="store_true", help="also MLX eager on the 124M tree (minutes a step)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--closing",
+        action="store_true",
+        help="the issue's table: trees small and many, AdamW and Muon (GPT-2 small: --trees gpt2)",
+    )
+    parser.add_argument(
+        "--compile-limit", type=float, default=60, help="seconds before a JAX Muon compile is stopped (fresh process)"
+    )
     args = parser.parse_args(argv)
+    if args.closing:
+        args.trees, args.optimizers = ["small", "many"], ["adamw", "muon"]
     rounds = 3 if args.quick else args.rounds
     libraries = [lib for lib in args.libraries if _installed(lib)]
 
@@ -420,7 +520,8 @@ def main(argv=None):
 
     print(
         f"CPU: {cpu_name()}; numba threads: {kernels.get_num_threads()} "
-        "(NUMBA_NUM_THREADS / TREEOPT_NUM_THREADS / OMP_NUM_THREADS)"
+        "(NUMBA_NUM_THREADS / TREEOPT_NUM_THREADS / OMP_NUM_THREADS); "
+        f"load average {os.getloadavg()[0]:.2f} at the start (other work slows every candidate alike)"
     )
     compile_start = time.perf_counter()
     import treeopt as optim
@@ -463,6 +564,19 @@ def main(argv=None):
                 "   Muon matrix products alone (5 Newton-Schulz steps, same-shape matrices batched): re-timed "
                 "in every round (numpy matmul on stacks; torch.bmm for torch)"
             )
+        jax_muon = None
+        if "muon" in args.optimizers and "jax" in libraries:
+            jax_muon = jax_compile_times(tree, args.compile_limit)
+            for name, found in jax_muon.items():
+                if found is None:
+                    continue
+                if "compile" not in found:
+                    text = f"compile not done after {found['stopped']:.0f} s (stopped)"
+                else:
+                    text = f"compile {found['compile']:.1f} s (trace, XLA, first step)"
+                    text += f"; step {found['step'] * 1e3:.1f} ms" if "step" in found else ""
+                print(f"   muon  {name:<30} {text}  [fresh process]")
+                COMPILES.append({"tree": tree, "candidate": name} | found)
         for kind in args.optimizers:
             # interleaved within a family of libraries (all of them at once would not fit in
             # memory for the 124M tree); families share the bound measured above
@@ -473,6 +587,9 @@ def main(argv=None):
                 candidates = treeopt_candidates(kind, shapes, present)
                 if not args.no_peers:
                     candidates.update(peer_candidates(kind, shapes, present))
+                if kind == "muon" and family == ["jax"]:  # only what compiled within the limit
+                    compiled = {k for k, found in (jax_muon or {}).items() if found and "compile" in found}
+                    candidates = {k: v for k, v in candidates.items() if k in compiled}
                 if tree == "gpt2" and not args.all:
                     candidates = {k: v for k, v in candidates.items() if not k.endswith("eager")}
                 results += _run(tree, kind, candidates, rounds, bound_step, muon_bound, elements)
@@ -483,6 +600,16 @@ def main(argv=None):
         print("\n== first steps (a fresh optimizer: planning, compiling or loading kernels from the disk cache)")
         for name, kind, first, second in FIRST_STEPS:
             print(f"   {kind:<5} {name:<16} step 1 {first * 1e3:9.1f} ms   step 2 {second * 1e3:9.1f} ms")
+    if "numpy" in libraries:
+        print("\n== cached start (a second process: import treeopt, AdamW's first two steps on the 10M tree)")
+        found = fresh_process(_CHILD_START.format(shapes=small_shapes()), 300)
+        if found and "step1" in found:
+            print(
+                f"   import treeopt {found['import'] * 1e3:.0f} ms; step 1 {found['step1'] * 1e3:.0f} ms "
+                f"(the engine's step, then numba imported and the compiled loop loaded); "
+                f"step 2 {found['step2'] * 1e3:.0f} ms"
+            )
+            CACHED_START.update(found)
     print(
         "\n== GPU rows (CUDA: treeopt's torch.compile runner against torch.optim.AdamW(fused=True) on GPT-2 "
         "small; Muon batched in bfloat16 against torch.optim.Muon): not measured (no GPU in this session)"
@@ -491,7 +618,18 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(
-                {"numba": numba.__version__, "threads": kernels.get_num_threads(), "results": results}, f, indent=2
+                {
+                    "cpu": cpu_name(),
+                    "load": os.getloadavg(),
+                    "numba": numba.__version__,
+                    "threads": kernels.get_num_threads(),
+                    "results": results,
+                    "first_steps": FIRST_STEPS,
+                    "jax_muon_compiles": COMPILES,
+                    "cached_start": CACHED_START,
+                },
+                f,
+                indent=2,
             )
         print(f"\nwrote {args.json}")
 

@@ -9,6 +9,7 @@ import pytest
 
 import treeopt as optim
 import treeopt.kernels as kernels
+from treeopt import engine
 from treeopt.kernels import stacking
 from treeopt.rules.muon import MUON
 from treeopt.tree import tree_flatten
@@ -171,3 +172,69 @@ def test_muon_under_jit_stacks_same_shape_matrices(backend, monkeypatch):
         per_tensor(patch)
         alone_params, _ = jax.jit(lambda p, s, g: tj.update(opt, g, s, p))(params, tj.init(opt, params), grads)
     assert_close(new_params, alone_params, exact=False)
+
+
+def torch_parameters(seed=0):
+    import torch
+
+    return {k: torch.nn.Parameter(v) for k, v in tree("torch", "float32", seed).items()}
+
+
+def muon_steps_on_torch(params, compiled, rebind_at=None):
+    """Three Muon steps on torch ``params``; at step ``rebind_at``, every ``.data`` is rebound
+    to a copy first (as model surgery or loading a checkpoint does)."""
+    opt = optim.Muon(0.02, weight_decay=0.01)
+    kernels.enabled = compiled
+    try:
+        for k, g in enumerate(steps("torch", "float32")):
+            if k == rebind_at:
+                for p in params.values():
+                    p.data = p.data.clone()
+            opt.update(params, g)
+    finally:
+        kernels.enabled = True
+    return opt
+
+
+@pytest.mark.parametrize("backend", backend_params(["torch"]))
+def test_muon_on_torch_parameters_takes_the_planned_step_with_the_engines_numbers(backend, monkeypatch):
+    # a Parameter's gradient is a plain Tensor: the planned step must accept it, not fall back
+    import torch
+
+    from treeopt.kernels import compiled_step
+
+    planned = []
+    run = compiled_step._RuleBucket.run
+    monkeypatch.setattr(compiled_step._RuleBucket, "run", lambda self, g: planned.append(1) or run(self, g))
+    params = torch_parameters()
+    originals = dict(params)
+    opt = muon_steps_on_torch(params, compiled=True)
+    assert planned, "the planned step fell back to the engine on every step"
+    assert all(params[k] is originals[k] and params[k].requires_grad for k in params)  # written in place
+    assert all(type(slots["v"]) is torch.Tensor for _, slots in engine.slot_items(opt))  # the state stays torch's
+    general = torch_parameters()
+    general_opt = muon_steps_on_torch(general, compiled=False)
+    assert_close(params, general, exact=True)
+    assert_close(opt.state, general_opt.state, exact=True)
+
+
+@pytest.mark.parametrize("backend", backend_params(["torch"]))
+def test_cpu_torch_muon_after_data_is_rebound_updates_the_new_tensors(backend):
+    params, reference = torch_parameters(), torch_parameters()
+    muon_steps_on_torch(params, compiled=True, rebind_at=2)
+    muon_steps_on_torch(reference, compiled=False, rebind_at=2)
+    assert_close(params, reference, exact=True)
+
+
+@pytest.mark.parametrize("backend", backend_params(["torch"]))
+def test_cpu_torch_muon_apply_gradients_returns_new_tensors(backend):
+    import torch
+
+    params, grads = tree("torch", "float32"), steps("torch", "float32", 1)[0]
+    before = {k: v.clone() for k, v in params.items()}
+    new = optim.Muon(0.02).apply_gradients(grads, params)
+    assert all(type(v) is torch.Tensor and v.shape == params[k].shape for k, v in new.items())
+    assert all(torch.equal(params[k], before[k]) for k in params)  # the inputs are left as they were
+    in_place = optim.Muon(0.02)
+    in_place.update(params, grads)
+    assert_close(new, params, exact=True)

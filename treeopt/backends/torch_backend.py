@@ -152,7 +152,8 @@ class TorchBackend(Backend):
             torch._foreach_copy_(list(dsts), list(stack.unbind(0)))  # one call for the whole stack
 
     def stack(self, arrays: Sequence[Array], out: Array | None = None) -> Array:
-        return torch.stack(list(arrays), out=out)
+        with torch.no_grad():  # parameters require grad; a step is never differentiated
+            return torch.stack(list(arrays), out=out)
 
     def matmul(self, a: Array, b: Array) -> Array:
         return torch.matmul(a, b)

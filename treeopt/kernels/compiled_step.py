@@ -93,8 +93,9 @@ class _RuleBucket:
         ):
             return None  # made read-only since the plan: the engine replaces it instead
         chosen = [grads[k] for k in self.positions]
+        types = self.backend.array_types  # torch: a Parameter's gradient is a Tensor
         for g, shape in zip(chosen, self.shapes):
-            if type(g) is not type(self.params[0]) or g.dtype != self.dtype or tuple(g.shape) != shape:
+            if type(g) not in types or g.dtype != self.dtype or tuple(g.shape) != shape:
                 return None
         return chosen
 
