@@ -1,10 +1,10 @@
 """The sweep behind the demo's settings: how good is tuned AdamW, and which Muon rate to route.
 
-    python benchmarks/outcome.py [--steps 200] [--seeds 0 1] [--jobs 1]
+    python benchmarks/outcome.py [--steps 600] [--seeds 0 1] [--jobs 1]
 
 1. AdamW alone (the demo's "AdamW" set-up): peak learning rate x beta2, every seed.
 2. muon_adamw (the demo's routed set-up), its AdamW part at the best AdamW settings of 1:
-   Muon's peak learning rate, every seed.
+   Muon's peak learning rate x Muon's weight decay, every seed.
 
 Every run trains the demo's GPT on one thread (``torch.set_num_threads(1)``) and appends one
 JSON line to ``--results`` as it finishes; a run already there is not repeated, so the sweep
@@ -27,6 +27,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 ADAMW_LRS = (3e-3, 5e-3, 2e-3, 8e-3, 1e-3)
 BETA2S = (0.99, 0.95)
 MUON_LRS = (0.01, 0.02, 0.04)
+MUON_WEIGHT_DECAYS = (0.1, 0.0)
+#: the settings only Muon reads: AdamW alone does not depend on them
+MUON_FIELDS = ("muon_lr", "muon_weight_decay")
 
 
 def run_one(job):
@@ -53,14 +56,23 @@ def run_one(job):
     }
 
 
+def settings(setup, hyper):
+    """The settings ``setup`` trained with: a field added to ``Hyper`` after a record was
+    written takes the value the run had (Muon's weight decay was AdamW's), and AdamW alone
+    drops Muon's fields, so its runs count whatever Muon's defaults are now."""
+    hyper = {"muon_weight_decay": hyper["weight_decay"], **hyper}
+    return {k: v for k, v in hyper.items() if not (setup == "AdamW" and k in MUON_FIELDS)}
+
+
 def key(job):
-    return json.dumps([job["setup"], job["hyper"], job["seed"], job["steps"]], sort_keys=True)
+    return json.dumps([job["setup"], settings(job["setup"], job["hyper"]), job["seed"], job["steps"]], sort_keys=True)
 
 
 def load(path):
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{**r, "hyper": settings(r["setup"], r["hyper"])} for r in records]
 
 
 def sweep(jobs, results_path, workers):
@@ -100,8 +112,8 @@ def table(records, steps, seeds):
         f"{', '.join(map(str, seeds))} (each seed's value in brackets); **bold**: the best of each part "
         "among the settings run on every seed.",
         "",
-        "| set-up | Muon lr | AdamW lr | beta2 | final val loss |",
-        "|---|---|---|---|---|",
+        "| set-up | Muon lr | Muon wd | AdamW lr | beta2 | final val loss |",
+        "|---|---|---|---|---|---|",
     ]
     for setup in ("AdamW", "muon_adamw"):
         means = mean_by_setting(records, setup, steps, seeds, complete=False)
@@ -109,9 +121,8 @@ def table(records, steps, seeds):
         if not means:
             continue
         winner = best(complete)[0] if complete else None
-        for setting in sorted(
-            means, key=lambda k: (json.loads(k)["muon_lr"], json.loads(k)["beta2"], json.loads(k)["adamw_lr"])
-        ):
+        order = ("muon_weight_decay", "muon_lr", "beta2", "adamw_lr")
+        for setting in sorted(means, key=lambda k: [json.loads(k).get(field, 0) for field in order]):
             h = json.loads(setting)
             mean, values = means[setting]
             cell = f"{mean:.4f} ({', '.join(f'{v:.3f}' for v in values)})"
@@ -119,8 +130,8 @@ def table(records, steps, seeds):
                 cell += f" ({len(values)} of {len(seeds)} seeds)"
             if h == winner:
                 cell = f"**{cell}**"
-            muon = f"{h['muon_lr']:g}" if setup == "muon_adamw" else "-"
-            lines.append(f"| {setup} | {muon} | {h['adamw_lr']:g} | {h['beta2']:g} | {cell} |")
+            muon = [f"{h[field]:g}" if setup == "muon_adamw" else "-" for field in MUON_FIELDS]
+            lines.append(f"| {setup} | {' | '.join(muon)} | {h['adamw_lr']:g} | {h['beta2']:g} | {cell} |")
     return "\n".join(lines)
 
 
@@ -138,8 +149,8 @@ def main(argv=None):
     parser.add_argument(
         "--steps",
         type=int,
-        default=200,
-        help="steps per run (default 200: a third of the demo's, to fit a loaded 2-core machine)",
+        default=600,
+        help="steps per run (default 600, the demo's)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each")
@@ -167,13 +178,22 @@ def main(argv=None):
     tuned, loss = best(mean_by_setting(load(args.results), "AdamW", args.steps, args.seeds))
     print(f"best AdamW: lr {tuned['adamw_lr']:g}, beta2 {tuned['beta2']:g}: {loss:.4f}", flush=True)
     muon = [
-        {"setup": "muon_adamw", "hyper": {**tuned, "muon_lr": lr}, "seed": s, "steps": args.steps}
+        {
+            "setup": "muon_adamw",
+            "hyper": {**default, **tuned, "muon_lr": lr, "muon_weight_decay": wd},
+            "seed": s,
+            "steps": args.steps,
+        }
+        for wd in MUON_WEIGHT_DECAYS
         for lr in MUON_LRS
         for s in args.seeds
     ]
     sweep(muon, args.results, args.jobs)
     routed, loss = best(mean_by_setting(load(args.results), "muon_adamw", args.steps, args.seeds))
-    print(f"best muon_adamw: Muon lr {routed['muon_lr']:g}: {loss:.4f}", flush=True)
+    print(
+        f"best muon_adamw: Muon lr {routed['muon_lr']:g}, weight decay {routed['muon_weight_decay']:g}: {loss:.4f}",
+        flush=True,
+    )
     report(args)
 
 
