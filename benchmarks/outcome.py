@@ -5,6 +5,8 @@
 1. AdamW alone (the demo's "AdamW" set-up): peak learning rate x beta2, every seed.
 2. muon_adamw (the demo's routed set-up), its AdamW part at the best AdamW settings of 1:
    Muon's peak learning rate x Muon's weight decay, every seed.
+3. Muon everywhere (the demo's naive set-up) at the best settings of 2, every seed: how much
+   the routing itself is worth, beyond one seed.
 
 Every run trains the demo's GPT on one thread (``torch.set_num_threads(1)``) and appends one
 JSON line to ``--results`` as it finishes; a run already there is not repeated, so the sweep
@@ -110,17 +112,17 @@ def table(records, steps, seeds):
     lines = [
         f"Final validation loss (nats per byte) after {steps} steps, mean over seeds "
         f"{', '.join(map(str, seeds))} (each seed's value in brackets); **bold**: the best of each part "
-        "among the settings run on every seed.",
+        "among the settings run on every seed; Muon everywhere (naive) runs at muon_adamw's best.",
         "",
         "| set-up | Muon lr | Muon wd | AdamW lr | beta2 | final val loss |",
         "|---|---|---|---|---|---|",
     ]
-    for setup in ("AdamW", "muon_adamw"):
+    for setup in ("AdamW", "muon_adamw", "Muon everywhere"):
         means = mean_by_setting(records, setup, steps, seeds, complete=False)
         complete = mean_by_setting(records, setup, steps, seeds)
         if not means:
             continue
-        winner = best(complete)[0] if complete else None
+        winner = best(complete)[0] if complete and setup != "Muon everywhere" else None
         order = ("muon_weight_decay", "muon_lr", "beta2", "adamw_lr")
         for setting in sorted(means, key=lambda k: [json.loads(k).get(field, 0) for field in order]):
             h = json.loads(setting)
@@ -130,7 +132,7 @@ def table(records, steps, seeds):
                 cell += f" ({len(values)} of {len(seeds)} seeds)"
             if h == winner:
                 cell = f"**{cell}**"
-            muon = [f"{h[field]:g}" if setup == "muon_adamw" else "-" for field in MUON_FIELDS]
+            muon = [f"{h[field]:g}" if setup != "AdamW" else "-" for field in MUON_FIELDS]
             lines.append(f"| {setup} | {' | '.join(muon)} | {h['adamw_lr']:g} | {h['beta2']:g} | {cell} |")
     return "\n".join(lines)
 
@@ -154,6 +156,13 @@ def main(argv=None):
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each")
+    parser.add_argument(
+        "--muon-weight-decays",
+        type=float,
+        nargs="+",
+        default=list(MUON_WEIGHT_DECAYS),
+        help=f"Muon's weight decays in part 2 (default {' '.join(map(str, MUON_WEIGHT_DECAYS))})",
+    )
     parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("outcome.jsonl"))
     parser.add_argument("--no-doc", action="store_true", help="print the table, leave docs/outcome.md alone")
     parser.add_argument("--table-only", action="store_true", help="run nothing: the table of the results so far")
@@ -184,7 +193,7 @@ def main(argv=None):
             "seed": s,
             "steps": args.steps,
         }
-        for wd in MUON_WEIGHT_DECAYS
+        for wd in args.muon_weight_decays
         for lr in MUON_LRS
         for s in args.seeds
     ]
@@ -193,6 +202,11 @@ def main(argv=None):
     print(
         f"best muon_adamw: Muon lr {routed['muon_lr']:g}, weight decay {routed['muon_weight_decay']:g}: {loss:.4f}",
         flush=True,
+    )
+    sweep(
+        [{"setup": "Muon everywhere", "hyper": routed, "seed": s, "steps": args.steps} for s in args.seeds],
+        args.results,
+        args.jobs,
     )
     report(args)
 

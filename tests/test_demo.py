@@ -2,8 +2,10 @@
 NumPy digits MLP (``python -m treeopt.demo digits``)."""
 
 import gzip
+import importlib.util
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -95,6 +97,45 @@ def test_the_three_setups_route_as_their_names_say():
     assert {adamw.names[adamw.route(path)] for path in params} == {"adamw", "adamw_no_decay"}
     assert adamw.optimizers[0].weight_decay == setups.Hyper().weight_decay
     assert adamw.optimizers[1].weight_decay == 0
+
+
+def _outcome_sweep():
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "outcome.py"
+    spec = importlib.util.spec_from_file_location("outcome_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_sweep_resumes_records_written_before_muon_had_its_own_weight_decay(tmp_path):
+    outcome = _outcome_sweep()
+    old = {"adamw_lr": 5e-3, "beta2": 0.99, "weight_decay": 0.1, "muon_lr": 0.02, "warmup": 0.2, "max_grad_norm": 1.0}
+    records = [
+        {"setup": "AdamW", "hyper": old, "seed": 0, "steps": 600, "final_val_loss": 1.72},
+        {"setup": "muon_adamw", "hyper": old, "seed": 0, "steps": 600, "final_val_loss": 1.44},
+    ]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    now = {**setups.Hyper().to_dict(), "adamw_lr": 5e-3, "beta2": 0.99, "muon_lr": 0.04, "muon_weight_decay": 0.0}
+    done = {outcome.key(r) for r in outcome.load(results)}
+    # AdamW alone does not read Muon's settings: its old run counts whatever they are now
+    assert outcome.key({"setup": "AdamW", "hyper": now, "seed": 0, "steps": 600}) in done
+    # the old muon_adamw decayed Muon by AdamW's weight decay: it is that run, and no other
+    assert (
+        outcome.key(
+            {
+                "setup": "muon_adamw",
+                "hyper": {**now, "muon_lr": 0.02, "muon_weight_decay": 0.1},
+                "seed": 0,
+                "steps": 600,
+            }
+        )
+        in done
+    )
+    assert outcome.key({"setup": "muon_adamw", "hyper": {**now, "muon_lr": 0.02}, "seed": 0, "steps": 600}) not in done
+    table = outcome.table(outcome.load(results), 600, [0])
+    assert "| AdamW | - | - | 0.005 | 0.99 | **1.7200 (1.720)** |" in table
+    assert "| muon_adamw | 0.02 | 0.1 | 0.005 | 0.99 | **1.4400 (1.440)** |" in table
 
 
 def test_the_learning_rate_multiplier_warms_up_then_decays_to_zero():
