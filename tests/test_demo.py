@@ -52,7 +52,7 @@ def test_quick_demo_writes_the_table_the_plot_and_the_json(tmp_path, capsys):
     # what the user sees: the plan once, the naive run's guard warnings, the table
     assert printed.count("Routing plan at step") == 1
     assert "Muon got what looks like an embedding" in printed and "output head" in printed
-    assert "steps to target" in printed and "loss.png" in printed
+    assert "steps to target" in printed and "loss.png" in printed and "Muon everywhere (naive) ended at" in printed
     plan = {row["path"]: row["optimizer"] for row in record["plan"]["parameters"]}
     assert plan["blocks.0.attn.qkv.weight"] == "muon" and plan["tok_embed.weight"] == "adamw"
 
@@ -143,6 +143,21 @@ def test_the_learning_rate_multiplier_warms_up_then_decays_to_zero():
     assert multiplier(0) == 0 and multiplier(10) == pytest.approx(0.5)
     assert multiplier(20) == pytest.approx(1.0) and multiplier(100) == pytest.approx(0.0, abs=1e-9)
     assert all(multiplier(s) >= multiplier(s + 1) for s in range(20, 100))
+
+
+def test_the_demo_says_what_the_naive_run_cost():
+    def curve(losses):
+        c = Curve()
+        for step, loss in zip(range(0, 100, 25), losses):
+            c.add(step, 0.0, 0.0, loss, float("nan"))
+        return c
+
+    routed = curve([5.5, 2.6, 2.0, 1.44])
+    close = cli.naive_versus_routed(curve([5.5, 3.6, 2.1, 1.45]), routed)
+    assert "ended at 1.4500, +0.010 nats/byte from muon_adamw's 1.4400" in close
+    assert "widest gap was +1.000, at step 25" in close and "about the same" in close
+    apart = cli.naive_versus_routed(curve([5.5, 3.6, 2.1, 1.60]), routed)
+    assert "+0.160" in apart and "about the same" not in apart
 
 
 def test_curve_reach_interpolates_between_evaluations():
