@@ -74,7 +74,8 @@ def load(path):
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [{**r, "hyper": settings(r["setup"], r["hyper"])} for r in records]
+    records = [{**r, "hyper": settings(r["setup"], r["hyper"])} for r in records]
+    return list({key(r): r for r in reversed(records)}.values())[::-1]  # a run saved twice counts once
 
 
 def sweep(jobs, results_path, workers):
