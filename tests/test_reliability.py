@@ -616,6 +616,13 @@ def setmeta(*path_value):
     return edit
 
 
+def route_b(route, shape):
+    """An edit that records parameter ``b`` (of ``shape``) as routed to ``route``."""
+    path = {"keys": ["b"], "shape": shape, "dtype": "float32", "route": route, "flags": ["rerouted"]}
+    group = {"position": [], "names": ["Adam", "AdamW", "SGD"], "changes": [], "paths": [path]}
+    return lambda t, m: m.__setitem__("routing", [group])
+
+
 CHECKPOINT_CASES = (
     ("step of shape (3,)", setkey("@Adam/step", np.zeros(3, np.uint64)), r"'@Adam/step' has shape \(3,\)"),
     ("step as a float", setkey("@Adam/step", np.float32(2)), r"'@Adam/step' is float32; a step count is an integer"),
@@ -657,36 +664,12 @@ CHECKPOINT_CASES = (
     ("metadata step disagrees with the tensors", setmeta("step", 99), r"the metadata's 'step' is 99"),
     (
         "routing to an optimizer that does not exist",
-        lambda t, m: m.__setitem__(
-            "routing",
-            [
-                {
-                    "position": [],
-                    "names": ["Adam", "AdamW", "SGD"],
-                    "changes": [],
-                    "paths": [
-                        {"keys": ["b"], "shape": [4], "dtype": "float32", "route": "Lion", "flags": ["rerouted"]}
-                    ],
-                }
-            ],
-        ),
+        route_b("Lion", shape=[4]),
         r"'routing\[0\]\.paths\[0\]\.route': 'Lion' is not one of",
     ),
     (
         "routing of a parameter with another shape",
-        lambda t, m: m.__setitem__(
-            "routing",
-            [
-                {
-                    "position": [],
-                    "names": ["Adam", "AdamW", "SGD"],
-                    "changes": [],
-                    "paths": [
-                        {"keys": ["b"], "shape": [9], "dtype": "float32", "route": "Adam", "flags": ["rerouted"]}
-                    ],
-                }
-            ],
-        ),
+        route_b("Adam", shape=[9]),
         r"'b' is float32\[9\] in the checkpoint but float32\[4\] now",
     ),
     (
