@@ -94,14 +94,24 @@ def sweep(jobs, results_path, workers):
             )
 
 
-def mean_by_setting(records, setup, steps, seeds, complete=True):
+def mean_by_setting(records, setup, steps, seeds, complete=True, like=None):
     """``{setting: (mean final loss, [loss per seed])}``; only settings run on every seed
-    unless ``complete=False``."""
+    unless ``complete=False``, and only those that share ``like``'s values (a dict) if given."""
     groups = {}
     for r in sorted(records, key=lambda r: r["seed"]):
         if r["setup"] == setup and r["steps"] == steps and r["seed"] in seeds:
-            groups.setdefault(json.dumps(r["hyper"], sort_keys=True), []).append(r["final_val_loss"])
+            if like is None or all(r["hyper"].get(k) == v for k, v in like.items()):
+                groups.setdefault(json.dumps(r["hyper"], sort_keys=True), []).append(r["final_val_loss"])
     return {k: (sum(v) / len(v), v) for k, v in groups.items() if len(v) == len(seeds) or not complete}
+
+
+def winners(records, steps, seeds):
+    """The best setting of each part, or None: AdamW alone's; muon_adamw's among the runs
+    with AdamW's best for its AdamW groups (part 2)."""
+    adamw = mean_by_setting(records, "AdamW", steps, seeds)
+    tuned = best(adamw)[0] if adamw else None
+    routed = mean_by_setting(records, "muon_adamw", steps, seeds, like=tuned) if tuned else {}
+    return tuned, best(routed)[0] if routed else None
 
 
 def best(means):
@@ -113,17 +123,17 @@ def table(records, steps, seeds):
     lines = [
         f"Final validation loss (nats per byte) after {steps} steps, mean over seeds "
         f"{', '.join(map(str, seeds))} (each seed's value in brackets); **bold**: the best of each part "
-        "among the settings run on every seed; Muon everywhere (naive) runs at muon_adamw's best.",
+        "among the settings run on every seed (muon_adamw's among those with AdamW's best lr and beta2); "
+        "Muon everywhere (naive) runs at muon_adamw's best.",
         "",
         "| set-up | Muon lr | Muon wd | AdamW lr | beta2 | final val loss |",
         "|---|---|---|---|---|---|",
     ]
-    for setup in ("AdamW", "muon_adamw", "Muon everywhere"):
+    tuned, routed = winners(records, steps, seeds)
+    for setup, winner in (("AdamW", tuned), ("muon_adamw", routed), ("Muon everywhere", None)):
         means = mean_by_setting(records, setup, steps, seeds, complete=False)
-        complete = mean_by_setting(records, setup, steps, seeds)
         if not means:
             continue
-        winner = best(complete)[0] if complete and setup != "Muon everywhere" else None
         order = ("muon_weight_decay", "muon_lr", "beta2", "adamw_lr")
         for setting in sorted(means, key=lambda k: [json.loads(k).get(field, 0) for field in order]):
             h = json.loads(setting)
@@ -199,11 +209,8 @@ def main(argv=None):
         for s in args.seeds
     ]
     sweep(muon, args.results, args.jobs)
-    routed, loss = best(mean_by_setting(load(args.results), "muon_adamw", args.steps, args.seeds))
-    print(
-        f"best muon_adamw: Muon lr {routed['muon_lr']:g}, weight decay {routed['muon_weight_decay']:g}: {loss:.4f}",
-        flush=True,
-    )
+    routed = winners(load(args.results), args.steps, args.seeds)[1]
+    print(f"best muon_adamw: Muon lr {routed['muon_lr']:g}, weight decay {routed['muon_weight_decay']:g}", flush=True)
     sweep(
         [{"setup": "Muon everywhere", "hyper": routed, "seed": s, "steps": args.steps} for s in args.seeds],
         args.results,

@@ -113,6 +113,8 @@ def test_the_sweep_resumes_records_written_before_muon_had_its_own_weight_decay(
     records = [
         {"setup": "AdamW", "hyper": old, "seed": 0, "steps": 600, "final_val_loss": 1.72},
         {"setup": "muon_adamw", "hyper": old, "seed": 0, "steps": 600, "final_val_loss": 1.44},
+        # lower, but not at AdamW's best settings: part 2 does not pick it
+        {"setup": "muon_adamw", "hyper": {**old, "adamw_lr": 3e-3}, "seed": 0, "steps": 600, "final_val_loss": 1.43},
     ]
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -136,6 +138,7 @@ def test_the_sweep_resumes_records_written_before_muon_had_its_own_weight_decay(
     table = outcome.table(outcome.load(results), 600, [0])
     assert "| AdamW | - | - | 0.005 | 0.99 | **1.7200 (1.720)** |" in table
     assert "| muon_adamw | 0.02 | 0.1 | 0.005 | 0.99 | **1.4400 (1.440)** |" in table
+    assert "| muon_adamw | 0.02 | 0.1 | 0.003 | 0.99 | 1.4300 (1.430) |" in table
 
 
 def test_the_learning_rate_multiplier_warms_up_then_decays_to_zero():
