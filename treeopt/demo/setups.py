@@ -21,13 +21,13 @@ from treeopt.filters import ndim
 @dataclass(frozen=True)
 class Hyper:
     """The optimizer settings; the defaults are the best of the sweep in ``docs/outcome.md``
-    (AdamW's peak lr and beta2, Muon's peak lr)."""
+    (AdamW's peak lr and beta2; Muon's peak lr and weight decay, with that AdamW)."""
 
-    adamw_lr: float = 3e-3
-    beta2: float = 0.99
+    adamw_lr: float = 5e-3
+    beta2: float = 0.95
     #: AdamW's, on every matrix it gets, decoupled (w *= 1 - lr * wd)
     weight_decay: float = 0.1
-    muon_lr: float = 0.02
+    muon_lr: float = 0.04
     #: Muon's, decoupled too; per step it is muon_lr * wd, several times AdamW's at one wd
     muon_weight_decay: float = 0.1
     warmup: float = 0.2  # fraction of the steps
