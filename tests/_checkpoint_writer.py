@@ -1,4 +1,4 @@
-"""Saves checkpoints to one path in a loop, for test_checkpoint's SIGKILL test.
+"""Saves checkpoints to one path in a loop, for test_checkpoint_files' SIGKILL test.
 
     python _checkpoint_writer.py PATH ELEMENTS START
 

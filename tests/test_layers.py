@@ -9,19 +9,9 @@ PACKAGE = pathlib.Path(__file__).parent.parent / "treeopt"
 FRAMEWORKS = ("torch", "jax", "jaxlib", "mlx", "optax", "flax")
 #: where a framework may be imported: the backends and the integrations
 INTEGRATIONS = ("backends/", "torch/", "jax.py", "distributed/", "demo/")
-#: known departures, merged from other branches after the engine split; each is a follow-up
-#: (a MultiOptimizer interface to save and restore its routes; the function-level imports
-#: that close these cycles). The tests fail on any new one, and when one of these is fixed
-#: it must leave the list.
-KNOWN_CYCLES = {
-    "treeopt.checkpoint.format",
-    "treeopt.checkpoint.routing",
-    "treeopt.checkpoint.validate",
-    "treeopt.distributed.fsdp",
-    "treeopt.distributed.replicated",
-}
-KNOWN_PRIVATE_USES = {("checkpoint/routing.py", "_routes")}
-KNOWN_FRAMEWORK_IMPORTS = {"kernels/compiled_step.py: torch"}  # the torch.compile bucket: through a backend
+KNOWN_CYCLES: set = set()
+KNOWN_PRIVATE_USES: set = set()
+KNOWN_FRAMEWORK_IMPORTS: set = set()
 
 
 def modules():
@@ -32,9 +22,19 @@ def modules():
 
 
 def imported(name, tree, known):
-    """The treeopt modules ``name`` imports (anywhere in it, functions included)."""
+    """The treeopt modules ``name`` imports (anywhere in it, functions included), not counting
+    the imports under ``if TYPE_CHECKING:``, which only annotations use (they run no code)."""
     found = set()
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -2,6 +2,7 @@
 per-group learning rates, errors that name the filter and the path."""
 
 import copy
+import dataclasses
 from collections import namedtuple
 
 import numpy as np
@@ -176,6 +177,34 @@ def test_nested_multi_optimizers_route_with_full_paths():
     np.testing.assert_allclose(params["layers"][0]["bias"], -0.1 * np.ones(3))
     np.testing.assert_allclose(params["layers"][0]["weight"], 0.3 * np.ones((3, 3)))
     assert inner.route("layers.0.bias") == 0 and outer.route("layers.0.bias") == 1
+
+
+def test_routers_are_the_multi_optimizers_inside_by_position():
+    plain = optim.SGD(0.1)
+    inner = optim.MultiOptimizer([optim.SGD(0.1), optim.SGD(0.2)], [lambda path, w: path.endswith("bias")])
+    outer = optim.MultiOptimizer([optim.Adam(0.1), inner], [lambda path, w: path == "embed"])
+    assert plain.routers() == []
+    assert outer.routers() == [((), outer), ((1,), inner)]
+    plain.note_change("replaced w")  # a plain optimizer keeps no log
+    outer.note_change("replaced w")
+    assert outer.changes == ["step 0: replaced w"]
+
+
+def test_routes_are_a_copy_and_a_restored_route_moves_the_parameter_without_its_state():
+    multi = optim.MultiOptimizer([optim.SGD(0.1, momentum=0.9), optim.Adam(0.1)], [is_matrix])
+    params = model()
+    multi.update(params, ones_like(params))
+    routes = multi.routes()
+    keys = ("layers", 0, "weight")
+    assert routes[keys].group == 0 and list(routes)[0] == ("embed",)
+    routes.clear()
+    assert multi.routes()  # the copy changed, not the optimizer
+    sgd, adam = multi.optimizers
+    assert "v" in sgd.state["layers"][0]["weight"]
+    multi.restore_route(keys, dataclasses.replace(multi.routes()[keys], group=1, reason="rerouted"))
+    assert multi.route("layers.0.weight") == 1 and sgd.state["layers"][0]["weight"] == {}
+    multi.update(params, ones_like(params))
+    assert set(adam.state["layers"][0]["weight"]) == {"m", "v"}  # a fresh state on its new optimizer
 
 
 def test_parameterless_layers_mlx_regression_4215():

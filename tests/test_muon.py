@@ -218,6 +218,19 @@ def test_in_out_is_out_in_on_the_transpose():
     assert not np.allclose(as_mlx, flax_like, atol=1e-3)
 
 
+def test_default_layout_changes_what_none_means_in_its_block_only():
+    weight, grads = problem((7, 3), seed=2)
+    with optim.optimizers.default_layout("in_out"):
+        inside = run(optim.Muon(0.05), weight, grads)
+        explicit = run(optim.Muon(0.05, layout="out_in"), weight, grads)  # an explicit layout wins
+    np.testing.assert_array_equal(inside, run(optim.Muon(0.05, layout="in_out"), weight, grads))
+    np.testing.assert_array_equal(explicit, run(optim.Muon(0.05, layout="out_in"), weight, grads))
+    np.testing.assert_array_equal(run(optim.Muon(0.05), weight, grads), explicit)  # back to MLX's after it
+    with pytest.raises(ValueError, match="default_layout: layout should be one of"):
+        with optim.optimizers.default_layout("(in, out)"):
+            pass
+
+
 def test_layout_none_is_mlx_and_a_bad_layout_is_refused():
     weight, grads = problem((4, 2, 3), seed=4)
     np.testing.assert_array_equal(

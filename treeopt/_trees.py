@@ -4,10 +4,13 @@ A leaf is located by its *keys*, the tuple of dict keys and list indices on the 
 unlike a dotted path, keys are exact even for keys that contain dots or are digit strings.
 """
 
+from collections.abc import Iterable
+from typing import Any
+
 from treeopt.tree import is_container, rebuild
 
 
-def dotted(keys) -> str:
+def dotted(keys: Iterable[object]) -> str:
     return ".".join(map(str, keys))
 
 
@@ -87,7 +90,7 @@ def as_list(node):
         return list(node)
     if isinstance(node, dict) and all(isinstance(k, str) and k.isdigit() for k in node):
         by_index = {int(k): child for k, child in node.items()}  # saved with string indices
-        items = []
+        items: list[Any] = []
         for i in sorted(by_index):
             items.extend({} for _ in range(i - len(items)))
             items.append(by_index[i])

@@ -1,5 +1,7 @@
 """Clipping gradients by their global norm."""
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 
 from treeopt.backends import backend_of, numpy_backend
@@ -59,19 +61,26 @@ def global_norm(grads: Sequence[Array]) -> Array:
     """The L2 norm of all ``grads`` together (float16 and integers squared in float32)."""
     squared = 0.0
     for g in grads:
-        if dtype_name(g) == "float16" or not backend_of(g).is_floating(g):
+        if dtype_name(g) == "float16" or not _is_floating(g):
             g = astype(g, "float32")  # float16 squares overflow (bfloat16 has float32's range)
         squared = squared + total(g * g)
     return sqrt(squared)
 
 
-def clip_factor(norm, max_norm):
+def clip_factor(norm: Array, max_norm: float) -> Array:
     """The factor that brings ``norm`` down to ``max_norm`` (1 when it is already below)."""
     return minimum(max_norm / (norm + 1e-6), 1.0)
 
 
-def scale(g, factor):
+def scale(g: Array, factor: Array) -> Array:
     """``g * factor``, cast back to ``g``'s dtype (integers become float32)."""
-    if backend_of(g).is_floating(g):
+    if _is_floating(g):
         return astype(g * factor, dtype_name(g))
     return astype(g, "float32") * factor
+
+
+def _is_floating(g: Array) -> bool:
+    backend = backend_of(g)
+    if backend is None:
+        raise TypeError(f"expected an array, got {type(g).__name__}")
+    return backend.is_floating(g)

@@ -29,15 +29,25 @@ state-layout functions below (:func:`slots_at`, :func:`slot_items`, :func:`drop`
 optimizer's private attributes.
 """
 
+from __future__ import annotations
+
 import sys
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Protocol
 
 from treeopt import _trees
 from treeopt.backends import backend_of, numpy_backend
 from treeopt.errors import MissingParameterError, ParameterError, describe
 from treeopt.rules.base import rule_checked
 from treeopt.tree import is_container, items, rebuild
+from treeopt.types import Array, Keys, Shape, State, Tree
+
+if TYPE_CHECKING:
+    from treeopt.backends import Backend
+    from treeopt.optimizer import Optimizer
+    from treeopt.rules.base import Rule
 
 __all__ = [
     "Book",
@@ -65,18 +75,18 @@ class Book:
     """What the engine keeps about one optimizer beside its state dict."""
 
     #: the state's array library, settled at the first step (``None`` before)
-    backend: Any = None
+    backend: Backend | None = None
     #: the slots are known to fit the parameters (``False`` after a state assignment: the next
     #: step checks them)
     initialized: bool = False
     #: keys -> ``(shape, dtype)`` of each parameter with state
-    parameters: dict = field(default_factory=dict)
+    parameters: dict[Keys, tuple[Shape, str]] = field(default_factory=dict)
     #: keys -> slots to start from when the parameter is initialised (``reroute(state="carry")``)
-    carried: dict = field(default_factory=dict)
+    carried: dict[Keys, dict[str, Array]] = field(default_factory=dict)
     #: bumped by every change a compiled step depends on
     version: int = 0
 
-    def copy(self):
+    def copy(self) -> Book:
         return Book(self.backend, self.initialized, dict(self.parameters), dict(self.carried), self.version)
 
 
@@ -84,20 +94,35 @@ class Pair:
     """One gradient and its parameter in one step: where they are, and what the step decides."""
 
     __slots__ = ("keys", "grad", "param", "backend", "owner", "slots", "result", "owned")
+    keys: Keys
+    grad: Array  # None: no step for this parameter
+    param: Array
+    #: the library of ``grad`` and ``param`` (``None`` only in a pair without a gradient, which never runs)
+    backend: Backend
+    #: the stateful optimizer that updates it, and its slots (``None`` until the step routes it; a
+    #: routed pair's slots are a dict once the commit mirrored them)
+    owner: Optimizer
+    slots: Any
+    result: Array
+    owned: bool
 
-    def __init__(self, keys, grad, param, backend=None, owned=True):
-        self.keys, self.grad, self.param, self.backend = keys, grad, param, backend
+    def __init__(
+        self, keys: Keys, grad: Array, param: Array, backend: Backend | None = None, owned: bool = True
+    ) -> None:
+        self.keys, self.grad, self.param, self.backend = keys, grad, param, backend  # type: ignore[assignment]
         self.owned = owned  # the param is the caller's own array (not made from a number)
-        self.owner = self.slots = None
+        self.owner = self.slots = None  # type: ignore[assignment]
         self.result = param
 
     @property
-    def path(self):
+    def path(self) -> str:
         return _trees.dotted(self.keys)
 
 
 # ---------------------------------------------------------------------- the step
-def step(optimizer, gradients, parameters, in_place):
+def step(
+    optimizer: Optimizer, gradients: Tree, parameters: Tree, in_place: bool
+) -> tuple[Tree, list[Pair], list[Pair], list[Optimizer]]:
     """One step: ``(new tree, every pair, the pairs updated, the optimizers that stepped)``."""
     # 1. check
     pairs = collect(gradients, parameters, type(optimizer).__name__)
@@ -106,8 +131,8 @@ def step(optimizer, gradients, parameters, in_place):
     owners = optimizer.assign_owners(active)
     kept = [(pair, owner) for pair, owner in zip(active, owners) if owner is not None]  # None: frozen
     active, owners = [pair for pair, _ in kept], [owner for _, owner in kept]
-    to_mirror = {}  # owner -> keys of the pairs it must (re)mirror into its state
-    for pair, owner in zip(active, owners):
+    to_mirror: dict[Optimizer, set[Keys]] = {}  # owner -> keys of the pairs it must (re)mirror into its state
+    for pair, owner in kept:
         pair.owner = owner
         pair.slots = slots_at(owner, pair.keys)
         if pair.slots and owner.rule is not None:
@@ -160,7 +185,7 @@ def step(optimizer, gradients, parameters, in_place):
     return with_results(gradients, iter(pairs)), pairs, active, stepping
 
 
-def initialize(optimizer, parameters):
+def initialize(optimizer: Optimizer, parameters: Tree) -> None:
     """Create the state of every parameter in ``parameters`` that has none yet (additive)."""
     pairs = [
         pair
@@ -177,7 +202,7 @@ def initialize(optimizer, parameters):
         stateful.book.initialized = True
 
 
-def write_back(model, new, pairs):
+def write_back(model: Tree, new: Tree, pairs: list[Pair]) -> None:
     """Put the results that are not the caller's own arrays, written in place, into ``model``."""
     replaced = [pair for pair in pairs if pair.result is not pair.param or not pair.owned]
     if not replaced:
@@ -193,7 +218,7 @@ def write_back(model, new, pairs):
             )
 
 
-def settle_backend(optimizer, pairs):
+def settle_backend(optimizer: Optimizer, pairs: Iterable[Pair]) -> Backend | None:
     """The one array library of these pairs and of the state; checked, not adopted."""
     expected = next((o.book.backend for o in optimizer.stateful() if o.book.backend is not None), None)
     first = None
@@ -210,7 +235,7 @@ def settle_backend(optimizer, pairs):
     return expected
 
 
-def check_slots(optimizer, pair):
+def check_slots(optimizer: Optimizer, pair: Pair) -> None:
     """The slots must fit their parameter (its shape may have changed under the same path, or
     the state was set from outside): same names, library, shape, dtype and device; no
     silent broadcasting, no slot of another optimizer's meaning."""
@@ -263,7 +288,7 @@ def check_slots(optimizer, pair):
             )
 
 
-def check_write_back(model, pairs):
+def check_write_back(model: Tree, pairs: Iterable[Pair]) -> None:
     """An in-place step that must replace an array (immutable, read-only, made from a number)
     needs a container to put it in: refused before the step when the model is a tuple."""
     if type(model) is not tuple:
@@ -276,13 +301,14 @@ def check_write_back(model, pairs):
             )
 
 
-def check_depth(pairs):
+def check_depth(pairs: Iterable[Pair]) -> None:
     """A tree so deep that rebuilding it would exceed Python's recursion limit is refused
     before the step, not after the parameters were written."""
     depth = max((len(pair.keys) for pair in pairs), default=0)
     if depth < 64:
         return
-    frame, used = sys._getframe(), 0
+    frame: FrameType | None = sys._getframe()
+    used = 0
     while frame is not None:
         frame, used = frame.f_back, used + 1
     if used + 4 * depth + 64 > sys.getrecursionlimit():
@@ -293,7 +319,7 @@ def check_depth(pairs):
 
 
 # ---------------------------------------------------------------------- running a rule
-def run(optimizer, pairs, in_place):
+def run(optimizer: Optimizer, pairs: list[Pair], in_place: bool) -> None:
     """One optimizer's step on pairs of one library, dtype and device."""
     if optimizer.runs_rule:
         run_rule(optimizer, pairs, in_place)
@@ -301,7 +327,7 @@ def run(optimizer, pairs, in_place):
     write_custom(compute_custom(optimizer, pairs), in_place)
 
 
-def compute_custom(optimizer, pairs):
+def compute_custom(optimizer: Optimizer, pairs: Iterable[Pair]) -> list[tuple[Pair, Array, dict[str, Array]]]:
     """A custom ``apply_single`` on every pair, on copies of the slot dicts: nothing written."""
     results = []
     for pair in pairs:
@@ -310,17 +336,18 @@ def compute_custom(optimizer, pairs):
     return results
 
 
-def write_custom(results, in_place):
+def write_custom(results: Iterable[tuple[Pair, Array, dict[str, Array]]], in_place: bool) -> None:
     for pair, new_param, slots in results:
         pair.slots.update(slots)
         store_param(pair, new_param, in_place)
 
 
-def run_rule(optimizer, pairs, in_place, stacks=None):
+def run_rule(optimizer: Optimizer, pairs: list[Pair], in_place: bool, stacks: dict | None = None) -> None:
     """Run ``optimizer``'s rule on pairs of one library, dtype and device: the reference
     every fast path is checked against. ``stacks``: a dict in which a caller that runs the
     same pairs every step keeps the stacking buffers of a stackable rule."""
     rule, first = optimizer.rule, pairs[0]
+    assert rule is not None  # run only for an optimizer that runs its rule
     coefficients = optimizer.coefficients(first.param, first.backend)
     hyper = optimizer.rule_hyperparameters() if callable(rule.slots) else None
     if rule.stackable and len(pairs) > 1:
@@ -335,18 +362,21 @@ def run_rule(optimizer, pairs, in_place, stacks=None):
         store_param(pair, new_param, in_place)
 
 
-def _check_rules(pairs):
+def _check_rules(pairs: Iterable[Pair]) -> None:
     """Compute each rule's coefficients once before the commit, so that a rule whose
     coefficients do not fit its update fails before anything changes (checked once per rule)."""
-    seen = set()
+    seen: set[int] = set()
     for pair in pairs:
         owner = pair.owner
-        if owner.runs_rule and id(owner) not in seen and not rule_checked(owner.rule):
+        rule = owner.rule
+        if owner.runs_rule and rule is not None and id(owner) not in seen and not rule_checked(rule):
             seen.add(id(owner))
             owner.check_rule()
 
 
-def stack_plan(rule, pairs, hyper):
+def stack_plan(
+    rule: Rule, pairs: list[Pair], hyper: dict[str, Any] | None
+) -> tuple[list[tuple[tuple[int, ...], tuple[str, ...]]], list[int]]:
     """How a stackable ``rule`` runs on ``pairs``: ``(runs, alone)``, each run the indices of
     same-shape pairs that share one call, with their slot names; ``alone``, the rest, in order."""
     from treeopt.kernels import stacking
@@ -363,7 +393,14 @@ def stack_plan(rule, pairs, hyper):
     return runs, sorted(alone)
 
 
-def run_stacked(rule, coefficients, pairs, hyper, in_place, stacks=None):
+def run_stacked(
+    rule: Rule,
+    coefficients: dict[str, Any],
+    pairs: list[Pair],
+    hyper: dict[str, Any] | None,
+    in_place: bool,
+    stacks: dict | None = None,
+) -> list[Pair]:
     """Run a stackable ``rule`` on the stacks of same-shape pairs (:func:`stack_plan`);
     returns the pairs left to run one by one. ``stacks`` (optional) keeps the plan and each
     run's stacking buffers from call to call, for a caller that runs the same pairs every step."""
@@ -417,7 +454,7 @@ def run_stacked(rule, coefficients, pairs, hyper, in_place, stacks=None):
     return [pairs[k] for k in alone]
 
 
-def store_slot(backend, slots, name, value):
+def store_slot(backend: Backend, slots: dict[str, Array], name: str, value: Array) -> None:
     old = slots[name]
     if backend.mutable and backend.writable(old):
         if value is not old:
@@ -426,7 +463,7 @@ def store_slot(backend, slots, name, value):
         slots[name] = backend.as_array(value)
 
 
-def store_param(pair, value, in_place):
+def store_param(pair: Pair, value: Array, in_place: bool) -> None:
     if in_place and pair.owned and pair.backend.mutable and pair.backend.writable(pair.param):
         pair.backend.write(pair.param, value)
         pair.result = pair.param
@@ -434,8 +471,8 @@ def store_param(pair, value, in_place):
         pair.result = pair.backend.as_array(value)
 
 
-def _buckets(pairs):
-    groups = {}
+def _buckets(pairs: Iterable[Pair]) -> dict[tuple[int, str, str, str], list[Pair]]:
+    groups: dict[tuple[int, str, str, str], list[Pair]] = {}
     for pair in pairs:
         b = pair.backend
         key = (id(pair.owner), b.name, b.dtype_name(pair.param), b.device(pair.param))
@@ -443,26 +480,35 @@ def _buckets(pairs):
     return groups
 
 
-def _group_keys(pairs, owners):
-    grouped = {}
+def _group_keys(pairs: Iterable[Pair], owners: Iterable[Optimizer | None]) -> dict[Optimizer | None, set[Keys]]:
+    grouped: dict[Optimizer | None, set[Keys]] = {}
     for pair, owner in zip(pairs, owners):
         grouped.setdefault(owner, set()).add(pair.keys)
     return grouped
 
 
 # ---------------------------------------------------------------------- the state's layout
-def state_key(optimizer, key):
+class StateHolder(Protocol):
+    """What the layout functions read: an optimizer, or a candidate state being checked."""
+
+    @property
+    def state(self) -> State: ...
+
+    def scalar_names(self) -> list[str]: ...
+
+
+def state_key(optimizer: StateHolder, key: Any) -> Any:
     """The state key of a top-level parameter name (``~name`` for a reserved name)."""
     return "~" + key if key in RESERVED or key in optimizer.scalar_names() else key
 
 
-def slots_at(optimizer, keys):
+def slots_at(optimizer: StateHolder, keys: Keys) -> dict[str, Array] | None:
     """The slot dict of the parameter at ``keys``, or ``None``."""
     node = _trees.lookup(optimizer.state, state_key(optimizer, keys[0]))
     return _trees.lookup_path(node, keys[1:]) if node is not None else None
 
 
-def slot_items(optimizer):
+def slot_items(optimizer: StateHolder) -> Iterator[tuple[Keys, dict[str, Array]]]:
     """``(keys, slot dict)`` of every parameter with state, in state order."""
     scalars = set(optimizer.scalar_names())
 
@@ -471,7 +517,7 @@ def slot_items(optimizer):
             if node and not any(is_container(v) for v in node.values()):
                 yield keys, node
                 return
-            children = node.items()
+            children: Iterable[tuple[Any, Any]] = node.items()
         elif isinstance(node, (list, tuple)):
             children = enumerate(node)
         else:
@@ -487,7 +533,7 @@ def slot_items(optimizer):
         yield from walk(child, (key,))
 
 
-def drop(optimizer, keys):
+def drop(optimizer: Optimizer, keys: Keys) -> dict[str, Array]:
     """Forget the state of the parameter at ``keys``; returns its slots."""
     optimizer.book.version += 1
     state = optimizer.state
@@ -501,18 +547,19 @@ def drop(optimizer, keys):
     return dict(slots)
 
 
-def mirror(optimizer, parameters, keys):
+def mirror(optimizer: Optimizer, parameters: Tree, keys: Collection[Keys]) -> None:
     """Mirror ``parameters`` into the state, with slots for the parameters at ``keys``."""
     book, state = optimizer.book, optimizer.state
 
-    def select(leaf_keys, leaf):
+    def select(leaf_keys: Keys, leaf: Array) -> bool:
         if leaf_keys not in keys:
             return False
         book.parameters[leaf_keys] = _info(leaf)
         return True
 
-    def init_leaf(leaf_keys, param, slots):
+    def init_leaf(leaf_keys: Keys, param: Array, slots: dict[str, Array]) -> None:
         backend = backend_of(param)
+        assert backend is not None  # the step checked every parameter
         if backend.name == "python":
             param = (book.backend or numpy_backend).scalar_array(param, "float32")
         optimizer.init_single(param, slots)
@@ -546,7 +593,12 @@ def _info(param):
 
 def _fits(value, like):
     a, b = backend_of(value), backend_of(like)
-    return a is b and tuple(a.shape(value)) == tuple(b.shape(like)) and a.dtype_name(value) == b.dtype_name(like)
+    return (
+        a is not None
+        and a is b
+        and tuple(a.shape(value)) == tuple(b.shape(like))
+        and a.dtype_name(value) == b.dtype_name(like)
+    )
 
 
 # ---------------------------------------------------------------------- collecting pairs
@@ -558,7 +610,7 @@ def _child(node, key):
     return _MISSING
 
 
-def collect(gradients, parameters, name, check_pairs=True):
+def collect(gradients: Tree, parameters: Tree, name: str, check_pairs: bool = True) -> list[Pair]:
     """Every leaf of ``gradients`` with its parameter, checked, as :class:`Pair` s in
     flatten order; ``name`` (the optimizer's) starts every error message.
 
@@ -568,7 +620,7 @@ def collect(gradients, parameters, name, check_pairs=True):
         raise TypeError(f"{name}: expected a tree (dict, list or tuple) of arrays, got {type(gradients).__name__}")
     pairs = []
 
-    def walk(grad, param, keys):
+    def walk(grad: Tree, param: Tree, keys: Keys) -> None:
         if is_container(grad):
             if param is not _MISSING and not is_container(param):
                 raise ParameterError(
@@ -619,7 +671,7 @@ def _pair(name, grad, param, keys, check_pairs):
     return Pair(keys, grad, param, param_backend, owned)
 
 
-def _check_pair(name, path, grad, grad_backend, param, param_backend):
+def _check_pair(name: str, path: str, grad: Array, grad_backend: Backend, param: Array, param_backend: Backend) -> None:
     if grad_backend is not param_backend:
         raise ParameterError(
             f"{name}: the gradient at {describe(path)} is a {grad_backend.name} array but the "
@@ -645,7 +697,7 @@ def _check_pair(name, path, grad, grad_backend, param, param_backend):
         )
 
 
-def with_results(tree, pairs):
+def with_results(tree: Tree, pairs: Iterator[Pair]) -> Tree:
     """``tree``'s structure with each leaf replaced by the next pair's result."""
     if is_container(tree):
         if isinstance(tree, dict):

@@ -27,13 +27,17 @@ warns on an ``nn.Embedding`` named ``tok``. ``kind("conv")`` selects any declare
 ``treeopt.torch`` declares the kinds of ``torch.nn`` modules; the JAX integration those of flax.
 """
 
+from __future__ import annotations
+
 import contextlib
 import contextvars
 import fnmatch
 import re
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
+
+from treeopt.types import Array
 
 __all__ = [
     "Filter",
@@ -63,7 +67,7 @@ _NO_KINDS: frozenset = frozenset()
 _declared: contextvars.ContextVar = contextvars.ContextVar("treeopt_module_kinds", default=types.MappingProxyType({}))
 
 
-def normalise_kinds(kinds) -> dict:
+def normalise_kinds(kinds: Mapping[str, str | Iterable[str]]) -> dict[str, frozenset[str]]:
     """``{path: kind or kinds}`` as ``{path: frozenset of kinds}``, checked."""
     result = {}
     for path, value in dict(kinds).items():
@@ -80,13 +84,13 @@ def normalise_kinds(kinds) -> dict:
     return result
 
 
-def kinds_of(path) -> frozenset:
+def kinds_of(path: str) -> frozenset[str]:
     """The kinds declared for ``path`` where routing runs now (empty when none)."""
     return _declared.get().get(path, _NO_KINDS)
 
 
 @contextlib.contextmanager
-def module_kinds(kinds):
+def module_kinds(kinds: Mapping[str, str | Iterable[str]]) -> Iterator[None]:
     """Within the block, the parameters at the paths of ``kinds`` (``{path: kind or kinds}``)
     have those kinds; nested blocks add to the outer ones."""
     kinds = normalise_kinds(kinds)
@@ -106,38 +110,39 @@ def module_kinds(kinds):
 class Filter:
     """A named predicate of ``(path, weight)``."""
 
-    def __init__(self, fn, name, op=None):
+    def __init__(self, fn: Callable[[str, Any], Any], name: str, op: str | None = None) -> None:
+        #: the predicate, the name it prints as, and its operator (``&``, ``|``, ``~``, or ``None``)
         self.fn, self.name, self.op = fn, name, op
 
-    def __call__(self, path, weight) -> bool:
+    def __call__(self, path: str, weight: Array) -> bool:
         return bool(self.fn(path, weight))
 
     def _operand(self, op):
         binary = self.op in ("&", "|")  # ~ binds tightest: never needs parentheses
         return f"({self.name})" if binary and (self.op != op or op == "~") else self.name
 
-    def __and__(self, other):
+    def __and__(self, other: Callable[[str, Any], Any]) -> Filter:
         other = as_filter(other)
         return Filter(lambda p, w: self(p, w) and other(p, w), f"{self._operand('&')} & {other._operand('&')}", "&")
 
-    def __or__(self, other):
+    def __or__(self, other: Callable[[str, Any], Any]) -> Filter:
         other = as_filter(other)
         return Filter(lambda p, w: self(p, w) or other(p, w), f"{self._operand('|')} | {other._operand('|')}", "|")
 
-    def __rand__(self, other):
+    def __rand__(self, other: Callable[[str, Any], Any]) -> Filter:
         return as_filter(other) & self
 
-    def __ror__(self, other):
+    def __ror__(self, other: Callable[[str, Any], Any]) -> Filter:
         return as_filter(other) | self
 
-    def __invert__(self):
+    def __invert__(self) -> Filter:
         return Filter(lambda p, w: not self(p, w), f"~{self._operand('~')}", "~")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return self.name
 
 
-def as_filter(fn: Callable[[str, Any], Any]) -> "Filter":
+def as_filter(fn: Callable[[str, Any], Any]) -> Filter:
     """``fn`` as a :class:`Filter` (a plain callable is named after its ``__name__``)."""
     if isinstance(fn, Filter):
         return fn
@@ -146,7 +151,7 @@ def as_filter(fn: Callable[[str, Any], Any]) -> "Filter":
     return Filter(fn, getattr(fn, "__name__", type(fn).__name__))
 
 
-def glob(*patterns: str) -> "Filter":
+def glob(*patterns: str) -> Filter:
     """The path matches one of the shell-style ``patterns`` (``*`` also crosses dots):
     ``glob("blocks.*.weight")``."""
     return Filter(
@@ -154,7 +159,7 @@ def glob(*patterns: str) -> "Filter":
     )
 
 
-def regex(pattern: str) -> "Filter":
+def regex(pattern: str) -> Filter:
     """A regular expression found in the path (``re.search``)."""
     compiled = re.compile(pattern)
     return Filter(lambda p, w: compiled.search(p) is not None, f"regex({pattern!r})")
@@ -164,7 +169,7 @@ def _ndim(weight):
     return len(weight.shape)
 
 
-def ndim(n: int | None = None, *, min: int | None = None, max: int | None = None) -> "Filter":
+def ndim(n: int | None = None, *, min: int | None = None, max: int | None = None) -> Filter:
     """The number of dimensions is ``n``, or within ``[min, max]``."""
     if n is not None:
         return Filter(lambda p, w: _ndim(w) == n, f"ndim({n})")
@@ -173,7 +178,7 @@ def ndim(n: int | None = None, *, min: int | None = None, max: int | None = None
     return Filter(lambda p, w: low <= _ndim(w) <= high, f"ndim({label})")
 
 
-def shape(*dims: int | None) -> "Filter":
+def shape(*dims: int | None) -> Filter:
     """The shape is ``dims``, where ``None`` matches any size: ``shape(None, 768)``."""
 
     def matches(p, w):
@@ -215,7 +220,7 @@ def _is_head(path, weight):
     return HEAD in kinds_of(path) or any(s in _HEADS for s in _modules(path)) or _segments(path)[0] == "output"
 
 
-def kind(*names: str) -> "Filter":
+def kind(*names: str) -> Filter:
     """The parameter's declared kinds (see :func:`module_kinds`) include one of ``names``:
     ``kind("conv")``."""
     wanted = frozenset(names)

@@ -29,13 +29,17 @@ Weights are taken to be laid out as in flax, ``(in, out)`` and conv kernels
 ``Muon(..., layout="out_in")``.
 """
 
+from __future__ import annotations
+
 import contextlib
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 
 from treeopt.optimizer import Optimizer
+from treeopt.optimizers import default_layout
 from treeopt.tree import tree_map
 from treeopt.types import Tree
 
@@ -48,7 +52,7 @@ __all__ = ["init", "update", "as_optax", "path_of", "module_kinds", "declare_kin
 LAYOUT = "in_out"
 
 
-def path_of(key_path) -> str:
+def path_of(key_path: Sequence[Any]) -> str:
     """The dotted name of a JAX key path: ``(DictKey('params'), DictKey('Dense_0'),
     DictKey('kernel'))`` -> ``params.Dense_0.kernel``."""
     parts = []
@@ -87,15 +91,11 @@ def _borrowed(optimizer, state):
     optimizer's own state untouched."""
     leaves = optimizer.stateful()
     saved = [(leaf.state, leaf.book.initialized, leaf.book.backend) for leaf in leaves]
-    laid_out = [leaf for leaf in leaves if hasattr(leaf, "_implicit_layout")]
     try:
-        for leaf in laid_out:  # weights are flax's here, unless the optimizer says otherwise
-            leaf._implicit_layout = LAYOUT
-        optimizer.state = _copy_containers(state)  # checked against the parameters on use
-        yield
+        with default_layout(LAYOUT):  # weights are flax's here, unless a Muon says otherwise
+            optimizer.state = _copy_containers(state)  # checked against the parameters on use
+            yield
     finally:
-        for leaf in laid_out:
-            del leaf._implicit_layout  # back to the class's
         for leaf, (own, initialized, backend) in zip(leaves, saved):
             leaf.state = own
             leaf.book.initialized, leaf.book.backend = initialized, backend
@@ -106,7 +106,7 @@ def _natural(path):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
-def module_kinds(model) -> dict:
+def module_kinds(model: Tree) -> dict[str, str]:
     """What flax's modules make of the parameters of ``model``: ``{path: "embedding" or
     "head"}``, paths as :func:`path_of` names them.
 
@@ -146,7 +146,7 @@ def module_kinds(model) -> dict:
     return kinds
 
 
-def declare_kinds(optimizer, model):
+def declare_kinds(optimizer: Optimizer, model: Tree) -> dict[str, str]:
     """Tell ``optimizer`` (a MultiOptimizer) what :func:`module_kinds` finds in ``model``,
     before it routes; returns the kinds. :func:`init` does it for the tree it is given."""
     kinds = module_kinds(model)
@@ -204,7 +204,7 @@ def update(optimizer: Optimizer, grads: Tree, state: dict, params: Tree) -> tupl
     return jax.tree_util.tree_unflatten(treedef, [new.get(n, flat_params[n]) for n in names]), new_state
 
 
-def as_optax(optimizer: Optimizer) -> "optax.GradientTransformation":
+def as_optax(optimizer: Optimizer) -> optax.GradientTransformation:
     """``optimizer`` as an ``optax.GradientTransformation``.
 
     ``update(grads, state, params)`` returns ``new_params - params`` as the updates, so

@@ -12,8 +12,10 @@ accumulation with per-group frequencies), changes during training (freeze, unfre
 reroute) and :meth:`plan`, which shows all of it.
 """
 
+from __future__ import annotations
+
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from treeopt import engine, whole_model
@@ -61,7 +63,7 @@ def _accept_all(path, weight):
 
 
 def _default_names(optimizers):
-    names = []
+    names: list[str] = []
     for optimizer in optimizers:
         base = type(optimizer).__name__
         count = sum(n == base or n.startswith(base + "_") for n in names)
@@ -168,7 +170,7 @@ class MultiOptimizer(Optimizer):
             for _, _, stateful in self.named_stateful():
                 stateful.scale_learning_rate(lr_schedule)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"MultiOptimizer([{', '.join(map(repr, self.optimizers))}])"
 
     # ------------------------------------------------------------------ routing
@@ -224,7 +226,7 @@ class MultiOptimizer(Optimizer):
             self._warned.add(key)
             warn(message, RoutingWarning)
 
-    def declare_kinds(self, kinds):
+    def declare_kinds(self, kinds: Mapping[str, str | Iterable[str]]) -> None:
         """Say what some parameters are, by path: ``{"tok.weight": "embedding"}`` (a kind or
         several). Filters see it through :func:`treeopt.filters.kinds_of` (``is_embedding``,
         ``is_head``, ``is_norm``, ``kind(...)``), and so do optimizers' routing guards. It
@@ -249,7 +251,7 @@ class MultiOptimizer(Optimizer):
                     groups[k] = self._pending[pair.keys].group
             elif groups[k] is None:
                 groups[k] = self._pending[pair.keys].group
-        owners = [None] * len(pairs)
+        owners: list[Optimizer | None] = [None] * len(pairs)
         for i, child in enumerate(self.optimizers):
             mine = [j for j, group in enumerate(groups) if group == i]
             if mine:
@@ -310,6 +312,15 @@ class MultiOptimizer(Optimizer):
 
         return restore
 
+    def routers(self, position: tuple = ()) -> list:
+        found = [(position, self)]
+        for i, child in enumerate(self.optimizers):
+            found.extend(child.routers(position + (i,)))
+        return found
+
+    def note_change(self, what: str) -> None:
+        self.changes.append(f"step {self._step_number()}: {what}")
+
     def named_stateful(self, name: str | None = None, position: tuple = ()) -> list:
         found = []
         for i, (child_name, child) in enumerate(zip(self.names, self.optimizers)):
@@ -341,6 +352,24 @@ class MultiOptimizer(Optimizer):
         ``None`` for a path not seen yet or frozen."""
         route = self._routes.get(self._keys_of(path))
         return None if route is None or route.frozen else route.group
+
+    def routes(self) -> dict[tuple, Route]:
+        """Every known path's :class:`Route` (keys -> record), in the order first seen. A copy:
+        the records are immutable, so nothing read here changes the routing. Checkpoints save
+        from it what the filters cannot redo (freezes, unfreezes, re-routes)."""
+        return dict(self._routes)
+
+    def restore_route(self, keys: tuple, route: Route) -> None:
+        """Put ``route`` in place for the parameter at ``keys``, as a checkpoint restores a
+        freeze, unfreeze or re-route. A parameter that changes group loses the state its old
+        optimizer held for it, as ``reroute(..., state="reset")`` does."""
+        known = self._routes.get(keys)
+        if known is not None and known.group != route.group:
+            owner = self.owner_of(keys)
+            if owner is not None:
+                engine.drop(owner, keys)
+        self._routes[keys] = route
+        self.book.version += 1
 
     def overlaps(self) -> dict[str, list[int]]:
         """``{path: [every filter index that accepts it]}`` for parameters accepted by more
@@ -441,7 +470,8 @@ class MultiOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ whole-model operations
     def prepare_step(self, pairs: list[Pair], owners: list) -> tuple:
-        return whole_model.prepare(self, pairs, owners, [self.group_of(pair.keys) for pair in pairs])
+        groups = [self.group_of(pair.keys) for pair in pairs]  # routed pairs: never None
+        return whole_model.prepare(self, pairs, owners, groups)  # type: ignore[arg-type]
 
     def whole_model_state(self) -> dict:
         return {k: v for k, v in self._state.items() if k != "states"}
@@ -541,6 +571,6 @@ def _truth(value):
 class _Shape:
     """Stands in for a parameter when a filter selects known paths by name and shape."""
 
-    def __init__(self, shape):
+    def __init__(self, shape: Sequence[int]) -> None:
         self.shape = tuple(shape)
         self.ndim = len(self.shape)

@@ -6,7 +6,12 @@ these names (e.g. to NumPy scalar functions inside numba) without touching the r
 Arithmetic operators (``+ - * / @``) need no function: every backend's arrays have them.
 """
 
-from treeopt.backends import backend_of
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from treeopt.backends import Backend, backend_of
+from treeopt.types import Array, Scalar
 
 __all__ = [
     "astype",
@@ -33,7 +38,7 @@ __all__ = [
 ELEMENTWISE = ("sqrt", "rsqrt", "sign", "maximum", "minimum", "where", "cos")
 
 
-def _of(*xs):
+def _of(*xs: Scalar) -> Backend:
     for x in xs:
         backend = backend_of(x)
         if backend is not None and backend.name != "python":
@@ -44,77 +49,77 @@ def _of(*xs):
     return backend
 
 
-def astype(x, dtype):
+def astype(x: Scalar, dtype: str) -> Array:
     """``x`` converted to the dtype named ``dtype`` (e.g. ``"float32"``)."""
     return _of(x).astype(x, dtype)
 
 
-def dtype_name(x):
+def dtype_name(x: Array) -> str:
     return _of(x).dtype_name(x)
 
 
-def cast(value, like):
+def cast(value: Scalar, like: Array) -> Scalar:
     """``value`` (a number or array) in ``like``'s dtype, so combining them never promotes."""
     return _of(like).cast(value, like)
 
 
-def sqrt(x):
+def sqrt(x: Array) -> Array:
     return _of(x).sqrt(x)
 
 
-def rsqrt(x):
+def rsqrt(x: Array) -> Array:
     return _of(x).rsqrt(x)
 
 
-def sign(x):
+def sign(x: Array) -> Array:
     return _of(x).sign(x)
 
 
-def maximum(a, b):
+def maximum(a: Scalar, b: Scalar) -> Array:
     return _of(a, b).maximum(a, b)
 
 
-def minimum(a, b):
+def minimum(a: Scalar, b: Scalar) -> Array:
     return _of(a, b).minimum(a, b)
 
 
-def where(cond, a, b):
+def where(cond: Array, a: Scalar, b: Scalar) -> Array:
     return _of(cond, a, b).where(cond, a, b)
 
 
-def cos(x):
+def cos(x: Array) -> Array:
     return _of(x).cos(x)
 
 
-def mean(x, axis=None, keepdims=False):
+def mean(x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
     return _of(x).mean(x, axis=axis, keepdims=keepdims)
 
 
-def total(x, axis=None, keepdims=False):
+def total(x: Array, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Array:
     """The sum of all elements, or along ``axis`` (an int or a tuple of ints)."""
     return _of(x).sum(x, axis=axis, keepdims=keepdims)
 
 
-def matmul(a, b):
+def matmul(a: Array, b: Array) -> Array:
     return _of(a).matmul(a, b)
 
 
-def addmm(c, a, b, alpha=1.0, beta=1.0):
+def addmm(c: Array, a: Array, b: Array, alpha: float = 1.0, beta: float = 1.0) -> Array:
     """``beta * c + alpha * (a @ b)``, as a GEMM computes it: ``beta * c`` in the dtype, the
     product accumulated in float32 (or wider) and the sum rounded once (MLX's ``addmm`` of
     ``beta * c``). ``alpha`` and ``beta`` are Python floats."""
     return _of(a).addmm(c, a, b, alpha, beta)
 
 
-def swap_last(x):
+def swap_last(x: Array) -> Array:
     return _of(x).swap_last(x)
 
 
-def all_finite(x):
+def all_finite(x: Array) -> Array:
     return _of(x).all_finite(x)
 
 
-def on_whole(fn, x):
+def on_whole(fn: Callable[[Array], Array], x: Array) -> Array:
     """``fn(x)`` where ``fn`` needs all of ``x`` at once (Newton-Schulz): on an array split
     across devices, ``fn`` runs on the gathered whole and the result is split back as ``x``
     is, so every placement computes the same numbers."""

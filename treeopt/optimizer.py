@@ -5,10 +5,12 @@ the schedules and the hyper-parameters, and implements the engine's interface (t
 "engine interface" section below) that ``MultiOptimizer`` overrides to route.
 """
 
+from __future__ import annotations
+
 import threading
 import weakref
-from collections.abc import Callable
-from typing import NamedTuple, Optional
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from treeopt import engine, kernels
 from treeopt.backends import Backend, as_float, backend_of, default_backend, numpy_backend
@@ -18,8 +20,11 @@ from treeopt.kernels.compiled_step import CompiledStep
 from treeopt.plan import Plan, build as build_plan
 from treeopt.rules.base import Rule, check_coefficients, keyword_only
 from treeopt.tree import is_container, tree_map
-from treeopt.types import Array, Schedule, Tree
+from treeopt.types import Array, Keys, Scalar, Schedule, Shape, State, Tree
 from treeopt.values import hyper
+
+if TYPE_CHECKING:
+    from treeopt.multi import MultiOptimizer
 
 __all__ = ["Optimizer", "Placement", "RESERVED"]
 
@@ -41,9 +46,9 @@ class Optimizer:
     rule: Rule | None = None
     #: hyper-parameters the rule reads: attributes, or state entries when scheduled; a class
     #: with a rule gets them from the rule's coefficient function
-    hyperparameters: tuple = ()
+    hyperparameters: tuple[str, ...] = ()
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "rule" in cls.__dict__ and cls.rule is not None and "hyperparameters" not in cls.__dict__:
             cls.hyperparameters = cls.rule.hyperparameters
@@ -57,26 +62,26 @@ class Optimizer:
         self._schedulers = dict(schedulers or {})
         self._compiled = None  # the step planned once (treeopt.kernels.compiled_step)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         hyper = ", ".join(f"{n}={getattr(self, n, None)!r}" for n in self.hyperparameters)
         return f"{type(self).__name__}({hyper})"
 
     # ------------------------------------------------------------------ state and scalars
     @property
-    def state(self) -> dict:
+    def state(self) -> State:
         """The live state: ``step``, ``learning_rate``, scheduled hyper-parameters, and one
         dict of slots per parameter, mirroring the parameter tree."""
         return self._state
 
     @state.setter
-    def state(self, state: dict) -> None:
+    def state(self, state: State) -> None:
         self.check_state(state)
         self._state = state
         self.book.initialized = False  # the next step checks the new slots against the parameters
         self.book.backend = None
         self.book.version += 1
 
-    def check_state(self, state: dict) -> None:
+    def check_state(self, state: State) -> None:
         """Raise a ``TypeError`` or ``ValueError`` naming what is wrong if ``state`` cannot be
         this optimizer's state; nothing changes. Checked: the scalars (a step count >= 0, finite
         hyper-parameters), every slot is an array, and, for parameters this optimizer knows,
@@ -117,7 +122,7 @@ class Optimizer:
             if slots is not None and not (
                 isinstance(slots, dict)
                 and all(
-                    backend_of(v) is not None and not is_container(v) and backend_of(v).name != "python"
+                    (found := backend_of(v)) is not None and not is_container(v) and found.name != "python"
                     for v in slots.values()
                 )
             ):
@@ -149,6 +154,7 @@ class Optimizer:
                 )
             for slot, value in slots.items():
                 found = backend_of(value)
+                assert found is not None  # checked above
                 got = (tuple(found.shape(value)), found.dtype_name(value))
                 if got != (tuple(expected[slot]), dtype):
                     raise ValueError(
@@ -186,7 +192,7 @@ class Optimizer:
             value = owner.to_float(value)
         return backend.scalar_array(value, dtype)
 
-    def _maybe_schedule(self, name, value):
+    def _maybe_schedule(self, name: str, value: Scalar) -> None:
         """Put hyper-parameter ``name`` in the state, on a schedule if ``value`` is callable."""
         if callable(value):
             schedule, value = value, self._scheduled(name, value, self.step)
@@ -217,7 +223,7 @@ class Optimizer:
         base = as_float(self._state["learning_rate"]) if schedule is None else schedule
         self._maybe_schedule("learning_rate", _Scaled(base, multiplier))
 
-    def rule_hyperparameters(self) -> dict:
+    def rule_hyperparameters(self) -> dict[str, Any]:
         """The hyper-parameters the rule reads: the state's values for scheduled ones."""
         return {n: self._value(n) for n in self.hyperparameters}
 
@@ -235,7 +241,7 @@ class Optimizer:
             return tuple(one(f"{name}[{i}]", v) for i, v in enumerate(value))
         return one(name, value)
 
-    def _adopt(self, backend):
+    def _adopt(self, backend: Backend) -> None:
         """Settle the state's array library; state scalars move to it."""
         if self.book.backend is backend:
             return
@@ -247,21 +253,22 @@ class Optimizer:
                 self._state[key] = backend.scalar_array(owner.to_numpy(value), dtype)
 
     # ------------------------------------------------------------------ per-parameter hooks
-    def init_single(self, parameter: Array, state: dict) -> None:
+    def init_single(self, parameter: Array, state: dict[str, Array]) -> None:
         """Fill ``state`` with zero slots for ``parameter``."""
         if self.rule is None:
             raise NotImplementedError(f"{type(self).__name__} must implement init_single")
         backend = backend_of(parameter)
+        assert backend is not None  # the engine gives arrays
         for name, shape in self.slot_shapes(parameter).items():
             state[name] = backend.zeros(shape, parameter)
             if name in self.rule.copies_param:  # e.g. schedule-free's z starts at the parameter
                 state[name] = state[name] + parameter
 
-    def slot_shapes(self, parameter: Array) -> dict[str, tuple]:
+    def slot_shapes(self, parameter: Array) -> dict[str, Shape]:
         """The shape of each state slot of ``parameter``."""
         return self._rule().slot_shapes(tuple(parameter.shape), self.rule_hyperparameters())
 
-    def apply_single(self, gradient: Array, parameter: Array, state: dict) -> Array:
+    def apply_single(self, gradient: Array, parameter: Array, state: dict[str, Array]) -> Array:
         """One step for one parameter: returns the new parameter and updates ``state``."""
         if self.rule is None:
             raise NotImplementedError(f"{type(self).__name__} must implement apply_single")
@@ -293,7 +300,7 @@ class Optimizer:
         with _lock(self):
             engine.initialize(self, parameters)
 
-    def assign_routes(self, parameters: Tree) -> dict:
+    def assign_routes(self, parameters: Tree) -> dict[str, Optimizer | None]:
         """Decide and keep the route of every parameter in ``parameters`` (a flat or nested
         tree), creating no state: ``{path: stateful optimizer that will update it}``, ``None``
         for a frozen one. ZeRO-1 (:mod:`treeopt.distributed`) plans who owns what with it
@@ -316,7 +323,7 @@ class Optimizer:
     # ------------------------------------------------------------------ engine interface
     # Used by treeopt.engine, and by routing, plans, checkpoints, kernels and the
     # integrations; MultiOptimizer overrides the routing hooks. Not needed in training code.
-    def assign_owners(self, pairs: list[Pair]) -> list:
+    def assign_owners(self, pairs: list[Pair]) -> list[Optimizer | None]:
         """The optimizer that owns each :class:`~treeopt.engine.Pair` (``None``: frozen).
         ``MultiOptimizer`` routes; decisions for new paths wait for :meth:`commit`."""
         return [self] * len(pairs)
@@ -327,51 +334,55 @@ class Optimizer:
             for optimizer in self.stateful():
                 optimizer._adopt(backend)
 
-    def stateful(self) -> list:
+    def stateful(self) -> list[Optimizer]:
         """The optimizers that hold state and take steps (``self``, or every group)."""
         return [self]
 
-    def named_stateful(self, name: str | None = None, position: tuple = ()) -> list:
+    def named_stateful(
+        self, name: str | None = None, position: tuple[int, ...] = ()
+    ) -> list[tuple[str, tuple[int, ...], Optimizer]]:
         """``(name, position, optimizer)`` of every optimizer that holds state."""
         return [(name or type(self).__name__, position, self)]
 
-    def owner_of(self, keys: tuple) -> Optional["Optimizer"]:
+    def owner_of(self, keys: Keys) -> Optimizer | None:
         """The stateful optimizer that owns the parameter at ``keys`` (``None``: none)."""
         return self
 
-    def placement(self, keys: tuple) -> Optional["Placement"]:
+    def placement(self, keys: Keys) -> Placement | None:
         """The :class:`Placement` of a parameter this optimizer routed, or ``None`` when it
         does not route (a single optimizer takes every parameter given to it)."""
         return None
 
-    def routing_table(self) -> list:
+    def routing_table(self) -> list[Placement]:
         """A :class:`Placement` for every parameter known, in the order first seen."""
         return [
             Placement(keys, self, "all parameters", (), (), shape, dtype)
             for keys, (shape, dtype) in self.book.parameters.items()
         ]
 
-    def plan_warnings(self) -> list:
+    def plan_warnings(self) -> list[str]:
         """What the plan should point out (``MultiOptimizer``: filters that match nothing)."""
         return []
 
-    def prepare_step(self, pairs: list[Pair], owners: list) -> tuple:
+    def prepare_step(
+        self, pairs: list[Pair], owners: list[Optimizer | None]
+    ) -> tuple[list[Pair], list[Optimizer | None], list[Optimizer], Callable[[], None] | None]:
         """Whole-model work between checking and committing (``MultiOptimizer``: clipping,
         the non-finite guard, accumulation). Returns the pairs and owners to update, the
         optimizers that take a step, and a function that commits the hook's own state."""
         return pairs, owners, self.stateful(), None
 
-    def whole_model_state(self) -> dict:
+    def whole_model_state(self) -> dict[str, Any]:
         """The state entries kept for the whole model rather than by a stateful optimizer
         (``MultiOptimizer``: the last norm, skipped steps, accumulation); the live dict's
         entries, or ``{}``."""
         return {}
 
-    def scalar_state(self) -> dict:
+    def scalar_state(self) -> dict[str, Array]:
         """The state without any parameter's slots (``MultiOptimizer``: one per group)."""
         return {k: self._state[k] for k in self.scalar_names()}
 
-    def scalar_names(self) -> list:
+    def scalar_names(self) -> list[str]:
         """The state entries that are not parameters: step, learning rate, schedules, and the
         rule's running values."""
         names = ("step", "learning_rate", *self._schedulers, *self._running())
@@ -379,6 +390,22 @@ class Optimizer:
 
     def _running(self):
         return self.rule.running if self.rule is not None else ()
+
+    def routers(self, position: tuple[int, ...] = ()) -> list[tuple[tuple[int, ...], MultiOptimizer]]:
+        """``(position, optimizer)`` of every optimizer in this one that routes parameters
+        (each ``MultiOptimizer``, outermost first, at its position among the groups); ``[]``
+        for an optimizer that takes every parameter given to it."""
+        return []
+
+    def declare_kinds(self, kinds: Mapping[str, str | Iterable[str]]) -> None:
+        """Say what some parameters are, by path (``{"tok.weight": "embedding"}``). Only
+        routing reads kinds (``MultiOptimizer``); an optimizer that does not route ignores them."""
+
+    def note_change(self, what: str) -> None:
+        """Record a change made from outside to the parameters this optimizer updates (the
+        torch adapter resetting the state of a parameter replaced in the model). A
+        ``MultiOptimizer`` logs it in ``changes`` with the step, beside its freezes and
+        re-routes; an optimizer that does not route keeps no log."""
 
     _SNAPSHOT: tuple[str, ...] = ("book", "_compiled")
 
@@ -388,21 +415,21 @@ class Optimizer:
         load add, not what a step writes)."""
         saved = (tree_map(lambda x: x, self._state), {k: _copy(getattr(self, k)) for k in self._SNAPSHOT})
 
-        def restore():
+        def restore() -> None:
             self._state = saved[0]
             for key, value in saved[1].items():
                 setattr(self, key, value)
 
         return restore
 
-    def scheduled_values(self) -> dict:
+    def scheduled_values(self) -> dict[str, Array]:
         """Every schedule evaluated at the current step and checked (one finite number), as
         state scalars: computed before a step commits, so a schedule that fails (raises,
         returns a vector, a string or NaN) fails before anything changes."""
         step = self._state["step"]
         return {name: self._scheduled(name, schedule, step) for name, schedule in self._schedulers.items()}
 
-    def advance(self, values=None):
+    def advance(self, values: dict[str, Array] | None = None) -> None:
         """Count the step, with the schedules' ``values`` (:meth:`scheduled_values`), made
         state scalars of the state's library (settled by now); then advance the rule's running
         values (once per step, before any coefficient is computed)."""
@@ -426,13 +453,14 @@ class Optimizer:
         coefficients do not fit its update fails before a step changes anything."""
         rule = self._rule()
         state_backend = backend_of(self._state["step"])
+        assert state_backend is not None  # the state setter checks the step
         with state_backend.quiet():
             step = state_backend.astype(self._state["step"], "float32")
             running = {n: self._state[n] for n in rule.running}
             values = rule.coefficients(self._state.get("learning_rate"), step, **self.rule_hyperparameters(), **running)
         check_coefficients(rule, values)
 
-    def coefficients(self, like: Array, backend: Backend) -> dict:
+    def coefficients(self, like: Array, backend: Backend) -> dict[str, Any]:
         """The rule's coefficients for this step, in ``like``'s dtype."""
         lr = self._state.get("learning_rate")
         if lr is not None:
@@ -458,7 +486,7 @@ class Optimizer:
             self.init(params)
         return build_plan(self)
 
-    def current_hyperparameters(self) -> dict:
+    def current_hyperparameters(self) -> dict[str, Any]:
         """The hyper-parameters the next step will use, as Python values."""
         step = self._state["step"]
         values = {}
@@ -528,16 +556,16 @@ class Optimizer:
 class Placement(NamedTuple):
     """Where a parameter goes and why, as plans and checkpoints show it."""
 
-    keys: tuple
+    keys: Keys
     #: the stateful optimizer that owns it (``None``: frozen)
-    owner: Optional["Optimizer"]
+    owner: Optimizer | None
     #: why: ``"filters[0] (is_hidden_matrix)"``, ``"fallback"``, ``"rerouted"``, ``"frozen"``...
     reason: str
     #: other filters that accept it (the first one won)
-    also: tuple
+    also: tuple[str, ...]
     #: guard findings
-    notes: tuple
-    shape: tuple
+    notes: tuple[str, ...]
+    shape: Shape
     dtype: str
 
 
@@ -558,14 +586,14 @@ def _lock(optimizer):
 class _StateView:
     """A candidate state dict, read with the engine's layout functions before it is adopted."""
 
-    def __init__(self, state, scalars):
+    def __init__(self, state: State, scalars: Sequence[str]) -> None:
         self.state, self._scalars = state, scalars
 
     def scalar_names(self):
         return [k for k in self._scalars if k in self.state]
 
     class Shape:
-        def __init__(self, shape):
+        def __init__(self, shape: Sequence[int]) -> None:
             self.shape, self.ndim = tuple(shape), len(shape)
 
 
@@ -585,12 +613,12 @@ def _copy(value):
 class _Scaled:
     """A learning rate (a number or a schedule) times a shared multiplier schedule."""
 
-    def __init__(self, base, multiplier):
+    def __init__(self, base: Scalar, multiplier: Schedule) -> None:
         self.base, self.multiplier = base, multiplier
 
-    def __call__(self, step):
+    def __call__(self, step: Array) -> Array:
         base = self.base(step) if callable(self.base) else self.base
         return base * self.multiplier(step)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{self.base!r} x {getattr(self.multiplier, '__name__', 'schedule')}"

@@ -5,9 +5,11 @@ Every numeric hyper-parameter may also be a schedule (a callable of the step); i
 value then lives in the state under its name, like ``learning_rate``.
 """
 
+import contextlib
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 
 from treeopt import engine, rules
 from treeopt.filters import is_embedding, is_head
@@ -383,6 +385,37 @@ class Adafactor(_Builtin):
         return factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col)
 
 
+#: the layout a ``Muon(layout=None)`` takes, set by :func:`default_layout`
+_DEFAULT_LAYOUT: ContextVar[str] = ContextVar("treeopt_muon_default_layout", default="out_in")
+
+
+@contextlib.contextmanager
+def default_layout(layout: str) -> Iterator[None]:
+    """Within this block, a :class:`Muon` built with ``layout=None`` takes the weights as laid
+    out ``layout`` (``"out_in"`` or ``"in_out"``; outside any block: ``"out_in"``, as MLX).
+    An explicit ``Muon(layout=...)`` always wins. :mod:`treeopt.jax` runs ``init``, ``update``
+    and ``as_optax`` in ``default_layout("in_out")``, flax's layout. Blocks nest, and each
+    thread (each asyncio task) has its own.
+
+    Example:
+        >>> import numpy as np
+        >>> import treeopt as optim
+        >>> muon = optim.Muon(0.02)
+        >>> with optim.optimizers.default_layout("in_out"):
+        ...     muon.rule_hyperparameters()["layout"]
+        'in_out'
+        >>> muon.rule_hyperparameters()["layout"]
+        'out_in'
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"default_layout: layout should be one of {LAYOUTS}, {layout!r} was provided instead")
+    token = _DEFAULT_LAYOUT.set(layout)
+    try:
+        yield
+    finally:
+        _DEFAULT_LAYOUT.reset(token)
+
+
 class Muon(_Builtin):
     r"""Muon (Jordan et al., 2024): momentum orthogonalised by Newton-Schulz iterations.
 
@@ -476,13 +509,10 @@ class Muon(_Builtin):
         self.nesterov = bool(nesterov)
         self.ns_steps = int(ns_steps)
 
-    #: the layout that ``layout=None`` stands for; treeopt.jax lends its Muons flax's
-    _implicit_layout = "out_in"
-
     def rule_hyperparameters(self) -> dict:
         hyper = super().rule_hyperparameters()
         if hyper["layout"] is None:
-            hyper["layout"] = self._implicit_layout
+            hyper["layout"] = _DEFAULT_LAYOUT.get()
         return hyper
 
     def unsuited(self, path: str, parameter: Array) -> str | None:

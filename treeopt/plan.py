@@ -6,16 +6,24 @@ would), so the plan that is printed is the plan that runs. It prints as a table 
 ``rich`` when installed), exports to dict, JSON and Markdown, and two plans can be diffed.
 """
 
+from __future__ import annotations
+
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from treeopt import engine
 from treeopt._trees import dotted
 from treeopt.backends import as_float, backend_of
+from treeopt.types import Array, Shape
+
+if TYPE_CHECKING:
+    from rich.console import Group as RichGroup
+
+    from treeopt.optimizer import Optimizer
 
 __all__ = ["Plan", "Row", "Group", "PlanDiff", "build"]
 
@@ -28,14 +36,14 @@ class Row:
     group: int  # index of its optimizer in the plan's groups; -1 when frozen
     optimizer: str  # the optimizer's name, or "frozen"
     reason: str  # why: "filters[0] (is_hidden_matrix)", "fallback", "frozen"
-    shape: tuple
+    shape: tuple[int, ...]
     dtype: str
     size: int
     state_bytes: int
     learning_rate: float | None = None  # at the next step, after schedules
     weight_decay: float | None = None
-    also_matched: tuple = ()  # other filters that accept the path (the first one won)
-    notes: tuple = ()  # guard warnings
+    also_matched: tuple[str, ...] = ()  # other filters that accept the path (the first one won)
+    notes: tuple[str, ...] = ()  # guard warnings
     owner: str | None = None  # under ZeRO-1: the rank that updates it ("0"), or "rows" (split over every rank)
 
 
@@ -49,7 +57,7 @@ class Group:
     parameters: int
     size: int
     state_bytes: int
-    hyperparameters: dict = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
 
 
 def _human(n):
@@ -59,23 +67,29 @@ def _human(n):
         n /= 1024
 
 
-def _number(x):
+def _nbytes(array: Array) -> int:
+    backend = backend_of(array)
+    assert backend is not None  # a slot: the state setter checks that it is an array
+    return backend.nbytes(array)
+
+
+def _number(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
 @dataclass
 class Plan:
     step: int
-    groups: list
-    rows: list
-    changes: list = field(default_factory=list)  # freezes, re-routes... in order
-    warnings: list = field(default_factory=list)
+    groups: list[Group]
+    rows: list[Row]
+    changes: list[str] = field(default_factory=list)  # freezes, re-routes... in order
+    warnings: list[str] = field(default_factory=list)
     #: under ZeRO-1, one dict per rank: parameters, state_bytes, ns_gflop (Newton-Schulz per
     #: step), sent_bytes (parameter values it sends per step)
-    ranks: list = field(default_factory=list)
+    ranks: list[dict[str, Any]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ export
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "groups": [asdict(g) for g in self.groups],
@@ -92,7 +106,7 @@ class Plan:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
         groups = [Group(**g) for g in data["groups"]]
         rows = [
             Row(
@@ -177,7 +191,7 @@ class Plan:
         parts += [""] + [f"- {line}" for line in self.changes + self.warnings]
         return "\n".join(parts).rstrip() + "\n"
 
-    def __str__(self):
+    def __str__(self) -> str:
         header, body, totals = self._table()
 
         def table(rows):
@@ -188,7 +202,7 @@ class Plan:
         lines += [f"* {line}" for line in self.changes + self.warnings]
         return "\n".join(lines)
 
-    def __rich__(self):
+    def __rich__(self) -> RichGroup:
         from rich.console import Group as RichGroup
         from rich.table import Table
 
@@ -214,7 +228,7 @@ class Plan:
             console.print(self)
 
     # ------------------------------------------------------------------ diff
-    def diff(self, other: "Plan") -> "PlanDiff":
+    def diff(self, other: Plan) -> PlanDiff:
         """What changed from this plan to ``other`` (e.g. after a model change)."""
         mine, theirs = {r.path: r for r in self.rows}, {r.path: r for r in other.rows}
         moved, changed = [], []
@@ -234,18 +248,18 @@ class Plan:
 
 @dataclass
 class PlanDiff:
-    added: list
-    removed: list
-    moved: list  # (path, from optimizer, to optimizer)
-    changed: list  # (path, before, after): shape or dtype
+    added: list[str]
+    removed: list[str]
+    moved: list[tuple[str, str, str]]  # (path, from optimizer, to optimizer)
+    changed: list[tuple[str, str, str]]  # (path, before, after): shape or dtype
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.moved or self.changed)
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def __str__(self):
+    def __str__(self) -> str:
         if not self:
             return "no change"
         lines = [f"+ {p}" for p in self.added] + [f"- {p}" for p in self.removed]
@@ -263,7 +277,7 @@ def _predicted_bytes(leaf, shape, dtype):
     """State bytes of a parameter that has no state yet, from the optimizer's slot shapes."""
 
     class _Like:  # stands in for the parameter in slot_shapes
-        def __init__(self, shape):
+        def __init__(self, shape: Shape) -> None:
             self.shape, self.ndim = shape, len(shape)
 
     try:
@@ -273,7 +287,7 @@ def _predicted_bytes(leaf, shape, dtype):
         return 0
 
 
-def build(optimizer: Any) -> Plan:
+def build(optimizer: Optimizer) -> Plan:
     """The plan of ``optimizer`` from the routes and state it actually holds."""
     named = optimizer.named_stateful()
     group_of = {id(stateful): i for i, (_, _, stateful) in enumerate(named)}
@@ -289,9 +303,7 @@ def build(optimizer: Any) -> Plan:
             rows.append(Row(path, -1, "frozen", placed.reason, shape, dtype, math.prod(shape), 0))
             continue
         slots = engine.slots_at(owner, placed.keys) or {}
-        state_bytes = (
-            sum(backend_of(v).nbytes(v) for v in slots.values()) if slots else _predicted_bytes(owner, shape, dtype)
-        )
+        state_bytes = sum(_nbytes(v) for v in slots.values()) if slots else _predicted_bytes(owner, shape, dtype)
         group = group_of[id(owner)]
         values = hyper[id(owner)]
         rows.append(

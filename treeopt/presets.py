@@ -1,10 +1,15 @@
 """Ready-made MultiOptimizers for common recipes."""
 
+from __future__ import annotations
+
+from typing import Any
+
 from treeopt.backends import backend_of
 from treeopt.filters import is_bias, is_hidden_matrix, is_norm, ndim
 from treeopt.multi import MultiOptimizer
 from treeopt.optimizers import AdamW, Muon
 from treeopt.tree import tree_flatten
+from treeopt.types import Filter, Scalar, Schedule, Tree
 
 __all__ = ["muon_adamw"]
 
@@ -16,7 +21,7 @@ MUON_LR, MUON_MOMENTUM, NS_EPS = 0.02, 0.95, 1e-7
 ADAMW_LR, ADAMW_BETAS, WEIGHT_DECAY = 3e-4, (0.9, 0.95), 0.01
 
 
-def layout_of(params):
+def layout_of(params: Tree) -> str | None:
     """``"in_out"`` when the matrices of ``params`` are named ``kernel`` (flax, Keras: output
     axis last), ``"out_in"`` when they are named ``weight`` (torch, MLX, equinox), else None."""
     names = {path.rsplit(".", 1)[-1] for path, leaf in tree_flatten(params) if len(getattr(leaf, "shape", ())) >= 2}
@@ -27,7 +32,7 @@ def layout_of(params):
     return None
 
 
-def _declare_flax_kinds(multi, params):
+def _declare_flax_kinds(multi: MultiOptimizer, params: Tree) -> None:
     """A tree of JAX arrays: its embeddings and head as flax's modules make them (see
     :func:`treeopt.jax.module_kinds`), declared before routing."""
     leaves = tree_flatten(params)
@@ -38,23 +43,23 @@ def _declare_flax_kinds(multi, params):
 
 
 def muon_adamw(
-    params=None,
+    params: Tree | None = None,
     *,
-    muon_lr=None,
-    adamw_lr=ADAMW_LR,
-    momentum=MUON_MOMENTUM,
-    betas=ADAMW_BETAS,
-    weight_decay=WEIGHT_DECAY,
-    muon_weight_decay=None,
-    adjust_lr="original",
-    layout=None,
-    hidden=is_hidden_matrix,
-    no_decay=is_bias | is_norm | ndim(max=1),
-    frozen=None,
-    lr_schedule=None,
-    print_plan=False,
-    **options,
-):
+    muon_lr: Scalar | None = None,
+    adamw_lr: Scalar = ADAMW_LR,
+    momentum: Scalar = MUON_MOMENTUM,
+    betas: tuple[Scalar, Scalar] = ADAMW_BETAS,
+    weight_decay: Scalar = WEIGHT_DECAY,
+    muon_weight_decay: Scalar | None = None,
+    adjust_lr: str = "original",
+    layout: str | None = None,
+    hidden: Filter = is_hidden_matrix,
+    no_decay: Filter = is_bias | is_norm | ndim(max=1),
+    frozen: Filter | None = None,
+    lr_schedule: Schedule | None = None,
+    print_plan: bool = False,
+    **options: Any,
+) -> MultiOptimizer:
     """Muon for the hidden matrices, AdamW for the rest: Keller Jordan's recipe (the Muon
     paper, the NanoGPT speedruns), as one :class:`MultiOptimizer` with three named groups.
 

@@ -12,9 +12,13 @@ Only canonical non-negative integers (``"0"``, ``"12"``) become list indices.
 This module imports no array library.
 """
 
-from collections.abc import Callable
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import zip_longest
-from typing import Any
+from typing import Any, overload
+
+from treeopt.types import Tree
 
 __all__ = [
     "tree_map",
@@ -26,11 +30,11 @@ __all__ = [
 ]
 
 
-def is_container(node) -> bool:
+def is_container(node: object) -> bool:
     return isinstance(node, (dict, list, tuple))
 
 
-def rebuild(node, children):
+def rebuild(node: Tree, children: Iterable[Any]) -> Tree:
     """A container of ``node``'s kind holding ``children`` (values in order; for a dict,
     ``(key, value)`` pairs). Dict subclasses come back as plain dicts, as in ``mlx.utils``."""
     if isinstance(node, dict):
@@ -40,12 +44,12 @@ def rebuild(node, children):
     return type(node)(children)
 
 
-def items(node):
+def items(node: Tree) -> Iterable[tuple[Any, Tree]]:
     """``(key, child)`` pairs of a container, in order."""
     return node.items() if isinstance(node, dict) else enumerate(node)
 
 
-def tree_map(fn: Callable, tree: Any, *rest: Any, is_leaf: Callable | None = None) -> Any:
+def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree, is_leaf: Callable[[Any], bool] | None = None) -> Tree:
     """Apply ``fn`` to every leaf of ``tree`` and return a tree of the results.
 
     ``rest`` are trees with at least ``tree``'s structure; their matching nodes are passed
@@ -66,8 +70,12 @@ def tree_map(fn: Callable, tree: Any, *rest: Any, is_leaf: Callable | None = Non
 
 
 def tree_map_with_path(
-    fn: Callable, tree: Any, *rest: Any, is_leaf: Callable | None = None, path: Any | None = None
-) -> Any:
+    fn: Callable[..., Any],
+    tree: Tree,
+    *rest: Tree,
+    is_leaf: Callable[[Any], bool] | None = None,
+    path: str | None = None,
+) -> Tree:
     """Like :func:`tree_map`, but ``fn(path, leaf, *rest_leaves)`` also gets the leaf's
     dotted path. A root leaf gets ``path`` (``None`` by default).
 
@@ -86,7 +94,17 @@ def tree_map_with_path(
     return rebuild(tree, (child_result(i, c) for i, c in enumerate(tree)))
 
 
-def tree_flatten(tree: Any, prefix: str = "", is_leaf: Callable | None = None, destination=None):
+@overload
+def tree_flatten(
+    tree: Tree, prefix: str = "", is_leaf: Callable[[Any], bool] | None = None, destination: list | None = None
+) -> list[tuple[str, Any]]: ...
+@overload
+def tree_flatten(
+    tree: Tree, prefix: str = "", is_leaf: Callable[[Any], bool] | None = None, *, destination: dict
+) -> dict[str, Any]: ...
+def tree_flatten(
+    tree: Tree, prefix: str = "", is_leaf: Callable[[Any], bool] | None = None, destination: list | dict | None = None
+) -> list[tuple[str, Any]] | dict[str, Any]:
     """The ``(path, leaf)`` pairs of ``tree``, depth first, in insertion order.
 
     As in ``mlx.utils`` the first character of every key is dropped, so a prefix is
@@ -102,12 +120,12 @@ def tree_flatten(tree: Any, prefix: str = "", is_leaf: Callable | None = None, d
         add = destination.append
     elif isinstance(destination, dict):
 
-        def add(pair):
+        def add(pair: tuple[str, Any]) -> None:
             destination[pair[0]] = pair[1]
     else:
         raise ValueError("Destination should be either a list or a dictionary or None")
 
-    def walk(node, key):
+    def walk(node: Tree, key: str) -> None:
         if (is_leaf is not None and is_leaf(node)) or not is_container(node):
             add((key[1:], node))
             return
@@ -118,14 +136,14 @@ def tree_flatten(tree: Any, prefix: str = "", is_leaf: Callable | None = None, d
     return destination
 
 
-def _list_index(key: str):
+def _list_index(key: str) -> int | None:
     """``int(key)`` when ``key`` is a canonical non-negative integer, else ``None``."""
     if key.isascii() and key.isdigit() and (key == "0" or not key.startswith("0")):
         return int(key)
     return None
 
 
-def tree_unflatten(tree) -> Any:
+def tree_unflatten(tree: Sequence[tuple[str, Any]] | Mapping[str, Any]) -> Tree:
     """Rebuild a tree from ``(path, leaf)`` pairs (a list) or a ``{path: leaf}`` dict.
 
     A level whose keys are all distinct canonical integers becomes a list (gaps padded with
@@ -147,14 +165,14 @@ def _unflatten(pairs, prefix):
         if key in seen:
             raise ValueError(f"tree_unflatten: duplicate key {prefix + key!r}")
         seen.add(key)
-    children = {}
+    children: dict[str, list[tuple[str, Any]]] = {}
     for key, value in pairs:
         head, _, tail = key.partition(".")
         children.setdefault(head, []).append((tail, value))
     indices = {_list_index(k): k for k in children}
     if children and None not in indices and len(indices) == len(children):
-        result = []
-        for i in sorted(indices):
+        result: list[Any] = []
+        for i in sorted(i for i in indices if i is not None):  # all of them (checked above)
             result.extend({} for _ in range(i - len(result)))
             result.append(_unflatten(children[indices[i]], f"{prefix}{indices[i]}."))
         return result
@@ -163,7 +181,9 @@ def _unflatten(pairs, prefix):
     return {k: _unflatten(v, f"{prefix}{k}.") for k, v in children.items()}
 
 
-def tree_reduce(fn: Callable, tree: Any, initializer=None, is_leaf: Callable | None = None) -> Any:
+def tree_reduce(
+    fn: Callable[[Any, Any], Any], tree: Tree, initializer: Any = None, is_leaf: Callable[[Any], bool] | None = None
+) -> Any:
     """Fold ``fn(accumulator, leaf)`` over the leaves in flatten order. Without an
     ``initializer`` the first leaf seeds the fold.
 
@@ -176,7 +196,7 @@ def tree_reduce(fn: Callable, tree: Any, initializer=None, is_leaf: Callable | N
     return accumulator
 
 
-def tree_merge(tree_a: Any, tree_b: Any, merge_fn: Callable | None = None) -> Any:
+def tree_merge(tree_a: Tree, tree_b: Tree, merge_fn: Callable[[Any, Any], Any] | None = None) -> Tree:
     """Merge two trees into one, like a deep ``dict.update``.
 
     Empty containers and ``None`` count as absent. Two leaves at the same place are

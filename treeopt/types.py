@@ -17,5 +17,11 @@ Schedule = Callable[[Any], Any]
 Scalar = Any
 #: ``filter(path, parameter) -> bool``: the dotted path (``"layers.0.weight"``) and the parameter
 Filter = Callable[[str, Any], Any]
+#: where a leaf sits in a tree: the dict keys and list indices from the root (``("layers", 0, "weight")``)
+Keys = tuple[Any, ...]
+#: an array's shape
+Shape = tuple[int, ...]
+#: an optimizer's state: ``step``, scalars, and one dict of slots per parameter, nested as the parameters
+State = dict[str, Any]
 
-__all__ = ["Array", "Tree", "Schedule", "Scalar", "Filter"]
+__all__ = ["Array", "Tree", "Schedule", "Scalar", "Filter", "Keys", "Shape", "State"]

@@ -2,12 +2,15 @@
 is one finite number, so a NaN learning rate is refused where it is set, not discovered as
 a model full of NaN."""
 
+from __future__ import annotations
+
 import math
 
 from treeopt.backends import backend_of
+from treeopt.types import Scalar
 
 
-def hyper(value, what: str):
+def hyper(value: Scalar, what: str) -> Scalar:
     """``value`` if it is a finite number or a 0-d array holding one; else a ``TypeError``
     or ``ValueError`` that says ``what`` it is (e.g. ``"Adam learning_rate"``).
 

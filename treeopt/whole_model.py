@@ -6,20 +6,36 @@ rescaled or accumulated here, and their own state (the last norm, the count of s
 steps, the accumulation buffers) is written only when the step commits.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from treeopt.clip import clip_factor, global_norm, scale
 from treeopt.errors import TreeoptError
 from treeopt.ops import all_finite, cast
+from treeopt.types import Array
+
+if TYPE_CHECKING:
+    from treeopt.engine import Pair
+    from treeopt.multi import MultiOptimizer
+    from treeopt.optimizer import Optimizer
 
 
 @dataclass(frozen=True)
 class Options:
     max_grad_norm: float | None = None
     skip_nonfinite: bool = False
-    accumulate: tuple = ()  # update frequency of each optimizer (all 1: no accumulation)
+    accumulate: tuple[int, ...] = ()  # update frequency of each optimizer (all 1: no accumulation)
 
-    def __init__(self, max_grad_norm=None, skip_nonfinite=False, accumulate=1, groups=1):
+    def __init__(
+        self,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        accumulate: int | Sequence[int] = 1,
+        groups: int = 1,
+    ) -> None:
         if max_grad_norm is not None and not max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm should be >=0, {max_grad_norm} was provided instead")
         counts = [accumulate] * groups if isinstance(accumulate, int) else list(accumulate)
@@ -30,11 +46,11 @@ class Options:
         object.__setattr__(self, "accumulate", tuple(counts))
 
     @property
-    def accumulating(self):
+    def accumulating(self) -> bool:
         return any(n > 1 for n in self.accumulate)
 
     @property
-    def active(self):
+    def active(self) -> bool:
         return self.max_grad_norm is not None or self.skip_nonfinite or self.accumulating
 
 
@@ -49,7 +65,9 @@ def _concrete(flag, option):
         ) from error
 
 
-def prepare(multi, leaves, owners, groups):
+def prepare(
+    multi: MultiOptimizer, leaves: list[Pair], owners: list[Optimizer | None], groups: Sequence[int]
+) -> tuple[list[Pair], list[Optimizer | None], list[Optimizer], Callable[[], None] | None]:
     """The leaves and owners to update this call, the optimizers that step, and a commit;
     ``groups`` holds the index of each leaf's optimizer in ``multi``."""
     options, state = multi.whole_model, multi.state
@@ -98,7 +116,7 @@ def prepare(multi, leaves, owners, groups):
     return leaves, owners, stepping, lambda: state.update(updates)
 
 
-def _check_buffer(buffer, leaf):
+def _check_buffer(buffer: Array, leaf: Pair) -> None:
     """An accumulation buffer (perhaps loaded from a checkpoint) must be of its gradient's
     library, shape and dtype: never broadcast."""
     from treeopt.backends import backend_of

@@ -7,12 +7,24 @@ Nothing else in treeopt imports torch, jax or mlx: a framework backend is loaded
 that framework has been imported by the user, so ``import treeopt`` needs only NumPy.
 """
 
+from __future__ import annotations
+
 import sys
 
 from treeopt.backends.base import Backend, PythonScalars
 from treeopt.backends.numpy_backend import NumpyBackend
+from treeopt.types import Scalar
 
-__all__ = ["Backend", "as_float", "backend_of", "default_backend", "get_backend", "numpy_backend", "python_scalars"]
+__all__ = [
+    "Backend",
+    "array_backend",
+    "as_float",
+    "backend_of",
+    "default_backend",
+    "get_backend",
+    "numpy_backend",
+    "python_scalars",
+]
 
 numpy_backend = NumpyBackend()
 python_scalars = PythonScalars()
@@ -56,7 +68,7 @@ def _candidates():
             yield get_backend(name)
 
 
-def backend_of(x):
+def backend_of(x: object) -> Backend | None:
     """The backend that owns ``x``, or ``None`` when ``x`` is not an array or a number."""
     cls = type(x)
     found = _by_type.get(cls)
@@ -71,7 +83,15 @@ def backend_of(x):
     return found
 
 
-def as_float(value) -> float:
+def array_backend(x: object) -> Backend:
+    """The backend of ``x``, known to be an array or a number; a ``TypeError`` otherwise."""
+    backend = backend_of(x)
+    if backend is None:
+        raise TypeError(f"expected an array or a number, got {type(x).__name__}")
+    return backend
+
+
+def as_float(value: Scalar) -> float:
     """A number or a 0-d array of any backend as a Python float."""
     backend = backend_of(value)
     return float(value) if backend is None or backend.name == "python" else backend.to_float(value)

@@ -11,6 +11,8 @@ there (one call from Python for the whole stack), else from Python: each matrix 
 same call, so the numbers are those of the matrices one by one.
 """
 
+from __future__ import annotations
+
 import ctypes
 
 import numpy as np
@@ -79,7 +81,7 @@ def _operand(x):
     return None
 
 
-def gemm(alpha, a, b, beta, c):
+def gemm(alpha: float, a: np.ndarray, b: np.ndarray, beta: float, c: np.ndarray) -> bool:
     """``c <- alpha a @ b + beta c`` in place (``c`` C-contiguous, not overlapping ``a`` or
     ``b``); returns False (and changes nothing) when BLAS cannot take these arrays."""
     function = _GEMM.get(c.dtype)

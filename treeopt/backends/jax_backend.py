@@ -1,17 +1,22 @@
 """JAX arrays (and tracers under ``jax.jit``). Arrays are immutable: new values are rebound."""
 
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from treeopt.backends.base import Backend
+from treeopt.types import Array, Scalar
 
 _HALF = ("float16", "bfloat16")
 _REPLICATED = jax.sharding.PartitionSpec()
 
 
 def _dtype(name):
-    if name == "uint64" and not jax.config.jax_enable_x64:
+    if name == "uint64" and not jax.config.jax_enable_x64:  # type: ignore[attr-defined]  # not in jax's stubs
         return jnp.uint32  # JAX keeps 32-bit integers unless x64 is enabled
     return jnp.dtype(name)
 
@@ -19,22 +24,22 @@ def _dtype(name):
 class JaxBackend(Backend):
     name = "jax"
 
-    def owns(self, x):
+    def owns(self, x: object) -> bool:
         return isinstance(x, jax.Array)
 
-    def dtype_name(self, x):
+    def dtype_name(self, x: Array) -> str:
         return x.dtype.name
 
-    def device(self, x):
+    def device(self, x: Array) -> str:
         try:
             return ",".join(sorted(str(d) for d in x.devices()))
         except Exception:  # a tracer has no device
             return "traced"
 
-    def zeros_like(self, x):
+    def zeros_like(self, x: Array) -> Array:
         return jnp.zeros_like(x)
 
-    def zeros(self, shape, like):
+    def zeros(self, shape: Sequence[int], like: Array) -> Array:
         if tuple(shape) == tuple(like.shape):
             return jnp.zeros_like(like)  # keeps like's sharding: a slot is split as its parameter is
         sharding = getattr(like, "sharding", None)  # a tracer has none: the compiler places it
@@ -43,62 +48,62 @@ class JaxBackend(Backend):
             return jnp.zeros(shape, dtype=like.dtype, device=jax.sharding.NamedSharding(sharding.mesh, _REPLICATED))
         return jnp.zeros(shape, dtype=like.dtype)
 
-    def scalar_array(self, value, dtype, like=None):
+    def scalar_array(self, value: Scalar, dtype: str, like: Array | None = None) -> Array:
         return jnp.asarray(value, dtype=_dtype(dtype))
 
-    def cast(self, x, like):
+    def cast(self, x: Scalar, like: Array) -> Scalar:
         if isinstance(x, jax.Array):
             return x.astype(like.dtype)
         return like.dtype.type(x)  # a NumPy scalar of the dtype: strongly typed, no promotion
 
-    def astype(self, x, dtype):
+    def astype(self, x: Scalar, dtype: str) -> Array:
         return jnp.asarray(x).astype(_dtype(dtype))
 
-    def to_numpy(self, x):
+    def to_numpy(self, x: Array) -> np.ndarray:
         return np.asarray(x)
 
-    def from_numpy(self, a, like=None):
+    def from_numpy(self, a: np.ndarray, like: Array | None = None) -> Array:
         return jnp.asarray(a) if like is None else jnp.asarray(a, dtype=like.dtype)
 
     def _in_float32(self, x):
         return x.astype(jnp.float32) if x.dtype.name in _HALF else x
 
-    def sqrt(self, x):
+    def sqrt(self, x: Array) -> Array:
         return jnp.sqrt(x)
 
-    def rsqrt(self, x):
+    def rsqrt(self, x: Array) -> Array:
         return jnp.reciprocal(jnp.sqrt(x))
 
-    def sign(self, x):
+    def sign(self, x: Array) -> Array:
         return jnp.sign(x)
 
-    def maximum(self, a, b):
+    def maximum(self, a: Scalar, b: Scalar) -> Array:
         return jnp.maximum(a, b)
 
-    def minimum(self, a, b):
+    def minimum(self, a: Scalar, b: Scalar) -> Array:
         return jnp.minimum(a, b)
 
-    def where(self, cond, a, b):
+    def where(self, cond: Array, a: Scalar, b: Scalar) -> Array:
         return jnp.where(cond, a, b)
 
-    def cos(self, x):
+    def cos(self, x: Array) -> Array:
         return jnp.cos(x)
 
-    def mean(self, x, axis=None, keepdims=False):
+    def mean(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
         total = jnp.sum(self._in_float32(x), axis=axis, keepdims=keepdims).astype(x.dtype)
         count = x.size if axis is None else x.shape[axis]
         return total * x.dtype.type(1 / count if count else float("nan"))  # empty: NaN, as MLX
 
-    def sum(self, x, axis=None, keepdims=False):
+    def sum(self, x: Array, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Array:
         return jnp.sum(self._in_float32(x), axis=axis, keepdims=keepdims).astype(x.dtype)
 
-    def stack(self, arrays, out=None):
+    def stack(self, arrays: Sequence[Array], out: Array | None = None) -> Array:
         return jnp.stack(arrays)
 
-    def matmul(self, a, b):
+    def matmul(self, a: Array, b: Array) -> Array:
         return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
-    def addmm(self, c, a, b, alpha=1.0, beta=1.0):
+    def addmm(self, c: Array, a: Array, b: Array, alpha: float = 1.0, beta: float = 1.0) -> Array:
         if beta != 1.0:
             c = c * c.dtype.type(beta)  # rounded in the dtype, as MLX's separate product
         product = jnp.matmul(a, b, preferred_element_type=jnp.float32)
@@ -106,13 +111,13 @@ class JaxBackend(Backend):
             product = product * jnp.float32(alpha)
         return (product + c.astype(jnp.float32)).astype(a.dtype)
 
-    def swap_last(self, x):
+    def swap_last(self, x: Array) -> Array:
         return jnp.swapaxes(x, -1, -2)
 
-    def all_finite(self, x):
+    def all_finite(self, x: Array) -> Array:
         return jnp.isfinite(x).all()
 
-    def on_whole(self, fn, x):
+    def on_whole(self, fn: Callable[[Array], Array], x: Array) -> Array:
         """``fn(x)`` computed on the whole of ``x``, wherever ``x`` is split across devices.
 
         Under ``jit``: ``x``'s Explicit mesh axes are resharded away (one all-gather gives
@@ -154,4 +159,4 @@ def _mesh_of(x):
         return None, None
     if all(kind == jax.sharding.AxisType.Manual for kind in mesh.axis_types):
         return None, None  # inside shard_map: x is this device's own block, as the user chose
-    return mesh, sharding.spec
+    return mesh, sharding.spec  # type: ignore[union-attr]  # a mesh implies a sharding

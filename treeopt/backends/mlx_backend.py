@@ -6,13 +6,17 @@ OpenBLAS NumPy ships; on Linux's CPU device, float32/float64 products of evaluat
 ``mx.compile`` arrays cannot be viewed, and MLX's own products are used.
 """
 
+from __future__ import annotations
+
 import sys
+from collections.abc import Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from treeopt.backends import blas
 from treeopt.backends.base import Backend
+from treeopt.types import Array, Scalar
 
 #: run float32/float64 matrix products through NumPy's BLAS (Linux CPU only)
 HOST_BLAS = sys.platform.startswith("linux")
@@ -31,83 +35,83 @@ def _host(*arrays):
 class MlxBackend(Backend):
     name = "mlx"
 
-    def owns(self, x):
+    def owns(self, x: object) -> bool:
         return isinstance(x, mx.array)
 
-    def dtype_name(self, x):
+    def dtype_name(self, x: Array) -> str:
         return str(x.dtype).rpartition(".")[2]
 
-    def device(self, x):
+    def device(self, x: Array) -> str:
         return "mlx"
 
-    def zeros_like(self, x):
+    def zeros_like(self, x: Array) -> Array:
         return mx.zeros_like(x)
 
-    def zeros(self, shape, like):
+    def zeros(self, shape: Sequence[int], like: Array) -> Array:
         return mx.zeros(shape, dtype=like.dtype)
 
-    def scalar_array(self, value, dtype, like=None):
+    def scalar_array(self, value: Scalar, dtype: str, like: Array | None = None) -> Array:
         if isinstance(value, np.ndarray):
             value = value.item()
         return mx.array(value, dtype=getattr(mx, dtype))
 
-    def cast(self, x, like):
+    def cast(self, x: Scalar, like: Array) -> Scalar:
         if isinstance(x, mx.array):
             return x.astype(like.dtype)
         return float(x)  # MLX treats Python floats as weakly typed: no promotion
 
-    def astype(self, x, dtype):
+    def astype(self, x: Scalar, dtype: str) -> Array:
         return x.astype(getattr(mx, dtype))
 
-    def to_numpy(self, x):
+    def to_numpy(self, x: Array) -> np.ndarray:
         if x.dtype == mx.bfloat16:
             import ml_dtypes
 
             return np.array(x.view(mx.uint16)).view(ml_dtypes.bfloat16)
         return np.array(x)
 
-    def from_numpy(self, a, like=None):
+    def from_numpy(self, a: np.ndarray, like: Array | None = None) -> Array:
         array = mx.array(a)
         return array if like is None else array.astype(like.dtype)
 
-    def to_float(self, x):
+    def to_float(self, x: Scalar) -> float:
         return x.item()
 
-    def sqrt(self, x):
+    def sqrt(self, x: Array) -> Array:
         return mx.sqrt(x)
 
-    def rsqrt(self, x):
+    def rsqrt(self, x: Array) -> Array:
         return mx.rsqrt(x)
 
-    def sign(self, x):
+    def sign(self, x: Array) -> Array:
         return mx.sign(x)
 
-    def maximum(self, a, b):
+    def maximum(self, a: Scalar, b: Scalar) -> Array:
         return mx.maximum(a, b)
 
-    def minimum(self, a, b):
+    def minimum(self, a: Scalar, b: Scalar) -> Array:
         return mx.minimum(a, b)
 
-    def where(self, cond, a, b):
+    def where(self, cond: Array, a: Scalar, b: Scalar) -> Array:
         return mx.where(cond, a, b)
 
-    def cos(self, x):
+    def cos(self, x: Array) -> Array:
         return mx.cos(x)
 
-    def mean(self, x, axis=None, keepdims=False):
+    def mean(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
         return mx.mean(x, axis=axis, keepdims=keepdims)
 
-    def sum(self, x, axis=None, keepdims=False):
+    def sum(self, x: Array, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Array:
         return mx.sum(x, axis=axis, keepdims=keepdims)
 
-    def stack(self, arrays, out=None):
-        return mx.stack(arrays)
+    def stack(self, arrays: Sequence[Array], out: Array | None = None) -> Array:
+        return mx.stack(list(arrays))
 
-    def matmul(self, a, b):
+    def matmul(self, a: Array, b: Array) -> Array:
         host = _host(a, b)
         return mx.array(np.matmul(*host)) if host is not None else a @ b
 
-    def addmm(self, c, a, b, alpha=1.0, beta=1.0):
+    def addmm(self, c: Array, a: Array, b: Array, alpha: float = 1.0, beta: float = 1.0) -> Array:
         host = _host(c, a, b)
         if host is not None:
             out = np.array(host[0], order="C")
@@ -115,8 +119,8 @@ class MlxBackend(Backend):
                 return mx.array(out)
         return mx.addmm(c if beta == 1.0 else beta * c, a, b, alpha=alpha)  # as mlx.optimizers.Muon
 
-    def swap_last(self, x):
+    def swap_last(self, x: Array) -> Array:
         return mx.swapaxes(x, -1, -2)
 
-    def all_finite(self, x):
+    def all_finite(self, x: Array) -> Array:
         return mx.all(mx.isfinite(x))

@@ -1,10 +1,15 @@
 """PyTorch tensors, on any device. Tensors are written in place (under ``no_grad``); state
 slots are created on the parameter's device and never leave it."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 from treeopt.backends.base import Backend
+from treeopt.types import Array, Scalar
 
 _HALF = (torch.float16, torch.bfloat16)
 _LARGE = 1 << 20  # elements
@@ -30,31 +35,31 @@ class TorchBackend(Backend):
     mutable = True
     array_types = (torch.Tensor, torch.nn.Parameter)
 
-    def owns(self, x):
+    def owns(self, x: object) -> bool:
         return isinstance(x, torch.Tensor)
 
-    def dtype_name(self, x):
+    def dtype_name(self, x: Array) -> str:
         return str(x.dtype).removeprefix("torch.")
 
-    def device(self, x):
+    def device(self, x: Array) -> str:
         return str(x.device)
 
-    def zeros_like(self, x):
+    def zeros_like(self, x: Array) -> Array:
         return self.zeros(tuple(x.shape), x)
 
-    def zeros(self, shape, like):
+    def zeros(self, shape: Sequence[int], like: Array) -> Array:
         if like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64) and _numel(shape) >= _LARGE:
             # through NumPy, whose allocator asks for transparent huge pages for large arrays
             # and torch's does not: streaming a 124M-parameter state is about 10% faster
             return torch.from_numpy(np.zeros(shape, dtype=str(like.dtype).removeprefix("torch.")))
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
-    def scalar_array(self, value, dtype, like=None):
+    def scalar_array(self, value: Scalar, dtype: str, like: Array | None = None) -> Array:
         if isinstance(value, np.ndarray):
             value = value.item()
         return torch.tensor(value, dtype=_dtype(dtype), device=None if like is None else like.device)
 
-    def cast(self, x, like):
+    def cast(self, x: Scalar, like: Array) -> Scalar:
         if isinstance(x, torch.Tensor):
             return x.to(like.dtype)
         # A Python number rounded to the tensor's dtype: torch then computes exactly what an
@@ -65,17 +70,17 @@ class TorchBackend(Backend):
             return torch.tensor(float(x), dtype=torch.bfloat16).item()
         return float(np.asarray(x, dtype=str(like.dtype).removeprefix("torch.")))
 
-    def astype(self, x, dtype):
+    def astype(self, x: Scalar, dtype: str) -> Array:
         return x.to(_dtype(dtype))
 
-    def writable(self, x):
+    def writable(self, x: Array) -> bool:
         return isinstance(x, torch.Tensor) and not x.is_inference()
 
-    def write(self, dst, src):
+    def write(self, dst: Array, src: Array) -> None:
         with torch.no_grad():
             dst.copy_(src)
 
-    def to_numpy(self, x):
+    def to_numpy(self, x: Array) -> np.ndarray:
         x = x.detach().cpu()
         if x.dtype == torch.bfloat16:
             import ml_dtypes
@@ -83,7 +88,7 @@ class TorchBackend(Backend):
             return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return x.numpy()
 
-    def from_numpy(self, a, like=None):
+    def from_numpy(self, a: np.ndarray, like: Array | None = None) -> Array:
         a = np.ascontiguousarray(a)
         if a.dtype.name == "bfloat16":
             tensor = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
@@ -91,13 +96,13 @@ class TorchBackend(Backend):
             tensor = torch.from_numpy(a.copy())
         return tensor if like is None else tensor.to(device=like.device, dtype=like.dtype)
 
-    def to_float(self, x):
+    def to_float(self, x: Scalar) -> float:
         return float(x)
 
     def _in_float32(self, x):
         return x.float() if x.dtype in _HALF else x
 
-    def sqrt(self, x):
+    def sqrt(self, x: Array) -> Array:
         # torch's vectorised CPU sqrt is off by an ulp for a fifth of float32 inputs (and some
         # float64 ones); NumPy's, on a zero-copy view, is correctly rounded, as are MLX's, the
         # compiled loops' and CUDA's
@@ -110,57 +115,57 @@ class TorchBackend(Backend):
             return torch.from_numpy(np.asarray(np.sqrt(x.numpy())))
         return torch.sqrt(x)
 
-    def rsqrt(self, x):
+    def rsqrt(self, x: Array) -> Array:
         return torch.reciprocal(self.sqrt(x))
 
-    def sign(self, x):
+    def sign(self, x: Array) -> Array:
         return torch.sign(x)
 
-    def maximum(self, a, b):
+    def maximum(self, a: Scalar, b: Scalar) -> Array:
         if not isinstance(a, torch.Tensor):
             a, b = b, a
         return torch.clamp_min(a, b) if not isinstance(b, torch.Tensor) else torch.maximum(a, b)
 
-    def minimum(self, a, b):
+    def minimum(self, a: Scalar, b: Scalar) -> Array:
         if not isinstance(a, torch.Tensor):
             a, b = b, a
         return torch.clamp_max(a, b) if not isinstance(b, torch.Tensor) else torch.minimum(a, b)
 
-    def where(self, cond, a, b):
+    def where(self, cond: Array, a: Scalar, b: Scalar) -> Array:
         return torch.where(torch.as_tensor(cond), a, b)
 
-    def cos(self, x):
+    def cos(self, x: Array) -> Array:
         return torch.cos(x)
 
-    def mean(self, x, axis=None, keepdims=False):
+    def mean(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
         dims = () if axis is None else axis
         total = torch.sum(self._in_float32(x), dim=dims, keepdim=keepdims).to(x.dtype)
         count = x.numel() if axis is None else x.shape[axis]
         return total * self.cast(1 / count if count else float("nan"), x)  # empty: NaN, as MLX
 
-    def sum(self, x, axis=None, keepdims=False):
+    def sum(self, x: Array, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Array:
         dims = () if axis is None else axis
         return torch.sum(self._in_float32(x), dim=dims, keepdim=keepdims).to(x.dtype)
 
-    def write_stack(self, dsts, stack):
+    def write_stack(self, dsts: Sequence[Array], stack: Array) -> None:
         with torch.no_grad():
             torch._foreach_copy_(list(dsts), list(stack.unbind(0)))  # one call for the whole stack
 
-    def stack(self, arrays, out=None):
-        return torch.stack(arrays, out=out)
+    def stack(self, arrays: Sequence[Array], out: Array | None = None) -> Array:
+        return torch.stack(list(arrays), out=out)
 
-    def matmul(self, a, b):
+    def matmul(self, a: Array, b: Array) -> Array:
         return torch.matmul(a, b)
 
-    def addmm(self, c, a, b, alpha=1.0, beta=1.0):
+    def addmm(self, c: Array, a: Array, b: Array, alpha: float = 1.0, beta: float = 1.0) -> Array:
         if beta != 1.0:
             c = self.cast(beta, c) * c  # rounded in the dtype, as MLX's separate product
         if a.ndim == 3:  # a stack of matrices
             return torch.baddbmm(c, a, b, alpha=alpha)
         return torch.addmm(c, a, b, alpha=alpha)
 
-    def swap_last(self, x):
+    def swap_last(self, x: Array) -> Array:
         return x.transpose(-1, -2)
 
-    def all_finite(self, x):
+    def all_finite(self, x: Array) -> Array:
         return torch.isfinite(x).all()

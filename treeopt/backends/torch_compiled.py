@@ -48,6 +48,19 @@ def compile_step(
     return run
 
 
+class CoefficientTable:
+    """The numeric coefficients of a compiled step: one row per optimizer, one column per
+    coefficient, a tensor of ``like``'s dtype on its device (``tensor``)."""
+
+    def __init__(self, rows: int, columns: int, like: torch.Tensor) -> None:
+        self.tensor = torch.zeros((rows, columns), dtype=like.dtype, device=like.device)
+
+    def write(self, values: Sequence[Sequence[float]]) -> None:
+        """Put ``values`` (Python numbers, one list per row) in, each rounded once to the
+        table's dtype: one copy to the device per step."""
+        self.tensor.copy_(torch.tensor(values, dtype=self.tensor.dtype))
+
+
 def _options():
     import torch._inductor.config as inductor
 

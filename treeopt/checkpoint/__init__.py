@@ -14,8 +14,9 @@ Loading matches by name, never by position, and checks everything first: with
 problem and nothing changes.
 """
 
+from __future__ import annotations
+
 import os
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,12 +26,13 @@ from treeopt.checkpoint.format import CheckpointError, LoadReport, Problem, from
 from treeopt.types import Tree
 
 if TYPE_CHECKING:  # checkpoints sit above the optimizers, which never import them
+    from treeopt.checkpoint.base import Stored
     from treeopt.optimizer import Optimizer
 
 __all__ = ["save", "load", "load_content", "read", "to_flat", "from_flat", "CheckpointError", "LoadReport", "Problem"]
 
 
-def save(optimizer: "Optimizer", path: str | os.PathLike, *, layout: str = "treeopt") -> None:
+def save(optimizer: Optimizer, path: str | os.PathLike, *, layout: str = "treeopt") -> None:
     """Save ``optimizer``'s state to ``path`` (a safetensors file), atomically.
 
     A ``treeopt.torch.Optimizer`` on several ranks (DDP or ``sharding="zero1"``) saves to a
@@ -47,7 +49,7 @@ def save(optimizer: "Optimizer", path: str | os.PathLike, *, layout: str = "tree
             raise ValueError("a checkpoint of several ranks has the treeopt layout only")
         from treeopt.distributed import files as folders
 
-        return folders.save(optimizer, path)
+        return folders.save(optimizer, path)  # type: ignore[arg-type]  # a treeopt.torch.Optimizer
     if layout == "treeopt":
         tensors, metadata = to_flat(optimizer)
         files.write(path, tensors, metadata)
@@ -59,7 +61,7 @@ def save(optimizer: "Optimizer", path: str | os.PathLike, *, layout: str = "tree
         raise ValueError(f"layout must be 'treeopt' or 'mlx', got {layout!r}")
 
 
-def read(path: str | os.PathLike) -> tuple[Mapping[str, Any], dict | None]:
+def read(path: str | os.PathLike) -> tuple[Stored, dict[str, Any] | None]:
     """``(tensors, metadata)`` of a checkpoint file, checksum verified; for an MLX-layout
     file (safetensors or ``.npz``) ``metadata`` is ``None``."""
     if os.fspath(path).endswith(".npz"):
@@ -74,7 +76,7 @@ def read(path: str | os.PathLike) -> tuple[Mapping[str, Any], dict | None]:
 
 
 def load(
-    optimizer: "Optimizer", path: str | os.PathLike, params: Tree | None = None, *, strict: bool = True
+    optimizer: Optimizer, path: str | os.PathLike, params: Tree | None = None, *, strict: bool = True
 ) -> LoadReport:
     """Load a checkpoint into ``optimizer``, by parameter name.
 
@@ -90,14 +92,21 @@ def load(
     from treeopt.distributed import files as folders
 
     if getattr(optimizer, "_distributed", None) is not None or folders.is_folder_checkpoint(path):
-        return folders.load(optimizer, path, strict=strict)
+        return folders.load(optimizer, path, strict=strict)  # type: ignore[arg-type]  # as in save
     tensors, metadata = read(path)
     if metadata is None and not mlx_layout.is_mlx_layout(tensors):
         raise CheckpointError(f"{path} has neither treeopt metadata nor MLX's optimizer layout")
     return load_content(optimizer, tensors, metadata, params, strict=strict)
 
 
-def load_content(optimizer, tensors, metadata, params=None, *, strict=True):
+def load_content(
+    optimizer: Optimizer,
+    tensors: Stored,
+    metadata: dict[str, Any] | None,
+    params: Tree | None = None,
+    *,
+    strict: bool = True,
+) -> LoadReport:
     """Load checkpoint content (``tensors`` by key and ``metadata``, as :func:`to_flat` makes
     them; ``metadata`` ``None`` for MLX's layout) into ``optimizer``; see :func:`load`.
 

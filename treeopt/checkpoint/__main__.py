@@ -7,10 +7,15 @@ hyper-parameters, and every problem found: a checksum mismatch, a truncated file
 missing or not matching the metadata. Exits with status 1 when there is a problem.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import math
+import os
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +23,7 @@ from treeopt.checkpoint import files
 from treeopt.checkpoint.format import CheckpointError
 
 
-def inspect(path):
+def inspect(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
     """``(summary dict, problems list)`` of a checkpoint file, or of a folder saved by
     several ranks (every slot must be stored and its rows covered exactly once)."""
     from treeopt.checkpoint import mlx_layout, validate
@@ -110,7 +115,7 @@ def _print(summary, problems):
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        Console = None
+        Console = None  # type: ignore[misc, assignment]  # plain text below
     lines = [f"{k}: {v}" for k, v in summary.items() if k != "groups"]
     groups = summary.get("groups", {})
     if Console is None:
@@ -143,7 +148,7 @@ def _print(summary, problems):
         print("no problem found")
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m treeopt.checkpoint", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="summarise a checkpoint and check it")

@@ -11,22 +11,30 @@ then read again, one at a time, as the loader copies them into the optimizer's s
 load holds at most one tensor besides the state (the file's pages stay in the page cache).
 """
 
+from __future__ import annotations
+
 import json
 import os
 import tempfile
 import zlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from treeopt.backends import backend_of
+from treeopt.backends import array_backend
 from treeopt.checkpoint.format import CheckpointError
+from treeopt.types import Array, Scalar
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 METADATA_KEY = "treeopt"
 
 
-def as_numpy(value):
+def as_numpy(value: Scalar) -> np.ndarray:
     """An array as NumPy (zero-copy for NumPy and CPU torch), contiguous."""
-    backend = backend_of(value)
+    backend = array_backend(value)
     array = np.asarray(value) if backend.name == "python" else np.asarray(backend.to_numpy(value))
     return array if array.flags.c_contiguous else np.ascontiguousarray(array)  # (keeps 0-d arrays 0-d)
 
@@ -42,7 +50,7 @@ def _finish(crc, metadata):
     return f"{zlib.crc32(json.dumps(body, sort_keys=True).encode(), crc):08x}"
 
 
-def checksum(arrays, metadata):
+def checksum(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> str:
     """The checksum of ``arrays`` (by key, in sorted order) and ``metadata``."""
     crc = 0
     for key in sorted(arrays):
@@ -50,7 +58,7 @@ def checksum(arrays, metadata):
     return _finish(crc, metadata)
 
 
-def safetensors():
+def safetensors() -> ModuleType:
     """The ``safetensors`` package, or an ImportError that says how to install it."""
     try:
         import safetensors.numpy
@@ -77,7 +85,7 @@ def _umask():
     return mask
 
 
-def write(path, tensors, metadata):
+def write(path: str | os.PathLike[str], tensors: Mapping[str, Array], metadata: dict[str, Any]) -> None:
     """Write ``tensors`` (any library) and ``metadata`` (JSON-able) to ``path`` atomically."""
     arrays = {key: as_numpy(value) for key, value in tensors.items()}
     metadata = dict(metadata, checksum={"algorithm": "crc32", "value": checksum(arrays, metadata)})
@@ -87,7 +95,7 @@ def write(path, tensors, metadata):
     )
 
 
-def replace_atomically(path, write_to):
+def replace_atomically(path: str | os.PathLike[str], write_to: Callable[[str], object]) -> None:
     """Call ``write_to(temporary)`` for a temporary file beside ``path``, flush it to disk and
     rename it over ``path``: readers see the old file or the new one, never a torn one. The
     file gets the permissions any new file gets (``0666`` less the umask), as ``open`` gives."""
@@ -133,42 +141,42 @@ class Tensors:
     """The tensors of an open checkpoint, read one at a time: ``tensors[key]`` reads it,
     ``spec(key)`` gives ``(shape, dtype)`` from the header without reading."""
 
-    def __init__(self, handle):
+    def __init__(self, handle: Any) -> None:
         self._handle = handle
         self._keys = list(handle.keys())
 
-    def keys(self):
+    def keys(self) -> list[str]:
         return list(self._keys)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._keys)
 
-    def __contains__(self, key):
+    def __contains__(self, key: object) -> bool:
         return key in self._keys
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._keys:
             raise KeyError(key)
         return self._handle.get_tensor(key)
 
-    def get(self, key, default=None):
+    def get(self, key: str, default: np.ndarray | None = None) -> np.ndarray | None:
         return self[key] if key in self._keys else default
 
-    def items(self):
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
         return ((key, self[key]) for key in self._keys)
 
-    def values(self):
+    def values(self) -> Iterator[np.ndarray]:
         return (self[key] for key in self._keys)
 
-    def spec(self, key):
+    def spec(self, key: str) -> tuple[list[int], str]:
         view = self._handle.get_slice(key)
         return list(view.get_shape()), _DTYPES.get(view.get_dtype(), view.get_dtype().lower())
 
 
-def read(path):
+def read(path: str | os.PathLike[str]) -> tuple[Tensors, dict[str, Any] | None]:
     """``(tensors, metadata)`` of a safetensors file, its checksum verified when it has
     treeopt metadata (``metadata`` is ``None`` for a plain safetensors file). ``tensors`` is a
     :class:`Tensors`, read lazily from the open file."""

@@ -6,37 +6,26 @@ Keys: ``"{path}/{slot}"`` for a parameter's slot (``layers.0.attn.weight/m``) an
 rule's running values (schedule-free's weight sum).
 """
 
+from __future__ import annotations
+
 import numbers
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from treeopt import __version__, engine
 from treeopt._trees import dotted
-from treeopt.backends import backend_of, numpy_backend
-from treeopt.errors import TreeoptError
+from treeopt.backends import array_backend, numpy_backend
+from treeopt.checkpoint import routing, validate
+from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, Problem, assign, numpy_scalar
+from treeopt.types import Array
 
-FORMAT = "treeopt-checkpoint"
-FORMAT_VERSION = 1
-
-
-class CheckpointError(TreeoptError, ValueError):
-    """A checkpoint that cannot be read, or does not fit the optimizer (see ``report``)."""
-
-    def __init__(self, message, report=None):
-        super().__init__(message)
-        self.report = report
-
-
-@dataclass(frozen=True)
-class Problem:
-    kind: str  # missing, unexpected, shape, dtype, slots, owner, hyperparameter, optimizer
-    path: str
-    message: str
-
-    def __str__(self):
-        return f"{self.kind:<14} {self.path}: {self.message}"
+if TYPE_CHECKING:
+    from treeopt.checkpoint.base import Stored
+    from treeopt.optimizer import Optimizer
 
 
 @dataclass
@@ -47,10 +36,10 @@ class LoadReport:
     loaded: list = field(default_factory=list)  # parameter paths whose state was loaded
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return not self.problems
 
-    def __str__(self):
+    def __str__(self) -> str:
         head = f"loaded the state of {len(self.loaded)} parameters"
         if self.ok:
             return head + ", no problem found"
@@ -58,7 +47,7 @@ class LoadReport:
 
 
 # ---------------------------------------------------------------------------------- saving
-def leaf_optimizers(optimizer):
+def leaf_optimizers(optimizer: Optimizer) -> list[tuple[str, tuple[int, ...], Optimizer]]:
     """``(name, position, optimizer)`` for every optimizer that holds state, in order."""
     return optimizer.named_stateful()
 
@@ -77,16 +66,16 @@ def _json_value(value):
     return repr(value)
 
 
-def hyperparameters(optimizer):
+def hyperparameters(optimizer: Optimizer) -> dict[str, Any]:
     return {n: _json_value(getattr(optimizer, n, None)) for n in optimizer.hyperparameters}
 
 
 def _shape_dtype(array):
-    backend = backend_of(array)
+    backend = array_backend(array)
     return {"shape": list(backend.shape(array)), "dtype": backend.dtype_name(array)}
 
 
-def to_flat(optimizer, known=()):
+def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, Array], dict[str, Any]]:
     """``(tensors, metadata)``: the state arrays by key (arrays of the state's own library,
     not copied) and a JSON-able description of who owns what.
 
@@ -94,7 +83,9 @@ def to_flat(optimizer, known=()):
     layer that got no gradient): they are recorded with no slots, so loading into a fresh
     optimizer that initialised them does not call them missing.
     """
-    tensors, optimizers, parameters = {}, [], {}
+    tensors: dict[str, Array] = {}
+    optimizers: list[dict[str, Any]] = []
+    parameters: dict[str, dict[str, Any]] = {}
 
     def put(key, value):
         if key in tensors:
@@ -128,8 +119,6 @@ def to_flat(optimizer, known=()):
         parameters.setdefault(dotted(placed.keys), {"owner": names.get(id(placed.owner)), "slots": {}})
     for path in known:
         parameters.setdefault(path, {"owner": None, "slots": {}})
-    from treeopt.checkpoint import routing
-
     for key, value in routing.carried_tensors(optimizer, leaf_optimizers(optimizer)).items():
         put(key, value)
     extra = {}
@@ -154,11 +143,6 @@ def to_flat(optimizer, known=()):
     if changes:
         metadata["routing"] = changes
     return tensors, metadata
-
-
-def numpy_scalar(value):
-    backend = backend_of(value)
-    return np.asarray(backend.to_numpy(value) if backend.name != "python" else value)
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -186,7 +170,7 @@ def _match_optimizers(current, metadata):
     return matches
 
 
-def from_flat(optimizer, tensors, metadata, strict=True):
+def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], strict: bool = True) -> LoadReport:
     """Load ``tensors`` into ``optimizer``'s state, matched by parameter path.
 
     The optimizer must know its parameters (initialised, or after a step). Every problem is
@@ -194,8 +178,6 @@ def from_flat(optimizer, tensors, metadata, strict=True):
     :class:`CheckpointError` and nothing changes; otherwise what matches is loaded and the
     report is returned.
     """
-    from treeopt.checkpoint import validate
-
     validate.metadata(metadata)
     validate.tensors(tensors, metadata)
     report = LoadReport()
@@ -203,7 +185,9 @@ def from_flat(optimizer, tensors, metadata, strict=True):
     matches = _match_optimizers(current, metadata)
     saved_params = metadata["parameters"]
     saved_types = {o["name"]: o["type"] for o in metadata["optimizers"]}
-    writes = []  # (slots dict, slot name, saved array), applied only after every check
+    writes: list[
+        tuple[dict[str, Array], str, Array]
+    ] = []  # (slots dict, slot name, saved array), applied only after every check
     seen = set()
 
     for name, _, leaf in current:
@@ -288,7 +272,7 @@ def from_flat(optimizer, tensors, metadata, strict=True):
     if whole_model:
         _load_whole_model_state(optimizer, tensors, metadata)
     for slots, slot, key in writes:
-        _assign(slots, slot, tensors[key])  # one tensor read at a time
+        assign(slots, slot, tensors[key])  # one tensor read at a time
     for leaf, scalar, array in scalar_writes:
         _assign_scalar(leaf, scalar, array)
     for _, _, leaf in current:
@@ -301,7 +285,7 @@ def _spec(tensors, key):
     if hasattr(tensors, "spec"):
         return tensors.spec(key)
     array = tensors[key]
-    backend = backend_of(array)
+    backend = array_backend(array)
     return list(backend.shape(array)), backend.dtype_name(array)
 
 
@@ -350,22 +334,13 @@ def _load_whole_model_state(optimizer, tensors, metadata):
     for key in [k for k in tensors.keys() if k.startswith("#") and not k.startswith("#carried/")]:
         array = tensors[key]
         if key.startswith("#accumulated/"):
-            accumulated[key[len("#accumulated/") :]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
+            accumulated[key[len("#accumulated/") :]] = backend.from_numpy(
+                np.asarray(array_backend(array).to_numpy(array))
+            )
         else:
-            state[key[1:]] = backend.from_numpy(np.asarray(backend_of(array).to_numpy(array)))
+            state[key[1:]] = backend.from_numpy(np.asarray(array_backend(array).to_numpy(array)))
     if accumulated or "micro_step" in state:
         state["accumulated"] = accumulated
-
-
-def _assign(slots, slot, array):
-    """Put ``array`` into ``slots[slot]``, on the library, device and dtype of what is there."""
-    current = slots[slot]
-    target, source = backend_of(current), backend_of(array)
-    value = array if source is target else target.from_numpy(source.to_numpy(array), like=current)
-    if target.mutable and target.writable(current):
-        target.write(current, value)
-    else:
-        slots[slot] = value
 
 
 def _assign_scalar(leaf, scalar, array):

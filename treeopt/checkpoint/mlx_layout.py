@@ -4,21 +4,31 @@
 They are mapped to parameter paths and optimizers through the routing of the optimizer
 being loaded."""
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
 from treeopt._trees import dotted
 from treeopt.checkpoint.format import FORMAT, FORMAT_VERSION, leaf_optimizers
 from treeopt.tree import tree_flatten
+from treeopt.types import Array
+
+if TYPE_CHECKING:
+    from treeopt.checkpoint.base import Stored
+    from treeopt.optimizer import Optimizer
 
 
-def is_mlx_layout(keys):
+def is_mlx_layout(keys: Iterable[str]) -> bool:
     return "step" in keys or any(k.startswith("states.") for k in keys)
 
 
-def to_mlx(optimizer):
+def to_mlx(optimizer: Optimizer) -> dict[str, Array]:
     """The arrays of ``tree_flatten(optimizer.state)``, as MLX would save them."""
     return dict(tree_flatten(optimizer.state))
 
 
-def from_mlx(optimizer, arrays):
+def from_mlx(optimizer: Optimizer, arrays: Stored) -> tuple[dict[str, Array], dict[str, Any]]:
     """``(tensors, metadata)`` in treeopt's form for MLX-layout ``arrays``, with the
     optimizers of ``optimizer`` (matched by position, as MLX's layout has nothing else)."""
     leaves = leaf_optimizers(optimizer)
@@ -26,7 +36,7 @@ def from_mlx(optimizer, arrays):
     tensors, parameters, optimizers = {}, {}, []
     for prefix, name, leaf, position in prefixes:
         scalars = set(leaf.scalar_names()) | {"step", "learning_rate"}
-        slots_of = {}
+        slots_of: dict[str, dict[str, Array]] = {}
         for key, value in arrays.items():
             if not key.startswith(prefix):
                 continue

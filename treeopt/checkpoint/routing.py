@@ -12,9 +12,22 @@ A load restores the routing before it creates any state, so each parameter's slo
 created by, and loaded into, the optimizer that owned them when the file was saved.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
 from treeopt import engine
 from treeopt._trees import dotted
-from treeopt.checkpoint.format import CheckpointError, Problem
+from treeopt.backends import array_backend, numpy_backend
+from treeopt.checkpoint.base import CheckpointError, Problem, assign
+from treeopt.multi import Route
+from treeopt.types import Array, Keys, Tree
+
+if TYPE_CHECKING:
+    from treeopt.checkpoint.base import Stored
+    from treeopt.optimizer import Optimizer
 
 CARRIED = "#carried/"
 
@@ -22,27 +35,17 @@ CARRIED = "#carried/"
 class _Shape:
     """Stands in for a parameter in ``slot_shapes``."""
 
-    def __init__(self, shape):
+    def __init__(self, shape: Sequence[int]) -> None:
         self.shape = tuple(shape)
         self.ndim = len(self.shape)
 
 
-def multis(optimizer, position=()):
-    """``(position, MultiOptimizer)`` of every MultiOptimizer in ``optimizer``, outermost first."""
-    from treeopt.multi import MultiOptimizer
-
-    if isinstance(optimizer, MultiOptimizer):
-        yield position, optimizer
-        for i, child in enumerate(optimizer.optimizers):
-            yield from multis(child, position + (i,))
-
-
-def to_metadata(optimizer):
+def to_metadata(optimizer: Optimizer) -> list[dict[str, Any]]:
     """The ``routing`` entry of the metadata."""
     nodes = []
-    for position, multi in multis(optimizer):
+    for position, multi in optimizer.routers():
         paths = []
-        for keys, route in multi._routes.items():
+        for keys, route in multi.routes().items():
             flags = [
                 name
                 for name, found in (
@@ -69,7 +72,7 @@ def to_metadata(optimizer):
     return nodes
 
 
-def carried_tensors(optimizer, leaves):
+def carried_tensors(optimizer: Optimizer, leaves: Iterable[tuple[str, tuple[int, ...], Optimizer]]) -> dict[str, Array]:
     """``{"#carried/{path}/{slot}": array}`` of slots handed over by a re-route and not
     taken up yet (the parameter has not stepped on its new optimizer)."""
     found = {}
@@ -80,18 +83,14 @@ def carried_tensors(optimizer, leaves):
     return found
 
 
-def restore(optimizer, metadata):
+def restore(optimizer: Optimizer, metadata: dict[str, Any]) -> None:
     """Apply the saved routing changes to ``optimizer`` (checked first; raises
     :class:`CheckpointError` naming the path when they cannot apply)."""
-    from dataclasses import replace
-
-    from treeopt.multi import Route
-
     nodes = metadata.get("routing", [])
     if not nodes:
         return
-    found = dict(multis(optimizer))
-    plans = []
+    found = dict(optimizer.routers())
+    plans: list[tuple[Any, ...]] = []
     for i, node in enumerate(nodes):
         multi = found.get(tuple(node["position"]))
         if multi is None:
@@ -105,9 +104,10 @@ def restore(optimizer, metadata):
                 f"and this one has {multi.names}"
             )
         index = {name: k for k, name in enumerate(multi.names)}
+        current = multi.routes()
         for entry in node["paths"]:
             keys, shape, dtype = tuple(entry["keys"]), tuple(entry["shape"]), entry["dtype"]
-            known = multi._routes.get(keys)
+            known = current.get(keys)
             if known is not None and (tuple(known.shape), known.dtype) != (shape, dtype):
                 raise CheckpointError(
                     f"checkpoint routing: {dotted(keys)!r} is {dtype}{list(shape)} in the checkpoint but "
@@ -120,44 +120,42 @@ def restore(optimizer, metadata):
                 )
             plans.append((multi, keys, (shape, dtype), index.get(entry["route"]), entry["flags"]))
         plans.append((multi, None, node["changes"], None, None))
+    routes = {id(multi): multi.routes() for multi in found.values()}
     for multi, keys, info, target, flags in plans:
-        multi.book.version += 1
         if keys is None:
             multi.changes = list(info)
             continue
-        known = multi._routes.get(keys) or Route(*info)
+        known = routes[id(multi)].get(keys) or Route(*info)
         if target is not None and known.group != target:
-            owner = multi.owner_of(keys)
-            if owner is not None:
-                engine.drop(owner, keys)
             known = replace(known, group=target, also=(), notes=())
         if "rerouted" in flags:
             known = replace(known, reason="rerouted")
-        multi._routes[keys] = replace(known, frozen="frozen" in flags, unfrozen="unfrozen" in flags)
+        known = routes[id(multi)][keys] = replace(known, frozen="frozen" in flags, unfrozen="unfrozen" in flags)
+        multi.restore_route(keys, known)
 
 
-def mirror_frozen(optimizer, metadata, params):
+def mirror_frozen(optimizer: Optimizer, metadata: dict[str, Any], params: Tree) -> None:
     """Create the state of parameters frozen after they had state (``freeze`` keeps it for
     ``unfreeze``), so the saved state has somewhere to go: ``init`` skips frozen parameters."""
     saved = metadata.get("parameters", {})
-    for _, multi in multis(optimizer):
-        for keys, route in multi._routes.items():
+    for _, multi in optimizer.routers():
+        for keys, route in multi.routes().items():
             owner = multi.owner_of(keys) if route.frozen else None
             if owner is not None and saved.get(dotted(keys), {}).get("slots") and not engine.slots_at(owner, keys):
                 engine.mirror(owner, params, {keys})
 
 
-def check_carried(optimizer, metadata, tensors):
+def check_carried(
+    optimizer: Optimizer, metadata: dict[str, Any], tensors: Stored
+) -> tuple[list[tuple[Optimizer, Keys, str, Array]], list[Problem]]:
     """``(writes, problems)`` for the saved carried slots: each goes to the optimizer that
     now owns its parameter, and must be a slot of that optimizer, of the right shape and dtype."""
-    from treeopt.backends import backend_of
-
     entries = {
         dotted(tuple(e["keys"])): (tuple(node["position"]), e)
         for node in metadata.get("routing", [])
         for e in node["paths"]
     }
-    found = dict(multis(optimizer))
+    found = dict(optimizer.routers())
     writes, problems = [], []
     for key in [k for k in tensors.keys() if k.startswith(CARRIED)]:
         path, _, slot = key[len(CARRIED) :].rpartition("/")
@@ -169,7 +167,7 @@ def check_carried(optimizer, metadata, tensors):
             continue
         expected = owner.slot_shapes(_Shape(entry["shape"]))
         array = tensors[key]
-        source = backend_of(array)
+        source = array_backend(array)
         shape, dtype = list(source.shape(array)), source.dtype_name(array)
         if slot not in expected or list(expected[slot]) != shape or dtype != entry["dtype"]:
             want = f"{entry['dtype']}{list(expected[slot])}" if slot in expected else f"one of {sorted(expected)}"
@@ -183,17 +181,14 @@ def check_carried(optimizer, metadata, tensors):
     return writes, problems
 
 
-def apply_carried(writes):
+def apply_carried(writes: Iterable[tuple[Optimizer, Keys, str, Array]]) -> None:
     """Put the checked carried slots in place: into the slots when the parameter has state
     already, else kept for its first step on its new optimizer."""
-    from treeopt.backends import backend_of, numpy_backend
-    from treeopt.checkpoint.format import _assign
-
     for owner, keys, slot, array in writes:
         slots = engine.slots_at(owner, keys)
         if slots and slot in slots:
-            _assign(slots, slot, array)
+            assign(slots, slot, array)
             continue
-        source, target = backend_of(array), owner.book.backend or numpy_backend
+        source, target = array_backend(array), owner.book.backend or numpy_backend
         value = array if source is target else target.from_numpy(source.to_numpy(array))
         owner.book.carried = {**owner.book.carried, keys: {**owner.book.carried.get(keys, {}), slot: value}}

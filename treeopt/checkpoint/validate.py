@@ -8,10 +8,19 @@ array, and every key, known or not. Each failure is a :class:`CheckpointError` t
 the key and what was expected.
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard
+
+import numpy as np
 
 from treeopt._trees import dotted
-from treeopt.checkpoint.format import FORMAT, FORMAT_VERSION, CheckpointError
+from treeopt.backends import backend_of
+from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, numpy_scalar
+
+if TYPE_CHECKING:
+    from treeopt.checkpoint.base import Stored
 
 #: dtypes a state array may have
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -35,11 +44,11 @@ _TOP_LEVEL = (
 )
 
 
-def _fail(where, message):
+def _fail(where: str, message: str) -> NoReturn:
     raise CheckpointError(f"checkpoint metadata {where}: {message}")
 
 
-def _is_int(value):
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -89,7 +98,7 @@ def _hyper_value(value, where):
     _fail(where, f"must be a number, string, boolean, null, list or {{'schedule': name}}, got {_short(value)}")
 
 
-def metadata(meta):
+def metadata(meta: Any) -> dict[str, Any]:
     """Check the types of every field of treeopt ``meta``data; returns it."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
@@ -163,7 +172,7 @@ def metadata(meta):
     return meta
 
 
-def routing(nodes):
+def routing(nodes: Any) -> None:
     """Check the routing changes of every MultiOptimizer (see :mod:`.routing`)."""
     _expect(nodes, list, "'routing'", "a list")
     positions = set()
@@ -210,8 +219,6 @@ def routing(nodes):
 def _spec(tensors, key):
     if hasattr(tensors, "spec"):
         return tensors.spec(key)
-    from treeopt.backends import backend_of
-
     array = tensors[key]
     backend = backend_of(array)
     if backend is None or backend.name == "python":
@@ -220,12 +227,10 @@ def _spec(tensors, key):
 
 
 def _value(tensors, key):
-    from treeopt.checkpoint.format import numpy_scalar
-
     return numpy_scalar(tensors[key])
 
 
-def scalar(tensors, key, integer, finite=True):
+def scalar(tensors: Stored, key: str, integer: bool, finite: bool = True) -> np.ndarray:
     """Check the stored state scalar ``key`` (0-d; an integer >= 0 for a step, a finite
     float otherwise); returns its value as a NumPy 0-d array."""
     shape, dtype = _spec(tensors, key)
@@ -248,7 +253,7 @@ def scalar(tensors, key, integer, finite=True):
     return value
 
 
-def tensors(stored, meta):
+def tensors(stored: Stored, meta: dict[str, Any]) -> dict[str, str]:
     """Check every stored key against ``meta`` (already checked by :func:`metadata`):
     slots match their metadata's shape and dtype, scalars are 0-d of the right kind, and
     no key is unknown. Returns ``{key: kind}``."""

@@ -2,8 +2,20 @@
 treeopt checkpoint, keyed by parameter name) and the curve so far. ``optimizer`` is the
 run's :class:`treeopt.torch.Optimizer`; the file holds its treeopt optimizer's state."""
 
+from __future__ import annotations
+
 import json
 import pathlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import os
+
+    import torch
+
+    from treeopt.demo.training_gpt import Curve
+    from treeopt.torch.optimizer import Optimizer as TorchOptimizer
 
 
 def _files(folder, setup):
@@ -11,7 +23,15 @@ def _files(folder, setup):
     return stem.with_suffix(".model.pt"), stem.with_suffix(".optimizer.safetensors"), stem.with_suffix(".curve.json")
 
 
-def save(folder, setup, model, optimizer, step, curve, seconds):
+def save(
+    folder: str | os.PathLike[str],
+    setup: str,
+    model: torch.nn.Module,
+    optimizer: TorchOptimizer,
+    step: int,
+    curve: Curve,
+    seconds: Sequence[float],
+) -> None:
     """Write the run's three files; the curve file last, so it marks a complete checkpoint."""
     import torch
 
@@ -25,7 +45,9 @@ def save(folder, setup, model, optimizer, step, curve, seconds):
     curve_file.write_text(json.dumps(progress).replace("NaN", "null"))
 
 
-def resume(folder, setup, model, optimizer):
+def resume(
+    folder: str | os.PathLike[str] | None, setup: str, model: torch.nn.Module, optimizer: TorchOptimizer
+) -> tuple[int, Curve | None, tuple[float, ...]]:
     """Load the run's checkpoint from ``folder`` into ``model`` and ``optimizer`` if there is
     one. Returns ``(step, curve, (wall, CPU) seconds)``: ``(0, None, (0.0, 0.0))`` without one."""
     import torch

@@ -6,12 +6,22 @@ batches, with tuned AdamW, with Muon on every matrix, and with ``treeopt.muon_ad
     python -m treeopt.demo digits [...]     # the NumPy MLP, no framework needed
 """
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import pathlib
 import sys
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+    from treeopt.demo.training_gpt import Curve
 
 DEFAULT_STEPS = 600
 QUICK_STEPS = 100
@@ -22,7 +32,7 @@ BATCH_SIZE, CONTEXT = 32, 64
 NAMES = {"AdamW": "AdamW (tuned)", "Muon everywhere": "Muon everywhere (naive)", "muon_adamw": "muon_adamw (routed)"}
 
 
-def parse_args(argv=None):
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m treeopt.demo",
         description="Train a small byte-level GPT on Python's standard library three times, same seed and "
@@ -89,7 +99,7 @@ def parse_args(argv=None):
     return args
 
 
-def positive_int(text):
+def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
@@ -97,7 +107,7 @@ def positive_int(text):
     return value
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Run the demo. ``python -m treeopt.demo digits ...`` runs :func:`treeopt.demo.digits.main`.
     Returns the ``results.json`` record (``None`` for runs stopped by ``--stop-after``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -121,7 +131,7 @@ def main(argv=None):
     return run(args, console)
 
 
-def run(args, console):
+def run(args: argparse.Namespace, console: Console) -> dict[str, Any] | None:
     import torch
 
     from treeopt.demo import report, setups, training_gpt
@@ -180,7 +190,7 @@ def run(args, console):
         )
         return None
 
-    named = {NAMES[s]: r for s, r in runs.items()}
+    named = {NAMES[s]: r for s, r in runs.items() if r is not None}  # all of them (checked above)
     target, summary = report.summarise(named, args.steps)
     console.print()
     report.table(target, summary, console)
@@ -221,7 +231,7 @@ def run(args, console):
 SAME_GAP, SMALL_GAP = 0.01, 0.05
 
 
-def naive_versus_routed(naive, routed):
+def naive_versus_routed(naive: Curve, routed: Curve) -> str:
     """What the naive run cost, in words: its final gap to the routed run, its widest gap on
     the way (both curves are measured at the same steps), and, when the final gap is small,
     why that may be."""
@@ -270,17 +280,19 @@ def _progress(console):
 class _Bar:
     """Where a run reports its steps: a task of a rich progress display."""
 
-    def __init__(self, progress, task):
+    def __init__(self, progress: Progress, task: TaskID) -> None:
         self.progress, self.task = progress, task
 
-    def __call__(self, step, loss, tokens_per_second):
+    def __call__(self, step: int, loss: float, tokens_per_second: float) -> None:
         if loss == loss:  # not the NaN of the first report, before any step
             self.progress.update(self.task, completed=step, loss=f"{loss:.3f}", speed=f"{tokens_per_second:,.0f}")
         else:
             self.progress.update(self.task, completed=step)
 
 
-def train_one(options, setup, report_step):
+def train_one(
+    options: Mapping[str, Any], setup: str, report_step: Callable[[int, float, float], None]
+) -> dict[str, Any] | None:
     """One run from start to end (or to ``--stop-after``), resumed from and saved to
     ``--checkpoint``; ``report_step(step, loss, tokens/s)`` is called as it goes. Returns
     ``{"curve", "seconds": (wall, cpu)}``, or ``None`` when stopped early."""

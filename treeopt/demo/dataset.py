@@ -4,15 +4,21 @@ The data set lives in ``data/digits.npz`` next to this module (see ``data/README
 its source and licence); nothing is downloaded.
 """
 
+from __future__ import annotations
+
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
 
 NUM_CLASSES = 10
 NUM_PIXELS = 64
 
 
-def load_digits():
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 1797 digit images and their labels.
 
     Returns:
@@ -24,7 +30,9 @@ def load_digits():
             return archive["images"], archive["labels"]
 
 
-def train_test_split(seed=0, test_fraction=0.2, dtype=np.float32):
+def train_test_split(
+    seed: int = 0, test_fraction: float = 0.2, dtype: DTypeLike = np.float32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A seeded, shuffled split of the digits into inputs ready for the model.
 
     Pixels become ``dtype`` features of shape ``(n, 64)``, centred by the training set's

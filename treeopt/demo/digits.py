@@ -4,9 +4,13 @@ AdamW alone, and compare.
     python -m treeopt.demo digits [--steps N] [--seed S] [--quick]
 """
 
+from __future__ import annotations
+
 import argparse
 import contextlib
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,6 +18,13 @@ from treeopt.demo import model, training
 from treeopt.demo.cli import positive_int as _positive
 from treeopt.demo.dataset import train_test_split
 from treeopt.tree import tree_flatten
+from treeopt.types import Tree
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    import treeopt as optim
+    from treeopt.demo.training import Run
 
 DEFAULT_STEPS = 300
 QUICK_STEPS = 20
@@ -22,7 +33,7 @@ BATCH_SIZE = 128
 GRADIENT_TOLERANCE = 1e-6
 
 
-def parse_args(argv=None):
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The demo's options."""
     parser = argparse.ArgumentParser(
         prog="python -m treeopt.demo digits",
@@ -70,7 +81,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> dict[str, Run]:
     """Run the demo; returns ``{"Muon + AdamW": Run, "AdamW": Run}`` (see
     :class:`treeopt.demo.training.Run`)."""
     args = parse_args(argv)
@@ -81,7 +92,7 @@ def main(argv=None):
     return runs
 
 
-def one_blas_thread():
+def one_blas_thread() -> AbstractContextManager[object]:
     """The demo's matrices are 128 x 128: a second BLAS thread costs more in hand-offs than it
     saves, and on a busy machine its spinning makes each product several times slower. Use
     one thread (with threadpoolctl, from the ``demo`` extra), unless the environment says
@@ -153,7 +164,7 @@ def _files(folder, name):
     return f"{stem}.params.safetensors", f"{stem}.optimizer.safetensors"
 
 
-def save(folder, name, params, optimizer):
+def save(folder: str, name: str, params: Tree, optimizer: optim.Optimizer) -> None:
     """Write the run's parameters and optimizer state (atomically, checksummed)."""
     import os
 
@@ -167,7 +178,7 @@ def save(folder, name, params, optimizer):
     print(f"  saved {params_file} and {optimizer_file}")
 
 
-def resume(folder, name, params, optimizer):
+def resume(folder: str | None, name: str, params: Tree, optimizer: optim.Optimizer) -> int:
     """Load the run's checkpoint into ``params`` (in place) and ``optimizer`` if ``folder``
     has one; returns the step to resume from (0 without a checkpoint)."""
     import os
@@ -187,7 +198,7 @@ def resume(folder, name, params, optimizer):
     return int(optimizer.step)
 
 
-def print_comparison(runs):
+def print_comparison(runs: Sequence[Run]) -> None:
     """The final table, and which run did better on what."""
     steps = runs[0].steps
     plural = "" if steps == 1 else "s"

@@ -12,11 +12,19 @@ Each layer computes ``x @ weight.T + bias`` (weights are ``(out, in)``, as in
 mean softmax cross-entropy.
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from treeopt.tree import tree_flatten
+from treeopt.types import Tree
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
 
 #: inputs, hidden widths, classes: 64 pixels -> three hidden layers of 128 -> 10 digits
 DEFAULT_SIZES = (64, 128, 128, 128, 10)
@@ -25,7 +33,7 @@ _GELU_K = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
 
 
-def init_mlp(sizes=DEFAULT_SIZES, seed=0, dtype=np.float32):
+def init_mlp(sizes: Sequence[int] = DEFAULT_SIZES, seed: int = 0, dtype: DTypeLike = np.float32) -> dict[str, Any]:
     """New parameters for an MLP with layer widths ``sizes`` (at least 3: inputs, one
     hidden width, classes).
 
@@ -47,28 +55,29 @@ def init_mlp(sizes=DEFAULT_SIZES, seed=0, dtype=np.float32):
     return {"embed": linear(*pairs[0]), "layers": [linear(*pair) for pair in pairs[1:-1]], "head": linear(*pairs[-1])}
 
 
-def linear_layers(params):
+def linear_layers(params: Tree) -> list[dict[str, np.ndarray]]:
     """The model's linear layers in the order the input meets them."""
     return [params["embed"], *params["layers"], params["head"]]
 
 
-def gelu(z):
+def gelu(z: np.ndarray) -> np.ndarray:
     """GELU, tanh approximation (``mlx.nn.gelu_approx``); smooth, which keeps the
     finite-difference check exact up to rounding (ReLU's kink would not)."""
     return 0.5 * z * (1.0 + np.tanh(_GELU_K * (z + _GELU_C * z**3)))
 
 
-def gelu_grad(z):
+def gelu_grad(z: np.ndarray) -> np.ndarray:
     """The derivative of :func:`gelu`."""
     t = np.tanh(_GELU_K * (z + _GELU_C * z**3))
     return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _GELU_K * (1.0 + 3.0 * _GELU_C * z * z)
 
 
-def forward(params, x):
+def forward(params: Tree, x: np.ndarray) -> tuple[np.ndarray, tuple[list[np.ndarray], list[np.ndarray]]]:
     """The logits for inputs ``x`` of shape ``(batch, inputs)``, and what the backward pass
     needs: each layer's input and each hidden layer's pre-activation."""
     layers = linear_layers(params)
-    inputs, preacts = [], []
+    inputs: list[np.ndarray] = []
+    preacts: list[np.ndarray] = []
     h = x
     for i, layer in enumerate(layers):
         inputs.append(h)
@@ -77,9 +86,10 @@ def forward(params, x):
             return z, (inputs, preacts)
         preacts.append(z)
         h = gelu(z)
+    raise AssertionError("unreachable: the head returns")  # linear_layers gives at least two
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
     """The mean softmax cross-entropy, and the softmax probabilities."""
     shifted = logits - logits.max(axis=1, keepdims=True)  # no overflow in exp
     exp = np.exp(shifted)
@@ -88,12 +98,12 @@ def cross_entropy(logits, labels):
     return float(-log_likelihood.mean()), exp / total
 
 
-def loss(params, x, labels):
+def loss(params: Tree, x: np.ndarray, labels: np.ndarray) -> float:
     """The mean cross-entropy of the model on ``(x, labels)``."""
     return cross_entropy(forward(params, x)[0], labels)[0]
 
 
-def loss_and_grads(params, x, labels):
+def loss_and_grads(params: Tree, x: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, Any]]:
     """The mean cross-entropy and its gradient with respect to every parameter.
 
     Returns:
@@ -108,7 +118,7 @@ def loss_and_grads(params, x, labels):
     delta /= len(labels)
 
     layers = linear_layers(params)
-    grads = [None] * len(layers)
+    grads: list[Any] = [None] * len(layers)
     for i in reversed(range(len(layers))):
         grads[i] = {"weight": delta.T @ inputs[i], "bias": delta.sum(axis=0)}
         if i > 0:  # back through this layer's weight and the previous layer's GELU
@@ -116,12 +126,14 @@ def loss_and_grads(params, x, labels):
     return value, {"embed": grads[0], "layers": grads[1:-1], "head": grads[-1]}
 
 
-def accuracy(params, x, labels):
+def accuracy(params: Tree, x: np.ndarray, labels: np.ndarray) -> float:
     """The fraction of ``x`` whose most likely class is its label."""
     return float((forward(params, x)[0].argmax(axis=1) == labels).mean())
 
 
-def check_gradients(sizes=(6, 5, 5, 5, 4), batch=7, seed=0, eps=1e-6):
+def check_gradients(
+    sizes: Sequence[int] = (6, 5, 5, 5, 4), batch: int = 7, seed: int = 0, eps: float = 1e-6
+) -> dict[str, float]:
     """Compare :func:`loss_and_grads` with central finite differences on a tiny float64
     model, entry by entry.
 

@@ -1,15 +1,22 @@
 """What the demo shows at the end: a table per run, ``loss.png`` and ``results.json``."""
 
+from __future__ import annotations
+
 import json
 import os
 import platform
 import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 #: the runs' colours in the plot (AdamW, Muon everywhere, muon_adamw)
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c")
 
 
-def summarise(runs, steps):
+def summarise(runs: Mapping[str, Mapping[str, Any]], steps: int) -> tuple[float, dict[str, dict[str, Any]]]:
     """Per run: final validation loss, and steps, wall time and CPU time to reach the target
     (the first run's, tuned AdamW's, final validation loss), also as ratios of the first
     run's totals. ``runs``: ``{name: {"curve": Curve, "seconds": (wall, cpu)}}``."""
@@ -19,16 +26,16 @@ def summarise(runs, steps):
     summary = {}
     for name, run in runs.items():
         curve, (wall, cpu) = run["curve"], run["seconds"]
-        step, wall_to, cpu_to = curve.reach(target) or (None, None, None)
-        reached = step is not None
+        reach = curve.reach(target)
+        step, wall_to, cpu_to = reach or (None, None, None)
         summary[name] = {
             "final_val_loss": curve.val_loss[-1],
             "steps_to_target": step,
             "seconds_to_target": wall_to,
             "cpu_seconds_to_target": cpu_to,
-            "steps_ratio": step / steps if reached else None,
-            "seconds_ratio": wall_to / base_wall if reached else None,
-            "cpu_seconds_ratio": cpu_to / base_cpu if reached else None,
+            "steps_ratio": reach[0] / steps if reach else None,
+            "seconds_ratio": reach[1] / base_wall if reach else None,
+            "cpu_seconds_ratio": reach[2] / base_cpu if reach else None,
             "train_seconds": wall,
             "train_cpu_seconds": cpu,
             "ms_per_step": 1000 * wall / steps,
@@ -36,7 +43,7 @@ def summarise(runs, steps):
     return target, summary
 
 
-def table(target, summary, console):
+def table(target: float, summary: Mapping[str, Mapping[str, Any]], console: Console) -> None:
     from rich.table import Table
 
     grid = Table(title=f"Target: tuned AdamW's final validation loss, {target:.4f} nats/byte", title_justify="left")
@@ -72,7 +79,7 @@ def table(target, summary, console):
     )
 
 
-def plot(runs, target, path):
+def plot(runs: Mapping[str, Mapping[str, Any]], target: float, path: str | os.PathLike[str]) -> None:
     """Validation loss against steps and against training seconds, the target dashed."""
     import matplotlib
 
@@ -103,7 +110,7 @@ def plot(runs, target, path):
     plt.close(figure)
 
 
-def versions():
+def versions() -> dict[str, str]:
     import numpy
     import torch
 
@@ -132,7 +139,16 @@ def _processor():
     return platform.processor() or platform.machine()
 
 
-def write_json(path, *, settings, hyper, target, summary, runs, plan):
+def write_json(
+    path: str | os.PathLike[str],
+    *,
+    settings: Mapping[str, Any],
+    hyper: Mapping[str, Any],
+    target: float,
+    summary: Mapping[str, Mapping[str, Any]],
+    runs: Mapping[str, Mapping[str, Any]],
+    plan: Mapping[str, Any],
+) -> dict[str, Any]:
     record = {
         "settings": settings,
         "hyperparameters": hyper,

@@ -12,10 +12,19 @@ All three share one warm-up + cosine multiplier (``lr_schedule``), which keeps t
 the groups' learning rates, and clip the global gradient norm over all groups.
 """
 
+from __future__ import annotations
+
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import treeopt as optim
 from treeopt.filters import ndim
+from treeopt.types import Schedule
+
+if TYPE_CHECKING:
+    import torch
+
+    from treeopt.torch.optimizer import Optimizer as TorchOptimizer
 
 
 @dataclass(frozen=True)
@@ -33,7 +42,7 @@ class Hyper:
     warmup: float = 0.2  # fraction of the steps
     max_grad_norm: float = 1.0
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
@@ -45,7 +54,7 @@ DESCRIPTIONS = {
 }
 
 
-def lr_multiplier(steps, warmup):
+def lr_multiplier(steps: int, warmup: float) -> Schedule:
     """Linear warm-up from 0 to 1 over ``warmup * steps`` steps, then half a cosine to 0."""
     warm = max(1, round(warmup * steps))
     return optim.join_schedules(
@@ -53,7 +62,7 @@ def lr_multiplier(steps, warmup):
     )
 
 
-def make(setup, model, steps, hyper=Hyper()):
+def make(setup: str, model: torch.nn.Module, steps: int, hyper: Hyper = Hyper()) -> TorchOptimizer:
     """The optimizer of ``setup`` (one of :data:`SETUPS`) for ``model`` (a ``torch.nn.Module``):
     a ``torch.optim.Optimizer`` (:class:`treeopt.torch.Optimizer`) that routes the model's
     parameters now, by name and module type (``nn.Embedding``, the output ``nn.Linear``), so
@@ -63,10 +72,10 @@ def make(setup, model, steps, hyper=Hyper()):
     return treeopt.torch.Optimizer(model, routing(setup, steps, hyper))
 
 
-def routing(setup, steps, hyper=Hyper()):
+def routing(setup: str, steps: int, hyper: Hyper = Hyper()) -> optim.MultiOptimizer:
     """The treeopt optimizer of ``setup``, before it meets a model."""
     betas = (0.9, hyper.beta2)
-    common = {"lr_schedule": lr_multiplier(steps, hyper.warmup), "max_grad_norm": hyper.max_grad_norm}
+    common: dict[str, Any] = {"lr_schedule": lr_multiplier(steps, hyper.warmup), "max_grad_norm": hyper.max_grad_norm}
     if setup == "AdamW":
         optimizer = optim.MultiOptimizer(
             [

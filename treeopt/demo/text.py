@@ -6,10 +6,17 @@ The archive ``data/stdlib.txt.gz`` holds the top-level modules of CPython 3.11's
 loss measures code the model has not seen.
 """
 
+from __future__ import annotations
+
 import gzip
 import pathlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import os
 
 DATA = pathlib.Path(__file__).parent / "data"
 ARCHIVE = DATA / "stdlib.txt.gz"
@@ -19,7 +26,9 @@ SEPARATOR = b"\n# ===== module: "
 VALIDATION_EVERY = 12
 
 
-def build(stdlib, out=ARCHIVE, exclude=("_sysconfigdata",)):
+def build(
+    stdlib: str | os.PathLike[str], out: str | os.PathLike[str] = ARCHIVE, exclude: Sequence[str] = ("_sysconfigdata",)
+) -> int:
     """Write the archive from the ``*.py`` files directly inside ``stdlib`` (a ``Lib/``
     folder), sorted by name, skipping names that start with one of ``exclude`` (generated,
     machine-specific files). Returns the number of modules written."""
@@ -31,7 +40,7 @@ def build(stdlib, out=ARCHIVE, exclude=("_sysconfigdata",)):
     return len(files)
 
 
-def load_modules(archive=ARCHIVE):
+def load_modules(archive: str | os.PathLike[str] = ARCHIVE) -> dict[str, bytes]:
     """``{module file name: its source as bytes}``, in the archive's order."""
     chunks = gzip.decompress(pathlib.Path(archive).read_bytes()).split(SEPARATOR)[1:]
     modules = {}
@@ -41,7 +50,7 @@ def load_modules(archive=ARCHIVE):
     return modules
 
 
-def train_validation(archive=ARCHIVE):
+def train_validation(archive: str | os.PathLike[str] = ARCHIVE) -> tuple[np.ndarray, np.ndarray]:
     """The training and validation texts as uint8 arrays: every ``VALIDATION_EVERY``-th
     module goes to validation, the rest to training."""
     modules = list(load_modules(archive).values())
@@ -50,14 +59,14 @@ def train_validation(archive=ARCHIVE):
     return (np.frombuffer(b"".join(training), np.uint8), np.frombuffer(b"".join(validation), np.uint8))
 
 
-def batch_starts(size, context, batch_size, steps, seed):
+def batch_starts(size: int, context: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
     """The start of every training sequence, ``(steps, batch_size)``: drawn at random, from
     ``seed`` only, so runs with the same seed see the same batches whatever their optimizer."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, size - context - 1, size=(steps, batch_size))
 
 
-def validation_starts(size, context, count):
+def validation_starts(size: int, context: int, count: int) -> np.ndarray:
     """``count`` evenly spaced, non-overlapping sequence starts in a text of ``size`` bytes
     (the same for every run and seed)."""
     stride = (size - context - 1) // count

@@ -4,13 +4,17 @@ Both runs use the same warm-up + cosine schedule shape, gradient clipping, seed,
 weights and batches; only the optimizers differ.
 """
 
+from __future__ import annotations
+
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 import treeopt as optim
 from treeopt.demo import model
+from treeopt.types import Schedule, Tree
 
 #: peak learning rates, from a small sweep on this data set (Muon 0.01-0.1, AdamW 1e-3 to
 #: 1e-2, 3-5 seeds): Muon's orthogonalised steps have a fixed size (every singular value about
@@ -26,7 +30,7 @@ WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
 
 
-def warmup_cosine(peak, steps, warmup_fraction=0.1, end_fraction=0.1):
+def warmup_cosine(peak: float, steps: int, warmup_fraction: float = 0.1, end_fraction: float = 0.1) -> Schedule:
     """A linear warm-up from 0 to ``peak`` over the first ``warmup_fraction`` of ``steps``,
     then half a cosine down to ``end_fraction * peak`` at the end of training."""
     warmup = max(1, round(steps * warmup_fraction))
@@ -39,13 +43,13 @@ def warmup_cosine(peak, steps, warmup_fraction=0.1, end_fraction=0.1):
     )
 
 
-def is_hidden_matrix(path, param):
+def is_hidden_matrix(path: str, param: np.ndarray) -> bool:
     """Filter: the weight matrices of the hidden layers (``layers.<i>.weight``), Muon's
     share. The input layer and the head stay with AdamW, as Muon's authors advise."""
     return path.startswith("layers.") and param.ndim == 2
 
 
-def is_bias(path, param):
+def is_bias(path: str, param: np.ndarray) -> bool:
     """Filter: the biases (every vector), which get no weight decay."""
     return param.ndim == 1
 
@@ -59,7 +63,7 @@ class Group:
     weight_decay: float
 
 
-def muon_adamw(steps):
+def muon_adamw(steps: int) -> tuple[optim.MultiOptimizer, list[Group]]:
     """The Muon + AdamW set-up: a MultiOptimizer with three groups.
 
     Returns:
@@ -84,7 +88,7 @@ def muon_adamw(steps):
     return optimizer, groups
 
 
-def adamw_only(steps):
+def adamw_only(steps: int) -> tuple[optim.AdamW, list[Group]]:
     """The baseline: one AdamW for every parameter, with the AdamW group's schedule and
     weight decay.
 
@@ -95,13 +99,13 @@ def adamw_only(steps):
     return optim.AdamW(warmup_cosine(group.peak_lr, steps), weight_decay=group.weight_decay), [group]
 
 
-def learning_rates(optimizer):
+def learning_rates(optimizer: optim.Optimizer) -> list[float]:
     """The current learning rate of each optimizer inside ``optimizer``, as floats."""
     rates = optimizer.learning_rate
     return [float(r) for r in (rates if isinstance(rates, list) else [rates])]
 
 
-def batches(n, batch_size, rng):
+def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Endless index batches: a fresh shuffle every epoch, the incomplete last batch
     dropped so that every step sees ``batch_size`` examples."""
     while True:
@@ -121,10 +125,22 @@ class Run:
     test_accuracy: float = float("nan")
     test_size: int = 0  # images in the test set
     seconds: float = 0.0  # wall time of the training steps (evaluation excluded)
-    history: list = field(default_factory=list)  # (step, mean batch loss, test accuracy)
+    history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, mean batch loss, test accuracy)
 
 
-def train(name, params, optimizer, data, steps, batch_size=128, seed=0, log_every=100, log=print, start=0, stop=None):
+def train(
+    name: str,
+    params: Tree,
+    optimizer: optim.Optimizer,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    steps: int,
+    batch_size: int = 128,
+    seed: int = 0,
+    log_every: int = 100,
+    log: Callable[[str], object] = print,
+    start: int = 0,
+    stop: int | None = None,
+) -> Run:
     """Train ``params`` in place with ``optimizer`` for ``steps`` mini-batch steps.
 
     Args:
@@ -150,12 +166,12 @@ def train(name, params, optimizer, data, steps, batch_size=128, seed=0, log_ever
     recent = []
     elapsed = 0.0
     for step in range(start + 1, (stop or steps) + 1):
-        start = time.perf_counter()
+        began = time.perf_counter()
         index = next(sampler)
         loss, grads = model.loss_and_grads(params, x_train[index], y_train[index])
         grads, _ = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
         optimizer.update(params, grads)
-        elapsed += time.perf_counter() - start
+        elapsed += time.perf_counter() - began
         recent.append(loss)
         if log_every and (step % log_every == 0 or step == steps):
             accuracy = model.accuracy(params, x_test, y_test)

@@ -6,13 +6,20 @@ order; only the optimizer differs. Wall time counts the training steps only (not
 evaluations).
 """
 
+from __future__ import annotations
+
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from treeopt.demo import gpt, text
+
+if TYPE_CHECKING:
+    from treeopt.torch.optimizer import Optimizer as TorchOptimizer
 
 
 @dataclass
@@ -21,20 +28,20 @@ class Curve:
     to that step (wall seconds, and CPU seconds of this process, which a busy machine
     disturbs less) and the mean training loss since the previous point."""
 
-    steps: list = field(default_factory=list)
-    seconds: list = field(default_factory=list)
-    cpu_seconds: list = field(default_factory=list)
-    val_loss: list = field(default_factory=list)
-    train_loss: list = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
 
-    def add(self, step, seconds, cpu_seconds, val_loss, train_loss):
+    def add(self, step: int, seconds: float, cpu_seconds: float, val_loss: float, train_loss: float) -> None:
         self.steps.append(step)
         self.seconds.append(seconds)
         self.cpu_seconds.append(cpu_seconds)
         self.val_loss.append(val_loss)
         self.train_loss.append(train_loss)
 
-    def reach(self, target):
+    def reach(self, target: float) -> tuple[float, ...] | None:
         """``(step, seconds, cpu_seconds)`` at which the validation loss first reaches
         ``target``, interpolated linearly between evaluations; ``None`` if it never does."""
         for i, loss in enumerate(self.val_loss):
@@ -49,7 +56,7 @@ class Curve:
 class Data:
     """The training text and a fixed validation set, as torch tensors."""
 
-    def __init__(self, context, batch_size, validation_sequences=256):
+    def __init__(self, context: int, batch_size: int, validation_sequences: int = 256) -> None:
         train, validation = text.train_validation()
         self.context, self.batch_size = context, batch_size
         self.train = torch.from_numpy(train.astype(np.int64))
@@ -59,17 +66,17 @@ class Data:
         ]
         self.val_inputs, self.val_targets = windows[:, :-1], windows[:, 1:]
 
-    def batch(self, starts):
+    def batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         windows = self.train[torch.from_numpy(starts)[:, None] + torch.arange(self.context + 1)]
         return windows[:, :-1], windows[:, 1:]
 
-    def schedule(self, steps, seed):
+    def schedule(self, steps: int, seed: int) -> np.ndarray:
         """The batches of a run: ``(steps, batch_size)`` start offsets from ``seed``."""
         return text.batch_starts(len(self.train), self.context, self.batch_size, steps, seed)
 
 
 @torch.no_grad()
-def validation_loss(model, data, chunk=64):
+def validation_loss(model: gpt.GPT, data: Data, chunk: int = 64) -> float:
     losses = [
         model.loss(data.val_inputs[i : i + chunk], data.val_targets[i : i + chunk]).item()
         for i in range(0, len(data.val_inputs), chunk)
@@ -77,26 +84,26 @@ def validation_loss(model, data, chunk=64):
     return float(np.mean(losses))
 
 
-def evaluation_steps(steps, evaluations=24):
+def evaluation_steps(steps: int, evaluations: int = 24) -> list[int]:
     """About ``evaluations`` evenly spaced steps in ``[0, steps]``, both ends included."""
     every = max(1, round(steps / evaluations))
     return sorted(set(range(0, steps, every)) | {steps})
 
 
 def train(
-    model,
-    optimizer,
-    data,
-    steps,
-    seed,
+    model: gpt.GPT,
+    optimizer: TorchOptimizer,
+    data: Data,
+    steps: int,
+    seed: int,
     *,
-    start=0,
-    stop=None,
-    curve=None,
-    seconds=(0.0, 0.0),
-    on_step=None,
-    evaluations=24,
-):
+    start: int = 0,
+    stop: int | None = None,
+    curve: Curve | None = None,
+    seconds: Sequence[float] = (0.0, 0.0),
+    on_step: Callable[[int, float, float], None] | None = None,
+    evaluations: int = 24,
+) -> tuple[Curve, tuple[float, float]]:
     """Train ``model`` (a :class:`gpt.GPT`) in place with ``optimizer`` (a
     :class:`treeopt.torch.Optimizer` of it) for steps ``start + 1 .. stop`` of ``steps``.
 
@@ -115,11 +122,11 @@ def train(
     for step in range(start + 1, stop + 1):
         began, began_cpu = time.perf_counter(), time.process_time()
         inputs, targets = data.batch(schedule[step - 1])
-        loss = model.loss(inputs, targets)
-        loss.backward()
+        batch_loss = model.loss(inputs, targets)
+        batch_loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        loss = loss.item()
+        loss = batch_loss.item()
         wall += time.perf_counter() - began
         cpu += time.process_time() - began_cpu
         recent.append(loss)
@@ -131,5 +138,5 @@ def train(
     return curve, (wall, cpu)
 
 
-def build_model(seed, config=gpt.Config()):
+def build_model(seed: int, config: gpt.Config = gpt.Config()) -> gpt.GPT:
     return gpt.build(seed, config)

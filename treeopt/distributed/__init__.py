@@ -10,12 +10,31 @@ Users reach it through ``treeopt.torch.Optimizer(model, optimizer, sharding="zer
 see docs/distributed.md.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
+
+    from treeopt.distributed.fsdp import FullyShardedStep
+    from treeopt.distributed.replicated import Replicated
+    from treeopt.distributed.zero1 import Zero1
+    from treeopt.torch.optimizer import Optimizer as TorchOptimizer
+
+
 __all__ = ["attach", "SHARDINGS"]
 
 SHARDINGS = (None, "replicated", "zero1")
 
 
-def attach(adapter, sharding=None, process_group=None, model=None):
+def attach(
+    adapter: TorchOptimizer,
+    sharding: str | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    model: torch.nn.Module | None = None,
+) -> Replicated | Zero1 | FullyShardedStep | None:
     """The distributed step of a ``treeopt.torch.Optimizer``: ``None`` in one process, a
     :class:`~treeopt.distributed.replicated.Replicated` check under DDP, a
     :class:`~treeopt.distributed.zero1.Zero1` with ``sharding="zero1"``, a

@@ -7,6 +7,10 @@ all-reduce of ``n`` bytes ``2*(W-1)/W*n``; an all-to-all sends what goes to the 
 The benchmark reads the counts; tests read them to check bucketing.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -16,7 +20,7 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 class Collectives:
     """The process group's collectives, counted per rank."""
 
-    def __init__(self, group=None, device="cpu"):
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu") -> None:
         self.group, self.device = group, device  # NCCL needs the flags on the GPU
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -27,7 +31,7 @@ class Collectives:
         self.calls += 1
         self.sent_bytes += int(nbytes)
 
-    def all_gather(self, output, chunk):
+    def all_gather(self, output: torch.Tensor, chunk: torch.Tensor) -> None:
         """``output`` (``W * chunk.numel()`` elements) gets every rank's ``chunk`` in rank order."""
         self._count((self.world - 1) * chunk.numel() * chunk.element_size())
         if self.world == 1:
@@ -35,12 +39,18 @@ class Collectives:
         else:
             _all_gather_single(output, chunk, group=self.group)
 
-    def all_reduce(self, tensor, op=dist.ReduceOp.SUM):
+    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
         self._count(2 * (self.world - 1) * tensor.numel() * tensor.element_size() // self.world)
         if self.world > 1:
             dist.all_reduce(tensor, op=op, group=self.group)
 
-    def all_to_all(self, output, input, output_split_sizes=None, input_split_sizes=None):
+    def all_to_all(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: list[int] | None = None,
+        input_split_sizes: list[int] | None = None,
+    ) -> None:
         """``all_to_all_single``; counted exactly: what this rank sends to the others."""
         sizes = input_split_sizes or [input.numel() // self.world] * self.world
         self._count((sum(sizes) - sizes[self.rank]) * input.element_size())
@@ -49,9 +59,9 @@ class Collectives:
         else:
             dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=self.group)
 
-    def all_gather_object(self, value):
+    def all_gather_object(self, value: object) -> list[Any]:
         """Every rank's ``value`` (small Python objects: plans, fingerprints, metadata)."""
-        gathered = [None] * self.world
+        gathered: list[Any] = [None] * self.world
         self.calls += 1
         if self.world == 1:
             gathered[0] = value

@@ -10,14 +10,21 @@ pickled, on save or on load. Loading asks DCP for the regions this rank's curren
 holds, then checks everything by name as a single-file load does.
 """
 
+from __future__ import annotations
+
 import json
 import math
 import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from treeopt.checkpoint.format import LoadReport
+    from treeopt.torch.optimizer import Optimizer as TorchOptimizer
 
 METADATA = "treeopt.json"
 
 
-def save(adapter, folder):
+def save(adapter: TorchOptimizer, folder: str | os.PathLike[str]) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save as dcp_save
 
@@ -35,7 +42,7 @@ def save(adapter, folder):
         dist.barrier()
 
 
-def load(adapter, folder, strict=True):
+def load(adapter: TorchOptimizer, folder: str | os.PathLike[str], strict: bool = True) -> LoadReport:
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load as dcp_load
 
     from treeopt.checkpoint.format import CheckpointError
@@ -57,11 +64,11 @@ def load(adapter, folder, strict=True):
     return adapter.load_state_dict({"tensors": tensors, "metadata": metadata}, strict=strict)
 
 
-def is_folder_checkpoint(path):
+def is_folder_checkpoint(path: str | os.PathLike[str]) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, METADATA))
 
 
-def inspect(folder):
+def inspect(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
     """``(summary, problems)`` of a checkpoint folder: every slot of the metadata must be
     stored, and its row ranges over all the files must cover its rows exactly once."""
     from safetensors import safe_open
@@ -69,7 +76,7 @@ def inspect(folder):
     with open(os.path.join(folder, METADATA)) as file:
         metadata = json.load(file)
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    pieces = {}  # key -> [(offsets, shape)]
+    pieces: dict[str, list[tuple[list[int], list[int]]]] = {}  # key -> [(offsets, shape)]
     for name in files:
         with safe_open(os.path.join(folder, name), framework="numpy") as handle:
             info = json.loads((handle.metadata() or {}).get("DCP_SHARDING_INFO", "{}"))

@@ -17,6 +17,11 @@ Refused, with the parameter's path: placements other than ``Shard(0)`` on a 1-D 
 that need a whole matrix other than Muon (Adafactor), and gradient accumulation.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeGuard
+
 import torch
 
 from treeopt import engine
@@ -24,10 +29,16 @@ from treeopt.distributed import ownership as _ownership
 from treeopt.distributed.comm import Collectives
 from treeopt.errors import ParameterError
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+    from treeopt.checkpoint.format import LoadReport
+    from treeopt.optimizer import Optimizer
+
 __all__ = ["FullyShardedStep", "is_sharded"]
 
 
-def is_sharded(param):
+def is_sharded(param: object) -> TypeGuard[DTensor]:
     from torch.distributed.tensor import DTensor
 
     return isinstance(param, DTensor)
@@ -49,13 +60,15 @@ def _check_placement(name, param):
 class FullyShardedStep:
     """The step of ``optimizer`` over FSDP2 (``Shard(0)`` DTensor) parameters."""
 
-    def __init__(self, optimizer, parameters, model=None):
+    def __init__(
+        self, optimizer: Optimizer, parameters: Mapping[str, torch.Tensor], model: torch.nn.Module | None = None
+    ) -> None:
         self.optimizer = optimizer
         self.parameters = dict(parameters)
         self.model = model
         sharded = {n: p for n, p in self.parameters.items() if is_sharded(p)}
-        for name, param in sharded.items():
-            _check_placement(name, param)
+        for name, shard in sharded.items():
+            _check_placement(name, shard)
         meshes = {id(p.device_mesh) for p in sharded.values()}
         first = next(iter(sharded.values()))
         self.mesh = first.device_mesh
@@ -100,7 +113,12 @@ class FullyShardedStep:
                 shape = tuple(param.shape)
                 entries.append(
                     _ownership.Entry(
-                        name, shape, _ownership.ORTH, 0, 0, _ownership.newton_schulz_flops(shape, owner.ns_steps)
+                        name,
+                        shape,
+                        _ownership.ORTH,
+                        0,
+                        0,
+                        _ownership.newton_schulz_flops(shape, owner.ns_steps),  # type: ignore[attr-defined]  # a Muon
                     )
                 )
         self.matrices = [e.name for e in entries]  # Muon matrices, gathered to owners
@@ -109,12 +127,12 @@ class FullyShardedStep:
         with torch.no_grad():
             optimizer.init(self.local)
 
-    def init(self):
+    def init(self) -> None:
         with torch.no_grad():
             self.optimizer.init(self.local)
 
     # ------------------------------------------------------------------ the step
-    def step(self, gradients):
+    def step(self, gradients: Mapping[str, torch.Tensor | None]) -> None:
         if not self._checked:
             self._checked = True
             check_current(self.model, self.parameters)
@@ -130,17 +148,17 @@ class FullyShardedStep:
         shared = None
         if options is not None and (options.max_grad_norm is not None or options.skip_nonfinite):
             shared = self._norm(grads)
-            self.optimizer.shared_norm = lambda: shared
+            self.optimizer.shared_norm = lambda: shared  # type: ignore[attr-defined]  # read by whole_model
         matrices = {n: grads[n] for n in self.matrices if grads.get(n) is not None}
         elementwise = {n: g for n, g in grads.items() if n not in matrices}
         skipped = self.optimizer.state.get("skipped_steps", 0)
         try:
             self.optimizer.update({n: self.local[n] for n in elementwise}, elementwise)
         finally:
-            self.optimizer.shared_norm = None
+            self.optimizer.shared_norm = None  # type: ignore[attr-defined]
         if self.optimizer.state.get("skipped_steps", 0) != skipped:
             return
-        if shared is not None and options.max_grad_norm is not None:
+        if shared is not None and options is not None and options.max_grad_norm is not None:
             from treeopt.clip import clip_factor, scale
 
             factor = clip_factor(shared, options.max_grad_norm)
@@ -159,13 +177,14 @@ class FullyShardedStep:
     def _muon(self, grads):
         from treeopt.rules.muon import muon_apply, muon_direction, muon_orthogonalize, scaled_lr
 
-        by_optimizer = {}
+        by_optimizer: dict[int, list[str]] = {}
         for name in self.matrices:
             if name in grads:
                 by_optimizer.setdefault(id(self.routes[name]), []).append(name)
         for names in by_optimizer.values():
             optimizer = self.routes[names[0]]
-            by_dtype = {}
+            assert optimizer is not None  # a routed matrix
+            by_dtype: dict[torch.dtype, list[str]] = {}
             for name in names:
                 by_dtype.setdefault(self.local[name].dtype, []).append(name)
             for group in by_dtype.values():
@@ -174,6 +193,7 @@ class FullyShardedStep:
                 directions = {}
                 for name in group:
                     slots = engine.slots_at(optimizer, (name,))
+                    assert slots is not None  # created at construction
                     direction, v = muon_direction(grads[name], self.local[name], slots["v"], **coefficients)
                     slots["v"].copy_(v)
                     directions[name] = direction
@@ -207,7 +227,7 @@ class FullyShardedStep:
         self.comm.all_to_all(gathered, _cat(send, first), receive_sizes, send_sizes)
         # assemble my matrices: from each source rank, its rows of my matrices in plan order
         mine = [n for n in names if owner[n] == rank]
-        parts = {n: [] for n in mine}
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in mine}
         offset = 0
         for r in range(world):
             for n in mine:
@@ -231,7 +251,7 @@ class FullyShardedStep:
         return updates
 
     # ------------------------------------------------------------------ state
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         from treeopt import checkpoint
         from treeopt.distributed.state import encode, global_metadata, split_key
 
@@ -247,14 +267,14 @@ class FullyShardedStep:
         from torch.distributed.tensor import DTensor
 
         param = self.parameters[name]
+        assert isinstance(param, DTensor)  # a sharded parameter's slot
         return DTensor.from_local(
             local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
         )
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
         from treeopt import checkpoint
-        from treeopt.distributed.replicated import _local_tensors
-        from treeopt.distributed.state import agreed, decode, local_metadata
+        from treeopt.distributed.state import agreed, decode, local_metadata, local_tensors
 
         metadata = agreed(self.comm, "checkpoint metadata being loaded", decode(state_dict["metadata"]))
         rows = {
@@ -264,7 +284,7 @@ class FullyShardedStep:
         with torch.no_grad():
             self.init()
             return checkpoint.from_flat(
-                self.optimizer, _local_tensors(state_dict["tensors"]), local_metadata(metadata, rows), strict=strict
+                self.optimizer, local_tensors(state_dict["tensors"]), local_metadata(metadata, rows), strict=strict
             )
 
 
@@ -278,7 +298,7 @@ def _backend(tensor):
     return backend_of(tensor)
 
 
-def check_current(model, parameters):
+def check_current(model: torch.nn.Module | None, parameters: Mapping[str, torch.Tensor]) -> None:
     """Raise when the model no longer holds the parameters the optimizer was built with
     (built before ``fully_shard`` replaced them): its steps would change nothing."""
     if model is None:

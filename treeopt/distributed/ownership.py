@@ -14,8 +14,11 @@ Pure Python, computed identically on every rank from names, shapes and rules alo
    fewest state bytes so far (ties by name, then lowest rank).
 """
 
+from __future__ import annotations
+
 import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["Entry", "Ownership", "assign", "newton_schulz_flops", "row_range"]
@@ -24,7 +27,7 @@ __all__ = ["Entry", "Ownership", "assign", "newton_schulz_flops", "row_range"]
 ORTH, WHOLE, ELEMENTWISE = "orth", "whole", "elementwise"
 
 
-def newton_schulz_flops(shape, steps):
+def newton_schulz_flops(shape: Sequence[int], steps: int) -> int:
     """FLOPs of ``steps`` Newton-Schulz iterations on a matrix of ``shape`` (more dims flatten
     to ``(shape[0], -1)``): per iteration ``X X^T``, ``A A`` and ``B X``."""
     if len(shape) < 2:
@@ -34,7 +37,7 @@ def newton_schulz_flops(shape, steps):
     return 2 * steps * small * small * (2 * large + small)
 
 
-def row_range(rows, world, rank):
+def row_range(rows: int, world: int, rank: int) -> tuple[int, int]:
     """``(start, stop)`` of ``rank``'s rows when ``rows`` are split as ``torch.chunk`` and
     ``Shard(0)`` split them: ``ceil(rows / world)`` each, the last ranks short or empty."""
     chunk = -(-rows // world)
@@ -47,7 +50,7 @@ class Entry:
     """One trainable parameter as the plan sees it."""
 
     name: str
-    shape: tuple
+    shape: tuple[int, ...]
     kind: str  # ORTH, WHOLE or ELEMENTWISE
     state_bytes: int  # of its optimizer slots, whole
     param_bytes: int
@@ -59,16 +62,16 @@ class Ownership:
     """The result: each parameter's owner (a rank) or ``"rows"`` (split over every rank)."""
 
     world: int
-    owner: dict  # name -> rank, or "rows"
-    entries: dict  # name -> Entry
-    state_bytes: list = field(default_factory=list)  # per rank
-    param_bytes: list = field(default_factory=list)  # per rank: what it sends each step
-    flops: list = field(default_factory=list)  # Newton-Schulz FLOPs per rank per step
+    owner: dict[str, int | str]  # name -> rank, or "rows"
+    entries: dict[str, Entry]  # name -> Entry
+    state_bytes: list[int] = field(default_factory=list)  # per rank
+    param_bytes: list[int] = field(default_factory=list)  # per rank: what it sends each step
+    flops: list[int] = field(default_factory=list)  # Newton-Schulz FLOPs per rank per step
 
-    def split(self, name):
+    def split(self, name: str) -> bool:
         return self.owner[name] == "rows"
 
-    def rows(self, name, rank):
+    def rows(self, name: str, rank: int) -> tuple[int, int]:
         """``(start, stop)`` rows of ``name`` that ``rank`` updates (all rows when it owns the
         whole parameter, ``(0, 0)`` when none)."""
         entry = self.entries[name]
@@ -77,7 +80,7 @@ class Ownership:
             return row_range(rows, self.world, rank)
         return (0, rows) if self.owner[name] == rank else (0, 0)
 
-    def owned(self, rank):
+    def owned(self, rank: int) -> list[str]:
         """Names ``rank`` updates (whole or some rows), in plan order."""
         return [
             n
@@ -85,7 +88,7 @@ class Ownership:
             if self.owner[n] == rank or (self.split(n) and self.rows(n, rank)[1] > self.rows(n, rank)[0])
         ]
 
-    def imbalance(self):
+    def imbalance(self) -> tuple[float, float]:
         """``(state max/mean, Newton-Schulz FLOPs max/mean)``; 1.0 is perfect."""
 
         def ratio(values):
@@ -94,7 +97,7 @@ class Ownership:
 
         return ratio(self.state_bytes), ratio(self.flops)
 
-    def fingerprint(self):
+    def fingerprint(self) -> str:
         """A short string equal on two ranks exactly when their plans are equal."""
         import hashlib
 
@@ -104,7 +107,7 @@ class Ownership:
         return hashlib.sha256(f"{self.world}:{text}".encode()).hexdigest()[:16]
 
 
-def assign(entries, world, split_fraction=0.125):
+def assign(entries: Sequence[Entry], world: int, split_fraction: float | None = 0.125) -> Ownership:
     """The :class:`Ownership` of ``entries`` (a list of :class:`Entry`, in model order) over
     ``world`` ranks. ``split_fraction``: elementwise parameters whose state exceeds this
     fraction of ``total state / world`` are split by rows (``None``: never split)."""
@@ -114,11 +117,11 @@ def assign(entries, world, split_fraction=0.125):
     if len(set(names)) != len(names):
         raise ValueError("two parameters have the same name")
     by_name = {e.name: e for e in entries}
-    owner = {}
+    owner: dict[str, int | str] = {}  # name -> rank, or "rows"
     state, sent, flops = [0] * world, [0] * world, [0] * world
 
     # 1. whole matrices by Newton-Schulz cost
-    heap = [(0, 0, rank) for rank in range(world)]
+    heap: list[tuple[int, ...]] = [(0, 0, rank) for rank in range(world)]
     for e in sorted((e for e in entries if e.kind == ORTH), key=lambda e: (-e.flops, -e.state_bytes, e.name)):
         load, size, rank = heapq.heappop(heap)
         owner[e.name] = rank

@@ -14,29 +14,38 @@ Resharding is DCP's: the load target is this process's current layout, and DCP r
 saved regions each target needs.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from treeopt.distributed.comm import Collectives
+
+T = TypeVar("T")
 
 __all__ = ["agreed", "fingerprint", "encode", "decode"]
 
 
-def encode(metadata) -> str:
+def encode(metadata: dict[str, Any]) -> str:
     """The metadata as one JSON string: DCP stores a string as one value, whereas it would
     flatten a dict and load back only the entries the *current* metadata happens to have."""
     return json.dumps(metadata, sort_keys=True)
 
 
-def decode(metadata):
+def decode(metadata: str | bytes | dict[str, Any]) -> dict[str, Any]:
     """The metadata dict of :func:`encode`'s string (a dict passes through)."""
     return json.loads(metadata) if isinstance(metadata, (str, bytes)) else metadata
 
 
-def fingerprint(value) -> str:
+def fingerprint(value: object) -> str:
     """A hash of a JSON-able value (dict keys sorted)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
-def agreed(comm, what, value):
+def agreed(comm: Collectives, what: str, value: T) -> T:
     """Raise unless ``value`` is the same on every rank of ``comm`` (compared by hash)."""
     mine = fingerprint(value)
     seen = comm.all_gather_object(mine)
@@ -49,7 +58,7 @@ def agreed(comm, what, value):
     return value
 
 
-def split_key(key):
+def split_key(key: str) -> tuple[str, str | None] | None:
     """``(parameter path, slot)`` of a ``"{path}/{slot}"`` key, ``(path, None)`` for an
     accumulation buffer ``"#accumulated/{path}"``, ``None`` for anything else."""
     if key.startswith("#accumulated/"):
@@ -60,7 +69,7 @@ def split_key(key):
     return path, slot
 
 
-def global_metadata(comm, local_metadata, split_rows):
+def global_metadata(comm: Collectives, local_metadata: dict[str, Any], split_rows: Mapping[str, int]) -> dict[str, Any]:
     """One metadata for every rank: the parameters' entries come from the ranks that own them
     (global shapes for the row-split ones: ``split_rows`` maps their names to their rows);
     everything else must already agree."""
@@ -88,7 +97,7 @@ def global_metadata(comm, local_metadata, split_rows):
     return merged
 
 
-def local_metadata(metadata, rows):
+def local_metadata(metadata: dict[str, Any], rows: Mapping[str, tuple[int, int] | None] | None) -> dict[str, Any]:
     """The part of a global metadata that one rank loads: ``rows`` maps each parameter it
     updates to its ``(start, stop)`` rows, ``None`` for whole ones; other parameters are left
     out (``rows=None``: keep every parameter whole)."""
@@ -98,11 +107,18 @@ def local_metadata(metadata, rows):
     for name, entry in metadata["parameters"].items():
         if name not in rows:
             continue
-        if rows[name] is not None:
-            start, stop = rows[name]
+        span = rows[name]
+        if span is not None:
+            start, stop = span
             entry = dict(
                 entry,
                 slots={s: dict(spec, shape=[stop - start] + spec["shape"][1:]) for s, spec in entry["slots"].items()},
             )
         parameters[name] = entry
     return dict(metadata, parameters=parameters)
+
+
+def local_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """The tensors of a state dict as this rank holds them: a ``DTensor`` (what DCP loaded
+    into a sharded target) becomes its local shard, anything else stays as it is."""
+    return {k: v.to_local() if hasattr(v, "to_local") else v for k, v in tensors.items()}

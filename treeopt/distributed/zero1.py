@@ -12,19 +12,29 @@ rank when any rank sees a non-finite gradient. Every group steps on every rank, 
 parameters or not, so steps and schedules count alike.
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from treeopt.distributed import ownership as _ownership
 from treeopt.distributed.comm import Collectives
+
+if TYPE_CHECKING:
+    from treeopt.checkpoint.format import LoadReport
+    from treeopt.optimizer import Optimizer
+    from treeopt.plan import Plan
 
 __all__ = ["Zero1", "plan"]
 
 BUCKET_BYTES = 64 << 20  # per rank and collective: bounds the receive buffer to W x this
 
 
-def entry(name, param, optimizer):
+def entry(name: str, param: torch.Tensor, optimizer: Optimizer) -> _ownership.Entry:
     """The :class:`~treeopt.distributed.ownership.Entry` of a parameter routed to ``optimizer``."""
     shape = tuple(param.shape)
     itemsize = param.element_size()
@@ -33,7 +43,7 @@ def entry(name, param, optimizer):
     if rule is not None and rule.elementwise:
         kind, flops = _ownership.ELEMENTWISE, 0
     elif rule is not None and rule.name == "muon":
-        kind, flops = _ownership.ORTH, _ownership.newton_schulz_flops(shape, optimizer.ns_steps)
+        kind, flops = _ownership.ORTH, _ownership.newton_schulz_flops(shape, optimizer.ns_steps)  # type: ignore[attr-defined]  # a Muon
     else:  # Adafactor's row and column sums, custom apply_single: whole, balanced by bytes
         kind, flops = _ownership.WHOLE, 0
     return _ownership.Entry(name, shape, kind, state_bytes, param.numel() * itemsize, flops)
@@ -45,7 +55,7 @@ class _Segment:
 
     __slots__ = ("name", "view", "numel")
 
-    def __init__(self, name, view):
+    def __init__(self, name: str, view: torch.Tensor) -> None:
         self.name, self.view, self.numel = name, view, view.numel()
 
 
@@ -78,7 +88,15 @@ class Zero1:
         bucket_bytes: the most each rank sends per collective.
     """
 
-    def __init__(self, optimizer, parameters, group=None, split_fraction=0.125, bucket_bytes=BUCKET_BYTES, model=None):
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        parameters: Mapping[str, torch.Tensor],
+        group: dist.ProcessGroup | None = None,
+        split_fraction: float | None = 0.125,
+        bucket_bytes: int = BUCKET_BYTES,
+        model: torch.nn.Module | None = None,
+    ) -> None:
         self.optimizer, self.model, self._checked = optimizer, model, False
         self.parameters = dict(parameters)
         self.comm = Collectives(group, next(iter(self.parameters.values())).device)
@@ -86,7 +104,7 @@ class Zero1:
         with torch.no_grad():
             routes = optimizer.assign_routes(self.parameters)
         self.routes = routes  # name -> optimizer (None: frozen)
-        entries = [entry(n, p, routes[n]) for n, p in self.parameters.items() if routes.get(n) is not None]
+        entries = [entry(n, p, owner) for n, p in self.parameters.items() if (owner := routes.get(n)) is not None]
         self.ownership = _ownership.assign(entries, self.comm.world, split_fraction)
         self._check_agreement()
         rank = self.comm.rank
@@ -122,7 +140,7 @@ class Zero1:
     # ------------------------------------------------------------------ the step
     def _build_layout(self):
         """Per dtype: each rank's segments in plan order, and the flat size of the largest."""
-        layout = {}
+        layout: dict[torch.dtype, list[list[_Segment]]] = {}
         for rank in range(self.comm.world):
             for name in self.ownership.owned(rank):
                 start, stop = self.ownership.rows(name, rank)
@@ -135,7 +153,7 @@ class Zero1:
             for dtype, per_rank in layout.items()
         }
 
-    def step(self, gradients):
+    def step(self, gradients: Mapping[str, torch.Tensor | None]) -> None:
         """One step: ``gradients`` maps every parameter name to its full averaged gradient
         (or ``None``)."""
         if not self._checked:
@@ -143,7 +161,7 @@ class Zero1:
 
             check_current(self.model, self.parameters)
             self._checked = True
-        local_grads = {}
+        local_grads: dict[str, torch.Tensor | None] = {}
         for name, view in self.local.items():
             grad = gradients.get(name)
             if grad is None:
@@ -158,13 +176,13 @@ class Zero1:
         if options is not None and (options.max_grad_norm is not None or options.skip_nonfinite):
             shared = self._whole_model_norm([g for g in gradients.values() if g is not None])
         if shared is not None:
-            self.optimizer.shared_norm = lambda: shared
+            self.optimizer.shared_norm = lambda: shared  # type: ignore[attr-defined]  # read by whole_model
         try:
             skipped_before = self._skipped()
             self.optimizer.update(self.local, local_grads)
         finally:
             if shared is not None:
-                self.optimizer.shared_norm = None
+                self.optimizer.shared_norm = None  # type: ignore[attr-defined]
         if self._skipped() == skipped_before:  # a skipped step changed nothing anywhere
             self.sync()
 
@@ -182,7 +200,7 @@ class Zero1:
         return norm
 
     @torch.no_grad()
-    def sync(self):
+    def sync(self) -> None:
         """Every rank gets the values each owner just computed: per dtype, one all-gather
         per bucket of at most ``bucket_bytes`` from each rank."""
         world, rank = self.comm.world, self.comm.rank
@@ -205,7 +223,7 @@ class Zero1:
                         )
 
     # ------------------------------------------------------------------ numbers for plans and benchmarks
-    def totals(self):
+    def totals(self) -> list[dict[str, int]]:
         """Per rank: state bytes, Newton-Schulz FLOPs per step, parameter bytes it sends."""
         o = self.ownership
         return [
@@ -213,12 +231,12 @@ class Zero1:
             for r in range(o.world)
         ]
 
-    def plan(self):
+    def plan(self) -> Plan:
         """The routing plan with an owner column and per-rank totals (see :func:`plan`)."""
         return plan(self)
 
     # ------------------------------------------------------------------ state
-    def init(self):
+    def init(self) -> None:
         with torch.no_grad():
             self.optimizer.init(self.local)
 
@@ -230,7 +248,7 @@ class Zero1:
             self._device_mesh = DeviceMesh.from_group(self.comm.group or _world(), device)
         return self._device_mesh
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """Name-keyed state for ``torch.distributed.checkpoint``: owned slots as plain
         tensors, row-split ones as ``Shard(0)`` DTensors, the same metadata on every rank."""
         from treeopt import checkpoint
@@ -258,21 +276,22 @@ class Zero1:
         rows = self.ownership.entries[name].shape[0]
         shape = (rows, *local.shape[1:])
         stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
-        return DTensor.from_local(local, self._mesh(), [Shard(0)], run_check=False, shape=shape, stride=stride)
+        return DTensor.from_local(
+            local, self._mesh(), [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride
+        )
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
         """Load a state saved by :meth:`state_dict` at any world size (DCP reshards the
         tensors into this rank's layout first); returns this rank's load report."""
         from treeopt import checkpoint
-        from treeopt.distributed.replicated import _local_tensors
-        from treeopt.distributed.state import agreed, decode, local_metadata
+        from treeopt.distributed.state import agreed, decode, local_metadata, local_tensors
 
         metadata = agreed(self.comm, "checkpoint metadata being loaded", decode(state_dict["metadata"]))
         with torch.no_grad():
             self.init()
             report = checkpoint.from_flat(
                 self.optimizer,
-                _local_tensors(state_dict["tensors"]),
+                local_tensors(state_dict["tensors"]),
                 local_metadata(metadata, self._rows()),
                 strict=strict,
             )
@@ -285,7 +304,7 @@ def _world():
     return dist.group.WORLD
 
 
-def plan(zero1):
+def plan(zero1: Zero1) -> Plan:
     """The optimizer's :class:`~treeopt.plan.Plan` with an owner per parameter (global state
     bytes), and one line per rank: parameters, state bytes, Newton-Schulz GFLOP per step and
     the parameter bytes it sends per step."""

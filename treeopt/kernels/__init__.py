@@ -19,6 +19,8 @@ Threads: numba's ``NUMBA_NUM_THREADS``, else ``TREEOPT_NUM_THREADS`` or ``OMP_NU
 when set, else every core; :func:`set_num_threads` changes it at run time.
 """
 
+from __future__ import annotations
+
 import importlib.util
 import os
 
@@ -52,7 +54,7 @@ def _threads_from_environment():
             return
 
 
-def set_num_threads(count: int):
+def set_num_threads(count: int) -> None:
     """Threads of the compiled loops (at most numba's pool size, the core count)."""
     import numba
 

@@ -17,16 +17,26 @@ CPU) run their rule per tensor, or per stack of same-shape tensors (see :mod:`.s
 place.
 """
 
+from __future__ import annotations
+
 import operator
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from treeopt import engine
 from treeopt.errors import warn
 from treeopt.kernels import numba_available
+from treeopt.types import Array, Tree
+
+if TYPE_CHECKING:
+    from treeopt.backends import Backend
+    from treeopt.engine import Pair
+    from treeopt.optimizer import Optimizer
 
 _is = operator.is_
-_LEAF_TYPES = {np.ndarray}  # the array types of every backend in use (Backend.array_types)
+_LEAF_TYPES: set[type] = {np.ndarray}  # the array types of every backend in use (Backend.array_types)
 
 
 def _flatten_pair(grad, model, grads, params):
@@ -35,6 +45,7 @@ def _flatten_pair(grad, model, grads, params):
     No structure signature is needed: the plan holds the parameter objects in order, and a
     tree with other paths or another order cannot pair every gradient with the same object.
     """
+    pairs: Iterable[tuple[Any, Any]]
     if type(grad) is dict:
         pairs = grad.items()
     elif type(grad) is list or type(grad) is tuple:
@@ -64,7 +75,7 @@ class _RuleBucket:
     runner (:func:`treeopt.engine.run_rule`): per tensor, or for a stackable rule (Muon) per
     stack of same-shape tensors (see :mod:`.stacking`)."""
 
-    def __init__(self, owner, backend, leaves, positions):
+    def __init__(self, owner: Optimizer, backend: Backend, leaves: list[Pair], positions: list[int]) -> None:
         self.owner, self.backend, self.positions = owner, backend, positions
         self.pairs = [engine.Pair(leaf.keys, None, leaf.param, backend) for leaf in leaves]
         for pair, leaf in zip(self.pairs, leaves):
@@ -72,7 +83,7 @@ class _RuleBucket:
         self.params = [leaf.param for leaf in leaves]
         self.shapes = [tuple(backend.shape(leaf.param)) for leaf in leaves]
         self.dtype = leaves[0].param.dtype
-        self.stacks = {}  # a stackable rule's buffers, by run, kept from step to step
+        self.stacks: dict[Any, Any] = {}  # a stackable rule's buffers, by run, kept from step to step
 
     def prepare(self, grads):
         writable = self.backend.writable
@@ -114,7 +125,20 @@ class _NumbaBucket:
     MultiOptimizer), run as one parallel loop: each tensor reads its optimizer's numeric
     coefficients from a row of a table; the switches (booleans) are shared."""
 
-    def __init__(self, groups, backend, static, flags):
+    # set by _fuse
+    backend: Backend
+    static: tuple[str, ...]
+    flags: tuple[Any, ...]
+    owners: list[Optimizer]
+    positions: list[int]
+
+    def __init__(
+        self,
+        groups: list[tuple[Optimizer, list[Pair], list[int]]],
+        backend: Backend,
+        static: tuple[str, ...],
+        flags: tuple[Any, ...],
+    ) -> None:
         from treeopt.kernels.numba_kernels import kernel_for, work_items
 
         leaves, rows, rule = _fuse(self, groups, backend, static, flags)
@@ -225,10 +249,21 @@ class _TorchCompiledBucket:
     """Leaves of one elementwise rule, dtype and device (torch), from one or more optimizers,
     run as one ``torch.compile``d step; coefficients as in :class:`_NumbaBucket`."""
 
-    def __init__(self, groups, backend, static, flags):
-        import torch
+    # set by _fuse
+    backend: Backend
+    static: tuple[str, ...]
+    flags: tuple[Any, ...]
+    owners: list[Optimizer]
+    positions: list[int]
 
-        from treeopt.backends.torch_compiled import compile_step
+    def __init__(
+        self,
+        groups: list[tuple[Optimizer, list[Pair], list[int]]],
+        backend: Backend,
+        static: tuple[str, ...],
+        flags: tuple[Any, ...],
+    ) -> None:
+        from treeopt.backends.torch_compiled import CoefficientTable, compile_step
 
         leaves, rows, rule = _fuse(self, groups, backend, static, flags)
         self.numeric = _numeric_names(rule, static)
@@ -237,7 +272,7 @@ class _TorchCompiledBucket:
         self.shapes = [tuple(p.shape) for p in self.params]
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
         self.slots = [[leaf.slots[n] for leaf in leaves] for n in rule.slots]
-        self.table = torch.zeros((len(self.owners), len(self.numeric)), dtype=self.dtype, device=self.device)
+        self.table = CoefficientTable(len(self.owners), len(self.numeric), self.params[0])
         self.step = compile_step(rule.update, len(rule.slots), self.numeric, dict(zip(static, flags)), rows)
 
     def compiled(self):
@@ -260,14 +295,12 @@ class _TorchCompiledBucket:
         return chosen
 
     def run(self, grads):
-        import torch
-
         values = []
         for owner in self.owners:
             coefficients = owner.coefficients(self.params[0], self.backend)
             values.append([_float(coefficients[n]) for n in self.numeric])
-        self.table.copy_(torch.tensor(values, dtype=self.dtype))  # one copy to the device per step
-        self.step(grads, self.params, self.slots, self.table)
+        self.table.write(values)
+        self.step(grads, self.params, self.slots, self.table.tensor)
 
 
 def _numeric_names(rule, static):
@@ -330,13 +363,23 @@ def _numba_eligible(owner, backend, param):
 
 
 class CompiledStep:
-    def __init__(self, params, buckets, stepping, watched):
+    def __init__(
+        self, params: list[Array], buckets: list[Any], stepping: list[Optimizer], watched: list[Optimizer]
+    ) -> None:
         self.params, self.buckets = params, buckets
         self.stepping, self.watched = stepping, watched
         self.versions = [o.book.version for o in watched]
 
     @classmethod
-    def build(cls, optimizer, gradients, model, leaves, active, stepping):
+    def build(
+        cls,
+        optimizer: Optimizer,
+        gradients: Tree,
+        model: Tree,
+        leaves: list[Pair],
+        active: list[Pair],
+        stepping: list[Optimizer],
+    ) -> CompiledStep | None:
         """The plan of the step just taken, or ``None`` when it cannot be reused."""
         if not active or any(leaf.grad is None for leaf in leaves):
             return None
@@ -350,24 +393,26 @@ class CompiledStep:
                 return None
         for backend in {leaf.backend for leaf in active}:
             _LEAF_TYPES.update(backend.array_types)
+        grads: list[Array] = []
+        params: list[Array] = []
         try:
-            grads, params = [], []
             _flatten_pair(gradients, model, grads, params)
         except (KeyError, IndexError, TypeError):
             return None
         if len(params) != len(leaves) or not all(map(_is, params, [leaf.param for leaf in leaves])):
             return None  # e.g. numbers in the tree: the engine made arrays of them
         position = {id(leaf): k for k, leaf in enumerate(leaves)}
-        groups = {}
+        groups: dict[tuple[Any, ...], list[Pair]] = {}
         for leaf in active:
-            key = (
+            key: tuple[Any, ...] = (
                 id(leaf.owner),
                 leaf.backend.name,
                 leaf.backend.dtype_name(leaf.param),
                 leaf.backend.device(leaf.param),
             )
             groups.setdefault(key, []).append(leaf)
-        buckets, fused = [], {}
+        buckets: list[Any] = []
+        fused: dict[tuple[Any, ...], list[tuple[Optimizer, list[Pair], list[int]]]] = {}
         for group in groups.values():
             first = group[0]
             positions = [position[id(leaf)] for leaf in group]
@@ -404,12 +449,13 @@ class CompiledStep:
         watched = [optimizer] + optimizer.stateful()
         return cls(params, buckets, stepping, watched)
 
-    def run(self, gradients, model):
+    def run(self, gradients: Tree, model: Tree) -> bool:
         """Take the step if ``gradients`` and ``model`` fit the plan; ``False`` otherwise
         (nothing has changed then)."""
         if [o.book.version for o in self.watched] != self.versions:
             return False
-        grads, params = [], []
+        grads: list[Array] = []
+        params: list[Array] = []
         try:
             _flatten_pair(gradients, model, grads, params)
         except (KeyError, IndexError, TypeError, AttributeError):

@@ -16,13 +16,21 @@ Float32 results equal the per-tensor rule's up to the summation order of the mat
 products (NumPy: exactly, each matrix gets the same BLAS call).
 """
 
-from collections.abc import Sequence
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from treeopt.types import Array
+
+if TYPE_CHECKING:
+    from treeopt.backends import Backend
 
 #: bytes of one stacked NumPy array (the rule makes a few temporaries of it)
 CHUNK_BYTES = 1 << 19
 
 
-def groups_by_shape(keys: Sequence) -> list[list[int]]:
+def groups_by_shape(keys: Sequence[Hashable]) -> list[list[int]]:
     """Indices of ``keys`` (a shape, or any hashable that must match) grouped by equal key,
     in order of first appearance."""
     groups: dict = {}
@@ -31,7 +39,7 @@ def groups_by_shape(keys: Sequence) -> list[list[int]]:
     return list(groups.values())
 
 
-def chunk_length(backend, like, count: int) -> int:
+def chunk_length(backend: Backend, like: Array, count: int) -> int:
     """How many tensors like ``like`` to stack per call, for a group of ``count``."""
     if backend.name == "numpy":
         size = max(1, int(backend.nbytes(like)))
@@ -39,13 +47,21 @@ def chunk_length(backend, like, count: int) -> int:
     return count
 
 
-def chunks(backend, like, indices: list[int]) -> list[list[int]]:
+def chunks(backend: Backend, like: Array, indices: list[int]) -> list[list[int]]:
     """``indices`` (one group) cut into the runs that share a call."""
     length = chunk_length(backend, like, len(indices))
     return [indices[start : start + length] for start in range(0, len(indices), length)]
 
 
-def update_stacked(update, coefficients: dict, backend, grads, params, slots, buffers=None):
+def update_stacked(
+    update: Callable[..., tuple[Array, ...]],
+    coefficients: dict[str, Any],
+    backend: Backend,
+    grads: Sequence[Array],
+    params: Sequence[Array],
+    slots: Sequence[Sequence[Array]],
+    buffers: Sequence[Array | None] | None = None,
+) -> tuple[Array, ...]:
     """``update`` on the stacks of ``grads``, ``params`` and each slot (``slots``: one list of
     arrays per slot name): ``(new params, *new slots)``, each stacked along the first axis.
     ``buffers`` (optional, one array per stack) receive the stacks on libraries that write

@@ -91,7 +91,7 @@ def adafactor(
         row = beta_2 * row + one_minus_beta_2 * mean(update, axis=-1)
         col = beta_2 * col + one_minus_beta_2 * mean(update, axis=-2)
         update = factored_rsqrt(row, col) * grad
-        second_moment = (row, col)
+        second_moment: tuple = (row, col)
     else:
         square, *first_moment = slots
         square = beta_2 * square + one_minus_beta_2 * update

@@ -31,12 +31,16 @@ time they are computed (before anything is written); a broken rule raises
 :class:`RuleError` naming the rule and what is wrong.
 """
 
+from __future__ import annotations
+
 import inspect
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from treeopt import ops
+from treeopt.types import Array, Scalar, Shape
 
 Numeric = (int, float)
 
@@ -50,24 +54,26 @@ class RuleError(TypeError):
 @dataclass(frozen=True)
 class Rule:
     name: str
-    update: Callable
-    coefficients: Callable
+    #: ``update(grad, param, *slots, **coefficients) -> (param, *slots)``
+    update: Callable[..., tuple[Array, ...]]
+    #: ``coefficients(lr, step, **hyper-parameters) -> {name: value}``
+    coefficients: Callable[..., dict[str, Scalar]]
     #: slot names in the order ``update`` takes and returns them, or a function of
     #: ``(shape, hyper)`` giving ``{slot name: shape}`` for rules whose slots depend on the
     #: parameter
-    slots: tuple[str, ...] | Callable
+    slots: tuple[str, ...] | Callable[[Shape, dict[str, Any]], dict[str, Shape]]
     elementwise: bool = True
     #: ``update(..., stacked=True)`` runs on same-shape tensors stacked along a first axis
     stackable: bool = False
     #: what each slot holds, so state can move between optimizers whose slots mean the same
-    slot_meanings: dict | None = field(default=None, compare=False, hash=False)
+    slot_meanings: dict[str, str] | None = field(default=None, compare=False, hash=False)
     #: slots that start as a copy of the parameter (the others start at zero)
     copies_param: tuple[str, ...] = ()
     #: optimizer-level running values (start at zero) and the function that advances them
     running: tuple[str, ...] = ()
-    advance: Callable | None = field(default=None, compare=False, hash=False)
+    advance: Callable[..., dict[str, Scalar]] | None = field(default=None, compare=False, hash=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check(self)
 
     @property
@@ -76,13 +82,14 @@ class Rule:
         are not running values, in their order."""
         return tuple(n for n in keyword_only(self.coefficients) if n not in self.running)
 
-    def slot_shapes(self, shape, hyper) -> dict:
+    def slot_shapes(self, shape: Sequence[int], hyper: dict[str, Any] | None) -> dict[str, Shape]:
         """``{slot name: shape}`` for a parameter of ``shape``."""
         if callable(self.slots):
+            assert hyper is not None  # given whenever the slots depend on it
             return self.slots(tuple(shape), hyper)
         return {n: tuple(shape) for n in self.slots}
 
-    def slot_names(self, shape, hyper) -> tuple[str, ...]:
+    def slot_names(self, shape: Sequence[int], hyper: dict[str, Any] | None) -> tuple[str, ...]:
         """The slots ``update`` takes, in order, for a parameter of ``shape``."""
         return tuple(self.slot_shapes(shape, hyper)) if callable(self.slots) else self.slots
 
@@ -95,10 +102,10 @@ class Rule:
         return tuple(p.name for p in parameters if p.kind is not p.VAR_POSITIONAL and p.name not in runner_only)
 
 
-_CHECKED: set = set()  # rules whose coefficient names were found to be update's
+_CHECKED: set[Rule] = set()  # rules whose coefficient names were found to be update's
 
 
-def check_coefficients(rule: Rule, values: dict):
+def check_coefficients(rule: Rule, values: dict[str, Any]) -> None:
     """The names ``rule.coefficients`` returned must be the ones ``rule.update`` takes
     (checked once per rule, the first time its coefficients are computed)."""
     if rule in _CHECKED:
@@ -118,12 +125,12 @@ def rule_checked(rule: Rule) -> bool:
     return rule in _CHECKED
 
 
-def keyword_only(function) -> list:
+def keyword_only(function: Callable[..., Any]) -> list[str]:
     """The names of ``function``'s keyword-only parameters."""
     return [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
 
-def _check(rule):
+def _check(rule: Rule) -> None:
     label = f"rule {rule.name!r}"
     update = list(inspect.signature(rule.update).parameters.values())
     if [p.name for p in update[:2]] != ["grad", "param"]:
@@ -187,7 +194,7 @@ def _ops_called(function, seen=None):
     return found
 
 
-def active(value, when=lambda v: v != 0) -> bool:
+def active(value: Scalar, when: Callable[[Any], bool] = lambda v: v != 0) -> bool:
     """Whether a hyper-parameter switches its term on. A scheduled value (an array) may
     change from step to step, so its term is always computed."""
     return when(value) if isinstance(value, Numeric) else True

@@ -7,6 +7,8 @@ treeopt routes and keys its state by the canonical name, the same with or withou
 so a plan, a filter and a checkpoint written for the bare model fit the wrapped one.
 """
 
+from __future__ import annotations
+
 import torch
 
 __all__ = ["canonical_name", "named_parameters", "module_kinds", "WRAPPER_SEGMENTS"]
@@ -28,7 +30,7 @@ def canonical_name(name: str) -> str:
     return ".".join(segments)
 
 
-def named_parameters(model) -> dict:
+def named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """``{canonical name: parameter}`` of a module, each tensor once (a tied weight under its
     first name), in ``model.named_parameters()`` order."""
     result: dict = {}
@@ -49,7 +51,7 @@ def _is_norm(module):
     return isinstance(module, norms) or "norm" in type(module).__name__.lower()  # RMSNorm, LlamaRMSNorm...
 
 
-def module_kinds(model) -> dict:
+def module_kinds(model: torch.nn.Module) -> dict[str, frozenset[str]]:
     """``{canonical name: kinds}`` from the module types (see :mod:`treeopt.filters`):
 
     - ``"embedding"``: the weight of an ``nn.Embedding`` or ``nn.EmbeddingBag``;

@@ -26,18 +26,25 @@ checkpoint and torch's layout (for ``torch.distributed.checkpoint``). Parameters
 model later are noticed at the next step (see :meth:`Optimizer.refresh`).
 """
 
-from collections.abc import MutableMapping
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from treeopt import engine
 from treeopt._trees import dotted
-from treeopt.backends import as_float
-from treeopt.multi import MultiOptimizer
 from treeopt.optimizer import Optimizer as _TreeoptOptimizer
 from treeopt.torch import state_dict as _layout
 from treeopt.torch.names import canonical_name, module_kinds, named_parameters
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+    from treeopt.checkpoint.format import LoadReport
+    from treeopt.plan import Plan
 
 __all__ = ["Optimizer"]
 
@@ -120,7 +127,13 @@ class Optimizer(torch.optim.Optimizer):
 
     # ``sharding`` and ``process_group`` change how step() runs the treeopt optimizer on
     # several ranks (treeopt.distributed), never the groups.
-    def __init__(self, model, optimizer: _TreeoptOptimizer, sharding: str | None = None, process_group=None):
+    def __init__(
+        self,
+        model: torch.nn.Module | Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        optimizer: _TreeoptOptimizer,
+        sharding: str | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
         if not isinstance(optimizer, _TreeoptOptimizer):
             raise TypeError(f"expected a treeopt optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
@@ -148,24 +161,24 @@ class Optimizer(torch.optim.Optimizer):
         # None in one process; DDP checks, ZeRO-1 (sharding="zero1") or FSDP2 parameters
         self._distributed = attach(self, sharding, process_group, self.model)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"treeopt.torch.Optimizer({len(self.parameters)} parameters, {self.optimizer!r})"
 
-    def __getstate__(self):  # torch's keeps defaults, state and param_groups: here views of the rest
+    def __getstate__(self) -> dict[str, Any]:  # torch's keeps defaults, state and param_groups: here views of the rest
         return self.__dict__.copy()
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
     # ------------------------------------------------------------------ what torch reads
     @property
-    def param_groups(self) -> list:
+    def param_groups(self) -> list[dict[str, Any]]:
         """One dict per treeopt optimizer that holds state (parameters noticed first)."""
         self.refresh()
         return self._groups
 
     @param_groups.setter
-    def param_groups(self, groups):
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
         if not getattr(self, "_building", True) and len(groups) != len(self._leaves):
             raise ValueError(
                 f"treeopt.torch.Optimizer has {len(self._leaves)} parameter groups (one per treeopt "
@@ -174,13 +187,13 @@ class Optimizer(torch.optim.Optimizer):
         self._groups = groups  # torch.optim's __init__ sets [] first; wrappers may set the same dicts back
 
     @property  # type: ignore[override]  # keyed by name as well as by tensor
-    def state(self) -> "ParameterState":
+    def state(self) -> ParameterState:
         """The treeopt state by parameter: ``{parameter: {slot name: tensor}}`` for every
         parameter with state (also readable by name: ``opt.state["blocks.0.weight"]``)."""
         return ParameterState(self)
 
     @state.setter
-    def state(self, value):
+    def state(self, value: object) -> None:
         if not getattr(self, "_building", False) or value:
             raise TypeError(
                 "treeopt.torch.Optimizer.state is a view of the treeopt state: write into its slot "
@@ -201,7 +214,7 @@ class Optimizer(torch.optim.Optimizer):
             )
 
     def _declare_kinds(self, named):
-        if self.model is not None and isinstance(self.optimizer, MultiOptimizer):
+        if self.model is not None:  # read by routing (an optimizer that does not route ignores them)
             kinds = module_kinds(self.model)
             self.optimizer.declare_kinds({n: k for n, k in kinds.items() if n in named})
 
@@ -229,7 +242,7 @@ class Optimizer(torch.optim.Optimizer):
         for i, group in enumerate(self._groups):
             group.update(self._members(i))
 
-    def refresh(self):
+    def refresh(self) -> None:
         """Notice parameters added to (or replaced in, or removed from) the model, and
         parameters that now require grad: route them (their state is created at their first
         step). Cheap when nothing changed: ``step()`` and ``param_groups`` call it.
@@ -276,11 +289,9 @@ class Optimizer(torch.optim.Optimizer):
         owner = self._leaves[group]
         if engine.slots_at(owner, (name,)):
             engine.drop(owner, (name,))
-            if isinstance(self.optimizer, MultiOptimizer):
-                step = int(as_float(self.optimizer.step))
-                self.optimizer.changes.append(f"step {step}: {why} {name} in the model, its state reset")
-        if isinstance(self.optimizer, MultiOptimizer) and why == "replaced":
-            self.optimizer.book.version += 1
+            self.optimizer.note_change(f"{why} {name} in the model, its state reset")
+        if why == "replaced":
+            self.optimizer.book.version += 1  # a compiled step re-plans
 
     def add_param_group(self, param_group: dict) -> None:
         """Add parameters, as ``torch.optim`` does, to the groups treeopt already has.
@@ -327,10 +338,11 @@ class Optimizer(torch.optim.Optimizer):
                 self.parameters.pop(name, None)
                 self._added.pop(name, None)
             raise
-        if target is not None and isinstance(self.optimizer, MultiOptimizer):
+        router = dict(self.optimizer.routers()).get(())  # the optimizer itself, if it has groups
+        if target is not None and router is not None:
             moving = [name for name, _ in entries if self._group_of[name] != self._group_names.index(target)]
             if moving:
-                self.optimizer.reroute(moving, self._group_names.index(target))
+                router.reroute(moving, self._group_names.index(target))
                 self._group_of.update({name: self._group_names.index(target) for name in moving})
         self._regroup()
 
@@ -410,7 +422,7 @@ class Optimizer(torch.optim.Optimizer):
     def _trainable(self):
         return {name: p for name, p in self.parameters.items() if p.requires_grad}
 
-    def init(self):
+    def init(self) -> None:
         """Create the state of every trainable parameter now (it is otherwise created at the
         first step)."""
         self.refresh()
@@ -420,7 +432,7 @@ class Optimizer(torch.optim.Optimizer):
             else:
                 self.optimizer.init(self._trainable())
 
-    def plan(self):
+    def plan(self) -> Plan:
         """The routing plan (:class:`treeopt.plan.Plan`) of the parameters known now."""
         self.refresh()
         if self._distributed is not None and hasattr(self._distributed, "plan"):
@@ -428,7 +440,7 @@ class Optimizer(torch.optim.Optimizer):
         return self.optimizer.plan()
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # torch's two overloads in one
         """One step for every parameter that has a gradient. ``closure`` (optional)
         re-evaluates the model and returns the loss, as in torch.optim."""
         loss = None
@@ -445,7 +457,7 @@ class Optimizer(torch.optim.Optimizer):
         self._push()
         return loss
 
-    def zero_grad(self, set_to_none: bool = True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         self.refresh()  # a parameter added since the last step has a gradient too
         for p in self.parameters.values():  # frozen by the MultiOptimizer too: in no group
             if p.grad is None:
@@ -457,7 +469,7 @@ class Optimizer(torch.optim.Optimizer):
                 p.grad.zero_()
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """The optimizer state, twice over the same tensors (nothing is copied):
 
         - ``"tensors"`` and ``"metadata"``: treeopt's checkpoint content, keyed by parameter
@@ -477,7 +489,7 @@ class Optimizer(torch.optim.Optimizer):
         state, groups = _layout.to_torch(tensors, metadata, self.param_groups, self._group_names)
         return {"tensors": tensors, "metadata": metadata, "state": state, "param_groups": groups}
 
-    def load_state_dict(self, state_dict: dict, strict: bool = True):
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> LoadReport:  # type: ignore[override]  # strict, and the load report
         """Load a state saved by :meth:`state_dict`, or its torch layout alone (what
         ``set_optimizer_state_dict`` passes), matched by parameter name, never by position;
         everything is checked before anything changes. Returns the load report."""
@@ -523,7 +535,7 @@ class ParameterState(MutableMapping):
     """``optimizer.state`` as torch code reads it: parameter -> slot dict (the live treeopt
     slots). Keys may also be canonical names. Assigning copies into the existing slots."""
 
-    def __init__(self, owner: Optimizer):
+    def __init__(self, owner: Optimizer) -> None:
         self._owner = owner
         self._names = None  # id(parameter) -> name, built at the first lookup by tensor
 
@@ -538,13 +550,13 @@ class ParameterState(MutableMapping):
         group = self._owner._group_of.get(name)
         return None if group is None else engine.slots_at(self._owner._leaves[group], (name,))
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: torch.Tensor | str) -> dict[str, torch.Tensor]:
         name = self._name(key)
         if name not in self._owner.parameters:
             raise KeyError(key)
         return self._slots(name) or {}
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: torch.Tensor | str, value: Mapping[str, torch.Tensor]) -> None:
         slots = self[key]
         if set(value) != set(slots):
             raise ValueError(f"the state of {self._name(key)!r} has slots {sorted(slots)}, got {sorted(value)}")
@@ -558,20 +570,20 @@ class ParameterState(MutableMapping):
             if tensor is not slots[slot]:
                 slots[slot].copy_(tensor)
 
-    def __delitem__(self, key):
+    def __delitem__(self, key: torch.Tensor | str) -> None:
         raise TypeError("the state of a parameter cannot be deleted; use the MultiOptimizer's freeze or reroute")
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[torch.Tensor]:
         return (p for n, p in list(self._owner.parameters.items()) if self._slots(n))
 
-    def __len__(self):
+    def __len__(self) -> int:
         return sum(1 for n in self._owner.parameters if self._slots(n))
 
-    def __contains__(self, key):
+    def __contains__(self, key: object) -> bool:
         name = self._name(key)
         return name in self._owner.parameters and bool(self._slots(name))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"ParameterState({ {n: sorted(s) for n in self._owner.parameters if (s := self._slots(n))} })"
 
 

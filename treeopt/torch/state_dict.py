@@ -10,14 +10,26 @@ in ``state``, each group's ``param_names``, its scalars (``step``, ``learning_ra
 tensors).
 """
 
+from __future__ import annotations
+
 import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from treeopt.torch.names import canonical_name
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["to_torch", "from_torch"]
 
 
-def to_torch(tensors, metadata, param_groups, group_names):
+def to_torch(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: dict[str, Any],
+    param_groups: Sequence[Mapping[str, Any]],
+    group_names: Sequence[str],
+) -> tuple[dict[int, dict[str, torch.Tensor]], list[dict[str, Any]]]:
     """``(state, param_groups)`` over the same tensors as ``tensors``."""
     state, groups, position = {}, [], 0
     slots_of = {path: info["slots"] for path, info in metadata["parameters"].items()}
@@ -38,7 +50,7 @@ def to_torch(tensors, metadata, param_groups, group_names):
     return state, groups
 
 
-def from_torch(state_dict):
+def from_torch(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(tensors, metadata)`` from torch's layout: state keyed by position (with
     ``param_names``) or by name (as ``set_optimizer_state_dict`` passes it)."""
     groups = state_dict["param_groups"]
