@@ -1,10 +1,12 @@
 """The sweep behind the demo's settings: how good is tuned AdamW, and which Muon rate to route.
 
-    python benchmarks/outcome.py [--steps 200] [--seeds 0 1] [--jobs 1]
+    python benchmarks/outcome.py [--steps 600] [--seeds 0 1] [--jobs 1]
 
 1. AdamW alone (the demo's "AdamW" set-up): peak learning rate x beta2, every seed.
 2. muon_adamw (the demo's routed set-up), its AdamW part at the best AdamW settings of 1:
-   Muon's peak learning rate, every seed.
+   Muon's peak learning rate x Muon's weight decay, every seed.
+3. Muon everywhere (the demo's naive set-up) at the best settings of 2, every seed: how much
+   the routing itself is worth, beyond one seed.
 
 Every run trains the demo's GPT on one thread (``torch.set_num_threads(1)``) and appends one
 JSON line to ``--results`` as it finishes; a run already there is not repeated, so the sweep
@@ -27,6 +29,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 ADAMW_LRS = (3e-3, 5e-3, 2e-3, 8e-3, 1e-3)
 BETA2S = (0.99, 0.95)
 MUON_LRS = (0.01, 0.02, 0.04)
+MUON_WEIGHT_DECAYS = (0.1, 0.0)
+#: the settings only Muon reads: AdamW alone does not depend on them
+MUON_FIELDS = ("muon_lr", "muon_weight_decay")
 
 
 def run_one(job):
@@ -53,14 +58,24 @@ def run_one(job):
     }
 
 
+def settings(setup, hyper):
+    """The settings ``setup`` trained with: a field added to ``Hyper`` after a record was
+    written takes the value the run had (Muon's weight decay was AdamW's), and AdamW alone
+    drops Muon's fields, so its runs count whatever Muon's defaults are now."""
+    hyper = {"muon_weight_decay": hyper["weight_decay"], **hyper}
+    return {k: v for k, v in hyper.items() if not (setup == "AdamW" and k in MUON_FIELDS)}
+
+
 def key(job):
-    return json.dumps([job["setup"], job["hyper"], job["seed"], job["steps"]], sort_keys=True)
+    return json.dumps([job["setup"], settings(job["setup"], job["hyper"]), job["seed"], job["steps"]], sort_keys=True)
 
 
 def load(path):
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [{**r, "hyper": settings(r["setup"], r["hyper"])} for r in records]
+    return list({key(r): r for r in reversed(records)}.values())[::-1]  # a run saved twice counts once
 
 
 def sweep(jobs, results_path, workers):
@@ -79,14 +94,24 @@ def sweep(jobs, results_path, workers):
             )
 
 
-def mean_by_setting(records, setup, steps, seeds, complete=True):
+def mean_by_setting(records, setup, steps, seeds, complete=True, like=None):
     """``{setting: (mean final loss, [loss per seed])}``; only settings run on every seed
-    unless ``complete=False``."""
+    unless ``complete=False``, and only those that share ``like``'s values (a dict) if given."""
     groups = {}
     for r in sorted(records, key=lambda r: r["seed"]):
         if r["setup"] == setup and r["steps"] == steps and r["seed"] in seeds:
-            groups.setdefault(json.dumps(r["hyper"], sort_keys=True), []).append(r["final_val_loss"])
+            if like is None or all(r["hyper"].get(k) == v for k, v in like.items()):
+                groups.setdefault(json.dumps(r["hyper"], sort_keys=True), []).append(r["final_val_loss"])
     return {k: (sum(v) / len(v), v) for k, v in groups.items() if len(v) == len(seeds) or not complete}
+
+
+def winners(records, steps, seeds):
+    """The best setting of each part, or None: AdamW alone's; muon_adamw's among the runs
+    with AdamW's best for its AdamW groups (part 2)."""
+    adamw = mean_by_setting(records, "AdamW", steps, seeds)
+    tuned = best(adamw)[0] if adamw else None
+    routed = mean_by_setting(records, "muon_adamw", steps, seeds, like=tuned) if tuned else {}
+    return tuned, best(routed)[0] if routed else None
 
 
 def best(means):
@@ -98,20 +123,19 @@ def table(records, steps, seeds):
     lines = [
         f"Final validation loss (nats per byte) after {steps} steps, mean over seeds "
         f"{', '.join(map(str, seeds))} (each seed's value in brackets); **bold**: the best of each part "
-        "among the settings run on every seed.",
+        "among the settings run on every seed (muon_adamw's among those with AdamW's best lr and beta2); "
+        "Muon everywhere (naive) runs at muon_adamw's best.",
         "",
-        "| set-up | Muon lr | AdamW lr | beta2 | final val loss |",
-        "|---|---|---|---|---|",
+        "| set-up | Muon lr | Muon wd | AdamW lr | beta2 | final val loss |",
+        "|---|---|---|---|---|---|",
     ]
-    for setup in ("AdamW", "muon_adamw"):
+    tuned, routed = winners(records, steps, seeds)
+    for setup, winner in (("AdamW", tuned), ("muon_adamw", routed), ("Muon everywhere", None)):
         means = mean_by_setting(records, setup, steps, seeds, complete=False)
-        complete = mean_by_setting(records, setup, steps, seeds)
         if not means:
             continue
-        winner = best(complete)[0] if complete else None
-        for setting in sorted(
-            means, key=lambda k: (json.loads(k)["muon_lr"], json.loads(k)["beta2"], json.loads(k)["adamw_lr"])
-        ):
+        order = ("muon_weight_decay", "muon_lr", "beta2", "adamw_lr")
+        for setting in sorted(means, key=lambda k: [json.loads(k).get(field, 0) for field in order]):
             h = json.loads(setting)
             mean, values = means[setting]
             cell = f"{mean:.4f} ({', '.join(f'{v:.3f}' for v in values)})"
@@ -119,8 +143,8 @@ def table(records, steps, seeds):
                 cell += f" ({len(values)} of {len(seeds)} seeds)"
             if h == winner:
                 cell = f"**{cell}**"
-            muon = f"{h['muon_lr']:g}" if setup == "muon_adamw" else "-"
-            lines.append(f"| {setup} | {muon} | {h['adamw_lr']:g} | {h['beta2']:g} | {cell} |")
+            muon = [f"{h[field]:g}" if setup != "AdamW" else "-" for field in MUON_FIELDS]
+            lines.append(f"| {setup} | {' | '.join(muon)} | {h['adamw_lr']:g} | {h['beta2']:g} | {cell} |")
     return "\n".join(lines)
 
 
@@ -138,11 +162,18 @@ def main(argv=None):
     parser.add_argument(
         "--steps",
         type=int,
-        default=200,
-        help="steps per run (default 200: a third of the demo's, to fit a loaded 2-core machine)",
+        default=600,
+        help="steps per run (default 600, the demo's)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each")
+    parser.add_argument(
+        "--muon-weight-decays",
+        type=float,
+        nargs="+",
+        default=list(MUON_WEIGHT_DECAYS),
+        help=f"Muon's weight decays in part 2 (default {' '.join(map(str, MUON_WEIGHT_DECAYS))})",
+    )
     parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("outcome.jsonl"))
     parser.add_argument("--no-doc", action="store_true", help="print the table, leave docs/outcome.md alone")
     parser.add_argument("--table-only", action="store_true", help="run nothing: the table of the results so far")
@@ -167,13 +198,24 @@ def main(argv=None):
     tuned, loss = best(mean_by_setting(load(args.results), "AdamW", args.steps, args.seeds))
     print(f"best AdamW: lr {tuned['adamw_lr']:g}, beta2 {tuned['beta2']:g}: {loss:.4f}", flush=True)
     muon = [
-        {"setup": "muon_adamw", "hyper": {**tuned, "muon_lr": lr}, "seed": s, "steps": args.steps}
+        {
+            "setup": "muon_adamw",
+            "hyper": {**default, **tuned, "muon_lr": lr, "muon_weight_decay": wd},
+            "seed": s,
+            "steps": args.steps,
+        }
+        for wd in args.muon_weight_decays
         for lr in MUON_LRS
         for s in args.seeds
     ]
     sweep(muon, args.results, args.jobs)
-    routed, loss = best(mean_by_setting(load(args.results), "muon_adamw", args.steps, args.seeds))
-    print(f"best muon_adamw: Muon lr {routed['muon_lr']:g}: {loss:.4f}", flush=True)
+    routed = winners(load(args.results), args.steps, args.seeds)[1]
+    print(f"best muon_adamw: Muon lr {routed['muon_lr']:g}, weight decay {routed['muon_weight_decay']:g}", flush=True)
+    sweep(
+        [{"setup": "Muon everywhere", "hyper": routed, "seed": s, "steps": args.steps} for s in args.seeds],
+        args.results,
+        args.jobs,
+    )
     report(args)
 
 

@@ -2,8 +2,10 @@
 NumPy digits MLP (``python -m treeopt.demo digits``)."""
 
 import gzip
+import importlib.util
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -50,7 +52,7 @@ def test_quick_demo_writes_the_table_the_plot_and_the_json(tmp_path, capsys):
     # what the user sees: the plan once, the naive run's guard warnings, the table
     assert printed.count("Routing plan at step") == 1
     assert "Muon got what looks like an embedding" in printed and "output head" in printed
-    assert "steps to target" in printed and "loss.png" in printed
+    assert "steps to target" in printed and "loss.png" in printed and "Muon everywhere (naive) ended at" in printed
     plan = {row["path"]: row["optimizer"] for row in record["plan"]["parameters"]}
     assert plan["blocks.0.attn.qkv.weight"] == "muon" and plan["tok_embed.weight"] == "adamw"
 
@@ -97,11 +99,69 @@ def test_the_three_setups_route_as_their_names_say():
     assert adamw.optimizers[1].weight_decay == 0
 
 
+def _outcome_sweep():
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "outcome.py"
+    spec = importlib.util.spec_from_file_location("outcome_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_sweep_resumes_records_written_before_muon_had_its_own_weight_decay(tmp_path):
+    outcome = _outcome_sweep()
+    old = {"adamw_lr": 5e-3, "beta2": 0.99, "weight_decay": 0.1, "muon_lr": 0.02, "warmup": 0.2, "max_grad_norm": 1.0}
+    records = [
+        {"setup": "AdamW", "hyper": old, "seed": 0, "steps": 600, "final_val_loss": 1.72},
+        {"setup": "muon_adamw", "hyper": old, "seed": 0, "steps": 600, "final_val_loss": 1.44},
+        # lower, but not at AdamW's best settings: part 2 does not pick it
+        {"setup": "muon_adamw", "hyper": {**old, "adamw_lr": 3e-3}, "seed": 0, "steps": 600, "final_val_loss": 1.43},
+    ]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    now = {**setups.Hyper().to_dict(), "adamw_lr": 5e-3, "beta2": 0.99, "muon_lr": 0.04, "muon_weight_decay": 0.0}
+    done = {outcome.key(r) for r in outcome.load(results)}
+    # AdamW alone does not read Muon's settings: its old run counts whatever they are now
+    assert outcome.key({"setup": "AdamW", "hyper": now, "seed": 0, "steps": 600}) in done
+    # the old muon_adamw decayed Muon by AdamW's weight decay: it is that run, and no other
+    assert (
+        outcome.key(
+            {
+                "setup": "muon_adamw",
+                "hyper": {**now, "muon_lr": 0.02, "muon_weight_decay": 0.1},
+                "seed": 0,
+                "steps": 600,
+            }
+        )
+        in done
+    )
+    assert outcome.key({"setup": "muon_adamw", "hyper": {**now, "muon_lr": 0.02}, "seed": 0, "steps": 600}) not in done
+    table = outcome.table(outcome.load(results), 600, [0])
+    assert "| AdamW | - | - | 0.005 | 0.99 | **1.7200 (1.720)** |" in table
+    assert "| muon_adamw | 0.02 | 0.1 | 0.005 | 0.99 | **1.4400 (1.440)** |" in table
+    assert "| muon_adamw | 0.02 | 0.1 | 0.003 | 0.99 | 1.4300 (1.430) |" in table
+
+
 def test_the_learning_rate_multiplier_warms_up_then_decays_to_zero():
     multiplier = setups.lr_multiplier(100, 0.2)
     assert multiplier(0) == 0 and multiplier(10) == pytest.approx(0.5)
     assert multiplier(20) == pytest.approx(1.0) and multiplier(100) == pytest.approx(0.0, abs=1e-9)
     assert all(multiplier(s) >= multiplier(s + 1) for s in range(20, 100))
+
+
+def test_the_demo_says_what_the_naive_run_cost():
+    def curve(losses):
+        c = Curve()
+        for step, loss in zip(range(0, 100, 25), losses):
+            c.add(step, 0.0, 0.0, loss, float("nan"))
+        return c
+
+    routed = curve([5.5, 2.6, 2.0, 1.44])
+    close = cli.naive_versus_routed(curve([5.5, 3.6, 2.1, 1.45]), routed)
+    assert "ended at 1.4500, +0.010 nats/byte from muon_adamw's 1.4400" in close
+    assert "widest gap was +1.000, at step 25" in close and "only slightly worse" in close
+    assert "about the same" in cli.naive_versus_routed(curve([5.5, 3.6, 2.1, 1.445]), routed)
+    apart = cli.naive_versus_routed(curve([5.5, 3.6, 2.1, 1.60]), routed)
+    assert "+0.160" in apart and "slightly" not in apart and "about the same" not in apart
 
 
 def test_curve_reach_interpolates_between_evaluations():

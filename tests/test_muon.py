@@ -240,6 +240,24 @@ def test_layout_none_is_mlx_and_a_bad_layout_is_refused():
         optim.Muon(0.02, layout="(in, out)")
 
 
+def test_muon_adamw_muon_weight_decay_is_muons_own():
+    weight, grads = problem((6, 4), steps=3, seed=5)
+
+    def train(**options):
+        params = {"blocks": [{"w": weight.copy(), "b": np.zeros(6, np.float32)}], "head": {"weight": weight.copy()}}
+        opt = optim.muon_adamw(params, **options)
+        for g in grads:
+            opt.update(params, {"blocks": [{"w": g, "b": np.ones(6, np.float32)}], "head": {"weight": g}})
+        return opt, params
+
+    opt, params = train(weight_decay=0.1, muon_weight_decay=0.0)
+    assert [o.weight_decay for o in opt.optimizers] == [0.0, 0.0, 0.1]  # muon, adamw_no_decay, adamw
+    expected = reference(weight, grads, 0.02, weight_decay=0.0, decoupled=True)
+    np.testing.assert_allclose(params["blocks"][0]["w"], expected, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(params["head"]["weight"], train(weight_decay=0.1)[1]["head"]["weight"])
+    assert train(weight_decay=0.1)[0].optimizers[0].weight_decay == 0.1  # default: weight_decay
+
+
 def test_muon_adamw_reads_the_layout_from_the_names():
     def tree(name):
         return {"block": {name: np.ones((4, 6), np.float32), "bias": np.zeros(6, np.float32)}}

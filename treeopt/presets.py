@@ -50,6 +50,7 @@ def muon_adamw(
     momentum: Scalar = MUON_MOMENTUM,
     betas: tuple[Scalar, Scalar] = ADAMW_BETAS,
     weight_decay: Scalar = WEIGHT_DECAY,
+    muon_weight_decay: Scalar | None = None,
     adjust_lr: str = "original",
     layout: str | None = None,
     hidden: Filter = is_hidden_matrix,
@@ -63,7 +64,7 @@ def muon_adamw(
     paper, the NanoGPT speedruns), as one :class:`MultiOptimizer` with three named groups.
 
     - ``muon``: matrices that are neither embeddings nor output heads (``hidden``):
-      ``Muon(muon_lr, momentum, weight_decay, decoupled_weight_decay=True, ns_eps=1e-7,
+      ``Muon(muon_lr, momentum, muon_weight_decay, decoupled_weight_decay=True, ns_eps=1e-7,
       adjust_lr=adjust_lr)``. Unlike a bare :class:`Muon` (MLX's coupled decay, for drop-in
       fidelity), the decay is decoupled, ``p <- p * (1 - lr * weight_decay)``, as in the
       reference: a coupled decay passes through Newton-Schulz and is amplified to the full
@@ -86,7 +87,9 @@ def muon_adamw(
         muon_lr, adamw_lr: peak learning rates of the two families; their ratio is kept by
             ``lr_schedule``. ``muon_lr`` defaults as said above.
         momentum: Muon's momentum. betas: AdamW's betas. weight_decay: for ``muon`` and
-            ``adamw``, decoupled in both.
+            ``adamw``, decoupled in both. muon_weight_decay: the ``muon`` group's own, when
+            it should differ (default ``weight_decay``): the decay per step is ``lr * wd``,
+            and Muon's learning rate is several times AdamW's.
         adjust_lr: ``"original"`` or ``"match_rms_adamw"`` (see above).
         layout: Muon's ``layout``: ``"out_in"`` (torch, MLX, equinox: ``weight`` of shape
             ``(out, in)``) or ``"in_out"`` (flax, Keras: ``kernel`` of shape ``(in, out)``).
@@ -111,6 +114,8 @@ def muon_adamw(
     """
     if muon_lr is None:
         muon_lr = adamw_lr if adjust_lr == "match_rms_adamw" else MUON_LR
+    if muon_weight_decay is None:
+        muon_weight_decay = weight_decay
     if layout is None and params is not None:
         layout = layout_of(params)
     multi = MultiOptimizer(
@@ -118,7 +123,7 @@ def muon_adamw(
             Muon(
                 muon_lr,
                 momentum=momentum,
-                weight_decay=weight_decay,
+                weight_decay=muon_weight_decay,
                 decoupled_weight_decay=True,
                 ns_eps=NS_EPS,
                 adjust_lr=adjust_lr,

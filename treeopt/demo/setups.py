@@ -30,13 +30,15 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Hyper:
     """The optimizer settings; the defaults are the best of the sweep in ``docs/outcome.md``
-    (AdamW's peak lr and beta2, Muon's peak lr)."""
+    (AdamW's peak lr and beta2; Muon's peak lr and weight decay, with that AdamW)."""
 
-    adamw_lr: float = 3e-3
-    beta2: float = 0.99
-    #: on every matrix, decoupled (w *= 1 - lr * wd): AdamW's, and Muon's as in muon_adamw
+    adamw_lr: float = 5e-3
+    beta2: float = 0.95
+    #: AdamW's, on every matrix it gets, decoupled (w *= 1 - lr * wd)
     weight_decay: float = 0.1
-    muon_lr: float = 0.02
+    muon_lr: float = 0.04
+    #: Muon's, decoupled too; per step it is muon_lr * wd, several times AdamW's at one wd
+    muon_weight_decay: float = 0.1
     warmup: float = 0.2  # fraction of the steps
     max_grad_norm: float = 1.0
 
@@ -86,7 +88,9 @@ def routing(setup: str, steps: int, hyper: Hyper = Hyper()) -> optim.MultiOptimi
         )
     elif setup == "Muon everywhere":
         # the same Muon as muon_adamw's (torch weights are (out, in)), given every matrix
-        muon = optim.muon_adamw(muon_lr=hyper.muon_lr, weight_decay=hyper.weight_decay, layout="out_in").optimizers[0]
+        muon = optim.muon_adamw(
+            muon_lr=hyper.muon_lr, muon_weight_decay=hyper.muon_weight_decay, layout="out_in"
+        ).optimizers[0]
         optimizer = optim.MultiOptimizer(
             [muon, optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
             [ndim(min=2)],
@@ -99,6 +103,7 @@ def routing(setup: str, steps: int, hyper: Hyper = Hyper()) -> optim.MultiOptimi
             adamw_lr=hyper.adamw_lr,
             betas=betas,
             weight_decay=hyper.weight_decay,
+            muon_weight_decay=hyper.muon_weight_decay,
             layout="out_in",
             **common,
         )
