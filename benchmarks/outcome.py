@@ -28,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: in the order they run: the likely best first, so a sweep cut short still brackets it
 ADAMW_LRS = (3e-3, 5e-3, 2e-3, 8e-3, 1e-3)
 BETA2S = (0.99, 0.95)
-MUON_LRS = (0.01, 0.02, 0.04)
+MUON_LRS = (0.01, 0.02, 0.04, 0.08)
 MUON_WEIGHT_DECAYS = (0.1, 0.0)
 #: the settings only Muon reads: AdamW alone does not depend on them
 MUON_FIELDS = ("muon_lr", "muon_weight_decay")
