@@ -169,13 +169,13 @@ def treeopt_candidates(kind, shapes, libraries):
     """``{name: (setup, step)}`` for treeopt on each library."""
     import treeopt as optim
 
-    def make(module_optim):
+    def make(module_optim, ns_dtype=None):
         if kind == "adamw":
             return optim.AdamW(1e-3, weight_decay=0.01)
         if kind == "sgd":
             return optim.SGD(1e-2, momentum=0.9)
         return optim.MultiOptimizer(
-            [optim.Muon(0.02), optim.AdamW(3e-4), optim.AdamW(3e-4, weight_decay=0.0)],
+            [optim.Muon(0.02, ns_dtype=ns_dtype), optim.AdamW(3e-4), optim.AdamW(3e-4, weight_decay=0.0)],
             [lambda p, w: is_hidden(p, w.shape), lambda p, w: w.ndim < 2],
         )
 
@@ -191,17 +191,19 @@ def treeopt_candidates(kind, shapes, libraries):
         candidates["treeopt numpy"] = numpy_setup
     if "torch" in libraries:
 
-        def torch_setup():
+        def torch_setup(ns_dtype=None):
             import torch
 
             params, grads = numpy_arrays(shapes)
             params = {k: torch.from_numpy(v) for k, v in params.items()}
             grads = {k: torch.from_numpy(v) for k, v in grads.items()}
-            opt = make(optim)
+            opt = make(optim, ns_dtype)
             _first_steps("treeopt torch", kind, lambda: opt.update(params, grads))
             return lambda: opt.update(params, grads)
 
         candidates["treeopt torch"] = torch_setup
+        if kind == "muon":  # torch.optim.Muon runs Newton-Schulz in bfloat16: compare at its precision too
+            candidates["treeopt torch (NS in bfloat16)"] = lambda: torch_setup("bfloat16")
     if "jax" in libraries:
 
         def treeopt_jax(params):
@@ -314,9 +316,11 @@ def peer_candidates(kind, shapes, libraries):
             run()
             return run
 
-        modes = ["loop", "foreach", "fused"] if kind != "muon" else ["loop"]
-        for mode in modes:
-            candidates[f"torch.optim {mode}"] = lambda m=mode: torch_setup(m)
+        if kind == "muon":  # torch.optim.Muon has one implementation, Newton-Schulz in bfloat16
+            candidates["torch.optim.Muon (NS in bfloat16)"] = lambda: torch_setup("loop")
+        else:
+            for mode in ("loop", "foreach", "fused"):
+                candidates[f"torch.optim {mode}"] = lambda m=mode: torch_setup(m)
     if "jax" in libraries:
 
         def optax_step(params):
