@@ -121,17 +121,20 @@ def _fuse(bucket, groups, backend, static, flags):
     return leaves, rows, bucket.owners[0].rule
 
 
-class _NumbaBucket:
-    """Leaves of one elementwise rule and dtype, from one or more optimizers (groups of a
-    MultiOptimizer), run as one parallel loop: each tensor reads its optimizer's numeric
-    coefficients from a row of a table; the switches (booleans) are shared."""
+class _FusedBucket:
+    """What a fused bucket keeps of its groups, set by :func:`_fuse`."""
 
-    # set by _fuse
     backend: Backend
     static: tuple[str, ...]
     flags: tuple[Any, ...]
     owners: list[Optimizer]
     positions: list[int]
+
+
+class _NumbaBucket(_FusedBucket):
+    """Leaves of one elementwise rule and dtype, from one or more optimizers (groups of a
+    MultiOptimizer), run as one parallel loop: each tensor reads its optimizer's numeric
+    coefficients from a row of a table; the switches (booleans) are shared."""
 
     def __init__(
         self,
@@ -246,16 +249,9 @@ class _NumbaBucket:
         )
 
 
-class _TorchCompiledBucket:
+class _TorchCompiledBucket(_FusedBucket):
     """Leaves of one elementwise rule, dtype and device (torch), from one or more optimizers,
     run as one ``torch.compile``d step; coefficients as in :class:`_NumbaBucket`."""
-
-    # set by _fuse
-    backend: Backend
-    static: tuple[str, ...]
-    flags: tuple[Any, ...]
-    owners: list[Optimizer]
-    positions: list[int]
 
     def __init__(
         self,
