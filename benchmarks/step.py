@@ -198,7 +198,8 @@ def treeopt_candidates(kind, shapes, libraries):
             params = {k: torch.from_numpy(v) for k, v in params.items()}
             grads = {k: torch.from_numpy(v) for k, v in grads.items()}
             opt = make(optim, ns_dtype)
-            _first_steps("treeopt torch", kind, lambda: opt.update(params, grads))
+            label = "treeopt torch" + (f" (NS in {ns_dtype})" if ns_dtype else "")
+            _first_steps(label, kind, lambda: opt.update(params, grads))
             return lambda: opt.update(params, grads)
 
         candidates["treeopt torch"] = torch_setup
