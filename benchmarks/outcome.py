@@ -2,9 +2,12 @@
 
     python benchmarks/outcome.py [--steps 600] [--seeds 0 1] [--jobs 1]
 
-1. AdamW alone (the demo's "AdamW" set-up): peak learning rate x beta2, every seed.
-2. muon_adamw (the demo's routed set-up), its AdamW part at the best AdamW settings of 1:
-   Muon's peak learning rate x Muon's weight decay, every seed.
+1. AdamW alone (the demo's "AdamW" set-up): peak learning rate x beta2 at a 20% warm-up;
+   then the warm-up x the best learning rate and its two neighbours, at the best beta2.
+2. muon_adamw (the demo's routed set-up), its AdamW groups at the best AdamW settings of 1:
+   Muon's peak learning rate x Muon's weight decay at Muon warm-up 20%; then Muon's warm-up
+   x Muon's finer learning rates, at the best weight decay. If the best rate of a warm-up is
+   the edge of the rates tried there, the next rate out of the coarse grid runs too.
 3. Muon everywhere (the demo's naive set-up) at the best settings of 2, every seed: how much
    the routing itself is worth, beyond one seed.
 
@@ -28,10 +31,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: in the order they run: the likely best first, so a sweep cut short still brackets it
 ADAMW_LRS = (3e-3, 5e-3, 2e-3, 8e-3, 1e-3)
 BETA2S = (0.99, 0.95)
+#: the warm-ups tried at the best beta2, around the best learning rate (part 1b)
+ADAMW_WARMUPS = (0.1, 0.05, 0.0, 0.2)
 MUON_LRS = (0.01, 0.02, 0.04, 0.08)
 MUON_WEIGHT_DECAYS = (0.1, 0.0)
+#: Muon's warm-ups x finer rates, at the best Muon weight decay (part 2b)
+MUON_WARMUPS = (0.0, 0.05, 0.2)
+MUON_FINE_LRS = (0.04, 0.03, 0.06)
 #: the settings only Muon reads: AdamW alone does not depend on them
-MUON_FIELDS = ("muon_lr", "muon_weight_decay")
+MUON_FIELDS = ("muon_lr", "muon_weight_decay", "muon_warmup")
 
 
 def run_one(job):
@@ -60,9 +68,9 @@ def run_one(job):
 
 def settings(setup, hyper):
     """The settings ``setup`` trained with: a field added to ``Hyper`` after a record was
-    written takes the value the run had (Muon's weight decay was AdamW's), and AdamW alone
-    drops Muon's fields, so its runs count whatever Muon's defaults are now."""
-    hyper = {"muon_weight_decay": hyper["weight_decay"], **hyper}
+    written takes the value the run had (Muon's weight decay and warm-up were AdamW's), and
+    AdamW alone drops Muon's fields, so its runs count whatever Muon's defaults are now."""
+    hyper = {"muon_weight_decay": hyper["weight_decay"], "muon_warmup": hyper["warmup"], **hyper}
     return {k: v for k, v in hyper.items() if not (setup == "AdamW" and k in MUON_FIELDS)}
 
 
@@ -126,15 +134,15 @@ def table(records, steps, seeds):
         "among the settings run on every seed (muon_adamw's among those with AdamW's best lr and beta2); "
         "Muon everywhere (naive) runs at muon_adamw's best.",
         "",
-        "| set-up | Muon lr | Muon wd | AdamW lr | beta2 | final val loss |",
-        "|---|---|---|---|---|---|",
+        "| set-up | Muon lr | Muon wd | Muon warm-up | AdamW lr | beta2 | AdamW warm-up | final val loss |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     tuned, routed = winners(records, steps, seeds)
     for setup, winner in (("AdamW", tuned), ("muon_adamw", routed), ("Muon everywhere", None)):
         means = mean_by_setting(records, setup, steps, seeds, complete=False)
         if not means:
             continue
-        order = ("muon_weight_decay", "muon_lr", "beta2", "adamw_lr")
+        order = ("muon_weight_decay", "muon_warmup", "muon_lr", "beta2", "warmup", "adamw_lr")
         for setting in sorted(means, key=lambda k: [json.loads(k).get(field, 0) for field in order]):
             h = json.loads(setting)
             mean, values = means[setting]
@@ -144,7 +152,8 @@ def table(records, steps, seeds):
             if h == winner:
                 cell = f"**{cell}**"
             muon = [f"{h[field]:g}" if setup != "AdamW" else "-" for field in MUON_FIELDS]
-            lines.append(f"| {setup} | {' | '.join(muon)} | {h['adamw_lr']:g} | {h['beta2']:g} | {cell} |")
+            adamw = f"{h['adamw_lr']:g} | {h['beta2']:g} | {h['warmup']:g}"
+            lines.append(f"| {setup} | {' | '.join(muon)} | {adamw} | {cell} |")
     return "\n".join(lines)
 
 
@@ -195,22 +204,51 @@ def main(argv=None):
         for s in args.seeds
     ]
     sweep(adamw, args.results, args.jobs)
+    coarse = best(mean_by_setting(load(args.results), "AdamW", args.steps, args.seeds, like={"warmup": 0.2}))[0]
+    lrs = sorted(ADAMW_LRS)
+    i = lrs.index(coarse["adamw_lr"])
+    around = [coarse["adamw_lr"], *lrs[max(0, i - 1) : i], *lrs[i + 1 : i + 2]]
+    warmups = [
+        {"setup": "AdamW", "hyper": {**coarse, "adamw_lr": lr, "warmup": w}, "seed": s, "steps": args.steps}
+        for w in ADAMW_WARMUPS
+        for lr in around
+        for s in args.seeds
+    ]
+    sweep(warmups, args.results, args.jobs)
     tuned, loss = best(mean_by_setting(load(args.results), "AdamW", args.steps, args.seeds))
-    print(f"best AdamW: lr {tuned['adamw_lr']:g}, beta2 {tuned['beta2']:g}: {loss:.4f}", flush=True)
+    print(
+        f"best AdamW: lr {tuned['adamw_lr']:g}, beta2 {tuned['beta2']:g}, warm-up {tuned['warmup']:g}: {loss:.4f}",
+        flush=True,
+    )
+    base = {**default, **tuned, "muon_warmup": 0.2}
     muon = [
-        {
-            "setup": "muon_adamw",
-            "hyper": {**default, **tuned, "muon_lr": lr, "muon_weight_decay": wd},
-            "seed": s,
-            "steps": args.steps,
-        }
+        {"setup": "muon_adamw", "hyper": {**base, "muon_lr": lr, "muon_weight_decay": wd}, "seed": s, "steps": args.steps}
         for wd in args.muon_weight_decays
         for lr in MUON_LRS
         for s in args.seeds
     ]
     sweep(muon, args.results, args.jobs)
+    decay = winners(load(args.results), args.steps, args.seeds)[1]["muon_weight_decay"]
+    fine = [{**base, "muon_weight_decay": decay, "muon_warmup": w, "muon_lr": lr} for w in MUON_WARMUPS for lr in MUON_FINE_LRS]
+    sweep([{"setup": "muon_adamw", "hyper": h, "seed": s, "steps": args.steps} for h in fine for s in args.seeds], args.results, args.jobs)
     routed = winners(load(args.results), args.steps, args.seeds)[1]
-    print(f"best muon_adamw: Muon lr {routed['muon_lr']:g}, weight decay {routed['muon_weight_decay']:g}", flush=True)
+    tried = sorted(
+        h["muon_lr"] for h in fine + [r["hyper"] for r in muon] if h["muon_warmup"] == routed["muon_warmup"]
+        and h["muon_weight_decay"] == routed["muon_weight_decay"]
+    )
+    edge = {tried[0]: [lr for lr in MUON_LRS if lr < tried[0]][-1:], tried[-1]: [lr for lr in MUON_LRS if lr > tried[-1]][:1]}
+    if edge.get(routed["muon_lr"]):  # the best rate is the edge of those tried: one more, out of the coarse grid
+        sweep(
+            [{"setup": "muon_adamw", "hyper": {**routed, "muon_lr": edge[routed["muon_lr"]][0]}, "seed": s, "steps": args.steps} for s in args.seeds],
+            args.results,
+            args.jobs,
+        )
+        routed = winners(load(args.results), args.steps, args.seeds)[1]
+    print(
+        f"best muon_adamw: Muon lr {routed['muon_lr']:g}, weight decay {routed['muon_weight_decay']:g}, "
+        f"warm-up {routed['muon_warmup']:g}",
+        flush=True,
+    )
     sweep(
         [{"setup": "Muon everywhere", "hyper": routed, "seed": s, "steps": args.steps} for s in args.seeds],
         args.results,

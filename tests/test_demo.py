@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import warnings
 
 import numpy as np
 import pytest
@@ -136,16 +137,38 @@ def test_the_sweep_resumes_records_written_before_muon_had_its_own_weight_decay(
     )
     assert outcome.key({"setup": "muon_adamw", "hyper": {**now, "muon_lr": 0.02}, "seed": 0, "steps": 600}) not in done
     table = outcome.table(outcome.load(results), 600, [0])
-    assert "| AdamW | - | - | 0.005 | 0.99 | **1.7200 (1.720)** |" in table
-    assert "| muon_adamw | 0.02 | 0.1 | 0.005 | 0.99 | **1.4400 (1.440)** |" in table
-    assert "| muon_adamw | 0.02 | 0.1 | 0.003 | 0.99 | 1.4300 (1.430) |" in table
+    assert "| AdamW | - | - | - | 0.005 | 0.99 | 0.2 | **1.7200 (1.720)** |" in table
+    assert "| muon_adamw | 0.02 | 0.1 | 0.2 | 0.005 | 0.99 | 0.2 | **1.4400 (1.440)** |" in table
+    assert "| muon_adamw | 0.02 | 0.1 | 0.2 | 0.003 | 0.99 | 0.2 | 1.4300 (1.430) |" in table
 
 
-def test_the_learning_rate_multiplier_warms_up_then_decays_to_zero():
-    multiplier = setups.lr_multiplier(100, 0.2)
-    assert multiplier(0) == 0 and multiplier(10) == pytest.approx(0.5)
-    assert multiplier(20) == pytest.approx(1.0) and multiplier(100) == pytest.approx(0.0, abs=1e-9)
-    assert all(multiplier(s) >= multiplier(s + 1) for s in range(20, 100))
+def test_the_learning_rate_warms_up_then_decays_to_zero():
+    lr = setups.warmup_cosine(0.5, 100, 0.2)
+    assert lr(0) == 0 and lr(10) == pytest.approx(0.25)
+    assert lr(20) == pytest.approx(0.5) and lr(100) == pytest.approx(0.0, abs=1e-9)
+    assert all(lr(s) >= lr(s + 1) for s in range(20, 100))
+    cold = setups.warmup_cosine(0.5, 100, 0.0)  # no warm-up: the cosine from the first step
+    assert cold(0) == pytest.approx(0.5) and cold(50) == pytest.approx(0.25) and cold(100) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("setup", ["muon_adamw", "Muon everywhere"])
+def test_each_group_warms_up_on_its_own_schedule(setup):
+    # Muon without warm-up, AdamW with one: at the first step only Muon's parameters move
+    model = gpt.build(0)
+    hyper = setups.Hyper(warmup=0.2, muon_warmup=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoutingWarning)
+        optimizer = setups.make(setup, model, steps=10, hyper=hyper)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    inputs = torch.randint(0, 256, (2, 8))
+    model.loss(inputs, inputs).backward()
+    optimizer.step()
+    routing = optimizer.optimizer
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    muon = {name for name in before if routing.names[routing.route(name)] == "muon"}
+    assert moved == muon and "blocks.0.attn.qkv.weight" in moved
+    assert [float(lr) for lr in routing.learning_rate][0] == pytest.approx(hyper.muon_lr, rel=0.05)
+    assert all(float(lr) < hyper.adamw_lr / 2 for lr in routing.learning_rate[1:])
 
 
 def test_the_demo_says_what_the_naive_run_cost():

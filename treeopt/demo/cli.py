@@ -151,8 +151,9 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any] | None:
         f"  data      Python's standard library source (shipped, PSF licence): {len(data.train):,} "
         f"training bytes, {data.val_inputs.numel():,} validation bytes from held-out modules\n"
         f"  training  {args.steps} steps of {BATCH_SIZE} x {CONTEXT} bytes, seed {args.seed}, the same "
-        f"batches for every run; {hyper.warmup:.0%} warm-up then cosine to 0; gradient norm clipped "
-        f"to {hyper.max_grad_norm:g}\n"
+        f"batches for every run; each group's learning rate warms up (AdamW's over "
+        f"{hyper.warmup:.0%} of the steps, Muon's over {hyper.muon_warmup:.0%}) then follows a cosine "
+        f"to 0; gradient norm clipped to {hyper.max_grad_norm:g}\n"
         f"  output    {out.resolve()}/loss.png and results.json"
     )
 
