@@ -31,13 +31,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: in the order they run: the likely best first, so a sweep cut short still brackets it
 ADAMW_LRS = (3e-3, 5e-3, 2e-3, 8e-3, 1e-3)
 BETA2S = (0.99, 0.95)
-#: the warm-ups tried at the best beta2, around the best learning rate (part 1b)
-ADAMW_WARMUPS = (0.1, 0.05, 0.0, 0.2)
+#: the warm-ups tried at the best learning rate and beta2 (part 1b; 0.2 is part 1's)
+ADAMW_WARMUPS = (0.3, 0.1, 0.05)
 MUON_LRS = (0.01, 0.02, 0.04, 0.08)
 MUON_WEIGHT_DECAYS = (0.1, 0.0)
-#: Muon's warm-ups x finer rates, at the best Muon weight decay (part 2b)
-MUON_WARMUPS = (0.0, 0.05, 0.2)
-MUON_FINE_LRS = (0.04, 0.03, 0.06)
+#: Muon's warm-ups at its best rate and decay, and the finer rates around the best rate then
+#: (part 2b; 0.2 is part 2's)
+MUON_WARMUPS = (0.05, 0.1)
+MUON_FINE_FACTORS = (0.75, 1.5)
 #: the settings only Muon reads: AdamW alone does not depend on them
 MUON_FIELDS = ("muon_lr", "muon_weight_decay", "muon_warmup")
 
@@ -197,53 +198,25 @@ def main(argv=None):
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
         flush=True,
     )
-    adamw = [
-        {"setup": "AdamW", "hyper": {**default, "adamw_lr": lr, "beta2": b2}, "seed": s, "steps": args.steps}
-        for b2 in BETA2S
-        for lr in ADAMW_LRS
-        for s in args.seeds
-    ]
-    sweep(adamw, args.results, args.jobs)
+    adamw = [{**default, "adamw_lr": lr, "beta2": b2} for b2 in BETA2S for lr in ADAMW_LRS]
+    sweep(jobs("AdamW", adamw, args), args.results, args.jobs)
     coarse = best(mean_by_setting(load(args.results), "AdamW", args.steps, args.seeds, like={"warmup": 0.2}))[0]
-    lrs = sorted(ADAMW_LRS)
-    i = lrs.index(coarse["adamw_lr"])
-    around = [coarse["adamw_lr"], *lrs[max(0, i - 1) : i], *lrs[i + 1 : i + 2]]
-    warmups = [
-        {"setup": "AdamW", "hyper": {**coarse, "adamw_lr": lr, "warmup": w}, "seed": s, "steps": args.steps}
-        for w in ADAMW_WARMUPS
-        for lr in around
-        for s in args.seeds
-    ]
-    sweep(warmups, args.results, args.jobs)
-    tuned, loss = best(mean_by_setting(load(args.results), "AdamW", args.steps, args.seeds))
+    # 1b: the warm-up at the best rate, then the rate's neighbours at the best warm-up
+    warmed = descend(args, "AdamW", coarse, "warmup", ADAMW_WARMUPS, {}, keep=("adamw_lr", "beta2"))[0]
+    tuned, loss = descend(args, "AdamW", warmed, "adamw_lr", ADAMW_LRS, {}, keep=("beta2", "warmup"))
     print(
         f"best AdamW: lr {tuned['adamw_lr']:g}, beta2 {tuned['beta2']:g}, warm-up {tuned['warmup']:g}: {loss:.4f}",
         flush=True,
     )
     base = {**default, **tuned, "muon_warmup": 0.2}
-    muon = [
-        {"setup": "muon_adamw", "hyper": {**base, "muon_lr": lr, "muon_weight_decay": wd}, "seed": s, "steps": args.steps}
-        for wd in args.muon_weight_decays
-        for lr in MUON_LRS
-        for s in args.seeds
-    ]
-    sweep(muon, args.results, args.jobs)
-    decay = winners(load(args.results), args.steps, args.seeds)[1]["muon_weight_decay"]
-    fine = [{**base, "muon_weight_decay": decay, "muon_warmup": w, "muon_lr": lr} for w in MUON_WARMUPS for lr in MUON_FINE_LRS]
-    sweep([{"setup": "muon_adamw", "hyper": h, "seed": s, "steps": args.steps} for h in fine for s in args.seeds], args.results, args.jobs)
-    routed = winners(load(args.results), args.steps, args.seeds)[1]
-    tried = sorted(
-        h["muon_lr"] for h in fine + [r["hyper"] for r in muon] if h["muon_warmup"] == routed["muon_warmup"]
-        and h["muon_weight_decay"] == routed["muon_weight_decay"]
-    )
-    edge = {tried[0]: [lr for lr in MUON_LRS if lr < tried[0]][-1:], tried[-1]: [lr for lr in MUON_LRS if lr > tried[-1]][:1]}
-    if edge.get(routed["muon_lr"]):  # the best rate is the edge of those tried: one more, out of the coarse grid
-        sweep(
-            [{"setup": "muon_adamw", "hyper": {**routed, "muon_lr": edge[routed["muon_lr"]][0]}, "seed": s, "steps": args.steps} for s in args.seeds],
-            args.results,
-            args.jobs,
-        )
-        routed = winners(load(args.results), args.steps, args.seeds)[1]
+    muon = [{**base, "muon_lr": lr, "muon_weight_decay": wd} for wd in args.muon_weight_decays for lr in MUON_LRS]
+    sweep(jobs("muon_adamw", muon, args), args.results, args.jobs)
+    coarse = winners(load(args.results), args.steps, args.seeds)[1]
+    # 2b: Muon's warm-up at the best rate and decay, then finer rates around it at the best warm-up
+    warmed = descend(args, "muon_adamw", coarse, "muon_warmup", MUON_WARMUPS, tuned, keep=("muon_lr", "muon_weight_decay"))[0]
+    rates = sorted({*MUON_LRS, *(round(warmed["muon_lr"] * f, 6) for f in MUON_FINE_FACTORS)})
+    keep = ("muon_weight_decay", "muon_warmup")
+    routed = descend(args, "muon_adamw", warmed, "muon_lr", rates, tuned, keep=keep)[0]
     print(
         f"best muon_adamw: Muon lr {routed['muon_lr']:g}, weight decay {routed['muon_weight_decay']:g}, "
         f"warm-up {routed['muon_warmup']:g}",
@@ -255,6 +228,36 @@ def main(argv=None):
         args.jobs,
     )
     report(args)
+
+
+def jobs(setup, settings, args):
+    return [{"setup": setup, "hyper": h, "seed": s, "steps": args.steps} for h in settings for s in args.seeds]
+
+
+def neighbours(values, value):
+    """The values next to ``value`` in the sorted ``values``."""
+    values = sorted(values)
+    i = values.index(value)
+    return values[max(0, i - 1) : i] + values[i + 1 : i + 2]
+
+
+def descend(args, setup, start, field, values, like, keep=()):
+    """Coordinate descent on ``field``: run ``start`` with ``field`` at each of ``values`` (on
+    every seed) and return the best setting and its loss among the runs of ``setup`` that
+    share ``like``'s values and ``start``'s fields named in ``keep`` (``start`` itself
+    counts, when it was run). A rate keeps moving while the best is at the edge of ``values``:
+    ``values`` is then the grid to walk, and ``start``'s neighbours in it are tried first."""
+    walk = field.endswith("lr")
+    while True:
+        tried = neighbours(values, start[field]) if walk else values
+        sweep(jobs(setup, [{**start, field: v} for v in tried], args), args.results, args.jobs)
+        means = mean_by_setting(
+            load(args.results), setup, args.steps, args.seeds, like={**like, **{k: start[k] for k in keep}}
+        )
+        found, loss = best(means)
+        if not walk or found[field] == start[field]:
+            return found, loss
+        start = found
 
 
 def report(args):

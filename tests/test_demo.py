@@ -142,6 +142,33 @@ def test_the_sweep_resumes_records_written_before_muon_had_its_own_weight_decay(
     assert "| muon_adamw | 0.02 | 0.1 | 0.2 | 0.003 | 0.99 | 0.2 | 1.4300 (1.430) |" in table
 
 
+def test_the_sweep_walks_a_rate_until_the_best_is_bracketed(tmp_path, monkeypatch):
+    outcome = _outcome_sweep()
+    results = tmp_path / "results.jsonl"
+    ran = []
+
+    def fake_sweep(jobs, path, workers):  # a loss with its minimum at Muon lr 0.06 and warm-up 0.05
+        done = {outcome.key(r) for r in outcome.load(path)}
+        with open(path, "a") as f:
+            for job in jobs:
+                if outcome.key(job) not in done:
+                    h = job["hyper"]
+                    loss = 1.4 + abs(math.log(h["muon_lr"] / 0.06)) + abs(h["muon_warmup"] - 0.05)
+                    ran.append((h["muon_lr"], h["muon_warmup"]))
+                    f.write(json.dumps({**job, "final_val_loss": loss}) + "\n")
+
+    monkeypatch.setattr(outcome, "sweep", fake_sweep)
+    args = outcome.argparse.Namespace(steps=600, seeds=[0, 1], results=results, jobs=1)
+    start = {**setups.Hyper().to_dict(), "muon_lr": 0.02, "muon_warmup": 0.2}
+    warmed, _ = outcome.descend(args, "muon_adamw", start, "muon_warmup", (0.05, 0.1, 0.2), {}, keep=("muon_lr",))
+    assert warmed["muon_warmup"] == 0.05 and warmed["muon_lr"] == 0.02
+    best, loss = outcome.descend(args, "muon_adamw", warmed, "muon_lr", (0.01, 0.02, 0.04, 0.06, 0.08), {}, keep=("muon_warmup",))
+    assert best["muon_lr"] == 0.06 and loss == pytest.approx(1.4)
+    # the rate walked up from 0.02 one neighbour at a time, and stopped once 0.06 was bracketed
+    assert sorted({lr for lr, w in ran if w == 0.05}) == [0.01, 0.02, 0.04, 0.06, 0.08]
+    assert len(ran) == 2 * 7  # three warm-ups, then four more rates, each on both seeds
+
+
 def test_the_learning_rate_warms_up_then_decays_to_zero():
     lr = setups.warmup_cosine(0.5, 100, 0.2)
     assert lr(0) == 0 and lr(10) == pytest.approx(0.25)
