@@ -31,13 +31,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: in the order they run: the likely best first, so a sweep cut short still brackets it
 ADAMW_LRS = (3e-3, 5e-3, 2e-3, 8e-3, 1e-3)
 BETA2S = (0.99, 0.95)
-#: the warm-ups tried at the best learning rate and beta2 (part 1b; 0.2 is part 1's)
-ADAMW_WARMUPS = (0.3, 0.1, 0.05)
+#: AdamW's warm-ups (fractions of the steps), walked from part 1's 0.2 at its best rate and beta2
+ADAMW_WARMUPS = (0.05, 0.1, 0.2, 0.3, 0.4)
 MUON_LRS = (0.01, 0.02, 0.04, 0.08)
 MUON_WEIGHT_DECAYS = (0.1, 0.0)
-#: Muon's warm-ups at its best rate and decay, and the finer rates around the best rate then
-#: (part 2b; 0.2 is part 2's)
-MUON_WARMUPS = (0.05, 0.1)
+#: Muon's warm-ups, walked from part 2's 0.2 at its best rate and decay; then finer rates
+#: around the best rate (part 2b)
+MUON_WARMUPS = (0.05, 0.2)
 MUON_FINE_FACTORS = (0.75, 1.5)
 #: the settings only Muon reads: AdamW alone does not depend on them
 MUON_FIELDS = ("muon_lr", "muon_weight_decay", "muon_warmup")
@@ -56,7 +56,9 @@ def run_one(job):
     model = training_gpt.build_model(seed)
     optimizer = setups.make(setup, model, steps, hyper)
     began = time.perf_counter()
-    curve, seconds = training_gpt.train(model, optimizer, data, steps, seed, evaluations=1)
+    # Muon's runs keep their curve (the step at which they reach AdamW's final loss)
+    evaluations = 1 if setup == "AdamW" else 24
+    curve, seconds = training_gpt.train(model, optimizer, data, steps, seed, evaluations=evaluations)
     return {
         **job,
         "final_val_loss": curve.val_loss[-1],
@@ -203,17 +205,20 @@ def main(argv=None):
     coarse = best(mean_by_setting(load(args.results), "AdamW", args.steps, args.seeds, like={"warmup": 0.2}))[0]
     # 1b: the warm-up at the best rate, then the rate's neighbours at the best warm-up
     warmed = descend(args, "AdamW", coarse, "warmup", ADAMW_WARMUPS, {}, keep=("adamw_lr", "beta2"))[0]
+    first = coarse
     tuned, loss = descend(args, "AdamW", warmed, "adamw_lr", ADAMW_LRS, {}, keep=("beta2", "warmup"))
     print(
         f"best AdamW: lr {tuned['adamw_lr']:g}, beta2 {tuned['beta2']:g}, warm-up {tuned['warmup']:g}: {loss:.4f}",
         flush=True,
     )
-    base = {**default, **tuned, "muon_warmup": 0.2}
+    # 2: the coarse grid with part 1's first AdamW (20% warm-up) for the AdamW groups
+    base = {**default, **first, "muon_warmup": 0.2}
     muon = [{**base, "muon_lr": lr, "muon_weight_decay": wd} for wd in args.muon_weight_decays for lr in MUON_LRS]
     sweep(jobs("muon_adamw", muon, args), args.results, args.jobs)
-    coarse = winners(load(args.results), args.steps, args.seeds)[1]
-    # 2b: Muon's warm-up at the best rate and decay, then finer rates around it at the best warm-up
-    warmed = descend(args, "muon_adamw", coarse, "muon_warmup", MUON_WARMUPS, tuned, keep=("muon_lr", "muon_weight_decay"))[0]
+    coarse = best(mean_by_setting(load(args.results), "muon_adamw", args.steps, args.seeds, like=first))[0]
+    # 2b: from its best, now with the tuned AdamW: Muon's warm-up, then finer rates at the best warm-up
+    start = {**coarse, **tuned}
+    warmed = descend(args, "muon_adamw", start, "muon_warmup", MUON_WARMUPS, tuned, keep=("muon_lr", "muon_weight_decay"))[0]
     rates = sorted({*MUON_LRS, *(round(warmed["muon_lr"] * f, 6) for f in MUON_FINE_FACTORS)})
     keep = ("muon_weight_decay", "muon_warmup")
     routed = descend(args, "muon_adamw", warmed, "muon_lr", rates, tuned, keep=keep)[0]
@@ -245,17 +250,16 @@ def descend(args, setup, start, field, values, like, keep=()):
     """Coordinate descent on ``field``: run ``start`` with ``field`` at each of ``values`` (on
     every seed) and return the best setting and its loss among the runs of ``setup`` that
     share ``like``'s values and ``start``'s fields named in ``keep`` (``start`` itself
-    counts, when it was run). A rate keeps moving while the best is at the edge of ``values``:
-    ``values`` is then the grid to walk, and ``start``'s neighbours in it are tried first."""
-    walk = field.endswith("lr")
+    runs too). ``values`` is a grid to walk: ``start``'s neighbours in it are tried, and then
+    the best's, until the best is bracketed (or at the grid's end)."""
     while True:
-        tried = neighbours(values, start[field]) if walk else values
+        tried = [start[field], *neighbours(values, start[field])]
         sweep(jobs(setup, [{**start, field: v} for v in tried], args), args.results, args.jobs)
         means = mean_by_setting(
             load(args.results), setup, args.steps, args.seeds, like={**like, **{k: start[k] for k in keep}}
         )
         found, loss = best(means)
-        if not walk or found[field] == start[field]:
+        if found[field] == start[field]:
             return found, loss
         start = found
 
