@@ -30,6 +30,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: in the order they run: the likely best first, so a sweep cut short still brackets it
 ADAMW_LRS = (3e-3, 5e-3, 2e-3, 8e-3, 1e-3)
+#: further rates, walked to when the best is at the edge (not in part 1's grid)
+ADAMW_MORE_LRS = (0.012,)
 BETA2S = (0.99, 0.95)
 #: AdamW's warm-ups (fractions of the steps), walked from part 1's 0.2 at its best rate and beta2
 ADAMW_WARMUPS = (0.05, 0.1, 0.2, 0.3, 0.4)
@@ -203,10 +205,10 @@ def main(argv=None):
     adamw = [{**default, "adamw_lr": lr, "beta2": b2} for b2 in BETA2S for lr in ADAMW_LRS]
     sweep(jobs("AdamW", adamw, args), args.results, args.jobs)
     coarse = best(mean_by_setting(load(args.results), "AdamW", args.steps, args.seeds, like={"warmup": 0.2}))[0]
-    # 1b: the warm-up at the best rate, then the rate's neighbours at the best warm-up
-    warmed = descend(args, "AdamW", coarse, "warmup", ADAMW_WARMUPS, {}, keep=("adamw_lr", "beta2"))[0]
+    # 1b: the warm-up at the best rate, then the rate at the best warm-up
     first = coarse
-    tuned, loss = descend(args, "AdamW", warmed, "adamw_lr", ADAMW_LRS, {}, keep=("beta2", "warmup"))
+    warmed = descend(args, "AdamW", coarse, "warmup", ADAMW_WARMUPS, {}, keep=("adamw_lr", "beta2"))[0]
+    tuned, loss = descend(args, "AdamW", warmed, "adamw_lr", ADAMW_LRS + ADAMW_MORE_LRS, {}, keep=("beta2", "warmup"))
     print(
         f"best AdamW: lr {tuned['adamw_lr']:g}, beta2 {tuned['beta2']:g}, warm-up {tuned['warmup']:g}: {loss:.4f}",
         flush=True,
