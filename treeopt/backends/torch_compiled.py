@@ -57,8 +57,16 @@ class CoefficientTable:
 
     def write(self, values: Sequence[Sequence[float]]) -> None:
         """Put ``values`` (Python numbers, one list per row) in, each rounded once to the
-        table's dtype: one copy to the device per step."""
-        self.tensor.copy_(torch.tensor(values, dtype=self.tensor.dtype))
+        table's dtype: one copy to the device per step, queued behind the previous step."""
+        host = torch.tensor(values, dtype=self.tensor.dtype)
+        if self.tensor.device.type == "cuda":
+            # From pageable memory, copy_ waits until the device has finished all queued work
+            # (the previous step, the forward and backward): the host could not run ahead. From
+            # pinned memory the copy is queued like a kernel; torch's pinned-memory cache keeps
+            # ``host`` alive until the copy is done.
+            self.tensor.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            self.tensor.copy_(host)
 
 
 def _options():
