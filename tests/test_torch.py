@@ -40,9 +40,11 @@ TARGETS = (TOKENS + 1) % 10
 
 
 def train(model, opt, steps):
+    device = next(model.parameters()).device
+    tokens, targets = TOKENS.to(device), TARGETS.to(device)
     losses = []
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(TOKENS).reshape(-1, 10), TARGETS.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(model(tokens).reshape(-1, 10), targets.reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad()
