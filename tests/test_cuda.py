@@ -163,12 +163,14 @@ def test_a_checkpoint_of_a_cuda_model_resumes_on_the_device():
     train(model_a, opt_a, 3)
     train(model_b, opt_b, 3)
     for (name, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
-        assert torch.equal(a, b), name
+        # a new optimizer's first step takes the per-tensor path, the running one's the compiled
+        # kernels, which contract multiply-adds: a rounding apart, where a lost slot is not
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_gradient_with_other_strides_gives_the_same_numbers():
-    # the compiled step runs without Dynamo's guards: a gradient laid out differently from the
-    # one it was compiled for must not reach it (it takes the engine's path instead)
+    # a gradient laid out differently from the one the step was compiled for takes the
+    # engine's path
     def make():
         return optim.AdamW(0.1, bias_correction=True)
 

@@ -40,34 +40,12 @@ def compile_step(
 
     options = _options() if COMPILER == "inductor" else None
     compiled = torch.compile(step, fullgraph=True, dynamic=False, backend=COMPILER, options=options)
-    calls = 0
 
     def run(grads, params, slots, table):
-        # After the first call (which compiles), Dynamo's guards would re-check every tensor's
-        # shape, strides, dtype and device at each call: 0.3 ms of the 1.8 ms a GPT-2 step took
-        # on the host of an H200 machine.
-        # The caller checks what the compiled step assumes of the gradients and parameters
-        # (dtype, device, shape, strides; the slots and the table are its own), so the
-        # guards are skipped; the single compiled graph is the only one that can run.
-        nonlocal calls
-        with torch.no_grad(), _trusted() if calls else _nothing():
+        with torch.no_grad():
             compiled(grads, params, slots, table)
-        calls += 1
 
     return run
-
-
-def _trusted():
-    try:
-        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-    except (AttributeError, TypeError):  # torch before 2.6: the guards run
-        return _nothing()
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 class CoefficientTable:
@@ -94,10 +72,11 @@ class CoefficientTable:
 def _options():
     import torch._inductor.config as inductor
 
-    # horizontal fusion of the tensors' kernels into few launches (Triton only). By default a
-    # combo kernel takes 8 tensors' kernels: GPT-2's 148 tensors took 19 launches, each about
-    # 45 us of the host's time, more than the device's whole step; 32 per kernel keeps each
-    # kernel's arguments under Inductor's limit (250 buffers; an AdamW tensor has 4 to 5).
+    # horizontal fusion of the tensors' kernels into few launches (Triton only). A combo kernel
+    # takes 8 tensors' kernels by default: GPT-2's 148 tensors took 19 launches on an H200 (torch
+    # 2.11, where 8 is fixed), each 45-95 us of the host's time, which is more than the device's
+    # whole step. Where torch lets it be set, 32 per kernel keeps each kernel's arguments under
+    # Inductor's limit (250 buffers; an AdamW tensor has 4 to 5). Not measured on a GPU yet.
     options = {"combo_kernels": True} if hasattr(inductor, "combo_kernels") else {}
     if hasattr(inductor, "combo_kernel_max_num_nodes"):
         options["combo_kernel_max_num_nodes"] = 32

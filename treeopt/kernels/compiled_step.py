@@ -286,8 +286,7 @@ class _TorchCompiledBucket(_FusedBucket):
             self.hyper = hyper
         chosen = [grads[k] for k in self.positions]
         dtype, device = self.dtype, self.device
-        # everything the compiled step assumes of the tensors that can change between steps
-        # (the step runs without Dynamo's guards: torch_compiled.compile_step)
+        # what the compiled step was compiled for (otherwise Dynamo would compile another)
         if not all(
             g.dtype is dtype and g.device == device and g.shape == shape and g.stride() == stride == p.stride()
             for g, p, shape, stride in zip(chosen, self.params, self.shapes, self.strides)
