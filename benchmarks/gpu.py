@@ -112,6 +112,84 @@ def candidates(has_muon):
     return rows
 
 
+def training_rows(device, scale, batch, steps, rounds):
+    """Whole training iterations (forward, backward, step; bfloat16 autocast on CUDA) of a
+    GPT-2-small-sized model, the demo's GPT (``treeopt.demo.gpt``: 12 layers, width 768,
+    context 1024, vocabulary 50,304, untied head), with each optimizer: ms per iteration."""
+    from treeopt.demo.gpt import Config, build
+
+    config = Config(vocab=50304 // scale, context=1024 // scale, width=768 // scale, layers=12, heads=12)
+    generator = torch.Generator(device).manual_seed(0)
+    tokens = torch.randint(0, config.vocab, (batch, config.context + 1), generator=generator, device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def hidden(model):
+        return [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2]
+
+    def rest(model):
+        return [p for n, p in model.named_parameters() if not (n.startswith("blocks.") and p.ndim == 2)]
+
+    makers = {
+        "treeopt AdamW": lambda m: treeopt.torch.Optimizer(m, optim.AdamW(3e-4, weight_decay=0.1)),
+        "torch AdamW fused": lambda m: torch.optim.AdamW(m.parameters(), lr=3e-4, weight_decay=0.1, fused=True),
+        "treeopt muon_adamw (NS in bfloat16)": lambda m: treeopt.torch.Optimizer(
+            m, optim.muon_adamw(muon_lr=0.02, adamw_lr=3e-4, ns_dtype="bfloat16")
+        ),
+    }
+    if hasattr(torch.optim, "Muon"):
+        makers["torch Muon + AdamW fused"] = lambda m: _Both(
+            torch.optim.Muon(hidden(m), lr=0.02, weight_decay=0.01),
+            torch.optim.AdamW(rest(m), lr=3e-4, weight_decay=0.01, fused=True),
+        )
+    iterations, first = {}, {}
+    for row, make in makers.items():
+        model = build(0, config).to(device)
+        opt = make(model)
+
+        def iteration(model=model, opt=opt):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model.loss(inputs, targets)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        start = time.perf_counter()
+        for _ in range(2):  # the second step compiles treeopt's step
+            iteration()
+        sync(device)
+        first[row] = time.perf_counter() - start
+        iterations[row] = iteration
+        print(f"  ready (training) {row:<36} first two iterations {first[row]:7.2f} s", flush=True)
+    samples = {row: [] for row in iterations}
+    for _ in range(rounds):
+        for row, iteration in iterations.items():
+            samples[row].append(timed_block(iteration, steps, device)[0])
+    peers = {"treeopt AdamW": "torch AdamW fused", "treeopt muon_adamw (NS in bfloat16)": "torch Muon + AdamW fused"}
+    medians = {row: statistics.median(s) for row, s in samples.items()}
+    print(f"\n{'training iteration, batch ' + str(batch) + ' x ' + str(config.context):<42} {'ms':>9} {'x peer':>7}")
+    results = []
+    for row, median in medians.items():
+        peer = medians.get(peers.get(row, row))
+        results.append(
+            {"row": row, "ms": median * 1e3, "x_peer": median / peer if peer else None, "first_s": first[row]}
+        )
+        print(f"{row:<42} {median * 1e3:9.2f} {median / peer if peer else 1:7.3f}")
+    return results
+
+
+class _Both:
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+
 def copy_bandwidth(device, gib=1.0, repeats=10):
     """Bytes read plus written per second by a device-to-device copy."""
     n = int(gib * 2**30 // 4)
@@ -197,8 +275,9 @@ def main(argv=None):
     parser.add_argument("--scale", type=int, default=1, help="divide every dimension by this (a dry run)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
-    parser.add_argument("--only", default="", help="comma-separated kinds: adamw,muon,routed")
+    parser.add_argument("--only", default="", help="comma-separated kinds: adamw,muon,routed (none: only --train)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--train", type=int, default=0, metavar="BATCH", help="also time training iterations")
     parser.add_argument("--profile", default=None, help="a folder for torch.profiler tables of treeopt's rows")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -290,6 +369,7 @@ def main(argv=None):
             else ""
         )
         print(f"{row:<42} {median * 1e3:9.3f} {x_peer} {x_bound} {hosts[row] * 1e3:8.3f} {loop}")
+    training = training_rows(device, args.scale, args.train, 5, args.rounds) if args.train else []
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -302,6 +382,7 @@ def main(argv=None):
                     "adamw_bound_ms": bound * 1e3,
                     "results": results,
                     "failed": failed,
+                    "training": training,
                 },
                 f,
                 indent=2,
