@@ -136,13 +136,17 @@ def table(records, steps, seeds):
     lines = [
         f"Final validation loss (nats per byte) after {steps} steps, mean over seeds "
         f"{', '.join(map(str, seeds))} (each seed's value in brackets); **bold**: the best of each part "
-        "among the settings run on every seed (muon_adamw's among those with AdamW's best lr and beta2); "
-        "Muon everywhere (naive) runs at muon_adamw's best.",
+        "among the settings run on every seed (muon_adamw's among those with AdamW's best settings for its "
+        "AdamW groups); Muon everywhere (naive) runs at muon_adamw's best. Steps to target: for the runs that "
+        "kept their curve, the step at which the validation loss first reached the best AdamW's final loss "
+        "on the same seed, as a fraction of the steps (interpolated between 25 evaluations; per seed).",
         "",
-        "| set-up | Muon lr | Muon wd | Muon warm-up | AdamW lr | beta2 | AdamW warm-up | final val loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "| set-up | Muon lr | Muon wd | Muon warm-up | AdamW lr | beta2 | AdamW warm-up | final val loss "
+        "| steps to target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     tuned, routed = winners(records, steps, seeds)
+    reached = steps_to_target(records, steps, seeds, tuned)
     for setup, winner in (("AdamW", tuned), ("muon_adamw", routed), ("Muon everywhere", None)):
         means = mean_by_setting(records, setup, steps, seeds, complete=False)
         if not means:
@@ -158,8 +162,34 @@ def table(records, steps, seeds):
                 cell = f"**{cell}**"
             muon = [f"{h[field]:g}" if setup != "AdamW" else "-" for field in MUON_FIELDS]
             adamw = f"{h['adamw_lr']:g} | {h['beta2']:g} | {h['warmup']:g}"
-            lines.append(f"| {setup} | {' | '.join(muon)} | {adamw} | {cell} |")
+            ratios = reached.get(setting, [])
+            reach = ", ".join("-" if r is None else f"{r:.2f}" for r in ratios) if ratios else ""
+            lines.append(f"| {setup} | {' | '.join(muon)} | {adamw} | {cell} | {reach} |")
     return "\n".join(lines)
+
+
+def steps_to_target(records, steps, seeds, tuned):
+    """``{setting: [fraction of the steps per seed, None where never reached]}`` for the runs
+    with a curve, against ``tuned`` AdamW's final loss on each seed."""
+    from treeopt.demo.training_gpt import Curve
+
+    if tuned is None:
+        return {}
+    target = {
+        r["seed"]: r["final_val_loss"]
+        for r in records
+        if r["setup"] == "AdamW" and r["steps"] == steps and r["hyper"] == tuned
+    }
+    reached = {}
+    for r in sorted(records, key=lambda r: r["seed"]):
+        points = r.get("curve", {})
+        if r["setup"] == "AdamW" or r["steps"] != steps or r["seed"] not in target or len(points.get("steps", [])) < 3:
+            continue
+        curve = Curve(steps=list(points["steps"]), val_loss=list(points["val_loss"]))
+        curve.seconds = curve.cpu_seconds = [0.0] * len(curve.steps)
+        reach = curve.reach(target[r["seed"]])
+        reached.setdefault(json.dumps(r["hyper"], sort_keys=True), []).append(None if reach is None else reach[0] / steps)
+    return reached
 
 
 def write_doc(markdown, doc=ROOT / "docs" / "outcome.md"):
