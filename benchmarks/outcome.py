@@ -3,11 +3,12 @@
     python benchmarks/outcome.py [--steps 600] [--seeds 0 1] [--jobs 1]
 
 1. AdamW alone (the demo's "AdamW" set-up): peak learning rate x beta2 at a 20% warm-up;
-   then the warm-up x the best learning rate and its two neighbours, at the best beta2.
-2. muon_adamw (the demo's routed set-up), its AdamW groups at the best AdamW settings of 1:
-   Muon's peak learning rate x Muon's weight decay at Muon warm-up 20%; then Muon's warm-up
-   x Muon's finer learning rates, at the best weight decay. If the best rate of a warm-up is
-   the edge of the rates tried there, the next rate out of the coarse grid runs too.
+   then (1b) coordinate descent: the warm-up at the best rate and beta2, then the rate at
+   the best warm-up (each walked along its grid until the best is bracketed or at the end).
+2. muon_adamw (the demo's routed set-up): Muon's peak learning rate x Muon's weight decay at
+   a 20% Muon warm-up, its AdamW groups at part 1's first best (20% warm-up); then (2b) from
+   that grid's best, with the tuned AdamW of 1b for the AdamW groups: Muon's warm-up, then
+   finer Muon rates (0.75x, 1.5x) at the best warm-up, walked the same way.
 3. Muon everywhere (the demo's naive set-up) at the best settings of 2, every seed: how much
    the routing itself is worth, beyond one seed.
 

@@ -169,6 +169,11 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any] | None:
         if setup == "muon_adamw":
             console.print("The routing plan (every parameter: its group, rule, state and learning rate):")
             console.print(plans[setup])
+            console.print(
+                f"  (learning_rate is step 0's: each group's is a schedule, Muon's from 0 to "
+                f"{hyper.muon_lr:g} over {hyper.muon_warmup:.0%} of the steps, AdamW's from 0 to "
+                f"{hyper.adamw_lr:g} over {hyper.warmup:.0%}, then a cosine to 0)"
+            )
         if setup == "Muon everywhere":
             moved = plans[setup].diff(_plan_of("muon_adamw", model, args.steps, hyper)).moved
             console.print(

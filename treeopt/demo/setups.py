@@ -35,7 +35,7 @@ class Hyper:
     """The optimizer settings; the defaults are the best of the sweep in ``docs/outcome.md``
     (AdamW's peak lr and beta2; Muon's peak lr and weight decay, with that AdamW)."""
 
-    adamw_lr: float = 5e-3
+    adamw_lr: float = 8e-3
     beta2: float = 0.95
     #: AdamW's, on every matrix it gets, decoupled (w *= 1 - lr * wd)
     weight_decay: float = 0.1
@@ -43,7 +43,7 @@ class Hyper:
     #: Muon's, decoupled too; per step it is muon_lr * wd, several times AdamW's at one wd
     muon_weight_decay: float = 0.1
     #: the AdamW groups' warm-up, a fraction of the steps (in every set-up)
-    warmup: float = 0.2
+    warmup: float = 0.4
     #: the Muon group's warm-up, a fraction of the steps (muon_adamw and the naive set-up)
     muon_warmup: float = 0.2
     max_grad_norm: float = 1.0
