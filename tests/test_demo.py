@@ -119,11 +119,15 @@ def test_the_sweep_resumes_records_written_before_muon_had_its_own_weight_decay(
     ]
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
-    now = {**setups.Hyper().to_dict(), "adamw_lr": 5e-3, "beta2": 0.99, "muon_lr": 0.04, "muon_weight_decay": 0.0}
+    now = {
+        **setups.Hyper().to_dict(),
+        **{"adamw_lr": 5e-3, "beta2": 0.99, "warmup": 0.2, "muon_lr": 0.04, "muon_weight_decay": 0.0},
+    }
     done = {outcome.key(r) for r in outcome.load(results)}
     # AdamW alone does not read Muon's settings: its old run counts whatever they are now
     assert outcome.key({"setup": "AdamW", "hyper": now, "seed": 0, "steps": 600}) in done
-    # the old muon_adamw decayed Muon by AdamW's weight decay: it is that run, and no other
+    # the old muon_adamw decayed Muon by AdamW's weight decay and warmed it up with AdamW's
+    # warm-up: it is that run, and no other
     assert (
         outcome.key(
             {
