@@ -36,13 +36,13 @@ def _start_target_without_scipy_linalg():
         return
     spec = importlib.util.find_spec("numba.np.arraymath")
     try:
-        with open(spec.origin, encoding="utf-8") as file:  # type: ignore[union-attr, arg-type]
+        with open(spec.origin, encoding="utf-8") as file:
             computes_flag = "\n_HAVE_BLAS = _check_blas()\n" in file.read()
     except (OSError, TypeError, AttributeError):
         computes_flag = False
     if not computes_flag:
         return
-    sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # its import fails at once
+    sys.modules["scipy.linalg"] = None  # its import now fails at once
     try:
         import numba.np.arraymath as arraymath
     finally:
