@@ -18,7 +18,7 @@ Trees: ``gpt2`` (GPT-2 small: 124M parameters in 148 tensors), ``many`` (2,000 t
 compared with the time of its matrix products alone (15 per matrix for 5 Newton-Schulz
 iterations), measured in the same run the way Muon runs them: same-shape matrices stacked,
 one batched product (NumPy ``matmul`` on 3-D arrays; ``torch.bmm`` for torch), re-timed in
-every round. GPU rows (CUDA) need a GPU machine; without one they are printed as not measured.
+every round. GPU rows (CUDA) are `benchmarks/gpu.py`'s, on a GPU machine.
 
 Two things are timed in fresh processes, as a user meets them: the *cached start* (a second
 process: ``import treeopt`` and the first two AdamW steps on the 10M tree, the compiled loops
@@ -617,7 +617,8 @@ def main(argv=None):
             CACHED_START.update(found)
     print(
         "\n== GPU rows (CUDA: treeopt's torch.compile runner against torch.optim.AdamW(fused=True) on GPT-2 "
-        "small; Muon batched in bfloat16 against torch.optim.Muon): not measured (no GPU in this session)"
+        "small; Muon batched in bfloat16 against torch.optim.Muon): benchmarks/gpu.py on a CUDA machine "
+        "(docs/performance.md#gpu)"
     )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

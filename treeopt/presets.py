@@ -53,6 +53,7 @@ def muon_adamw(
     muon_weight_decay: Scalar | None = None,
     adjust_lr: str = "original",
     layout: str | None = None,
+    ns_dtype: str | None = None,
     hidden: Filter = is_hidden_matrix,
     no_decay: Filter = is_bias | is_norm | ndim(max=1),
     frozen: Filter | None = None,
@@ -95,6 +96,8 @@ def muon_adamw(
             ``(out, in)``) or ``"in_out"`` (flax, Keras: ``kernel`` of shape ``(in, out)``).
             Default: read from ``params`` when given (matrices named ``kernel`` are flax's,
             ``weight`` torch's), else Muon's own default (see :class:`Muon`).
+        ns_dtype: Muon's Newton-Schulz dtype, e.g. ``"bfloat16"`` on GPUs, as Keller Jordan
+            and ``torch.optim.Muon`` run it (default: the gradient's dtype; see :class:`Muon`).
         hidden, no_decay: the filters of the first two groups (see :mod:`treeopt.filters`).
         frozen: a filter of parameters that no group gets.
         lr_schedule: a multiplier of the step for every group's learning rate (warm-up,
@@ -128,6 +131,7 @@ def muon_adamw(
                 ns_eps=NS_EPS,
                 adjust_lr=adjust_lr,
                 layout=layout,
+                ns_dtype=ns_dtype,
             ),
             AdamW(adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True),
             AdamW(adamw_lr, betas=betas, weight_decay=weight_decay, bias_correction=True),

@@ -85,7 +85,7 @@ class GPT(nn.Module):
         return self
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1])
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.tok_embed(tokens) + self.pos_embed(positions)
         for block in self.blocks:
             x = block(x)

@@ -267,6 +267,7 @@ class _TorchCompiledBucket(_FusedBucket):
         self.hyper = [_settings(owner) for owner in self.owners]
         self.params = [leaf.param for leaf in leaves]
         self.shapes = [tuple(p.shape) for p in self.params]
+        self.strides = [p.stride() for p in self.params]
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
         self.slots = [[leaf.slots[n] for leaf in leaves] for n in rule.slots]
         self.table = CoefficientTable(len(self.owners), len(self.numeric), self.params[0])
@@ -285,8 +286,10 @@ class _TorchCompiledBucket(_FusedBucket):
             self.hyper = hyper
         chosen = [grads[k] for k in self.positions]
         dtype, device = self.dtype, self.device
+        # what the compiled step was compiled for (otherwise Dynamo would compile another)
         if not all(
-            g.dtype is dtype and g.device == device and g.shape == shape for g, shape in zip(chosen, self.shapes)
+            g.dtype is dtype and g.device == device and g.shape == shape and g.stride() == stride == p.stride()
+            for g, p, shape, stride in zip(chosen, self.params, self.shapes, self.strides)
         ):
             return None
         return chosen

@@ -1,0 +1,194 @@
+"""treeopt on a CUDA device: the accelerator runner (the rule's own ``update`` compiled by
+Inductor into Triton kernels) and Muon's stacked, batched step give the per-tensor rule's
+numbers there; a training step never waits for the device; state and checkpoints stay on it.
+
+These need a GPU: CI has none, and ``benchmarks/gpu.py``'s machine runs them. For a dry run of
+the file on CPU: ``TREEOPT_TEST_DEVICE=cpu`` (the same trace, no code generation).
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import treeopt as optim
+import treeopt.kernels as kernels
+
+from registry import SETTINGS
+
+torch = pytest.importorskip("torch", reason="the CUDA runner is for torch tensors")
+torch_compiled = pytest.importorskip("treeopt.backends.torch_compiled", reason="needs torch.compile")
+import treeopt.torch  # noqa: E402
+from treeopt.kernels.compiled_step import _TorchCompiledBucket  # noqa: E402
+
+DEVICE = os.environ.get("TREEOPT_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device on this machine"
+)
+SHAPES = {"embed": (50, 16), "blocks": [{"w": (16, 16), "b": (16,)}, {"w": (16, 16), "b": (16,)}], "head": (16, 50)}
+
+
+@pytest.fixture(autouse=True)
+def compiled_runner(monkeypatch):
+    if DEVICE == "cpu":  # a dry run: the runner is chosen on CPU too, and only traced
+        monkeypatch.setattr(kernels, "torch_compile", "always")
+        monkeypatch.setattr(torch_compiled, "COMPILER", "aot_eager")
+    torch._dynamo.reset()
+
+
+def tree(seed, dtype=torch.float32):
+    rng = np.random.default_rng(seed)
+
+    def build(node):
+        if isinstance(node, tuple):
+            return torch.from_numpy(rng.standard_normal(node)).to(device=DEVICE, dtype=dtype)
+        if isinstance(node, dict):
+            return {k: build(v) for k, v in node.items()}
+        return [build(v) for v in node]
+
+    return build(SHAPES)
+
+
+def flat(node):
+    if isinstance(node, dict):
+        return [x for v in node.values() for x in flat(v)]
+    if isinstance(node, list):
+        return [x for v in node for x in flat(v)]
+    return [node]
+
+
+def run(make, fast, steps=3):
+    kernels.enabled = fast
+    try:
+        params, opt = tree(0), make()
+        for i in range(steps):
+            opt.update(params, tree(i + 1))
+        return params, opt
+    finally:
+        kernels.enabled = True
+
+
+ELEMENTWISE = [s for s in SETTINGS if s.make().rule.elementwise and not callable(s.make().rule.slots)]
+
+
+@pytest.mark.parametrize("setting", ELEMENTWISE[::4], ids=lambda s: s.id)
+def test_the_cuda_runner_gives_the_per_tensor_rules_numbers(setting):
+    fast_params, fast = run(setting.make, True)
+    ref_params, _ = run(setting.make, False)
+    assert {type(b) for b in fast._compiled.buckets} == {_TorchCompiledBucket}
+    for x, y in zip(flat(fast_params), flat(ref_params)):
+        assert x.device.type == DEVICE
+        # Triton contracts multiply-adds and may divide with a different rounding than the
+        # per-tensor kernels: a few float32 roundings over three steps
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_stacked_muon_gives_the_per_matrix_numbers_and_bfloat16_stays_close():
+    def make(ns_dtype=None):
+        return lambda: optim.MultiOptimizer(
+            [optim.Muon(0.02, ns_dtype=ns_dtype), optim.AdamW(1e-3)],
+            [lambda p, w: p.startswith("blocks.") and w.ndim == 2],
+        )
+
+    fast_params, _ = run(make(), True)
+    ref_params, _ = run(make(), False)
+    for x, y in zip(flat(fast_params), flat(ref_params)):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)  # batched products sum in another order
+    start = tree(0)
+    low_params, _ = run(make("bfloat16"), True)
+    for name in ("w",):
+        for block in range(2):
+            ref_step = ref_params["blocks"][block][name] - start["blocks"][block][name]
+            low_step = low_params["blocks"][block][name] - start["blocks"][block][name]
+            assert low_step.dtype == torch.float32
+            assert float(torch.linalg.norm(low_step - ref_step) / torch.linalg.norm(ref_step)) < 0.1
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(32, 16)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(3)])
+        self.norm = torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, 32, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = x + torch.relu(block(x))
+        return self.head(self.norm(x))
+
+
+def train(model, opt, steps):
+    tokens = torch.arange(32, device=DEVICE).repeat(4, 1)
+    targets = (tokens + 1) % 32
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return [float(x) for x in losses]
+
+
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["no clip", "clip 1.0"])
+def test_a_training_step_never_waits_for_the_device(clip):
+    model = Net().to(DEVICE)
+    opt = treeopt.torch.Optimizer(model, optim.muon_adamw(adamw_lr=1e-2, ns_dtype="bfloat16", max_grad_norm=clip))
+    losses = train(model, opt, 30)
+    assert losses[-1] < 0.5 * losses[0]
+    tokens = torch.arange(32, device=DEVICE).repeat(4, 1)
+    model(tokens).sum().backward()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        opt.step()
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(v.device.type == DEVICE for slots in opt.state.values() for v in slots.values())
+
+
+def test_a_checkpoint_of_a_cuda_model_resumes_on_the_device():
+    model_a, model_b = Net().to(DEVICE), Net().to(DEVICE)
+    opt_a = treeopt.torch.Optimizer(model_a, optim.muon_adamw())
+    train(model_a, opt_a, 5)
+    model_b.load_state_dict(model_a.state_dict())
+    opt_b = treeopt.torch.Optimizer(model_b, optim.muon_adamw())
+    opt_b.load_state_dict(opt_a.state_dict())
+    assert all(v.device.type == DEVICE for slots in opt_b.state.values() for v in slots.values())
+    train(model_a, opt_a, 3)
+    train(model_b, opt_b, 3)
+    for (name, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        # a new optimizer's first step takes the per-tensor path, the running one's the compiled
+        # kernels, which contract multiply-adds: a rounding apart, where a lost slot is not
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_gradient_with_other_strides_gives_the_same_numbers():
+    # a gradient laid out differently from the one the step was compiled for takes the
+    # engine's path
+    def make():
+        return optim.AdamW(0.1, bias_correction=True)
+
+    def strided(grads):
+        w = grads["blocks"][0]["w"]
+        grads["blocks"][0]["w"] = w.t().contiguous().t()  # the same values, column-major
+        return grads
+
+    results = []
+    for fast in (True, False):
+        kernels.enabled = fast
+        try:
+            params, opt = tree(0), make()
+            for i in range(4):
+                grads = tree(i + 1)
+                opt.update(params, strided(grads) if i == 2 else grads)
+            results.append(params)
+        finally:
+            kernels.enabled = True
+    for x, y in zip(flat(results[0]), flat(results[1])):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
