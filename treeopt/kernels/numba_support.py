@@ -28,9 +28,10 @@ def _start_target_without_scipy_linalg():
     only to set ``_HAVE_BLAS``: whether ``np.correlate``/``np.convolve`` in jitted code may
     call ``np.dot``, whose own implementation imports SciPy's BLAS when it is first compiled.
     The flag is set to what numba would have found (SciPy's BLAS comes with every SciPy numba
-    accepts; ``import numba`` imported SciPy if it is installed), so numba behaves the same in
-    this process, without the import until some jitted code needs SciPy's BLAS. Done only when
-    numba's module still computes the flag that way, and neither module is imported yet.
+    accepts), so numba behaves the same in this process, without the import until some jitted
+    code needs SciPy's BLAS. Done only when numba's module still computes the flag that way and
+    neither module is imported yet; if the module fails to import without SciPy, numba starts
+    as usual.
     """
     if "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
         return
@@ -45,10 +46,12 @@ def _start_target_without_scipy_linalg():
     sys.modules["scipy.linalg"] = None  # its import now fails at once
     try:
         import numba.np.arraymath as arraymath
+    except ImportError:  # this numba needs scipy.linalg elsewhere: its target starts as usual
+        return
     finally:
         if sys.modules.get("scipy.linalg", 0) is None:
             del sys.modules["scipy.linalg"]
-    arraymath._HAVE_BLAS = "scipy" in sys.modules
+    arraymath._HAVE_BLAS = importlib.util.find_spec("scipy") is not None
 
 
 _start_target_without_scipy_linalg()
