@@ -278,3 +278,45 @@ def test_matrices_and_vectors_in_separate_groups_run_in_one_loop(backend):
     assert len(bucket.owners) == 2
     assert_identical(fast_params, ref_params)
     assert_identical(fast.state, ref.state)
+
+
+_FIRST_STEP_IMPORTS = """
+import sys
+import numpy as np
+import treeopt as optim
+
+params = {"w": np.ones((4, 4), np.float32)}
+opt = optim.AdamW(0.1)
+for _ in range(2):
+    opt.update(params, {"w": np.full((4, 4), 0.5, np.float32)})
+assert opt._compiled is not None and opt._compiled.buckets, "no compiled loop"
+print("scipy.linalg" in sys.modules)
+import numba.np.arraymath as arraymath
+print(arraymath._HAVE_BLAS)
+
+@__import__("numba").njit
+def correlate(a, b):
+    return np.correlate(a, b)
+
+print(correlate(np.arange(3.0), np.ones(2)).tolist() == np.correlate(np.arange(3.0), np.ones(2)).tolist())
+"""
+
+
+def test_the_compiled_loops_start_without_scipy_linalg_and_numba_behaves_the_same():
+    import subprocess
+    import sys
+
+    fresh = subprocess.run([sys.executable, "-c", _FIRST_STEP_IMPORTS], capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    hidden, flag, correlated = fresh.stdout.split("\n")[:3]
+    assert hidden == "False"  # the first steps did not import SciPy's linear algebra
+    # numba's own flag, as numba sets it in a process where treeopt has not started the target
+    plain = subprocess.run(
+        [sys.executable, "-c", "import numba.np.arraymath as m; print(m._HAVE_BLAS)"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert flag == plain.stdout.strip()
+    assert correlated == "True"  # jitted code that may call SciPy's BLAS still works
