@@ -33,7 +33,6 @@ import numba
 import numpy as np
 
 from treeopt import ops
-from treeopt.kernels import numba_support  # noqa: F401  (numba's CPU target, started without SciPy)
 
 if TYPE_CHECKING:
     from treeopt.rules.base import Rule

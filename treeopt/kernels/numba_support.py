@@ -1,5 +1,5 @@
-"""What the numba runner needs beyond numba itself: raw pointers, reading a NumPy array's
-data pointer, shape and flags from the array object, and a quicker start of numba's CPU target.
+"""What the numba runner needs beyond numba itself: raw pointers, and reading a NumPy array's
+data pointer, shape and flags from the array object.
 
 Reading ``arr.ctypes.data`` costs about 3 us per array in Python, as much as the whole
 memory traffic of a 64 x 64 AdamW step; the ids of the arrays cost 0.1 us. The array object's
@@ -10,51 +10,12 @@ pointers are read the slow way.
 """
 
 import ctypes
-import importlib.util
-import sys
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
-
-
-def _start_target_without_scipy_linalg():
-    """Import numba's array maths module (what its CPU target loads before the first compile
-    or cache load) with ``scipy.linalg`` hidden, then set the one flag it derives from SciPy.
-
-    That module imports ``scipy.linalg`` (0.3-0.7 s, half of a cached start's first step)
-    only to set ``_HAVE_BLAS``: whether ``np.correlate``/``np.convolve`` in jitted code may
-    call ``np.dot``, whose own implementation imports SciPy's BLAS when it is first compiled.
-    The flag is set to what numba would have found (SciPy's BLAS comes with every SciPy numba
-    accepts), so numba behaves the same in this process, without the import until some jitted
-    code needs SciPy's BLAS. Done only when numba's module still computes the flag that way and
-    neither module is imported yet; if the module fails to import without SciPy, numba starts
-    as usual.
-    """
-    if "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
-        return
-    spec = importlib.util.find_spec("numba.np.arraymath")
-    try:
-        with open(spec.origin, encoding="utf-8") as file:
-            computes_flag = "\n_HAVE_BLAS = _check_blas()\n" in file.read()
-    except (OSError, TypeError, AttributeError):
-        computes_flag = False
-    if not computes_flag:
-        return
-    sys.modules["scipy.linalg"] = None  # its import now fails at once
-    try:
-        import numba.np.arraymath as arraymath
-    except ImportError:  # this numba needs scipy.linalg elsewhere: its target starts as usual
-        return
-    finally:
-        if sys.modules.get("scipy.linalg", 0) is None:
-            del sys.modules["scipy.linalg"]
-    arraymath._HAVE_BLAS = importlib.util.find_spec("scipy") is not None
-
-
-_start_target_without_scipy_linalg()
 
 # offsets in PyArrayObject_fields (64-bit)
 DATA, NDIM, DIMENSIONS, DESCR, FLAGS = 16, 24, 32, 56, 64
