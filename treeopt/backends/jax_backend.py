@@ -31,9 +31,13 @@ class JaxBackend(Backend):
         return x.dtype.name
 
     def device(self, x: Array) -> str:
+        if isinstance(x, jax.core.Tracer):
+            # a tracer has no device; asking it raises an error whose message scans the whole
+            # computation traced so far (a trace over thousands of tensors took quadratic time)
+            return "traced"
         try:
             return ",".join(sorted(str(d) for d in x.devices()))
-        except Exception:  # a tracer has no device
+        except Exception:  # anything else without a device
             return "traced"
 
     def zeros_like(self, x: Array) -> Array:

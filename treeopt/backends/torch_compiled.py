@@ -77,7 +77,7 @@ def _options():
     # 2.11, where 8 is fixed), each 45-95 us of the host's time, which is more than the device's
     # whole step. Where torch lets it be set, 32 per kernel keeps each kernel's arguments under
     # Inductor's limit (250 buffers; an AdamW tensor has 4 to 5). Not measured on a GPU yet.
-    options = {"combo_kernels": True} if hasattr(inductor, "combo_kernels") else {}
+    options: dict[str, bool | int] = {"combo_kernels": True} if hasattr(inductor, "combo_kernels") else {}
     if hasattr(inductor, "combo_kernel_max_num_nodes"):
         options["combo_kernel_max_num_nodes"] = 32
     return options
