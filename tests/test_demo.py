@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import warnings
 
 import numpy as np
 import pytest
@@ -118,11 +119,15 @@ def test_the_sweep_resumes_records_written_before_muon_had_its_own_weight_decay(
     ]
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
-    now = {**setups.Hyper().to_dict(), "adamw_lr": 5e-3, "beta2": 0.99, "muon_lr": 0.04, "muon_weight_decay": 0.0}
+    now = {
+        **setups.Hyper().to_dict(),
+        **{"adamw_lr": 5e-3, "beta2": 0.99, "warmup": 0.2, "muon_lr": 0.04, "muon_weight_decay": 0.0},
+    }
     done = {outcome.key(r) for r in outcome.load(results)}
     # AdamW alone does not read Muon's settings: its old run counts whatever they are now
     assert outcome.key({"setup": "AdamW", "hyper": now, "seed": 0, "steps": 600}) in done
-    # the old muon_adamw decayed Muon by AdamW's weight decay: it is that run, and no other
+    # the old muon_adamw decayed Muon by AdamW's weight decay and warmed it up with AdamW's
+    # warm-up: it is that run, and no other
     assert (
         outcome.key(
             {
@@ -136,16 +141,65 @@ def test_the_sweep_resumes_records_written_before_muon_had_its_own_weight_decay(
     )
     assert outcome.key({"setup": "muon_adamw", "hyper": {**now, "muon_lr": 0.02}, "seed": 0, "steps": 600}) not in done
     table = outcome.table(outcome.load(results), 600, [0])
-    assert "| AdamW | - | - | 0.005 | 0.99 | **1.7200 (1.720)** |" in table
-    assert "| muon_adamw | 0.02 | 0.1 | 0.005 | 0.99 | **1.4400 (1.440)** |" in table
-    assert "| muon_adamw | 0.02 | 0.1 | 0.003 | 0.99 | 1.4300 (1.430) |" in table
+    assert "| AdamW | - | - | - | 0.005 | 0.99 | 0.2 | **1.7200 (1.720)** |" in table
+    assert "| muon_adamw | 0.02 | 0.1 | 0.2 | 0.005 | 0.99 | 0.2 | **1.4400 (1.440)** |" in table
+    assert "| muon_adamw | 0.02 | 0.1 | 0.2 | 0.003 | 0.99 | 0.2 | 1.4300 (1.430) |" in table
 
 
-def test_the_learning_rate_multiplier_warms_up_then_decays_to_zero():
-    multiplier = setups.lr_multiplier(100, 0.2)
-    assert multiplier(0) == 0 and multiplier(10) == pytest.approx(0.5)
-    assert multiplier(20) == pytest.approx(1.0) and multiplier(100) == pytest.approx(0.0, abs=1e-9)
-    assert all(multiplier(s) >= multiplier(s + 1) for s in range(20, 100))
+def test_the_sweep_walks_a_rate_until_the_best_is_bracketed(tmp_path, monkeypatch):
+    outcome = _outcome_sweep()
+    results = tmp_path / "results.jsonl"
+    ran = []
+
+    def fake_sweep(jobs, path, workers):  # a loss with its minimum at Muon lr 0.06 and warm-up 0.05
+        done = {outcome.key(r) for r in outcome.load(path)}
+        with open(path, "a") as f:
+            for job in jobs:
+                if outcome.key(job) not in done:
+                    h = job["hyper"]
+                    loss = 1.4 + abs(math.log(h["muon_lr"] / 0.06)) + abs(h["muon_warmup"] - 0.05)
+                    ran.append((h["muon_lr"], h["muon_warmup"]))
+                    f.write(json.dumps({**job, "final_val_loss": loss}) + "\n")
+
+    monkeypatch.setattr(outcome, "sweep", fake_sweep)
+    args = outcome.argparse.Namespace(steps=600, seeds=[0, 1], results=results, jobs=1)
+    start = {**setups.Hyper().to_dict(), "muon_lr": 0.02, "muon_warmup": 0.2}
+    warmed, _ = outcome.descend(args, "muon_adamw", start, "muon_warmup", (0.05, 0.1, 0.2), {}, keep=("muon_lr",))
+    assert warmed["muon_warmup"] == 0.05 and warmed["muon_lr"] == 0.02
+    best, loss = outcome.descend(args, "muon_adamw", warmed, "muon_lr", (0.01, 0.02, 0.04, 0.06, 0.08), {}, keep=("muon_warmup",))
+    assert best["muon_lr"] == 0.06 and loss == pytest.approx(1.4)
+    # the rate walked up from 0.02 one neighbour at a time, and stopped once 0.06 was bracketed
+    assert sorted({lr for lr, w in ran if w == 0.05}) == [0.01, 0.02, 0.04, 0.06, 0.08]
+    assert len(ran) == 2 * 7  # three warm-ups, then four more rates, each on both seeds
+
+
+def test_the_learning_rate_warms_up_then_decays_to_zero():
+    lr = setups.warmup_cosine(0.5, 100, 0.2)
+    assert lr(0) == 0 and lr(10) == pytest.approx(0.25)
+    assert lr(20) == pytest.approx(0.5) and lr(100) == pytest.approx(0.0, abs=1e-9)
+    assert all(lr(s) >= lr(s + 1) for s in range(20, 100))
+    cold = setups.warmup_cosine(0.5, 100, 0.0)  # no warm-up: the cosine from the first step
+    assert cold(0) == pytest.approx(0.5) and cold(50) == pytest.approx(0.25) and cold(100) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("setup", ["muon_adamw", "Muon everywhere"])
+def test_each_group_warms_up_on_its_own_schedule(setup):
+    # Muon without warm-up, AdamW with one: at the first step only Muon's parameters move
+    model = gpt.build(0)
+    hyper = setups.Hyper(warmup=0.2, muon_warmup=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoutingWarning)
+        optimizer = setups.make(setup, model, steps=10, hyper=hyper)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    inputs = torch.randint(0, 256, (2, 8))
+    model.loss(inputs, inputs).backward()
+    optimizer.step()
+    routing = optimizer.optimizer
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    muon = {name for name in before if routing.names[routing.route(name)] == "muon"}
+    assert moved == muon and "blocks.0.attn.qkv.weight" in moved
+    assert [float(lr) for lr in routing.learning_rate][0] == pytest.approx(hyper.muon_lr, rel=0.05)
+    assert all(float(lr) < hyper.adamw_lr / 2 for lr in routing.learning_rate[1:])
 
 
 def test_the_demo_says_what_the_naive_run_cost():

@@ -80,21 +80,27 @@ def table(target: float, summary: Mapping[str, Mapping[str, Any]], console: Cons
 
 
 def plot(runs: Mapping[str, Mapping[str, Any]], target: float, path: str | os.PathLike[str]) -> None:
-    """Validation loss against steps and against training seconds, the target dashed."""
+    """Validation loss against steps and against training seconds, the target dashed; and
+    each run's loss minus the last run's (muon_adamw's) at the same steps, where gaps too
+    small for the first two panels show."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no window
     from matplotlib import pyplot as plt
 
-    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    figure, (by_step, by_time, gaps) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.8]})
+    by_time.sharey(by_step)
+    last = list(runs.values())[-1]["curve"]
     for (name, run), colour in zip(runs.items(), COLOURS):
         curve = run["curve"]
         by_step.plot(curve.steps, curve.val_loss, color=colour, label=name)
         by_time.plot(curve.seconds, curve.val_loss, color=colour, label=name)
-    for axes, label in ((by_step, "step"), (by_time, "training time (s)")):
-        axes.axhline(target, color="grey", linestyle="--", linewidth=0.8)
+        gaps.plot(curve.steps, [a - b for a, b in zip(curve.val_loss, last.val_loss)], color=colour, label=name)
+    for axes, label in ((by_step, "step"), (by_time, "training time (s)"), (gaps, "step")):
         axes.set_xlabel(label)
         axes.grid(alpha=0.3)
+    for axes in (by_step, by_time):
+        axes.axhline(target, color="grey", linestyle="--", linewidth=0.8)
     by_step.set_ylabel("validation loss (nats per byte)")
     lowest = min(min(r["curve"].val_loss) for r in runs.values())
     highest = max(max(r["curve"].val_loss) for r in runs.values())
@@ -103,6 +109,10 @@ def plot(runs: Mapping[str, Mapping[str, Any]], target: float, path: str | os.Pa
     by_step.annotate(
         "tuned AdamW's final loss", (0, target), xytext=(4, 4), textcoords="offset points", fontsize=8, color="grey"
     )
+    later = [a - b for r in runs.values() for a, b, s in zip(r["curve"].val_loss, last.val_loss, last.steps) if s > 0]
+    gaps.set_ylim(bottom=min(-0.05, *later) - 0.02, top=min(1.0, max(0.1, *later)) + 0.02)
+    gaps.set_title(f"gap to {list(runs)[-1]}", fontsize=10)
+    gaps.set_ylabel("validation loss difference (nats per byte)")
     by_time.legend()
     figure.suptitle("Byte-level GPT on the Python standard library: one seed, the same batches")
     figure.tight_layout()

@@ -8,8 +8,11 @@
 - ``muon_adamw``: :func:`treeopt.muon_adamw`: Muon on the hidden matrices of the blocks,
   the same tuned AdamW on the embeddings and the head, AdamW without decay on the vectors.
 
-All three share one warm-up + cosine multiplier (``lr_schedule``), which keeps the ratio of
-the groups' learning rates, and clip the global gradient norm over all groups.
+Every group has its own learning-rate schedule (a treeopt optimizer takes a schedule as its
+learning rate): a linear warm-up then half a cosine to 0 at the last step. The AdamW groups
+warm up over ``Hyper.warmup`` of the steps, the Muon group over ``Hyper.muon_warmup`` (Muon
+is usually run with little or no warm-up); both fractions are swept. All three set-ups clip
+the global gradient norm over all groups.
 """
 
 from __future__ import annotations
@@ -32,14 +35,17 @@ class Hyper:
     """The optimizer settings; the defaults are the best of the sweep in ``docs/outcome.md``
     (AdamW's peak lr and beta2; Muon's peak lr and weight decay, with that AdamW)."""
 
-    adamw_lr: float = 5e-3
+    adamw_lr: float = 8e-3
     beta2: float = 0.95
     #: AdamW's, on every matrix it gets, decoupled (w *= 1 - lr * wd)
     weight_decay: float = 0.1
     muon_lr: float = 0.04
     #: Muon's, decoupled too; per step it is muon_lr * wd, several times AdamW's at one wd
     muon_weight_decay: float = 0.1
-    warmup: float = 0.2  # fraction of the steps
+    #: the AdamW groups' warm-up, a fraction of the steps (in every set-up)
+    warmup: float = 0.4
+    #: the Muon group's warm-up, a fraction of the steps (muon_adamw and the naive set-up)
+    muon_warmup: float = 0.2
     max_grad_norm: float = 1.0
 
     def to_dict(self) -> dict[str, float]:
@@ -54,11 +60,15 @@ DESCRIPTIONS = {
 }
 
 
-def lr_multiplier(steps: int, warmup: float) -> Schedule:
-    """Linear warm-up from 0 to 1 over ``warmup * steps`` steps, then half a cosine to 0."""
-    warm = max(1, round(warmup * steps))
+def warmup_cosine(peak: float, steps: int, warmup: float) -> Schedule:
+    """A learning rate: linear from 0 to ``peak`` over ``warmup * steps`` steps, then half a
+    cosine to 0 at ``steps``; without warm-up (``warmup * steps`` under one step), the cosine
+    from the first step."""
+    warm = round(warmup * steps)
+    if warm < 1:
+        return optim.cosine_decay(peak, steps)
     return optim.join_schedules(
-        [optim.linear_schedule(0.0, 1.0, warm), optim.cosine_decay(1.0, max(1, steps - warm))], [warm]
+        [optim.linear_schedule(0.0, peak, warm), optim.cosine_decay(peak, max(1, steps - warm))], [warm]
     )
 
 
@@ -75,12 +85,14 @@ def make(setup: str, model: torch.nn.Module, steps: int, hyper: Hyper = Hyper())
 def routing(setup: str, steps: int, hyper: Hyper = Hyper()) -> optim.MultiOptimizer:
     """The treeopt optimizer of ``setup``, before it meets a model."""
     betas = (0.9, hyper.beta2)
-    common: dict[str, Any] = {"lr_schedule": lr_multiplier(steps, hyper.warmup), "max_grad_norm": hyper.max_grad_norm}
+    adamw_lr = warmup_cosine(hyper.adamw_lr, steps, hyper.warmup)
+    muon_lr = warmup_cosine(hyper.muon_lr, steps, hyper.muon_warmup)
+    common: dict[str, Any] = {"max_grad_norm": hyper.max_grad_norm}
     if setup == "AdamW":
         optimizer = optim.MultiOptimizer(
             [
-                optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=hyper.weight_decay, bias_correction=True),
-                optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True),
+                optim.AdamW(adamw_lr, betas=betas, weight_decay=hyper.weight_decay, bias_correction=True),
+                optim.AdamW(adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True),
             ],
             [ndim(min=2)],
             names=["adamw", "adamw_no_decay"],
@@ -88,19 +100,17 @@ def routing(setup: str, steps: int, hyper: Hyper = Hyper()) -> optim.MultiOptimi
         )
     elif setup == "Muon everywhere":
         # the same Muon as muon_adamw's (torch weights are (out, in)), given every matrix
-        muon = optim.muon_adamw(
-            muon_lr=hyper.muon_lr, muon_weight_decay=hyper.muon_weight_decay, layout="out_in"
-        ).optimizers[0]
+        muon = optim.muon_adamw(muon_lr=muon_lr, muon_weight_decay=hyper.muon_weight_decay, layout="out_in").optimizers[0]
         optimizer = optim.MultiOptimizer(
-            [muon, optim.AdamW(hyper.adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
+            [muon, optim.AdamW(adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
             [ndim(min=2)],
             names=["muon", "adamw_no_decay"],
             **common,
         )
     elif setup == "muon_adamw":
         optimizer = optim.muon_adamw(
-            muon_lr=hyper.muon_lr,
-            adamw_lr=hyper.adamw_lr,
+            muon_lr=muon_lr,
+            adamw_lr=adamw_lr,
             betas=betas,
             weight_decay=hyper.weight_decay,
             muon_weight_decay=hyper.muon_weight_decay,
