@@ -189,7 +189,9 @@ def steps_to_target(records, steps, seeds, tuned):
         curve = Curve(steps=list(points["steps"]), val_loss=list(points["val_loss"]))
         curve.seconds = curve.cpu_seconds = [0.0] * len(curve.steps)
         reach = curve.reach(target[r["seed"]])
-        reached.setdefault(json.dumps(r["hyper"], sort_keys=True), []).append(None if reach is None else reach[0] / steps)
+        reached.setdefault(json.dumps(r["hyper"], sort_keys=True), []).append(
+            None if reach is None else reach[0] / steps
+        )
     return reached
 
 
@@ -251,7 +253,9 @@ def main(argv=None):
     coarse = best(mean_by_setting(load(args.results), "muon_adamw", args.steps, args.seeds, like=first))[0]
     # 2b: from its best, now with the tuned AdamW: Muon's warm-up, then finer rates at the best warm-up
     start = {**coarse, **tuned}
-    warmed = descend(args, "muon_adamw", start, "muon_warmup", MUON_WARMUPS, tuned, keep=("muon_lr", "muon_weight_decay"))[0]
+    warmed = descend(
+        args, "muon_adamw", start, "muon_warmup", MUON_WARMUPS, tuned, keep=("muon_lr", "muon_weight_decay")
+    )[0]
     rates = sorted({*MUON_LRS, *(round(warmed["muon_lr"] * f, 6) for f in MUON_FINE_FACTORS)})
     keep = ("muon_weight_decay", "muon_warmup")
     routed = descend(args, "muon_adamw", warmed, "muon_lr", rates, tuned, keep=keep)[0]

@@ -166,7 +166,9 @@ def test_the_sweep_walks_a_rate_until_the_best_is_bracketed(tmp_path, monkeypatc
     start = {**setups.Hyper().to_dict(), "muon_lr": 0.02, "muon_warmup": 0.2}
     warmed, _ = outcome.descend(args, "muon_adamw", start, "muon_warmup", (0.05, 0.1, 0.2), {}, keep=("muon_lr",))
     assert warmed["muon_warmup"] == 0.05 and warmed["muon_lr"] == 0.02
-    best, loss = outcome.descend(args, "muon_adamw", warmed, "muon_lr", (0.01, 0.02, 0.04, 0.06, 0.08), {}, keep=("muon_warmup",))
+    best, loss = outcome.descend(
+        args, "muon_adamw", warmed, "muon_lr", (0.01, 0.02, 0.04, 0.06, 0.08), {}, keep=("muon_warmup",)
+    )
     assert best["muon_lr"] == 0.06 and loss == pytest.approx(1.4)
     # the rate walked up from 0.02 one neighbour at a time, and stopped once 0.06 was bracketed
     assert sorted({lr for lr, w in ran if w == 0.05}) == [0.01, 0.02, 0.04, 0.06, 0.08]
@@ -179,7 +181,9 @@ def test_the_learning_rate_warms_up_then_decays_to_zero():
     assert lr(20) == pytest.approx(0.5) and lr(100) == pytest.approx(0.0, abs=1e-9)
     assert all(lr(s) >= lr(s + 1) for s in range(20, 100))
     cold = setups.warmup_cosine(0.5, 100, 0.0)  # no warm-up: the cosine from the first step
-    assert cold(0) == pytest.approx(0.5) and cold(50) == pytest.approx(0.25) and cold(100) == pytest.approx(0.0, abs=1e-9)
+    assert (
+        cold(0) == pytest.approx(0.5) and cold(50) == pytest.approx(0.25) and cold(100) == pytest.approx(0.0, abs=1e-9)
+    )
 
 
 @pytest.mark.parametrize("setup", ["muon_adamw", "Muon everywhere"])

@@ -100,7 +100,9 @@ def routing(setup: str, steps: int, hyper: Hyper = Hyper()) -> optim.MultiOptimi
         )
     elif setup == "Muon everywhere":
         # the same Muon as muon_adamw's (torch weights are (out, in)), given every matrix
-        muon = optim.muon_adamw(muon_lr=muon_lr, muon_weight_decay=hyper.muon_weight_decay, layout="out_in").optimizers[0]
+        muon = optim.muon_adamw(muon_lr=muon_lr, muon_weight_decay=hyper.muon_weight_decay, layout="out_in").optimizers[
+            0
+        ]
         optimizer = optim.MultiOptimizer(
             [muon, optim.AdamW(adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
             [ndim(min=2)],
