@@ -8,7 +8,6 @@ the file on CPU: ``TREEOPT_TEST_DEVICE=cpu`` (the same trace, no code generation
 
 import os
 
-import numpy as np
 import pytest
 
 import treeopt as optim
@@ -20,6 +19,7 @@ torch = pytest.importorskip("torch", reason="the CUDA runner is for torch tensor
 torch_compiled = pytest.importorskip("treeopt.backends.torch_compiled", reason="needs torch.compile")
 import treeopt.torch  # noqa: E402
 from treeopt.kernels.compiled_step import _TorchCompiledBucket  # noqa: E402
+from torch_trees import leaves, random_tree  # noqa: E402
 
 DEVICE = os.environ.get("TREEOPT_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(
@@ -37,24 +37,10 @@ def compiled_runner(monkeypatch):
 
 
 def tree(seed, dtype=torch.float32):
-    rng = np.random.default_rng(seed)
-
-    def build(node):
-        if isinstance(node, tuple):
-            return torch.from_numpy(rng.standard_normal(node)).to(device=DEVICE, dtype=dtype)
-        if isinstance(node, dict):
-            return {k: build(v) for k, v in node.items()}
-        return [build(v) for v in node]
-
-    return build(SHAPES)
+    return random_tree(SHAPES, seed, dtype, DEVICE)
 
 
-def flat(node):
-    if isinstance(node, dict):
-        return [x for v in node.values() for x in flat(v)]
-    if isinstance(node, list):
-        return [x for v in node for x in flat(v)]
-    return [node]
+flat = leaves
 
 
 def run(make, fast, steps=3):

@@ -2,7 +2,6 @@
 step), run on CPU: the same numbers as the per-tensor rule, learning-rate changes without a
 new plan, fused groups, and a fall-back on a wrong gradient."""
 
-import numpy as np
 import pytest
 
 import treeopt as optim
@@ -13,29 +12,16 @@ from registry import SETTINGS
 torch = pytest.importorskip("torch", reason="the runner is for torch tensors")
 torch_compiled = pytest.importorskip("treeopt.backends.torch_compiled", reason="needs torch.compile")
 from treeopt.kernels.compiled_step import _TorchCompiledBucket  # noqa: E402
+from torch_trees import leaves, random_tree  # noqa: E402
 
 SHAPES = {"embed": (7, 5), "blocks": [{"w": (5, 5), "b": (5,)}, {"w": (5, 3), "b": (3,)}], "scale": ()}
 
 
 def tree(seed, dtype=torch.float32):
-    rng = np.random.default_rng(seed)
-
-    def build(node):
-        if isinstance(node, tuple):
-            return torch.from_numpy(rng.standard_normal(node)).to(dtype)
-        if isinstance(node, dict):
-            return {k: build(v) for k, v in node.items()}
-        return [build(v) for v in node]
-
-    return build(SHAPES)
+    return random_tree(SHAPES, seed, dtype)
 
 
-def flat(node):
-    if isinstance(node, dict):
-        return [x for v in node.values() for x in flat(v)]
-    if isinstance(node, list):
-        return [x for v in node for x in flat(v)]
-    return [node]
+flat = leaves
 
 
 def run(make, fast, dtype=torch.float32, steps=3, between=None):
