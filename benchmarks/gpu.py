@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,7 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step import gpt2_shapes, is_hidden  # noqa: E402
+from step import cpu_name, gpt2_shapes, is_hidden  # noqa: E402
 
 import treeopt as optim  # noqa: E402
 import treeopt.torch  # noqa: E402
@@ -64,23 +64,35 @@ def treeopt_step(named, optimizer):
     return opt.step
 
 
-def torch_step(named, mode):
-    """torch's optimizers for the same job: AdamW, Muon, or Muon + AdamW by the same split."""
-    hidden = [p for n, p in named if is_hidden(n, tuple(p.shape))]
-    rest = [p for n, p in named if not is_hidden(n, tuple(p.shape))]
-    every = [p for _, p in named]
-    if mode in ("fused", "foreach"):
-        opts = [torch.optim.AdamW(every, lr=1e-3, weight_decay=0.01, **{mode: True})]
-    elif mode == "muon":
-        opts = [torch.optim.Muon(hidden, lr=0.02, weight_decay=0.01)]
-    else:  # "muon+adamw"
-        opts = [torch.optim.Muon(hidden, lr=0.02, weight_decay=0.01), torch.optim.AdamW(rest, lr=3e-4, fused=True)]
+class TorchOptimizers:
+    """torch's optimizers for the same job, stepped together: AdamW (``"fused"`` or
+    ``"foreach"``), Muon on the hidden matrices (``"muon"``), or Muon on those and fused AdamW
+    on the rest (``"muon+adamw"``)."""
 
-    def step():
-        for o in opts:
+    def __init__(self, named, mode, hidden=is_hidden):
+        matrices = [p for n, p in named if hidden(n, tuple(p.shape))]
+        rest = [p for n, p in named if not hidden(n, tuple(p.shape))]
+        if mode in ("fused", "foreach"):
+            self.optimizers = [torch.optim.AdamW([p for _, p in named], lr=1e-3, weight_decay=0.01, **{mode: True})]
+        elif mode == "muon":
+            self.optimizers = [torch.optim.Muon(matrices, lr=0.02, weight_decay=0.01)]
+        else:
+            self.optimizers = [
+                torch.optim.Muon(matrices, lr=0.02, weight_decay=0.01),
+                torch.optim.AdamW(rest, lr=3e-4, weight_decay=0.01, fused=True),
+            ]
+
+    def step(self):
+        for o in self.optimizers:
             o.step()
 
-    return step
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+def torch_step(named, mode):
+    return TorchOptimizers(named, mode).step
 
 
 def hidden_only(named):
@@ -123,23 +135,19 @@ def training_rows(device, scale, batch, steps, rounds):
     tokens = torch.randint(0, config.vocab, (batch, config.context + 1), generator=generator, device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
-    def hidden(model):
-        return [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2]
-
-    def rest(model):
-        return [p for n, p in model.named_parameters() if not (n.startswith("blocks.") and p.ndim == 2)]
+    def in_blocks(name, shape):  # the hidden matrices of treeopt.demo.gpt
+        return name.startswith("blocks.") and len(shape) == 2
 
     makers = {
-        "treeopt AdamW": lambda m: treeopt.torch.Optimizer(m, optim.AdamW(3e-4, weight_decay=0.1)),
-        "torch AdamW fused": lambda m: torch.optim.AdamW(m.parameters(), lr=3e-4, weight_decay=0.1, fused=True),
+        "treeopt AdamW": lambda m: treeopt.torch.Optimizer(m, optim.AdamW(1e-3, weight_decay=0.01)),
+        "torch AdamW fused": lambda m: TorchOptimizers(list(m.named_parameters()), "fused"),
         "treeopt muon_adamw (NS in bfloat16)": lambda m: treeopt.torch.Optimizer(
             m, optim.muon_adamw(muon_lr=0.02, adamw_lr=3e-4, ns_dtype="bfloat16")
         ),
     }
     if hasattr(torch.optim, "Muon"):
-        makers["torch Muon + AdamW fused"] = lambda m: _Both(
-            torch.optim.Muon(hidden(m), lr=0.02, weight_decay=0.01),
-            torch.optim.AdamW(rest(m), lr=3e-4, weight_decay=0.01, fused=True),
+        makers["torch Muon + AdamW fused"] = lambda m: TorchOptimizers(
+            list(m.named_parameters()), "muon+adamw", hidden=in_blocks
         )
     iterations, first = {}, {}
     for row, make in makers.items():
@@ -175,19 +183,6 @@ def training_rows(device, scale, batch, steps, rounds):
         )
         print(f"{row:<42} {median * 1e3:9.2f} {median / peer if peer else 1:7.3f}")
     return results
-
-
-class _Both:
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-
-    def step(self):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none=True):
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
 
 
 def copy_bandwidth(device, gib=1.0, repeats=10):
@@ -283,12 +278,13 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: the GPU rows need one (--device cpu for a dry run)")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    # the working tree, not only the commit: a copy of a tree with changes says "-dirty"
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     print(f"device {name}; torch {torch.__version__}; treeopt {commit}; scale 1/{args.scale}", flush=True)
 
     shapes = gpt2_shapes()
-    elements = sum(int(torch.tensor([max(1, s // args.scale) for s in shape]).prod()) for shape in shapes.values())
+    elements = sum(math.prod(max(1, s // args.scale) for s in shape) for shape in shapes.values())
     bandwidth = copy_bandwidth(device, gib=min(1.0, 4 * elements * 8 / 2**30))
     bound = 28 * elements / bandwidth
     print(f"{elements / 1e6:.1f}M parameters; copy {bandwidth / 1e9:.0f} GB/s; AdamW bound {bound * 1e3:.3f} ms")

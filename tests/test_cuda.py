@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch", reason="the CUDA runner is for torch tensor
 torch_compiled = pytest.importorskip("treeopt.backends.torch_compiled", reason="needs torch.compile")
 import treeopt.torch  # noqa: E402
 from treeopt.kernels.compiled_step import _TorchCompiledBucket  # noqa: E402
-from torch_trees import leaves, random_tree  # noqa: E402
+from torch_helpers import TOKENS, Net, leaves, random_tree, train  # noqa: E402
 
 DEVICE = os.environ.get("TREEOPT_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(
@@ -82,41 +82,11 @@ def test_stacked_muon_gives_the_per_matrix_numbers_and_bfloat16_stays_close():
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)  # batched products sum in another order
     start = tree(0)
     low_params, _ = run(make("bfloat16"), True)
-    for name in ("w",):
-        for block in range(2):
-            ref_step = ref_params["blocks"][block][name] - start["blocks"][block][name]
-            low_step = low_params["blocks"][block][name] - start["blocks"][block][name]
-            assert low_step.dtype == torch.float32
-            assert float(torch.linalg.norm(low_step - ref_step) / torch.linalg.norm(ref_step)) < 0.1
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Embedding(32, 16)
-        self.blocks = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(3)])
-        self.norm = torch.nn.LayerNorm(16)
-        self.head = torch.nn.Linear(16, 32, bias=False)
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = x + torch.relu(block(x))
-        return self.head(self.norm(x))
-
-
-def train(model, opt, steps):
-    tokens = torch.arange(32, device=DEVICE).repeat(4, 1)
-    targets = (tokens + 1) % 32
-    losses = []
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    return [float(x) for x in losses]
+    for block in range(2):
+        ref_step = ref_params["blocks"][block]["w"] - start["blocks"][block]["w"]
+        low_step = low_params["blocks"][block]["w"] - start["blocks"][block]["w"]
+        assert low_step.dtype == torch.float32
+        assert float(torch.linalg.norm(low_step - ref_step) / torch.linalg.norm(ref_step)) < 0.1
 
 
 @pytest.mark.parametrize("clip", [None, 1.0], ids=["no clip", "clip 1.0"])
@@ -125,8 +95,7 @@ def test_a_training_step_never_waits_for_the_device(clip):
     opt = treeopt.torch.Optimizer(model, optim.muon_adamw(adamw_lr=1e-2, ns_dtype="bfloat16", max_grad_norm=clip))
     losses = train(model, opt, 30)
     assert losses[-1] < 0.5 * losses[0]
-    tokens = torch.arange(32, device=DEVICE).repeat(4, 1)
-    model(tokens).sum().backward()
+    model(TOKENS.to(DEVICE)).sum().backward()
     if DEVICE == "cuda":
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
@@ -154,9 +123,7 @@ def test_a_checkpoint_of_a_cuda_model_resumes_on_the_device():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_a_gradient_with_other_strides_gives_the_same_numbers():
-    # a gradient laid out differently from the one the step was compiled for takes the
-    # engine's path
+def test_a_gradient_with_other_strides_takes_the_engines_path_with_the_same_numbers():
     def make():
         return optim.AdamW(0.1, bias_correction=True)
 
@@ -176,5 +143,9 @@ def test_a_gradient_with_other_strides_gives_the_same_numbers():
             results.append(params)
         finally:
             kernels.enabled = True
+        if fast:  # the compiled step takes the layout it was compiled for, and only that
+            (bucket,) = opt._compiled.buckets
+            assert bucket.prepare(flat(tree(9))) is not None
+            assert bucket.prepare(flat(strided(tree(9)))) is None
     for x, y in zip(flat(results[0]), flat(results[1])):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)

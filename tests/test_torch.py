@@ -7,24 +7,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch adapter tests need torch")
 import treeopt as optim  # noqa: E402
 import treeopt.torch  # noqa: E402
-
-
-class Net(torch.nn.Module):
-    def __init__(self, tied=False):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Embedding(10, 8)
-        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
-        self.norm = torch.nn.LayerNorm(8)
-        self.head = torch.nn.Linear(8, 10, bias=False)
-        if tied:
-            self.head.weight = self.embed.weight
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = x + torch.relu(block(x))
-        return self.head(self.norm(x))
+from torch_helpers import TARGETS, TOKENS, Net, train  # noqa: E402
 
 
 def hidden_matrix(name, param):
@@ -33,23 +16,6 @@ def hidden_matrix(name, param):
 
 def muon_adamw():
     return optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [hidden_matrix])
-
-
-TOKENS = torch.arange(10).repeat(4, 1)
-TARGETS = (TOKENS + 1) % 10
-
-
-def train(model, opt, steps):
-    device = next(model.parameters()).device
-    tokens, targets = TOKENS.to(device), TARGETS.to(device)
-    losses = []
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(tokens).reshape(-1, 10), targets.reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def test_training_loop_updates_parameters_in_place_and_loss_goes_down():

@@ -91,11 +91,12 @@ def plot(runs: Mapping[str, Mapping[str, Any]], target: float, path: str | os.Pa
     figure, (by_step, by_time, gaps) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.8]})
     by_time.sharey(by_step)
     last = list(runs.values())[-1]["curve"]
+    gap = {name: [a - b for a, b in zip(run["curve"].val_loss, last.val_loss)] for name, run in runs.items()}
     for (name, run), colour in zip(runs.items(), COLOURS):
         curve = run["curve"]
         by_step.plot(curve.steps, curve.val_loss, color=colour, label=name)
         by_time.plot(curve.seconds, curve.val_loss, color=colour, label=name)
-        gaps.plot(curve.steps, [a - b for a, b in zip(curve.val_loss, last.val_loss)], color=colour, label=name)
+        gaps.plot(curve.steps, gap[name], color=colour, label=name)
     for axes, label in ((by_step, "step"), (by_time, "training time (s)"), (gaps, "step")):
         axes.set_xlabel(label)
         axes.grid(alpha=0.3)
@@ -109,7 +110,7 @@ def plot(runs: Mapping[str, Mapping[str, Any]], target: float, path: str | os.Pa
     by_step.annotate(
         "tuned AdamW's final loss", (0, target), xytext=(4, 4), textcoords="offset points", fontsize=8, color="grey"
     )
-    later = [a - b for r in runs.values() for a, b, s in zip(r["curve"].val_loss, last.val_loss, last.steps) if s > 0]
+    later = [g for values in gap.values() for g, step in zip(values, last.steps) if step > 0]
     gaps.set_ylim(bottom=min(-0.05, *later) - 0.02, top=min(1.0, max(0.1, *later)) + 0.02)
     gaps.set_title(f"gap to {list(runs)[-1]}", fontsize=10)
     gaps.set_ylabel("validation loss difference (nats per byte)")
