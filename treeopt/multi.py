@@ -23,7 +23,7 @@ from treeopt._trees import dotted
 from treeopt.backends import Backend, as_float
 from treeopt.engine import Pair
 from treeopt.errors import TreeoptError, describe, warn
-from treeopt.filters import as_filter, module_kinds, normalise_kinds
+from treeopt.filters import as_filter, module_kinds, normalise_kinds, routing_tree
 from treeopt.optimizer import Optimizer, Placement
 from treeopt.types import Array, Filter, Schedule
 
@@ -182,7 +182,10 @@ class MultiOptimizer(Optimizer):
     def _route(self, leaf, known):
         """A new :class:`Route` for ``leaf``: frozen, or the first accepting filter (and every
         other filter that accepts too)."""
-        shape, dtype = tuple(leaf.backend.shape(leaf.param)), leaf.backend.dtype_name(leaf.param)
+        if leaf.backend is None:  # revising a known route (see _revise)
+            shape, dtype = leaf.param.shape, known.dtype
+        else:
+            shape, dtype = tuple(leaf.backend.shape(leaf.param)), leaf.backend.dtype_name(leaf.param)
         unfrozen = known is not None and known.unfrozen
         if self.frozen is not None and not unfrozen and self.frozen(leaf.path, leaf.param):
             return Route(shape, dtype, frozen=True)
@@ -211,7 +214,30 @@ class MultiOptimizer(Optimizer):
                     f"fallback optimizer {self.names[chosen]}",
                     ("unmatched", leaf.keys),
                 )
-        return Route(shape, dtype, chosen, self._filter_name(chosen), tuple(also), unfrozen=unfrozen)
+        reason = self._explain(chosen, leaf.path, leaf.param)
+        return Route(shape, dtype, chosen, reason, tuple(also), unfrozen=unfrozen)
+
+    def _explain(self, chosen, path, weight):
+        """The route's reason: the filter that took it, and what the parameter is when a filter
+        can tell (:func:`treeopt.filters.role`). A parameter whose route only its number of
+        dimensions decided is reported, once, through ``guards``."""
+        reason = self._filter_name(chosen)
+        explain = getattr(self.filters[chosen], "explain", None)
+        if explain is None and chosen == len(self.filters) - 1:  # the fallback: what the others saw
+            explain = next((e for e in (getattr(f, "explain", None) for f in self.filters) if e is not None), None)
+        if explain is None:
+            return reason
+        what = explain(path, weight)
+        if getattr(what, "by_shape_only", False) and self.guards != "off":
+            self._report(
+                self.guards,
+                f"{describe(path)} went to {self.names[chosen]} by its number of dimensions alone: no module "
+                "kind, name or place in the model says what it is. Muon if it is a hidden matrix, AdamW if "
+                "it reads the input or writes the output; say which with declare_kinds({path: 'hidden'}) "
+                "or 'input'/'output', or route it by name",
+                ("shape", path),
+            )
+        return f"{reason}: {what}"
 
     def _guard(self, leaf, owner):
         reason = owner.unsuited(leaf.path, leaf.param)
@@ -231,14 +257,57 @@ class MultiOptimizer(Optimizer):
         several). Filters see it through :func:`treeopt.filters.kinds_of` (``is_embedding``,
         ``is_head``, ``is_norm``, ``kind(...)``), and so do optimizers' routing guards. It
         applies to paths routed from now on; framework integrations call it."""
+        changed = []
         for path, values in normalise_kinds(kinds).items():
-            self.module_kinds[path] = self.module_kinds.get(path, frozenset()) | values
+            merged = self.module_kinds.get(path, frozenset()) | values
+            if merged != self.module_kinds.get(path):
+                self.module_kinds[path] = merged
+                changed.append(path)
+        if changed and self._routes:
+            self._revise(set(changed))
+
+    def _revise(self, paths):
+        """Route again, with the kinds now known, the parameters at ``paths`` that the filters
+        routed before (a route decided from names is revised when an integration learns what
+        the layer is). Before the first step the parameter moves, its reason says why; after
+        it, the state it has would be lost, so a warning says what to do instead."""
+        shapes = {dotted(keys): route.shape for keys, route in self._routes.items()}
+        moved = []
+        with module_kinds(self.module_kinds), routing_tree(shapes):
+            for keys, known in list(self._routes.items()):
+                path = dotted(keys)
+                if path not in paths or known.frozen or known.group is None or known.reason == "rerouted":
+                    continue
+                try:
+                    fresh = self._route(_Leaf(keys, path, _Shape(known.shape)), known)
+                except RoutingError:
+                    continue  # a filter that needs the array itself: the route stays as it was
+                if fresh.group == known.group:
+                    self._routes[keys] = replace(known, reason=fresh.reason)
+                elif self._step_number() == 0:
+                    owner = self.owner_of(keys)
+                    if owner is not None:
+                        engine.drop(owner, keys)
+                    self._routes[keys] = replace(fresh, reason=f"revised: {fresh.reason}", notes=known.notes)
+                    moved.append(f"{path} from {self.names[known.group]} to {self.names[fresh.group]}")
+                else:
+                    self._report(
+                        "warn",
+                        f"{describe(path)} was routed to {self.names[known.group]}; what is now known of it "
+                        f"({fresh.reason}) routes it to {self.names[fresh.group]}. Steps were taken, so it stays: "
+                        f"reroute({path!r}, {self.names[fresh.group]!r}) moves it",
+                        ("revise", keys),
+                    )
+        self.book.version += 1
+        if moved:
+            self.changes.append(f"step 0: revised {', '.join(moved)} (module kinds learned)")
 
     def assign_owners(self, pairs: list[Pair]) -> list:
-        if not self.module_kinds:
-            return self._assign_owners(pairs)
         with module_kinds(self.module_kinds):
-            return self._assign_owners(pairs)
+            if all(pair.keys in self._routes for pair in pairs):
+                return self._assign_owners(pairs)
+            with routing_tree({dotted(pair.keys): pair.backend.shape(pair.param) for pair in pairs if pair.backend}):
+                return self._assign_owners(pairs)
 
     def _assign_owners(self, pairs):
         self._pending = {}
@@ -566,6 +635,16 @@ def _truth(value):
             f"a filter must return a bool, got {type(value).__name__} of shape {getattr(value, 'shape', '?')}"
         )
     return bool(value)
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    """A known path, as routing sees a parameter when none is at hand."""
+
+    keys: tuple
+    path: str
+    param: _Shape
+    backend: None = None
 
 
 class _Shape:
