@@ -622,6 +622,8 @@ def collect(gradients: Tree, parameters: Tree, name: str, check_pairs: bool = Tr
 
     def walk(grad: Tree, param: Tree, keys: Keys) -> None:
         if is_container(grad):
+            if not grad:  # MLX's placeholder where the model holds no array (a list of strings)
+                return
             if param is not _MISSING and not is_container(param):
                 raise ParameterError(
                     f"{name}: the gradients have a sub-tree at {describe(_trees.dotted(keys))} "
