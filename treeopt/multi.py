@@ -252,14 +252,19 @@ class MultiOptimizer(Optimizer):
             self._warned.add(key)
             warn(message, RoutingWarning)
 
-    def declare_kinds(self, kinds: Mapping[str, str | Iterable[str]]) -> None:
+    def declare_kinds(self, kinds: Mapping[str, str | Iterable[str]], *, replace: bool = False) -> None:
         """Say what some parameters are, by path: ``{"tok.weight": "embedding"}`` (a kind or
         several). Filters see it through :func:`treeopt.filters.kinds_of` (``is_embedding``,
-        ``is_head``, ``is_norm``, ``kind(...)``), and so do optimizers' routing guards. It
-        applies to paths routed from now on; framework integrations call it."""
+        ``is_head``, ``is_norm``, ``kind(...)``), and so do optimizers' routing guards.
+        Framework integrations call it. Kinds add to those declared before, unless
+        ``replace`` (a trace of the forward pass replacing guesses).
+
+        Parameters routed before are routed again with what is now known: before the first
+        step they move (the plan's reason starts with ``revised:``); after it a warning says
+        which would move and how (``reroute``)."""
         changed = []
         for path, values in normalise_kinds(kinds).items():
-            merged = self.module_kinds.get(path, frozenset()) | values
+            merged = values if replace else self.module_kinds.get(path, frozenset()) | values
             if merged != self.module_kinds.get(path):
                 self.module_kinds[path] = merged
                 changed.append(path)

@@ -397,7 +397,7 @@ class Optimizer:
         for an optimizer that takes every parameter given to it."""
         return []
 
-    def declare_kinds(self, kinds: Mapping[str, str | Iterable[str]]) -> None:
+    def declare_kinds(self, kinds: Mapping[str, str | Iterable[str]], *, replace: bool = False) -> None:
         """Say what some parameters are, by path (``{"tok.weight": "embedding"}``). Only
         routing reads kinds (``MultiOptimizer``); an optimizer that does not route ignores them."""
 

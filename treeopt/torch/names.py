@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["canonical_name", "named_parameters", "module_kinds", "WRAPPER_SEGMENTS"]
+from treeopt.filters import CONV, DEPTHWISE, EMBEDDING, EXPERTS, HEAD, INPUT, LINEAR, NORM, POINTWISE
+
+__all__ = ["canonical_name", "named_parameters", "module_kinds", "WRAPPER_SEGMENTS", "GUESSES", "IN_OUT"]
+
+#: the kind of a weight stored ``(in, out)``: Muon reads it with ``layout="in_out"``
+IN_OUT = "in_out"
 
 #: name segments that only wrappers insert (torch.compile, FSDP, activation checkpointing)
 WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
@@ -51,35 +56,85 @@ def _is_norm(module):
     return isinstance(module, norms) or "norm" in type(module).__name__.lower()  # RMSNorm, LlamaRMSNorm...
 
 
+def _is_linear(module):
+    """``nn.Linear``, or a module that stores one as ``(in, out)`` (Hugging Face's ``Conv1D``,
+    GPT-2's layers)."""
+    return isinstance(module, torch.nn.Linear) or _is_transposed_linear(module)
+
+
+def _is_transposed_linear(module):
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _conv_kinds(conv):
+    kinds = {CONV}
+    if conv.groups > 1 and conv.groups == conv.in_channels:
+        kinds.add(DEPTHWISE)
+    elif all(k == 1 for k in conv.kernel_size):
+        kinds.add(POINTWISE)
+    return kinds
+
+
 def module_kinds(model: torch.nn.Module) -> dict[str, frozenset[str]]:
-    """``{canonical name: kinds}`` from the module types (see :mod:`treeopt.filters`):
+    """``{canonical name: kinds}`` from the module types and their order (see
+    :mod:`treeopt.filters`):
 
     - ``"embedding"``: the weight of an ``nn.Embedding`` or ``nn.EmbeddingBag``;
-    - ``"head"``: the parameters of an ``nn.Linear`` whose weight is an embedding's (tied), and of
-      the last ``nn.Linear`` whose ``out_features`` is an embedding's ``num_embeddings``;
     - ``"norm"``: the parameters of normalisation layers (``LayerNorm``, ``GroupNorm``,
-      batch and instance norms, and any module whose class name contains ``Norm``).
+      batch and instance norms, and any module whose class name contains ``Norm``);
+    - ``"linear"``, ``"conv"`` (with ``"depthwise"`` or ``"pointwise"`` for one filter per
+      channel or a 1x1 kernel), ``"experts"`` (a module's own 3-D parameters: one matrix per
+      expert), ``"in_out"`` (Hugging Face's ``Conv1D``, which stores ``(in, out)``);
+    - ``"head"``: an ``nn.Linear`` whose weight is an embedding's (tied), and the last
+      ``nn.Linear`` whose ``out_features`` is the largest embedding's ``num_embeddings``;
+    - ``"input"``: the first layer in definition order when it is a linear or convolution (a
+      stem; an embedding is found by its type).
+
+    ``"head"`` by vocabulary and ``"input"`` by order are guesses that
+    :func:`treeopt.torch.trace.trace_kinds` (run by ``treeopt.torch.Optimizer`` on the first
+    forward pass) replaces with what the pass shows.
     """
     kinds: dict = {}  # id(parameter) -> set of kinds
 
-    def add(params, kind):
+    def add(params, *names):
         for param in params:
-            kinds.setdefault(id(param), set()).add(kind)
+            kinds.setdefault(id(param), set()).update(names)
 
-    vocabularies, embedding_weights, linears = set(), set(), []
+    vocabularies, embedding_weights, linears, first = [], set(), [], None
     for module in model.modules():
+        own = list(module.parameters(recurse=False))
         if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
-            add([module.weight], "embedding")
-            vocabularies.add(module.num_embeddings)
+            add([module.weight], EMBEDDING)
+            vocabularies.append(module.num_embeddings)
             embedding_weights.add(id(module.weight))
-        elif isinstance(module, torch.nn.Linear):
+        elif _is_linear(module):
             linears.append(module)
+            add([module.weight], LINEAR, *((IN_OUT,) if _is_transposed_linear(module) else ()))
+        elif isinstance(module, torch.nn.modules.conv._ConvNd):
+            add([module.weight], *_conv_kinds(module))
         elif _is_norm(module):
-            add(module.parameters(recurse=False), "norm")
+            add(own, NORM)
+        else:
+            add([p for p in own if p.dim() == 3], EXPERTS)
+        if first is None and any(p.dim() >= 2 for p in own):
+            first = module
     for linear in linears:
         if id(linear.weight) in embedding_weights:
-            add(linear.parameters(recurse=False), "head")
-    heads = [linear for linear in linears if linear.out_features in vocabularies]
-    if heads:
-        add(heads[-1].parameters(recurse=False), "head")
+            add(linear.parameters(recurse=False), HEAD)
+    if vocabularies:
+        heads = [linear for linear in linears if _out_features(linear) == max(vocabularies)]
+        if heads:
+            add(heads[-1].parameters(recurse=False), HEAD)
+    if first is not None and (_is_linear(first) or isinstance(first, torch.nn.modules.conv._ConvNd)):
+        if id(first.weight) not in embedding_weights:
+            add([first.weight], INPUT)
     return {name: frozenset(kinds[id(param)]) for name, param in named_parameters(model).items() if id(param) in kinds}
+
+
+def _out_features(linear):
+    return linear.nf if _is_transposed_linear(linear) else linear.out_features
+
+
+#: the kinds of :func:`module_kinds` that are guesses from order and sizes, which a trace of
+#: the forward pass replaces
+GUESSES = frozenset({INPUT, HEAD})

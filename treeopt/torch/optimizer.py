@@ -38,7 +38,8 @@ from treeopt import engine
 from treeopt._trees import dotted
 from treeopt.optimizer import Optimizer as _TreeoptOptimizer
 from treeopt.torch import state_dict as _layout
-from treeopt.torch.names import canonical_name, module_kinds, named_parameters
+from treeopt.torch.names import GUESSES, canonical_name, module_kinds, named_parameters
+from treeopt.torch.trace import FirstForward
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -149,6 +150,8 @@ class Optimizer(torch.optim.Optimizer):
         self._group_of: dict = {}  # name -> group index; None: frozen by the MultiOptimizer
         self._declare_kinds(self.parameters)
         self._route([n for n, p in self.parameters.items() if p.requires_grad])
+        # where each layer sits shows in the first forward pass: routes are revised before the first step
+        self._first_forward = None if self.model is None else FirstForward(self.model, self._traced)
         self._unrouted = {n for n, p in self.parameters.items() if not p.requires_grad}  # routed once they do
         self._published = [self._group_values(i) for i in range(len(self._leaves))]
         groups = [dict(self._published[i], **self._members(i)) for i in range(len(self._leaves))]
@@ -217,6 +220,32 @@ class Optimizer(torch.optim.Optimizer):
         if self.model is not None:  # read by routing (an optimizer that does not route ignores them)
             kinds = module_kinds(self.model)
             self.optimizer.declare_kinds({n: k for n, k in kinds.items() if n in named})
+            self._resync()
+
+    def _traced(self, traced):
+        """The first forward pass showed where each layer sits (:mod:`treeopt.torch.trace`):
+        its kinds replace the guesses made from order and sizes, before the first step."""
+        static = module_kinds(self.model) if self.model is not None else {}
+        known = set(self._group_of) | self._unrouted
+        kinds = {n: (static.get(n, frozenset()) - GUESSES) | k for n, k in traced.items() if n in known}
+        self.optimizer.declare_kinds(kinds, replace=True)
+        self._resync()
+
+    def _resync(self):
+        """``param_groups`` after routing moved parameters (kinds learned before the first step)."""
+        if not self._group_of:
+            return
+        group = {id(leaf): i for i, leaf in enumerate(self._leaves)}
+        moved = False
+        for name, index in list(self._group_of.items()):
+            if index is None:  # frozen
+                continue
+            owner = self.optimizer.owner_of((name,))
+            now = None if owner is None else group.get(id(owner))
+            if now != index:
+                self._group_of[name], moved = now, True
+        if moved and hasattr(self, "_groups"):
+            self._regroup()
 
     def _route(self, names, check=None):
         """Route ``names`` now, as a step would, without creating state; ``check(owners)`` may
