@@ -210,8 +210,8 @@ def test_flax_nnx_embed_and_head_are_known_by_module():
     nnx = pytest.importorskip("flax.nnx")
     model = lm_parts(nnx)(nnx.Rngs(0))
     expected = {"tok.embedding": "embedding", "out.kernel": "head"}
-    assert tj.module_kinds(model) == expected
-    assert tj.module_kinds(nnx.state(model, nnx.Param)) == expected  # the tree nnx.Optimizer hands optax
+    assert roles(tj.module_kinds(model)) == expected
+    assert roles(tj.module_kinds(nnx.state(model, nnx.Param))) == expected  # the tree nnx.Optimizer hands optax
 
     multi = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(0.01)], [lambda path, w: w.ndim == 2])
     with pytest.warns(optim.RoutingWarning) as warned:
@@ -249,7 +249,7 @@ def test_flax_linen_head_is_the_shallowest_last_dense_onto_the_vocabulary():
             return linen.Dense(16)(x)  # Dense_1: the head (the blocks' Dense_0 are deeper)
 
     params = TinyLM().init(jax.random.key(0), jnp.zeros(4, jnp.int32))["params"]
-    assert tj.module_kinds(params) == {"Embed_0.embedding": "embedding", "Dense_1.kernel": "head"}
+    assert roles(tj.module_kinds(params)) == {"Embed_0.embedding": "embedding", "Dense_1.kernel": "head"}
     opt = optim.muon_adamw(params)  # a tree of JAX arrays: flax's kinds are declared before routing
     assert opt.names[opt.route("Dense_1.kernel")] == "adamw"
     assert opt.names[opt.route("Dense_0.kernel")] == "muon" and opt.optimizers[0].layout == "in_out"
@@ -263,5 +263,11 @@ def test_of_several_denses_onto_the_vocabulary_the_last_is_the_head():
         "Dense_10": {"kernel": jnp.zeros((8, 8))},
         "Dense_3": {"kernel": jnp.zeros((8, 5))},
     }
-    assert tj.module_kinds(tree) == {"Embed_0.embedding": "embedding", "Dense_10.kernel": "head"}
-    assert tj.module_kinds({"Dense_0": {"kernel": jnp.zeros((4, 8))}}) == {}  # no vocabulary, no head
+    assert roles(tj.module_kinds(tree)) == {"Embed_0.embedding": "embedding", "Dense_10.kernel": "head"}
+    # no vocabulary, no head: a model of one layer reads its input (and is not a hidden matrix)
+    assert tj.module_kinds({"Dense_0": {"kernel": jnp.zeros((4, 8))}}) == {"Dense_0.kernel": {"linear", "input"}}
+
+
+def roles(kinds):
+    """The embeddings and heads of ``module_kinds``' answer."""
+    return {path: role for path, found in kinds.items() for role in ("embedding", "head") if role in found}

@@ -230,7 +230,8 @@ _HEADS = {
 _HEAD_SUFFIXES = ("_head", "_classifier", "_logits")
 _INPUT = re.compile(r"^stem$|_stem$|^stem_|^patch_?embed|^first_conv$")
 _TABLE = re.compile(r"relative_position|rel_pos|position_bias|^rel_embeddings$")
-_TOKEN = re.compile(r"_token$|_tokens$|^mask_emb$")
+#: learned tokens, and state-space models' decays (Mamba's ``A_log``: used elementwise)
+_TOKEN = re.compile(r"_token$|_tokens$|^mask_emb$|^a_log$")
 #: module names of an MoE layer's experts: a 2-D sibling of theirs is the layer's router
 _EXPERTS = {"experts", "switch_mlp", "switch_glu"}
 _POOLER = re.compile(r"pooler|^pre_classifier$")

@@ -19,14 +19,15 @@ their key paths joined with dots, so filters see ``params.Dense_0.kernel`` (a tr
 the step, the learning rate and one dict of slots per parameter, keyed by that name.
 Nothing is mutated: the optimizer object only holds its configuration and routes.
 
-Routing knows flax's modules: :func:`init` declares each ``Embed`` table an embedding and the
-``Dense``/``Linear`` that maps to its vocabulary the output head (see :func:`module_kinds`), so
-``is_embedding``, ``is_head`` and Muon's guard see them whatever they are named.
+Routing knows flax's and equinox's modules: :func:`init` declares what their layers are (an
+embedding table, the output head, norms, convolutions, the first and last layers of a model
+without an embedding; see :func:`module_kinds`), so routing and Muon's guard see them whatever
+they are named.
 
 Weights are taken to be laid out as in flax, ``(in, out)`` and conv kernels
 ``(kh, kw, in, out)``: a ``Muon`` without an explicit ``layout`` orthogonalises them that way
-(``"in_out"``; see ``docs/muon.md``). For ``(out, in)`` weights (equinox), give
-``Muon(..., layout="out_in")``.
+(``"in_out"``; see ``docs/muon.md``), except in an equinox module (``eqx.filter(model,
+eqx.is_array)`` too), whose weights are ``(out, in)`` (``"out_in"``).
 """
 
 from __future__ import annotations
@@ -38,15 +39,16 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
+from treeopt.filters import CONV, DEPTHWISE, EMBEDDING, HEAD, INPUT, LINEAR, NORM, OUTPUT, POINTWISE
 from treeopt.optimizer import Optimizer
 from treeopt.optimizers import default_layout
-from treeopt.tree import tree_map
+from treeopt.tree import tree_flatten, tree_map
 from treeopt.types import Tree
 
 if TYPE_CHECKING:
     import optax
 
-__all__ = ["init", "update", "as_optax", "path_of", "module_kinds", "declare_kinds", "LAYOUT"]
+__all__ = ["init", "update", "as_optax", "path_of", "module_kinds", "declare_kinds", "layout_of", "is_equinox", "LAYOUT"]
 
 #: how flax lays out its weights: the output axis last (see Muon's ``layout``)
 LAYOUT = "in_out"
@@ -86,13 +88,13 @@ def _copy_containers(state):
 
 
 @contextlib.contextmanager
-def _borrowed(optimizer, state):
+def _borrowed(optimizer, state, layout=LAYOUT):
     """Run ``optimizer`` on a copy of ``state`` (its containers, not its arrays), leaving the
-    optimizer's own state untouched."""
+    optimizer's own state untouched; a Muon without a ``layout`` reads weights as ``layout``."""
     leaves = optimizer.stateful()
     saved = [(leaf.state, leaf.book.initialized, leaf.book.backend) for leaf in leaves]
     try:
-        with default_layout(LAYOUT):  # weights are flax's here, unless a Muon says otherwise
+        with default_layout(layout):  # weights are flax's (or equinox's) here, unless a Muon says otherwise
             optimizer.state = _copy_containers(state)  # checked against the parameters on use
             yield
     finally:
@@ -101,52 +103,154 @@ def _borrowed(optimizer, state):
             leaf.book.initialized, leaf.book.backend = initialized, backend
 
 
-def _natural(path):
-    """A sort key that puts ``Dense_2`` before ``Dense_10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+def _equinox_layers(model):
+    """``[(path, module, field)]`` of an equinox module's arrays, in field order."""
+    import dataclasses
+
+    import equinox as eqx
+
+    found = []
+
+    def walk(node, keys, owner):
+        if isinstance(node, eqx.Module):
+            for field in dataclasses.fields(node):
+                walk(getattr(node, field.name), keys + (field.name,), node)
+        elif isinstance(node, (list, tuple)):
+            for i, child in enumerate(node):
+                walk(child, keys + (str(i),), owner)
+        elif isinstance(node, jax.Array):
+            found.append((".".join(keys), owner, keys[-1]))
+
+    walk(model, (), None)
+    return found
 
 
-def module_kinds(model: Tree) -> dict[str, str]:
-    """What flax's modules make of the parameters of ``model``: ``{path: "embedding" or
-    "head"}``, paths as :func:`path_of` names them.
+def is_equinox(tree: object) -> bool:
+    """``tree`` is an equinox module (whose weights are ``(out, in)``)."""
+    module = type(tree).__module__
+    if not any(c.__module__.startswith("equinox") for c in type(tree).__mro__) and not module.startswith("equinox"):
+        return False
+    import equinox as eqx
 
-    ``model`` is an nnx module (its ``nnx.Embed`` and ``nnx.Linear`` are found by type) or a
-    tree of parameters (linen's ``params``, an ``nnx.State``), read by the names flax gives the
-    parameters of these modules: an ``Embed`` keeps its table in ``embedding``, a ``Dense`` or
-    ``Linear`` its weight in ``kernel``. The output head is the dense layer whose outputs are an
-    embedding's vocabulary: of several, the shallowest, then the last (``Dense_10`` after
-    ``Dense_2``), so hidden layers as wide as a byte vocabulary are not taken for it.
+    return isinstance(tree, eqx.Module)
+
+
+def _kinds_of_equinox(model):
+    import equinox as eqx
+
+    kinds, layers = {}, []  # layers: (path, is a linear), in field order
+    norms = (eqx.nn.LayerNorm, eqx.nn.RMSNorm, eqx.nn.GroupNorm, eqx.nn.BatchNorm)
+    for path, owner, field in _equinox_layers(model):
+        if isinstance(owner, eqx.nn.Embedding) and field == "weight":
+            kinds[path] = {EMBEDDING}
+        elif isinstance(owner, norms):
+            kinds[path] = {NORM}
+        elif isinstance(owner, eqx.nn.Linear) and field == "weight":
+            kinds[path] = {LINEAR}
+            layers.append((path, True, owner.out_features))
+        elif isinstance(owner, eqx.nn.Conv) and field == "weight":
+            kinds[path] = _conv_kinds(getattr(owner, "groups", 1) == owner.in_channels > 1, owner.kernel_size)
+            layers.append((path, False, None))
+    tables = {path: kinds[path] for path in kinds if EMBEDDING in kinds[path]}
+    vocabularies = [dict(_equinox_shapes(model))[path][0] for path in tables]
+    return _by_order(kinds, layers, vocabularies)
+
+
+def _equinox_shapes(model):
+    return [(path, tuple(getattr(node, "shape", ()))) for path, node in _flat(model)[0].items()]
+
+
+def _conv_kinds(depthwise, kernel):
+    kinds = {CONV}
+    if depthwise:
+        kinds.add(DEPTHWISE)
+    elif all(k == 1 for k in kernel):
+        kinds.add(POINTWISE)
+    return kinds
+
+
+def _by_order(kinds, layers, vocabularies):
+    """The head by vocabulary; without an embedding, the first layer reads the input and the
+    last linear writes the output (the model's definition order)."""
+    if vocabularies:
+        heads = [path for path, is_linear, outputs in layers if is_linear and outputs == max(vocabularies)]
+        if heads:
+            kinds[heads[-1]].add(HEAD)
+    elif layers:
+        kinds[layers[0][0]].add(INPUT)
+        last = [path for path, is_linear, _ in layers if is_linear]
+        if last and last[-1] != layers[0][0]:
+            kinds[last[-1]].add(OUTPUT)
+    return {path: frozenset(found) for path, found in kinds.items() if found}
+
+
+def module_kinds(model: Tree) -> dict[str, frozenset[str]]:
+    """What flax's and equinox's modules make of the parameters of ``model``: ``{path:
+    kinds}``, paths as :func:`path_of` names them (see :mod:`treeopt.filters` for the kinds).
+
+    ``model`` is an equinox module or an nnx module (their layers found by type), or a tree of
+    parameters (linen's ``params``, an ``nnx.State``), read by the names flax gives the
+    parameters of its layers: an ``Embed`` keeps its table in ``embedding``, a ``Dense``,
+    ``Linear`` or ``Conv`` its weight in ``kernel`` (a convolution's has more than two axes),
+    a normalisation layer its gain in ``scale``. The output head is the dense layer whose
+    outputs are the largest vocabulary (of several, the shallowest, then the last). Without an
+    embedding (a CNN, an MLP), the first layer reads the input and the last dense layer writes
+    the output, in the tree's order (linen's: the order layers are called; equinox's: field
+    order; an ``nnx.State``'s: sorted by name).
     """
-    tables, denses = [], []  # (path of the parameter, rows) and (path, outputs), in model order
+    if is_equinox(model):
+        return _kinds_of_equinox(model)
+    kinds: dict = {}
+    layers, vocabularies = [], []  # (path of the weight, is a linear, outputs), in order
     try:
         from flax import nnx
     except ImportError:
         nnx = None  # type: ignore[assignment]
     if nnx is not None and isinstance(model, nnx.Module):
+        norms = (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm)
         for keys, module in nnx.iter_modules(model):
             prefix = "".join(f"{key}." for key in keys)
             if isinstance(module, nnx.Embed):
-                tables.append((prefix + "embedding", module.num_embeddings))
+                kinds[prefix + "embedding"] = {EMBEDDING}
+                vocabularies.append(module.num_embeddings)
             elif isinstance(module, nnx.Linear):
-                denses.append((prefix + "kernel", module.out_features))
-    else:
-        flat, _, _ = _flat(model)
-        for name in sorted(flat, key=_natural):
-            shape: tuple = tuple(getattr(flat[name], "shape", ()))
-            if len(shape) == 2 and name.rsplit(".", 1)[-1] == "embedding":
-                tables.append((name, shape[0]))
-            elif len(shape) == 2 and name.rsplit(".", 1)[-1] == "kernel":
-                denses.append((name, shape[-1]))
-    kinds = {name: "embedding" for name, _ in tables}
-    vocabularies = {rows for _, rows in tables}
-    heads = [name for name, outputs in denses if outputs in vocabularies]
-    if heads:
-        shallowest = min(name.count(".") for name in heads)
-        kinds[[name for name in heads if name.count(".") == shallowest][-1]] = "head"
-    return kinds
+                kinds[prefix + "kernel"] = {LINEAR}
+                layers.append((prefix + "kernel", True, module.out_features))
+            elif isinstance(module, nnx.Conv):
+                depthwise = module.feature_group_count == module.in_features > 1
+                kinds[prefix + "kernel"] = _conv_kinds(depthwise, module.kernel_size)
+                layers.append((prefix + "kernel", False, None))
+            elif isinstance(module, norms):
+                for name in ("scale", "bias"):
+                    kinds[prefix + name] = {NORM}
+        return _by_order(kinds, layers, vocabularies)
+    # a plain dict (linen's params) in its own order, the order layers were called; JAX's
+    # flattening would sort its keys
+    flat = dict(tree_flatten(model)) if type(model) is dict else _flat(model)[0]
+    for name in flat:
+        shape: tuple = tuple(getattr(getattr(flat[name], "value", flat[name]), "shape", ()))
+        leaf = name.rsplit(".", 1)[-1]
+        if len(shape) == 2 and leaf == "embedding":
+            kinds[name] = {EMBEDDING}
+            vocabularies.append(shape[0])
+        elif leaf == "scale":
+            kinds[name] = {NORM}
+        elif leaf == "kernel" and len(shape) == 2:
+            kinds[name] = {LINEAR}
+            layers.append((name, True, shape[-1]))
+        elif leaf == "kernel" and len(shape) > 2:  # (*window, in / groups, out)
+            kinds[name] = _conv_kinds(shape[-2] == 1 and shape[-1] > 1, shape[:-2])
+            layers.append((name, False, None))
+    if vocabularies:  # of several vocabulary-sized layers the shallowest, then the last
+        heads = [path for path, is_linear, outputs in layers if is_linear and outputs == max(vocabularies)]
+        if heads:
+            shallowest = min(path.count(".") for path in heads)
+            kinds[[path for path in heads if path.count(".") == shallowest][-1]].add(HEAD)
+        return {path: frozenset(found) for path, found in kinds.items() if found}
+    return _by_order(kinds, layers, vocabularies)
 
 
-def declare_kinds(optimizer: Optimizer, model: Tree) -> dict[str, str]:
+def declare_kinds(optimizer: Optimizer, model: Tree) -> dict[str, frozenset[str]]:
     """Tell ``optimizer`` (a MultiOptimizer) what :func:`module_kinds` finds in ``model``,
     before it routes; returns the kinds. :func:`init` does it for the tree it is given."""
     kinds = module_kinds(model)
@@ -155,13 +259,19 @@ def declare_kinds(optimizer: Optimizer, model: Tree) -> dict[str, str]:
     return kinds
 
 
+def layout_of(params: Tree) -> str:
+    """How the weights of ``params`` keep their axes: ``"out_in"`` for an equinox module
+    (``Linear.weight`` is ``(out, in)``), else flax's ``"in_out"``."""
+    return "out_in" if is_equinox(params) else LAYOUT
+
+
 def init(optimizer: Optimizer, params: Tree) -> dict:
     """A new state for ``params``: zero slots, and the optimizer's current step and
     scalars (so a new optimizer starts at step 0). Declares the kinds of flax's modules
     (:func:`declare_kinds`) first."""
     declare_kinds(optimizer, params)
     flat, _, _ = _flat(params)
-    with _borrowed(optimizer, optimizer.scalar_state()):
+    with _borrowed(optimizer, optimizer.scalar_state(), layout_of(params)):
         optimizer.init(flat)
         return _on_mesh_of(flat.values(), _copy_containers(optimizer.state))
 
@@ -198,7 +308,7 @@ def update(optimizer: Optimizer, grads: Tree, state: dict, params: Tree) -> tupl
     parameter as it is."""
     flat_params, names, treedef = _flat(params)
     flat_grads, _, _ = _flat(grads)
-    with _borrowed(optimizer, state):
+    with _borrowed(optimizer, state, layout_of(params)):
         new = optimizer.apply_gradients(flat_grads, flat_params)
         new_state = _copy_containers(optimizer.state)
     return jax.tree_util.tree_unflatten(treedef, [new.get(n, flat_params[n]) for n in names]), new_state

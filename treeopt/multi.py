@@ -15,6 +15,7 @@ reroute) and :meth:`plan`, which shows all of it.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -25,7 +26,7 @@ from treeopt.engine import Pair
 from treeopt.errors import TreeoptError, describe, warn
 from treeopt.filters import as_filter, module_kinds, normalise_kinds, routing_tree
 from treeopt.optimizer import Optimizer, Placement
-from treeopt.types import Array, Filter, Schedule
+from treeopt.types import Array, Filter, Schedule, Tree
 
 _CHOICES = {"on_unmatched": ("fallback", "warn", "error"), "guards": ("warn", "error", "off")}
 
@@ -161,6 +162,7 @@ class MultiOptimizer(Optimizer):
         #: optimizer sees only some of the gradients (set by treeopt.distributed under ZeRO-1)
         self.shared_norm = None
         self.module_kinds: dict = {}  # path -> kinds declared by an integration (see declare_kinds)
+        self._learned: weakref.ref | None = None  # the last model whose kinds were declared (see _learn)
         self._state = {"states": [o.state for o in optimizers]}
         self.lr_schedule: Schedule | None = None
         if lr_schedule is not None:
@@ -306,6 +308,31 @@ class MultiOptimizer(Optimizer):
         self.book.version += 1
         if moved:
             self.changes.append(f"step 0: revised {', '.join(moved)} (module kinds learned)")
+
+    # ------------------------------------------------------------------ models given whole
+    def _learn(self, tree):
+        """Declare the kinds of a framework's model given whole (an ``mlx.nn.Module``, as
+        ``mlx.optimizers`` takes it), once per model object."""
+        if self._learned is not None and self._learned() is tree:
+            return
+        if any(c.__module__.startswith("mlx.nn") for c in type(tree).__mro__):
+            # an integration above this layer, imported only when an MLX model is given
+            from treeopt import mlx as treeopt_mlx
+
+            self.declare_kinds(treeopt_mlx.module_kinds(tree))
+            self._learned = weakref.ref(tree)
+
+    def update(self, model: Tree, gradients: Tree) -> None:
+        self._learn(model)
+        super().update(model, gradients)
+
+    def apply_gradients(self, gradients: Tree, parameters: Tree) -> Tree:
+        self._learn(parameters)
+        return super().apply_gradients(gradients, parameters)
+
+    def init(self, parameters: Tree) -> None:
+        self._learn(parameters)
+        super().init(parameters)
 
     def assign_owners(self, pairs: list[Pair]) -> list:
         with module_kinds(self.module_kinds):
