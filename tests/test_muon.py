@@ -267,3 +267,12 @@ def test_muon_adamw_reads_the_layout_from_the_names():
     assert optim.muon_adamw(tree("w")).optimizers[0].layout is None
     assert optim.muon_adamw().optimizers[0].layout is None
     assert optim.muon_adamw(tree("kernel"), layout="out_in").optimizers[0].layout == "out_in"
+
+
+def test_a_zero_size_matrix_takes_its_step_without_newton_schulz():
+    weight = np.zeros((0, 4), np.float32)
+    params = {"w": weight, "v": np.ones((3, 3), np.float32)}
+    opt = optim.Muon(0.02)
+    opt.update(params, {"w": np.zeros((0, 4), np.float32), "v": np.ones((3, 3), np.float32)})
+    assert params["w"].shape == (0, 4) and int(opt.step) == 1
+    assert opt.state["w"]["v"].shape == (0, 4)

@@ -48,7 +48,7 @@ from treeopt.types import Tree
 if TYPE_CHECKING:
     import optax
 
-__all__ = ["init", "update", "as_optax", "path_of", "module_kinds", "declare_kinds", "layout_of", "is_equinox", "LAYOUT"]
+__all__ = ["init", "update", "as_optax", "path_of", "named_leaves", "module_kinds", "declare_kinds", "layout_of", "is_equinox", "LAYOUT"]
 
 #: how flax lays out its weights: the output axis last (see Muon's ``layout``)
 LAYOUT = "in_out"
@@ -80,6 +80,13 @@ def _flat(tree):
             raise ValueError(f"two leaves of the tree are both named {name!r}")
         flat[name] = leaf
     return flat, names, treedef
+
+
+def named_leaves(tree: Tree) -> dict[str, Any]:
+    """``{path: leaf}`` of any pytree (an ``nnx.State``, an equinox module, flax's boxed
+    parameters), named by :func:`path_of`, in JAX's order: what :func:`init` routes. Leaves
+    that are not arrays (an unfiltered equinox module's activation functions) are left out."""
+    return {name: leaf for name, leaf in _flat(tree)[0].items() if hasattr(leaf, "shape") and hasattr(leaf, "dtype")}
 
 
 def _copy_containers(state):

@@ -15,9 +15,11 @@ reroute) and :meth:`plan`, which shows all of it.
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from treeopt import engine, whole_model
 from treeopt._trees import dotted
@@ -26,7 +28,11 @@ from treeopt.engine import Pair
 from treeopt.errors import TreeoptError, describe, warn
 from treeopt.filters import as_filter, module_kinds, normalise_kinds, routing_tree
 from treeopt.optimizer import Optimizer, Placement
+from treeopt.tree import is_container, tree_flatten
 from treeopt.types import Array, Filter, Schedule, Tree
+
+if TYPE_CHECKING:
+    from treeopt.plan import Plan
 
 _CHOICES = {"on_unmatched": ("fallback", "warn", "error"), "guards": ("warn", "error", "off")}
 
@@ -322,6 +328,25 @@ class MultiOptimizer(Optimizer):
             self.declare_kinds(treeopt_mlx.module_kinds(tree))
             self._learned = weakref.ref(tree)
 
+    def _routable(self, tree):
+        """``tree`` as treeopt walks it: a JAX pytree that is no dict, list or tuple (an
+        ``nnx.State``, an equinox module) or holds flax's boxed leaves (``LogicallyPartitioned``)
+        becomes ``{path: array}``, named as :mod:`treeopt.jax` names it (so the routes are
+        those its ``init`` and ``update`` use), after its kinds are declared."""
+        if is_container(tree) and not any(
+            type(leaf).__module__.startswith("flax") for _, leaf in tree_flatten(tree, is_leaf=_is_box)
+        ):
+            return tree
+        if "jax" not in sys.modules:
+            return tree
+        from treeopt import jax as treeopt_jax  # an integration above this layer, for JAX trees only
+
+        treeopt_jax.declare_kinds(self, tree)
+        return treeopt_jax.named_leaves(tree)
+
+    def plan(self, params: Tree | None = None) -> Plan:
+        return super().plan(None if params is None else self._routable(params))
+
     def update(self, model: Tree, gradients: Tree) -> None:
         self._learn(model)
         super().update(model, gradients)
@@ -332,7 +357,7 @@ class MultiOptimizer(Optimizer):
 
     def init(self, parameters: Tree) -> None:
         self._learn(parameters)
-        super().init(parameters)
+        super().init(self._routable(parameters))
 
     def assign_owners(self, pairs: list[Pair]) -> list:
         with module_kinds(self.module_kinds):
@@ -655,6 +680,11 @@ def _carry(old, new, slots):
     new_meanings = new.rule.slot_meanings if new.rule is not None else {}
     by_meaning = {old_meanings[name]: value for name, value in slots.items() if name in old_meanings}
     return {name: by_meaning[meaning] for name, meaning in new_meanings.items() if meaning in by_meaning}
+
+
+def _is_box(node):
+    """A leaf that is not a container: flax's boxes (``LogicallyPartitioned``) included."""
+    return not is_container(node)
 
 
 def _truth(value):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from treeopt.backends import backend_of
-from treeopt.filters import is_bias, is_hidden_matrix, is_norm, ndim
+from treeopt.filters import is_bias, is_gain, is_hidden_matrix, is_norm
 from treeopt.multi import MultiOptimizer
 from treeopt.optimizers import AdamW, Muon
-from treeopt.tree import tree_flatten
+from treeopt.tree import is_container, tree_flatten
 from treeopt.types import Filter, Scalar, Schedule, Tree
 
 __all__ = ["muon_adamw"]
@@ -23,7 +24,10 @@ ADAMW_LR, ADAMW_BETAS, WEIGHT_DECAY = 3e-4, (0.9, 0.95), 0.01
 
 def layout_of(params: Tree) -> str | None:
     """``"in_out"`` when the matrices of ``params`` are named ``kernel`` (flax, Keras: output
-    axis last), ``"out_in"`` when they are named ``weight`` (torch, MLX, equinox), else None."""
+    axis last), ``"out_in"`` when they are named ``weight`` (torch, MLX, equinox) or ``params``
+    is an equinox module, else None."""
+    if not is_container(params):
+        return "out_in" if type(params).__module__.startswith("equinox") or _is_equinox(params) else None
     names = {path.rsplit(".", 1)[-1] for path, leaf in tree_flatten(params) if len(getattr(leaf, "shape", ())) >= 2}
     if "kernel" in names and "weight" not in names:
         return "in_out"
@@ -32,10 +36,33 @@ def layout_of(params: Tree) -> str | None:
     return None
 
 
+def _is_equinox(tree):
+    if "equinox" not in sys.modules:
+        return False
+    from treeopt.jax import is_equinox  # JAX only when an equinox module is given
+
+    return is_equinox(tree)
+
+
+def canonical(params: Tree) -> Tree:
+    """``params`` keyed by canonical names when it is a dict of torch tensors named by a
+    wrapper (``dict(torch.compile(model).named_parameters())``: ``_orig_mod.`` removed), so its
+    routes are the ones ``treeopt.torch.Optimizer`` uses."""
+    if not isinstance(params, dict) or "torch" not in sys.modules:
+        return params
+    from treeopt.torch.names import canonical_name  # torch only when torch tensors are given
+
+    if any(canonical_name(str(k)) != k for k in params) and all(
+        type(v).__module__.startswith("torch") for v in params.values()
+    ):
+        return {canonical_name(k): v for k, v in params.items()}
+    return params
+
+
 def _declare_flax_kinds(multi: MultiOptimizer, params: Tree) -> None:
     """A tree of JAX arrays: its embeddings and head as flax's modules make them (see
     :func:`treeopt.jax.module_kinds`), declared before routing."""
-    leaves = tree_flatten(params)
+    leaves = tree_flatten(params) if is_container(params) else []
     if leaves and getattr(backend_of(leaves[0][1]), "name", None) == "jax":
         from treeopt.jax import declare_kinds
 
@@ -55,7 +82,7 @@ def muon_adamw(
     layout: str | None = None,
     ns_dtype: str | None = None,
     hidden: Filter = is_hidden_matrix,
-    no_decay: Filter = is_bias | is_norm | ndim(max=1),
+    no_decay: Filter = is_bias | is_norm | is_gain,
     frozen: Filter | None = None,
     lr_schedule: Schedule | None = None,
     print_plan: bool = False,
@@ -119,6 +146,8 @@ def muon_adamw(
         muon_lr = adamw_lr if adjust_lr == "match_rms_adamw" else MUON_LR
     if muon_weight_decay is None:
         muon_weight_decay = weight_decay
+    if params is not None:
+        params = canonical(params)
     if layout is None and params is not None:
         layout = layout_of(params)
     multi = MultiOptimizer(

@@ -109,7 +109,7 @@ def muon_orthogonalize(direction, lr, ns_steps, ns_dtype, ns_eps, adjust_lr, lay
     the first ``stack`` axes index one), and the learning rate for its shape. Row-sharded
     torch parameters gather each matrix to one rank for it (treeopt.distributed.fsdp)."""
     shape = tuple(direction.shape[stack:])  # one tensor's
-    if len(shape) < 2:
+    if len(shape) < 2 or 0 in shape:  # a zero-size matrix has nothing to orthogonalise
         return direction, lr
     # a matrix split across devices is orthogonalised whole, then split back as it was
     direction = on_whole(lambda d: orthogonalise(d, ns_steps, ns_eps, ns_dtype, layout, stack), direction)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from treeopt.filters import CONV, DEPTHWISE, EMBEDDING, EXPERTS, HEAD, INPUT, LINEAR, NORM, POINTWISE
+from treeopt.filters import CONV, DEPTHWISE, EMBEDDING, EXPERTS, HEAD, INPUT, LINEAR, NORM, OUTPUT, POINTWISE
 
 __all__ = ["canonical_name", "named_parameters", "module_kinds", "WRAPPER_SEGMENTS", "GUESSES", "IN_OUT"]
 
@@ -88,9 +88,10 @@ def module_kinds(model: torch.nn.Module) -> dict[str, frozenset[str]]:
     - ``"head"``: an ``nn.Linear`` whose weight is an embedding's (tied), and the last
       ``nn.Linear`` whose ``out_features`` is the largest embedding's ``num_embeddings``;
     - ``"input"``: the first layer in definition order when it is a linear or convolution (a
-      stem; an embedding is found by its type).
+      stem; an embedding is found by its type); without an embedding, ``"output"`` for the
+      last linear layer (a CNN's classifier, an MLP's last layer).
 
-    ``"head"`` by vocabulary and ``"input"`` by order are guesses that
+    ``"head"`` by vocabulary, ``"input"`` and ``"output"`` by order are guesses that
     :func:`treeopt.torch.trace.trace_kinds` (run by ``treeopt.torch.Optimizer`` on the first
     forward pass) replaces with what the pass shows.
     """
@@ -128,6 +129,8 @@ def module_kinds(model: torch.nn.Module) -> dict[str, frozenset[str]]:
     if first is not None and (_is_linear(first) or isinstance(first, torch.nn.modules.conv._ConvNd)):
         if id(first.weight) not in embedding_weights:
             add([first.weight], INPUT)
+    if not vocabularies and linears and linears[-1] is not first:  # a CNN, an MLP: the last linear
+        add([linears[-1].weight], OUTPUT)
     return {name: frozenset(kinds[id(param)]) for name, param in named_parameters(model).items() if id(param) in kinds}
 
 
@@ -137,4 +140,4 @@ def _out_features(linear):
 
 #: the kinds of :func:`module_kinds` that are guesses from order and sizes, which a trace of
 #: the forward pass replaces
-GUESSES = frozenset({INPUT, HEAD})
+GUESSES = frozenset({INPUT, HEAD, OUTPUT})
