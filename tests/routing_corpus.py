@@ -1094,6 +1094,10 @@ JAX = [
 ]
 
 CASES = TORCH_HF + TORCH_OWN + MLX + JAX
+#: the default run's subset: every framework, and each kind of mis-route the recipe guards against
+FAST = ['bert-question-answering', 'equinox mlp', 'flax linen mlp', 'gpt-oss', 'gpt2', 'llama', 'mlx-examples transformer_lm', 'mlx-lm llama', 'nanogpt', 'resnet', 'vit', 'whisper']
+for _case in CASES:
+    _case.fast = _case.name in FAST
 
 
 # ---------------------------------------------------------------------- running treeopt on a case
@@ -1105,6 +1109,7 @@ class Result:
     ndim: dict[str, str]  # path -> the route of the ``ndim >= 2`` heuristic
     multi: Any  # the MultiOptimizer
     plan: Any
+    steps: int = 0  # steps taken (JAX keeps them in the state it returns)
 
     def misroutes(self) -> dict[str, tuple[Expected, str]]:
         return {p: (e, self.routes.get(p, "missing")) for p, e in self.expected.items() if self.routes.get(p) != e.route}
@@ -1158,7 +1163,8 @@ def run_torch(case: Case, preset) -> Result:
     opt = treeopt.torch.Optimizer(model, preset())  # as docs/torch.md builds it
     _torch_loss(model(**inputs)).backward()
     opt.step()
-    return Result(case, expected, _routes(opt.optimizer, expected), _ndim(shapes), opt.optimizer, opt.plan())
+    multi = opt.optimizer
+    return Result(case, expected, _routes(multi, expected), _ndim(shapes), multi, opt.plan(), int(multi.step))
 
 
 def run_mlx(case: Case, preset) -> Result:
@@ -1178,7 +1184,7 @@ def run_mlx(case: Case, preset) -> Result:
     _, grads = nn.value_and_grad(model, loss)(model, x)
     opt.update(model, grads)
     mx.eval(model.parameters(), opt.state)
-    return Result(case, expected, _routes(opt, expected), _ndim(shapes), opt, opt.plan())
+    return Result(case, expected, _routes(opt, expected), _ndim(shapes), opt, opt.plan(), int(opt.step))
 
 
 def run_jax(case: Case, preset) -> Result:
@@ -1198,7 +1204,7 @@ def run_jax(case: Case, preset) -> Result:
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)  # flax's docs
         grads = nnx.grad(lambda m: (m(x) ** 2).mean())(model)
         optimizer.update(model, grads)
-        params = nnx.state(model, nnx.Param)
+        params, state = nnx.state(model, nnx.Param), optimizer.opt_state
     elif case.framework == "linen":
         model, variables, x = case.build()
         params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
@@ -1227,7 +1233,8 @@ def run_jax(case: Case, preset) -> Result:
         model = eqx.apply_updates(model, updates)
     shapes = {path_of(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     shapes = {p: s for p, s in shapes.items() if p in expected}
-    return Result(case, expected, _routes(multi, expected), _ndim(shapes), multi, multi.plan())
+    steps = int(jax.tree_util.tree_leaves(state["states"][0]["step"])[0])
+    return Result(case, expected, _routes(multi, expected), _ndim(shapes), multi, multi.plan(), steps)
 
 
 def run(case: Case, preset=None) -> Result:

@@ -230,13 +230,14 @@ class MultiOptimizer(Optimizer):
         can tell (:func:`treeopt.filters.role`). A parameter whose route only its number of
         dimensions decided is reported, once, through ``guards``."""
         reason = self._filter_name(chosen)
-        explain = getattr(self.filters[chosen], "explain", None)
-        if explain is None and chosen == len(self.filters) - 1:  # the fallback: what the others saw
-            explain = next((e for e in (getattr(f, "explain", None) for f in self.filters) if e is not None), None)
+        own = getattr(self.filters[chosen], "explain", None)
+        # another filter's explanation says what the parameter is (the fallback, a composite)
+        explain = own or next((e for e in (getattr(f, "explain", None) for f in self.filters) if e is not None), None)
         if explain is None:
             return reason
         what = explain(path, weight)
-        if getattr(what, "by_shape_only", False) and self.guards != "off":
+        decided_by_it = own is not None or chosen == len(self.filters) - 1
+        if decided_by_it and getattr(what, "by_shape_only", False) and self.guards != "off":
             self._report(
                 self.guards,
                 f"{describe(path)} went to {self.names[chosen]} by its number of dimensions alone: no module "

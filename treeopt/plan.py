@@ -102,6 +102,12 @@ class Plan:
             "warnings": list(self.warnings),
         }
 
+    def judgement_calls(self) -> list[Row]:
+        """The rows whose route follows a documented rule for a layer the recipe does not
+        settle (MoE routers, poolers, 1x1 and depthwise convolutions, relative-position
+        tables): their reason says the rule."""
+        return [row for row in self.rows if "judgement call" in row.reason]
+
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
