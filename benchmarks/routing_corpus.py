@@ -50,7 +50,9 @@ def main() -> None:
         causes["treeopt"].update(e.why for e, _ in wrong.values())
         causes["ndim >= 2"].update(e.why for e, _ in naive.values())
         seconds = time.perf_counter() - start
-        print(f"{case.name:36s} {case.framework:9s} {len(result.expected):7d} {len(wrong):8d} {len(naive):8d}  {seconds:.1f} s")
+        print(
+            f"{case.name:36s} {case.framework:9s} {len(result.expected):7d} {len(wrong):8d} {len(naive):8d}  {seconds:.1f} s"
+        )
         for path, (expected, got) in wrong.items():
             print(f"    {path}: the recipe says {expected.route} ({expected.why}), treeopt {got}")
     print(

@@ -492,7 +492,8 @@ def jax_candidates(kind, shapes):
 
 # --------------------------------------------------------------------------------- running
 def main(argv=None):
-    import functools, builtins
+    import builtins
+    import functools
 
     global print
     print = functools.partial(builtins.print, flush=True)  # progress shows in logs and pipes
@@ -521,6 +522,7 @@ def main(argv=None):
     libraries = [lib for lib in args.libraries if _installed(lib)]
 
     import numba
+
     import treeopt.kernels as kernels
 
     print(

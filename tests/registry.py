@@ -3,8 +3,8 @@ torch.optim's OptimizerInfo): what each optimizer can be checked against (its ca
 every hyper-parameter path of every optimizer, and every constructor error with the exception
 MLX raises (or the one treeopt adds)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import treeopt as optim
 
@@ -21,7 +21,7 @@ class Capabilities:
     running_values: bool = False
     #: another published implementation to compare numbers with, from a setting's kwargs
     #: (e.g. an optax transformation), when MLX has none
-    reference: Optional[Callable] = None
+    reference: Callable | None = None
     reference_name: str = ""
 
 

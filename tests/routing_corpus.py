@@ -150,7 +150,12 @@ _LM = dict(
 )
 _MOE = dict(_LM, num_local_experts=4, num_experts_per_tok=2)
 _ENCODER = dict(
-    vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
 )
 
 
@@ -203,7 +208,6 @@ def _seq2seq_inputs():
 
 
 def _bart_cls_inputs():
-    import torch
 
     ids = 3 + _ids(2, 8, high=87)
     ids[:, -1] = 2  # BART classifies at the end-of-sentence token
@@ -211,7 +215,9 @@ def _bart_cls_inputs():
 
 
 _GPT2 = dict(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-_VISION = dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+_VISION = dict(
+    image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+)
 
 TORCH_HF = [
     Case("gpt2", "torch", _hf("GPT2LMHeadModel", "GPT2Config", _lm_inputs, **_GPT2), outputs=("lm_head",), fast=True),
@@ -295,12 +301,27 @@ TORCH_HF = [
         judgement={"*.mlp.gate.weight": "router"},
     ),
     Case("phi", "torch", _hf("PhiForCausalLM", "PhiConfig", _lm_inputs, **_LM), outputs=("lm_head",)),
-    Case("phi3", "torch", _hf("Phi3ForCausalLM", "Phi3Config", _lm_inputs, **_LM, pad_token_id=0), outputs=("lm_head",)),
-    Case("gpt-neox", "torch", _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", _lm_inputs, **_ENCODER), outputs=("embed_out", "lm_head")),
+    Case(
+        "phi3", "torch", _hf("Phi3ForCausalLM", "Phi3Config", _lm_inputs, **_LM, pad_token_id=0), outputs=("lm_head",)
+    ),
+    Case(
+        "gpt-neox",
+        "torch",
+        _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", _lm_inputs, **_ENCODER),
+        outputs=("embed_out", "lm_head"),
+    ),
     Case(
         "falcon",
         "torch",
-        _hf("FalconForCausalLM", "FalconConfig", _lm_inputs, vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        _hf(
+            "FalconForCausalLM",
+            "FalconConfig",
+            _lm_inputs,
+            vocab_size=97,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
         outputs=("lm_head",),
     ),
     Case(
@@ -309,17 +330,42 @@ TORCH_HF = [
         _hf("BloomForCausalLM", "BloomConfig", _lm_inputs, vocab_size=97, hidden_size=32, n_layer=2, n_head=4),
         outputs=("lm_head",),
     ),
-    Case("opt", "torch", _hf("OPTForCausalLM", "OPTConfig", _lm_inputs, **dict(_ENCODER, ffn_dim=64, word_embed_proj_dim=32)), outputs=("lm_head",)),
+    Case(
+        "opt",
+        "torch",
+        _hf("OPTForCausalLM", "OPTConfig", _lm_inputs, **dict(_ENCODER, ffn_dim=64, word_embed_proj_dim=32)),
+        outputs=("lm_head",),
+    ),
     Case(
         "rwkv",
         "torch",
-        _hf("RwkvForCausalLM", "RwkvConfig", _lm_inputs, vocab_size=97, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=64, context_length=64),
+        _hf(
+            "RwkvForCausalLM",
+            "RwkvConfig",
+            _lm_inputs,
+            vocab_size=97,
+            hidden_size=32,
+            num_hidden_layers=2,
+            attention_hidden_size=32,
+            intermediate_size=64,
+            context_length=64,
+        ),
         outputs=("head",),
     ),
     Case(
         "mamba",
         "torch",
-        _hf("MambaForCausalLM", "MambaConfig", _lm_inputs, vocab_size=97, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4),
+        _hf(
+            "MambaForCausalLM",
+            "MambaConfig",
+            _lm_inputs,
+            vocab_size=97,
+            hidden_size=32,
+            state_size=4,
+            num_hidden_layers=2,
+            expand=2,
+            conv_kernel=4,
+        ),
         outputs=("lm_head",),
         adamw=("*.A_log",),
         judgement={"*.mixer.conv1d.weight": "depthwise"},
@@ -332,13 +378,39 @@ TORCH_HF = [
         judgement={"bert.pooler.dense.weight": "pooler"},
         fast=True,
     ),
-    Case("bert-question-answering", "torch", _hf("BertForQuestionAnswering", "BertConfig", _text(), **_ENCODER), outputs=("qa_outputs",), fast=True),
-    Case("bert-masked-lm", "torch", _hf("BertForMaskedLM", "BertConfig", _text(), **_ENCODER), outputs=("cls.predictions.decoder",)),
-    Case("roberta-token-classification", "torch", _hf("RobertaForTokenClassification", "RobertaConfig", _text(), **_ENCODER, num_labels=5), outputs=("classifier",)),
+    Case(
+        "bert-question-answering",
+        "torch",
+        _hf("BertForQuestionAnswering", "BertConfig", _text(), **_ENCODER),
+        outputs=("qa_outputs",),
+        fast=True,
+    ),
+    Case(
+        "bert-masked-lm",
+        "torch",
+        _hf("BertForMaskedLM", "BertConfig", _text(), **_ENCODER),
+        outputs=("cls.predictions.decoder",),
+    ),
+    Case(
+        "roberta-token-classification",
+        "torch",
+        _hf("RobertaForTokenClassification", "RobertaConfig", _text(), **_ENCODER, num_labels=5),
+        outputs=("classifier",),
+    ),
     Case(
         "distilbert-sequence-classification",
         "torch",
-        _hf("DistilBertForSequenceClassification", "DistilBertConfig", _text(), vocab_size=97, dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64),
+        _hf(
+            "DistilBertForSequenceClassification",
+            "DistilBertConfig",
+            _text(),
+            vocab_size=97,
+            dim=32,
+            hidden_dim=64,
+            n_layers=2,
+            n_heads=4,
+            max_position_embeddings=64,
+        ),
         outputs=("classifier",),
         judgement={"pre_classifier.weight": "pooler"},
     ),
@@ -357,27 +429,69 @@ TORCH_HF = [
     Case(
         "deberta-v2-sequence-classification",
         "torch",
-        _hf("DebertaV2ForSequenceClassification", "DebertaV2Config", _text(), **_ENCODER, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"]),
+        _hf(
+            "DebertaV2ForSequenceClassification",
+            "DebertaV2Config",
+            _text(),
+            **_ENCODER,
+            relative_attention=True,
+            position_buckets=8,
+            pos_att_type=["p2c", "c2p"],
+        ),
         outputs=("classifier",),
         judgement={"pooler.dense.weight": "pooler", "deberta.encoder.rel_embeddings.weight": "position table"},
     ),
     Case(
         "modernbert-masked-lm",
         "torch",
-        _hf("ModernBertForMaskedLM", "ModernBertConfig", _text(), **dict(_ENCODER, global_attn_every_n_layers=2, local_attention=8), pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2, sep_token_id=1),
+        _hf(
+            "ModernBertForMaskedLM",
+            "ModernBertConfig",
+            _text(),
+            **dict(_ENCODER, global_attn_every_n_layers=2, local_attention=8),
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+            cls_token_id=2,
+            sep_token_id=1,
+        ),
         outputs=("decoder",),
     ),
     Case(
         "bart-sequence-classification",
         "torch",
-        _hf("BartForSequenceClassification", "BartConfig", _bart_cls_inputs, vocab_size=97, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64),
+        _hf(
+            "BartForSequenceClassification",
+            "BartConfig",
+            _bart_cls_inputs,
+            vocab_size=97,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+        ),
         outputs=("classification_head.out_proj",),
         judgement={"classification_head.dense.weight": "pooler"},
     ),
     Case(
         "t5",
         "torch",
-        _hf("T5ForConditionalGeneration", "T5Config", _seq2seq_inputs, vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
+        _hf(
+            "T5ForConditionalGeneration",
+            "T5Config",
+            _seq2seq_inputs,
+            vocab_size=97,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+        ),
         outputs=("lm_head",),
         judgement={"*.relative_attention_bias.weight": "position table"},
     ),
@@ -400,7 +514,17 @@ TORCH_HF = [
     Case(
         "vit-mae",
         "torch",
-        _hf("ViTMAEForPreTraining", "ViTMAEConfig", _pixels(), **_VISION, decoder_hidden_size=32, decoder_intermediate_size=64, decoder_num_hidden_layers=1, decoder_num_attention_heads=4, mask_ratio=0.5),
+        _hf(
+            "ViTMAEForPreTraining",
+            "ViTMAEConfig",
+            _pixels(),
+            **_VISION,
+            decoder_hidden_size=32,
+            decoder_intermediate_size=64,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=4,
+            mask_ratio=0.5,
+        ),
         outputs=("decoder.decoder_pred",),
         inputs=("vit.embeddings.patch_embeddings.projection",),
     ),
@@ -415,7 +539,14 @@ TORCH_HF = [
     Case(
         "beit",
         "torch",
-        _hf("BeitForImageClassification", "BeitConfig", _pixels(), **_VISION, use_relative_position_bias=True, use_mean_pooling=True),
+        _hf(
+            "BeitForImageClassification",
+            "BeitConfig",
+            _pixels(),
+            **_VISION,
+            use_relative_position_bias=True,
+            use_mean_pooling=True,
+        ),
         outputs=("classifier",),
         inputs=("beit.embeddings.patch_embeddings.projection",),
         judgement={"*.relative_position_bias_table": "position table"},
@@ -431,7 +562,17 @@ TORCH_HF = [
     Case(
         "swin",
         "torch",
-        _hf("SwinForImageClassification", "SwinConfig", _pixels(32), image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4),
+        _hf(
+            "SwinForImageClassification",
+            "SwinConfig",
+            _pixels(32),
+            image_size=32,
+            patch_size=4,
+            embed_dim=16,
+            depths=[1, 1],
+            num_heads=[2, 2],
+            window_size=4,
+        ),
         outputs=("classifier",),
         inputs=("swin.embeddings.patch_embeddings.projection",),
         judgement={"*.relative_position_bias_table": "position table"},
@@ -439,7 +580,15 @@ TORCH_HF = [
     Case(
         "convnextv2",
         "torch",
-        _hf("ConvNextV2ForImageClassification", "ConvNextV2Config", _pixels(32), image_size=32, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2),
+        _hf(
+            "ConvNextV2ForImageClassification",
+            "ConvNextV2Config",
+            _pixels(32),
+            image_size=32,
+            hidden_sizes=[16, 32],
+            depths=[1, 1],
+            num_stages=2,
+        ),
         outputs=("classifier",),
         inputs=("convnextv2.embeddings.patch_embeddings",),
         judgement={"*.dwconv.weight": "depthwise"},
@@ -447,16 +596,35 @@ TORCH_HF = [
     Case(
         "resnet",
         "torch",
-        _hf("ResNetForImageClassification", "ResNetConfig", _pixels(32), embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck"),
+        _hf(
+            "ResNetForImageClassification",
+            "ResNetConfig",
+            _pixels(32),
+            embedding_size=16,
+            hidden_sizes=[16, 32],
+            depths=[1, 1],
+            layer_type="bottleneck",
+        ),
         outputs=("classifier.1",),
         inputs=("resnet.embedder.embedder.convolution",),
-        judgement={"*.shortcut.convolution.weight": "pointwise", "*.layer.0.convolution.weight": "pointwise", "*.layer.2.convolution.weight": "pointwise"},
+        judgement={
+            "*.shortcut.convolution.weight": "pointwise",
+            "*.layer.0.convolution.weight": "pointwise",
+            "*.layer.2.convolution.weight": "pointwise",
+        },
         fast=True,
     ),
     Case(
         "mobilenet-v2",
         "torch",
-        _hf("MobileNetV2ForImageClassification", "MobileNetV2Config", _pixels(32), image_size=32, depth_multiplier=0.25, min_depth=4),
+        _hf(
+            "MobileNetV2ForImageClassification",
+            "MobileNetV2Config",
+            _pixels(32),
+            image_size=32,
+            depth_multiplier=0.25,
+            min_depth=4,
+        ),
         outputs=("classifier",),
         inputs=("mobilenet_v2.conv_stem.first_conv.convolution",),
         judgement={
@@ -469,7 +637,24 @@ TORCH_HF = [
     Case(
         "whisper",
         "torch",
-        _hf("WhisperForConditionalGeneration", "WhisperConfig", _whisper_inputs, vocab_size=97, num_mel_bins=8, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16, decoder_start_token_id=1, pad_token_id=0),
+        _hf(
+            "WhisperForConditionalGeneration",
+            "WhisperConfig",
+            _whisper_inputs,
+            vocab_size=97,
+            num_mel_bins=8,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_source_positions=16,
+            max_target_positions=16,
+            decoder_start_token_id=1,
+            pad_token_id=0,
+        ),
         outputs=("proj_out",),
         inputs=("model.encoder.conv1",),
         fast=True,
@@ -477,14 +662,49 @@ TORCH_HF = [
     Case(
         "wav2vec2-ctc",
         "torch",
-        _hf("Wav2Vec2ForCTC", "Wav2Vec2Config", _audio(), vocab_size=12, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4),
+        _hf(
+            "Wav2Vec2ForCTC",
+            "Wav2Vec2Config",
+            _audio(),
+            vocab_size=12,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            conv_dim=(16, 16),
+            conv_stride=(5, 2),
+            conv_kernel=(10, 3),
+            num_conv_pos_embeddings=8,
+            num_conv_pos_embedding_groups=4,
+        ),
         outputs=("lm_head",),
         inputs=("wav2vec2.feature_extractor.conv_layers.0.conv",),
     ),
     Case(
         "clip",
         "torch",
-        _hf("CLIPModel", "CLIPConfig", _clip_inputs, text_config=dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16), vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16, patch_size=4), projection_dim=16),
+        _hf(
+            "CLIPModel",
+            "CLIPConfig",
+            _clip_inputs,
+            text_config=dict(
+                vocab_size=97,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                max_position_embeddings=16,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                image_size=16,
+                patch_size=4,
+            ),
+            projection_dim=16,
+        ),
         outputs=("visual_projection", "text_projection"),
         inputs=("vision_model.embeddings.patch_embedding",),
     ),
@@ -760,15 +980,34 @@ def _mlx_example(index):
 _MLX_MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, top_k_experts=2)
 MLX = [
     Case("mlx-lm llama", "mlx", _mlx_lm("llama"), outputs=("lm_head",), fast=True, source="mlx_lm.models.llama"),
-    Case("mlx-lm gpt-oss", "mlx", _mlx_lm("gpt_oss", **_MLX_MOE), outputs=("lm_head",), judgement={"*.mlp.router.weight": "router"}, fast=True),
+    Case(
+        "mlx-lm gpt-oss",
+        "mlx",
+        _mlx_lm("gpt_oss", **_MLX_MOE),
+        outputs=("lm_head",),
+        judgement={"*.mlp.router.weight": "router"},
+        fast=True,
+    ),
     Case("mlx-lm gemma3", "mlx", _mlx_lm("gemma3_text", sliding_window_pattern=2), outputs=("lm_head",)),
     Case(
         "mlx-lm gemma4",
         "mlx",
-        _mlx_lm("gemma4_text", global_head_dim=8, num_kv_shared_layers=0, hidden_size_per_layer_input=0, vocab_size_per_layer_input=97, sliding_window_pattern=2),
+        _mlx_lm(
+            "gemma4_text",
+            global_head_dim=8,
+            num_kv_shared_layers=0,
+            hidden_size_per_layer_input=0,
+            vocab_size_per_layer_input=97,
+            sliding_window_pattern=2,
+        ),
         outputs=("lm_head",),
     ),
-    Case("mlx-lm olmo3", "mlx", _mlx_lm("olmo3", layer_types=["sliding_attention", "full_attention"]), outputs=("lm_head",)),
+    Case(
+        "mlx-lm olmo3",
+        "mlx",
+        _mlx_lm("olmo3", layer_types=["sliding_attention", "full_attention"]),
+        outputs=("lm_head",),
+    ),
     Case(
         "mlx-lm ministral3",
         "mlx",
@@ -780,20 +1019,51 @@ MLX = [
         ),
         outputs=("lm_head",),
     ),
-    Case("mlx-lm qwen3-moe", "mlx", _mlx_lm("qwen3_moe", **_MLX_MOE, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True), outputs=("lm_head",), judgement={"*.mlp.gate.weight": "router"}),
-    Case("mlx-lm mixtral", "mlx", _mlx_lm("mixtral", **_MLX_MOE), outputs=("lm_head",), judgement={"*.block_sparse_moe.gate.weight": "router"}),
+    Case(
+        "mlx-lm qwen3-moe",
+        "mlx",
+        _mlx_lm("qwen3_moe", **_MLX_MOE, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True),
+        outputs=("lm_head",),
+        judgement={"*.mlp.gate.weight": "router"},
+    ),
+    Case(
+        "mlx-lm mixtral",
+        "mlx",
+        _mlx_lm("mixtral", **_MLX_MOE),
+        outputs=("lm_head",),
+        judgement={"*.block_sparse_moe.gate.weight": "router"},
+    ),
     Case("mlx-lm nanochat", "mlx", _mlx_lm("nanochat", num_key_value_heads=4), outputs=("lm_head",)),
-    Case("mlx-lm gpt2", "mlx", _mlx_lm("gpt2", n_ctx=16, n_embd=32, n_head=4, n_layer=2, n_positions=16, layer_norm_epsilon=1e-5)),
+    Case(
+        "mlx-lm gpt2",
+        "mlx",
+        _mlx_lm("gpt2", n_ctx=16, n_embd=32, n_head=4, n_layer=2, n_positions=16, layer_norm_epsilon=1e-5),
+    ),
     Case("mlx-lm phi3", "mlx", _mlx_lm("phi3"), outputs=("lm_head",)),
     Case(
         "mlx-lm mamba",
         "mlx",
-        _mlx_lm("mamba", state_size=4, conv_kernel=4, use_bias=False, use_conv_bias=True, time_step_rank=4, tie_word_embeddings=True),
+        _mlx_lm(
+            "mamba",
+            state_size=4,
+            conv_kernel=4,
+            use_bias=False,
+            use_conv_bias=True,
+            time_step_rank=4,
+            tie_word_embeddings=True,
+        ),
         adamw=("*.A_log",),
         judgement={"*.mixer.conv1d.weight": "depthwise"},
     ),
     Case("mlx-examples transformer_lm", "mlx", _mlx_example(0), outputs=("out_proj",), fast=True),
-    Case("mlx-examples cifar resnet", "mlx", _mlx_example(1), outputs=("linear",), inputs=("conv1",), judgement={"*.shortcut.0.weight": "pointwise"}),
+    Case(
+        "mlx-examples cifar resnet",
+        "mlx",
+        _mlx_example(1),
+        outputs=("linear",),
+        inputs=("conv1",),
+        judgement={"*.shortcut.0.weight": "pointwise"},
+    ),
     Case("mlx-examples mnist mlp", "mlx", _mlx_example(2), outputs=("layers.2",), inputs=("layers.0",)),
 ]
 
@@ -839,7 +1109,8 @@ def expected_linen(case: Case, params) -> dict[str, Expected]:
             module_path,
             tuple(leaf.shape),
             embedding=leaf_name == "embedding",
-            norm=module.split("_")[0] in ("LayerNorm", "BatchNorm", "GroupNorm", "RMSNorm") or matches(module_path, case.adamw),
+            norm=module.split("_")[0] in ("LayerNorm", "BatchNorm", "GroupNorm", "RMSNorm")
+            or matches(module_path, case.adamw),
         )
     return table
 
@@ -928,7 +1199,9 @@ def _nnx(index):
         from flax import nnx
 
         model = _nnx_models()[index](rngs=nnx.Rngs(0))
-        x = [jax.random.normal(jax.random.key(1), (2, 8, 8, 1)), jax.random.randint(jax.random.key(1), (2, 8), 0, 97)][index]
+        x = [jax.random.normal(jax.random.key(1), (2, 8, 8, 1)), jax.random.randint(jax.random.key(1), (2, 8), 0, 97)][
+            index
+        ]
         return model, x
 
     return build
@@ -1095,7 +1368,20 @@ JAX = [
 
 CASES = TORCH_HF + TORCH_OWN + MLX + JAX
 #: the default run's subset: every framework, and each kind of mis-route the recipe guards against
-FAST = ['bert-question-answering', 'equinox mlp', 'flax linen mlp', 'gpt-oss', 'gpt2', 'llama', 'mlx-examples transformer_lm', 'mlx-lm llama', 'nanogpt', 'resnet', 'vit', 'whisper']
+FAST = [
+    "bert-question-answering",
+    "equinox mlp",
+    "flax linen mlp",
+    "gpt-oss",
+    "gpt2",
+    "llama",
+    "mlx-examples transformer_lm",
+    "mlx-lm llama",
+    "nanogpt",
+    "resnet",
+    "vit",
+    "whisper",
+]
 for _case in CASES:
     _case.fast = _case.name in FAST
 
@@ -1112,7 +1398,9 @@ class Result:
     steps: int = 0  # steps taken (JAX keeps them in the state it returns)
 
     def misroutes(self) -> dict[str, tuple[Expected, str]]:
-        return {p: (e, self.routes.get(p, "missing")) for p, e in self.expected.items() if self.routes.get(p) != e.route}
+        return {
+            p: (e, self.routes.get(p, "missing")) for p, e in self.expected.items() if self.routes.get(p) != e.route
+        }
 
     def ndim_misroutes(self) -> dict[str, tuple[Expected, str]]:
         return {p: (e, self.ndim[p]) for p, e in self.expected.items() if self.ndim[p] != e.route}

@@ -131,8 +131,7 @@ def test_mlx_layout_keys_are_tree_flatten_of_the_state(tmp_path, backend):
 def test_mlx_layout_file_drops_into_mlx_optimizers(tmp_path, kind):
     import mlx.core as mx
     import mlx.optimizers as mlx_optim
-    from mlx.utils import tree_flatten as mlx_tree_flatten
-    from mlx.utils import tree_unflatten as mlx_tree_unflatten
+    from mlx.utils import tree_flatten as mlx_tree_flatten, tree_unflatten as mlx_tree_unflatten
 
     def build(module):
         if kind == "AdamW":

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 import treeopt as optim
-from treeopt.ops import dtype_name
-from treeopt.tree import tree_flatten
-
 from arrays import DTYPES, TOLERANCE, as_float64, backend_params, make
 from registry import SCHEDULES, SETTINGS
+from treeopt.ops import dtype_name
+from treeopt.tree import tree_flatten
 
 mx = pytest.importorskip("mlx.core", reason="MLX is the numerical reference")
 import mlx.optimizers as mlx_optim  # noqa: E402

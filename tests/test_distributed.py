@@ -17,11 +17,12 @@ import torch.distributed as dist  # noqa: E402
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
+from _world import run_world, warm_up  # noqa: E402
+
 import treeopt as optim  # noqa: E402
 import treeopt.torch  # noqa: E402
 from treeopt.distributed import ownership  # noqa: E402
 from treeopt.engine import slot_items  # noqa: E402
-from _world import run_world, warm_up  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -426,9 +427,10 @@ def test_treeopt_checkpoint_folder_of_several_ranks_loads_at_any_world_size(save
 # ---------------------------------------------------------------------------------- FSDP2 / DTensor parameters
 def fsdp_train(rank, world, steps, count_ns=False, placement=None, optimizer=None):
     """The same parameters and gradients as :func:`train`, as ``Shard(0)`` DTensors."""
-    import treeopt.rules.muon as muon_rule
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    import treeopt.rules.muon as muon_rule
 
     calls = []
     if count_ns:

@@ -49,8 +49,7 @@ if os.environ.get(CHILD) != "1":
 
 else:
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     import treeopt as optim
     import treeopt.jax as tj

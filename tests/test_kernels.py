@@ -8,11 +8,10 @@ import pytest
 
 import treeopt as optim
 import treeopt.kernels as kernels
-from treeopt.kernels.compiled_step import _NumbaBucket, _RuleBucket
-from treeopt.tree import tree_flatten, tree_map
-
 from arrays import as_float64, backend_params, make
 from registry import SETTINGS
+from treeopt.kernels.compiled_step import _NumbaBucket, _RuleBucket
+from treeopt.tree import tree_flatten, tree_map
 
 numba = pytest.importorskip("numba", reason="the compiled loops need numba")
 

@@ -7,13 +7,11 @@ from collections import namedtuple
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import treeopt as optim
-from treeopt.tree import tree_flatten, tree_map
-
 from arrays import as_float64, backend_params, make
+from treeopt.tree import tree_flatten, tree_map
 
 Pair = namedtuple("Pair", "first second")
 

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 import treeopt as optim
-from treeopt.ops import dtype_name
-from treeopt.tree import tree_flatten, tree_map, tree_unflatten
-
 from arrays import as_float64, backend_params, make
 from registry import SETTINGS
+from treeopt.ops import dtype_name
+from treeopt.tree import tree_flatten, tree_map, tree_unflatten
 
 Pair = namedtuple("Pair", "first second")
 
@@ -365,7 +364,7 @@ def test_arrays_of_two_libraries_are_an_error(other):
     with pytest.raises(optim.ParameterError, match=f"gradient at 'a' is a {other} array but the parameter is a numpy"):
         opt.update({"a": f32(1)}, {"a": make([1.0], other)})
     opt.update({"a": f32(1)}, {"a": f32(1)})
-    with pytest.raises(optim.ParameterError, match=f"the optimizer state holds numpy array"):
+    with pytest.raises(optim.ParameterError, match="the optimizer state holds numpy array"):
         opt.update({"a": make([1.0], other)}, {"a": make([1.0], other)})
 
 

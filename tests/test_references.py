@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import treeopt as optim
-
 from arrays import as_float64, backend_params, make
 from registry import SETTINGS
 

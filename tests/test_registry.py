@@ -6,7 +6,6 @@ import importlib.util
 import pytest
 
 import treeopt as optim
-
 from registry import CAPABILITIES, ERRORS, OPTIMIZERS, SETTINGS
 
 _MLX = importlib.util.find_spec("mlx") is not None

@@ -8,20 +8,19 @@ docs/reliability.md quotes the count (``test_the_catalogue_is_large_enough``).
 
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
 
 import treeopt as optim
-from treeopt import checkpoint, ops
+from arrays import available, make
+from treeopt import checkpoint, filters, ops
 from treeopt.checkpoint import files
 from treeopt.errors import ParameterError
 from treeopt.multi import RoutingError
 from treeopt.tree import tree_flatten
-
-from arrays import available, make
 
 pytestmark = pytest.mark.filterwarnings("ignore::treeopt.RoutingWarning")
 BACKENDS = [b for b in ("numpy", "torch", "jax") if available(b)]
@@ -875,6 +874,36 @@ if available("torch"):
             ParameterError,
             r"slot '\w+' of 'b' has shape \(4,\), expected \(6,\)",
         )
+
+
+# ------------------------------------------------------------------------------ kinds and routing checks
+for backend in BACKENDS:
+    case(
+        f"{backend}-multi: declare_kinds with a kind that is not a name",
+        world("multi", backend),
+        lambda wd: wd.opt.declare_kinds({"w": "hidden", "layers.0.w": 3}),
+        TypeError,
+        r"module kinds map a dotted path to a kind name or names, got 'layers.0.w': 3",
+    )
+    case(
+        f"{backend}-multi: declare_kinds(replace=True) with a path that is not a string",
+        world("multi", backend),
+        lambda wd: wd.opt.declare_kinds({("w",): "output"}, replace=True),
+        TypeError,
+        r"got \('w',\): 'output'",
+    )
+
+    def strict_shape_only(wd):
+        strict = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(1e-3)], [filters.is_hidden_matrix], guards="error")
+        strict.plan({"w": wd.params["w"]})
+
+    case(
+        f"{backend}-multi: a matrix only its number of dimensions routes, guards='error'",
+        world("multi", backend),
+        strict_shape_only,
+        RoutingError,
+        r"'w' went to Muon by its number of dimensions alone.*Muon if it is a hidden matrix, AdamW if",
+    )
 
 
 # ------------------------------------------------------------------------------ the tests

@@ -7,7 +7,6 @@ framework; ``-m slow`` runs all of it."""
 import warnings
 
 import pytest
-
 import routing_corpus as corpus
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -16,9 +15,7 @@ _FRAMEWORK = {"torch": "transformers", "mlx": "mlx_lm", "nnx": "flax", "linen": 
 
 
 def _params(cases):
-    return [
-        pytest.param(case, id=case.name, marks=() if case.fast else pytest.mark.slow) for case in cases
-    ]
+    return [pytest.param(case, id=case.name, marks=() if case.fast else pytest.mark.slow) for case in cases]
 
 
 @pytest.mark.parametrize("case", _params(corpus.CASES))
@@ -33,7 +30,7 @@ def test_every_tensor_goes_where_the_recipe_sends_it(case):
     assert not wrong, wrong
     assert result.steps == 1  # one step taken through the framework's own loop
     rows = {row.path: row for row in result.plan.rows}
-    for path, expected in result.expected.items():
+    for path in result.expected:
         assert ": " in rows[path].reason, (path, rows[path].reason)  # the reason says what it is
     judged = {row.path for row in result.plan.judgement_calls()}
     for path, expected in result.expected.items():

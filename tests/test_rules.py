@@ -10,13 +10,12 @@ import pytest
 
 import treeopt as optim
 import treeopt.kernels as kernels
+from arrays import as_float64, backend_params, make
+from registry import SETTINGS
 from treeopt import checkpoint, ops, rules
 from treeopt.ops import cos, maximum, mean, rsqrt, where
 from treeopt.rules.base import Rule, RuleError
 from treeopt.tree import tree_flatten
-
-from arrays import as_float64, backend_params, make
-from registry import SETTINGS
 
 
 def plain_coefficients(lr, step, *, decay):

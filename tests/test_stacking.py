@@ -9,12 +9,11 @@ import pytest
 
 import treeopt as optim
 import treeopt.kernels as kernels
+from arrays import as_float64, backend_params, make
 from treeopt import engine
 from treeopt.kernels import stacking
 from treeopt.rules.muon import MUON
 from treeopt.tree import tree_flatten
-
-from arrays import as_float64, backend_params, make
 
 SHAPES = [(6, 6), (8, 5), (5, 8), (4, 3, 2, 2), (7,)]  # square, tall, wide, a convolution, a vector
 # float32: the products' summation order may differ between the batched and the single call

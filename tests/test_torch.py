@@ -5,9 +5,10 @@ import io
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch adapter tests need torch")
+from torch_helpers import TARGETS, TOKENS, Net, train  # noqa: E402
+
 import treeopt as optim  # noqa: E402
 import treeopt.torch  # noqa: E402
-from torch_helpers import TARGETS, TOKENS, Net, train  # noqa: E402
 
 
 def hidden_matrix(name, param):

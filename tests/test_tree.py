@@ -12,8 +12,7 @@ behaviour, and never call MLX on inputs that make it recurse forever.
 from collections import OrderedDict, namedtuple
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 mlx_utils = pytest.importorskip("mlx.utils")
 

@@ -421,7 +421,9 @@ class Role:
 
     def __str__(self) -> str:
         text = f"{self.name}: {self.evidence}"
-        return f"{text}; judgement call ({self.judgement}: {JUDGEMENT_RULES[self.judgement]})" if self.judgement else text
+        return (
+            f"{text}; judgement call ({self.judgement}: {JUDGEMENT_RULES[self.judgement]})" if self.judgement else text
+        )
 
 
 def _told(kinds, names, by_kind, by_name):

@@ -33,7 +33,6 @@ eqx.is_array)`` too), whose weights are ``(out, in)`` (``"out_in"``).
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +47,18 @@ from treeopt.types import Tree
 if TYPE_CHECKING:
     import optax
 
-__all__ = ["init", "update", "as_optax", "path_of", "named_leaves", "module_kinds", "declare_kinds", "layout_of", "is_equinox", "LAYOUT"]
+__all__ = [
+    "init",
+    "update",
+    "as_optax",
+    "path_of",
+    "named_leaves",
+    "module_kinds",
+    "declare_kinds",
+    "layout_of",
+    "is_equinox",
+    "LAYOUT",
+]
 
 #: how flax lays out its weights: the output axis last (see Muon's ``layout``)
 LAYOUT = "in_out"
@@ -145,7 +155,8 @@ def is_equinox(tree: object) -> bool:
 def _kinds_of_equinox(model):
     import equinox as eqx
 
-    kinds, layers = {}, []  # layers: (path, is a linear), in field order
+    kinds: dict = {}
+    layers: list = []  # (path, is a linear, outputs), in field order
     norms = (eqx.nn.LayerNorm, eqx.nn.RMSNorm, eqx.nn.GroupNorm, eqx.nn.BatchNorm)
     for path, owner, field in _equinox_layers(model):
         if isinstance(owner, eqx.nn.Embedding) and field == "weight":
@@ -208,7 +219,8 @@ def module_kinds(model: Tree) -> dict[str, frozenset[str]]:
     if is_equinox(model):
         return _kinds_of_equinox(model)
     kinds: dict = {}
-    layers, vocabularies = [], []  # (path of the weight, is a linear, outputs), in order
+    layers: list = []  # (path of the weight, is a linear, outputs), in order
+    vocabularies: list = []
     try:
         from flax import nnx
     except ImportError:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -66,7 +66,7 @@ _PRODUCTS = {
 _PRODUCT_NAMES = re.compile(r"(^|_)(grouped_mm|mm|bmm|matmul|addmm|baddbmm|linear|einsum|conv\w*|tensordot)(_|$)")
 
 
-def _is_product(func) -> bool:
+def _is_product(func: Any) -> bool:
     return func in _PRODUCTS or bool(_PRODUCT_NAMES.search(str(getattr(func, "__name__", ""))))
 
 
@@ -101,7 +101,13 @@ def _tensors(node: Any, depth: int = 0) -> Iterator[torch.Tensor]:
 class _Info:
     __slots__ = ("lineage", "depends", "data", "sources")
 
-    def __init__(self, lineage=frozenset(), depends=False, data=False, sources=frozenset()):
+    def __init__(
+        self,
+        lineage: frozenset = frozenset(),
+        depends: bool = False,
+        data: bool = False,
+        sources: frozenset = frozenset(),
+    ) -> None:
         #: parameters it was made from by elementwise work alone
         self.lineage = lineage
         #: it depends on some parameter
@@ -142,7 +148,7 @@ class Trace(TorchFunctionMode):
         if id(tensor) not in self.names:
             self.info[id(tensor)] = (weakref.ref(tensor), info)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.failed is None:
@@ -246,7 +252,7 @@ class FirstForward:
     ``learned(kinds)`` and removes itself. A pass that cannot be followed (a compiled model,
     an error in the analysis) leaves the kinds known before."""
 
-    def __init__(self, model: torch.nn.Module, learned) -> None:
+    def __init__(self, model: torch.nn.Module, learned: Callable[[dict[str, frozenset[str]]], None]) -> None:
         self.model, self.learned = model, learned
         self.trace: Trace | None = None
         self.handles = [
