@@ -107,11 +107,11 @@ def three_groups(**options):
 #: where three_groups() sends each GPT-2 parameter
 GPT2_ROUTES = {
     "transformer.wte.weight": (2, "sgd", "fallback: embedding: name of an embedding"),
-    "transformer.h.0.ln_1.weight": (1, "adamw", "filters[1] (is_bias | is_norm)"),
-    "transformer.h.0.ln_1.bias": (1, "adamw", "filters[1] (is_bias | is_norm)"),
+    "transformer.h.0.ln_1.weight": (1, "adamw", "filters[1] (is_bias | is_norm): norm: name of a normalisation layer"),
+    "transformer.h.0.ln_1.bias": (1, "adamw", "filters[1] (is_bias | is_norm): norm: name of a normalisation layer"),
     "transformer.h.0.attn.c_attn.weight": (0, "muon", "filters[0] (is_hidden_matrix): hidden: inside a repeated block"),
-    "transformer.h.0.attn.c_attn.bias": (1, "adamw", "filters[1] (is_bias | is_norm)"),
+    "transformer.h.0.attn.c_attn.bias": (1, "adamw", "filters[1] (is_bias | is_norm): bias: name 'bias'"),
     "transformer.h.0.mlp.c_fc.weight": (0, "muon", "filters[0] (is_hidden_matrix): hidden: inside a repeated block"),
-    "transformer.ln_f.weight": (1, "adamw", "filters[1] (is_bias | is_norm)"),
+    "transformer.ln_f.weight": (1, "adamw", "filters[1] (is_bias | is_norm): norm: name of a normalisation layer"),
     "lm_head.weight": (2, "sgd", "fallback: head: name of an output layer"),
 }

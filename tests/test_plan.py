@@ -106,7 +106,7 @@ def test_plan_exports_text_dict_json_markdown_and_rich(backend):
     assert markdown[2] == "| path | optimizer | reason | shape | dtype | size | state | lr | wd |"  # no notes column
     assert markdown[3] == "|---|---|---|---|---|---|---|---|---|"
     assert (
-        "| transformer.h.0.ln_1.bias | adamw | filters[1] (is_bias \\| is_norm) | 8 | float32 | 8 | 64 B | 0.0003 "
+        "| transformer.h.0.ln_1.bias | adamw | filters[1] (is_bias \\| is_norm): norm: name of a normalisation layer | 8 | float32 | 8 | 64 B | 0.0003 "
         "| 0.1 |"
     ) in markdown  # a | inside a cell is escaped
     rich_console = pytest.importorskip("rich.console")

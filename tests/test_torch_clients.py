@@ -230,8 +230,11 @@ def test_distributed_checkpoint_state_dict_helpers_round_trip(tmp_path):
         set_optimizer_state_dict,
     )
 
-    def setup():
-        model = mlp()
+    def setup():  # a hidden layer for Muon between the input and output layers (AdamW's)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+        )
         return model, treeopt.torch.Optimizer(
             model,
             optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [F.is_hidden_matrix], names=["muon", "adamw"]),
@@ -243,8 +246,8 @@ def test_distributed_checkpoint_state_dict_helpers_round_trip(tmp_path):
         opt.step()
         opt.zero_grad()
     osd = get_optimizer_state_dict(model, opt)
-    assert set(osd["state"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}  # keyed by name
-    assert set(osd["state"]["0.weight"]) == {"v"}
+    assert set(osd["state"]) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}  # keyed by name
+    assert set(osd["state"]["2.weight"]) == {"v"}
     flat = get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
     assert "state.2.bias.m" in flat and "state.2.weight.v" in flat
     with pytest.raises(ValueError, match="flatten_optimizer_state_dict"):  # it keeps only the live groups' keys

@@ -52,6 +52,9 @@ def to_metadata(optimizer: Optimizer) -> list[dict[str, Any]]:
                     ("frozen", route.frozen),
                     ("rerouted", route.reason == "rerouted"),
                     ("unfrozen", route.unfrozen),
+                    # moved when kinds were learned (a trace of the forward pass), which a fresh
+                    # optimizer may not know yet when it loads
+                    ("revised", route.reason.startswith("revised:")),
                 )
                 if found
             ]
@@ -130,6 +133,8 @@ def restore(optimizer: Optimizer, metadata: dict[str, Any]) -> None:
             known = replace(known, group=target, also=(), notes=())
         if "rerouted" in flags:
             known = replace(known, reason="rerouted")
+        elif "revised" in flags and not known.reason.startswith("revised:"):
+            known = replace(known, reason=f"revised: {known.reason} (as saved)")
         known = routes[id(multi)][keys] = replace(known, frozen="frozen" in flags, unfrozen="unfrozen" in flags)
         multi.restore_route(keys, known)
 

@@ -30,7 +30,7 @@ SCALAR_DTYPES = ("float16", "bfloat16", "float32")
 WHOLE_MODEL_COUNTERS = ("micro_step", "skipped_steps")
 #: whole-model arrays kept as tensors: ``#grad_norm``, ``#accumulated/{path}``, ``#carried/{path}/{slot}``
 WHOLE_MODEL_ARRAYS = ("grad_norm",)
-ROUTING_FLAGS = ("frozen", "rerouted", "unfrozen")
+ROUTING_FLAGS = ("frozen", "rerouted", "unfrozen", "revised")
 _TOP_LEVEL = (
     "format",
     "format_version",
