@@ -127,6 +127,7 @@ class Trace(TorchFunctionMode):
         self.info: dict[int, tuple[weakref.ref, _Info]] = {}
         self.inputs: set[int] = set()
         self.matrices: set[str] = set()  # used as the weight of a product
+        self.tables: set[str] = set()  # looked up (an embedding's table)
         self.used: set[str] = set()
         self.read_input: set[str] = set()
         self.failed: BaseException | None = None
@@ -174,6 +175,8 @@ class Trace(TorchFunctionMode):
             for weight in weights:
                 if product:
                     self.matrices |= weight.lineage
+                else:
+                    self.tables |= weight.lineage
                 if reads_input:
                     self.read_input |= weight.lineage
             info = _Info(
@@ -221,7 +224,7 @@ class Trace(TorchFunctionMode):
                 found.add(OUTPUT)
             if name in self.matrices and not found:
                 found.add(HIDDEN)
-            if name not in self.matrices and name not in self.read_input:
+            if not (name in self.matrices or name in self.read_input or name in self.tables):
                 found.add(GAIN)
             kinds[name] = frozenset(found)
         return kinds
