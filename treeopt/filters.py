@@ -326,10 +326,11 @@ class _TreeFacts:
     def _vocabulary_heads(self):
         """The matrix whose output axis is the largest embedding table's rows: of several, the
         shallowest, then the last (a byte vocabulary as wide as a hidden layer is not taken)."""
-        tables = [
+        tables = [  # a layer declared linear or convolutional is no table, whatever its name
             shape[0]
             for path, shape in self.shapes.items()
-            if len(shape) == 2 and (EMBEDDING in kinds_of(path) or _name_says_embedding(path))
+            if len(shape) == 2
+            and (EMBEDDING in kinds_of(path) or (_name_says_embedding(path) and not kinds_of(path) & {LINEAR, CONV}))
         ]
         if not tables:
             return frozenset()
