@@ -106,9 +106,12 @@ def load_content(
     params: Tree | None = None,
     *,
     strict: bool = True,
+    check_hyperparameters: bool = True,
 ) -> LoadReport:
     """Load checkpoint content (``tensors`` by key and ``metadata``, as :func:`to_flat` makes
     them; ``metadata`` ``None`` for MLX's layout) into ``optimizer``; see :func:`load`.
+    ``check_hyperparameters=False`` leaves the saved hyper-parameters to the caller (see
+    :func:`~treeopt.checkpoint.format.from_flat`).
 
     Every value is checked before the optimizer changes (:mod:`.validate`); the saved routing
     changes are applied before any state is created, so each parameter's state is created by
@@ -135,7 +138,7 @@ def load_content(
         if problems and strict:
             report = LoadReport(problems=problems)
             raise CheckpointError(f"the checkpoint does not fit the optimizer (nothing was loaded): {report}", report)
-        report = from_flat(optimizer, tensors, metadata, strict=strict)
+        report = from_flat(optimizer, tensors, metadata, strict=strict, check_hyperparameters=check_hyperparameters)
         report.problems.extend(problems)
         routing.apply_carried(carried)
         return report

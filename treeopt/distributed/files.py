@@ -17,6 +17,8 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
+from treeopt.checkpoint.base import slot_key
+
 if TYPE_CHECKING:
     from treeopt.checkpoint.format import LoadReport
     from treeopt.torch.optimizer import Optimizer as TorchOptimizer
@@ -106,7 +108,7 @@ def inspect(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
                 math.prod(spec["shape"]) * _itemsize(spec["dtype"]) for spec in entry["slots"].values()
             )
         for slot, spec in entry["slots"].items():
-            key = f"{path_}/{slot}"
+            key = slot_key(path_, slot)
             if key not in pieces:
                 problems.append(f"{key}: in the metadata but in no file")
                 continue

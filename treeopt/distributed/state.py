@@ -21,6 +21,8 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from treeopt.checkpoint.base import split_slot_key
+
 if TYPE_CHECKING:
     from treeopt.distributed.comm import Collectives
 
@@ -65,8 +67,7 @@ def split_key(key: str) -> tuple[str, str | None] | None:
         return key[len("#accumulated/") :], None
     if key.startswith(("@", "#")) or "/" not in key:
         return None
-    path, slot = key.rsplit("/", 1)
-    return path, slot
+    return split_slot_key(key)
 
 
 def global_metadata(comm: Collectives, local_metadata: dict[str, Any], split_rows: Mapping[str, int]) -> dict[str, Any]:
