@@ -441,8 +441,8 @@ def test_a_file_rewritten_during_a_load_loads_what_was_checked(tmp_path, monkeyp
 
 
 def test_a_truncation_during_a_load_does_not_kill_the_process(tmp_path):
-    """The same truncation in a process of its own: before, a memory-mapped file truncated
-    under the load ended the process with SIGBUS."""
+    """The same truncation in a process of its own: a load that read the file through a
+    memory map would read zeros from it, or die of SIGBUS past its first page."""
     _two_checkpoints(tmp_path)
     script = f"""
 import sys; sys.path.insert(0, {HERE!r})
