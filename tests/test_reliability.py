@@ -1112,8 +1112,16 @@ if available("torch"):
             set_group(0, "momentum", 1.5),
             r"muon.*'momentum'.*Muon momentum should be in \[0, 1\)",
         ),
-        ("lr -1 in a saved group", set_group(1, "lr", -1.0), r"param_groups \(adamw\)\['lr'\] must be a finite number >= 0, got -1\.0"),
-        ("betas as a string in a saved group", set_group(1, "betas", "0.9"), r"param_groups \(adamw\)\['betas'\] must be 2 numbers, got '0\.9'"),
+        (
+            "lr -1 in a saved group",
+            set_group(1, "lr", -1.0),
+            r"param_groups \(adamw\)\['lr'\] must be a finite number >= 0, got -1\.0",
+        ),
+        (
+            "betas as a string in a saved group",
+            set_group(1, "betas", "0.9"),
+            r"param_groups \(adamw\)\['betas'\] must be 2 numbers, got '0\.9'",
+        ),
     ):
         for strict in (True, False):
             case(

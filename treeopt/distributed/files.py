@@ -87,6 +87,7 @@ def save(adapter: TorchOptimizer, folder: str | os.PathLike[str]) -> None:
 
 
 def load(adapter: TorchOptimizer, folder: str | os.PathLike[str], strict: bool = True) -> LoadReport:
+    import torch
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load as dcp_load
 
     if not hasattr(adapter, "_trainable"):
@@ -102,10 +103,14 @@ def load(adapter: TorchOptimizer, folder: str | os.PathLike[str], strict: bool =
     reader.fs = _Listed(reader.fs, names)  # type: ignore[assignment]  # a file that is not listed is never read
     metadata = {k: v for k, v in manifest.items() if k not in ("world_size", "save")}
     with dcp_errors(folder, "load"):
-        stored = set(reader.read_metadata().state_dict_metadata)
+        stored = reader.read_metadata().state_dict_metadata
     # into copies of this rank's slots (resharded by DCP), so a checkpoint that does not fit
     # changes nothing: load_state_dict checks everything before it writes
     tensors = {k: v.clone() for k, v in adapter.state_dict()["tensors"].items() if k in stored}
+    if adapter._distributed is None:  # one process, whole tensors: also those it has no state for yet
+        for key, saved in stored.items():
+            if key not in tensors and hasattr(saved, "size"):
+                tensors[key] = torch.empty(saved.size, dtype=saved.properties.dtype)
     with dcp_errors(folder, "load"):
         dcp_load(tensors, storage_reader=reader, process_group=None if comm is None else comm.group)
     return adapter.load_state_dict({"tensors": tensors, "metadata": metadata}, strict=strict)
