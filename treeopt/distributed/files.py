@@ -89,6 +89,7 @@ def save(adapter: TorchOptimizer, folder: str | os.PathLike[str]) -> None:
 def load(adapter: TorchOptimizer, folder: str | os.PathLike[str], strict: bool = True) -> LoadReport:
     import torch
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load as dcp_load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not hasattr(adapter, "_trainable"):
         raise CheckpointError(f"{folder} is a checkpoint of several ranks: load it into a treeopt.torch.Optimizer")
@@ -109,7 +110,7 @@ def load(adapter: TorchOptimizer, folder: str | os.PathLike[str], strict: bool =
     tensors = {k: v.clone() for k, v in adapter.state_dict()["tensors"].items() if k in stored}
     if adapter._distributed is None:  # one process, whole tensors: also those it has no state for yet
         for key, saved in stored.items():
-            if key not in tensors and hasattr(saved, "size"):
+            if key not in tensors and isinstance(saved, TensorStorageMetadata):
                 tensors[key] = torch.empty(saved.size, dtype=saved.properties.dtype)
     with dcp_errors(folder, "load"):
         dcp_load(tensors, storage_reader=reader, process_group=None if comm is None else comm.group)
