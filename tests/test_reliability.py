@@ -126,7 +126,8 @@ def fingerprint(world):
 
 def adapter_fingerprint(adapter):
     """What a treeopt.torch.Optimizer keeps beside the optimizer: its groups (values and
-    members), the values it last published, where each parameter goes."""
+    members), the values it last published, where each parameter goes, and the
+    hyper-parameters its treeopt optimizers hold."""
     if adapter is None:
         return None
     groups = [
@@ -139,6 +140,7 @@ def adapter_fingerprint(adapter):
         dict(adapter._group_of),
         sorted(adapter._unrouted),
         dict(adapter.parameters),
+        [repr(leaf.current_hyperparameters()) for leaf in adapter.optimizer.stateful()],
     )
 
 
@@ -1131,6 +1133,32 @@ if available("torch"):
                 checkpoint.CheckpointError,
                 match,
             )
+
+    def pending_edit(wd):
+        wd.adapter.param_groups[0]["momentum"] = 0.9
+        wd.adapter.param_groups[1]["lr"] = 1e-3
+
+    case(
+        "torch adapter: edits pending, then a load_state_dict that fails",
+        torch_world(),
+        (pending_edit, load_edited(set_group(0, "momentum", 1.5))),
+        checkpoint.CheckpointError,
+        r"muon.*'momentum'.*Muon momentum should be in \[0, 1\)",
+    )
+
+    def failing_step(wd):
+        wd.backward()
+        wd.adapter.param_groups[0]["momentum"] = 0.9
+        wd.adapter.param_groups[1]["lr"] = 1e-3
+        wd.params["3.bias"].grad.data = torch.ones(12)  # past torch's checks of .grad
+
+    case(
+        "torch adapter: edits pending, then a step that fails in treeopt",
+        torch_world(),
+        (failing_step, lambda wd: wd.adapter.step()),
+        ParameterError,
+        r"'3\.bias' has shape \(12,\) but the parameter has shape \(10,\)",
+    )
 
     def scheduled_lr_edit(wd):
         source = TorchWorld(schedule=True)

@@ -570,33 +570,20 @@ class Optimizer(torch.optim.Optimizer):
         tensors, metadata, saved_groups = _content(state_dict)
         with step_lock(self.optimizer):
             self.refresh()
-            self._pull()  # edits made before the load are replaced by the saved values
-            validate.metadata(metadata)
-            restored = self._saved_values(metadata, saved_groups)
-            if self._distributed is not None:  # several ranks: this rank's part, by name
-                with torch.no_grad():
-                    report = self._distributed.load_state_dict(state_dict, strict=strict, check_hyperparameters=False)
-            else:
-                frozen = {  # state saved for a parameter that does not require grad now: kept for later
-                    n: p
-                    for n, p in self.parameters.items()
-                    if not p.requires_grad and metadata["parameters"].get(n, {}).get("slots")
-                }
-                with torch.no_grad():  # checked, initialised and loaded together, or nothing changes
-                    report = checkpoint.load_content(
-                        self.optimizer,
-                        tensors,
-                        metadata,
-                        params={**self._trainable(), **frozen},
-                        strict=strict,
-                        check_hyperparameters=False,
-                    )
-                self._record_routes(frozen)
+            undo = self._pull()  # edits made before the load are replaced by the saved values
+            try:
+                validate.metadata(metadata)
+                restored = self._saved_values(metadata, saved_groups)
+                report = self._load(state_dict, tensors, metadata, strict)
+            except BaseException:
+                undo()
+                raise
             for _, _, _, change in restored:
                 change.apply()
             self._push(everything=True)
-            for i, key, value, _ in restored:  # as saved, as torch.optim shows them (not rounded to float32)
-                self._groups[i][key] = self._published[i][key] = value
+            for i, key, value, _ in restored:  # a torch group's value as saved, as torch.optim shows it
+                if value is not None:
+                    self._groups[i][key] = self._published[i][key] = value
             for saved in saved_groups:  # LR schedulers' keys (initial_lr...)
                 if saved.get("name") in self._group_names:
                     i = self._group_names.index(saved["name"])
@@ -605,10 +592,34 @@ class Optimizer(torch.optim.Optimizer):
                             self._groups[i][key] = value
         return report
 
+    def _load(self, state_dict, tensors, metadata, strict):
+        from treeopt import checkpoint
+
+        if self._distributed is not None:  # several ranks: this rank's part, by name
+            with torch.no_grad():
+                return self._distributed.load_state_dict(state_dict, strict=strict, check_hyperparameters=False)
+        frozen = {  # state saved for a parameter that does not require grad now: kept for later
+            n: p
+            for n, p in self.parameters.items()
+            if not p.requires_grad and metadata["parameters"].get(n, {}).get("slots")
+        }
+        with torch.no_grad():  # checked, initialised and loaded together, or nothing changes
+            report = checkpoint.load_content(
+                self.optimizer,
+                tensors,
+                metadata,
+                params={**self._trainable(), **frozen},
+                strict=strict,
+                check_hyperparameters=False,
+            )
+        self._record_routes(frozen)
+        return report
+
     def _saved_values(self, metadata, saved_groups):
         """``[(group, key, value, edit)]``: the saved value of every key of every group, by
-        group name (a torch-layout group's, else the metadata's hyper-parameters), checked as
-        an edit is; a value on a treeopt schedule follows the schedule."""
+        group name (a torch-layout group's, else the metadata's hyper-parameters, whose
+        ``value`` is ``None``: shown as treeopt holds it), checked as an edit is; a value on a
+        treeopt schedule follows the schedule."""
         from treeopt.checkpoint import CheckpointError
 
         by_name = {g.get("name"): g for g in saved_groups}
@@ -617,24 +628,25 @@ class Optimizer(torch.optim.Optimizer):
         for i, (leaf, name) in enumerate(zip(self._leaves, self._group_names)):
             where = f"the state dict's param_groups ({name})"
             if name in by_name:
-                values, shown = by_name[name], by_name[name].get("treeopt_scheduled", {})
+                values, scheduled = by_name[name], by_name[name].get("treeopt_scheduled", {})
             elif name in hyper:  # name-keyed content: the learning rate is a stored scalar
                 values = {TORCH_NAMES.get(k, k): v for k, v in hyper[name].items() if not isinstance(v, dict)}
-                shown = {}
+                scheduled = {}
             else:
                 continue
             for key, value in values.items():
                 if key == "name" or key not in self._published[i]:
                     continue
                 if self._scheduled(leaf, key):
-                    if key in shown and plain(value) != plain(shown[key]):
+                    if key in scheduled and plain(value) != plain(scheduled[key]):
                         raise CheckpointError(
                             f"{where}: {key} was changed to {value!r} in the state dict, but it follows a treeopt "
                             "schedule, which gives it its value at the saved step; change the schedule instead"
                         )
                     continue
                 try:
-                    restored.append((i, key, value, edit(leaf, key, value, f"{where}[{key!r}]")))
+                    change = edit(leaf, key, value, f"{where}[{key!r}]")
+                    restored.append((i, key, value if name in by_name else None, change))
                 except ValueError as error:
                     raise CheckpointError(str(error)) from None
         return restored
