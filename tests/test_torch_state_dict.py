@@ -167,6 +167,16 @@ def test_torch_round_trip_with_a_parameter_that_had_no_gradient_yet():
 
 
 # ------------------------------------------------------------------------------ resume as torch.optim resumes
+def _continued_alike(run, uninterrupted, resumed, start, stop):
+    """Both runs go on from ``start`` to ``stop`` with ``run(model, opt, start, stop)`` and
+    end with the same state and weights, bit for bit."""
+    for model, opt in (uninterrupted, resumed):
+        run(model, opt, start, stop)
+    assert_bit_identical(state_by_key(resumed[1].optimizer), state_by_key(uninterrupted[1].optimizer))
+    for a, b in zip(uninterrupted[0].parameters(), resumed[0].parameters()):
+        assert a.equal(b)
+
+
 def _groups_without_params(opt):
     return [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in opt.param_groups]
 
@@ -238,11 +248,7 @@ def test_a_resumed_run_that_writes_momentum_each_step_equals_the_uninterrupted_o
     saved = opt.state_dict()
     fresh_model, fresh_opt = _torch_resumed(model, lambda o: o.load_state_dict(saved))
     assert fresh_opt.param_groups[0]["momentum"] == opt.param_groups[0]["momentum"] != 0.95
-    loop(model, opt, 3, 6)
-    loop(fresh_model, fresh_opt, 3, 6)
-    assert_bit_identical(state_by_key(fresh_opt.optimizer), state_by_key(opt.optimizer))
-    for a, b in zip(model.parameters(), fresh_model.parameters()):
-        assert a.equal(b)
+    _continued_alike(loop, (model, opt), (fresh_model, fresh_opt), 3, 6)
 
 
 @needs_torch
@@ -278,11 +284,7 @@ def test_a_layer_frozen_since_the_save_keeps_its_state_for_when_it_is_unfrozen()
 
     fresh_model, fresh_opt = _torch_resumed(model, load)
     assert fresh_model[2].weight in fresh_opt.state
-    run(model, opt, 3, 7)
-    run(fresh_model, fresh_opt, 3, 7)
-    assert_bit_identical(state_by_key(fresh_opt.optimizer), state_by_key(opt.optimizer))
-    for a, b in zip(model.parameters(), fresh_model.parameters()):
-        assert a.equal(b)
+    _continued_alike(run, (model, opt), (fresh_model, fresh_opt), 3, 7)
 
 
 @needs_torch
