@@ -21,7 +21,7 @@ from registry import SETTINGS
 torch = pytest.importorskip("torch", reason="the CUDA runner is for torch tensors")
 torch_compiled = pytest.importorskip("treeopt.backends.torch_compiled", reason="needs torch.compile")
 import treeopt.torch  # noqa: E402
-from treeopt.kernels.compiled_step import _TorchBucket  # noqa: E402
+from treeopt.kernels.compiled_step import _StackedBucket, _TorchBucket  # noqa: E402
 from torch_helpers import TOKENS, Net, leaves, random_tree, train  # noqa: E402
 
 DEVICE = os.environ.get("TREEOPT_TEST_DEVICE", "cuda")
@@ -38,6 +38,7 @@ def accelerator_runner(monkeypatch):
             pytest.skip("the dry run interprets the Triton kernels: Triton is not installed")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         monkeypatch.setattr(kernels, "torch_runner", "triton")
+        monkeypatch.setattr(kernels, "torch_graphs", "always")  # eager on CPU: all but the capture
         monkeypatch.setattr(torch_compiled, "COMPILER", "aot_eager")
     torch._dynamo.reset()
 
@@ -118,6 +119,33 @@ def test_stacked_muon_gives_the_per_matrix_numbers_and_bfloat16_stays_close():
         low_step = low_params["blocks"][block]["w"] - start["blocks"][block]["w"]
         assert low_step.dtype == torch.float32
         assert float(torch.linalg.norm(low_step - ref_step) / torch.linalg.norm(ref_step)) < 0.1
+
+
+def test_muon_replayed_as_a_cuda_graph_follows_its_schedule_with_the_per_matrix_numbers():
+    def make():
+        return optim.MultiOptimizer(
+            [optim.Muon(optim.cosine_decay(0.02, 6), weight_decay=0.01), optim.AdamW(1e-3)],
+            [lambda p, w: p.startswith("blocks.") and w.ndim == 2],
+        )
+
+    def blocks(n):  # four same-shape matrices, and one alone
+        return {"blocks": [{"w": (16, 16), "b": (16,)} for _ in range(4)] + [{"w": (16, 8), "b": (8,)}]}
+
+    shapes = blocks(5)
+    fast_params, fast = random_tree(shapes, 0, device=DEVICE), make()
+    ref_params, ref = random_tree(shapes, 0, device=DEVICE), make()
+    for i in range(6):  # two eager steps, the capture, three replays with new learning rates
+        grads = random_tree(shapes, i + 1, device=DEVICE)
+        fast.update(fast_params, grads)
+        kernels.enabled = False
+        try:
+            ref.update(ref_params, grads)
+        finally:
+            kernels.enabled = True
+    (stacked,) = [b for b in fast._compiled.buckets if isinstance(b, _StackedBucket)]
+    assert (stacked.step.graph is not None) == (DEVICE == "cuda")
+    for x, y in zip(flat(fast_params), flat(ref_params)):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)  # batched products sum in another order
 
 
 @pytest.mark.parametrize("clip", [None, 1.0], ids=["no clip", "clip 1.0"])

@@ -168,3 +168,30 @@ def test_the_generated_kernel_is_the_rule_in_its_order():
     assert program.nodes[0].op == "mul" and program.nodes[0].args[0] == Operand("param")
     assert [n.op for n in program.nodes].count("sqrt") == 1
     assert np.array_equal([o.kind for o in program.outputs], ["node", "node", "node"])
+
+
+def test_muon_stacked_for_a_cuda_graph_runs_eagerly_on_cpu_with_the_per_matrix_numbers(monkeypatch):
+    monkeypatch.setattr(kernels, "torch_graphs", "always")  # on CPU: everything but the capture
+    shapes = {"blocks": [{"w": (6, 6), "b": (6,)} for _ in range(3)] + [{"w": (6, 4), "b": (4,)}]}
+
+    def make():
+        return optim.MultiOptimizer(
+            [optim.Muon(optim.cosine_decay(0.02, 5), weight_decay=0.01), optim.AdamW(1e-3)],
+            [lambda p, w: w.ndim == 2],
+        )
+
+    def train(fast):
+        kernels.enabled = fast
+        try:
+            params, opt = random_tree(shapes, 0), make()
+            for i in range(5):
+                opt.update(params, random_tree(shapes, i + 1))
+            return params, opt
+        finally:
+            kernels.enabled = True
+
+    (fast_params, fast), (ref_params, _) = train(True), train(False)
+    (stacked,) = [b for b in fast._compiled.buckets if type(b).__name__ == "_StackedBucket"]
+    assert stacked.step.graph is None and stacked.step.eager_steps == 4  # planned after step 1
+    for x, y in zip(leaves(fast_params), leaves(ref_params)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)  # batched products sum in another order

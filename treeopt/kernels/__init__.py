@@ -17,6 +17,9 @@ every step takes the reference path.
   ``"compile"`` on every device (Triton on CPU tensors needs ``TRITON_INTERPRET=1``: for
   tests), or ``"numba"`` (numba on CPU, per tensor elsewhere).
 - :mod:`.expression`: an elementwise rule traced into the array operations those runners run.
+- :mod:`treeopt.backends.torch_graphs`: a stackable rule (Muon) on torch tensors, replayed as
+  a CUDA graph after two steps. ``torch_graphs`` (or ``TREEOPT_TORCH_GRAPHS``): ``"auto"``
+  (CUDA tensors), ``"always"`` (CPU tensors too, eager: for tests), ``"never"``.
 - :mod:`.stacking`: same-shape tensors of a stackable rule (Muon) updated as one stack.
 
 Threads: numba's ``NUMBA_NUM_THREADS``, else ``TREEOPT_NUM_THREADS`` or ``OMP_NUM_THREADS``
@@ -33,6 +36,9 @@ enabled = os.environ.get("TREEOPT_KERNELS", "1") not in ("0", "false", "no", "of
 
 #: the runner of torch tensors of elementwise rules: "auto", "foreach", "triton", "compile", "numba"
 torch_runner = os.environ.get("TREEOPT_TORCH_RUNNER", "auto")
+
+#: where torch tensors of stackable rules (Muon) run as a captured CUDA graph: "auto", "always", "never"
+torch_graphs = os.environ.get("TREEOPT_TORCH_GRAPHS", "auto")
 
 _numba = None
 

@@ -109,6 +109,35 @@ class _RuleBucket:
                 pair.grad = None  # do not keep the caller's gradients alive
 
 
+class _StackedBucket(_RuleBucket):
+    """Torch tensors of a stackable rule (Muon) on a GPU: the rule once per group of same-shape
+    tensors, the step after the gradients' gathering replayed as a CUDA graph (see
+    :mod:`treeopt.backends.torch_graphs`)."""
+
+    def __init__(self, owner: Optimizer, backend: Backend, leaves: list[Pair], positions: list[int]) -> None:
+        from treeopt.backends.torch_graphs import StackedStep
+        from treeopt.kernels import stacking
+
+        super().__init__(owner, backend, leaves, positions)
+        assert owner.rule is not None
+        groups = stacking.groups_by_shape(self.shapes)
+        slots = [[pair.slots[n] for pair in self.pairs] for n in owner.rule.slots]  # type: ignore[union-attr]
+        self.step = StackedStep(owner.rule.update, groups, self.params, slots)
+
+    def run(self, grads):
+        self.step(grads, self.owner.coefficients(self.params[0], self.backend))
+
+
+def _stacked_eligible(owner, backend, param):
+    from treeopt import kernels
+
+    rule = owner.rule
+    if backend.name != "torch" or not kernels.enabled or not rule.stackable or callable(rule.slots):
+        return False
+    mode = kernels.torch_graphs
+    return mode == "always" or (mode == "auto" and param.device.type == "cuda")
+
+
 def _fuse(bucket, groups, backend, static, flags):
     """What a fused bucket keeps of its ``groups`` (``(owner, leaves, positions)`` each, one
     rule): sets its owners and gradient positions; returns its leaves, each leaf's row of the
@@ -450,7 +479,10 @@ class CompiledStep:
             positions = [position[id(leaf)] for leaf in group]
             compiled = _torch_runner(first.owner, first.backend, first.param)
             if not compiled and not _numba_eligible(first.owner, first.backend, first.param):
-                buckets.append(_RuleBucket(first.owner, first.backend, group, positions))
+                stacked = _stacked_eligible(first.owner, first.backend, first.param)
+                buckets.append(
+                    (_StackedBucket if stacked else _RuleBucket)(first.owner, first.backend, group, positions)
+                )
                 continue
             # optimizers that share a rule, dtype and switches run in one loop
             static = _static_names(first.owner, first.param, first.backend)
