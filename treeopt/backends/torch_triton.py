@@ -238,6 +238,7 @@ class TritonStep:
         self.blocks = torch.tensor(blocks, dtype=torch.int64).reshape(-1, 3).to(like.device)
         self.rows = torch.tensor(list(owner), dtype=torch.int64, device=like.device)
         self.options: dict[str, Any] = {"num_warps": 4}
+        self.aligned_ok = True
         if not interpreted():
             self.options["enable_fp_fusion"] = False  # multiply, then add: the rule's roundings
         self._tables()
@@ -259,16 +260,15 @@ class TritonStep:
         if interpreted():
             return
         table = torch.zeros(max(1, self.columns), dtype=self.compute, device=self.device)
-        self.kernel.warmup(
-            self.param_table,
-            self.param_table,
-            self.slot_table,
-            self.blocks,
-            self.rows,
-            table,
-            grid=self.grid,
-            **self._constants(self.fixed_aligned),
-        )
+        args = (self.param_table, self.param_table, self.slot_table, self.blocks, self.rows, table)
+        for aligned in (True, False) if self.fixed_aligned else (False,):
+            try:  # the aligned kernel (wide loads) when it fits; the plain one if its hints fail
+                self.kernel.warmup(*args, grid=self.grid, **self._constants(aligned))
+                return
+            except Exception:
+                if not aligned:
+                    raise
+                self.aligned_ok = False
 
     def _constants(self, aligned: bool) -> dict[str, Any]:
         return dict(
@@ -297,7 +297,7 @@ class TritonStep:
             device.copy_(host, non_blocking=True)
         else:
             device = host
-        aligned = self.fixed_aligned and not (grad_ptrs & 15).any()
+        aligned = self.aligned_ok and self.fixed_aligned and not (grad_ptrs & 15).any()
         table = device[self.count :].view(torch.float64 if self.compute == torch.float64 else torch.float32)
         self.kernel[self.grid](
             device,

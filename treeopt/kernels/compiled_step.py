@@ -505,11 +505,15 @@ class CompiledStep:
                 else:
                     buckets.append(_NumbaBucket(members, backend, key[4], key[5]).compiled())
             except Exception as error:
+                fallback = "torch's foreach operations" if key[6] == "triton" else "per tensor"
                 warn(
                     f"the compiled loop of rule {key[0].name!r} failed to build ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0] if str(error) else ''}); it runs per tensor",
+                    f"{str(error).splitlines()[0] if str(error) else ''}); it runs {fallback}",
                     RuntimeWarning,
                 )
+                if key[6] == "triton":
+                    buckets.append(_TorchBucket(members, members[0][1][0].backend, key[4], key[5], "foreach"))
+                    continue
                 buckets.extend(
                     _RuleBucket(owner, group[0].backend, group, positions) for owner, group, positions in members
                 )
