@@ -20,9 +20,7 @@ loop on CPU): one launch a step for the whole bucket.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from treeopt.backends import generated
 from treeopt.backends.program import Operand, Program
 
 #: elements per program of the launch
@@ -183,26 +182,9 @@ def kernel_for(program: Program, rule_name: str, double: bool = False) -> Any:
     key = f"{digest}{interpreted()}"  # the interpreter's kernels are another kind of object
     if key in _KERNELS:
         return _KERNELS[key]
-    folder = os.path.join(_cache_dir(), "triton")
-    path = os.path.join(folder, f"{rule_name}_{digest}.py")
-    os.makedirs(folder, exist_ok=True)
-    if not os.path.exists(path):
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    spec = importlib.util.spec_from_file_location(f"treeopt_triton_{rule_name}_{digest}_{interpreted():d}", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = generated.load(text, "triton", f"{rule_name}_{digest}", f"treeopt_triton_{rule_name}_{digest}_{key}")
     _KERNELS[key] = module.kernel
     return module.kernel
-
-
-def _cache_dir() -> str:
-    return os.environ.get("TREEOPT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "treeopt")
 
 
 def interpreted() -> bool:
