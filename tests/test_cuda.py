@@ -15,19 +15,14 @@ import pytest
 
 import treeopt as optim
 import treeopt.kernels as kernels
+
 from registry import SETTINGS
 
 torch = pytest.importorskip("torch", reason="the CUDA runner is for torch tensors")
 torch_compiled = pytest.importorskip("treeopt.backends.torch_compiled", reason="needs torch.compile")
-from torch_helpers import TOKENS, Net, leaves, random_tree, train  # noqa: E402
-
 import treeopt.torch  # noqa: E402
-<<<<<<< HEAD
-from treeopt.kernels.compiled_step import _TorchCompiledBucket  # noqa: E402
-=======
 from treeopt.kernels.compiled_step import _StackedBucket, _TorchBucket  # noqa: E402
 from torch_helpers import TOKENS, Net, leaves, random_tree, train  # noqa: E402
->>>>>>> main
 
 DEVICE = os.environ.get("TREEOPT_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(

@@ -8,16 +8,11 @@ import pytest
 
 import treeopt as optim
 import treeopt.kernels as kernels
-<<<<<<< HEAD
-=======
 from treeopt.kernels.compiled_step import _NumbaBucket, _RuleBucket, _TorchBucket
 from treeopt.tree import tree_flatten, tree_map
 
->>>>>>> main
 from arrays import as_float64, backend_params, make
 from registry import SETTINGS
-from treeopt.kernels.compiled_step import _NumbaBucket, _RuleBucket
-from treeopt.tree import tree_flatten, tree_map
 
 numba = pytest.importorskip("numba", reason="the compiled loops need numba")
 

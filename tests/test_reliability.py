@@ -897,7 +897,6 @@ if available("torch"):
         )
 
 
-<<<<<<< HEAD
 # ------------------------------------------------------------------------------ kinds and routing checks
 for backend in BACKENDS:
     case(
@@ -925,7 +924,9 @@ for backend in BACKENDS:
         strict_shape_only,
         RoutingError,
         r"'w' went to Muon by its number of dimensions alone.*Muon if it is a hidden matrix, AdamW if",
-=======
+    )
+
+
 # ============================================================================== torch surfaces and resume
 # What a user of treeopt.torch touches beside the step: param_groups, add_param_group, the
 # state view, sparse gradients, torch-layout state dicts, names the format reserves.
@@ -1200,7 +1201,6 @@ if available("torch"):
         scheduled_lr_edit,
         checkpoint.CheckpointError,
         r"adamw.*lr was changed to 1e-05.*treeopt schedule",
->>>>>>> main
     )
 
 

@@ -6,17 +6,13 @@ import pytest
 
 import treeopt as optim
 import treeopt.kernels as kernels
+
 from registry import SETTINGS
 
 torch = pytest.importorskip("torch", reason="the runner is for torch tensors")
 torch_compiled = pytest.importorskip("treeopt.backends.torch_compiled", reason="needs torch.compile")
-<<<<<<< HEAD
-=======
 from treeopt.kernels.compiled_step import _TorchBucket  # noqa: E402
->>>>>>> main
 from torch_helpers import leaves, random_tree  # noqa: E402
-
-from treeopt.kernels.compiled_step import _TorchCompiledBucket  # noqa: E402
 
 SHAPES = {"embed": (7, 5), "blocks": [{"w": (5, 5), "b": (5,)}, {"w": (5, 3), "b": (3,)}], "scale": ()}
 
