@@ -37,7 +37,6 @@ from step import TREES  # noqa: E402
 
 import treeopt as optim  # noqa: E402
 import treeopt.torch  # noqa: E402
-from treeopt.engine import slot_items  # noqa: E402
 
 
 def rank_main(rank, world, mode, steps, folder, tree):
@@ -80,8 +79,8 @@ def rank_main(rank, world, mode, steps, folder, tree):
         times.append(time.perf_counter() - start)
     state_bytes = sum(
         v.numel() * v.element_size()
-        for child in opt.optimizer.stateful()
-        for _, slots in slot_items(child)
+        for _, _, child in opt.optimizer.groups()
+        for _, slots in child.store.items()
         for v in slots.values()
     )
     digest = hashlib.sha256()

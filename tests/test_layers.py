@@ -108,7 +108,7 @@ def private_members():
 
 def test_no_module_uses_the_private_members_of_the_optimizers():
     members = private_members()
-    assert {"_state", "_schedulers", "_routes"} <= set(members)  # the scan sees them
+    assert {"_check_state", "_settings", "_slot_shapes"} <= set(members)  # the scan sees them
     used = []
     for _, path, tree in modules():
         relative = str(path.relative_to(PACKAGE))
@@ -118,6 +118,7 @@ def test_no_module_uses_the_private_members_of_the_optimizers():
                 and node.attr in members
                 and relative not in members[node.attr]
                 and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                and not (isinstance(node.value, ast.Call) and ast.unparse(node.value.func) == "super")
             ):
                 used.append((relative, node.attr))
     assert set(used) == KNOWN_PRIVATE_USES, "use the engine interface (docs/architecture.md) instead"

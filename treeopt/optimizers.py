@@ -402,9 +402,9 @@ def default_layout(layout: str) -> Iterator[None]:
         >>> import treeopt as optim
         >>> muon = optim.Muon(0.02)
         >>> with optim.optimizers.default_layout("in_out"):
-        ...     muon.rule_hyperparameters()["layout"]
+        ...     muon.scalars.hyperparameters()["layout"]
         'in_out'
-        >>> muon.rule_hyperparameters()["layout"]
+        >>> muon.scalars.hyperparameters()["layout"]
         'out_in'
     """
     if layout not in LAYOUTS:
@@ -509,11 +509,11 @@ class Muon(_Builtin):
         self.nesterov = bool(nesterov)
         self.ns_steps = int(ns_steps)
 
-    def rule_hyperparameters(self) -> dict:
-        hyper = super().rule_hyperparameters()
-        if hyper["layout"] is None:
-            hyper["layout"] = _DEFAULT_LAYOUT.get()
-        return hyper
+    def _settings(self) -> dict:
+        settings = super()._settings()
+        if settings["layout"] is None:
+            settings["layout"] = _DEFAULT_LAYOUT.get()
+        return settings
 
     def unsuited(self, path: str, parameter: Array) -> str | None:
         """Muon orthogonalises hidden matrices. In a MultiOptimizer it warns (or refuses) on
@@ -580,10 +580,10 @@ class ScheduleFreeAdamW(_Builtin):
         """The parameters to evaluate the model at: the average :math:`x = (y - (1 - \\beta_1)
         z) / \\beta_1` of every parameter with state (``params``, the :math:`y`, are not
         changed; a parameter without state is returned as it is)."""
-        b1 = self._value("betas")[0]
+        b1 = self.scalars.hyperparameters()["betas"][0]
         pairs = engine.collect(params, params, type(self).__name__, check_pairs=False)
         for pair in pairs:
-            slots = engine.slots_at(self, pair.keys) if pair.grad is not None else None
+            slots = self.store.slots(pair.keys) if pair.grad is not None else None
             if slots:
                 pair.result = (pair.param - (1 - b1) * slots["z"]) / b1
         return engine.with_results(params, iter(pairs))

@@ -17,12 +17,14 @@ problem and nothing changes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from treeopt.checkpoint import files, mlx_layout
 from treeopt.checkpoint.format import CheckpointError, LoadReport, Problem, from_flat, to_flat
+from treeopt.multi import MultiOptimizer
 from treeopt.types import Tree
 
 if TYPE_CHECKING:  # checkpoints sit above the optimizers, which never import them
@@ -121,7 +123,7 @@ def load_content(
     if metadata is not None:
         validate.metadata(metadata)
         validate.tensors(tensors, metadata)
-    restore = optimizer.snapshot()
+    restore = _snapshot(optimizer)
     try:
         if metadata is not None:
             routing.restore(optimizer, metadata)  # before init: parameters get their saved owners
@@ -142,3 +144,20 @@ def load_content(
     except BaseException:
         restore()  # a failed load leaves the optimizer exactly as it was, initialised or not
         raise
+
+
+def _snapshot(optimizer: Optimizer) -> Callable[[], None]:
+    """A function that puts ``optimizer`` back as it is now: its routes, every group's store
+    and a MultiOptimizer's whole-model state (what a load changes)."""
+    undo = [optimizer.router.snapshot()] + [member.group.store.snapshot() for member in optimizer.groups()]
+    whole = optimizer.whole_model.state if isinstance(optimizer, MultiOptimizer) else None
+    saved = dict(whole) if whole is not None else None
+
+    def restore() -> None:
+        for step in undo:
+            step()
+        if whole is not None and saved is not None:
+            whole.clear()
+            whole.update(saved)
+
+    return restore

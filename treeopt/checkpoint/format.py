@@ -16,16 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from treeopt import __version__, engine
+from treeopt import __version__
 from treeopt._trees import dotted
 from treeopt.backends import array_backend, numpy_backend
 from treeopt.checkpoint import routing, validate
 from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, Problem, assign, numpy_scalar
+from treeopt.multi import MultiOptimizer
 from treeopt.types import Array
 
 if TYPE_CHECKING:
     from treeopt.checkpoint.base import Stored
     from treeopt.optimizer import Optimizer
+    from treeopt.routing import Member
 
 
 @dataclass
@@ -47,9 +49,9 @@ class LoadReport:
 
 
 # ---------------------------------------------------------------------------------- saving
-def leaf_optimizers(optimizer: Optimizer) -> list[tuple[str, tuple[int, ...], Optimizer]]:
+def leaf_optimizers(optimizer: Optimizer) -> list[Member]:
     """``(name, position, optimizer)`` for every optimizer that holds state, in order."""
-    return optimizer.named_stateful()
+    return optimizer.groups()
 
 
 def _json_value(value):
@@ -93,9 +95,9 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
         tensors[key] = value
 
     for name, position, leaf in leaf_optimizers(optimizer):
-        for scalar in leaf.scalar_names():
-            put(f"@{name}/{scalar}", leaf.state[scalar])
-        for keys, slots in engine.slot_items(leaf):
+        for scalar in leaf.scalars.names():
+            put(f"@{name}/{scalar}", leaf.scalars.value(scalar))
+        for keys, slots in leaf.store.items():
             path = dotted(keys)
             if path in parameters:
                 raise CheckpointError(f"two parameters have the path {path!r}: rename one of them")
@@ -108,21 +110,23 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
                 "position": list(position),
                 "type": type(leaf).__name__,
                 "hyperparameters": hyperparameters(leaf),
-                "scheduled": sorted(leaf.schedules),
+                "scheduled": sorted(leaf.scalars.schedules),
                 "running": [
-                    n for n in leaf.scalar_names() if n not in ("step", "learning_rate") and n not in leaf.schedules
+                    n
+                    for n in leaf.scalars.names()
+                    if n not in ("step", "learning_rate") and n not in leaf.scalars.schedules
                 ],
             }
         )
     names = {id(leaf): name for name, _, leaf in leaf_optimizers(optimizer)}
-    for placed in optimizer.routing_table():  # known paths without state
-        parameters.setdefault(dotted(placed.keys), {"owner": names.get(id(placed.owner)), "slots": {}})
+    for keys, _, owner in optimizer.router.table():  # known paths without state
+        parameters.setdefault(dotted(keys), {"owner": names.get(id(owner)), "slots": {}})
     for path in known:
         parameters.setdefault(path, {"owner": None, "slots": {}})
-    for key, value in routing.carried_tensors(optimizer, leaf_optimizers(optimizer)).items():
+    for key, value in routing.carried_tensors(leaf_optimizers(optimizer)).items():
         put(key, value)
     extra = {}
-    for name, value in optimizer.whole_model_state().items():
+    for name, value in _whole_model(optimizer).items():
         if name == "accumulated":
             for path, array in value.items():
                 put(f"#accumulated/{path}", array)
@@ -135,7 +139,7 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
         "format_version": FORMAT_VERSION,
         "treeopt_version": __version__,
         "whole_model": {k: v for k, v in extra.items() if v is not None},
-        "step": int(numpy_scalar(leaf_optimizers(optimizer)[0][2].step)),
+        "step": int(numpy_scalar(leaf_optimizers(optimizer)[0].group.step)),
         "optimizers": optimizers,
         "parameters": parameters,
     }
@@ -156,7 +160,7 @@ def _match_optimizers(current, metadata):
         kind = type(leaf).__name__
         votes = Counter(
             owner[dotted(keys)]
-            for keys, _ in engine.slot_items(leaf)
+            for keys, _ in leaf.store.items()
             if owner.get(dotted(keys)) in saved and saved[owner[dotted(keys)]]["type"] == kind
         )
         if votes:
@@ -191,7 +195,7 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
     seen = set()
 
     for name, _, leaf in current:
-        for keys, slots in engine.slot_items(leaf):
+        for keys, slots in leaf.store.items():
             path = dotted(keys)
             seen.add(path)
             saved = saved_params.get(path)
@@ -259,7 +263,7 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
                 report.problems.append(
                     Problem("hyperparameter", name, f"{key} is {value!r} in the checkpoint, {ours[key]!r} now")
                 )
-        for scalar in leaf.scalar_names():
+        for scalar in leaf.scalars.names():
             key = f"@{saved['name']}/{scalar}"
             if key not in tensors:
                 report.problems.append(Problem("missing", f"@{name}/{scalar}", "not in the checkpoint"))
@@ -276,8 +280,14 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
     for leaf, scalar, array in scalar_writes:
         _assign_scalar(leaf, scalar, array)
     for _, _, leaf in current:
-        leaf.book.initialized = True
+        leaf.store.checked = True
     return report
+
+
+def _whole_model(optimizer):
+    """The state entries kept for the whole model rather than by a group (a MultiOptimizer's
+    last norm, skipped steps, accumulation): the live dict's entries, or ``{}``."""
+    return optimizer.whole_model.entries() if isinstance(optimizer, MultiOptimizer) else {}
 
 
 def _spec(tensors, key):
@@ -293,7 +303,7 @@ def _check_whole_model_state(optimizer, tensors, metadata, report):
     """Whether the optimizer takes whole-model state (a MultiOptimizer); each accumulation
     buffer must have its parameter's shape and dtype."""
     keys = [k for k in tensors.keys() if k.startswith("#accumulated/") or k == "#grad_norm"]
-    if optimizer.stateful() == [optimizer]:
+    if not isinstance(optimizer, MultiOptimizer):
         for name in [*metadata.get("whole_model", {}), *keys]:
             report.problems.append(
                 Problem(
@@ -301,7 +311,7 @@ def _check_whole_model_state(optimizer, tensors, metadata, report):
                 )
             )
         return False
-    known = {dotted(p.keys): (p.shape, p.dtype) for p in optimizer.routing_table()}
+    known = {dotted(keys): (route.shape, route.dtype) for keys, route, _ in optimizer.router.table()}
     for key in keys:
         if key == "#grad_norm":
             continue
@@ -323,13 +333,13 @@ def _check_whole_model_state(optimizer, tensors, metadata, report):
 
 
 def _load_whole_model_state(optimizer, tensors, metadata):
-    if optimizer.stateful() == [optimizer]:
+    if not isinstance(optimizer, MultiOptimizer):
         return  # only a MultiOptimizer keeps state for the whole model
     state = optimizer.state
-    for key in optimizer.whole_model_state():
+    for key in _whole_model(optimizer):
         del state[key]
     state.update(metadata.get("whole_model", {}))
-    backend = optimizer.stateful()[0].book.backend or numpy_backend
+    backend = optimizer.groups()[0].group.store.backend or numpy_backend
     accumulated = {}
     for key in [k for k in tensors.keys() if k.startswith("#") and not k.startswith("#carried/")]:
         array = tensors[key]
@@ -346,10 +356,10 @@ def _load_whole_model_state(optimizer, tensors, metadata):
 def _assign_scalar(leaf, scalar, array):
     """A state scalar (checked by :mod:`.validate`: 0-d, a step >= 0, a finite float)."""
     value = numpy_scalar(array)
-    backend = leaf.book.backend or numpy_backend
+    backend = leaf.store.backend or numpy_backend
     dtype = "uint64" if scalar == "step" else value.dtype.name
     if dtype not in ("uint64", "float16", "bfloat16", "float32"):
         dtype = "float32"
-    leaf.state[scalar] = backend.scalar_array(
+    leaf.store.tree[scalar] = backend.scalar_array(
         value.astype(np.float64) if dtype != "uint64" else value.astype(np.uint64), dtype
     )

@@ -35,7 +35,7 @@ def from_mlx(optimizer: Optimizer, arrays: Stored) -> tuple[dict[str, Array], di
     prefixes = [(("".join(f"states.{i}." for i in position)), name, leaf, position) for name, position, leaf in leaves]
     tensors, parameters, optimizers = {}, {}, []
     for prefix, name, leaf, position in prefixes:
-        scalars = set(leaf.scalar_names()) | {"step", "learning_rate"}
+        scalars = set(leaf.scalars.names()) | {"step", "learning_rate"}
         slots_of: dict[str, dict[str, Array]] = {}
         for key, value in arrays.items():
             if not key.startswith(prefix):
@@ -60,7 +60,7 @@ def from_mlx(optimizer: Optimizer, arrays: Stored) -> tuple[dict[str, Array], di
                 "position": list(position),
                 "type": type(leaf).__name__,
                 "hyperparameters": {},
-                "scheduled": sorted(leaf.schedules),
+                "scheduled": sorted(leaf.scalars.schedules),
             }
         )
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizers, "parameters": parameters}

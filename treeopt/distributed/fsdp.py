@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
-from treeopt import engine
 from treeopt.distributed import ownership as _ownership
 from treeopt.distributed.comm import Collectives
+from treeopt.distributed.routes import assign as assign_routes
 from treeopt.errors import ParameterError
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class FullyShardedStep:
                 "accumulate in the training loop (no_sync / several backward passes)"
             )
         with torch.no_grad():
-            self.routes = optimizer.assign_routes(self.parameters)
+            self.routes = assign_routes(optimizer, self.parameters)
         self.local = {}
         entries = []
         for name, param in self.parameters.items():
@@ -118,7 +118,7 @@ class FullyShardedStep:
                         _ownership.ORTH,
                         0,
                         0,
-                        _ownership.newton_schulz_flops(shape, owner.ns_steps),  # type: ignore[attr-defined]  # a Muon
+                        _ownership.newton_schulz_flops(shape, owner.ns_steps),  # a Muon
                     )
                 )
         self.matrices = [e.name for e in entries]  # Muon matrices, gathered to owners
@@ -148,14 +148,14 @@ class FullyShardedStep:
         shared = None
         if options is not None and (options.max_grad_norm is not None or options.skip_nonfinite):
             shared = self._norm(grads)
-            self.optimizer.shared_norm = lambda: shared  # type: ignore[attr-defined]  # read by whole_model
+            self.optimizer.whole_model.shared_norm = lambda: shared  # type: ignore[attr-defined]  # read by whole_model
         matrices = {n: grads[n] for n in self.matrices if grads.get(n) is not None}
         elementwise = {n: g for n, g in grads.items() if n not in matrices}
         skipped = self.optimizer.state.get("skipped_steps", 0)
         try:
             self.optimizer.update({n: self.local[n] for n in elementwise}, elementwise)
         finally:
-            self.optimizer.shared_norm = None  # type: ignore[attr-defined]
+            self.optimizer.whole_model.shared_norm = None  # type: ignore[attr-defined]
         if self.optimizer.state.get("skipped_steps", 0) != skipped:
             return
         if shared is not None and options is not None and options.max_grad_norm is not None:
@@ -189,10 +189,10 @@ class FullyShardedStep:
                 by_dtype.setdefault(self.local[name].dtype, []).append(name)
             for group in by_dtype.values():
                 first = self.local[group[0]]
-                coefficients = optimizer.coefficients(first, _backend(first))
+                coefficients = optimizer.scalars.coefficients(first, _backend(first))
                 directions = {}
                 for name in group:
-                    slots = engine.slots_at(optimizer, (name,))
+                    slots = optimizer.store.slots((name,))
                     assert slots is not None  # created at construction
                     direction, v = muon_direction(grads[name], self.local[name], slots["v"], **coefficients)
                     slots["v"].copy_(v)

@@ -15,6 +15,7 @@ import torch
 from treeopt.checkpoint.base import numpy_scalar
 from treeopt.distributed.comm import Collectives
 from treeopt.distributed.fsdp import check_current
+from treeopt.distributed.routes import assign as assign_routes
 from treeopt.distributed.state import agreed, decode, encode, local_tensors
 
 if TYPE_CHECKING:
@@ -68,6 +69,6 @@ class Replicated:
 
 
 def _routes_and_step(optimizer, parameters):
-    routes = optimizer.assign_routes(parameters)
-    names = {id(o): n for n, _, o in optimizer.named_stateful()}
-    return {"routes": {n: names.get(id(o)) for n, o in routes.items()}, "step": int(numpy_scalar(optimizer.step))}
+    decided = assign_routes(optimizer, parameters)
+    names = {id(member.group): member.name for member in optimizer.groups()}
+    return {"routes": {n: names.get(id(o)) for n, o in decided.items()}, "step": int(numpy_scalar(optimizer.step))}

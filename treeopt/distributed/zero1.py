@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from treeopt.distributed import ownership as _ownership
 from treeopt.distributed.comm import Collectives
+from treeopt.distributed.routes import assign as assign_routes
 
 if TYPE_CHECKING:
     from treeopt.checkpoint.format import LoadReport
@@ -38,7 +39,8 @@ def entry(name: str, param: torch.Tensor, optimizer: Optimizer) -> _ownership.En
     """The :class:`~treeopt.distributed.ownership.Entry` of a parameter routed to ``optimizer``."""
     shape = tuple(param.shape)
     itemsize = param.element_size()
-    state_bytes = sum(math.prod(s) for s in optimizer.slot_shapes(param).values()) * itemsize
+    expected = optimizer.store.expected(shape, str(param.dtype).removeprefix("torch."))
+    state_bytes = sum(math.prod(s.shape) for s in expected.values()) * itemsize
     rule = optimizer.rule
     if rule is not None and rule.elementwise:
         kind, flops = _ownership.ELEMENTWISE, 0
@@ -102,7 +104,7 @@ class Zero1:
         self.comm = Collectives(group, next(iter(self.parameters.values())).device)
         self.bucket_bytes = bucket_bytes
         with torch.no_grad():
-            routes = optimizer.assign_routes(self.parameters)
+            routes = assign_routes(optimizer, self.parameters)
         self.routes = routes  # name -> optimizer (None: frozen)
         entries = [entry(n, p, owner) for n, p in self.parameters.items() if (owner := routes.get(n)) is not None]
         self.ownership = _ownership.assign(entries, self.comm.world, split_fraction)
@@ -134,7 +136,7 @@ class Zero1:
                 )
 
     def _route_names(self):
-        names = {id(o): n for n, _, o in self.optimizer.named_stateful()}
+        names = {id(member.group): member.name for member in self.optimizer.groups()}
         return {n: names.get(id(o)) for n, o in self.routes.items()}
 
     # ------------------------------------------------------------------ the step
@@ -176,13 +178,13 @@ class Zero1:
         if options is not None and (options.max_grad_norm is not None or options.skip_nonfinite):
             shared = self._whole_model_norm([g for g in gradients.values() if g is not None])
         if shared is not None:
-            self.optimizer.shared_norm = lambda: shared  # type: ignore[attr-defined]  # read by whole_model
+            self.optimizer.whole_model.shared_norm = lambda: shared  # type: ignore[attr-defined]  # read by whole_model
         try:
             skipped_before = self._skipped()
             self.optimizer.update(self.local, local_grads)
         finally:
             if shared is not None:
-                self.optimizer.shared_norm = None  # type: ignore[attr-defined]
+                self.optimizer.whole_model.shared_norm = None  # type: ignore[attr-defined]
         if self._skipped() == skipped_before:  # a skipped step changed nothing anywhere
             self.sync()
 
@@ -310,10 +312,8 @@ def plan(zero1: Zero1) -> Plan:
     the parameter bytes it sends per step."""
     from dataclasses import replace
 
-    from treeopt.plan import build
-
     o = zero1.ownership
-    result = build(zero1.optimizer)
+    result = zero1.optimizer.plan()
     result.rows = [
         replace(row, owner=str(o.owner[row.path]), state_bytes=o.entries[row.path].state_bytes)
         if row.path in o.entries

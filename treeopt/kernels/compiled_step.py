@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from treeopt import engine
+from treeopt.engine import Group, Pair, Taken
 from treeopt.errors import warn
 from treeopt.kernels import numba_available
+from treeopt.routing import Direct, Router
 from treeopt.types import Array, Tree
 
 if TYPE_CHECKING:
     from treeopt.backends import Backend
-    from treeopt.engine import Pair
-    from treeopt.optimizer import Optimizer
 
 _is = operator.is_
 _LEAF_TYPES: set[type] = {np.ndarray}  # the array types of every backend in use (Backend.array_types)
@@ -75,11 +75,11 @@ class _RuleBucket:
     runner (:func:`treeopt.engine.run_rule`): per tensor, or for a stackable rule (Muon) per
     stack of same-shape tensors (see :mod:`.stacking`)."""
 
-    def __init__(self, owner: Optimizer, backend: Backend, leaves: list[Pair], positions: list[int]) -> None:
+    def __init__(self, owner: Group, backend: Backend, leaves: list[Pair], positions: list[int]) -> None:
         self.owner, self.backend, self.positions = owner, backend, positions
-        self.pairs = [engine.Pair(leaf.keys, None, leaf.param, backend) for leaf in leaves]
+        self.pairs = [Pair(leaf.keys, None, leaf.param, backend) for leaf in leaves]
         for pair, leaf in zip(self.pairs, leaves):
-            pair.slots = leaf.slots
+            pair.slots, pair.options = leaf.slots, leaf.options
         self.params = [leaf.param for leaf in leaves]
         self.shapes = [tuple(backend.shape(leaf.param)) for leaf in leaves]
         self.dtype = leaves[0].param.dtype
@@ -118,7 +118,7 @@ def _fuse(bucket, groups, backend, static, flags):
     bucket.positions = [k for _, _, positions in groups for k in positions]
     leaves = [leaf for _, group, _ in groups for leaf in group]
     rows = [r for r, (_, group, _) in enumerate(groups) for _ in group]
-    return leaves, rows, bucket.owners[0].rule
+    return leaves, rows, bucket.owners[0].scalars.rule
 
 
 class _FusedBucket:
@@ -127,7 +127,13 @@ class _FusedBucket:
     backend: Backend
     static: tuple[str, ...]
     flags: tuple[Any, ...]
-    owners: list[Optimizer]
+    owners: list[Group]
+    params: list[Array]
+
+    def switches_hold(self) -> bool:
+        """Whether every owner's switches are still the ones compiled in (a setting changed)."""
+        return all(_flags(o, self.params[0], self.backend, self.static) == self.flags for o in self.owners)
+
     positions: list[int]
 
 
@@ -138,7 +144,7 @@ class _NumbaBucket(_FusedBucket):
 
     def __init__(
         self,
-        groups: list[tuple[Optimizer, list[Pair], list[int]]],
+        groups: list[tuple[Group, list[Pair], list[int]]],
         backend: Backend,
         static: tuple[str, ...],
         flags: tuple[Any, ...],
@@ -147,7 +153,6 @@ class _NumbaBucket(_FusedBucket):
 
         leaves, rows, rule = _fuse(self, groups, backend, static, flags)
         self.kernel, self.numeric = kernel_for(rule, static)
-        self.hyper = [_settings(owner) for owner in self.owners]
         self.params = [leaf.param for leaf in leaves]
         self.shapes = [tuple(backend.shape(p)) for p in self.params]
         self.dtype = self.params[0].dtype
@@ -182,11 +187,6 @@ class _NumbaBucket(_FusedBucket):
             self.target_out = np.empty(len(targets), np.int64)
 
     def prepare(self, grads):
-        hyper = [_settings(owner) for owner in self.owners]
-        if hyper != self.hyper:  # a hyper-parameter changed: a switch (momentum 0?) may have too
-            if any(_flags(o, self.params[0], self.backend, self.static) != self.flags for o in self.owners):
-                return None
-            self.hyper = hyper
         chosen = [grads[k] for k in self.positions]
         out = np.empty(len(chosen), np.int64)
         if self.numpy:
@@ -234,7 +234,7 @@ class _NumbaBucket(_FusedBucket):
     def run(self, prepared):
         _, grad_ptrs = prepared
         for row, owner in enumerate(self.owners):
-            values = owner.coefficients(self.params[0], self.backend)
+            values = owner.scalars.coefficients(self.params[0], self.backend)
             self.table[row] = [_float(values[n]) for n in self.numeric]
         self.kernel(
             grad_ptrs,
@@ -255,7 +255,7 @@ class _TorchCompiledBucket(_FusedBucket):
 
     def __init__(
         self,
-        groups: list[tuple[Optimizer, list[Pair], list[int]]],
+        groups: list[tuple[Group, list[Pair], list[int]]],
         backend: Backend,
         static: tuple[str, ...],
         flags: tuple[Any, ...],
@@ -264,7 +264,6 @@ class _TorchCompiledBucket(_FusedBucket):
 
         leaves, rows, rule = _fuse(self, groups, backend, static, flags)
         self.numeric = _numeric_names(rule, static)
-        self.hyper = [_settings(owner) for owner in self.owners]
         self.params = [leaf.param for leaf in leaves]
         self.shapes = [tuple(p.shape) for p in self.params]
         self.strides = [p.stride() for p in self.params]
@@ -279,11 +278,6 @@ class _TorchCompiledBucket(_FusedBucket):
         return self
 
     def prepare(self, grads):
-        hyper = [_settings(owner) for owner in self.owners]
-        if hyper != self.hyper:
-            if any(_flags(o, self.params[0], self.backend, self.static) != self.flags for o in self.owners):
-                return None
-            self.hyper = hyper
         chosen = [grads[k] for k in self.positions]
         dtype, device = self.dtype, self.device
         # what the step was compiled for: another layout goes to the engine (Dynamo would
@@ -298,7 +292,7 @@ class _TorchCompiledBucket(_FusedBucket):
     def run(self, grads):
         values = []
         for owner in self.owners:
-            coefficients = owner.coefficients(self.params[0], self.backend)
+            coefficients = owner.scalars.coefficients(self.params[0], self.backend)
             values.append([_float(coefficients[n]) for n in self.numeric])
         self.table.write(values)
         self.step(grads, self.params, self.slots, self.table.tensor)
@@ -315,7 +309,8 @@ def _numeric_names(rule, static):
 def _torch_compile_eligible(owner, backend, param):
     from treeopt import kernels
 
-    if backend.name != "torch" or not owner.rule.elementwise or callable(owner.rule.slots):
+    rule = owner.scalars.rule
+    if backend.name != "torch" or not rule.elementwise or callable(rule.slots):
         return False
     mode = kernels.torch_compile
     if mode == "always":
@@ -323,23 +318,14 @@ def _torch_compile_eligible(owner, backend, param):
     return mode == "auto" and param.device.type != "cpu"
 
 
-def _settings(owner):
-    """The hyper-parameters that decide the switches: numbers and flags (a schedule always
-    switches its term on, whatever its value)."""
-    return [
-        v if isinstance(v, (bool, int, float, str, tuple, type(None))) else "scheduled"
-        for v in owner.rule_hyperparameters().values()
-    ]
-
-
 def _flags(owner, like, backend, static):
-    values = owner.coefficients(like, backend)
+    values = owner.scalars.coefficients(like, backend)
     return tuple(bool(values[n]) for n in static)
 
 
 def _static_names(owner, like, backend):
     """The coefficients of ``owner``'s rule that are switches rather than numbers."""
-    values = owner.coefficients(like, backend)
+    values = owner.scalars.coefficients(like, backend)
     return tuple(n for n, v in values.items() if isinstance(v, (bool, np.bool_)))
 
 
@@ -352,7 +338,7 @@ def _float(value):
 
 
 def _numba_eligible(owner, backend, param):
-    if not numba_available() or not owner.rule.elementwise:
+    if not numba_available() or not owner.scalars.rule.elementwise:
         return False
     if backend.name == "numpy":
         from treeopt.kernels.numba_support import STRUCT_OK
@@ -364,29 +350,31 @@ def _numba_eligible(owner, backend, param):
 
 
 class CompiledStep:
-    def __init__(
-        self, params: list[Array], buckets: list[Any], stepping: list[Optimizer], watched: list[Optimizer]
-    ) -> None:
-        self.params, self.buckets = params, buckets
-        self.stepping, self.watched = stepping, watched
-        self.versions = [o.book.version for o in watched]
+    """The buckets of a step taken, kept while what they were planned on holds: the routes and
+    the stores (their versions: any change re-plans), the settings of the scalars (a change
+    re-plans only when it flips a switch compiled into a loop), the tree's structure and
+    the parameter objects."""
+
+    def __init__(self, params: list[Array], buckets: list[Any], stepping: list[Group], router: Direct | Router) -> None:
+        self.params, self.buckets, self.stepping, self.router = params, buckets, stepping, router
+        groups = [member.group for member in router.groups()]
+        self.stores = [group.store for group in groups]
+        self.scalars = [group.scalars for group in groups]
+        self.versions = self._versions()
+        self.settings = [scalars.version for scalars in self.scalars]
+
+    def _versions(self) -> list[Any]:
+        return [self.router.version, *(store.version for store in self.stores)]
 
     @classmethod
-    def build(
-        cls,
-        optimizer: Optimizer,
-        gradients: Tree,
-        model: Tree,
-        leaves: list[Pair],
-        active: list[Pair],
-        stepping: list[Optimizer],
-    ) -> CompiledStep | None:
+    def build(cls, router: Direct | Router, gradients: Tree, model: Tree, taken: Taken) -> CompiledStep | None:
         """The plan of the step just taken, or ``None`` when it cannot be reused."""
+        leaves, active = taken.pairs, taken.active
         if not active or any(leaf.grad is None for leaf in leaves):
             return None
         for leaf in active:
-            owner, backend, param = leaf.owner, leaf.backend, leaf.param
-            if not owner.runs_rule or not backend.mutable or not leaf.owned:
+            group, backend, param = leaf.group, leaf.backend, leaf.param
+            if not group.runs_rule or not backend.mutable or not leaf.owned:
                 return None
             if not backend.writable(param) or (backend.name == "numpy" and not param.flags.c_contiguous):
                 return None
@@ -406,26 +394,28 @@ class CompiledStep:
         groups: dict[tuple[Any, ...], list[Pair]] = {}
         for leaf in active:
             key: tuple[Any, ...] = (
-                id(leaf.owner),
+                id(leaf.group),
                 leaf.backend.name,
                 leaf.backend.dtype_name(leaf.param),
                 leaf.backend.device(leaf.param),
+                leaf.options,
             )
             groups.setdefault(key, []).append(leaf)
         buckets: list[Any] = []
-        fused: dict[tuple[Any, ...], list[tuple[Optimizer, list[Pair], list[int]]]] = {}
-        for group in groups.values():
-            first = group[0]
-            positions = [position[id(leaf)] for leaf in group]
-            compiled = _torch_compile_eligible(first.owner, first.backend, first.param)
-            if not compiled and not _numba_eligible(first.owner, first.backend, first.param):
-                buckets.append(_RuleBucket(first.owner, first.backend, group, positions))
+        fused: dict[tuple[Any, ...], list[tuple[Group, list[Pair], list[int]]]] = {}
+        for bucket in groups.values():
+            first = bucket[0]
+            positions = [position[id(leaf)] for leaf in bucket]
+            compiled = _torch_compile_eligible(first.group, first.backend, first.param)
+            if first.options or (not compiled and not _numba_eligible(first.group, first.backend, first.param)):
+                # per-parameter options (a layout...) are the rule runner's: a loop shares one set
+                buckets.append(_RuleBucket(first.group, first.backend, bucket, positions))
                 continue
-            # optimizers that share a rule, dtype and switches run in one loop
-            static = _static_names(first.owner, first.param, first.backend)
-            flags = _flags(first.owner, first.param, first.backend, static)
+            # groups that share a rule, dtype and switches run in one loop
+            static = _static_names(first.group, first.param, first.backend)
+            flags = _flags(first.group, first.param, first.backend, static)
             key = (
-                first.owner.rule,
+                first.group.scalars.rule,
                 first.backend.name,
                 first.backend.dtype_name(first.param),
                 first.backend.device(first.param),
@@ -433,7 +423,7 @@ class CompiledStep:
                 flags,
                 compiled,
             )
-            fused.setdefault(key, []).append((first.owner, group, positions))
+            fused.setdefault(key, []).append((first.group, bucket, positions))
         for key, members in fused.items():
             kind = _TorchCompiledBucket if key[6] else _NumbaBucket
             try:  # compiled now, so that a rule that cannot compile falls back before any write
@@ -447,14 +437,18 @@ class CompiledStep:
                 buckets.extend(
                     _RuleBucket(owner, group[0].backend, group, positions) for owner, group, positions in members
                 )
-        watched = [optimizer] + optimizer.stateful()
-        return cls(params, buckets, stepping, watched)
+        return cls(params, buckets, taken.stepping, router)
 
     def run(self, gradients: Tree, model: Tree) -> bool:
         """Take the step if ``gradients`` and ``model`` fit the plan; ``False`` otherwise
         (nothing has changed then)."""
-        if [o.book.version for o in self.watched] != self.versions:
+        if self._versions() != self.versions:
             return False
+        settings = [scalars.version for scalars in self.scalars]
+        if settings != self.settings:  # a hyper-parameter changed: a switch (momentum 0?) may have too
+            if not all(bucket.switches_hold() for bucket in self.buckets if isinstance(bucket, _FusedBucket)):
+                return False
+            self.settings = settings
         grads: list[Array] = []
         params: list[Array] = []
         try:
@@ -466,9 +460,9 @@ class CompiledStep:
         prepared = [bucket.prepare(grads) for bucket in self.buckets]
         if any(p is None for p in prepared):
             return False
-        scheduled = [(optimizer, optimizer.scheduled_values()) for optimizer in self.stepping]  # may raise
-        for optimizer, values in scheduled:
-            optimizer.advance(values)
+        due = [(group, group.scalars.due()) for group in self.stepping]  # may raise
+        for group, values in due:
+            group.scalars.advance(values)
         for bucket, ready in zip(self.buckets, prepared):
             bucket.run(ready)
         return True

@@ -144,8 +144,8 @@ class Optimizer(torch.optim.Optimizer):
         self._added: dict = {}  # name -> parameter given to add_param_group that the model does not hold
         self._seen = _registrations[0]
         self._check_known_paths()
-        self._leaves = [leaf for _, _, leaf in optimizer.named_stateful()]
-        self._group_names = [name for name, _, _ in optimizer.named_stateful()]
+        self._leaves = [member.group for member in optimizer.groups()]
+        self._group_names = [member.name for member in optimizer.groups()]
         self._group_of: dict = {}  # name -> group index; None: frozen by the MultiOptimizer
         self._declare_kinds(self.parameters)
         self._route([n for n, p in self.parameters.items() if p.requires_grad])
@@ -204,7 +204,7 @@ class Optimizer(torch.optim.Optimizer):
     def _check_known_paths(self):
         """A treeopt optimizer planned on wrapper names (``_orig_mod.x``) would keep a second
         state under the canonical name: refuse it."""
-        known = [placement.keys for placement in self.optimizer.routing_table()]
+        known = [keys for keys, _, _ in self.optimizer.router.table()]
         stale = [p for p in map(dotted, known) if canonical_name(p) != p and canonical_name(p) in self.parameters]
         if stale:
             raise ValueError(
@@ -216,7 +216,7 @@ class Optimizer(torch.optim.Optimizer):
     def _declare_kinds(self, named):
         if self.model is not None:  # read by routing (an optimizer that does not route ignores them)
             kinds = module_kinds(self.model)
-            self.optimizer.declare_kinds({n: k for n, k in kinds.items() if n in named})
+            self.optimizer.router.declare_kinds({n: k for n, k in kinds.items() if n in named})
 
     def _route(self, names, check=None):
         """Route ``names`` now, as a step would, without creating state; ``check(owners)`` may
@@ -224,14 +224,15 @@ class Optimizer(torch.optim.Optimizer):
         if not names:
             return
         params = {n: self.parameters[n] for n in names}
-        leaves = engine.collect(params, params, type(self.optimizer).__name__, check_pairs=False)
-        backend = engine.settle_backend(self.optimizer, leaves)
-        owners = self.optimizer.assign_owners(leaves)
         group = {id(leaf): i for i, leaf in enumerate(self._leaves)}
-        indices = {leaf.path: None if owner is None else group[id(owner)] for leaf, owner in zip(leaves, owners)}
-        if check is not None:
-            check(indices)
-        self.optimizer.commit(backend)
+        indices = {}
+
+        def decided(pairs, targets):
+            indices.update({p.path: None if t is None else group[id(t.group)] for p, t in zip(pairs, targets)})
+            if check is not None:
+                check(indices)
+
+        engine.route(self.optimizer.router, params, type(self.optimizer).__name__, decided)
         self._group_of.update(indices)
 
     def _members(self, i):
@@ -287,11 +288,9 @@ class Optimizer(torch.optim.Optimizer):
         if group is None:
             return
         owner = self._leaves[group]
-        if engine.slots_at(owner, (name,)):
-            engine.drop(owner, (name,))
-            self.optimizer.note_change(f"{why} {name} in the model, its state reset")
-        if why == "replaced":
-            self.optimizer.book.version += 1  # a compiled step re-plans
+        if owner.store.slots((name,)):
+            owner.store.drop((name,))
+            self.optimizer.router.note(f"{why} {name} in the model, its state reset")
 
     def add_param_group(self, param_group: dict) -> None:
         """Add parameters, as ``torch.optim`` does, to the groups treeopt already has.
@@ -338,7 +337,7 @@ class Optimizer(torch.optim.Optimizer):
                 self.parameters.pop(name, None)
                 self._added.pop(name, None)
             raise
-        router = dict(self.optimizer.routers()).get(())  # the optimizer itself, if it has groups
+        router = dict(self.optimizer.router.routers()).get(())  # the optimizer itself, if it has groups
         if target is not None and router is not None:
             moving = [name for name, _ in entries if self._group_of[name] != self._group_names.index(target)]
             if moving:
@@ -378,15 +377,16 @@ class Optimizer(torch.optim.Optimizer):
         """Group ``i``'s name and hyper-parameters as the next step will use them."""
         leaf = self._leaves[i]
         values = {"name": self._group_names[i]}
-        for key, value in leaf.current_hyperparameters().items():
-            if key == "learning_rate" or key in leaf.schedules:
+        for key, value in leaf.scalars.current().items():
+            if key == "learning_rate" or key in leaf.scalars.schedules:
                 value = _shortest(value)
             values[_TORCH_NAMES.get(key, key)] = value
         return values
 
     def _scheduled(self, leaf, key):
         name = next((k for k, v in _TORCH_NAMES.items() if v == key), key)
-        return name in leaf.schedules or any(s.startswith(f"{name}[") for s in leaf.schedules)
+        schedules = leaf.scalars.schedules
+        return name in schedules or any(s.startswith(f"{name}[") for s in schedules)
 
     def _pull(self):
         """Apply the edits of param_groups to treeopt: all checked first, then all applied."""
@@ -411,7 +411,7 @@ class Optimizer(torch.optim.Optimizer):
     def _push(self, everything=False):
         """Show the values of treeopt's schedules (and, after a load, of everything)."""
         for i, leaf in enumerate(self._leaves):
-            if not (everything or leaf.schedules):
+            if not (everything or leaf.scalars.schedules):
                 continue
             values = self._group_values(i)
             for key, value in values.items():
@@ -548,7 +548,7 @@ class ParameterState(MutableMapping):
 
     def _slots(self, name):
         group = self._owner._group_of.get(name)
-        return None if group is None else engine.slots_at(self._owner._leaves[group], (name,))
+        return None if group is None else self._owner._leaves[group].store.slots((name,))
 
     def __getitem__(self, key: torch.Tensor | str) -> dict[str, torch.Tensor]:
         name = self._name(key)
@@ -601,17 +601,13 @@ def _setter(leaf, key, value, where):
         value = tuple(float(b) for b in value)
         if len(value) != len(current) or not all(0.0 <= b < 1.0 for b in value):
             raise ValueError(f"{where} must be {len(current)} values in [0, 1), got {value!r}")
-        return lambda: (leaf._set_betas(value), _touch(leaf))
+        return lambda: setattr(leaf, "betas", value)
     if isinstance(current, bool) and isinstance(value, bool):
-        return lambda: (setattr(leaf, key, bool(value)), _touch(leaf))
+        return lambda: setattr(leaf, key, bool(value))
     if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not np.isfinite(value):
             raise ValueError(f"{where} must be finite, got {value!r}")
-        return lambda: (setattr(leaf, key, float(value)), _touch(leaf))
+        return lambda: setattr(leaf, key, float(value))
     if isinstance(current, tuple) and isinstance(value, tuple) and len(value) == len(current):
-        return lambda: (setattr(leaf, key, tuple(float(v) for v in value)), _touch(leaf))
+        return lambda: setattr(leaf, key, tuple(float(v) for v in value))
     raise ValueError(f"{where} cannot be set to {value!r} (it is {current!r})")
-
-
-def _touch(leaf):
-    leaf.book.version += 1  # a compiled step re-plans
