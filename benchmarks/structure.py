@@ -27,25 +27,22 @@ import pathlib
 import subprocess
 import sys
 
-#: the floors of the package, bottom first (docs/architecture.md); a module not listed sits on
-#: the floor of its package
-FLOORS = [
-    ["types", "errors"],
-    ["tree", "_trees", "backends", "filters"],
-    ["ops", "values", "stacking", "kernels.stacking"],
-    ["rules", "schedules", "clip", "state"],
-    ["scalars"],
-    ["routing"],
-    ["engine"],
-    ["plan", "whole_model", "kernels"],
-    ["optimizer"],
-    ["multi", "optimizers"],
-    ["jax", "presets"],
-    ["checkpoint"],
-    ["torch"],
-    ["distributed"],
-    ["demo", "__init__"],
-]
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def read_floors(doc: pathlib.Path) -> list[list[str]]:
+    """The floors of the package, bottom first, from the layout block of docs/architecture.md
+    (every checkout is measured against this one's layout)."""
+    text = doc.read_text()
+    block = text[text.index("```text", text.index("<!-- the floors")) + len("```text") :]
+    floors = []
+    for line in reversed(block[: block.index("```")].strip("\n").splitlines()):
+        names = line if line.startswith(" ") else line.split(None, 1)[1]  # "top", "bottom": labels
+        floors.append([name.strip() for name in names.split(",")])
+    return floors
+
+
+FLOORS = read_floors(ROOT / "docs" / "architecture.md")
 MIDDLE = [
     "engine.py",
     "optimizer.py",
@@ -68,6 +65,14 @@ def modules(package: pathlib.Path) -> dict[str, ast.Module]:
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "__init__"
         found[name] = ast.parse(path.read_text())
     return found
+
+
+def path_of(name: str) -> str:
+    """The path of module ``name`` inside the package."""
+    if name == "__init__":
+        return "__init__.py"
+    path = name.replace(".", "/")
+    return path + ".py" if (ROOT / "treeopt" / (path + ".py")).exists() else path + "/__init__.py"
 
 
 def floor(name: str) -> int:

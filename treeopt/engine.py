@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, Protocol
 from treeopt import _trees
 from treeopt.backends import Backend, backend_of, numpy_backend
 from treeopt.errors import MissingParameterError, ParameterError, describe
+from treeopt.kernels import stacking
 from treeopt.routing import Member, Options, Target
 from treeopt.rules.base import Rule, rule_checked
 from treeopt.scalars import Scalars
@@ -380,7 +381,6 @@ def stack_plan(
 ) -> tuple[list[tuple[tuple[int, ...], tuple[str, ...]]], list[int]]:
     """How a stackable ``rule`` runs on ``pairs``: ``(runs, alone)``, each run the indices of
     same-shape pairs that share one call, with their slot names; ``alone``, the rest, in order."""
-    from treeopt.kernels import stacking
 
     backend = pairs[0].backend
     names = [rule.slot_names(backend.shape(pair.param), hyper) for pair in pairs]
@@ -406,7 +406,6 @@ def run_stacked(
     """Run a stackable ``rule`` on the stacks of same-shape pairs (:func:`stack_plan`);
     returns the pairs left to run one by one. ``stacks`` (optional) keeps the plan and each
     run's stacking buffers from call to call, for a caller that runs the same pairs every step."""
-    from treeopt.kernels import stacking
 
     backend = pairs[0].backend
     plan = None if stacks is None else stacks.get("plan")

@@ -120,6 +120,7 @@ def module_kinds(model: Tree) -> dict[str, str]:
     """
     tables, denses = [], []  # (path of the parameter, rows) and (path, outputs), in model order
     try:
+        # optional: flax modules when flax is installed
         from flax import nnx
     except ImportError:
         nnx = None  # type: ignore[assignment]
@@ -220,6 +221,7 @@ def as_optax(optimizer: Optimizer) -> optax.GradientTransformation:
     ``optax.apply_updates`` gives the new parameters (up to one rounding of the
     subtraction; :func:`update` gives them exactly). ``params`` is required.
     """
+    # optional: only for as_optax
     import optax
 
     def init_fn(params):

@@ -202,6 +202,7 @@ class Plan:
         return "\n".join(lines)
 
     def __rich__(self) -> RichGroup:
+        # optional: plans print as plain text without rich
         from rich.console import Group as RichGroup
         from rich.table import Table
 
@@ -217,7 +218,7 @@ class Plan:
     def print(self, file: IO[str] | None = None) -> None:
         """Print the plan: a rich table when ``rich`` is installed, plain text otherwise."""
         try:
-            from rich.console import Console
+            from rich.console import Console  # optional, as above
         except ImportError:
             print(self, file=file)
         else:

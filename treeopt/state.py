@@ -10,7 +10,7 @@ slots a re-route carried over and not yet taken up, the state's array library on
 and a ``version`` that every mutator bumps: a compiled step is valid while the versions it
 watches are unchanged.
 
-What a slot holds is said in one place, :meth:`SlotStore.expected` (a :class:`Stored` per
+What a slot holds is said in one place, :meth:`SlotStore.expected` (a :class:`SlotSpec` per
 slot name), and checked by one validator (:func:`slot_problem`), for a state assigned from
 outside as for the slots a step is about to use. The runner reads slots for compute through
 :meth:`SlotStore.load` and writes results through :meth:`SlotStore.save`: a slot kept in
@@ -29,7 +29,7 @@ from treeopt.errors import ParameterError, describe
 from treeopt.tree import is_container, items, tree_map
 from treeopt.types import Array, Keys, Shape, State, Tree
 
-__all__ = ["RESERVED", "SlotStore", "Stored", "slot_problem"]
+__all__ = ["RESERVED", "SlotStore", "SlotSpec", "slot_problem"]
 
 #: state keys that are never parameter names; a top-level parameter with one of these names
 #: (or the name of another scalar of the state) keeps its slots under the name prefixed with ``~``
@@ -43,7 +43,7 @@ def next_version() -> int:
     return next(_versions)
 
 
-class Stored(NamedTuple):
+class SlotSpec(NamedTuple):
     """How one slot is kept in the store: its shape and dtype there."""
 
     shape: Shape
@@ -51,7 +51,7 @@ class Stored(NamedTuple):
 
 
 def slot_problem(
-    value: Array, want: Stored | None = None, backend: Backend | None = None, device: Any = None
+    value: Array, want: SlotSpec | None = None, backend: Backend | None = None, device: Any = None
 ) -> str | None:
     """What is wrong with ``value`` as a slot: it must be an array, and ``want`` (and of
     ``backend``, on ``device``) when given; the end of a sentence, or ``None`` when it fits."""
@@ -109,11 +109,11 @@ class SlotStore:
         """``(keys, slot dict)`` of every parameter with state, in state order."""
         return slot_items(self.tree, self.reserved)
 
-    def expected(self, shape: Shape, dtype: str) -> dict[str, Stored]:
+    def expected(self, shape: Shape, dtype: str) -> dict[str, SlotSpec]:
         """What each slot of a parameter of ``shape`` and ``dtype`` holds in the store."""
         if self.slot_shapes is None:
             return {}
-        return {name: Stored(tuple(s), dtype) for name, s in self.slot_shapes(tuple(shape)).items()}
+        return {name: SlotSpec(tuple(s), dtype) for name, s in self.slot_shapes(tuple(shape)).items()}
 
     # ------------------------------------------------------------------ the runner's view
     def load(self, slots: dict[str, Array], names: Iterable[str]) -> list[Array]:

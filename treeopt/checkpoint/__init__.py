@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from treeopt.checkpoint import files, mlx_layout
+from treeopt.checkpoint import files, mlx_layout, routing, validate
 from treeopt.checkpoint.format import CheckpointError, LoadReport, Problem, from_flat, to_flat
 from treeopt.multi import MultiOptimizer
 from treeopt.types import Tree
@@ -49,6 +49,7 @@ def save(optimizer: Optimizer, path: str | os.PathLike, *, layout: str = "treeop
     if getattr(optimizer, "_distributed", None) is not None:  # a treeopt.torch.Optimizer on several ranks
         if layout != "treeopt":
             raise ValueError("a checkpoint of several ranks has the treeopt layout only")
+        # only for torch optimizers on several ranks; folders sit above the checkpoints
         from treeopt.distributed import files as folders
 
         return folders.save(optimizer, path)  # type: ignore[arg-type]  # a treeopt.torch.Optimizer
@@ -91,12 +92,13 @@ def load(
     Returns:
         a :class:`LoadReport`.
     """
+    # only for torch optimizers on several ranks; folders sit above the checkpoints
     from treeopt.distributed import files as folders
 
     if getattr(optimizer, "_distributed", None) is not None or folders.is_folder_checkpoint(path):
         return folders.load(optimizer, path, strict=strict)  # type: ignore[arg-type]  # as in save
     tensors, metadata = read(path)
-    if metadata is None and not mlx_layout.is_mlx_layout(tensors):
+    if metadata is None and not mlx_layout.is_mlx_layout(tensors.keys()):
         raise CheckpointError(f"{path} has neither treeopt metadata nor MLX's optimizer layout")
     return load_content(optimizer, tensors, metadata, params, strict=strict)
 
@@ -116,7 +118,6 @@ def load_content(
     changes are applied before any state is created, so each parameter's state is created by
     the optimizer that owned it; any failure puts the optimizer back as it was.
     """
-    from treeopt.checkpoint import routing, validate
 
     if not hasattr(tensors, "keys") or not hasattr(tensors, "__getitem__"):
         raise CheckpointError(f"checkpoint tensors must be a mapping of key to array, got {type(tensors).__name__}")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from treeopt.backends import array_backend
-from treeopt.checkpoint.format import CheckpointError
+from treeopt.checkpoint.base import CheckpointError
 from treeopt.types import Array, Scalar
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ def checksum(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> s
 def safetensors() -> ModuleType:
     """The ``safetensors`` package, or an ImportError that says how to install it."""
     try:
+        # optional: treeopt[checkpoint]
         import safetensors.numpy
     except ImportError as error:
         raise ModuleNotFoundError(

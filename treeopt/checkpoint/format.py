@@ -11,16 +11,15 @@ from __future__ import annotations
 import numbers
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from treeopt import __version__
 from treeopt._trees import dotted
+from treeopt._version import __version__
 from treeopt.backends import array_backend, numpy_backend
 from treeopt.checkpoint import routing, validate
-from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, Problem, assign, numpy_scalar
+from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, LoadReport, Problem, assign, numpy_scalar
 from treeopt.multi import MultiOptimizer
 from treeopt.types import Array
 
@@ -28,24 +27,6 @@ if TYPE_CHECKING:
     from treeopt.checkpoint.base import Stored
     from treeopt.optimizer import Optimizer
     from treeopt.routing import Member
-
-
-@dataclass
-class LoadReport:
-    """What a load found: every problem, and what it loaded."""
-
-    problems: list = field(default_factory=list)
-    loaded: list = field(default_factory=list)  # parameter paths whose state was loaded
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def __str__(self) -> str:
-        head = f"loaded the state of {len(self.loaded)} parameters"
-        if self.ok:
-            return head + ", no problem found"
-        return "\n".join([f"{head}; {len(self.problems)} problems:"] + [f"  {p}" for p in self.problems])
 
 
 # ---------------------------------------------------------------------------------- saving

@@ -37,9 +37,10 @@ def from_mlx(optimizer: Optimizer, arrays: Stored) -> tuple[dict[str, Array], di
     for prefix, name, leaf, position in prefixes:
         scalars = set(leaf.scalars.names()) | {"step", "learning_rate"}
         slots_of: dict[str, dict[str, Array]] = {}
-        for key, value in arrays.items():
+        for key in arrays.keys():
             if not key.startswith(prefix):
                 continue
+            value = arrays[key]
             rest = key[len(prefix) :]
             if rest in scalars:
                 tensors[f"@{name}/{rest}"] = value

@@ -15,16 +15,25 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from treeopt.checkpoint.format import LoadReport
-    from treeopt.torch.optimizer import Optimizer as TorchOptimizer
+import numpy as np
+
+from treeopt.checkpoint.base import CheckpointError, LoadReport
 
 METADATA = "treeopt.json"
 
 
-def save(adapter: TorchOptimizer, folder: str | os.PathLike[str]) -> None:
+class Adapter(Protocol):
+    """What a folder is saved from and loaded into: a ``treeopt.torch.Optimizer``."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> LoadReport: ...
+
+
+def save(adapter: Adapter, folder: str | os.PathLike[str]) -> None:
+    # torch only when a folder is written or read: checkpoints import this module without it
     import torch.distributed as dist
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save as dcp_save
 
@@ -42,12 +51,11 @@ def save(adapter: TorchOptimizer, folder: str | os.PathLike[str]) -> None:
         dist.barrier()
 
 
-def load(adapter: TorchOptimizer, folder: str | os.PathLike[str], strict: bool = True) -> LoadReport:
+def load(adapter: Adapter, folder: str | os.PathLike[str], strict: bool = True) -> LoadReport:
+    # torch only when a folder is written or read: checkpoints import this module without it
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load as dcp_load
 
-    from treeopt.checkpoint.format import CheckpointError
-
-    if not hasattr(adapter, "_trainable"):
+    if not callable(getattr(adapter, "load_state_dict", None)):
         raise CheckpointError(f"{folder} is a checkpoint of several ranks: load it into a treeopt.torch.Optimizer")
     path = os.path.join(folder, METADATA)
     if not os.path.exists(path):
@@ -71,6 +79,7 @@ def is_folder_checkpoint(path: str | os.PathLike[str]) -> bool:
 def inspect(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
     """``(summary, problems)`` of a checkpoint folder: every slot of the metadata must be
     stored, and its row ranges over all the files must cover its rows exactly once."""
+    # optional: treeopt[checkpoint]
     from safetensors import safe_open
 
     with open(os.path.join(folder, METADATA)) as file:
@@ -131,6 +140,5 @@ def inspect(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
 
 
 def _itemsize(dtype):
-    import numpy as np
 
     return 2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize

@@ -24,10 +24,15 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
+from treeopt import checkpoint
+from treeopt.backends import backend_of
+from treeopt.clip import clip_factor, scale
 from treeopt.distributed import ownership as _ownership
 from treeopt.distributed.comm import Collectives
 from treeopt.distributed.routes import assign as assign_routes
+from treeopt.distributed.state import agreed, decode, encode, global_metadata, local_metadata, local_tensors, split_key
 from treeopt.errors import ParameterError
+from treeopt.rules.muon import muon_apply, muon_direction, muon_orthogonalize, scaled_lr
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -39,12 +44,14 @@ __all__ = ["FullyShardedStep", "is_sharded"]
 
 
 def is_sharded(param: object) -> TypeGuard[DTensor]:
+    # loads only with FSDP2 parameters
     from torch.distributed.tensor import DTensor
 
     return isinstance(param, DTensor)
 
 
 def _check_placement(name, param):
+    # loads only with FSDP2 parameters
     from torch.distributed.tensor import Shard
 
     placements = tuple(param.placements)
@@ -159,8 +166,6 @@ class FullyShardedStep:
         if self.optimizer.state.get("skipped_steps", 0) != skipped:
             return
         if shared is not None and options is not None and options.max_grad_norm is not None:
-            from treeopt.clip import clip_factor, scale
-
             factor = clip_factor(shared, options.max_grad_norm)
             matrices = {n: scale(g, factor) for n, g in matrices.items()}
         self._muon(matrices)
@@ -175,7 +180,6 @@ class FullyShardedStep:
         return total.sqrt()
 
     def _muon(self, grads):
-        from treeopt.rules.muon import muon_apply, muon_direction, muon_orthogonalize, scaled_lr
 
         by_optimizer: dict[int, list[str]] = {}
         for name in self.matrices:
@@ -252,8 +256,6 @@ class FullyShardedStep:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        from treeopt import checkpoint
-        from treeopt.distributed.state import encode, global_metadata, split_key
 
         tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self.parameters))
         for key, value in list(tensors.items()):
@@ -264,6 +266,7 @@ class FullyShardedStep:
         return {"tensors": tensors, "metadata": encode(global_metadata(self.comm, metadata, rows))}
 
     def _as_dtensor(self, name, local):
+        # loads only with FSDP2 parameters
         from torch.distributed.tensor import DTensor
 
         param = self.parameters[name]
@@ -273,8 +276,6 @@ class FullyShardedStep:
         )
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
-        from treeopt import checkpoint
-        from treeopt.distributed.state import agreed, decode, local_metadata, local_tensors
 
         metadata = agreed(self.comm, "checkpoint metadata being loaded", decode(state_dict["metadata"]))
         rows = {
@@ -293,7 +294,6 @@ def _cat(pieces, like):
 
 
 def _backend(tensor):
-    from treeopt.backends import backend_of
 
     return backend_of(tensor)
 

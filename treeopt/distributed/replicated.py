@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from treeopt import checkpoint
 from treeopt.checkpoint.base import numpy_scalar
 from treeopt.distributed.comm import Collectives
 from treeopt.distributed.fsdp import check_current
@@ -51,7 +52,6 @@ class Replicated:
             agreed(self.comm, "routes and step", _routes_and_step(self.optimizer, self.parameters))
 
     def state_dict(self) -> dict[str, Any]:
-        from treeopt import checkpoint
 
         with torch.no_grad():
             self.init()  # every slot exists: a load target for torch.distributed.checkpoint
@@ -59,7 +59,6 @@ class Replicated:
         return {"tensors": tensors, "metadata": encode(agreed(self.comm, "checkpoint metadata", metadata))}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
-        from treeopt import checkpoint
 
         with torch.no_grad():
             self.init()

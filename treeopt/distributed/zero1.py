@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from treeopt import checkpoint
+from treeopt.clip import global_norm
 from treeopt.distributed import ownership as _ownership
 from treeopt.distributed.comm import Collectives
+from treeopt.distributed.fsdp import check_current
 from treeopt.distributed.routes import assign as assign_routes
+from treeopt.distributed.state import agreed, decode, encode, global_metadata, local_metadata, local_tensors, split_key
 
 if TYPE_CHECKING:
     from treeopt.checkpoint.format import LoadReport
@@ -159,8 +164,6 @@ class Zero1:
         """One step: ``gradients`` maps every parameter name to its full averaged gradient
         (or ``None``)."""
         if not self._checked:
-            from treeopt.distributed.fsdp import check_current
-
             check_current(self.model, self.parameters)
             self._checked = True
         local_grads: dict[str, torch.Tensor | None] = {}
@@ -194,7 +197,6 @@ class Zero1:
     def _whole_model_norm(self, grads):
         """The norm of every gradient, the same on every rank; NaN on every rank when any
         rank sees a non-finite one (its copy of a gradient may differ)."""
-        from treeopt.clip import global_norm
 
         norm = global_norm(grads) if grads else torch.zeros(())
         if self.comm.any(not bool(torch.isfinite(norm))):
@@ -244,6 +246,7 @@ class Zero1:
 
     def _mesh(self):
         if getattr(self, "_device_mesh", None) is None:
+            # loads only when a checkpoint is resharded
             from torch.distributed.device_mesh import DeviceMesh
 
             device = next(iter(self.parameters.values())).device.type
@@ -253,8 +256,6 @@ class Zero1:
     def state_dict(self) -> dict[str, Any]:
         """Name-keyed state for ``torch.distributed.checkpoint``: owned slots as plain
         tensors, row-split ones as ``Shard(0)`` DTensors, the same metadata on every rank."""
-        from treeopt import checkpoint
-        from treeopt.distributed.state import encode, global_metadata, split_key
 
         tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self.parameters))
         for key, value in list(tensors.items()):
@@ -273,6 +274,7 @@ class Zero1:
         return rows
 
     def _as_dtensor(self, name, local):
+        # loads only when a checkpoint is resharded
         from torch.distributed.tensor import DTensor, Shard
 
         rows = self.ownership.entries[name].shape[0]
@@ -285,8 +287,6 @@ class Zero1:
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
         """Load a state saved by :meth:`state_dict` at any world size (DCP reshards the
         tensors into this rank's layout first); returns this rank's load report."""
-        from treeopt import checkpoint
-        from treeopt.distributed.state import agreed, decode, local_metadata, local_tensors
 
         metadata = agreed(self.comm, "checkpoint metadata being loaded", decode(state_dict["metadata"]))
         with torch.no_grad():
@@ -301,8 +301,6 @@ class Zero1:
 
 
 def _world():
-    import torch.distributed as dist
-
     return dist.group.WORLD
 
 
@@ -310,7 +308,6 @@ def plan(zero1: Zero1) -> Plan:
     """The optimizer's :class:`~treeopt.plan.Plan` with an owner per parameter (global state
     bytes), and one line per rank: parameters, state bytes, Newton-Schulz GFLOP per step and
     the parameter bytes it sends per step."""
-    from dataclasses import replace
 
     o = zero1.ownership
     result = zero1.optimizer.plan()

@@ -19,13 +19,14 @@ place.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from treeopt import engine
+from treeopt import engine, kernels
 from treeopt.engine import Group, Pair, Taken
 from treeopt.errors import warn
 from treeopt.kernels import numba_available
@@ -149,6 +150,7 @@ class _NumbaBucket(_FusedBucket):
         static: tuple[str, ...],
         flags: tuple[Any, ...],
     ) -> None:
+        # numba is optional (treeopt[fast]): loaded when a loop is planned
         from treeopt.kernels.numba_kernels import kernel_for, work_items
 
         leaves, rows, rule = _fuse(self, groups, backend, static, flags)
@@ -168,6 +170,7 @@ class _NumbaBucket(_FusedBucket):
         )
         self.param_ptrs = np.array([_pointer(p) for p in self.params], dtype=np.int64)
         if self.numpy:
+            # numba is optional (treeopt[fast]): loaded when a loop is planned
             from treeopt.kernels.numba_support import numpy_pointers
 
             width = max([len(s) for s in self.shapes] + [1])
@@ -260,6 +263,7 @@ class _TorchCompiledBucket(_FusedBucket):
         static: tuple[str, ...],
         flags: tuple[Any, ...],
     ) -> None:
+        # torch.compile loads only for a bucket it runs
         from treeopt.backends.torch_compiled import CoefficientTable, compile_step
 
         leaves, rows, rule = _fuse(self, groups, backend, static, flags)
@@ -300,14 +304,12 @@ class _TorchCompiledBucket(_FusedBucket):
 
 def _numeric_names(rule, static):
     """The coefficients of ``rule.update`` that are numbers (not the switches ``static``)."""
-    import inspect
 
     parameters = list(inspect.signature(rule.update).parameters)[2 + len(rule.slots) :]
     return [n for n in parameters if n not in static]
 
 
 def _torch_compile_eligible(owner, backend, param):
-    from treeopt import kernels
 
     rule = owner.scalars.rule
     if backend.name != "torch" or not rule.elementwise or callable(rule.slots):
@@ -341,6 +343,7 @@ def _numba_eligible(owner, backend, param):
     if not numba_available() or not owner.scalars.rule.elementwise:
         return False
     if backend.name == "numpy":
+        # numba is optional (treeopt[fast]): loaded when a loop is planned
         from treeopt.kernels.numba_support import STRUCT_OK
 
         return STRUCT_OK and param.dtype.name in ("float32", "float64")

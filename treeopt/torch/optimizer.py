@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from treeopt import engine
+from treeopt import checkpoint, engine
 from treeopt._trees import dotted
+from treeopt.distributed import attach
 from treeopt.optimizer import Optimizer as _TreeoptOptimizer
 from treeopt.torch import state_dict as _layout
 from treeopt.torch.names import canonical_name, module_kinds, named_parameters
@@ -156,10 +157,9 @@ class Optimizer(torch.optim.Optimizer):
         self._building = True
         super().__init__(groups, {k: v for k, v in self._published[0].items() if k in shared})
         self._building = False
-        from treeopt.distributed import attach
 
         # None in one process; DDP checks, ZeRO-1 (sharding="zero1") or FSDP2 parameters
-        self._distributed = attach(self, sharding, process_group, self.model)
+        self._distributed = attach(optimizer, self._trainable(), sharding, process_group, self.model)
 
     def __repr__(self) -> str:
         return f"treeopt.torch.Optimizer({len(self.parameters)} parameters, {self.optimizer!r})"
@@ -479,7 +479,6 @@ class Optimizer(torch.optim.Optimizer):
           ``get_optimizer_state_dict`` re-keys by name.
 
         Plain tensors and Python values: ``torch.save(..., weights_only=True)`` loads it."""
-        from treeopt import checkpoint
 
         self.refresh()
         self._pull()  # an LR scheduler's edit after the last step is the next step's: save it
@@ -493,7 +492,6 @@ class Optimizer(torch.optim.Optimizer):
         """Load a state saved by :meth:`state_dict`, or its torch layout alone (what
         ``set_optimizer_state_dict`` passes), matched by parameter name, never by position;
         everything is checked before anything changes. Returns the load report."""
-        from treeopt import checkpoint
 
         if not isinstance(state_dict, dict):
             raise checkpoint.CheckpointError(f"load_state_dict expects a dict, got {type(state_dict).__name__}")
