@@ -26,15 +26,9 @@ from treeopt.types import Array
 if TYPE_CHECKING:
     from treeopt.checkpoint.base import Stored
     from treeopt.optimizer import Optimizer
-    from treeopt.routing import Member
 
 
 # ---------------------------------------------------------------------------------- saving
-def leaf_optimizers(optimizer: Optimizer) -> list[Member]:
-    """``(name, position, optimizer)`` for every optimizer that holds state, in order."""
-    return optimizer.groups()
-
-
 def _json_value(value):
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -75,10 +69,10 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
             raise CheckpointError(f"two state entries have the key {key!r}: rename one of the parameters")
         tensors[key] = value
 
-    for name, position, leaf in leaf_optimizers(optimizer):
-        for scalar in leaf.scalars.names():
-            put(f"@{name}/{scalar}", leaf.scalars.value(scalar))
-        for keys, slots in leaf.store.items():
+    for name, position, group in optimizer.groups():
+        for scalar in group.scalars.names():
+            put(f"@{name}/{scalar}", group.scalars.value(scalar))
+        for keys, slots in group.store.items():
             path = dotted(keys)
             if path in parameters:
                 raise CheckpointError(f"two parameters have the path {path!r}: rename one of them")
@@ -89,22 +83,22 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
             {
                 "name": name,
                 "position": list(position),
-                "type": type(leaf).__name__,
-                "hyperparameters": hyperparameters(leaf),
-                "scheduled": sorted(leaf.scalars.schedules),
+                "type": type(group).__name__,
+                "hyperparameters": hyperparameters(group),
+                "scheduled": sorted(group.scalars.schedules),
                 "running": [
                     n
-                    for n in leaf.scalars.names()
-                    if n not in ("step", "learning_rate") and n not in leaf.scalars.schedules
+                    for n in group.scalars.names()
+                    if n not in ("step", "learning_rate") and n not in group.scalars.schedules
                 ],
             }
         )
-    names = {id(leaf): name for name, _, leaf in leaf_optimizers(optimizer)}
+    names = {id(group): name for name, _, group in optimizer.groups()}
     for keys, _, owner in optimizer.router.table():  # known paths without state
         parameters.setdefault(dotted(keys), {"owner": names.get(id(owner)), "slots": {}})
     for path in known:
         parameters.setdefault(path, {"owner": None, "slots": {}})
-    for key, value in routing.carried_tensors(leaf_optimizers(optimizer)).items():
+    for key, value in routing.carried_tensors(optimizer.groups()).items():
         put(key, value)
     extra = {}
     for name, value in _whole_model(optimizer).items():
@@ -120,7 +114,7 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
         "format_version": FORMAT_VERSION,
         "treeopt_version": __version__,
         "whole_model": {k: v for k, v in extra.items() if v is not None},
-        "step": int(numpy_scalar(leaf_optimizers(optimizer)[0].group.step)),
+        "step": int(numpy_scalar(optimizer.groups()[0].group.step)),
         "optimizers": optimizers,
         "parameters": parameters,
     }
@@ -137,19 +131,19 @@ def _match_optimizers(current, metadata):
     saved = {o["name"]: o for o in metadata["optimizers"]}
     owner = {path: info["owner"] for path, info in metadata["parameters"].items()}
     matches = {}
-    for name, position, leaf in current:
-        kind = type(leaf).__name__
+    for name, position, group in current:
+        kind = type(group).__name__
         votes = Counter(
             owner[dotted(keys)]
-            for keys, _ in leaf.store.items()
+            for keys, _ in group.store.items()
             if owner.get(dotted(keys)) in saved and saved[owner[dotted(keys)]]["type"] == kind
         )
         if votes:
-            matches[id(leaf)] = saved[votes.most_common(1)[0][0]]
+            matches[id(group)] = saved[votes.most_common(1)[0][0]]
         elif name in saved and saved[name]["type"] == kind:
-            matches[id(leaf)] = saved[name]
+            matches[id(group)] = saved[name]
         else:
-            matches[id(leaf)] = next(
+            matches[id(group)] = next(
                 (o for o in saved.values() if o["position"] == list(position) and o["type"] == kind), None
             )
     return matches
@@ -166,7 +160,7 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
     validate.metadata(metadata)
     validate.tensors(tensors, metadata)
     report = LoadReport()
-    current = leaf_optimizers(optimizer)
+    current = optimizer.groups()
     matches = _match_optimizers(current, metadata)
     saved_params = metadata["parameters"]
     saved_types = {o["name"]: o["type"] for o in metadata["optimizers"]}
@@ -175,8 +169,8 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
     ] = []  # (slots dict, slot name, saved array), applied only after every check
     seen = set()
 
-    for name, _, leaf in current:
-        for keys, slots in leaf.store.items():
+    for name, _, group in current:
+        for keys, slots in group.store.items():
             path = dotted(keys)
             seen.add(path)
             saved = saved_params.get(path)
@@ -185,7 +179,7 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
                 continue
             if not saved["slots"]:
                 continue  # known but without state when saved: the fresh state is right
-            saved_type, current_type = saved_types.get(saved["owner"]), type(leaf).__name__
+            saved_type, current_type = saved_types.get(saved["owner"]), type(group).__name__
             if saved_type != current_type:
                 report.problems.append(
                     Problem(
@@ -233,23 +227,25 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
             )
 
     scalar_writes = []
-    for name, _, leaf in current:
-        saved = matches[id(leaf)]
+    for name, _, group in current:
+        saved = matches[id(group)]
         if saved is None:
-            report.problems.append(Problem("optimizer", name, f"no {type(leaf).__name__} in the checkpoint matches it"))
+            report.problems.append(
+                Problem("optimizer", name, f"no {type(group).__name__} in the checkpoint matches it")
+            )
             continue
-        ours = hyperparameters(leaf)
+        ours = hyperparameters(group)
         for key, value in saved["hyperparameters"].items():
             if key in ours and ours[key] != value and not isinstance(value, dict) and not isinstance(ours[key], dict):
                 report.problems.append(
                     Problem("hyperparameter", name, f"{key} is {value!r} in the checkpoint, {ours[key]!r} now")
                 )
-        for scalar in leaf.scalars.names():
+        for scalar in group.scalars.names():
             key = f"@{saved['name']}/{scalar}"
             if key not in tensors:
                 report.problems.append(Problem("missing", f"@{name}/{scalar}", "not in the checkpoint"))
             else:
-                scalar_writes.append((leaf, scalar, tensors[key]))
+                scalar_writes.append((group, scalar, tensors[key]))
 
     whole_model = _check_whole_model_state(optimizer, tensors, metadata, report)
     if strict and report.problems:
@@ -258,10 +254,10 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
         _load_whole_model_state(optimizer, tensors, metadata)
     for slots, slot, key in writes:
         assign(slots, slot, tensors[key])  # one tensor read at a time
-    for leaf, scalar, array in scalar_writes:
-        _assign_scalar(leaf, scalar, array)
-    for _, _, leaf in current:
-        leaf.store.checked = True
+    for group, scalar, array in scalar_writes:
+        _assign_scalar(group, scalar, array)
+    for _, _, group in current:
+        group.store.checked = True
     return report
 
 
@@ -334,13 +330,13 @@ def _load_whole_model_state(optimizer, tensors, metadata):
         state["accumulated"] = accumulated
 
 
-def _assign_scalar(leaf, scalar, array):
+def _assign_scalar(group, scalar, array):
     """A state scalar (checked by :mod:`.validate`: 0-d, a step >= 0, a finite float)."""
     value = numpy_scalar(array)
-    backend = leaf.store.backend or numpy_backend
+    backend = group.store.backend or numpy_backend
     dtype = "uint64" if scalar == "step" else value.dtype.name
     if dtype not in ("uint64", "float16", "bfloat16", "float32"):
         dtype = "float32"
-    leaf.store.tree[scalar] = backend.scalar_array(
+    group.store.tree[scalar] = backend.scalar_array(
         value.astype(np.float64) if dtype != "uint64" else value.astype(np.uint64), dtype
     )

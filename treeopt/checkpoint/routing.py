@@ -63,12 +63,12 @@ def to_metadata(optimizer: Optimizer) -> list[dict[str, Any]]:
     return nodes
 
 
-def carried_tensors(leaves: Iterable[Member]) -> dict[str, Array]:
+def carried_tensors(groups: Iterable[Member]) -> dict[str, Array]:
     """``{"#carried/{path}/{slot}": array}`` of slots handed over by a re-route and not
     taken up yet (the parameter has not stepped on its new optimizer)."""
     found = {}
-    for _, _, leaf in leaves:
-        for keys, slots in leaf.store.carried.items():
+    for _, _, group in groups:
+        for keys, slots in group.store.carried.items():
             for slot, value in slots.items():
                 found[f"{CARRIED}{dotted(keys)}/{slot}"] = value
     return found

@@ -47,10 +47,11 @@ def entry(name: str, param: torch.Tensor, optimizer: Optimizer) -> _ownership.En
     expected = optimizer.store.expected(shape, str(param.dtype).removeprefix("torch."))
     state_bytes = sum(math.prod(s.shape) for s in expected.values()) * itemsize
     rule = optimizer.rule
+    ns_steps = optimizer.scalars.hyperparameters().get("ns_steps")
     if rule is not None and rule.elementwise:
         kind, flops = _ownership.ELEMENTWISE, 0
-    elif rule is not None and rule.name == "muon":
-        kind, flops = _ownership.ORTH, _ownership.newton_schulz_flops(shape, optimizer.ns_steps)  # type: ignore[attr-defined]  # a Muon
+    elif rule is not None and ns_steps is not None:  # an orthogonalising rule (Muon): balanced by its FLOPs
+        kind, flops = _ownership.ORTH, _ownership.newton_schulz_flops(shape, ns_steps)
     else:  # Adafactor's row and column sums, custom apply_single: whole, balanced by bytes
         kind, flops = _ownership.WHOLE, 0
     return _ownership.Entry(name, shape, kind, state_bytes, param.numel() * itemsize, flops)

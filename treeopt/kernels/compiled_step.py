@@ -41,7 +41,7 @@ _LEAF_TYPES: set[type] = {np.ndarray}  # the array types of every backend in use
 
 
 def _flatten_pair(grad, model, grads, params):
-    """The gradient leaves and the model's leaves at the same keys, in the engine's order.
+    """The gradients and the model's arrays at the same keys, in the engine's order.
 
     No structure signature is needed: the plan holds the parameter objects in order, and a
     tree with other paths or another order cannot pair every gradient with the same object.
@@ -76,14 +76,15 @@ class _RuleBucket:
     runner (:func:`treeopt.engine.run_rule`): per tensor, or for a stackable rule (Muon) per
     stack of same-shape tensors (see :mod:`.stacking`)."""
 
-    def __init__(self, owner: Group, backend: Backend, leaves: list[Pair], positions: list[int]) -> None:
-        self.owner, self.backend, self.positions = owner, backend, positions
-        self.pairs = [Pair(leaf.keys, None, leaf.param, backend) for leaf in leaves]
-        for pair, leaf in zip(self.pairs, leaves):
-            pair.slots, pair.options = leaf.slots, leaf.options
-        self.params = [leaf.param for leaf in leaves]
-        self.shapes = [tuple(backend.shape(leaf.param)) for leaf in leaves]
-        self.dtype = leaves[0].param.dtype
+    def __init__(self, group: Group, backend: Backend, taken: list[Pair], positions: list[int]) -> None:
+        self.group, self.backend, self.positions = group, backend, positions
+        # the step's pairs without their gradients (a new one each step), holding slots and options
+        self.pairs = [Pair(pair.keys, None, pair.param, backend) for pair in taken]
+        for pair, done in zip(self.pairs, taken):
+            pair.slots, pair.options = done.slots, done.options
+        self.params = [pair.param for pair in taken]
+        self.shapes = [tuple(backend.shape(pair.param)) for pair in taken]
+        self.dtype = taken[0].param.dtype
         self.stacks: dict[Any, Any] = {}  # a stackable rule's buffers, by run, kept from step to step
 
     def prepare(self, grads):
@@ -104,22 +105,22 @@ class _RuleBucket:
         for pair, g in zip(self.pairs, grads):
             pair.grad = g
         try:
-            engine.run_rule(self.owner, self.pairs, in_place=True, stacks=self.stacks)
+            engine.run_rule(self.group, self.pairs, in_place=True, stacks=self.stacks)
         finally:
             for pair in self.pairs:
                 pair.grad = None  # do not keep the caller's gradients alive
 
 
 def _fuse(bucket, groups, backend, static, flags):
-    """What a fused bucket keeps of its ``groups`` (``(owner, leaves, positions)`` each, one
-    rule): sets its owners and gradient positions; returns its leaves, each leaf's row of the
+    """What a fused bucket keeps of its ``groups`` (``(owner, pairs, positions)`` each, one
+    rule): sets its owners and gradient positions; returns its pairs, each pair's row of the
     coefficient table, and the rule."""
     bucket.backend, bucket.static, bucket.flags = backend, static, flags
     bucket.owners = [owner for owner, _, _ in groups]
     bucket.positions = [k for _, _, positions in groups for k in positions]
-    leaves = [leaf for _, group, _ in groups for leaf in group]
+    pairs = [pair for _, group, _ in groups for pair in group]
     rows = [r for r, (_, group, _) in enumerate(groups) for _ in group]
-    return leaves, rows, bucket.owners[0].scalars.rule
+    return pairs, rows, bucket.owners[0].scalars.rule
 
 
 class _FusedBucket:
@@ -153,9 +154,9 @@ class _NumbaBucket(_FusedBucket):
         # numba is optional (treeopt[fast]): loaded when a loop is planned
         from treeopt.kernels.numba_kernels import kernel_for, work_items
 
-        leaves, rows, rule = _fuse(self, groups, backend, static, flags)
+        pairs, rows, rule = _fuse(self, groups, backend, static, flags)
         self.kernel, self.numeric = kernel_for(rule, static)
-        self.params = [leaf.param for leaf in leaves]
+        self.params = [pair.param for pair in pairs]
         self.shapes = [tuple(backend.shape(p)) for p in self.params]
         self.dtype = self.params[0].dtype
         self.numpy = backend.name == "numpy"
@@ -164,9 +165,9 @@ class _NumbaBucket(_FusedBucket):
         self.rows = np.array(rows, np.int64)
         self.table = np.zeros((len(self.owners), len(self.numeric)), self.np_dtype)
         self.pieces, self.items = work_items([int(np.prod(s)) for s in self.shapes])
-        self.slot_arrays = [[leaf.slots[n] for n in rule.slots] for leaf in leaves]  # kept alive with the table
+        self.slot_arrays = [[pair.slots[n] for n in rule.slots] for pair in pairs]  # kept alive with the table
         self.slot_ptrs = np.array([[_pointer(a) for a in row] for row in self.slot_arrays], dtype=np.int64).reshape(
-            len(leaves), len(rule.slots)
+            len(pairs), len(rule.slots)
         )
         self.param_ptrs = np.array([_pointer(p) for p in self.params], dtype=np.int64)
         if self.numpy:
@@ -174,7 +175,7 @@ class _NumbaBucket(_FusedBucket):
             from treeopt.kernels.numba_support import numpy_pointers
 
             width = max([len(s) for s in self.shapes] + [1])
-            self.shape_table = np.zeros((len(leaves), width), np.int64)
+            self.shape_table = np.zeros((len(pairs), width), np.int64)
             for i, shape in enumerate(self.shapes):
                 self.shape_table[i, : len(shape)] = shape
             self.ndims = np.array([len(s) for s in self.shapes], np.int64)
@@ -266,13 +267,13 @@ class _TorchCompiledBucket(_FusedBucket):
         # torch.compile loads only for a bucket it runs
         from treeopt.backends.torch_compiled import CoefficientTable, compile_step
 
-        leaves, rows, rule = _fuse(self, groups, backend, static, flags)
+        pairs, rows, rule = _fuse(self, groups, backend, static, flags)
         self.numeric = _numeric_names(rule, static)
-        self.params = [leaf.param for leaf in leaves]
+        self.params = [pair.param for pair in pairs]
         self.shapes = [tuple(p.shape) for p in self.params]
         self.strides = [p.stride() for p in self.params]
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
-        self.slots = [[leaf.slots[n] for leaf in leaves] for n in rule.slots]
+        self.slots = [[pair.slots[n] for pair in pairs] for n in rule.slots]
         self.table = CoefficientTable(len(self.owners), len(self.numeric), self.params[0])
         self.step = compile_step(rule.update, len(rule.slots), self.numeric, dict(zip(static, flags)), rows)
 
@@ -372,18 +373,18 @@ class CompiledStep:
     @classmethod
     def build(cls, router: Direct | Router, gradients: Tree, model: Tree, taken: Taken) -> CompiledStep | None:
         """The plan of the step just taken, or ``None`` when it cannot be reused."""
-        leaves, active = taken.pairs, taken.active
-        if not active or any(leaf.grad is None for leaf in leaves):
+        pairs, active = taken.pairs, taken.active
+        if not active or any(pair.grad is None for pair in pairs):
             return None
-        for leaf in active:
-            group, backend, param = leaf.group, leaf.backend, leaf.param
-            if not group.runs_rule or not backend.mutable or not leaf.owned:
+        for pair in active:
+            group, backend, param = pair.group, pair.backend, pair.param
+            if not group.runs_rule or not backend.mutable or not pair.owned:
                 return None
             if not backend.writable(param) or (backend.name == "numpy" and not param.flags.c_contiguous):
                 return None
             if backend.name == "torch" and not param.is_contiguous():
                 return None
-        for backend in {leaf.backend for leaf in active}:
+        for backend in {pair.backend for pair in active}:
             _LEAF_TYPES.update(backend.array_types)
         grads: list[Array] = []
         params: list[Array] = []
@@ -391,24 +392,24 @@ class CompiledStep:
             _flatten_pair(gradients, model, grads, params)
         except (KeyError, IndexError, TypeError):
             return None
-        if len(params) != len(leaves) or not all(map(_is, params, [leaf.param for leaf in leaves])):
+        if len(params) != len(pairs) or not all(map(_is, params, [pair.param for pair in pairs])):
             return None  # e.g. numbers in the tree: the engine made arrays of them
-        position = {id(leaf): k for k, leaf in enumerate(leaves)}
+        position = {id(pair): k for k, pair in enumerate(pairs)}
         groups: dict[tuple[Any, ...], list[Pair]] = {}
-        for leaf in active:
+        for pair in active:
             key: tuple[Any, ...] = (
-                id(leaf.group),
-                leaf.backend.name,
-                leaf.backend.dtype_name(leaf.param),
-                leaf.backend.device(leaf.param),
-                leaf.options,
+                id(pair.group),
+                pair.backend.name,
+                pair.backend.dtype_name(pair.param),
+                pair.backend.device(pair.param),
+                pair.options,
             )
-            groups.setdefault(key, []).append(leaf)
+            groups.setdefault(key, []).append(pair)
         buckets: list[Any] = []
         fused: dict[tuple[Any, ...], list[tuple[Group, list[Pair], list[int]]]] = {}
         for bucket in groups.values():
             first = bucket[0]
-            positions = [position[id(leaf)] for leaf in bucket]
+            positions = [position[id(pair)] for pair in bucket]
             compiled = _torch_compile_eligible(first.group, first.backend, first.param)
             if first.options or (not compiled and not _numba_eligible(first.group, first.backend, first.param)):
                 # per-parameter options (a layout...) are the rule runner's: a loop shares one set

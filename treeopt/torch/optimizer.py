@@ -145,14 +145,14 @@ class Optimizer(torch.optim.Optimizer):
         self._added: dict = {}  # name -> parameter given to add_param_group that the model does not hold
         self._seen = _registrations[0]
         self._check_known_paths()
-        self._leaves = [member.group for member in optimizer.groups()]
+        self._optimizers = [member.group for member in optimizer.groups()]
         self._group_names = [member.name for member in optimizer.groups()]
         self._group_of: dict = {}  # name -> group index; None: frozen by the MultiOptimizer
         self._declare_kinds(self.parameters)
         self._route([n for n, p in self.parameters.items() if p.requires_grad])
         self._unrouted = {n for n, p in self.parameters.items() if not p.requires_grad}  # routed once they do
-        self._published = [self._group_values(i) for i in range(len(self._leaves))]
-        groups = [dict(self._published[i], **self._members(i)) for i in range(len(self._leaves))]
+        self._published = [self._group_values(i) for i in range(len(self._optimizers))]
+        groups = [dict(self._published[i], **self._members(i)) for i in range(len(self._optimizers))]
         shared = set.intersection(*(set(values) for values in self._published)) - {"name"}
         self._building = True
         super().__init__(groups, {k: v for k, v in self._published[0].items() if k in shared})
@@ -179,9 +179,9 @@ class Optimizer(torch.optim.Optimizer):
 
     @param_groups.setter
     def param_groups(self, groups: list[dict[str, Any]]) -> None:
-        if not getattr(self, "_building", True) and len(groups) != len(self._leaves):
+        if not getattr(self, "_building", True) and len(groups) != len(self._optimizers):
             raise ValueError(
-                f"treeopt.torch.Optimizer has {len(self._leaves)} parameter groups (one per treeopt "
+                f"treeopt.torch.Optimizer has {len(self._optimizers)} parameter groups (one per treeopt "
                 f"optimizer); got {len(groups)}"
             )
         self._groups = groups  # torch.optim's __init__ sets [] first; wrappers may set the same dicts back
@@ -224,7 +224,7 @@ class Optimizer(torch.optim.Optimizer):
         if not names:
             return
         params = {n: self.parameters[n] for n in names}
-        group = {id(leaf): i for i, leaf in enumerate(self._leaves)}
+        group = {id(opt): i for i, opt in enumerate(self._optimizers)}
         indices = {}
 
         def decided(pairs, targets):
@@ -287,7 +287,7 @@ class Optimizer(torch.optim.Optimizer):
         self._unrouted.discard(name)
         if group is None:
             return
-        owner = self._leaves[group]
+        owner = self._optimizers[group]
         if owner.store.slots((name,)):
             owner.store.drop((name,))
             self.optimizer.router.note(f"{why} {name} in the model, its state reset")
@@ -375,17 +375,17 @@ class Optimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ groups <-> treeopt
     def _group_values(self, i):
         """Group ``i``'s name and hyper-parameters as the next step will use them."""
-        leaf = self._leaves[i]
+        opt = self._optimizers[i]
         values = {"name": self._group_names[i]}
-        for key, value in leaf.scalars.current().items():
-            if key == "learning_rate" or key in leaf.scalars.schedules:
+        for key, value in opt.scalars.current().items():
+            if key == "learning_rate" or key in opt.scalars.schedules:
                 value = _shortest(value)
             values[_TORCH_NAMES.get(key, key)] = value
         return values
 
-    def _scheduled(self, leaf, key):
+    def _scheduled(self, opt, key):
         name = next((k for k, v in _TORCH_NAMES.items() if v == key), key)
-        schedules = leaf.scalars.schedules
+        schedules = opt.scalars.schedules
         return name in schedules or any(s.startswith(f"{name}[") for s in schedules)
 
     def _pull(self):
@@ -395,27 +395,27 @@ class Optimizer(torch.optim.Optimizer):
             for key, value in published.items():
                 if key == "name" or key not in group or _plain(group[key]) == _plain(value):
                     continue
-                leaf = self._leaves[i]
-                if self._scheduled(leaf, key):
+                opt = self._optimizers[i]
+                if self._scheduled(opt, key):
                     raise ValueError(
                         f"param_groups[{i}] ({self._group_names[i]}): {key} was changed to {group[key]!r}, but it "
                         "follows a treeopt schedule; drive it by one or the other (a torch LR scheduler on a "
                         "constant treeopt learning rate, or a treeopt schedule). torch.distributed.checkpoint "
                         "sets lr to 0 for one step on an optimizer with no state: call opt.init() first"
                     )
-                edits.append((i, key, _setter(leaf, key, group[key], f"param_groups[{i}][{key!r}]")))
+                edits.append((i, key, _setter(opt, key, group[key], f"param_groups[{i}][{key!r}]")))
         for i, key, apply in edits:
             apply()
             self._published[i][key] = self._groups[i][key]
 
     def _push(self, everything=False):
         """Show the values of treeopt's schedules (and, after a load, of everything)."""
-        for i, leaf in enumerate(self._leaves):
-            if not (everything or leaf.scalars.schedules):
+        for i, opt in enumerate(self._optimizers):
+            if not (everything or opt.scalars.schedules):
                 continue
             values = self._group_values(i)
             for key, value in values.items():
-                if everything or self._scheduled(leaf, key):
+                if everything or self._scheduled(opt, key):
                     self._groups[i][key] = self._published[i][key] = value
 
     # ------------------------------------------------------------------ the step
@@ -546,7 +546,7 @@ class ParameterState(MutableMapping):
 
     def _slots(self, name):
         group = self._owner._group_of.get(name)
-        return None if group is None else self._owner._leaves[group].store.slots((name,))
+        return None if group is None else self._owner._optimizers[group].store.slots((name,))
 
     def __getitem__(self, key: torch.Tensor | str) -> dict[str, torch.Tensor]:
         name = self._name(key)
@@ -585,27 +585,27 @@ class ParameterState(MutableMapping):
         return f"ParameterState({ {n: sorted(s) for n in self._owner.parameters if (s := self._slots(n))} })"
 
 
-def _setter(leaf, key, value, where):
-    """A function that writes one edited group value into ``leaf``, checked now."""
+def _setter(opt, key, value, where):
+    """A function that writes one edited group value into ``opt``, checked now."""
     value = _plain(value)
     if key == "lr":
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or value < 0:
             raise ValueError(f"{where} must be a finite number >= 0, got {value!r}")
-        return lambda: setattr(leaf, "learning_rate", float(value))
-    current = getattr(leaf, key, None)
-    if key not in leaf.hyperparameters:
-        raise ValueError(f"{where}: {type(leaf).__name__} has no hyper-parameter {key!r}")
+        return lambda: setattr(opt, "learning_rate", float(value))
+    current = getattr(opt, key, None)
+    if key not in opt.hyperparameters:
+        raise ValueError(f"{where}: {type(opt).__name__} has no hyper-parameter {key!r}")
     if key == "betas":
         value = tuple(float(b) for b in value)
         if len(value) != len(current) or not all(0.0 <= b < 1.0 for b in value):
             raise ValueError(f"{where} must be {len(current)} values in [0, 1), got {value!r}")
-        return lambda: setattr(leaf, "betas", value)
+        return lambda: setattr(opt, "betas", value)
     if isinstance(current, bool) and isinstance(value, bool):
-        return lambda: setattr(leaf, key, bool(value))
+        return lambda: setattr(opt, key, bool(value))
     if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not np.isfinite(value):
             raise ValueError(f"{where} must be finite, got {value!r}")
-        return lambda: setattr(leaf, key, float(value))
+        return lambda: setattr(opt, key, float(value))
     if isinstance(current, tuple) and isinstance(value, tuple) and len(value) == len(current):
-        return lambda: setattr(leaf, key, tuple(float(v) for v in value))
+        return lambda: setattr(opt, key, tuple(float(v) for v in value))
     raise ValueError(f"{where} cannot be set to {value!r} (it is {current!r})")
