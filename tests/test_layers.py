@@ -153,7 +153,7 @@ def private_names():
 
 def test_no_module_uses_the_private_members_of_another():
     members = private_names()
-    assert {"_check_state", "_settings", "_hook", "_routes", "_pending"} <= set(members)  # the scan sees them
+    assert {"_check_state", "_hook", "_routes", "_pending", "_optimizers"} <= set(members)  # the scan sees them
     used = set()
     for module, tree in PARSED.items():
         for node in ast.walk(tree):

@@ -62,11 +62,8 @@ class Group(Protocol):
 
     store: SlotStore
     scalars: Scalars
-
-    @property
-    def runs_rule(self) -> bool:
-        """Whether the engine runs ``scalars.rule`` itself (else it calls ``apply_single``)."""
-        ...
+    #: whether the engine runs ``scalars.rule`` itself (else it calls ``apply_single``)
+    runs_rule: bool
 
     def init_single(self, parameter: Array, state: dict[str, Array]) -> None: ...
 

@@ -26,7 +26,7 @@ from treeopt.routing import Direct, Member, Router
 from treeopt.rules.base import Rule
 from treeopt.scalars import Scalars
 from treeopt.state import SlotStore
-from treeopt.types import Array, Scalar, Schedule, Shape, State, Tree
+from treeopt.types import Array, Scalar, Schedule, State, Tree
 from treeopt.whole_model import WholeModel
 
 __all__ = ["Optimizer"]
@@ -50,6 +50,9 @@ class Optimizer:
     #: hyper-parameters the rule reads: attributes, or state entries when scheduled; a class
     #: with a rule gets them from the rule's coefficient function
     hyperparameters: tuple[str, ...] = ()
+    #: whether the engine runs :attr:`rule` itself: a built-in optimizer, not a subclass with
+    #: its own ``apply_single``
+    runs_rule: bool = False
     #: the state dict and what is known about it (a ``MultiOptimizer``'s groups have theirs)
     store: SlotStore
     #: step, learning rate, schedules, running values
@@ -65,29 +68,25 @@ class Optimizer:
             cls.hyperparameters = cls.rule.hyperparameters
 
     def __init__(self, schedulers: dict[str, Schedule] | None = None) -> None:
-        self.store = SlotStore(self._slot_shapes if self.rule is not None else None)
-        self.scalars = Scalars(self.store, self.rule, self._settings, type(self).__name__)
+        self.store = SlotStore(self.rule)
+        self.scalars = Scalars(self.store, self.rule, self.hyperparameters, type(self).__name__)
+        for name in self.hyperparameters:  # set before this constructor ran, or on the class
+            if hasattr(self, name):
+                self.scalars.settings[name] = getattr(self, name)
         for name, schedule in (schedulers or {}).items():
             self.scalars.schedules[name] = schedule
             self.store.reserved.add(name)
         self.router = Direct(self)
+        self.runs_rule = self.rule is not None and type(self).apply_single is Optimizer.apply_single
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
-        if name in type(self).hyperparameters and "scalars" in self.__dict__:
-            self.scalars.changed()  # a compiled step re-plans its switches
+        if "scalars" in self.__dict__ and name in self.hyperparameters:
+            self.scalars.setting(name, value)  # what the rule reads: the scalars' copy
 
     def __repr__(self) -> str:
         hyper = ", ".join(f"{n}={getattr(self, n, None)!r}" for n in self.hyperparameters)
         return f"{type(self).__name__}({hyper})"
-
-    def _settings(self) -> dict[str, Any]:
-        """The hyper-parameters as set (numbers, flags, schedules), for the scalars."""
-        return {n: getattr(self, n) for n in self.hyperparameters}
-
-    def _slot_shapes(self, shape: Shape) -> dict[str, Shape]:
-        assert self.rule is not None  # the store asks only an optimizer with a rule
-        return self.rule.slot_shapes(shape, self.scalars.hyperparameters())
 
     def _maybe_schedule(self, name: str, value: Scalar) -> None:
         """Put hyper-parameter ``name`` in the state, on a schedule if ``value`` is callable
@@ -142,7 +141,8 @@ class Optimizer:
             raise NotImplementedError(f"{type(self).__name__} must implement init_single")
         backend = backend_of(parameter)
         assert backend is not None  # the engine gives arrays
-        for name, shape in self._slot_shapes(tuple(parameter.shape)).items():
+        for name, spec in self.store.expected(tuple(parameter.shape), backend.dtype_name(parameter)).items():
+            shape = spec.shape
             state[name] = backend.zeros(shape, parameter)
             if name in self.rule.copies_param:  # e.g. schedule-free's z starts at the parameter
                 state[name] = state[name] + parameter
@@ -152,12 +152,6 @@ class Optimizer:
         if self.rule is None:
             raise NotImplementedError(f"{type(self).__name__} must implement apply_single")
         return engine.run_one(self, gradient, parameter, state)
-
-    @property
-    def runs_rule(self) -> bool:
-        """Whether the engine runs :attr:`rule` itself: a built-in optimizer, not a subclass
-        with its own ``apply_single``."""
-        return self.rule is not None and type(self).apply_single is Optimizer.apply_single
 
     def unsuited(self, path: str, parameter: Array) -> str | None:
         """Why this optimizer should not get ``parameter``, or ``None``. A ``MultiOptimizer``

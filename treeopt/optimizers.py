@@ -9,9 +9,8 @@ import contextlib
 import math
 import numbers
 from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
 
-from treeopt import engine, rules
+from treeopt import engine, rules, scalars
 from treeopt.filters import is_embedding, is_head
 from treeopt.optimizer import Optimizer
 from treeopt.rules.adafactor import factored_rsqrt
@@ -385,10 +384,6 @@ class Adafactor(_Builtin):
         return factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col)
 
 
-#: the layout a ``Muon(layout=None)`` takes, set by :func:`default_layout`
-_DEFAULT_LAYOUT: ContextVar[str] = ContextVar("treeopt_muon_default_layout", default="out_in")
-
-
 @contextlib.contextmanager
 def default_layout(layout: str) -> Iterator[None]:
     """Within this block, a :class:`Muon` built with ``layout=None`` takes the weights as laid
@@ -409,11 +404,8 @@ def default_layout(layout: str) -> Iterator[None]:
     """
     if layout not in LAYOUTS:
         raise ValueError(f"default_layout: layout should be one of {LAYOUTS}, {layout!r} was provided instead")
-    token = _DEFAULT_LAYOUT.set(layout)
-    try:
+    with scalars.context(layout=layout):
         yield
-    finally:
-        _DEFAULT_LAYOUT.reset(token)
 
 
 class Muon(_Builtin):
@@ -478,6 +470,7 @@ class Muon(_Builtin):
         layout: str | None = None,
     ) -> None:
         super().__init__()
+        self.scalars.defaults["layout"] = "out_in"  # layout=None: this, or default_layout's
         if layout not in (None, *LAYOUTS):
             raise ValueError(f"Muon layout should be None or one of {LAYOUTS}, {layout!r} was provided instead")
         self.layout = layout
@@ -508,12 +501,6 @@ class Muon(_Builtin):
             raise ValueError(f"Muon ns_steps should be an integer >=0, {ns_steps!r} was provided instead")
         self.nesterov = bool(nesterov)
         self.ns_steps = int(ns_steps)
-
-    def _settings(self) -> dict:
-        settings = super()._settings()
-        if settings["layout"] is None:
-            settings["layout"] = _DEFAULT_LAYOUT.get()
-        return settings
 
     def unsuited(self, path: str, parameter: Array) -> str | None:
         """Muon orthogonalises hidden matrices. In a MultiOptimizer it warns (or refuses) on

@@ -4,8 +4,9 @@ rule's running values, with one reader of their current values and the rule's co
 The values live in the optimizer's state dict (MLX's layout: ``state["step"]``,
 ``state["learning_rate"]``...), held by its :class:`~treeopt.state.SlotStore`, as arrays of
 the state's library, so ``mx.compile`` and ``jax.jit`` trace them and a new learning rate
-recompiles nothing. The hyper-parameters that are not scheduled stay where the optimizer
-keeps them (its attributes, as in MLX); the scalars read them through ``settings``.
+recompiles nothing. The hyper-parameters as set (numbers, flags, schedules) are ``settings``,
+a dict the optimizer writes whenever one of its hyper-parameter attributes is set (as in MLX,
+they stay readable as attributes); the slot store reads the same dict for slot shapes.
 
 ``version`` changes when a setting changes or a schedule is added (what a compiled step was
 planned for), not when a value is written (a new learning rate, a step).
@@ -13,7 +14,10 @@ planned for), not when a value is written (a new learning rate, a step).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any
 
 from treeopt.backends import Backend, as_float, backend_of, default_backend, numpy_backend
@@ -22,7 +26,22 @@ from treeopt.state import SlotStore, next_version
 from treeopt.types import Array, Scalar, Schedule, State
 from treeopt.values import hyper
 
-__all__ = ["Scalars"]
+__all__ = ["Scalars", "context"]
+
+#: settings the code around a step gives (``{name: value}``), read by settings left ``None``
+_CONTEXT: ContextVar[Mapping[str, Any]] = ContextVar("treeopt_settings", default=MappingProxyType({}))
+
+
+@contextlib.contextmanager
+def context(**values: Any) -> Iterator[None]:
+    """Within the block, settings left ``None`` that take a value from their context
+    (``Scalars.defaults``) read ``values``; blocks nest, and each thread (each asyncio task)
+    has its own."""
+    token = _CONTEXT.set({**_CONTEXT.get(), **values})
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
 
 
 class Scalars:
@@ -32,13 +51,18 @@ class Scalars:
         store: the optimizer's slot store, whose dict holds the values.
         rule: the optimizer's rule (``None``: an optimizer written with ``init_single`` and
             ``apply_single`` only).
-        settings: the hyper-parameters as the optimizer holds them (numbers, flags,
-            schedules), by name.
+        names: the hyper-parameters the rule reads, in its order.
         owner: the optimizer's name, for messages.
     """
 
-    def __init__(self, store: SlotStore, rule: Rule | None, settings: Callable[[], dict[str, Any]], owner: str) -> None:
-        self.store, self.rule, self.settings, self.owner = store, rule, settings, owner
+    def __init__(self, store: SlotStore, rule: Rule | None, names: Sequence[str], owner: str) -> None:
+        self.store, self.rule, self.owner = store, rule, owner
+        #: the hyper-parameters as set: numbers, flags, schedules (shared with the store)
+        self.settings = store.settings
+        self.hyperparameter_names = tuple(names)
+        #: settings that, left ``None``, take their value from the code around the step
+        #: (:func:`context`), else this default (Muon's layout: flax's under treeopt.jax)
+        self.defaults: dict[str, Any] = {}
         #: the schedules of hyper-parameters: ``{name: callable of the step}``
         self.schedules: dict[str, Schedule] = {}
         self.running: tuple[str, ...] = rule.running if rule is not None else ()
@@ -63,7 +87,13 @@ class Scalars:
     def hyperparameters(self) -> dict[str, Any]:
         """The hyper-parameters the rule reads: the state's values for scheduled ones (a tuple
         such as ``betas`` may have scheduled members, kept as ``betas[i]``)."""
-        return {name: self._resolve(name, value) for name, value in self.settings().items()}
+        return {name: self._resolve(name, self._setting(name)) for name in self.hyperparameter_names}
+
+    def _setting(self, name: str) -> Any:
+        value = self.settings[name]
+        if value is None and name in self.defaults:
+            return _CONTEXT.get().get(name, self.defaults[name])
+        return value
 
     def _resolve(self, name: str, value: Any, evaluate: Callable[[Schedule], Any] | None = None) -> Any:
         def one(key: str, value: Any) -> Any:
@@ -88,8 +118,8 @@ class Scalars:
                 return tuple(plain(v) for v in value)
             return value if isinstance(value, (bool, str, int, type(None))) else as_float(value)
 
-        for name, value in self.settings().items():
-            values[name] = plain(self._resolve(name, value, evaluate=lambda schedule: schedule(step)))
+        for name in self.hyperparameter_names:
+            values[name] = plain(self._resolve(name, self._setting(name), evaluate=lambda schedule: schedule(step)))
         for name in self.running:
             values[name] = as_float(tree[name])
         return values
@@ -132,8 +162,9 @@ class Scalars:
         base = as_float(self.store.tree["learning_rate"]) if schedule is None else schedule
         self.schedule("learning_rate", _Scaled(base, multiplier))
 
-    def changed(self) -> None:
-        """Note that a setting changed (a compiled step re-plans its switches)."""
+    def setting(self, name: str, value: Any) -> None:
+        """Record hyper-parameter ``name`` as set (a compiled step re-checks its switches)."""
+        self.settings[name] = value
         self.version = next_version()
 
     # ------------------------------------------------------------------ a step

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 from treeopt import _trees
 from treeopt.backends import Backend, backend_of, numpy_backend
 from treeopt.errors import ParameterError, describe
+from treeopt.rules.base import Rule
 from treeopt.tree import is_container, items, tree_map
 from treeopt.types import Array, Keys, Shape, State, Tree
 
@@ -76,15 +77,18 @@ class SlotStore:
     """One optimizer's state dict and its bookkeeping.
 
     Args:
-        slot_shapes: ``{slot name: shape}`` of a parameter of a given shape (``None`` for an
-            optimizer without a rule: its slots are whatever its ``init_single`` makes).
+        rule: the optimizer's rule, whose slots the store keeps (``None`` for an optimizer
+            without one: its slots are whatever its ``init_single`` makes).
     """
 
-    def __init__(self, slot_shapes: Callable[[Shape], dict[str, Shape]] | None = None) -> None:
+    def __init__(self, rule: Rule | None = None) -> None:
         self.tree: State = {}
         #: entries of the dict that are scalars, not parameters (kept by the scalars)
         self.reserved: set[str] = set(RESERVED)
-        self.slot_shapes = slot_shapes
+        self.rule = rule
+        #: the optimizer's hyper-parameters as set (written by its scalars): a rule's slots
+        #: may depend on them (Adafactor's first moment)
+        self.settings: dict[str, Any] = {}
         #: the state's array library, settled at the first step (``None`` before)
         self.backend: Backend | None = None
         #: the slots are known to fit the parameters (``False`` after a state assignment: the
@@ -111,9 +115,10 @@ class SlotStore:
 
     def expected(self, shape: Shape, dtype: str) -> dict[str, SlotSpec]:
         """What each slot of a parameter of ``shape`` and ``dtype`` holds in the store."""
-        if self.slot_shapes is None:
+        if self.rule is None:
             return {}
-        return {name: SlotSpec(tuple(s), dtype) for name, s in self.slot_shapes(tuple(shape)).items()}
+        shapes = self.rule.slot_shapes(tuple(shape), self.settings)
+        return {name: SlotSpec(tuple(s), dtype) for name, s in shapes.items()}
 
     # ------------------------------------------------------------------ the runner's view
     def load(self, slots: dict[str, Array], names: Iterable[str]) -> list[Array]:
@@ -229,7 +234,7 @@ class SlotStore:
         """The slots a step is about to use must fit their parameter (its shape may have
         changed under the same path, or the state was set from outside): same names (only
         those, when ``exact``), library, shape, dtype and device; no silent broadcasting."""
-        if self.slot_shapes is None:
+        if self.rule is None:
             return
         shape = tuple(backend.shape(param))
         expected = self.expected(shape, backend.dtype_name(param))
@@ -274,7 +279,7 @@ class SlotStore:
                     raise TypeError(
                         f"{owner}.state: slot {slot!r} of {path!r} is a {type(value).__name__}, not an array"
                     )
-            if self.slot_shapes is None or not known:
+            if self.rule is None or not known:
                 continue
             if keys not in known:
                 raise ValueError(
