@@ -29,7 +29,7 @@ from treeopt.state import SlotStore
 from treeopt.types import Array, Scalar, Schedule, State, Tree
 from treeopt.whole_model import WholeModel
 
-__all__ = ["Optimizer"]
+__all__ = ["Optimizer", "step_lock"]
 
 
 class Optimizer:
@@ -165,7 +165,7 @@ class Optimizer:
         Optional (the first step initialises lazily) and additive: existing slots are kept,
         so it is safe after loading a state.
         """
-        with _lock(self):
+        with step_lock(self):
             engine.initialize(self.router, parameters, type(self).__name__)
 
     def plan(self, params: Tree | None = None) -> Plan:
@@ -185,7 +185,7 @@ class Optimizer:
         ``gradients``. ``parameters`` may hold more entries than ``gradients``; a ``None``
         gradient leaves its parameter (and its state) as they are. Inputs are not changed.
         """
-        with _lock(self):
+        with step_lock(self):
             return engine.step(self.router, self._hook, gradients, parameters, False, type(self).__name__).tree
 
     def update(self, model: Tree, gradients: Tree) -> None:
@@ -196,7 +196,7 @@ class Optimizer:
         the tree keeps its structure, later steps reuse the plan of the first one (see
         :mod:`treeopt.kernels.compiled_step`).
         """
-        with _lock(self):  # one step at a time per optimizer (see docs/reliability.md, threads)
+        with step_lock(self):  # one step at a time per optimizer (see docs/reliability.md, threads)
             compiled = self._compiled
             if compiled is not None and compiled.run(gradients, model):
                 return
@@ -226,9 +226,10 @@ _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> 
 _LOCKS_GUARD = threading.Lock()
 
 
-def _lock(optimizer: Optimizer) -> threading.RLock:
+def step_lock(optimizer: Optimizer) -> threading.RLock:
     """The re-entrant lock of ``optimizer``: concurrent steps (and inits) of one optimizer
-    run one after the other, so routes decided in one cannot be lost by another."""
+    run one after the other, so routes decided in one cannot be lost by another. A
+    checkpoint's save holds it too, so it never writes the state of half a step."""
     lock = _LOCKS.get(optimizer)
     if lock is None:
         with _LOCKS_GUARD:

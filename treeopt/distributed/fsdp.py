@@ -268,7 +268,9 @@ class FullyShardedStep:
             local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
         )
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, check_hyperparameters: bool = True
+    ) -> LoadReport:
 
         metadata = agreed(self.comm, "checkpoint metadata being loaded", decode(state_dict["metadata"]))
         rows = {
@@ -278,7 +280,11 @@ class FullyShardedStep:
         with torch.no_grad():
             self.init()
             return checkpoint.from_flat(
-                self.optimizer, local_tensors(state_dict["tensors"]), local_metadata(metadata, rows), strict=strict
+                self.optimizer,
+                local_tensors(state_dict["tensors"]),
+                local_metadata(metadata, rows),
+                strict=strict,
+                check_hyperparameters=check_hyperparameters,
             )
 
 

@@ -29,7 +29,8 @@ import numpy as np
 from treeopt import engine, kernels
 from treeopt.engine import Group, Pair, Taken
 from treeopt.errors import warn
-from treeopt.kernels import numba_available
+from treeopt.kernels import numba_available, stacking
+from treeopt.kernels.expression import trace
 from treeopt.routing import Direct, Router
 from treeopt.types import Array, Tree
 
@@ -109,6 +110,34 @@ class _RuleBucket:
         finally:
             for pair in self.pairs:
                 pair.grad = None  # do not keep the caller's gradients alive
+
+
+class _StackedBucket(_RuleBucket):
+    """Torch tensors of a stackable rule (Muon) on a GPU: the rule once per group of same-shape
+    tensors, the step after the gradients' gathering replayed as a CUDA graph (see
+    :mod:`treeopt.backends.torch_graphs`)."""
+
+    def __init__(self, group: Group, backend: Backend, taken: list[Pair], positions: list[int]) -> None:
+        # CUDA graphs load only for a bucket that replays one
+        from treeopt.backends.torch_graphs import StackedStep
+
+        super().__init__(group, backend, taken, positions)
+        rule = group.scalars.rule
+        assert rule is not None and not callable(rule.slots)  # _stacked_eligible
+        groups = stacking.groups_by_shape(self.shapes)
+        slots = [[pair.slots[n] for pair in self.pairs] for n in rule.slots]
+        self.step = StackedStep(rule.update, groups, self.params, slots)
+
+    def run(self, grads):
+        self.step(grads, self.group.scalars.coefficients(self.params[0], self.backend))
+
+
+def _stacked_eligible(owner, backend, param):
+    rule = owner.scalars.rule
+    if backend.name != "torch" or not kernels.enabled or not rule.stackable or callable(rule.slots):
+        return False
+    mode = kernels.torch_graphs
+    return mode == "always" or (mode == "auto" and param.device.type == "cuda")
 
 
 def _fuse(bucket, groups, backend, static, flags):
@@ -253,9 +282,11 @@ class _NumbaBucket(_FusedBucket):
         )
 
 
-class _TorchCompiledBucket(_FusedBucket):
-    """Leaves of one elementwise rule, dtype and device (torch), from one or more optimizers,
-    run as one ``torch.compile``d step; coefficients as in :class:`_NumbaBucket`."""
+class _TorchBucket(_FusedBucket):
+    """Pairs of one elementwise rule, dtype and device (torch), from one or more groups, run by
+    one of the torch runners (:mod:`treeopt.backends.torch_runners`: a generated Triton kernel,
+    torch's foreach operations, or a ``torch.compile``d step); coefficients as in
+    :class:`_NumbaBucket`."""
 
     def __init__(
         self,
@@ -263,30 +294,36 @@ class _TorchCompiledBucket(_FusedBucket):
         backend: Backend,
         static: tuple[str, ...],
         flags: tuple[Any, ...],
+        kind: str,
     ) -> None:
-        # torch.compile loads only for a bucket it runs
-        from treeopt.backends.torch_compiled import CoefficientTable, compile_step
+        # the torch runners load only for a bucket they run
+        from treeopt.backends import torch_runners
 
         pairs, rows, rule = _fuse(self, groups, backend, static, flags)
+        self.kind = kind
         self.numeric = _numeric_names(rule, static)
         self.params = [pair.param for pair in pairs]
         self.shapes = [tuple(p.shape) for p in self.params]
         self.strides = [p.stride() for p in self.params]
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
-        self.slots = [[pair.slots[n] for pair in pairs] for n in rule.slots]
-        self.table = CoefficientTable(len(self.owners), len(self.numeric), self.params[0])
-        self.step = compile_step(rule.update, len(rule.slots), self.numeric, dict(zip(static, flags)), rows)
+        slots = [[pair.slots[n] for pair in pairs] for n in rule.slots]
+        program = None if kind == "compile" else trace(rule, static, flags)
+        self.step, self.prepare_runner = torch_runners.build(
+            kind, rule, program, static, flags, self.params, slots, rows
+        )
 
     def compiled(self):
-        """This bucket (inductor compiles at the first call, which checks nothing the engine
-        has not checked already)."""
+        """This bucket, its kernel built (``torch.compile``: at the first call, which checks
+        nothing the engine has not checked already)."""
+        self.prepare_runner()
         return self
 
     def prepare(self, grads):
         chosen = [grads[k] for k in self.positions]
         dtype, device = self.dtype, self.device
-        # what the step was compiled for: another layout goes to the engine (Dynamo would
-        # otherwise compile the whole step again, about a minute on GPT-2 small)
+        # what the step was planned for: another layout goes to the engine (torch.compile
+        # would otherwise compile the whole step again; the other runners read the tensors
+        # as the parameters' layout)
         if not all(
             g.dtype is dtype and g.device == device and g.shape == shape and g.stride() == stride
             for g, shape, stride in zip(chosen, self.shapes, self.strides)
@@ -299,8 +336,7 @@ class _TorchCompiledBucket(_FusedBucket):
         for owner in self.owners:
             coefficients = owner.scalars.coefficients(self.params[0], self.backend)
             values.append([_float(coefficients[n]) for n in self.numeric])
-        self.table.write(values)
-        self.step(grads, self.params, self.slots, self.table.tensor)
+        self.step(grads, values)
 
 
 def _numeric_names(rule, static):
@@ -310,15 +346,38 @@ def _numeric_names(rule, static):
     return [n for n in parameters if n not in static]
 
 
-def _torch_compile_eligible(owner, backend, param):
-
+def _torch_runner(owner, backend, param):
+    """The runner of ``owner``'s tensors like ``param`` (see :data:`treeopt.kernels.torch_runner`),
+    or ``None``: numba's loop on CPU, or the per-tensor path."""
     rule = owner.scalars.rule
-    if backend.name != "torch" or not rule.elementwise or callable(rule.slots):
-        return False
-    mode = kernels.torch_compile
-    if mode == "always":
-        return True
-    return mode == "auto" and param.device.type != "cpu"
+    if backend.name != "torch" or not kernels.enabled or not rule.elementwise or callable(rule.slots):
+        return None
+    mode = kernels.torch_runner
+    if mode == "auto":
+        if param.device.type == "cpu":
+            if _numba_eligible(owner, backend, param):
+                return None
+            _hint_fast_extra()
+            return "foreach"
+        # Triton is asked about only for tensors on a GPU
+        from treeopt.backends.torch_runners import triton_usable
+
+        return "triton" if triton_usable(param.device) else "foreach"
+    return None if mode in ("numba", "per-tensor") else mode
+
+
+_hinted = False
+
+
+def _hint_fast_extra():
+    global _hinted
+    if not _hinted and not numba_available():
+        _hinted = True
+        warn(
+            "treeopt runs CPU torch tensors with torch's foreach operations; installing numba "
+            "(pip install 'treeopt[fast]') makes an optimizer step several times faster",
+            UserWarning,
+        )
 
 
 def _flags(owner, like, backend, static):
@@ -410,10 +469,13 @@ class CompiledStep:
         for bucket in groups.values():
             first = bucket[0]
             positions = [position[id(pair)] for pair in bucket]
-            compiled = _torch_compile_eligible(first.group, first.backend, first.param)
+            compiled = _torch_runner(first.group, first.backend, first.param)
             if first.options or (not compiled and not _numba_eligible(first.group, first.backend, first.param)):
                 # per-parameter options (a layout...) are the rule runner's: a loop shares one set
-                buckets.append(_RuleBucket(first.group, first.backend, bucket, positions))
+                stacked = not first.options and _stacked_eligible(first.group, first.backend, first.param)
+                buckets.append(
+                    (_StackedBucket if stacked else _RuleBucket)(first.group, first.backend, bucket, positions)
+                )
                 continue
             # groups that share a rule, dtype and switches run in one loop
             static = _static_names(first.group, first.param, first.backend)
@@ -429,15 +491,22 @@ class CompiledStep:
             )
             fused.setdefault(key, []).append((first.group, bucket, positions))
         for key, members in fused.items():
-            kind = _TorchCompiledBucket if key[6] else _NumbaBucket
             try:  # compiled now, so that a rule that cannot compile falls back before any write
-                buckets.append(kind(members, members[0][1][0].backend, key[4], key[5]).compiled())
+                backend = members[0][1][0].backend
+                if key[6]:
+                    buckets.append(_TorchBucket(members, backend, key[4], key[5], key[6]).compiled())
+                else:
+                    buckets.append(_NumbaBucket(members, backend, key[4], key[5]).compiled())
             except Exception as error:
+                fallback = "torch's foreach operations" if key[6] == "triton" else "per tensor"
                 warn(
                     f"the compiled loop of rule {key[0].name!r} failed to build ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0] if str(error) else ''}); it runs per tensor",
+                    f"{str(error).splitlines()[0] if str(error) else ''}); it runs {fallback}",
                     RuntimeWarning,
                 )
+                if key[6] == "triton":
+                    buckets.append(_TorchBucket(members, members[0][1][0].backend, key[4], key[5], "foreach"))
+                    continue
                 buckets.extend(
                     _RuleBucket(owner, group[0].backend, group, positions) for owner, group, positions in members
                 )
