@@ -17,12 +17,10 @@ import torch.distributed as dist  # noqa: E402
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-from _world import run_world, warm_up  # noqa: E402
-
 import treeopt as optim  # noqa: E402
 import treeopt.torch  # noqa: E402
 from treeopt.distributed import ownership  # noqa: E402
-from treeopt.engine import slot_items  # noqa: E402
+from _world import run_world, warm_up  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -101,7 +99,7 @@ def train(rank, world, steps, sharding="zero1", options=None, nan_at=None, count
 def _state_bytes(multi):
     total = 0
     for child in multi.optimizers:
-        for _, slots in slot_items(child):
+        for _, slots in child.store.items():
             total += sum(v.numel() * v.element_size() for v in slots.values())
     return total
 
@@ -427,10 +425,9 @@ def test_treeopt_checkpoint_folder_of_several_ranks_loads_at_any_world_size(save
 # ---------------------------------------------------------------------------------- FSDP2 / DTensor parameters
 def fsdp_train(rank, world, steps, count_ns=False, placement=None, optimizer=None):
     """The same parameters and gradients as :func:`train`, as ``Shard(0)`` DTensors."""
+    import treeopt.rules.muon as muon_rule
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-
-    import treeopt.rules.muon as muon_rule
 
     calls = []
     if count_ns:

@@ -14,6 +14,23 @@ def dotted(keys: Iterable[object]) -> str:
     return ".".join(map(str, keys))
 
 
+#: name segments that only wrappers insert (torch.compile, FSDP, activation checkpointing)
+WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+#: DDP and DataParallel hold the model as ``.module``: leading ``module`` segments are theirs
+_DATA_PARALLEL = "module"
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the segments wrappers insert: ``"module._orig_mod.blocks.0.weight"``
+    -> ``"blocks.0.weight"``. Wrapper segments go wherever they are; ``module`` segments only
+    at the start (where DDP puts them), so a bare model whose root has a child named
+    ``module`` gets the same names as under DDP."""
+    segments = [s for s in name.split(".") if s not in WRAPPER_SEGMENTS]
+    while len(segments) > 1 and segments[0] == _DATA_PARALLEL:
+        segments.pop(0)
+    return ".".join(segments)
+
+
 def lookup(node, key):
     """``node[key]``, or ``None`` when absent. After a flatten/unflatten round trip a dict
     may hold ``"0"`` for ``0``, or a list where a dict of digit keys was: both are found."""

@@ -33,12 +33,14 @@ eqx.is_array)`` too), whose weights are ``(out, in)`` (``"out_in"``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
 
 from treeopt.filters import CONV, DEPTHWISE, EMBEDDING, HEAD, INPUT, LINEAR, NORM, OUTPUT, POINTWISE
+from treeopt.multi import MultiOptimizer
 from treeopt.optimizer import Optimizer
 from treeopt.optimizers import default_layout
 from treeopt.tree import tree_flatten, tree_map
@@ -108,23 +110,21 @@ def _copy_containers(state):
 def _borrowed(optimizer, state, layout=LAYOUT):
     """Run ``optimizer`` on a copy of ``state`` (its containers, not its arrays), leaving the
     optimizer's own state untouched; a Muon without a ``layout`` reads weights as ``layout``."""
-    leaves = optimizer.stateful()
-    saved = [(leaf.state, leaf.book.initialized, leaf.book.backend) for leaf in leaves]
+    stores = [member.group.store for member in optimizer.groups()]
+    saved = [(store.tree, store.checked, store.backend) for store in stores]
     try:
         with default_layout(layout):  # weights are flax's (or equinox's) here, unless a Muon says otherwise
             optimizer.state = _copy_containers(state)  # checked against the parameters on use
             yield
     finally:
-        for leaf, (own, initialized, backend) in zip(leaves, saved):
-            leaf.state = own
-            leaf.book.initialized, leaf.book.backend = initialized, backend
+        for store, (own, checked, backend) in zip(stores, saved):
+            store.replace(own)
+            store.checked, store.backend = checked, backend
 
 
 def _equinox_layers(model):
     """``[(path, module, field)]`` of an equinox module's arrays, in field order."""
-    import dataclasses
-
-    import equinox as eqx
+    import equinox as eqx  # optional: only for an equinox model
 
     found = []
 
@@ -147,13 +147,13 @@ def is_equinox(tree: object) -> bool:
     module = type(tree).__module__
     if not any(c.__module__.startswith("equinox") for c in type(tree).__mro__) and not module.startswith("equinox"):
         return False
-    import equinox as eqx
+    import equinox as eqx  # optional: only for an equinox model
 
     return isinstance(tree, eqx.Module)
 
 
 def _kinds_of_equinox(model):
-    import equinox as eqx
+    import equinox as eqx  # optional: only for an equinox model
 
     kinds: dict = {}
     layers: list = []  # (path, is a linear, outputs), in field order
@@ -222,6 +222,7 @@ def module_kinds(model: Tree) -> dict[str, frozenset[str]]:
     layers: list = []  # (path of the weight, is a linear, outputs), in order
     vocabularies: list = []
     try:
+        # optional: flax modules when flax is installed
         from flax import nnx
     except ImportError:
         nnx = None  # type: ignore[assignment]
@@ -273,8 +274,8 @@ def declare_kinds(optimizer: Optimizer, model: Tree) -> dict[str, frozenset[str]
     """Tell ``optimizer`` (a MultiOptimizer) what :func:`module_kinds` finds in ``model``,
     before it routes; returns the kinds. :func:`init` does it for the tree it is given."""
     kinds = module_kinds(model)
-    if kinds and hasattr(optimizer, "declare_kinds"):
-        optimizer.declare_kinds(kinds)
+    if kinds:
+        optimizer.router.declare_kinds(kinds)
     return kinds
 
 
@@ -290,9 +291,17 @@ def init(optimizer: Optimizer, params: Tree) -> dict:
     (:func:`declare_kinds`) first."""
     declare_kinds(optimizer, params)
     flat, _, _ = _flat(params)
-    with _borrowed(optimizer, optimizer.scalar_state(), layout_of(params)):
+    with _borrowed(optimizer, _scalars_only(optimizer), layout_of(params)):
         optimizer.init(flat)
         return _on_mesh_of(flat.values(), _copy_containers(optimizer.state))
+
+
+def _scalars_only(optimizer: Optimizer) -> dict:
+    """The state of ``optimizer`` without any parameter's slots: its step and scalars (of each
+    child, for a MultiOptimizer)."""
+    if isinstance(optimizer, MultiOptimizer):
+        return {"states": [_scalars_only(child) for child in optimizer.optimizers]}
+    return {name: optimizer.scalars.value(name) for name in optimizer.scalars.names()}
 
 
 def _on_mesh_of(params, state):
@@ -340,6 +349,7 @@ def as_optax(optimizer: Optimizer) -> optax.GradientTransformation:
     ``optax.apply_updates`` gives the new parameters (up to one rounding of the
     subtraction; :func:`update` gives them exactly). ``params`` is required.
     """
+    # optional: only for as_optax
     import optax
 
     def init_fn(params):

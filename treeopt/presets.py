@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from treeopt._trees import canonical_name
 from treeopt.backends import backend_of
 from treeopt.filters import is_bias, is_gain, is_hidden_matrix, is_norm
 from treeopt.multi import MultiOptimizer
@@ -48,10 +49,8 @@ def canonical(params: Tree) -> Tree:
     """``params`` keyed by canonical names when it is a dict of torch tensors named by a
     wrapper (``dict(torch.compile(model).named_parameters())``: ``_orig_mod.`` removed), so its
     routes are the ones ``treeopt.torch.Optimizer`` uses."""
-    if not isinstance(params, dict) or "torch" not in sys.modules:
+    if not isinstance(params, dict):
         return params
-    from treeopt.torch.names import canonical_name  # torch only when torch tensors are given
-
     if any(canonical_name(str(k)) != k for k in params) and all(
         type(v).__module__.startswith("torch") for v in params.values()
     ):
@@ -59,14 +58,31 @@ def canonical(params: Tree) -> Tree:
     return params
 
 
-def _declare_flax_kinds(multi: MultiOptimizer, params: Tree) -> None:
-    """A tree of JAX arrays: its embeddings and head as flax's modules make them (see
-    :func:`treeopt.jax.module_kinds`), declared before routing."""
-    leaves = tree_flatten(params) if is_container(params) else []
-    if leaves and getattr(backend_of(leaves[0][1]), "name", None) == "jax":
-        from treeopt.jax import declare_kinds
+def _routable(multi: MultiOptimizer, params: Tree) -> Tree:
+    """``params`` as routing walks it. A tree of JAX arrays first gets the kinds that flax's and
+    equinox's modules give its parameters declared (:func:`treeopt.jax.module_kinds`); one that
+    is no dict, list or tuple (an ``nnx.State``, an equinox module) or holds flax's boxed leaves
+    (``LogicallyPartitioned``) becomes ``{path: array}``, named as :mod:`treeopt.jax` names
+    them, so the routes are those its ``init`` and ``update`` use."""
+    plain = is_container(params) and not any(
+        type(leaf).__module__.startswith("flax") for _, leaf in tree_flatten(params, is_leaf=_is_box)
+    )
+    if plain:
+        leaves = tree_flatten(params)
+        if not leaves or getattr(backend_of(leaves[0][1]), "name", None) != "jax":
+            return params
+    elif "jax" not in sys.modules:
+        return params
+    # JAX loads only for a tree of JAX arrays or a JAX pytree
+    from treeopt import jax as treeopt_jax
 
-        declare_kinds(multi, params)
+    treeopt_jax.declare_kinds(multi, params)
+    return params if plain else treeopt_jax.named_leaves(params)
+
+
+def _is_box(node: Any) -> bool:
+    """A leaf that is not a container: flax's boxes (``LogicallyPartitioned``) included."""
+    return not is_container(node)
 
 
 def muon_adamw(
@@ -172,8 +188,7 @@ def muon_adamw(
         **options,
     )
     if params is not None:
-        _declare_flax_kinds(multi, params)
-        plan = multi.plan(params)
+        plan = multi.plan(_routable(multi, params))
         if print_plan:
             plan.print()
     elif print_plan:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from treeopt.checkpoint import files
+from treeopt.checkpoint import files, mlx_layout, validate
 from treeopt.checkpoint.base import slot_key
 from treeopt.checkpoint.format import CheckpointError
 
@@ -27,7 +27,7 @@ from treeopt.checkpoint.format import CheckpointError
 def inspect(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
     """``(summary dict, problems list)`` of a checkpoint file, or of a folder saved by
     several ranks (every slot must be stored and its rows covered exactly once)."""
-    from treeopt.checkpoint import mlx_layout, validate
+    # only for folders of several ranks, which sit above the checkpoints
     from treeopt.distributed import files as folders
 
     if folders.is_folder_checkpoint(path):
@@ -114,6 +114,7 @@ def _itemsize(dtype):
 
 def _print(summary, problems):
     try:
+        # optional: a table when rich is installed
         from rich.console import Console
         from rich.table import Table
     except ImportError:

@@ -11,29 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from treeopt._trees import WRAPPER_SEGMENTS, canonical_name
 from treeopt.filters import CONV, DEPTHWISE, EMBEDDING, EXPERTS, HEAD, INPUT, LINEAR, NORM, OUTPUT, POINTWISE
 
 __all__ = ["canonical_name", "named_parameters", "module_kinds", "WRAPPER_SEGMENTS", "GUESSES", "IN_OUT"]
 
 #: the kind of a weight stored ``(in, out)``: Muon reads it with ``layout="in_out"``
 IN_OUT = "in_out"
-
-#: name segments that only wrappers insert (torch.compile, FSDP, activation checkpointing)
-WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
-#: DDP and DataParallel hold the model as ``.module``: leading ``module`` segments are theirs
-_DATA_PARALLEL = "module"
-
-
-def canonical_name(name: str) -> str:
-    """``name`` without the segments wrappers insert: ``"module._orig_mod.blocks.0.weight"``
-    -> ``"blocks.0.weight"``. Wrapper segments go wherever they are; ``module`` segments only
-    at the start (where DDP puts them), so a bare model whose root has a child named
-    ``module`` gets the same names as under DDP."""
-    segments = [s for s in name.split(".") if s not in WRAPPER_SEGMENTS]
-    while len(segments) > 1 and segments[0] == _DATA_PARALLEL:
-        segments.pop(0)
-    return ".".join(segments)
-
 
 def named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """``{canonical name: parameter}`` of a module, each tensor once (a tied weight under its
