@@ -77,6 +77,8 @@ HIDDEN = "hidden"
 BIAS, GAIN, TABLE = "bias", "gain", "table"
 #: module types, for the plan's reasons and the judgement calls
 LINEAR, CONV, EXPERTS, DEPTHWISE, POINTWISE, ROUTER = "linear", "conv", "experts", "depthwise", "pointwise", "router"
+#: a weight stored ``(in, out)`` where its framework stores ``(out, in)`` (Hugging Face's ``Conv1D``)
+IN_OUT = "in_out"
 _NO_KINDS: frozenset = frozenset()
 _declared: contextvars.ContextVar = contextvars.ContextVar("treeopt_module_kinds", default=types.MappingProxyType({}))
 

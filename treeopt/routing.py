@@ -31,7 +31,7 @@ from typing import Any, NamedTuple, Protocol
 from treeopt._trees import dotted
 from treeopt.backends import as_float
 from treeopt.errors import TreeoptError, describe, warn
-from treeopt.filters import as_filter, module_kinds, normalise_kinds, routing_tree
+from treeopt.filters import EXPERTS, IN_OUT, as_filter, module_kinds, normalise_kinds, routing_tree
 from treeopt.rules.base import Rule
 from treeopt.state import SlotStore, next_version
 from treeopt.types import Array, Filter, Keys, Shape
@@ -120,6 +120,22 @@ class Member(NamedTuple):
     group: Any  # a group (treeopt.engine.Group)
 
 
+#: how a declared kind has the rule view the weight (a rule that takes no such option ignores
+#: it): Hugging Face's ``Conv1D`` stores ``(in, out)``; a stack of experts ``(E, out, in)`` is
+#: one matrix per expert
+VIEWS: dict[str, dict[str, Any]] = {IN_OUT: {"layout": "in_out"}, EXPERTS: {"batch_axes": 1}}
+
+
+def views(kinds: Mapping[str, frozenset[str]]) -> dict[str, dict[str, Any]]:
+    """``{path: options}`` that the kinds of each path imply (see :data:`VIEWS`)."""
+    found: dict[str, dict[str, Any]] = {}
+    for path, names in kinds.items():
+        options = {key: value for name in sorted(names & VIEWS.keys()) for key, value in VIEWS[name].items()}
+        if options:
+            found[path] = options
+    return found
+
+
 def _options(declared: Mapping[str, Any] | None, rule: Rule | None) -> Options:
     """The declared options that ``rule`` takes, as sorted pairs."""
     if not declared or rule is None:
@@ -143,6 +159,7 @@ class Direct:
     def __init__(self, group: Routed) -> None:
         self.group = group
         self.declared: dict[str, dict[str, Any]] = {}  # path -> options for the rule
+        self.viewed: dict[str, dict[str, Any]] = {}  # path -> options its kinds imply (VIEWS)
         self.version = next_version()
 
     # ------------------------------------------------------------------ what the engine drives
@@ -150,19 +167,23 @@ class Direct:
         return [Member(name or type(self.group).__name__, position, self.group)]
 
     def assign(self, pairs: Sequence[Parameter]) -> list[Target | None]:
-        if not self.declared:
+        if not self.declared and not self.viewed:
             return [Target(self.group)] * len(pairs)
         rule = self.group.rule
-        return [Target(self.group, _options(self.declared.get(pair.path), rule)) for pair in pairs]
+        return [Target(self.group, _options(self.wanted(pair.path), rule)) for pair in pairs]
+
+    def wanted(self, path: str) -> dict[str, Any]:
+        """The options declared for ``path``, over those its kinds imply."""
+        return {**self.viewed.get(path, {}), **self.declared.get(path, {})}
 
     def commit(self) -> None:
         """Nothing to record: every parameter goes to the group."""
 
     def snapshot(self) -> Callable[[], None]:
-        declared = dict(self.declared)
+        declared, viewed = dict(self.declared), dict(self.viewed)
 
         def restore() -> None:
-            self.declared = dict(declared)
+            self.declared, self.viewed = dict(declared), dict(viewed)
             self.version = next_version()
 
         return restore
@@ -175,7 +196,16 @@ class Direct:
         self.version = next_version()
 
     def declare_kinds(self, kinds: Mapping[str, str | Iterable[str]], *, replace: bool = False) -> None:
-        """Kinds are read by filters and guards: an optimizer that does not route ignores them."""
+        """Only the views kinds imply matter here (:data:`VIEWS`): an optimizer that does not
+        route has no other use for them."""
+        normalised = normalise_kinds(kinds)
+        found = views(normalised)
+        viewed = dict(self.viewed) if not replace else {p: v for p, v in self.viewed.items() if p not in normalised}
+        for path, options in found.items():
+            viewed[path] = options if replace else {**viewed.get(path, {}), **options}
+        if viewed != self.viewed:
+            self.viewed = viewed
+            self.version = next_version()
 
     def learn(self, model: object) -> None:
         """Kinds of a model given whole: an optimizer that does not route has no use for them."""
@@ -193,7 +223,7 @@ class Direct:
         return [
             (
                 keys,
-                Route(shape, dtype, 0, "all parameters", options=_options(self.declared.get(dotted(keys)), rule)),
+                Route(shape, dtype, 0, "all parameters", options=_options(self.wanted(dotted(keys)), rule)),
                 self.group,
             )
             for keys, (shape, dtype) in self.group.store.parameters.items()
@@ -241,6 +271,7 @@ class Router:
         self.changes: list[str] = []  # freezes, unfreezes and re-routes, in order
         self.kinds: dict[str, frozenset[str]] = {}  # path -> kinds declared by an integration
         self.declared: dict[str, dict[str, Any]] = {}  # path -> options for the rule
+        self.viewed: dict[str, dict[str, Any]] = {}  # path -> options its kinds imply (VIEWS)
         self._learned: weakref.ref | None = None  # the last model whose kinds were declared (see learn)
         self._version = next_version()
 
@@ -289,7 +320,7 @@ class Router:
             decided = self._pending.get(pair.keys)
             if target is not None and decided is not None and not decided.frozen:  # new paths only
                 group = target.group
-                options = _options(self.declared.get(pair.path), group.rule)
+                options = _options(self.wanted(pair.path), group.rule)
                 decided = self._pending[pair.keys] = replace(decided, notes=self._guard(pair, group), options=options)
             route = decided or self._routes.get(pair.keys)
             if target is not None and route is not None and route.options:
@@ -317,16 +348,17 @@ class Router:
             child.commit()
 
     def snapshot(self) -> Callable[[], None]:
-        saved = (dict(self._routes), set(self._warned), list(self.changes), dict(self.declared))
+        saved = (dict(self._routes), set(self._warned), list(self.changes), dict(self.declared), dict(self.viewed))
         undo = [child.snapshot() for child in self.children]
 
         def restore() -> None:
-            routes, warned, changes, declared = saved
-            self._routes, self._warned, self.changes, self.declared = (
+            routes, warned, changes, declared, viewed = saved
+            self._routes, self._warned, self.changes, self.declared, self.viewed = (
                 dict(routes),
                 set(warned),
                 list(changes),
                 dict(declared),
+                dict(viewed),
             )
             self._pending = {}
             self._version = next_version()
@@ -447,8 +479,14 @@ class Router:
             if merged != self.kinds.get(path):
                 self.kinds[path] = merged
                 changed.add(path)
-        if changed and self._routes:
+        if not changed:
+            return
+        found = views({path: self.kinds[path] for path in changed})
+        self.viewed = {**{p: v for p, v in self.viewed.items() if p not in changed}, **found}
+        if self._routes:
             self._revise(changed)
+            self._refresh_options(changed)
+        self._version = next_version()
 
     def _revise(self, paths: set[str]) -> None:
         """Route again, with the kinds now known, the parameters at ``paths`` that the filters
@@ -505,12 +543,20 @@ class Router:
         rule of the parameter's group does not take are ignored."""
         checked = _check_options(options)
         self.declared = {**self.declared, **checked}
+        self._refresh_options(set(checked))
+        self._version = next_version()
+
+    def wanted(self, path: str) -> dict[str, Any]:
+        """The options declared for ``path``, over those its kinds imply (:data:`VIEWS`)."""
+        return {**self.viewed.get(path, {}), **self.declared.get(path, {})}
+
+    def _refresh_options(self, paths: set[str]) -> None:
+        """The known routes at ``paths`` take the options now wanted for them."""
         for keys, route in list(self._routes.items()):
             path = dotted(keys)
             owner = self.owner(keys)
-            if path in checked and owner is not None:
-                self._routes[keys] = replace(route, options=_options(self.declared[path], owner.rule))
-        self._version = next_version()
+            if path in paths and owner is not None:
+                self._routes[keys] = replace(route, options=_options(self.wanted(path), owner.rule))
 
     # ------------------------------------------------------------------ what readers see
     def owner(self, keys: Keys) -> Routed | None:

@@ -12,12 +12,10 @@ from __future__ import annotations
 import torch
 
 from treeopt._trees import WRAPPER_SEGMENTS, canonical_name
-from treeopt.filters import CONV, DEPTHWISE, EMBEDDING, EXPERTS, HEAD, INPUT, LINEAR, NORM, OUTPUT, POINTWISE
+from treeopt.filters import CONV, DEPTHWISE, EMBEDDING, EXPERTS, HEAD, IN_OUT, INPUT, LINEAR, NORM, OUTPUT, POINTWISE
 
 __all__ = ["canonical_name", "named_parameters", "module_kinds", "WRAPPER_SEGMENTS", "GUESSES", "IN_OUT"]
 
-#: the kind of a weight stored ``(in, out)``: Muon reads it with ``layout="in_out"``
-IN_OUT = "in_out"
 
 def named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """``{canonical name: parameter}`` of a module, each tensor once (a tied weight under its

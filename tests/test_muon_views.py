@@ -1,0 +1,168 @@
+"""Muon reads each weight as its model means it: a layer that stores its weight ``(in, out)``
+(Hugging Face's ``Conv1D``, GPT-2's layers) gets ``layout="in_out"`` for that parameter only,
+and a stack of experts ``(E, out, in)`` is one matrix per expert. The kinds come from the
+framework's modules (treeopt.torch, treeopt.mlx); the router turns them into rule options.
+
+The expected numbers come from Keller Jordan's reference Muon (github.com/KellerJordan/Muon:
+``muon_update`` and ``zeropower_via_newtonschulz5``), written out here in float64 on the
+matrix the layer computes with, ``(out, in)``."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import treeopt
+from treeopt.rules.muon import MUON
+
+torch = pytest.importorskip("torch")
+import treeopt.torch  # noqa: E402
+
+A, B, C = 3.4445, -4.7750, 2.0315
+
+
+def newton_schulz(g, steps=5, eps=1e-7):
+    """Keller Jordan's zeropower_via_newtonschulz5, in float64."""
+    x = np.asarray(g, np.float64)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.swapaxes(-1, -2)
+    x = x / (np.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)
+    for _ in range(steps):
+        a = x @ x.swapaxes(-1, -2)
+        x = A * x + (B * a + C * a @ a) @ x
+    return x.swapaxes(-1, -2) if tall else x
+
+
+def reference_first_step(weight, grad, lr, momentum=0.95):
+    """One step of Keller Jordan's Muon (nesterov, no decay) from zero momentum, on a matrix
+    ``(out, in)``: the learning rate scaled by sqrt(max(1, out / in))."""
+    v = (1 - momentum) * grad
+    update = (1 - momentum) * grad + momentum * v
+    return weight - lr * max(1.0, grad.shape[-2] / grad.shape[-1]) ** 0.5 * newton_schulz(update)
+
+
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("recipe", ["muon_adamw", "muon_alone"])
+def test_gpt2_conv1d_weights_are_read_out_in_for_muon(recipe):
+    model = tiny_gpt2()
+    lr = 0.02
+    inner = treeopt.muon_adamw(muon_lr=lr, weight_decay=0.0) if recipe == "muon_adamw" else treeopt.Muon(lr, weight_decay=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a lone Muon is given norms and embeddings too
+        opt = treeopt.torch.Optimizer(model, inner)
+        ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        c_fc = model.transformer.h[0].mlp.c_fc
+        assert tuple(c_fc.weight.shape) == (8, 32)  # Conv1D stores (in, out); the layer is (out, in) = (4d, d)
+        before = c_fc.weight.detach().double().numpy().T.copy()
+        grad = c_fc.weight.grad.double().numpy().T.copy()
+        opt.step()
+    expected = reference_first_step(before, grad, lr)  # its lr scale: sqrt(32 / 8) = 2
+    after = c_fc.weight.detach().double().numpy().T
+    np.testing.assert_allclose(after, expected, rtol=0, atol=2e-6)
+    unscaled = reference_first_step(before, grad, lr / 2)  # what reading (in, out) as (out, in) gives
+    assert np.abs(after - unscaled).max() > 100 * 2e-6
+    routes = {keys[-1]: route for keys, route, _ in opt.optimizer.router.table()}
+    assert routes["transformer.h.0.mlp.c_fc.weight"].options == (("layout", "in_out"),)
+    assert routes["transformer.h.0.ln_1.weight"].options == ()
+
+
+def test_a_layout_declared_by_hand_wins_over_the_one_the_kind_implies():
+    model = tiny_gpt2()
+    multi = treeopt.muon_adamw()
+    multi.router.declare_options({"transformer.h.0.mlp.c_fc.weight": {"layout": "out_in"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = treeopt.torch.Optimizer(model, multi)
+    routes = {keys[-1]: route for keys, route, _ in opt.optimizer.router.table()}
+    assert routes["transformer.h.0.mlp.c_fc.weight"].options == (("layout", "out_in"),)
+    assert routes["transformer.h.0.attn.c_attn.weight"].options == (("layout", "in_out"),)
+
+
+class Experts(torch.nn.Module):
+    """A mixture-of-experts layer as Mixtral's and Qwen3-MoE's: a stack (E, out, in), each
+    expert applied with F.linear, beside a router."""
+
+    def __init__(self, experts=3, width=6, hidden=10):
+        super().__init__()
+        self.router = torch.nn.Linear(width, experts, bias=False)
+        self.weight = torch.nn.Parameter(torch.randn(experts, hidden, width) / width**0.5)
+
+    def forward(self, x):
+        choice = self.router(x).argmax(-1)
+        out = torch.zeros(x.shape[:-1] + (self.weight.shape[1],))
+        for e in range(self.weight.shape[0]):
+            out = out + (choice == e).unsqueeze(-1) * torch.nn.functional.linear(x, self.weight[e])
+        return out
+
+
+class MoE(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 6)
+        self.experts = Experts()
+        self.head = torch.nn.Linear(10, 16)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.experts(self.embed(ids))))
+
+
+def test_an_expert_stack_is_declared_one_matrix_per_expert():
+    torch.manual_seed(0)
+    model = MoE()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = treeopt.torch.Optimizer(model, treeopt.muon_adamw())
+    router = opt.optimizer.router
+    assert router.wanted("experts.weight") == {"batch_axes": 1}
+    assert router.wanted("experts.router.weight") == {}
+    assert opt.optimizer.names[opt.optimizer.route("experts.weight")] == "muon"
+
+
+@pytest.mark.skipif(
+    "batch_axes" not in MUON.coefficient_names(),
+    reason="Muon takes no batch_axes option yet (the Muon variants add it): an expert stack is one matrix to it",
+)
+def test_each_expert_is_orthogonalised_alone():
+    torch.manual_seed(0)
+    model = MoE()
+    lr = 0.02
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = treeopt.torch.Optimizer(model, treeopt.muon_adamw(muon_lr=lr, weight_decay=0.0))
+        ids = torch.randint(0, 16, (4, 5), generator=torch.Generator().manual_seed(2))
+        model(ids).square().mean().backward()
+        before = model.experts.weight.detach().double().numpy().copy()
+        grad = model.experts.weight.grad.double().numpy().copy()
+        opt.step()
+    expected = np.stack([reference_first_step(w, g, lr) for w, g in zip(before, grad)])
+    np.testing.assert_allclose(model.experts.weight.detach().double().numpy(), expected, rtol=0, atol=2e-6)
+
+
+def test_mlx_switch_linear_experts_are_declared_one_matrix_per_expert():
+    pytest.importorskip("mlx.core")
+    switch = pytest.importorskip("mlx_lm.models.switch_layers")
+    import mlx.nn as nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(16, 8)
+            self.switch_mlp = switch.SwitchGLU(8, 12, 4)
+            self.gate = nn.Linear(8, 4, bias=False)
+            self.head = nn.Linear(8, 16)
+
+    model = Block()
+    multi = treeopt.muon_adamw()
+    multi.router.learn(model)
+    assert multi.router.wanted("switch_mlp.gate_proj.weight") == {"batch_axes": 1}
+    assert multi.router.wanted("gate.weight") == {}
