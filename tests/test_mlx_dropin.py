@@ -3,6 +3,7 @@ nn.Module updates, state read/written/assigned, mx.compile (pure and impure, wit
 without init), learning-rate changes without retracing, safetensors round trips."""
 
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -251,3 +252,135 @@ def test_a_state_without_step_is_refused_unlike_mlx():
     with pytest.raises(ValueError, match="SGD.state is missing 'step', 'learning_rate'"):
         opt.state = {0: 1}
     assert opt.step.item() == 0
+
+
+# ---------------------------------------------------------------------------------- mlx-lm's LoRA training
+class _Tokens:
+    """A dataset as mlx-lm's tuner reads one: rows of token ids, each processed to ``(ids, offset)``."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def process(self, row):
+        return (row, 0)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    def __len__(self):
+        return len(self.rows)
+
+
+def _tiny_llama():
+    llama = pytest.importorskip("mlx_lm.models.llama")
+    mx.random.seed(0)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=64,
+        tie_word_embeddings=False,
+    )
+    return llama.Model(args)
+
+
+def _token_rows(count=8):
+    rng = np.random.default_rng(0)
+    return [rng.integers(1, 64, size=int(n)).tolist() for n in rng.integers(8, 20, size=count)]
+
+
+def _lora_run(optimizers, name, adapter_path, monkeypatch):
+    """``mlx_lm.lora``'s own training (LoRA layers from its tuner, its compiled step, its batches)
+    of a tiny random Llama for 4 steps, with ``optimizers`` as the module it builds the optimizer
+    from: the trainable parameters and the losses it reported."""
+    lora = pytest.importorskip("mlx_lm.lora")
+    from mlx_lm.tuner.callbacks import TrainingCallback
+
+    class Losses(TrainingCallback):
+        def __init__(self):
+            self.reported = []
+
+        def on_train_loss_report(self, info):
+            self.reported.append(info["train_loss"])
+
+        def on_val_loss_report(self, info):
+            self.reported.append(info["val_loss"])
+
+    settings = {
+        **lora.CONFIG_DEFAULTS,
+        "optimizer": name,
+        "num_layers": 2,
+        "batch_size": 2,
+        "iters": 4,
+        "val_batches": 1,
+        "steps_per_report": 2,
+        "steps_per_eval": 4,
+        "learning_rate": 1e-2,
+        "max_seq_length": 32,
+        "adapter_path": str(adapter_path),
+        "lr_schedule": None,
+        "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0},
+    }
+    model, rows, losses = _tiny_llama(), _token_rows(), Losses()
+    np.random.seed(0)  # the tuner shuffles its batches with NumPy's global generator
+    monkeypatch.setattr(lora, "optim", optimizers)
+    lora.train_model(SimpleNamespace(**settings), model, _Tokens(rows[:6]), _Tokens(rows[6:]), losses)
+    monkeypatch.undo()
+    return dict(tree_flatten(model.trainable_parameters())), losses.reported
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "muon", "sgd", "adafactor"])
+def test_mlx_lm_lora_training_with_treeopt_is_bit_identical(name, tmp_path, monkeypatch):
+    """Every optimizer ``mlx_lm.lora`` offers, built from ``treeopt`` instead of
+    ``mlx.optimizers``: the same adapters, bit for bit, and the same losses."""
+    expected, expected_losses = _lora_run(mlx_optim, name, tmp_path / "mlx", monkeypatch)
+    got, losses = _lora_run(optim, name, tmp_path / "treeopt", monkeypatch)
+    assert list(got) == list(expected) and any(k.endswith("lora_b") for k in got)
+    for path, value in expected.items():
+        assert np.array_equal(np.array(got[path]), np.array(value)), path
+    assert any(np.abs(np.array(v)).max() > 0 for k, v in got.items() if k.endswith("lora_b"))  # it trained
+    assert losses == expected_losses
+
+
+def test_mlx_lm_lora_step_with_a_multioptimizer_is_bit_identical():
+    """LoRA layers from mlx-lm's tuner, its loss and batches, and its trainer's compiled step,
+    with a MultiOptimizer of Muon for the matrices and AdamW for the rest: treeopt's against
+    MLX's. (mlx-lm's ``train`` itself reports ``optimizer.learning_rate.item()``, which a
+    treeopt MultiOptimizer gives as a list, one per group: see docs/differences-from-mlx.md.)"""
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.tuner.datasets import CacheDataset
+    from mlx_lm.tuner.trainer import default_loss, iterate_batches
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    def run(module):
+        model = _tiny_llama()
+        model.freeze()
+        linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+        opt = module.MultiOptimizer(
+            [module.Muon(0.02), module.AdamW(0.01)], [lambda path, w: w.ndim == 2 and "lora_a" in path]
+        )
+        loss_and_grad = nn.value_and_grad(model, default_loss)
+        state = [model.state, opt.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(batch, lengths):  # the trainer's step, without accumulation
+            (loss, _), grad = loss_and_grad(model, batch, lengths)
+            opt.update(model, grad)
+            return loss
+
+        batches = iterate_batches(CacheDataset(_Tokens(_token_rows())), 2, 32, loop=True, seed=0)
+        losses = []
+        for _, (batch, lengths) in zip(range(4), batches):
+            losses.append(step(batch, lengths))
+            mx.eval(state, losses)
+        return dict(tree_flatten(model.trainable_parameters())), [loss.item() for loss in losses]
+
+    (expected, expected_losses), (got, losses) = run(mlx_optim), run(optim)
+    assert list(got) == list(expected) and losses == expected_losses
+    for path, value in expected.items():
+        assert np.array_equal(np.array(got[path]), np.array(value)), path
+    assert any(np.abs(np.array(v)).max() > 0 for k, v in got.items() if k.endswith("lora_b"))  # it trained
