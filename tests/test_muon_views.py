@@ -166,3 +166,24 @@ def test_mlx_switch_linear_experts_are_declared_one_matrix_per_expert():
     multi.router.learn(model)
     assert multi.router.wanted("switch_mlp.gate_proj.weight") == {"batch_axes": 1}
     assert multi.router.wanted("gate.weight") == {}
+
+
+@pytest.mark.parametrize(
+    "name, view",
+    [("mixtral", {"batch_axes": 1}), ("gpt-oss", {"batch_axes": 1, "layout": "in_out"})],
+)
+def test_transformers_expert_stacks_are_viewed_as_the_model_stores_them(name, view):
+    """Mixtral stores its experts (E, out, in) and applies F.linear; GPT-OSS stores them
+    (E, in, out), multiplies ``x @ W[e]`` and says so (``is_transposed``)."""
+    pytest.importorskip("transformers")
+    import routing_corpus as corpus
+
+    case = next(c for c in corpus.CASES if c.name == name)
+    model, _ = case.build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = treeopt.torch.Optimizer(model, treeopt.muon_adamw())
+    stacks = [n for n, p in model.named_parameters() if p.dim() == 3]
+    assert stacks
+    for path in stacks:
+        assert opt.optimizer.router.wanted(path) == view, path

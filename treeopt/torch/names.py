@@ -66,7 +66,8 @@ def module_kinds(model: torch.nn.Module) -> dict[str, frozenset[str]]:
       batch and instance norms, and any module whose class name contains ``Norm``);
     - ``"linear"``, ``"conv"`` (with ``"depthwise"`` or ``"pointwise"`` for one filter per
       channel or a 1x1 kernel), ``"experts"`` (a module's own 3-D parameters: one matrix per
-      expert), ``"in_out"`` (Hugging Face's ``Conv1D``, which stores ``(in, out)``);
+      expert), ``"in_out"`` (Hugging Face's ``Conv1D``, which stores ``(in, out)``, and the
+      expert stacks transformers marks ``is_transposed``, stored ``(E, in, out)``);
     - ``"head"``: an ``nn.Linear`` whose weight is an embedding's (tied), and the last
       ``nn.Linear`` whose ``out_features`` is the largest embedding's ``num_embeddings``;
     - ``"input"``: the first layer in definition order when it is a linear or convolution (a
@@ -97,8 +98,8 @@ def module_kinds(model: torch.nn.Module) -> dict[str, frozenset[str]]:
             add([module.weight], *_conv_kinds(module))
         elif _is_norm(module):
             add(own, NORM)
-        else:
-            add([p for p in own if p.dim() == 3], EXPERTS)
+        else:  # transformers marks the expert stacks it stores (E, in, out) with is_transposed
+            add([p for p in own if p.dim() == 3], EXPERTS, *((IN_OUT,) if getattr(module, "is_transposed", 0) is True else ()))
         if first is None and any(p.dim() >= 2 for p in own):
             first = module
     for linear in linears:
