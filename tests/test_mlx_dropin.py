@@ -115,6 +115,30 @@ def test_impure_compile_matches_eager(init_first):
     assert opt.step.item() == 3
 
 
+def test_kinds_learned_inside_a_compiled_step_move_no_route():
+    """Routes decided from a dict of parameters, then the model itself given inside
+    mx.compile: its kinds (the first layer reads the input, the last writes the output) would
+    move two routes, which cannot happen while the step is traced: a warning says so."""
+    model, opt = make_model(), optim.muon_adamw()
+    opt.init(model.trainable_parameters())  # by names and shapes: matrices in numbered layers are hidden
+    paths = ["layers.0.weight", "layers.3.weight", "layers.5.weight"]
+    before = [opt.names[opt.route(p)] for p in paths]
+    assert before == ["muon", "muon", "muon"]
+    state = [model.state, opt.state]
+    grad_fn = nn.value_and_grad(model, loss_fn)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(x, y):
+        loss, grads = grad_fn(model, x, y)
+        opt.update(model, grads)
+        return loss
+
+    with pytest.warns(optim.RoutingWarning, match="compiled function is being traced"):
+        step(*data())
+    mx.eval(state)
+    assert [opt.names[opt.route(p)] for p in paths] == before and opt.step.item() == 1
+
+
 def test_pure_compile_matches_eager():
     eager, _, _ = train_eager(lambda: optim.SGD(0.1, momentum=0.9))
     model, opt = make_model(), optim.SGD(0.1, momentum=0.9)
@@ -272,20 +296,12 @@ class _Tokens:
 
 
 def _tiny_llama():
-    llama = pytest.importorskip("mlx_lm.models.llama")
-    mx.random.seed(0)
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=64,
-        tie_word_embeddings=False,
-    )
-    return llama.Model(args)
+    """The routing corpus's mlx-lm Llama: built from a config, random weights, no download."""
+    pytest.importorskip("mlx_lm")
+    import routing_corpus
+
+    model, _ = next(case for case in routing_corpus.CASES if case.name == "mlx-lm llama").build()
+    return model
 
 
 def _token_rows(count=8):

@@ -55,7 +55,11 @@ def tiny_gpt2():
 def test_gpt2_conv1d_weights_are_read_out_in_for_muon(recipe):
     model = tiny_gpt2()
     lr = 0.02
-    inner = treeopt.muon_adamw(muon_lr=lr, weight_decay=0.0) if recipe == "muon_adamw" else treeopt.Muon(lr, weight_decay=0.0)
+    inner = (
+        treeopt.muon_adamw(muon_lr=lr, weight_decay=0.0)
+        if recipe == "muon_adamw"
+        else treeopt.Muon(lr, weight_decay=0.0)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a lone Muon is given norms and embeddings too
         opt = treeopt.torch.Optimizer(model, inner)
@@ -74,6 +78,9 @@ def test_gpt2_conv1d_weights_are_read_out_in_for_muon(recipe):
     routes = {keys[-1]: route for keys, route, _ in opt.optimizer.router.table()}
     assert routes["transformer.h.0.mlp.c_fc.weight"].options == (("layout", "in_out"),)
     assert routes["transformer.h.0.ln_1.weight"].options == ()
+    rows = {row.path: row for row in opt.plan().rows}
+    assert rows["transformer.h.0.mlp.c_fc.weight"].options == {"layout": "in_out"}
+    assert "layout=in_out" in str(opt.plan())
 
 
 def test_a_layout_declared_by_hand_wins_over_the_one_the_kind_implies():

@@ -924,6 +924,31 @@ for backend in BACKENDS:
         RoutingError,
         r"'w' went to Muon by its number of dimensions alone.*Muon if it is a hidden matrix, AdamW if",
     )
+    case(
+        f"{backend}-multi: declare_options with an option that is not a dict",
+        world("multi", backend),
+        lambda wd: wd.opt.router.declare_options({"w": "in_out"}),
+        TypeError,
+        r"options map a dotted path to \{option: value\}, got 'w': 'in_out'",
+    )
+
+if available("jax"):
+    try:
+        from flax import nnx
+    except ImportError:
+        nnx = None
+    if nnx is not None:
+
+        def plan_of_nnx_state(wd):
+            wd.opt.plan(nnx.state(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.Param))
+
+        case(
+            "jax-multi: a MultiOptimizer's own plan() given an nnx.State",
+            world("multi", "jax"),
+            plan_of_nnx_state,
+            TypeError,
+            r"expected a tree \(dict, list or tuple\) of arrays, got State \(a JAX pytree: treeopt.jax.init",
+        )
 
 
 # ============================================================================== torch surfaces and resume

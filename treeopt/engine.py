@@ -485,7 +485,12 @@ def collect(gradients: Tree, parameters: Tree, name: str, check_pairs: bool = Tr
     With ``check_pairs=False`` (``init``), ``gradients`` is the parameter tree itself.
     """
     if not is_container(gradients):
-        raise TypeError(f"{name}: expected a tree (dict, list or tuple) of arrays, got {type(gradients).__name__}")
+        hint = ""
+        if type(gradients).__module__.split(".")[0] in ("flax", "equinox", "jax"):
+            hint = " (a JAX pytree: treeopt.jax.init, update and as_optax take it, and so does muon_adamw)"
+        raise TypeError(
+            f"{name}: expected a tree (dict, list or tuple) of arrays, got {type(gradients).__name__}{hint}"
+        )
     pairs = []
 
     def walk(grad: Tree, param: Tree, keys: Keys) -> None:

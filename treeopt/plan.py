@@ -44,6 +44,8 @@ class Row:
     also_matched: tuple[str, ...] = ()  # other filters that accept the path (the first one won)
     notes: tuple[str, ...] = ()  # guard warnings
     owner: str | None = None  # under ZeRO-1: the rank that updates it ("0"), or "rows" (split over every rank)
+    #: options its rule takes for this parameter alone (Muon's ``layout`` of a ``Conv1D``)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,11 @@ class Plan:
                 _human(r.state_bytes),
                 _number(r.learning_rate),
                 _number(r.weight_decay),
-                "; ".join(([f"also matched filters{list(r.also_matched)}"] if r.also_matched else []) + list(r.notes)),
+                "; ".join(
+                    ([", ".join(f"{k}={v}" for k, v in r.options.items())] if r.options else [])
+                    + ([f"also matched filters{list(r.also_matched)}"] if r.also_matched else [])
+                    + list(r.notes)
+                ),
             ]
             for r in self.rows
         ]
@@ -334,6 +340,7 @@ def build(groups: list[Member], router: _Router) -> Plan:
                 values.get("weight_decay"),
                 route.also,
                 route.notes,
+                options=dict(route.options),
             )
         )
         totals[group][0] += 1

@@ -495,7 +495,7 @@ class Router:
         it, the state it has would be lost, so a warning says what to do instead."""
         shapes = {dotted(keys): route.shape for keys, route in self._routes.items()}
         moved = []
-        started = self._step() > 0
+        started = None  # read only if a route would move
         with module_kinds(self.kinds), routing_tree(shapes):
             for keys, known in list(self._routes.items()):
                 path = dotted(keys)
@@ -507,25 +507,39 @@ class Router:
                     continue  # a filter that needs the array itself: the route stays as it was
                 if fresh.group == known.group:
                     self._routes[keys] = replace(known, reason=fresh.reason)
-                elif not started:
+                    continue
+                if fresh.group is None:  # the frozen filter: freezing is for freeze(), not for kinds
+                    continue
+                old, new = self.names[known.group], self.names[fresh.group]
+                if started is None:
+                    started = self._started()
+                if not started:
                     owner = self.owner(keys)
                     if owner is not None:
                         owner.store.drop(keys)
                     self._routes[keys] = replace(fresh, reason=f"revised: {fresh.reason}", notes=known.notes)
-                    moved.append(f"{path} from {self.names[known.group]} to {self.names[fresh.group]}")
+                    moved.append(f"{path} from {old} to {new}")
                 else:
                     self._report(
                         "warn",
-                        f"{describe(path)} was routed to {self.names[known.group]}; what is now known of it "
-                        f"({fresh.reason}) routes it to {self.names[fresh.group]}. Steps were taken, so it stays: "
-                        f"reroute({path!r}, {self.names[fresh.group]!r}) moves it",
+                        f"{describe(path)} was routed to {old}; what is now known of it ({fresh.reason}) routes "
+                        f"it to {new}. Steps were taken (or a compiled function is being traced), so it stays: "
+                        f"reroute({path!r}, {new!r}) moves it",
                         ("revise", keys),
                     )
         self._version = next_version()
         if moved:
             self.changes.append(f"step 0: revised {', '.join(moved)} (module kinds learned)")
 
-    def learn(self, model: object) -> None:
+    def _started(self) -> bool:
+        """Whether steps were taken. Inside a compiled function (``mx.compile``, ``jax.jit``)
+        the count cannot be read: as if they were, so that no route moves while it is traced."""
+        try:
+            return self._step() > 0
+        except (ValueError, TypeError):  # MLX refuses to evaluate, JAX's tracer to concretise
+            return True
+
+    def learn(self, model: Any) -> None:
         """Declare the kinds of a framework's model given whole (an ``mlx.nn.Module``, as
         ``mlx.optimizers`` takes it), once per model object."""
         if self._learned is not None and self._learned() is model:

@@ -99,7 +99,11 @@ def module_kinds(model: torch.nn.Module) -> dict[str, frozenset[str]]:
         elif _is_norm(module):
             add(own, NORM)
         else:  # transformers marks the expert stacks it stores (E, in, out) with is_transposed
-            add([p for p in own if p.dim() == 3], EXPERTS, *((IN_OUT,) if getattr(module, "is_transposed", 0) is True else ()))
+            add(
+                [p for p in own if p.dim() == 3],
+                EXPERTS,
+                *((IN_OUT,) if getattr(module, "is_transposed", 0) is True else ()),
+            )
         if first is None and any(p.dim() >= 2 for p in own):
             first = module
     for linear in linears:
