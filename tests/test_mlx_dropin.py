@@ -93,12 +93,8 @@ def test_state_read_written_and_assigned():
     assert fresh.step.item() == 2 and fresh.step.dtype == mx.uint64
 
 
-@pytest.mark.parametrize("init_first", [False, True])
-def test_impure_compile_matches_eager(init_first):
-    eager, _, _ = train_eager(lambda: muon_adamw(optim))
-    model, opt = make_model(), muon_adamw(optim)
-    if init_first:
-        opt.init(model.trainable_parameters())
+def compiled_update(model, opt):
+    """The step MLX's examples compile: the model's and the optimizer's state captured."""
     state = [model.state, opt.state]
     grad_fn = nn.value_and_grad(model, loss_fn)
 
@@ -108,6 +104,16 @@ def test_impure_compile_matches_eager(init_first):
         opt.update(model, grads)
         return loss
 
+    return state, step
+
+
+@pytest.mark.parametrize("init_first", [False, True])
+def test_impure_compile_matches_eager(init_first):
+    eager, _, _ = train_eager(lambda: muon_adamw(optim))
+    model, opt = make_model(), muon_adamw(optim)
+    if init_first:
+        opt.init(model.trainable_parameters())
+    state, step = compiled_update(model, opt)
     for _ in range(3):
         step(*data())
         mx.eval(state)
@@ -124,15 +130,7 @@ def test_kinds_learned_inside_a_compiled_step_move_no_route():
     paths = ["layers.0.weight", "layers.3.weight", "layers.5.weight"]
     before = [opt.names[opt.route(p)] for p in paths]
     assert before == ["muon", "muon", "muon"]
-    state = [model.state, opt.state]
-    grad_fn = nn.value_and_grad(model, loss_fn)
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(x, y):
-        loss, grads = grad_fn(model, x, y)
-        opt.update(model, grads)
-        return loss
-
+    state, step = compiled_update(model, opt)
     with pytest.warns(optim.RoutingWarning, match="compiled function is being traced"):
         step(*data())
     mx.eval(state)
