@@ -205,7 +205,8 @@ class Plan:
     def _lines(self, width):
         """``(line, is a title or header)`` of the text rendering, to fit ``width`` (None: any)."""
         header, body, totals = self._table()
-        reason, filters = header.index("reason"), {}
+        reason = header.index("reason")
+        filters: dict[str, str] = {}
         for row in body:  # "filters[1] (is_bias | is_norm)" on every row: its name once, below
             match = re.fullmatch(r"(filters\[\d+\]) \((.+)\)", row[reason])
             if match and filters.setdefault(match[1], match[2]) == match[2]:
