@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from treeopt.demo.training_gpt import Curve
+    from treeopt.demo.harness.training import Curve
     from treeopt.torch.optimizer import Optimizer as TorchOptimizer
 
 
@@ -45,6 +45,14 @@ def save(
     curve_file.write_text(json.dumps(progress).replace("NaN", "null"))
 
 
+def saved_step(folder: str | os.PathLike[str] | None, setup: str) -> int:
+    """The step at which the run's checkpoint in ``folder`` stopped (0 without one)."""
+    if not folder:
+        return 0
+    curve_file = _files(folder, setup)[2]
+    return int(json.loads(curve_file.read_text())["step"]) if curve_file.exists() else 0
+
+
 def resume(
     folder: str | os.PathLike[str] | None, setup: str, model: torch.nn.Module, optimizer: TorchOptimizer
 ) -> tuple[int, Curve | None, tuple[float, ...]]:
@@ -53,7 +61,7 @@ def resume(
     import torch
 
     from treeopt import checkpoint
-    from treeopt.demo.training_gpt import Curve
+    from treeopt.demo.harness.training import Curve
 
     if not folder:
         return 0, None, (0.0, 0.0)
