@@ -12,6 +12,7 @@ Install (from the treeopt checkout): pip install -e ".[torch]"
 
 import argparse
 import os
+import warnings
 
 try:
     import torch
@@ -70,7 +71,9 @@ def main(steps, checkpoint=None, seed=0):
         if rank == 0 and (step % 50 == 0 or step == start + steps - 1):
             print(f"step {step:4d}  loss {loss.item():.4f}")
     if checkpoint:
-        dcp.save({"model": model.state_dict(), "optim": opt}, checkpoint_id=checkpoint)
+        with warnings.catch_warnings():  # replacing the checkpoint it resumed from is the point: no warning
+            warnings.filterwarnings("ignore", "Detected an existing checkpoint")
+            dcp.save({"model": model.state_dict(), "optim": opt}, checkpoint_id=checkpoint)
     with torch.no_grad():
         accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
     if rank == 0:

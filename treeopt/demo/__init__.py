@@ -3,7 +3,7 @@
 ``python -m treeopt.demo`` trains a byte-level GPT (PyTorch, CPU) on the source of Python's
 standard library three times, on the same seed and batches: tuned AdamW, Muon on every matrix
 (the naive use), and :func:`treeopt.muon_adamw` (Muon on the hidden matrices, AdamW on the
-rest), and compares them. ``--quick`` runs 50 steps a run (under a minute).
+rest), and compares them. ``--quick`` runs 50 steps a run (about a minute).
 
 What to read:
 

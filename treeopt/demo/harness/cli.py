@@ -44,7 +44,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Train a small byte-level GPT on Python's standard library three times, same seed and "
         "batches: tuned AdamW, Muon on every matrix (naive), and treeopt.muon_adamw (Muon on the "
         "hidden matrices, AdamW on the rest). The default run takes several minutes (it says how many "
-        "before it starts); --quick under a minute.",
+        "before it starts); --quick about a minute.",
     )
     parser.add_argument(
         "--steps",
@@ -70,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="runs trained at once, in separate processes (default 1: one after the other); "
         "on a busy machine this also gives the three runs the same conditions",
     )
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run: under a minute")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run: about a minute")
     parser.add_argument(
         "--checkpoint",
         metavar="DIR",
