@@ -383,7 +383,7 @@ class _Lines:
     """Where a run reports its steps, in a log: a line each time it passes another 5% of its
     steps, with the time it has left at its pace so far."""
 
-    EVERY = 0.05
+    PARTS = 20  # a line every 5%
 
     def __init__(self, console: Console, name: str, steps: int) -> None:
         self.console, self.name, self.steps = console, name, steps
@@ -392,9 +392,9 @@ class _Lines:
     def __call__(self, step: int, loss: float, tokens_per_second: float) -> None:
         now = time.perf_counter()
         if loss != loss:  # the first report, before any step: where the run starts (resumed?)
-            self.began, self.first, self.shown = now, step, int(step / self.steps / self.EVERY)
+            self.began, self.first, self.shown = now, step, step * self.PARTS // self.steps
             return
-        mark = int(step / self.steps / self.EVERY)
+        mark = step * self.PARTS // self.steps  # integers: 90 / 600 / 0.05 is 2.9999999999999996
         if mark > self.shown:
             self.shown = mark
             spent = now - self.began
