@@ -207,6 +207,8 @@ def test_a_lora_adapter_added_after_the_first_step_is_trained():
 
 
 @pytest.mark.slow
+# inductor's own use of torch.jit, which torch deprecated
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_a_model_compiled_by_inductor_trains_with_one_state_per_parameter():
     model = mlp()
     compiled = torch.compile(model)
