@@ -7,11 +7,16 @@ Install (from the treeopt checkout): pip install -e .
 """
 
 import argparse
+import os
 
-import numpy as np
-from digits_data import train_test_split
+# the matrices are 128 x 128: a second BLAS thread costs more in hand-offs than it saves (with
+# OpenBLAS's default threads this example took 10x longer on a busy 2-core machine)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import treeopt as optim
+import numpy as np  # noqa: E402  (after the line above: OpenBLAS reads it when it loads)
+from digits_data import train_test_split  # noqa: E402
+
+import treeopt as optim  # noqa: E402
 
 LAYERS = ("embed", "hidden", "head")
 
