@@ -27,7 +27,7 @@ from checkpoint_helpers import (
     state_by_key,
     train,
 )
-from treeopt import checkpoint, engine
+from treeopt import checkpoint
 from treeopt.tree import tree_flatten, tree_map
 
 pytestmark = pytest.mark.filterwarnings("ignore::treeopt.RoutingWarning")
@@ -355,9 +355,9 @@ def _uniform_value(path):
     opt = state_for(ELEMENTS)
     assert checkpoint.load(opt, path).ok
     values = {
-        float(np.unique(a)[0]) for _, slots in engine.slot_items(opt) for a in slots.values() if np.unique(a).size == 1
+        float(np.unique(a)[0]) for _, slots in opt.store.items() for a in slots.values() if np.unique(a).size == 1
     }
-    assert len(values) == 1 and all(np.unique(a).size == 1 for _, s in engine.slot_items(opt) for a in s.values())
+    assert len(values) == 1 and all(np.unique(a).size == 1 for _, s in opt.store.items() for a in s.values())
     value = values.pop()
     assert as_float64(opt.learning_rate) == value
     return int(value)

@@ -20,7 +20,6 @@ if not dist.is_available() or not dist.is_gloo_available():
 import treeopt as optim  # noqa: E402
 import treeopt.torch  # noqa: E402
 from treeopt.distributed import ownership  # noqa: E402
-from treeopt.engine import slot_items  # noqa: E402
 from _world import run_world, warm_up  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -100,7 +99,7 @@ def train(rank, world, steps, sharding="zero1", options=None, nan_at=None, count
 def _state_bytes(multi):
     total = 0
     for child in multi.optimizers:
-        for _, slots in slot_items(child):
+        for _, slots in child.store.items():
             total += sum(v.numel() * v.element_size() for v in slots.values())
     return total
 

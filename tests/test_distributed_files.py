@@ -27,7 +27,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 import treeopt as optim  # noqa: E402
 import treeopt.torch  # noqa: E402
-from treeopt import checkpoint, engine  # noqa: E402
+from treeopt import checkpoint  # noqa: E402
 from treeopt.distributed import files as folders  # noqa: E402
 from _world import _rank_main, run_world, warm_up  # noqa: E402
 
@@ -69,8 +69,8 @@ def state_of(opt):
 def _slots(opt):
     return [
         (".".join(map(str, keys)), slots)
-        for child in opt.optimizer.stateful()
-        for keys, slots in engine.slot_items(child)
+        for _, _, child in opt.optimizer.groups()
+        for keys, slots in child.store.items()
     ]
 
 
@@ -91,7 +91,7 @@ def fresh():
 
 def fingerprint(params, opt):
     state = {k: v.numpy().tobytes() for k, v in state_of(opt).items()}
-    scalars = [(int(c.step), float(c.learning_rate)) for c in opt.optimizer.stateful()]
+    scalars = [(int(c.step), float(c.learning_rate)) for _, _, c in opt.optimizer.groups()]
     groups = [{k: v for k, v in g.items() if k not in ("params",)} for g in opt.param_groups]
     return state, scalars, repr(groups), {n: p.detach().numpy().tobytes() for n, p in params}
 

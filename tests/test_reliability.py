@@ -113,14 +113,14 @@ def fingerprint(world):
     params = {k: as_bytes(v) for k, v in tree_flatten(world.params)}
     books = [
         (
-            dict(o.book.parameters),
-            o.book.initialized,
-            getattr(o.book.backend, "name", None),
-            {k: {s: as_bytes(v) for s, v in slots.items()} for k, slots in o.book.carried.items()},
+            dict(o.store.parameters),
+            o.store.checked,
+            getattr(o.store.backend, "name", None),
+            {k: {s: as_bytes(v) for s, v in slots.items()} for k, slots in o.store.carried.items()},
         )
-        for o in opt.stateful()
+        for _, _, o in opt.groups()
     ]
-    routing = (dict(opt._routes), list(opt.changes)) if hasattr(opt, "_routes") else None
+    routing = (opt.routes(), list(opt.changes)) if isinstance(opt, optim.MultiOptimizer) else None
     return state, params, books, routing, adapter_fingerprint(getattr(world, "adapter", None))
 
 
@@ -140,7 +140,7 @@ def adapter_fingerprint(adapter):
         dict(adapter._group_of),
         sorted(adapter._unrouted),
         dict(adapter.parameters),
-        [repr(leaf.current_hyperparameters()) for leaf in adapter.optimizer.stateful()],
+        [repr(group.scalars.current()) for _, _, group in adapter.optimizer.groups()],
     )
 
 
@@ -259,10 +259,9 @@ def gradient_cases(backend, kind, entry):
     for label, slot_fault in faults:
 
         def corrupt(wd, fault=slot_fault):
-            owner = wd.opt.owner_of(("b",)) if kind == "multi" else wd.opt
-            from treeopt import engine
+            owner = wd.opt.router.owner(("b",))
 
-            slots = engine.slots_at(owner, ("b",))
+            slots = owner.store.slots(("b",))
             name = sorted(slots)[0]
             slots[name] = make(np.ones(4), backend, "float16") if fault == "dtype" else [0.0] * 4
 
@@ -520,7 +519,7 @@ for backend in [b for b in BACKENDS if b != "jax"]:
                 wd = World("multi", backend)
                 wd.opt = optim.MultiOptimizer([optim.Adam(0.02), optim.SGD(0.1)], [lambda path, w: path != "extra"])
                 wd.opt.update(wd.params, wd.grads())
-                wd.opt.on_unmatched = kwargs.get("on_unmatched", "fallback")
+                wd.opt.router.on_unmatched = kwargs.get("on_unmatched", "fallback")
                 if "guards" in kwargs:
                     wd.opt = optim.MultiOptimizer(
                         [optim.Muon(0.02), optim.SGD(0.1)], [lambda path, w: path == "extra"], guards="error"
@@ -1266,7 +1265,7 @@ def test_concurrent_steps_with_new_paths_lose_no_route():
             thread.start()
         for thread in threads:
             thread.join()
-        assert len(opt.routing_table()) == 160
+        assert len(opt.router.table()) == 160
         assert int(opt.step) == 4
 
 
@@ -1297,10 +1296,9 @@ def test_routing_changes_survive_a_checkpoint(tmp_path):
     assert checkpoint.load(fresh.opt, tmp_path / "opt.safetensors", params=fresh.params).ok
     assert fresh.opt.route("w") is None and fresh.opt.route("layers.0.w") == 1
     assert fresh.opt.changes == wd.opt.changes
-    carried = {k: as_bytes(v) for k, v in wd.opt.optimizers[1].book.carried[("layers", 0, "w")].items()}
-    from treeopt import engine
+    carried = {k: as_bytes(v) for k, v in wd.opt.optimizers[1].store.carried[("layers", 0, "w")].items()}
 
-    loaded = engine.slots_at(fresh.opt.optimizers[1], ("layers", 0, "w"))
+    loaded = fresh.opt.optimizers[1].store.slots(("layers", 0, "w"))
     assert {k: as_bytes(loaded[k]) for k in carried} == carried
 
 

@@ -12,19 +12,19 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from treeopt import _text, engine
+from treeopt import _text
 from treeopt._trees import dotted
 from treeopt.backends import as_float, backend_of
-from treeopt.types import Array, Shape
+from treeopt.routing import Member, Route
+from treeopt.state import SlotStore
+from treeopt.types import Array, Keys, Shape
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # rich is optional: imported where a plan is printed with it
     from rich.console import Console, ConsoleOptions, RenderResult
-
-    from treeopt.optimizer import Optimizer
 
 __all__ = ["Plan", "Row", "Group", "PlanDiff", "build"]
 
@@ -243,16 +243,16 @@ class Plan:
         return parts if notes else parts[:-1]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        from rich.text import Text
+        from rich.text import Text  # optional: only a rich console calls this
 
         for line, title in self._lines(options.max_width):
             yield Text(line, style="bold" if title else "")
 
     def print(self, file: IO[str] | None = None) -> None:
-        """Print the plan to fit the terminal (100 columns when ``file`` is not a terminal):
-        a rich table when ``rich`` is installed, plain text otherwise."""
+        """Print the plan to fit the terminal (``$COLUMNS``, else 100 columns when ``file`` is
+        not a terminal), its headers styled when ``rich`` is installed."""
         try:
-            from rich.console import Console
+            from rich.console import Console  # optional, as above
         except ImportError:
             print(self.text(_text.terminal_width()), file=file)
         else:
@@ -307,62 +307,77 @@ def _renamed(row):
 
 
 # ---------------------------------------------------------------------------------- building
-def _predicted_bytes(leaf, shape, dtype):
-    """State bytes of a parameter that has no state yet, from the optimizer's slot shapes."""
+class _Router(Protocol):
+    """What a plan reads of a router (:mod:`treeopt.routing`)."""
 
-    class _Like:  # stands in for the parameter in slot_shapes
-        def __init__(self, shape: Shape) -> None:
-            self.shape, self.ndim = shape, len(shape)
+    @property
+    def changes(self) -> list[str]: ...
 
+    def table(self) -> list[tuple[Keys, Route, Any]]: ...
+
+    def warnings(self) -> list[str]: ...
+
+
+def _predicted_bytes(store: SlotStore, shape: Shape, dtype: str) -> int:
+    """State bytes of a parameter that has no state yet, from what its store would keep."""
     try:
-        itemsize = 2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize
-        return sum(math.prod(s) * itemsize for s in leaf.slot_shapes(_Like(shape)).values())
+        return sum(math.prod(s.shape) * _itemsize(s.dtype) for s in store.expected(shape, dtype).values())
     except Exception:
         return 0
 
 
-def build(optimizer: Optimizer) -> Plan:
-    """The plan of ``optimizer`` from the routes and state it actually holds."""
-    named = optimizer.named_stateful()
-    group_of = {id(stateful): i for i, (_, _, stateful) in enumerate(named)}
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize
+
+
+def build(groups: list[Member], router: _Router) -> Plan:
+    """The plan of the groups ``router`` routes to, from the routes and state they hold."""
+    group_of = {id(member.group): i for i, member in enumerate(groups)}
     hyper = {
-        id(stateful): json.loads(json.dumps(stateful.current_hyperparameters()))  # tuples as lists
-        for _, _, stateful in named
+        id(member.group): json.loads(json.dumps(member.group.scalars.current()))  # tuples as lists
+        for member in groups
     }
     rows = []
-    totals = {i: [0, 0, 0] for i in range(len(named))}
-    for placed in optimizer.routing_table():
-        path, shape, dtype, owner = dotted(placed.keys), placed.shape, placed.dtype, placed.owner
+    totals = {i: [0, 0, 0] for i in range(len(groups))}
+    for keys, route, owner in router.table():
+        path, shape, dtype = dotted(keys), route.shape, route.dtype
         if owner is None:
-            rows.append(Row(path, -1, "frozen", placed.reason, shape, dtype, math.prod(shape), 0))
+            rows.append(Row(path, -1, "frozen", route.reason, shape, dtype, math.prod(shape), 0))
             continue
-        slots = engine.slots_at(owner, placed.keys) or {}
-        state_bytes = sum(_nbytes(v) for v in slots.values()) if slots else _predicted_bytes(owner, shape, dtype)
+        slots = owner.store.slots(keys) or {}
+        state_bytes = sum(_nbytes(v) for v in slots.values()) if slots else _predicted_bytes(owner.store, shape, dtype)
         group = group_of[id(owner)]
         values = hyper[id(owner)]
         rows.append(
             Row(
                 path,
                 group,
-                named[group][0],
-                placed.reason,
+                groups[group].name,
+                route.reason,
                 shape,
                 dtype,
                 math.prod(shape),
                 state_bytes,
                 values.get("learning_rate"),
                 values.get("weight_decay"),
-                placed.also,
-                placed.notes,
+                route.also,
+                route.notes,
             )
         )
         totals[group][0] += 1
         totals[group][1] += math.prod(shape)
         totals[group][2] += state_bytes
-    groups = [
-        Group(i, name, type(stateful).__name__, totals[i][0], totals[i][1], totals[i][2], hyper[id(stateful)])
-        for i, (name, _, stateful) in enumerate(named)
+    summary = [
+        Group(
+            i,
+            member.name,
+            type(member.group).__name__,
+            totals[i][0],
+            totals[i][1],
+            totals[i][2],
+            hyper[id(member.group)],
+        )
+        for i, member in enumerate(groups)
     ]
-    return Plan(
-        int(as_float(optimizer.step)), groups, rows, list(getattr(optimizer, "changes", [])), optimizer.plan_warnings()
-    )
+    step = int(as_float(groups[0].group.store.tree["step"]))
+    return Plan(step, summary, rows, list(router.changes), router.warnings())

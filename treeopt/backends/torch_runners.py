@@ -17,6 +17,7 @@ Which one runs is :data:`treeopt.kernels.torch_runner`'s choice (see
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -63,6 +64,7 @@ def build(
         step = TritonStep(program, rule.name, params, slots, rows)
         prepare = step.compile
     elif kind == "foreach":
+        # loaded only for a bucket it runs
         from treeopt.backends.torch_foreach import ForeachStep
 
         step = ForeachStep(program, params, slots, rows)
@@ -87,8 +89,8 @@ def _nothing() -> None:
 
 
 def _compiled(rule, static, flags, params, slots, rows):
-    import inspect
 
+    # torch.compile loads only for a bucket it runs
     from treeopt.backends.torch_compiled import CoefficientTable, compile_step
 
     numeric = [n for n in list(inspect.signature(rule.update).parameters)[2 + len(rule.slots) :] if n not in static]

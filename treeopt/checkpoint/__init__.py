@@ -17,12 +17,14 @@ problem and nothing changes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from treeopt.checkpoint import files, mlx_layout
+from treeopt.checkpoint import files, mlx_layout, routing, validate
 from treeopt.checkpoint.format import CheckpointError, LoadReport, Problem, from_flat, to_flat
+from treeopt.multi import MultiOptimizer
 from treeopt.optimizer import step_lock
 from treeopt.types import Tree
 
@@ -48,6 +50,7 @@ def save(optimizer: Optimizer, path: str | os.PathLike, *, layout: str = "treeop
     if getattr(optimizer, "_distributed", None) is not None:  # a treeopt.torch.Optimizer on several ranks
         if layout != "treeopt":
             raise ValueError("a checkpoint of several ranks has the treeopt layout only")
+        # only for torch optimizers on several ranks; folders sit above the checkpoints
         from treeopt.distributed import files as folders
 
         return folders.save(optimizer, path)  # type: ignore[arg-type]  # a treeopt.torch.Optimizer
@@ -91,12 +94,13 @@ def load(
     Returns:
         a :class:`LoadReport`.
     """
+    # only for torch optimizers on several ranks; folders sit above the checkpoints
     from treeopt.distributed import files as folders
 
     if getattr(optimizer, "_distributed", None) is not None or folders.is_folder_checkpoint(path):
         return folders.load(optimizer, path, strict=strict)  # type: ignore[arg-type]  # as in save
     tensors, metadata = read(path)
-    if metadata is None and not mlx_layout.is_mlx_layout(tensors):
+    if metadata is None and not mlx_layout.is_mlx_layout(tensors.keys()):
         raise CheckpointError(f"{path} has neither treeopt metadata nor MLX's optimizer layout")
     return load_content(optimizer, tensors, metadata, params, strict=strict)
 
@@ -119,7 +123,6 @@ def load_content(
     changes are applied before any state is created, so each parameter's state is created by
     the optimizer that owned it; any failure puts the optimizer back as it was.
     """
-    from treeopt.checkpoint import validate
 
     if not hasattr(tensors, "keys") or not hasattr(tensors, "__getitem__"):
         raise CheckpointError(f"checkpoint tensors must be a mapping of key to array, got {type(tensors).__name__}")
@@ -131,9 +134,7 @@ def load_content(
 
 
 def _load_content(optimizer, tensors, metadata, params, strict, check_hyperparameters):
-    from treeopt.checkpoint import routing
-
-    restore = optimizer.snapshot()
+    restore = _snapshot(optimizer)
     try:
         if metadata is not None:
             routing.restore(optimizer, metadata)  # before init: parameters get their saved owners
@@ -154,3 +155,20 @@ def _load_content(optimizer, tensors, metadata, params, strict, check_hyperparam
     except BaseException:
         restore()  # a failed load leaves the optimizer exactly as it was, initialised or not
         raise
+
+
+def _snapshot(optimizer: Optimizer) -> Callable[[], None]:
+    """A function that puts ``optimizer`` back as it is now: its routes, every group's store
+    and a MultiOptimizer's whole-model state (what a load changes)."""
+    undo = [optimizer.router.snapshot()] + [member.group.store.snapshot() for member in optimizer.groups()]
+    whole = optimizer.whole_model.state if isinstance(optimizer, MultiOptimizer) else None
+    saved = dict(whole) if whole is not None else None
+
+    def restore() -> None:
+        for step in undo:
+            step()
+        if whole is not None and saved is not None:
+            whole.clear()
+            whole.update(saved)
+
+    return restore

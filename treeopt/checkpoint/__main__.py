@@ -14,13 +14,14 @@ import json
 import math
 import os
 import sys
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from treeopt import _text
-from treeopt.checkpoint import files
+from treeopt.checkpoint import files, mlx_layout, validate
 from treeopt.checkpoint.base import slot_key
 from treeopt.checkpoint.format import CheckpointError
 
@@ -28,7 +29,7 @@ from treeopt.checkpoint.format import CheckpointError
 def inspect(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
     """``(summary dict, problems list)`` of a checkpoint file, or of a folder saved by
     several ranks (every slot must be stored and its rows covered exactly once)."""
-    from treeopt.checkpoint import mlx_layout, validate
+    # only for folders of several ranks, which sit above the checkpoints
     from treeopt.distributed import files as folders
 
     if folders.is_folder_checkpoint(path):
@@ -132,8 +133,6 @@ def not_a_checkpoint(path: str | os.PathLike[str]) -> str | None:
     except OSError as error:
         return f"cannot read {path}: {error.strerror or error}"
     if head[:4] == b"PK\x03\x04":  # a zip: torch.save's format, or NumPy's .npz
-        import zipfile
-
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
         if any(name.endswith("data.pkl") for name in names):

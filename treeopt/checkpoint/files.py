@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from treeopt.backends import array_backend
-from treeopt.checkpoint.format import CheckpointError
+from treeopt.checkpoint.base import CheckpointError
 from treeopt.types import Array, Scalar
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ def checksum(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> s
 def safetensors() -> ModuleType:
     """The ``safetensors`` package, or an ImportError that says how to install it."""
     try:
+        # optional: treeopt[checkpoint]
         import safetensors.numpy
     except ImportError as error:
         raise ModuleNotFoundError(
@@ -183,7 +184,6 @@ class _Parsed:
     (where no in-memory file can be made)."""
 
     def __init__(self, data: bytes) -> None:
-        import numpy as np
 
         self._arrays: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, str] = {}

@@ -13,24 +13,25 @@ from __future__ import annotations
 import numbers
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from treeopt import __version__, engine
 from treeopt._trees import dotted
+from treeopt._version import __version__
 from treeopt.backends import array_backend, numpy_backend
 from treeopt.checkpoint import routing, validate
 from treeopt.checkpoint.base import (
     FORMAT,
     FORMAT_VERSION,
     CheckpointError,
+    LoadReport,
     Problem,
     assign,
     numpy_scalar,
     slot_key,
 )
+from treeopt.multi import MultiOptimizer
 from treeopt.types import Array
 
 if TYPE_CHECKING:
@@ -38,30 +39,7 @@ if TYPE_CHECKING:
     from treeopt.optimizer import Optimizer
 
 
-@dataclass
-class LoadReport:
-    """What a load found: every problem, and what it loaded."""
-
-    problems: list = field(default_factory=list)
-    loaded: list = field(default_factory=list)  # parameter paths whose state was loaded
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def __str__(self) -> str:
-        head = f"loaded the state of {len(self.loaded)} parameters"
-        if self.ok:
-            return head + ", no problem found"
-        return "\n".join([f"{head}; {len(self.problems)} problems:"] + [f"  {p}" for p in self.problems])
-
-
 # ---------------------------------------------------------------------------------- saving
-def leaf_optimizers(optimizer: Optimizer) -> list[tuple[str, tuple[int, ...], Optimizer]]:
-    """``(name, position, optimizer)`` for every optimizer that holds state, in order."""
-    return optimizer.named_stateful()
-
-
 def _json_value(value):
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -102,10 +80,10 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
             raise CheckpointError(f"two state entries have the key {key!r}: rename one of the parameters")
         tensors[key] = value
 
-    for name, position, leaf in leaf_optimizers(optimizer):
-        for scalar in leaf.scalar_names():
-            put(f"@{name}/{scalar}", leaf.state[scalar])
-        for keys, slots in engine.slot_items(leaf):
+    for name, position, group in optimizer.groups():
+        for scalar in group.scalars.names():
+            put(f"@{name}/{scalar}", group.scalars.value(scalar))
+        for keys, slots in group.store.items():
             path = dotted(keys)
             if path in parameters:
                 raise CheckpointError(f"two parameters have the path {path!r}: rename one of them")
@@ -116,23 +94,25 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
             {
                 "name": name,
                 "position": list(position),
-                "type": type(leaf).__name__,
-                "hyperparameters": hyperparameters(leaf),
-                "scheduled": sorted(leaf.schedules),
+                "type": type(group).__name__,
+                "hyperparameters": hyperparameters(group),
+                "scheduled": sorted(group.scalars.schedules),
                 "running": [
-                    n for n in leaf.scalar_names() if n not in ("step", "learning_rate") and n not in leaf.schedules
+                    n
+                    for n in group.scalars.names()
+                    if n not in ("step", "learning_rate") and n not in group.scalars.schedules
                 ],
             }
         )
-    names = {id(leaf): name for name, _, leaf in leaf_optimizers(optimizer)}
-    for placed in optimizer.routing_table():  # known paths without state
-        parameters.setdefault(dotted(placed.keys), {"owner": names.get(id(placed.owner)), "slots": {}})
+    names = {id(group): name for name, _, group in optimizer.groups()}
+    for keys, _, owner in optimizer.router.table():  # known paths without state
+        parameters.setdefault(dotted(keys), {"owner": names.get(id(owner)), "slots": {}})
     for path in known:
         parameters.setdefault(path, {"owner": None, "slots": {}})
-    for key, value in routing.carried_tensors(optimizer, leaf_optimizers(optimizer)).items():
+    for key, value in routing.carried_tensors(optimizer.groups()).items():
         put(key, value)
     extra = {}
-    for name, value in optimizer.whole_model_state().items():
+    for name, value in _whole_model(optimizer).items():
         if name == "accumulated":
             for path, array in value.items():
                 put(f"#accumulated/{path}", array)
@@ -145,7 +125,7 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
         "format_version": FORMAT_VERSION,
         "treeopt_version": __version__,
         "whole_model": {k: v for k, v in extra.items() if v is not None},
-        "step": int(numpy_scalar(leaf_optimizers(optimizer)[0][2].step)),
+        "step": int(numpy_scalar(optimizer.groups()[0].group.step)),
         "optimizers": optimizers,
         "parameters": parameters,
     }
@@ -162,19 +142,19 @@ def _match_optimizers(current, metadata):
     saved = {o["name"]: o for o in metadata["optimizers"]}
     owner = {path: info["owner"] for path, info in metadata["parameters"].items()}
     matches = {}
-    for name, position, leaf in current:
-        kind = type(leaf).__name__
+    for name, position, group in current:
+        kind = type(group).__name__
         votes = Counter(
             owner[dotted(keys)]
-            for keys, _ in engine.slot_items(leaf)
+            for keys, _ in group.store.items()
             if owner.get(dotted(keys)) in saved and saved[owner[dotted(keys)]]["type"] == kind
         )
         if votes:
-            matches[id(leaf)] = saved[votes.most_common(1)[0][0]]
+            matches[id(group)] = saved[votes.most_common(1)[0][0]]
         elif name in saved and saved[name]["type"] == kind:
-            matches[id(leaf)] = saved[name]
+            matches[id(group)] = saved[name]
         else:
-            matches[id(leaf)] = next(
+            matches[id(group)] = next(
                 (o for o in saved.values() if o["position"] == list(position) and o["type"] == kind), None
             )
     return matches
@@ -199,7 +179,7 @@ def from_flat(
     validate.metadata(metadata)
     validate.tensors(tensors, metadata)
     report = LoadReport()
-    current = leaf_optimizers(optimizer)
+    current = optimizer.groups()
     matches = _match_optimizers(current, metadata)
     saved_params = metadata["parameters"]
     saved_types = {o["name"]: o["type"] for o in metadata["optimizers"]}
@@ -208,8 +188,8 @@ def from_flat(
     ] = []  # (slots dict, slot name, saved array), applied only after every check
     seen = set()
 
-    for name, _, leaf in current:
-        for keys, slots in engine.slot_items(leaf):
+    for name, _, group in current:
+        for keys, slots in group.store.items():
             path = dotted(keys)
             seen.add(path)
             saved = saved_params.get(path)
@@ -218,7 +198,7 @@ def from_flat(
                 continue
             if not saved["slots"]:
                 continue  # known but without state when saved: the fresh state is right
-            saved_type, current_type = saved_types.get(saved["owner"]), type(leaf).__name__
+            saved_type, current_type = saved_types.get(saved["owner"]), type(group).__name__
             if saved_type != current_type:
                 report.problems.append(
                     Problem(
@@ -266,23 +246,25 @@ def from_flat(
             )
 
     scalar_writes = []
-    for name, _, leaf in current:
-        saved = matches[id(leaf)]
+    for name, _, group in current:
+        saved = matches[id(group)]
         if saved is None:
-            report.problems.append(Problem("optimizer", name, f"no {type(leaf).__name__} in the checkpoint matches it"))
+            report.problems.append(
+                Problem("optimizer", name, f"no {type(group).__name__} in the checkpoint matches it")
+            )
             continue
-        ours = hyperparameters(leaf) if check_hyperparameters else {}
+        ours = hyperparameters(group) if check_hyperparameters else {}
         for key, value in saved["hyperparameters"].items():
             if key in ours and ours[key] != value and not isinstance(value, dict) and not isinstance(ours[key], dict):
                 report.problems.append(
                     Problem("hyperparameter", name, f"{key} is {value!r} in the checkpoint, {ours[key]!r} now")
                 )
-        for scalar in leaf.scalar_names():
+        for scalar in group.scalars.names():
             key = f"@{saved['name']}/{scalar}"
             if key not in tensors:
                 report.problems.append(Problem("missing", f"@{name}/{scalar}", "not in the checkpoint"))
             else:
-                scalar_writes.append((leaf, scalar, tensors[key]))
+                scalar_writes.append((group, scalar, tensors[key]))
 
     whole_model = _check_whole_model_state(optimizer, tensors, metadata, report)
     if strict and report.problems:
@@ -291,11 +273,17 @@ def from_flat(
         _load_whole_model_state(optimizer, tensors, metadata)
     for slots, slot, key in writes:
         assign(slots, slot, tensors[key])  # one tensor read at a time
-    for leaf, scalar, array in scalar_writes:
-        _assign_scalar(leaf, scalar, array)
-    for _, _, leaf in current:
-        leaf.book.initialized = True
+    for group, scalar, array in scalar_writes:
+        _assign_scalar(group, scalar, array)
+    for _, _, group in current:
+        group.store.checked = True
     return report
+
+
+def _whole_model(optimizer):
+    """The state entries kept for the whole model rather than by a group (a MultiOptimizer's
+    last norm, skipped steps, accumulation): the live dict's entries, or ``{}``."""
+    return optimizer.whole_model.entries() if isinstance(optimizer, MultiOptimizer) else {}
 
 
 def _spec(tensors, key):
@@ -311,7 +299,7 @@ def _check_whole_model_state(optimizer, tensors, metadata, report):
     """Whether the optimizer takes whole-model state (a MultiOptimizer); each accumulation
     buffer must have its parameter's shape and dtype."""
     keys = [k for k in tensors.keys() if k.startswith("#accumulated/") or k == "#grad_norm"]
-    if optimizer.stateful() == [optimizer]:
+    if not isinstance(optimizer, MultiOptimizer):
         for name in [*metadata.get("whole_model", {}), *keys]:
             report.problems.append(
                 Problem(
@@ -319,7 +307,7 @@ def _check_whole_model_state(optimizer, tensors, metadata, report):
                 )
             )
         return False
-    known = {dotted(p.keys): (p.shape, p.dtype) for p in optimizer.routing_table()}
+    known = {dotted(keys): (route.shape, route.dtype) for keys, route, _ in optimizer.router.table()}
     for key in keys:
         if key == "#grad_norm":
             continue
@@ -341,13 +329,13 @@ def _check_whole_model_state(optimizer, tensors, metadata, report):
 
 
 def _load_whole_model_state(optimizer, tensors, metadata):
-    if optimizer.stateful() == [optimizer]:
+    if not isinstance(optimizer, MultiOptimizer):
         return  # only a MultiOptimizer keeps state for the whole model
     state = optimizer.state
-    for key in optimizer.whole_model_state():
+    for key in _whole_model(optimizer):
         del state[key]
     state.update(metadata.get("whole_model", {}))
-    backend = optimizer.stateful()[0].book.backend or numpy_backend
+    backend = optimizer.groups()[0].group.store.backend or numpy_backend
     accumulated = {}
     for key in [k for k in tensors.keys() if k.startswith("#") and not k.startswith("#carried/")]:
         array = tensors[key]
@@ -361,13 +349,13 @@ def _load_whole_model_state(optimizer, tensors, metadata):
         state["accumulated"] = accumulated
 
 
-def _assign_scalar(leaf, scalar, array):
+def _assign_scalar(group, scalar, array):
     """A state scalar (checked by :mod:`.validate`: 0-d, a step >= 0, a finite float)."""
     value = numpy_scalar(array)
-    backend = leaf.book.backend or numpy_backend
+    backend = group.store.backend or numpy_backend
     dtype = "uint64" if scalar == "step" else value.dtype.name
     if dtype not in ("uint64", "float16", "bfloat16", "float32"):
         dtype = "float32"
-    leaf.state[scalar] = backend.scalar_array(
+    group.store.tree[scalar] = backend.scalar_array(
         value.astype(np.float64) if dtype != "uint64" else value.astype(np.uint64), dtype
     )

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from treeopt._trees import dotted
 from treeopt.checkpoint.base import slot_key
-from treeopt.checkpoint.format import FORMAT, FORMAT_VERSION, leaf_optimizers
+from treeopt.checkpoint.format import FORMAT, FORMAT_VERSION
 from treeopt.tree import tree_flatten
 from treeopt.types import Array
 
@@ -32,15 +32,18 @@ def to_mlx(optimizer: Optimizer) -> dict[str, Array]:
 def from_mlx(optimizer: Optimizer, arrays: Stored) -> tuple[dict[str, Array], dict[str, Any]]:
     """``(tensors, metadata)`` in treeopt's form for MLX-layout ``arrays``, with the
     optimizers of ``optimizer`` (matched by position, as MLX's layout has nothing else)."""
-    leaves = leaf_optimizers(optimizer)
-    prefixes = [(("".join(f"states.{i}." for i in position)), name, leaf, position) for name, position, leaf in leaves]
+    groups = optimizer.groups()
+    prefixes = [
+        (("".join(f"states.{i}." for i in position)), name, group, position) for name, position, group in groups
+    ]
     tensors, parameters, optimizers = {}, {}, []
-    for prefix, name, leaf, position in prefixes:
-        scalars = set(leaf.scalar_names()) | {"step", "learning_rate"}
+    for prefix, name, group, position in prefixes:
+        scalars = set(group.scalars.names()) | {"step", "learning_rate"}
         slots_of: dict[str, dict[str, Array]] = {}
-        for key, value in arrays.items():
+        for key in arrays.keys():
             if not key.startswith(prefix):
                 continue
+            value = arrays[key]
             rest = key[len(prefix) :]
             if rest in scalars:
                 tensors[f"@{name}/{rest}"] = value
@@ -59,9 +62,9 @@ def from_mlx(optimizer: Optimizer, arrays: Stored) -> tuple[dict[str, Array], di
             {
                 "name": name,
                 "position": list(position),
-                "type": type(leaf).__name__,
+                "type": type(group).__name__,
                 "hyperparameters": {},
-                "scheduled": sorted(leaf.schedules),
+                "scheduled": sorted(group.scalars.schedules),
             }
         )
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizers, "parameters": parameters}

@@ -33,17 +33,30 @@ import os
 import re
 import shutil
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from treeopt.checkpoint.base import CheckpointError, slot_key
+import numpy as np
+
+from treeopt.checkpoint.base import CheckpointError, LoadReport, slot_key
 from treeopt.checkpoint.files import replace_atomically
 from treeopt.distributed.state import dcp_errors, decode
-from treeopt.optimizer import step_lock
+from treeopt.optimizer import Optimizer, step_lock
 
 if TYPE_CHECKING:
-    from treeopt.checkpoint.format import LoadReport
     from treeopt.distributed.comm import Collectives
-    from treeopt.torch.optimizer import Optimizer as TorchOptimizer
+
+
+class TorchOptimizer(Protocol):
+    """What a folder is saved from and loaded into: a ``treeopt.torch.Optimizer`` (which sits
+    above this package)."""
+
+    optimizer: Optimizer
+    _distributed: Any  # the adapter's distributed step, or None: read, never written, here
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> LoadReport: ...
+
 
 METADATA = "treeopt.json"
 _VERSION = re.compile(r"step-(\d{8,})-([0-9a-f]{16})")
@@ -52,6 +65,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def save(adapter: TorchOptimizer, folder: str | os.PathLike[str]) -> None:
+    # torch only when a folder is written or read: checkpoints import this module without it
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save as dcp_save
 
     folder, comm = os.fspath(folder), _comm(adapter)
@@ -87,11 +101,12 @@ def save(adapter: TorchOptimizer, folder: str | os.PathLike[str]) -> None:
 
 
 def load(adapter: TorchOptimizer, folder: str | os.PathLike[str], strict: bool = True) -> LoadReport:
+    # torch only when a folder is written or read: checkpoints import this module without it
     import torch
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load as dcp_load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    if not hasattr(adapter, "_trainable"):
+    if not callable(getattr(adapter, "load_state_dict", None)):
         raise CheckpointError(f"{folder} is a checkpoint of several ranks: load it into a treeopt.torch.Optimizer")
     folder, comm = os.fspath(folder), _comm(adapter)
     manifest = read_manifest(folder)
@@ -170,6 +185,7 @@ def inspect(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
     """``(summary, problems)`` of a checkpoint folder: every listed file must have its size
     and hash, every slot of the metadata must be stored, and its row ranges over all the files
     must cover its rows exactly once."""
+    # optional: treeopt[checkpoint]
     from safetensors import safe_open
 
     manifest = read_manifest(folder)
@@ -310,6 +326,5 @@ def _sync(folder: str) -> None:
 
 
 def _itemsize(dtype):
-    import numpy as np
 
     return 2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize

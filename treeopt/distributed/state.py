@@ -67,6 +67,7 @@ def dcp_errors(where: str, what: str) -> Iterator[None]:
     """Raise what ``torch.distributed.checkpoint`` raises as a :class:`CheckpointError`
     naming ``where``, the rank and the key: DCP's ``CheckpointException`` derives from
     ``BaseException`` (``except Exception`` misses it) and its message is a traceback."""
+    # DCP loads only when a checkpoint is written or read
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:

@@ -66,12 +66,14 @@ def _threads_from_environment():
 
 def set_num_threads(count: int) -> None:
     """Threads of the compiled loops (at most numba's pool size, the core count)."""
+    # optional: treeopt[fast]
     import numba
 
     numba.set_num_threads(max(1, min(int(count), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
 
 
 def get_num_threads() -> int:
+    # optional: treeopt[fast]
     import numba
 
     return numba.get_num_threads()

@@ -21,6 +21,7 @@ rule's numbers exactly.
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -161,7 +162,6 @@ def trace(rule: Rule, static: tuple[str, ...], flags: tuple[Any, ...]) -> Progra
     """``rule.update`` as a :class:`Program`, with the coefficients named in ``static`` fixed
     to ``flags`` (switches) and the others numeric. Raises :class:`TraceError` when the rule
     cannot be written so."""
-    import inspect
 
     if callable(rule.slots) or not rule.elementwise:
         raise TraceError(f"rule {rule.name!r} is not elementwise with fixed slots")

@@ -137,29 +137,28 @@ def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def edit(leaf: Optimizer, key: str, value: Any, where: str) -> Edit:
-    """The edit that gives ``leaf`` the ``value`` of its group's ``key`` (a param_groups
+def edit(opt: Optimizer, key: str, value: Any, where: str) -> Edit:
+    """The edit that gives ``opt`` the ``value`` of its group's ``key`` (a param_groups
     key: ``lr``, or a hyper-parameter's name), checked now: of the kind the current value
-    is, and accepted by ``leaf``'s constructor. Raises ``ValueError`` naming ``where``."""
+    is, and accepted by ``opt``'s constructor. Raises ``ValueError`` naming ``where``."""
     value = plain(value)
     if key == "lr":
         if not _is_number(value) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{where} must be a finite number >= 0, got {value!r}")
-        old_lr = leaf.state.get("learning_rate")
+        old_lr = opt.state.get("learning_rate")
         return Edit(
-            lambda: setattr(leaf, "learning_rate", float(value)),
-            lambda: leaf.state.__setitem__("learning_rate", old_lr),
+            lambda: setattr(opt, "learning_rate", float(value)),
+            lambda: opt.state.__setitem__("learning_rate", old_lr),
         )
-    if key not in leaf.hyperparameters:
-        raise ValueError(f"{where}: {type(leaf).__name__} has no hyper-parameter {key!r}")
-    current = getattr(leaf, key, None)
+    if key not in opt.hyperparameters:
+        raise ValueError(f"{where}: {type(opt).__name__} has no hyper-parameter {key!r}")
+    current = getattr(opt, key, None)
     value = _of_kind(value, current, where)
-    _construct(leaf, key, value, where)
+    _construct(opt, key, value, where)
 
     def put(new: Any) -> Callable[[], None]:
         def apply() -> None:
-            setattr(leaf, key, new)
-            leaf.book.version += 1  # a compiled step re-plans with the new value
+            setattr(opt, key, new)  # the optimizer records it in its scalars: a compiled step re-checks
 
         return apply
 
@@ -194,24 +193,24 @@ def _of_kind(value: Any, current: Any, where: str) -> Any:
     raise ValueError(f"{where} cannot be set to {value!r} (it is {current!r})")
 
 
-def _construct(leaf: Optimizer, key: str, value: Any, where: str) -> None:
-    """Build a throwaway optimizer of ``leaf``'s class with ``leaf``'s settings and the new
+def _construct(opt: Optimizer, key: str, value: Any, where: str) -> None:
+    """Build a throwaway optimizer of ``opt``'s class with ``opt``'s settings and the new
     value, so that the constructor's own checks (ranges, combinations) judge it. A class
     that cannot be rebuilt from its attributes is judged by :func:`_of_kind` alone."""
-    cls = type(leaf)
+    cls = type(opt)
     try:
         parameters = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         return
-    settings = leaf.rule_hyperparameters()
+    settings = opt.scalars.hyperparameters()
     kwargs: dict[str, Any] = {}
     for name, parameter in parameters.items():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
-        if name == "learning_rate" and "learning_rate" in leaf.state:
-            kwargs[name] = as_float(leaf.state["learning_rate"])
-        elif hasattr(leaf, name):
-            kwargs[name] = _settled(getattr(leaf, name), settings.get(name))
+        if name == "learning_rate" and "learning_rate" in opt.state:
+            kwargs[name] = as_float(opt.state["learning_rate"])
+        elif hasattr(opt, name):
+            kwargs[name] = _settled(getattr(opt, name), settings.get(name))
         elif parameter.default is parameter.empty:
             return
     with warnings.catch_warnings():

@@ -34,8 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from treeopt import engine
+from treeopt import checkpoint, engine
 from treeopt._trees import dotted
+from treeopt.checkpoint import CheckpointError, validate
+from treeopt.distributed import attach
+from treeopt.distributed.state import decode
 from treeopt.optimizer import Optimizer as _TreeoptOptimizer, step_lock
 from treeopt.torch import state_dict as _layout
 from treeopt.torch.groups import TORCH_NAMES, Edit, ParamGroups, edit, plain, same_groups, shortest
@@ -131,24 +134,22 @@ class Optimizer(torch.optim.Optimizer):
         self._added: dict = {}  # name -> parameter given to add_param_group that the model does not hold
         self._seen = _registrations[0]
         self._check_known_paths()
-        self._leaves = [leaf for _, _, leaf in optimizer.named_stateful()]
-        self._group_names = [name for name, _, _ in optimizer.named_stateful()]
+        self._optimizers = [member.group for member in optimizer.groups()]
+        self._group_names = [member.name for member in optimizer.groups()]
         self._group_of: dict = {}  # name -> group index; None: frozen by the MultiOptimizer
         self._declare_kinds(self.parameters)
         self._route([n for n, p in self.parameters.items() if p.requires_grad])
         self._unrouted = {n for n, p in self.parameters.items() if not p.requires_grad}  # routed once they do
-        self._published = [self._group_values(i) for i in range(len(self._leaves))]
-        self._lists: list = [None] * len(self._leaves)  # per group: its params and param_names, as set
-        groups = [dict(self._published[i], **self._members(i)) for i in range(len(self._leaves))]
+        self._published = [self._group_values(i) for i in range(len(self._optimizers))]
+        self._lists: list = [None] * len(self._optimizers)  # per group: its params and param_names, as set
+        groups = [dict(self._published[i], **self._members(i)) for i in range(len(self._optimizers))]
         shared = set.intersection(*(set(values) for values in self._published)) - {"name"}
         self._building = True
         super().__init__(groups, {k: v for k, v in self._published[0].items() if k in shared})
         self._groups = ParamGroups(self._groups)
         self._building = False
-        from treeopt.distributed import attach
-
         # None in one process; DDP checks, ZeRO-1 (sharding="zero1") or FSDP2 parameters
-        self._distributed = attach(self, sharding, process_group, self.model)
+        self._distributed = attach(optimizer, self._trainable(), sharding, process_group, self.model)
 
     def __repr__(self) -> str:
         return f"treeopt.torch.Optimizer({len(self.parameters)} parameters, {self.optimizer!r})"
@@ -193,7 +194,7 @@ class Optimizer(torch.optim.Optimizer):
     def _check_known_paths(self):
         """A treeopt optimizer planned on wrapper names (``_orig_mod.x``) would keep a second
         state under the canonical name: refuse it."""
-        known = [placement.keys for placement in self.optimizer.routing_table()]
+        known = [keys for keys, _, _ in self.optimizer.router.table()]
         stale = [p for p in map(dotted, known) if canonical_name(p) != p and canonical_name(p) in self.parameters]
         if stale:
             raise ValueError(
@@ -205,7 +206,7 @@ class Optimizer(torch.optim.Optimizer):
     def _declare_kinds(self, named):
         if self.model is not None:  # read by routing (an optimizer that does not route ignores them)
             kinds = module_kinds(self.model)
-            self.optimizer.declare_kinds({n: k for n, k in kinds.items() if n in named})
+            self.optimizer.router.declare_kinds({n: k for n, k in kinds.items() if n in named})
 
     def _route(self, names, check=None):
         """Route ``names`` now, as a step would, without creating state; ``check(owners)`` may
@@ -213,14 +214,15 @@ class Optimizer(torch.optim.Optimizer):
         if not names:
             return
         params = {n: self.parameters[n] for n in names}
-        leaves = engine.collect(params, params, type(self.optimizer).__name__, check_pairs=False)
-        backend = engine.settle_backend(self.optimizer, leaves)
-        owners = self.optimizer.assign_owners(leaves)
-        group = {id(leaf): i for i, leaf in enumerate(self._leaves)}
-        indices = {leaf.path: None if owner is None else group[id(owner)] for leaf, owner in zip(leaves, owners)}
-        if check is not None:
-            check(indices)
-        self.optimizer.commit(backend)
+        group = {id(opt): i for i, opt in enumerate(self._optimizers)}
+        indices = {}
+
+        def decided(pairs, targets):
+            indices.update({p.path: None if t is None else group[id(t.group)] for p, t in zip(pairs, targets)})
+            if check is not None:
+                check(indices)
+
+        engine.route(self.optimizer.router, params, type(self.optimizer).__name__, decided)
         self._group_of.update(indices)
 
     def _members(self, i):
@@ -279,12 +281,10 @@ class Optimizer(torch.optim.Optimizer):
         self._unrouted.discard(name)
         if group is None:
             return
-        owner = self._leaves[group]
-        if engine.slots_at(owner, (name,)):
-            engine.drop(owner, (name,))
-            self.optimizer.note_change(f"{why} {name} in the model, its state reset")
-        if why == "replaced":
-            self.optimizer.book.version += 1  # a compiled step re-plans
+        owner = self._optimizers[group]
+        if owner.store.slots((name,)):
+            owner.store.drop((name,))
+            self.optimizer.router.note(f"{why} {name} in the model, its state reset")
 
     def add_param_group(self, param_group: dict) -> None:
         """Add parameters, as ``torch.optim`` does, to the groups treeopt already has.
@@ -335,7 +335,7 @@ class Optimizer(torch.optim.Optimizer):
                 self.parameters.pop(name, None)
                 self._added.pop(name, None)
             raise
-        router = dict(self.optimizer.routers()).get(())  # the optimizer itself, if it has groups
+        router = dict(self.optimizer.router.routers()).get(())  # the optimizer itself, if it has groups
         if target is not None and router is not None:
             moving = [name for name, _ in entries if self._group_of[name] != self._group_names.index(target)]
             if moving:
@@ -381,17 +381,18 @@ class Optimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ groups <-> treeopt
     def _group_values(self, i):
         """Group ``i``'s name and hyper-parameters as the next step will use them."""
-        leaf = self._leaves[i]
+        opt = self._optimizers[i]
         values = {"name": self._group_names[i]}
-        for key, value in leaf.current_hyperparameters().items():
-            if key == "learning_rate" or key in leaf.schedules:
+        for key, value in opt.scalars.current().items():
+            if key == "learning_rate" or key in opt.scalars.schedules:
                 value = shortest(value)
             values[TORCH_NAMES.get(key, key)] = value
         return values
 
-    def _scheduled(self, leaf, key):
+    def _scheduled(self, opt, key):
         name = next((k for k, v in TORCH_NAMES.items() if v == key), key)
-        return name in leaf.schedules or any(s.startswith(f"{name}[") for s in leaf.schedules)
+        schedules = opt.scalars.schedules
+        return name in schedules or any(s.startswith(f"{name}[") for s in schedules)
 
     def _check_groups(self):
         """Raise if a group dict lost a key, was renamed, or had its parameters edited by hand
@@ -425,16 +426,16 @@ class Optimizer(torch.optim.Optimizer):
             for key, value in published.items():
                 if key == "name" or plain(group[key]) == plain(value):
                     continue
-                leaf = self._leaves[i]
+                opt = self._optimizers[i]
                 where = f"param_groups[{i}] ({self._group_names[i]})"
-                if self._scheduled(leaf, key):
+                if self._scheduled(opt, key):
                     raise ValueError(
                         f"{where}: {key} was changed to {group[key]!r}, but it follows a treeopt schedule; drive it "
                         "by one or the other (a torch LR scheduler on a constant treeopt learning rate, or a "
                         "treeopt schedule). torch.distributed.checkpoint sets lr to 0 for one step on an "
                         "optimizer with no state: call opt.init() first"
                     )
-                edits.append((i, key, edit(leaf, key, group[key], f"{where}[{key!r}]")))
+                edits.append((i, key, edit(opt, key, group[key], f"{where}[{key!r}]")))
         published_before = [dict(values) for values in self._published]
         for i, key, change in edits:
             change.apply()
@@ -449,12 +450,12 @@ class Optimizer(torch.optim.Optimizer):
 
     def _push(self, everything=False):
         """Show the values of treeopt's schedules (and, after a load, of everything)."""
-        for i, leaf in enumerate(self._leaves):
-            if not (everything or leaf.schedules):
+        for i, opt in enumerate(self._optimizers):
+            if not (everything or opt.scalars.schedules):
                 continue
             values = self._group_values(i)
             for key, value in values.items():
-                if everything or self._scheduled(leaf, key):
+                if everything or self._scheduled(opt, key):
                     self._groups[i][key] = self._published[i][key] = value
 
     # ------------------------------------------------------------------ the step
@@ -529,7 +530,6 @@ class Optimizer(torch.optim.Optimizer):
 
         Plain tensors and Python values: ``torch.save(..., weights_only=True)`` loads it. The
         tensors are the live state: save them before the next step changes them."""
-        from treeopt import checkpoint
 
         with step_lock(self.optimizer):
             self.refresh()
@@ -540,7 +540,7 @@ class Optimizer(torch.optim.Optimizer):
             groups = []
             for i, group in enumerate(self._groups):
                 values = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-                scheduled = {k: v for k, v in self._published[i].items() if self._scheduled(self._leaves[i], k)}
+                scheduled = {k: v for k, v in self._published[i].items() if self._scheduled(self._optimizers[i], k)}
                 groups.append(
                     dict(
                         values,
@@ -562,8 +562,6 @@ class Optimizer(torch.optim.Optimizer):
         ``initial_lr``), edits made to the dict before the load included; values on a treeopt
         schedule follow their schedule from the saved step. A parameter that does not
         require grad now keeps its saved state for when it does."""
-        from treeopt import checkpoint
-        from treeopt.checkpoint import validate
 
         if not isinstance(state_dict, dict):
             raise checkpoint.CheckpointError(f"load_state_dict expects a dict, got {type(state_dict).__name__}")
@@ -593,7 +591,6 @@ class Optimizer(torch.optim.Optimizer):
         return report
 
     def _load(self, state_dict, tensors, metadata, strict):
-        from treeopt import checkpoint
 
         if self._distributed is not None:  # several ranks: this rank's part, by name
             with torch.no_grad():
@@ -620,12 +617,11 @@ class Optimizer(torch.optim.Optimizer):
         group name (a torch-layout group's, else the metadata's hyper-parameters, whose
         ``value`` is ``None``: shown as treeopt holds it), checked as an edit is; a value on a
         treeopt schedule follows the schedule."""
-        from treeopt.checkpoint import CheckpointError
 
         by_name = {g.get("name"): g for g in saved_groups}
         hyper = {o["name"]: o["hyperparameters"] for o in metadata["optimizers"]}
         restored = []
-        for i, (leaf, name) in enumerate(zip(self._leaves, self._group_names)):
+        for i, (opt, name) in enumerate(zip(self._optimizers, self._group_names)):
             where = f"the state dict's param_groups ({name})"
             if name in by_name:
                 values, scheduled = by_name[name], by_name[name].get("treeopt_scheduled", {})
@@ -637,7 +633,7 @@ class Optimizer(torch.optim.Optimizer):
             for key, value in values.items():
                 if key == "name" or key not in self._published[i]:
                     continue
-                if self._scheduled(leaf, key):
+                if self._scheduled(opt, key):
                     if key in scheduled and plain(value) != plain(scheduled[key]):
                         raise CheckpointError(
                             f"{where}: {key} was changed to {value!r} in the state dict, but it follows a treeopt "
@@ -645,7 +641,7 @@ class Optimizer(torch.optim.Optimizer):
                         )
                     continue
                 try:
-                    change = edit(leaf, key, value, f"{where}[{key!r}]")
+                    change = edit(opt, key, value, f"{where}[{key!r}]")
                     restored.append((i, key, value if name in by_name else None, change))
                 except ValueError as error:
                     raise CheckpointError(str(error)) from None
@@ -653,9 +649,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _record_routes(self, loaded):
         """Record where the parameters ``loaded`` (frozen, with saved state) went."""
-        group = {id(leaf): i for i, leaf in enumerate(self._leaves)}
+        group = {id(opt): i for i, opt in enumerate(self._optimizers)}
         for name in loaded:
-            owner = self.optimizer.owner_of((name,))
+            owner = self.optimizer.router.owner((name,))
             self._group_of[name] = None if owner is None else group[id(owner)]
             self._unrouted.discard(name)
         if loaded:
@@ -665,8 +661,6 @@ class Optimizer(torch.optim.Optimizer):
 def _content(state_dict):
     """``(tensors, metadata, groups)`` of a state dict: treeopt's content, or torch's layout
     alone; ``groups`` are torch-layout groups (``[]`` for name-keyed content alone)."""
-    from treeopt.checkpoint import CheckpointError
-    from treeopt.distributed.state import decode
 
     groups = state_dict.get("param_groups", [])
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
@@ -722,7 +716,7 @@ class ParameterState(MutableMapping):
 
     def _slots(self, name):
         group = self._owner._group_of.get(name)
-        return None if group is None else engine.slots_at(self._owner._leaves[group], (name,))
+        return None if group is None else self._owner._optimizers[group].store.slots((name,))
 
     def __getitem__(self, key: torch.Tensor | str) -> dict[str, torch.Tensor]:
         name = self._name(key)
