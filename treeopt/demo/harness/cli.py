@@ -10,14 +10,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import multiprocessing
 import os
 import pathlib
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from treeopt import _text
+from treeopt.demo import setups
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -118,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     ``--stop-after``)."""
     args = parse_args(argv)
     try:
+        # the demo extra: checked here, so that a missing package is one line saying what to install
         import matplotlib  # noqa: F401
         import torch  # noqa: F401
         from rich.console import Console
@@ -133,9 +137,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
 
 def run(args: argparse.Namespace, console: Console) -> dict[str, Any] | None:
+    # the modules that import torch, once main() has checked the demo extra is installed
     import torch
 
-    from treeopt.demo import setups
     from treeopt.demo.harness import report, training
 
     started = time.perf_counter()
@@ -246,7 +250,7 @@ def time_estimate(args: argparse.Namespace, data: Data, config: Config, hyper: H
     """How long the training will take here, timed now on a throwaway copy of the routed run
     (the dearest step: Newton-Schulz on 16 matrices, AdamW on the rest): a few steps after the
     first (which plans the step) and one evaluation."""
-    from treeopt.demo import setups
+    # the modules that import torch, once main() has checked the demo extra is installed
     from treeopt.demo.harness import checkpoints, training
 
     model = training.build_model(args.seed, config)
@@ -332,8 +336,6 @@ def naive_versus_routed(naive: Curve, routed: Curve) -> str:
 
 
 def _plan_of(setup, model, steps, hyper):
-    from treeopt.demo import setups
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return setups.make(setup, model, steps, hyper).plan()
@@ -344,9 +346,8 @@ def _progress(console: Console, steps: int) -> Iterator[dict[str, Callable[[int,
     """``{set-up: report(step, loss, tokens/s)}``: a rich progress bar per run on a terminal;
     in a log or a pipe, where a bar redrawn in place would show only at the end, a line every
     5% of a run."""
+    # rich: the demo extra's, checked by main()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from treeopt.demo import setups
 
     if not console.is_terminal:
         yield {setup: _Lines(console, NAMES[setup], steps) for setup in setups.SETUPS}
@@ -413,9 +414,9 @@ def train_one(
     """One run from start to end (or to ``--stop-after``), resumed from and saved to
     ``--checkpoint``; ``report_step(step, loss, tokens/s)`` is called as it goes. Returns
     ``{"curve", "seconds": (wall, cpu)}``, or ``None`` when stopped early."""
+    # the modules that import torch, once main() has checked the demo extra is installed
     import torch
 
-    from treeopt.demo import setups
     from treeopt.demo.harness import checkpoints, training
 
     torch.set_num_threads(options["threads"])
@@ -454,10 +455,7 @@ def train_one(
 
 def _train_in_processes(args, reporters):
     """The runs in ``args.jobs`` processes at once; their steps come back through a queue."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from treeopt.demo.harness.training import Curve
+    from treeopt.demo.harness.training import Curve  # torch, as above
 
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
     with context.Manager() as manager, ProcessPoolExecutor(args.jobs, mp_context=context) as pool:

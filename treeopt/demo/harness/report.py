@@ -9,6 +9,12 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy
+import torch
+from rich import box
+from rich.table import Table
+
+import treeopt
 from treeopt import _text
 
 if TYPE_CHECKING:
@@ -48,9 +54,6 @@ def summarise(runs: Mapping[str, Mapping[str, Any]], steps: int) -> tuple[float,
 def table(target: float, summary: Mapping[str, Mapping[str, Any]], console: Console) -> None:
     """Per run: final validation loss, and the steps, wall time and CPU time it took to reach
     the target, each with its ratio to tuned AdamW's; narrow enough for 80 columns."""
-    from rich import box
-    from rich.table import Table
-
     grid = Table(
         title=f"To tuned AdamW's final validation loss ({target:.4f} nats/byte):",
         title_justify="left",
@@ -81,10 +84,10 @@ def plot(runs: Mapping[str, Mapping[str, Any]], target: float, path: str | os.Pa
     """Validation loss against steps and against training seconds, the target dashed; and
     each run's loss minus the last run's (muon_adamw's) at the same steps, where gaps too
     small for the first two panels show."""
-    import matplotlib
+    import matplotlib  # here: pyplot must come after the backend is chosen
 
     matplotlib.use("Agg")  # files only, no window
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot as plt  # (see above)
 
     figure, (by_step, by_time, gaps) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.8]})
     by_time.sharey(by_step)
@@ -120,11 +123,6 @@ def plot(runs: Mapping[str, Mapping[str, Any]], target: float, path: str | os.Pa
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import torch
-
-    import treeopt
-
     return {
         "python": sys.version.split()[0],
         "treeopt": getattr(treeopt, "__version__", None),
