@@ -231,7 +231,7 @@ _HEADS = {
 }
 _HEAD_SUFFIXES = ("_head", "_classifier", "_logits")
 _INPUT = re.compile(r"^stem$|_stem$|^stem_|^patch_?embed|^first_conv$")
-_TABLE = re.compile(r"relative_position|rel_pos|position_bias|^rel_embeddings$")
+_TABLE = re.compile(r"relative_position|rel_pos|position_bias|^relative_attention_bias$|^rel_embeddings$")
 #: learned tokens, and state-space models' decays (Mamba's ``A_log``: used elementwise)
 _TOKEN = re.compile(r"_token$|_tokens$|^mask_emb$|^a_log$")
 #: module names of an MoE layer's experts: a 2-D sibling of theirs is the layer's router
@@ -445,6 +445,8 @@ def role(path: str, weight: Array) -> Role:
         return Role("bias", _told(kinds, {BIAS}, "declared a bias", f"name {leaf!r}"))
     if _vector_shaped(weight):
         return Role("gain", f"shape {tuple(weight.shape)}: at most one axis longer than 1")
+    if _is_table(path, weight):  # an embedding layer too, when it holds relative positions (T5, DeBERTa)
+        return Role("table", _told(kinds, {TABLE}, "a table", "name of a position table"), "relative-position table")
     if _is_embedding(path, weight):
         return Role("embedding", _told(kinds, {EMBEDDING}, "embedding table", "name of an embedding"))
     if _is_input(path, weight):
@@ -454,8 +456,6 @@ def role(path: str, weight: Array) -> Role:
         if how is None:
             how = "name of an output layer" if _name_says_head(path) else "as wide as the vocabulary"
         return Role("head", how)
-    if _is_table(path, weight):
-        return Role("table", _told(kinds, {TABLE}, "a table", "name of a position table"), "relative-position table")
     if GAIN in kinds or any(_TOKEN.search(s) for s in _segments(path)[-1:]):
         return Role("gain", _told(kinds, {GAIN}, "used elementwise, never as a matrix", "name of a learned token"))
     if DEPTHWISE in kinds:
