@@ -10,9 +10,10 @@ float32 scalar to float64 inside numba, and the codes must be the same on every 
 of the tensor) is stored as one float32 scale ``s = max |x|`` and one byte per element:
 
 - signed (first moments, momentum buffers): ``q = sign(x) * floor(127 * sqrt(|x| / s) + 1/2)``
-  in [-127, 127], read back as ``x' = s * q * |q| / 127^2``;
+  in [-127, 127], read back as ``x' = q * |q| * (s * (1/127^2))``;
 - unsigned (second moments and other non-negative averages): ``q = floor(255 * (x / s)^(1/4)
-  + 1/2)`` in [0, 255], read back as ``x' = s * (q / 255)^4``.
+  + 1/2)`` in [0, 255], read back as ``x' = (q^2)^2 * (s * (1/255^4))``
+  (each product rounded to float32, in this order).
 
 The square (fourth power) gives small values of the block finer steps than a linear code
 would: ``sqrt(x')`` of a second moment, which is what Adam divides by, has the same relative
@@ -49,6 +50,8 @@ BLOCK = 256
 #: tensors with fewer elements, or fewer than two axes, keep an int8 format's slots in float32
 MIN_SIZE = 4096
 SIGNED_LEVELS, UNSIGNED_LEVELS = 127, 255
+#: a block's read-back step is its scale times these (rounded to float32 where they are used)
+SIGNED_UNIT, UNSIGNED_UNIT = 1.0 / SIGNED_LEVELS**2, 1.0 / UNSIGNED_LEVELS**4
 
 MASK32 = 0xFFFFFFFF
 
@@ -60,7 +63,7 @@ def signed_code(x: Any, inverse_scale: Any, levels: Any, half: Any, sqrt: Any, f
 
 
 def signed_value(code: Any, step: Any) -> Any:
-    """A signed code read back: ``step = scale / 127^2`` of its block."""
+    """A signed code read back: ``step = scale * (1 / 127^2)`` of its block."""
     return code * abs(code) * step
 
 
@@ -70,16 +73,9 @@ def unsigned_code(x: Any, inverse_scale: Any, levels: Any, half: Any, sqrt: Any,
 
 
 def unsigned_value(code: Any, step: Any) -> Any:
-    """An unsigned code read back: ``step = scale / 255^4`` of its block."""
+    """An unsigned code read back: ``step = scale * (1 / 255^4)`` of its block."""
     square = code * code
     return square * square * step
-
-
-def block_constants(scale: float, levels: int) -> tuple[float, float]:
-    """``(inverse scale, read-back step)`` of a block, as plain Python floats (for tests)."""
-    inverse = 1.0 / scale if scale > 0 else 0.0
-    power = levels**2 if levels == SIGNED_LEVELS else levels**4
-    return inverse, scale / power
 
 
 # ---------------------------------------------------------------------- random bits

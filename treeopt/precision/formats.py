@@ -236,9 +236,11 @@ class Int8(Form):
         return codes.SIGNED_LEVELS if self.signed else codes.UNSIGNED_LEVELS
 
     @property
-    def power(self) -> int:
-        """The divisor of the read-back step: ``127^2`` or ``255^4``."""
-        return codes.SIGNED_LEVELS**2 if self.signed else codes.UNSIGNED_LEVELS**4
+    def unit(self) -> float:
+        """The read-back step of a block of scale 1: ``1/127^2`` or ``1/255^4`` (a block's step
+        is ``scale * unit``, one float32 product: a division by a constant is not correctly
+        rounded under XLA)."""
+        return codes.SIGNED_UNIT if self.signed else codes.UNSIGNED_UNIT
 
     def entries(self, slot: str, shape: Shape) -> dict[str, tuple[Shape, str]]:
         rows, _, per_row = block_grid(shape, self.block)
@@ -263,7 +265,7 @@ class Int8(Form):
         stored = slots[slot]
         shape = tuple(backend.shape(stored))
         scale = slots[f"{slot}_scale"]
-        step = scale / backend.cast(float(self.power), scale)
+        step = scale * backend.cast(self.unit, scale)
         code = self._blocks(backend, backend.astype(stored, "float32"), shape)
         step = step.reshape(tuple(backend.shape(step)) + (1,))
         read = codes.signed_value if self.signed else codes.unsigned_value
