@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from treeopt import _trees
 from treeopt.backends import backend_of, numpy_backend
 from treeopt.errors import MissingParameterError, ParameterError, describe
+from treeopt.precision import Layout, Noise
 from treeopt.rules.base import rule_checked
 from treeopt.tree import is_container, items, rebuild
 from treeopt.types import Array, Keys, Shape, State, Tree
@@ -238,9 +239,11 @@ def settle_backend(optimizer: Optimizer, pairs: Iterable[Pair]) -> Backend | Non
 def check_slots(optimizer: Optimizer, pair: Pair) -> None:
     """The slots must fit their parameter (its shape may have changed under the same path, or
     the state was set from outside): same names, library, shape, dtype and device; no
-    silent broadcasting, no slot of another optimizer's meaning."""
+    silent broadcasting, no slot of another optimizer's meaning. A slot stored in another form
+    (``state_dtype``) must have that form's entries, shapes and dtypes."""
     name = type(optimizer).__name__
-    expected = optimizer.slot_shapes(pair.param)
+    dtype, device = pair.backend.dtype_name(pair.param), pair.backend.device(pair.param)
+    expected = optimizer.slot_entries(tuple(pair.backend.shape(pair.param)), dtype)
     if optimizer.runs_rule and set(pair.slots) != set(expected):
         extra = sorted(set(pair.slots) - set(expected))
         if extra:
@@ -249,8 +252,7 @@ def check_slots(optimizer: Optimizer, pair: Pair) -> None:
                 f"uses {sorted(expected)}; {extra} belong to another optimizer's state",
                 pair.path,
             )
-    dtype, device = pair.backend.dtype_name(pair.param), pair.backend.device(pair.param)
-    for slot, shape in expected.items():
+    for slot, (shape, slot_dtype) in expected.items():
         if slot not in pair.slots:
             raise ParameterError(
                 f"{name}: the state of {describe(pair.path)} has no slot {slot!r} (it has {sorted(pair.slots)})",
@@ -274,10 +276,11 @@ def check_slots(optimizer: Optimizer, pair: Pair) -> None:
                 f"expected {shape} for a parameter of shape {tuple(pair.backend.shape(pair.param))}",
                 pair.path,
             )
-        if backend.dtype_name(value) != dtype:
+        if backend.dtype_name(value) != slot_dtype:
+            stored = "the parameter is" if slot_dtype == dtype else f"its state_dtype stores it as"
             raise ParameterError(
-                f"{name}: slot {slot!r} of {describe(pair.path)} is {backend.dtype_name(value)} but the parameter "
-                f"is {dtype}",
+                f"{name}: slot {slot!r} of {describe(pair.path)} is {backend.dtype_name(value)} but {stored} "
+                f"{slot_dtype}",
                 pair.path,
             )
         if backend.device(value) != device:
@@ -346,6 +349,47 @@ def run_rule(optimizer: Optimizer, pairs: list[Pair], in_place: bool, stacks: di
     """Run ``optimizer``'s rule on pairs of one library, dtype and device: the reference
     every fast path is checked against. ``stacks``: a dict in which a caller that runs the
     same pairs every step keeps the stacking buffers of a stackable rule."""
+    if optimizer.precision is not None:
+        layouts = [
+            optimizer.state_layout(pair.backend.shape(pair.param), pair.backend.dtype_name(pair.param))
+            for pair in pairs
+        ]
+        if layouts[0] is not None:
+            run_stored(optimizer, pairs, layouts, in_place, stacks)
+            return
+    _run_rule(optimizer, pairs, in_place, stacks)
+
+
+def run_stored(
+    optimizer: Optimizer, pairs: list[Pair], layouts: list[Layout], in_place: bool, stacks: dict | None = None
+) -> None:
+    """The rule on slots stored in another form (``state_dtype``): each pair's slots are read
+    into the compute dtype, the rule runs as it always does, and its results are encoded back
+    into the stored form (:mod:`treeopt.precision`)."""
+    backend = pairs[0].backend
+    compute = layouts[0].compute
+    proxies = []
+    for pair, layout in zip(pairs, layouts):
+        grad, param = pair.grad, pair.param
+        if backend.dtype_name(param) != compute:
+            grad, param = backend.astype(grad, compute), backend.astype(param, compute)
+        proxy = Pair(pair.keys, grad, param, backend, owned=False)
+        proxy.slots = {name: form.load(backend, pair.slots, name, compute) for name, form in layout.forms.items()}
+        proxies.append(proxy)
+    _run_rule(optimizer, proxies, False, stacks)
+    step = optimizer.noise_step()
+    for pair, proxy, layout in zip(pairs, proxies, layouts):
+        noise = Noise(optimizer.precision.seed, pair.path, step)  # type: ignore[union-attr]  # set: layouts exist
+        for name, form in layout.forms.items():
+            for key, value in form.encode(backend, name, proxy.slots[name], noise).items():
+                store_slot(backend, pair.slots, key, value)
+        result = proxy.result
+        if backend.dtype_name(result) != backend.dtype_name(pair.param):
+            result = backend.astype(result, backend.dtype_name(pair.param))
+        store_param(pair, result, in_place)
+
+
+def _run_rule(optimizer: Optimizer, pairs: list[Pair], in_place: bool, stacks: dict | None = None) -> None:
     rule, first = optimizer.rule, pairs[0]
     assert rule is not None  # run only for an optimizer that runs its rule
     coefficients = optimizer.coefficients(first.param, first.backend)

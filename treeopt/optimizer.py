@@ -18,6 +18,7 @@ from treeopt.engine import RESERVED, Book, Pair
 from treeopt.errors import warn
 from treeopt.kernels.compiled_step import CompiledStep
 from treeopt.plan import Plan, build as build_plan
+from treeopt.precision import Layout, StatePrecision, layout as precision_layout
 from treeopt.rules.base import Rule, check_coefficients, keyword_only
 from treeopt.tree import is_container, tree_map
 from treeopt.types import Array, Keys, Scalar, Schedule, Shape, State, Tree
@@ -47,6 +48,9 @@ class Optimizer:
     #: hyper-parameters the rule reads: attributes, or state entries when scheduled; a class
     #: with a rule gets them from the rule's coefficient function
     hyperparameters: tuple[str, ...] = ()
+    #: how the slots are stored (``state_dtype=``, see :mod:`treeopt.precision`); ``None``:
+    #: in the parameter's dtype, as MLX keeps them
+    precision: StatePrecision | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -146,20 +150,20 @@ class Optimizer:
                     f"(it holds {', '.join(sorted('.'.join(map(str, k)) for k in known))})"
                 )
             shape, dtype = known[keys]
-            expected = self.slot_shapes(_StateView.Shape(shape))
+            expected = self.slot_entries(shape, dtype)
             if set(slots) != set(expected):
                 raise ValueError(
                     f"{name}.state: {path!r} has slots {sorted(slots)}, and {name} keeps "
-                    f"{sorted(expected)} (the state of another kind of optimizer?)"
+                    f"{sorted(expected)} (the state of another kind of optimizer, or of another state_dtype?)"
                 )
             for slot, value in slots.items():
                 found = backend_of(value)
                 assert found is not None  # checked above
                 got = (tuple(found.shape(value)), found.dtype_name(value))
-                if got != (tuple(expected[slot]), dtype):
+                if got != (tuple(expected[slot][0]), expected[slot][1]):
                     raise ValueError(
                         f"{name}.state: slot {slot!r} of {path!r} is {got[1]}{list(got[0])}; the "
-                        f"parameter needs {dtype}{list(expected[slot])}"
+                        f"parameter needs {expected[slot][1]}{list(expected[slot][0])}"
                     )
 
     @property
@@ -259,14 +263,47 @@ class Optimizer:
             raise NotImplementedError(f"{type(self).__name__} must implement init_single")
         backend = backend_of(parameter)
         assert backend is not None  # the engine gives arrays
+        stored = self.state_layout(tuple(backend.shape(parameter)), backend.dtype_name(parameter))
         for name, shape in self.slot_shapes(parameter).items():
-            state[name] = backend.zeros(shape, parameter)
-            if name in self.rule.copies_param:  # e.g. schedule-free's z starts at the parameter
-                state[name] = state[name] + parameter
+            if stored is None:
+                state[name] = backend.zeros(shape, parameter)
+                if name in self.rule.copies_param:  # e.g. schedule-free's z starts at the parameter
+                    state[name] = state[name] + parameter
+            elif name in self.rule.copies_param:
+                start = backend.astype(parameter, stored.compute)
+                state.update(stored.forms[name].encode(backend, name, start, None))
+            else:
+                state.update(stored.forms[name].zeros(backend, name, shape, parameter))
 
     def slot_shapes(self, parameter: Array) -> dict[str, Shape]:
         """The shape of each state slot of ``parameter``."""
         return self._rule().slot_shapes(tuple(parameter.shape), self.rule_hyperparameters())
+
+    def state_layout(self, shape: Shape, dtype: str) -> Layout | None:
+        """How the slots of a parameter of ``shape`` and ``dtype`` are stored and computed
+        (:class:`treeopt.precision.Layout`), or ``None``: in the parameter's dtype."""
+        if self.precision is None or self.rule is None:
+            return None
+        shapes = self.rule.slot_shapes(tuple(shape), self.rule_hyperparameters())
+        return precision_layout(self.precision, dtype, shapes, self.rule.slot_meanings)
+
+    def slot_entries(self, shape: Shape, dtype: str) -> dict[str, tuple[Shape, str]]:
+        """Every array the state keeps for a parameter of ``shape`` and ``dtype``:
+        ``{key: (shape, dtype)}`` (a slot, or the codes and scales of an int8 slot)."""
+        shapes = self.slot_shapes(_StateView.Shape(shape))
+        stored = self.state_layout(shape, dtype)
+        if stored is None:
+            return {name: (tuple(s), dtype) for name, s in shapes.items()}
+        return stored.entries(shapes)
+
+    def noise_step(self) -> Any:
+        """The step that seeds stochastic rounding: a Python int, or the step array itself
+        while it is traced (``jax.jit``)."""
+        step = self._state["step"]
+        try:
+            return int(as_float(step))
+        except Exception:  # traced: no number yet
+            return step
 
     def apply_single(self, gradient: Array, parameter: Array, state: dict[str, Array]) -> Array:
         """One step for one parameter: returns the new parameter and updates ``state``."""

@@ -193,7 +193,6 @@ class Backend:
         raise NotImplementedError
 
 
-
 class PythonScalars(Backend):
     """Plain Python numbers, e.g. a schedule evaluated at an integer step."""
 

@@ -146,7 +146,6 @@ class JaxBackend(Backend):
         rounded = (jax.lax.bitcast_convert_type(x, jnp.uint32) + bits.astype(jnp.uint32)) & np.uint32(0xFFFF0000)
         return jnp.where(jnp.isnan(x), x, jax.lax.bitcast_convert_type(rounded, jnp.float32)).astype(jnp.bfloat16)
 
-
     def on_whole(self, fn: Callable[[Array], Array], x: Array) -> Array:
         """``fn(x)`` computed on the whole of ``x``, wherever ``x`` is split across devices.
 

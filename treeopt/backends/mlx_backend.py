@@ -144,4 +144,3 @@ class MlxBackend(Backend):
     def round_bfloat16(self, x: Array, bits: Array) -> Array:
         rounded = (x.view(mx.uint32) + bits.astype(mx.uint32)) & 0xFFFF0000
         return mx.where(mx.isnan(x), x, rounded.view(mx.float32)).astype(mx.bfloat16)
-

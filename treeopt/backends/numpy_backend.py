@@ -159,4 +159,3 @@ class NumpyBackend(Backend):
     def round_bfloat16(self, x: Array, bits: Array) -> Array:
         rounded = (x.view(np.uint32) + bits.astype(np.uint32)) & np.uint32(0xFFFF0000)
         return np.where(np.isnan(x), x, rounded.view(np.float32)).astype(_dtype("bfloat16"))
-

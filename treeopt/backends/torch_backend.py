@@ -192,4 +192,3 @@ class TorchBackend(Backend):
     def round_bfloat16(self, x: Array, bits: Array) -> Array:
         rounded = ((x.view(torch.int32) + bits.to(torch.int32)) & -65536).view(torch.float32)
         return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
-

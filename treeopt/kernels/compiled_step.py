@@ -363,6 +363,38 @@ def _numba_eligible(owner, backend, param):
     )
 
 
+def _stored_kinds(leaf):
+    """How the compiled loop reads the slots of ``leaf`` (``state_dtype``): ``None`` when they
+    are stored as the parameter, ``()`` when only the engine's rule runner can read them, else
+    one kind of :data:`.numba_precision.KINDS` per slot."""
+    owner, backend = leaf.owner, leaf.backend
+    if owner.precision is None:
+        return None
+    layout = owner.state_layout(tuple(backend.shape(leaf.param)), backend.dtype_name(leaf.param))
+    if layout is None:
+        return None
+    if backend.dtype_name(leaf.param) != "float32" or not _numba_eligible(owner, backend, leaf.param):
+        return ()
+    from treeopt.kernels.numba_precision import kind_of
+
+    kinds = tuple(kind_of(layout.forms[name]) for name in owner.rule.slots)
+    if all(kind == "f32" for kind in kinds):
+        return None  # float32 slots of a float32 parameter: the plain loop
+    return () if None in kinds else kinds
+
+
+def _by_stored_form(groups):
+    """``groups`` split by how their slots are stored (an int8 state keeps small tensors in float32)."""
+    for group in groups:
+        if group[0].owner.precision is None:
+            yield group
+            continue
+        split: dict[Any, list[Pair]] = {}
+        for leaf in group:
+            split.setdefault(_stored_kinds(leaf), []).append(leaf)
+        yield from split.values()
+
+
 class CompiledStep:
     def __init__(
         self, params: list[Array], buckets: list[Any], stepping: list[Optimizer], watched: list[Optimizer]
@@ -414,11 +446,12 @@ class CompiledStep:
             groups.setdefault(key, []).append(leaf)
         buckets: list[Any] = []
         fused: dict[tuple[Any, ...], list[tuple[Optimizer, list[Pair], list[int]]]] = {}
-        for group in groups.values():
+        for group in _by_stored_form(groups.values()):
             first = group[0]
             positions = [position[id(leaf)] for leaf in group]
-            compiled = _torch_compile_eligible(first.owner, first.backend, first.param)
-            if not compiled and not _numba_eligible(first.owner, first.backend, first.param):
+            stored = _stored_kinds(first)
+            compiled = stored is None and _torch_compile_eligible(first.owner, first.backend, first.param)
+            if stored == () or not compiled and not _numba_eligible(first.owner, first.backend, first.param):
                 buckets.append(_RuleBucket(first.owner, first.backend, group, positions))
                 continue
             # optimizers that share a rule, dtype and switches run in one loop
@@ -432,12 +465,19 @@ class CompiledStep:
                 static,
                 flags,
                 compiled,
+                stored,
             )
             fused.setdefault(key, []).append((first.owner, group, positions))
         for key, members in fused.items():
-            kind = _TorchCompiledBucket if key[6] else _NumbaBucket
             try:  # compiled now, so that a rule that cannot compile falls back before any write
-                buckets.append(kind(members, members[0][1][0].backend, key[4], key[5]).compiled())
+                if key[7] is not None:
+                    from treeopt.kernels.numba_precision import StoredBucket
+
+                    bucket = StoredBucket(members, members[0][1][0].backend, key[4], key[5], key[7])
+                else:
+                    kind = _TorchCompiledBucket if key[6] else _NumbaBucket
+                    bucket = kind(members, members[0][1][0].backend, key[4], key[5])
+                buckets.append(bucket.compiled())
             except Exception as error:
                 warn(
                     f"the compiled loop of rule {key[0].name!r} failed to build ({type(error).__name__}: "

@@ -1,8 +1,9 @@
 """The arithmetic of the compact state formats, written once for arrays and for scalars.
 
-Every function here uses only arithmetic operators and the functions it is given (``sqrt``,
-``floor``), so the same source runs on NumPy, torch, JAX and MLX arrays and, compiled by
-numba with scalar functions, inside the fused loop of :mod:`treeopt.kernels.numba_precision`.
+Every function here uses only arithmetic operators and ``sqrt``, ``floor`` and ``sign`` of
+:mod:`treeopt.ops`, so the same source runs on NumPy, torch, JAX and MLX arrays and, rebound
+to scalar functions and compiled by numba, inside the fused loop of
+:mod:`treeopt.kernels.numba_precision`.
 Constants come in as arguments in the value's dtype: a Python float literal would promote a
 float32 scalar to float64 inside numba, and the codes must be the same on every runner.
 
@@ -45,6 +46,8 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+from treeopt.ops import floor, sign, sqrt
+
 #: elements per int8 block (at most: a row shorter than this, or its last piece, is a block)
 BLOCK = 256
 #: tensors with fewer elements, or fewer than two axes, keep an int8 format's slots in float32
@@ -57,7 +60,7 @@ MASK32 = 0xFFFFFFFF
 
 
 # ---------------------------------------------------------------------- int8 codes
-def signed_code(x: Any, inverse_scale: Any, levels: Any, half: Any, sqrt: Any, floor: Any, sign: Any) -> Any:
+def signed_code(x: Any, inverse_scale: Any, levels: Any, half: Any) -> Any:
     """The signed code of ``x`` (a float holding an integer in [-127, 127])."""
     return sign(x) * floor(sqrt(abs(x) * inverse_scale) * levels + half)
 
@@ -67,7 +70,7 @@ def signed_value(code: Any, step: Any) -> Any:
     return code * abs(code) * step
 
 
-def unsigned_code(x: Any, inverse_scale: Any, levels: Any, half: Any, sqrt: Any, floor: Any) -> Any:
+def unsigned_code(x: Any, inverse_scale: Any, levels: Any, half: Any) -> Any:
     """The unsigned code of ``x >= 0`` (a float holding an integer in [0, 255])."""
     return floor(sqrt(sqrt(x * inverse_scale)) * levels + half)
 

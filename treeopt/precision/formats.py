@@ -99,9 +99,7 @@ def state_precision(value: str | StatePrecision | None, owner: str) -> StatePrec
     if value is None or isinstance(value, StatePrecision):
         return value
     if not isinstance(value, str):
-        raise TypeError(
-            f"{owner} state_dtype should be None, a string or a StatePrecision, got {type(value).__name__}"
-        )
+        raise TypeError(f"{owner} state_dtype should be None, a string or a StatePrecision, got {type(value).__name__}")
     if value not in STATE_DTYPES:
         raise ValueError(f"{owner} state_dtype should be None or one of {STATE_DTYPES}, {value!r} was provided instead")
     return StatePrecision(value)
@@ -156,9 +154,7 @@ class Form:
         """The slot as an array of ``dtype`` for the rule."""
         raise NotImplementedError
 
-    def encode(
-        self, backend: Backend, slot: str, value: Array, noise: Noise | None
-    ) -> dict[str, Array]:
+    def encode(self, backend: Backend, slot: str, value: Array, noise: Noise | None) -> dict[str, Array]:
         """The entries that store ``value`` (an array of the compute dtype)."""
         raise NotImplementedError
 
@@ -286,9 +282,9 @@ class Int8(Form):
             inverse = inverse.reshape(tuple(backend.shape(inverse)) + (1,))
             levels, half = backend.cast(float(self.levels), value), backend.cast(0.5, value)
             if self.signed:
-                code = codes.signed_code(x, inverse, levels, half, backend.sqrt, backend.floor, backend.sign)
+                code = codes.signed_code(x, inverse, levels, half)
             else:
-                code = codes.unsigned_code(x, inverse, levels, half, backend.sqrt, backend.floor)
+                code = codes.unsigned_code(x, inverse, levels, half)
             code = backend.where(code == code, code, 0.0)  # a NaN or infinite block: codes 0, scale NaN
         stored = backend.astype(self._unblock(code, shape), "int8" if self.signed else "uint8")
         return {slot: stored, f"{slot}_scale": scale}
