@@ -72,10 +72,17 @@ def bits_float(typingctx, x):
     return types.float32(types.int32), codegen
 
 
+@numba.njit(inline="always")
+def _sign(x):
+    # branch-free (numba's np.sign branches, which keeps the loop from vectorising); a NaN
+    # never reaches it: a block with one is not encoded
+    return np.float32(x > 0) - np.float32(x < 0)
+
+
 def _scalar(function: Callable[..., Any]) -> Callable[..., Any]:
     """A function of :mod:`treeopt.precision.codes` compiled for scalars (its ops rebound)."""
     names = dict(function.__globals__)
-    names.update(sqrt=np.sqrt, floor=np.floor, sign=np.sign)
+    names.update(sqrt=np.sqrt, floor=np.floor, sign=_sign)
     rebound = pytypes.FunctionType(function.__code__, names, function.__name__, function.__defaults__)
     return numba.njit(inline="always")(rebound)
 
@@ -111,7 +118,7 @@ from numba import carray, njit, prange
 
 from treeopt.kernels.numba_kernels import scalar_version
 from treeopt.kernels.numba_precision import (
-    round_bfloat16, signed_code, signed_value, unsigned_code, unsigned_value, widen_bfloat16,
+    bits_float, float_bits, round_bfloat16, signed_code, signed_value, unsigned_code, unsigned_value, widen_bfloat16,
 )
 from treeopt.kernels.numba_support import as_voidptr
 from {module} import {function} as _update
@@ -120,7 +127,7 @@ rule = scalar_version(_update)
 BLOCK = {block}
 
 
-@njit(parallel=True, cache={cache})
+@njit(parallel=True, cache={cache}, error_model="numpy")  # no division check: the loops vectorise
 def kernel(grad_ptrs, param_ptrs, slot_ptrs, scale_ptrs, pieces, items, columns, per_row, rows, table, flags, salts):
     # work item w: pieces[items[w]:items[w + 1]], each (tensor, first block, end block); a
     # block is at most BLOCK elements of one row of its tensor (rows of columns[i] elements)
@@ -128,6 +135,7 @@ def kernel(grad_ptrs, param_ptrs, slot_ptrs, scale_ptrs, pieces, items, columns,
     signed_levels, unsigned_levels = np.float32({signed_levels}), np.float32({unsigned_levels})
     signed_unit, unsigned_unit = np.float32({signed_unit!r}), np.float32({unsigned_unit!r})
     nan = np.float32(np.nan)
+    magnitude, infinity = np.int32(0x7FFFFFFF), np.int32(0x7F800000)
     for w in prange(items.shape[0] - 1):
 {buffers}
         for s in range(items[w], items[w + 1]):
@@ -185,23 +193,24 @@ def _source(rule: Any, kinds: tuple[str, ...], static: tuple[str, ...], cache: b
             f"                s{k} = carray(as_voidptr({pointer} + start), n, {code_type})",
             f"                scale{k} = carray(as_voidptr(scale_ptrs[i, {k}] + b * 4), 1, np.float32)",
             f"                step{k} = scale{k}[0] * {unit}",
-            f"                top{k} = zero",
-            f"                bad{k} = zero",
+            f"                top{k} = np.int32(0)",
         ]
         loads.append(f"                    l{k} = {value}(np.float32(s{k}[j]), step{k})")
         stores += [
             f"                    buffer{k}[j] = t{k}",
-            f"                    top{k} = max(top{k}, abs(t{k}))",
-            f"                    bad{k} += t{k} * zero",
+            # the largest magnitude as an integer maximum of the bit patterns (which vectorises,
+            # where a float maximum must keep its NaN order); above the largest float: not finite
+            f"                    top{k} = max(top{k}, float_bits(t{k}) & magnitude)",
         ]
         encodes += [
-            f"                if bad{k} != zero:  # a NaN or an infinity: the block reads back as NaN",
+            f"                if top{k} >= infinity:  # a NaN or an infinity: the block reads back as NaN",
             f"                    scale{k}[0] = nan",
             "                    for j in range(n):",
             f"                        s{k}[j] = 0",
             "                else:",
-            f"                    inverse = one / top{k} if top{k} > zero else zero",
-            f"                    scale{k}[0] = top{k}",
+            f"                    largest = bits_float(top{k})",
+            "                    inverse = one / largest if largest > zero else zero",
+            f"                    scale{k}[0] = largest",
             "                    for j in range(n):",
             f"                        s{k}[j] = {code_type}({code}(buffer{k}[j], inverse, {levels}, half))",
         ]
