@@ -144,10 +144,16 @@ def test_the_compiled_loop_is_the_runner_byte_for_byte(setting, state_dtype):
     for path in SHAPES:
         np.testing.assert_array_equal(fast_params[path], slow_params[path])
         for key, value in slow.state[path].items():
-            np.testing.assert_array_equal(np.asarray(fast.state[path][key]).view(np.uint8), np.asarray(value).view(np.uint8))
+            np.testing.assert_array_equal(
+                np.asarray(fast.state[path][key]).view(np.uint8), np.asarray(value).view(np.uint8)
+            )
 
 
-CROSS = [s for s in SETTINGS if s.id in ("AdamW(weight_decay=0.1,bias_correction=True)", "Muon()", "Lion()", "SGD(momentum=0.9)")]
+CROSS = [
+    s
+    for s in SETTINGS
+    if s.id in ("AdamW(weight_decay=0.1,bias_correction=True)", "Muon()", "Lion()", "SGD(momentum=0.9)")
+]
 
 
 @pytest.mark.parametrize("backend", backend_params(["torch", "jax", "mlx"]))

@@ -45,6 +45,8 @@ class Row:
     also_matched: tuple[str, ...] = ()  # other filters that accept the path (the first one won)
     notes: tuple[str, ...] = ()  # guard warnings
     owner: str | None = None  # under ZeRO-1: the rank that updates it ("0"), or "rows" (split over every rank)
+    #: how its slots are stored, when its optimizer has a ``state_dtype``: "int8/256, uint8/256", "float32"...
+    state_dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class Group:
     size: int
     state_bytes: int
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    #: the optimizer's ``state_dtype`` (``None``: the parameters' dtype)
+    state_dtype: str | None = None
 
 
 def _human(n):
@@ -144,6 +148,10 @@ class Plan:
         ]
         if not any(row[-1] for row in body):  # no note anywhere: drop the column
             header, body = header[:-1], [row[:-1] for row in body]
+        if any(r.state_dtype is not None for r in self.rows):  # a state_dtype: how each is stored
+            at = header.index("state") + 1
+            header = header[:at] + ["stored as"] + header[at:]
+            body = [row[:at] + [r.state_dtype or "-"] + row[at:] for row, r in zip(body, self.rows)]
         if any(r.owner is not None for r in self.rows):  # ZeRO-1: who updates each parameter
             header = header[:2] + ["owner"] + header[2:]
             body = [row[:2] + ["-" if r.owner is None else r.owner] + row[2:] for row, r in zip(body, self.rows)]
@@ -162,6 +170,11 @@ class Plan:
             ]
             for g in self.groups
         ]
+        if any(g.state_dtype is not None for g in self.groups):
+            totals = [totals[0][:5] + ["state_dtype", "bytes/param"] + totals[0][5:]] + [
+                row[:5] + [g.state_dtype or "-", f"{g.state_bytes / g.size:.2f}" if g.size else "-"] + row[5:]
+                for row, g in zip(totals[1:], self.groups)
+            ]
         if self.ranks:
             totals = (
                 totals
@@ -274,17 +287,29 @@ def _renamed(row):
 
 # ---------------------------------------------------------------------------------- building
 def _predicted_bytes(leaf, shape, dtype):
-    """State bytes of a parameter that has no state yet, from the optimizer's slot shapes."""
-
-    class _Like:  # stands in for the parameter in slot_shapes
-        def __init__(self, shape: Shape) -> None:
-            self.shape, self.ndim = shape, len(shape)
-
+    """State bytes of a parameter that has no state yet, from the optimizer's slot entries."""
     try:
-        itemsize = 2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize
-        return sum(math.prod(s) * itemsize for s in leaf.slot_shapes(_Like(shape)).values())
+        entries = leaf.slot_entries(tuple(shape), dtype)
+        return sum(math.prod(s) * _itemsize(d) for s, d in entries.values())
     except Exception:
         return 0
+
+
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize
+
+
+def _stored_as(owner, shape, dtype):
+    """How a parameter's slots are stored, for an optimizer with a ``state_dtype``."""
+    if owner.precision is None:
+        return None
+    try:
+        layout = owner.state_layout(tuple(shape), dtype)
+    except Exception:
+        return None
+    if layout is None:
+        return dtype
+    return ", ".join(dict.fromkeys(form.name for form in layout.forms.values())) or "-"
 
 
 def build(optimizer: Optimizer) -> Plan:
@@ -304,6 +329,7 @@ def build(optimizer: Optimizer) -> Plan:
             continue
         slots = engine.slots_at(owner, placed.keys) or {}
         state_bytes = sum(_nbytes(v) for v in slots.values()) if slots else _predicted_bytes(owner, shape, dtype)
+        stored = _stored_as(owner, shape, dtype)
         group = group_of[id(owner)]
         values = hyper[id(owner)]
         rows.append(
@@ -320,13 +346,23 @@ def build(optimizer: Optimizer) -> Plan:
                 values.get("weight_decay"),
                 placed.also,
                 placed.notes,
+                state_dtype=stored,
             )
         )
         totals[group][0] += 1
         totals[group][1] += math.prod(shape)
         totals[group][2] += state_bytes
     groups = [
-        Group(i, name, type(stateful).__name__, totals[i][0], totals[i][1], totals[i][2], hyper[id(stateful)])
+        Group(
+            i,
+            name,
+            type(stateful).__name__,
+            totals[i][0],
+            totals[i][1],
+            totals[i][2],
+            hyper[id(stateful)],
+            None if stateful.precision is None else stateful.precision.describe(),
+        )
         for i, (name, _, stateful) in enumerate(named)
     ]
     return Plan(
