@@ -333,3 +333,36 @@ def layout(
         else:
             forms[slot] = Plain("float32")
     return Layout(compute, forms)
+
+
+# ---------------------------------------------------------------------- stored slots read without a layout
+def stored_form(entries: dict[str, tuple[Shape, str]], slot: str, block: int = codes.BLOCK) -> Form | str:
+    """The form of ``slot`` from the entries a file or a state holds for it (``{key: (shape,
+    dtype)}``), or a message saying why they cannot be a stored slot: a float array, or int8
+    (signed) or uint8 (unsigned) codes with a float32 ``<slot>_scale`` of their block grid."""
+    if slot not in entries:
+        return f"has no entry {slot!r}"
+    shape, dtype = entries[slot]
+    scale = entries.get(f"{slot}_scale")
+    if dtype in ("int8", "uint8"):
+        if scale is None:
+            return f"{slot!r} holds {dtype} codes but there is no {slot + '_scale'!r}"
+        rows, _, per_row = block_grid(shape, block)
+        if tuple(scale[0]) != (rows, per_row) or scale[1] != "float32":
+            return (
+                f"{slot + '_scale'!r} is {scale[1]}{list(scale[0])}; codes of shape {list(shape)} in blocks of "
+                f"{block} need float32{[rows, per_row]}"
+            )
+        return Int8(dtype == "int8", block)
+    if scale is not None:
+        return f"{slot!r} is {dtype} and needs no {slot + '_scale'!r}"
+    if dtype == "bfloat16":
+        return Bfloat16()
+    if dtype in ("float16", "float32", "float64"):
+        return Plain(dtype)
+    return f"{slot!r} is {dtype}, not a float array or int8/uint8 codes"
+
+
+def slot_names(keys: Sequence[str]) -> list[str]:
+    """The slots of a parameter's stored entries (scales belong to their codes' slot)."""
+    return [k for k in keys if not (k.endswith("_scale") and k[: -len("_scale")] in keys)]
