@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from treeopt.checkpoint.format import LoadReport
 
 FORMAT = "treeopt-checkpoint"
-FORMAT_VERSION = 1
+#: 2: optimizers may have a ``state_dtype`` and slots int8/uint8 codes with float32 scales
+FORMAT_VERSION = 2
 
 
 class CheckpointError(TreeoptError, ValueError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +21,8 @@ from treeopt._trees import dotted
 from treeopt.backends import array_backend, numpy_backend
 from treeopt.checkpoint import routing, validate
 from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, Problem, assign, numpy_scalar
+from treeopt.precision.codes import BLOCK
+from treeopt.precision.formats import Form, slot_names, stored_form
 from treeopt.types import Array
 
 if TYPE_CHECKING:
@@ -114,6 +116,8 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
                 ],
             }
         )
+        if leaf.precision is not None:  # how its slots are stored (codes and scales of int8 slots)
+            optimizers[-1]["state_dtype"] = asdict(leaf.precision)
     names = {id(leaf): name for name, _, leaf in leaf_optimizers(optimizer)}
     for placed in optimizer.routing_table():  # known paths without state
         parameters.setdefault(dotted(placed.keys), {"owner": names.get(id(placed.owner)), "slots": {}})
@@ -132,7 +136,8 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
                 put(f"#{name}", value)
     metadata = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        # a file without a state_dtype is what format 1 readers know
+        "format_version": FORMAT_VERSION if any("state_dtype" in o for o in optimizers) else 1,
         "treeopt_version": __version__,
         "whole_model": {k: v for k, v in extra.items() if v is not None},
         "step": int(numpy_scalar(leaf_optimizers(optimizer)[0][2].step)),
@@ -185,6 +190,8 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
     matches = _match_optimizers(current, metadata)
     saved_params = metadata["parameters"]
     saved_types = {o["name"]: o["type"] for o in metadata["optimizers"]}
+    saved_blocks = {o["name"]: o.get("state_dtype", {}).get("block", BLOCK) for o in metadata["optimizers"]}
+    converts: list[tuple[Optimizer, Any, dict[str, Array], str, dict[str, Form]]] = []
     writes: list[
         tuple[dict[str, Array], str, Array]
     ] = []  # (slots dict, slot name, saved array), applied only after every check
@@ -210,10 +217,20 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
                     )
                 )
                 continue
-            if set(saved["slots"]) != set(slots):
+            saved_names, current_names = slot_names(list(saved["slots"])), slot_names(list(slots))
+            if set(saved_names) != set(current_names):
                 report.problems.append(
-                    Problem("slots", path, f"slots {sorted(saved['slots'])} in the checkpoint, {sorted(slots)} now")
+                    Problem(
+                        "slots", path, f"slots {sorted(saved_names)} in the checkpoint, {sorted(current_names)} now"
+                    )
                 )
+                continue
+            if any(saved["slots"].get(slot) != _shape_dtype(value) for slot, value in slots.items()):
+                # stored in another form (another state_dtype): read back and stored anew
+                forms = _stored_forms(leaf, keys, path, saved, saved_blocks.get(saved["owner"], BLOCK), report)
+                if forms is not None:
+                    converts.append((leaf, keys, slots, path, forms))
+                    report.loaded.append(path)
                 continue
             fits = True
             for slot, value in slots.items():
@@ -273,11 +290,63 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
         _load_whole_model_state(optimizer, tensors, metadata)
     for slots, slot, key in writes:
         assign(slots, slot, tensors[key])  # one tensor read at a time
+    for leaf, keys, slots, path, forms in converts:
+        _convert(leaf, keys, slots, path, forms, tensors)
     for leaf, scalar, array in scalar_writes:
         _assign_scalar(leaf, scalar, array)
     for _, _, leaf in current:
         leaf.book.initialized = True
     return report
+
+
+def _stored_forms(leaf, keys, path, saved, block, report):
+    """The stored form of each slot of ``path`` in the checkpoint, checked against the slots
+    the parameter needs now; ``None`` (with the problems reported) when they do not fit."""
+    shape, dtype = leaf.book.parameters[keys]
+    wanted = leaf.slot_shapes(_Shape(shape))
+    entries = {k: (tuple(v["shape"]), v["dtype"]) for k, v in saved["slots"].items()}
+    forms = {}
+    for slot, slot_shape in wanted.items():
+        form = stored_form({k: v for k, v in entries.items() if k in (slot, f"{slot}_scale")}, slot, block)
+        if isinstance(form, str):
+            report.problems.append(Problem("stored", f"{path}/{slot}", form))
+        elif entries[slot][0] != tuple(slot_shape):
+            report.problems.append(
+                Problem(
+                    "shape", f"{path}/{slot}", f"shape {entries[slot][0]} in the checkpoint, {tuple(slot_shape)} now"
+                )
+            )
+        else:
+            forms[slot] = form
+    return forms if len(forms) == len(wanted) else None
+
+
+def _convert(leaf, keys, slots, path, forms, tensors):
+    """Write the saved slots of ``path`` (read back from their stored ``forms``) in the form
+    ``leaf`` stores them now. No step: bfloat16 is rounded to nearest."""
+    shape, dtype = leaf.book.parameters[keys]
+    layout = leaf.state_layout(shape, dtype)
+    compute = layout.compute if layout is not None else dtype
+    for slot, form in forms.items():
+        arrays = {
+            k: np.asarray(array_backend(tensors[f"{path}/{k}"]).to_numpy(tensors[f"{path}/{k}"]))
+            for k in (slot, f"{slot}_scale")
+            if f"{path}/{k}" in tensors
+        }
+        value = form.load(numpy_backend, arrays, slot, "float64" if compute == "float64" else "float32")
+        if layout is None:
+            entries = {slot: numpy_backend.astype(value, dtype)}
+        else:
+            entries = layout.forms[slot].encode(numpy_backend, slot, value, None)
+        for key, array in entries.items():
+            assign(slots, key, array)
+
+
+class _Shape:
+    """Stands in for a parameter in ``slot_shapes``."""
+
+    def __init__(self, shape) -> None:
+        self.shape, self.ndim = tuple(shape), len(shape)
 
 
 def _spec(tensors, key):

@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from treeopt import engine
 from treeopt._trees import dotted
+from treeopt.backends import array_backend
 from treeopt.checkpoint.format import FORMAT, FORMAT_VERSION, leaf_optimizers
 from treeopt.tree import tree_flatten
 from treeopt.types import Array
@@ -24,8 +26,25 @@ def is_mlx_layout(keys: Iterable[str]) -> bool:
 
 
 def to_mlx(optimizer: Optimizer) -> dict[str, Array]:
-    """The arrays of ``tree_flatten(optimizer.state)``, as MLX would save them."""
-    return dict(tree_flatten(optimizer.state))
+    """The arrays of ``tree_flatten(optimizer.state)``, as MLX would save them. Slots stored
+    compactly (``state_dtype``) are read back into the parameter's dtype, as MLX keeps them."""
+    flat = dict(tree_flatten(optimizer.state))
+    for _, position, leaf in leaf_optimizers(optimizer):
+        if leaf.precision is None:
+            continue
+        prefix = "".join(f"states.{i}." for i in position)
+        for keys, slots in engine.slot_items(leaf):
+            shape, dtype = leaf.book.parameters[keys]
+            layout = leaf.state_layout(shape, dtype)
+            if layout is None:
+                continue
+            path = prefix + ".".join(map(str, (engine.state_key(leaf, keys[0]),) + tuple(keys[1:])))
+            for key in slots:
+                flat.pop(f"{path}.{key}", None)
+            for slot, form in layout.forms.items():
+                backend = array_backend(slots[slot])
+                flat[f"{path}.{slot}"] = backend.astype(form.load(backend, slots, slot, layout.compute), dtype)
+    return flat
 
 
 def from_mlx(optimizer: Optimizer, arrays: Stored) -> tuple[dict[str, Array], dict[str, Any]]:
