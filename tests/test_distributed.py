@@ -569,3 +569,55 @@ def test_a_fully_sharded_model_trains_as_one_process_fed_its_gradients():
     results = run_world(fully_shard_train, 2, 3)
     expected = run_world(replay, 1, results[0]["grads"])[0]
     assert_same_params(results, expected)
+
+
+# ---------------------------------------------------------------------------------- compact state (state_dtype)
+def compact_muon_adamw():
+    """Every matrix's slots as int8 codes and block scales (blocks are pieces of rows, so a
+    row split keeps them whole), the vectors' in float32."""
+    int8 = optim.StatePrecision("int8", min_size=0)
+    return optim.MultiOptimizer(
+        [optim.Muon(0.02, weight_decay=0.01, state_dtype=int8), optim.AdamW(3e-3, state_dtype=int8)], [hidden_matrix]
+    )
+
+
+def compact_train(rank, world, steps, sharding):
+    params = make_params()
+    opt = treeopt.torch.Optimizer(params, compact_muon_adamw(), sharding=sharding if world > 1 else None)
+    for step in range(steps):
+        for (name, p), g in zip(params, gradients(step).values()):
+            p.grad = g
+        opt.step()
+    codes = {
+        f"{'.'.join(map(str, keys))}/{slot}": value.clone()
+        for child in opt.optimizer.optimizers
+        for keys, slots in slot_items(child)
+        for slot, value in slots.items()
+    }
+    return {
+        "params": {n: p.detach().clone() for n, p in params},
+        "codes": codes,
+        "owned": sorted(opt._distributed.local) if world > 1 else [],
+    }
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero1_int8_state_is_one_process_bit_for_bit_codes_and_scales_split_by_rows(world):
+    (one,) = run_world(compact_train, 1, 3, None)
+    assert one["codes"]["embed.weight/m"].dtype == torch.int8 and one["codes"]["embed.weight/m_scale"].shape == (64, 1)
+    results = run_world(compact_train, world, 3, "zero1")
+    assert_same_params(results, one)
+    for key, value in one["codes"].items():  # each rank holds its rows' codes and scales
+        held = [r["codes"][key] for r in results if key in r["codes"]]
+        assert held, key
+        if all(h.shape == value.shape for h in held):
+            assert all(torch.equal(h, value) for h in held), key
+        else:  # split by rows: the ranks' pieces are one process's rows, in order
+            assert torch.equal(torch.cat(held), value), key
+
+
+@pytest.mark.parametrize("world", [2])
+def test_fsdp2_int8_state_equals_one_process(world):
+    (one,) = run_world(compact_train, 1, 3, None)
+    results = run_world(fsdp_train, world, 3, False, None, compact_muon_adamw())
+    assert_same_params(results, one)

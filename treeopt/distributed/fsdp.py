@@ -28,6 +28,7 @@ from treeopt import engine
 from treeopt.distributed import ownership as _ownership
 from treeopt.distributed.comm import Collectives
 from treeopt.errors import ParameterError
+from treeopt.precision import Noise
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -194,8 +195,18 @@ class FullyShardedStep:
                 for name in group:
                     slots = engine.slots_at(optimizer, (name,))
                     assert slots is not None  # created at construction
-                    direction, v = muon_direction(grads[name], self.local[name], slots["v"], **coefficients)
-                    slots["v"].copy_(v)
+                    local = self.local[name]
+                    stored = optimizer.state_layout(tuple(local.shape), _backend(local).dtype_name(local))
+                    if stored is None:
+                        direction, v = muon_direction(grads[name], local, slots["v"], **coefficients)
+                        slots["v"].copy_(v)
+                    else:  # a compact state_dtype: the momentum read back, then stored anew (its blocks are rows)
+                        backend = _backend(local)
+                        momentum = stored.forms["v"].load(backend, slots, "v", stored.compute)
+                        direction, v = muon_direction(grads[name], local, momentum, **coefficients)
+                        noise = Noise(optimizer.precision.seed, name, optimizer.noise_step())  # type: ignore[union-attr]
+                        for key, value in stored.forms["v"].encode(backend, "v", v, noise).items():
+                            slots[key].copy_(value)
                     directions[name] = direction
                 updates = self._orthogonalize_on_owners(group, directions, coefficients, muon_orthogonalize)
                 for name in group:  # the rate depends on the global shape: every rank computes it alike
