@@ -373,6 +373,8 @@ def _stored_kinds(leaf):
     layout = owner.state_layout(tuple(backend.shape(leaf.param)), backend.dtype_name(leaf.param))
     if layout is None:
         return None
+    if _torch_compile_eligible(owner, backend, leaf.param):
+        return ("torch",)  # the formats' array code compiled around the rule
     if backend.dtype_name(leaf.param) != "float32" or not _numba_eligible(owner, backend, leaf.param):
         return ()
     from treeopt.kernels.numba_precision import kind_of
@@ -450,7 +452,7 @@ class CompiledStep:
             first = group[0]
             positions = [position[id(leaf)] for leaf in group]
             stored = _stored_kinds(first)
-            compiled = stored is None and _torch_compile_eligible(first.owner, first.backend, first.param)
+            compiled = _torch_compile_eligible(first.owner, first.backend, first.param) and stored in (None, ("torch",))
             if stored == () or not compiled and not _numba_eligible(first.owner, first.backend, first.param):
                 buckets.append(_RuleBucket(first.owner, first.backend, group, positions))
                 continue
@@ -470,7 +472,11 @@ class CompiledStep:
             fused.setdefault(key, []).append((first.owner, group, positions))
         for key, members in fused.items():
             try:  # compiled now, so that a rule that cannot compile falls back before any write
-                if key[7] is not None:
+                if key[7] == ("torch",):
+                    from treeopt.kernels.torch_precision import TorchStoredBucket
+
+                    bucket = TorchStoredBucket(members, members[0][1][0].backend, key[4], key[5])
+                elif key[7] is not None:
                     from treeopt.kernels.numba_precision import StoredBucket
 
                     bucket = StoredBucket(members, members[0][1][0].backend, key[4], key[5], key[7])

@@ -115,9 +115,17 @@ class Noise:
     path: str
     step: Any
     offset: int = 0
+    #: the per-tensor part of each slot's salt, when computed beforehand (a compiled step)
+    starts: dict[str, int] | None = None
+
+    def start(self, slot: str) -> int:
+        """The part of ``slot``'s salt that does not change from step to step."""
+        if self.starts is not None:
+            return self.starts[slot]
+        return codes.mix32((codes.mix32(self.seed) + codes.path_key(self.path, slot)) & codes.MASK32)
 
     def salt(self, backend: Backend, slot: str) -> Any:
-        start = codes.mix32((codes.mix32(self.seed) + codes.path_key(self.path, slot)) & codes.MASK32)
+        start = self.start(slot)
         if isinstance(self.step, int):
             return codes.mix32((start + self.step) & codes.MASK32)
         constants = tuple(backend.hash_scalar(c) for c in codes.MIX_CONSTANTS)
