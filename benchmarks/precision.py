@@ -218,8 +218,10 @@ def outcome(out, seeds=(0, 1), steps=600, threads=None):
     if threads:
         torch.set_num_threads(threads)
     results = json.load(open(out)) if out and os.path.exists(out) else {"runs": {}}
-    runs = [("AdamW", None, seed) for seed in seeds] + [
-        ("muon_adamw", precision, seed) for precision in (None, "bfloat16", "int8") for seed in seeds
+    runs = [  # seed by seed: an interrupted run has whole comparisons
+        (setup, precision, seed)
+        for seed in seeds
+        for setup, precision in (("AdamW", None), ("muon_adamw", None), ("muon_adamw", "bfloat16"), ("muon_adamw", "int8"))
     ]
     data = training_gpt.Data(cli.CONTEXT, cli.BATCH_SIZE)
     for setup, precision, seed in runs:
