@@ -221,7 +221,12 @@ def outcome(out, seeds=(0, 1), steps=600, threads=None):
     runs = [  # seed by seed: an interrupted run has whole comparisons
         (setup, precision, seed)
         for seed in seeds
-        for setup, precision in (("AdamW", None), ("muon_adamw", None), ("muon_adamw", "bfloat16"), ("muon_adamw", "int8"))
+        for setup, precision in (
+            ("AdamW", None),
+            ("muon_adamw", None),
+            ("muon_adamw", "bfloat16"),
+            ("muon_adamw", "int8"),
+        )
     ]
     data = training_gpt.Data(cli.CONTEXT, cli.BATCH_SIZE)
     for setup, precision, seed in runs:

@@ -277,7 +277,7 @@ def check_slots(optimizer: Optimizer, pair: Pair) -> None:
                 pair.path,
             )
         if backend.dtype_name(value) != slot_dtype:
-            stored = "the parameter is" if slot_dtype == dtype else f"its state_dtype stores it as"
+            stored = "the parameter is" if slot_dtype == dtype else "its state_dtype stores it as"
             raise ParameterError(
                 f"{name}: slot {slot!r} of {describe(pair.path)} is {backend.dtype_name(value)} but {stored} "
                 f"{slot_dtype}",
@@ -354,8 +354,8 @@ def run_rule(optimizer: Optimizer, pairs: list[Pair], in_place: bool, stacks: di
             optimizer.state_layout(pair.backend.shape(pair.param), pair.backend.dtype_name(pair.param))
             for pair in pairs
         ]
-        if layouts[0] is not None:
-            run_stored(optimizer, pairs, layouts, in_place, stacks)
+        if layouts[0] is not None:  # a group's pairs share the dtype: all are stored forms
+            run_stored(optimizer, pairs, layouts, in_place, stacks)  # type: ignore[arg-type]
             return
     _run_rule(optimizer, pairs, in_place, stacks)
 

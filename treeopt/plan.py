@@ -18,7 +18,7 @@ import numpy as np
 from treeopt import engine
 from treeopt._trees import dotted
 from treeopt.backends import as_float, backend_of
-from treeopt.types import Array, Shape
+from treeopt.types import Array
 
 if TYPE_CHECKING:
     from rich.console import Group as RichGroup

@@ -345,7 +345,7 @@ def _convert(leaf, keys, slots, path, forms, tensors):
 class _Shape:
     """Stands in for a parameter in ``slot_shapes``."""
 
-    def __init__(self, shape) -> None:
+    def __init__(self, shape: list[int] | tuple[int, ...]) -> None:
         self.shape, self.ndim = tuple(shape), len(shape)
 
 

@@ -472,6 +472,7 @@ class CompiledStep:
             fused.setdefault(key, []).append((first.owner, group, positions))
         for key, members in fused.items():
             try:  # compiled now, so that a rule that cannot compile falls back before any write
+                bucket: Any
                 if key[7] == ("torch",):
                     from treeopt.kernels.torch_precision import TorchStoredBucket
 

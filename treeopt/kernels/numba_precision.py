@@ -329,7 +329,7 @@ class StoredBucket(_NumbaBucket):
                     self.scale_ptrs[i, k] = _pointer(leaf.slots[f"{name}_scale"])
         self.param_ptrs = np.array([_pointer(p) for p in self.params], np.int64)
         # the per-tensor part of each bfloat16 slot's random bits; the step is mixed in per step
-        seeds = [owner.precision.seed for owner in self.owners]
+        seeds = [owner.precision.seed for owner in self.owners]  # type: ignore[union-attr]  # stored: set
         self.starts = np.zeros((len(leaves), count), np.int64)
         for i, leaf in enumerate(leaves):
             for k, name in enumerate(names):

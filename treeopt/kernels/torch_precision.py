@@ -86,7 +86,7 @@ class TorchStoredBucket(_TorchCompiledBucket):
             rule.update, tuple(rule.slots), layouts, noises, self.numeric, dict(zip(static, flags)), rows
         )
 
-    def run(self, grads):
+    def run(self, grads: list[torch.Tensor]) -> None:
         values = []
         for owner in self.owners:
             coefficients = owner.coefficients(self.params[0], self.backend)
