@@ -3,8 +3,8 @@
 The loop of :mod:`.numba_kernels` with the state formats of :mod:`treeopt.precision` fused
 around the inlined rule, so a step reads and writes each byte of the state once: per block of
 at most ``BLOCK`` elements of one row, the loop reads the slots (int8 codes times their block's
-scale, bfloat16 widened), runs the rule, keeps the new int8-stored slots in a small buffer
-while taking their maximum, then writes the parameter, the codes and the block's scale.
+scale, bfloat16 widened), runs the rule and writes the parameter, keeps the new int8-stored
+slots in a small buffer, takes their maximum, then writes the codes and the block's scale.
 bfloat16 slots are rounded stochastically in the same pass, with the random bits of
 :mod:`treeopt.precision.codes` drawn from the element's index. Work items are runs of whole
 blocks (a block is never split between threads), balanced as :func:`.numba_kernels.work_items`
@@ -196,13 +196,13 @@ def _source(rule: Any, kinds: tuple[str, ...], static: tuple[str, ...], cache: b
             f"                top{k} = np.int32(0)",
         ]
         loads.append(f"                    l{k} = {value}(np.float32(s{k}[j]), step{k})")
-        stores += [
-            f"                    buffer{k}[j] = t{k}",
-            # the largest magnitude as an integer maximum of the bit patterns (which vectorises,
-            # where a float maximum must keep its NaN order); above the largest float: not finite
-            f"                    top{k} = max(top{k}, float_bits(t{k}) & magnitude)",
-        ]
+        stores.append(f"                    buffer{k}[j] = t{k}")
         encodes += [
+            # the largest magnitude as an integer maximum of the bit patterns, in a loop of its
+            # own (in the rule's loop it kept that loop from vectorising); above the largest
+            # finite float's pattern: a NaN or an infinity
+            "                for j in range(n):",
+            f"                    top{k} = max(top{k}, float_bits(buffer{k}[j]) & magnitude)",
             f"                if top{k} >= infinity:  # a NaN or an infinity: the block reads back as NaN",
             f"                    scale{k}[0] = nan",
             "                    for j in range(n):",
