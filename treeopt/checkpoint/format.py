@@ -191,6 +191,9 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
     saved_params = metadata["parameters"]
     saved_types = {o["name"]: o["type"] for o in metadata["optimizers"]}
     saved_blocks = {o["name"]: o.get("state_dtype", {}).get("block", BLOCK) for o in metadata["optimizers"]}
+    # slots stored in another form load read back and stored anew only where a state_dtype is
+    # involved; between two optimizers without one, another dtype is a problem, as it always was
+    saved_compact = {o["name"] for o in metadata["optimizers"] if "state_dtype" in o}
     converts: list[tuple[Optimizer, Any, dict[str, Array], str, dict[str, Form]]] = []
     writes: list[
         tuple[dict[str, Array], str, Array]
@@ -225,7 +228,8 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
                     )
                 )
                 continue
-            if any(saved["slots"].get(slot) != _shape_dtype(value) for slot, value in slots.items()):
+            compact = leaf.precision is not None or saved["owner"] in saved_compact
+            if compact and any(saved["slots"].get(slot) != _shape_dtype(value) for slot, value in slots.items()):
                 # stored in another form (another state_dtype): read back and stored anew
                 forms = _stored_forms(leaf, keys, path, saved, saved_blocks.get(saved["owner"], BLOCK), report)
                 if forms is not None:
