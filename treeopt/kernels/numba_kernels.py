@@ -145,9 +145,17 @@ def kernel_for(rule: Rule, static: tuple[str, ...] = ()) -> tuple[Callable[..., 
     coefficients named in ``static`` are switches (booleans)."""
     source, coefficients = _source(rule, static, cache=True)
     rule_source = inspect.getsource(sys.modules[rule.update.__module__])
-    digest = hashlib.sha256((source + rule_source + numba.__version__).encode()).hexdigest()[:16]
+    module = load_generated(rule.name, source, rule_source, lambda: _source(rule, static, cache=False)[0])
+    return module.kernel, coefficients
+
+
+def load_generated(name: str, source: str, depends_on: str, uncached: Callable[[], str]) -> types.ModuleType:
+    """The module of a generated kernel's ``source``, written to the disk cache under a hash of
+    it, of ``depends_on`` (the sources it imports) and numba's version, so numba caches its
+    compiled code; without a usable cache, ``uncached()``'s source compiled in memory."""
+    digest = hashlib.sha256((source + depends_on + numba.__version__).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir(), "kernels")
-    path = os.path.join(folder, f"{rule.name}_{digest}.py")
+    path = os.path.join(folder, f"{name}_{digest}.py")
     try:
         os.makedirs(folder, exist_ok=True)
         if not os.path.exists(path):
@@ -155,7 +163,7 @@ def kernel_for(rule: Rule, static: tuple[str, ...] = ()) -> tuple[Callable[..., 
             with open(temporary, "w") as file:
                 file.write(source)
             os.replace(temporary, path)
-        spec = importlib.util.spec_from_file_location(f"treeopt_kernel_{rule.name}_{digest}", path)
+        spec = importlib.util.spec_from_file_location(f"treeopt_kernel_{name}_{digest}", path)
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot load {path}")
         module = importlib.util.module_from_spec(spec)
@@ -163,9 +171,9 @@ def kernel_for(rule: Rule, static: tuple[str, ...] = ()) -> tuple[Callable[..., 
         spec.loader.exec_module(module)
     except (OSError, SyntaxError, ImportError, AttributeError, ValueError):
         # no writable cache, or a damaged cache file: compile in memory, every process
-        module = types.ModuleType(f"treeopt_kernel_{rule.name}")
-        exec(compile(_source(rule, static, cache=False)[0], f"<treeopt kernel {rule.name}>", "exec"), module.__dict__)
-    return module.kernel, coefficients
+        module = types.ModuleType(f"treeopt_kernel_{name}")
+        exec(compile(uncached(), f"<treeopt kernel {name}>", "exec"), module.__dict__)
+    return module
 
 
 def segment_length(total: int, threads: int | None = None) -> int:
