@@ -42,23 +42,11 @@ PRECISIONS = (None, "float32", "bfloat16", "int8")
 
 
 # --------------------------------------------------------------------------------- the tree
-def tree_shapes(d=256, layers=8, vocab=8192):
+def tree_shapes():
     """A transformer's parameters: embeddings and head 40% (vocab 8192, width 256), 8 blocks."""
-    shapes = {"embed.weight": (vocab, d)}
-    for i in range(layers):
-        p = f"layers.{i}."
-        shapes.update(
-            {
-                p + "attn_norm.weight": (d,),
-                p + "attn.qkv.weight": (3 * d, d),
-                p + "attn.proj.weight": (d, d),
-                p + "mlp_norm.weight": (d,),
-                p + "mlp.fc.weight": (4 * d, d),
-                p + "mlp.proj.weight": (d, 4 * d),
-            }
-        )
-    shapes.update({"norm.weight": (d,), "head.weight": (vocab, d)})
-    return shapes
+    from step import small_shapes
+
+    return small_shapes(d=256, layers=8, vocab=8192)
 
 
 def arrays(shapes, seed=0, scale=1.0):

@@ -17,10 +17,7 @@ tests check.
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 import inspect
-import os
 import sys
 import types as pytypes
 from collections.abc import Callable
@@ -33,7 +30,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from treeopt.kernels.compiled_step import _fuse, _NumbaBucket, _pointer, _settings
-from treeopt.kernels.numba_kernels import cache_dir, segment_length, work_items
+from treeopt.kernels.numba_kernels import load_generated, segment_length, work_items
 from treeopt.precision import codes
 from treeopt.precision.formats import Bfloat16, Form, Int8, Plain
 
@@ -243,28 +240,9 @@ def kernel_for(
     """``(kernel, names of the numeric coefficients)`` for an elementwise rule on float32
     parameters whose slots are stored as ``kinds`` (one of :data:`KINDS` per slot)."""
     source, numeric = _source(rule, kinds, static, cache=True)
-    rule_source = inspect.getsource(sys.modules[rule.update.__module__])
-    formats = inspect.getsource(codes)
-    digest = hashlib.sha256((source + rule_source + formats + numba.__version__).encode()).hexdigest()[:16]
-    folder = os.path.join(cache_dir(), "kernels")
-    path = os.path.join(folder, f"{rule.name}_stored_{digest}.py")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        if not os.path.exists(path):
-            temporary = f"{path}.{os.getpid()}.tmp"
-            with open(temporary, "w") as file:
-                file.write(source)
-            os.replace(temporary, path)
-        spec = importlib.util.spec_from_file_location(f"treeopt_kernel_{rule.name}_stored_{digest}", path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # numba's cache finds the kernel's globals through it
-        spec.loader.exec_module(module)
-    except (OSError, SyntaxError, ImportError, AttributeError, ValueError):
-        module = pytypes.ModuleType(f"treeopt_kernel_{rule.name}_stored")
-        code = compile(_source(rule, kinds, static, cache=False)[0], f"<treeopt kernel {rule.name}>", "exec")
-        exec(code, module.__dict__)
+    depends_on = inspect.getsource(sys.modules[rule.update.__module__]) + inspect.getsource(codes)
+    uncached = lambda: _source(rule, kinds, static, cache=False)[0]  # noqa: E731
+    module = load_generated(f"{rule.name}_stored", source, depends_on, uncached)
     return module.kernel, numeric
 
 
