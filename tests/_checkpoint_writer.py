@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 import treeopt as optim
-from treeopt import checkpoint, engine
+from treeopt import checkpoint
 
 
 def state_for(elements):
@@ -25,7 +25,7 @@ def state_for(elements):
 
 
 def fill(opt, value):
-    for _, slots in engine.slot_items(opt):
+    for _, slots in opt.store.items():
         for array in slots.values():
             array[...] = value
     opt.learning_rate = float(value)

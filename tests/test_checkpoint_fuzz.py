@@ -107,10 +107,10 @@ def fingerprint(opt, params):
             for k, v in tree_flatten(tree)
         }
 
-    routing = (dict(opt._routes), list(opt.changes))
+    routing = (opt.routes(), list(opt.changes))
     bookkeeping = [
-        (dict(o.book.parameters), {k: arrays(v) for k, v in o.book.carried.items()}, o.book.initialized)
-        for o in opt.stateful()
+        (dict(o.store.parameters), {k: arrays(v) for k, v in o.store.carried.items()}, o.store.checked)
+        for _, _, o in opt.groups()
     ]
     return arrays(opt.state), routing, bookkeeping, arrays(params)
 

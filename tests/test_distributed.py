@@ -20,7 +20,6 @@ if not dist.is_available() or not dist.is_gloo_available():
 import treeopt as optim  # noqa: E402
 import treeopt.torch  # noqa: E402
 from treeopt.distributed import ownership  # noqa: E402
-from treeopt.engine import slot_items  # noqa: E402
 from _world import run_world, warm_up  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -100,7 +99,7 @@ def train(rank, world, steps, sharding="zero1", options=None, nan_at=None, count
 def _state_bytes(multi):
     total = 0
     for child in multi.optimizers:
-        for _, slots in slot_items(child):
+        for _, slots in child.store.items():
             total += sum(v.numel() * v.element_size() for v in slots.values())
     return total
 
@@ -398,8 +397,8 @@ def test_treeopt_checkpoint_folder_of_several_ranks_loads_at_any_world_size(save
     import sys
 
     run_world(folder_phase, saved, str(tmp_path), "save")
-    assert len(glob.glob(str(tmp_path / "*.safetensors"))) == saved
-    assert not glob.glob(str(tmp_path / ".metadata"))  # nothing pickled
+    assert len(glob.glob(str(tmp_path / "step-*" / "*.safetensors"))) == saved  # one file per rank
+    assert not glob.glob(str(tmp_path / "**" / ".metadata"), recursive=True)  # nothing pickled
     info = subprocess.run(
         [sys.executable, "-m", "treeopt.checkpoint", "info", str(tmp_path), "--json"],
         capture_output=True,
@@ -413,7 +412,7 @@ def test_treeopt_checkpoint_folder_of_several_ranks_loads_at_any_world_size(save
     after = run_world(folder_phase, loaded, str(tmp_path), "load")
     assert_same_params(after, uninterrupted)
     # a lost file is found by the inspector
-    (sorted(tmp_path.glob("*.safetensors"))[0]).unlink()
+    (sorted(tmp_path.glob("step-*/*.safetensors"))[0]).unlink()
     info = subprocess.run(
         [sys.executable, "-m", "treeopt.checkpoint", "info", str(tmp_path), "--json"],
         capture_output=True,
@@ -591,7 +590,7 @@ def compact_train(rank, world, steps, sharding):
     codes = {
         f"{'.'.join(map(str, keys))}/{slot}": value.clone()
         for child in opt.optimizer.optimizers
-        for keys, slots in slot_items(child)
+        for keys, slots in child.store.items()
         for slot, value in slots.items()
     }
     return {

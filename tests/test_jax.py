@@ -59,7 +59,7 @@ def test_update_is_pure_and_matches_the_stateful_optimizer():
         p, state = tj.update(functional, jax.grad(loss)(p, X), state, p)
         stateful.update(q, jax.grad(loss)(q, X))
     assert int(functional.step) == 0 and functional.route("params.head.kernel") == 1
-    assert functional.optimizers[0].rule_hyperparameters()["layout"] == "out_in"  # lent for the call only
+    assert functional.optimizers[0].scalars.hyperparameters()["layout"] == "out_in"  # lent for the call only
     for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q)):
         assert jnp.array_equal(a, b)
     assert int(state["states"][0]["step"]) == 3

@@ -183,10 +183,10 @@ def test_routers_are_the_multi_optimizers_inside_by_position():
     plain = optim.SGD(0.1)
     inner = optim.MultiOptimizer([optim.SGD(0.1), optim.SGD(0.2)], [lambda path, w: path.endswith("bias")])
     outer = optim.MultiOptimizer([optim.Adam(0.1), inner], [lambda path, w: path == "embed"])
-    assert plain.routers() == []
-    assert outer.routers() == [((), outer), ((1,), inner)]
-    plain.note_change("replaced w")  # a plain optimizer keeps no log
-    outer.note_change("replaced w")
+    assert plain.router.routers() == []
+    assert outer.router.routers() == [((), outer.router), ((1,), inner.router)]
+    plain.router.note("replaced w")  # a plain optimizer keeps no log
+    outer.router.note("replaced w")
     assert outer.changes == ["step 0: replaced w"]
 
 
@@ -201,7 +201,7 @@ def test_routes_are_a_copy_and_a_restored_route_moves_the_parameter_without_its_
     assert multi.routes()  # the copy changed, not the optimizer
     sgd, adam = multi.optimizers
     assert "v" in sgd.state["layers"][0]["weight"]
-    multi.restore_route(keys, dataclasses.replace(multi.routes()[keys], group=1, reason="rerouted"))
+    multi.router.restore(keys, dataclasses.replace(multi.routes()[keys], group=1, reason="rerouted"))
     assert multi.route("layers.0.weight") == 1 and sgd.state["layers"][0]["weight"] == {}
     multi.update(params, ones_like(params))
     assert set(adam.state["layers"][0]["weight"]) == {"m", "v"}  # a fresh state on its new optimizer
@@ -283,3 +283,34 @@ def test_routing_is_first_match_and_each_group_steps_as_its_optimizer_alone(tree
     for (path, old), (_, value) in zip(tree_flatten(params), tree_flatten(new)):
         expected = next((i for i, f in enumerate(filters) if f(path, old)), len(filters))
         np.testing.assert_allclose(value, old - learning_rates[expected])
+
+
+def test_route_options_reach_the_rule_per_parameter():
+    """A layout declared for one path (a Conv1D stored (in, out)) changes only that
+    parameter's update, on every runner; a rule that takes no such option ignores it."""
+    rng = np.random.default_rng(0)
+    params = {"a": rng.normal(size=(4, 6)).astype(np.float32), "c": rng.normal(size=(6, 4)).astype(np.float32)}
+    params["b"] = np.zeros(4, np.float32)
+    grads = [tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(3)]
+
+    def reference(layout, path):  # Muon with this layout for every parameter, on one of them
+        opt, value = optim.Muon(0.02, layout=layout), {path: params[path].copy()}
+        for g in grads:
+            value = opt.apply_gradients({path: g[path]}, value)
+        return value[path]
+
+    for make_optimizer in (
+        lambda: optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(1e-3)], [is_matrix]),
+        lambda: optim.Muon(0.02),
+    ):
+        opt, values = make_optimizer(), copy.deepcopy(params)
+        opt.router.declare_options({"c": {"layout": "in_out"}, "b": {"layout": "in_out"}})
+        chosen = {k: v for k, v in values.items() if k != "b" or isinstance(opt, optim.MultiOptimizer)}
+        for g in grads:
+            opt.update(chosen, {k: g[k] for k in chosen})
+        np.testing.assert_array_equal(values["c"], reference("in_out", "c"))
+        np.testing.assert_array_equal(values["a"], reference("out_in", "a"))
+        assert not np.array_equal(reference("in_out", "c"), reference("out_in", "c"))  # the option matters
+        if isinstance(opt, optim.MultiOptimizer):
+            routes = opt.routes()
+            assert routes[("c",)].options == (("layout", "in_out"),) and routes[("b",)].options == ()

@@ -259,7 +259,7 @@ def test_dtype_is_kept(setting, dtype):
     opt = setting.make()
     new = opt.apply_gradients(grads, params)
     for path, value in tree_flatten({"new": new, "state": opt.state}):
-        if path.removeprefix("state.") not in opt.scalar_names():  # step, lr, running values: float32
+        if path.removeprefix("state.") not in opt.scalars.names():  # step, lr, running values: float32
             assert value.dtype == params["m"].dtype, path
 
 

@@ -85,15 +85,14 @@ def test_a_file_loads_into_any_state_dtype(tmp_path, source, target):
 
 def _read_back(opt):
     """Every slot of a muon_adamw, read back into float64 from its stored form."""
-    from treeopt import engine
-
     out = {}
-    for _, _, leaf in opt.named_stateful():
-        for keys, slots in engine.slot_items(leaf):
-            shape, dtype = leaf.book.parameters[keys]
-            layout = leaf.state_layout(shape, dtype)
+    for _, _, group in opt.groups():
+        store = group.store
+        for keys, slots in store.items():
+            shape, dtype = store.parameters[keys]
+            layout = store.layout(shape, dtype, keys)
             path = ".".join(map(str, keys))
-            for slot in leaf.slot_shapes(np.zeros(shape)):
+            for slot in store.slot_shapes(shape):
                 if layout is None:
                     out[f"{path}/{slot}"] = np.asarray(slots[slot], np.float64)
                 else:

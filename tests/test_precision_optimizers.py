@@ -98,7 +98,7 @@ def read_back(opt, path):
     from treeopt.backends import backend_of
 
     slots = opt.state[path]
-    layout = opt.state_layout(SHAPES[path], "float32")
+    layout = opt.store.layout(SHAPES[path], "float32", (path,))
     if layout is None:  # float32 slots of float32 parameters
         return {name: np.asarray(value, np.float64) for name, value in slots.items()}
     out = {}
@@ -140,7 +140,7 @@ def test_the_compiled_loop_is_the_runner_byte_for_byte(setting, state_dtype):
     pytest.importorskip("numba")
     slow_params, slow = run(setting, state_dtype, 4, fast=False)
     fast_params, fast = run(setting, state_dtype, 4, fast=True)
-    assert fast._compiled is not None and any(type(b).__name__ == "StoredBucket" for b in fast._compiled.buckets)
+    assert fast._compiled is not None and any(type(b).__name__ == "_StoredBucket" for b in fast._compiled.buckets)
     for path in SHAPES:
         np.testing.assert_array_equal(fast_params[path], slow_params[path])
         for key, value in slow.state[path].items():

@@ -76,11 +76,11 @@ def test_the_built_in_rules_declare_their_hyperparameters_once():
 
 def test_adafactor_slot_names_and_shapes_come_from_one_function():
     opt = optim.Adafactor(beta_1=0.9)
-    hyper = opt.rule_hyperparameters()
+    hyper = opt.scalars.hyperparameters()
     for shape in [(4, 3), (2, 4, 3), (5,), ()]:
-        shapes = opt.slot_shapes(np.zeros(shape, np.float32))
+        shapes = opt.store.expected(shape, "float32")
         assert tuple(shapes) == rules.ADAFACTOR.slot_names(shape, hyper)
-    assert opt.slot_shapes(np.zeros((4, 3), np.float32)) == {
+    assert {name: stored.shape for name, stored in opt.store.expected((4, 3), "float32").items()} == {
         "exp_avg_sq_row": (4,),
         "exp_avg_sq_col": (3,),
         "exp_avg": (4, 3),
@@ -184,7 +184,7 @@ def test_the_registry_flags_running_values_as_the_rules_have_them():
 @pytest.mark.parametrize("setting", RUNNING, ids=lambda s: s.id)
 def test_running_values_live_beside_the_step_and_move_every_step(setting):
     opt = setting.make()
-    assert set(opt.rule.running) <= set(opt.scalar_names())
+    assert set(opt.rule.running) <= set(opt.scalars.names())
     params = {"w": np.ones((3, 2), np.float32)}
     seen = []
     for _ in range(3):

@@ -9,7 +9,6 @@ import pytest
 
 import treeopt as optim
 import treeopt.kernels as kernels
-from treeopt import engine
 from treeopt.kernels import stacking
 from treeopt.rules.muon import MUON
 from treeopt.tree import tree_flatten
@@ -211,7 +210,7 @@ def test_muon_on_torch_parameters_takes_the_planned_step_with_the_engines_number
     opt = muon_steps_on_torch(params, compiled=True)
     assert planned, "the planned step fell back to the engine on every step"
     assert all(params[k] is originals[k] and params[k].requires_grad for k in params)  # written in place
-    assert all(type(slots["v"]) is torch.Tensor for _, slots in engine.slot_items(opt))  # the state stays torch's
+    assert all(type(slots["v"]) is torch.Tensor for _, slots in opt.store.items())  # the state stays torch's
     general = torch_parameters()
     general_opt = muon_steps_on_torch(general, compiled=False)
     assert_close(params, general, exact=True)

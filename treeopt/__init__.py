@@ -7,6 +7,7 @@ helpers of ``mlx.utils`` are in :mod:`treeopt.tree`.
 """
 
 from treeopt import filters, precision, schedules, tree
+from treeopt._version import __version__ as __version__
 from treeopt.clip import clip_grad_norm
 from treeopt.errors import MissingParameterError, ParameterError, TreeoptError
 from treeopt.multi import MultiOptimizer, RoutingError, RoutingWarning
@@ -32,7 +33,6 @@ from treeopt.schedules import cosine_decay, exponential_decay, join_schedules, l
 
 schedulers = schedules  # the name mlx.optimizers uses
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Optimizer",

@@ -3,106 +3,116 @@
 A step goes in three phases, so that bad input never leaves the optimizer half-changed:
 
 1. *Check*: walk the gradients with the parameters and check every pair (a parameter
-   exists, same library, shape and dtype) and every state slot it will use. The optimizer
-   decides the owner of each new path (``assign_owners``: a ``MultiOptimizer`` routes).
-   Nothing is changed yet; any error names the parameter path.
-2. *Commit*: record new routes (``commit``), create slots for new parameters, evaluate
-   schedules and increment the step of every optimizer (``advance``).
-3. *Run*: group the pairs by (optimizer, library, dtype, device), compute each group's
-   coefficients once, and run the optimizer's rule on each pair.
+   exists, same library, shape and dtype) and every state slot it will use. The router
+   decides the group of each new path (pending). Nothing is changed yet; any error names
+   the parameter path.
+2. *Commit*: the router records the new routes, the slots of new parameters are created,
+   the schedules are evaluated and every group that steps counts the step.
+3. *Run*: the pairs are grouped by (group, library, dtype, device, options), each bucket's
+   coefficients are computed once, and the group's rule runs on every pair of the bucket.
 
-The engine talks to optimizers through a small interface, written once here and
-implemented by :class:`~treeopt.optimizer.Optimizer` (and overridden where routing differs by
-:class:`~treeopt.multi.MultiOptimizer`):
-
-- ``stateful()``: the optimizers that hold state and take steps (itself, or every group);
-- ``assign_owners(pairs)`` and ``commit(backend)``: who owns each pair, decided during the
-  checks and recorded at the commit;
-- ``prepare_step(pairs, owners)``: whole-model work between checks and commit;
-- ``book``: a :class:`Book`, what the engine keeps about a stateful optimizer beside its
-  state dict;
-- ``scalar_names()``, ``advance()``, ``coefficients(like, backend)``,
-  ``rule_hyperparameters()`` and ``runs_rule``: its scalars, schedules and rule.
-
-Routing, plans, checkpoints, kernels and the integrations use the same interface, and the
-state-layout functions below (:func:`slots_at`, :func:`slot_items`, :func:`drop`), never an
-optimizer's private attributes.
+The engine drives the parts below it and is never called back. It needs three things,
+each described by a protocol here: a :class:`Router` (``groups``, ``assign``, ``commit``,
+``snapshot``: :mod:`treeopt.routing`), the :class:`Group` s it routes to (an optimizer's
+``store``, ``scalars``, ``runs_rule``, ``init_single``, ``apply_single``), and optionally a
+:class:`StepHook` (``prepare``: whole-model work between the checks and the commit,
+:mod:`treeopt.whole_model`).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from treeopt import _trees
-from treeopt.backends import backend_of, numpy_backend
+from treeopt.backends import Backend, backend_of, numpy_backend
 from treeopt.errors import MissingParameterError, ParameterError, describe
-from treeopt.precision import Layout, Noise
-from treeopt.rules.base import rule_checked
+from treeopt.kernels import stacking
+from treeopt.precision import Layout
+from treeopt.routing import Member, Options, Target
+from treeopt.rules.base import Rule, rule_checked
+from treeopt.scalars import Scalars
+from treeopt.state import SlotStore, slot_problem
 from treeopt.tree import is_container, items, rebuild
-from treeopt.types import Array, Keys, Shape, State, Tree
-
-if TYPE_CHECKING:
-    from treeopt.backends import Backend
-    from treeopt.optimizer import Optimizer
-    from treeopt.rules.base import Rule
+from treeopt.types import Array, Keys, Shape, Tree
 
 __all__ = [
-    "Book",
+    "Group",
     "Pair",
+    "Router",
+    "StepHook",
+    "Taken",
     "collect",
-    "step",
     "initialize",
-    "write_back",
+    "route",
+    "run_one",
+    "run_plain",
     "run_rule",
-    "slots_at",
-    "slot_items",
-    "drop",
+    "run_stored",
+    "step",
     "with_results",
-    "RESERVED",
+    "write_back",
 ]
 
 _MISSING = object()
-#: state keys that are never parameter names; a top-level parameter with one of these names
-#: (or the name of another scalar of the state) keeps its slots under the name prefixed with ``~``
-RESERVED = ("step", "learning_rate")
 
 
-@dataclass
-class Book:
-    """What the engine keeps about one optimizer beside its state dict."""
+# ---------------------------------------------------------------------- what the engine drives
+class Group(Protocol):
+    """An optimizer with state, as the engine drives it."""
 
-    #: the state's array library, settled at the first step (``None`` before)
-    backend: Backend | None = None
-    #: the slots are known to fit the parameters (``False`` after a state assignment: the next
-    #: step checks them)
-    initialized: bool = False
-    #: keys -> ``(shape, dtype)`` of each parameter with state
-    parameters: dict[Keys, tuple[Shape, str]] = field(default_factory=dict)
-    #: keys -> slots to start from when the parameter is initialised (``reroute(state="carry")``)
-    carried: dict[Keys, dict[str, Array]] = field(default_factory=dict)
-    #: bumped by every change a compiled step depends on
-    version: int = 0
+    store: SlotStore
+    scalars: Scalars
+    #: whether the engine runs ``scalars.rule`` itself (else it calls ``apply_single``)
+    runs_rule: bool
 
-    def copy(self) -> Book:
-        return Book(self.backend, self.initialized, dict(self.parameters), dict(self.carried), self.version)
+    def init_single(self, parameter: Array, state: dict[str, Array]) -> None: ...
+
+    def apply_single(self, gradient: Array, parameter: Array, state: dict[str, Array]) -> Array: ...
+
+
+class Router(Protocol):
+    """Who updates each parameter (:class:`treeopt.routing.Router` or ``Direct``)."""
+
+    def groups(self) -> list[Member]: ...
+
+    def assign(self, pairs: Sequence[Pair]) -> list[Target | None]: ...
+
+    def commit(self) -> None: ...
+
+    def snapshot(self) -> Callable[[], None]: ...
+
+
+class Prepared(NamedTuple):
+    """What a step hook leaves of a step: the pairs to update, the groups that step
+    (``None``: every group) and what it records when the step commits."""
+
+    pairs: list[Pair]
+    stepping: list[Group] | None = None
+    commit: Callable[[], None] | None = None
+
+
+class StepHook(Protocol):
+    """Whole-model work between the checks and the commit (:mod:`treeopt.whole_model`)."""
+
+    def prepare(self, pairs: list[Pair]) -> Prepared: ...
 
 
 class Pair:
     """One gradient and its parameter in one step: where they are, and what the step decides."""
 
-    __slots__ = ("keys", "grad", "param", "backend", "owner", "slots", "result", "owned")
+    __slots__ = ("keys", "grad", "param", "backend", "group", "options", "slots", "result", "owned")
     keys: Keys
     grad: Array  # None: no step for this parameter
     param: Array
     #: the library of ``grad`` and ``param`` (``None`` only in a pair without a gradient, which never runs)
     backend: Backend
-    #: the stateful optimizer that updates it, and its slots (``None`` until the step routes it; a
-    #: routed pair's slots are a dict once the commit mirrored them)
-    owner: Optimizer
+    #: the group that updates it, the rule's options for it, and its slots (``None`` until the
+    #: step routes it; a routed pair's slots are a dict once the commit created them)
+    group: Group
+    options: Options
     slots: Any
     result: Array
     owned: bool
@@ -112,95 +122,158 @@ class Pair:
     ) -> None:
         self.keys, self.grad, self.param, self.backend = keys, grad, param, backend  # type: ignore[assignment]
         self.owned = owned  # the param is the caller's own array (not made from a number)
-        self.owner = self.slots = None  # type: ignore[assignment]
+        self.group = self.slots = None  # type: ignore[assignment]
+        self.options = ()
         self.result = param
 
     @property
     def path(self) -> str:
         return _trees.dotted(self.keys)
 
+    @property
+    def shape(self) -> Shape:
+        return tuple(self.backend.shape(self.param))
+
+    @property
+    def dtype(self) -> str:
+        return self.backend.dtype_name(self.param)
+
+
+class Taken(NamedTuple):
+    """A step taken: the new tree, every pair, the pairs updated, the groups that stepped."""
+
+    tree: Tree
+    pairs: list[Pair]
+    active: list[Pair]
+    stepping: list[Group]
+
 
 # ---------------------------------------------------------------------- the step
-def step(
-    optimizer: Optimizer, gradients: Tree, parameters: Tree, in_place: bool
-) -> tuple[Tree, list[Pair], list[Pair], list[Optimizer]]:
-    """One step: ``(new tree, every pair, the pairs updated, the optimizers that stepped)``."""
+def step(router: Router, hook: StepHook | None, gradients: Tree, parameters: Tree, in_place: bool, name: str) -> Taken:
+    """One step of the groups ``router`` routes to; ``name`` (the optimizer's) starts every
+    error message."""
     # 1. check
-    pairs = collect(gradients, parameters, type(optimizer).__name__)
+    pairs = collect(gradients, parameters, name)
+    groups: list[Group] = [member.group for member in router.groups()]
     active = [pair for pair in pairs if pair.grad is not None]
-    backend = settle_backend(optimizer, active)
-    owners = optimizer.assign_owners(active)
-    kept = [(pair, owner) for pair, owner in zip(active, owners) if owner is not None]  # None: frozen
-    active, owners = [pair for pair, _ in kept], [owner for _, owner in kept]
-    to_mirror: dict[Optimizer, set[Keys]] = {}  # owner -> keys of the pairs it must (re)mirror into its state
-    for pair, owner in kept:
-        pair.owner = owner
-        pair.slots = slots_at(owner, pair.keys)
-        if pair.slots and owner.rule is not None:
-            check_slots(owner, pair)  # every step: a parameter may have changed shape under its path
-        if not pair.slots or not owner.book.initialized:
-            to_mirror.setdefault(owner, set()).add(pair.keys)
-    _check_rules(active)
+    backend = settle_backend(groups, active, name)
+    new: dict[int, set[Keys]] = {}  # id(group) -> keys of the pairs whose slots it must (re)create
+    routed = []
+    for pair, target in zip(active, router.assign(active)):
+        if target is None:  # frozen
+            continue
+        group = pair.group = target.group
+        pair.options = target.options
+        store = group.store
+        pair.slots = store.slots(pair.keys)
+        if pair.slots:  # every step: a parameter may have changed shape under its path
+            store.check_slots(type(group).__name__, pair.keys, pair.param, pair.backend, pair.slots, group.runs_rule)
+        if not pair.slots or not store.checked:
+            new.setdefault(id(group), set()).add(pair.keys)
+        routed.append(pair)
+    _check_rules(routed)
     if in_place:
-        check_write_back(parameters, active)
+        check_write_back(parameters, routed)
     check_depth(pairs)
-    active, owners, stepping, commit_hook = optimizer.prepare_step(active, owners)
-    updating = {(id(pair.owner), pair.keys) for pair in active}  # a skipped pair gets no state yet
-    to_mirror = {o: {k for k in keys if (id(o), k) in updating} for o, keys in to_mirror.items()}
-    scheduled = [(stateful, stateful.scheduled_values()) for stateful in stepping]  # may raise: before any write
+    prepared = Prepared(routed) if hook is None else hook.prepare(routed)
+    active = prepared.pairs
+    stepping = groups if prepared.stepping is None else prepared.stepping
+    due = [(group, group.scalars.due()) for group in stepping]  # may raise: before any write
     # 2. commit: only bookkeeping and new slots, undone if anything here fails
-    restore = optimizer.snapshot()
+    undo = [router.snapshot()] + [group.store.snapshot() for group in groups]
     try:
-        optimizer.commit(backend)
-        if commit_hook is not None:
-            commit_hook()
-        for owner, keys in to_mirror.items():
-            if not keys:
-                continue
-            mirror(owner, parameters, keys)
-            for pair in active:
-                if pair.owner is owner:
-                    pair.slots = slots_at(owner, pair.keys)
-        for stateful in optimizer.stateful():
-            stateful.book.initialized = True
-        for stateful, values in scheduled:
-            stateful.advance(values)
+        router.commit()
+        for group in groups:
+            group.store.settle(backend)
+        updating = {(id(pair.group), pair.keys) for pair in active}  # a skipped pair gets no state yet
+        for group in groups:
+            keys = {k for k in new.get(id(group), ()) if (id(group), k) in updating}
+            if keys:
+                group.store.create(parameters, keys, group.init_single)
+        for pair in active:
+            if pair.keys in new.get(id(pair.group), ()):
+                pair.slots = pair.group.store.slots(pair.keys)
+        for group in groups:
+            group.store.checked = True
+        for group, values in due:
+            group.scalars.advance(values)
+        # 3. run: every input was checked above. User code (a custom apply_single) runs first,
+        # into temporaries, and a failure there still undoes the commit; then everything is written.
+        buckets = list(_buckets(active).values())
+        custom = {id(b[0]): compute_custom(b[0].group, b) for b in buckets if not b[0].group.runs_rule}
     except BaseException:
-        restore()
+        for restore in undo:
+            restore()
         raise
-    # 3. run: every input was checked above. User code (a custom apply_single) runs first,
-    # into temporaries, and a failure there still undoes the commit; then everything is written.
-    groups = list(_buckets(active).values())
-    try:
-        custom = {
-            id(group[0]): compute_custom(group[0].owner, group) for group in groups if not group[0].owner.runs_rule
-        }
-    except BaseException:
-        restore()
-        raise
-    for group in groups:
-        if group[0].owner.runs_rule:
-            run_rule(group[0].owner, group, in_place)
+    if prepared.commit is not None:
+        prepared.commit()
+    for bucket in buckets:
+        if bucket[0].group.runs_rule:
+            run_rule(bucket[0].group, bucket, in_place)
         else:
-            write_custom(custom[id(group[0])], in_place)
-    return with_results(gradients, iter(pairs)), pairs, active, stepping
+            write_custom(custom[id(bucket[0])], in_place)
+    return Taken(with_results(gradients, iter(pairs)), pairs, active, stepping)
 
 
-def initialize(optimizer: Optimizer, parameters: Tree) -> None:
+def route(
+    router: Router,
+    parameters: Tree,
+    name: str,
+    check: Callable[[list[Pair], list[Target | None]], None] | None = None,
+) -> list[tuple[Pair, Target | None]]:
+    """Decide and record the route of every parameter in ``parameters`` (a tree), creating no
+    state; ``check(pairs, targets)`` may refuse the routes before they are recorded."""
+    pairs = [pair for pair in collect(parameters, parameters, name, check_pairs=False) if pair.grad is not None]
+    groups: list[Group] = [member.group for member in router.groups()]
+    backend = settle_backend(groups, pairs, name)
+    targets = router.assign(pairs)
+    if check is not None:
+        check(pairs, targets)
+    router.commit()
+    for group in groups:
+        group.store.settle(backend)
+    return list(zip(pairs, targets))
+
+
+def initialize(router: Router, parameters: Tree, name: str) -> None:
     """Create the state of every parameter in ``parameters`` that has none yet (additive)."""
-    pairs = [
-        pair
-        for pair in collect(parameters, parameters, type(optimizer).__name__, check_pairs=False)
-        if pair.grad is not None
-    ]
-    backend = settle_backend(optimizer, pairs)
-    owners = optimizer.assign_owners(pairs)
-    optimizer.commit(backend)
-    for owner, keys in _group_keys(pairs, owners).items():
-        if owner is not None:  # None: frozen
-            mirror(owner, parameters, keys)
-    for stateful in optimizer.stateful():
-        stateful.book.initialized = True
+    new: dict[int, tuple[Group, set[Keys]]] = {}
+    for pair, target in route(router, parameters, name):
+        if target is not None:  # None: frozen
+            new.setdefault(id(target.group), (target.group, set()))[1].add(pair.keys)
+    for group, keys in new.values():
+        group.store.create(parameters, keys, group.init_single)
+    for member in router.groups():
+        member.group.store.checked = True
+
+
+def settle_backend(groups: Iterable[Group], pairs: Iterable[Pair], name: str) -> Backend | None:
+    """The one array library of these pairs and of the state; checked, not adopted."""
+    expected = next((g.store.backend for g in groups if g.store.backend is not None), None)
+    first = None
+    for pair in pairs:
+        if expected is None:
+            expected, first = pair.backend, pair
+        elif pair.backend is not expected:
+            other = f"{describe(first.path)} is a" if first else "the optimizer state holds"
+            raise ParameterError(
+                f"{name}: {describe(pair.path)} is a {pair.backend.name} array, but "
+                f"{other} {expected.name} array; one optimizer works on arrays of one library",
+                pair.path,
+            )
+    return expected
+
+
+def _check_rules(pairs: Iterable[Pair]) -> None:
+    """Compute each rule's coefficients once before the commit, so that a rule whose
+    coefficients do not fit its update fails before anything changes (checked once per rule)."""
+    seen: set[int] = set()
+    for pair in pairs:
+        group = pair.group
+        rule = group.scalars.rule
+        if group.runs_rule and rule is not None and id(group) not in seen and not rule_checked(rule):
+            seen.add(id(group))
+            group.scalars.check_rule()
 
 
 def write_back(model: Tree, new: Tree, pairs: list[Pair]) -> None:
@@ -216,78 +289,6 @@ def write_back(model: Tree, new: Tree, pairs: list[Pair]) -> None:
             raise TypeError(
                 f"cannot update {describe(pair.path)} inside a tuple at the root of the model; "
                 "use apply_gradients and keep its result"
-            )
-
-
-def settle_backend(optimizer: Optimizer, pairs: Iterable[Pair]) -> Backend | None:
-    """The one array library of these pairs and of the state; checked, not adopted."""
-    expected = next((o.book.backend for o in optimizer.stateful() if o.book.backend is not None), None)
-    first = None
-    for pair in pairs:
-        if expected is None:
-            expected, first = pair.backend, pair
-        elif pair.backend is not expected:
-            other = f"{describe(first.path)} is a" if first else "the optimizer state holds"
-            raise ParameterError(
-                f"{type(optimizer).__name__}: {describe(pair.path)} is a {pair.backend.name} array, but "
-                f"{other} {expected.name} array; one optimizer works on arrays of one library",
-                pair.path,
-            )
-    return expected
-
-
-def check_slots(optimizer: Optimizer, pair: Pair) -> None:
-    """The slots must fit their parameter (its shape may have changed under the same path, or
-    the state was set from outside): same names, library, shape, dtype and device; no
-    silent broadcasting, no slot of another optimizer's meaning. A slot stored in another form
-    (``state_dtype``) must have that form's entries, shapes and dtypes."""
-    name = type(optimizer).__name__
-    dtype, device = pair.backend.dtype_name(pair.param), pair.backend.device(pair.param)
-    expected = optimizer.slot_entries(tuple(pair.backend.shape(pair.param)), dtype)
-    if optimizer.runs_rule and set(pair.slots) != set(expected):
-        extra = sorted(set(pair.slots) - set(expected))
-        if extra:
-            raise ParameterError(
-                f"{name}: the state of {describe(pair.path)} has slots {sorted(pair.slots)}, and {name} "
-                f"uses {sorted(expected)}; {extra} belong to another optimizer's state",
-                pair.path,
-            )
-    for slot, (shape, slot_dtype) in expected.items():
-        if slot not in pair.slots:
-            raise ParameterError(
-                f"{name}: the state of {describe(pair.path)} has no slot {slot!r} (it has {sorted(pair.slots)})",
-                pair.path,
-            )
-        value = pair.slots[slot]
-        backend = backend_of(value)
-        if backend is None or backend.name == "python":
-            raise ParameterError(
-                f"{name}: slot {slot!r} of {describe(pair.path)} is a {type(value).__name__}, not an array", pair.path
-            )
-        if backend is not pair.backend:
-            raise ParameterError(
-                f"{name}: slot {slot!r} of {describe(pair.path)} is a {backend.name} array but the parameter "
-                f"is a {pair.backend.name} array",
-                pair.path,
-            )
-        if tuple(backend.shape(value)) != shape:
-            raise ParameterError(
-                f"{name}: slot {slot!r} of {describe(pair.path)} has shape {tuple(backend.shape(value))}, "
-                f"expected {shape} for a parameter of shape {tuple(pair.backend.shape(pair.param))}",
-                pair.path,
-            )
-        if backend.dtype_name(value) != slot_dtype:
-            stored = "the parameter is" if slot_dtype == dtype else "its state_dtype stores it as"
-            raise ParameterError(
-                f"{name}: slot {slot!r} of {describe(pair.path)} is {backend.dtype_name(value)} but {stored} "
-                f"{slot_dtype}",
-                pair.path,
-            )
-        if backend.device(value) != device:
-            raise ParameterError(
-                f"{name}: slot {slot!r} of {describe(pair.path)} is on {backend.device(value)} but the parameter "
-                f"is on {device}",
-                pair.path,
             )
 
 
@@ -322,20 +323,12 @@ def check_depth(pairs: Iterable[Pair]) -> None:
 
 
 # ---------------------------------------------------------------------- running a rule
-def run(optimizer: Optimizer, pairs: list[Pair], in_place: bool) -> None:
-    """One optimizer's step on pairs of one library, dtype and device."""
-    if optimizer.runs_rule:
-        run_rule(optimizer, pairs, in_place)
-        return
-    write_custom(compute_custom(optimizer, pairs), in_place)
-
-
-def compute_custom(optimizer: Optimizer, pairs: Iterable[Pair]) -> list[tuple[Pair, Array, dict[str, Array]]]:
+def compute_custom(group: Group, pairs: Iterable[Pair]) -> list[tuple[Pair, Array, dict[str, Array]]]:
     """A custom ``apply_single`` on every pair, on copies of the slot dicts: nothing written."""
     results = []
     for pair in pairs:
         slots = dict(pair.slots)
-        results.append((pair, optimizer.apply_single(pair.grad, pair.param, slots), slots))
+        results.append((pair, group.apply_single(pair.grad, pair.param, slots), slots))
     return results
 
 
@@ -345,77 +338,85 @@ def write_custom(results: Iterable[tuple[Pair, Array, dict[str, Array]]], in_pla
         store_param(pair, new_param, in_place)
 
 
-def run_rule(optimizer: Optimizer, pairs: list[Pair], in_place: bool, stacks: dict | None = None) -> None:
-    """Run ``optimizer``'s rule on pairs of one library, dtype and device: the reference
+def run_one(group: Group, gradient: Array, parameter: Array, slots: dict[str, Array]) -> Array:
+    """``group``'s rule on one parameter (the default ``apply_single``): the new parameter;
+    ``slots`` are updated (kept as given: in the store's form, or as ``init_single`` makes them)."""
+    pair = Pair((), gradient, parameter, backend_of(parameter))
+    pair.slots = slots
+    expected = group.store.expected(pair.shape, pair.dtype)
+    stored = any(spec.stored for spec in expected.values()) and all(
+        key in slots and slot_problem(slots[key], spec) is None for key, spec in expected.items()
+    )
+    (run_rule if stored else run_plain)(group, [pair], in_place=False)
+    return pair.result
+
+
+def coefficients(group: Group, first: Pair) -> dict[str, Any]:
+    """The coefficients of a bucket: the group's, with the route's options on top."""
+    values = group.scalars.coefficients(first.param, first.backend)
+    for name, value in first.options:
+        values[name] = (
+            value if value is None or isinstance(value, (bool, int, str)) else first.backend.cast(value, first.param)
+        )
+    return values
+
+
+def run_rule(group: Group, pairs: list[Pair], in_place: bool, stacks: dict | None = None) -> None:
+    """Run ``group``'s rule on pairs of one library, dtype, device and options: the reference
     every fast path is checked against. ``stacks``: a dict in which a caller that runs the
     same pairs every step keeps the stacking buffers of a stackable rule."""
-    if optimizer.precision is not None:
-        layouts = [
-            optimizer.state_layout(pair.backend.shape(pair.param), pair.backend.dtype_name(pair.param))
-            for pair in pairs
-        ]
-        if layouts[0] is not None:  # a group's pairs share the dtype: all are stored forms
-            run_stored(optimizer, pairs, layouts, in_place, stacks)  # type: ignore[arg-type]
+    store = group.store
+    if store.precision is not None:
+        layouts = [store.layout(pair.shape, pair.dtype, pair.keys) for pair in pairs]
+        if layouts[0] is not None:  # the pairs share a dtype: all are kept in another form
+            run_stored(group, pairs, layouts, in_place, stacks)  # type: ignore[arg-type]
             return
-    _run_rule(optimizer, pairs, in_place, stacks)
+    run_plain(group, pairs, in_place, stacks)
 
 
 def run_stored(
-    optimizer: Optimizer, pairs: list[Pair], layouts: list[Layout], in_place: bool, stacks: dict | None = None
+    group: Group, pairs: list[Pair], layouts: list[Layout], in_place: bool, stacks: dict | None = None
 ) -> None:
-    """The rule on slots stored in another form (``state_dtype``): each pair's slots are read
-    into the compute dtype, the rule runs as it always does, and its results are encoded back
-    into the stored form (:mod:`treeopt.precision`)."""
-    backend = pairs[0].backend
+    """The rule on slots kept in another form (``state_dtype``): each pair's slots are read
+    into the compute dtype (with its gradient and parameter), the rule runs as it always does,
+    and its results are encoded back into the stored form (:mod:`treeopt.precision`)."""
+    store, backend = group.store, pairs[0].backend
     compute = layouts[0].compute
     proxies = []
     for pair, layout in zip(pairs, layouts):
         grad, param = pair.grad, pair.param
-        if backend.dtype_name(param) != compute:
+        if pair.dtype != compute:
             grad, param = backend.astype(grad, compute), backend.astype(param, compute)
         proxy = Pair(pair.keys, grad, param, backend, owned=False)
-        proxy.slots = {name: form.load(backend, pair.slots, name, compute) for name, form in layout.forms.items()}
+        proxy.options = pair.options
+        proxy.slots = dict(zip(layout.forms, store.load(pair.slots, layout.forms, layout)))
         proxies.append(proxy)
-    _run_rule(optimizer, proxies, False, stacks)
-    step = optimizer.noise_step()
+    run_plain(group, proxies, False, stacks)
     for pair, proxy, layout in zip(pairs, proxies, layouts):
-        noise = Noise(optimizer.precision.seed, pair.path, step)  # type: ignore[union-attr]  # set: layouts exist
-        for name, form in layout.forms.items():
-            for key, value in form.encode(backend, name, proxy.slots[name], noise).items():
-                store_slot(backend, pair.slots, key, value)
+        noise = store.noise(pair.keys)
+        for name in layout.forms:
+            store.save(backend, pair.slots, name, proxy.slots[name], layout, noise)
         result = proxy.result
-        if backend.dtype_name(result) != backend.dtype_name(pair.param):
-            result = backend.astype(result, backend.dtype_name(pair.param))
+        if backend.dtype_name(result) != pair.dtype:
+            result = backend.astype(result, pair.dtype)
         store_param(pair, result, in_place)
 
 
-def _run_rule(optimizer: Optimizer, pairs: list[Pair], in_place: bool, stacks: dict | None = None) -> None:
-    rule, first = optimizer.rule, pairs[0]
-    assert rule is not None  # run only for an optimizer that runs its rule
-    coefficients = optimizer.coefficients(first.param, first.backend)
-    hyper = optimizer.rule_hyperparameters() if callable(rule.slots) else None
+def run_plain(group: Group, pairs: list[Pair], in_place: bool, stacks: dict | None = None) -> None:
+    """The rule on pairs whose slots are arrays of the dtype it computes in."""
+    rule, store, first = group.scalars.rule, group.store, pairs[0]
+    assert rule is not None  # run only for a group that runs its rule
+    values = coefficients(group, first)
+    hyper = group.scalars.hyperparameters() if callable(rule.slots) else None
     if rule.stackable and len(pairs) > 1:
-        pairs = run_stacked(rule, coefficients, pairs, hyper, in_place, stacks)
+        pairs = run_stacked(rule, store, values, pairs, hyper, in_place, stacks)
     for pair in pairs:
         names = rule.slot_names(pair.backend.shape(pair.param), hyper)
-        slots = pair.slots
         with first.backend.quiet():
-            new_param, *new_slots = rule.update(pair.grad, pair.param, *(slots[n] for n in names), **coefficients)
+            new_param, *new_slots = rule.update(pair.grad, pair.param, *store.load(pair.slots, names), **values)
         for name, value in zip(names, new_slots):
-            store_slot(pair.backend, slots, name, value)
+            store.save(pair.backend, pair.slots, name, value)
         store_param(pair, new_param, in_place)
-
-
-def _check_rules(pairs: Iterable[Pair]) -> None:
-    """Compute each rule's coefficients once before the commit, so that a rule whose
-    coefficients do not fit its update fails before anything changes (checked once per rule)."""
-    seen: set[int] = set()
-    for pair in pairs:
-        owner = pair.owner
-        rule = owner.rule
-        if owner.runs_rule and rule is not None and id(owner) not in seen and not rule_checked(rule):
-            seen.add(id(owner))
-            owner.check_rule()
 
 
 def stack_plan(
@@ -423,7 +424,6 @@ def stack_plan(
 ) -> tuple[list[tuple[tuple[int, ...], tuple[str, ...]]], list[int]]:
     """How a stackable ``rule`` runs on ``pairs``: ``(runs, alone)``, each run the indices of
     same-shape pairs that share one call, with their slot names; ``alone``, the rest, in order."""
-    from treeopt.kernels import stacking
 
     backend = pairs[0].backend
     names = [rule.slot_names(backend.shape(pair.param), hyper) for pair in pairs]
@@ -439,6 +439,7 @@ def stack_plan(
 
 def run_stacked(
     rule: Rule,
+    store: SlotStore,
     coefficients: dict[str, Any],
     pairs: list[Pair],
     hyper: dict[str, Any] | None,
@@ -448,7 +449,6 @@ def run_stacked(
     """Run a stackable ``rule`` on the stacks of same-shape pairs (:func:`stack_plan`);
     returns the pairs left to run one by one. ``stacks`` (optional) keeps the plan and each
     run's stacking buffers from call to call, for a caller that runs the same pairs every step."""
-    from treeopt.kernels import stacking
 
     backend = pairs[0].backend
     plan = None if stacks is None else stacks.get("plan")
@@ -473,7 +473,7 @@ def run_stacked(
             backend,
             [pair.grad for pair in chosen],
             [pair.param for pair in chosen],
-            [[pair.slots[n] for pair in chosen] for n in slot_names],
+            [[store.load(pair.slots, (n,))[0] for pair in chosen] for n in slot_names],
             buffers,
         )
         writable = backend.writable
@@ -493,18 +493,9 @@ def run_stacked(
             continue
         for j, pair in enumerate(chosen):
             for name, value in zip(slot_names, new_slots):
-                store_slot(backend, pair.slots, name, value[j])
+                store.save(backend, pair.slots, name, value[j])
             store_param(pair, new_param[j], in_place)
     return [pairs[k] for k in alone]
-
-
-def store_slot(backend: Backend, slots: dict[str, Array], name: str, value: Array) -> None:
-    old = slots[name]
-    if backend.mutable and backend.writable(old):
-        if value is not old:
-            backend.write(old, value)
-    else:
-        slots[name] = backend.as_array(value)
 
 
 def store_param(pair: Pair, value: Array, in_place: bool) -> None:
@@ -515,134 +506,13 @@ def store_param(pair: Pair, value: Array, in_place: bool) -> None:
         pair.result = pair.backend.as_array(value)
 
 
-def _buckets(pairs: Iterable[Pair]) -> dict[tuple[int, str, str, str], list[Pair]]:
-    groups: dict[tuple[int, str, str, str], list[Pair]] = {}
+def _buckets(pairs: Iterable[Pair]) -> dict[tuple[Any, ...], list[Pair]]:
+    buckets: dict[tuple[Any, ...], list[Pair]] = {}
     for pair in pairs:
         b = pair.backend
-        key = (id(pair.owner), b.name, b.dtype_name(pair.param), b.device(pair.param))
-        groups.setdefault(key, []).append(pair)
-    return groups
-
-
-def _group_keys(pairs: Iterable[Pair], owners: Iterable[Optimizer | None]) -> dict[Optimizer | None, set[Keys]]:
-    grouped: dict[Optimizer | None, set[Keys]] = {}
-    for pair, owner in zip(pairs, owners):
-        grouped.setdefault(owner, set()).add(pair.keys)
-    return grouped
-
-
-# ---------------------------------------------------------------------- the state's layout
-class StateHolder(Protocol):
-    """What the layout functions read: an optimizer, or a candidate state being checked."""
-
-    @property
-    def state(self) -> State: ...
-
-    def scalar_names(self) -> list[str]: ...
-
-
-def state_key(optimizer: StateHolder, key: Any) -> Any:
-    """The state key of a top-level parameter name (``~name`` for a reserved name)."""
-    return "~" + key if key in RESERVED or key in optimizer.scalar_names() else key
-
-
-def slots_at(optimizer: StateHolder, keys: Keys) -> dict[str, Array] | None:
-    """The slot dict of the parameter at ``keys``, or ``None``."""
-    node = _trees.lookup(optimizer.state, state_key(optimizer, keys[0]))
-    return _trees.lookup_path(node, keys[1:]) if node is not None else None
-
-
-def slot_items(optimizer: StateHolder) -> Iterator[tuple[Keys, dict[str, Array]]]:
-    """``(keys, slot dict)`` of every parameter with state, in state order."""
-    scalars = set(optimizer.scalar_names())
-
-    def walk(node, keys):
-        if isinstance(node, dict):
-            if node and not any(is_container(v) for v in node.values()):
-                yield keys, node
-                return
-            children: Iterable[tuple[Any, Any]] = node.items()
-        elif isinstance(node, (list, tuple)):
-            children = enumerate(node)
-        else:
-            return
-        for key, child in children:
-            yield from walk(child, keys + (key,))
-
-    for key, child in optimizer.state.items():
-        if key in scalars:
-            continue
-        if isinstance(key, str) and key.startswith("~") and key[1:] in (*RESERVED, *scalars):
-            key = key[1:]
-        yield from walk(child, (key,))
-
-
-def drop(optimizer: Optimizer, keys: Keys) -> dict[str, Array]:
-    """Forget the state of the parameter at ``keys``; returns its slots."""
-    optimizer.book.version += 1
-    state = optimizer.state
-    slots = slots_at(optimizer, keys) or {}
-    if slots:
-        root_key = state_key(optimizer, keys[0])
-        if _trees.lookup(state, root_key) is not None and root_key not in state:
-            root_key = str(root_key)
-        state[root_key] = _trees.assign(state[root_key], keys[1:], {})
-    optimizer.book.parameters.pop(keys, None)
-    return dict(slots)
-
-
-def mirror(optimizer: Optimizer, parameters: Tree, keys: Collection[Keys]) -> None:
-    """Mirror ``parameters`` into the state, with slots for the parameters at ``keys``."""
-    book, state = optimizer.book, optimizer.state
-
-    def select(leaf_keys: Keys, leaf: Array) -> bool:
-        if leaf_keys not in keys:
-            return False
-        book.parameters[leaf_keys] = _info(leaf)
-        return True
-
-    def init_leaf(leaf_keys: Keys, param: Array, slots: dict[str, Array]) -> None:
-        backend = backend_of(param)
-        assert backend is not None  # the step checked every parameter
-        if backend.name == "python":
-            param = (book.backend or numpy_backend).scalar_array(param, "float32")
-        optimizer.init_single(param, slots)
-        carried = book.carried.pop(leaf_keys, None)
-        if carried:  # slots handed over by MultiOptimizer.reroute(..., state="carry")
-            for name, value in carried.items():
-                if name in slots and _fits(value, slots[name]):
-                    slots[name] = value
-
-    book.version += 1
-    entries = items(parameters) if is_container(parameters) else ()
-    for key, child in entries:
-        if not is_container(child):
-            if (key,) not in keys:
-                continue
-            book.parameters[(key,)] = _info(child)
-        skey = state_key(optimizer, key)
-        found = _trees.lookup(state, skey)
-        if found is not None and skey not in state:
-            del state[str(skey)]
-        state[skey] = _trees.mirror(found, child, select, init_leaf, (key,))
-
-
-def _info(param):
-    """``(shape, dtype)`` of a parameter, for plans."""
-    backend = backend_of(param)
-    if backend is None or backend.name == "python":
-        return (), "float32"  # a number becomes a float32 0-d array
-    return tuple(backend.shape(param)), backend.dtype_name(param)
-
-
-def _fits(value, like):
-    a, b = backend_of(value), backend_of(like)
-    return (
-        a is not None
-        and a is b
-        and tuple(a.shape(value)) == tuple(b.shape(like))
-        and a.dtype_name(value) == b.dtype_name(like)
-    )
+        key = (id(pair.group), b.name, b.dtype_name(pair.param), b.device(pair.param), pair.options)
+        buckets.setdefault(key, []).append(pair)
+    return buckets
 
 
 # ---------------------------------------------------------------------- collecting pairs

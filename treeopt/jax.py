@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
+from treeopt.multi import MultiOptimizer
 from treeopt.optimizer import Optimizer
 from treeopt.optimizers import default_layout
 from treeopt.tree import tree_map
@@ -89,16 +90,16 @@ def _copy_containers(state):
 def _borrowed(optimizer, state):
     """Run ``optimizer`` on a copy of ``state`` (its containers, not its arrays), leaving the
     optimizer's own state untouched."""
-    leaves = optimizer.stateful()
-    saved = [(leaf.state, leaf.book.initialized, leaf.book.backend) for leaf in leaves]
+    stores = [member.group.store for member in optimizer.groups()]
+    saved = [(store.tree, store.checked, store.backend) for store in stores]
     try:
         with default_layout(LAYOUT):  # weights are flax's here, unless a Muon says otherwise
             optimizer.state = _copy_containers(state)  # checked against the parameters on use
             yield
     finally:
-        for leaf, (own, initialized, backend) in zip(leaves, saved):
-            leaf.state = own
-            leaf.book.initialized, leaf.book.backend = initialized, backend
+        for store, (own, checked, backend) in zip(stores, saved):
+            store.replace(own)
+            store.checked, store.backend = checked, backend
 
 
 def _natural(path):
@@ -119,6 +120,7 @@ def module_kinds(model: Tree) -> dict[str, str]:
     """
     tables, denses = [], []  # (path of the parameter, rows) and (path, outputs), in model order
     try:
+        # optional: flax modules when flax is installed
         from flax import nnx
     except ImportError:
         nnx = None  # type: ignore[assignment]
@@ -150,8 +152,8 @@ def declare_kinds(optimizer: Optimizer, model: Tree) -> dict[str, str]:
     """Tell ``optimizer`` (a MultiOptimizer) what :func:`module_kinds` finds in ``model``,
     before it routes; returns the kinds. :func:`init` does it for the tree it is given."""
     kinds = module_kinds(model)
-    if kinds and hasattr(optimizer, "declare_kinds"):
-        optimizer.declare_kinds(kinds)
+    if kinds:
+        optimizer.router.declare_kinds(kinds)
     return kinds
 
 
@@ -161,9 +163,17 @@ def init(optimizer: Optimizer, params: Tree) -> dict:
     (:func:`declare_kinds`) first."""
     declare_kinds(optimizer, params)
     flat, _, _ = _flat(params)
-    with _borrowed(optimizer, optimizer.scalar_state()):
+    with _borrowed(optimizer, _scalars_only(optimizer)):
         optimizer.init(flat)
         return _on_mesh_of(flat.values(), _copy_containers(optimizer.state))
+
+
+def _scalars_only(optimizer: Optimizer) -> dict:
+    """The state of ``optimizer`` without any parameter's slots: its step and scalars (of each
+    child, for a MultiOptimizer)."""
+    if isinstance(optimizer, MultiOptimizer):
+        return {"states": [_scalars_only(child) for child in optimizer.optimizers]}
+    return {name: optimizer.scalars.value(name) for name in optimizer.scalars.names()}
 
 
 def _on_mesh_of(params, state):
@@ -211,6 +221,7 @@ def as_optax(optimizer: Optimizer) -> optax.GradientTransformation:
     ``optax.apply_updates`` gives the new parameters (up to one rounding of the
     subtraction; :func:`update` gives them exactly). ``params`` is required.
     """
+    # optional: only for as_optax
     import optax
 
     def init_fn(params):

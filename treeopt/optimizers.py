@@ -9,9 +9,8 @@ import contextlib
 import math
 import numbers
 from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
 
-from treeopt import engine, rules
+from treeopt import engine, rules, scalars
 from treeopt.filters import is_embedding, is_head
 from treeopt.optimizer import Optimizer
 from treeopt.precision import StatePrecision, state_precision
@@ -36,8 +35,16 @@ class _Builtin(Optimizer):
 
     def __init__(self, state_dtype: str | StatePrecision | None = None) -> None:
         precision = state_precision(state_dtype, type(self).__name__)  # checked before anything is set
+        if precision is not None and (
+            type(self).apply_single is not Optimizer.apply_single or type(self).init_single is not Optimizer.init_single
+        ):
+            raise ValueError(
+                f"{type(self).__name__} state_dtype={precision.dtype!r} needs the built-in rule, and "
+                f"{type(self).__name__} has its own init_single or apply_single (which read and write slots "
+                "in the parameter's dtype)"
+            )
         super().__init__()
-        self.precision = precision
+        self.store.precision = precision  # how the group's slots are stored (treeopt.precision)
 
     def _set_learning_rate(self, learning_rate):
         if not (callable(learning_rate) or _is_number(learning_rate) or hasattr(learning_rate, "dtype")):
@@ -438,10 +445,6 @@ class Adafactor(_Builtin):
         return factored_rsqrt(exp_avg_sq_row, exp_avg_sq_col)
 
 
-#: the layout a ``Muon(layout=None)`` takes, set by :func:`default_layout`
-_DEFAULT_LAYOUT: ContextVar[str] = ContextVar("treeopt_muon_default_layout", default="out_in")
-
-
 @contextlib.contextmanager
 def default_layout(layout: str) -> Iterator[None]:
     """Within this block, a :class:`Muon` built with ``layout=None`` takes the weights as laid
@@ -455,18 +458,15 @@ def default_layout(layout: str) -> Iterator[None]:
         >>> import treeopt as optim
         >>> muon = optim.Muon(0.02)
         >>> with optim.optimizers.default_layout("in_out"):
-        ...     muon.rule_hyperparameters()["layout"]
+        ...     muon.scalars.hyperparameters()["layout"]
         'in_out'
-        >>> muon.rule_hyperparameters()["layout"]
+        >>> muon.scalars.hyperparameters()["layout"]
         'out_in'
     """
     if layout not in LAYOUTS:
         raise ValueError(f"default_layout: layout should be one of {LAYOUTS}, {layout!r} was provided instead")
-    token = _DEFAULT_LAYOUT.set(layout)
-    try:
+    with scalars.context(layout=layout):
         yield
-    finally:
-        _DEFAULT_LAYOUT.reset(token)
 
 
 class Muon(_Builtin):
@@ -532,6 +532,7 @@ class Muon(_Builtin):
         state_dtype: str | StatePrecision | None = None,
     ) -> None:
         super().__init__(state_dtype=state_dtype)
+        self.scalars.defaults["layout"] = "out_in"  # layout=None: this, or default_layout's
         if layout not in (None, *LAYOUTS):
             raise ValueError(f"Muon layout should be None or one of {LAYOUTS}, {layout!r} was provided instead")
         self.layout = layout
@@ -562,12 +563,6 @@ class Muon(_Builtin):
             raise ValueError(f"Muon ns_steps should be an integer >=0, {ns_steps!r} was provided instead")
         self.nesterov = bool(nesterov)
         self.ns_steps = int(ns_steps)
-
-    def rule_hyperparameters(self) -> dict:
-        hyper = super().rule_hyperparameters()
-        if hyper["layout"] is None:
-            hyper["layout"] = _DEFAULT_LAYOUT.get()
-        return hyper
 
     def unsuited(self, path: str, parameter: Array) -> str | None:
         """Muon orthogonalises hidden matrices. In a MultiOptimizer it warns (or refuses) on
@@ -636,10 +631,10 @@ class ScheduleFreeAdamW(_Builtin):
         """The parameters to evaluate the model at: the average :math:`x = (y - (1 - \\beta_1)
         z) / \\beta_1` of every parameter with state (``params``, the :math:`y`, are not
         changed; a parameter without state is returned as it is)."""
-        b1 = self._value("betas")[0]
+        b1 = self.scalars.hyperparameters()["betas"][0]
         pairs = engine.collect(params, params, type(self).__name__, check_pairs=False)
         for pair in pairs:
-            slots = engine.slots_at(self, pair.keys) if pair.grad is not None else None
+            slots = self.store.slots(pair.keys) if pair.grad is not None else None
             if slots:
                 pair.result = (pair.param - (1 - b1) * slots["z"]) / b1
         return engine.with_results(params, iter(pairs))

@@ -11,19 +11,18 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from treeopt import engine
 from treeopt._trees import dotted
 from treeopt.backends import as_float, backend_of
-from treeopt.types import Array
+from treeopt.routing import Member, Route
+from treeopt.state import SlotStore
+from treeopt.types import Array, Keys, Shape
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # rich is optional: imported where a plan is printed with it
     from rich.console import Group as RichGroup
-
-    from treeopt.optimizer import Optimizer
 
 __all__ = ["Plan", "Row", "Group", "PlanDiff", "build"]
 
@@ -216,6 +215,7 @@ class Plan:
         return "\n".join(lines)
 
     def __rich__(self) -> RichGroup:
+        # optional: plans print as plain text without rich
         from rich.console import Group as RichGroup
         from rich.table import Table
 
@@ -231,7 +231,7 @@ class Plan:
     def print(self, file: IO[str] | None = None) -> None:
         """Print the plan: a rich table when ``rich`` is installed, plain text otherwise."""
         try:
-            from rich.console import Console
+            from rich.console import Console  # optional, as above
         except ImportError:
             print(self, file=file)
         else:
@@ -286,11 +286,21 @@ def _renamed(row):
 
 
 # ---------------------------------------------------------------------------------- building
-def _predicted_bytes(leaf, shape, dtype):
-    """State bytes of a parameter that has no state yet, from the optimizer's slot entries."""
+class _Router(Protocol):
+    """What a plan reads of a router (:mod:`treeopt.routing`)."""
+
+    @property
+    def changes(self) -> list[str]: ...
+
+    def table(self) -> list[tuple[Keys, Route, Any]]: ...
+
+    def warnings(self) -> list[str]: ...
+
+
+def _predicted_bytes(store: SlotStore, shape: Shape, dtype: str) -> int:
+    """State bytes of a parameter that has no state yet, from what its store would keep."""
     try:
-        entries = leaf.slot_entries(tuple(shape), dtype)
-        return sum(math.prod(s) * _itemsize(d) for s, d in entries.values())
+        return sum(math.prod(s.shape) * _itemsize(s.dtype) for s in store.expected(shape, dtype).values())
     except Exception:
         return 0
 
@@ -299,12 +309,12 @@ def _itemsize(dtype: str) -> int:
     return 2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize
 
 
-def _stored_as(owner, shape, dtype):
+def _stored_as(store: SlotStore, keys: Keys, shape: Shape, dtype: str) -> str | None:
     """How a parameter's slots are stored, for an optimizer with a ``state_dtype``."""
-    if owner.precision is None:
+    if store.precision is None:
         return None
     try:
-        layout = owner.state_layout(tuple(shape), dtype)
+        layout = store.layout(shape, dtype, keys)
     except Exception:
         return None
     if layout is None:
@@ -312,59 +322,56 @@ def _stored_as(owner, shape, dtype):
     return ", ".join(dict.fromkeys(form.name for form in layout.forms.values())) or "-"
 
 
-def build(optimizer: Optimizer) -> Plan:
-    """The plan of ``optimizer`` from the routes and state it actually holds."""
-    named = optimizer.named_stateful()
-    group_of = {id(stateful): i for i, (_, _, stateful) in enumerate(named)}
+def build(groups: list[Member], router: _Router) -> Plan:
+    """The plan of the groups ``router`` routes to, from the routes and state they hold."""
+    group_of = {id(member.group): i for i, member in enumerate(groups)}
     hyper = {
-        id(stateful): json.loads(json.dumps(stateful.current_hyperparameters()))  # tuples as lists
-        for _, _, stateful in named
+        id(member.group): json.loads(json.dumps(member.group.scalars.current()))  # tuples as lists
+        for member in groups
     }
     rows = []
-    totals = {i: [0, 0, 0] for i in range(len(named))}
-    for placed in optimizer.routing_table():
-        path, shape, dtype, owner = dotted(placed.keys), placed.shape, placed.dtype, placed.owner
+    totals = {i: [0, 0, 0] for i in range(len(groups))}
+    for keys, route, owner in router.table():
+        path, shape, dtype = dotted(keys), route.shape, route.dtype
         if owner is None:
-            rows.append(Row(path, -1, "frozen", placed.reason, shape, dtype, math.prod(shape), 0))
+            rows.append(Row(path, -1, "frozen", route.reason, shape, dtype, math.prod(shape), 0))
             continue
-        slots = engine.slots_at(owner, placed.keys) or {}
-        state_bytes = sum(_nbytes(v) for v in slots.values()) if slots else _predicted_bytes(owner, shape, dtype)
-        stored = _stored_as(owner, shape, dtype)
+        slots = owner.store.slots(keys) or {}
+        state_bytes = sum(_nbytes(v) for v in slots.values()) if slots else _predicted_bytes(owner.store, shape, dtype)
         group = group_of[id(owner)]
         values = hyper[id(owner)]
         rows.append(
             Row(
                 path,
                 group,
-                named[group][0],
-                placed.reason,
+                groups[group].name,
+                route.reason,
                 shape,
                 dtype,
                 math.prod(shape),
                 state_bytes,
                 values.get("learning_rate"),
                 values.get("weight_decay"),
-                placed.also,
-                placed.notes,
-                state_dtype=stored,
+                route.also,
+                route.notes,
+                state_dtype=_stored_as(owner.store, keys, shape, dtype),
             )
         )
         totals[group][0] += 1
         totals[group][1] += math.prod(shape)
         totals[group][2] += state_bytes
-    groups = [
+    summary = [
         Group(
             i,
-            name,
-            type(stateful).__name__,
+            member.name,
+            type(member.group).__name__,
             totals[i][0],
             totals[i][1],
             totals[i][2],
-            hyper[id(stateful)],
-            None if stateful.precision is None else stateful.precision.describe(),
+            hyper[id(member.group)],
+            None if member.group.store.precision is None else member.group.store.precision.describe(),
         )
-        for i, (name, _, stateful) in enumerate(named)
+        for i, member in enumerate(groups)
     ]
-    return Plan(
-        int(as_float(optimizer.step)), groups, rows, list(getattr(optimizer, "changes", [])), optimizer.plan_warnings()
-    )
+    step = int(as_float(groups[0].group.store.tree["step"]))
+    return Plan(step, summary, rows, list(router.changes), router.warnings())

@@ -39,6 +39,7 @@ def _declare_flax_kinds(multi: MultiOptimizer, params: Tree) -> None:
     :func:`treeopt.jax.module_kinds`), declared before routing."""
     leaves = tree_flatten(params)
     if leaves and getattr(backend_of(leaves[0][1]), "name", None) == "jax":
+        # JAX loads only for a tree of JAX arrays
         from treeopt.jax import declare_kinds
 
         declare_kinds(multi, params)

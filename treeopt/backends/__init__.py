@@ -9,6 +9,7 @@ that framework has been imported by the user, so ``import treeopt`` needs only N
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from treeopt.backends.base import Backend, PythonScalars
@@ -45,7 +46,6 @@ def get_backend(name: str) -> Backend:
     if name not in _loaded:
         if name not in _FRAMEWORKS:
             raise ValueError(f"unknown backend {name!r}; expected one of numpy, torch, jax, mlx")
-        import importlib
 
         framework, module, cls = _FRAMEWORKS[name]
         importlib.import_module(framework)

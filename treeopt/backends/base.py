@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -73,7 +74,6 @@ class Backend:
     def quiet(self) -> AbstractContextManager[object]:
         """A context in which the rules run: NumPy's floating-point warnings are off, as
         every other library is silent about them (see ``skip_nonfinite`` to act on them)."""
-        import contextlib
 
         return contextlib.nullcontext()
 

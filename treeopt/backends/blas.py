@@ -144,10 +144,12 @@ def gemm(alpha: float, a: np.ndarray, b: np.ndarray, beta: float, c: np.ndarray)
 
 def _numba_stack(function, ta, tb, m, n, k, alpha, a, b, beta, c):
     """The GEMMs of a stack from one compiled loop; False without numba."""
+    # numba is optional, and the kernels sit above the backends: the stacked GEMM is theirs
     from treeopt.kernels import numba_available
 
     if not numba_available():
         return False
+    # the same: loaded once numba is found
     from treeopt.kernels.numba_support import gemm_stack
 
     scalar = c.dtype.type

@@ -65,6 +65,7 @@ class MlxBackend(Backend):
 
     def to_numpy(self, x: Array) -> np.ndarray:
         if x.dtype == mx.bfloat16:
+            # optional: bfloat16 arrays (treeopt[bfloat16])
             import ml_dtypes
 
             return np.array(x.view(mx.uint16)).view(ml_dtypes.bfloat16)

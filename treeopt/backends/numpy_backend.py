@@ -18,6 +18,7 @@ _NAMES: dict = {}  # dtype -> its name
 def _dtype(name: str) -> np.dtype:
     if name == "bfloat16":  # NumPy's bfloat16 comes from ml_dtypes (pip install treeopt[bfloat16])
         try:
+            # optional: bfloat16 arrays (treeopt[bfloat16])
             import ml_dtypes
         except ImportError:  # pragma: no cover
             raise TypeError("bfloat16 NumPy arrays need the ml_dtypes package") from None

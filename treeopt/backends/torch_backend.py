@@ -83,6 +83,7 @@ class TorchBackend(Backend):
     def to_numpy(self, x: Array) -> np.ndarray:
         x = x.detach().cpu()
         if x.dtype == torch.bfloat16:
+            # optional: bfloat16 arrays (treeopt[bfloat16])
             import ml_dtypes
 
             return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)

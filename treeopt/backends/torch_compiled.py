@@ -70,6 +70,7 @@ class CoefficientTable:
 
 
 def _options():
+    # Inductor loads only when a step is compiled
     import torch._inductor.config as inductor
 
     # horizontal fusion of the tensors' kernels into few launches (Triton only). A combo kernel

@@ -17,12 +17,15 @@ problem and nothing changes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from treeopt.checkpoint import files, mlx_layout
+from treeopt.checkpoint import files, mlx_layout, routing, validate
 from treeopt.checkpoint.format import CheckpointError, LoadReport, Problem, from_flat, to_flat
+from treeopt.multi import MultiOptimizer
+from treeopt.optimizer import step_lock
 from treeopt.types import Tree
 
 if TYPE_CHECKING:  # checkpoints sit above the optimizers, which never import them
@@ -47,18 +50,20 @@ def save(optimizer: Optimizer, path: str | os.PathLike, *, layout: str = "treeop
     if getattr(optimizer, "_distributed", None) is not None:  # a treeopt.torch.Optimizer on several ranks
         if layout != "treeopt":
             raise ValueError("a checkpoint of several ranks has the treeopt layout only")
+        # only for torch optimizers on several ranks; folders sit above the checkpoints
         from treeopt.distributed import files as folders
 
         return folders.save(optimizer, path)  # type: ignore[arg-type]  # a treeopt.torch.Optimizer
-    if layout == "treeopt":
-        tensors, metadata = to_flat(optimizer)
-        files.write(path, tensors, metadata)
-    elif layout == "mlx":
-        arrays = {k: files.as_numpy(v) for k, v in mlx_layout.to_mlx(optimizer).items()}
-        save_file = files.safetensors().numpy.save_file
-        files.replace_atomically(path, lambda temporary: save_file(arrays, temporary))
-    else:
+    if layout not in ("treeopt", "mlx"):
         raise ValueError(f"layout must be 'treeopt' or 'mlx', got {layout!r}")
+    with step_lock(optimizer):  # a step in another thread waits: the file holds one step's state
+        if layout == "treeopt":
+            tensors, metadata = to_flat(optimizer)
+            files.write(path, tensors, metadata)
+        else:
+            arrays = {k: files.as_numpy(v) for k, v in mlx_layout.to_mlx(optimizer).items()}
+            save_file = files.safetensors().numpy.save_file
+            files.replace_atomically(path, lambda temporary: save_file(arrays, temporary))
 
 
 def read(path: str | os.PathLike) -> tuple[Stored, dict[str, Any] | None]:
@@ -89,12 +94,13 @@ def load(
     Returns:
         a :class:`LoadReport`.
     """
+    # only for torch optimizers on several ranks; folders sit above the checkpoints
     from treeopt.distributed import files as folders
 
     if getattr(optimizer, "_distributed", None) is not None or folders.is_folder_checkpoint(path):
         return folders.load(optimizer, path, strict=strict)  # type: ignore[arg-type]  # as in save
     tensors, metadata = read(path)
-    if metadata is None and not mlx_layout.is_mlx_layout(tensors):
+    if metadata is None and not mlx_layout.is_mlx_layout(tensors.keys()):
         raise CheckpointError(f"{path} has neither treeopt metadata nor MLX's optimizer layout")
     return load_content(optimizer, tensors, metadata, params, strict=strict)
 
@@ -106,22 +112,29 @@ def load_content(
     params: Tree | None = None,
     *,
     strict: bool = True,
+    check_hyperparameters: bool = True,
 ) -> LoadReport:
     """Load checkpoint content (``tensors`` by key and ``metadata``, as :func:`to_flat` makes
     them; ``metadata`` ``None`` for MLX's layout) into ``optimizer``; see :func:`load`.
+    ``check_hyperparameters=False`` leaves the saved hyper-parameters to the caller (see
+    :func:`~treeopt.checkpoint.format.from_flat`).
 
     Every value is checked before the optimizer changes (:mod:`.validate`); the saved routing
     changes are applied before any state is created, so each parameter's state is created by
     the optimizer that owned it; any failure puts the optimizer back as it was.
     """
-    from treeopt.checkpoint import routing, validate
 
     if not hasattr(tensors, "keys") or not hasattr(tensors, "__getitem__"):
         raise CheckpointError(f"checkpoint tensors must be a mapping of key to array, got {type(tensors).__name__}")
     if metadata is not None:
         validate.metadata(metadata)
         validate.tensors(tensors, metadata)
-    restore = optimizer.snapshot()
+    with step_lock(optimizer):  # a step in another thread waits for the load
+        return _load_content(optimizer, tensors, metadata, params, strict, check_hyperparameters)
+
+
+def _load_content(optimizer, tensors, metadata, params, strict, check_hyperparameters):
+    restore = _snapshot(optimizer)
     try:
         if metadata is not None:
             routing.restore(optimizer, metadata)  # before init: parameters get their saved owners
@@ -135,10 +148,27 @@ def load_content(
         if problems and strict:
             report = LoadReport(problems=problems)
             raise CheckpointError(f"the checkpoint does not fit the optimizer (nothing was loaded): {report}", report)
-        report = from_flat(optimizer, tensors, metadata, strict=strict)
+        report = from_flat(optimizer, tensors, metadata, strict=strict, check_hyperparameters=check_hyperparameters)
         report.problems.extend(problems)
         routing.apply_carried(carried)
         return report
     except BaseException:
         restore()  # a failed load leaves the optimizer exactly as it was, initialised or not
         raise
+
+
+def _snapshot(optimizer: Optimizer) -> Callable[[], None]:
+    """A function that puts ``optimizer`` back as it is now: its routes, every group's store
+    and a MultiOptimizer's whole-model state (what a load changes)."""
+    undo = [optimizer.router.snapshot()] + [member.group.store.snapshot() for member in optimizer.groups()]
+    whole = optimizer.whole_model.state if isinstance(optimizer, MultiOptimizer) else None
+    saved = dict(whole) if whole is not None else None
+
+    def restore() -> None:
+        for step in undo:
+            step()
+        if whole is not None and saved is not None:
+            whole.clear()
+            whole.update(saved)
+
+    return restore

@@ -5,8 +5,9 @@ it; it imports none of them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -14,14 +15,17 @@ from treeopt.backends import array_backend
 from treeopt.errors import TreeoptError
 from treeopt.types import Array, Scalar
 
-if TYPE_CHECKING:
-    from collections.abc import Mapping
 
-    from treeopt.checkpoint.files import Tensors
+class Stored(Protocol):
+    """Checkpoint tensors by key: a dict, or the lazily read tensors of an open file
+    (:class:`treeopt.checkpoint.files.Tensors`)."""
 
-    #: checkpoint tensors by key: a dict, or the lazily read tensors of an open file
-    Stored: TypeAlias = Mapping[str, Array] | Tensors
-    from treeopt.checkpoint.format import LoadReport
+    def keys(self) -> Iterable[str]: ...
+
+    def __getitem__(self, key: str) -> Array: ...
+
+    def __contains__(self, key: object) -> bool: ...
+
 
 FORMAT = "treeopt-checkpoint"
 #: 2: optimizers may have a ``state_dtype`` and slots int8/uint8 codes with float32 scales
@@ -36,6 +40,24 @@ class CheckpointError(TreeoptError, ValueError):
         self.report = report
 
 
+@dataclass
+class LoadReport:
+    """What a load found: every problem, and what it loaded."""
+
+    problems: list = field(default_factory=list)
+    loaded: list = field(default_factory=list)  # parameter paths whose state was loaded
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        head = f"loaded the state of {len(self.loaded)} parameters"
+        if self.ok:
+            return head + ", no problem found"
+        return "\n".join([f"{head}; {len(self.problems)} problems:"] + [f"  {p}" for p in self.problems])
+
+
 @dataclass(frozen=True)
 class Problem:
     kind: str  # missing, unexpected, shape, dtype, slots, owner, hyperparameter, optimizer
@@ -44,6 +66,21 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.kind:<14} {self.path}: {self.message}"
+
+
+def slot_key(path: str, slot: str) -> str:
+    """The key of ``path``'s slot ``slot``: ``"{path}/{slot}"``. A path that starts as the
+    format's own keys do (``@``, ``#``, or ``~`` before either) gets one more ``~`` in front,
+    so no parameter name is read as an optimizer's scalar or whole-model state."""
+    return f"~{path}/{slot}" if path.lstrip("~").startswith(("@", "#")) else f"{path}/{slot}"
+
+
+def split_slot_key(key: str) -> tuple[str, str]:
+    """``(path, slot)`` of a :func:`slot_key`."""
+    path, _, slot = key.rpartition("/")
+    if path.startswith("~") and path.lstrip("~").startswith(("@", "#")):
+        path = path[1:]
+    return path, slot
 
 
 def numpy_scalar(value: Scalar) -> np.ndarray:

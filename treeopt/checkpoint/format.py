@@ -3,7 +3,9 @@ metadata saying who owns what; and loading it back by name, checked, all or noth
 
 Keys: ``"{path}/{slot}"`` for a parameter's slot (``layers.0.attn.weight/m``) and
 ``"@{optimizer}/{scalar}"`` for an optimizer's step, learning rate, scheduled values and the
-rule's running values (schedule-free's weight sum).
+rule's running values (schedule-free's weight sum); ``#`` starts whole-model state. A path that
+starts with ``@`` or ``#`` gets a ``~`` before it (:func:`~treeopt.checkpoint.base.slot_key`),
+so any parameter name round-trips.
 """
 
 from __future__ import annotations
@@ -11,16 +13,26 @@ from __future__ import annotations
 import numbers
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from treeopt import __version__, engine
 from treeopt._trees import dotted
+from treeopt._version import __version__
 from treeopt.backends import array_backend, numpy_backend
 from treeopt.checkpoint import routing, validate
-from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, Problem, assign, numpy_scalar
+from treeopt.checkpoint.base import (
+    FORMAT,
+    FORMAT_VERSION,
+    CheckpointError,
+    LoadReport,
+    Problem,
+    assign,
+    numpy_scalar,
+    slot_key,
+)
+from treeopt.multi import MultiOptimizer
 from treeopt.precision.codes import BLOCK
 from treeopt.precision.formats import Form, slot_names, stored_form
 from treeopt.types import Array
@@ -30,30 +42,7 @@ if TYPE_CHECKING:
     from treeopt.optimizer import Optimizer
 
 
-@dataclass
-class LoadReport:
-    """What a load found: every problem, and what it loaded."""
-
-    problems: list = field(default_factory=list)
-    loaded: list = field(default_factory=list)  # parameter paths whose state was loaded
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def __str__(self) -> str:
-        head = f"loaded the state of {len(self.loaded)} parameters"
-        if self.ok:
-            return head + ", no problem found"
-        return "\n".join([f"{head}; {len(self.problems)} problems:"] + [f"  {p}" for p in self.problems])
-
-
 # ---------------------------------------------------------------------------------- saving
-def leaf_optimizers(optimizer: Optimizer) -> list[tuple[str, tuple[int, ...], Optimizer]]:
-    """``(name, position, optimizer)`` for every optimizer that holds state, in order."""
-    return optimizer.named_stateful()
-
-
 def _json_value(value):
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -94,39 +83,41 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
             raise CheckpointError(f"two state entries have the key {key!r}: rename one of the parameters")
         tensors[key] = value
 
-    for name, position, leaf in leaf_optimizers(optimizer):
-        for scalar in leaf.scalar_names():
-            put(f"@{name}/{scalar}", leaf.state[scalar])
-        for keys, slots in engine.slot_items(leaf):
+    for name, position, group in optimizer.groups():
+        for scalar in group.scalars.names():
+            put(f"@{name}/{scalar}", group.scalars.value(scalar))
+        for keys, slots in group.store.items():
             path = dotted(keys)
             if path in parameters:
                 raise CheckpointError(f"two parameters have the path {path!r}: rename one of them")
             parameters[path] = {"owner": name, "slots": {s: _shape_dtype(v) for s, v in slots.items()}}
             for slot, value in slots.items():
-                put(f"{path}/{slot}", value)
+                put(slot_key(path, slot), value)
         optimizers.append(
             {
                 "name": name,
                 "position": list(position),
-                "type": type(leaf).__name__,
-                "hyperparameters": hyperparameters(leaf),
-                "scheduled": sorted(leaf.schedules),
+                "type": type(group).__name__,
+                "hyperparameters": hyperparameters(group),
+                "scheduled": sorted(group.scalars.schedules),
                 "running": [
-                    n for n in leaf.scalar_names() if n not in ("step", "learning_rate") and n not in leaf.schedules
+                    n
+                    for n in group.scalars.names()
+                    if n not in ("step", "learning_rate") and n not in group.scalars.schedules
                 ],
             }
         )
-        if leaf.precision is not None:  # how its slots are stored (codes and scales of int8 slots)
-            optimizers[-1]["state_dtype"] = asdict(leaf.precision)
-    names = {id(leaf): name for name, _, leaf in leaf_optimizers(optimizer)}
-    for placed in optimizer.routing_table():  # known paths without state
-        parameters.setdefault(dotted(placed.keys), {"owner": names.get(id(placed.owner)), "slots": {}})
+        if group.store.precision is not None:  # how its slots are stored (codes and scales of int8 slots)
+            optimizers[-1]["state_dtype"] = asdict(group.store.precision)
+    names = {id(group): name for name, _, group in optimizer.groups()}
+    for keys, _, owner in optimizer.router.table():  # known paths without state
+        parameters.setdefault(dotted(keys), {"owner": names.get(id(owner)), "slots": {}})
     for path in known:
         parameters.setdefault(path, {"owner": None, "slots": {}})
-    for key, value in routing.carried_tensors(optimizer, leaf_optimizers(optimizer)).items():
+    for key, value in routing.carried_tensors(optimizer.groups()).items():
         put(key, value)
     extra = {}
-    for name, value in optimizer.whole_model_state().items():
+    for name, value in _whole_model(optimizer).items():
         if name == "accumulated":
             for path, array in value.items():
                 put(f"#accumulated/{path}", array)
@@ -140,7 +131,7 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
         "format_version": FORMAT_VERSION if any("state_dtype" in o for o in optimizers) else 1,
         "treeopt_version": __version__,
         "whole_model": {k: v for k, v in extra.items() if v is not None},
-        "step": int(numpy_scalar(leaf_optimizers(optimizer)[0][2].step)),
+        "step": int(numpy_scalar(optimizer.groups()[0].group.step)),
         "optimizers": optimizers,
         "parameters": parameters,
     }
@@ -157,36 +148,44 @@ def _match_optimizers(current, metadata):
     saved = {o["name"]: o for o in metadata["optimizers"]}
     owner = {path: info["owner"] for path, info in metadata["parameters"].items()}
     matches = {}
-    for name, position, leaf in current:
-        kind = type(leaf).__name__
+    for name, position, group in current:
+        kind = type(group).__name__
         votes = Counter(
             owner[dotted(keys)]
-            for keys, _ in engine.slot_items(leaf)
+            for keys, _ in group.store.items()
             if owner.get(dotted(keys)) in saved and saved[owner[dotted(keys)]]["type"] == kind
         )
         if votes:
-            matches[id(leaf)] = saved[votes.most_common(1)[0][0]]
+            matches[id(group)] = saved[votes.most_common(1)[0][0]]
         elif name in saved and saved[name]["type"] == kind:
-            matches[id(leaf)] = saved[name]
+            matches[id(group)] = saved[name]
         else:
-            matches[id(leaf)] = next(
+            matches[id(group)] = next(
                 (o for o in saved.values() if o["position"] == list(position) and o["type"] == kind), None
             )
     return matches
 
 
-def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], strict: bool = True) -> LoadReport:
+def from_flat(
+    optimizer: Optimizer,
+    tensors: Stored,
+    metadata: dict[str, Any],
+    strict: bool = True,
+    check_hyperparameters: bool = True,
+) -> LoadReport:
     """Load ``tensors`` into ``optimizer``'s state, matched by parameter path.
 
     The optimizer must know its parameters (initialised, or after a step). Every problem is
     collected into one :class:`LoadReport`. With ``strict`` (the default) any problem raises
     :class:`CheckpointError` and nothing changes; otherwise what matches is loaded and the
-    report is returned.
+    report is returned. ``check_hyperparameters=False``: a hyper-parameter that differs from
+    the saved one is not a problem (the caller restores the saved values, as
+    ``treeopt.torch.Optimizer.load_state_dict`` does).
     """
     validate.metadata(metadata)
     validate.tensors(tensors, metadata)
     report = LoadReport()
-    current = leaf_optimizers(optimizer)
+    current = optimizer.groups()
     matches = _match_optimizers(current, metadata)
     saved_params = metadata["parameters"]
     saved_types = {o["name"]: o["type"] for o in metadata["optimizers"]}
@@ -194,14 +193,14 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
     # slots stored in another form load read back and stored anew only where a state_dtype is
     # involved; between two optimizers without one, another dtype is a problem, as it always was
     saved_compact = {o["name"] for o in metadata["optimizers"] if "state_dtype" in o}
-    converts: list[tuple[Optimizer, Any, dict[str, Array], str, dict[str, Form]]] = []
+    converts: list[tuple[Any, Any, dict[str, Array], str, dict[str, Form]]] = []
     writes: list[
         tuple[dict[str, Array], str, Array]
     ] = []  # (slots dict, slot name, saved array), applied only after every check
     seen = set()
 
-    for name, _, leaf in current:
-        for keys, slots in engine.slot_items(leaf):
+    for name, _, group in current:
+        for keys, slots in group.store.items():
             path = dotted(keys)
             seen.add(path)
             saved = saved_params.get(path)
@@ -210,7 +209,7 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
                 continue
             if not saved["slots"]:
                 continue  # known but without state when saved: the fresh state is right
-            saved_type, current_type = saved_types.get(saved["owner"]), type(leaf).__name__
+            saved_type, current_type = saved_types.get(saved["owner"]), type(group).__name__
             if saved_type != current_type:
                 report.problems.append(
                     Problem(
@@ -228,18 +227,18 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
                     )
                 )
                 continue
-            compact = leaf.precision is not None or saved["owner"] in saved_compact
+            compact = group.store.precision is not None or saved["owner"] in saved_compact
             if compact and any(saved["slots"].get(slot) != _shape_dtype(value) for slot, value in slots.items()):
                 # stored in another form (another state_dtype): read back and stored anew
-                forms = _stored_forms(leaf, keys, path, saved, saved_blocks.get(saved["owner"], BLOCK), report)
+                forms = _stored_forms(group.store, keys, path, saved, saved_blocks.get(saved["owner"], BLOCK), report)
                 if forms is not None:
-                    converts.append((leaf, keys, slots, path, forms))
+                    converts.append((group.store, keys, slots, path, forms))
                     report.loaded.append(path)
                 continue
             fits = True
             for slot, value in slots.items():
                 expected, found = _shape_dtype(value), saved["slots"][slot]
-                key = f"{path}/{slot}"
+                key = slot_key(path, slot)
                 if key not in tensors:
                     report.problems.append(Problem("missing", key, "listed in the metadata but not stored"))
                     fits = False
@@ -260,7 +259,7 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
                     )
                     fits = False
             if fits:
-                writes.extend((slots, slot, f"{path}/{slot}") for slot in slots)  # read when written
+                writes.extend((slots, slot, slot_key(path, slot)) for slot in slots)  # read when written
                 report.loaded.append(path)
     for path, saved in saved_params.items():
         if path not in seen and saved["slots"]:
@@ -269,23 +268,25 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
             )
 
     scalar_writes = []
-    for name, _, leaf in current:
-        saved = matches[id(leaf)]
+    for name, _, group in current:
+        saved = matches[id(group)]
         if saved is None:
-            report.problems.append(Problem("optimizer", name, f"no {type(leaf).__name__} in the checkpoint matches it"))
+            report.problems.append(
+                Problem("optimizer", name, f"no {type(group).__name__} in the checkpoint matches it")
+            )
             continue
-        ours = hyperparameters(leaf)
+        ours = hyperparameters(group) if check_hyperparameters else {}
         for key, value in saved["hyperparameters"].items():
             if key in ours and ours[key] != value and not isinstance(value, dict) and not isinstance(ours[key], dict):
                 report.problems.append(
                     Problem("hyperparameter", name, f"{key} is {value!r} in the checkpoint, {ours[key]!r} now")
                 )
-        for scalar in leaf.scalar_names():
+        for scalar in group.scalars.names():
             key = f"@{saved['name']}/{scalar}"
             if key not in tensors:
                 report.problems.append(Problem("missing", f"@{name}/{scalar}", "not in the checkpoint"))
             else:
-                scalar_writes.append((leaf, scalar, tensors[key]))
+                scalar_writes.append((group, scalar, tensors[key]))
 
     whole_model = _check_whole_model_state(optimizer, tensors, metadata, report)
     if strict and report.problems:
@@ -294,30 +295,32 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
         _load_whole_model_state(optimizer, tensors, metadata)
     for slots, slot, key in writes:
         assign(slots, slot, tensors[key])  # one tensor read at a time
-    for leaf, keys, slots, path, forms in converts:
-        _convert(leaf, keys, slots, path, forms, tensors)
-    for leaf, scalar, array in scalar_writes:
-        _assign_scalar(leaf, scalar, array)
-    for _, _, leaf in current:
-        leaf.book.initialized = True
+    for store, keys, slots, path, forms in converts:
+        _convert(store, keys, slots, path, forms, tensors)
+    for group, scalar, array in scalar_writes:
+        _assign_scalar(group, scalar, array)
+    for _, _, group in current:
+        group.store.checked = True
     return report
 
 
-def _stored_forms(leaf, keys, path, saved, block, report):
+def _stored_forms(store, keys, path, saved, block, report):
     """The stored form of each slot of ``path`` in the checkpoint, checked against the slots
     the parameter needs now; ``None`` (with the problems reported) when they do not fit."""
-    shape, dtype = leaf.book.parameters[keys]
-    wanted = leaf.slot_shapes(_Shape(shape))
+    shape, _ = store.parameters[keys]
+    wanted = store.slot_shapes(shape)
     entries = {k: (tuple(v["shape"]), v["dtype"]) for k, v in saved["slots"].items()}
     forms = {}
     for slot, slot_shape in wanted.items():
         form = stored_form({k: v for k, v in entries.items() if k in (slot, f"{slot}_scale")}, slot, block)
         if isinstance(form, str):
-            report.problems.append(Problem("stored", f"{path}/{slot}", form))
+            report.problems.append(Problem("stored", slot_key(path, slot), form))
         elif entries[slot][0] != tuple(slot_shape):
             report.problems.append(
                 Problem(
-                    "shape", f"{path}/{slot}", f"shape {entries[slot][0]} in the checkpoint, {tuple(slot_shape)} now"
+                    "shape",
+                    slot_key(path, slot),
+                    f"shape {entries[slot][0]} in the checkpoint, {tuple(slot_shape)} now",
                 )
             )
         else:
@@ -325,17 +328,17 @@ def _stored_forms(leaf, keys, path, saved, block, report):
     return forms if len(forms) == len(wanted) else None
 
 
-def _convert(leaf, keys, slots, path, forms, tensors):
+def _convert(store, keys, slots, path, forms, tensors):
     """Write the saved slots of ``path`` (read back from their stored ``forms``) in the form
-    ``leaf`` stores them now. No step: bfloat16 is rounded to nearest."""
-    shape, dtype = leaf.book.parameters[keys]
-    layout = leaf.state_layout(shape, dtype)
+    ``store`` keeps them now. No step: bfloat16 is rounded to nearest."""
+    shape, dtype = store.parameters[keys]
+    layout = store.layout(shape, dtype, keys)
     compute = layout.compute if layout is not None else dtype
     for slot, form in forms.items():
         arrays = {
-            k: np.asarray(array_backend(tensors[f"{path}/{k}"]).to_numpy(tensors[f"{path}/{k}"]))
+            k: np.asarray(array_backend(tensors[slot_key(path, k)]).to_numpy(tensors[slot_key(path, k)]))
             for k in (slot, f"{slot}_scale")
-            if f"{path}/{k}" in tensors
+            if slot_key(path, k) in tensors
         }
         value = form.load(numpy_backend, arrays, slot, "float64" if compute == "float64" else "float32")
         if layout is None:
@@ -346,11 +349,10 @@ def _convert(leaf, keys, slots, path, forms, tensors):
             assign(slots, key, array)
 
 
-class _Shape:
-    """Stands in for a parameter in ``slot_shapes``."""
-
-    def __init__(self, shape: list[int] | tuple[int, ...]) -> None:
-        self.shape, self.ndim = tuple(shape), len(shape)
+def _whole_model(optimizer):
+    """The state entries kept for the whole model rather than by a group (a MultiOptimizer's
+    last norm, skipped steps, accumulation): the live dict's entries, or ``{}``."""
+    return optimizer.whole_model.entries() if isinstance(optimizer, MultiOptimizer) else {}
 
 
 def _spec(tensors, key):
@@ -366,7 +368,7 @@ def _check_whole_model_state(optimizer, tensors, metadata, report):
     """Whether the optimizer takes whole-model state (a MultiOptimizer); each accumulation
     buffer must have its parameter's shape and dtype."""
     keys = [k for k in tensors.keys() if k.startswith("#accumulated/") or k == "#grad_norm"]
-    if optimizer.stateful() == [optimizer]:
+    if not isinstance(optimizer, MultiOptimizer):
         for name in [*metadata.get("whole_model", {}), *keys]:
             report.problems.append(
                 Problem(
@@ -374,7 +376,7 @@ def _check_whole_model_state(optimizer, tensors, metadata, report):
                 )
             )
         return False
-    known = {dotted(p.keys): (p.shape, p.dtype) for p in optimizer.routing_table()}
+    known = {dotted(keys): (route.shape, route.dtype) for keys, route, _ in optimizer.router.table()}
     for key in keys:
         if key == "#grad_norm":
             continue
@@ -396,13 +398,13 @@ def _check_whole_model_state(optimizer, tensors, metadata, report):
 
 
 def _load_whole_model_state(optimizer, tensors, metadata):
-    if optimizer.stateful() == [optimizer]:
+    if not isinstance(optimizer, MultiOptimizer):
         return  # only a MultiOptimizer keeps state for the whole model
     state = optimizer.state
-    for key in optimizer.whole_model_state():
+    for key in _whole_model(optimizer):
         del state[key]
     state.update(metadata.get("whole_model", {}))
-    backend = optimizer.stateful()[0].book.backend or numpy_backend
+    backend = optimizer.groups()[0].group.store.backend or numpy_backend
     accumulated = {}
     for key in [k for k in tensors.keys() if k.startswith("#") and not k.startswith("#carried/")]:
         array = tensors[key]
@@ -416,13 +418,13 @@ def _load_whole_model_state(optimizer, tensors, metadata):
         state["accumulated"] = accumulated
 
 
-def _assign_scalar(leaf, scalar, array):
+def _assign_scalar(group, scalar, array):
     """A state scalar (checked by :mod:`.validate`: 0-d, a step >= 0, a finite float)."""
     value = numpy_scalar(array)
-    backend = leaf.book.backend or numpy_backend
+    backend = group.store.backend or numpy_backend
     dtype = "uint64" if scalar == "step" else value.dtype.name
     if dtype not in ("uint64", "float16", "bfloat16", "float32"):
         dtype = "float32"
-    leaf.state[scalar] = backend.scalar_array(
+    group.store.tree[scalar] = backend.scalar_array(
         value.astype(np.float64) if dtype != "uint64" else value.astype(np.uint64), dtype
     )

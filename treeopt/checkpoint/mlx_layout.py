@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from treeopt import engine
 from treeopt._trees import dotted
 from treeopt.backends import array_backend
-from treeopt.checkpoint.format import FORMAT, FORMAT_VERSION, leaf_optimizers
+from treeopt.checkpoint.base import slot_key
+from treeopt.checkpoint.format import FORMAT, FORMAT_VERSION
 from treeopt.tree import tree_flatten
 from treeopt.types import Array
 
@@ -29,36 +29,39 @@ def to_mlx(optimizer: Optimizer) -> dict[str, Array]:
     """The arrays of ``tree_flatten(optimizer.state)``, as MLX would save them. Slots stored
     compactly (``state_dtype``) are read back into the parameter's dtype, as MLX keeps them."""
     flat = dict(tree_flatten(optimizer.state))
-    for _, position, leaf in leaf_optimizers(optimizer):
-        if leaf.precision is None:
+    for _, position, group in optimizer.groups():
+        store = group.store
+        if store.precision is None:
             continue
         prefix = "".join(f"states.{i}." for i in position)
-        for keys, slots in engine.slot_items(leaf):
-            shape, dtype = leaf.book.parameters[keys]
-            layout = leaf.state_layout(shape, dtype)
+        for keys, slots in store.items():
+            shape, dtype = store.parameters[keys]
+            layout = store.layout(shape, dtype, keys)
             if layout is None:
                 continue
-            path = prefix + ".".join(map(str, (engine.state_key(leaf, keys[0]),) + tuple(keys[1:])))
+            path = prefix + ".".join(map(str, (store.key(keys[0]),) + tuple(keys[1:])))
             for key in slots:
                 flat.pop(f"{path}.{key}", None)
-            for slot, form in layout.forms.items():
-                backend = array_backend(slots[slot])
-                flat[f"{path}.{slot}"] = backend.astype(form.load(backend, slots, slot, layout.compute), dtype)
+            for slot, value in zip(layout.forms, store.load(slots, layout.forms, layout)):
+                flat[f"{path}.{slot}"] = array_backend(value).astype(value, dtype)
     return flat
 
 
 def from_mlx(optimizer: Optimizer, arrays: Stored) -> tuple[dict[str, Array], dict[str, Any]]:
     """``(tensors, metadata)`` in treeopt's form for MLX-layout ``arrays``, with the
     optimizers of ``optimizer`` (matched by position, as MLX's layout has nothing else)."""
-    leaves = leaf_optimizers(optimizer)
-    prefixes = [(("".join(f"states.{i}." for i in position)), name, leaf, position) for name, position, leaf in leaves]
+    groups = optimizer.groups()
+    prefixes = [
+        (("".join(f"states.{i}." for i in position)), name, group, position) for name, position, group in groups
+    ]
     tensors, parameters, optimizers = {}, {}, []
-    for prefix, name, leaf, position in prefixes:
-        scalars = set(leaf.scalar_names()) | {"step", "learning_rate"}
+    for prefix, name, group, position in prefixes:
+        scalars = set(group.scalars.names()) | {"step", "learning_rate"}
         slots_of: dict[str, dict[str, Array]] = {}
-        for key, value in arrays.items():
+        for key in arrays.keys():
             if not key.startswith(prefix):
                 continue
+            value = arrays[key]
             rest = key[len(prefix) :]
             if rest in scalars:
                 tensors[f"@{name}/{rest}"] = value
@@ -72,14 +75,14 @@ def from_mlx(optimizer: Optimizer, arrays: Stored) -> tuple[dict[str, Array], di
                 "owner": name,
                 "slots": {s: {"shape": list(v.shape), "dtype": v.dtype.name} for s, v in slots.items()},
             }
-            tensors.update({f"{path}/{s}": v for s, v in slots.items()})
+            tensors.update({slot_key(path, s): v for s, v in slots.items()})
         optimizers.append(
             {
                 "name": name,
                 "position": list(position),
-                "type": type(leaf).__name__,
+                "type": type(group).__name__,
                 "hyperparameters": {},
-                "scheduled": sorted(leaf.schedules),
+                "scheduled": sorted(group.scalars.schedules),
             }
         )
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "optimizers": optimizers, "parameters": parameters}

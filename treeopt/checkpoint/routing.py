@@ -14,15 +14,14 @@ created by, and loaded into, the optimizer that owned them when the file was sav
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from treeopt import engine
 from treeopt._trees import dotted
 from treeopt.backends import array_backend, numpy_backend
 from treeopt.checkpoint.base import CheckpointError, Problem, assign
-from treeopt.multi import Route
+from treeopt.routing import Member, Route, Routed
 from treeopt.types import Array, Keys, Tree
 
 if TYPE_CHECKING:
@@ -32,18 +31,10 @@ if TYPE_CHECKING:
 CARRIED = "#carried/"
 
 
-class _Shape:
-    """Stands in for a parameter in ``slot_shapes``."""
-
-    def __init__(self, shape: Sequence[int]) -> None:
-        self.shape = tuple(shape)
-        self.ndim = len(self.shape)
-
-
 def to_metadata(optimizer: Optimizer) -> list[dict[str, Any]]:
     """The ``routing`` entry of the metadata."""
     nodes = []
-    for position, multi in optimizer.routers():
+    for position, multi in optimizer.router.routers():
         paths = []
         for keys, route in multi.routes().items():
             flags = [
@@ -72,12 +63,12 @@ def to_metadata(optimizer: Optimizer) -> list[dict[str, Any]]:
     return nodes
 
 
-def carried_tensors(optimizer: Optimizer, leaves: Iterable[tuple[str, tuple[int, ...], Optimizer]]) -> dict[str, Array]:
+def carried_tensors(groups: Iterable[Member]) -> dict[str, Array]:
     """``{"#carried/{path}/{slot}": array}`` of slots handed over by a re-route and not
     taken up yet (the parameter has not stepped on its new optimizer)."""
     found = {}
-    for _, _, leaf in leaves:
-        for keys, slots in leaf.book.carried.items():
+    for _, _, group in groups:
+        for keys, slots in group.store.carried.items():
             for slot, value in slots.items():
                 found[f"{CARRIED}{dotted(keys)}/{slot}"] = value
     return found
@@ -89,7 +80,7 @@ def restore(optimizer: Optimizer, metadata: dict[str, Any]) -> None:
     nodes = metadata.get("routing", [])
     if not nodes:
         return
-    found = dict(optimizer.routers())
+    found = dict(optimizer.router.routers())
     plans: list[tuple[Any, ...]] = []
     for i, node in enumerate(nodes):
         multi = found.get(tuple(node["position"]))
@@ -131,23 +122,23 @@ def restore(optimizer: Optimizer, metadata: dict[str, Any]) -> None:
         if "rerouted" in flags:
             known = replace(known, reason="rerouted")
         known = routes[id(multi)][keys] = replace(known, frozen="frozen" in flags, unfrozen="unfrozen" in flags)
-        multi.restore_route(keys, known)
+        multi.restore(keys, known)
 
 
 def mirror_frozen(optimizer: Optimizer, metadata: dict[str, Any], params: Tree) -> None:
     """Create the state of parameters frozen after they had state (``freeze`` keeps it for
     ``unfreeze``), so the saved state has somewhere to go: ``init`` skips frozen parameters."""
     saved = metadata.get("parameters", {})
-    for _, multi in optimizer.routers():
+    for _, multi in optimizer.router.routers():
         for keys, route in multi.routes().items():
-            owner = multi.owner_of(keys) if route.frozen else None
-            if owner is not None and saved.get(dotted(keys), {}).get("slots") and not engine.slots_at(owner, keys):
-                engine.mirror(owner, params, {keys})
+            owner = multi.owner(keys) if route.frozen else None
+            if owner is not None and saved.get(dotted(keys), {}).get("slots") and not owner.store.slots(keys):
+                owner.store.create(params, {keys}, owner.init_single)
 
 
 def check_carried(
     optimizer: Optimizer, metadata: dict[str, Any], tensors: Stored
-) -> tuple[list[tuple[Optimizer, Keys, str, Array]], list[Problem]]:
+) -> tuple[list[tuple[Routed, Keys, str, Array]], list[Problem]]:
     """``(writes, problems)`` for the saved carried slots: each goes to the optimizer that
     now owns its parameter, and must be a slot of that optimizer, of the right shape and dtype."""
     entries = {
@@ -155,22 +146,22 @@ def check_carried(
         for node in metadata.get("routing", [])
         for e in node["paths"]
     }
-    found = dict(optimizer.routers())
+    found = dict(optimizer.router.routers())
     writes, problems = [], []
     for key in [k for k in tensors.keys() if k.startswith(CARRIED)]:
         path, _, slot = key[len(CARRIED) :].rpartition("/")
         position, entry = entries[path]
         keys = tuple(entry["keys"])
-        owner = found[position].owner_of(keys) if position in found else None
+        owner = found[position].owner(keys) if position in found else None
         if owner is None or owner.rule is None:
             problems.append(Problem("carried", path, f"slot {slot!r} was carried to an optimizer that cannot take it"))
             continue
-        expected = owner.slot_shapes(_Shape(entry["shape"]))
+        expected = owner.store.expected(tuple(entry["shape"]), entry["dtype"])
         array = tensors[key]
         source = array_backend(array)
         shape, dtype = list(source.shape(array)), source.dtype_name(array)
-        if slot not in expected or list(expected[slot]) != shape or dtype != entry["dtype"]:
-            want = f"{entry['dtype']}{list(expected[slot])}" if slot in expected else f"one of {sorted(expected)}"
+        if slot not in expected or list(expected[slot].shape) != shape or dtype != expected[slot].dtype:
+            want = f"{entry['dtype']}{list(expected[slot].shape)}" if slot in expected else f"one of {sorted(expected)}"
             problems.append(
                 Problem(
                     "carried", path, f"carried slot {slot!r} is {dtype}{shape}; {type(owner).__name__} expects {want}"
@@ -181,14 +172,14 @@ def check_carried(
     return writes, problems
 
 
-def apply_carried(writes: Iterable[tuple[Optimizer, Keys, str, Array]]) -> None:
+def apply_carried(writes: Iterable[tuple[Routed, Keys, str, Array]]) -> None:
     """Put the checked carried slots in place: into the slots when the parameter has state
     already, else kept for its first step on its new optimizer."""
     for owner, keys, slot, array in writes:
-        slots = engine.slots_at(owner, keys)
+        slots = owner.store.slots(keys)
         if slots and slot in slots:
             assign(slots, slot, array)
             continue
-        source, target = array_backend(array), owner.book.backend or numpy_backend
+        source, target = array_backend(array), owner.store.backend or numpy_backend
         value = array if source is target else target.from_numpy(source.to_numpy(array))
-        owner.book.carried = {**owner.book.carried, keys: {**owner.book.carried.get(keys, {}), slot: value}}
+        owner.store.carry(keys, {slot: value})

@@ -1,4 +1,5 @@
-"""FSDP2 / DTensor parameters (``fully_shard``): each rank updates its rows; Muon gathers.
+"""FSDP2 / DTensor parameters (``fully_shard``): each rank updates its rows; a rule that
+needs whole tensors runs on one owner per tensor.
 
 Every parameter is a ``DTensor`` sharded ``Shard(0)`` on a 1-D mesh, and so is its gradient.
 
@@ -6,29 +7,34 @@ Every parameter is a ``DTensor`` sharded ``Shard(0)`` on a 1-D mesh, and so is i
   rule on some rows is the rule on those elements. Their slots are local tensors of the
   shard's shape; :meth:`FullyShardedStep.state_dict` hands them out as DTensors with the
   parameter's placement, which ``torch.distributed.checkpoint`` reshards.
-- Muon runs its elementwise part (decay, momentum) on the local rows, keeping the momentum
-  sharded like the parameter. Each matrix then goes whole to one owner (balanced by
-  Newton-Schulz cost, see :mod:`~treeopt.distributed.ownership`) through one
-  ``all_to_all_single`` per optimizer and dtype (uneven and empty shards are uneven splits,
-  no padding), the owner orthogonalises it once, a second ``all_to_all_single`` returns the
-  rows, and every rank applies its rows.
+- A rule that is not elementwise (Muon: Newton-Schulz on the whole matrix), and whose slots
+  are shaped like the parameter (so they are sharded like it), gets each tensor whole on one
+  owner (balanced by Newton-Schulz cost, see :mod:`~treeopt.distributed.ownership`): one
+  ``all_to_all_single`` per group and dtype sends every rank's rows of the gradient, the
+  parameter and the slots (uneven and empty shards are uneven splits, no padding), the
+  owner runs the engine's rule runner on the whole tensor once, and a second
+  ``all_to_all_single`` returns the rows of the new parameter and slots.
 
 Refused, with the parameter's path: placements other than ``Shard(0)`` on a 1-D mesh, rules
-that need a whole matrix other than Muon (Adafactor), and gradient accumulation.
+that need a whole tensor and keep slots of other shapes (Adafactor) or a custom
+``apply_single``, and gradient accumulation.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
-from treeopt import engine
+from treeopt import checkpoint, engine
+from treeopt.backends import backend_of
+from treeopt.clip import clip_factor, scale
 from treeopt.distributed import ownership as _ownership
 from treeopt.distributed.comm import Collectives
+from treeopt.distributed.state import agreed, decode, encode, global_metadata, local_metadata, local_tensors, split_key
 from treeopt.errors import ParameterError
-from treeopt.precision import Noise
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -40,12 +46,14 @@ __all__ = ["FullyShardedStep", "is_sharded"]
 
 
 def is_sharded(param: object) -> TypeGuard[DTensor]:
+    # loads only with FSDP2 parameters
     from torch.distributed.tensor import DTensor
 
     return isinstance(param, DTensor)
 
 
 def _check_placement(name, param):
+    # loads only with FSDP2 parameters
     from torch.distributed.tensor import Shard
 
     placements = tuple(param.placements)
@@ -85,19 +93,24 @@ class FullyShardedStep:
                 "accumulate in the training loop (no_sync / several backward passes)"
             )
         with torch.no_grad():
-            self.routes = optimizer.assign_routes(self.parameters)
+            targets = {pair.path: target for pair, target in engine.route(optimizer.router, self.parameters, "FSDP2")}
+        self.routes = {name: None if target is None else target.group for name, target in targets.items()}
+        self.options = {name: target.options for name, target in targets.items() if target is not None}
         self.local = {}
         entries = []
         for name, param in self.parameters.items():
-            owner = self.routes.get(name)
-            if owner is None:
+            group = self.routes.get(name)
+            if group is None:
                 continue
-            rule = owner.rule
-            muon = rule is not None and rule.name == "muon"
-            if is_sharded(param) and not muon and (rule is None or not rule.elementwise):
+            rule = group.scalars.rule if group.runs_rule else None
+            whole = rule is None or not rule.elementwise  # the rule needs each tensor whole
+            # slots shaped like the parameter are sharded like it; other slots (Adafactor's
+            # row and column sums) and custom steps cannot be
+            if is_sharded(param) and whole and (rule is None or callable(rule.slots)):
                 raise ParameterError(
-                    f"treeopt: {type(owner).__name__} needs whole matrices but {name!r} is sharded (FSDP2); route it "
-                    "to an elementwise optimizer (AdamW...) or Muon",
+                    f"treeopt: {type(group).__name__} needs whole matrices but {name!r} is sharded (FSDP2); route it "
+                    "to an elementwise optimizer (AdamW...) or to one whose slots are shaped like the parameter "
+                    "(Muon)",
                     name,
                 )
             local = param.to_local() if is_sharded(param) else param
@@ -110,19 +123,14 @@ class FullyShardedStep:
                         name,
                     )
             self.local[name] = local
-            if muon and param.ndim >= 2:
+            if is_sharded(param):  # its slots are stored as the whole tensor's rows (state_dtype)
+                group.store.hold_part((name,), tuple(param.shape), start * math.prod(param.shape[1:]))
+            if is_sharded(param) and whole:
                 shape = tuple(param.shape)
-                entries.append(
-                    _ownership.Entry(
-                        name,
-                        shape,
-                        _ownership.ORTH,
-                        0,
-                        0,
-                        _ownership.newton_schulz_flops(shape, owner.ns_steps),  # type: ignore[attr-defined]  # a Muon
-                    )
-                )
-        self.matrices = [e.name for e in entries]  # Muon matrices, gathered to owners
+                ns_steps = group.scalars.hyperparameters().get("ns_steps")
+                cost = math.prod(shape) if ns_steps is None else _ownership.newton_schulz_flops(shape, ns_steps)
+                entries.append(_ownership.Entry(name, shape, _ownership.ORTH, 0, 0, cost))
+        self.matrices = [e.name for e in entries]  # tensors of rules that need them whole, gathered to owners
         self.ownership = _ownership.assign(entries, self.comm.world)
         self._checked = False
         with torch.no_grad():
@@ -149,22 +157,20 @@ class FullyShardedStep:
         shared = None
         if options is not None and (options.max_grad_norm is not None or options.skip_nonfinite):
             shared = self._norm(grads)
-            self.optimizer.shared_norm = lambda: shared  # type: ignore[attr-defined]  # read by whole_model
+            self.optimizer.whole_model.shared_norm = lambda: shared  # type: ignore[attr-defined]  # read by whole_model
         matrices = {n: grads[n] for n in self.matrices if grads.get(n) is not None}
         elementwise = {n: g for n, g in grads.items() if n not in matrices}
         skipped = self.optimizer.state.get("skipped_steps", 0)
         try:
             self.optimizer.update({n: self.local[n] for n in elementwise}, elementwise)
         finally:
-            self.optimizer.shared_norm = None  # type: ignore[attr-defined]
+            self.optimizer.whole_model.shared_norm = None  # type: ignore[attr-defined]
         if self.optimizer.state.get("skipped_steps", 0) != skipped:
             return
         if shared is not None and options is not None and options.max_grad_norm is not None:
-            from treeopt.clip import clip_factor, scale
-
             factor = clip_factor(shared, options.max_grad_norm)
             matrices = {n: scale(g, factor) for n, g in matrices.items()}
-        self._muon(matrices)
+        self._whole(matrices)
 
     def _norm(self, grads):
         """The global norm: local sums of squares, all-reduced (float32 for half types)."""
@@ -175,96 +181,105 @@ class FullyShardedStep:
         self.comm.all_reduce(total)
         return total.sqrt()
 
-    def _muon(self, grads):
-        from treeopt.rules.muon import muon_apply, muon_direction, muon_orthogonalize, scaled_lr
-
-        by_optimizer: dict[int, list[str]] = {}
+    def _whole(self, grads):
+        """The tensors whose rule needs them whole: per group and dtype, each tensor's rows
+        (gradient, parameter, slots) to its owner, the engine's rule runner there once, the
+        rows of the results back."""
+        by_group: dict[int, list[str]] = {}
         for name in self.matrices:
             if name in grads:
-                by_optimizer.setdefault(id(self.routes[name]), []).append(name)
-        for names in by_optimizer.values():
-            optimizer = self.routes[names[0]]
-            assert optimizer is not None  # a routed matrix
+                by_group.setdefault(id(self.routes[name]), []).append(name)
+        for names in by_group.values():
+            group = self.routes[names[0]]
+            assert group is not None  # a routed tensor
             by_dtype: dict[torch.dtype, list[str]] = {}
             for name in names:
                 by_dtype.setdefault(self.local[name].dtype, []).append(name)
-            for group in by_dtype.values():
-                first = self.local[group[0]]
-                coefficients = optimizer.coefficients(first, _backend(first))
-                directions = {}
-                for name in group:
-                    slots = engine.slots_at(optimizer, (name,))
-                    assert slots is not None  # created at construction
-                    local = self.local[name]
-                    stored = optimizer.state_layout(tuple(local.shape), _backend(local).dtype_name(local))
-                    if stored is None:
-                        direction, v = muon_direction(grads[name], local, slots["v"], **coefficients)
-                        slots["v"].copy_(v)
-                    else:  # a compact state_dtype: the momentum read back, then stored anew (its blocks are rows)
-                        backend = _backend(local)
-                        momentum = stored.forms["v"].load(backend, slots, "v", stored.compute)
-                        direction, v = muon_direction(grads[name], local, momentum, **coefficients)
-                        noise = Noise(optimizer.precision.seed, name, optimizer.noise_step())  # type: ignore[union-attr]
-                        for key, value in stored.forms["v"].encode(backend, "v", v, noise).items():
-                            slots[key].copy_(value)
-                    directions[name] = direction
-                updates = self._orthogonalize_on_owners(group, directions, coefficients, muon_orthogonalize)
-                for name in group:  # the rate depends on the global shape: every rank computes it alike
-                    rate = scaled_lr(
-                        coefficients["lr"],
-                        tuple(self.parameters[name].shape),
-                        coefficients["layout"],
-                        coefficients["adjust_lr"],
-                    )
-                    self.local[name].copy_(muon_apply(self.local[name], updates[name], rate, coefficients["keep"]))
+            for same in by_dtype.values():
+                self._run_on_owners(group, same, grads)
 
-    def _orthogonalize_on_owners(self, names, directions, coefficients, orthogonalize):
-        """Each matrix's rows to its owner, Newton-Schulz there once, the rows back."""
+    def _run_on_owners(self, group, names, grads):
         world, rank = self.comm.world, self.comm.rank
-        first = directions[names[0]]
         owner = self.ownership.owner
+        store = group.store
+        slots = {n: store.slots((n,)) for n in names}  # created at construction, in one order everywhere
+        like = self.local[names[0]]
+        backend = _backend(like)
+        # slots kept in another form (state_dtype) travel read back, in the dtype the rule
+        # computes in, and each rank stores its rows anew: one process's bytes (int8 blocks are
+        # pieces of rows; bfloat16's random bits follow the element's index in the whole tensor)
+        layouts = {n: store.layout(tuple(self.local[n].shape), backend.dtype_name(like), (n,)) for n in names}
+        first = layouts[names[0]]
+        dtype = like.dtype if first is None else getattr(torch, first.compute)
+        slot_names = {n: list(slots[n]) if layouts[n] is None else list(layouts[n].forms) for n in names}
         rows = {n: [_ownership.row_range(self.parameters[n].shape[0], world, r) for r in range(world)] for n in names}
         width = {n: int(torch.Size(self.parameters[n].shape[1:]).numel()) for n in names}
+        count = {n: 2 + len(slot_names[n]) for n in names}  # gradient, parameter, slots
 
         def size(name, r):
             start, stop = rows[name][r]
             return (stop - start) * width[name]
 
-        # forward: my rows of each matrix, grouped by destination (its owner)
-        send = [directions[n].reshape(-1) for d in range(world) for n in names if owner[n] == d]
-        send_sizes = [sum(size(n, rank) for n in names if owner[n] == d) for d in range(world)]
-        receive_sizes = [sum(size(n, r) for n in names if owner[n] == rank) for r in range(world)]
-        gathered = torch.empty(sum(receive_sizes), dtype=first.dtype, device=first.device)
-        self.comm.all_to_all(gathered, _cat(send, first), receive_sizes, send_sizes)
-        # assemble my matrices: from each source rank, its rows of my matrices in plan order
+        def parts(name):
+            """This rank's rows of the parameter and the slots, as they travel."""
+            layout = layouts[name]
+            if layout is None:
+                return [self.local[name], *slots[name].values()]
+            return [self.local[name].to(dtype), *store.load(slots[name], layout.forms, layout)]
+
+        # forward: my rows of each tensor, grouped by destination (its owner), in plan order
+        send = [
+            t.reshape(-1).to(dtype) for d in range(world) for n in names if owner[n] == d for t in (grads[n], *parts(n))
+        ]
+        send_sizes = [sum(size(n, rank) * count[n] for n in names if owner[n] == d) for d in range(world)]
+        receive_sizes = [sum(size(n, r) * count[n] for n in names if owner[n] == rank) for r in range(world)]
+        gathered = torch.empty(sum(receive_sizes), dtype=dtype, device=like.device)
+        self.comm.all_to_all(gathered, _cat(send, like, dtype), receive_sizes, send_sizes)
         mine = [n for n in names if owner[n] == rank]
-        parts: dict[str, list[torch.Tensor]] = {n: [] for n in mine}
+        pieces: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in range(count[n])] for n in mine}
         offset = 0
         for r in range(world):
             for n in mine:
-                parts[n].append(gathered[offset : offset + size(n, r)])
-                offset += size(n, r)
+                for piece in pieces[n]:
+                    piece.append(gathered[offset : offset + size(n, r)])
+                    offset += size(n, r)
         results = {}
-        for n in mine:
-            full = torch.cat(parts[n]).reshape(self.parameters[n].shape)
-            results[n], _ = orthogonalize(full, **coefficients)
-        # back: to each rank its rows of my matrices
-        back = [results[n][rows[n][d][0] : rows[n][d][1]].reshape(-1) for d in range(world) for n in mine]
-        back_sizes = [sum(size(n, d) for n in mine) for d in range(world)]
-        returned = torch.empty(sum(send_sizes), dtype=first.dtype, device=first.device)
-        self.comm.all_to_all(returned, _cat(back, first), send_sizes, back_sizes)
-        updates, offset = {}, 0
+        for n in mine:  # one tensor at a time: the rule runs on each whole tensor once
+            grad, param, *state = (torch.cat(p).reshape(self.parameters[n].shape) for p in pieces[n])
+            pair = engine.Pair((n,), grad, param, _backend(param))
+            pair.slots, pair.options = dict(zip(slot_names[n], state)), self.options[n]
+            (engine.run_rule if layouts[n] is None else engine.run_plain)(group, [pair], in_place=False)
+            results[n] = [pair.result, *(pair.slots[s] for s in slot_names[n])]
+        # back: to each rank its rows of the new parameter and slots of my tensors
+        back = [t[rows[n][d][0] : rows[n][d][1]].reshape(-1) for d in range(world) for n in mine for t in results[n]]
+        back_sizes = [sum(size(n, d) * (count[n] - 1) for n in mine) for d in range(world)]
+        returned_sizes = [sum(size(n, rank) * (count[n] - 1) for n in names if owner[n] == d) for d in range(world)]
+        returned = torch.empty(sum(returned_sizes), dtype=dtype, device=like.device)
+        self.comm.all_to_all(returned, _cat(back, like, dtype), returned_sizes, back_sizes)
+        offset = 0
         for d in range(world):
             for n in names:
-                if owner[n] == d:
-                    updates[n] = returned[offset : offset + size(n, rank)].reshape(self.local[n].shape)
+                if owner[n] != d:
+                    continue
+                layout, local = layouts[n], self.local[n]
+                targets = [local] + ([] if layout is None else [None] * len(slot_names[n]))
+                if layout is None:
+                    targets += list(slots[n].values())
+                values = []
+                for target in targets:
+                    value = returned[offset : offset + size(n, rank)].reshape(local.shape)
                     offset += size(n, rank)
-        return updates
+                    if target is None:
+                        values.append(value)
+                    else:
+                        target.copy_(value)
+                if layout is not None:
+                    noise = store.noise((n,))
+                    for name, value in zip(slot_names[n], values):
+                        store.save(backend, slots[n], name, value, layout, noise)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        from treeopt import checkpoint
-        from treeopt.distributed.state import encode, global_metadata, split_key
 
         tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self.parameters))
         for key, value in list(tensors.items()):
@@ -275,6 +290,7 @@ class FullyShardedStep:
         return {"tensors": tensors, "metadata": encode(global_metadata(self.comm, metadata, rows))}
 
     def _as_dtensor(self, name, local):
+        # loads only with FSDP2 parameters
         from torch.distributed.tensor import DTensor
 
         param = self.parameters[name]
@@ -283,9 +299,9 @@ class FullyShardedStep:
             local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
         )
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
-        from treeopt import checkpoint
-        from treeopt.distributed.state import agreed, decode, local_metadata, local_tensors
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, check_hyperparameters: bool = True
+    ) -> LoadReport:
 
         metadata = agreed(self.comm, "checkpoint metadata being loaded", decode(state_dict["metadata"]))
         rows = {
@@ -295,16 +311,19 @@ class FullyShardedStep:
         with torch.no_grad():
             self.init()
             return checkpoint.from_flat(
-                self.optimizer, local_tensors(state_dict["tensors"]), local_metadata(metadata, rows), strict=strict
+                self.optimizer,
+                local_tensors(state_dict["tensors"]),
+                local_metadata(metadata, rows),
+                strict=strict,
+                check_hyperparameters=check_hyperparameters,
             )
 
 
-def _cat(pieces, like):
-    return torch.cat(pieces) if pieces else torch.empty(0, dtype=like.dtype, device=like.device)
+def _cat(pieces, like, dtype=None):
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype or like.dtype, device=like.device)
 
 
 def _backend(tensor):
-    from treeopt.backends import backend_of
 
     return backend_of(tensor)
 

@@ -16,6 +16,7 @@ Pure Python, computed identically on every rank from names, shapes and rules alo
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import math
 from collections.abc import Sequence
@@ -99,7 +100,6 @@ class Ownership:
 
     def fingerprint(self) -> str:
         """A short string equal on two ranks exactly when their plans are equal."""
-        import hashlib
 
         text = repr(
             sorted((n, str(o), tuple(self.entries[n].shape), self.entries[n].kind) for n, o in self.owner.items())

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from treeopt import checkpoint
 from treeopt.checkpoint.base import numpy_scalar
 from treeopt.distributed.comm import Collectives
 from treeopt.distributed.fsdp import check_current
+from treeopt.distributed.routes import assign as assign_routes
 from treeopt.distributed.state import agreed, decode, encode, local_tensors
 
 if TYPE_CHECKING:
@@ -50,24 +52,28 @@ class Replicated:
             agreed(self.comm, "routes and step", _routes_and_step(self.optimizer, self.parameters))
 
     def state_dict(self) -> dict[str, Any]:
-        from treeopt import checkpoint
 
         with torch.no_grad():
             self.init()  # every slot exists: a load target for torch.distributed.checkpoint
         tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self.parameters))
         return {"tensors": tensors, "metadata": encode(agreed(self.comm, "checkpoint metadata", metadata))}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
-        from treeopt import checkpoint
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, check_hyperparameters: bool = True
+    ) -> LoadReport:
 
         with torch.no_grad():
             self.init()
             return checkpoint.from_flat(
-                self.optimizer, local_tensors(state_dict["tensors"]), decode(state_dict["metadata"]), strict=strict
+                self.optimizer,
+                local_tensors(state_dict["tensors"]),
+                decode(state_dict["metadata"]),
+                strict=strict,
+                check_hyperparameters=check_hyperparameters,
             )
 
 
 def _routes_and_step(optimizer, parameters):
-    routes = optimizer.assign_routes(parameters)
-    names = {id(o): n for n, _, o in optimizer.named_stateful()}
-    return {"routes": {n: names.get(id(o)) for n, o in routes.items()}, "step": int(numpy_scalar(optimizer.step))}
+    decided = assign_routes(optimizer, parameters)
+    names = {id(member.group): member.name for member in optimizer.groups()}
+    return {"routes": {n: names.get(id(o)) for n, o in decided.items()}, "step": int(numpy_scalar(optimizer.step))}

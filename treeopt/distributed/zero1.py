@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from treeopt import checkpoint
+from treeopt.clip import global_norm
 from treeopt.distributed import ownership as _ownership
 from treeopt.distributed.comm import Collectives
+from treeopt.distributed.fsdp import check_current
+from treeopt.distributed.routes import assign as assign_routes
+from treeopt.distributed.state import agreed, decode, encode, global_metadata, local_metadata, local_tensors, split_key
 
 if TYPE_CHECKING:
     from treeopt.checkpoint.format import LoadReport
@@ -38,12 +44,14 @@ def entry(name: str, param: torch.Tensor, optimizer: Optimizer) -> _ownership.En
     """The :class:`~treeopt.distributed.ownership.Entry` of a parameter routed to ``optimizer``."""
     shape = tuple(param.shape)
     itemsize = param.element_size()
-    state_bytes = sum(math.prod(s) for s in optimizer.slot_shapes(param).values()) * itemsize
+    expected = optimizer.store.expected(shape, str(param.dtype).removeprefix("torch."))
+    state_bytes = sum(math.prod(s.shape) * getattr(torch, s.dtype).itemsize for s in expected.values())
     rule = optimizer.rule
+    ns_steps = optimizer.scalars.hyperparameters().get("ns_steps")
     if rule is not None and rule.elementwise:
         kind, flops = _ownership.ELEMENTWISE, 0
-    elif rule is not None and rule.name == "muon":
-        kind, flops = _ownership.ORTH, _ownership.newton_schulz_flops(shape, optimizer.ns_steps)  # type: ignore[attr-defined]  # a Muon
+    elif rule is not None and ns_steps is not None:  # an orthogonalising rule (Muon): balanced by its FLOPs
+        kind, flops = _ownership.ORTH, _ownership.newton_schulz_flops(shape, ns_steps)
     else:  # Adafactor's row and column sums, custom apply_single: whole, balanced by bytes
         kind, flops = _ownership.WHOLE, 0
     return _ownership.Entry(name, shape, kind, state_bytes, param.numel() * itemsize, flops)
@@ -102,7 +110,7 @@ class Zero1:
         self.comm = Collectives(group, next(iter(self.parameters.values())).device)
         self.bucket_bytes = bucket_bytes
         with torch.no_grad():
-            routes = optimizer.assign_routes(self.parameters)
+            routes = assign_routes(optimizer, self.parameters)
         self.routes = routes  # name -> optimizer (None: frozen)
         entries = [entry(n, p, owner) for n, p in self.parameters.items() if (owner := routes.get(n)) is not None]
         self.ownership = _ownership.assign(entries, self.comm.world, split_fraction)
@@ -115,6 +123,8 @@ class Zero1:
             start, stop = self.ownership.rows(name, rank)
             param = self.parameters[name]
             self.local[name] = param if self.ownership.owner[name] == rank else param[start:stop]
+            if self.local[name] is not param:  # its slots are stored as the whole tensor's rows (state_dtype)
+                routes[name].store.hold_part((name,), tuple(param.shape), start * math.prod(param.shape[1:]))
         self._layout = self._build_layout()
         with torch.no_grad():  # every owned slot exists from the start: rank-symmetric checkpoints
             optimizer.init(self.local)
@@ -134,7 +144,7 @@ class Zero1:
                 )
 
     def _route_names(self):
-        names = {id(o): n for n, _, o in self.optimizer.named_stateful()}
+        names = {id(member.group): member.name for member in self.optimizer.groups()}
         return {n: names.get(id(o)) for n, o in self.routes.items()}
 
     # ------------------------------------------------------------------ the step
@@ -157,8 +167,6 @@ class Zero1:
         """One step: ``gradients`` maps every parameter name to its full averaged gradient
         (or ``None``)."""
         if not self._checked:
-            from treeopt.distributed.fsdp import check_current
-
             check_current(self.model, self.parameters)
             self._checked = True
         local_grads: dict[str, torch.Tensor | None] = {}
@@ -176,13 +184,13 @@ class Zero1:
         if options is not None and (options.max_grad_norm is not None or options.skip_nonfinite):
             shared = self._whole_model_norm([g for g in gradients.values() if g is not None])
         if shared is not None:
-            self.optimizer.shared_norm = lambda: shared  # type: ignore[attr-defined]  # read by whole_model
+            self.optimizer.whole_model.shared_norm = lambda: shared  # type: ignore[attr-defined]  # read by whole_model
         try:
             skipped_before = self._skipped()
             self.optimizer.update(self.local, local_grads)
         finally:
             if shared is not None:
-                self.optimizer.shared_norm = None  # type: ignore[attr-defined]
+                self.optimizer.whole_model.shared_norm = None  # type: ignore[attr-defined]
         if self._skipped() == skipped_before:  # a skipped step changed nothing anywhere
             self.sync()
 
@@ -192,7 +200,6 @@ class Zero1:
     def _whole_model_norm(self, grads):
         """The norm of every gradient, the same on every rank; NaN on every rank when any
         rank sees a non-finite one (its copy of a gradient may differ)."""
-        from treeopt.clip import global_norm
 
         norm = global_norm(grads) if grads else torch.zeros(())
         if self.comm.any(not bool(torch.isfinite(norm))):
@@ -242,6 +249,7 @@ class Zero1:
 
     def _mesh(self):
         if getattr(self, "_device_mesh", None) is None:
+            # loads only when a checkpoint is resharded
             from torch.distributed.device_mesh import DeviceMesh
 
             device = next(iter(self.parameters.values())).device.type
@@ -251,8 +259,6 @@ class Zero1:
     def state_dict(self) -> dict[str, Any]:
         """Name-keyed state for ``torch.distributed.checkpoint``: owned slots as plain
         tensors, row-split ones as ``Shard(0)`` DTensors, the same metadata on every rank."""
-        from treeopt import checkpoint
-        from treeopt.distributed.state import encode, global_metadata, split_key
 
         tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self.parameters))
         for key, value in list(tensors.items()):
@@ -271,6 +277,7 @@ class Zero1:
         return rows
 
     def _as_dtensor(self, name, local):
+        # loads only when a checkpoint is resharded
         from torch.distributed.tensor import DTensor, Shard
 
         rows = self.ownership.entries[name].shape[0]
@@ -280,11 +287,11 @@ class Zero1:
             local, self._mesh(), [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride
         )
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, check_hyperparameters: bool = True
+    ) -> LoadReport:
         """Load a state saved by :meth:`state_dict` at any world size (DCP reshards the
         tensors into this rank's layout first); returns this rank's load report."""
-        from treeopt import checkpoint
-        from treeopt.distributed.state import agreed, decode, local_metadata, local_tensors
 
         metadata = agreed(self.comm, "checkpoint metadata being loaded", decode(state_dict["metadata"]))
         with torch.no_grad():
@@ -294,13 +301,12 @@ class Zero1:
                 local_tensors(state_dict["tensors"]),
                 local_metadata(metadata, self._rows()),
                 strict=strict,
+                check_hyperparameters=check_hyperparameters,
             )
         return report
 
 
 def _world():
-    import torch.distributed as dist
-
     return dist.group.WORLD
 
 
@@ -308,12 +314,9 @@ def plan(zero1: Zero1) -> Plan:
     """The optimizer's :class:`~treeopt.plan.Plan` with an owner per parameter (global state
     bytes), and one line per rank: parameters, state bytes, Newton-Schulz GFLOP per step and
     the parameter bytes it sends per step."""
-    from dataclasses import replace
-
-    from treeopt.plan import build
 
     o = zero1.ownership
-    result = build(zero1.optimizer)
+    result = zero1.optimizer.plan()
     result.rows = [
         replace(row, owner=str(o.owner[row.path]), state_bytes=o.entries[row.path].state_bytes)
         if row.path in o.entries

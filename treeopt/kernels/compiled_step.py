@@ -19,28 +19,31 @@ place.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from treeopt import engine
+from treeopt import engine, kernels
+from treeopt.engine import Group, Pair, Taken
 from treeopt.errors import warn
-from treeopt.kernels import numba_available
+from treeopt.kernels import numba_available, stacking
+from treeopt.kernels.expression import trace
+from treeopt.precision import codes as precision_codes
+from treeopt.routing import Direct, Router
 from treeopt.types import Array, Tree
 
 if TYPE_CHECKING:
     from treeopt.backends import Backend
-    from treeopt.engine import Pair
-    from treeopt.optimizer import Optimizer
 
 _is = operator.is_
 _LEAF_TYPES: set[type] = {np.ndarray}  # the array types of every backend in use (Backend.array_types)
 
 
 def _flatten_pair(grad, model, grads, params):
-    """The gradient leaves and the model's leaves at the same keys, in the engine's order.
+    """The gradients and the model's arrays at the same keys, in the engine's order.
 
     No structure signature is needed: the plan holds the parameter objects in order, and a
     tree with other paths or another order cannot pair every gradient with the same object.
@@ -75,14 +78,15 @@ class _RuleBucket:
     runner (:func:`treeopt.engine.run_rule`): per tensor, or for a stackable rule (Muon) per
     stack of same-shape tensors (see :mod:`.stacking`)."""
 
-    def __init__(self, owner: Optimizer, backend: Backend, leaves: list[Pair], positions: list[int]) -> None:
-        self.owner, self.backend, self.positions = owner, backend, positions
-        self.pairs = [engine.Pair(leaf.keys, None, leaf.param, backend) for leaf in leaves]
-        for pair, leaf in zip(self.pairs, leaves):
-            pair.slots = leaf.slots
-        self.params = [leaf.param for leaf in leaves]
-        self.shapes = [tuple(backend.shape(leaf.param)) for leaf in leaves]
-        self.dtype = leaves[0].param.dtype
+    def __init__(self, group: Group, backend: Backend, taken: list[Pair], positions: list[int]) -> None:
+        self.group, self.backend, self.positions = group, backend, positions
+        # the step's pairs without their gradients (a new one each step), holding slots and options
+        self.pairs = [Pair(pair.keys, None, pair.param, backend) for pair in taken]
+        for pair, done in zip(self.pairs, taken):
+            pair.slots, pair.options = done.slots, done.options
+        self.params = [pair.param for pair in taken]
+        self.shapes = [tuple(backend.shape(pair.param)) for pair in taken]
+        self.dtype = taken[0].param.dtype
         self.stacks: dict[Any, Any] = {}  # a stackable rule's buffers, by run, kept from step to step
 
     def prepare(self, grads):
@@ -103,22 +107,50 @@ class _RuleBucket:
         for pair, g in zip(self.pairs, grads):
             pair.grad = g
         try:
-            engine.run_rule(self.owner, self.pairs, in_place=True, stacks=self.stacks)
+            engine.run_rule(self.group, self.pairs, in_place=True, stacks=self.stacks)
         finally:
             for pair in self.pairs:
                 pair.grad = None  # do not keep the caller's gradients alive
 
 
+class _StackedBucket(_RuleBucket):
+    """Torch tensors of a stackable rule (Muon) on a GPU: the rule once per group of same-shape
+    tensors, the step after the gradients' gathering replayed as a CUDA graph (see
+    :mod:`treeopt.backends.torch_graphs`)."""
+
+    def __init__(self, group: Group, backend: Backend, taken: list[Pair], positions: list[int]) -> None:
+        # CUDA graphs load only for a bucket that replays one
+        from treeopt.backends.torch_graphs import StackedStep
+
+        super().__init__(group, backend, taken, positions)
+        rule = group.scalars.rule
+        assert rule is not None and not callable(rule.slots)  # _stacked_eligible
+        groups = stacking.groups_by_shape(self.shapes)
+        slots = [[pair.slots[n] for pair in self.pairs] for n in rule.slots]
+        self.step = StackedStep(rule.update, groups, self.params, slots)
+
+    def run(self, grads):
+        self.step(grads, self.group.scalars.coefficients(self.params[0], self.backend))
+
+
+def _stacked_eligible(owner, backend, param):
+    rule = owner.scalars.rule
+    if backend.name != "torch" or not kernels.enabled or not rule.stackable or callable(rule.slots):
+        return False
+    mode = kernels.torch_graphs
+    return mode == "always" or (mode == "auto" and param.device.type == "cuda")
+
+
 def _fuse(bucket, groups, backend, static, flags):
-    """What a fused bucket keeps of its ``groups`` (``(owner, leaves, positions)`` each, one
-    rule): sets its owners and gradient positions; returns its leaves, each leaf's row of the
+    """What a fused bucket keeps of its ``groups`` (``(owner, pairs, positions)`` each, one
+    rule): sets its owners and gradient positions; returns its pairs, each pair's row of the
     coefficient table, and the rule."""
     bucket.backend, bucket.static, bucket.flags = backend, static, flags
     bucket.owners = [owner for owner, _, _ in groups]
     bucket.positions = [k for _, _, positions in groups for k in positions]
-    leaves = [leaf for _, group, _ in groups for leaf in group]
+    pairs = [pair for _, group, _ in groups for pair in group]
     rows = [r for r, (_, group, _) in enumerate(groups) for _ in group]
-    return leaves, rows, bucket.owners[0].rule
+    return pairs, rows, bucket.owners[0].scalars.rule
 
 
 class _FusedBucket:
@@ -127,7 +159,13 @@ class _FusedBucket:
     backend: Backend
     static: tuple[str, ...]
     flags: tuple[Any, ...]
-    owners: list[Optimizer]
+    owners: list[Group]
+    params: list[Array]
+
+    def switches_hold(self) -> bool:
+        """Whether every owner's switches are still the ones compiled in (a setting changed)."""
+        return all(_flags(o, self.params[0], self.backend, self.static) == self.flags for o in self.owners)
+
     positions: list[int]
 
 
@@ -138,17 +176,17 @@ class _NumbaBucket(_FusedBucket):
 
     def __init__(
         self,
-        groups: list[tuple[Optimizer, list[Pair], list[int]]],
+        groups: list[tuple[Group, list[Pair], list[int]]],
         backend: Backend,
         static: tuple[str, ...],
         flags: tuple[Any, ...],
     ) -> None:
+        # numba is optional (treeopt[fast]): loaded when a loop is planned
         from treeopt.kernels.numba_kernels import kernel_for, work_items
 
-        leaves, rows, rule = _fuse(self, groups, backend, static, flags)
+        pairs, rows, rule = _fuse(self, groups, backend, static, flags)
         self.kernel, self.numeric = kernel_for(rule, static)
-        self.hyper = [_settings(owner) for owner in self.owners]
-        self.params = [leaf.param for leaf in leaves]
+        self.params = [pair.param for pair in pairs]
         self.shapes = [tuple(backend.shape(p)) for p in self.params]
         self.dtype = self.params[0].dtype
         self.numpy = backend.name == "numpy"
@@ -157,16 +195,17 @@ class _NumbaBucket(_FusedBucket):
         self.rows = np.array(rows, np.int64)
         self.table = np.zeros((len(self.owners), len(self.numeric)), self.np_dtype)
         self.pieces, self.items = work_items([int(np.prod(s)) for s in self.shapes])
-        self.slot_arrays = [[leaf.slots[n] for n in rule.slots] for leaf in leaves]  # kept alive with the table
+        self.slot_arrays = [[pair.slots[n] for n in rule.slots] for pair in pairs]  # kept alive with the table
         self.slot_ptrs = np.array([[_pointer(a) for a in row] for row in self.slot_arrays], dtype=np.int64).reshape(
-            len(leaves), len(rule.slots)
+            len(pairs), len(rule.slots)
         )
         self.param_ptrs = np.array([_pointer(p) for p in self.params], dtype=np.int64)
         if self.numpy:
+            # numba is optional (treeopt[fast]): loaded when a loop is planned
             from treeopt.kernels.numba_support import numpy_pointers
 
             width = max([len(s) for s in self.shapes] + [1])
-            self.shape_table = np.zeros((len(leaves), width), np.int64)
+            self.shape_table = np.zeros((len(pairs), width), np.int64)
             for i, shape in enumerate(self.shapes):
                 self.shape_table[i, : len(shape)] = shape
             self.ndims = np.array([len(s) for s in self.shapes], np.int64)
@@ -182,11 +221,6 @@ class _NumbaBucket(_FusedBucket):
             self.target_out = np.empty(len(targets), np.int64)
 
     def prepare(self, grads):
-        hyper = [_settings(owner) for owner in self.owners]
-        if hyper != self.hyper:  # a hyper-parameter changed: a switch (momentum 0?) may have too
-            if any(_flags(o, self.params[0], self.backend, self.static) != self.flags for o in self.owners):
-                return None
-            self.hyper = hyper
         chosen = [grads[k] for k in self.positions]
         out = np.empty(len(chosen), np.int64)
         if self.numpy:
@@ -234,7 +268,7 @@ class _NumbaBucket(_FusedBucket):
     def run(self, prepared):
         _, grad_ptrs = prepared
         for row, owner in enumerate(self.owners):
-            values = owner.coefficients(self.params[0], self.backend)
+            values = owner.scalars.coefficients(self.params[0], self.backend)
             self.table[row] = [_float(values[n]) for n in self.numeric]
         self.kernel(
             grad_ptrs,
@@ -249,45 +283,175 @@ class _NumbaBucket(_FusedBucket):
         )
 
 
-class _TorchCompiledBucket(_FusedBucket):
-    """Leaves of one elementwise rule, dtype and device (torch), from one or more optimizers,
-    run as one ``torch.compile``d step; coefficients as in :class:`_NumbaBucket`."""
+class _StoredBucket(_NumbaBucket):
+    """Float32 parameters of one elementwise rule whose slots are stored as ``kinds``, from one
+    or more groups, run as one parallel loop (:func:`kernel_for`); the gradients and the
+    parameters are checked as :class:`~treeopt.kernels.compiled_step._NumbaBucket` checks them,
+    the stored arrays by their own dtypes."""
 
     def __init__(
         self,
-        groups: list[tuple[Optimizer, list[Pair], list[int]]],
+        groups: list[tuple[Any, list[Any], list[int]]],
+        backend: Any,
+        static: tuple[str, ...],
+        flags: tuple[Any, ...],
+        kinds: tuple[str, ...],
+    ) -> None:
+        # numba is optional (treeopt[fast]): loaded when a loop is planned
+        from treeopt.kernels.numba_precision import block_items, kernel_for
+
+        pairs, rows, rule = _fuse(self, groups, backend, static, flags)
+        self.kinds = kinds
+        self.kernel, self.numeric = kernel_for(rule, kinds, static)
+        self.params = [pair.param for pair in pairs]
+        self.shapes = [tuple(backend.shape(p)) for p in self.params]
+        self.dtype = self.params[0].dtype
+        self.numpy = backend.name == "numpy"
+        self.np_dtype = np.dtype("float32")
+        self.rows = np.array(rows, np.int64)
+        self.table = np.zeros((len(self.owners), len(self.numeric)), np.float32)
+        by_rows = any(kind in ("i8", "u8") for kind in kinds)
+        self.pieces, self.items, self.columns, self.per_row = block_items(self.shapes, by_rows)
+        names = rule.slots
+        self.slot_arrays = [[pair.slots[n] for n in names] for pair in pairs]
+        self.scale_arrays = [
+            [pair.slots[f"{n}_scale"] for n, kind in zip(names, kinds) if kind in ("i8", "u8")] for pair in pairs
+        ]
+        count = len(names)
+        self.slot_ptrs = np.array([[_pointer(a) for a in row] for row in self.slot_arrays], np.int64).reshape(-1, count)
+        self.scale_ptrs = np.zeros((len(pairs), count), np.int64)
+        for i, pair in enumerate(pairs):
+            for k, (name, kind) in enumerate(zip(names, kinds)):
+                if kind in ("i8", "u8"):
+                    self.scale_ptrs[i, k] = _pointer(pair.slots[f"{name}_scale"])
+        self.param_ptrs = np.array([_pointer(p) for p in self.params], np.int64)
+        # the per-tensor part of each bfloat16 slot's random bits (the step is mixed in per
+        # step), and each tensor's first element in the whole tensor (a shard's offset)
+        self.starts = np.zeros((len(pairs), count), np.int64)
+        self.offsets = np.zeros(len(pairs), np.int64)
+        for i, pair in enumerate(pairs):
+            noise = self.owners[rows[i]].store.noise(pair.keys)
+            self.offsets[i] = noise.offset
+            for k, name in enumerate(names):
+                self.starts[i, k] = noise.start(name)
+        self.salts = np.zeros_like(self.starts)
+        if self.numpy:
+            # numba is optional (treeopt[fast]): loaded when a loop is planned
+            from treeopt.kernels.numba_support import numpy_pointers
+
+            self.pointers = numpy_pointers
+            self.descr = id(self.np_dtype)
+            self.shape_table, self.ndims = _shape_table(self.shapes)
+            # every array the loop writes, by dtype, checked still writable (and of its shape) at every step
+            targets = (
+                self.params
+                + [a for row in self.slot_arrays for a in row]
+                + [a for row in self.scale_arrays for a in row]
+            )
+            self.checks = []
+            for dtype in {a.dtype for a in targets}:
+                chosen = [a for a in targets if a.dtype == dtype]
+                shapes, ndims = _shape_table([a.shape for a in chosen])
+                ids = np.array([id(a) for a in chosen], np.int64)
+                self.checks.append((id(dtype), ids, shapes, ndims, np.empty(len(chosen), np.int64)))
+            self.target_ids = np.zeros(0, np.int64)  # the base class's check: done above instead
+            self.target_shapes = np.zeros((0, 1), np.int64)
+            self.target_ndims = np.zeros(0, np.int64)
+            self.target_out = np.zeros(0, np.int64)
+
+    def prepare(self, grads):
+        prepared = super().prepare(grads)
+        if prepared is None or not self.numpy:
+            return prepared
+        for descr, ids, shapes, ndims, out in self.checks:
+            if self.pointers(ids, descr, shapes, ndims, True, out) != -1:
+                return None
+        return prepared
+
+    def _call(self, grad_ptrs, pieces, items):
+        self.kernel(
+            grad_ptrs,
+            self.param_ptrs,
+            self.slot_ptrs,
+            self.scale_ptrs,
+            pieces,
+            items,
+            self.columns,
+            self.per_row,
+            self.rows,
+            self.table,
+            self.flags,
+            self.salts,
+            self.offsets,
+        )
+
+    def compiled(self):
+        """This bucket, its loop compiled (called on no element)."""
+        self._call(np.zeros(len(self.params), np.int64), np.zeros((0, 3), np.int64), np.zeros(1, np.int64))
+        return self
+
+    def run(self, prepared):
+        _, grad_ptrs = prepared
+        steps = np.zeros(len(self.owners), np.int64)
+        for row, owner in enumerate(self.owners):
+            values = owner.scalars.coefficients(self.params[0], self.backend)
+            self.table[row] = [float(values[n]) for n in self.numeric]
+            steps[row] = int(owner.store.tree["step"])
+        if "bf16" in self.kinds:
+            self.salts[:] = precision_codes.mix32((self.starts + steps[self.rows][:, None]) & precision_codes.MASK32)
+        self._call(grad_ptrs, self.pieces, self.items)
+
+
+def _shape_table(shapes):
+    width = max([len(s) for s in shapes] + [1])
+    table = np.zeros((len(shapes), width), np.int64)
+    for i, shape in enumerate(shapes):
+        table[i, : len(shape)] = shape
+    return table, np.array([len(s) for s in shapes], np.int64)
+
+
+class _TorchBucket(_FusedBucket):
+    """Pairs of one elementwise rule, dtype and device (torch), from one or more groups, run by
+    one of the torch runners (:mod:`treeopt.backends.torch_runners`: a generated Triton kernel,
+    torch's foreach operations, or a ``torch.compile``d step); coefficients as in
+    :class:`_NumbaBucket`."""
+
+    def __init__(
+        self,
+        groups: list[tuple[Group, list[Pair], list[int]]],
         backend: Backend,
         static: tuple[str, ...],
         flags: tuple[Any, ...],
+        kind: str,
     ) -> None:
-        from treeopt.backends.torch_compiled import CoefficientTable, compile_step
+        # the torch runners load only for a bucket they run
+        from treeopt.backends import torch_runners
 
-        leaves, rows, rule = _fuse(self, groups, backend, static, flags)
+        pairs, rows, rule = _fuse(self, groups, backend, static, flags)
+        self.kind = kind
         self.numeric = _numeric_names(rule, static)
-        self.hyper = [_settings(owner) for owner in self.owners]
-        self.params = [leaf.param for leaf in leaves]
+        self.params = [pair.param for pair in pairs]
         self.shapes = [tuple(p.shape) for p in self.params]
         self.strides = [p.stride() for p in self.params]
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
-        self.slots = [[leaf.slots[n] for leaf in leaves] for n in rule.slots]
-        self.table = CoefficientTable(len(self.owners), len(self.numeric), self.params[0])
-        self.step = compile_step(rule.update, len(rule.slots), self.numeric, dict(zip(static, flags)), rows)
+        slots = [[pair.slots[n] for pair in pairs] for n in rule.slots]
+        program = None if kind == "compile" else trace(rule, static, flags)
+        self.step, self.prepare_runner = torch_runners.build(
+            kind, rule, program, static, flags, self.params, slots, rows
+        )
 
     def compiled(self):
-        """This bucket (inductor compiles at the first call, which checks nothing the engine
-        has not checked already)."""
+        """This bucket, its kernel built (``torch.compile``: at the first call, which checks
+        nothing the engine has not checked already)."""
+        self.prepare_runner()
         return self
 
     def prepare(self, grads):
-        hyper = [_settings(owner) for owner in self.owners]
-        if hyper != self.hyper:
-            if any(_flags(o, self.params[0], self.backend, self.static) != self.flags for o in self.owners):
-                return None
-            self.hyper = hyper
         chosen = [grads[k] for k in self.positions]
         dtype, device = self.dtype, self.device
-        # what the step was compiled for: another layout goes to the engine (Dynamo would
-        # otherwise compile the whole step again, about a minute on GPT-2 small)
+        # what the step was planned for: another layout goes to the engine (torch.compile
+        # would otherwise compile the whole step again; the other runners read the tensors
+        # as the parameters' layout)
         if not all(
             g.dtype is dtype and g.device == device and g.shape == shape and g.stride() == stride
             for g, shape, stride in zip(chosen, self.shapes, self.strides)
@@ -298,48 +462,60 @@ class _TorchCompiledBucket(_FusedBucket):
     def run(self, grads):
         values = []
         for owner in self.owners:
-            coefficients = owner.coefficients(self.params[0], self.backend)
+            coefficients = owner.scalars.coefficients(self.params[0], self.backend)
             values.append([_float(coefficients[n]) for n in self.numeric])
-        self.table.write(values)
-        self.step(grads, self.params, self.slots, self.table.tensor)
+        self.step(grads, values)
 
 
 def _numeric_names(rule, static):
     """The coefficients of ``rule.update`` that are numbers (not the switches ``static``)."""
-    import inspect
 
     parameters = list(inspect.signature(rule.update).parameters)[2 + len(rule.slots) :]
     return [n for n in parameters if n not in static]
 
 
-def _torch_compile_eligible(owner, backend, param):
-    from treeopt import kernels
+def _torch_runner(owner, backend, param):
+    """The runner of ``owner``'s tensors like ``param`` (see :data:`treeopt.kernels.torch_runner`),
+    or ``None``: numba's loop on CPU, or the per-tensor path."""
+    rule = owner.scalars.rule
+    if backend.name != "torch" or not kernels.enabled or not rule.elementwise or callable(rule.slots):
+        return None
+    mode = kernels.torch_runner
+    if mode == "auto":
+        if param.device.type == "cpu":
+            if _numba_eligible(owner, backend, param):
+                return None
+            _hint_fast_extra()
+            return "foreach"
+        # Triton is asked about only for tensors on a GPU
+        from treeopt.backends.torch_runners import triton_usable
 
-    if backend.name != "torch" or not owner.rule.elementwise or callable(owner.rule.slots):
-        return False
-    mode = kernels.torch_compile
-    if mode == "always":
-        return True
-    return mode == "auto" and param.device.type != "cpu"
+        return "triton" if triton_usable(param.device) else "foreach"
+    return None if mode in ("numba", "per-tensor") else mode
 
 
-def _settings(owner):
-    """The hyper-parameters that decide the switches: numbers and flags (a schedule always
-    switches its term on, whatever its value)."""
-    return [
-        v if isinstance(v, (bool, int, float, str, tuple, type(None))) else "scheduled"
-        for v in owner.rule_hyperparameters().values()
-    ]
+_hinted = False
+
+
+def _hint_fast_extra():
+    global _hinted
+    if not _hinted and not numba_available():
+        _hinted = True
+        warn(
+            "treeopt runs CPU torch tensors with torch's foreach operations; installing numba "
+            "(pip install 'treeopt[fast]') makes an optimizer step several times faster",
+            UserWarning,
+        )
 
 
 def _flags(owner, like, backend, static):
-    values = owner.coefficients(like, backend)
+    values = owner.scalars.coefficients(like, backend)
     return tuple(bool(values[n]) for n in static)
 
 
 def _static_names(owner, like, backend):
     """The coefficients of ``owner``'s rule that are switches rather than numbers."""
-    values = owner.coefficients(like, backend)
+    values = owner.scalars.coefficients(like, backend)
     return tuple(n for n, v in values.items() if isinstance(v, (bool, np.bool_)))
 
 
@@ -352,9 +528,10 @@ def _float(value):
 
 
 def _numba_eligible(owner, backend, param):
-    if not numba_available() or not owner.rule.elementwise:
+    if not numba_available() or not owner.scalars.rule.elementwise:
         return False
     if backend.name == "numpy":
+        # numba is optional (treeopt[fast]): loaded when a loop is planned
         from treeopt.kernels.numba_support import STRUCT_OK
 
         return STRUCT_OK and param.dtype.name in ("float32", "float64")
@@ -363,70 +540,73 @@ def _numba_eligible(owner, backend, param):
     )
 
 
-def _stored_kinds(leaf):
-    """How the compiled loop reads the slots of ``leaf`` (``state_dtype``): ``None`` when they
-    are stored as the parameter, ``()`` when only the engine's rule runner can read them, else
-    one kind of :data:`.numba_precision.KINDS` per slot."""
-    owner, backend = leaf.owner, leaf.backend
-    if owner.precision is None:
+def _stored_kinds(pair: Pair) -> tuple[str, ...] | None:
+    """How numba's loop reads the slots of ``pair`` when its group keeps them in another form
+    (``state_dtype``): ``None`` when they are kept as the parameter (or as float32 slots of a
+    float32 parameter: the plain loop), ``()`` when only the engine's rule runner reads them,
+    else one kind of :data:`.numba_precision.KINDS` per slot."""
+    store = pair.group.store
+    if store.precision is None:
         return None
-    layout = owner.state_layout(tuple(backend.shape(leaf.param)), backend.dtype_name(leaf.param))
+    layout = store.layout(pair.shape, pair.dtype, pair.keys)
     if layout is None:
         return None
-    if _torch_compile_eligible(owner, backend, leaf.param):
-        return ("torch",)  # the formats' array code compiled around the rule
-    if backend.dtype_name(leaf.param) != "float32" or not _numba_eligible(owner, backend, leaf.param):
+    if pair.dtype != "float32" or pair.options or not _numba_eligible(pair.group, pair.backend, pair.param):
         return ()
+    # numba is optional (treeopt[fast]): loaded when a loop is planned
     from treeopt.kernels.numba_precision import kind_of
 
-    kinds = tuple(kind_of(layout.forms[name]) for name in owner.rule.slots)
+    kinds = tuple(kind_of(layout.forms[name]) for name in pair.group.scalars.rule.slots)
     if all(kind == "f32" for kind in kinds):
-        return None  # float32 slots of a float32 parameter: the plain loop
-    return () if None in kinds else kinds
+        return None
+    return () if None in kinds else kinds  # type: ignore[return-value]
 
 
-def _by_stored_form(groups):
-    """``groups`` split by how their slots are stored (an int8 state keeps small tensors in float32)."""
-    for group in groups:
-        if group[0].owner.precision is None:
-            yield group
+def _by_stored_form(buckets: Iterable[list[Pair]]) -> Iterable[tuple[list[Pair], tuple[str, ...] | None]]:
+    """Each bucket split by how its slots are stored (an int8 state keeps small tensors in
+    float32), with that: see :func:`_stored_kinds`."""
+    for bucket in buckets:
+        if bucket[0].group.store.precision is None:
+            yield bucket, None
             continue
         split: dict[Any, list[Pair]] = {}
-        for leaf in group:
-            split.setdefault(_stored_kinds(leaf), []).append(leaf)
-        yield from split.values()
+        for pair in bucket:
+            split.setdefault(_stored_kinds(pair), []).append(pair)
+        yield from ((pairs, kinds) for kinds, pairs in split.items())
 
 
 class CompiledStep:
-    def __init__(
-        self, params: list[Array], buckets: list[Any], stepping: list[Optimizer], watched: list[Optimizer]
-    ) -> None:
-        self.params, self.buckets = params, buckets
-        self.stepping, self.watched = stepping, watched
-        self.versions = [o.book.version for o in watched]
+    """The buckets of a step taken, kept while what they were planned on holds: the routes and
+    the stores (their versions: any change re-plans), the settings of the scalars (a change
+    re-plans only when it flips a switch compiled into a loop), the tree's structure and
+    the parameter objects."""
+
+    def __init__(self, params: list[Array], buckets: list[Any], stepping: list[Group], router: Direct | Router) -> None:
+        self.params, self.buckets, self.stepping, self.router = params, buckets, stepping, router
+        groups = [member.group for member in router.groups()]
+        self.stores = [group.store for group in groups]
+        self.scalars = [group.scalars for group in groups]
+        self.versions = self._versions()
+        self.settings = [scalars.version for scalars in self.scalars]
+
+    def _versions(self) -> list[Any]:
+        return [self.router.version, *(store.version for store in self.stores)]
 
     @classmethod
-    def build(
-        cls,
-        optimizer: Optimizer,
-        gradients: Tree,
-        model: Tree,
-        leaves: list[Pair],
-        active: list[Pair],
-        stepping: list[Optimizer],
-    ) -> CompiledStep | None:
+    def build(cls, router: Direct | Router, gradients: Tree, model: Tree, taken: Taken) -> CompiledStep | None:
         """The plan of the step just taken, or ``None`` when it cannot be reused."""
-        if not active or any(leaf.grad is None for leaf in leaves):
+        pairs, active = taken.pairs, taken.active
+        if not active or any(pair.grad is None for pair in pairs):
             return None
-        for leaf in active:
-            owner, backend, param = leaf.owner, leaf.backend, leaf.param
-            if not owner.runs_rule or not backend.mutable or not leaf.owned:
+        for pair in active:
+            group, backend, param = pair.group, pair.backend, pair.param
+            if not group.runs_rule or not backend.mutable or not pair.owned:
                 return None
             if not backend.writable(param) or (backend.name == "numpy" and not param.flags.c_contiguous):
                 return None
             if backend.name == "torch" and not param.is_contiguous():
                 return None
-        for backend in {leaf.backend for leaf in active}:
+        for backend in {pair.backend for pair in active}:
             _LEAF_TYPES.update(backend.array_types)
         grads: list[Array] = []
         params: list[Array] = []
@@ -434,74 +614,86 @@ class CompiledStep:
             _flatten_pair(gradients, model, grads, params)
         except (KeyError, IndexError, TypeError):
             return None
-        if len(params) != len(leaves) or not all(map(_is, params, [leaf.param for leaf in leaves])):
+        if len(params) != len(pairs) or not all(map(_is, params, [pair.param for pair in pairs])):
             return None  # e.g. numbers in the tree: the engine made arrays of them
-        position = {id(leaf): k for k, leaf in enumerate(leaves)}
+        position = {id(pair): k for k, pair in enumerate(pairs)}
         groups: dict[tuple[Any, ...], list[Pair]] = {}
-        for leaf in active:
+        for pair in active:
             key: tuple[Any, ...] = (
-                id(leaf.owner),
-                leaf.backend.name,
-                leaf.backend.dtype_name(leaf.param),
-                leaf.backend.device(leaf.param),
+                id(pair.group),
+                pair.backend.name,
+                pair.backend.dtype_name(pair.param),
+                pair.backend.device(pair.param),
+                pair.options,
             )
-            groups.setdefault(key, []).append(leaf)
+            groups.setdefault(key, []).append(pair)
         buckets: list[Any] = []
-        fused: dict[tuple[Any, ...], list[tuple[Optimizer, list[Pair], list[int]]]] = {}
-        for group in _by_stored_form(groups.values()):
-            first = group[0]
-            positions = [position[id(leaf)] for leaf in group]
-            stored = _stored_kinds(first)
-            compiled = _torch_compile_eligible(first.owner, first.backend, first.param) and stored in (None, ("torch",))
-            if stored == () or not compiled and not _numba_eligible(first.owner, first.backend, first.param):
-                buckets.append(_RuleBucket(first.owner, first.backend, group, positions))
+        fused: dict[tuple[Any, ...], list[tuple[Group, list[Pair], list[int]]]] = {}
+        for bucket, kinds in _by_stored_form(groups.values()):
+            first = bucket[0]
+            positions = [position[id(pair)] for pair in bucket]
+            stored = first.group.store.layout(first.shape, first.dtype, first.keys) is not None
+            # slots kept in another form run in numba's loop of stored forms (kinds) or the rule runner
+            compiled = None if stored else _torch_runner(first.group, first.backend, first.param)
+            if (
+                first.options
+                or kinds == ()
+                or (not kinds and not compiled and not _numba_eligible(first.group, first.backend, first.param))
+            ):
+                # per-parameter options (a layout...) are the rule runner's: a loop shares one set
+                stacked = not first.options and not stored and _stacked_eligible(first.group, first.backend, first.param)
+                buckets.append(
+                    (_StackedBucket if stacked else _RuleBucket)(first.group, first.backend, bucket, positions)
+                )
                 continue
-            # optimizers that share a rule, dtype and switches run in one loop
-            static = _static_names(first.owner, first.param, first.backend)
-            flags = _flags(first.owner, first.param, first.backend, static)
+            # groups that share a rule, dtype and switches run in one loop
+            static = _static_names(first.group, first.param, first.backend)
+            flags = _flags(first.group, first.param, first.backend, static)
             key = (
-                first.owner.rule,
+                first.group.scalars.rule,
                 first.backend.name,
                 first.backend.dtype_name(first.param),
                 first.backend.device(first.param),
                 static,
                 flags,
                 compiled,
-                stored,
+                kinds,
             )
-            fused.setdefault(key, []).append((first.owner, group, positions))
+            fused.setdefault(key, []).append((first.group, bucket, positions))
         for key, members in fused.items():
             try:  # compiled now, so that a rule that cannot compile falls back before any write
-                bucket: Any
-                if key[7] == ("torch",):
-                    from treeopt.kernels.torch_precision import TorchStoredBucket
-
-                    bucket = TorchStoredBucket(members, members[0][1][0].backend, key[4], key[5])
-                elif key[7] is not None:
-                    from treeopt.kernels.numba_precision import StoredBucket
-
-                    bucket = StoredBucket(members, members[0][1][0].backend, key[4], key[5], key[7])
+                backend = members[0][1][0].backend
+                if key[7]:
+                    buckets.append(_StoredBucket(members, backend, key[4], key[5], key[7]).compiled())
+                elif key[6]:
+                    buckets.append(_TorchBucket(members, backend, key[4], key[5], key[6]).compiled())
                 else:
-                    kind = _TorchCompiledBucket if key[6] else _NumbaBucket
-                    bucket = kind(members, members[0][1][0].backend, key[4], key[5])
-                buckets.append(bucket.compiled())
+                    buckets.append(_NumbaBucket(members, backend, key[4], key[5]).compiled())
             except Exception as error:
+                fallback = "torch's foreach operations" if key[6] == "triton" else "per tensor"
                 warn(
                     f"the compiled loop of rule {key[0].name!r} failed to build ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0] if str(error) else ''}); it runs per tensor",
+                    f"{str(error).splitlines()[0] if str(error) else ''}); it runs {fallback}",
                     RuntimeWarning,
                 )
+                if key[6] == "triton":
+                    buckets.append(_TorchBucket(members, members[0][1][0].backend, key[4], key[5], "foreach"))
+                    continue
                 buckets.extend(
                     _RuleBucket(owner, group[0].backend, group, positions) for owner, group, positions in members
                 )
-        watched = [optimizer] + optimizer.stateful()
-        return cls(params, buckets, stepping, watched)
+        return cls(params, buckets, taken.stepping, router)
 
     def run(self, gradients: Tree, model: Tree) -> bool:
         """Take the step if ``gradients`` and ``model`` fit the plan; ``False`` otherwise
         (nothing has changed then)."""
-        if [o.book.version for o in self.watched] != self.versions:
+        if self._versions() != self.versions:
             return False
+        settings = [scalars.version for scalars in self.scalars]
+        if settings != self.settings:  # a hyper-parameter changed: a switch (momentum 0?) may have too
+            if not all(bucket.switches_hold() for bucket in self.buckets if isinstance(bucket, _FusedBucket)):
+                return False
+            self.settings = settings
         grads: list[Array] = []
         params: list[Array] = []
         try:
@@ -513,9 +705,9 @@ class CompiledStep:
         prepared = [bucket.prepare(grads) for bucket in self.buckets]
         if any(p is None for p in prepared):
             return False
-        scheduled = [(optimizer, optimizer.scheduled_values()) for optimizer in self.stepping]  # may raise
-        for optimizer, values in scheduled:
-            optimizer.advance(values)
+        due = [(group, group.scalars.due()) for group in self.stepping]  # may raise
+        for group, values in due:
+            group.scalars.advance(values)
         for bucket, ready in zip(self.buckets, prepared):
             bucket.run(ready)
         return True

@@ -29,7 +29,6 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from treeopt.kernels.compiled_step import _fuse, _NumbaBucket, _pointer, _settings
 from treeopt.kernels.numba_kernels import load_generated, segment_length, work_items
 from treeopt.precision import codes
 from treeopt.precision.formats import Bfloat16, Form, Int8, Plain
@@ -125,7 +124,8 @@ BLOCK = {block}
 
 
 @njit(parallel=True, cache={cache}, error_model="numpy")  # no division check: the loops vectorise
-def kernel(grad_ptrs, param_ptrs, slot_ptrs, scale_ptrs, pieces, items, columns, per_row, rows, table, flags, salts):
+def kernel(grad_ptrs, param_ptrs, slot_ptrs, scale_ptrs, pieces, items, columns, per_row, rows, table, flags, salts,
+           offsets):
     # work item w: pieces[items[w]:items[w + 1]], each (tensor, first block, end block); a
     # block is at most BLOCK elements of one row of its tensor (rows of columns[i] elements)
     zero, one, half = np.float32(0.0), np.float32(1.0), np.float32(0.5)
@@ -146,6 +146,7 @@ def kernel(grad_ptrs, param_ptrs, slot_ptrs, scale_ptrs, pieces, items, columns,
                 first = (b - r * blocks) * BLOCK
                 start = r * width + first
                 n = min(BLOCK, width - first)
+                first_index = offsets[i] + start  # the element's index in the whole tensor (a shard's offset)
                 g = carray(as_voidptr(grad_ptrs[i] + start * 4), n, np.float32)
                 p = carray(as_voidptr(param_ptrs[i] + start * 4), n, np.float32)
 {slot_arrays}
@@ -178,7 +179,7 @@ def _source(rule: Any, kinds: tuple[str, ...], static: tuple[str, ...], cache: b
             arrays.append(f"                s{k} = carray(as_voidptr({pointer} + start * 2), n, np.uint16)")
             arrays.append(f"                salt{k} = salts[i, {k}]")
             loads.append(f"                    l{k} = widen_bfloat16(s{k}[j])")
-            stores.append(f"                    s{k}[j] = round_bfloat16(t{k}, salt{k}, start + j)")
+            stores.append(f"                    s{k}[j] = round_bfloat16(t{k}, salt{k}, first_index + j)")
             continue
         signed = kind == "i8"
         code_type, value, code = (
@@ -263,136 +264,3 @@ def block_items(
     segment = max(1, segment_length(sum(sizes), threads) // codes.BLOCK)
     pieces, items = work_items(blocks, threads, segment)
     return pieces, items, np.array(columns, np.int64), np.array(per_row, np.int64)
-
-
-# ---------------------------------------------------------------------- the compiled step's bucket
-class StoredBucket(_NumbaBucket):
-    """Float32 leaves of one elementwise rule whose slots are stored as ``kinds``, from one or
-    more optimizers, run as one parallel loop (:func:`kernel_for`); the gradients and the
-    parameters are checked as :class:`~treeopt.kernels.compiled_step._NumbaBucket` checks them,
-    the stored arrays by their own dtypes."""
-
-    def __init__(
-        self,
-        groups: list[tuple[Any, list[Any], list[int]]],
-        backend: Any,
-        static: tuple[str, ...],
-        flags: tuple[Any, ...],
-        kinds: tuple[str, ...],
-    ) -> None:
-        leaves, rows, rule = _fuse(self, groups, backend, static, flags)
-        self.kinds = kinds
-        self.kernel, self.numeric = kernel_for(rule, kinds, static)
-        self.hyper = [_settings(owner) for owner in self.owners]
-        self.params = [leaf.param for leaf in leaves]
-        self.shapes = [tuple(backend.shape(p)) for p in self.params]
-        self.dtype = self.params[0].dtype
-        self.numpy = backend.name == "numpy"
-        self.np_dtype = np.dtype("float32")
-        self.rows = np.array(rows, np.int64)
-        self.table = np.zeros((len(self.owners), len(self.numeric)), np.float32)
-        by_rows = any(kind in ("i8", "u8") for kind in kinds)
-        self.pieces, self.items, self.columns, self.per_row = block_items(self.shapes, by_rows)
-        names = rule.slots
-        self.slot_arrays = [[leaf.slots[n] for n in names] for leaf in leaves]
-        self.scale_arrays = [
-            [leaf.slots[f"{n}_scale"] for n, kind in zip(names, kinds) if kind in ("i8", "u8")] for leaf in leaves
-        ]
-        count = len(names)
-        self.slot_ptrs = np.array([[_pointer(a) for a in row] for row in self.slot_arrays], np.int64).reshape(-1, count)
-        self.scale_ptrs = np.zeros((len(leaves), count), np.int64)
-        for i, leaf in enumerate(leaves):
-            for k, (name, kind) in enumerate(zip(names, kinds)):
-                if kind in ("i8", "u8"):
-                    self.scale_ptrs[i, k] = _pointer(leaf.slots[f"{name}_scale"])
-        self.param_ptrs = np.array([_pointer(p) for p in self.params], np.int64)
-        # the per-tensor part of each bfloat16 slot's random bits; the step is mixed in per step
-        seeds = [owner.precision.seed for owner in self.owners]  # type: ignore[union-attr]  # stored: set
-        self.starts = np.zeros((len(leaves), count), np.int64)
-        for i, leaf in enumerate(leaves):
-            for k, name in enumerate(names):
-                self.starts[i, k] = codes.mix32(
-                    (codes.mix32(seeds[rows[i]]) + codes.path_key(leaf.path, name)) & codes.MASK32
-                )
-        self.salts = np.zeros_like(self.starts)
-        if self.numpy:
-            from treeopt.kernels.numba_support import numpy_pointers
-
-            self.pointers = numpy_pointers
-            self.descr = id(self.np_dtype)
-            self.shape_table, self.ndims = _shape_table(self.shapes)
-            # every array the loop writes, by dtype, checked still writable (and of its shape) at every step
-            targets = (
-                self.params
-                + [a for row in self.slot_arrays for a in row]
-                + [a for row in self.scale_arrays for a in row]
-            )
-            self.checks = []
-            for dtype in {a.dtype for a in targets}:
-                chosen = [a for a in targets if a.dtype == dtype]
-                shapes, ndims = _shape_table([a.shape for a in chosen])
-                ids = np.array([id(a) for a in chosen], np.int64)
-                self.checks.append((id(dtype), ids, shapes, ndims, np.empty(len(chosen), np.int64)))
-            self.target_ids = np.zeros(0, np.int64)  # the base class's check: done above instead
-            self.target_shapes = np.zeros((0, 1), np.int64)
-            self.target_ndims = np.zeros(0, np.int64)
-            self.target_out = np.zeros(0, np.int64)
-
-    def prepare(self, grads):
-        prepared = super().prepare(grads)
-        if prepared is None or not self.numpy:
-            return prepared
-        for descr, ids, shapes, ndims, out in self.checks:
-            if self.pointers(ids, descr, shapes, ndims, True, out) != -1:
-                return None
-        return prepared
-
-    def compiled(self):
-        """This bucket, its loop compiled (called on no element)."""
-        self.kernel(
-            np.zeros(len(self.params), np.int64),
-            self.param_ptrs,
-            self.slot_ptrs,
-            self.scale_ptrs,
-            np.zeros((0, 3), np.int64),
-            np.zeros(1, np.int64),
-            self.columns,
-            self.per_row,
-            self.rows,
-            self.table,
-            self.flags,
-            self.salts,
-        )
-        return self
-
-    def run(self, prepared):
-        _, grad_ptrs = prepared
-        steps = np.zeros(len(self.owners), np.int64)
-        for row, owner in enumerate(self.owners):
-            values = owner.coefficients(self.params[0], self.backend)
-            self.table[row] = [float(values[n]) for n in self.numeric]
-            steps[row] = owner.noise_step()
-        if "bf16" in self.kinds:
-            self.salts[:] = codes.mix32((self.starts + steps[self.rows][:, None]) & codes.MASK32)
-        self.kernel(
-            grad_ptrs,
-            self.param_ptrs,
-            self.slot_ptrs,
-            self.scale_ptrs,
-            self.pieces,
-            self.items,
-            self.columns,
-            self.per_row,
-            self.rows,
-            self.table,
-            self.flags,
-            self.salts,
-        )
-
-
-def _shape_table(shapes):
-    width = max([len(s) for s in shapes] + [1])
-    table = np.zeros((len(shapes), width), np.int64)
-    for i, shape in enumerate(shapes):
-        table[i, : len(shape)] = shape
-    return table, np.array([len(s) for s in shapes], np.int64)

@@ -319,18 +319,23 @@ def layout(
     param_dtype: str,
     shapes: dict[str, Shape],
     meanings: dict[str, str] | None,
+    whole: Shape | None = None,
+    shape: Shape | None = None,
 ) -> Layout | None:
     """The layout of a parameter of dtype ``param_dtype`` whose slots have ``shapes``
     (meanings from the rule); ``None`` when the slots are stored as the parameter (the
-    default: MLX's state, computed in the parameter's dtype)."""
+    default: MLX's state, computed in the parameter's dtype). A parameter held in part (a
+    shard of rows, ``shape``) is judged by its ``whole`` shape, so every rank stores its
+    rows as one process stores the tensor."""
     if precision is None or precision.dtype == param_dtype:
         return None
     compute = "float64" if param_dtype == "float64" else "float32"
     forms: dict[str, Form] = {}
-    for slot, shape in shapes.items():
+    for slot, slot_shape in shapes.items():
+        size = math.prod(whole if whole is not None and tuple(slot_shape) == tuple(shape or ()) else slot_shape)
         if precision.dtype == "bfloat16":
             forms[slot] = Bfloat16()
-        elif precision.dtype == "int8" and len(shape) >= 2 and math.prod(shape) >= max(1, precision.min_size):
+        elif precision.dtype == "int8" and len(slot_shape) >= 2 and size >= max(1, precision.min_size):
             meaning = (meanings or {}).get(slot)
             if meaning in SIGNED_MEANINGS:
                 forms[slot] = Int8(True, precision.block)
