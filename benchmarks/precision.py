@@ -224,7 +224,7 @@ def outcome(out, seeds=(0, 1), steps=600, threads=None):
         model = training_gpt.build_model(seed, training_gpt.gpt.Config(context=cli.CONTEXT))
         routing = setups.routing(setup, steps, setups.Hyper())
         for child in routing.optimizers:  # the demo's optimizer, its state stored at this precision
-            child.precision = state_precision(precision, type(child).__name__)
+            child.store.precision = state_precision(precision, type(child).__name__)
         optimizer = treeopt.torch.Optimizer(model, routing)
         began = time.perf_counter()
         curve, seconds = training_gpt.train(model, optimizer, data, steps, seed)

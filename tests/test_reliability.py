@@ -686,7 +686,7 @@ CHECKPOINT_CASES = (
     ("an unknown metadata field", setmeta("mystery", 1), r"'mystery': is not a field"),
     (
         "a slot dtype that is not a float",
-        setmeta("parameters", "b", "slots", "v", "dtype", "int8"),
+        setmeta("parameters", "b", "slots", "v", "dtype", "int32"),
         r"'parameters\.b\.slots\.v\.dtype': must be one of",
     ),
     ("an owner that is no optimizer", setmeta("parameters", "b", "owner", "Nobody"), r"'parameters\.b\.owner'"),
@@ -1181,6 +1181,8 @@ if available("torch"):
         scheduled_lr_edit,
         checkpoint.CheckpointError,
         r"adamw.*lr was changed to 1e-05.*treeopt schedule",
+    )
+
 
 # ------------------------------------------------------------------------------ compact state (state_dtype)
 def with_slot(group, path, slot, value):
@@ -1209,14 +1211,14 @@ for backend in [b for b in BACKENDS if b != "jax"]:
         compact,
         with_slot(0, "layers.0.w", "m", lambda b: make(np.zeros((4, 4)), b)),
         ValueError,
-        r"Adam.state: slot 'm' of 'layers.0.w' is float32\[4, 4\]; the parameter needs int8\[4, 4\]",
+        r"Adam.state: slot 'm' of 'layers.0.w' is float32\[4, 4\]; its state_dtype stores it as int8\[4, 4\]",
     )
     case(
         f"{backend}: int8 scales of another block grid",
         compact,
         with_slot(0, "layers.1.w", "v_scale", lambda b: make(np.zeros((4, 2)), b)),
         ValueError,
-        r"slot 'v_scale' of 'layers.1.w' is float32\[4, 2\]; the parameter needs float32\[4, 1\]",
+        r"slot 'v_scale' of 'layers.1.w' is float32\[4, 2\]; its state_dtype stores it as float32\[4, 1\]",
     )
     case(
         f"{backend}: int8 codes without their scales",
@@ -1231,7 +1233,7 @@ for backend in [b for b in BACKENDS if b != "jax"]:
         compact,
         with_slot(1, "w", "m", lambda b: make(np.zeros((3, 4)), b)),
         ValueError,
-        r"AdamW.state: slot 'm' of 'w' is float32\[3, 4\]; the parameter needs bfloat16\[3, 4\]",
+        r"AdamW.state: slot 'm' of 'w' is float32\[3, 4\]; its state_dtype stores it as bfloat16\[3, 4\]",
     )
 
     def scale_edit(t, m):
