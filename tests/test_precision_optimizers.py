@@ -149,6 +149,46 @@ def test_the_compiled_loop_is_the_runner_byte_for_byte(setting, state_dtype):
             )
 
 
+def test_the_compiled_loop_is_the_runner_byte_for_byte_on_torch_tensors_and_non_finite_gradients():
+    """A NaN in one block and an infinity in another: each block's scale is NaN and its codes 0
+    (bfloat16 slots keep a NaN), in the loop as in the runner; torch CPU tensors run the loop."""
+    pytest.importorskip("numba")
+    pytest.importorskip("torch")
+    import torch
+
+    setting = next(s for s in SETTINGS if s.id == "AdamW(weight_decay=0.1,bias_correction=True)")
+    for state_dtype in ("int8", "bfloat16"):
+        results = []
+        for fast in (False, True):
+            params = {k: torch.from_numpy(v) for k, v in _tree(0).items()}
+            opt = setting.make(state_dtype=state_dtype)
+            enabled, kernels.enabled = kernels.enabled, fast
+            try:
+                for t, grads in enumerate(_grads(3)):
+                    if t == 2:
+                        grads["w"][3, 7], grads["w"][10, 200 % 128] = np.nan, np.inf
+                    opt.update(params, {k: torch.from_numpy(v) for k, v in grads.items()})
+            finally:
+                kernels.enabled = enabled
+            results.append((params, opt))
+            if fast:
+                assert any(type(b).__name__ == "_StoredBucket" for b in opt._compiled.buckets)
+        (slow_params, slow), (fast_params, fast_opt) = results
+        if state_dtype == "int8":
+            scale = slow.state["w"]["m_scale"].numpy()
+            assert np.isnan(scale[3, 0]) and np.isnan(scale[10, 0]) and not np.isnan(scale[0, 0])
+            assert (slow.state["w"]["m"][3, :256].numpy() == 0).all()
+        for path in SHAPES:
+            np.testing.assert_array_equal(fast_params[path].numpy(), slow_params[path].numpy())
+            for key, value in slow.state[path].items():
+                got = fast_opt.state[path][key]
+                if value.is_floating_point():  # a NaN is a NaN: its sign and payload are the library's
+                    nan = torch.isnan(value.float())
+                    assert torch.equal(nan, torch.isnan(got.float())), (path, key)
+                    value, got = value[~nan], got[~nan]
+                np.testing.assert_array_equal(got.view(torch.uint8).numpy(), value.view(torch.uint8).numpy())
+
+
 CROSS = [
     s
     for s in SETTINGS

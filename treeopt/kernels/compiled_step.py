@@ -298,7 +298,7 @@ class _StoredBucket(_NumbaBucket):
         kinds: tuple[str, ...],
     ) -> None:
         # numba is optional (treeopt[fast]): loaded when a loop is planned
-        from treeopt.kernels.numba_precision import block_items, kernel_for
+        from treeopt.kernels.numba_precision import block_items, block_of, kernel_for
 
         pairs, rows, rule = _fuse(self, groups, backend, static, flags)
         self.kinds = kinds
@@ -311,7 +311,9 @@ class _StoredBucket(_NumbaBucket):
         self.rows = np.array(rows, np.int64)
         self.table = np.zeros((len(self.owners), len(self.numeric)), np.float32)
         by_rows = any(kind in ("i8", "u8") for kind in kinds)
-        self.pieces, self.items, self.columns, self.per_row = block_items(self.shapes, by_rows)
+        self.pieces, self.items, self.columns, self.per_row = block_items(
+            self.shapes, by_rows, block=block_of(kinds)
+        )
         names = rule.slots
         self.slot_arrays = [[pair.slots[n] for n in names] for pair in pairs]
         self.scale_arrays = [

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import sys
-import types as pytypes
 from collections.abc import Callable
 from typing import Any
 
@@ -68,43 +68,81 @@ def bits_float(typingctx, x):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def magnitude_bits(typingctx, x):
+    """The bit pattern of ``|x|`` (a float32), as an int32: ordered as the magnitudes are, and
+    above the largest finite float's for a NaN or an infinity."""
+
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[0], ir.IntType(32))
+        return builder.and_(bits, ir.Constant(ir.IntType(32), 0x7FFFFFFF))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def widen_bfloat16(typingctx, half):
+    """The float32 of a bfloat16's 16 bits (a uint16)."""
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def round_bfloat16(typingctx, x, salt, index):
+    """``x`` (float32) rounded to bfloat16 stochastically (its 16 bits, a uint16): 16 random
+    bits ``mix32(salt ^ index) >> 16`` added to its bit pattern, the low half dropped; a NaN
+    stays a (quiet) NaN. The arithmetic of :mod:`treeopt.precision.codes` and
+    :meth:`treeopt.backends.base.Backend.round_bfloat16`, in 32-bit integer operations (they
+    vectorise; 64-bit products would not, or slowly)."""
+
+    def codegen(context, builder, signature, args):
+        i32, i16 = ir.IntType(32), ir.IntType(16)
+
+        def constant(value):
+            return ir.Constant(i32, value)
+
+        value, salt_value, index_value = args
+        bits = builder.bitcast(value, i32)
+        h = builder.xor(builder.trunc(salt_value, i32), builder.trunc(index_value, i32))
+        first, second, _ = codes.MIX_CONSTANTS  # lowbias32: products modulo 2^32
+        h = builder.xor(h, builder.lshr(h, constant(16)))
+        h = builder.mul(h, constant(first))
+        h = builder.xor(h, builder.lshr(h, constant(15)))
+        h = builder.mul(h, constant(second))
+        h = builder.xor(h, builder.lshr(h, constant(16)))
+        rounded = builder.trunc(builder.lshr(builder.add(bits, builder.lshr(h, constant(16))), constant(16)), i16)
+        quiet = builder.or_(builder.trunc(builder.lshr(bits, constant(16)), i16), ir.Constant(i16, 0x40))
+        return builder.select(builder.fcmp_unordered("uno", value, value), quiet, rounded)
+
+    return types.uint16(types.float32, types.int64, types.int64), codegen
+
+
+# the codes of :mod:`treeopt.precision.codes`, for float32 scalars, the same numbers in fewer
+# operations (every operand is known non-negative or finite here)
 @numba.njit(inline="always")
-def _sign(x):
-    # branch-free (numba's np.sign branches, which keeps the loop from vectorising); a NaN
-    # never reaches it: a block with one is not encoded
-    return np.float32(x > 0) - np.float32(x < 0)
-
-
-def _scalar(function: Callable[..., Any]) -> Callable[..., Any]:
-    """A function of :mod:`treeopt.precision.codes` compiled for scalars (its ops rebound)."""
-    names = dict(function.__globals__)
-    names.update(sqrt=np.sqrt, floor=np.floor, sign=_sign)
-    rebound = pytypes.FunctionType(function.__code__, names, function.__name__, function.__defaults__)
-    return numba.njit(inline="always")(rebound)
-
-
-signed_code = _scalar(codes.signed_code)
-signed_value = _scalar(codes.signed_value)
-unsigned_code = _scalar(codes.unsigned_code)
-unsigned_value = _scalar(codes.unsigned_value)
-_mix32 = numba.njit(inline="always")(pytypes.FunctionType(codes.mix32.__code__, dict(codes.mix32.__globals__), "mix32"))
-_MIX = codes.MIX_CONSTANTS
+def signed_value(code, step):
+    return code * abs(code) * step
 
 
 @numba.njit(inline="always")
-def widen_bfloat16(half):
-    return bits_float(np.int32(np.int64(half) << 16))
+def unsigned_value(code, step):
+    square = code * code
+    return square * square * step
 
 
 @numba.njit(inline="always")
-def round_bfloat16(x, salt, index):
-    """``x`` (float32) rounded to bfloat16 stochastically (its 16 bits), as
-    :meth:`treeopt.backends.base.Backend.round_bfloat16` with :mod:`~treeopt.precision.codes`' bits."""
-    bits = np.int64(float_bits(x)) & 0xFFFFFFFF
-    if x != x:
-        return np.uint16((bits >> 16) | 0x40)
-    random = _mix32((salt ^ index) & 0xFFFFFFFF, _MIX) >> 16
-    return np.uint16(((bits + random) >> 16) & 0xFFFF)
+def signed_code(x, inverse, levels, half):
+    # sign(x) * floor(...): the sign copied onto the (non-negative) floor is the same number
+    return np.int8(math.copysign(np.floor(np.sqrt(abs(x) * inverse) * levels + half), x))
+
+
+@numba.njit(inline="always")
+def unsigned_code(x, inverse, levels, half):
+    return np.uint8(np.floor(np.sqrt(np.sqrt(x * inverse)) * levels + half))
 
 
 _TEMPLATE = """\
@@ -114,7 +152,8 @@ from numba import carray, njit, prange
 
 from treeopt.kernels.numba_kernels import scalar_version
 from treeopt.kernels.numba_precision import (
-    bits_float, float_bits, round_bfloat16, signed_code, signed_value, unsigned_code, unsigned_value, widen_bfloat16,
+    bits_float, magnitude_bits, round_bfloat16, signed_code, signed_value, unsigned_code, unsigned_value,
+    widen_bfloat16,
 )
 from treeopt.kernels.numba_support import as_voidptr
 from {module} import {function} as _update
@@ -132,7 +171,7 @@ def kernel(grad_ptrs, param_ptrs, slot_ptrs, scale_ptrs, pieces, items, columns,
     signed_levels, unsigned_levels = np.float32({signed_levels}), np.float32({unsigned_levels})
     signed_unit, unsigned_unit = np.float32({signed_unit!r}), np.float32({unsigned_unit!r})
     nan = np.float32(np.nan)
-    magnitude, infinity = np.int32(0x7FFFFFFF), np.int32(0x7F800000)
+    infinity = np.int32(0x7F800000)
     for w in prange(items.shape[0] - 1):
 {buffers}
         for s in range(items[w], items[w + 1]):
@@ -165,7 +204,10 @@ def _source(rule: Any, kinds: tuple[str, ...], static: tuple[str, ...], cache: b
     names = parameters[len(slots) :]
     numeric = [n for n in names if n not in static]
     coefficients = "\n".join(f"            c{k} = table[row, {k}]" for k in range(len(numeric)))
-    buffers, arrays, loads, stores, encodes, targets, arguments = [], [], [], [], [], ["p[j]"], []
+    buffers, arrays, loads, stores, targets, arguments = [], [], [], [], ["p[j]"], []
+    scales: list[str] = []
+    encoded: list[str] = []
+    encodes: list[str] = []
     for k, kind in enumerate(kinds):
         pointer = f"slot_ptrs[i, {k}]"
         if kind == "f32":
@@ -194,29 +236,29 @@ def _source(rule: Any, kinds: tuple[str, ...], static: tuple[str, ...], cache: b
             f"                top{k} = np.int32(0)",
         ]
         loads.append(f"                    l{k} = {value}(np.float32(s{k}[j]), step{k})")
+        # the new value kept for the encoding, and the block's largest magnitude (the integer
+        # maximum of the bit patterns: a reduction the loop vectorises)
         stores.append(f"                    buffer{k}[j] = t{k}")
-        encodes += [
-            # the largest magnitude as an integer maximum of the bit patterns, in a loop of its
-            # own (in the rule's loop it kept that loop from vectorising); above the largest
-            # finite float's pattern: a NaN or an infinity
-            "                for j in range(n):",
-            f"                    top{k} = max(top{k}, float_bits(buffer{k}[j]) & magnitude)",
+        stores.append(f"                    top{k} = max(top{k}, magnitude_bits(t{k}))")
+        scales += [
             f"                if top{k} >= infinity:  # a NaN or an infinity: the block reads back as NaN",
             f"                    scale{k}[0] = nan",
-            "                    for j in range(n):",
-            f"                        s{k}[j] = 0",
+            f"                    inverse{k} = zero",
             "                else:",
             f"                    largest = bits_float(top{k})",
-            "                    inverse = one / largest if largest > zero else zero",
+            f"                    inverse{k} = one / largest if largest > zero else zero",
             f"                    scale{k}[0] = largest",
-            "                    for j in range(n):",
-            f"                        s{k}[j] = {code_type}({code}(buffer{k}[j], inverse, {levels}, half))",
         ]
+        encoded.append(
+            f"                    s{k}[j] = {code}(buffer{k}[j], inverse{k}, {levels}, half) if top{k} < infinity else 0"
+        )
+    if scales:
+        encodes = scales + ["                for j in range(n):"] + encoded
     values = [f"flags[{static.index(n)}]" if n in static else f"c{numeric.index(n)}" for n in names]
     source = _TEMPLATE.format(
         module=update.__module__,
         function=update.__name__,
-        block=codes.BLOCK,
+        block=block_of(kinds),
         cache=cache,
         signed_levels=float(codes.SIGNED_LEVELS),
         unsigned_levels=float(codes.UNSIGNED_LEVELS),
@@ -247,8 +289,18 @@ def kernel_for(
     return module.kernel, numeric
 
 
+#: elements per block of a loop without int8 slots (no scale to share: long inner loops)
+CHUNK = 4096
+
+
+def block_of(kinds: tuple[str, ...]) -> int:
+    """Elements per block of the loop of slots stored as ``kinds``: an int8 format's block, or
+    :data:`CHUNK`."""
+    return codes.BLOCK if any(kind in ("i8", "u8") for kind in kinds) else CHUNK
+
+
 def block_items(
-    shapes: list[tuple[int, ...]], by_rows: bool, threads: int | None = None
+    shapes: list[tuple[int, ...]], by_rows: bool, threads: int | None = None, block: int = codes.BLOCK
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(pieces, items, columns, per_row)``: work items of whole blocks for tensors of
     ``shapes``, balanced over the threads. With ``by_rows`` (int8 slots), a block is at most
@@ -259,8 +311,8 @@ def block_items(
         columns = [int(np.prod(s[1:])) if len(s) > 1 else 1 for s in shapes]
     else:
         rows, columns = [1] * len(shapes), sizes
-    per_row = [-(-c // codes.BLOCK) for c in columns]
+    per_row = [-(-c // block) for c in columns]
     blocks = [r * b for r, b in zip(rows, per_row)]
-    segment = max(1, segment_length(sum(sizes), threads) // codes.BLOCK)
+    segment = max(1, segment_length(sum(sizes), threads) // block)
     pieces, items = work_items(blocks, threads, segment)
     return pieces, items, np.array(columns, np.int64), np.array(per_row, np.int64)
