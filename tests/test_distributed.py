@@ -447,6 +447,7 @@ def fsdp_train(rank, world, steps, count_ns=False, placement=None, optimizer=Non
     tensors = opt.state_dict()["tensors"]
     return {
         "params": {n: p.full_tensor() for n, p in params},
+        "codes": held_slots(opt),
         "ns_calls": calls,
         "slots": {
             k: (type(v).__name__, tuple(v.placements) if isinstance(v, DTensor) else None)
@@ -571,52 +572,78 @@ def test_a_fully_sharded_model_trains_as_one_process_fed_its_gradients():
 
 
 # ---------------------------------------------------------------------------------- compact state (state_dtype)
-def compact_muon_adamw():
-    """Every matrix's slots as int8 codes and block scales (blocks are pieces of rows, so a
-    row split keeps them whole), the vectors' in float32."""
-    int8 = optim.StatePrecision("int8", min_size=0)
+COMPACT = {
+    # int8: blocks are pieces of rows, so a row split keeps them whole; judged by the whole
+    # tensor's size (embed.weight, 1024 elements, is int8 though a shard of it is smaller)
+    "int8": optim.StatePrecision("int8", min_size=1000),
+    # bfloat16: each element's random bits come from its index in the whole tensor
+    "bfloat16": optim.StatePrecision("bfloat16", seed=7),
+}
+
+
+def compact_muon_adamw(state_dtype):
+    precision = COMPACT[state_dtype]
     return optim.MultiOptimizer(
-        [optim.Muon(0.02, weight_decay=0.01, state_dtype=int8), optim.AdamW(3e-3, state_dtype=int8)], [hidden_matrix]
+        [optim.Muon(0.02, weight_decay=0.01, state_dtype=precision), optim.AdamW(3e-3, state_dtype=precision)],
+        [hidden_matrix],
     )
 
 
-def compact_train(rank, world, steps, sharding):
+def held_slots(opt):
+    """Every slot array this rank holds, by ``path/slot`` (its rows, when split)."""
+    return {
+        f"{'.'.join(map(str, keys))}/{slot}": value.detach().clone()
+        for member in opt.optimizer.groups()
+        for keys, slots in member.group.store.items()
+        for slot, value in slots.items()
+    }
+
+
+def compact_train(rank, world, steps, sharding, state_dtype):
     params = make_params()
-    opt = treeopt.torch.Optimizer(params, compact_muon_adamw(), sharding=sharding if world > 1 else None)
+    opt = treeopt.torch.Optimizer(params, compact_muon_adamw(state_dtype), sharding=sharding if world > 1 else None)
     for step in range(steps):
         for (name, p), g in zip(params, gradients(step).values()):
             p.grad = g
         opt.step()
-    codes = {
-        f"{'.'.join(map(str, keys))}/{slot}": value.clone()
-        for child in opt.optimizer.optimizers
-        for keys, slots in child.store.items()
-        for slot, value in slots.items()
-    }
     return {
         "params": {n: p.detach().clone() for n, p in params},
-        "codes": codes,
-        "owned": sorted(opt._distributed.local) if world > 1 else [],
+        "codes": held_slots(opt),
+        "split": [n for n, v in opt._distributed.local.items() if v.shape != dict(params)[n].shape]
+        if world > 1
+        else [],
     }
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_zero1_int8_state_is_one_process_bit_for_bit_codes_and_scales_split_by_rows(world):
-    (one,) = run_world(compact_train, 1, 3, None)
-    assert one["codes"]["embed.weight/m"].dtype == torch.int8 and one["codes"]["embed.weight/m_scale"].shape == (64, 1)
-    results = run_world(compact_train, world, 3, "zero1")
-    assert_same_params(results, one)
-    for key, value in one["codes"].items():  # each rank holds its rows' codes and scales
+def assert_same_slots(results, one):
+    """Each rank holds one process's slots, whole or its rows of them, byte for byte."""
+    for key, value in one["codes"].items():
         held = [r["codes"][key] for r in results if key in r["codes"]]
         assert held, key
         if all(h.shape == value.shape for h in held):
-            assert all(torch.equal(h, value) for h in held), key
+            assert all(torch.equal(h.view(torch.uint8), value.view(torch.uint8)) for h in held), key
         else:  # split by rows: the ranks' pieces are one process's rows, in order
-            assert torch.equal(torch.cat(held), value), key
+            assert torch.equal(torch.cat(held).view(torch.uint8), value.view(torch.uint8)), key
 
 
-@pytest.mark.parametrize("world", [2])
-def test_fsdp2_int8_state_equals_one_process(world):
-    (one,) = run_world(compact_train, 1, 3, None)
-    results = run_world(fsdp_train, world, 3, False, None, compact_muon_adamw())
+@pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero1_compact_state_is_one_process_bit_for_bit(world, state_dtype):
+    (one,) = run_world(compact_train, 1, 3, None, state_dtype)
+    if state_dtype == "int8":
+        assert one["codes"]["embed.weight/m"].dtype == torch.int8
+        assert one["codes"]["embed.weight/m_scale"].shape == (64, 1)
+    else:
+        assert one["codes"]["embed.weight/m"].dtype == torch.bfloat16
+    results = run_world(compact_train, world, 3, "zero1", state_dtype)
+    assert any(r["split"] for r in results)  # some parameter is split by rows
     assert_same_params(results, one)
+    assert_same_slots(results, one)
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
+def test_fsdp2_compact_state_is_one_process_bit_for_bit(state_dtype):
+    (one,) = run_world(compact_train, 1, 3, None, state_dtype)
+    results = run_world(fsdp_train, 2, 3, False, None, compact_muon_adamw(state_dtype))
+    assert_same_params(results, one)
+    assert_same_slots(results, one)
