@@ -185,13 +185,20 @@ def step_candidates(shapes, quick):
 
 
 def time_rounds(candidates, rounds):
+    """Per candidate: the median wall time of a step, and the median CPU time of the process
+    during it (every thread's; on a busy machine the steady figure: it does not count the time
+    the process waited for a core)."""
     times = {name: [] for name in candidates}
+    cpu = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, step in candidates.items():
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             step()
             times[name].append(time.perf_counter() - began)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            cpu[name].append(time.process_time() - began_cpu)
+    return {name: statistics.median(ts) for name, ts in times.items()}, {
+        name: statistics.median(ts) for name, ts in cpu.items()
+    }
 
 
 # --------------------------------------------------------------------------------- outcome
@@ -347,7 +354,9 @@ def main(argv=None):
     parser.add_argument("--outcome", action="store_true", help="the demo at each precision (long)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the outcome runs")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads of the step (numba, torch) or of the outcome runs"
+    )
     parser.add_argument("--out", default=None, help="JSON results (the outcome's: written after every run)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
@@ -368,16 +377,33 @@ def main(argv=None):
     for name, precision, per, ratio in state_rows(shapes):
         print(f"{name:<26} {precision:<16} {per:>11.2f} {ratio:>10.3f}")
     rounds = args.rounds or (7 if args.quick else 25)
-    medians = time_rounds(step_candidates(shapes, args.quick), rounds)
+    if args.threads:  # numba's loops and torch's operations, alike
+        import numba
+        import torch
+
+        numba.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
+    medians, cpu = time_rounds(step_candidates(shapes, args.quick), rounds)
     base, fused = medians["treeopt numpy float32"], medians.get("torch AdamW fused")
-    print(f"\nAdamW step, median of {rounds} interleaved rounds")
-    print(f"{'candidate':<26} {'ms':>8} {'vs treeopt fp32':>16} {'vs torch fused':>15}")
+    base_cpu = cpu["treeopt numpy float32"]
+    threads = f"{args.threads} thread(s)" if args.threads else "default threads"
+    print(f"\nAdamW step, median of {rounds} interleaved rounds, {threads}; load average now {os.getloadavg()[0]:.1f}")
+    print(
+        f"{'candidate':<26} {'wall ms':>8} {'vs treeopt fp32':>16} {'vs torch fused':>15} {'CPU ms':>8} {'CPU vs fp32':>12}"
+    )
     for name, seconds in medians.items():
         vs_fused = f"{seconds / fused:>14.2f}x" if fused else ""
-        print(f"{name:<26} {seconds * 1e3:>8.2f} {seconds / base:>15.2f}x {vs_fused}")
+        print(
+            f"{name:<26} {seconds * 1e3:>8.2f} {seconds / base:>15.2f}x {vs_fused} "
+            f"{cpu[name] * 1e3:>8.2f} {cpu[name] / base_cpu:>11.2f}x"
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"cpu": cpu_name(), "load": load, "step_seconds": medians}, f, indent=1)
+            json.dump(
+                {"cpu": cpu_name(), "load": load, "threads": args.threads, "step_seconds": medians, "cpu_seconds": cpu},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

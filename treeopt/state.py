@@ -407,7 +407,9 @@ class SlotStore:
                     assert found is not None  # an array: checked above
                     got, want = f"{found.dtype_name(value)}{list(found.shape(value))}", expected[slot]
                     needs = "its state_dtype stores it as" if want.stored else "the parameter needs"
-                    raise ValueError(f"{owner}.state: slot {slot!r} of {path!r} is {got}; {needs} {want.dtype}{list(want.shape)}")
+                    raise ValueError(
+                        f"{owner}.state: slot {slot!r} of {path!r} is {got}; {needs} {want.dtype}{list(want.shape)}"
+                    )
 
 
 def _info(param: Array) -> tuple[Shape, str]:

@@ -311,9 +311,7 @@ class _StoredBucket(_NumbaBucket):
         self.rows = np.array(rows, np.int64)
         self.table = np.zeros((len(self.owners), len(self.numeric)), np.float32)
         by_rows = any(kind in ("i8", "u8") for kind in kinds)
-        self.pieces, self.items, self.columns, self.per_row = block_items(
-            self.shapes, by_rows, block=block_of(kinds)
-        )
+        self.pieces, self.items, self.columns, self.per_row = block_items(self.shapes, by_rows, block=block_of(kinds))
         names = rule.slots
         self.slot_arrays = [[pair.slots[n] for n in names] for pair in pairs]
         self.scale_arrays = [
@@ -558,7 +556,9 @@ def _stored_kinds(pair: Pair) -> tuple[str, ...] | None:
     # numba is optional (treeopt[fast]): loaded when a loop is planned
     from treeopt.kernels.numba_precision import kind_of
 
-    kinds = tuple(kind_of(layout.forms[name]) for name in pair.group.scalars.rule.slots)
+    rule = pair.group.scalars.rule
+    assert rule is not None and not callable(rule.slots)  # an elementwise rule: _numba_eligible
+    kinds = tuple(kind_of(layout.forms[name]) for name in rule.slots)
     if all(kind == "f32" for kind in kinds):
         return None
     return () if None in kinds else kinds  # type: ignore[return-value]
@@ -643,7 +643,9 @@ class CompiledStep:
                 or (not kinds and not compiled and not _numba_eligible(first.group, first.backend, first.param))
             ):
                 # per-parameter options (a layout...) are the rule runner's: a loop shares one set
-                stacked = not first.options and not stored and _stacked_eligible(first.group, first.backend, first.param)
+                stacked = (
+                    not first.options and not stored and _stacked_eligible(first.group, first.backend, first.param)
+                )
                 buckets.append(
                     (_StackedBucket if stacked else _RuleBucket)(first.group, first.backend, bucket, positions)
                 )
