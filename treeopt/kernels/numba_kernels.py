@@ -108,14 +108,20 @@ def scalar_version(update: Callable[..., Any]) -> Callable[..., Any]:
     return numba.njit(inline="always")(rebound)
 
 
+def coefficient_names(rule: Rule, static: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """``(names, numeric)``: the coefficients ``rule.update`` takes after its slots, in order,
+    and those of them that are numbers (read from a table), not switches (``static``)."""
+    parameters = list(inspect.signature(rule.update).parameters)[2:]
+    names = parameters[len(rule.slots) :]
+    return names, [n for n in names if n not in static]
+
+
 def _source(rule, static, cache):
     """The kernel's source: ``static`` are the coefficients passed as switches in ``flags``,
     the others come from the table."""
     update = rule.update
-    parameters = list(inspect.signature(update).parameters)[2:]
     slots = list(rule.slots)
-    names = parameters[len(slots) :]
-    numeric = [n for n in names if n not in static]
+    names, numeric = coefficient_names(rule, static)
     coefficients = "\n".join(f"            c{k} = table[row, {k}]" for k in range(len(numeric)))
     slot_arrays = "\n".join(
         f"            s{k} = carray(as_voidptr(slot_ptrs[i, {k}] + offset), n, like.dtype)" for k in range(len(slots))

@@ -29,7 +29,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from treeopt.kernels.numba_kernels import load_generated, segment_length, work_items
+from treeopt.kernels.numba_kernels import coefficient_names, load_generated, segment_length, work_items
 from treeopt.precision import codes
 from treeopt.precision.formats import Bfloat16, Form, Int8, Plain
 
@@ -199,10 +199,7 @@ def kernel(grad_ptrs, param_ptrs, slot_ptrs, scale_ptrs, pieces, items, columns,
 
 def _source(rule: Any, kinds: tuple[str, ...], static: tuple[str, ...], cache: bool) -> tuple[str, list[str]]:
     update = rule.update
-    parameters = list(inspect.signature(update).parameters)[2:]
-    slots = list(rule.slots)
-    names = parameters[len(slots) :]
-    numeric = [n for n in names if n not in static]
+    names, numeric = coefficient_names(rule, static)
     coefficients = "\n".join(f"            c{k} = table[row, {k}]" for k in range(len(numeric)))
     buffers, arrays, loads, stores, targets, arguments = [], [], [], [], ["p[j]"], []
     scales: list[str] = []
