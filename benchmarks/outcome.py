@@ -50,18 +50,19 @@ def run_one(job):
     """Train one set-up with one setting; returns its JSON record."""
     import torch
 
-    from treeopt.demo import setups, training_gpt
+    from treeopt.demo import setups
+    from treeopt.demo.harness import training
 
     torch.set_num_threads(1)
     setup, settings, seed, steps = job["setup"], job["hyper"], job["seed"], job["steps"]
     hyper = setups.Hyper(**settings)
-    data = training_gpt.Data(context=64, batch_size=32)
-    model = training_gpt.build_model(seed)
+    data = training.Data(context=64, batch_size=32)
+    model = training.build_model(seed)
     optimizer = setups.make(setup, model, steps, hyper)
     began = time.perf_counter()
     # Muon's runs keep their curve (the step at which they reach AdamW's final loss)
     evaluations = 1 if setup == "AdamW" else 24
-    curve, seconds = training_gpt.train(model, optimizer, data, steps, seed, evaluations=evaluations)
+    curve, seconds = training.train(model, optimizer, data, steps, seed, evaluations=evaluations)
     return {
         **job,
         "final_val_loss": curve.val_loss[-1],
@@ -172,7 +173,7 @@ def table(records, steps, seeds):
 def steps_to_target(records, steps, seeds, tuned):
     """``{setting: [fraction of the steps per seed, None where never reached]}`` for the runs
     with a curve, against ``tuned`` AdamW's final loss on each seed."""
-    from treeopt.demo.training_gpt import Curve
+    from treeopt.demo.harness.training import Curve
 
     if tuned is None:
         return {}

@@ -12,12 +12,15 @@ try:
     import jax
     import jax.numpy as jnp
     import optax
-except ModuleNotFoundError as error:  # say what to install, not just what is missing
-    raise SystemExit(f"{error.name} is not installed: pip install -e '.[jax]' (from the treeopt checkout)") from None
+except ImportError as error:  # missing, or installed without what it needs (a bare mlx on Linux)
+    raise SystemExit(
+        f"JAX and optax cannot be imported ({error}): pip install -e '.[jax]' (from the treeopt checkout)"
+    ) from None
+
+from digits_data import train_test_split
 
 import treeopt as optim
 import treeopt.jax
-from treeopt.demo.dataset import train_test_split
 
 
 def init_params(key, sizes=(64, 128, 128, 10)):

@@ -12,11 +12,12 @@ from functools import partial
 try:
     import mlx.core as mx
     import mlx.nn as nn
-except ModuleNotFoundError as error:  # say what to install, not just what is missing
-    raise SystemExit(f"{error.name} is not installed: pip install -e '.[mlx]' (from the treeopt checkout)") from None
+except ImportError as error:  # missing, or installed without what it needs (a bare mlx on Linux)
+    raise SystemExit(f"MLX cannot be imported ({error}): pip install -e '.[mlx]' (from the treeopt checkout)") from None
+
+from digits_data import train_test_split
 
 import treeopt as optim
-from treeopt.demo.dataset import train_test_split
 
 
 class MLP(nn.Module):

@@ -2,8 +2,8 @@
 state (Muon for the hidden matrices, AdamW for the rest), and a checkpoint that
 ``torch.distributed.checkpoint`` saves at one world size and resumes at another.
 
-    torchrun --standalone --nproc_per_node 2 examples/torch_ddp_zero1.py --steps 100 --checkpoint /tmp/digits
-    torchrun --standalone --nproc_per_node 1 examples/torch_ddp_zero1.py --steps 50 --checkpoint /tmp/digits
+    torchrun --standalone --nproc_per_node 2 examples/torch_ddp_zero1.py --steps 100 --checkpoint ddp-checkpoint
+    torchrun --standalone --nproc_per_node 1 examples/torch_ddp_zero1.py --steps 50 --checkpoint ddp-checkpoint
 
 The second command resumes the first one's checkpoint on one process.
 
@@ -12,18 +12,22 @@ Install (from the treeopt checkout): pip install -e ".[torch]"
 
 import argparse
 import os
+import warnings
 
 try:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.nn.parallel import DistributedDataParallel
-except ModuleNotFoundError as error:  # say what to install, not just what is missing
-    raise SystemExit(f"{error.name} is not installed: pip install -e '.[torch]' (from the treeopt checkout)") from None
+except ImportError as error:  # missing, or installed without what it needs (a bare mlx on Linux)
+    raise SystemExit(
+        f"PyTorch cannot be imported ({error}): pip install -e '.[torch]' (from the treeopt checkout)"
+    ) from None
+
+from digits_data import train_test_split
 
 import treeopt as optim
 import treeopt.torch
-from treeopt.demo.dataset import train_test_split
 
 
 def hidden_matrix(name, param):
@@ -44,8 +48,6 @@ def main(steps, checkpoint=None, seed=0):
 
     multi = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [hidden_matrix], max_grad_norm=1.0)
     opt = treeopt.torch.Optimizer(model, multi, sharding="zero1")  # names as in one process
-    if rank == 0:
-        opt.plan().print()
 
     start = 0
     if checkpoint and os.path.exists(os.path.join(checkpoint, ".metadata")):
@@ -55,6 +57,8 @@ def main(steps, checkpoint=None, seed=0):
         start = int(multi.step)
         if rank == 0:
             print(f"resumed at step {start} on {world} process(es)")
+    if rank == 0:
+        opt.plan().print()  # who owns what on this world size, at the step it starts from
 
     generator = torch.Generator().manual_seed(seed + start)
     for step in range(start, start + steps):
@@ -67,7 +71,9 @@ def main(steps, checkpoint=None, seed=0):
         if rank == 0 and (step % 50 == 0 or step == start + steps - 1):
             print(f"step {step:4d}  loss {loss.item():.4f}")
     if checkpoint:
-        dcp.save({"model": model.state_dict(), "optim": opt}, checkpoint_id=checkpoint)
+        with warnings.catch_warnings():  # replacing the checkpoint it resumed from is the point: no warning
+            warnings.filterwarnings("ignore", "Detected an existing checkpoint")
+            dcp.save({"model": model.state_dict(), "optim": opt}, checkpoint_id=checkpoint)
     with torch.no_grad():
         accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
     if rank == 0:

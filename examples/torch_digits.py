@@ -10,12 +10,15 @@ import argparse
 
 try:
     import torch
-except ModuleNotFoundError as error:  # say what to install, not just what is missing
-    raise SystemExit(f"{error.name} is not installed: pip install -e '.[torch]' (from the treeopt checkout)") from None
+except ImportError as error:  # missing, or installed without what it needs (a bare mlx on Linux)
+    raise SystemExit(
+        f"PyTorch cannot be imported ({error}): pip install -e '.[torch]' (from the treeopt checkout)"
+    ) from None
+
+from digits_data import train_test_split
 
 import treeopt as optim
 import treeopt.torch
-from treeopt.demo.dataset import train_test_split
 
 
 def hidden_matrix(name, param):

@@ -1,23 +1,23 @@
-"""The demo, the project's main job: the GPT's three runs (``python -m treeopt.demo``) and the
-NumPy digits MLP (``python -m treeopt.demo digits``)."""
+"""The demo, the project's main job: the GPT's three runs (``python -m treeopt.demo``)."""
 
 import gzip
 import importlib.util
+import io
 import json
 import math
 import pathlib
+import re
 import warnings
 
-import numpy as np
 import pytest
-
-from treeopt.demo import check_gradients, digits, model, training
 
 torch = pytest.importorskip("torch", reason="the GPT demo is written in PyTorch (the demo extra)")
 pytest.importorskip("matplotlib", reason="the demo plots with matplotlib (the demo extra)")
+pytest.importorskip("rich", reason="the demo prints with rich (the demo extra)")
 
-from treeopt.demo import cli, gpt, setups, text  # noqa: E402
-from treeopt.demo.training_gpt import Curve  # noqa: E402
+from treeopt.demo import gpt, setups, text  # noqa: E402
+from treeopt.demo.harness import cli  # noqa: E402
+from treeopt.demo.harness.training import Curve  # noqa: E402
 from treeopt.multi import RoutingWarning  # noqa: E402
 
 
@@ -50,10 +50,20 @@ def test_quick_demo_writes_the_table_the_plot_and_the_json(tmp_path, capsys):
     # the story, even at --quick's length: routing beats both, and reaches AdamW's loss early
     assert routed["final_val_loss"] < adamw["final_val_loss"] and routed["final_val_loss"] < naive["final_val_loss"]
     assert 0 < routed["steps_ratio"] < 1 and routed["steps_to_target"] < steps
-    # what the user sees: the plan once, the naive run's guard warnings, the table
+    # what the user sees: how long it will take, before it starts; the plan once, the naive run's
+    # guard warnings; in a pipe (as here) a progress line every 5% of a run (--quick reports every
+    # 5 steps: every 10%); the table, every line within the width
+    flat = " ".join(printed.split())
+    assert "time about" in flat and "of training here (150 steps at about" in flat
+    assert printed.index("time      about") < printed.index("Training:")
     assert printed.count("Routing plan at step") == 1
-    assert "Muon got what looks like an embedding" in printed and "output head" in printed
-    assert "steps to target" in printed and "loss.png" in printed and "Muon everywhere (naive) ended at" in printed
+    assert "Muon got what looks like an embedding" in flat and "output head" in flat
+    for name in ("AdamW (tuned)", "Muon everywhere (naive)", "muon_adamw (routed)"):
+        progress = [line for line in printed.splitlines() if line.strip().startswith(name) and "tokens/s" in line]
+        assert [re.search(r" (\d+)/50 ", line)[1] for line in progress][:2] == ["5", "10"]
+        assert len(progress) == 10 and "done in" in progress[-1]
+    assert "steps to target" in printed and "loss.png" in flat and "Muon everywhere (naive) ended at" in flat
+    assert max(map(len, printed.splitlines())) <= 100
     plan = {row["path"]: row["optimizer"] for row in record["plan"]["parameters"]}
     assert plan["blocks.0.attn.qkv.weight"] == "muon" and plan["tok_embed.weight"] == "adamw"
 
@@ -76,7 +86,55 @@ def test_demo_stops_and_resumes_from_a_checkpoint_exactly(tmp_path):
 def test_other_frameworks_are_refused_with_a_pointer_to_what_exists(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--framework", "jax"])
-    assert "treeopt.demo digits" in capsys.readouterr().err
+    assert "examples/" in capsys.readouterr().err
+
+
+def _summary(adamw, naive, routed):
+    """A summary with each run's (steps ratio, time ratio, CPU time ratio, ms a step)."""
+    return {
+        cli.NAMES[setup]: {
+            "steps_to_target": None if ratios is None else 600 * ratios[0],
+            "steps_ratio": None if ratios is None else ratios[0],
+            "seconds_ratio": None if ratios is None else ratios[1],
+            "cpu_seconds_ratio": None if ratios is None else ratios[2],
+            "ms_per_step": ratios[3] if ratios else 150.0,
+        }
+        for setup, ratios in zip(setups.SETUPS, (adamw, naive, routed))
+    }
+
+
+def test_the_closing_line_names_the_run_that_got_there_first_by_wall_time():
+    adamw = (1.0, 1.0, 1.0, 172)
+    said = cli.to_target(_summary(adamw, (0.57, 0.62, 0.63, 193), (0.51, 0.63, 0.64, 208)), 600)
+    assert said.startswith("muon_adamw reached tuned AdamW's final loss in 0.51x the steps and 0.63x the time.")
+    assert (
+        "By wall time Muon everywhere (naive) got there first (0.62x the time against 0.63x; 193 against 208 ms "
+        "a step; CPU time 0.63x against 0.64x)." in said
+    )
+    assert "first" not in cli.to_target(_summary(adamw, (0.57, 0.71, 0.7, 184), (0.51, 0.58, 0.6, 171)), 600)
+    assert "first" not in cli.to_target(_summary(adamw, None, (0.51, 0.58, 0.6, 171)), 600)
+    assert cli.to_target(_summary(adamw, (0.57, 0.71, 0.7, 184), None), 600) == (
+        "muon_adamw did not reach tuned AdamW's final loss in 600 steps."
+    )
+
+
+def test_in_a_log_progress_is_a_line_every_5_percent_with_the_time_left():
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=100)
+    report = cli._Lines(console, "muon_adamw (routed)", 600)
+    report(0, float("nan"), 0.0)
+    for step in range(5, 601, 5):  # a run reports every 5 steps
+        report(step, 2.0, 10_000.0)
+    lines = console.file.getvalue().splitlines()
+    assert [line.split()[2] for line in lines] == [f"{step}/600" for step in range(30, 601, 30)]
+    assert lines[0].split()[3] == "5%"
+    assert all(line.endswith("left") for line in lines[:-1]) and "done in" in lines[-1]
+    resumed = cli._Lines(Console(file=io.StringIO(), width=100), "AdamW (tuned)", 600)
+    resumed(300, float("nan"), 0.0)  # a resumed run: lines from where it starts
+    for step in range(305, 601, 5):
+        resumed(step, 2.0, 10_000.0)
+    assert resumed.console.file.getvalue().splitlines()[0].split()[2] == "330/600"
 
 
 def test_the_three_setups_route_as_their_names_say():
@@ -251,40 +309,3 @@ def test_text_build_writes_the_same_archive_from_the_same_sources(tmp_path):
     text.build(lib, tmp_path / "two.gz")
     assert (tmp_path / "one.gz").read_bytes() == (tmp_path / "two.gz").read_bytes()
     assert text.load_modules(tmp_path / "one.gz") == {"a.py": b"y = 2\n", "b.py": b"x = 1\n"}
-
-
-# ------------------------------------------------------------------------ the NumPy digits demo
-def test_backward_pass_matches_finite_differences():
-    errors = check_gradients()
-    assert set(errors) >= {"embed.weight", "layers.0.weight", "head.bias"}
-    assert max(errors.values()) < 1e-6
-
-
-def test_digits_routing_sends_hidden_matrices_to_muon_and_biases_to_undecayed_adamw():
-    params = model.init_mlp(model.DEFAULT_SIZES, 0)
-    multi, _ = training.muon_adamw(steps=10)
-    multi.init(params)
-    assert multi.route("layers.0.weight") == 0 and multi.route("layers.1.weight") == 0
-    assert multi.route("layers.0.bias") == 1 and multi.route("head.bias") == 1
-    assert multi.route("embed.weight") == 2 and multi.route("head.weight") == 2
-    assert multi.optimizers[1].weight_decay == 0.0
-
-
-def test_quick_digits_demo_trains_both_runs(capsys):
-    runs = cli.main(["digits", "--quick", "--seed", "1"])
-    out = capsys.readouterr().out
-    assert "layers.0.weight" in out and "Muon" in out
-    initial = float(np.log(10))  # cross-entropy of a uniform guess
-    for run in runs.values():
-        assert np.isfinite(run.train_loss) and run.train_loss < 0.6 * initial
-        assert run.test_accuracy > 0.5
-
-
-def test_digits_demo_stops_and_resumes_from_a_checkpoint_exactly(tmp_path):
-    folder = str(tmp_path / "checkpoint")
-    straight = digits.main(["--steps", "12", "--seed", "2"])
-    digits.main(["--steps", "12", "--seed", "2", "--stop-after", "5", "--checkpoint", folder])
-    resumed = digits.main(["--steps", "12", "--seed", "2", "--checkpoint", folder])
-    for name, run in straight.items():
-        assert resumed[name].steps == 12
-        assert resumed[name].train_loss == run.train_loss and resumed[name].test_loss == run.test_loss

@@ -227,6 +227,9 @@ def test_a_rank_that_owns_no_parameter_of_a_group_still_steps_it():
     assert all(torch.equal(r[1]["norm.weight"], results[0][1]["norm.weight"]) for r in results)
 
 
+# the rank-dependent filter gives rank 0's embedding to Muon and matches nothing on rank 1: the
+# guards warn (forked ranks inherit the test's warning filters), which is not what is tested
+@pytest.mark.filterwarnings("ignore::treeopt.RoutingWarning")
 def test_ranks_that_route_differently_fail_at_construction():
     def run(rank, world):
         params = make_params()
@@ -294,6 +297,9 @@ def test_ddp_is_bit_identical_to_one_process_fed_the_averaged_gradients(world):
     assert all(not k.startswith("module.") for k in results[0]["keys"])
 
 
+# the rank-dependent filter gives rank 0's embedding to Muon and matches nothing on rank 1: the
+# guards warn (forked ranks inherit the test's warning filters), which is not what is tested
+@pytest.mark.filterwarnings("ignore::treeopt.RoutingWarning")
 def test_ddp_ranks_that_route_differently_fail_after_the_first_step():
     def run(rank, world):
         params = make_params()

@@ -16,44 +16,14 @@ FRAMEWORKS = ("torch", "jax", "jaxlib", "mlx", "optax", "flax")
 #: where a framework may be imported: the backends and the integrations
 INTEGRATIONS = ("backends/", "torch/", "jax.py", "distributed/", "demo/")
 
-#: the demo's harness, moved by its own change
-KNOWN_CYCLES = {("demo.cli", "demo.digits")}
+KNOWN_CYCLES: set = set()
 KNOWN_UPWARD = {
-    # the stacked GEMM of NumPy's Muon is a numba loop of the kernels
-    "backends.blas -> kernels",
-    "backends.blas -> kernels.numba_support",
     # checkpoint.save/load of a torch optimizer on several ranks writes a folder
     "checkpoint -> distributed.files",
     "checkpoint.__main__ -> distributed.files",
 }
 KNOWN_FRAMEWORK_IMPORTS: set = set()
-#: the demo's harness, moved by its own change: imports inside functions that give no reason
-KNOWN_UNEXPLAINED = {
-    ("demo.checkpoints", "import torch"),
-    ("demo.checkpoints", "from treeopt import checkpoint"),
-    ("demo.checkpoints", "from treeopt.demo.training_gpt import Curve"),
-    ("demo.cli", "import torch"),
-    ("demo.cli", "from treeopt.demo import report, setups, training_gpt"),
-    ("demo.cli", "from treeopt.demo import setups"),
-    ("demo.cli", "from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn"),
-    ("demo.cli", "from treeopt.demo import checkpoints, setups, training_gpt"),
-    ("demo.cli", "import multiprocessing"),
-    ("demo.cli", "from concurrent.futures import ProcessPoolExecutor"),
-    ("demo.cli", "from treeopt.demo.training_gpt import Curve"),
-    ("demo.cli", "from treeopt.demo import digits"),
-    ("demo.cli", "from rich.console import Console"),
-    ("demo.digits", "import os"),
-    ("demo.digits", "from treeopt import checkpoint"),
-    ("demo.digits", "from treeopt.checkpoint import files"),
-    ("demo.digits", "from threadpoolctl import threadpool_limits"),
-    ("demo.report", "from rich.table import Table"),
-    ("demo.report", "import matplotlib"),
-    ("demo.report", "from matplotlib import pyplot as plt"),
-    ("demo.report", "import numpy"),
-    ("demo.report", "import torch"),
-    ("demo.report", "import treeopt"),
-    ("demo.setups", "import treeopt.torch"),
-}
+KNOWN_UNEXPLAINED: set = set()
 #: private members read from another module (by name, in getattr or hasattr too)
 KNOWN_PRIVATE_USES = {
     # checkpoint.save/load ask a treeopt.torch.Optimizer whether it runs on several ranks

@@ -214,3 +214,50 @@ def test_routed_parameters_without_state_yet_are_in_the_plan(backend, case):
     assert sorted(rows) == ["layers.0.attn.bias", "layers.0.attn.weight", "layers.0.norm.weight"]
     assert rows["layers.0.attn.bias"].optimizer == ("adamw" if case == "reroute" else "sgd")
     assert rows["layers.0.attn.bias"].state_bytes == (2 if case == "reroute" else 1) * 4 * 4
+
+
+def _paths_in(text):
+    """The paths of the parameter table of a rendered plan, each put back together from the
+    lines its cell was folded onto."""
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("path "))
+    column = lines[header].index("optimizer")
+    paths = []
+    for line in lines[header + 1 :]:
+        if not line.strip():
+            break
+        if line[column:].strip():  # a row starts: its other cells are on its first line
+            paths.append("")
+        paths[-1] += line[:column].strip()
+    return paths
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 200])
+def test_the_printed_plan_fits_the_terminal_and_folds_names_without_cutting_them(width, monkeypatch, capsys):
+    plan = three_groups().plan(gpt2("numpy"))
+    text = plan.text(width)
+    assert max(map(len, text.splitlines())) <= width
+    assert _paths_in(text) == GPT2_PATHS
+    hyper = " ".join(text.split())  # every hyper-parameter whole, on the group's lines or in its column
+    assert "momentum=0.95" in hyper and "betas=[0.9, 0.999]" in hyper
+    rich_console = pytest.importorskip("rich.console")
+    console = rich_console.Console(file=io.StringIO(), width=width)
+    console.print(plan)
+    assert console.file.getvalue().rstrip("\n") == text  # the same lines, only styled
+    monkeypatch.setenv("COLUMNS", str(width))
+    plan.print()  # not a terminal: $COLUMNS
+    assert capsys.readouterr().out.rstrip("\n") == text
+
+
+def test_a_zero1_plan_shows_its_ranks_in_a_table_of_their_own():
+    plan = three_groups().plan(gpt2("numpy"))
+    plan.ranks = [
+        {"rank": 0, "parameters": 3, "state_bytes": 2048, "ns_gflop": 0.5, "sent_bytes": 100},
+        {"rank": 1, "parameters": 2, "state_bytes": 1024, "ns_gflop": 0.25, "sent_bytes": 200},
+    ]
+    blocks = plan.text().split("\n\n")
+    groups, ranks = blocks[1].splitlines(), blocks[2].splitlines()
+    assert groups[0].split()[:2] == ["group", "type"] and not any(line.startswith("rank") for line in groups)
+    assert ranks[0].split() == ["rank", "parameters", "state", "Newton-Schulz", "sends", "per", "step"]
+    assert ranks[1].split()[:4] == ["0", "3", "2.0", "KiB"] and len(ranks) == 3
+    assert "| rank | parameters |" in plan.to_markdown()

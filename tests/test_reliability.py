@@ -1405,9 +1405,56 @@ def test_info_on_files_that_are_not_optimizer_checkpoints(tmp_path, capsys):
 
     files.write(tmp_path / "params.safetensors", {"w": np.ones(3, np.float32)}, {"format": "treeopt-demo-parameters"})
     assert main(["info", str(tmp_path / "params.safetensors")]) == 1
-    assert "not an optimizer checkpoint" in capsys.readouterr().out
+    assert "not an optimizer checkpoint" in " ".join(capsys.readouterr().out.split())  # folded to the width
     assert main(["info", str(tmp_path / "missing.safetensors")]) == 1
-    assert "No such file" in capsys.readouterr().out
+    assert "No such file" in " ".join(capsys.readouterr().out.split())
+
+
+def test_info_says_in_one_line_what_a_folder_or_another_format_is(tmp_path, capsys):
+    import zipfile
+
+    from treeopt.checkpoint.__main__ import main
+
+    run = tmp_path / "run"  # a folder of files, as the demo's --checkpoint writes
+    run.mkdir()
+    world = World("single", "numpy")
+    checkpoint.save(world.opt, run / "adamw.optimizer.safetensors")
+    with zipfile.ZipFile(run / "adamw.model.pt", "w") as archive:  # torch.save's layout
+        archive.writestr("adamw.model/data.pkl", b"")
+    (run / "notes.txt").write_text("not a tensor file\n")
+    expected = {
+        run: "is a folder, not a checkpoint (a checkpoint saved by several ranks has a treeopt.json); the "
+        "safetensors files in it: adamw.optimizer.safetensors",
+        run / "adamw.model.pt": "is a PyTorch file (torch.save), not a treeopt checkpoint",
+        run / "notes.txt": "is not a safetensors file",
+    }
+    for path, says in expected.items():
+        assert main(["info", str(path)]) == 1
+        out = capsys.readouterr().out
+        problems = [line for line in out.splitlines() if line.startswith("problem:")]
+        assert len(problems) == 1 and says in " ".join(out.split())
+        assert "Traceback" not in out
+
+
+def test_info_fits_the_width_and_writes_numbers_as_people_do(tmp_path, capsys):
+    from treeopt.checkpoint import __main__ as info
+
+    opt = optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-4, weight_decay=0.01)], [lambda p, w: w.ndim == 2])
+    params = {"layer_with_a_rather_long_name": {"w": np.ones((4, 4), np.float32), "b": np.ones(4, np.float32)}}
+    opt.update(
+        params, {"layer_with_a_rather_long_name": {"w": np.ones((4, 4), np.float32), "b": np.ones(4, np.float32)}}
+    )
+    checkpoint.save(opt, tmp_path / "opt.safetensors")
+    summary, problems = info.inspect(tmp_path / "opt.safetensors")
+    for width in (60, 80, 120):
+        info._print(summary, problems, width)
+        out = capsys.readouterr().out
+        assert max(map(len, out.splitlines())) <= width
+        flat = " ".join(out.split())
+        # the learning rates (float32 in the file) as written; every hyper-parameter in full (folded, never cut)
+        assert "Muon 1 16 64 0.02 " in flat and "AdamW 1 4 32 0.0003 " in flat
+        assert "momentum=0.95" in flat and "weight_decay=0.01" in flat and "betas=[0.9, 0.999]" in flat
+        assert "0.0199999" not in flat and "0.000300000" not in flat and "..." not in flat
 
 
 def test_saving_without_safetensors_says_how_to_install_it(tmp_path, monkeypatch):
@@ -1421,7 +1468,10 @@ def test_saving_without_safetensors_says_how_to_install_it(tmp_path, monkeypatch
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_safetensors)
-    with pytest.raises(ModuleNotFoundError, match=r"pip install 'treeopt\[checkpoint\]'"):
+    with pytest.raises(
+        ModuleNotFoundError,
+        match=r"pip install safetensors \(or, in a treeopt checkout, pip install -e '\.\[checkpoint\]'\)",
+    ):
         checkpoint.save(World("single", "numpy").opt, tmp_path / "x.safetensors")
 
 

@@ -207,6 +207,8 @@ def test_a_lora_adapter_added_after_the_first_step_is_trained():
 
 
 @pytest.mark.slow
+# inductor's own use of torch.jit, which torch deprecated
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_a_model_compiled_by_inductor_trains_with_one_state_per_parameter():
     model = mlp()
     compiled = torch.compile(model)
@@ -222,6 +224,8 @@ def test_a_model_compiled_by_inductor_trains_with_one_state_per_parameter():
     assert sorted(opt.state_dict()["metadata"]["parameters"]) == sorted(n for n, _ in model.named_parameters())
 
 
+# DCP's helpers used in one process (no process group) say they assume so: what this test means
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized:UserWarning")
 def test_distributed_checkpoint_state_dict_helpers_round_trip(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -425,6 +429,8 @@ def test_hugging_face_trainer_with_a_treeopt_optimizer_and_scheduler_resumes_exa
         assert torch.equal(a, b), name
 
 
+# Lightning's own use of a torch API that torch deprecated, inside Trainer.fit
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 def test_lightning_trainer_with_configure_optimizers():
     lightning = pytest.importorskip("lightning", reason="the Lightning client test needs lightning")
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from treeopt import _text
 from treeopt._trees import dotted
 from treeopt.backends import as_float, backend_of
 from treeopt.routing import Member, Route
@@ -22,7 +24,7 @@ from treeopt.state import SlotStore
 from treeopt.types import Array, Keys, Shape
 
 if TYPE_CHECKING:  # rich is optional: imported where a plan is printed with it
-    from rich.console import Group as RichGroup
+    from rich.console import Console, ConsoleOptions, RenderResult
 
 __all__ = ["Plan", "Row", "Group", "PlanDiff", "build"]
 
@@ -77,7 +79,7 @@ def _nbytes(array: Array) -> int:
 
 
 def _number(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4g}"
+    return _text.number(x)
 
 
 @dataclass
@@ -174,23 +176,22 @@ class Plan:
                 row[:5] + [g.state_dtype or "-", f"{g.state_bytes / g.size:.2f}" if g.size else "-"] + row[5:]
                 for row, g in zip(totals[1:], self.groups)
             ]
-        if self.ranks:
-            totals = (
-                totals
-                + [["rank", "parameters", "state", "Newton-Schulz", "sends per step", ""]]
-                + [
-                    [
-                        str(r["rank"]),
-                        str(r["parameters"]),
-                        _human(r["state_bytes"]),
-                        f"{r['ns_gflop']:.3g} GFLOP",
-                        _human(r["sent_bytes"]),
-                        "",
-                    ]
-                    for r in self.ranks
-                ]
-            )
         return header, body, totals
+
+    def _ranks_table(self):
+        """Under ZeRO-1, each rank's share: its own table (a rank is not a group)."""
+        if not self.ranks:
+            return []
+        return [["rank", "parameters", "state", "Newton-Schulz", "sends per step"]] + [
+            [
+                str(r["rank"]),
+                str(r["parameters"]),
+                _human(r["state_bytes"]),
+                f"{r['ns_gflop']:.3g} GFLOP",
+                _human(r["sent_bytes"]),
+            ]
+            for r in self.ranks
+        ]
 
     def to_markdown(self) -> str:
         header, body, totals = self._table()
@@ -200,45 +201,78 @@ class Plan:
             return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows[1:]]
 
         parts = [f"**Routing plan at step {self.step}**", ""] + table([header] + body) + [""] + table(totals)
+        if self.ranks:
+            parts += [""] + table(self._ranks_table())
         parts += [""] + [f"- {line}" for line in self.changes + self.warnings]
         return "\n".join(parts).rstrip() + "\n"
 
     def __str__(self) -> str:
+        return self.text()
+
+    def text(self, width: int | None = None) -> str:
+        """The plan as plain text. A filter's name is given once, under the table, where its
+        rows say ``filters[i]``. With ``width``, the paths, reasons, notes and hyper-parameters
+        are folded onto more lines (never cut) to fit that many columns."""
+        return "\n".join(line for line, _ in self._lines(width))
+
+    def _lines(self, width):
+        """``(line, is a title or header)`` of the text rendering, to fit ``width`` (None: any)."""
         header, body, totals = self._table()
+        reason = header.index("reason")
+        filters: dict[str, str] = {}
+        for row in body:  # "filters[1] (is_bias | is_norm)" on every row: its name once, below
+            match = re.fullmatch(r"(filters\[\d+\]) \((.+)\)", row[reason])
+            if match and filters.setdefault(match[1], match[2]) == match[2]:
+                row[reason] = match[1]
+        title = f"Routing plan at step {self.step}"
 
-        def table(rows):
-            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-            return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        def too_wide(rows):
+            return width is not None and max(map(len, _text.table(rows))) > width
 
-        lines = [f"Routing plan at step {self.step}"] + table([header] + body) + [""] + table(totals)
-        lines += [f"* {line}" for line in self.changes + self.warnings]
-        return "\n".join(lines)
+        # a narrow terminal: a dtype shared by every row goes in the title; size (the shape's
+        # product) goes; hyper-parameters go below the groups, one group a line
+        i = header.index("dtype")
+        if body and too_wide([header] + body) and len({row[i] for row in body}) == 1:
+            title += f" (every parameter {body[0][i]})"
+            header, body = header[:i] + header[i + 1 :], [row[:i] + row[i + 1 :] for row in body]
+        i = header.index("size")
+        if too_wide([header] + body):
+            header, body = header[:i] + header[i + 1 :], [row[:i] + row[i + 1 :] for row in body]
+        hyper = []
+        if too_wide(totals):
+            hyper = [f"{row[0]}  {row[-1]}" for row in totals[1:]]
+            totals = [row[:-1] for row in totals]
+        long = {header.index(c) for c in ("path", "reason", "notes") if c in header}
+        parts = [(title, True)]
+        for rows, foldable in (([header] + body, long), (totals, {0, len(totals[0]) - 1}), (self._ranks_table(), ())):
+            if rows:
+                lines = _text.table(rows, width, foldable)
+                parts += [(lines[0], True)] + [(line, False) for line in lines[1:]]
+                parts += [(line, False) for text in hyper if rows is totals for line in _text.hanging(text, width)]
+                parts.append(("", False))
+        notes = [f"{name}: {text}" for name, text in sorted(filters.items())] + self.changes + self.warnings
+        for note in notes:
+            parts += [(line, False) for line in _text.hanging(f"* {note}", width, 2)]
+        return parts if notes else parts[:-1]
 
-    def __rich__(self) -> RichGroup:
-        # optional: plans print as plain text without rich
-        from rich.console import Group as RichGroup
-        from rich.table import Table
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from rich.text import Text  # optional: only a rich console calls this
 
-        header, body, totals = self._table()
-        parameters = Table(*header, title=f"Routing plan at step {self.step}", title_justify="left")
-        for row in body:
-            parameters.add_row(*row)
-        groups = Table(*totals[0])
-        for row in totals[1:]:
-            groups.add_row(*row)
-        return RichGroup(parameters, groups, *[f"* {line}" for line in self.changes + self.warnings])
+        for line, title in self._lines(options.max_width):
+            yield Text(line, style="bold" if title else "")
 
     def print(self, file: IO[str] | None = None) -> None:
-        """Print the plan: a rich table when ``rich`` is installed, plain text otherwise."""
+        """Print the plan to fit the terminal (``$COLUMNS``, else 100 columns when ``file`` is
+        not a terminal), its headers styled when ``rich`` is installed."""
         try:
             from rich.console import Console  # optional, as above
         except ImportError:
-            print(self, file=file)
+            print(self.text(_text.terminal_width()), file=file)
         else:
             console = Console(file=file)
             if not console.is_terminal:
-                console = Console(file=file, width=160)  # a log or a pipe: do not wrap at 80
-            console.print(self)
+                console = Console(file=file, width=_text.terminal_width())
+            console.print(self, soft_wrap=True)  # lines already fit: no second wrapping
 
     # ------------------------------------------------------------------ diff
     def diff(self, other: Plan) -> PlanDiff:

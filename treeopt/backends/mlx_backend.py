@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from treeopt.backends import blas
 from treeopt.backends.base import Backend
 from treeopt.types import Array, Scalar
 
@@ -115,9 +114,11 @@ class MlxBackend(Backend):
     def addmm(self, c: Array, a: Array, b: Array, alpha: float = 1.0, beta: float = 1.0) -> Array:
         host = _host(c, a, b)
         if host is not None:
-            out = np.array(host[0], order="C")
-            if blas.gemm(alpha, host[1], host[2], beta, out):
-                return mx.array(out)
+            product = np.matmul(host[1], host[2])
+            if alpha != 1.0:
+                product *= product.dtype.type(alpha)
+            product += host[0] if beta == 1.0 else host[0] * host[0].dtype.type(beta)
+            return mx.array(product)
         return mx.addmm(c if beta == 1.0 else beta * c, a, b, alpha=alpha)  # as mlx.optimizers.Muon
 
     def swap_last(self, x: Array) -> Array:

@@ -7,7 +7,6 @@ from contextlib import AbstractContextManager
 
 import numpy as np
 
-from treeopt.backends import blas
 from treeopt.backends.base import Backend
 from treeopt.types import Array, Scalar
 
@@ -126,9 +125,6 @@ class NumpyBackend(Backend):
             if alpha != 1.0:
                 product *= np.float32(alpha)
             return (product + c.astype(np.float32)).astype(a.dtype)
-        out = np.array(c, order="C")  # the GEMM adds into its own copy of c
-        if blas.gemm(alpha, a, b, 1.0, out):
-            return out
         product = np.matmul(a, b)
         if alpha != 1.0:
             product *= a.dtype.type(alpha)

@@ -14,11 +14,13 @@ import json
 import math
 import os
 import sys
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from treeopt import _text
 from treeopt.checkpoint import files, mlx_layout, validate
 from treeopt.checkpoint.base import slot_key
 from treeopt.checkpoint.format import CheckpointError
@@ -32,6 +34,9 @@ def inspect(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
 
     if folders.is_folder_checkpoint(path):
         return folders.inspect(path)
+    why = not_a_checkpoint(path)
+    if why is not None:
+        return {"file": str(path)}, [why]
     problems = []
     try:
         arrays, metadata = files.read(path)
@@ -108,47 +113,82 @@ def inspect(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
     return summary, problems
 
 
+def not_a_checkpoint(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be a checkpoint file, in one line (a folder, another format), or
+    None when it may be one (a safetensors file: the reader checks the rest)."""
+    if os.path.isdir(path):
+        inside = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        hint = (
+            f"; the safetensors files in it: {', '.join(inside[:6])}{', ...' if len(inside) > 6 else ''} "
+            f"(python -m treeopt.checkpoint info {os.path.join(path, inside[0])})"
+            if inside
+            else ""
+        )
+        return f"{path} is a folder, not a checkpoint (a checkpoint saved by several ranks has a treeopt.json){hint}"
+    if not os.path.exists(path):
+        return f"{path}: No such file or folder"
+    try:
+        with open(path, "rb") as file:
+            head = file.read(9)
+    except OSError as error:
+        return f"cannot read {path}: {error.strerror or error}"
+    if head[:4] == b"PK\x03\x04":  # a zip: torch.save's format, or NumPy's .npz
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(name.endswith("data.pkl") for name in names):
+            return (
+                f"{path} is a PyTorch file (torch.save), not a treeopt checkpoint: those are safetensors "
+                "files written by treeopt.checkpoint.save"
+            )
+        return (
+            f"{path} is a zip archive ({'NumPy .npz' if any(n.endswith('.npy') for n in names) else 'not NumPy'}), "
+            "not a safetensors file: info reads safetensors files (checkpoint.load reads MLX's .npz)"
+        )
+    # a safetensors file starts with the length of its JSON header (8 bytes, little-endian) and "{"
+    if len(head) < 9 or head[8:9] != b"{" or int.from_bytes(head[:8], "little") > os.path.getsize(path):
+        return f"{path} is not a safetensors file (treeopt checkpoints are safetensors files)"
+    return None
+
+
 def _itemsize(dtype):
     return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
 
 
-def _print(summary, problems):
-    try:
-        # optional: a table when rich is installed
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        Console = None  # type: ignore[misc, assignment]  # plain text below
-    lines = [f"{k}: {v}" for k, v in summary.items() if k != "groups"]
+def _print(summary, problems, width=None):
+    """The summary as text that fits ``width`` columns (the terminal's by default)."""
+    width = width or _text.terminal_width()
+    lines = [line for k, v in summary.items() if k != "groups" for line in _text.hanging(f"{k}: {v}", width)]
     groups = summary.get("groups", {})
-    if Console is None:
-        print("\n".join(lines))
+    if groups:
+        rows = [["group", "type", "parameters", "elements", "state bytes", "lr"]] + [
+            [
+                name,
+                g["type"],
+                str(g["parameters"]),
+                f"{g['elements']:,}",
+                f"{g['bytes']:,}",
+                _text.number(g["learning_rate"], 6),
+            ]
+            for name, g in groups.items()
+        ]
+        lines += _text.table(rows, width, foldable={0})
         for name, g in groups.items():
-            print(
-                f"  {name} ({g['type']}): {g['parameters']} parameters, {g['elements']:,} elements, "
-                f"{g['bytes']:,} bytes, lr {g['learning_rate']}"
-            )
-    else:
-        console = Console()
-        console.print("\n".join(lines))
-        if groups:
-            table = Table("group", "type", "parameters", "elements", "state bytes", "lr", "hyper-parameters")
-            for name, g in groups.items():
-                hyper = ", ".join(f"{k}={v}" for k, v in g["hyperparameters"].items())
-                table.add_row(
-                    name,
-                    g["type"],
-                    str(g["parameters"]),
-                    f"{g['elements']:,}",
-                    f"{g['bytes']:,}",
-                    "-" if g["learning_rate"] is None else f"{g['learning_rate']:.4g}",
-                    hyper,
-                )
-            console.print(table)
+            hyper = ", ".join(f"{k}={_value(v)}" for k, v in g["hyperparameters"].items())
+            lines += _text.hanging(f"{name}  {hyper}", width)
     for problem in problems:
-        print(f"problem: {problem}")
+        lines += _text.hanging(f"problem: {problem}", width)
     if not problems:
-        print("no problem found")
+        lines.append("no problem found")
+    print("\n".join(lines))
+
+
+def _value(v):
+    """A hyper-parameter as people write it: ``0.02``, not ``0.019999999552965164``."""
+    if isinstance(v, float):
+        return _text.number(v, 6)
+    if isinstance(v, list):
+        return "[" + ", ".join(map(_value, v)) + "]"
+    return str(v)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

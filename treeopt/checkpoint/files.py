@@ -68,7 +68,7 @@ def safetensors() -> ModuleType:
     except ImportError as error:
         raise ModuleNotFoundError(
             "treeopt checkpoints are safetensors files and the safetensors package is not installed: "
-            "pip install 'treeopt[checkpoint]' (or pip install safetensors)",
+            "pip install safetensors (or, in a treeopt checkout, pip install -e '.[checkpoint]')",
             name="safetensors",
         ) from error
     return safetensors

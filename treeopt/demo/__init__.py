@@ -1,24 +1,16 @@
-"""The treeopt demo: a small byte-level GPT (PyTorch) trained on Python's standard library
-three times, on the same seed and batches: tuned AdamW, Muon on every matrix (the naive
-use), and :func:`treeopt.muon_adamw` (Muon on the hidden matrices, AdamW on the rest).
+"""The treeopt demo: Muon and AdamW routed in one optimizer, on a small GPT.
 
-Run it with ``python -m treeopt.demo`` (``--quick`` for under a minute). The modules:
+``python -m treeopt.demo`` trains a byte-level GPT (PyTorch, CPU) on the source of Python's
+standard library three times, on the same seed and batches: tuned AdamW, Muon on every matrix
+(the naive use), and :func:`treeopt.muon_adamw` (Muon on the hidden matrices, AdamW on the
+rest), and compares them. ``--quick`` runs 50 steps a run (about a minute).
 
-- :mod:`treeopt.demo.text`: the shipped text and its training/validation split;
-- :mod:`treeopt.demo.gpt`: the model;
-- :mod:`treeopt.demo.setups`: the three optimizer set-ups and their tuned settings;
-- :mod:`treeopt.demo.training_gpt`: the training loop and the validation curve;
-- :mod:`treeopt.demo.checkpoints`: stop and resume (``--checkpoint DIR``);
-- :mod:`treeopt.demo.report`: the table, ``loss.png`` and ``results.json``;
-- :mod:`treeopt.demo.cli`: the command line.
+What to read:
 
-``python -m treeopt.demo digits`` runs the NumPy example, no framework needed: an MLP on the
-8x8 digits (:mod:`treeopt.demo.digits`, :mod:`~treeopt.demo.dataset`,
-:mod:`~treeopt.demo.model`, :mod:`~treeopt.demo.training`).
+- :mod:`treeopt.demo.setups`: the three optimizer set-ups, the routing the demo is about;
+- :mod:`treeopt.demo.gpt`: the model, whose parameter names the routing sees;
+- :mod:`treeopt.demo.text`: the shipped text and its training/validation split.
+
+:mod:`treeopt.demo.harness` runs the experiment (the command line, the training loop and its
+progress, the table, ``loss.png``, checkpoints); nothing in it is needed to use treeopt.
 """
-
-from treeopt.demo.cli import main
-from treeopt.demo.dataset import load_digits, train_test_split
-from treeopt.demo.model import check_gradients
-
-__all__ = ["main", "load_digits", "train_test_split", "check_gradients"]

@@ -1,7 +1,6 @@
-"""``python -m treeopt.demo`` (the GPT) and ``python -m treeopt.demo digits`` (the NumPy MLP):
-see :mod:`treeopt.demo.cli`."""
+"""``python -m treeopt.demo``: see :mod:`treeopt.demo.harness.cli`."""
 
-from treeopt.demo.cli import main
+from treeopt.demo.harness.cli import main
 
 if __name__ == "__main__":  # not on import (pytest --doctest-modules imports every module)
     main()

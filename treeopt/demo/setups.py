@@ -77,7 +77,7 @@ def make(setup: str, model: torch.nn.Module, steps: int, hyper: Hyper = Hyper())
     a ``torch.optim.Optimizer`` (:class:`treeopt.torch.Optimizer`) that routes the model's
     parameters now, by name and module type (``nn.Embedding``, the output ``nn.Linear``), so
     its plan can be shown and the guards warn before the first step."""
-    import treeopt.torch
+    import treeopt.torch  # torch: only the runs need it (the set-ups' routing does not)
 
     return treeopt.torch.Optimizer(model, routing(setup, steps, hyper))
 

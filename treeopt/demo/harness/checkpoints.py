@@ -9,12 +9,14 @@ import pathlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
+
+from treeopt import checkpoint
+from treeopt.demo.harness.training import Curve
+
 if TYPE_CHECKING:
     import os
 
-    import torch
-
-    from treeopt.demo.training_gpt import Curve
     from treeopt.torch.optimizer import Optimizer as TorchOptimizer
 
 
@@ -33,10 +35,6 @@ def save(
     seconds: Sequence[float],
 ) -> None:
     """Write the run's three files; the curve file last, so it marks a complete checkpoint."""
-    import torch
-
-    from treeopt import checkpoint
-
     pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
     model_file, optimizer_file, curve_file = _files(folder, setup)
     torch.save(model.state_dict(), model_file)
@@ -45,16 +43,19 @@ def save(
     curve_file.write_text(json.dumps(progress).replace("NaN", "null"))
 
 
+def saved_step(folder: str | os.PathLike[str] | None, setup: str) -> int:
+    """The step at which the run's checkpoint in ``folder`` stopped (0 without one)."""
+    if not folder:
+        return 0
+    curve_file = _files(folder, setup)[2]
+    return int(json.loads(curve_file.read_text())["step"]) if curve_file.exists() else 0
+
+
 def resume(
     folder: str | os.PathLike[str] | None, setup: str, model: torch.nn.Module, optimizer: TorchOptimizer
 ) -> tuple[int, Curve | None, tuple[float, ...]]:
     """Load the run's checkpoint from ``folder`` into ``model`` and ``optimizer`` if there is
     one. Returns ``(step, curve, (wall, CPU) seconds)``: ``(0, None, (0.0, 0.0))`` without one."""
-    import torch
-
-    from treeopt import checkpoint
-    from treeopt.demo.training_gpt import Curve
-
     if not folder:
         return 0, None, (0.0, 0.0)
     model_file, optimizer_file, curve_file = _files(folder, setup)

@@ -9,6 +9,14 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy
+import torch
+from rich import box
+from rich.table import Table
+
+import treeopt
+from treeopt import _text
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -44,49 +52,42 @@ def summarise(runs: Mapping[str, Mapping[str, Any]], steps: int) -> tuple[float,
 
 
 def table(target: float, summary: Mapping[str, Mapping[str, Any]], console: Console) -> None:
-    from rich.table import Table
-
-    grid = Table(title=f"Target: tuned AdamW's final validation loss, {target:.4f} nats/byte", title_justify="left")
-    for column in (
-        "run",
-        "final val loss",
-        "steps to target",
-        "x AdamW",
-        "time to target",
-        "x AdamW",
-        "CPU x AdamW",
-        "ms / step",
-        "training time",
-    ):
-        grid.add_column(column, justify="left" if column == "run" else "right", no_wrap=column == "run")
+    """Per run: final validation loss, and the steps, wall time and CPU time it took to reach
+    the target, each with its ratio to tuned AdamW's; narrow enough for 80 columns."""
+    grid = Table(
+        title=f"To tuned AdamW's final validation loss ({target:.4f} nats/byte):",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    for column in ("run", "final loss", "steps to target", "time to target", "CPU time", "ms/step"):
+        grid.add_column(column, justify="left" if column == "run" else "right", no_wrap=column != "run")
     for name, s in summary.items():
         reached = s["steps_to_target"] is not None
         grid.add_row(
             name,
             f"{s['final_val_loss']:.4f}",
-            f"{s['steps_to_target']:.0f}" if reached else "not reached",
-            f"{s['steps_ratio']:.2f}" if reached else "-",
-            f"{s['seconds_to_target']:.1f} s" if reached else "-",
-            f"{s['seconds_ratio']:.2f}" if reached else "-",
-            f"{s['cpu_seconds_ratio']:.2f}" if reached else "-",
+            f"{s['steps_to_target']:.0f} ({s['steps_ratio']:.2f}x)" if reached else "not reached",
+            f"{s['seconds_to_target']:.1f} s ({s['seconds_ratio']:.2f}x)" if reached else "-",
+            f"{s['cpu_seconds_ratio']:.2f}x" if reached else "-",
             f"{s['ms_per_step']:.0f}",
-            f"{s['train_seconds']:.1f} s",
         )
     console.print(grid)
-    console.print(
-        "  time: wall seconds of the training steps (evaluations excluded); CPU: this process's CPU "
-        "seconds, which other work on the machine disturbs less"
+    note = (
+        "  x: of tuned AdamW's steps and time. Time: wall seconds of the training steps, evaluations "
+        "excluded; CPU time: this process's, which other work on the machine disturbs less."
     )
+    for line in _text.hanging(note, console.width, 2):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def plot(runs: Mapping[str, Mapping[str, Any]], target: float, path: str | os.PathLike[str]) -> None:
     """Validation loss against steps and against training seconds, the target dashed; and
     each run's loss minus the last run's (muon_adamw's) at the same steps, where gaps too
     small for the first two panels show."""
-    import matplotlib
+    import matplotlib  # here: pyplot must come after the backend is chosen
 
     matplotlib.use("Agg")  # files only, no window
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot as plt  # (see above)
 
     figure, (by_step, by_time, gaps) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.8]})
     by_time.sharey(by_step)
@@ -122,11 +123,6 @@ def plot(runs: Mapping[str, Mapping[str, Any]], target: float, path: str | os.Pa
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import torch
-
-    import treeopt
-
     return {
         "python": sys.version.split()[0],
         "treeopt": getattr(treeopt, "__version__", None),
