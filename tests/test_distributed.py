@@ -653,3 +653,33 @@ def test_fsdp2_compact_state_is_one_process_bit_for_bit(state_dtype):
     results = run_world(fsdp_train, 2, 3, False, None, compact_muon_adamw(state_dtype))
     assert_same_params(results, one)
     assert_same_slots(results, one)
+
+
+def compact_dcp_phase(rank, world, folder, phase, calls, state_dtype):
+    """As :func:`dcp_phase`, with compact state: codes and scales saved as ``Shard(0)`` pieces
+    of their rows and resharded by DCP."""
+    import torch.distributed.checkpoint as dcp
+
+    params = make_params()
+    model = {n: p.detach() for n, p in params}
+    opt = treeopt.torch.Optimizer(params, compact_muon_adamw(state_dtype), sharding="zero1")
+    first = 0
+    if phase == "load":
+        dcp.load({"model": model, "optim": opt}, checkpoint_id=folder)
+        first = int(opt.optimizer.optimizers[1].step)
+    for step in range(first, first + calls):
+        for (name, p), g in zip(params, gradients(step).values()):
+            p.grad = g
+        opt.step()
+    if phase == "save":
+        dcp.save({"model": model, "optim": opt}, checkpoint_id=folder)
+    return {"params": {n: p.detach().clone() for n, p in params}, "codes": held_slots(opt)}
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
+def test_dcp_checkpoint_of_compact_state_resumes_at_another_world_size(state_dtype, tmp_path):
+    (uninterrupted,) = run_world(compact_dcp_phase, 1, None, "none", 5, state_dtype)
+    run_world(compact_dcp_phase, 2, str(tmp_path), "save", 3, state_dtype)
+    after = run_world(compact_dcp_phase, 1, str(tmp_path), "load", 2, state_dtype)
+    assert_same_params(after, uninterrupted)
+    assert_same_slots(after, uninterrupted)
