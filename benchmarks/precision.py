@@ -207,7 +207,8 @@ def outcome(out, seeds=(0, 1), steps=600, threads=None):
     import torch
 
     import treeopt.torch
-    from treeopt.demo import cli, setups, training_gpt
+    from treeopt.demo import setups
+    from treeopt.demo.harness import cli, training
     from treeopt.precision import state_precision
 
     if threads:
@@ -223,18 +224,18 @@ def outcome(out, seeds=(0, 1), steps=600, threads=None):
             ("muon_adamw", "int8"),
         )
     ]
-    data = training_gpt.Data(cli.CONTEXT, cli.BATCH_SIZE)
+    data = training.Data(cli.CONTEXT, cli.BATCH_SIZE)
     for setup, precision, seed in runs:
         key = f"{setup}/{precision or 'float32'}/{seed}"
         if key in results["runs"]:
             continue
-        model = training_gpt.build_model(seed, training_gpt.gpt.Config(context=cli.CONTEXT))
+        model = training.build_model(seed, training.gpt.Config(context=cli.CONTEXT))
         routing = setups.routing(setup, steps, setups.Hyper())
         for child in routing.optimizers:  # the demo's optimizer, its state stored at this precision
             child.store.precision = state_precision(precision, type(child).__name__)
         optimizer = treeopt.torch.Optimizer(model, routing)
         began = time.perf_counter()
-        curve, seconds = training_gpt.train(model, optimizer, data, steps, seed)
+        curve, seconds = training.train(model, optimizer, data, steps, seed)
         results["runs"][key] = {
             "steps": curve.steps,
             "val_loss": curve.val_loss,
@@ -252,7 +253,7 @@ def outcome(out, seeds=(0, 1), steps=600, threads=None):
 
 
 def print_outcome(results, seeds):
-    from treeopt.demo.training_gpt import Curve
+    from treeopt.demo.harness.training import Curve
 
     runs = results["runs"]
     print("\nmuon_adamw on the demo's GPT, 600 steps: final validation loss (nats) and steps to tuned AdamW's final")
