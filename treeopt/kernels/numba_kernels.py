@@ -111,6 +111,7 @@ def scalar_version(update: Callable[..., Any]) -> Callable[..., Any]:
 def coefficient_names(rule: Rule, static: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """``(names, numeric)``: the coefficients ``rule.update`` takes after its slots, in order,
     and those of them that are numbers (read from a table), not switches (``static``)."""
+    assert not callable(rule.slots)  # an elementwise rule names its slots
     parameters = list(inspect.signature(rule.update).parameters)[2:]
     names = parameters[len(rule.slots) :]
     return names, [n for n in names if n not in static]
