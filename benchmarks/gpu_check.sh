@@ -31,3 +31,10 @@ timeout 200 "$PYTHON" benchmarks/gpu.py $DEVICE --first-step --json "$OUT/first_
 
 echo "== 3. steps (AdamW, Muon, muon_adamw) and training iterations against torch's optimizers"
 timeout 300 "$PYTHON" benchmarks/gpu.py $DEVICE --train $TRAIN --json "$OUT/gpu.json" 2>&1 | tail -40
+
+echo "== 4. compact state (state_dtype): treeopt's AdamW step at each precision against bitsandbytes' AdamW8bit"
+if [ "${1:-}" = "--dry-run" ]; then
+    echo "(a CUDA row only)"
+else
+    timeout 180 "$PYTHON" benchmarks/precision.py --device cuda --rounds 10 2>&1 | tail -8
+fi

@@ -193,6 +193,14 @@ ERRORS = [
     ("Muon", dict(learning_rate=0.1, ns_steps=-1), ValueError, "Muon ns_steps", False),
     ("Muon", dict(learning_rate=0.1, ns_steps=2.5), ValueError, "Muon ns_steps", False),
     ("SGD", dict(learning_rate="fast"), TypeError, "learning_rate must be", True),  # MLX: a ValueError
+    (
+        "AdamW",
+        dict(learning_rate=0.1, state_dtype="int4"),
+        ValueError,
+        "AdamW state_dtype should be None or one of",
+        True,
+    ),
+    ("Muon", dict(learning_rate=0.1, state_dtype=8), TypeError, "Muon state_dtype should be None, a string", True),
     ("ScheduleFreeAdamW", dict(learning_rate=0.1, betas=(0.0, 0.999)), ValueError, "ScheduleFreeAdamW beta1", None),
     (
         "ScheduleFreeAdamW",

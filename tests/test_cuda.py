@@ -208,3 +208,31 @@ def test_a_gradient_with_other_strides_takes_the_engines_path_with_the_same_numb
             assert bucket.prepare(flat(strided(tree(9)))) is None
     for x, y in zip(flat(results[0]), flat(results[1])):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_compact_state_stays_on_the_device_with_the_per_tensor_bytes(state_dtype):
+    """muon_adamw with int8 codes or bfloat16 slots: codes, scales and slots live on the
+    device, and the planned step (the rule runner around the stored forms) stores the bytes of
+    the per-tensor step."""
+    precision = optim.StatePrecision(state_dtype, min_size=0)
+
+    def make():
+        return optim.MultiOptimizer(
+            [optim.Muon(0.02, state_dtype=precision), optim.AdamW(1e-2, weight_decay=0.1, state_dtype=precision)],
+            [lambda path, w: path.startswith("blocks") and w.ndim == 2],
+        )
+
+    slow_params, slow = run(make, False, steps=4)
+    fast_params, fast = run(make, True, steps=4)
+    assert fast._compiled is not None
+    for x, y in zip(leaves(fast_params), leaves(slow_params)):
+        assert torch.equal(x, y)
+    for member, reference in zip(fast.groups(), slow.groups()):
+        for (keys, slots), (_, expected) in zip(member.group.store.items(), reference.group.store.items()):
+            for key, value in slots.items():
+                assert value.device == fast_params["embed"].device, (keys, key)
+                assert torch.equal(value.view(torch.uint8), expected[key].view(torch.uint8)), (keys, key)
+    assert fast.groups()[1].group.store.tree["embed"]["m"].dtype == (
+        torch.int8 if state_dtype == "int8" else torch.bfloat16
+    )

@@ -75,6 +75,16 @@ class World:
 
         if kind == "single":
             self.opt = optim.Adam(schedule)
+        elif kind == "compact":  # every matrix's slots as int8 codes and scales, or bfloat16
+            int8 = optim.StatePrecision("int8", min_size=0)
+            self.opt = optim.MultiOptimizer(
+                [
+                    optim.Adam(1e-2, state_dtype=int8),
+                    optim.AdamW(schedule, state_dtype="bfloat16"),
+                    optim.SGD(0.1, momentum=0.9, state_dtype=int8),
+                ],
+                [lambda path, w: path.startswith("layers"), lambda path, w: path == "w"],
+            )
         else:
             self.opt = optim.MultiOptimizer(
                 [optim.Adam(1e-2), optim.AdamW(schedule), optim.SGD(0.1, momentum=0.9)],
@@ -675,7 +685,7 @@ CHECKPOINT_CASES = (
     ("an unknown metadata field", setmeta("mystery", 1), r"'mystery': is not a field"),
     (
         "a slot dtype that is not a float",
-        setmeta("parameters", "b", "slots", "v", "dtype", "int8"),
+        setmeta("parameters", "b", "slots", "v", "dtype", "int32"),
         r"'parameters\.b\.slots\.v\.dtype': must be one of",
     ),
     ("an owner that is no optimizer", setmeta("parameters", "b", "owner", "Nobody"), r"'parameters\.b\.owner'"),
@@ -1225,6 +1235,94 @@ if available("torch"):
         scheduled_lr_edit,
         checkpoint.CheckpointError,
         r"adamw.*lr was changed to 1e-05.*treeopt schedule",
+    )
+
+
+# ------------------------------------------------------------------------------ compact state (state_dtype)
+def with_slot(group, path, slot, value):
+    """Assign the state with the slots of ``group``'s parameter ``path`` changed: ``slot``
+    set to ``value(backend)``, or removed (``value`` None); then step."""
+
+    def act(wd):
+        state = optim.tree.tree_map(lambda x: x, wd.opt.state)  # new containers, the same arrays
+        node = state["states"][group]
+        for key in path.split("."):
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if value is None:
+            node.pop(slot)
+        else:
+            node[slot] = value(wd.backend)
+        wd.opt.state = state
+        wd.step(wd.grads())
+
+    return act
+
+
+for backend in [b for b in BACKENDS if b != "jax"]:
+    compact = world("compact", backend)
+    case(
+        f"{backend}: int8 codes replaced by float32",
+        compact,
+        with_slot(0, "layers.0.w", "m", lambda b: make(np.zeros((4, 4)), b)),
+        ValueError,
+        r"Adam.state: slot 'm' of 'layers.0.w' is float32\[4, 4\]; its state_dtype stores it as int8\[4, 4\]",
+    )
+    case(
+        f"{backend}: int8 scales of another block grid",
+        compact,
+        with_slot(0, "layers.1.w", "v_scale", lambda b: make(np.zeros((4, 2)), b)),
+        ValueError,
+        r"slot 'v_scale' of 'layers.1.w' is float32\[4, 2\]; its state_dtype stores it as float32\[4, 1\]",
+    )
+    case(
+        f"{backend}: int8 codes without their scales",
+        compact,
+        with_slot(0, "layers.1.w", "v_scale", None),
+        ValueError,
+        r"Adam.state: 'layers.1.w' has slots \['m', 'm_scale', 'v'\], and Adam keeps \['m', 'm_scale', 'v', 'v_scale'\] "
+        r"\(.*another state_dtype\?\)",
+    )
+    case(
+        f"{backend}: bfloat16 slot assigned as float32",
+        compact,
+        with_slot(1, "w", "m", lambda b: make(np.zeros((3, 4)), b)),
+        ValueError,
+        r"AdamW.state: slot 'm' of 'w' is float32\[3, 4\]; its state_dtype stores it as bfloat16\[3, 4\]",
+    )
+
+    def scale_edit(t, m):
+        t["layers.0.w/m_scale"] = np.zeros((2, 1), np.float32)
+        m["parameters"]["layers.0.w"]["slots"]["m_scale"] = {"shape": [2, 1], "dtype": "float32"}
+
+    case(
+        f"{backend}: checkpoint int8 scales that do not fit their codes",
+        world("multi", backend),  # the file is of another state_dtype: it is read back first
+        crafted(scale_edit, backend, kind="compact"),
+        checkpoint.CheckpointError,
+        r"layers.0.w/m: 'm_scale' is float32\[2, 1\]; codes of shape \[4, 4\] in blocks of 256 need float32\[4, 1\]",
+    )
+
+    def codes_edit(t, m):
+        t["layers.1.w/v"] = np.zeros((4, 4), np.int16)
+        m["parameters"]["layers.1.w"]["slots"]["v"] = {"shape": [4, 4], "dtype": "int16"}
+
+    case(
+        f"{backend}: checkpoint codes of a dtype no format has",
+        world("compact", backend),
+        crafted(codes_edit, backend, kind="compact"),
+        checkpoint.CheckpointError,
+        r"'parameters.layers.1.w.slots.v.dtype'.*must be one of .*int8, uint8, got 'int16'",
+    )
+    case(
+        f"{backend}: checkpoint state_dtype that is not one",
+        world("compact", backend),
+        crafted(
+            setmeta("optimizers", 0, "state_dtype", {"dtype": "int4", "seed": 0, "block": 256, "min_size": 0}),
+            backend,
+            kind="compact",
+        ),
+        checkpoint.CheckpointError,
+        r"'optimizers\[0\].state_dtype'.*state_dtype should be None or one of .*'int4'",
     )
 
 

@@ -6,7 +6,7 @@ gives the names, signatures, defaults and state layout of ``mlx.optimizers``; th
 helpers of ``mlx.utils`` are in :mod:`treeopt.tree`.
 """
 
-from treeopt import filters, schedules, tree
+from treeopt import filters, precision, schedules, tree
 from treeopt._version import __version__ as __version__
 from treeopt.clip import clip_grad_norm
 from treeopt.errors import MissingParameterError, ParameterError, TreeoptError
@@ -27,6 +27,7 @@ from treeopt.optimizers import (
     ScheduleFreeAdamW,
 )
 from treeopt.plan import Plan
+from treeopt.precision import StatePrecision
 from treeopt.presets import muon_adamw
 from treeopt.schedules import cosine_decay, exponential_decay, join_schedules, linear_schedule, step_decay
 
@@ -55,6 +56,7 @@ __all__ = [
     "linear_schedule",
     "join_schedules",
     "muon_adamw",
+    "StatePrecision",
     "Plan",
     "TreeoptError",
     "ParameterError",
@@ -64,4 +66,5 @@ __all__ = [
     "tree",
     "schedules",
     "filters",
+    "precision",
 ]

@@ -30,10 +30,11 @@ from treeopt import _trees
 from treeopt.backends import Backend, backend_of, numpy_backend
 from treeopt.errors import MissingParameterError, ParameterError, describe
 from treeopt.kernels import stacking
+from treeopt.precision import Layout
 from treeopt.routing import Member, Options, Target
 from treeopt.rules.base import Rule, rule_checked
 from treeopt.scalars import Scalars
-from treeopt.state import SlotStore
+from treeopt.state import SlotStore, slot_problem
 from treeopt.tree import is_container, items, rebuild
 from treeopt.types import Array, Keys, Shape, Tree
 
@@ -47,7 +48,9 @@ __all__ = [
     "initialize",
     "route",
     "run_one",
+    "run_plain",
     "run_rule",
+    "run_stored",
     "step",
     "with_results",
     "write_back",
@@ -164,7 +167,7 @@ def step(router: Router, hook: StepHook | None, gradients: Tree, parameters: Tre
         store = group.store
         pair.slots = store.slots(pair.keys)
         if pair.slots:  # every step: a parameter may have changed shape under its path
-            store.check_slots(type(group).__name__, pair.path, pair.param, pair.backend, pair.slots, group.runs_rule)
+            store.check_slots(type(group).__name__, pair.keys, pair.param, pair.backend, pair.slots, group.runs_rule)
         if not pair.slots or not store.checked:
             new.setdefault(id(group), set()).add(pair.keys)
         routed.append(pair)
@@ -337,10 +340,14 @@ def write_custom(results: Iterable[tuple[Pair, Array, dict[str, Array]]], in_pla
 
 def run_one(group: Group, gradient: Array, parameter: Array, slots: dict[str, Array]) -> Array:
     """``group``'s rule on one parameter (the default ``apply_single``): the new parameter;
-    ``slots`` are updated."""
+    ``slots`` are updated (kept as given: in the store's form, or as ``init_single`` makes them)."""
     pair = Pair((), gradient, parameter, backend_of(parameter))
     pair.slots = slots
-    run_rule(group, [pair], in_place=False)
+    expected = group.store.expected(pair.shape, pair.dtype)
+    stored = any(spec.stored for spec in expected.values()) and all(
+        key in slots and slot_problem(slots[key], spec) is None for key, spec in expected.items()
+    )
+    (run_rule if stored else run_plain)(group, [pair], in_place=False)
     return pair.result
 
 
@@ -358,6 +365,45 @@ def run_rule(group: Group, pairs: list[Pair], in_place: bool, stacks: dict | Non
     """Run ``group``'s rule on pairs of one library, dtype, device and options: the reference
     every fast path is checked against. ``stacks``: a dict in which a caller that runs the
     same pairs every step keeps the stacking buffers of a stackable rule."""
+    store = group.store
+    if store.precision is not None:
+        layouts = [store.layout(pair.shape, pair.dtype, pair.keys) for pair in pairs]
+        if layouts[0] is not None:  # the pairs share a dtype: all are kept in another form
+            run_stored(group, pairs, layouts, in_place, stacks)  # type: ignore[arg-type]
+            return
+    run_plain(group, pairs, in_place, stacks)
+
+
+def run_stored(
+    group: Group, pairs: list[Pair], layouts: list[Layout], in_place: bool, stacks: dict | None = None
+) -> None:
+    """The rule on slots kept in another form (``state_dtype``): each pair's slots are read
+    into the compute dtype (with its gradient and parameter), the rule runs as it always does,
+    and its results are encoded back into the stored form (:mod:`treeopt.precision`)."""
+    store, backend = group.store, pairs[0].backend
+    compute = layouts[0].compute
+    proxies = []
+    for pair, layout in zip(pairs, layouts):
+        grad, param = pair.grad, pair.param
+        if pair.dtype != compute:
+            grad, param = backend.astype(grad, compute), backend.astype(param, compute)
+        proxy = Pair(pair.keys, grad, param, backend, owned=False)
+        proxy.options = pair.options
+        proxy.slots = dict(zip(layout.forms, store.load(pair.slots, layout.forms, layout)))
+        proxies.append(proxy)
+    run_plain(group, proxies, False, stacks)
+    for pair, proxy, layout in zip(pairs, proxies, layouts):
+        noise = store.noise(pair.keys)
+        for name in layout.forms:
+            store.save(backend, pair.slots, name, proxy.slots[name], layout, noise)
+        result = proxy.result
+        if backend.dtype_name(result) != pair.dtype:
+            result = backend.astype(result, pair.dtype)
+        store_param(pair, result, in_place)
+
+
+def run_plain(group: Group, pairs: list[Pair], in_place: bool, stacks: dict | None = None) -> None:
+    """The rule on pairs whose slots are arrays of the dtype it computes in."""
     rule, store, first = group.scalars.rule, group.store, pairs[0]
     assert rule is not None  # run only for a group that runs its rule
     values = coefficients(group, first)

@@ -23,6 +23,7 @@ __all__ = [
     "minimum",
     "where",
     "cos",
+    "floor",
     "mean",
     "total",
     "swap_last",
@@ -89,6 +90,11 @@ def where(cond: Array, a: Scalar, b: Scalar) -> Array:
 
 def cos(x: Array) -> Array:
     return _of(x).cos(x)
+
+
+def floor(x: Array) -> Array:
+    """The largest integer not above ``x``, elementwise (the state formats' codes)."""
+    return _of(x).floor(x)
 
 
 def mean(x: Array, axis: int | None = None, keepdims: bool = False) -> Array:

@@ -141,8 +141,7 @@ class Optimizer:
             raise NotImplementedError(f"{type(self).__name__} must implement init_single")
         backend = backend_of(parameter)
         assert backend is not None  # the engine gives arrays
-        for name, spec in self.store.expected(tuple(parameter.shape), backend.dtype_name(parameter)).items():
-            shape = spec.shape
+        for name, shape in self.store.slot_shapes(tuple(parameter.shape)).items():
             state[name] = backend.zeros(shape, parameter)
             if name in self.rule.copies_param:  # e.g. schedule-free's z starts at the parameter
                 state[name] = state[name] + parameter

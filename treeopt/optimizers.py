@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from treeopt import engine, rules, scalars
 from treeopt.filters import is_embedding, is_head
 from treeopt.optimizer import Optimizer
+from treeopt.precision import StatePrecision, state_precision
 from treeopt.rules.adafactor import factored_rsqrt
 from treeopt.rules.muon import ADJUST_LR, LAYOUTS, NS_EPS
 from treeopt.types import Array, Scalar, Tree
@@ -23,7 +24,27 @@ def _is_number(value):
 
 
 class _Builtin(Optimizer):
-    """Shared constructor helpers of the built-in optimizers."""
+    """Shared constructor helpers of the built-in optimizers.
+
+    Every built-in optimizer takes ``state_dtype=`` (keyword-only): ``None`` (the default:
+    slots in the parameter's dtype, as MLX), ``"float32"``, ``"bfloat16"`` (computed in
+    float32, written back with seeded stochastic rounding) or ``"int8"`` (block-wise codes
+    with a float32 scale per block), or a :class:`treeopt.precision.StatePrecision`. The rule
+    is the same; only how its slots are stored changes (see ``docs/precision.md``).
+    """
+
+    def __init__(self, state_dtype: str | StatePrecision | None = None) -> None:
+        precision = state_precision(state_dtype, type(self).__name__)  # checked before anything is set
+        if precision is not None and (
+            type(self).apply_single is not Optimizer.apply_single or type(self).init_single is not Optimizer.init_single
+        ):
+            raise ValueError(
+                f"{type(self).__name__} state_dtype={precision.dtype!r} needs the built-in rule, and "
+                f"{type(self).__name__} has its own init_single or apply_single (which read and write slots "
+                "in the parameter's dtype)"
+            )
+        super().__init__()
+        self.store.precision = precision  # how the group's slots are stored (treeopt.precision)
 
     def _set_learning_rate(self, learning_rate):
         if not (callable(learning_rate) or _is_number(learning_rate) or hasattr(learning_rate, "dtype")):
@@ -105,10 +126,12 @@ class SGD(_Builtin):
         weight_decay: Scalar = 0.0,
         dampening: Scalar = 0.0,
         nesterov: bool = False,
+        *,
+        state_dtype: str | StatePrecision | None = None,
     ) -> None:
         if nesterov and (not callable(momentum) and momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening.")
-        super().__init__()
+        super().__init__(state_dtype=state_dtype)
         self._set_learning_rate(learning_rate)
         self._set("momentum", momentum, lambda v: v >= 0, _non_negative("momentum"))
         self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
@@ -137,8 +160,15 @@ class RMSprop(_Builtin):
 
     rule = rules.RMSPROP
 
-    def __init__(self, learning_rate: Scalar, alpha: Scalar = 0.99, eps: Scalar = 1e-8) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        learning_rate: Scalar,
+        alpha: Scalar = 0.99,
+        eps: Scalar = 1e-8,
+        *,
+        state_dtype: str | StatePrecision | None = None,
+    ) -> None:
+        super().__init__(state_dtype=state_dtype)
         if _is_number(alpha) and alpha < 0:
             raise ValueError(f"RMSprop alpha should be >=0, {alpha} was provided instead")
         if _is_number(eps) and eps <= 0:
@@ -163,8 +193,14 @@ class Adagrad(_Builtin):
 
     rule = rules.ADAGRAD
 
-    def __init__(self, learning_rate: Scalar, eps: Scalar = 1e-8) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        learning_rate: Scalar,
+        eps: Scalar = 1e-8,
+        *,
+        state_dtype: str | StatePrecision | None = None,
+    ) -> None:
+        super().__init__(state_dtype=state_dtype)
         if _is_number(eps) and eps <= 0:
             raise ValueError(f"Adagrad epsilon should be >0, {eps} was provided instead")
         self._set_learning_rate(learning_rate)
@@ -189,8 +225,15 @@ class AdaDelta(_Builtin):
 
     rule = rules.ADADELTA
 
-    def __init__(self, learning_rate: Scalar, rho: Scalar = 0.9, eps: Scalar = 1e-6) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        learning_rate: Scalar,
+        rho: Scalar = 0.9,
+        eps: Scalar = 1e-6,
+        *,
+        state_dtype: str | StatePrecision | None = None,
+    ) -> None:
+        super().__init__(state_dtype=state_dtype)
         if _is_number(rho) and rho < 0:
             raise ValueError(f"AdaDelta rho should be >=0, {rho} was provided instead")
         if _is_number(eps) and eps <= 0:
@@ -227,8 +270,10 @@ class Adam(_Builtin):
         betas: tuple[Scalar, Scalar] = (0.9, 0.999),
         eps: Scalar = 1e-8,
         bias_correction: bool = False,
+        *,
+        state_dtype: str | StatePrecision | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(state_dtype=state_dtype)
         if _is_number(eps) and eps < 0:
             raise ValueError(f"{type(self).__name__} epsilon should be >=0, {eps} was provided instead")
         self._set_learning_rate(learning_rate)
@@ -262,8 +307,10 @@ class AdamW(Adam):
         eps: Scalar = 1e-8,
         weight_decay: Scalar = 0.01,
         bias_correction: bool = False,
+        *,
+        state_dtype: str | StatePrecision | None = None,
     ) -> None:
-        super().__init__(learning_rate, betas=betas, eps=eps, bias_correction=bias_correction)
+        super().__init__(learning_rate, betas=betas, eps=eps, bias_correction=bias_correction, state_dtype=state_dtype)
         self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
 
 
@@ -284,8 +331,15 @@ class Adamax(Adam):
 
     rule = rules.ADAMAX
 
-    def __init__(self, learning_rate: Scalar, betas: tuple[Scalar, Scalar] = (0.9, 0.999), eps: Scalar = 1e-8) -> None:
-        super().__init__(learning_rate, betas=betas, eps=eps)
+    def __init__(
+        self,
+        learning_rate: Scalar,
+        betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+        eps: Scalar = 1e-8,
+        *,
+        state_dtype: str | StatePrecision | None = None,
+    ) -> None:
+        super().__init__(learning_rate, betas=betas, eps=eps, state_dtype=state_dtype)
 
 
 class Lion(_Builtin):
@@ -308,9 +362,14 @@ class Lion(_Builtin):
     rule = rules.LION
 
     def __init__(
-        self, learning_rate: Scalar, betas: tuple[Scalar, Scalar] = (0.9, 0.99), weight_decay: Scalar = 0.0
+        self,
+        learning_rate: Scalar,
+        betas: tuple[Scalar, Scalar] = (0.9, 0.99),
+        weight_decay: Scalar = 0.0,
+        *,
+        state_dtype: str | StatePrecision | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(state_dtype=state_dtype)
         self._set_learning_rate(learning_rate)
         self._set_betas(betas)
         self._set("weight_decay", weight_decay, lambda v: v >= 0, _non_negative("weight_decay"))
@@ -351,8 +410,10 @@ class Adafactor(_Builtin):
         scale_parameter: bool = True,
         relative_step: bool = True,
         warmup_init: bool = False,
+        *,
+        state_dtype: str | StatePrecision | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(state_dtype=state_dtype)
         eps = tuple(eps)
         if len(eps) != 2 or not all(_is_number(e) and e >= 0 for e in eps):
             raise ValueError(f"Adafactor eps should be two numbers >=0, {eps} was provided instead")
@@ -468,8 +529,9 @@ class Muon(_Builtin):
         ns_eps: float = NS_EPS,
         adjust_lr: str = "original",
         layout: str | None = None,
+        state_dtype: str | StatePrecision | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(state_dtype=state_dtype)
         self.scalars.defaults["layout"] = "out_in"  # layout=None: this, or default_layout's
         if layout not in (None, *LAYOUTS):
             raise ValueError(f"Muon layout should be None or one of {LAYOUTS}, {layout!r} was provided instead")
@@ -553,8 +615,10 @@ class ScheduleFreeAdamW(_Builtin):
         eps: Scalar = 1e-8,
         weight_decay: Scalar = 0.0,
         weight_lr_power: Scalar = 2.0,
+        *,
+        state_dtype: str | StatePrecision | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(state_dtype=state_dtype)
         self._set_learning_rate(learning_rate)
         self._set_betas(betas)
         if not callable(self.betas[0]) and self.betas[0] == 0:
@@ -610,8 +674,9 @@ class Adan(_Builtin):
         weight_decay: Scalar = 0.0,
         *,
         eps_root: Scalar = 0.0,
+        state_dtype: str | StatePrecision | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(state_dtype=state_dtype)
         self._set_learning_rate(learning_rate)
         self._set_betas(betas, count=3)
         self._set("eps", eps, lambda v: v >= 0, _non_negative("eps"))

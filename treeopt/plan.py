@@ -48,6 +48,8 @@ class Row:
     owner: str | None = None  # under ZeRO-1: the rank that updates it ("0"), or "rows" (split over every rank)
     #: options its rule takes for this parameter alone (Muon's ``layout`` of a ``Conv1D``)
     options: dict[str, Any] = field(default_factory=dict)
+    #: how its slots are stored, when its optimizer has a ``state_dtype``: "int8/256, uint8/256", "float32"...
+    state_dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class Group:
     size: int
     state_bytes: int
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    #: the optimizer's ``state_dtype`` (``None``: the parameters' dtype)
+    state_dtype: str | None = None
 
 
 def _human(n):
@@ -157,6 +161,10 @@ class Plan:
         ]
         if not any(row[-1] for row in body):  # no note anywhere: drop the column
             header, body = header[:-1], [row[:-1] for row in body]
+        if any(r.state_dtype is not None for r in self.rows):  # a state_dtype: how each is stored
+            at = header.index("state") + 1
+            header = header[:at] + ["stored as"] + header[at:]
+            body = [row[:at] + [r.state_dtype or "-"] + row[at:] for row, r in zip(body, self.rows)]
         if any(r.owner is not None for r in self.rows):  # ZeRO-1: who updates each parameter
             header = header[:2] + ["owner"] + header[2:]
             body = [row[:2] + ["-" if r.owner is None else r.owner] + row[2:] for row, r in zip(body, self.rows)]
@@ -175,6 +183,11 @@ class Plan:
             ]
             for g in self.groups
         ]
+        if any(g.state_dtype is not None for g in self.groups):
+            totals = [totals[0][:5] + ["state_dtype", "bytes/param"] + totals[0][5:]] + [
+                row[:5] + [g.state_dtype or "-", f"{g.state_bytes / g.size:.2f}" if g.size else "-"] + row[5:]
+                for row, g in zip(totals[1:], self.groups)
+            ]
         return header, body, totals
 
     def _ranks_table(self):
@@ -219,10 +232,10 @@ class Plan:
         header, body, totals = self._table()
         reason = header.index("reason")
         filters: dict[str, str] = {}
-        for row in body:  # "filters[1] (is_bias | is_norm)" on every row: its name once, below
-            match = re.fullmatch(r"(filters\[\d+\]) \((.+)\)", row[reason])
+        for row in body:  # "filters[1] (is_bias | is_norm): ..." on every row: its name once, below
+            match = re.fullmatch(r"(filters\[\d+\]) \(([^()]+)\)(.*)", row[reason])
             if match and filters.setdefault(match[1], match[2]) == match[2]:
-                row[reason] = match[1]
+                row[reason] = match[1] + match[3]
         title = f"Routing plan at step {self.step}"
 
         def too_wide(rows):
@@ -237,6 +250,11 @@ class Plan:
         i = header.index("size")
         if too_wide([header] + body):
             header, body = header[:i] + header[i + 1 :], [row[:i] + row[i + 1 :] for row in body]
+        # then the reason is said shorter: "filters[1]: norm" without why it is a norm, then
+        # "filters[1]" alone (plan.rows keep the whole reason)
+        for keep in (2, 1):
+            if too_wide([header] + body):
+                body = [row[:reason] + [": ".join(row[reason].split(": ")[:keep])] + row[reason + 1 :] for row in body]
         hyper = []
         if too_wide(totals):
             hyper = [f"{row[0]}  {row[-1]}" for row in totals[1:]]
@@ -342,6 +360,19 @@ def _itemsize(dtype: str) -> int:
     return 2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize
 
 
+def _stored_as(store: SlotStore, keys: Keys, shape: Shape, dtype: str) -> str | None:
+    """How a parameter's slots are stored, for an optimizer with a ``state_dtype``."""
+    if store.precision is None:
+        return None
+    try:
+        layout = store.layout(shape, dtype, keys)
+    except Exception:
+        return None
+    if layout is None:
+        return dtype
+    return ", ".join(dict.fromkeys(form.name for form in layout.forms.values())) or "-"
+
+
 def build(groups: list[Member], router: _Router) -> Plan:
     """The plan of the groups ``router`` routes to, from the routes and state they hold."""
     group_of = {id(member.group): i for i, member in enumerate(groups)}
@@ -375,6 +406,7 @@ def build(groups: list[Member], router: _Router) -> Plan:
                 route.also,
                 route.notes,
                 options=dict(route.options),
+                state_dtype=_stored_as(owner.store, keys, shape, dtype),
             )
         )
         totals[group][0] += 1
@@ -389,6 +421,7 @@ def build(groups: list[Member], router: _Router) -> Plan:
             totals[i][1],
             totals[i][2],
             hyper[id(member.group)],
+            None if member.group.store.precision is None else member.group.store.precision.describe(),
         )
         for i, member in enumerate(groups)
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from treeopt._trees import canonical_name
@@ -10,6 +11,7 @@ from treeopt.backends import backend_of
 from treeopt.filters import is_bias, is_gain, is_hidden_matrix, is_norm
 from treeopt.multi import MultiOptimizer
 from treeopt.optimizers import AdamW, Muon
+from treeopt.precision import StatePrecision
 from treeopt.tree import is_container, tree_flatten
 from treeopt.types import Filter, Scalar, Schedule, Tree
 
@@ -101,6 +103,7 @@ def muon_adamw(
     no_decay: Filter = is_bias | is_norm | is_gain,
     frozen: Filter | None = None,
     lr_schedule: Schedule | None = None,
+    state_dtype: str | StatePrecision | Mapping[str, str | StatePrecision | None] | None = None,
     print_plan: bool = False,
     **options: Any,
 ) -> MultiOptimizer:
@@ -145,6 +148,10 @@ def muon_adamw(
         frozen: a filter of parameters that no group gets.
         lr_schedule: a multiplier of the step for every group's learning rate (warm-up,
             decay), e.g. ``join_schedules([linear_schedule(0, 1, 100), cosine_decay(1, 900)], [100])``.
+        state_dtype: how every group stores its state (``None``: the parameters' dtype;
+            ``"float32"``, ``"bfloat16"``, ``"int8"``: see ``docs/precision.md``), or a dict
+            by group name, e.g. ``{"muon": "bfloat16", "adamw": "int8"}`` (groups not named
+            keep ``None``).
         print_plan: print the routing plan (needs ``params``).
         options: other :class:`MultiOptimizer` options (``max_grad_norm``,
             ``skip_nonfinite``, ``accumulate``, ``on_unmatched``, ``guards``).
@@ -166,6 +173,14 @@ def muon_adamw(
         params = canonical(params)
     if layout is None and params is not None:
         layout = layout_of(params)
+    names = ["muon", "adamw_no_decay", "adamw"]
+    if isinstance(state_dtype, Mapping):
+        unknown = sorted(set(state_dtype) - set(names))
+        if unknown:
+            raise ValueError(f"muon_adamw state_dtype names groups {unknown}; the groups are {names}")
+        dtypes = [state_dtype.get(name) for name in names]
+    else:
+        dtypes = [state_dtype] * len(names)
     multi = MultiOptimizer(
         [
             Muon(
@@ -177,12 +192,13 @@ def muon_adamw(
                 adjust_lr=adjust_lr,
                 layout=layout,
                 ns_dtype=ns_dtype,
+                state_dtype=dtypes[0],
             ),
-            AdamW(adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True),
-            AdamW(adamw_lr, betas=betas, weight_decay=weight_decay, bias_correction=True),
+            AdamW(adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True, state_dtype=dtypes[1]),
+            AdamW(adamw_lr, betas=betas, weight_decay=weight_decay, bias_correction=True, state_dtype=dtypes[2]),
         ],
         [hidden, no_decay],
-        names=["muon", "adamw_no_decay", "adamw"],
+        names=names,
         frozen=frozen,
         lr_schedule=lr_schedule,
         **options,

@@ -24,13 +24,14 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from treeopt import _trees
-from treeopt.backends import Backend, backend_of, numpy_backend
+from treeopt.backends import Backend, as_float, backend_of, numpy_backend
 from treeopt.errors import ParameterError, describe
+from treeopt.precision import Layout, Noise, StatePrecision, layout as precision_layout
 from treeopt.rules.base import Rule
 from treeopt.tree import is_container, items, tree_map
 from treeopt.types import Array, Keys, Shape, State, Tree
 
-__all__ = ["RESERVED", "SlotStore", "SlotSpec", "slot_problem"]
+__all__ = ["RESERVED", "Part", "SlotStore", "SlotSpec", "slot_problem"]
 
 #: state keys that are never parameter names; a top-level parameter with one of these names
 #: (or the name of another scalar of the state) keeps its slots under the name prefixed with ``~``
@@ -49,6 +50,16 @@ class SlotSpec(NamedTuple):
 
     shape: Shape
     dtype: str
+    #: kept in another form than the parameter's (a ``state_dtype``)
+    stored: bool = False
+
+
+class Part(NamedTuple):
+    """A parameter the store holds in part (a shard of rows on one rank): the whole tensor's
+    shape, and the index of the part's first element in it."""
+
+    whole: Shape
+    offset: int
 
 
 def slot_problem(
@@ -67,7 +78,7 @@ def slot_problem(
     if shape != tuple(want.shape):
         return f"has shape {shape}, expected {tuple(want.shape)}"
     if dtype != want.dtype:
-        return f"is {dtype} but the parameter is {want.dtype}"
+        return f"is {dtype} but {'its state_dtype stores it as' if want.stored else 'the parameter is'} {want.dtype}"
     if device is not None and found.device(value) != device:
         return f"is on {found.device(value)} but the parameter is on {device}"
     return None
@@ -79,9 +90,11 @@ class SlotStore:
     Args:
         rule: the optimizer's rule, whose slots the store keeps (``None`` for an optimizer
             without one: its slots are whatever its ``init_single`` makes).
+        precision: how the slots are stored (``state_dtype``, :mod:`treeopt.precision`);
+            ``None``: in the parameter's dtype, as MLX keeps them.
     """
 
-    def __init__(self, rule: Rule | None = None) -> None:
+    def __init__(self, rule: Rule | None = None, precision: StatePrecision | None = None) -> None:
         self.tree: State = {}
         #: entries of the dict that are scalars, not parameters (kept by the scalars)
         self.reserved: set[str] = set(RESERVED)
@@ -98,6 +111,10 @@ class SlotStore:
         self.parameters: dict[Keys, tuple[Shape, str]] = {}
         #: keys -> slots to start from when the parameter is initialised (a re-route's carry)
         self.carried: dict[Keys, dict[str, Array]] = {}
+        self.precision = precision
+        #: keys -> the part held of a parameter split across ranks (its stored forms are the
+        #: whole tensor's: random bits by the element's index in it, int8 judged by its size)
+        self.parts: dict[Keys, Part] = {}
         self.version = next_version()
 
     # ------------------------------------------------------------------ reading
@@ -113,27 +130,115 @@ class SlotStore:
         """``(keys, slot dict)`` of every parameter with state, in state order."""
         return slot_items(self.tree, self.reserved)
 
-    def expected(self, shape: Shape, dtype: str) -> dict[str, SlotSpec]:
-        """What each slot of a parameter of ``shape`` and ``dtype`` holds in the store."""
+    def slot_shapes(self, shape: Shape) -> dict[str, Shape]:
+        """The shape of each slot the rule computes with, for a parameter of ``shape``."""
         if self.rule is None:
             return {}
-        shapes = self.rule.slot_shapes(tuple(shape), self.settings)
-        return {name: SlotSpec(tuple(s), dtype) for name, s in shapes.items()}
+        return {name: tuple(s) for name, s in self.rule.slot_shapes(tuple(shape), self.settings).items()}
+
+    def layout(self, shape: Shape, dtype: str, keys: Keys | None = None) -> Layout | None:
+        """How the slots of the parameter at ``keys`` (of ``shape`` and ``dtype``) are stored
+        and computed (:class:`treeopt.precision.Layout`), or ``None``: in the parameter's dtype."""
+        if self.precision is None or self.rule is None:
+            return None
+        part = self.parts.get(keys) if keys is not None else None
+        return precision_layout(
+            self.precision,
+            dtype,
+            self.slot_shapes(shape),
+            self.rule.slot_meanings,
+            whole=None if part is None else part.whole,
+            shape=tuple(shape),
+        )
+
+    def expected(self, shape: Shape, dtype: str, keys: Keys | None = None) -> dict[str, SlotSpec]:
+        """What the store keeps for a parameter of ``shape`` and ``dtype`` (at ``keys``): a
+        :class:`SlotSpec` per entry (a slot, or the codes and scales of an int8 slot)."""
+        shapes = self.slot_shapes(shape)
+        layout = self.layout(shape, dtype, keys)
+        if layout is None:
+            return {name: SlotSpec(s, dtype) for name, s in shapes.items()}
+        return {key: SlotSpec(tuple(s), d, True) for key, (s, d) in layout.entries(shapes).items()}
 
     # ------------------------------------------------------------------ the runner's view
-    def load(self, slots: dict[str, Array], names: Iterable[str]) -> list[Array]:
-        """The slots ``names`` as the rule computes with them."""
-        return [slots[n] for n in names]
+    def load(self, slots: dict[str, Array], names: Iterable[str], layout: Layout | None = None) -> list[Array]:
+        """The slots ``names`` as the rule computes with them: as kept, or read from their
+        stored form (``layout``) into arrays of its compute dtype."""
+        if layout is None:
+            return [slots[n] for n in names]
+        loaded = []
+        for name in names:
+            backend = backend_of(slots[name])
+            assert backend is not None  # a slot: checked before the step
+            loaded.append(layout.forms[name].load(backend, slots, name, layout.compute))
+        return loaded
 
-    def save(self, backend: Backend, slots: dict[str, Array], name: str, value: Array) -> None:
-        """Keep ``value``, the rule's new slot ``name``: written into the slot's array where
-        the library allows it (references into the state stay valid), else put in its place."""
-        old = slots[name]
-        if backend.mutable and backend.writable(old):
-            if value is not old:
-                backend.write(old, value)
-        else:
-            slots[name] = backend.as_array(value)
+    def save(
+        self,
+        backend: Backend,
+        slots: dict[str, Array],
+        name: str,
+        value: Array,
+        layout: Layout | None = None,
+        noise: Noise | None = None,
+    ) -> None:
+        """Keep ``value``, the rule's new slot ``name`` (encoded into its stored form when
+        ``layout`` gives one, stochastic rounding drawing from ``noise``): written into the
+        slot's arrays where the library allows it (references into the state stay valid),
+        else put in their place."""
+        entries = {name: value} if layout is None else layout.forms[name].encode(backend, name, value, noise)
+        for key, new in entries.items():
+            old = slots[key]
+            if backend.mutable and backend.writable(old):
+                if new is not old:
+                    backend.write(old, new)
+            else:
+                slots[key] = backend.as_array(new)
+
+    def noise(self, keys: Keys) -> Noise:
+        """Where stochastic rounding's random bits come from for the parameter at ``keys`` in
+        this step: the seed, its path, the step (traced under ``jax.jit``), and its first
+        element's index in the whole tensor."""
+        assert self.precision is not None  # asked only for stored forms
+        step = self.tree["step"]
+        try:
+            step = int(as_float(step))
+        except Exception:  # traced: no number yet
+            pass
+        part = self.parts.get(keys)
+        return Noise(self.precision.seed, _trees.dotted(keys), step, 0 if part is None else part.offset)
+
+    def read(self, keys: Keys) -> dict[str, Array] | None:
+        """The slots of the parameter at ``keys`` as the rule computes with them (a stored
+        form read back into arrays of its compute dtype), or ``None`` when it has none."""
+        slots = self.slots(keys)
+        if not slots or keys not in self.parameters:
+            return slots
+        layout = self.layout(*self.parameters[keys], keys)
+        if layout is None:
+            return dict(slots)
+        names = list(layout.forms)
+        return dict(zip(names, self.load(slots, names, layout)))
+
+    def encode_new(self, keys: Keys, param: Array, slots: dict[str, Array]) -> None:
+        """Put the slots ``init_single`` just made for ``param`` (in its dtype) into their
+        stored form, rounded to nearest (no step draws random bits yet)."""
+        backend = backend_of(param)
+        assert backend is not None  # a parameter
+        layout = self.layout(tuple(backend.shape(param)), backend.dtype_name(param), keys)
+        if layout is None:
+            return
+        for name, form in layout.forms.items():
+            value = slots.pop(name)
+            if backend.dtype_name(value) != layout.compute:
+                value = backend.astype(value, layout.compute)
+            slots.update(form.encode(backend, name, value, None))
+
+    def hold_part(self, keys: Keys, whole: Shape, offset: int) -> None:
+        """The parameter at ``keys`` is a part of a tensor of shape ``whole`` starting at
+        element ``offset`` (a shard of rows): its slots are stored as the whole tensor's."""
+        self.parts[keys] = Part(tuple(whole), int(offset))
+        self.version = next_version()
 
     # ------------------------------------------------------------------ mutators (each bumps the version)
     def replace(self, tree: State) -> None:
@@ -172,6 +277,8 @@ class SlotStore:
             if backend.name == "python":
                 param = (self.backend or numpy_backend).scalar_array(param, "float32")
             init_single(param, slots)
+            if self.precision is not None:
+                self.encode_new(leaf_keys, param, slots)
             given = carried.pop(leaf_keys, None)
             if given:  # slots handed over by a re-route with state="carry"
                 for name, value in given.items():
@@ -229,15 +336,17 @@ class SlotStore:
 
     # ------------------------------------------------------------------ checks
     def check_slots(
-        self, owner: str, path: str, param: Array, backend: Backend, slots: dict[str, Array], exact: bool
+        self, owner: str, keys: Keys, param: Array, backend: Backend, slots: dict[str, Array], exact: bool
     ) -> None:
         """The slots a step is about to use must fit their parameter (its shape may have
         changed under the same path, or the state was set from outside): same names (only
-        those, when ``exact``), library, shape, dtype and device; no silent broadcasting."""
+        those, when ``exact``), library, shape, dtype and device; no silent broadcasting; a
+        slot stored in another form (``state_dtype``) has that form's entries."""
         if self.rule is None:
             return
+        path = _trees.dotted(keys)
         shape = tuple(backend.shape(param))
-        expected = self.expected(shape, backend.dtype_name(param))
+        expected = self.expected(shape, backend.dtype_name(param), keys)
         extra = sorted(set(slots) - set(expected))
         if exact and extra:
             raise ParameterError(
@@ -286,20 +395,20 @@ class SlotStore:
                     f"{owner}.state has slots for {path!r}, a parameter this optimizer does not hold "
                     f"(it holds {', '.join(sorted(_trees.dotted(k) for k in known))})"
                 )
-            expected = self.expected(*known[keys])
+            expected = self.expected(*known[keys], keys)
             if set(slots) != set(expected):
                 raise ValueError(
                     f"{owner}.state: {path!r} has slots {sorted(slots)}, and {owner} keeps "
-                    f"{sorted(expected)} (the state of another kind of optimizer?)"
+                    f"{sorted(expected)} (the state of another kind of optimizer, or of another state_dtype?)"
                 )
             for slot, value in slots.items():
                 if slot_problem(value, expected[slot]) is not None:
                     found = backend_of(value)
                     assert found is not None  # an array: checked above
                     got, want = f"{found.dtype_name(value)}{list(found.shape(value))}", expected[slot]
+                    needs = "its state_dtype stores it as" if want.stored else "the parameter needs"
                     raise ValueError(
-                        f"{owner}.state: slot {slot!r} of {path!r} is {got}; the parameter needs "
-                        f"{want.dtype}{list(want.shape)}"
+                        f"{owner}.state: slot {slot!r} of {path!r} is {got}; {needs} {want.dtype}{list(want.shape)}"
                     )
 
 

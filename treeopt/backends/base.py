@@ -158,6 +158,40 @@ class Backend:
         across devices (JAX sharding) needs more than calling ``fn``."""
         return fn(x)
 
+    # --- stored forms of state (treeopt.precision) ------------------------------------------
+    #: the integer dtype of the random-bit hash: 32-bit values, or wider ones masked to 32 bits
+    #: where the library has no uint32 arithmetic
+    hash_dtype: str = "uint32"
+
+    def hash_scalar(self, value: int) -> Scalar:
+        """An integer constant of the hash, as the library combines it with ``hash_dtype`` arrays."""
+        return value
+
+    def zeros_of(self, shape: Sequence[int], dtype: str, like: Array) -> Array:
+        """Zeros of ``shape`` and ``dtype`` on ``like``'s device (placed as ``like`` when the
+        shapes agree)."""
+        raise NotImplementedError
+
+    def floor(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def max_last(self, x: Array) -> Array:
+        """The maximum along the last axis (a NaN anywhere gives NaN)."""
+        raise NotImplementedError
+
+    def pad_last(self, x: Array, count: int) -> Array:
+        """``x`` with ``count`` zeros appended along its last axis."""
+        raise NotImplementedError
+
+    def arange_of(self, count: int, dtype: str, like: Array) -> Array:
+        """``0, 1, ..., count - 1`` in ``dtype`` on ``like``'s device."""
+        raise NotImplementedError
+
+    def round_bfloat16(self, x: Array, bits: Array) -> Array:
+        """float32 ``x`` rounded to bfloat16 after adding ``bits`` (integers in [0, 2^16), of
+        ``hash_dtype``) to its bit pattern: stochastic rounding. NaNs stay NaN."""
+        raise NotImplementedError
+
 
 class PythonScalars(Backend):
     """Plain Python numbers, e.g. a schedule evaluated at an integer step."""

@@ -121,6 +121,31 @@ class JaxBackend(Backend):
     def all_finite(self, x: Array) -> Array:
         return jnp.isfinite(x).all()
 
+    # --- stored forms of state
+    def hash_scalar(self, value: int) -> Scalar:
+        return np.uint32(value)  # JAX refuses Python ints beyond int32 next to uint32 arrays
+
+    def zeros_of(self, shape: Sequence[int], dtype: str, like: Array) -> Array:
+        if tuple(shape) == tuple(like.shape):
+            return jnp.zeros_like(like, dtype=_dtype(dtype))  # split as the parameter is
+        return jnp.zeros(shape, dtype=_dtype(dtype))
+
+    def floor(self, x: Array) -> Array:
+        return jnp.floor(x)
+
+    def max_last(self, x: Array) -> Array:
+        return jnp.max(x, axis=-1)
+
+    def pad_last(self, x: Array, count: int) -> Array:
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, count)])
+
+    def arange_of(self, count: int, dtype: str, like: Array) -> Array:
+        return jnp.arange(count, dtype=_dtype(dtype))
+
+    def round_bfloat16(self, x: Array, bits: Array) -> Array:
+        rounded = (jax.lax.bitcast_convert_type(x, jnp.uint32) + bits.astype(jnp.uint32)) & np.uint32(0xFFFF0000)
+        return jnp.where(jnp.isnan(x), x, jax.lax.bitcast_convert_type(rounded, jnp.float32)).astype(jnp.bfloat16)
+
     def on_whole(self, fn: Callable[[Array], Array], x: Array) -> Array:
         """``fn(x)`` computed on the whole of ``x``, wherever ``x`` is split across devices.
 

@@ -126,3 +126,23 @@ class MlxBackend(Backend):
 
     def all_finite(self, x: Array) -> Array:
         return mx.all(mx.isfinite(x))
+
+    # --- stored forms of state
+    def zeros_of(self, shape: Sequence[int], dtype: str, like: Array) -> Array:
+        return mx.zeros(shape, dtype=getattr(mx, dtype))
+
+    def floor(self, x: Array) -> Array:
+        return mx.floor(x)
+
+    def max_last(self, x: Array) -> Array:
+        return mx.max(x, axis=-1)
+
+    def pad_last(self, x: Array, count: int) -> Array:
+        return mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, count)])
+
+    def arange_of(self, count: int, dtype: str, like: Array) -> Array:
+        return mx.arange(count, dtype=getattr(mx, dtype))
+
+    def round_bfloat16(self, x: Array, bits: Array) -> Array:
+        rounded = (x.view(mx.uint32) + bits.astype(mx.uint32)) & 0xFFFF0000
+        return mx.where(mx.isnan(x), x, rounded.view(mx.float32)).astype(mx.bfloat16)

@@ -136,3 +136,23 @@ class NumpyBackend(Backend):
 
     def all_finite(self, x: Array) -> Array:
         return np.isfinite(x).all()
+
+    # --- stored forms of state
+    def zeros_of(self, shape: Sequence[int], dtype: str, like: Array) -> Array:
+        return np.zeros(shape, dtype=_dtype(dtype))
+
+    def floor(self, x: Array) -> Array:
+        return np.floor(x)
+
+    def max_last(self, x: Array) -> Array:
+        return np.max(x, axis=-1)
+
+    def pad_last(self, x: Array, count: int) -> Array:
+        return np.concatenate([x, np.zeros(x.shape[:-1] + (count,), x.dtype)], axis=-1)
+
+    def arange_of(self, count: int, dtype: str, like: Array) -> Array:
+        return np.arange(count, dtype=_dtype(dtype))
+
+    def round_bfloat16(self, x: Array, bits: Array) -> Array:
+        rounded = (x.view(np.uint32) + bits.astype(np.uint32)) & np.uint32(0xFFFF0000)
+        return np.where(np.isnan(x), x, rounded.view(np.float32)).astype(_dtype("bfloat16"))

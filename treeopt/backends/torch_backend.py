@@ -171,3 +171,25 @@ class TorchBackend(Backend):
 
     def all_finite(self, x: Array) -> Array:
         return torch.isfinite(x).all()
+
+    # --- stored forms of state
+    hash_dtype = "int64"  # torch has little uint32 arithmetic
+
+    def zeros_of(self, shape: Sequence[int], dtype: str, like: Array) -> Array:
+        return torch.zeros(tuple(shape), dtype=_dtype(dtype), device=like.device)
+
+    def floor(self, x: Array) -> Array:
+        return torch.floor(x)
+
+    def max_last(self, x: Array) -> Array:
+        return torch.amax(x, dim=-1)
+
+    def pad_last(self, x: Array, count: int) -> Array:
+        return torch.nn.functional.pad(x, (0, count))
+
+    def arange_of(self, count: int, dtype: str, like: Array) -> Array:
+        return torch.arange(count, dtype=_dtype(dtype), device=like.device)
+
+    def round_bfloat16(self, x: Array, bits: Array) -> Array:
+        rounded = ((x.view(torch.int32) + bits.to(torch.int32)) & -65536).view(torch.float32)
+        return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)

@@ -28,7 +28,8 @@ class Stored(Protocol):
 
 
 FORMAT = "treeopt-checkpoint"
-FORMAT_VERSION = 1
+#: 2: optimizers may have a ``state_dtype`` and slots int8/uint8 codes with float32 scales
+FORMAT_VERSION = 2
 
 
 class CheckpointError(TreeoptError, ValueError):

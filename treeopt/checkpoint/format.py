@@ -13,6 +13,7 @@ from __future__ import annotations
 import numbers
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +33,8 @@ from treeopt.checkpoint.base import (
     slot_key,
 )
 from treeopt.multi import MultiOptimizer
+from treeopt.precision.codes import BLOCK
+from treeopt.precision.formats import Form, slot_names, stored_form
 from treeopt.types import Array
 
 if TYPE_CHECKING:
@@ -104,6 +107,8 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
                 ],
             }
         )
+        if group.store.precision is not None:  # how its slots are stored (codes and scales of int8 slots)
+            optimizers[-1]["state_dtype"] = asdict(group.store.precision)
     names = {id(group): name for name, _, group in optimizer.groups()}
     for keys, _, owner in optimizer.router.table():  # known paths without state
         parameters.setdefault(dotted(keys), {"owner": names.get(id(owner)), "slots": {}})
@@ -122,7 +127,8 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
                 put(f"#{name}", value)
     metadata = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        # a file without a state_dtype is what format 1 readers know
+        "format_version": FORMAT_VERSION if any("state_dtype" in o for o in optimizers) else 1,
         "treeopt_version": __version__,
         "whole_model": {k: v for k, v in extra.items() if v is not None},
         "step": int(numpy_scalar(optimizer.groups()[0].group.step)),
@@ -183,6 +189,11 @@ def from_flat(
     matches = _match_optimizers(current, metadata)
     saved_params = metadata["parameters"]
     saved_types = {o["name"]: o["type"] for o in metadata["optimizers"]}
+    saved_blocks = {o["name"]: o.get("state_dtype", {}).get("block", BLOCK) for o in metadata["optimizers"]}
+    # slots stored in another form load read back and stored anew only where a state_dtype is
+    # involved; between two optimizers without one, another dtype is a problem, as it always was
+    saved_compact = {o["name"] for o in metadata["optimizers"] if "state_dtype" in o}
+    converts: list[tuple[Any, Any, dict[str, Array], str, dict[str, Form]]] = []
     writes: list[
         tuple[dict[str, Array], str, Array]
     ] = []  # (slots dict, slot name, saved array), applied only after every check
@@ -208,10 +219,21 @@ def from_flat(
                     )
                 )
                 continue
-            if set(saved["slots"]) != set(slots):
+            saved_names, current_names = slot_names(list(saved["slots"])), slot_names(list(slots))
+            if set(saved_names) != set(current_names):
                 report.problems.append(
-                    Problem("slots", path, f"slots {sorted(saved['slots'])} in the checkpoint, {sorted(slots)} now")
+                    Problem(
+                        "slots", path, f"slots {sorted(saved_names)} in the checkpoint, {sorted(current_names)} now"
+                    )
                 )
+                continue
+            compact = group.store.precision is not None or saved["owner"] in saved_compact
+            if compact and any(saved["slots"].get(slot) != _shape_dtype(value) for slot, value in slots.items()):
+                # stored in another form (another state_dtype): read back and stored anew
+                forms = _stored_forms(group.store, keys, path, saved, saved_blocks.get(saved["owner"], BLOCK), report)
+                if forms is not None:
+                    converts.append((group.store, keys, slots, path, forms))
+                    report.loaded.append(path)
                 continue
             fits = True
             for slot, value in slots.items():
@@ -273,11 +295,58 @@ def from_flat(
         _load_whole_model_state(optimizer, tensors, metadata)
     for slots, slot, key in writes:
         assign(slots, slot, tensors[key])  # one tensor read at a time
+    for store, keys, slots, path, forms in converts:
+        _convert(store, keys, slots, path, forms, tensors)
     for group, scalar, array in scalar_writes:
         _assign_scalar(group, scalar, array)
     for _, _, group in current:
         group.store.checked = True
     return report
+
+
+def _stored_forms(store, keys, path, saved, block, report):
+    """The stored form of each slot of ``path`` in the checkpoint, checked against the slots
+    the parameter needs now; ``None`` (with the problems reported) when they do not fit."""
+    shape, _ = store.parameters[keys]
+    wanted = store.slot_shapes(shape)
+    entries = {k: (tuple(v["shape"]), v["dtype"]) for k, v in saved["slots"].items()}
+    forms = {}
+    for slot, slot_shape in wanted.items():
+        form = stored_form({k: v for k, v in entries.items() if k in (slot, f"{slot}_scale")}, slot, block)
+        if isinstance(form, str):
+            report.problems.append(Problem("stored", slot_key(path, slot), form))
+        elif entries[slot][0] != tuple(slot_shape):
+            report.problems.append(
+                Problem(
+                    "shape",
+                    slot_key(path, slot),
+                    f"shape {entries[slot][0]} in the checkpoint, {tuple(slot_shape)} now",
+                )
+            )
+        else:
+            forms[slot] = form
+    return forms if len(forms) == len(wanted) else None
+
+
+def _convert(store, keys, slots, path, forms, tensors):
+    """Write the saved slots of ``path`` (read back from their stored ``forms``) in the form
+    ``store`` keeps them now. No step: bfloat16 is rounded to nearest."""
+    shape, dtype = store.parameters[keys]
+    layout = store.layout(shape, dtype, keys)
+    compute = layout.compute if layout is not None else dtype
+    for slot, form in forms.items():
+        arrays = {
+            k: np.asarray(array_backend(tensors[slot_key(path, k)]).to_numpy(tensors[slot_key(path, k)]))
+            for k in (slot, f"{slot}_scale")
+            if slot_key(path, k) in tensors
+        }
+        value = form.load(numpy_backend, arrays, slot, "float64" if compute == "float64" else "float32")
+        if layout is None:
+            entries = {slot: numpy_backend.astype(value, dtype)}
+        else:
+            entries = layout.forms[slot].encode(numpy_backend, slot, value, None)
+        for key, array in entries.items():
+            assign(slots, key, array)
 
 
 def _whole_model(optimizer):

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from treeopt._trees import dotted
+from treeopt.backends import array_backend
 from treeopt.checkpoint.base import slot_key
 from treeopt.checkpoint.format import FORMAT, FORMAT_VERSION
 from treeopt.tree import tree_flatten
@@ -25,8 +26,25 @@ def is_mlx_layout(keys: Iterable[str]) -> bool:
 
 
 def to_mlx(optimizer: Optimizer) -> dict[str, Array]:
-    """The arrays of ``tree_flatten(optimizer.state)``, as MLX would save them."""
-    return dict(tree_flatten(optimizer.state))
+    """The arrays of ``tree_flatten(optimizer.state)``, as MLX would save them. Slots stored
+    compactly (``state_dtype``) are read back into the parameter's dtype, as MLX keeps them."""
+    flat = dict(tree_flatten(optimizer.state))
+    for _, position, group in optimizer.groups():
+        store = group.store
+        if store.precision is None:
+            continue
+        prefix = "".join(f"states.{i}." for i in position)
+        for keys, slots in store.items():
+            shape, dtype = store.parameters[keys]
+            layout = store.layout(shape, dtype, keys)
+            if layout is None:
+                continue
+            path = prefix + ".".join(map(str, (store.key(keys[0]),) + tuple(keys[1:])))
+            for key in slots:
+                flat.pop(f"{path}.{key}", None)
+            for slot, value in zip(layout.forms, store.load(slots, layout.forms, layout)):
+                flat[f"{path}.{slot}"] = array_backend(value).astype(value, dtype)
+    return flat
 
 
 def from_mlx(optimizer: Optimizer, arrays: Stored) -> tuple[dict[str, Array], dict[str, Any]]:

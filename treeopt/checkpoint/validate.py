@@ -18,12 +18,15 @@ import numpy as np
 from treeopt._trees import dotted
 from treeopt.backends import backend_of
 from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, numpy_scalar, slot_key, split_slot_key
+from treeopt.precision import StatePrecision
 
 if TYPE_CHECKING:
     from treeopt.checkpoint.base import Stored
 
 #: dtypes a state array may have
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: dtypes a stored slot may have besides: the codes of an int8 ``state_dtype``
+CODE_DTYPES = ("int8", "uint8")
 #: dtypes a state scalar (learning rate, scheduled value) may have
 SCALAR_DTYPES = ("float16", "bfloat16", "float32")
 #: whole-model counters kept in the metadata (non-negative integers)
@@ -145,6 +148,8 @@ def metadata(meta: Any) -> dict[str, Any]:
         running = _expect(entry.get("running", []), list, f"'optimizers[{i}].running'", "a list of names")
         if not all(isinstance(s, str) for s in running):
             _fail(f"'optimizers[{i}].running'", f"must be a list of names, got {_short(running)}")
+        if "state_dtype" in entry:
+            _state_dtype(entry["state_dtype"], f"'optimizers[{i}].state_dtype'")
         if entry["name"] in names:
             _fail(f"'optimizers[{i}].name'", f"{entry['name']!r} is used twice")
         names.add(entry["name"])
@@ -166,10 +171,24 @@ def metadata(meta: Any) -> dict[str, Any]:
             if set(spec) != {"shape", "dtype"}:
                 _fail(at, f"must have exactly 'shape' and 'dtype', got {sorted(spec)}")
             _shape(spec["shape"], f"{at[:-1]}.shape'")
-            if spec["dtype"] not in FLOAT_DTYPES:
-                _fail(f"{at[:-1]}.dtype'", f"must be one of {', '.join(FLOAT_DTYPES)}, got {_short(spec['dtype'])}")
+            if spec["dtype"] not in FLOAT_DTYPES + CODE_DTYPES:
+                _fail(
+                    f"{at[:-1]}.dtype'",
+                    f"must be one of {', '.join(FLOAT_DTYPES + CODE_DTYPES)}, got {_short(spec['dtype'])}",
+                )
     routing(meta.get("routing", []))
     return meta
+
+
+def _state_dtype(value, where):
+    """An optimizer's ``state_dtype``: the fields of a :class:`treeopt.precision.StatePrecision`."""
+    _expect(value, dict, where, "a dict with 'dtype', 'seed', 'block' and 'min_size'")
+    if set(value) != {"dtype", "seed", "block", "min_size"}:
+        _fail(where, f"must have exactly 'dtype', 'seed', 'block' and 'min_size', got {sorted(value)}")
+    try:
+        StatePrecision(**value)
+    except (TypeError, ValueError) as error:
+        _fail(where, str(error))
 
 
 def routing(nodes: Any) -> None:

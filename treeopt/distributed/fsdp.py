@@ -123,6 +123,8 @@ class FullyShardedStep:
                         name,
                     )
             self.local[name] = local
+            if is_sharded(param):  # its slots are stored as the whole tensor's rows (state_dtype)
+                group.store.hold_part((name,), tuple(param.shape), start * math.prod(param.shape[1:]))
             if is_sharded(param) and whole:
                 shape = tuple(param.shape)
                 ns_steps = group.scalars.hyperparameters().get("ns_steps")
@@ -199,25 +201,40 @@ class FullyShardedStep:
     def _run_on_owners(self, group, names, grads):
         world, rank = self.comm.world, self.comm.rank
         owner = self.ownership.owner
-        slots = {n: group.store.slots((n,)) for n in names}  # created at construction, in one order everywhere
+        store = group.store
+        slots = {n: store.slots((n,)) for n in names}  # created at construction, in one order everywhere
+        like = self.local[names[0]]
+        backend = _backend(like)
+        # slots kept in another form (state_dtype) travel read back, in the dtype the rule
+        # computes in, and each rank stores its rows anew: one process's bytes (int8 blocks are
+        # pieces of rows; bfloat16's random bits follow the element's index in the whole tensor)
+        layouts = {n: store.layout(tuple(self.local[n].shape), backend.dtype_name(like), (n,)) for n in names}
+        first = layouts[names[0]]
+        dtype = like.dtype if first is None else getattr(torch, first.compute)
+        slot_names = {n: list(slots[n]) if layouts[n] is None else list(layouts[n].forms) for n in names}
         rows = {n: [_ownership.row_range(self.parameters[n].shape[0], world, r) for r in range(world)] for n in names}
         width = {n: int(torch.Size(self.parameters[n].shape[1:]).numel()) for n in names}
-        count = {n: 2 + len(slots[n]) for n in names}  # gradient, parameter, slots
+        count = {n: 2 + len(slot_names[n]) for n in names}  # gradient, parameter, slots
 
         def size(name, r):
             start, stop = rows[name][r]
             return (stop - start) * width[name]
 
         def parts(name):
-            return [self.local[name], *slots[name].values()]
+            """This rank's rows of the parameter and the slots, as they travel."""
+            layout = layouts[name]
+            if layout is None:
+                return [self.local[name], *slots[name].values()]
+            return [self.local[name].to(dtype), *store.load(slots[name], layout.forms, layout)]
 
-        like = self.local[names[0]]
         # forward: my rows of each tensor, grouped by destination (its owner), in plan order
-        send = [t.reshape(-1) for d in range(world) for n in names if owner[n] == d for t in (grads[n], *parts(n))]
+        send = [
+            t.reshape(-1).to(dtype) for d in range(world) for n in names if owner[n] == d for t in (grads[n], *parts(n))
+        ]
         send_sizes = [sum(size(n, rank) * count[n] for n in names if owner[n] == d) for d in range(world)]
         receive_sizes = [sum(size(n, r) * count[n] for n in names if owner[n] == rank) for r in range(world)]
-        gathered = torch.empty(sum(receive_sizes), dtype=like.dtype, device=like.device)
-        self.comm.all_to_all(gathered, _cat(send, like), receive_sizes, send_sizes)
+        gathered = torch.empty(sum(receive_sizes), dtype=dtype, device=like.device)
+        self.comm.all_to_all(gathered, _cat(send, like, dtype), receive_sizes, send_sizes)
         mine = [n for n in names if owner[n] == rank]
         pieces: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in range(count[n])] for n in mine}
         offset = 0
@@ -230,22 +247,36 @@ class FullyShardedStep:
         for n in mine:  # one tensor at a time: the rule runs on each whole tensor once
             grad, param, *state = (torch.cat(p).reshape(self.parameters[n].shape) for p in pieces[n])
             pair = engine.Pair((n,), grad, param, _backend(param))
-            pair.slots, pair.options = dict(zip(slots[n], state)), self.options[n]
-            engine.run_rule(group, [pair], in_place=False)
-            results[n] = [pair.result, *pair.slots.values()]
+            pair.slots, pair.options = dict(zip(slot_names[n], state)), self.options[n]
+            (engine.run_rule if layouts[n] is None else engine.run_plain)(group, [pair], in_place=False)
+            results[n] = [pair.result, *(pair.slots[s] for s in slot_names[n])]
         # back: to each rank its rows of the new parameter and slots of my tensors
         back = [t[rows[n][d][0] : rows[n][d][1]].reshape(-1) for d in range(world) for n in mine for t in results[n]]
         back_sizes = [sum(size(n, d) * (count[n] - 1) for n in mine) for d in range(world)]
         returned_sizes = [sum(size(n, rank) * (count[n] - 1) for n in names if owner[n] == d) for d in range(world)]
-        returned = torch.empty(sum(returned_sizes), dtype=like.dtype, device=like.device)
-        self.comm.all_to_all(returned, _cat(back, like), returned_sizes, back_sizes)
+        returned = torch.empty(sum(returned_sizes), dtype=dtype, device=like.device)
+        self.comm.all_to_all(returned, _cat(back, like, dtype), returned_sizes, back_sizes)
         offset = 0
         for d in range(world):
             for n in names:
-                if owner[n] == d:
-                    for target in parts(n):
-                        target.copy_(returned[offset : offset + size(n, rank)].reshape(target.shape))
-                        offset += size(n, rank)
+                if owner[n] != d:
+                    continue
+                layout, local = layouts[n], self.local[n]
+                targets = [local] + ([] if layout is None else [None] * len(slot_names[n]))
+                if layout is None:
+                    targets += list(slots[n].values())
+                values = []
+                for target in targets:
+                    value = returned[offset : offset + size(n, rank)].reshape(local.shape)
+                    offset += size(n, rank)
+                    if target is None:
+                        values.append(value)
+                    else:
+                        target.copy_(value)
+                if layout is not None:
+                    noise = store.noise((n,))
+                    for name, value in zip(slot_names[n], values):
+                        store.save(backend, slots[n], name, value, layout, noise)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -288,8 +319,8 @@ class FullyShardedStep:
             )
 
 
-def _cat(pieces, like):
-    return torch.cat(pieces) if pieces else torch.empty(0, dtype=like.dtype, device=like.device)
+def _cat(pieces, like, dtype=None):
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype or like.dtype, device=like.device)
 
 
 def _backend(tensor):

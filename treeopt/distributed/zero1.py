@@ -45,7 +45,7 @@ def entry(name: str, param: torch.Tensor, optimizer: Optimizer) -> _ownership.En
     shape = tuple(param.shape)
     itemsize = param.element_size()
     expected = optimizer.store.expected(shape, str(param.dtype).removeprefix("torch."))
-    state_bytes = sum(math.prod(s.shape) for s in expected.values()) * itemsize
+    state_bytes = sum(math.prod(s.shape) * getattr(torch, s.dtype).itemsize for s in expected.values())
     rule = optimizer.rule
     ns_steps = optimizer.scalars.hyperparameters().get("ns_steps")
     if rule is not None and rule.elementwise:
@@ -123,6 +123,8 @@ class Zero1:
             start, stop = self.ownership.rows(name, rank)
             param = self.parameters[name]
             self.local[name] = param if self.ownership.owner[name] == rank else param[start:stop]
+            if self.local[name] is not param:  # its slots are stored as the whole tensor's rows (state_dtype)
+                routes[name].store.hold_part((name,), tuple(param.shape), start * math.prod(param.shape[1:]))
         self._layout = self._build_layout()
         with torch.no_grad():  # every owned slot exists from the start: rank-symmetric checkpoints
             optimizer.init(self.local)

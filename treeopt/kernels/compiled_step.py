@@ -31,6 +31,7 @@ from treeopt.engine import Group, Pair, Taken
 from treeopt.errors import warn
 from treeopt.kernels import numba_available, stacking
 from treeopt.kernels.expression import trace
+from treeopt.precision import codes as precision_codes
 from treeopt.routing import Direct, Router
 from treeopt.types import Array, Tree
 
@@ -282,6 +283,133 @@ class _NumbaBucket(_FusedBucket):
         )
 
 
+class _StoredBucket(_NumbaBucket):
+    """Float32 parameters of one elementwise rule whose slots are stored as ``kinds``, from one
+    or more groups, run as one parallel loop (:func:`kernel_for`); the gradients and the
+    parameters are checked as :class:`~treeopt.kernels.compiled_step._NumbaBucket` checks them,
+    the stored arrays by their own dtypes."""
+
+    def __init__(
+        self,
+        groups: list[tuple[Any, list[Any], list[int]]],
+        backend: Any,
+        static: tuple[str, ...],
+        flags: tuple[Any, ...],
+        kinds: tuple[str, ...],
+    ) -> None:
+        # numba is optional (treeopt[fast]): loaded when a loop is planned
+        from treeopt.kernels.numba_precision import block_items, block_of, kernel_for
+
+        pairs, rows, rule = _fuse(self, groups, backend, static, flags)
+        self.kinds = kinds
+        self.kernel, self.numeric = kernel_for(rule, kinds, static)
+        self.params = [pair.param for pair in pairs]
+        self.shapes = [tuple(backend.shape(p)) for p in self.params]
+        self.dtype = self.params[0].dtype
+        self.numpy = backend.name == "numpy"
+        self.np_dtype = np.dtype("float32")
+        self.rows = np.array(rows, np.int64)
+        self.table = np.zeros((len(self.owners), len(self.numeric)), np.float32)
+        by_rows = any(kind in ("i8", "u8") for kind in kinds)
+        self.pieces, self.items, self.columns, self.per_row = block_items(self.shapes, by_rows, block=block_of(kinds))
+        names = rule.slots
+        self.slot_arrays = [[pair.slots[n] for n in names] for pair in pairs]
+        self.scale_arrays = [
+            [pair.slots[f"{n}_scale"] for n, kind in zip(names, kinds) if kind in ("i8", "u8")] for pair in pairs
+        ]
+        count = len(names)
+        self.slot_ptrs = np.array([[_pointer(a) for a in row] for row in self.slot_arrays], np.int64).reshape(-1, count)
+        self.scale_ptrs = np.zeros((len(pairs), count), np.int64)
+        for i, pair in enumerate(pairs):
+            for k, (name, kind) in enumerate(zip(names, kinds)):
+                if kind in ("i8", "u8"):
+                    self.scale_ptrs[i, k] = _pointer(pair.slots[f"{name}_scale"])
+        self.param_ptrs = np.array([_pointer(p) for p in self.params], np.int64)
+        # the per-tensor part of each bfloat16 slot's random bits (the step is mixed in per
+        # step), and each tensor's first element in the whole tensor (a shard's offset)
+        self.starts = np.zeros((len(pairs), count), np.int64)
+        self.offsets = np.zeros(len(pairs), np.int64)
+        for i, pair in enumerate(pairs):
+            noise = self.owners[rows[i]].store.noise(pair.keys)
+            self.offsets[i] = noise.offset
+            for k, name in enumerate(names):
+                self.starts[i, k] = noise.start(name)
+        self.salts = np.zeros_like(self.starts)
+        if self.numpy:
+            # numba is optional (treeopt[fast]): loaded when a loop is planned
+            from treeopt.kernels.numba_support import numpy_pointers
+
+            self.pointers = numpy_pointers
+            self.descr = id(self.np_dtype)
+            self.shape_table, self.ndims = _shape_table(self.shapes)
+            # every array the loop writes, by dtype, checked still writable (and of its shape) at every step
+            targets = (
+                self.params
+                + [a for row in self.slot_arrays for a in row]
+                + [a for row in self.scale_arrays for a in row]
+            )
+            self.checks = []
+            for dtype in {a.dtype for a in targets}:
+                chosen = [a for a in targets if a.dtype == dtype]
+                shapes, ndims = _shape_table([a.shape for a in chosen])
+                ids = np.array([id(a) for a in chosen], np.int64)
+                self.checks.append((id(dtype), ids, shapes, ndims, np.empty(len(chosen), np.int64)))
+            self.target_ids = np.zeros(0, np.int64)  # the base class's check: done above instead
+            self.target_shapes = np.zeros((0, 1), np.int64)
+            self.target_ndims = np.zeros(0, np.int64)
+            self.target_out = np.zeros(0, np.int64)
+
+    def prepare(self, grads):
+        prepared = super().prepare(grads)
+        if prepared is None or not self.numpy:
+            return prepared
+        for descr, ids, shapes, ndims, out in self.checks:
+            if self.pointers(ids, descr, shapes, ndims, True, out) != -1:
+                return None
+        return prepared
+
+    def _call(self, grad_ptrs, pieces, items):
+        self.kernel(
+            grad_ptrs,
+            self.param_ptrs,
+            self.slot_ptrs,
+            self.scale_ptrs,
+            pieces,
+            items,
+            self.columns,
+            self.per_row,
+            self.rows,
+            self.table,
+            self.flags,
+            self.salts,
+            self.offsets,
+        )
+
+    def compiled(self):
+        """This bucket, its loop compiled (called on no element)."""
+        self._call(np.zeros(len(self.params), np.int64), np.zeros((0, 3), np.int64), np.zeros(1, np.int64))
+        return self
+
+    def run(self, prepared):
+        _, grad_ptrs = prepared
+        steps = np.zeros(len(self.owners), np.int64)
+        for row, owner in enumerate(self.owners):
+            values = owner.scalars.coefficients(self.params[0], self.backend)
+            self.table[row] = [float(values[n]) for n in self.numeric]
+            steps[row] = int(owner.store.tree["step"])
+        if "bf16" in self.kinds:
+            self.salts[:] = precision_codes.mix32((self.starts + steps[self.rows][:, None]) & precision_codes.MASK32)
+        self._call(grad_ptrs, self.pieces, self.items)
+
+
+def _shape_table(shapes):
+    width = max([len(s) for s in shapes] + [1])
+    table = np.zeros((len(shapes), width), np.int64)
+    for i, shape in enumerate(shapes):
+        table[i, : len(shape)] = shape
+    return table, np.array([len(s) for s in shapes], np.int64)
+
+
 class _TorchBucket(_FusedBucket):
     """Pairs of one elementwise rule, dtype and device (torch), from one or more groups, run by
     one of the torch runners (:mod:`treeopt.backends.torch_runners`: a generated Triton kernel,
@@ -412,6 +540,43 @@ def _numba_eligible(owner, backend, param):
     )
 
 
+def _stored_kinds(pair: Pair) -> tuple[str, ...] | None:
+    """How numba's loop reads the slots of ``pair`` when its group keeps them in another form
+    (``state_dtype``): ``None`` when they are kept as the parameter (or as float32 slots of a
+    float32 parameter: the plain loop), ``()`` when only the engine's rule runner reads them,
+    else one kind of :data:`.numba_precision.KINDS` per slot."""
+    store = pair.group.store
+    if store.precision is None:
+        return None
+    layout = store.layout(pair.shape, pair.dtype, pair.keys)
+    if layout is None:
+        return None
+    if pair.dtype != "float32" or pair.options or not _numba_eligible(pair.group, pair.backend, pair.param):
+        return ()
+    # numba is optional (treeopt[fast]): loaded when a loop is planned
+    from treeopt.kernels.numba_precision import kind_of
+
+    rule = pair.group.scalars.rule
+    assert rule is not None and not callable(rule.slots)  # an elementwise rule: _numba_eligible
+    kinds = tuple(kind_of(layout.forms[name]) for name in rule.slots)
+    if all(kind == "f32" for kind in kinds):
+        return None
+    return () if None in kinds else kinds  # type: ignore[return-value]
+
+
+def _by_stored_form(buckets: Iterable[list[Pair]]) -> Iterable[tuple[list[Pair], tuple[str, ...] | None]]:
+    """Each bucket split by how its slots are stored (an int8 state keeps small tensors in
+    float32), with that: see :func:`_stored_kinds`."""
+    for bucket in buckets:
+        if bucket[0].group.store.precision is None:
+            yield bucket, None
+            continue
+        split: dict[Any, list[Pair]] = {}
+        for pair in bucket:
+            split.setdefault(_stored_kinds(pair), []).append(pair)
+        yield from ((pairs, kinds) for kinds, pairs in split.items())
+
+
 class CompiledStep:
     """The buckets of a step taken, kept while what they were planned on holds: the routes and
     the stores (their versions: any change re-plans), the settings of the scalars (a change
@@ -466,13 +631,21 @@ class CompiledStep:
             groups.setdefault(key, []).append(pair)
         buckets: list[Any] = []
         fused: dict[tuple[Any, ...], list[tuple[Group, list[Pair], list[int]]]] = {}
-        for bucket in groups.values():
+        for bucket, kinds in _by_stored_form(groups.values()):
             first = bucket[0]
             positions = [position[id(pair)] for pair in bucket]
-            compiled = _torch_runner(first.group, first.backend, first.param)
-            if first.options or (not compiled and not _numba_eligible(first.group, first.backend, first.param)):
+            stored = first.group.store.layout(first.shape, first.dtype, first.keys) is not None
+            # slots kept in another form run in numba's loop of stored forms (kinds) or the rule runner
+            compiled = None if stored else _torch_runner(first.group, first.backend, first.param)
+            if (
+                first.options
+                or kinds == ()
+                or (not kinds and not compiled and not _numba_eligible(first.group, first.backend, first.param))
+            ):
                 # per-parameter options (a layout...) are the rule runner's: a loop shares one set
-                stacked = not first.options and _stacked_eligible(first.group, first.backend, first.param)
+                stacked = (
+                    not first.options and not stored and _stacked_eligible(first.group, first.backend, first.param)
+                )
                 buckets.append(
                     (_StackedBucket if stacked else _RuleBucket)(first.group, first.backend, bucket, positions)
                 )
@@ -488,12 +661,15 @@ class CompiledStep:
                 static,
                 flags,
                 compiled,
+                kinds,
             )
             fused.setdefault(key, []).append((first.group, bucket, positions))
         for key, members in fused.items():
             try:  # compiled now, so that a rule that cannot compile falls back before any write
                 backend = members[0][1][0].backend
-                if key[6]:
+                if key[7]:
+                    buckets.append(_StoredBucket(members, backend, key[4], key[5], key[7]).compiled())
+                elif key[6]:
                     buckets.append(_TorchBucket(members, backend, key[4], key[5], key[6]).compiled())
                 else:
                     buckets.append(_NumbaBucket(members, backend, key[4], key[5]).compiled())

@@ -108,14 +108,21 @@ def scalar_version(update: Callable[..., Any]) -> Callable[..., Any]:
     return numba.njit(inline="always")(rebound)
 
 
+def coefficient_names(rule: Rule, static: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """``(names, numeric)``: the coefficients ``rule.update`` takes after its slots, in order,
+    and those of them that are numbers (read from a table), not switches (``static``)."""
+    assert not callable(rule.slots)  # an elementwise rule names its slots
+    parameters = list(inspect.signature(rule.update).parameters)[2:]
+    names = parameters[len(rule.slots) :]
+    return names, [n for n in names if n not in static]
+
+
 def _source(rule, static, cache):
     """The kernel's source: ``static`` are the coefficients passed as switches in ``flags``,
     the others come from the table."""
     update = rule.update
-    parameters = list(inspect.signature(update).parameters)[2:]
     slots = list(rule.slots)
-    names = parameters[len(slots) :]
-    numeric = [n for n in names if n not in static]
+    names, numeric = coefficient_names(rule, static)
     coefficients = "\n".join(f"            c{k} = table[row, {k}]" for k in range(len(numeric)))
     slot_arrays = "\n".join(
         f"            s{k} = carray(as_voidptr(slot_ptrs[i, {k}] + offset), n, like.dtype)" for k in range(len(slots))
@@ -143,14 +150,22 @@ def kernel_for(rule: Rule, static: tuple[str, ...] = ()) -> tuple[Callable[..., 
     coefficients named in ``static`` are switches (booleans)."""
     source, coefficients = _source(rule, static, cache=True)
     rule_source = inspect.getsource(sys.modules[rule.update.__module__])
-    digest = hashlib.sha256((source + rule_source + numba.__version__).encode()).hexdigest()[:16]
+    module = load_generated(rule.name, source, rule_source, lambda: _source(rule, static, cache=False)[0])
+    return module.kernel, coefficients
+
+
+def load_generated(name: str, source: str, depends_on: str, uncached: Callable[[], str]) -> types.ModuleType:
+    """The module of a generated loop's ``source``, from the disk cache under a hash of it, of
+    ``depends_on`` (the sources it imports) and numba's version, so numba caches its compiled
+    code; without a usable cache, ``uncached()``'s source compiled in memory."""
+    digest = hashlib.sha256((source + depends_on + numba.__version__).encode()).hexdigest()[:16]
     try:  # numba's cache finds the kernel's globals through the module in sys.modules
-        module = generated.load(source, "kernels", f"{rule.name}_{digest}", f"treeopt_kernel_{rule.name}_{digest}")
+        module = generated.load(source, "kernels", f"{name}_{digest}", f"treeopt_kernel_{name}_{digest}")
     except (OSError, SyntaxError, ImportError, AttributeError, ValueError):
         # no writable cache, or a damaged cache file: compile in memory, every process
-        module = types.ModuleType(f"treeopt_kernel_{rule.name}")
-        exec(compile(_source(rule, static, cache=False)[0], f"<treeopt kernel {rule.name}>", "exec"), module.__dict__)
-    return module.kernel, coefficients
+        module = types.ModuleType(f"treeopt_kernel_{name}")
+        exec(compile(uncached(), f"<treeopt kernel {name}>", "exec"), module.__dict__)
+    return module
 
 
 def segment_length(total: int, threads: int | None = None) -> int:
