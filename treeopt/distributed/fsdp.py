@@ -175,7 +175,7 @@ class FullyShardedStep:
         return total.sqrt()
 
     def _muon(self, grads):
-        from treeopt.rules.muon import muon_apply, muon_direction, muon_orthogonalize, scaled_lr
+        from treeopt.rules.muon import matrix_lr, muon_apply, muon_direction, muon_orthogonalize
 
         by_optimizer: dict[int, list[str]] = {}
         for name in self.matrices:
@@ -199,13 +199,15 @@ class FullyShardedStep:
                     directions[name] = direction
                 updates = self._orthogonalize_on_owners(group, directions, coefficients, muon_orthogonalize)
                 for name in group:  # the rate depends on the global shape: every rank computes it alike
-                    rate = scaled_lr(
-                        coefficients["lr"],
-                        tuple(self.parameters[name].shape),
-                        coefficients["layout"],
-                        coefficients["adjust_lr"],
+                    c = coefficients
+                    shape = tuple(self.parameters[name].shape)
+                    rate = matrix_lr(
+                        c["lr"], shape, c["layout"], c["adjust_lr"], c["batch_axes"], c["num_heads"], c["split_sizes"]
                     )
-                    self.local[name].copy_(muon_apply(self.local[name], updates[name], rate, coefficients["keep"]))
+                    update = muon_apply(
+                        self.local[name], updates[name], rate, coefficients["keep"], coefficients["cautious"]
+                    )
+                    self.local[name].copy_(update)
 
     def _orthogonalize_on_owners(self, names, directions, coefficients, orthogonalize):
         """Each matrix's rows to its owner, Newton-Schulz there once, the rows back."""
@@ -236,7 +238,7 @@ class FullyShardedStep:
         results = {}
         for n in mine:
             full = torch.cat(parts[n]).reshape(self.parameters[n].shape)
-            results[n], _ = orthogonalize(full, **coefficients)
+            results[n], _, _ = orthogonalize(full, **coefficients)
         # back: to each rank its rows of my matrices
         back = [results[n][rows[n][d][0] : rows[n][d][1]].reshape(-1) for d in range(world) for n in mine]
         back_sizes = [sum(size(n, d) for n in mine) for d in range(world)]
