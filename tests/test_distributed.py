@@ -569,3 +569,50 @@ def test_a_fully_sharded_model_trains_as_one_process_fed_its_gradients():
     results = run_world(fully_shard_train, 2, 3)
     expected = run_world(replay, 1, results[0]["grads"])[0]
     assert_same_params(results, expected)
+
+
+# ---------------------------------------------------------------------------------- Muon's variants
+def variants_optimizer(normuon="output"):
+    """Muon with every variant (NorMuon's slot has one value per neuron), and AdamW."""
+    muon = optim.Muon(
+        0.02,
+        weight_decay=0.1,
+        decoupled_weight_decay=True,
+        cautious_weight_decay=True,
+        normuon=normuon,
+        ns_coefficients="polar_express",
+        row_equilibration=True,
+        renormalization=True,
+    )
+    return optim.MultiOptimizer([muon, optim.AdamW(3e-3)], [hidden_matrix])
+
+
+def variants_train(rank, world, steps, sharding):
+    params = make_params()
+    opt = treeopt.torch.Optimizer(params, variants_optimizer(), sharding=sharding if world > 1 else None)
+    for step in range(steps):
+        for (name, p), g in zip(params, gradients(step).values()):
+            p.grad = g
+        opt.step()
+    return {"params": {n: p.detach().clone() for n, p in params}}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_muon_variants_under_zero1_and_fsdp2_are_bit_identical_to_one_process(world):
+    one = run_world(variants_train, 1, 3, None)[0]
+    assert_same_params(run_world(variants_train, world, 3, "zero1"), one)
+    # FSDP2: NorMuon's second moments travel with their rows to each matrix's owner and back
+    results = run_world(fsdp_train, world, 3, False, None, variants_optimizer())
+    assert_same_params(results, one)
+    assert results[0]["slots"]["blocks.0.attn.weight/second_moment"][0] == "DTensor"
+
+
+def test_fsdp2_refuses_a_normuon_moment_that_is_not_split_by_rows():
+    def larger(rank, world):
+        try:
+            fsdp_train(rank, world, 1, optimizer=variants_optimizer(normuon="larger"))
+        except Exception as error:
+            return str(error)
+
+    message = run_world(larger, 2)[0]
+    assert "blocks.0.mlp.weight" in message and "is not split by rows" in message  # (64, 96): 96 columns

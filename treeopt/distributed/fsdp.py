@@ -86,6 +86,7 @@ class FullyShardedStep:
         with torch.no_grad():
             self.routes = optimizer.assign_routes(self.parameters)
         self.local = {}
+        self.moment_shapes: dict[str, tuple[int, ...] | None] = {}  # NorMuon's, whole, by matrix
         entries = []
         for name, param in self.parameters.items():
             owner = self.routes.get(name)
@@ -110,6 +111,7 @@ class FullyShardedStep:
                     )
             self.local[name] = local
             if muon and param.ndim >= 2:
+                self._check_moment(name, param, local, owner)
                 shape = tuple(param.shape)
                 entries.append(
                     _ownership.Entry(
@@ -130,6 +132,23 @@ class FullyShardedStep:
     def init(self) -> None:
         with torch.no_grad():
             self.optimizer.init(self.local)
+
+    def _check_moment(self, name, param, local, owner):
+        """A Muon slot other than the momentum (NorMuon's one value per neuron) must be split
+        by rows as its parameter is, so that each rank's rows of it go with its rows of the
+        matrix to the owner."""
+        whole = owner.slot_shapes(param).get("second_moment")
+        self.moment_shapes[name] = whole
+        if whole is None:
+            return
+        mine = owner.slot_shapes(local).get("second_moment")
+        if whole[0] != param.shape[0] or mine != (local.shape[0],) + tuple(whole[1:]):
+            raise ParameterError(
+                f"treeopt: NorMuon's per-neuron second moment of {name!r} ({tuple(whole)} for a {tuple(param.shape)} "
+                "weight) is not split by rows as the weight is under FSDP2 (normuon='larger' or layout='in_out'); "
+                "use normuon='output' with (out, in) weights",
+                name,
+            )
 
     # ------------------------------------------------------------------ the step
     def step(self, gradients: Mapping[str, torch.Tensor | None]) -> None:
@@ -190,15 +209,21 @@ class FullyShardedStep:
             for group in by_dtype.values():
                 first = self.local[group[0]]
                 coefficients = optimizer.coefficients(first, _backend(first))
-                directions = {}
+                directions, moments = {}, {}
                 for name in group:
                     slots = engine.slots_at(optimizer, (name,))
                     assert slots is not None  # created at construction
                     direction, v = muon_direction(grads[name], self.local[name], slots["v"], **coefficients)
                     slots["v"].copy_(v)
-                    directions[name] = direction
-                updates = self._orthogonalize_on_owners(group, directions, coefficients, muon_orthogonalize)
+                    directions[name], moments[name] = direction, slots.get("second_moment")
+                updates, moments = self._orthogonalize_on_owners(
+                    group, directions, moments, coefficients, muon_orthogonalize
+                )
                 for name in group:  # the rate depends on the global shape: every rank computes it alike
+                    if moments[name] is not None:
+                        slots = engine.slots_at(optimizer, (name,))
+                        assert slots is not None
+                        slots["second_moment"].copy_(moments[name])
                     c = coefficients
                     shape = tuple(self.parameters[name].shape)
                     rate = matrix_lr(
@@ -209,20 +234,38 @@ class FullyShardedStep:
                     )
                     self.local[name].copy_(update)
 
-    def _orthogonalize_on_owners(self, names, directions, coefficients, orthogonalize):
-        """Each matrix's rows to its owner, Newton-Schulz there once, the rows back."""
+    def _orthogonalize_on_owners(self, names, directions, moments, coefficients, orthogonalize):
+        """Each matrix's rows (with their second moments, NorMuon's) to its owner, Newton-Schulz
+        there once, the rows back: ``(updates, second moments)``, each rank's rows."""
         world, rank = self.comm.world, self.comm.rank
         first = directions[names[0]]
         owner = self.ownership.owner
         rows = {n: [_ownership.row_range(self.parameters[n].shape[0], world, r) for r in range(world)] for n in names}
         width = {n: int(torch.Size(self.parameters[n].shape[1:]).numel()) for n in names}
+        whole_moment = {n: self.moment_shapes.get(n) for n in names}
+        extra = {n: 0 if whole_moment[n] is None else int(torch.Size(whole_moment[n][1:]).numel()) for n in names}
 
         def size(name, r):
             start, stop = rows[name][r]
-            return (stop - start) * width[name]
+            return (stop - start) * (width[name] + extra[name])
+
+        def pack(name, update, moment):  # row by row: the matrix's elements, then its moments'
+            if moment is None:
+                return update.reshape(-1)
+            count = update.shape[0]
+            return torch.cat([update.reshape(count, width[name]), moment.reshape(count, extra[name])], dim=1).reshape(
+                -1
+            )
+
+        def unpack(name, flat, shape):
+            if whole_moment[name] is None:
+                return flat.reshape(shape), None
+            table = flat.reshape(shape[0], width[name] + extra[name])
+            moment_shape = (shape[0],) + tuple(whole_moment[name][1:])
+            return table[:, : width[name]].reshape(shape), table[:, width[name] :].reshape(moment_shape)
 
         # forward: my rows of each matrix, grouped by destination (its owner)
-        send = [directions[n].reshape(-1) for d in range(world) for n in names if owner[n] == d]
+        send = [pack(n, directions[n], moments[n]) for d in range(world) for n in names if owner[n] == d]
         send_sizes = [sum(size(n, rank) for n in names if owner[n] == d) for d in range(world)]
         receive_sizes = [sum(size(n, r) for n in names if owner[n] == rank) for r in range(world)]
         gathered = torch.empty(sum(receive_sizes), dtype=first.dtype, device=first.device)
@@ -237,20 +280,22 @@ class FullyShardedStep:
                 offset += size(n, r)
         results = {}
         for n in mine:
-            full = torch.cat(parts[n]).reshape(self.parameters[n].shape)
-            results[n], _, _ = orthogonalize(full, **coefficients)
+            full, moment = unpack(n, torch.cat(parts[n]), tuple(self.parameters[n].shape))
+            update, _, moment = orthogonalize(full, second_moment=moment, **coefficients)
+            results[n] = pack(n, update, moment).reshape(full.shape[0], width[n] + extra[n])
         # back: to each rank its rows of my matrices
         back = [results[n][rows[n][d][0] : rows[n][d][1]].reshape(-1) for d in range(world) for n in mine]
         back_sizes = [sum(size(n, d) for n in mine) for d in range(world)]
         returned = torch.empty(sum(send_sizes), dtype=first.dtype, device=first.device)
         self.comm.all_to_all(returned, _cat(back, first), send_sizes, back_sizes)
-        updates, offset = {}, 0
+        updates, new_moments, offset = {}, {}, 0
         for d in range(world):
             for n in names:
                 if owner[n] == d:
-                    updates[n] = returned[offset : offset + size(n, rank)].reshape(self.local[n].shape)
+                    piece = returned[offset : offset + size(n, rank)]
+                    updates[n], new_moments[n] = unpack(n, piece, tuple(self.local[n].shape))
                     offset += size(n, rank)
-        return updates
+        return updates, new_moments
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
