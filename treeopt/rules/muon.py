@@ -93,11 +93,14 @@ def muon_slots(shape, hyper):
     """The momentum ``v``; with NorMuon, a matrix also keeps ``second_moment``, one value per
     neuron (per output, or per row or column of the longer side), behind its batch axes."""
     slots = {"v": shape}
-    batch = hyper["batch_axes"]
-    if hyper["normuon"] and len(shape) - batch >= 2:
-        out, inner = oriented_shape(shape[batch:], hyper["layout"])
-        blocks(out, hyper["num_heads"], hyper["split_sizes"], shape)  # checks that they fit
-        longer = hyper["normuon"] == "larger" and inner > out
+    batch, normuon = hyper.get("batch_axes", 0), hyper.get("normuon")
+    if len(shape) - batch < 2:
+        return slots
+    out, inner = oriented_shape(shape[batch:], hyper.get("layout", "out_in"))
+    # blocks that do not fit are refused here, before any change
+    blocks(out, hyper.get("num_heads"), hyper.get("split_sizes"), shape)
+    if normuon:
+        longer = normuon == "larger" and inner > out
         slots["second_moment"] = tuple(shape[:batch]) + (inner if longer else out,)
     return slots
 
