@@ -12,7 +12,7 @@ import pytest
 import treeopt as optim
 from treeopt.rules.muon import NS_TABLES
 
-from arrays import as_float64, backend_params, make
+from arrays import as_float64, available, backend_params, make
 
 KELLER = [(3.4445, -4.7750, 2.0315)]
 #: a float32 run of 10 steps against a float64 reference: the largest difference relative to
@@ -412,3 +412,110 @@ def test_muon_adamw_variant_names_its_recipe_and_refuses_unknown_ones(capsys):
     assert (default.ns_coefficients, default.normuon, default.row_equilibration) == ("keller2024", None, False)
     with pytest.raises(ValueError, match="muon_adamw variant should be one of"):
         optim.muon_adamw(params, variant="modded")
+
+
+# ---------------------------------------------------------------- runners, compilers, checkpoints
+def every_variant(**extra):
+    return optim.Muon(0.02, weight_decay=0.5, **{**NANOCHAT, "normuon": "output", **extra})
+
+
+def tree(seed):
+    rng = np.random.default_rng(seed)
+    shapes = {"a": (16, 8), "b": (16, 8), "c": (8, 16), "experts": (2, 8, 4), "bias": (8,)}
+    return {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in shapes.items()}
+
+
+def test_jax_jit_runs_the_variants_as_numpy_does():
+    jax = pytest.importorskip("jax", reason="the jitted step is JAX's")
+    import treeopt.jax as tjax
+
+    params, grads = tree(0), [tree(s) for s in (1, 2, 3)]
+    expected = {k: v.copy() for k, v in params.items()}
+    numpy_opt = every_variant(layout="out_in")
+    for g in grads:
+        numpy_opt.update(expected, g)
+    opt = every_variant(layout="out_in")
+    state = tjax.init(opt, {k: jax.numpy.asarray(v) for k, v in params.items()})
+    step = jax.jit(lambda g, s, p: tjax.update(opt, g, s, p))
+    current = {k: jax.numpy.asarray(v) for k, v in params.items()}
+    for g in grads:
+        current, state = step({k: jax.numpy.asarray(v) for k, v in g.items()}, state, current)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(current[k]), expected[k], rtol=2e-5, atol=2e-6, err_msg=k)
+    assert state["c"]["second_moment"].shape == (8,)
+
+
+def test_mlx_compile_runs_the_variants_as_numpy_does():
+    mx = pytest.importorskip("mlx.core", reason="mx.compile is MLX's")
+    from functools import partial
+
+    params, grads = tree(0), [tree(s) for s in (1, 2, 3)]
+    expected = {k: v.copy() for k, v in params.items()}
+    numpy_opt = every_variant()
+    for g in grads:
+        numpy_opt.update(expected, g)
+    opt = every_variant()
+    current = {k: mx.array(v) for k, v in params.items()}
+    opt.init(current)
+
+    @partial(mx.compile, inputs=opt.state, outputs=opt.state)
+    def step(p, g):
+        return opt.apply_gradients(g, p)
+
+    for g in grads:
+        current = step(current, {k: mx.array(v) for k, v in g.items()})
+        mx.eval(current)
+    for k in params:
+        np.testing.assert_allclose(np.array(current[k]), expected[k], rtol=2e-5, atol=2e-6, err_msg=k)
+
+
+def test_normuons_moments_are_checkpointed_by_name_and_resume_exactly(tmp_path):
+    from treeopt import checkpoint
+
+    params, grads = tree(0), [tree(s) for s in (1, 2, 3, 4)]
+    straight = {k: v.copy() for k, v in params.items()}
+    opt = every_variant(batch_axes=0)
+    for g in grads:
+        opt.update(straight, g)
+    resumed = {k: v.copy() for k, v in params.items()}
+    first = every_variant()
+    for g in grads[:2]:
+        first.update(resumed, g)
+    checkpoint.save(first, tmp_path / "opt.safetensors")
+    second = every_variant()
+    checkpoint.load(second, tmp_path / "opt.safetensors", params=resumed)
+    np.testing.assert_array_equal(second.state["a"]["second_moment"], first.state["a"]["second_moment"])
+    for g in grads[2:]:
+        second.update(resumed, g)
+    for k in params:
+        np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
+
+
+def test_a_checkpoint_without_normuons_moments_does_not_load_into_normuon(tmp_path):
+    from treeopt import checkpoint
+
+    params = tree(0)
+    plain = optim.Muon(0.02)
+    plain.update(params, tree(1))
+    checkpoint.save(plain, tmp_path / "opt.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match="second_moment"):
+        checkpoint.load(optim.Muon(0.02, normuon=True), tmp_path / "opt.safetensors", params=params)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("numpy", "torch") if available(b)])
+def test_stacked_and_compiled_steps_equal_the_per_tensor_rule(backend, monkeypatch):
+    from treeopt.kernels import stacking
+
+    def train(alone):
+        if alone:
+            monkeypatch.setattr(stacking, "chunks", lambda b, like, indices: [[k] for k in indices])
+        params = {k: make(v, backend) for k, v in tree(0).items()}
+        opt = every_variant(normuon="larger", cautious_weight_decay=True)
+        for s in (1, 2, 3):  # from the second step, the compiled step and its stacking buffers
+            opt.update(params, {k: make(v, backend) for k, v in tree(s).items()})
+        monkeypatch.undo()
+        return {k: as_float64(v) for k, v in params.items()}
+
+    stacked, alone = train(False), train(True)
+    for k in stacked:
+        np.testing.assert_allclose(stacked[k], alone[k], rtol=2e-5, atol=2e-6, err_msg=k)

@@ -242,8 +242,9 @@ class FullyShardedStep:
         owner = self.ownership.owner
         rows = {n: [_ownership.row_range(self.parameters[n].shape[0], world, r) for r in range(world)] for n in names}
         width = {n: int(torch.Size(self.parameters[n].shape[1:]).numel()) for n in names}
-        whole_moment = {n: self.moment_shapes.get(n) for n in names}
-        extra = {n: 0 if whole_moment[n] is None else int(torch.Size(whole_moment[n][1:]).numel()) for n in names}
+        # the second moment's shape behind its rows, or None (no NorMuon)
+        tails = {n: None if (whole := self.moment_shapes.get(n)) is None else tuple(whole[1:]) for n in names}
+        extra = {n: 0 if (tail := tails[n]) is None else int(torch.Size(tail).numel()) for n in names}
 
         def size(name, r):
             start, stop = rows[name][r]
@@ -258,10 +259,11 @@ class FullyShardedStep:
             )
 
         def unpack(name, flat, shape):
-            if whole_moment[name] is None:
+            tail = tails[name]
+            if tail is None:
                 return flat.reshape(shape), None
             table = flat.reshape(shape[0], width[name] + extra[name])
-            moment_shape = (shape[0],) + tuple(whole_moment[name][1:])
+            moment_shape = (shape[0],) + tail
             return table[:, : width[name]].reshape(shape), table[:, width[name] :].reshape(moment_shape)
 
         # forward: my rows of each matrix, grouped by destination (its owner)
