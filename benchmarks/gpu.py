@@ -3,6 +3,7 @@
     python benchmarks/gpu.py                       # GPT-2 small on the first CUDA device
     python benchmarks/gpu.py --json gpu.json
     python benchmarks/gpu.py --device cpu --scale 16 --rounds 2   # a dry run of the script on CPU
+    python benchmarks/gpu.py --first-step           # the first steps of a new process, cold and warm caches
 
 Each candidate updates its own copy of GPT-2 small's parameters (124M in 148 tensors, float32)
 through the interface a torch user calls: ``nn.Parameter``s with ``.grad`` set, then
@@ -19,13 +20,22 @@ through the interface a torch user calls: ``nn.Parameter``s with ``.grad`` set, 
   ``torch.optim.Muon`` on the hidden matrices plus a fused ``AdamW`` on the rest.
 
 Steps are timed in blocks between ``torch.cuda.synchronize()`` calls, candidates interleaved
-block by block; the table gives the median per step, and the first two steps (compiling) apart.
+block by block; the table gives the median per step, and the first two steps (planning,
+building kernels) apart. ``host ms`` is the time the host takes to queue one step (a lone step
+costs at least that); ``in loop`` the step's cost behind other queued device work.
+
+``--first-step`` times, in fresh processes, treeopt's first two steps on GPT-2 small (the
+first takes the general engine, the second plans the step and builds its kernels): with empty
+kernel caches (``TRITON_CACHE_DIR``, ``TREEOPT_CACHE_DIR`` in a new folder) and again with the
+caches that run filled.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import math
 import os
 import statistics
@@ -264,6 +274,62 @@ def profile(step, path, steps=3):
         f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
+FIRST_STEPS = """
+import sys, time
+start = time.perf_counter()
+import torch
+sys.path.insert(0, {folder!r})
+import treeopt as optim
+import treeopt.torch
+from gpu import model_copy
+from step import gpt2_shapes
+named = model_copy(gpt2_shapes(), torch.device({device!r}), {scale})
+torch.cuda.synchronize() if torch.cuda.is_available() else None
+ready = time.perf_counter()
+opt = treeopt.torch.Optimizer(named, {make})
+opt.step()
+torch.cuda.synchronize() if torch.cuda.is_available() else None
+first = time.perf_counter()
+opt.step()
+torch.cuda.synchronize() if torch.cuda.is_available() else None
+print("FIRST", first - ready, time.perf_counter() - first, ready - start)
+"""
+
+FIRST_STEP_OPTIMIZERS = {
+    "AdamW": "optim.AdamW(1e-3, weight_decay=0.01)",
+    "muon_adamw (NS in bfloat16)": "optim.muon_adamw(muon_lr=0.02, adamw_lr=3e-4, ns_dtype='bfloat16')",
+}
+
+
+def first_steps(device, scale, limit=240):
+    """The first two steps of a new process, with empty and with filled kernel caches: rows."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    caches = tempfile.mkdtemp(prefix="treeopt-first-step-")
+    environment = dict(os.environ, TRITON_CACHE_DIR=os.path.join(caches, "triton"), TREEOPT_CACHE_DIR=caches)
+    rows = []
+    print(f"\n{'first steps of a new process (GPT-2 small)':<46} {'cache':>6} {'step 1 s':>9} {'step 2 s':>9}")
+    try:
+        for name, make in FIRST_STEP_OPTIMIZERS.items():
+            for cache in ("cold", "warm"):
+                source = FIRST_STEPS.format(folder=folder, device=str(device), scale=scale, make=make)
+                try:
+                    done = subprocess.run(
+                        [sys.executable, "-c", source], capture_output=True, text=True, timeout=limit, env=environment
+                    )
+                    line = [x for x in done.stdout.splitlines() if x.startswith("FIRST")]
+                    if not line:
+                        raise RuntimeError((done.stderr or done.stdout).strip().splitlines()[-1:])
+                    step1, step2, _ = (float(x) for x in line[0].split()[1:])
+                except (subprocess.TimeoutExpired, RuntimeError) as error:
+                    print(f"treeopt {name:<38} {cache:>6} failed: {error}"[:200], flush=True)
+                    continue
+                rows.append({"row": f"treeopt {name}", "cache": cache, "step1_s": step1, "step2_s": step2})
+                print(f"treeopt {name:<38} {cache:>6} {step1:9.2f} {step2:9.2f}", flush=True)
+    finally:
+        shutil.rmtree(caches, ignore_errors=True)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -274,6 +340,7 @@ def main(argv=None):
     parser.add_argument("--json", default=None)
     parser.add_argument("--train", type=int, default=0, metavar="BATCH", help="also time training iterations")
     parser.add_argument("--profile", default=None, help="a folder for torch.profiler tables of treeopt's rows")
+    parser.add_argument("--first-step", action="store_true", help="only the first steps of new processes")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -282,6 +349,15 @@ def main(argv=None):
     # the working tree, not only the commit: a copy of a tree with changes says "-dirty"
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     print(f"device {name}; torch {torch.__version__}; treeopt {commit}; scale 1/{args.scale}", flush=True)
+
+    if args.first_step:
+        rows = first_steps(device, args.scale)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(
+                    {"device": name, "torch": torch.__version__, "treeopt": commit, "first_steps": rows}, f, indent=2
+                )
+        return
 
     shapes = gpt2_shapes()
     elements = sum(math.prod(max(1, s // args.scale) for s in shape) for shape in shapes.values())

@@ -191,18 +191,26 @@ def treeopt_candidates(kind, shapes, libraries):
         candidates["treeopt numpy"] = numpy_setup
     if "torch" in libraries:
 
-        def torch_setup(ns_dtype=None):
+        def torch_setup(ns_dtype=None, runner=None):
             import torch
+
+            import treeopt.kernels
 
             params, grads = numpy_arrays(shapes)
             params = {k: torch.from_numpy(v) for k, v in params.items()}
             grads = {k: torch.from_numpy(v) for k, v in grads.items()}
             opt = make(optim, ns_dtype)
-            label = "treeopt torch" + (f" (NS in {ns_dtype})" if ns_dtype else "")
-            _first_steps(label, kind, lambda: opt.update(params, grads))
+            label = "treeopt torch" + (f" (NS in {ns_dtype})" if ns_dtype else "") + (f" ({runner})" if runner else "")
+            chosen, treeopt.kernels.torch_runner = treeopt.kernels.torch_runner, runner or "auto"
+            try:  # the runner is chosen when the step is planned, in the first steps
+                _first_steps(label, kind, lambda: opt.update(params, grads))
+            finally:
+                treeopt.kernels.torch_runner = chosen
             return lambda: opt.update(params, grads)
 
         candidates["treeopt torch"] = torch_setup
+        if kind != "muon":  # what a torch user without numba gets: torch's foreach operations, driven by the rule
+            candidates["treeopt torch (foreach, no numba)"] = lambda: torch_setup(runner="foreach")
         if kind == "muon":  # torch.optim.Muon runs Newton-Schulz in bfloat16: compare at its precision too
             candidates["treeopt torch (NS in bfloat16)"] = lambda: torch_setup("bfloat16")
     if "jax" in libraries:
@@ -616,9 +624,9 @@ def main(argv=None):
             )
             CACHED_START.update(found)
     print(
-        "\n== GPU rows (CUDA: treeopt's torch.compile runner against torch.optim.AdamW(fused=True) on GPT-2 "
-        "small; Muon batched in bfloat16 against torch.optim.Muon): benchmarks/gpu.py on a CUDA machine "
-        "(docs/performance.md#gpu)"
+        "\n== GPU rows (CUDA: treeopt's Triton runner against torch.optim.AdamW(fused=True) on GPT-2 small; "
+        "Muon batched in bfloat16, replayed as a CUDA graph, against torch.optim.Muon; first steps of new "
+        "processes): bash benchmarks/gpu_check.sh on a CUDA machine (docs/performance.md#gpu)"
     )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

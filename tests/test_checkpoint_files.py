@@ -412,3 +412,110 @@ def test_a_save_killed_at_any_moment_leaves_the_last_good_checkpoint(tmp_path):
     leftovers = [name for name in os.listdir(tmp_path) if name != "opt.safetensors"]
     assert all(name.startswith(".") for name in leftovers), leftovers  # hidden temporary files only
     assert killed_mid_run >= 5
+
+
+# ------------------------------------------------------------------------------ files changed during a load, saves during steps
+def _two_checkpoints(tmp_path):
+    """Two whole checkpoints of the same optimizer (after 2 and after 3 steps): the path
+    holding the first, and the bytes of the second."""
+    values = model_values()
+    opt = muon_adamw()
+    params = on(values, "numpy")
+    train(opt, params, "numpy", 2)
+    path = tmp_path / "opt.safetensors"
+    checkpoint.save(opt, path)
+    first = state_by_key(opt)
+    train(opt, params, "numpy", 1, start=2)
+    checkpoint.save(opt, tmp_path / "later.safetensors")
+    return values, path, first, (tmp_path / "later.safetensors").read_bytes()
+
+
+def test_a_file_rewritten_during_a_load_loads_what_was_checked(tmp_path, monkeypatch):
+    """``cp`` of another checkpoint over the file while it loads: the load copies what its
+    checksum checked (the file as it was when the load opened it), never a mix."""
+    from treeopt.checkpoint import validate
+
+    values, path, first, later = _two_checkpoints(tmp_path)
+    checked = validate.tensors
+
+    def rewrite_then_check(tensors, metadata):  # between the checksum and the copy
+        with open(path, "r+b") as file:
+            file.write(later)
+            file.truncate(len(later))
+        return checked(tensors, metadata)
+
+    monkeypatch.setattr(validate, "tensors", rewrite_then_check)
+    opt = muon_adamw()
+    assert checkpoint.load(opt, path, params=on(values, "numpy")).ok
+    assert_bit_identical(state_by_key(opt), first)
+
+
+def test_a_truncation_during_a_load_does_not_kill_the_process(tmp_path):
+    """The same truncation in a process of its own: a load that read the file through a
+    memory map would read zeros from it, or die of SIGBUS past its first page."""
+    _two_checkpoints(tmp_path)
+    script = f"""
+import sys; sys.path.insert(0, {HERE!r})
+from checkpoint_helpers import model_values, muon_adamw, on
+from treeopt import checkpoint
+from treeopt.checkpoint import validate
+checked = validate.tensors
+def truncate_then_check(tensors, metadata):
+    open({str(tmp_path / "opt.safetensors")!r}, "r+b").truncate(100)
+    return checked(tensors, metadata)
+validate.tensors = truncate_then_check
+print(checkpoint.load(muon_adamw(), {str(tmp_path / "opt.safetensors")!r}, params=on(model_values(), "numpy")).ok)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", (done.returncode, done.stderr[-2000:])
+
+
+def test_where_no_in_memory_file_can_be_made_the_bytes_are_parsed(tmp_path, monkeypatch):
+    values, path, first, _ = _two_checkpoints(tmp_path)
+    monkeypatch.delattr(os, "memfd_create")
+    opt = muon_adamw()
+    assert checkpoint.load(opt, path, params=on(values, "numpy")).ok
+    assert_bit_identical(state_by_key(opt), first)
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupted"):
+        checkpoint.read(path)
+
+
+def test_saves_while_another_thread_steps_are_each_one_whole_step(tmp_path):
+    """The save holds the optimizer's step lock: every file is the state after some step k,
+    slot for slot (before, saves could hold step k's count with step k-1's slots, or fail
+    their own checksum)."""
+    import threading
+
+    values = model_values()
+    reference, states = muon_adamw(), {}
+    params = on(values, "numpy")
+    for step in range(60):
+        train(reference, params, "numpy", 1, start=step)
+        states[step + 1] = state_by_key(reference)
+    opt = muon_adamw()
+    live = train(opt, on(values, "numpy"), "numpy", 1)
+    stop = threading.Event()
+
+    def training():
+        for step in range(1, 60):
+            if stop.is_set():
+                return
+            train(opt, live, "numpy", 1, start=step)
+
+    worker = threading.Thread(target=training)
+    worker.start()
+    steps = set()
+    try:
+        for i in range(25):
+            checkpoint.save(opt, tmp_path / "opt.safetensors")
+            loaded = muon_adamw()
+            assert checkpoint.load(loaded, tmp_path / "opt.safetensors", params=on(values, "numpy")).ok
+            step = int(loaded.step)
+            assert_bit_identical(state_by_key(loaded), states[step])
+            steps.add(step)
+    finally:
+        stop.set()
+        worker.join()
+    assert len(steps) > 1  # the saves did fall between different steps

@@ -398,8 +398,8 @@ def test_treeopt_checkpoint_folder_of_several_ranks_loads_at_any_world_size(save
     import sys
 
     run_world(folder_phase, saved, str(tmp_path), "save")
-    assert len(glob.glob(str(tmp_path / "*.safetensors"))) == saved
-    assert not glob.glob(str(tmp_path / ".metadata"))  # nothing pickled
+    assert len(glob.glob(str(tmp_path / "step-*" / "*.safetensors"))) == saved  # one file per rank
+    assert not glob.glob(str(tmp_path / "**" / ".metadata"), recursive=True)  # nothing pickled
     info = subprocess.run(
         [sys.executable, "-m", "treeopt.checkpoint", "info", str(tmp_path), "--json"],
         capture_output=True,
@@ -413,7 +413,7 @@ def test_treeopt_checkpoint_folder_of_several_ranks_loads_at_any_world_size(save
     after = run_world(folder_phase, loaded, str(tmp_path), "load")
     assert_same_params(after, uninterrupted)
     # a lost file is found by the inspector
-    (sorted(tmp_path.glob("*.safetensors"))[0]).unlink()
+    (sorted(tmp_path.glob("step-*/*.safetensors"))[0]).unlink()
     info = subprocess.run(
         [sys.executable, "-m", "treeopt.checkpoint", "info", str(tmp_path), "--json"],
         capture_output=True,

@@ -502,13 +502,20 @@ def test_a_checkpoint_without_normuons_moments_does_not_load_into_normuon(tmp_pa
         checkpoint.load(optim.Muon(0.02, normuon=True), tmp_path / "opt.safetensors", params=params)
 
 
-@pytest.mark.parametrize("backend", [b for b in ("numpy", "torch") if available(b)])
-def test_stacked_and_compiled_steps_equal_the_per_tensor_rule(backend, monkeypatch):
+RUNNERS = [("numpy", "never")] + [("torch", g) for g in ("never", "always") if available("torch")]
+
+
+@pytest.mark.parametrize("backend, graphs", RUNNERS, ids=["numpy", "torch", "torch graph step"][: len(RUNNERS)])
+def test_stacked_and_compiled_steps_equal_the_per_tensor_rule(backend, graphs, monkeypatch):
+    import treeopt.kernels as kernels
     from treeopt.kernels import stacking
 
     def train(alone):
         if alone:
             monkeypatch.setattr(stacking, "chunks", lambda b, like, indices: [[k] for k in indices])
+            monkeypatch.setattr(kernels, "enabled", False)
+        else:  # "always": the CUDA graph runner's step (eager off CUDA)
+            monkeypatch.setattr(kernels, "torch_graphs", graphs)
         params = {k: make(v, backend) for k, v in tree(0).items()}
         opt = every_variant(normuon="larger", cautious_weight_decay=True)
         for s in (1, 2, 3):  # from the second step, the compiled step and its stacking buffers

@@ -6,6 +6,7 @@ steps, so the compiled step is planned) and generators of bad inputs; one test r
 docs/reliability.md quotes the count (``test_the_catalogue_is_large_enough``).
 """
 
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -120,7 +121,27 @@ def fingerprint(world):
         for o in opt.stateful()
     ]
     routing = (dict(opt._routes), list(opt.changes)) if hasattr(opt, "_routes") else None
-    return state, params, books, routing
+    return state, params, books, routing, adapter_fingerprint(getattr(world, "adapter", None))
+
+
+def adapter_fingerprint(adapter):
+    """What a treeopt.torch.Optimizer keeps beside the optimizer: its groups (values and
+    members), the values it last published, where each parameter goes, and the
+    hyper-parameters its treeopt optimizers hold."""
+    if adapter is None:
+        return None
+    groups = [
+        (id(group), {k: as_bytes(v) if k != "params" else [id(p) for p in v] for k, v in group.items()})
+        for group in adapter.param_groups
+    ]
+    return (
+        groups,
+        repr(adapter._published),
+        dict(adapter._group_of),
+        sorted(adapter._unrouted),
+        dict(adapter.parameters),
+        [repr(leaf.current_hyperparameters()) for leaf in adapter.optimizer.stateful()],
+    )
 
 
 @dataclass
@@ -919,6 +940,283 @@ if available("torch"):
             ParameterError,
             r"slot '\w+' of 'b' has shape \(4,\), expected \(6,\)",
         )
+
+
+# ============================================================================== torch surfaces and resume
+# What a user of treeopt.torch touches beside the step: param_groups, add_param_group, the
+# state view, sparse gradients, torch-layout state dicts, names the format reserves.
+if available("torch"):
+    import torch
+
+    import treeopt.torch as treeopt_torch
+
+    def hidden(name, param):
+        return name in ("1.weight", "2.weight")
+
+    class TorchWorld:
+        """An embedding, two hidden matrices (Muon) and a head (AdamW), after two steps."""
+
+        def __init__(self, schedule=False):
+            torch.manual_seed(0)
+            self.model = torch.nn.Sequential(
+                torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 10)
+            )
+            adamw_lr = optim.cosine_decay(3e-4, 100) if schedule else 3e-4
+            self.opt = optim.MultiOptimizer(
+                [optim.Muon(0.02), optim.AdamW(adamw_lr)], [hidden], names=["muon", "adamw"]
+            )
+            self.adapter = treeopt_torch.Optimizer(self.model, self.opt)
+            self.params = dict(self.model.named_parameters())
+            for _ in range(2):
+                self.backward()
+                self.adapter.step()
+                self.adapter.zero_grad()
+
+        def backward(self):
+            self.model(torch.arange(10)).square().mean().backward()
+
+    def torch_world(**options):
+        return lambda: TorchWorld(**options)
+
+    def edited(group, key, value):
+        """The situation: gradients, then an edit of ``param_groups[group][key]``; the act: a step."""
+
+        def arrange(wd):
+            wd.backward()
+            wd.adapter.param_groups[group][key] = value
+
+        return arrange, lambda wd: wd.adapter.step()
+
+    for group, key, value, error, match in (
+        (1, "eps", -1e-3, ValueError, r"param_groups\[1\] \(adamw\)\['eps'\]: AdamW epsilon should be >=0, -0\.001"),
+        (1, "weight_decay", -5.0, ValueError, r"param_groups\[1\] \(adamw\)\['weight_decay'\]: .*should be >=0"),
+        (
+            0,
+            "momentum",
+            1.5,
+            ValueError,
+            r"param_groups\[0\] \(muon\)\['momentum'\]: Muon momentum should be in \[0, 1\)",
+        ),
+        (0, "momentum", -0.5, ValueError, r"param_groups\[0\] \(muon\)\['momentum'\]: Muon momentum should be in"),
+        (0, "ns_steps", 2.5, ValueError, r"param_groups\[0\] \(muon\)\['ns_steps'\] must be an integer, got 2\.5"),
+        (1, "betas", "0.9", ValueError, r"param_groups\[1\] \(adamw\)\['betas'\] must be 2 numbers, got '0\.9'"),
+        (1, "betas", 0.9, ValueError, r"param_groups\[1\] \(adamw\)\['betas'\] must be 2 numbers, got 0\.9"),
+        (1, "betas", (0.9, 1.5), ValueError, r"\['betas'\]: AdamW beta2 should be in \[0, 1\), 1\.5"),
+        (1, "lr", -1.0, ValueError, r"param_groups\[1\] \(adamw\)\['lr'\] must be a finite number >= 0, got -1\.0"),
+        (1, "lr", "fast", ValueError, r"\['lr'\] must be a finite number >= 0, got 'fast'"),
+        (0, "nesterov", 0.5, ValueError, r"param_groups\[0\] \(muon\)\['nesterov'\] must be True or False, got 0\.5"),
+        (0, "name", "other", ValueError, r"param_groups\[0\]\['name'\] is the name of treeopt's group 'muon'"),
+        (1, "params", [], ValueError, r"param_groups\[1\] \(adamw\)\['params'\] was changed by hand.*add_param_group"),
+    ):
+        case(
+            f"torch adapter: param_groups[{group}][{key!r}] = {value!r}",
+            torch_world(),
+            edited(group, key, value),
+            error,
+            match,
+        )
+
+    def removed(group, key):
+        def arrange(wd):
+            wd.backward()
+            del wd.adapter.param_groups[group][key]
+
+        return arrange, lambda wd: wd.adapter.step()
+
+    for group, key in ((0, "lr"), (1, "betas")):
+        case(
+            f"torch adapter: del param_groups[{group}][{key!r}]",
+            torch_world(),
+            removed(group, key),
+            KeyError,
+            rf"'{key}'",
+        )
+
+    def appended_param(wd):
+        wd.backward()
+        wd.adapter.param_groups[1]["params"].append(torch.nn.Parameter(torch.ones(3)))
+
+    case(
+        "torch adapter: a tensor appended to a group's params by hand",
+        torch_world(),
+        (appended_param, lambda wd: wd.adapter.step()),
+        ValueError,
+        r"param_groups\[1\] \(adamw\)\['params'\] was changed by hand.*add_param_group",
+    )
+    for label, act in (
+        ("del param_groups[0]", lambda wd: wd.adapter.param_groups.__delitem__(0)),
+        ("param_groups.append(...)", lambda wd: wd.adapter.param_groups.append({"params": [torch.ones(3)], "lr": 0.1})),
+        ("param_groups.pop()", lambda wd: wd.adapter.param_groups.pop()),
+        ("param_groups.insert(...)", lambda wd: wd.adapter.param_groups.insert(0, {"params": []})),
+        ("param_groups.reverse()", lambda wd: wd.adapter.param_groups.reverse()),
+        ("param_groups[0] = another dict", lambda wd: wd.adapter.param_groups.__setitem__(0, {"params": []})),
+        ("param_groups = one group", lambda wd: setattr(wd.adapter, "param_groups", wd.adapter.param_groups[:1])),
+        (
+            "param_groups = the groups reordered",
+            lambda wd: setattr(wd.adapter, "param_groups", wd.adapter.param_groups[::-1]),
+        ),
+    ):
+        case(
+            f"torch adapter: {label}",
+            torch_world(),
+            act,
+            (TypeError, ValueError),
+            r"one group per treeopt optimizer.*add_param_group",
+        )
+
+    def add_group(entries, **keys):
+        return lambda wd: wd.adapter.add_param_group(dict({"params": entries(wd)}, **keys))
+
+    lora = torch.nn.Parameter(torch.ones(3))
+    for label, entries, match in (
+        (
+            "the same tensor twice",
+            lambda wd: [("lora.a", lora), ("lora.b", lora)],
+            r"'lora\.b' is the tensor of 'lora\.a'",
+        ),
+        (
+            "a tensor of the model under another name",
+            lambda wd: [("lora.a", wd.params["1.weight"])],
+            r"'lora\.a' is the tensor of '1\.weight'",
+        ),
+        (
+            "a name already taken",
+            lambda wd: [("1.weight", torch.nn.Parameter(torch.ones(3)))],
+            r"'1\.weight' is already in group 'muon'",
+        ),
+    ):
+        case(f"torch adapter: add_param_group with {label}", torch_world(), add_group(entries), ValueError, match)
+
+    def sparse_gradient(name):
+        def arrange(wd):
+            wd.backward()
+            wd.params[name].grad = wd.params[name].grad.to_sparse()
+
+        return arrange, lambda wd: wd.adapter.step()
+
+    for name, group in (("1.weight", "Muon"), ("3.weight", "AdamW"), ("0.weight", "AdamW")):
+        case(
+            f"torch adapter: a sparse gradient for {group}'s {name}",
+            torch_world(),
+            sparse_gradient(name),
+            TypeError,
+            rf"the gradient of '{re.escape(name)}' is sparse \(torch\.sparse_coo\)",
+        )
+
+    def state_assignment(value_of):
+        return lambda wd: wd.adapter.state.__setitem__(wd.params["3.weight"], value_of(wd))
+
+    def slots_of(wd, **replace):
+        slots = {k: torch.full_like(v, 7.0) for k, v in wd.adapter.state["3.weight"].items()}
+        slots.update(replace)
+        return slots
+
+    for label, value_of, error, match in (
+        (
+            "a NumPy array for one slot",
+            lambda wd: slots_of(wd, v=np.zeros((10, 8), np.float32)),
+            TypeError,
+            r"slot 'v' of '3\.weight' must be a torch\.Tensor, got ndarray",
+        ),
+        (
+            "a slot of another dtype",
+            lambda wd: slots_of(wd, v=torch.zeros(10, 8, dtype=torch.float64)),
+            ValueError,
+            r"slot 'v' of '3\.weight' is torch\.float64\[10, 8\]; the slot is torch\.float32\[10, 8\]",
+        ),
+        (
+            "a slot of another shape",
+            lambda wd: slots_of(wd, v=torch.zeros(8, 10)),
+            ValueError,
+            r"slot 'v' of '3\.weight' is torch\.float32\[8, 10\]; the slot is torch\.float32\[10, 8\]",
+        ),
+        (
+            "a slot missing",
+            lambda wd: {"m": torch.zeros(10, 8)},
+            ValueError,
+            r"'3\.weight' has slots \['m', 'v'\], got \['m'\]",
+        ),
+        ("not a dict", lambda wd: [torch.zeros(10, 8)], TypeError, r"state of '3\.weight' must be a dict"),
+    ):
+        case(f"torch adapter: state[p] = {label}", torch_world(), state_assignment(value_of), error, match)
+
+    def load_edited(edit, strict=True):
+        def act(wd):
+            source = TorchWorld()
+            saved = source.adapter.state_dict()
+            edit(saved)
+            wd.adapter.load_state_dict(saved, strict=strict)
+
+        return act
+
+    def set_group(index, key, value):
+        return lambda saved: saved["param_groups"][index].__setitem__(key, value)
+
+    for label, edit, match in (
+        (
+            "momentum 1.5 in a saved group",
+            set_group(0, "momentum", 1.5),
+            r"muon.*'momentum'.*Muon momentum should be in \[0, 1\)",
+        ),
+        (
+            "lr -1 in a saved group",
+            set_group(1, "lr", -1.0),
+            r"param_groups \(adamw\)\['lr'\] must be a finite number >= 0, got -1\.0",
+        ),
+        (
+            "betas as a string in a saved group",
+            set_group(1, "betas", "0.9"),
+            r"param_groups \(adamw\)\['betas'\] must be 2 numbers, got '0\.9'",
+        ),
+    ):
+        for strict in (True, False):
+            case(
+                f"torch adapter: load_state_dict with {label} (strict={strict})",
+                torch_world(),
+                load_edited(edit, strict),
+                checkpoint.CheckpointError,
+                match,
+            )
+
+    def pending_edit(wd):
+        wd.adapter.param_groups[0]["momentum"] = 0.9
+        wd.adapter.param_groups[1]["lr"] = 1e-3
+
+    case(
+        "torch adapter: edits pending, then a load_state_dict that fails",
+        torch_world(),
+        (pending_edit, load_edited(set_group(0, "momentum", 1.5))),
+        checkpoint.CheckpointError,
+        r"muon.*'momentum'.*Muon momentum should be in \[0, 1\)",
+    )
+
+    def failing_step(wd):
+        wd.backward()
+        wd.adapter.param_groups[0]["momentum"] = 0.9
+        wd.adapter.param_groups[1]["lr"] = 1e-3
+        wd.params["3.bias"].grad.data = torch.ones(12)  # past torch's checks of .grad
+
+    case(
+        "torch adapter: edits pending, then a step that fails in treeopt",
+        torch_world(),
+        (failing_step, lambda wd: wd.adapter.step()),
+        ParameterError,
+        r"'3\.bias' has shape \(12,\) but the parameter has shape \(10,\)",
+    )
+
+    def scheduled_lr_edit(wd):
+        source = TorchWorld(schedule=True)
+        saved = source.adapter.state_dict()
+        saved["param_groups"][1]["lr"] = 1e-5
+        wd.adapter.load_state_dict(saved)
+
+    case(
+        "torch adapter: load_state_dict with a scheduled lr edited in the dict",
+        torch_world(schedule=True),
+        scheduled_lr_edit,
+        checkpoint.CheckpointError,
+        r"adamw.*lr was changed to 1e-05.*treeopt schedule",
+    )
 
 
 # ------------------------------------------------------------------------------ the tests

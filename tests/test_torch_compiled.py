@@ -11,7 +11,7 @@ from registry import SETTINGS
 
 torch = pytest.importorskip("torch", reason="the runner is for torch tensors")
 torch_compiled = pytest.importorskip("treeopt.backends.torch_compiled", reason="needs torch.compile")
-from treeopt.kernels.compiled_step import _TorchCompiledBucket  # noqa: E402
+from treeopt.kernels.compiled_step import _TorchBucket  # noqa: E402
 from torch_helpers import leaves, random_tree  # noqa: E402
 
 SHAPES = {"embed": (7, 5), "blocks": [{"w": (5, 5), "b": (5,)}, {"w": (5, 3), "b": (3,)}], "scale": ()}
@@ -39,7 +39,7 @@ def run(make, fast, dtype=torch.float32, steps=3, between=None):
 
 @pytest.fixture
 def compiled_on_cpu(monkeypatch):
-    monkeypatch.setattr(kernels, "torch_compile", "always")
+    monkeypatch.setattr(kernels, "torch_runner", "compile")
     monkeypatch.setattr(torch_compiled, "COMPILER", "aot_eager")  # the same trace, no code generation
     torch._dynamo.reset()
 
@@ -58,7 +58,7 @@ ELEMENTWISE = [s for s in SETTINGS if s.make().rule.elementwise and not callable
 def test_the_compiled_runner_equals_the_per_tensor_rule(setting, compiled_on_cpu):
     fast_params, fast = run(setting.make, True)
     ref_params, _ = run(setting.make, False)
-    assert {type(b) for b in fast._compiled.buckets} == {_TorchCompiledBucket}
+    assert {type(b) for b in fast._compiled.buckets} == {_TorchBucket}
     assert_same(fast_params, ref_params)
 
 
@@ -75,7 +75,7 @@ def test_groups_share_one_compiled_step_and_learning_rates_change_without_a_new_
     fast_params, fast = run(make, True, steps=4, between=lower)
     ref_params, _ = run(make, False, steps=4, between=lower)
     (bucket,) = fast._compiled.buckets
-    assert isinstance(bucket, _TorchCompiledBucket) and len(bucket.owners) == 2
+    assert isinstance(bucket, _TorchBucket) and len(bucket.owners) == 2
     assert_same(fast_params, ref_params)
 
 
@@ -93,7 +93,7 @@ def test_a_wrong_gradient_falls_back_to_the_engine_error(compiled_on_cpu):
 
 @pytest.mark.slow
 def test_inductor_code_gives_the_per_tensor_numbers(monkeypatch):
-    monkeypatch.setattr(kernels, "torch_compile", "always")
+    monkeypatch.setattr(kernels, "torch_runner", "compile")
     torch._dynamo.reset()
 
     def make():

@@ -132,8 +132,8 @@ def test_an_edit_of_a_scheduled_value_is_refused_before_anything_changes():
     [
         ("lr", -1.0, "finite number >= 0"),
         ("lr", "fast", "finite number"),
-        ("betas", (0.9, 1.5), r"values in \[0, 1\)"),
-        ("nesterov", 0.5, "cannot be set"),
+        ("betas", (0.9, 1.5), r"\['betas'\]: AdamW beta2 should be in \[0, 1\)"),
+        ("nesterov", 0.5, r"param_groups\[1\] \(SGD\)\['nesterov'\] must be True or False"),
     ],
 )
 def test_bad_edits_name_the_group_and_key(key, value, message):

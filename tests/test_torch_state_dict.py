@@ -164,3 +164,159 @@ def test_torch_round_trip_with_a_parameter_that_had_no_gradient_yet():
     state = opt.state_dict()
     _, fresh = setup()
     assert fresh.load_state_dict(state).ok
+
+
+# ------------------------------------------------------------------------------ resume as torch.optim resumes
+def _continued_alike(run, uninterrupted, resumed, start, stop):
+    """Both runs go on from ``start`` to ``stop`` with ``run(model, opt, start, stop)`` and
+    end with the same state and weights, bit for bit."""
+    for model, opt in (uninterrupted, resumed):
+        run(model, opt, start, stop)
+    assert_bit_identical(state_by_key(resumed[1].optimizer), state_by_key(uninterrupted[1].optimizer))
+    for a, b in zip(uninterrupted[0].parameters(), resumed[0].parameters()):
+        assert a.equal(b)
+
+
+def _groups_without_params(opt):
+    return [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in opt.param_groups]
+
+
+@needs_torch
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_restores_the_group_values_torch_optim_restores(strict):
+    """The reference is torch.optim.SGD driven the same way: values written into the groups
+    (nanochat writes Muon's momentum and weight decay every step), and an edit of the saved
+    dict before the load (the usual way to change the rate on resume)."""
+    import torch
+
+    import treeopt.torch
+
+    def pair():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        ours = treeopt.torch.Optimizer(
+            model,
+            optim.MultiOptimizer(
+                [optim.SGD(0.1, momentum=0.9), optim.SGD(0.01, momentum=0.5)],
+                [lambda path, w: path.startswith("0.")],
+                names=["first", "second"],
+            ),
+        )
+        theirs = torch.optim.SGD(
+            [{"params": model[0].parameters(), "lr": 0.1, "momentum": 0.9}, {"params": model[1].parameters()}],
+            lr=0.01,
+            momentum=0.5,
+        )
+        return model, ours, theirs
+
+    model, ours, theirs = pair()
+    model(torch.ones(3, 4)).sum().backward()
+    for opt in (ours, theirs):
+        opt.param_groups[0]["momentum"] = 0.8515
+        opt.param_groups[1]["weight_decay"] = 0.25
+        opt.param_groups[1]["lr"] = 0.005
+        opt.step()
+    saved_ours, saved_theirs = ours.state_dict(), theirs.state_dict()
+    for saved in (saved_ours, saved_theirs):
+        saved["param_groups"][0]["lr"] = 0.02  # changed on resume, in the dict
+    _, fresh_ours, fresh_theirs = pair()
+    fresh_theirs.load_state_dict(saved_theirs)
+    assert fresh_ours.load_state_dict(saved_ours, strict=strict).ok
+    keys = ("lr", "momentum", "weight_decay")
+    for mine, reference in zip(fresh_ours.param_groups, fresh_theirs.param_groups):
+        assert {k: mine[k] for k in keys} == {k: reference[k] for k in keys}
+    first, second = fresh_ours.optimizer.optimizers
+    assert (first.momentum, float(first.learning_rate)) == (0.8515, pytest.approx(0.02))
+    assert (second.weight_decay, float(second.learning_rate)) == (0.25, pytest.approx(0.005))
+
+
+@needs_torch
+def test_a_resumed_run_that_writes_momentum_each_step_equals_the_uninterrupted_one():
+    """nanochat's loop: Muon's momentum and weight decay written into param_groups at every
+    step; resumed by state_dict/load_state_dict, as its base_train.py does."""
+
+    def loop(model, opt, start, stop):
+        for step in range(start, stop):
+            for group in opt.param_groups:
+                if group["name"] == "hidden":
+                    group["momentum"] = min(step / 300, 1) * 0.1 + 0.85
+                    group["weight_decay"] = 0.01 * (1 - step / 10)
+            _torch_steps(model, opt, step, 1)
+
+    model, opt = _torch_setup()
+    loop(model, opt, 0, 3)
+    saved = opt.state_dict()
+    fresh_model, fresh_opt = _torch_resumed(model, lambda o: o.load_state_dict(saved))
+    assert fresh_opt.param_groups[0]["momentum"] == opt.param_groups[0]["momentum"] != 0.95
+    _continued_alike(loop, (model, opt), (fresh_model, fresh_opt), 3, 6)
+
+
+@needs_torch
+def test_name_keyed_content_alone_restores_the_saved_hyperparameters():
+    model, opt = _torch_setup()
+    opt.param_groups[0]["momentum"] = 0.9
+    _torch_steps(model, opt, 0, 2)
+    saved = opt.state_dict()
+    _, fresh = _torch_resumed(
+        model, lambda o: o.load_state_dict({"tensors": saved["tensors"], "metadata": saved["metadata"]})
+    )
+    assert fresh.param_groups[0]["momentum"] == 0.9 and fresh.optimizer.optimizers[0].momentum == 0.9
+
+
+@needs_torch
+def test_a_layer_frozen_since_the_save_keeps_its_state_for_when_it_is_unfrozen():
+    """Saved with every layer training, resumed with one frozen (requires_grad off): a
+    strict load takes its state, the frozen steps leave it, and unfreezing continues as a run
+    that froze and unfroze the same layer without a checkpoint."""
+
+    def run(model, opt, start, stop):
+        for step in range(start, stop):
+            model[2].weight.requires_grad_(not 3 <= step < 5)
+            _torch_steps(model, opt, step, 1)
+
+    model, opt = _torch_setup()
+    run(model, opt, 0, 3)
+    saved = opt.state_dict()
+
+    def load(fresh):
+        fresh.model[2].weight.requires_grad_(False)
+        assert fresh.load_state_dict(saved).ok
+
+    fresh_model, fresh_opt = _torch_resumed(model, load)
+    assert fresh_model[2].weight in fresh_opt.state
+    _continued_alike(run, (model, opt), (fresh_model, fresh_opt), 3, 7)
+
+
+@needs_torch
+@pytest.mark.parametrize("name", ["#grad_norm", "@adamw", "@hidden/step", "~x", "~#y", "a/b", "~~@z"])
+def test_any_parameter_name_round_trips(tmp_path, name):
+    """Names that look like the format's own keys (``@`` scalars, ``#`` whole-model state)
+    are escaped on save: what was saved loads, in a file and through the torch layout."""
+    import torch
+
+    import treeopt.torch
+
+    def setup():
+        torch.manual_seed(0)
+        params = [(name, torch.nn.Parameter(torch.randn(3, 3))), ("other", torch.nn.Parameter(torch.randn(3)))]
+        multi = optim.MultiOptimizer(
+            [optim.Muon(0.02), optim.AdamW(1e-2)], [lambda path, w: w.ndim == 2], names=["hidden", "adamw"]
+        )
+        return params, treeopt.torch.Optimizer(params, multi)
+
+    params, opt = setup()
+    for _ in range(2):
+        for _, p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    checkpoint.save(opt.optimizer, tmp_path / "opt.safetensors")
+    saved = opt.state_dict()
+    torch.save(saved, tmp_path / "opt.pt")
+    for load in (
+        lambda fresh, p: checkpoint.load(fresh.optimizer, tmp_path / "opt.safetensors", params=dict(p)),
+        lambda fresh, p: fresh.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True)),
+        lambda fresh, p: fresh.load_state_dict({"state": saved["state"], "param_groups": saved["param_groups"]}),
+    ):
+        fresh_params, fresh = setup()
+        assert load(fresh, fresh_params).ok
+        assert_bit_identical(state_by_key(fresh.optimizer), state_by_key(opt.optimizer))

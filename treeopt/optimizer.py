@@ -26,7 +26,7 @@ from treeopt.values import hyper
 if TYPE_CHECKING:
     from treeopt.multi import MultiOptimizer
 
-__all__ = ["Optimizer", "Placement", "RESERVED"]
+__all__ = ["Optimizer", "Placement", "RESERVED", "step_lock"]
 
 
 class Optimizer:
@@ -297,7 +297,7 @@ class Optimizer:
         Optional (the first step initialises lazily) and additive: existing slots are kept,
         so it is safe after loading a state.
         """
-        with _lock(self):
+        with step_lock(self):
             engine.initialize(self, parameters)
 
     def assign_routes(self, parameters: Tree) -> dict[str, Optimizer | None]:
@@ -515,7 +515,7 @@ class Optimizer:
         ``gradients``. ``parameters`` may hold more entries than ``gradients``; a ``None``
         gradient leaves its parameter (and its state) as they are. Inputs are not changed.
         """
-        with _lock(self):
+        with step_lock(self):
             return engine.step(self, gradients, parameters, in_place=False)[0]
 
     def update(self, model: Tree, gradients: Tree) -> None:
@@ -526,7 +526,7 @@ class Optimizer:
         the tree keeps its structure, later steps reuse the plan of the first one (see
         :mod:`treeopt.kernels.compiled_step`).
         """
-        with _lock(self):  # one step at a time per optimizer (see docs/reliability.md, threads)
+        with step_lock(self):  # one step at a time per optimizer (see docs/reliability.md, threads)
             compiled = self._compiled
             if compiled is not None and compiled.run(gradients, model):
                 return
@@ -573,9 +573,10 @@ _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> 
 _LOCKS_GUARD = threading.Lock()
 
 
-def _lock(optimizer):
+def step_lock(optimizer: Optimizer) -> threading.RLock:
     """The re-entrant lock of ``optimizer``: concurrent steps (and inits) of one optimizer
-    run one after the other, so routes decided in one cannot be lost by another."""
+    run one after the other, so routes decided in one cannot be lost by another. A
+    checkpoint's save holds it too, so it never writes the state of half a step."""
     lock = _LOCKS.get(optimizer)
     if lock is None:
         with _LOCKS_GUARD:

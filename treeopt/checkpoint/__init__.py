@@ -23,6 +23,7 @@ import numpy as np
 
 from treeopt.checkpoint import files, mlx_layout
 from treeopt.checkpoint.format import CheckpointError, LoadReport, Problem, from_flat, to_flat
+from treeopt.optimizer import step_lock
 from treeopt.types import Tree
 
 if TYPE_CHECKING:  # checkpoints sit above the optimizers, which never import them
@@ -50,15 +51,16 @@ def save(optimizer: Optimizer, path: str | os.PathLike, *, layout: str = "treeop
         from treeopt.distributed import files as folders
 
         return folders.save(optimizer, path)  # type: ignore[arg-type]  # a treeopt.torch.Optimizer
-    if layout == "treeopt":
-        tensors, metadata = to_flat(optimizer)
-        files.write(path, tensors, metadata)
-    elif layout == "mlx":
-        arrays = {k: files.as_numpy(v) for k, v in mlx_layout.to_mlx(optimizer).items()}
-        save_file = files.safetensors().numpy.save_file
-        files.replace_atomically(path, lambda temporary: save_file(arrays, temporary))
-    else:
+    if layout not in ("treeopt", "mlx"):
         raise ValueError(f"layout must be 'treeopt' or 'mlx', got {layout!r}")
+    with step_lock(optimizer):  # a step in another thread waits: the file holds one step's state
+        if layout == "treeopt":
+            tensors, metadata = to_flat(optimizer)
+            files.write(path, tensors, metadata)
+        else:
+            arrays = {k: files.as_numpy(v) for k, v in mlx_layout.to_mlx(optimizer).items()}
+            save_file = files.safetensors().numpy.save_file
+            files.replace_atomically(path, lambda temporary: save_file(arrays, temporary))
 
 
 def read(path: str | os.PathLike) -> tuple[Stored, dict[str, Any] | None]:
@@ -106,21 +108,31 @@ def load_content(
     params: Tree | None = None,
     *,
     strict: bool = True,
+    check_hyperparameters: bool = True,
 ) -> LoadReport:
     """Load checkpoint content (``tensors`` by key and ``metadata``, as :func:`to_flat` makes
     them; ``metadata`` ``None`` for MLX's layout) into ``optimizer``; see :func:`load`.
+    ``check_hyperparameters=False`` leaves the saved hyper-parameters to the caller (see
+    :func:`~treeopt.checkpoint.format.from_flat`).
 
     Every value is checked before the optimizer changes (:mod:`.validate`); the saved routing
     changes are applied before any state is created, so each parameter's state is created by
     the optimizer that owned it; any failure puts the optimizer back as it was.
     """
-    from treeopt.checkpoint import routing, validate
+    from treeopt.checkpoint import validate
 
     if not hasattr(tensors, "keys") or not hasattr(tensors, "__getitem__"):
         raise CheckpointError(f"checkpoint tensors must be a mapping of key to array, got {type(tensors).__name__}")
     if metadata is not None:
         validate.metadata(metadata)
         validate.tensors(tensors, metadata)
+    with step_lock(optimizer):  # a step in another thread waits for the load
+        return _load_content(optimizer, tensors, metadata, params, strict, check_hyperparameters)
+
+
+def _load_content(optimizer, tensors, metadata, params, strict, check_hyperparameters):
+    from treeopt.checkpoint import routing
+
     restore = optimizer.snapshot()
     try:
         if metadata is not None:
@@ -135,7 +147,7 @@ def load_content(
         if problems and strict:
             report = LoadReport(problems=problems)
             raise CheckpointError(f"the checkpoint does not fit the optimizer (nothing was loaded): {report}", report)
-        report = from_flat(optimizer, tensors, metadata, strict=strict)
+        report = from_flat(optimizer, tensors, metadata, strict=strict, check_hyperparameters=check_hyperparameters)
         report.problems.extend(problems)
         routing.apply_carried(carried)
         return report

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from treeopt.checkpoint import files
+from treeopt.checkpoint.base import slot_key
 from treeopt.checkpoint.format import CheckpointError
 
 
@@ -80,13 +81,14 @@ def inspect(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
             continue
         group["parameters"] += 1
         for slot, spec in info["slots"].items():
-            array = arrays.get(f"{path_}/{slot}")
+            key = slot_key(path_, slot)
+            array = arrays.get(key)
             if array is None:
-                problems.append(f"{path_}/{slot}: in the metadata but not stored")
+                problems.append(f"{key}: in the metadata but not stored")
                 continue
             if list(array.shape) != spec["shape"] or array.dtype.name != spec["dtype"]:
                 problems.append(
-                    f"{path_}/{slot}: stored as {array.dtype.name}{list(array.shape)}, "
+                    f"{key}: stored as {array.dtype.name}{list(array.shape)}, "
                     f"metadata says {spec['dtype']}{spec['shape']}"
                 )
             group["bytes"] += array.nbytes

@@ -45,6 +45,21 @@ class Problem:
         return f"{self.kind:<14} {self.path}: {self.message}"
 
 
+def slot_key(path: str, slot: str) -> str:
+    """The key of ``path``'s slot ``slot``: ``"{path}/{slot}"``. A path that starts as the
+    format's own keys do (``@``, ``#``, or ``~`` before either) gets one more ``~`` in front,
+    so no parameter name is read as an optimizer's scalar or whole-model state."""
+    return f"~{path}/{slot}" if path.lstrip("~").startswith(("@", "#")) else f"{path}/{slot}"
+
+
+def split_slot_key(key: str) -> tuple[str, str]:
+    """``(path, slot)`` of a :func:`slot_key`."""
+    path, _, slot = key.rpartition("/")
+    if path.startswith("~") and path.lstrip("~").startswith(("@", "#")):
+        path = path[1:]
+    return path, slot
+
+
 def numpy_scalar(value: Scalar) -> np.ndarray:
     backend = array_backend(value)
     return np.asarray(backend.to_numpy(value) if backend.name != "python" else value)

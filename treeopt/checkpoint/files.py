@@ -6,9 +6,11 @@ the new one, never a torn one. The metadata carries a CRC-32 (as zip and PNG do)
 key, dtype, shape and byte of data, and of the metadata itself, so a truncated or corrupted
 file is an error, never garbage state. Nothing on the load path executes code (no pickle).
 
-Reading streams: the checksum is verified reading one tensor at a time, and the tensors are
-then read again, one at a time, as the loader copies them into the optimizer's slots, so a
-load holds at most one tensor besides the state (the file's pages stay in the page cache).
+Reading copies the file into memory first (on Linux an anonymous in-memory file, read one
+tensor at a time, so a load holds the file and one tensor besides the state; elsewhere the
+file's bytes, parsed whole). The checksum is verified on that copy and the loader copies
+from it, so what is checked is what is loaded: a file truncated or rewritten on disk during
+the load (``cp`` over it) cannot tear the load or, through a memory map, kill the process.
 """
 
 from __future__ import annotations
@@ -176,14 +178,76 @@ class Tensors:
         return list(view.get_shape()), _DTYPES.get(view.get_dtype(), view.get_dtype().lower())
 
 
+class _Parsed:
+    """The part of ``safe_open``'s handle that :class:`Tensors` uses, over a file's bytes
+    (where no in-memory file can be made)."""
+
+    def __init__(self, data: bytes) -> None:
+        import numpy as np
+
+        self._arrays: dict[str, np.ndarray] = {}
+        self._dtypes: dict[str, str] = {}
+        for key, info in safetensors().deserialize(data):  # checks the header and the offsets
+            dtype = _DTYPES.get(info["dtype"], info["dtype"].lower())
+            if dtype == "bfloat16":
+                import ml_dtypes  # noqa: F401  # registers NumPy's bfloat16
+            self._arrays[key] = np.frombuffer(info["data"], dtype=dtype).reshape(info["shape"])
+            self._dtypes[key] = info["dtype"]
+        size = int.from_bytes(data[:8], "little")
+        self._metadata = json.loads(bytes(data[8 : 8 + size])).get("__metadata__")
+
+    def keys(self) -> list[str]:
+        return list(self._arrays)
+
+    def metadata(self) -> dict[str, str] | None:
+        return self._metadata
+
+    def get_tensor(self, key: str) -> Any:
+        return self._arrays[key]
+
+    def get_slice(self, key: str) -> Any:
+        array, dtype = self._arrays[key], self._dtypes[key]
+
+        class View:
+            def get_shape(self) -> list[int]:
+                return list(array.shape)
+
+            def get_dtype(self) -> str:
+                return dtype
+
+        return View()
+
+
+def _open_copy(path: str) -> Any:
+    """A safetensors handle over a copy of the file in memory, taken with plain reads (no
+    memory map of the file itself): an anonymous in-memory file where the system has them,
+    else the bytes."""
+    with open(path, "rb") as source:
+        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+            copy = os.memfd_create("treeopt-checkpoint", os.MFD_CLOEXEC)
+            try:
+                while os.sendfile(copy, source.fileno(), None, 1 << 30):  # until the end of the file
+                    pass
+                copied = True
+            except OSError:  # a file system sendfile cannot read: the bytes instead
+                source.seek(0)
+                copied = False
+            try:
+                if copied:
+                    return safetensors().safe_open(f"/proc/self/fd/{copy}", framework="numpy")  # maps the copy
+            finally:
+                os.close(copy)  # the handle keeps the copy while it lives
+        return _Parsed(source.read())
+
+
 def read(path: str | os.PathLike[str]) -> tuple[Tensors, dict[str, Any] | None]:
     """``(tensors, metadata)`` of a safetensors file, its checksum verified when it has
     treeopt metadata (``metadata`` is ``None`` for a plain safetensors file). ``tensors`` is a
-    :class:`Tensors`, read lazily from the open file."""
-    safe_open = safetensors().safe_open
+    :class:`Tensors`, read from a copy of the file in memory (see the module's notes)."""
     path = os.fspath(path)
+    safetensors()  # installed, or say how to install it
     try:
-        handle = safe_open(path, framework="numpy")
+        handle = _open_copy(path)
         header = handle.metadata() or {}
         tensors = Tensors(handle)
         if METADATA_KEY not in header:

@@ -3,7 +3,9 @@ metadata saying who owns what; and loading it back by name, checked, all or noth
 
 Keys: ``"{path}/{slot}"`` for a parameter's slot (``layers.0.attn.weight/m``) and
 ``"@{optimizer}/{scalar}"`` for an optimizer's step, learning rate, scheduled values and the
-rule's running values (schedule-free's weight sum).
+rule's running values (schedule-free's weight sum); ``#`` starts whole-model state. A path that
+starts with ``@`` or ``#`` gets a ``~`` before it (:func:`~treeopt.checkpoint.base.slot_key`),
+so any parameter name round-trips.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from treeopt import __version__, engine
 from treeopt._trees import dotted
 from treeopt.backends import array_backend, numpy_backend
 from treeopt.checkpoint import routing, validate
-from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, Problem, assign, numpy_scalar
+from treeopt.checkpoint.base import (
+    FORMAT,
+    FORMAT_VERSION,
+    CheckpointError,
+    Problem,
+    assign,
+    numpy_scalar,
+    slot_key,
+)
 from treeopt.types import Array
 
 if TYPE_CHECKING:
@@ -101,7 +111,7 @@ def to_flat(optimizer: Optimizer, known: Iterable[str] = ()) -> tuple[dict[str, 
                 raise CheckpointError(f"two parameters have the path {path!r}: rename one of them")
             parameters[path] = {"owner": name, "slots": {s: _shape_dtype(v) for s, v in slots.items()}}
             for slot, value in slots.items():
-                put(f"{path}/{slot}", value)
+                put(slot_key(path, slot), value)
         optimizers.append(
             {
                 "name": name,
@@ -170,13 +180,21 @@ def _match_optimizers(current, metadata):
     return matches
 
 
-def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], strict: bool = True) -> LoadReport:
+def from_flat(
+    optimizer: Optimizer,
+    tensors: Stored,
+    metadata: dict[str, Any],
+    strict: bool = True,
+    check_hyperparameters: bool = True,
+) -> LoadReport:
     """Load ``tensors`` into ``optimizer``'s state, matched by parameter path.
 
     The optimizer must know its parameters (initialised, or after a step). Every problem is
     collected into one :class:`LoadReport`. With ``strict`` (the default) any problem raises
     :class:`CheckpointError` and nothing changes; otherwise what matches is loaded and the
-    report is returned.
+    report is returned. ``check_hyperparameters=False``: a hyper-parameter that differs from
+    the saved one is not a problem (the caller restores the saved values, as
+    ``treeopt.torch.Optimizer.load_state_dict`` does).
     """
     validate.metadata(metadata)
     validate.tensors(tensors, metadata)
@@ -218,7 +236,7 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
             fits = True
             for slot, value in slots.items():
                 expected, found = _shape_dtype(value), saved["slots"][slot]
-                key = f"{path}/{slot}"
+                key = slot_key(path, slot)
                 if key not in tensors:
                     report.problems.append(Problem("missing", key, "listed in the metadata but not stored"))
                     fits = False
@@ -239,7 +257,7 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
                     )
                     fits = False
             if fits:
-                writes.extend((slots, slot, f"{path}/{slot}") for slot in slots)  # read when written
+                writes.extend((slots, slot, slot_key(path, slot)) for slot in slots)  # read when written
                 report.loaded.append(path)
     for path, saved in saved_params.items():
         if path not in seen and saved["slots"]:
@@ -253,7 +271,7 @@ def from_flat(optimizer: Optimizer, tensors: Stored, metadata: dict[str, Any], s
         if saved is None:
             report.problems.append(Problem("optimizer", name, f"no {type(leaf).__name__} in the checkpoint matches it"))
             continue
-        ours = hyperparameters(leaf)
+        ours = hyperparameters(leaf) if check_hyperparameters else {}
         for key, value in saved["hyperparameters"].items():
             if key in ours and ours[key] != value and not isinstance(value, dict) and not isinstance(ours[key], dict):
                 report.problems.append(

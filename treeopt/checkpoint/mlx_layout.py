@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from treeopt._trees import dotted
+from treeopt.checkpoint.base import slot_key
 from treeopt.checkpoint.format import FORMAT, FORMAT_VERSION, leaf_optimizers
 from treeopt.tree import tree_flatten
 from treeopt.types import Array
@@ -53,7 +54,7 @@ def from_mlx(optimizer: Optimizer, arrays: Stored) -> tuple[dict[str, Array], di
                 "owner": name,
                 "slots": {s: {"shape": list(v.shape), "dtype": v.dtype.name} for s, v in slots.items()},
             }
-            tensors.update({f"{path}/{s}": v for s, v in slots.items()})
+            tensors.update({slot_key(path, s): v for s, v in slots.items()})
         optimizers.append(
             {
                 "name": name,

@@ -17,7 +17,7 @@ import numpy as np
 
 from treeopt._trees import dotted
 from treeopt.backends import backend_of
-from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, numpy_scalar
+from treeopt.checkpoint.base import FORMAT, FORMAT_VERSION, CheckpointError, numpy_scalar, slot_key, split_slot_key
 
 if TYPE_CHECKING:
     from treeopt.checkpoint.base import Stored
@@ -294,7 +294,7 @@ def tensors(stored: Stored, meta: dict[str, Any]) -> dict[str, str]:
                     "#accumulated/<a parameter of the metadata>, #carried/<a rerouted parameter>/<slot>)"
                 )
         else:
-            path, _, slot = key.rpartition("/")
+            path, slot = split_slot_key(key)
             spec = parameters.get(path, {}).get("slots", {}).get(slot)
             if spec is None:
                 raise CheckpointError(f"checkpoint tensor {key!r} is not listed in the metadata's parameters")
@@ -307,8 +307,8 @@ def tensors(stored: Stored, meta: dict[str, Any]) -> dict[str, str]:
             kinds[key] = "slot"
     for path, info in parameters.items():
         for slot in info["slots"]:
-            if f"{path}/{slot}" not in kinds:
-                raise CheckpointError(f"checkpoint tensor '{path}/{slot}' is in the metadata but not stored")
+            if slot_key(path, slot) not in kinds:
+                raise CheckpointError(f"checkpoint tensor {slot_key(path, slot)!r} is in the metadata but not stored")
     if "step" in meta:
         first = next(iter(optimizers), None)
         key = f"@{first}/step"

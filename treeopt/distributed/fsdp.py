@@ -321,7 +321,9 @@ class FullyShardedStep:
             local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
         )
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, check_hyperparameters: bool = True
+    ) -> LoadReport:
         from treeopt import checkpoint
         from treeopt.distributed.state import agreed, decode, local_metadata, local_tensors
 
@@ -333,7 +335,11 @@ class FullyShardedStep:
         with torch.no_grad():
             self.init()
             return checkpoint.from_flat(
-                self.optimizer, local_tensors(state_dict["tensors"]), local_metadata(metadata, rows), strict=strict
+                self.optimizer,
+                local_tensors(state_dict["tensors"]),
+                local_metadata(metadata, rows),
+                strict=strict,
+                check_hyperparameters=check_hyperparameters,
             )
 
 

@@ -57,13 +57,19 @@ class Replicated:
         tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self.parameters))
         return {"tensors": tensors, "metadata": encode(agreed(self.comm, "checkpoint metadata", metadata))}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, check_hyperparameters: bool = True
+    ) -> LoadReport:
         from treeopt import checkpoint
 
         with torch.no_grad():
             self.init()
             return checkpoint.from_flat(
-                self.optimizer, local_tensors(state_dict["tensors"]), decode(state_dict["metadata"]), strict=strict
+                self.optimizer,
+                local_tensors(state_dict["tensors"]),
+                decode(state_dict["metadata"]),
+                strict=strict,
+                check_hyperparameters=check_hyperparameters,
             )
 
 

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from treeopt.checkpoint.base import CheckpointError, split_slot_key
 
 if TYPE_CHECKING:
     from treeopt.distributed.comm import Collectives
 
 T = TypeVar("T")
 
-__all__ = ["agreed", "fingerprint", "encode", "decode"]
+__all__ = ["agreed", "fingerprint", "encode", "decode", "dcp_errors"]
 
 
 def encode(metadata: dict[str, Any]) -> str:
@@ -58,6 +62,29 @@ def agreed(comm: Collectives, what: str, value: T) -> T:
     return value
 
 
+@contextmanager
+def dcp_errors(where: str, what: str) -> Iterator[None]:
+    """Raise what ``torch.distributed.checkpoint`` raises as a :class:`CheckpointError`
+    naming ``where``, the rank and the key: DCP's ``CheckpointException`` derives from
+    ``BaseException`` (``except Exception`` misses it) and its message is a traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (CheckpointException, Exception) as error:
+        failures = error.failures if isinstance(error, CheckpointException) else {None: (error, None)}
+        parts = []
+        for rank, failure in failures.items():
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            text = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+            key = re.search(r"fqn='([^']*)'|for (\S+?)\.?$|key '([^']*)'|'([^']*/[^']*)'", text)
+            named = f" (key {next(k for k in key.groups() if k)!r})" if key else ""
+            parts.append(f"{'' if rank is None else f'rank {rank}: '}{type(cause).__name__}{named}: {text[:300]}")
+        raise CheckpointError(f"{where}: torch.distributed.checkpoint could not {what}: " + "; ".join(parts)) from error
+
+
 def split_key(key: str) -> tuple[str, str | None] | None:
     """``(parameter path, slot)`` of a ``"{path}/{slot}"`` key, ``(path, None)`` for an
     accumulation buffer ``"#accumulated/{path}"``, ``None`` for anything else."""
@@ -65,8 +92,7 @@ def split_key(key: str) -> tuple[str, str | None] | None:
         return key[len("#accumulated/") :], None
     if key.startswith(("@", "#")) or "/" not in key:
         return None
-    path, slot = key.rsplit("/", 1)
-    return path, slot
+    return split_slot_key(key)
 
 
 def global_metadata(comm: Collectives, local_metadata: dict[str, Any], split_rows: Mapping[str, int]) -> dict[str, Any]:

@@ -280,7 +280,9 @@ class Zero1:
             local, self._mesh(), [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride
         )
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadReport:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, check_hyperparameters: bool = True
+    ) -> LoadReport:
         """Load a state saved by :meth:`state_dict` at any world size (DCP reshards the
         tensors into this rank's layout first); returns this rank's load report."""
         from treeopt import checkpoint
@@ -294,6 +296,7 @@ class Zero1:
                 local_tensors(state_dict["tensors"]),
                 local_metadata(metadata, self._rows()),
                 strict=strict,
+                check_hyperparameters=check_hyperparameters,
             )
         return report
 

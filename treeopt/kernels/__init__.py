@@ -9,10 +9,17 @@ fast path against it. Fast paths need ``numba`` (``pip install treeopt[fast]``);
 or with ``TREEOPT_KERNELS=0`` in the environment, or ``treeopt.kernels.enabled = False``,
 every step takes the reference path.
 
-- :mod:`treeopt.backends.torch_compiled`: an elementwise rule over a list of torch tensors as
-  one ``torch.compile``d step, for tensors on accelerators (CUDA). ``torch_compile`` (or
-  ``TREEOPT_TORCH_COMPILE``) chooses: ``"auto"`` (accelerators only), ``"always"`` (CPU
-  tensors too: for testing it), ``"never"``.
+- :mod:`treeopt.backends.torch_runners`: an elementwise rule over a list of torch tensors
+  without numba: a Triton kernel generated from the rule (accelerators), torch's foreach
+  operations (CPU without numba; accelerators without Triton), or one ``torch.compile``d
+  step. ``torch_runner`` (or ``TREEOPT_TORCH_RUNNER``) chooses: ``"auto"`` (numba on CPU,
+  else foreach; Triton on accelerators, else foreach), or ``"foreach"``, ``"triton"``,
+  ``"compile"`` on every device (Triton on CPU tensors needs ``TRITON_INTERPRET=1``: for
+  tests), or ``"numba"`` (numba on CPU, per tensor elsewhere).
+- :mod:`.expression`: an elementwise rule traced into the array operations those runners run.
+- :mod:`treeopt.backends.torch_graphs`: a stackable rule (Muon) on torch tensors, replayed as
+  a CUDA graph after two steps. ``torch_graphs`` (or ``TREEOPT_TORCH_GRAPHS``): ``"auto"``
+  (CUDA tensors), ``"always"`` (CPU tensors too, eager: for tests), ``"never"``.
 - :mod:`.stacking`: same-shape tensors of a stackable rule (Muon) updated as one stack.
 
 Threads: numba's ``NUMBA_NUM_THREADS``, else ``TREEOPT_NUM_THREADS`` or ``OMP_NUM_THREADS``
@@ -27,8 +34,11 @@ import os
 #: False: every step takes the per-tensor reference path
 enabled = os.environ.get("TREEOPT_KERNELS", "1") not in ("0", "false", "no", "off")
 
-#: where torch tensors of elementwise rules run as a torch.compile'd step: "auto", "always", "never"
-torch_compile = os.environ.get("TREEOPT_TORCH_COMPILE", "auto")
+#: the runner of torch tensors of elementwise rules: "auto", "foreach", "triton", "compile", "numba"
+torch_runner = os.environ.get("TREEOPT_TORCH_RUNNER", "auto")
+
+#: where torch tensors of stackable rules (Muon) run as a captured CUDA graph: "auto", "always", "never"
+torch_graphs = os.environ.get("TREEOPT_TORCH_GRAPHS", "auto")
 
 _numba = None
 

@@ -109,6 +109,39 @@ class _RuleBucket:
                 pair.grad = None  # do not keep the caller's gradients alive
 
 
+class _StackedBucket(_RuleBucket):
+    """Torch tensors of a stackable rule (Muon) on a GPU: the rule once per group of same-shape
+    tensors, the step after the gradients' gathering replayed as a CUDA graph (see
+    :mod:`treeopt.backends.torch_graphs`)."""
+
+    def __init__(self, owner: Optimizer, backend: Backend, leaves: list[Pair], positions: list[int]) -> None:
+        from treeopt.backends.torch_graphs import StackedStep
+        from treeopt.kernels import stacking
+
+        super().__init__(owner, backend, leaves, positions)
+        assert owner.rule is not None
+        rule = owner.rule
+        hyper = owner.rule_hyperparameters() if callable(rule.slots) else None
+        names = [rule.slot_names(backend.shape(pair.param), hyper) for pair in self.pairs]
+        every = list(dict.fromkeys(n for per_pair in names for n in per_pair))  # in the rule's order
+        groups = stacking.groups_by_shape([(shape, n) for shape, n in zip(self.shapes, names)])
+        slots = [[pair.slots.get(n) for pair in self.pairs] for n in every]
+        self.step = StackedStep(rule.update, groups, self.params, slots)
+
+    def run(self, grads):
+        self.step(grads, self.owner.coefficients(self.params[0], self.backend))
+
+
+def _stacked_eligible(owner, backend, param):
+    from treeopt import kernels
+
+    rule = owner.rule
+    if backend.name != "torch" or not kernels.enabled or not rule.stackable:
+        return False
+    mode = kernels.torch_graphs
+    return mode == "always" or (mode == "auto" and param.device.type == "cuda")
+
+
 def _fuse(bucket, groups, backend, static, flags):
     """What a fused bucket keeps of its ``groups`` (``(owner, leaves, positions)`` each, one
     rule): sets its owners and gradient positions; returns its leaves, each leaf's row of the
@@ -249,9 +282,11 @@ class _NumbaBucket(_FusedBucket):
         )
 
 
-class _TorchCompiledBucket(_FusedBucket):
+class _TorchBucket(_FusedBucket):
     """Leaves of one elementwise rule, dtype and device (torch), from one or more optimizers,
-    run as one ``torch.compile``d step; coefficients as in :class:`_NumbaBucket`."""
+    run by one of the torch runners (:mod:`treeopt.backends.torch_runners`: a generated Triton
+    kernel, torch's foreach operations, or a ``torch.compile``d step); coefficients as in
+    :class:`_NumbaBucket`."""
 
     def __init__(
         self,
@@ -259,23 +294,29 @@ class _TorchCompiledBucket(_FusedBucket):
         backend: Backend,
         static: tuple[str, ...],
         flags: tuple[Any, ...],
+        kind: str,
     ) -> None:
-        from treeopt.backends.torch_compiled import CoefficientTable, compile_step
+        from treeopt.backends import torch_runners
+        from treeopt.kernels.expression import trace
 
         leaves, rows, rule = _fuse(self, groups, backend, static, flags)
+        self.kind = kind
         self.numeric = _numeric_names(rule, static)
         self.hyper = [_settings(owner) for owner in self.owners]
         self.params = [leaf.param for leaf in leaves]
         self.shapes = [tuple(p.shape) for p in self.params]
         self.strides = [p.stride() for p in self.params]
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
-        self.slots = [[leaf.slots[n] for leaf in leaves] for n in rule.slots]
-        self.table = CoefficientTable(len(self.owners), len(self.numeric), self.params[0])
-        self.step = compile_step(rule.update, len(rule.slots), self.numeric, dict(zip(static, flags)), rows)
+        slots = [[leaf.slots[n] for leaf in leaves] for n in rule.slots]
+        program = None if kind == "compile" else trace(rule, static, flags)
+        self.step, self.prepare_runner = torch_runners.build(
+            kind, rule, program, static, flags, self.params, slots, rows
+        )
 
     def compiled(self):
-        """This bucket (inductor compiles at the first call, which checks nothing the engine
-        has not checked already)."""
+        """This bucket, its kernel built (``torch.compile``: at the first call, which checks
+        nothing the engine has not checked already)."""
+        self.prepare_runner()
         return self
 
     def prepare(self, grads):
@@ -286,8 +327,9 @@ class _TorchCompiledBucket(_FusedBucket):
             self.hyper = hyper
         chosen = [grads[k] for k in self.positions]
         dtype, device = self.dtype, self.device
-        # what the step was compiled for: another layout goes to the engine (Dynamo would
-        # otherwise compile the whole step again, about a minute on GPT-2 small)
+        # what the step was planned for: another layout goes to the engine (torch.compile
+        # would otherwise compile the whole step again; the other runners read the tensors
+        # as the parameters' layout)
         if not all(
             g.dtype is dtype and g.device == device and g.shape == shape and g.stride() == stride
             for g, shape, stride in zip(chosen, self.shapes, self.strides)
@@ -300,8 +342,7 @@ class _TorchCompiledBucket(_FusedBucket):
         for owner in self.owners:
             coefficients = owner.coefficients(self.params[0], self.backend)
             values.append([_float(coefficients[n]) for n in self.numeric])
-        self.table.write(values)
-        self.step(grads, self.params, self.slots, self.table.tensor)
+        self.step(grads, values)
 
 
 def _numeric_names(rule, static):
@@ -312,15 +353,38 @@ def _numeric_names(rule, static):
     return [n for n in parameters if n not in static]
 
 
-def _torch_compile_eligible(owner, backend, param):
+def _torch_runner(owner, backend, param):
+    """The runner of ``owner``'s tensors like ``param`` (see :data:`treeopt.kernels.torch_runner`),
+    or ``None``: numba's loop on CPU, or the per-tensor path."""
     from treeopt import kernels
 
-    if backend.name != "torch" or not owner.rule.elementwise or callable(owner.rule.slots):
-        return False
-    mode = kernels.torch_compile
-    if mode == "always":
-        return True
-    return mode == "auto" and param.device.type != "cpu"
+    if backend.name != "torch" or not kernels.enabled or not owner.rule.elementwise or callable(owner.rule.slots):
+        return None
+    mode = kernels.torch_runner
+    if mode == "auto":
+        if param.device.type == "cpu":
+            if _numba_eligible(owner, backend, param):
+                return None
+            _hint_fast_extra()
+            return "foreach"
+        from treeopt.backends.torch_runners import triton_usable
+
+        return "triton" if triton_usable(param.device) else "foreach"
+    return None if mode in ("numba", "per-tensor") else mode
+
+
+_hinted = False
+
+
+def _hint_fast_extra():
+    global _hinted
+    if not _hinted and not numba_available():
+        _hinted = True
+        warn(
+            "treeopt runs CPU torch tensors with torch's foreach operations; installing numba "
+            "(pip install 'treeopt[fast]') makes an optimizer step several times faster",
+            UserWarning,
+        )
 
 
 def _settings(owner):
@@ -417,9 +481,12 @@ class CompiledStep:
         for group in groups.values():
             first = group[0]
             positions = [position[id(leaf)] for leaf in group]
-            compiled = _torch_compile_eligible(first.owner, first.backend, first.param)
+            compiled = _torch_runner(first.owner, first.backend, first.param)
             if not compiled and not _numba_eligible(first.owner, first.backend, first.param):
-                buckets.append(_RuleBucket(first.owner, first.backend, group, positions))
+                stacked = _stacked_eligible(first.owner, first.backend, first.param)
+                buckets.append(
+                    (_StackedBucket if stacked else _RuleBucket)(first.owner, first.backend, group, positions)
+                )
                 continue
             # optimizers that share a rule, dtype and switches run in one loop
             static = _static_names(first.owner, first.param, first.backend)
@@ -435,15 +502,22 @@ class CompiledStep:
             )
             fused.setdefault(key, []).append((first.owner, group, positions))
         for key, members in fused.items():
-            kind = _TorchCompiledBucket if key[6] else _NumbaBucket
             try:  # compiled now, so that a rule that cannot compile falls back before any write
-                buckets.append(kind(members, members[0][1][0].backend, key[4], key[5]).compiled())
+                backend = members[0][1][0].backend
+                if key[6]:
+                    buckets.append(_TorchBucket(members, backend, key[4], key[5], key[6]).compiled())
+                else:
+                    buckets.append(_NumbaBucket(members, backend, key[4], key[5]).compiled())
             except Exception as error:
+                fallback = "torch's foreach operations" if key[6] == "triton" else "per tensor"
                 warn(
                     f"the compiled loop of rule {key[0].name!r} failed to build ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0] if str(error) else ''}); it runs per tensor",
+                    f"{str(error).splitlines()[0] if str(error) else ''}); it runs {fallback}",
                     RuntimeWarning,
                 )
+                if key[6] == "triton":
+                    buckets.append(_TorchBucket(members, members[0][1][0].backend, key[4], key[5], "foreach"))
+                    continue
                 buckets.extend(
                     _RuleBucket(owner, group[0].backend, group, positions) for owner, group, positions in members
                 )

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import inspect
-import os
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -33,6 +31,7 @@ import numba
 import numpy as np
 
 from treeopt import ops
+from treeopt.backends import generated
 
 if TYPE_CHECKING:
     from treeopt.rules.base import Rule
@@ -135,8 +134,7 @@ def _source(rule, static, cache):
     ), numeric
 
 
-def cache_dir() -> str:
-    return os.environ.get("TREEOPT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "treeopt")
+cache_dir = generated.cache_dir
 
 
 @functools.cache
@@ -146,21 +144,8 @@ def kernel_for(rule: Rule, static: tuple[str, ...] = ()) -> tuple[Callable[..., 
     source, coefficients = _source(rule, static, cache=True)
     rule_source = inspect.getsource(sys.modules[rule.update.__module__])
     digest = hashlib.sha256((source + rule_source + numba.__version__).encode()).hexdigest()[:16]
-    folder = os.path.join(cache_dir(), "kernels")
-    path = os.path.join(folder, f"{rule.name}_{digest}.py")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        if not os.path.exists(path):
-            temporary = f"{path}.{os.getpid()}.tmp"
-            with open(temporary, "w") as file:
-                file.write(source)
-            os.replace(temporary, path)
-        spec = importlib.util.spec_from_file_location(f"treeopt_kernel_{rule.name}_{digest}", path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # numba's cache finds the kernel's globals through it
-        spec.loader.exec_module(module)
+    try:  # numba's cache finds the kernel's globals through the module in sys.modules
+        module = generated.load(source, "kernels", f"{rule.name}_{digest}", f"treeopt_kernel_{rule.name}_{digest}")
     except (OSError, SyntaxError, ImportError, AttributeError, ValueError):
         # no writable cache, or a damaged cache file: compile in memory, every process
         module = types.ModuleType(f"treeopt_kernel_{rule.name}")

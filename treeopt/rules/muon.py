@@ -211,8 +211,9 @@ def newton_schulz(x, steps, eps=NS_EPS, table="keller2024", safety=1.0):
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = swap_last(x)
-    norm = sqrt(total(x * x, axis=(-2, -1), keepdims=True))
-    x = x / ((norm if safety == 1 else norm * cast(safety, x)) + cast(eps, x))
+    # times 1 (Keller Jordan's table) is exact: one expression for every table, no branch on a
+    # value that a runner may hold on the device
+    x = x / (sqrt(total(x * x, axis=(-2, -1), keepdims=True)) * cast(safety, x) + cast(eps, x))
     coefficients = NS_TABLES[table]
     for k in range(steps):
         a, b, c = coefficients[min(k, len(coefficients) - 1)]

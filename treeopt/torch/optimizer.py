@@ -29,15 +29,16 @@ model later are noticed at the next step (see :meth:`Optimizer.refresh`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from operator import is_
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from treeopt import engine
 from treeopt._trees import dotted
-from treeopt.optimizer import Optimizer as _TreeoptOptimizer
+from treeopt.optimizer import Optimizer as _TreeoptOptimizer, step_lock
 from treeopt.torch import state_dict as _layout
+from treeopt.torch.groups import TORCH_NAMES, Edit, ParamGroups, edit, plain, same_groups, shortest
 from treeopt.torch.names import canonical_name, module_kinds, named_parameters
 
 if TYPE_CHECKING:
@@ -62,22 +63,6 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_registra
 
 #: group keys that are not hyper-parameters
 _STRUCTURE = ("params", "param_names", "name")
-_TORCH_NAMES = {"learning_rate": "lr"}  # treeopt hyper-parameter -> param_groups key
-
-
-def _shortest(value):
-    """A float32 value as the shortest decimal that rounds back to it (0.02, not
-    0.019999999552965164), so that what param_groups shows reads as what was given."""
-    return float(str(np.float32(value)))
-
-
-def _plain(value):
-    """A group value comparable with ``==``: tensors as Python numbers, lists as tuples."""
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else tuple(value.tolist())
-    if isinstance(value, (list, tuple)):
-        return tuple(_plain(v) for v in value)
-    return value
 
 
 def _named(model):
@@ -125,6 +110,8 @@ class Optimizer(torch.optim.Optimizer):
     hyper-parameter on a treeopt schedule is shown at its next value and refuses edits.
     """
 
+    _groups: list[dict[str, Any]]  # a ParamGroups once built
+
     # ``sharding`` and ``process_group`` change how step() runs the treeopt optimizer on
     # several ranks (treeopt.distributed), never the groups.
     def __init__(
@@ -151,10 +138,12 @@ class Optimizer(torch.optim.Optimizer):
         self._route([n for n, p in self.parameters.items() if p.requires_grad])
         self._unrouted = {n for n, p in self.parameters.items() if not p.requires_grad}  # routed once they do
         self._published = [self._group_values(i) for i in range(len(self._leaves))]
+        self._lists: list = [None] * len(self._leaves)  # per group: its params and param_names, as set
         groups = [dict(self._published[i], **self._members(i)) for i in range(len(self._leaves))]
         shared = set.intersection(*(set(values) for values in self._published)) - {"name"}
         self._building = True
         super().__init__(groups, {k: v for k, v in self._published[0].items() if k in shared})
+        self._groups = ParamGroups(self._groups)
         self._building = False
         from treeopt.distributed import attach
 
@@ -179,12 +168,12 @@ class Optimizer(torch.optim.Optimizer):
 
     @param_groups.setter
     def param_groups(self, groups: list[dict[str, Any]]) -> None:
-        if not getattr(self, "_building", True) and len(groups) != len(self._leaves):
-            raise ValueError(
-                f"treeopt.torch.Optimizer has {len(self._leaves)} parameter groups (one per treeopt "
-                f"optimizer); got {len(groups)}"
-            )
-        self._groups = groups  # torch.optim's __init__ sets [] first; wrappers may set the same dicts back
+        if getattr(self, "_building", True):  # torch.optim's __init__ sets [] first
+            self._groups = groups
+            return
+        same_groups(groups, self._groups, self._group_names)  # wrappers set the same dicts back
+        self._groups = ParamGroups(groups)
+        self._regroup()
 
     @property  # type: ignore[override]  # keyed by name as well as by tensor
     def state(self) -> ParameterState:
@@ -235,8 +224,12 @@ class Optimizer(torch.optim.Optimizer):
         self._group_of.update(indices)
 
     def _members(self, i):
+        """Group ``i``'s ``params`` and ``param_names``, remembered so that a hand edit of
+        either list is found (:meth:`_check_groups`)."""
         names = [n for n, g in self._group_of.items() if g == i]
-        return {"params": [self.parameters[n] for n in names], "param_names": names}
+        members = {"params": [self.parameters[n] for n in names], "param_names": names}
+        self._lists[i] = (members["params"], members["param_names"], tuple(members["params"]), tuple(names))
+        return members
 
     def _regroup(self):
         for i, group in enumerate(self._groups):
@@ -306,12 +299,16 @@ class Optimizer(torch.optim.Optimizer):
             return
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        with step_lock(self.optimizer):
+            self._add(param_group)
+
+    def _add(self, param_group):
         self.refresh()
         entries = self._new_entries(param_group)
         target = param_group.get("name")
         if target is not None and target not in self._group_names:
             raise ValueError(f"add_param_group: there is no group {target!r} (groups: {self._group_names})")
-        wanted = {k: _plain(v) for k, v in param_group.items() if k not in _STRUCTURE}
+        wanted = {k: plain(v) for k, v in param_group.items() if k not in _STRUCTURE}
 
         def check(indices):
             for name, index in indices.items():
@@ -319,7 +316,7 @@ class Optimizer(torch.optim.Optimizer):
                 if index is None:
                     raise ValueError(f"add_param_group: {name!r} is frozen by the MultiOptimizer")
                 for key, value in wanted.items():
-                    have = _plain(self._groups[index].get(key))
+                    have = plain(self._groups[index].get(key))
                     if have != value:
                         raise ValueError(
                             f"add_param_group: {name!r} goes to group {self._group_names[index]!r}, whose {key} is "
@@ -352,7 +349,7 @@ class Optimizer(torch.optim.Optimizer):
             params = [params]
         elif isinstance(params, set):
             raise TypeError("add_param_group: params must be an ordered collection, not a set")
-        names_in_model = {id(p): n for n, p in self.parameters.items()}
+        known = {id(p): n for n, p in self.parameters.items()}  # tensor -> its name, given ones included
         entries = []
         for item in params:
             name, param = item if isinstance(item, tuple) else (None, item)
@@ -362,14 +359,22 @@ class Optimizer(torch.optim.Optimizer):
                 )
             if not param.is_leaf:
                 raise ValueError("add_param_group: can't optimize a non-leaf tensor")
-            name = canonical_name(name) if name is not None else names_in_model.get(id(param))
+            name = canonical_name(name) if name is not None else known.get(id(param))
             if name is None:  # the first free added.N
                 taken = set(self.parameters) | {n for n, _ in entries}
                 name = next(f"added.{i}" for i in range(len(taken) + 1) if f"added.{i}" not in taken)
+            if known.get(id(param), name) != name:  # one tensor, one state: torch refuses it too
+                raise ValueError(
+                    f"add_param_group: {name!r} is the tensor of {known[id(param)]!r}; a tensor is optimized once, "
+                    "under one name"
+                )
             if self._group_of.get(name) is not None:
                 raise ValueError(
                     f"add_param_group: {name!r} is already in group {self._group_names[self._group_of[name]]!r}"
                 )
+            if self.parameters.get(name, param) is not param or name in dict(entries):
+                raise ValueError(f"add_param_group: {name!r} already names another tensor")
+            known[id(param)] = name
             entries.append((name, param))
         return entries
 
@@ -380,33 +385,67 @@ class Optimizer(torch.optim.Optimizer):
         values = {"name": self._group_names[i]}
         for key, value in leaf.current_hyperparameters().items():
             if key == "learning_rate" or key in leaf.schedules:
-                value = _shortest(value)
-            values[_TORCH_NAMES.get(key, key)] = value
+                value = shortest(value)
+            values[TORCH_NAMES.get(key, key)] = value
         return values
 
     def _scheduled(self, leaf, key):
-        name = next((k for k, v in _TORCH_NAMES.items() if v == key), key)
+        name = next((k for k, v in TORCH_NAMES.items() if v == key), key)
         return name in leaf.schedules or any(s.startswith(f"{name}[") for s in leaf.schedules)
 
-    def _pull(self):
-        """Apply the edits of param_groups to treeopt: all checked first, then all applied."""
-        edits = []
+    def _check_groups(self):
+        """Raise if a group dict lost a key, was renamed, or had its parameters edited by hand
+        (a KeyError for a removed key, as torch.optim's step raises)."""
+        for i, group in enumerate(self._groups):
+            where = f"param_groups[{i}] ({self._group_names[i]})"
+            for key in ("params", *self._published[i]):
+                if key not in group:
+                    raise KeyError(f"{where} has no {key!r}: a group's keys may be edited, not removed")
+            if group["name"] != self._group_names[i]:
+                raise ValueError(
+                    f"param_groups[{i}]['name'] is the name of treeopt's group {self._group_names[i]!r}; it was "
+                    f"changed to {group['name']!r}"
+                )
+            params, names, expected_params, expected_names = self._lists[i]
+            for key, listed, expected in (("params", params, expected_params), ("param_names", names, expected_names)):
+                current = group.get(key, listed)
+                if current is not listed or len(current) != len(expected) or not all(map(is_, current, expected)):
+                    raise ValueError(
+                        f"{where}[{key!r}] was changed by hand; a group's parameters are chosen by routing: add "
+                        "parameters with add_param_group (with 'name' to choose the group), move them with the "
+                        "MultiOptimizer's reroute or freeze"
+                    )
+
+    def _pull(self) -> Callable[[], None]:
+        """Apply the edits of param_groups to treeopt: all checked first, then all applied.
+        Returns a function that undoes them (a step that fails changes nothing)."""
+        self._check_groups()
+        edits: list[tuple[int, str, Edit]] = []
         for i, (group, published) in enumerate(zip(self._groups, self._published)):
             for key, value in published.items():
-                if key == "name" or key not in group or _plain(group[key]) == _plain(value):
+                if key == "name" or plain(group[key]) == plain(value):
                     continue
                 leaf = self._leaves[i]
+                where = f"param_groups[{i}] ({self._group_names[i]})"
                 if self._scheduled(leaf, key):
                     raise ValueError(
-                        f"param_groups[{i}] ({self._group_names[i]}): {key} was changed to {group[key]!r}, but it "
-                        "follows a treeopt schedule; drive it by one or the other (a torch LR scheduler on a "
-                        "constant treeopt learning rate, or a treeopt schedule). torch.distributed.checkpoint "
-                        "sets lr to 0 for one step on an optimizer with no state: call opt.init() first"
+                        f"{where}: {key} was changed to {group[key]!r}, but it follows a treeopt schedule; drive it "
+                        "by one or the other (a torch LR scheduler on a constant treeopt learning rate, or a "
+                        "treeopt schedule). torch.distributed.checkpoint sets lr to 0 for one step on an "
+                        "optimizer with no state: call opt.init() first"
                     )
-                edits.append((i, key, _setter(leaf, key, group[key], f"param_groups[{i}][{key!r}]")))
-        for i, key, apply in edits:
-            apply()
+                edits.append((i, key, edit(leaf, key, group[key], f"{where}[{key!r}]")))
+        published_before = [dict(values) for values in self._published]
+        for i, key, change in edits:
+            change.apply()
             self._published[i][key] = self._groups[i][key]
+
+        def undo() -> None:
+            for _, _, change in reversed(edits):
+                change.undo()
+            self._published = published_before
+
+        return undo
 
     def _push(self, everything=False):
         """Show the values of treeopt's schedules (and, after a load, of everything)."""
@@ -425,12 +464,13 @@ class Optimizer(torch.optim.Optimizer):
     def init(self) -> None:
         """Create the state of every trainable parameter now (it is otherwise created at the
         first step)."""
-        self.refresh()
-        with torch.no_grad():
-            if self._distributed is not None:
-                self._distributed.init()
-            else:
-                self.optimizer.init(self._trainable())
+        with step_lock(self.optimizer):
+            self.refresh()
+            with torch.no_grad():
+                if self._distributed is not None:
+                    self._distributed.init()
+                else:
+                    self.optimizer.init(self._trainable())
 
     def plan(self) -> Plan:
         """The routing plan (:class:`treeopt.plan.Plan`) of the parameters known now."""
@@ -442,19 +482,28 @@ class Optimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]  # torch's two overloads in one
         """One step for every parameter that has a gradient. ``closure`` (optional)
-        re-evaluates the model and returns the loss, as in torch.optim."""
+        re-evaluates the model and returns the loss, as in torch.optim.
+
+        Everything is checked first (the groups' edits, the gradients); a step that fails
+        puts the edits it applied back, so treeopt is as it was."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.refresh()
-        self._pull()
-        params = self._trainable()
-        if self._distributed is not None:
-            self._distributed.step({name: p.grad for name, p in params.items()})
-        else:
-            self.optimizer.update(params, {name: p.grad for name, p in params.items()})
-        self._push()
+        with step_lock(self.optimizer):  # saves and other threads' steps wait
+            self.refresh()
+            params = self._trainable()
+            grads = _dense_gradients(params)
+            undo = self._pull()
+            try:
+                if self._distributed is not None:
+                    self._distributed.step(grads)
+                else:
+                    self.optimizer.update(params, grads)
+            except BaseException:
+                undo()
+                raise
+            self._push()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -475,60 +524,185 @@ class Optimizer(torch.optim.Optimizer):
         - ``"tensors"`` and ``"metadata"``: treeopt's checkpoint content, keyed by parameter
           name and slot (``"blocks.0.attn.weight/m"``): see :mod:`treeopt.checkpoint`;
         - ``"state"`` and ``"param_groups"``: torch's layout (state by position in the groups,
-          ``param_names`` beside ``params``), which ``torch.distributed.checkpoint``'s
-          ``get_optimizer_state_dict`` re-keys by name.
+          ``param_names`` beside ``params``, and every group's values), which
+          ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` re-keys by name.
 
-        Plain tensors and Python values: ``torch.save(..., weights_only=True)`` loads it."""
+        Plain tensors and Python values: ``torch.save(..., weights_only=True)`` loads it. The
+        tensors are the live state: save them before the next step changes them."""
         from treeopt import checkpoint
 
-        self.refresh()
-        self._pull()  # an LR scheduler's edit after the last step is the next step's: save it
-        if self._distributed is not None:  # several ranks: name-keyed only (see treeopt.distributed.state)
-            return self._distributed.state_dict()
-        tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self._trainable()))
-        state, groups = _layout.to_torch(tensors, metadata, self.param_groups, self._group_names)
+        with step_lock(self.optimizer):
+            self.refresh()
+            self._pull()  # an LR scheduler's edit after the last step is the next step's: save it
+            if self._distributed is not None:  # several ranks: name-keyed only (see treeopt.distributed.state)
+                return self._distributed.state_dict()
+            tensors, metadata = checkpoint.to_flat(self.optimizer, known=list(self._trainable()))
+            groups = []
+            for i, group in enumerate(self._groups):
+                values = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+                scheduled = {k: v for k, v in self._published[i].items() if self._scheduled(self._leaves[i], k)}
+                groups.append(
+                    dict(
+                        values,
+                        name=self._group_names[i],
+                        param_names=list(self._lists[i][3]),
+                        treeopt_scheduled=scheduled,
+                    )
+                )
+            state, groups = _layout.to_torch(tensors, metadata, groups)
         return {"tensors": tensors, "metadata": metadata, "state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> LoadReport:  # type: ignore[override]  # strict, and the load report
         """Load a state saved by :meth:`state_dict`, or its torch layout alone (what
         ``set_optimizer_state_dict`` passes), matched by parameter name, never by position;
-        everything is checked before anything changes. Returns the load report."""
+        everything is checked before anything changes. Returns the load report.
+
+        As ``torch.optim`` does, the groups take the saved values (``lr``, ``betas``,
+        ``momentum``, ``weight_decay``..., and keys LR schedulers keep such as
+        ``initial_lr``), edits made to the dict before the load included; values on a treeopt
+        schedule follow their schedule from the saved step. A parameter that does not
+        require grad now keeps its saved state for when it does."""
         from treeopt import checkpoint
+        from treeopt.checkpoint import validate
 
         if not isinstance(state_dict, dict):
             raise checkpoint.CheckpointError(f"load_state_dict expects a dict, got {type(state_dict).__name__}")
-        if self._distributed is not None:  # several ranks: this rank's part, by name
-            self._pull()
-            report = self._distributed.load_state_dict(state_dict, strict=strict)
-            self._push(everything=True)
-            return report
-        if "tensors" in state_dict and "metadata" in state_dict:
-            tensors, metadata = state_dict["tensors"], state_dict["metadata"]
-        elif "state" in state_dict and "param_groups" in state_dict:
+        tensors, metadata, saved_groups = _content(state_dict)
+        with step_lock(self.optimizer):
+            self.refresh()
+            undo = self._pull()  # edits made before the load are replaced by the saved values
             try:
-                tensors, metadata = _layout.from_torch(state_dict)
-            except (KeyError, TypeError, ValueError, AttributeError) as error:
-                raise checkpoint.CheckpointError(
-                    f"not a treeopt.torch state dict ({type(error).__name__}: {error})"
-                ) from error
-        else:
-            raise checkpoint.CheckpointError(
-                "not a treeopt.torch state dict: it needs 'tensors' and 'metadata', or "
-                f"torch's 'state' and 'param_groups' (got {sorted(state_dict)})"
-            )
-        self.refresh()
-        self._pull()  # edits made before the load are replaced by the saved values
-        with torch.no_grad():  # checked, initialised and loaded together, or nothing changes
-            report = checkpoint.load_content(self.optimizer, tensors, metadata, params=self._trainable(), strict=strict)
-        self._push(everything=True)
-        for saved in state_dict.get("param_groups", ()):  # LR schedulers' keys (initial_lr...)
-            if saved.get("name") in self._group_names:
-                group = self._groups[self._group_names.index(saved["name"])]
-                published = self._published[self._group_names.index(saved["name"])]
-                for key, value in saved.items():
-                    if key not in published and not key.startswith("treeopt_") and key not in _STRUCTURE:
-                        group[key] = value
+                validate.metadata(metadata)
+                restored = self._saved_values(metadata, saved_groups)
+                report = self._load(state_dict, tensors, metadata, strict)
+            except BaseException:
+                undo()
+                raise
+            for _, _, _, change in restored:
+                change.apply()
+            self._push(everything=True)
+            for i, key, value, _ in restored:  # a torch group's value as saved, as torch.optim shows it
+                if value is not None:
+                    self._groups[i][key] = self._published[i][key] = value
+            for saved in saved_groups:  # LR schedulers' keys (initial_lr...)
+                if saved.get("name") in self._group_names:
+                    i = self._group_names.index(saved["name"])
+                    for key, value in saved.items():
+                        if key not in self._published[i] and not key.startswith("treeopt_") and key not in _STRUCTURE:
+                            self._groups[i][key] = value
         return report
+
+    def _load(self, state_dict, tensors, metadata, strict):
+        from treeopt import checkpoint
+
+        if self._distributed is not None:  # several ranks: this rank's part, by name
+            with torch.no_grad():
+                return self._distributed.load_state_dict(state_dict, strict=strict, check_hyperparameters=False)
+        frozen = {  # state saved for a parameter that does not require grad now: kept for later
+            n: p
+            for n, p in self.parameters.items()
+            if not p.requires_grad and metadata["parameters"].get(n, {}).get("slots")
+        }
+        with torch.no_grad():  # checked, initialised and loaded together, or nothing changes
+            report = checkpoint.load_content(
+                self.optimizer,
+                tensors,
+                metadata,
+                params={**self._trainable(), **frozen},
+                strict=strict,
+                check_hyperparameters=False,
+            )
+        self._record_routes(frozen)
+        return report
+
+    def _saved_values(self, metadata, saved_groups):
+        """``[(group, key, value, edit)]``: the saved value of every key of every group, by
+        group name (a torch-layout group's, else the metadata's hyper-parameters, whose
+        ``value`` is ``None``: shown as treeopt holds it), checked as an edit is; a value on a
+        treeopt schedule follows the schedule."""
+        from treeopt.checkpoint import CheckpointError
+
+        by_name = {g.get("name"): g for g in saved_groups}
+        hyper = {o["name"]: o["hyperparameters"] for o in metadata["optimizers"]}
+        restored = []
+        for i, (leaf, name) in enumerate(zip(self._leaves, self._group_names)):
+            where = f"the state dict's param_groups ({name})"
+            if name in by_name:
+                values, scheduled = by_name[name], by_name[name].get("treeopt_scheduled", {})
+            elif name in hyper:  # name-keyed content: the learning rate is a stored scalar
+                values = {TORCH_NAMES.get(k, k): v for k, v in hyper[name].items() if not isinstance(v, dict)}
+                scheduled = {}
+            else:
+                continue
+            for key, value in values.items():
+                if key == "name" or key not in self._published[i]:
+                    continue
+                if self._scheduled(leaf, key):
+                    if key in scheduled and plain(value) != plain(scheduled[key]):
+                        raise CheckpointError(
+                            f"{where}: {key} was changed to {value!r} in the state dict, but it follows a treeopt "
+                            "schedule, which gives it its value at the saved step; change the schedule instead"
+                        )
+                    continue
+                try:
+                    change = edit(leaf, key, value, f"{where}[{key!r}]")
+                    restored.append((i, key, value if name in by_name else None, change))
+                except ValueError as error:
+                    raise CheckpointError(str(error)) from None
+        return restored
+
+    def _record_routes(self, loaded):
+        """Record where the parameters ``loaded`` (frozen, with saved state) went."""
+        group = {id(leaf): i for i, leaf in enumerate(self._leaves)}
+        for name in loaded:
+            owner = self.optimizer.owner_of((name,))
+            self._group_of[name] = None if owner is None else group[id(owner)]
+            self._unrouted.discard(name)
+        if loaded:
+            self._regroup()
+
+
+def _content(state_dict):
+    """``(tensors, metadata, groups)`` of a state dict: treeopt's content, or torch's layout
+    alone; ``groups`` are torch-layout groups (``[]`` for name-keyed content alone)."""
+    from treeopt.checkpoint import CheckpointError
+    from treeopt.distributed.state import decode
+
+    groups = state_dict.get("param_groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise CheckpointError(f"the state dict's param_groups must be a list of dicts, got {type(groups).__name__}")
+    if "tensors" in state_dict and "metadata" in state_dict:
+        try:
+            metadata = decode(state_dict["metadata"])
+        except ValueError as error:
+            raise CheckpointError(f"the state dict's metadata is not JSON: {error}") from error
+        return state_dict["tensors"], metadata, groups
+    if "state" in state_dict and "param_groups" in state_dict:
+        try:
+            tensors, metadata = _layout.from_torch(state_dict)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise CheckpointError(f"not a treeopt.torch state dict ({type(error).__name__}: {error})") from error
+        return tensors, metadata, groups
+    raise CheckpointError(
+        "not a treeopt.torch state dict: it needs 'tensors' and 'metadata', or "
+        f"torch's 'state' and 'param_groups' (got {sorted(state_dict)})"
+    )
+
+
+def _dense_gradients(params):
+    """``{name: p.grad}``; a sparse gradient is refused before anything changes: every rule
+    of treeopt reads its gradient as a dense array."""
+    grads = {}
+    for name, param in params.items():
+        grad = param.grad
+        if grad is not None and grad.layout != torch.strided:
+            raise TypeError(
+                f"the gradient of {name!r} is {'sparse' if 'sparse' in str(grad.layout) else 'not dense'} "
+                f"({grad.layout}); treeopt's optimizers take dense gradients: use nn.Embedding(..., sparse=False), "
+                "or set p.grad = p.grad.to_dense() before the step"
+            )
+        grads[name] = grad
+    return grads
 
 
 class ParameterState(MutableMapping):
@@ -557,18 +731,32 @@ class ParameterState(MutableMapping):
         return self._slots(name) or {}
 
     def __setitem__(self, key: torch.Tensor | str, value: Mapping[str, torch.Tensor]) -> None:
-        slots = self[key]
-        if set(value) != set(slots):
-            raise ValueError(f"the state of {self._name(key)!r} has slots {sorted(slots)}, got {sorted(value)}")
-        for slot, tensor in value.items():
-            if tuple(tensor.shape) != tuple(slots[slot].shape):
-                raise ValueError(
-                    f"slot {slot!r} of {self._name(key)!r} has shape {tuple(slots[slot].shape)}, "
-                    f"got {tuple(tensor.shape)}"
+        """Copy ``value`` into the slots of ``key``'s state: every slot given, each a tensor of
+        the slot's shape and dtype (on any device); all are checked and moved first, then
+        copied, so a bad one changes nothing."""
+        with step_lock(self._owner.optimizer):
+            name, slots = self._name(key), self[key]
+            if not isinstance(value, Mapping):
+                raise TypeError(
+                    f"the state of {name!r} must be a dict of slot name -> tensor, got {type(value).__name__}"
                 )
-        for slot, tensor in value.items():
-            if tensor is not slots[slot]:
-                slots[slot].copy_(tensor)
+            if set(value) != set(slots):
+                raise ValueError(f"the state of {name!r} has slots {sorted(slots)}, got {sorted(value)}")
+            staged = {}
+            for slot, tensor in value.items():
+                current = slots[slot]
+                if not isinstance(tensor, torch.Tensor):
+                    raise TypeError(f"slot {slot!r} of {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+                if tensor.shape != current.shape or tensor.dtype != current.dtype or tensor.layout != torch.strided:
+                    raise ValueError(
+                        f"slot {slot!r} of {name!r} is {_spec(tensor)}; the slot is {_spec(current)} (a dense tensor of that "
+                        "shape and dtype)"
+                    )
+                staged[slot] = tensor.detach().to(current.device)  # may allocate: before any slot is written
+            with torch.no_grad():
+                for slot, tensor in staged.items():
+                    if tensor.data_ptr() != slots[slot].data_ptr():
+                        slots[slot].copy_(tensor)
 
     def __delitem__(self, key: torch.Tensor | str) -> None:
         raise TypeError("the state of a parameter cannot be deleted; use the MultiOptimizer's freeze or reroute")
@@ -587,31 +775,5 @@ class ParameterState(MutableMapping):
         return f"ParameterState({ {n: sorted(s) for n in self._owner.parameters if (s := self._slots(n))} })"
 
 
-def _setter(leaf, key, value, where):
-    """A function that writes one edited group value into ``leaf``, checked now."""
-    value = _plain(value)
-    if key == "lr":
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or value < 0:
-            raise ValueError(f"{where} must be a finite number >= 0, got {value!r}")
-        return lambda: setattr(leaf, "learning_rate", float(value))
-    current = getattr(leaf, key, None)
-    if key not in leaf.hyperparameters:
-        raise ValueError(f"{where}: {type(leaf).__name__} has no hyper-parameter {key!r}")
-    if key == "betas":
-        value = tuple(float(b) for b in value)
-        if len(value) != len(current) or not all(0.0 <= b < 1.0 for b in value):
-            raise ValueError(f"{where} must be {len(current)} values in [0, 1), got {value!r}")
-        return lambda: (leaf._set_betas(value), _touch(leaf))
-    if isinstance(current, bool) and isinstance(value, bool):
-        return lambda: (setattr(leaf, key, bool(value)), _touch(leaf))
-    if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not np.isfinite(value):
-            raise ValueError(f"{where} must be finite, got {value!r}")
-        return lambda: (setattr(leaf, key, float(value)), _touch(leaf))
-    if isinstance(current, tuple) and isinstance(value, tuple) and len(value) == len(current):
-        return lambda: (setattr(leaf, key, tuple(float(v) for v in value)), _touch(leaf))
-    raise ValueError(f"{where} cannot be set to {value!r} (it is {current!r})")
-
-
-def _touch(leaf):
-    leaf.book.version += 1  # a compiled step re-plans
+def _spec(tensor):
+    return f"{tensor.dtype}{list(tensor.shape)}"

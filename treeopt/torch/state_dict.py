@@ -16,6 +16,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from treeopt.checkpoint.base import slot_key
 from treeopt.torch.names import canonical_name
 
 if TYPE_CHECKING:
@@ -28,19 +29,20 @@ def to_torch(
     tensors: Mapping[str, torch.Tensor],
     metadata: dict[str, Any],
     param_groups: Sequence[Mapping[str, Any]],
-    group_names: Sequence[str],
 ) -> tuple[dict[int, dict[str, torch.Tensor]], list[dict[str, Any]]]:
-    """``(state, param_groups)`` over the same tensors as ``tensors``."""
+    """``(state, param_groups)`` over the same tensors as ``tensors``. ``param_groups``: one
+    mapping per treeopt group, in order, with its ``name``, ``param_names`` and the values
+    to keep beside them (``lr``, ``betas``...)."""
     state, groups, position = {}, [], 0
     slots_of = {path: info["slots"] for path, info in metadata["parameters"].items()}
-    for i, (group, name) in enumerate(zip(param_groups, group_names)):
-        names = list(group["param_names"])
+    for i, group in enumerate(param_groups):
+        name, names = group["name"], list(group["param_names"])
         entry = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         entry["params"] = list(range(position, position + len(names)))
         entry["param_names"] = names
         for index, path in zip(entry["params"], names):
             if slots_of.get(path):
-                state[index] = {slot: tensors[f"{path}/{slot}"] for slot in slots_of[path]}
+                state[index] = {slot: tensors[slot_key(path, slot)] for slot in slots_of[path]}
         own = [k for k in tensors if k.startswith(f"@{name}/") or (i == 0 and k.startswith("#"))]
         entry["treeopt_tensors"] = {k: tensors[k] for k in own}
         if i == 0:
@@ -73,6 +75,6 @@ def from_torch(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], 
             else:
                 raise ValueError(f"optimizer state entry {key!r} has no parameter name (param_names missing)")
             for slot, tensor in state.get(key, {}).items():
-                tensors[f"{path}/{slot}"] = tensor
+                tensors[slot_key(path, slot)] = tensor
         tensors.update(group.get("treeopt_tensors", {}))
     return tensors, metadata
