@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import treeopt as optim
+from treeopt.presets import RECIPES
 from treeopt.rules.muon import NS_TABLES
 
 from arrays import as_float64, available, backend_params, make
@@ -248,17 +249,8 @@ def test_normuon_polar_express_and_cautious_decay_are_dions(shape, backend):
     assert gap(run(uncautious, weight, grads, backend), theirs, weight) > 100 * STEP_GAP  # the mask matters here
 
 
-NANOCHAT = dict(
-    ns_coefficients="polar_express",
-    ns_safety=1.01,
-    ns_eps=1e-6,
-    row_equilibration=True,
-    renormalization=True,
-    normuon="larger",
-    normuon_beta2=0.9,
-    cautious_weight_decay=True,
-    decoupled_weight_decay=True,
-)
+# the recipe under test: muon_adamw's "nanochat" Muon (its numbers come from nanochat(...) above)
+NANOCHAT = {**RECIPES["nanochat"], "decoupled_weight_decay": True}
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -352,6 +344,11 @@ def test_in_out_layout_reads_the_outputs_as_columns():
     torch_like = run(optim.Muon(0.02, **options, layout="out_in"), weight, grads)
     flax_like = run(optim.Muon(0.02, **options, layout="in_out"), weight.T.copy(), [g.T.copy() for g in grads])
     np.testing.assert_allclose(flax_like.T, torch_like, rtol=1e-5, atol=1e-6)
+    for blocks in (dict(num_heads=4), dict(split_sizes=(8, 4, 4))):  # blocks of the outputs: columns in flax
+        options = dict(NANOCHAT, weight_decay=0.5, normuon="output", **blocks)
+        torch_like = run(optim.Muon(0.02, **options, layout="out_in"), weight, grads)
+        flax_like = run(optim.Muon(0.02, **options, layout="in_out"), weight.T.copy(), [g.T.copy() for g in grads])
+        np.testing.assert_allclose(flax_like.T, torch_like, rtol=1e-5, atol=1e-6, err_msg=str(blocks))
 
 
 def test_polar_express_past_its_table_repeats_the_last_triple():

@@ -5,7 +5,8 @@
     d  = (1 - mu) * g + mu * v if nesterov else v
     for matrices (ndim >= 2 after ``batch_axes``), D = d viewed as (out, in) by its layout:
         "out_in" (MLX, torch: (out, in, *kernel)) -> (out, in * kernel), as Keller Jordan's
-        "in_out" (flax: (*kernel, in, out))       -> (kernel * in, out) transposed, as optax
+        "in_out" (flax: (*kernel, in, out))       -> (kernel * in, out), as optax (its outputs
+                                                     are the columns; below, rows are outputs)
         leading ``batch_axes`` index separate matrices (experts); ``num_heads`` or
         ``split_sizes`` cut the output axis into blocks, each a matrix of its own (as dion)
         D  = D_i * (|D|_F / sqrt(out)) / max(|D_i|, 1e-6)  for every row i   row_equilibration (MuonEq)
@@ -224,11 +225,12 @@ def newton_schulz(x, steps, eps=NS_EPS, table="keller2024", safety=1.0):
     return x.reshape(lead + tuple(x.shape[-2:])) if len(lead) > 1 else x
 
 
-def equilibrate(x):
-    """MuonEq: every row of ``x`` (each matrix of a stack) scaled to the rows' mean norm."""
-    rows = sqrt(total(x * x, axis=-1, keepdims=True))
-    target = sqrt(total(x * x, axis=(-2, -1), keepdims=True)) * cast(1 / py_sqrt(x.shape[-2]), x)
-    return x * (target / maximum(rows, cast(EQUILIBRATION_EPS, x)))
+def equilibrate(x, out_axis=-2):
+    """MuonEq: every output neuron of ``x`` (a row, or with ``out_axis=-1`` a column; each
+    matrix of a stack) scaled to the neurons' mean norm."""
+    norms = sqrt(total(x * x, axis=-1 if out_axis == -2 else -2, keepdims=True))
+    target = sqrt(total(x * x, axis=(-2, -1), keepdims=True)) * cast(1 / py_sqrt(x.shape[out_axis]), x)
+    return x * (target / maximum(norms, cast(EQUILIBRATION_EPS, x)))
 
 
 def renormalize(x):
@@ -238,15 +240,17 @@ def renormalize(x):
     return x * (cast(py_sqrt(min(x.shape[-2:])), x) / maximum(norm, cast(RENORMALIZATION_EPS, x)))
 
 
-def normuon_normalize(o, second_moment, normuon, normuon_beta2, one_minus_normuon_beta2, one):
-    """NorMuon on ``o`` (each matrix of a stack, rows its outputs): every neuron divided by
-    the root of its running mean square, then the whole scaled back to ``o``'s norm."""
-    per_row = normuon == "output" or o.shape[-2] >= o.shape[-1]
-    square = mean(o * o, axis=-1 if per_row else -2)
+def normuon_normalize(o, second_moment, normuon, normuon_beta2, one_minus_normuon_beta2, one, out_axis=-2):
+    """NorMuon on ``o`` (each matrix of a stack; its outputs the rows, or with ``out_axis=-1``
+    the columns): every neuron divided by the root of its running mean square, then the whole
+    scaled back to ``o``'s norm."""
+    in_axis = -1 if out_axis == -2 else -2
+    axis = out_axis if normuon == "output" or o.shape[out_axis] >= o.shape[in_axis] else in_axis  # the neurons'
+    square = mean(o * o, axis=-1 if axis == -2 else -2)
     second_moment = normuon_beta2 * second_moment + one_minus_normuon_beta2 * square
     root = sqrt(second_moment) + cast(NORMUON_EPS, o)
     factor = where(root > 0, one / root, root)  # 0 only for a silent neuron in float16
-    u = o * (factor[..., :, None] if per_row else factor[..., None, :])
+    u = o * (factor[..., :, None] if axis == -2 else factor[..., None, :])
     norm, norm_u = (sqrt(total(x * x, axis=(-2, -1), keepdims=True)) for x in (o, u))
     return u * where(norm_u > 0, norm / norm_u, norm_u), second_moment
 
@@ -294,12 +298,16 @@ def muon_orthogonalize(
     out, inner = oriented_shape(shape, layout)
     rows, columns = matrix_shape(shape, layout)
     matrix = direction.reshape(lead + (rows, columns)) if len(shape) > 2 else direction
-    if layout == "in_out":
-        matrix = swap_last(matrix)  # outputs first
+    spans = blocks(out, num_heads, split_sizes)
+    # the view's output axis: its rows, or its columns (flax); blocks cut rows, so they turn it
+    flipped = layout == "in_out" and spans is not None
+    if flipped:
+        matrix = swap_last(matrix)
+    out_axis = -1 if layout == "in_out" and not flipped else -2
 
     def polar(d):
         if row_equilibration:
-            d = equilibrate(d)
+            d = equilibrate(d, out_axis)
         if ns_dtype is None:
             d = newton_schulz(d, ns_steps, ns_eps, ns_coefficients, ns_safety)
         else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
@@ -311,10 +319,9 @@ def muon_orthogonalize(
         # a matrix split across devices is orthogonalised whole, then split back as it was
         o = on_whole(polar, d)
         if s is not None:
-            o, s = normuon_normalize(o, s, normuon, normuon_beta2, one_minus_normuon_beta2, one)
+            o, s = normuon_normalize(o, s, normuon, normuon_beta2, one_minus_normuon_beta2, one, out_axis)
         return o, s
 
-    spans = blocks(out, num_heads, split_sizes)
     if spans is None:
         update, second_moment = step(matrix, second_moment)
     elif num_heads is not None and num_heads > 1:  # equal blocks: a stack of heads
@@ -333,7 +340,7 @@ def muon_orthogonalize(
             moments.append(piece)
         update = concatenate(parts, axis=-2)
         second_moment = None if second_moment is None else concatenate(moments, axis=-1)
-    if layout == "in_out":
+    if flipped:
         update = swap_last(update)
     rate = matrix_lr(lr, shape, layout, adjust_lr, 0, num_heads, split_sizes)
     return update.reshape(direction.shape), rate, second_moment
