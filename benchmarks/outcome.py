@@ -48,7 +48,7 @@ MUON_WEIGHT_DECAYS = (0.1, 0.0)
 MUON_WARMUPS = (0.05, 0.2)
 MUON_FINE_FACTORS = (0.75, 1.5)
 #: part 4: the rates and warm-ups walked for each of Muon's recipes
-VARIANT_LRS = (0.02, 0.03, 0.04, 0.06, 0.08)
+VARIANT_LRS = (0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08)
 VARIANT_WARMUPS = (0.05, 0.1, 0.2)
 #: the settings only Muon reads: AdamW alone does not depend on them
 MUON_FIELDS = ("muon_lr", "muon_weight_decay", "muon_warmup", "muon_variant")

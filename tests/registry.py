@@ -195,7 +195,7 @@ ERRORS = [
     # Muon's variants: MLX has no such option (it raises a TypeError)
     ("Muon", dict(learning_rate=0.1, ns_coefficients="polar"), ValueError, "Muon ns_coefficients", True),
     ("Muon", dict(learning_rate=0.1, ns_safety=0.5), ValueError, "Muon ns_safety should be None or", True),
-    ("Muon", dict(learning_rate=0.1, normuon="rows"), ValueError, "Muon normuon should be True, False", True),
+    ("Muon", dict(learning_rate=0.1, normuon="rows"), ValueError, "Muon normuon should be True, False, None", True),
     ("Muon", dict(learning_rate=0.1, normuon_beta2=1.0), ValueError, r"normuon_beta2 should be in \[0, 1\)", True),
     ("Muon", dict(learning_rate=0.1, cautious_weight_decay=True), ValueError, "needs decoupled_weight_decay", True),
     ("Muon", dict(learning_rate=0.1, batch_axes=-1), ValueError, "Muon batch_axes should be an integer", True),

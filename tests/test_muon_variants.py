@@ -372,7 +372,7 @@ def test_polar_express_past_its_table_repeats_the_last_triple():
     [
         (dict(ns_coefficients="polar"), "Muon ns_coefficients should be one of"),
         (dict(ns_safety=0.9), "Muon ns_safety should be None or a number >= 1"),
-        (dict(normuon="rows"), "Muon normuon should be True, False or one of"),
+        (dict(normuon="rows"), "Muon normuon should be True, False, None or one of"),
         (dict(normuon_beta2=1.0), "Muon normuon_beta2 should be in"),
         (dict(cautious_weight_decay=True), "needs decoupled_weight_decay=True"),
         (dict(batch_axes=-1), "Muon batch_axes should be an integer"),

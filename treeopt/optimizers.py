@@ -467,7 +467,7 @@ class Muon(_Builtin):
         ns_safety (float, optional): Newton-Schulz divides by ``ns_safety`` times the
             Frobenius norm, >= 1. Default: the table's (1 for ``"keller2024"``, 1.02 for
             ``"polar_express"``, as dion and modded-nanogpt; nanochat uses 1.01).
-        normuon (bool or str): NorMuon (Li et al., 2025): after Newton-Schulz, each neuron's
+        normuon (bool, str or None): NorMuon (Li et al., 2025): after Newton-Schulz, each neuron's
             update is divided by the root of its running mean square (``normuon_beta2``) and
             the matrix scaled back to its norm. ``True`` or ``"output"``: the neurons are the
             outputs, as the paper, its reference and dion; ``"larger"``: the rows or the
@@ -509,7 +509,7 @@ class Muon(_Builtin):
         layout: str | None = None,
         ns_coefficients: str = "keller2024",
         ns_safety: float | None = None,
-        normuon: bool | str = False,
+        normuon: bool | str | None = False,
         normuon_beta2: Scalar = 0.95,
         cautious_weight_decay: bool = False,
         row_equilibration: bool = False,
@@ -574,9 +574,9 @@ class Muon(_Builtin):
             raise ValueError(f"Muon ns_safety should be None or a number >= 1, {safety!r} was provided instead")
         if normuon is True:
             normuon = "output"
-        if normuon is not False and normuon not in NORMUON:
+        if normuon is not False and normuon is not None and normuon not in NORMUON:
             raise ValueError(
-                f"Muon normuon should be True, False or one of {NORMUON}, {normuon!r} was provided instead"
+                f"Muon normuon should be True, False, None or one of {NORMUON}, {normuon!r} was provided instead"
             )
         if cautious and not decoupled:
             raise ValueError(
