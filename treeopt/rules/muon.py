@@ -228,9 +228,9 @@ def newton_schulz(x, steps, eps=NS_EPS, table="keller2024", safety=1.0):
 def equilibrate(x, out_axis=-2):
     """MuonEq: every output neuron of ``x`` (a row, or with ``out_axis=-1`` a column; each
     matrix of a stack) scaled to the neurons' mean norm."""
-    norms = sqrt(total(x * x, axis=-1 if out_axis == -2 else -2, keepdims=True))
-    target = sqrt(total(x * x, axis=(-2, -1), keepdims=True)) * cast(1 / py_sqrt(x.shape[out_axis]), x)
-    return x * (target / maximum(norms, cast(EQUILIBRATION_EPS, x)))
+    squares = total(x * x, axis=-1 if out_axis == -2 else -2, keepdims=True)  # one per neuron
+    target = sqrt(total(squares, axis=(-2, -1), keepdims=True) * cast(1 / x.shape[out_axis], x))
+    return x * (target / maximum(sqrt(squares), cast(EQUILIBRATION_EPS, x)))
 
 
 def renormalize(x):
@@ -243,16 +243,19 @@ def renormalize(x):
 def normuon_normalize(o, second_moment, normuon, normuon_beta2, one_minus_normuon_beta2, one, out_axis=-2):
     """NorMuon on ``o`` (each matrix of a stack; its outputs the rows, or with ``out_axis=-1``
     the columns): every neuron divided by the root of its running mean square, then the whole
-    scaled back to ``o``'s norm."""
+    scaled back to ``o``'s norm. Both norms come from the neurons' mean squares (|o|^2 is
+    their sum times the neuron's length, |U|^2 the same over the divided ones), so ``o`` is
+    read twice: once squared, once scaled."""
     in_axis = -1 if out_axis == -2 else -2
     axis = out_axis if normuon == "output" or o.shape[out_axis] >= o.shape[in_axis] else in_axis  # the neurons'
-    square = mean(o * o, axis=-1 if axis == -2 else -2)
+    square = mean(o * o, axis=-1 if axis == -2 else -2)  # per neuron
     second_moment = normuon_beta2 * second_moment + one_minus_normuon_beta2 * square
     root = sqrt(second_moment) + cast(NORMUON_EPS, o)
     factor = where(root > 0, one / root, root)  # 0 only for a silent neuron in float16
-    u = o * (factor[..., :, None] if axis == -2 else factor[..., None, :])
-    norm, norm_u = (sqrt(total(x * x, axis=(-2, -1), keepdims=True)) for x in (o, u))
-    return u * where(norm_u > 0, norm / norm_u, norm_u), second_moment
+    norm = sqrt(total(square, axis=-1, keepdims=True))  # |o| / sqrt(length), per matrix
+    norm_u = sqrt(total(square * factor * factor, axis=-1, keepdims=True))
+    factor = factor * where(norm_u > 0, norm / norm_u, norm_u)
+    return o * (factor[..., :, None] if axis == -2 else factor[..., None, :]), second_moment
 
 
 def muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, coupled, nesterov, **_):
