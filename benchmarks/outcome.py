@@ -11,6 +11,11 @@
    finer Muon rates (0.75x, 1.5x) at the best warm-up, walked the same way.
 3. Muon everywhere (the demo's naive set-up) at the best settings of 2, every seed: how much
    the routing itself is worth, beyond one seed.
+4. Muon's recipes (``muon_adamw(variant=...)``: ``"keller2024"``, ``"nanochat"``), each from
+   part 2's best Muon with the tuned AdamW for the AdamW groups: Muon's rate, then its
+   warm-up, walked as in 2b. ``--part variants`` runs this part alone, from the demo's
+   defaults (the tuned AdamW and Muon of ``docs/outcome.md``), with the tuned AdamW on every
+   seed for the target. Its table goes between the ``<!-- variants -->`` markers.
 
 Every run trains the demo's GPT on one thread (``torch.set_num_threads(1)``) and appends one
 JSON line to ``--results`` as it finishes; a run already there is not repeated, so the sweep
@@ -42,8 +47,13 @@ MUON_WEIGHT_DECAYS = (0.1, 0.0)
 #: around the best rate (part 2b)
 MUON_WARMUPS = (0.05, 0.2)
 MUON_FINE_FACTORS = (0.75, 1.5)
+#: part 4: the rates and warm-ups walked for each of Muon's recipes
+VARIANT_LRS = (0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08)
+VARIANT_WARMUPS = (0.05, 0.1, 0.2)
 #: the settings only Muon reads: AdamW alone does not depend on them
-MUON_FIELDS = ("muon_lr", "muon_weight_decay", "muon_warmup")
+MUON_FIELDS = ("muon_lr", "muon_weight_decay", "muon_warmup", "muon_variant")
+#: what the columns of parts 1-3 show (part 4 adds the recipe)
+SHOWN_MUON_FIELDS = ("muon_lr", "muon_weight_decay", "muon_warmup")
 
 
 def run_one(job):
@@ -69,7 +79,12 @@ def run_one(job):
         "train_seconds": seconds[0],
         "cpu_seconds": seconds[1],
         "wall_seconds": time.perf_counter() - began,
-        "curve": {"steps": curve.steps, "val_loss": curve.val_loss},
+        "curve": {
+            "steps": curve.steps,
+            "val_loss": curve.val_loss,
+            "seconds": curve.seconds,
+            "cpu_seconds": curve.cpu_seconds,
+        },
     }
 
 
@@ -77,7 +92,12 @@ def settings(setup, hyper):
     """The settings ``setup`` trained with: a field added to ``Hyper`` after a record was
     written takes the value the run had (Muon's weight decay and warm-up were AdamW's), and
     AdamW alone drops Muon's fields, so its runs count whatever Muon's defaults are now."""
-    hyper = {"muon_weight_decay": hyper["weight_decay"], "muon_warmup": hyper["warmup"], **hyper}
+    hyper = {
+        "muon_weight_decay": hyper["weight_decay"],
+        "muon_warmup": hyper["warmup"],
+        "muon_variant": "keller2024",
+        **hyper,
+    }
     return {k: v for k, v in hyper.items() if not (setup == "AdamW" and k in MUON_FIELDS)}
 
 
@@ -147,6 +167,7 @@ def table(records, steps, seeds):
         "| steps to target |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    records = [r for r in records if r["hyper"].get("muon_variant", "keller2024") == "keller2024"]
     tuned, routed = winners(records, steps, seeds)
     reached = steps_to_target(records, steps, seeds, tuned)
     for setup, winner in (("AdamW", tuned), ("muon_adamw", routed), ("Muon everywhere", None)):
@@ -162,7 +183,7 @@ def table(records, steps, seeds):
                 cell += f" ({len(values)} of {len(seeds)} seeds)"
             if h == winner:
                 cell = f"**{cell}**"
-            muon = [f"{h[field]:g}" if setup != "AdamW" else "-" for field in MUON_FIELDS]
+            muon = [f"{h[field]:g}" if setup != "AdamW" else "-" for field in SHOWN_MUON_FIELDS]
             adamw = f"{h['adamw_lr']:g} | {h['beta2']:g} | {h['warmup']:g}"
             ratios = reached.get(setting, [])
             reach = ", ".join("-" if r is None else f"{r:.2f}" for r in ratios) if ratios else ""
@@ -170,9 +191,10 @@ def table(records, steps, seeds):
     return "\n".join(lines)
 
 
-def steps_to_target(records, steps, seeds, tuned):
+def steps_to_target(records, steps, seeds, tuned, with_time=False):
     """``{setting: [fraction of the steps per seed, None where never reached]}`` for the runs
-    with a curve, against ``tuned`` AdamW's final loss on each seed."""
+    with a curve, against ``tuned`` AdamW's final loss on each seed (``with_time``: ``(step,
+    wall seconds, CPU seconds)`` at which it was reached, instead of the fraction)."""
     from treeopt.demo.harness.training import Curve
 
     if tuned is None:
@@ -187,18 +209,23 @@ def steps_to_target(records, steps, seeds, tuned):
         points = r.get("curve", {})
         if r["setup"] == "AdamW" or r["steps"] != steps or r["seed"] not in target or len(points.get("steps", [])) < 3:
             continue
-        curve = Curve(steps=list(points["steps"]), val_loss=list(points["val_loss"]))
-        curve.seconds = curve.cpu_seconds = [0.0] * len(curve.steps)
+        zeros = [0.0] * len(points["steps"])
+        curve = Curve(
+            steps=list(points["steps"]),
+            val_loss=list(points["val_loss"]),
+            seconds=list(points.get("seconds", zeros)),
+            cpu_seconds=list(points.get("cpu_seconds", zeros)),
+        )
         reach = curve.reach(target[r["seed"]])
         reached.setdefault(json.dumps(r["hyper"], sort_keys=True), []).append(
-            None if reach is None else reach[0] / steps
+            None if reach is None else (reach[0] / steps if not with_time else reach)
         )
     return reached
 
 
-def write_doc(markdown, doc=ROOT / "docs" / "outcome.md"):
+def write_doc(markdown, doc=ROOT / "docs" / "outcome.md", marker="sweep"):
     text = doc.read_text()
-    start, end = "<!-- sweep -->", "<!-- /sweep -->"
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
     if start not in text or end not in text:
         raise SystemExit(f"{doc} has no {start} ... {end} section")
     head, rest = text.split(start, 1)
@@ -222,20 +249,39 @@ def main(argv=None):
         default=list(MUON_WEIGHT_DECAYS),
         help=f"Muon's weight decays in part 2 (default {' '.join(map(str, MUON_WEIGHT_DECAYS))})",
     )
+    parser.add_argument(
+        "--part",
+        choices=("all", "variants"),
+        default="all",
+        help="all: parts 1-4; variants: part 4 alone, from the demo's defaults",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="Muon's recipes of part 4 (default: every one of treeopt.presets.RECIPES)",
+    )
     parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("outcome.jsonl"))
     parser.add_argument("--no-doc", action="store_true", help="print the table, leave docs/outcome.md alone")
     parser.add_argument("--table-only", action="store_true", help="run nothing: the table of the results so far")
     args = parser.parse_args(argv)
+    from treeopt.demo import setups
+    from treeopt.presets import RECIPES
+
+    args.variants = args.variants or list(RECIPES)
     if args.table_only:
         return report(args)
-    from treeopt.demo import setups
-
     default = setups.Hyper().to_dict()
     print(
         f"sweep: {args.steps} steps, seeds {args.seeds}, {args.jobs} job(s) of one thread; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
         flush=True,
     )
+    if args.part == "variants":
+        tuned = settings("AdamW", default)
+        sweep(jobs("AdamW", [default], args), args.results, args.jobs)  # the target, on every seed
+        variants(args, tuned, default)
+        return report(args)
     adamw = [{**default, "adamw_lr": lr, "beta2": b2} for b2 in BETA2S for lr in ADAMW_LRS]
     sweep(jobs("AdamW", adamw, args), args.results, args.jobs)
     coarse = best(mean_by_setting(load(args.results), "AdamW", args.steps, args.seeds, like={"warmup": 0.2}))[0]
@@ -270,7 +316,102 @@ def main(argv=None):
         args.results,
         args.jobs,
     )
+    variants(args, tuned, routed)
     report(args)
+
+
+def variants(args, tuned, start):
+    """Part 4: each of Muon's recipes from ``start``'s Muon with the ``tuned`` AdamW: Muon's
+    rate, then its warm-up, each walked until the best is bracketed."""
+    found = {}
+    for variant in args.variants:
+        like = {**tuned, "muon_variant": variant}
+        setting = {**start, **like}
+        setting = descend(
+            args, "muon_adamw", setting, "muon_lr", VARIANT_LRS, like, keep=("muon_weight_decay", "muon_warmup")
+        )[0]
+        setting, loss = descend(
+            args, "muon_adamw", setting, "muon_warmup", VARIANT_WARMUPS, like, keep=("muon_weight_decay", "muon_lr")
+        )
+        found[variant] = setting
+        print(
+            f"best {variant}: Muon lr {setting['muon_lr']:g}, warm-up {setting['muon_warmup']:g}: {loss:.4f}",
+            flush=True,
+        )
+    return found
+
+
+def variant_table(records, steps, seeds, variants):
+    """Part 4's table: every setting run for each recipe, then the best of each recipe against
+    the tuned AdamW, per seed, with the step and time at which it reached its final loss."""
+    adamw = mean_by_setting(records, "AdamW", steps, seeds)
+    if not adamw:
+        return "No tuned AdamW on every seed yet: part 4 compares against it."
+    tuned = best(adamw)[0]
+    runs = {r["seed"]: r for r in records if r["setup"] == "AdamW" and r["steps"] == steps and r["hyper"] == tuned}
+    reached = steps_to_target(records, steps, seeds, tuned, with_time=True)
+    lines = [
+        f"Muon's recipes with the tuned AdamW (lr {tuned['adamw_lr']:g}, beta2 {tuned['beta2']:g}, warm-up "
+        f"{tuned['warmup']:g}) on the AdamW groups, {steps} steps, seeds {', '.join(map(str, seeds))}. Final "
+        "validation loss: mean (per seed); steps to target: the fraction of the steps at which the validation "
+        "loss first reached the tuned AdamW's final loss on the same seed (interpolated between 25 "
+        "evaluations). **Bold**: each recipe's best (lowest mean final loss).",
+        "",
+        "| recipe | Muon lr | Muon wd | Muon warm-up | final val loss | steps to target |",
+        "|---|---|---|---|---|---|",
+    ]
+    winners = {}
+    for variant in variants:
+        means = mean_by_setting(
+            records, "muon_adamw", steps, seeds, complete=False, like={**tuned, "muon_variant": variant}
+        )
+        complete = {k: v for k, v in means.items() if len(v[1]) == len(seeds)}
+        winner = best(complete)[0] if complete else None
+        winners[variant] = winner
+        for setting in sorted(means, key=lambda k: [json.loads(k)[f] for f in ("muon_warmup", "muon_lr")]):
+            h, (mean, values) = json.loads(setting), means[setting]
+            cell = f"{mean:.4f} ({', '.join(f'{v:.3f}' for v in values)})"
+            cell = f"**{cell}**" if h == winner else cell
+            reach = ", ".join("-" if r is None else f"{r[0] / steps:.2f}" for r in reached.get(setting, []))
+            lines.append(
+                f"| {variant} | {h['muon_lr']:g} | {h['muon_weight_decay']:g} | {h['muon_warmup']:g} | {cell} | {reach} |"
+            )
+    lines += [
+        "",
+        "Each recipe's best against the tuned AdamW, per seed (wall and CPU seconds of the training steps of "
+        "that run; runs shared the machine, so times are noisy):",
+        "",
+        "| run | seed | final val loss | steps to target | x AdamW | wall s to target | x AdamW | CPU s to target "
+        "| x AdamW |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for seed in seeds:
+        if seed in runs:
+            r = runs[seed]
+            wall, cpu = r["train_seconds"], r["cpu_seconds"]
+            lines.append(
+                f"| AdamW (tuned) | {seed} | {r['final_val_loss']:.4f} | {steps} | 1.00 | {wall:.0f} | 1.00 "
+                f"| {cpu:.0f} | 1.00 |"
+            )
+    for variant, winner in winners.items():
+        if winner is None:
+            continue
+        key_ = json.dumps(winner, sort_keys=True)
+        by_seed = {
+            r["seed"]: r for r in records if r["setup"] == "muon_adamw" and r["steps"] == steps and r["hyper"] == winner
+        }
+        for seed, reach in zip(sorted(s for s in by_seed if s in seeds), reached.get(key_, [])):
+            r, base = by_seed[seed], runs.get(seed)
+            if reach is None or base is None:
+                cells = "- | - | - | - | - | -"
+            else:
+                step, wall, cpu = reach
+                cells = (
+                    f"{step:.0f} | {step / steps:.2f} | {wall:.0f} | {wall / base['train_seconds']:.2f} | {cpu:.0f} "
+                    f"| {cpu / base['cpu_seconds']:.2f}"
+                )
+            lines.append(f"| muon_adamw {variant} | {seed} | {r['final_val_loss']:.4f} | {cells} |")
+    return "\n".join(lines)
 
 
 def jobs(setup, settings, args):
@@ -303,10 +444,14 @@ def descend(args, setup, start, field, values, like, keep=()):
 
 
 def report(args):
-    markdown = table(load(args.results), args.steps, args.seeds)
-    print(markdown)
+    records = load(args.results)
+    markdown = table(records, args.steps, args.seeds)
+    recipes = variant_table(records, args.steps, args.seeds, args.variants)
+    print(markdown + "\n\n" + recipes)
     if not args.no_doc:
-        write_doc(markdown)
+        if args.part == "all":
+            write_doc(markdown)
+        write_doc(recipes, marker="variants")
 
 
 if __name__ == "__main__":

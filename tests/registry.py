@@ -192,6 +192,17 @@ ERRORS = [
     ("Muon", dict(learning_rate=0.1, weight_decay=-0.01), ValueError, "Muon weight_decay should be >=0", False),
     ("Muon", dict(learning_rate=0.1, ns_steps=-1), ValueError, "Muon ns_steps", False),
     ("Muon", dict(learning_rate=0.1, ns_steps=2.5), ValueError, "Muon ns_steps", False),
+    # Muon's variants: MLX has no such option (it raises a TypeError)
+    ("Muon", dict(learning_rate=0.1, ns_coefficients="polar"), ValueError, "Muon ns_coefficients", True),
+    ("Muon", dict(learning_rate=0.1, ns_safety=0.5), ValueError, "Muon ns_safety should be None or", True),
+    ("Muon", dict(learning_rate=0.1, normuon="rows"), ValueError, "Muon normuon should be True, False, None", True),
+    ("Muon", dict(learning_rate=0.1, normuon_beta2=1.0), ValueError, r"normuon_beta2 should be in \[0, 1\)", True),
+    ("Muon", dict(learning_rate=0.1, cautious_weight_decay=True), ValueError, "needs decoupled_weight_decay", True),
+    ("Muon", dict(learning_rate=0.1, batch_axes=-1), ValueError, "Muon batch_axes should be an integer", True),
+    ("Muon", dict(learning_rate=0.1, num_heads=0), ValueError, "Muon num_heads should be None or an", True),
+    ("Muon", dict(learning_rate=0.1, split_sizes=(4,)), ValueError, "Muon split_sizes should be None or two", True),
+    ("Muon", dict(learning_rate=0.1, split_sizes=(2, 2), num_heads=2), ValueError, "not both", True),
+    ("Muon", dict(learning_rate=0.1, normuon="larger", split_sizes=(2, 2)), ValueError, "normuon='larger'", True),
     ("SGD", dict(learning_rate="fast"), TypeError, "learning_rate must be", True),  # MLX: a ValueError
     (
         "AdamW",

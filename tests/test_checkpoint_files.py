@@ -89,6 +89,16 @@ def test_file_is_safetensors_with_keys_by_path_and_metadata(tmp_path):
         "ns_eps": 1e-7,
         "adjust_lr": "original",
         "layout": None,
+        "cautious_weight_decay": False,
+        "ns_coefficients": "keller2024",
+        "ns_safety": None,
+        "row_equilibration": False,
+        "renormalization": False,
+        "normuon": None,
+        "normuon_beta2": 0.95,
+        "batch_axes": 0,
+        "num_heads": None,
+        "split_sizes": None,
     }
     assert rest["hyperparameters"]["eps"] == 1e-8 and rest["hyperparameters"]["weight_decay"] == 0.01
     assert rest["scheduled"] == ["betas[1]"] and hidden["scheduled"] == []

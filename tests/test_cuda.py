@@ -121,6 +121,25 @@ def test_stacked_muon_gives_the_per_matrix_numbers_and_bfloat16_stays_close():
         assert float(torch.linalg.norm(low_step - ref_step) / torch.linalg.norm(ref_step)) < 0.1
 
 
+def test_muons_nanochat_recipe_on_the_device_gives_the_cpu_numbers():
+    from treeopt.presets import RECIPES
+
+    def make():
+        return optim.MultiOptimizer(
+            [optim.Muon(0.02, weight_decay=0.5, decoupled_weight_decay=True, **RECIPES["nanochat"]), optim.AdamW(1e-3)],
+            [lambda p, w: p.startswith("blocks.") and w.ndim == 2],
+        )
+
+    device_params, opt = run(make, True)
+    cpu = random_tree(SHAPES, 0, torch.float32, "cpu")
+    cpu_opt = make()
+    for i in range(3):
+        cpu_opt.update(cpu, random_tree(SHAPES, i + 1, torch.float32, "cpu"))
+    for x, y in zip(flat(device_params), flat(cpu)):
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-4, atol=1e-6)
+    assert opt.optimizers[0].state["blocks"][0]["w"]["second_moment"].device.type == DEVICE
+
+
 def test_muon_replayed_as_a_cuda_graph_follows_its_schedule_with_the_per_matrix_numbers():
     def make():
         return optim.MultiOptimizer(

@@ -497,7 +497,10 @@ def test_fsdp2_unsupported_placements_and_rules_raise_with_the_path():
     message = run_world(shard1, 2)[0]
     assert "blocks.0.attn.weight" in message and "Shard(dim=1)" in message
     message = run_world(adafactor, 2)[0]
-    assert "Adafactor needs whole matrices" in message and "blocks.0.attn.bias" in message
+    # a bias's Adafactor state is split by rows with it (gathered whole to one owner); the
+    # embedding's row and column sums cannot be
+    assert "Adafactor needs whole matrices" in message and "'embed.weight'" in message
+    assert "cannot be split by rows" in message
 
 
 def test_an_optimizer_built_before_fully_shard_raises_at_its_first_step():
@@ -683,3 +686,51 @@ def test_dcp_checkpoint_of_compact_state_resumes_at_another_world_size(state_dty
     after = run_world(compact_dcp_phase, 1, str(tmp_path), "load", 2, state_dtype)
     assert_same_params(after, uninterrupted)
     assert_same_slots(after, uninterrupted)
+
+
+# ---------------------------------------------------------------------------------- Muon's variants
+def variants_optimizer(normuon="output"):
+    """Muon with every variant (NorMuon's slot has one value per neuron), and AdamW."""
+    muon = optim.Muon(
+        0.02,
+        weight_decay=0.1,
+        decoupled_weight_decay=True,
+        cautious_weight_decay=True,
+        normuon=normuon,
+        ns_coefficients="polar_express",
+        row_equilibration=True,
+        renormalization=True,
+    )
+    return optim.MultiOptimizer([muon, optim.AdamW(3e-3)], [hidden_matrix])
+
+
+def variants_train(rank, world, steps, sharding):
+    params = make_params()
+    opt = treeopt.torch.Optimizer(params, variants_optimizer(), sharding=sharding if world > 1 else None)
+    for step in range(steps):
+        for (name, p), g in zip(params, gradients(step).values()):
+            p.grad = g
+        opt.step()
+    return {"params": {n: p.detach().clone() for n, p in params}}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_muon_variants_under_zero1_and_fsdp2_are_bit_identical_to_one_process(world):
+    one = run_world(variants_train, 1, 3, None)[0]
+    assert_same_params(run_world(variants_train, world, 3, "zero1"), one)
+    # FSDP2: NorMuon's second moments travel with their rows to each matrix's owner and back
+    results = run_world(fsdp_train, world, 3, False, None, variants_optimizer())
+    assert_same_params(results, one)
+    assert results[0]["slots"]["blocks.0.attn.weight/second_moment"][0] == "DTensor"
+
+
+def test_fsdp2_refuses_a_normuon_moment_that_is_not_split_by_rows():
+    def larger(rank, world):
+        try:
+            fsdp_train(rank, world, 1, optimizer=variants_optimizer(normuon="larger"))
+        except Exception as error:
+            return str(error)
+
+    message = run_world(larger, 2)[0]
+    # (96, 64): 48 rows a rank are wider than long, so "larger" would pick columns there
+    assert "blocks.0.attn.weight" in message and "cannot be split by rows" in message

@@ -390,6 +390,24 @@ for label, make_opt, error, match in (
         TypeError,
         r"filters\[0\] is a str, not a callable",
     ),
+    (
+        "Muon(cautious decay of a coupled decay)",
+        lambda: optim.Muon(0.02, cautious_weight_decay=True),
+        ValueError,
+        r"Muon cautious_weight_decay .* needs decoupled_weight_decay=True",
+    ),
+    (
+        "Muon(an unknown coefficient table)",
+        lambda: optim.Muon(0.02, ns_coefficients="polar"),
+        ValueError,
+        r"Muon ns_coefficients should be one of \('keller2024', 'polar_express'\), 'polar' was provided",
+    ),
+    (
+        "Muon(NorMuon's longer side with heads)",
+        lambda: optim.Muon(0.02, normuon="larger", num_heads=4),
+        ValueError,
+        r"normuon='larger' picks rows or columns per matrix; with num_heads or split_sizes use normuon='output'",
+    ),
 ):
     case(f"constructor: {label}", world("single", "numpy"), lambda wd, make_opt=make_opt: make_opt(), error, match)
 
@@ -824,6 +842,32 @@ case(
     MemoryError,
     r"no memory for the slots",
 )
+
+
+def muon_blocks_world(backend):
+    """Muon with NorMuon and a QKV-like split on the layers' (4, 4) matrices, after two steps."""
+
+    def make_world():
+        wd = World("single", backend)
+        wd.opt = optim.MultiOptimizer(
+            [optim.Muon(0.02, split_sizes=(2, 2), normuon=True), optim.Adam(1e-2)],
+            [lambda path, w: path.startswith("layers")],
+        )
+        for _ in range(2):
+            wd.step(wd.grads())
+        return wd
+
+    return make_world
+
+
+for backend in BACKENDS:
+    case(
+        f"{backend}: Muon blocks that do not fit a new matrix",
+        muon_blocks_world(backend),
+        (lambda wd: wd.params["layers"].append(make(np.ones((5, 4)), wd.backend)), lambda wd: wd.step(wd.grads())),
+        ValueError,
+        r"Muon split_sizes=\(2, 2\) do not sum to the 5 outputs of a weight of shape \(5, 4\)",
+    )
 
 
 def tuple_world():

@@ -338,8 +338,11 @@ class _TreeFacts:
             return frozenset()
         vocabulary = max(tables)
         found = []
+        repeated = self._repeated()
         for path, shape in self.shapes.items():
             if len(shape) != 2 or EMBEDDING in kinds_of(path) or _name_says_embedding(path) or _structural(path):
+                continue
+            if repeated(path):  # a layer of a repeated block is no output layer, whatever its width
                 continue
             last = path.rsplit(".", 1)[-1]
             outputs = shape[-1] if last == "kernel" else shape[0] if last == "weight" else None
@@ -349,6 +352,24 @@ class _TreeFacts:
             return frozenset()
         shallowest = min(path.count(".") for path in found)
         return frozenset([[path for path in found if path.count(".") == shallowest][-1]])
+
+    def _repeated(self):
+        """``repeated(path)``: ``path`` lies in a block the tree holds more than one of (a
+        numbered segment whose container has other numbers: ``blocks.0`` beside ``blocks.1``)."""
+        numbers: dict[tuple[str, ...], set[str]] = {}
+        for path in self.shapes:
+            segments = path.split(".")
+            for i, segment in enumerate(segments[:-1]):
+                if segment.isdigit():
+                    numbers.setdefault(tuple(segments[:i]), set()).add(segment)
+
+        def repeated(path: str) -> bool:
+            segments = path.split(".")
+            return any(
+                s.isdigit() and len(numbers.get(tuple(segments[:i]), ())) > 1 for i, s in enumerate(segments[:-1])
+            )
+
+        return repeated
 
     def siblings(self, path: str) -> list[str]:
         """Paths of the other parameters of the module that holds ``path``'s module."""

@@ -8,7 +8,7 @@ Arithmetic operators (``+ - * / @``) need no function: every backend's arrays ha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from treeopt.backends import Backend, backend_of
 from treeopt.types import Array, Scalar
@@ -27,6 +27,7 @@ __all__ = [
     "mean",
     "total",
     "swap_last",
+    "concatenate",
     "matmul",
     "addmm",
     "all_finite",
@@ -119,6 +120,11 @@ def addmm(c: Array, a: Array, b: Array, alpha: float = 1.0, beta: float = 1.0) -
 
 def swap_last(x: Array) -> Array:
     return _of(x).swap_last(x)
+
+
+def concatenate(arrays: Sequence[Array], axis: int) -> Array:
+    """``arrays`` (of one library) joined along the existing ``axis``."""
+    return _of(arrays[0]).concatenate(arrays, axis)
 
 
 def all_finite(x: Array) -> Array:

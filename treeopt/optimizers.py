@@ -15,7 +15,7 @@ from treeopt.filters import is_embedding, is_head
 from treeopt.optimizer import Optimizer
 from treeopt.precision import StatePrecision, state_precision
 from treeopt.rules.adafactor import factored_rsqrt
-from treeopt.rules.muon import ADJUST_LR, LAYOUTS, NS_EPS
+from treeopt.rules.muon import ADJUST_LR, LAYOUTS, NORMUON, NS_EPS, NS_TABLES
 from treeopt.types import Array, Scalar, Tree
 
 
@@ -510,6 +510,37 @@ class Muon(_Builtin):
             ``(kh, kw, in, out)`` viewed as ``(kh * kw * in, out)``, as optax does). Default
             ``None``: ``"out_in"``, except under :mod:`treeopt.jax`'s ``init``/``update``/
             ``as_optax``, which follow flax (``"in_out"``).
+
+        The variants the field runs now, keyword-only, off by default (``docs/muon.md`` says
+        what each computes and which reference it is checked against):
+
+        ns_coefficients (str): the Newton-Schulz coefficient table: ``"keller2024"`` (one
+            triple, every step: Keller Jordan's and MLX's) or ``"polar_express"`` (a triple
+            per step, Amsel et al. 2025, as nanochat, modded-nanogpt and dion run it).
+        ns_safety (float, optional): Newton-Schulz divides by ``ns_safety`` times the
+            Frobenius norm, >= 1. Default: the table's (1 for ``"keller2024"``, 1.02 for
+            ``"polar_express"``, as dion and modded-nanogpt; nanochat uses 1.01).
+        normuon (bool, str or None): NorMuon (Li et al., 2025): after Newton-Schulz, each neuron's
+            update is divided by the root of its running mean square (``normuon_beta2``) and
+            the matrix scaled back to its norm. ``True`` or ``"output"``: the neurons are the
+            outputs, as the paper, its reference and dion; ``"larger"``: the rows or the
+            columns, whichever side is longer, as modded-nanogpt and nanochat. Adds a slot
+            ``second_moment`` of one value per neuron.
+        normuon_beta2 (float): NorMuon's decay, in [0, 1). Default: ``0.95``.
+        cautious_weight_decay (bool): decay only where the update and the weight agree in
+            sign (modded-nanogpt, nanochat, dion). Needs ``decoupled_weight_decay``.
+        row_equilibration (bool): MuonEq: before Newton-Schulz, scale every output row of
+            the momentum to the rows' mean norm (as nanochat).
+        renormalization (bool): Muon+: after Newton-Schulz, scale the update to the norm of
+            a semi-orthogonal matrix, ``sqrt(min(rows, cols))`` (as nanochat).
+        batch_axes (int): leading axes that index separate matrices, e.g. 1 for experts
+            ``(E, out, in)``: each gets its own Newton-Schulz. Default: ``0``.
+        num_heads (int, optional): orthogonalise the output axis as this many equal blocks
+            (attention heads), each with its own learning-rate scale and NorMuon norm (dion's
+            ``num_heads``).
+        split_sizes (tuple[int, ...], optional): orthogonalise the output axis in blocks of
+            these sizes (a fused QKV projection), each as if it were its own parameter (dion's
+            ``split_sizes``). Excludes ``num_heads``.
     """
 
     rule = rules.MUON
@@ -529,10 +560,35 @@ class Muon(_Builtin):
         ns_eps: float = NS_EPS,
         adjust_lr: str = "original",
         layout: str | None = None,
+        ns_coefficients: str = "keller2024",
+        ns_safety: float | None = None,
+        normuon: bool | str | None = False,
+        normuon_beta2: Scalar = 0.95,
+        cautious_weight_decay: bool = False,
+        row_equilibration: bool = False,
+        renormalization: bool = False,
+        batch_axes: int = 0,
+        num_heads: int | None = None,
+        split_sizes: Sequence[int] | None = None,
         state_dtype: str | StatePrecision | None = None,
     ) -> None:
         super().__init__(state_dtype=state_dtype)
         self.scalars.defaults["layout"] = "out_in"  # layout=None: this, or default_layout's
+        self._set_variants(
+            ns_coefficients,
+            ns_safety,
+            normuon,
+            cautious_weight_decay,
+            decoupled_weight_decay,
+        )
+        self._set(
+            "normuon_beta2",
+            normuon_beta2,
+            lambda v: 0 <= v < 1,
+            "{name} normuon_beta2 should be in [0, 1), {value} was provided instead",
+        )
+        self.row_equilibration, self.renormalization = bool(row_equilibration), bool(renormalization)
+        self._set_view(batch_axes, num_heads, split_sizes)
         if layout not in (None, *LAYOUTS):
             raise ValueError(f"Muon layout should be None or one of {LAYOUTS}, {layout!r} was provided instead")
         self.layout = layout
@@ -563,6 +619,56 @@ class Muon(_Builtin):
             raise ValueError(f"Muon ns_steps should be an integer >=0, {ns_steps!r} was provided instead")
         self.nesterov = bool(nesterov)
         self.ns_steps = int(ns_steps)
+
+    def _set_variants(self, table, safety, normuon, cautious, decoupled):
+        if table not in NS_TABLES:
+            raise ValueError(
+                f"Muon ns_coefficients should be one of {tuple(NS_TABLES)}, {table!r} was provided instead"
+            )
+        if safety is not None and (not _is_number(safety) or not 1 <= safety < math.inf):
+            raise ValueError(f"Muon ns_safety should be None or a number >= 1, {safety!r} was provided instead")
+        if normuon is True:
+            normuon = "output"
+        if normuon is not False and normuon is not None and normuon not in NORMUON:
+            raise ValueError(
+                f"Muon normuon should be True, False, None or one of {NORMUON}, {normuon!r} was provided instead"
+            )
+        if cautious and not decoupled:
+            raise ValueError(
+                "Muon cautious_weight_decay masks the decoupled decay p <- p * (1 - lr * wd) where the update and "
+                "the weight agree in sign; it needs decoupled_weight_decay=True (a coupled decay is part of the "
+                "gradient, before Newton-Schulz)"
+            )
+        self.ns_coefficients, self.ns_safety = table, None if safety is None else float(safety)
+        self.normuon = normuon or None
+        self.cautious_weight_decay = bool(cautious)
+
+    def _set_view(self, batch_axes, num_heads, split_sizes):
+        if isinstance(batch_axes, bool) or not isinstance(batch_axes, numbers.Integral) or batch_axes < 0:
+            raise ValueError(f"Muon batch_axes should be an integer >= 0, {batch_axes!r} was provided instead")
+        if num_heads is not None and (
+            isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1
+        ):
+            raise ValueError(f"Muon num_heads should be None or an integer >= 1, {num_heads!r} was provided instead")
+        if split_sizes is not None:
+            sizes = tuple(split_sizes) if isinstance(split_sizes, (tuple, list)) else ()
+            if len(sizes) < 2 or any(
+                isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in sizes
+            ):
+                raise ValueError(
+                    f"Muon split_sizes should be None or two or more positive integers, {split_sizes!r} was provided instead"
+                )
+            split_sizes = tuple(int(n) for n in sizes)
+            if num_heads is not None:
+                raise ValueError("Muon takes num_heads (equal blocks) or split_sizes (given blocks), not both")
+        if self.normuon == "larger" and (split_sizes is not None or (num_heads or 1) > 1):
+            raise ValueError(
+                "Muon normuon='larger' picks rows or columns per matrix; with num_heads or split_sizes use "
+                "normuon='output' (per output neuron, as dion)"
+            )
+        self.batch_axes = int(batch_axes)
+        self.num_heads = None if num_heads is None else int(num_heads)
+        self.split_sizes = split_sizes
 
     def unsuited(self, path: str, parameter: Array) -> str | None:
         """Muon orthogonalises hidden matrices. In a MultiOptimizer it warns (or refuses) on

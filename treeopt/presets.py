@@ -15,7 +15,7 @@ from treeopt.precision import StatePrecision
 from treeopt.tree import is_container, tree_flatten
 from treeopt.types import Filter, Scalar, Schedule, Tree
 
-__all__ = ["muon_adamw"]
+__all__ = ["RECIPES", "muon_adamw"]
 
 #: the defaults of Keller Jordan's reference Muon (github.com/KellerJordan/Muon, README "Usage"):
 #: Muon lr=0.02, momentum=0.95, decoupled weight_decay=0.01, eps=1e-7 in Newton-Schulz; the
@@ -23,6 +23,27 @@ __all__ = ["muon_adamw"]
 #: correction)
 MUON_LR, MUON_MOMENTUM, NS_EPS = 0.02, 0.95, 1e-7
 ADAMW_LR, ADAMW_BETAS, WEIGHT_DECAY = 3e-4, (0.9, 0.95), 0.01
+
+#: Muon's variant options of each named recipe of ``muon_adamw(variant=...)``
+RECIPES: dict[str, dict[str, Any]] = {
+    # Keller Jordan's Muon (github.com/KellerJordan/Muon): one Newton-Schulz triple, eps 1e-7
+    "keller2024": {},
+    # nanochat's Muon (karpathy/nanochat, nanochat/optim.py): Polar Express normalised by 1.01
+    # of the norm plus 1e-6, MuonEq rows, Muon+ renormalisation, NorMuon over the longer side
+    # with beta2 0.9, cautious weight decay
+    "nanochat": dict(
+        ns_coefficients="polar_express",
+        ns_safety=1.01,
+        ns_eps=1e-6,
+        row_equilibration=True,
+        renormalization=True,
+        normuon="larger",
+        normuon_beta2=0.9,
+        cautious_weight_decay=True,
+    ),
+}
+#: the recipe muon_adamw runs unless told otherwise
+DEFAULT_RECIPE = "keller2024"
 
 
 def layout_of(params: Tree) -> str | None:
@@ -105,6 +126,7 @@ def muon_adamw(
     lr_schedule: Schedule | None = None,
     state_dtype: str | StatePrecision | Mapping[str, str | StatePrecision | None] | None = None,
     print_plan: bool = False,
+    variant: str = DEFAULT_RECIPE,
     **options: Any,
 ) -> MultiOptimizer:
     """Muon for the hidden matrices, AdamW for the rest: Keller Jordan's recipe (the Muon
@@ -152,7 +174,10 @@ def muon_adamw(
             ``"float32"``, ``"bfloat16"``, ``"int8"``: see ``docs/precision.md``), or a dict
             by group name, e.g. ``{"muon": "bfloat16", "adamw": "int8"}`` (groups not named
             keep ``None``).
-        print_plan: print the routing plan (needs ``params``).
+        print_plan: print the routing plan (needs ``params``), after a line naming the recipe.
+        variant: Muon's recipe, one of :data:`RECIPES`: ``"keller2024"`` (the default: Keller
+            Jordan's Newton-Schulz) or ``"nanochat"`` (Polar Express, MuonEq, Muon+, NorMuon
+            and cautious weight decay, as nanochat runs them; ``docs/muon.md``).
         options: other :class:`MultiOptimizer` options (``max_grad_norm``,
             ``skip_nonfinite``, ``accumulate``, ``on_unmatched``, ``guards``).
 
@@ -165,6 +190,9 @@ def muon_adamw(
         >>> [opt.names[opt.route(p)] for p in ("blocks.0.w", "blocks.0.b", "embed", "lm_head.weight")]
         ['muon', 'adamw_no_decay', 'adamw', 'adamw']
     """
+    if variant not in RECIPES:
+        raise ValueError(f"muon_adamw variant should be one of {tuple(RECIPES)}, {variant!r} was provided instead")
+    recipe = {"ns_eps": NS_EPS, **RECIPES[variant]}
     if muon_lr is None:
         muon_lr = adamw_lr if adjust_lr == "match_rms_adamw" else MUON_LR
     if muon_weight_decay is None:
@@ -188,11 +216,11 @@ def muon_adamw(
                 momentum=momentum,
                 weight_decay=muon_weight_decay,
                 decoupled_weight_decay=True,
-                ns_eps=NS_EPS,
                 adjust_lr=adjust_lr,
                 layout=layout,
                 ns_dtype=ns_dtype,
                 state_dtype=dtypes[0],
+                **recipe,
             ),
             AdamW(adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True, state_dtype=dtypes[1]),
             AdamW(adamw_lr, betas=betas, weight_decay=weight_decay, bias_correction=True, state_dtype=dtypes[2]),
@@ -206,6 +234,7 @@ def muon_adamw(
     if params is not None:
         plan = multi.plan(_routable(multi, params))
         if print_plan:
+            print(f"muon_adamw: Muon's recipe {variant!r}")
             plan.print()
     elif print_plan:
         raise ValueError("muon_adamw(print_plan=True) needs the params")

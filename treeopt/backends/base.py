@@ -149,6 +149,10 @@ class Backend:
         """``x`` with its last two axes swapped (the matrix transpose)."""
         raise NotImplementedError
 
+    def concatenate(self, arrays: Sequence[Array], axis: int) -> Array:
+        """``arrays`` joined along the existing ``axis``."""
+        raise NotImplementedError
+
     def all_finite(self, x: Array) -> Array:
         """A 0-d boolean array: no NaN or infinity in ``x``."""
         raise NotImplementedError

@@ -118,6 +118,9 @@ class JaxBackend(Backend):
     def swap_last(self, x: Array) -> Array:
         return jnp.swapaxes(x, -1, -2)
 
+    def concatenate(self, arrays: Sequence[Array], axis: int) -> Array:
+        return jnp.concatenate(arrays, axis=axis)
+
     def all_finite(self, x: Array) -> Array:
         return jnp.isfinite(x).all()
 

@@ -124,6 +124,9 @@ class MlxBackend(Backend):
     def swap_last(self, x: Array) -> Array:
         return mx.swapaxes(x, -1, -2)
 
+    def concatenate(self, arrays: Sequence[Array], axis: int) -> Array:
+        return mx.concatenate(list(arrays), axis=axis)
+
     def all_finite(self, x: Array) -> Array:
         return mx.all(mx.isfinite(x))
 

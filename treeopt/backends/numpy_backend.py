@@ -134,6 +134,9 @@ class NumpyBackend(Backend):
     def swap_last(self, x: Array) -> Array:
         return np.swapaxes(x, -1, -2)
 
+    def concatenate(self, arrays: Sequence[Array], axis: int) -> Array:
+        return np.concatenate(arrays, axis=axis)
+
     def all_finite(self, x: Array) -> Array:
         return np.isfinite(x).all()
 

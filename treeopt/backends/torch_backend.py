@@ -169,6 +169,9 @@ class TorchBackend(Backend):
     def swap_last(self, x: Array) -> Array:
         return x.transpose(-1, -2)
 
+    def concatenate(self, arrays: Sequence[Array], axis: int) -> Array:
+        return torch.cat(list(arrays), dim=axis)
+
     def all_finite(self, x: Array) -> Array:
         return torch.isfinite(x).all()
 

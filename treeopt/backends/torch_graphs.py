@@ -36,7 +36,9 @@ class StackedStep:
     """``step(grads, coefficients)``: ``update(..., stacked=True)`` on each group of
     same-shape tensors (``groups``: lists of indices into ``params``), in place.
 
-    ``slots`` holds one list of tensors per slot name, in the order of ``params``."""
+    ``slots`` holds one list of tensors per slot name, in the order of ``params``; ``None``
+    where a tensor has no such slot (NorMuon's second moment is a matrix's only). A slot may
+    have its own shape; the tensors of a group have the same slots, of the same shapes."""
 
     def __init__(
         self,
@@ -52,9 +54,16 @@ class StackedStep:
         self.grad_stacks = [
             torch.empty((len(g),) + tuple(params[g[0]].shape), dtype=like.dtype, device=like.device) for g in groups
         ]
+        # per group: the slots its tensors have, and the stacks of its parameters and of each slot
+        self.present = [[slot for slot in self.slots if slot[g[0]] is not None] for g in self.groups]
         self.stacks = [
-            [torch.empty_like(stack) for _ in range(1 + len(self.slots))] for stack in self.grad_stacks
-        ]  # the parameters' and each slot's, per group
+            [torch.empty_like(stack)]
+            + [
+                torch.empty((len(g),) + tuple(slot[g[0]].shape), dtype=like.dtype, device=like.device)
+                for slot in present
+            ]
+            for g, stack, present in zip(self.groups, self.grad_stacks, self.present)
+        ]
         self.key: tuple[Any, ...] | None = None
         self.graph: Any = None
         self.eager_steps = 0
@@ -104,14 +113,14 @@ class StackedStep:
         """The rule on the stacks, written back: what the graph replays."""
         coefficients = dict(self.static)
         coefficients.update({n: self.scalars[k] for k, n in enumerate(self.names)})
-        for group, grad_stack, stacks in zip(self.groups, self.grad_stacks, self.stacks):
+        for group, grad_stack, stacks, present in zip(self.groups, self.grad_stacks, self.stacks, self.present):
             param_stack, slot_stacks = stacks[0], stacks[1:]
             torch.stack([self.params[i] for i in group], out=param_stack)
-            for slot, stack in zip(self.slots, slot_stacks):
+            for slot, stack in zip(present, slot_stacks):
                 torch.stack([slot[i] for i in group], out=stack)
             with _BACKEND.quiet():
                 new_param, *new_slots = self.update(grad_stack, param_stack, *slot_stacks, **coefficients, stacked=True)
-            for slot, value in zip(self.slots, new_slots):
+            for slot, value in zip(present, new_slots):
                 _BACKEND.write_stack([slot[i] for i in group], value)
             _BACKEND.write_stack([self.params[i] for i in group], new_param)
 

@@ -46,9 +46,11 @@ class Hyper:
     warmup: float = 0.4
     #: the Muon group's warm-up, a fraction of the steps (muon_adamw and the naive set-up)
     muon_warmup: float = 0.2
+    #: Muon's recipe (``muon_adamw(variant=...)``, one of ``treeopt.presets.RECIPES``)
+    muon_variant: str = "keller2024"
     max_grad_norm: float = 1.0
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | str]:
         return asdict(self)
 
 
@@ -100,9 +102,9 @@ def routing(setup: str, steps: int, hyper: Hyper = Hyper()) -> optim.MultiOptimi
         )
     elif setup == "Muon everywhere":
         # the same Muon as muon_adamw's (torch weights are (out, in)), given every matrix
-        muon = optim.muon_adamw(muon_lr=muon_lr, muon_weight_decay=hyper.muon_weight_decay, layout="out_in").optimizers[
-            0
-        ]
+        muon = optim.muon_adamw(
+            muon_lr=muon_lr, muon_weight_decay=hyper.muon_weight_decay, layout="out_in", variant=hyper.muon_variant
+        ).optimizers[0]
         optimizer = optim.MultiOptimizer(
             [muon, optim.AdamW(adamw_lr, betas=betas, weight_decay=0.0, bias_correction=True)],
             [ndim(min=2)],
@@ -117,6 +119,7 @@ def routing(setup: str, steps: int, hyper: Hyper = Hyper()) -> optim.MultiOptimi
             weight_decay=hyper.weight_decay,
             muon_weight_decay=hyper.muon_weight_decay,
             layout="out_in",
+            variant=hyper.muon_variant,
             **common,
         )
     else:

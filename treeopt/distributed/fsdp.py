@@ -104,15 +104,8 @@ class FullyShardedStep:
                 continue
             rule = group.scalars.rule if group.runs_rule else None
             whole = rule is None or not rule.elementwise  # the rule needs each tensor whole
-            # slots shaped like the parameter are sharded like it; other slots (Adafactor's
-            # row and column sums) and custom steps cannot be
-            if is_sharded(param) and whole and (rule is None or callable(rule.slots)):
-                raise ParameterError(
-                    f"treeopt: {type(group).__name__} needs whole matrices but {name!r} is sharded (FSDP2); route it "
-                    "to an elementwise optimizer (AdamW...) or to one whose slots are shaped like the parameter "
-                    "(Muon)",
-                    name,
-                )
+            if is_sharded(param) and whole:
+                self._check_split(name, param, group, rule)
             local = param.to_local() if is_sharded(param) else param
             if is_sharded(param):
                 start, stop = _ownership.row_range(param.shape[0], self.comm.world, self.comm.rank)
@@ -135,6 +128,35 @@ class FullyShardedStep:
         self._checked = False
         with torch.no_grad():
             optimizer.init(self.local)
+
+    def _check_split(self, name, param, group, rule):
+        """A rule that needs whole tensors runs on one owner per tensor, each rank sending its
+        rows of the slots with its rows of the parameter: every slot must be split by rows as
+        the parameter is (Muon's momentum, NorMuon's one value per output row). Slots of
+        other shapes (Adafactor's column sums, NorMuon over columns) and custom steps cannot."""
+        shapes = None if rule is None else group.store.slot_shapes(tuple(param.shape))
+        local = _ownership.row_range(param.shape[0], self.comm.world, self.comm.rank)
+        rows = local[1] - local[0]
+        split = shapes is not None and all(s[:1] == tuple(param.shape[:1]) for s in shapes.values())
+        if shapes is not None and split and group.store.precision is not None:
+            split = all(s == tuple(param.shape) for s in shapes.values())  # stored forms: in the parameter's shape
+        if not split:
+            raise ParameterError(
+                f"treeopt: {type(group).__name__} needs whole matrices but {name!r} is sharded (FSDP2) and its state "
+                f"cannot be split by rows as the parameter is ({shapes or 'a custom step'}); route it to an "
+                "elementwise optimizer (AdamW...) or to one whose slots follow the parameter's rows (Muon; NorMuon "
+                "with normuon='output' and (out, in) weights)",
+                name,
+            )
+        assert shapes is not None
+        mine = group.store.slot_shapes((rows, *param.shape[1:]))
+        if any(mine[n] != (rows, *s[1:]) for n, s in shapes.items()):
+            raise ParameterError(
+                f"treeopt: the state of {name!r} cannot be split by rows as the parameter is: rank "
+                f"{self.comm.rank}'s {rows} rows of {tuple(param.shape)} would keep {mine}, not rows of {shapes} "
+                "(NorMuon: use normuon='output' with (out, in) weights)",
+                name,
+            )
 
     def init(self) -> None:
         with torch.no_grad():
@@ -213,12 +235,21 @@ class FullyShardedStep:
         dtype = like.dtype if first is None else getattr(torch, first.compute)
         slot_names = {n: list(slots[n]) if layouts[n] is None else list(layouts[n].forms) for n in names}
         rows = {n: [_ownership.row_range(self.parameters[n].shape[0], world, r) for r in range(world)] for n in names}
-        width = {n: int(torch.Size(self.parameters[n].shape[1:]).numel()) for n in names}
-        count = {n: 2 + len(slot_names[n]) for n in names}  # gradient, parameter, slots
+        # what travels of each tensor: gradient, parameter, slots, each split by rows; the
+        # elements of one row of each (a slot may be narrower: NorMuon's one value per row)
+        whole_shapes = {n: store.slot_shapes(tuple(self.parameters[n].shape)) for n in names}
+        widths = {
+            n: [math.prod(self.parameters[n].shape[1:])] * 2
+            + [math.prod(whole_shapes[n].get(s, self.parameters[n].shape)[1:]) for s in slot_names[n]]
+            for n in names
+        }
 
-        def size(name, r):
+        def size(name, r, k):
             start, stop = rows[name][r]
-            return (stop - start) * width[name]
+            return (stop - start) * widths[name][k]
+
+        def total(name, r, skip=0):
+            return sum(size(name, r, k) for k in range(skip, len(widths[name])))
 
         def parts(name):
             """This rank's rows of the parameter and the slots, as they travel."""
@@ -231,29 +262,32 @@ class FullyShardedStep:
         send = [
             t.reshape(-1).to(dtype) for d in range(world) for n in names if owner[n] == d for t in (grads[n], *parts(n))
         ]
-        send_sizes = [sum(size(n, rank) * count[n] for n in names if owner[n] == d) for d in range(world)]
-        receive_sizes = [sum(size(n, r) * count[n] for n in names if owner[n] == rank) for r in range(world)]
+        send_sizes = [sum(total(n, rank) for n in names if owner[n] == d) for d in range(world)]
+        receive_sizes = [sum(total(n, r) for n in names if owner[n] == rank) for r in range(world)]
         gathered = torch.empty(sum(receive_sizes), dtype=dtype, device=like.device)
         self.comm.all_to_all(gathered, _cat(send, like, dtype), receive_sizes, send_sizes)
         mine = [n for n in names if owner[n] == rank]
-        pieces: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in range(count[n])] for n in mine}
+        pieces: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in widths[n]] for n in mine}
         offset = 0
         for r in range(world):
             for n in mine:
-                for piece in pieces[n]:
-                    piece.append(gathered[offset : offset + size(n, r)])
-                    offset += size(n, r)
+                for k, piece in enumerate(pieces[n]):
+                    piece.append(gathered[offset : offset + size(n, r, k)])
+                    offset += size(n, r, k)
         results = {}
         for n in mine:  # one tensor at a time: the rule runs on each whole tensor once
-            grad, param, *state = (torch.cat(p).reshape(self.parameters[n].shape) for p in pieces[n])
+            shapes = [self.parameters[n].shape] * 2 + [
+                whole_shapes[n].get(s, self.parameters[n].shape) for s in slot_names[n]
+            ]
+            grad, param, *state = (torch.cat(p).reshape(shape) for p, shape in zip(pieces[n], shapes))
             pair = engine.Pair((n,), grad, param, _backend(param))
             pair.slots, pair.options = dict(zip(slot_names[n], state)), self.options[n]
             (engine.run_rule if layouts[n] is None else engine.run_plain)(group, [pair], in_place=False)
             results[n] = [pair.result, *(pair.slots[s] for s in slot_names[n])]
         # back: to each rank its rows of the new parameter and slots of my tensors
         back = [t[rows[n][d][0] : rows[n][d][1]].reshape(-1) for d in range(world) for n in mine for t in results[n]]
-        back_sizes = [sum(size(n, d) * (count[n] - 1) for n in mine) for d in range(world)]
-        returned_sizes = [sum(size(n, rank) * (count[n] - 1) for n in names if owner[n] == d) for d in range(world)]
+        back_sizes = [sum(total(n, d, skip=1) for n in mine) for d in range(world)]
+        returned_sizes = [sum(total(n, rank, skip=1) for n in names if owner[n] == d) for d in range(world)]
         returned = torch.empty(sum(returned_sizes), dtype=dtype, device=like.device)
         self.comm.all_to_all(returned, _cat(back, like, dtype), returned_sizes, back_sizes)
         offset = 0
@@ -266,9 +300,10 @@ class FullyShardedStep:
                 if layout is None:
                     targets += list(slots[n].values())
                 values = []
-                for target in targets:
-                    value = returned[offset : offset + size(n, rank)].reshape(local.shape)
-                    offset += size(n, rank)
+                for k, target in enumerate(targets, start=1):
+                    shape = local.shape if target is None else target.shape
+                    value = returned[offset : offset + size(n, rank, k)].reshape(shape)
+                    offset += size(n, rank, k)
                     if target is None:
                         values.append(value)
                     else:

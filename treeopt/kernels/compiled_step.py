@@ -124,9 +124,12 @@ class _StackedBucket(_RuleBucket):
 
         super().__init__(group, backend, taken, positions)
         rule = group.scalars.rule
-        assert rule is not None and not callable(rule.slots)  # _stacked_eligible
-        groups = stacking.groups_by_shape(self.shapes)
-        slots = [[pair.slots[n] for pair in self.pairs] for n in rule.slots]
+        assert rule is not None  # _stacked_eligible
+        hyper = group.scalars.hyperparameters() if callable(rule.slots) else None
+        names = [rule.slot_names(backend.shape(pair.param), hyper) for pair in self.pairs]
+        every = list(dict.fromkeys(n for per_pair in names for n in per_pair))  # in the rule's order
+        groups = stacking.groups_by_shape([(shape, n) for shape, n in zip(self.shapes, names)])
+        slots = [[pair.slots.get(n) for pair in self.pairs] for n in every]
         self.step = StackedStep(rule.update, groups, self.params, slots)
 
     def run(self, grads):
@@ -135,7 +138,7 @@ class _StackedBucket(_RuleBucket):
 
 def _stacked_eligible(owner, backend, param):
     rule = owner.scalars.rule
-    if backend.name != "torch" or not kernels.enabled or not rule.stackable or callable(rule.slots):
+    if backend.name != "torch" or not kernels.enabled or not rule.stackable:
         return False
     mode = kernels.torch_graphs
     return mode == "always" or (mode == "auto" and param.device.type == "cuda")

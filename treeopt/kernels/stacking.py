@@ -68,6 +68,14 @@ def update_stacked(
     in place."""
     inputs = [grads, params, *slots]
     buffers = buffers or [None] * len(inputs)
-    stacks = [backend.stack(arrays, out=buffer) for arrays, buffer in zip(inputs, buffers)]
+    stacks = [backend.stack(arrays, out=fitting(backend, buffer, arrays)) for arrays, buffer in zip(inputs, buffers)]
     with backend.quiet():
         return update(*stacks, **coefficients, stacked=True)
+
+
+def fitting(backend: Backend, buffer: Array | None, arrays: Sequence[Array]) -> Array | None:
+    """``buffer`` if it has the shape of ``arrays``' stack, else None: a slot may be smaller
+    than its parameter (NorMuon's one value per neuron), and buffers are cut to parameters."""
+    if buffer is None or tuple(backend.shape(buffer)) != (len(arrays),) + tuple(backend.shape(arrays[0])):
+        return None
+    return buffer
