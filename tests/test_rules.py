@@ -12,7 +12,7 @@ import treeopt as optim
 import treeopt.kernels as kernels
 from treeopt import checkpoint, ops, rules
 from treeopt.ops import cos, maximum, mean, rsqrt, where
-from treeopt.rules.base import Rule, RuleError
+from treeopt.rules.base import Parts, Rule, RuleError
 from treeopt.tree import tree_flatten
 
 from arrays import as_float64, backend_params, make
@@ -44,12 +44,52 @@ def test_a_rule_that_follows_the_contract_is_accepted_and_says_its_hyperparamete
         (dict(coefficients=lambda rate, step, *, decay: {}), "coefficients must be"),
         (dict(running=("total",)), "running values"),
         (dict(copies_param=("z",)), "copies_param names"),
+        (dict(parts=Parts(plain, plain, plain)), "parts split an update that needs whole tensors"),
+        (
+            dict(
+                update=lambda grad, param, *slots, lr, decay: None,
+                slots=lambda shape, hyper: {"v": shape},
+                elementwise=False,
+                parts=Parts(plain, plain, plain),
+            ),
+            "parts split an update that needs whole tensors",
+        ),
     ],
 )
 def test_a_rule_that_breaks_the_contract_is_refused_when_defined(case, message):
     arguments = {**dict(name="broken", update=plain, coefficients=plain_coefficients, slots=("v",)), **case}
     with pytest.raises(RuleError, match=message):
         Rule(**arguments)
+
+
+@pytest.mark.parametrize("nesterov, decoupled", [(True, False), (False, True)])
+def test_muons_parts_in_a_row_are_its_update(nesterov, decoupled):
+    # FSDP2 runs the elementwise parts on each rank's rows and the whole part on one owner
+    rng = np.random.default_rng(0)
+    grad, param, v = (rng.standard_normal((6, 4), dtype=np.float32) for _ in range(3))
+    values = rules.MUON.coefficients(
+        np.float32(0.02),
+        np.float32(3.0),
+        momentum=0.95,
+        weight_decay=0.1,
+        decoupled_weight_decay=decoupled,
+        nesterov=nesterov,
+        ns_steps=5,
+        ns_dtype=None,
+        ns_eps=1e-7,
+        adjust_lr="original",
+        layout="out_in",
+    )
+    values = {k: np.float32(x) if isinstance(x, float) else x for k, x in values.items()}
+    expected_param, expected_v = rules.MUON.update(grad, param, v.copy(), **values)
+    parts = rules.MUON.parts
+    halves = [parts.direction(grad[rows], param[rows], v[rows], **values) for rows in (slice(0, 3), slice(3, 6))]
+    direction = parts.whole(np.concatenate([d for d, _ in halves]), **values)
+    new_param = np.concatenate(
+        [parts.apply(param[rows], direction[rows], param.shape, **values) for rows in (slice(0, 3), slice(3, 6))]
+    )
+    np.testing.assert_array_equal(new_param, expected_param)
+    np.testing.assert_array_equal(np.concatenate([v for _, v in halves]), expected_v)
 
 
 def mean_update(grad, param, v, lr, decay):

@@ -43,6 +43,7 @@ __all__ = [
     "Router",
     "StepHook",
     "Taken",
+    "coefficients",
     "collect",
     "initialize",
     "route",

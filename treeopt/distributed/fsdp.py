@@ -8,12 +8,16 @@ Every parameter is a ``DTensor`` sharded ``Shard(0)`` on a 1-D mesh, and so is i
   shard's shape; :meth:`FullyShardedStep.state_dict` hands them out as DTensors with the
   parameter's placement, which ``torch.distributed.checkpoint`` reshards.
 - A rule that is not elementwise (Muon: Newton-Schulz on the whole matrix), and whose slots
-  are shaped like the parameter (so they are sharded like it), gets each tensor whole on one
-  owner (balanced by Newton-Schulz cost, see :mod:`~treeopt.distributed.ownership`): one
-  ``all_to_all_single`` per group and dtype sends every rank's rows of the gradient, the
-  parameter and the slots (uneven and empty shards are uneven splits, no padding), the
-  owner runs the engine's rule runner on the whole tensor once, and a second
-  ``all_to_all_single`` returns the rows of the new parameter and slots.
+  are shaped like the parameter (so they are sharded like it), needs each tensor whole on one
+  owner (balanced by Newton-Schulz cost, see :mod:`~treeopt.distributed.ownership`). When the
+  rule declares its ``parts`` (:class:`treeopt.rules.base.Parts`), every rank runs the
+  elementwise part on its rows (Muon's decay and momentum, the momentum staying sharded), one
+  ``all_to_all_single`` per group and dtype sends the rows of the direction to the owners
+  (uneven and empty shards are uneven splits, no padding), the owner runs the whole-tensor
+  part once, a second ``all_to_all_single`` returns the rows, and every rank applies its
+  rows: each rank sends and receives ``2(W-1)/W^2`` of the matrices' bytes. A rule without
+  ``parts`` sends the rows of the gradient, the parameter and the slots instead, and the
+  owner runs the engine's rule runner on the whole tensor.
 
 Refused, with the parameter's path: placements other than ``Shard(0)`` on a 1-D mesh, rules
 that need a whole tensor and keep slots of other shapes (Adafactor) or a custom
@@ -197,23 +201,59 @@ class FullyShardedStep:
                 self._run_on_owners(group, same, grads)
 
     def _run_on_owners(self, group, names, grads):
-        world, rank = self.comm.world, self.comm.rank
-        owner = self.ownership.owner
+        parts = group.scalars.rule.parts
         slots = {n: group.store.slots((n,)) for n in names}  # created at construction, in one order everywhere
+        if parts is None:  # the rows of everything the rule reads to the owner, the rule there
+            mine = self._exchange(names, {n: [grads[n], self.local[n], *slots[n].values()] for n in names})
+            results = {}
+            for n, (grad, param, *state) in mine.items():  # the rule runs on each whole tensor once
+                pair = engine.Pair((n,), grad, param, _backend(param))
+                pair.slots, pair.options = dict(zip(slots[n], state)), self.options[n]
+                engine.run_rule(group, [pair], in_place=False)
+                results[n] = [pair.result, *pair.slots.values()]
+            self._return(names, results, {n: [self.local[n], *slots[n].values()] for n in names})
+            return
+        # the elementwise parts on my rows; only the direction travels
+        coefficients, directions = {}, {}
+        for n in names:
+            pair = engine.Pair((n,), grads[n], self.local[n], _backend(self.local[n]))
+            pair.options = self.options[n]
+            coefficients[n] = values = engine.coefficients(group, pair)
+            direction, *state = parts.direction(grads[n], self.local[n], *slots[n].values(), **values)
+            for target, value in zip(slots[n].values(), state):
+                target.copy_(value)
+            directions[n] = torch.empty_like(self.local[n])
+            directions[n].copy_(direction)
+        whole = {
+            n: [parts.whole(direction, **coefficients[n])] for n, (direction,) in self._exchange(
+                names, {n: [directions[n]] for n in names}
+            ).items()
+        }
+        self._return(names, whole, {n: [directions[n]] for n in names})
+        for n in names:
+            shape = tuple(self.parameters[n].shape)
+            self.local[n].copy_(parts.apply(self.local[n], directions[n], shape, **coefficients[n]))
+
+    def _rows(self, names):
+        world = self.comm.world
         rows = {n: [_ownership.row_range(self.parameters[n].shape[0], world, r) for r in range(world)] for n in names}
         width = {n: int(torch.Size(self.parameters[n].shape[1:]).numel()) for n in names}
-        count = {n: 2 + len(slots[n]) for n in names}  # gradient, parameter, slots
 
         def size(name, r):
             start, stop = rows[name][r]
             return (stop - start) * width[name]
 
-        def parts(name):
-            return [self.local[name], *slots[name].values()]
+        return rows, size
 
+    def _exchange(self, names, tensors):
+        """Every rank's rows of ``tensors[n]`` (a list of local tensors per name) to the
+        owner of ``n``: ``{n: [whole tensor, ...]}`` of the tensors this rank owns."""
+        world, rank, owner = self.comm.world, self.comm.rank, self.ownership.owner
+        _, size = self._rows(names)
+        count = {n: len(tensors[n]) for n in names}
         like = self.local[names[0]]
-        # forward: my rows of each tensor, grouped by destination (its owner), in plan order
-        send = [t.reshape(-1) for d in range(world) for n in names if owner[n] == d for t in (grads[n], *parts(n))]
+        # my rows of each tensor, grouped by destination (its owner), in plan order
+        send = [t.reshape(-1) for d in range(world) for n in names if owner[n] == d for t in tensors[n]]
         send_sizes = [sum(size(n, rank) * count[n] for n in names if owner[n] == d) for d in range(world)]
         receive_sizes = [sum(size(n, r) * count[n] for n in names if owner[n] == rank) for r in range(world)]
         gathered = torch.empty(sum(receive_sizes), dtype=like.dtype, device=like.device)
@@ -226,24 +266,25 @@ class FullyShardedStep:
                 for piece in pieces[n]:
                     piece.append(gathered[offset : offset + size(n, r)])
                     offset += size(n, r)
-        results = {}
-        for n in mine:  # one tensor at a time: the rule runs on each whole tensor once
-            grad, param, *state = (torch.cat(p).reshape(self.parameters[n].shape) for p in pieces[n])
-            pair = engine.Pair((n,), grad, param, _backend(param))
-            pair.slots, pair.options = dict(zip(slots[n], state)), self.options[n]
-            engine.run_rule(group, [pair], in_place=False)
-            results[n] = [pair.result, *pair.slots.values()]
-        # back: to each rank its rows of the new parameter and slots of my tensors
+        return {n: [torch.cat(p).reshape(self.parameters[n].shape) for p in pieces[n]] for n in mine}
+
+    def _return(self, names, results, targets):
+        """To each rank its rows of ``results[n]`` (whole tensors of the names this rank owns),
+        copied into ``targets[n]`` (its local tensors, in the same order)."""
+        world, rank, owner = self.comm.world, self.comm.rank, self.ownership.owner
+        rows, size = self._rows(names)
+        like = self.local[names[0]]
+        mine = [n for n in names if owner[n] == rank]
         back = [t[rows[n][d][0] : rows[n][d][1]].reshape(-1) for d in range(world) for n in mine for t in results[n]]
-        back_sizes = [sum(size(n, d) * (count[n] - 1) for n in mine) for d in range(world)]
-        returned_sizes = [sum(size(n, rank) * (count[n] - 1) for n in names if owner[n] == d) for d in range(world)]
+        back_sizes = [sum(size(n, d) * len(targets[n]) for n in mine) for d in range(world)]
+        returned_sizes = [sum(size(n, rank) * len(targets[n]) for n in names if owner[n] == d) for d in range(world)]
         returned = torch.empty(sum(returned_sizes), dtype=like.dtype, device=like.device)
         self.comm.all_to_all(returned, _cat(back, like), returned_sizes, back_sizes)
         offset = 0
         for d in range(world):
             for n in names:
                 if owner[n] == d:
-                    for target in parts(n):
+                    for target in targets[n]:
                         target.copy_(returned[offset : offset + size(n, rank)].reshape(target.shape))
                         offset += size(n, rank)
 

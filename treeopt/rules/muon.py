@@ -31,7 +31,7 @@ the root-mean-square of a typical AdamW update (about 0.2), so one learning rate
 from math import prod, sqrt as py_sqrt
 
 from treeopt.ops import addmm, astype, cast, dtype_name, matmul, on_whole, sqrt, swap_last, total
-from treeopt.rules.base import Rule, active
+from treeopt.rules.base import Parts, Rule, active
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
@@ -104,16 +104,13 @@ def muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, c
     return (grad * one_minus_momentum + v * momentum if nesterov else v), v
 
 
-def muon_orthogonalize(direction, lr, ns_steps, ns_dtype, ns_eps, adjust_lr, layout, stack=0, **_):
+def muon_orthogonalize(direction, ns_steps, ns_dtype, ns_eps, layout, stack=0, **_):
     """The full-matrix part: Newton-Schulz on the whole matrix (each matrix of a stack when
-    the first ``stack`` axes index one), and the learning rate for its shape. Row-sharded
-    torch parameters gather each matrix to one rank for it (treeopt.distributed.fsdp)."""
-    shape = tuple(direction.shape[stack:])  # one tensor's
-    if len(shape) < 2:
-        return direction, lr
+    the first ``stack`` axes index one)."""
+    if direction.ndim - stack < 2:
+        return direction
     # a matrix split across devices is orthogonalised whole, then split back as it was
-    direction = on_whole(lambda d: orthogonalise(d, ns_steps, ns_eps, ns_dtype, layout, stack), direction)
-    return direction, scaled_lr(lr, shape, layout, adjust_lr)
+    return on_whole(lambda d: orthogonalise(d, ns_steps, ns_eps, ns_dtype, layout, stack), direction)
 
 
 def scaled_lr(lr, shape, layout, adjust_lr):
@@ -121,9 +118,11 @@ def scaled_lr(lr, shape, layout, adjust_lr):
     return lr * cast(lr_scale(shape, layout, adjust_lr), lr)
 
 
-def muon_apply(param, direction, lr, keep, **_):
+def muon_apply(param, direction, shape, lr, keep, adjust_lr, layout, **_):
     """The last, elementwise part: decoupled decay (by the unscaled learning rate, as the
-    references do) and the step."""
+    references do) and the step, by the learning rate for a whole tensor's ``shape``."""
+    if len(shape) >= 2:
+        lr = scaled_lr(lr, shape, layout, adjust_lr)
     if keep is not None:
         param = param * keep
     return param - lr * direction
@@ -148,8 +147,9 @@ def muon(
     stacked=False,
 ):
     direction, v = muon_direction(grad, param, v, momentum, one_minus_momentum, weight_decay, coupled, nesterov)
-    direction, step_lr = muon_orthogonalize(direction, lr, ns_steps, ns_dtype, ns_eps, adjust_lr, layout, int(stacked))
-    return muon_apply(param, direction, step_lr, keep), v
+    direction = muon_orthogonalize(direction, ns_steps, ns_dtype, ns_eps, layout, int(stacked))
+    shape = tuple(param.shape[int(stacked) :])  # one tensor's
+    return muon_apply(param, direction, shape, lr, keep, adjust_lr, layout), v
 
 
 def orthogonalise(direction, ns_steps, ns_eps, ns_dtype, layout, stack=0):
@@ -172,4 +172,5 @@ MUON = Rule(
     elementwise=False,
     stackable=True,
     slot_meanings={"v": "average of gradients"},
+    parts=Parts(muon_direction, muon_orthogonalize, muon_apply),
 )
