@@ -11,8 +11,8 @@ them (DDP's own all-reduce is not counted: it is the same in every mode). Per wo
 - Newton-Schulz GFLOP per rank per step (max/mean);
 - bytes each rank sends per step and collectives per step, against the ideal of the mode
   (replicated: nothing; zero1: an all-gather of the new values, (W-1)/W x params per rank;
-  fsdp2: each rank's rows of each Muon matrix, its gradient and momentum to the matrix's owner,
-  and the rows of the new matrix and momentum back, 5(W-1)/W^2 x M);
+  fsdp2: each rank's rows of each Muon matrix's direction (after the momentum, computed on the
+  rows) to the matrix's owner, and the rows of the orthogonalised direction back, 2(W-1)/W^2 x M);
 - the optimizer step's median time (max over ranks), only where ranks <= cores;
 - whether the parameters after the steps equal world 1's, bit for bit.
 """
@@ -150,8 +150,8 @@ def main():
             sent = max(r["sent"] for r in results)
             ideal = {
                 "zero1": (world - 1) / world * baseline["param_bytes"],  # all-gather of the new values
-                "fsdp2": 5 * (world - 1) / world**2 * baseline["muon_bytes"],
-            }.get(mode, 0)  # rows of gradient, matrix and momentum there, of matrix and momentum back
+                "fsdp2": 2 * (world - 1) / world**2 * baseline["muon_bytes"],
+            }.get(mode, 0)  # rows of the direction there, of the orthogonalised direction back
             calls = max(r["calls"] for r in results) / args.steps
             step = max(r["time"] for r in results)
             timing = f"{step * 1e3:8.0f} {baseline['time'] / step:5.2f}x" if world <= cores else f"{'-':>8} {'-':>6}"
@@ -166,8 +166,8 @@ def main():
             )
     print(
         "sent: bytes a rank sends per step (all-gather of W chunks of c: (W-1)c, ring cost; all-to-all: exact); "
-        "ideal: replicated 0, zero1 (W-1)/W x params, fsdp2 5(W-1)/W^2 x Muon matrices (each rank's rows of "
-        "gradient, matrix and momentum to their owner, of matrix and momentum back). Step time: the median over steps after the first (the only step with --steps 1)."
+        "ideal: replicated 0, zero1 (W-1)/W x params, fsdp2 2(W-1)/W^2 x Muon matrices (each rank's rows of "
+        "the direction to their owner, of the orthogonalised direction back). Step time: the median over steps after the first (the only step with --steps 1)."
     )
 
 

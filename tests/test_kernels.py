@@ -179,6 +179,67 @@ def test_non_contiguous_gradients_take_the_engine_with_the_same_numbers():
     assert_identical(params, twin)
 
 
+@pytest.mark.parametrize("backend", backend_params(["numpy", "torch"]))
+def test_a_loop_loading_in_a_thread_takes_over_with_the_same_numbers(backend, monkeypatch):
+    # a new process runs the rule per tensor while numba loads, then switches to the loop
+    from treeopt.kernels import compiled_step
+
+    monkeypatch.setattr(kernels, "load_in_background", True)
+    monkeypatch.setattr(compiled_step, "_loops_ready", False)
+    params, grads = problem(backend, "float32", steps=5)
+    twin = copy.deepcopy(params)
+    fast, ref = optim.AdamW(0.1, weight_decay=0.1), optim.AdamW(0.1, weight_decay=0.1)
+    fast.update(params, grads[0])
+    (bucket,) = fast._compiled.buckets
+    assert isinstance(bucket, compiled_step._LoadingBucket)
+    fast.update(params, grads[1])  # the rule per tensor, or the loop if it is ready already
+    bucket.thread.join()
+    assert isinstance(bucket.loop, _NumbaBucket) and compiled_step._loops_ready
+    ran = []
+    monkeypatch.setattr(_NumbaBucket, "run", lambda self, ready, run=_NumbaBucket.run: ran.append(1) or run(self, ready))
+    for g in grads[2:]:
+        fast.update(params, g)
+    assert len(ran) == 3 and fast._compiled.buckets == [bucket]
+    kernels.enabled = False
+    try:
+        for g in grads:
+            ref.update(twin, g)
+    finally:
+        kernels.enabled = True
+    assert_identical(params, twin)
+    assert_identical(fast.state, ref.state)
+
+
+def test_a_loop_that_fails_to_load_in_a_thread_leaves_the_rule_per_tensor(monkeypatch):
+    from treeopt.kernels import compiled_step
+
+    monkeypatch.setattr(kernels, "load_in_background", True)
+    monkeypatch.setattr(compiled_step, "_loops_ready", False)
+
+    def broken(self):
+        raise RuntimeError("no loop today")
+
+    monkeypatch.setattr(_NumbaBucket, "compiled", broken)
+    params, grads = problem("numpy", "float32", steps=4)
+    twin = copy.deepcopy(params)
+    fast, ref = optim.Adam(0.1), optim.Adam(0.1)
+    fast.update(params, grads[0])
+    (bucket,) = fast._compiled.buckets
+    with pytest.warns(RuntimeWarning, match="no loop today.*runs per tensor"):
+        bucket.thread.join()
+        fast.update(params, grads[1])
+    for g in grads[2:]:
+        fast.update(params, g)
+    assert bucket.loop is None and not compiled_step._loops_ready
+    kernels.enabled = False
+    try:
+        for g in grads:
+            ref.update(twin, g)
+    finally:
+        kernels.enabled = True
+    assert_identical(params, twin)
+
+
 def test_one_thread_gives_the_same_numbers():
     kernels.numba_available()
     threads = kernels.get_num_threads()

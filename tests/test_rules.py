@@ -14,7 +14,7 @@ from arrays import as_float64, backend_params, make
 from registry import SETTINGS
 from treeopt import checkpoint, ops, rules
 from treeopt.ops import cos, maximum, mean, rsqrt, where
-from treeopt.rules.base import Rule, RuleError
+from treeopt.rules.base import Parts, Rule, RuleError
 from treeopt.tree import tree_flatten
 
 
@@ -43,12 +43,56 @@ def test_a_rule_that_follows_the_contract_is_accepted_and_says_its_hyperparamete
         (dict(coefficients=lambda rate, step, *, decay: {}), "coefficients must be"),
         (dict(running=("total",)), "running values"),
         (dict(copies_param=("z",)), "copies_param names"),
+        (dict(parts=Parts(plain, plain, plain)), "parts split an update that needs whole tensors"),
     ],
 )
 def test_a_rule_that_breaks_the_contract_is_refused_when_defined(case, message):
     arguments = {**dict(name="broken", update=plain, coefficients=plain_coefficients, slots=("v",)), **case}
     with pytest.raises(RuleError, match=message):
         Rule(**arguments)
+
+
+MUON_SETTINGS = [
+    dict(nesterov=True),
+    dict(nesterov=False, decoupled_weight_decay=True),
+    # nanochat's recipe: Polar Express, MuonEq, Muon+, NorMuon (its moments go with the rows)
+    dict(
+        decoupled_weight_decay=True,
+        cautious_weight_decay=True,
+        ns_coefficients="polar_express",
+        row_equilibration=True,
+        renormalization=True,
+        normuon="output",
+    ),
+    dict(num_heads=2, normuon="output"),
+]
+
+
+@pytest.mark.parametrize("settings", MUON_SETTINGS)
+def test_muons_parts_in_a_row_are_its_update(settings):
+    # FSDP2 runs the elementwise parts on each rank's rows and the whole part on one owner
+    rng = np.random.default_rng(0)
+    grad, param, v = (rng.standard_normal((6, 4), dtype=np.float32) for _ in range(3))
+    muon = optim.Muon(0.02, weight_decay=0.1, **settings)
+    hyper = muon.scalars.hyperparameters()
+    values = rules.MUON.coefficients(np.float32(0.02), np.float32(3.0), **hyper)
+    values = {k: np.float32(x) if isinstance(x, float) else x for k, x in values.items()}
+    slots = {n: rng.random(shape, dtype=np.float32) for n, shape in rules.MUON.slot_shapes(param.shape, hyper).items()}
+    expected_param, *expected_slots = rules.MUON.update(grad, param, *(x.copy() for x in slots.values()), **values)
+    parts = rules.MUON.parts
+    kept = [slots[n] for n in parts.whole_slots if n in slots]  # travel with the direction
+    halves = [
+        parts.direction(grad[rows], param[rows], slots["v"][rows], **values) for rows in (slice(0, 3), slice(3, 6))
+    ]
+    direction, *kept = parts.whole(np.concatenate([d for d, _ in halves]), *kept, **values)
+    new_param = np.concatenate(
+        [parts.apply(param[rows], direction[rows], param.shape, **values) for rows in (slice(0, 3), slice(3, 6))]
+    )
+    np.testing.assert_array_equal(new_param, expected_param)
+    np.testing.assert_array_equal(np.concatenate([v for _, v in halves]), expected_slots[0])
+    assert len(kept) == len(expected_slots) - 1 == ("normuon" in settings)
+    for got, expected in zip(kept, expected_slots[1:]):
+        np.testing.assert_array_equal(got, expected)
 
 
 def mean_update(grad, param, v, lr, decay):

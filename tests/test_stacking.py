@@ -173,6 +173,68 @@ def test_muon_under_jit_stacks_same_shape_matrices(backend, monkeypatch):
     assert_close(new_params, alone_params, exact=False)
 
 
+def many_matrices(count, seed=0):
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    return {f"layers.{i}.w": jnp.asarray(rng.standard_normal((6, 4), dtype=np.float32)) for i in range(count)}
+
+
+@pytest.mark.parametrize("backend", backend_params(["jax"]))
+def test_muon_under_jit_on_more_matrices_than_one_stacking_call_takes(backend, monkeypatch):
+    # past the JAX backend's chunk, stacks are built in chunks and read back by gathers
+    import jax
+
+    import treeopt.jax as tj
+    from treeopt.backends import jax_backend
+
+    count = jax_backend._CHUNK * 2 + 3
+    params, grads = many_matrices(count), many_matrices(count, seed=1)
+    opt = optim.Muon(0.02, weight_decay=0.01)
+    step = jax.jit(lambda p, s, g: tj.update(opt, g, s, p))
+    new_params, new_state = step(params, tj.init(opt, params), grads)
+    with monkeypatch.context() as patch:
+        per_tensor(patch)
+        alone_params, alone_state = step.__wrapped__(params, tj.init(opt, params), grads)  # eagerly, one by one
+    assert_close(new_params, alone_params, exact=False)
+    assert_close(
+        {k: v["v"] for k, v in new_state.items() if k in params},
+        {k: v["v"] for k, v in alone_state.items() if k in params},
+        exact=False,
+    )
+
+
+def distinct_kernels(hlo):
+    """The distinct fused computations of an optimized HLO module's text (names left out)."""
+    import re
+
+    bodies = set()
+    for block in re.split(r"\n(?=\S)", hlo):
+        if block.startswith("%fused") or block.startswith("fused"):
+            lines = [line.split(", metadata")[0] for line in block.splitlines()[1:]]
+            bodies.add(re.sub(r"[%\w.-]+(?= =)|%[\w.-]+", "%", "\n".join(sorted(lines))))
+    return len(bodies)
+
+
+@pytest.mark.parametrize("backend", backend_params(["jax"]))
+def test_the_jitted_muon_step_compiles_kernels_per_shape_not_per_matrix(backend):
+    # XLA compiles each distinct fused computation once: the kernels must not grow with the
+    # matrices of one shape (a slice per matrix is a kernel each: XLA:CPU took minutes for
+    # thousands); only the stacks' own kernels depend on the count
+    import jax
+
+    import treeopt.jax as tj
+    from treeopt.backends import jax_backend
+
+    counts = []
+    for count in (jax_backend._CHUNK * 2, jax_backend._CHUNK * 4):
+        params = many_matrices(count)
+        opt = optim.Muon(0.02)
+        step = jax.jit(lambda p, s, g: tj.update(opt, g, s, p), donate_argnums=(0, 1))
+        counts.append(distinct_kernels(step.lower(params, tj.init(opt, params), params).compile().as_text()))
+    assert max(counts) < 32, counts
+
+
 def torch_parameters(seed=0):
     import torch
 

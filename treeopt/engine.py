@@ -44,6 +44,7 @@ __all__ = [
     "Router",
     "StepHook",
     "Taken",
+    "coefficients",
     "collect",
     "initialize",
     "route",
@@ -491,10 +492,12 @@ def run_stacked(
             for pair in chosen:
                 pair.result = pair.param
             continue
-        for j, pair in enumerate(chosen):
-            for name, value in zip(slot_names, new_slots):
-                store.save(backend, pair.slots, name, value[j])
-            store_param(pair, new_param[j], in_place)
+        # one array per tensor (under jax.jit, in a form XLA compiles once per shape)
+        slot_parts = [backend.unstack(value) for value in new_slots]
+        for j, (pair, part) in enumerate(zip(chosen, backend.unstack(new_param))):
+            for name, parts in zip(slot_names, slot_parts):
+                store.save(backend, pair.slots, name, parts[j])
+            store_param(pair, part, in_place)
     return [pairs[k] for k in alone]
 
 

@@ -135,6 +135,10 @@ class Backend:
         when given and the library writes in place."""
         raise NotImplementedError
 
+    def unstack(self, stack: Array) -> list[Array]:
+        """The arrays of ``stack`` along its first axis (views where the library has them)."""
+        return [stack[k] for k in range(self.shape(stack)[0])]
+
     def matmul(self, a: Array, b: Array) -> Array:
         return a @ b
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -13,6 +14,8 @@ from treeopt.types import Array, Scalar
 
 _HALF = ("float16", "bfloat16")
 _REPLICATED = jax.sharding.PartitionSpec()
+#: tensors stacked or unstacked by one operation under jit (see ``stack``, ``unstack``)
+_CHUNK = 64
 
 
 def _dtype(name):
@@ -102,7 +105,33 @@ class JaxBackend(Backend):
         return jnp.sum(self._in_float32(x), axis=axis, keepdims=keepdims).astype(x.dtype)
 
     def stack(self, arrays: Sequence[Array], out: Array | None = None) -> Array:
-        return jnp.stack(arrays)
+        if len(arrays) <= _CHUNK or not any(isinstance(x, jax.core.Tracer) for x in arrays):
+            return jnp.stack(arrays)
+        # XLA:CPU compiles one concatenation of thousands of operands in time that grows
+        # faster than their number; chunks of the same size compile to one shared kernel,
+        # and the barrier keeps XLA from merging them back into one concatenation
+        chunks = [jnp.stack(arrays[k : k + _CHUNK]) for k in range(0, len(arrays), _CHUNK)]
+        return jnp.concatenate(jax.lax.optimization_barrier(chunks))
+
+    def unstack(self, stack: Array) -> list[Array]:
+        count = stack.shape[0]
+        if count <= _CHUNK or not isinstance(stack, jax.core.Tracer):
+            return list(jnp.unstack(stack))
+        # Under jit, x[k] is a slice whose offset XLA compiles into a kernel of its own: one
+        # kernel per tensor, tens of milliseconds each on XLA:CPU. A gather whose indices are
+        # an array constant (two rows, so XLA does not rewrite it into that slice) is the same
+        # computation for every k, on another index buffer: XLA compiles it once.
+        numbers = jax.lax.GatherDimensionNumbers(
+            offset_dims=tuple(range(1, stack.ndim)), collapsed_slice_dims=(0,), start_index_map=(0,)
+        )
+        size, first = (1, *stack.shape[1:]), (0,) * stack.ndim
+        mode = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+        return [
+            jax.lax.reshape(
+                jax.lax.slice(jax.lax.gather(stack, index, numbers, size, mode=mode), first, size), stack.shape[1:]
+            )
+            for index in _indices(count)
+        ]
 
     def matmul(self, a: Array, b: Array) -> Array:
         return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
@@ -177,6 +206,12 @@ class JaxBackend(Backend):
         else:
             y = jax.shard_map(fn, mesh=mesh, in_specs=_REPLICATED, out_specs=_REPLICATED, check_vma=False)(x)
         return jax.sharding.reshard(y, NamedSharding(mesh, spec)) if split else y
+
+
+@functools.lru_cache(maxsize=16)
+def _indices(count: int) -> list[np.ndarray]:
+    """``[[k], [0]]`` for every k < count: the index arrays of :meth:`JaxBackend.unstack`."""
+    return [np.array([[k], [0]], np.int32) for k in range(count)]
 
 
 def _mesh_of(x):

@@ -3,6 +3,7 @@ slots are created on the parameter's device and never leave it."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,9 +67,8 @@ class TorchBackend(Backend):
         # operation between two tensors of that dtype would.
         if like.dtype == torch.float64:
             return float(x)
-        if like.dtype == torch.bfloat16:
-            return torch.tensor(float(x), dtype=torch.bfloat16).item()
-        return float(np.asarray(x, dtype=str(like.dtype).removeprefix("torch.")))
+        x = float(x)
+        return x if x == 0 or x != x else _rounded(x, like.dtype)  # zeros keep their sign, NaN stays
 
     def astype(self, x: Scalar, dtype: str) -> Array:
         return x.to(_dtype(dtype))
@@ -196,3 +196,11 @@ class TorchBackend(Backend):
     def round_bfloat16(self, x: Array, bits: Array) -> Array:
         rounded = ((x.view(torch.int32) + bits.to(torch.int32)) & -65536).view(torch.float32)
         return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
+
+@functools.lru_cache(maxsize=1024)
+def _rounded(x: float, dtype: torch.dtype) -> float:
+    """``x`` rounded to ``dtype`` (remembered: the same few coefficients come every step, and
+    making a tensor to round one costs more than the products of a small matrix)."""
+    if dtype == torch.bfloat16:
+        return torch.tensor(x, dtype=torch.bfloat16).item()
+    return float(np.asarray(x, dtype=str(dtype).removeprefix("torch.")))

@@ -221,97 +221,145 @@ class FullyShardedStep:
                 self._run_on_owners(group, same, grads)
 
     def _run_on_owners(self, group, names, grads):
-        world, rank = self.comm.world, self.comm.rank
-        owner = self.ownership.owner
-        store = group.store
+        store, parts = group.store, group.scalars.rule.parts
         slots = {n: store.slots((n,)) for n in names}  # created at construction, in one order everywhere
         like = self.local[names[0]]
         backend = _backend(like)
-        # slots kept in another form (state_dtype) travel read back, in the dtype the rule
+        layouts = {n: store.layout(tuple(self.local[n].shape), backend.dtype_name(like), (n,)) for n in names}
+        wholes = {n: store.slot_shapes(tuple(self.parameters[n].shape)) for n in names}  # each whole tensor's slots
+        if parts is not None and all(layout is None for layout in layouts.values()):
+            self._run_parts(group, names, grads, slots, wholes)
+            return
+        # the rows of everything the rule reads to the owner, the engine's rule runner there.
+        # Slots kept in another form (state_dtype) travel read back, in the dtype the rule
         # computes in, and each rank stores its rows anew: one process's bytes (int8 blocks are
         # pieces of rows; bfloat16's random bits follow the element's index in the whole tensor)
-        layouts = {n: store.layout(tuple(self.local[n].shape), backend.dtype_name(like), (n,)) for n in names}
         first = layouts[names[0]]
         dtype = like.dtype if first is None else getattr(torch, first.compute)
         slot_names = {n: list(slots[n]) if layouts[n] is None else list(layouts[n].forms) for n in names}
-        rows = {n: [_ownership.row_range(self.parameters[n].shape[0], world, r) for r in range(world)] for n in names}
-        # what travels of each tensor: gradient, parameter, slots, each split by rows; the
-        # elements of one row of each (a slot may be narrower: NorMuon's one value per row)
-        whole_shapes = {n: store.slot_shapes(tuple(self.parameters[n].shape)) for n in names}
-        widths = {
-            n: [math.prod(self.parameters[n].shape[1:])] * 2
-            + [math.prod(whole_shapes[n].get(s, self.parameters[n].shape)[1:]) for s in slot_names[n]]
-            for n in names
+        travel = {}  # per tensor: its gradient, parameter and slots, and the shapes of their wholes
+        for n in names:
+            shape = tuple(self.parameters[n].shape)
+            layout = layouts[n]
+            held = list(slots[n].values()) if layout is None else store.load(slots[n], layout.forms, layout)
+            travel[n] = ([grads[n], self.local[n], *held], [shape, shape, *(wholes[n][s] for s in slot_names[n])])
+        mine = self._exchange(names, travel, dtype)
+        results = {}
+        for n, (grad, param, *state) in mine.items():  # the rule runs on each whole tensor once
+            pair = engine.Pair((n,), grad, param, _backend(param))
+            pair.slots, pair.options = dict(zip(slot_names[n], state)), self.options[n]
+            (engine.run_rule if layouts[n] is None else engine.run_plain)(group, [pair], in_place=False)
+            results[n] = [pair.result, *(pair.slots[s] for s in slot_names[n])]
+        returned = self._return(names, results, {n: travel[n][1][1:] for n in names}, dtype)
+        for n in names:
+            param, *values = returned[n]
+            self.local[n].copy_(param)
+            if layouts[n] is None:
+                for target, value in zip(slots[n].values(), values):
+                    target.copy_(value)
+            else:
+                noise = store.noise((n,))
+                for name, value in zip(slot_names[n], values):
+                    store.save(backend, slots[n], name, value, layouts[n], noise)
+
+    def _run_parts(self, group, names, grads, slots, wholes):
+        """A rule split in parts (:class:`treeopt.rules.base.Parts`): the elementwise parts on
+        this rank's rows, only the direction (and the slots the whole part keeps, NorMuon's
+        per-row moments) to the owner and back."""
+        parts = group.scalars.rule.parts
+        values, travel, kept = {}, {}, {}
+        for n in names:
+            local = self.local[n]
+            pair = engine.Pair((n,), grads[n], local, _backend(local))
+            pair.options = self.options[n]
+            values[n] = engine.coefficients(group, pair)
+            own = [s for s in slots[n] if s not in parts.whole_slots]
+            kept[n] = [s for s in slots[n] if s in parts.whole_slots]
+            direction, *state = parts.direction(grads[n], local, *(slots[n][s] for s in own), **values[n])
+            for name, value in zip(own, state):
+                slots[n][name].copy_(value)
+            shape = tuple(self.parameters[n].shape)
+            travel[n] = ([direction, *(slots[n][s] for s in kept[n])], [shape, *(wholes[n][s] for s in kept[n])])
+        results = {
+            n: list(parts.whole(direction, *state, **values[n]))
+            for n, (direction, *state) in self._exchange(names, travel, self.local[names[0]].dtype).items()
         }
+        returned = self._return(names, results, {n: travel[n][1] for n in names}, self.local[names[0]].dtype)
+        for n in names:
+            direction, *state = returned[n]
+            for name, value in zip(kept[n], state):
+                slots[n][name].copy_(value)
+            shape = tuple(self.parameters[n].shape)
+            self.local[n].copy_(parts.apply(self.local[n], direction, shape, **values[n]))
 
-        def size(name, r, k):
-            start, stop = rows[name][r]
-            return (stop - start) * widths[name][k]
+    def _sizes(self, names, shapes):
+        """``size(n, r, k)``: the elements of rank ``r``'s rows of the ``k``-th tensor of ``n``
+        (``shapes[n]``: the whole tensors' shapes, each split by rows as the parameter is)."""
+        world = self.comm.world
+        rows = {n: [_ownership.row_range(self.parameters[n].shape[0], world, r) for r in range(world)] for n in names}
 
-        def total(name, r, skip=0):
-            return sum(size(name, r, k) for k in range(skip, len(widths[name])))
+        def size(n, r, k):
+            start, stop = rows[n][r]
+            return (stop - start) * math.prod(shapes[n][k][1:])
 
-        def parts(name):
-            """This rank's rows of the parameter and the slots, as they travel."""
-            layout = layouts[name]
-            if layout is None:
-                return [self.local[name], *slots[name].values()]
-            return [self.local[name].to(dtype), *store.load(slots[name], layout.forms, layout)]
+        return rows, size
 
-        # forward: my rows of each tensor, grouped by destination (its owner), in plan order
-        send = [
-            t.reshape(-1).to(dtype) for d in range(world) for n in names if owner[n] == d for t in (grads[n], *parts(n))
+    def _exchange(self, names, travel, dtype):
+        """Every rank's rows of the tensors ``travel[n] = (local tensors, whole shapes)`` to
+        the owner of ``n``: ``{n: [whole tensor, ...]}`` of the names this rank owns."""
+        world, rank, owner = self.comm.world, self.comm.rank, self.ownership.owner
+        shapes = {n: travel[n][1] for n in names}
+        _, size = self._sizes(names, shapes)
+        like = self.local[names[0]]
+        # my rows of each tensor, grouped by destination (its owner), in plan order
+        send = [t.reshape(-1).to(dtype) for d in range(world) for n in names if owner[n] == d for t in travel[n][0]]
+        send_sizes = [
+            sum(size(n, rank, k) for n in names if owner[n] == d for k in range(len(shapes[n]))) for d in range(world)
         ]
-        send_sizes = [sum(total(n, rank) for n in names if owner[n] == d) for d in range(world)]
-        receive_sizes = [sum(total(n, r) for n in names if owner[n] == rank) for r in range(world)]
+        receive_sizes = [
+            sum(size(n, r, k) for n in names if owner[n] == rank for k in range(len(shapes[n]))) for r in range(world)
+        ]
         gathered = torch.empty(sum(receive_sizes), dtype=dtype, device=like.device)
         self.comm.all_to_all(gathered, _cat(send, like, dtype), receive_sizes, send_sizes)
         mine = [n for n in names if owner[n] == rank]
-        pieces: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in widths[n]] for n in mine}
+        pieces: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in shapes[n]] for n in mine}
         offset = 0
         for r in range(world):
             for n in mine:
                 for k, piece in enumerate(pieces[n]):
                     piece.append(gathered[offset : offset + size(n, r, k)])
                     offset += size(n, r, k)
-        results = {}
-        for n in mine:  # one tensor at a time: the rule runs on each whole tensor once
-            shapes = [self.parameters[n].shape] * 2 + [
-                whole_shapes[n].get(s, self.parameters[n].shape) for s in slot_names[n]
-            ]
-            grad, param, *state = (torch.cat(p).reshape(shape) for p, shape in zip(pieces[n], shapes))
-            pair = engine.Pair((n,), grad, param, _backend(param))
-            pair.slots, pair.options = dict(zip(slot_names[n], state)), self.options[n]
-            (engine.run_rule if layouts[n] is None else engine.run_plain)(group, [pair], in_place=False)
-            results[n] = [pair.result, *(pair.slots[s] for s in slot_names[n])]
-        # back: to each rank its rows of the new parameter and slots of my tensors
-        back = [t[rows[n][d][0] : rows[n][d][1]].reshape(-1) for d in range(world) for n in mine for t in results[n]]
-        back_sizes = [sum(total(n, d, skip=1) for n in mine) for d in range(world)]
-        returned_sizes = [sum(total(n, rank, skip=1) for n in names if owner[n] == d) for d in range(world)]
+        return {n: [torch.cat(p).reshape(shape) for p, shape in zip(pieces[n], shapes[n])] for n in mine}
+
+    def _return(self, names, results, shapes, dtype):
+        """To each rank its rows of ``results[n]`` (whole tensors of ``shapes[n]``, of the names
+        this rank owns): ``{n: [this rank's rows of each]}`` for every name."""
+        world, rank, owner = self.comm.world, self.comm.rank, self.ownership.owner
+        rows, size = self._sizes(names, shapes)
+        like = self.local[names[0]]
+        mine = [n for n in names if owner[n] == rank]
+        back = [
+            t[rows[n][d][0] : rows[n][d][1]].reshape(-1).to(dtype) for d in range(world) for n in mine for t in results[n]
+        ]
+        count = {n: range(len(shapes[n])) for n in names}
+        back_sizes = [sum(size(n, d, k) for n in mine for k in count[n]) for d in range(world)]
+        returned_sizes = [sum(size(n, rank, k) for n in names if owner[n] == d for k in count[n]) for d in range(world)]
         returned = torch.empty(sum(returned_sizes), dtype=dtype, device=like.device)
         self.comm.all_to_all(returned, _cat(back, like, dtype), returned_sizes, back_sizes)
+        found: dict[str, list[torch.Tensor]] = {}
         offset = 0
         for d in range(world):
             for n in names:
                 if owner[n] != d:
                     continue
-                layout, local = layouts[n], self.local[n]
-                targets = [local] + ([] if layout is None else [None] * len(slot_names[n]))
-                if layout is None:
-                    targets += list(slots[n].values())
-                values = []
-                for k, target in enumerate(targets, start=1):
-                    shape = local.shape if target is None else target.shape
-                    value = returned[offset : offset + size(n, rank, k)].reshape(shape)
+                start, stop = rows[n][rank]
+                found[n] = []
+                for k in count[n]:
+                    found[n].append(
+                        returned[offset : offset + size(n, rank, k)].reshape((stop - start, *shapes[n][k][1:]))
+                    )
                     offset += size(n, rank, k)
-                    if target is None:
-                        values.append(value)
-                    else:
-                        target.copy_(value)
-                if layout is not None:
-                    noise = store.noise((n,))
-                    for name, value in zip(slot_names[n], values):
-                        store.save(backend, slots[n], name, value, layout, noise)
+        return found
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -34,6 +34,10 @@ import os
 #: False: every step takes the per-tensor reference path
 enabled = os.environ.get("TREEOPT_KERNELS", "1") not in ("0", "false", "no", "off")
 
+#: True: in a process that has not loaded a compiled loop yet, the loops load in a thread
+#: while the first steps run per tensor (numba's start-up takes longer than a small step)
+load_in_background = os.environ.get("TREEOPT_KERNELS_BACKGROUND", "1") not in ("0", "false", "no", "off")
+
 #: the runner of torch tensors of elementwise rules: "auto", "foreach", "triton", "compile", "numba"
 torch_runner = os.environ.get("TREEOPT_TORCH_RUNNER", "auto")
 
@@ -49,13 +53,13 @@ def numba_available() -> bool:
     if not enabled:
         return False
     if _numba is None:
-        _numba = importlib.util.find_spec("numba") is not None
-        if _numba:
-            _threads_from_environment()
+        _numba = importlib.util.find_spec("numba") is not None  # found, not imported: that takes a while
     return _numba
 
 
-def _threads_from_environment():
+def threads_from_environment() -> None:
+    """Apply ``TREEOPT_NUM_THREADS`` or ``OMP_NUM_THREADS`` to numba's loops (when numba's own
+    ``NUMBA_NUM_THREADS`` is not set); run when the loops' module is imported."""
     if "NUMBA_NUM_THREADS" in os.environ:
         return
     for name in ("TREEOPT_NUM_THREADS", "OMP_NUM_THREADS"):

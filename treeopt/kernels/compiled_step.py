@@ -19,8 +19,11 @@ place.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import operator
+import sys
+import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -205,7 +208,10 @@ class _NumbaBucket(_FusedBucket):
         self.param_ptrs = np.array([_pointer(p) for p in self.params], dtype=np.int64)
         if self.numpy:
             # numba is optional (treeopt[fast]): loaded when a loop is planned
-            from treeopt.kernels.numba_support import numpy_pointers
+            from treeopt.kernels.numba_support import STRUCT_OK, numpy_pointers
+
+            if not STRUCT_OK:
+                raise RuntimeError("NumPy's array objects are not laid out as the loop reads them")
 
             width = max([len(s) for s in self.shapes] + [1])
             self.shape_table = np.zeros((len(pairs), width), np.int64)
@@ -470,6 +476,78 @@ class _TorchBucket(_FusedBucket):
         self.step(grads, values)
 
 
+class _LoadingBucket(_FusedBucket):
+    """Groups of a numba loop that is still loading. In a new process, importing numba and
+    setting up its compiler takes longer than a step of a small model (about half a second),
+    so the loop loads in a thread while the rule runs per tensor; it takes over at the first
+    step after it is ready (both give the rule's numbers bit for bit). If it fails to load,
+    the rule keeps running per tensor, with a warning."""
+
+    def __init__(
+        self,
+        groups: list[tuple[Group, list[Pair], list[int]]],
+        backend: Backend,
+        static: tuple[str, ...],
+        flags: tuple[Any, ...],
+    ) -> None:
+        _fuse(self, groups, backend, static, flags)
+        self.params = [pair.param for _, group, _ in groups for pair in group]
+        self.interim = [_RuleBucket(owner, group[0].backend, group, positions) for owner, group, positions in groups]
+        self.loop: _NumbaBucket | None = None
+        self.thread = threading.Thread(target=self._load, args=(groups,), name="treeopt numba loop", daemon=True)
+        _LOADING.append(self.thread)
+        self.thread.start()
+
+    def _load(self, groups):
+        global _loops_ready
+        try:
+            self.loop = _NumbaBucket(groups, self.backend, self.static, self.flags).compiled()
+            _loops_ready = True
+        except Exception as error:  # the rule keeps running per tensor; said at the next step
+            self.error = error
+
+    error: Exception | None = None
+
+    def prepare(self, grads):
+        loop = None if self.thread.is_alive() else self.loop
+        if self.error is not None and not self.thread.is_alive():
+            error, self.error = self.error, None
+            _warn_fallback(self.owners[0].scalars.rule, error, "per tensor")
+        if loop is not None:
+            ready = loop.prepare(grads)
+            return None if ready is None else (loop, ready)
+        interim = [bucket.prepare(grads) for bucket in self.interim]
+        return None if any(p is None for p in interim) else (None, interim)
+
+    def run(self, prepared):
+        loop, ready = prepared
+        if loop is not None:
+            loop.run(ready)
+            return
+        for bucket, grads in zip(self.interim, ready):
+            bucket.run(grads)
+
+
+_LOADING: list[threading.Thread] = []
+_loops_ready = False  # a numba loop was loaded in this process: numba and its compiler are set up
+
+
+@atexit.register
+def _finish_loading():
+    # a thread still importing numba or loading a loop when the interpreter shuts down can
+    # crash it: let the loops finish first
+    for thread in _LOADING:
+        thread.join()
+
+
+def _warn_fallback(rule, error, fallback):
+    warn(
+        f"the compiled loop of rule {rule.name!r} failed to build ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}); it runs {fallback}",
+        RuntimeWarning,
+    )
+
+
 def _numeric_names(rule, static):
     """The coefficients of ``rule.update`` that are numbers (not the switches ``static``)."""
 
@@ -533,11 +611,8 @@ def _float(value):
 def _numba_eligible(owner, backend, param):
     if not numba_available() or not owner.scalars.rule.elementwise:
         return False
-    if backend.name == "numpy":
-        # numba is optional (treeopt[fast]): loaded when a loop is planned
-        from treeopt.kernels.numba_support import STRUCT_OK
-
-        return STRUCT_OK and param.dtype.name in ("float32", "float64")
+    if backend.name == "numpy":  # the loop reads 64-bit NumPy array objects (numba_support.STRUCT_OK)
+        return sys.maxsize > 2**32 and param.dtype.name in ("float32", "float64")
     return (
         backend.name == "torch" and param.device.type == "cpu" and backend.dtype_name(param) in ("float32", "float64")
     )
@@ -674,15 +749,13 @@ class CompiledStep:
                     buckets.append(_StoredBucket(members, backend, key[4], key[5], key[7]).compiled())
                 elif key[6]:
                     buckets.append(_TorchBucket(members, backend, key[4], key[5], key[6]).compiled())
+                elif kernels.load_in_background and not _loops_ready:
+                    buckets.append(_LoadingBucket(members, backend, key[4], key[5]))
                 else:
                     buckets.append(_NumbaBucket(members, backend, key[4], key[5]).compiled())
             except Exception as error:
                 fallback = "torch's foreach operations" if key[6] == "triton" else "per tensor"
-                warn(
-                    f"the compiled loop of rule {key[0].name!r} failed to build ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0] if str(error) else ''}); it runs {fallback}",
-                    RuntimeWarning,
-                )
+                _warn_fallback(key[0], error, fallback)
                 if key[6] == "triton":
                     buckets.append(_TorchBucket(members, members[0][1][0].backend, key[4], key[5], "foreach"))
                     continue

@@ -19,6 +19,13 @@ A rule is an optimizer's math in plain functions:
   optimizer's state beside ``step`` (float32 scalars of the state's library), so plans,
   checkpoints and every backend handle them as they handle the learning rate.
 
+A rule that is not elementwise may say how it splits (``parts``, a :class:`Parts`): an
+elementwise part on the gradient, parameter and slots that gives a *direction*, a part that
+needs the whole tensor (Muon's Newton-Schulz) on that direction only, and an elementwise part
+that applies it to the parameter. ``update`` must equal the three in a row. A runner whose
+tensors are split across ranks (FSDP2) runs the elementwise parts on each rank's rows and
+moves only the direction to one rank and back.
+
 An *elementwise* update also works on single elements; the fast runners inline it into one
 loop over many tensors, so it may call only the :data:`treeopt.ops.ELEMENTWISE` functions.
 A *stackable* update also takes ``stacked=True``: then every array holds same-shape tensors
@@ -44,11 +51,32 @@ from treeopt.types import Array, Scalar, Shape
 
 Numeric = (int, float)
 
-__all__ = ["Rule", "RuleError", "active", "check_coefficients", "keyword_only", "rule_checked"]
+__all__ = ["Parts", "Rule", "RuleError", "active", "check_coefficients", "keyword_only", "rule_checked"]
 
 
 class RuleError(TypeError):
     """A rule that does not follow the contract of :mod:`treeopt.rules.base`."""
+
+
+@dataclass(frozen=True)
+class Parts:
+    """How a rule that needs whole tensors splits, each part taking the coefficients by name
+    (and ignoring the others: ``**_``):
+
+    - ``direction(grad, param, *slots, **coefficients) -> (direction, *slots)``: elementwise,
+      so it runs on any rows of a tensor; ``slots``: the tensor's slots but ``whole_slots``;
+    - ``whole(direction, *slots, stack=0, **coefficients) -> (direction, *slots)``: on whole
+      tensors (each tensor of a stack when the first ``stack`` axes index one); ``slots``:
+      those of ``whole_slots`` the tensor has (NorMuon's one value per output row), which
+      travel with the direction and so must be split by rows as the parameter is;
+    - ``apply(param, direction, shape, **coefficients) -> param``: elementwise; ``shape`` is
+      one whole tensor's shape, for what depends on it (Muon's learning-rate scale).
+    """
+
+    direction: Callable[..., tuple[Array, ...]]
+    whole: Callable[..., tuple[Array, ...]]
+    apply: Callable[..., Array]
+    whole_slots: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +100,8 @@ class Rule:
     #: optimizer-level running values (start at zero) and the function that advances them
     running: tuple[str, ...] = ()
     advance: Callable[..., dict[str, Scalar]] | None = field(default=None, compare=False, hash=False)
+    #: how an update that needs whole tensors splits around the part that does (see :class:`Parts`)
+    parts: Parts | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         _check(self)
@@ -167,6 +197,8 @@ def _check(rule: Rule) -> None:
     unknown = [n for n in rule.copies_param if not callable(rule.slots) and n not in rule.slots]
     if unknown:
         raise RuleError(f"{label}: copies_param names {unknown}, which are not slots")
+    if rule.parts is not None and rule.elementwise:
+        raise RuleError(f"{label}: parts split an update that needs whole tensors; this rule is elementwise")
     if rule.elementwise:
         outside = sorted(_ops_called(rule.update) - set(ops.ELEMENTWISE))
         if outside:

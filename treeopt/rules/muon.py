@@ -61,7 +61,7 @@ from treeopt.ops import (
     total,
     where,
 )
-from treeopt.rules.base import Rule, active
+from treeopt.rules.base import Parts, Rule, active
 
 #: Newton-Schulz coefficient tables, (a, b, c) per iteration, the last repeated past the end
 NS_TABLES = {
@@ -431,6 +431,22 @@ def muon(
     return (muon_apply(param, direction, step_lr, keep, cautious), v, *([moment] if second_moment else []))
 
 
+def muon_whole(direction, *second_moment, stack=0, **coefficients):
+    """Parts.whole: Newton-Schulz (and NorMuon, on the second moment when there is one) on
+    whole matrices; a row-sharded weight's rows are gathered to one rank for it
+    (treeopt.distributed.fsdp)."""
+    moment = second_moment[0] if second_moment else None
+    update, _, moment = muon_orthogonalize(direction, stack=stack, second_moment=moment, **coefficients)
+    return (update, moment) if second_moment else (update,)
+
+
+def muon_step(param, direction, shape, lr, keep, cautious, layout, adjust_lr, batch_axes, num_heads, split_sizes, **_):
+    """Parts.apply: the step of :func:`muon_apply` at the learning rate of a whole tensor of
+    ``shape`` (each rank holding some of its rows computes the same)."""
+    rate = matrix_lr(lr, shape, layout, adjust_lr, batch_axes, num_heads, split_sizes)
+    return muon_apply(param, direction, rate, keep, cautious)
+
+
 MUON = Rule(
     "muon",
     muon,
@@ -439,4 +455,5 @@ MUON = Rule(
     elementwise=False,
     stackable=True,
     slot_meanings={"v": "average of gradients", "second_moment": "average of squared updates per neuron"},
+    parts=Parts(muon_direction, muon_whole, muon_step, whole_slots=("second_moment",)),
 )
