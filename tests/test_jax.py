@@ -170,7 +170,9 @@ def test_flax_linen_train_state():
 
     net = Net()
     variables = net.init(jax.random.key(0), X)
-    multi = optim.MultiOptimizer([optim.Muon(0.02), optim.Adam(0.01)], [lambda path, w: path == "Dense_0.kernel"])
+    # linen numbers layers as they are built: Dense(1), the output layer, is Dense_0; Muon
+    # takes the first layer, Dense(8) (Dense_1)
+    multi = optim.MultiOptimizer([optim.Muon(0.02), optim.Adam(0.01)], [lambda path, w: path == "Dense_1.kernel"])
     state = train_state.TrainState.create(apply_fn=net.apply, params=variables["params"], tx=tj.as_optax(multi))
 
     @jax.jit
@@ -183,7 +185,7 @@ def test_flax_linen_train_state():
         state = step(state)
     last = float(jnp.mean((net.apply({"params": state.params}, X) - 1.0) ** 2))
     assert last < 0.5 * first
-    assert multi.route("Dense_0.kernel") == 0 and multi.route("Dense_1.kernel") == 1
+    assert multi.route("Dense_1.kernel") == 0 and multi.route("Dense_0.kernel") == 1
 
 
 def lm_parts(nnx):

@@ -196,7 +196,9 @@ def test_a_loop_loading_in_a_thread_takes_over_with_the_same_numbers(backend, mo
     bucket.thread.join()
     assert isinstance(bucket.loop, _NumbaBucket) and compiled_step._loops_ready
     ran = []
-    monkeypatch.setattr(_NumbaBucket, "run", lambda self, ready, run=_NumbaBucket.run: ran.append(1) or run(self, ready))
+    monkeypatch.setattr(
+        _NumbaBucket, "run", lambda self, ready, run=_NumbaBucket.run: ran.append(1) or run(self, ready)
+    )
     for g in grads[2:]:
         fast.update(params, g)
     assert len(ran) == 3 and fast._compiled.buckets == [bucket]

@@ -18,9 +18,12 @@ sched = torch.optim.lr_scheduler
 LRS = (0.01, 0.001)
 
 
-def mlp(seed=0):
+def mlp(seed=0, hidden=False):
+    """Two layers (the input's and the output's, both AdamW's in Muon's recipe), or with
+    ``hidden`` a hidden layer between them (``2``, Muon's)."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    middle = [torch.nn.Linear(16, 16), torch.nn.Tanh()] if hidden else []
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), *middle, torch.nn.Linear(16, 3))
 
 
 def batch(step):
@@ -184,7 +187,7 @@ class LoRA(torch.nn.Module):
 
 
 def test_a_lora_adapter_added_after_the_first_step_is_trained():
-    model = mlp()
+    model = mlp(hidden=True)
     opt = treeopt.torch.Optimizer(
         model, optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [F.is_hidden_matrix])
     )
@@ -210,7 +213,7 @@ def test_a_lora_adapter_added_after_the_first_step_is_trained():
 # inductor's own use of torch.jit, which torch deprecated
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_a_model_compiled_by_inductor_trains_with_one_state_per_parameter():
-    model = mlp()
+    model = mlp(hidden=True)
     compiled = torch.compile(model)
     opt = treeopt.torch.Optimizer(compiled, optim.muon_adamw())
     losses = []
@@ -440,7 +443,7 @@ def test_lightning_trainer_with_configure_optimizers():
     class Regression(lightning.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = mlp()
+            self.net = mlp(hidden=True)
 
         def training_step(self, batch, index):
             x, y = batch
@@ -480,7 +483,7 @@ def test_a_ddp_wrapped_model_in_one_process_keeps_the_bare_names(tmp_path):
         pytest.skip("this torch build has no torch.distributed")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:
-        bare, wrapped = mlp(), torch.nn.parallel.DistributedDataParallel(mlp())
+        bare, wrapped = mlp(hidden=True), torch.nn.parallel.DistributedDataParallel(mlp(hidden=True))
         opt_bare, opt_ddp = (
             treeopt.torch.Optimizer(
                 m, optim.MultiOptimizer([optim.Muon(0.02), optim.AdamW(3e-3)], [F.is_hidden_matrix])

@@ -51,6 +51,7 @@ __all__ = [
     "is_norm",
     "is_embedding",
     "is_head",
+    "name_says_head",
     "is_hidden_matrix",
     "is_input",
     "is_gain",
@@ -272,7 +273,8 @@ def _is_embedding(path, weight):
     return not _structural(path) and _name_says_embedding(path)
 
 
-def _name_says_head(path):
+def name_says_head(path: str) -> bool:
+    """The module names of ``path`` name an output layer (``head``, ``lm_head``, ``classifier``...)."""
     modules = _modules(path)
     return any(s in _HEADS or s.endswith(_HEAD_SUFFIXES) for s in modules) or _segments(path)[0] == "output"
 
@@ -283,7 +285,7 @@ def _is_head(path, weight):
         return True
     if _structural(path):
         return False
-    return _name_says_head(path) or _tree_facts().is_vocabulary_head(path)
+    return name_says_head(path) or _tree_facts().is_vocabulary_head(path)
 
 
 def _is_input(path, weight):
@@ -346,7 +348,12 @@ class _TreeFacts:
                 continue
             last = path.rsplit(".", 1)[-1]
             outputs = shape[-1] if last == "kernel" else shape[0] if last == "weight" else None
-            if outputs == vocabulary or (outputs is None and vocabulary in shape):
+            # an output layer maps fewer features than the vocabulary onto it (a hidden layer
+            # of a toy model as wide as its vocabulary is no head)
+            inputs = [d for d in shape if d != vocabulary] if outputs is None else [shape[0] + shape[-1] - outputs]
+            if (outputs == vocabulary or (outputs is None and vocabulary in shape)) and max(
+                inputs, default=0
+            ) < vocabulary:
                 found.append(path)
         if not found:
             return frozenset()
@@ -389,7 +396,7 @@ class _TreeFacts:
     def beside_output(self, path: str) -> bool:
         module = path.rsplit(".", 1)[0]
         return any(
-            p.rsplit(".", 1)[0] != module and (HEAD in kinds_of(p) or OUTPUT in kinds_of(p) or _name_says_head(p))
+            p.rsplit(".", 1)[0] != module and (HEAD in kinds_of(p) or OUTPUT in kinds_of(p) or name_says_head(p))
             for p in self.siblings(path)
             if len(self.shapes[p]) >= 2
         )
@@ -475,7 +482,7 @@ def role(path: str, weight: Array) -> Role:
     if _is_head(path, weight):
         how = "writes the model's output" if kinds & {HEAD, OUTPUT} else None
         if how is None:
-            how = "name of an output layer" if _name_says_head(path) else "as wide as the vocabulary"
+            how = "name of an output layer" if name_says_head(path) else "as wide as the vocabulary"
         return Role("head", how)
     if GAIN in kinds or any(_TOKEN.search(s) for s in _segments(path)[-1:]):
         return Role("gain", _told(kinds, {GAIN}, "used elementwise, never as a matrix", "name of a learned token"))

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from treeopt.filters import CONV, DEPTHWISE, EMBEDDING, HEAD, INPUT, LINEAR, NORM, OUTPUT, POINTWISE
+from treeopt.filters import CONV, DEPTHWISE, EMBEDDING, HEAD, INPUT, LINEAR, NORM, OUTPUT, POINTWISE, name_says_head
 from treeopt.multi import MultiOptimizer
 from treeopt.optimizer import Optimizer
 from treeopt.optimizers import default_layout
@@ -188,17 +188,25 @@ def _conv_kinds(depthwise, kernel):
 
 
 def _by_order(kinds, layers, vocabularies):
-    """The head by vocabulary; without an embedding, the first layer reads the input and the
-    last linear writes the output (the model's definition order)."""
+    """The head by vocabulary; without an embedding, the last linear writes the output and the
+    first other layer reads the input (the model's definition order). A linear layer named as
+    an output layer (``head``, ``classifier``...) is the output whatever its place: an
+    ``nnx.State``, and a dict that went through JAX's tree functions, are sorted by name."""
     if vocabularies:
         heads = [path for path, is_linear, outputs in layers if is_linear and outputs == max(vocabularies)]
         if heads:
             kinds[heads[-1]].add(HEAD)
     elif layers:
-        kinds[layers[0][0]].add(INPUT)
-        last = [path for path, is_linear, _ in layers if is_linear]
-        if last and last[-1] != layers[0][0]:
-            kinds[last[-1]].add(OUTPUT)
+        linears = [path for path, is_linear, _ in layers if is_linear]
+        named = [path for path in linears if name_says_head(path)]
+        output = (named or linears or [None])[-1]
+        first = next((path for path, _, _ in layers if path != output), None)
+        if first is None:  # one layer: it reads the input
+            kinds[layers[0][0]].add(INPUT)
+        else:
+            kinds[first].add(INPUT)
+            if output is not None:
+                kinds[output].add(OUTPUT)
     return {path: frozenset(found) for path, found in kinds.items() if found}
 
 

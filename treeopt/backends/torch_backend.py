@@ -197,6 +197,7 @@ class TorchBackend(Backend):
         rounded = ((x.view(torch.int32) + bits.to(torch.int32)) & -65536).view(torch.float32)
         return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
 
+
 @functools.lru_cache(maxsize=1024)
 def _rounded(x: float, dtype: torch.dtype) -> float:
     """``x`` rounded to ``dtype`` (remembered: the same few coefficients come every step, and

@@ -339,7 +339,10 @@ class FullyShardedStep:
         like = self.local[names[0]]
         mine = [n for n in names if owner[n] == rank]
         back = [
-            t[rows[n][d][0] : rows[n][d][1]].reshape(-1).to(dtype) for d in range(world) for n in mine for t in results[n]
+            t[rows[n][d][0] : rows[n][d][1]].reshape(-1).to(dtype)
+            for d in range(world)
+            for n in mine
+            for t in results[n]
         ]
         count = {n: range(len(shapes[n])) for n in names}
         back_sizes = [sum(size(n, d, k) for n in mine for k in count[n]) for d in range(world)]
