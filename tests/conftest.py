@@ -14,9 +14,8 @@ os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TREEOPT_KERNELS_BACKGROUND", "0")
 
-# pytest's warning filters (pyproject's filterwarnings names treeopt.errors.RoutingWarning)
-# import treeopt before this file runs, so its switch was read without the line above; a loop
-# loading in a thread while another runs would abort the process under the workqueue layer
-from treeopt import kernels  # noqa: E402
+# pytest's warning filters (pyproject.toml) name treeopt.RoutingWarning, so treeopt is imported
+# before this file runs: the setting is applied to the module too, not only to subprocesses
+import treeopt.kernels  # noqa: E402
 
-kernels.load_in_background = os.environ["TREEOPT_KERNELS_BACKGROUND"] not in ("0", "false", "no", "off")
+treeopt.kernels.load_in_background = False
