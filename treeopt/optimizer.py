@@ -18,7 +18,6 @@ import weakref
 from typing import Any
 
 from treeopt import engine, kernels
-from treeopt.backends import backend_of
 from treeopt.errors import warn
 from treeopt.kernels.compiled_step import CompiledStep
 from treeopt.plan import Plan, build as build_plan

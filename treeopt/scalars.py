@@ -116,7 +116,8 @@ class Scalars:
             return value if isinstance(value, (bool, str, int, type(None))) else as_float(value)
 
         for name in self.hyperparameter_names:
-            values[name] = plain(self._resolve(name, self.store.setting(name), evaluate=lambda schedule: schedule(step)))
+            setting = self.store.setting(name)
+            values[name] = plain(self._resolve(name, setting, evaluate=lambda schedule: schedule(step)))
         for name in self.running:
             values[name] = as_float(tree[name])
         return values

@@ -227,7 +227,8 @@ class FullyShardedStep:
         like = self.local[names[0]]
         backend = _backend(like)
         layouts = {n: store.layout(tuple(self.local[n].shape), backend.dtype_name(like), (n,)) for n in names}
-        wholes = {n: store.slot_shapes(tuple(self.parameters[n].shape), (n,)) for n in names}  # each whole tensor's slots
+        # each whole tensor's slots
+        wholes = {n: store.slot_shapes(tuple(self.parameters[n].shape), (n,)) for n in names}
         if parts is not None and all(layout is None for layout in layouts.values()):
             self._run_parts(group, names, grads, slots, wholes)
             return
