@@ -1,11 +1,13 @@
 """Muon reads each weight as its model means it: a layer that stores its weight ``(in, out)``
 (Hugging Face's ``Conv1D``, GPT-2's layers) gets ``layout="in_out"`` for that parameter only,
 and a stack of experts ``(E, out, in)`` is one matrix per expert. The kinds come from the
-framework's modules (treeopt.torch, treeopt.mlx); the router turns them into rule options.
+framework's modules (treeopt.torch, treeopt.mlx); the router turns them into rule options,
+and the parameter's slots follow them (NorMuon keeps one value per neuron of each expert).
 
 The expected numbers come from Keller Jordan's reference Muon (github.com/KellerJordan/Muon:
-``muon_update`` and ``zeropower_via_newtonschulz5``), written out here in float64 on the
-matrix the layer computes with, ``(out, in)``."""
+``muon_update`` and ``zeropower_via_newtonschulz5``) and nanochat's fused step
+(tests/muon_references.py), in float64 on the matrix the layer computes with, ``(out, in)``,
+one expert at a time."""
 
 import warnings
 
@@ -13,33 +15,16 @@ import numpy as np
 import pytest
 
 import treeopt
-from treeopt.rules.muon import MUON
+from muon_references import assert_matches, keller, nanochat
 
 torch = pytest.importorskip("torch")
 import treeopt.torch  # noqa: E402
 
-A, B, C = 3.4445, -4.7750, 2.0315
 
-
-def newton_schulz(g, steps=5, eps=1e-7):
-    """Keller Jordan's zeropower_via_newtonschulz5, in float64."""
-    x = np.asarray(g, np.float64)
-    tall = x.shape[-2] > x.shape[-1]
-    if tall:
-        x = x.swapaxes(-1, -2)
-    x = x / (np.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)
-    for _ in range(steps):
-        a = x @ x.swapaxes(-1, -2)
-        x = A * x + (B * a + C * a @ a) @ x
-    return x.swapaxes(-1, -2) if tall else x
-
-
-def reference_first_step(weight, grad, lr, momentum=0.95):
+def reference_first_step(weight, grad, lr):
     """One step of Keller Jordan's Muon (nesterov, no decay) from zero momentum, on a matrix
     ``(out, in)``: the learning rate scaled by sqrt(max(1, out / in))."""
-    v = (1 - momentum) * grad
-    update = (1 - momentum) * grad + momentum * v
-    return weight - lr * max(1.0, grad.shape[-2] / grad.shape[-1]) ** 0.5 * newton_schulz(update)
+    return keller(weight, [grad], lr)
 
 
 def tiny_gpt2():
@@ -135,10 +120,6 @@ def test_an_expert_stack_is_declared_one_matrix_per_expert():
     assert opt.optimizer.names[opt.optimizer.route("experts.weight")] == "muon"
 
 
-@pytest.mark.skipif(
-    "batch_axes" not in MUON.coefficient_names(),
-    reason="Muon takes no batch_axes option yet (the Muon variants add it): an expert stack is one matrix to it",
-)
 def test_each_expert_is_orthogonalised_alone():
     torch.manual_seed(0)
     model = MoE()
@@ -152,7 +133,10 @@ def test_each_expert_is_orthogonalised_alone():
         grad = model.experts.weight.grad.double().numpy().copy()
         opt.step()
     expected = np.stack([reference_first_step(w, g, lr) for w, g in zip(before, grad)])
-    np.testing.assert_allclose(model.experts.weight.detach().double().numpy(), expected, rtol=0, atol=2e-6)
+    after = model.experts.weight.detach().double().numpy()
+    np.testing.assert_allclose(after, expected, rtol=0, atol=2e-6)
+    as_one = reference_first_step(before.reshape(3, -1), grad.reshape(3, -1), lr).reshape(before.shape)
+    assert np.abs(after - as_one).max() > 100 * 2e-6  # the stack read as one (E, out * in) matrix
 
 
 def test_mlx_switch_linear_experts_are_declared_one_matrix_per_expert():
