@@ -124,9 +124,11 @@ def module_kinds(model: torch.nn.Module) -> dict[str, frozenset[str]]:
         if id(linear.weight) in embedding_weights:
             add(linear.parameters(recurse=False), HEAD)
     if vocabularies:
+        weights = {id(linear.weight) for linear in linears}
         names = {id(param): name for name, param in named_parameters(model).items()}
-        layers = {names[id(linear.weight)]: tuple(linear.weight.shape) for linear in linears}
-        repeated = repeated_blocks(layers)
+        repeated = repeated_blocks(
+            {name: tuple(param.shape) for name, param in named_parameters(model).items() if id(param) in weights}
+        )
         heads = [
             linear
             for linear in linears
