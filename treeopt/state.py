@@ -15,11 +15,11 @@ slot name), and checked by one validator (:func:`slot_problem`), for a state ass
 outside as for the slots a step is about to use. A rule's slots may depend on its
 hyper-parameters (NorMuon keeps one value per neuron of each matrix, and which axis is a
 neuron depends on Muon's ``layout`` and ``batch_axes``); those are read in one place too,
-:meth:`SlotStore.hyper`: the optimizer's settings with the options of the parameter's route on
-top (a ``Conv1D`` read ``(in, out)``, a stack of experts), so slots are created, checked,
-planned and checkpointed for the view the rule computes with. The runner reads slots for compute through
-:meth:`SlotStore.load` and writes results through :meth:`SlotStore.save`: a slot kept in
-another form than the parameter's (lower precision) is decoded and encoded there.
+:meth:`SlotStore.hyper`: the optimizer's settings with the options of the parameter's route
+on top (a ``Conv1D`` read ``(in, out)``, a stack of experts), so slots are created, checked,
+planned and checkpointed for the view the rule computes with. The runner reads slots for
+compute through :meth:`SlotStore.load` and writes results through :meth:`SlotStore.save`: a
+slot kept in another form than the parameter's (lower precision) is decoded and encoded there.
 """
 
 from __future__ import annotations
@@ -171,7 +171,10 @@ class SlotStore:
         (:meth:`treeopt.scalars.Scalars.hyperparameters`)."""
         if options is None:
             options = self.options.get(keys, ()) if keys is not None else ()
-        values = {name: self.setting(name) for name in self.settings}
+        values = dict(self.settings)
+        for name in self.defaults:
+            if name in values and values[name] is None:
+                values[name] = self.setting(name)
         values.update(options)
         return values
 
@@ -180,7 +183,7 @@ class SlotStore:
         ``keys``, routed with ``options``: see :meth:`hyper`)."""
         if self.rule is None:
             return {}
-        hyper = self.hyper(keys, options)
+        hyper = self.hyper(keys, options) if callable(self.rule.slots) else None  # else: one per slot name
         return {name: tuple(s) for name, s in self.rule.slot_shapes(tuple(shape), hyper).items()}
 
     def zeros(self, param: Array, slots: dict[str, Array], keys: Keys | None = None) -> None:
