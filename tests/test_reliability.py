@@ -845,20 +845,22 @@ case(
 )
 
 
-def muon_blocks_world(backend):
-    """Muon with NorMuon and a QKV-like split on the layers' (4, 4) matrices, after two steps."""
+def muon_world(backend, takes, **options):
+    """``Muon(0.02, **options)`` for the parameters ``takes`` accepts, Adam for the rest, after two steps."""
 
     def make_world():
         wd = World("single", backend)
-        wd.opt = optim.MultiOptimizer(
-            [optim.Muon(0.02, split_sizes=(2, 2), normuon=True), optim.Adam(1e-2)],
-            [lambda path, w: path.startswith("layers")],
-        )
+        wd.opt = optim.MultiOptimizer([optim.Muon(0.02, **options), optim.Adam(1e-2)], [takes])
         for _ in range(2):
             wd.step(wd.grads())
         return wd
 
     return make_world
+
+
+def muon_blocks_world(backend):
+    """Muon with NorMuon and a QKV-like split on the layers' (4, 4) matrices."""
+    return muon_world(backend, lambda path, w: path.startswith("layers"), split_sizes=(2, 2), normuon=True)
 
 
 for backend in BACKENDS:
@@ -872,19 +874,8 @@ for backend in BACKENDS:
 
 
 def muon_views_world(backend):
-    """NorMuon (one moment per output) on ``w`` (3 outputs, 4 inputs) and the layers, after two steps."""
-
-    def make_world():
-        wd = World("single", backend)
-        wd.opt = optim.MultiOptimizer(
-            [optim.Muon(0.02, normuon="output"), optim.Adam(1e-2)],
-            [lambda path, w: path == "w" or path.startswith("layers")],
-        )
-        for _ in range(2):
-            wd.step(wd.grads())
-        return wd
-
-    return make_world
+    """NorMuon (one moment per output) on ``w`` (3 outputs, 4 inputs) and the layers."""
+    return muon_world(backend, lambda path, w: path == "w" or path.startswith("layers"), normuon="output")
 
 
 for backend in BACKENDS:
