@@ -8,8 +8,9 @@ The tree is ``benchmarks/step.py``'s ``small`` (a 12-layer d=256 transformer, ab
 parameters), routed by ``muon_adamw``: Muon on the blocks' 48 matrices, AdamW on the rest.
 Each candidate is ``muon_adamw``'s groups with a recipe's Muon (and each option of the nanochat recipe
 alone, to see what costs), planned and warmed by two steps, then timed round by round,
-interleaved, so a busy machine slows all alike; the table gives the median step and its ratio
-to ``keller2024``'s on the same library.
+interleaved, so a busy machine slows all alike; the table gives the median step (wall time
+and the process's CPU time: on a machine shared with other jobs, the CPU time of one thread,
+``--threads 1``, is the steadier) and its ratio to ``keller2024``'s on the same library.
 
 ``--references`` measures instead how close each variant comes to its float64 reference
 (those of ``tests/test_muon_variants.py``, written from the papers and the code that runs
@@ -19,6 +20,7 @@ to the largest change of a weight (under 5e-5).
 """
 
 import argparse
+import os
 import pathlib
 import statistics
 import sys
@@ -217,31 +219,49 @@ def main(argv=None):
     parser.add_argument("--libraries", nargs="+", default=["numpy", "torch"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="3 rounds, the recipes only")
+    parser.add_argument("--threads", type=int, default=0, help="torch's threads (default: torch's own)")
     parser.add_argument("--references", action="store_true", help="each variant against its reference, no timing")
     args = parser.parse_args(argv)
     if args.references:
         return measure_references()
     rounds = 3 if args.quick else args.rounds
+    threads = ""
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         args.libraries = [lib for lib in args.libraries if lib != "torch"]
-    print(f"{step_bench.cpu_name()}; the 10M tree ({len(step_bench.small_shapes())} tensors); {rounds} rounds")
+    else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        threads = f"; torch on {torch.get_num_threads()} thread(s)"
+    print(f"{step_bench.cpu_name()}; the 10M tree ({len(step_bench.small_shapes())} tensors); {rounds} rounds{threads}")
+    print(f"load average before: {load()}")
     steps = {}
     for library in args.libraries:
         steps |= {name: setup() for name, setup in candidates(library, alone=not args.quick).items()}
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, run in steps.items():
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             run()
-            times[name].append(time.perf_counter() - began)
-    print("\n| candidate | median step (ms) | x keller2024 |\n|---|---|---|")
+            times[name].append((time.perf_counter() - began, time.process_time() - cpu))
+    print(f"load average after: {load()}")
+    print(
+        "\n| candidate | median step (ms) | x keller2024 | median CPU time (ms) | x keller2024 |\n|---|---|---|---|---|"
+    )
     for name, values in times.items():
         library = name.split(":")[0]
-        base = statistics.median(times[f"{library}: muon_adamw keller2024"])
-        median = statistics.median(values)
-        print(f"| {name} | {median * 1e3:.1f} | {median / base:.2f} |")
+        base = [statistics.median(v[k] for v in times[f"{library}: muon_adamw keller2024"]) for k in (0, 1)]
+        wall, cpu = (statistics.median(v[k] for v in values) for k in (0, 1))
+        print(f"| {name} | {wall * 1e3:.1f} | {wall / base[0]:.2f} | {cpu * 1e3:.1f} | {cpu / base[1]:.2f} |")
+
+
+def load():
+    """The 1, 5 and 15-minute load averages (how busy the machine was)."""
+    try:
+        return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":
