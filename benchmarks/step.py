@@ -1,7 +1,7 @@
 """One optimizer step, timed against the memory-bandwidth bound and against the peers.
 
     python benchmarks/step.py                     # every tree, every installed library
-    python benchmarks/step.py --closing           # the issue's table: 10M tree and 2,000 x 64x64 (~10 min)
+    python benchmarks/step.py --closing           # the table docs/performance.md gives: 10M tree and 2,000 x 64x64 (~10 min)
     python benchmarks/step.py --trees many --quick
     python benchmarks/step.py --json results/step.json
 

@@ -13,3 +13,9 @@ import os
 os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TREEOPT_KERNELS_BACKGROUND", "0")
+
+# pytest's warning filters (pyproject.toml) name treeopt.RoutingWarning, so treeopt is imported
+# before this file runs: the setting is applied to the module too, not only to subprocesses
+import treeopt.kernels  # noqa: E402
+
+treeopt.kernels.load_in_background = False

@@ -87,7 +87,7 @@ def test_a_cpu_torch_user_without_numba_gets_the_foreach_runner_and_one_hint(mon
     monkeypatch.setattr(compiled_step, "numba_available", lambda: False)
     monkeypatch.setattr(compiled_step, "_hinted", False)
     params, opt = random_tree(SHAPES, 0), optim.AdamW(1e-3)
-    with pytest.warns(UserWarning, match=r"treeopt\[fast\]"):
+    with pytest.warns(UserWarning, match=r"pip install numba"):
         for i in range(2):
             opt.update(params, random_tree(SHAPES, i + 1))
     assert {b.kind for b in opt._compiled.buckets} == {"foreach"}

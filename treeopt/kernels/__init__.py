@@ -5,7 +5,7 @@
   :mod:`.compiled_step` for ``update`` on trees whose structure does not change.
 
 The per-tensor rule (``treeopt.engine.run_rule``) stays the reference: the tests check every
-fast path against it. Fast paths need ``numba`` (``pip install treeopt[fast]``); without it,
+fast path against it. Fast paths need ``numba`` (``pip install numba``, or the ``fast`` extra); without it,
 or with ``TREEOPT_KERNELS=0`` in the environment, or ``treeopt.kernels.enabled = False``,
 every step takes the reference path.
 

@@ -584,7 +584,8 @@ def _hint_fast_extra():
         _hinted = True
         warn(
             "treeopt runs CPU torch tensors with torch's foreach operations; installing numba "
-            "(pip install 'treeopt[fast]') makes an optimizer step several times faster",
+            "(pip install numba, or treeopt's fast extra: pip install -e '.[fast]') makes an optimizer step "
+            "several times faster",
             UserWarning,
         )
 
