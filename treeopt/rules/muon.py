@@ -393,10 +393,10 @@ def muon_apply(param, direction, lr, keep, cautious=False, **_):
     """The last, elementwise part: decoupled decay (by the unscaled learning rate, as the
     references do; cautious: only where the update and the weight agree in sign) and the step."""
     if keep is not None and cautious:
-        # p * keep where O * p >= 0, else p: the step -lr * O agrees with the weight where O does
-        # not, and with keep in [0, 1], max(keep, sign(step * p)) is keep there and 1 elsewhere,
-        # exactly; arithmetic rather than a select, which torch runs as a scalar loop on CPUs
-        # (several times an elementwise product)
+        # p * keep where O * p >= 0, else p. With step = -lr * O (lr >= 0), step * p <= 0 there,
+        # so for keep in [0, 1] max(keep, sign(step * p)) is keep there and 1 elsewhere (a product
+        # that underflows to zero aside): arithmetic, not a select, which torch runs as a scalar
+        # loop on CPUs, several times as long as an elementwise product
         step = -lr * direction
         return param * maximum(keep, sign(step * param)) + step
     if keep is not None:
