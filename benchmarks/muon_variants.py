@@ -236,6 +236,10 @@ def main(argv=None):
         threads = f"; torch on {torch.get_num_threads()} thread(s)"
     print(f"{step_bench.cpu_name()}; the 10M tree ({len(step_bench.small_shapes())} tensors); {rounds} rounds{threads}")
     print(f"load average before: {load()}")
+    import treeopt.kernels
+
+    # AdamW's compiled loops build during the warm-up steps, not in a thread while steps are timed
+    treeopt.kernels.load_in_background = False
     steps = {}
     for library in args.libraries:
         steps |= {name: setup() for name, setup in candidates(library, alone=not args.quick).items()}
