@@ -6,10 +6,11 @@
 
 The tree is ``benchmarks/step.py``'s ``small`` (a 12-layer d=256 transformer, about 10M
 parameters), routed by ``muon_adamw``: Muon on the blocks' 48 matrices, AdamW on the rest.
-Each candidate is ``muon_adamw``'s groups with a recipe's Muon (and each option of the nanochat recipe
-alone, to see what costs), planned and warmed by two steps, then timed round by round,
-interleaved, so a busy machine slows all alike; the table gives the median step (wall time
-and the process's CPU time: on a machine shared with other jobs, the CPU time of one thread,
+Each candidate is ``muon_adamw``'s groups with a recipe's Muon (and each option of the
+nanochat recipe alone, to see what costs), planned and warmed by two steps, then timed round
+by round, interleaved (each round starting one candidate further on), so a busy machine slows
+all alike; one library after the other. The table gives the median step (wall time and the
+process's CPU time: on a machine shared with other jobs, the CPU time of one thread,
 ``--threads 1``, is the steadier) and its ratio to ``keller2024``'s on the same library.
 
 ``--references`` measures instead how close each variant comes to its float64 reference
@@ -240,15 +241,19 @@ def main(argv=None):
 
     # AdamW's compiled loops build during the warm-up steps, not in a thread while steps are timed
     treeopt.kernels.load_in_background = False
-    steps = {}
-    for library in args.libraries:
-        steps |= {name: setup() for name, setup in candidates(library, alone=not args.quick).items()}
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, run in steps.items():
-            began, cpu = time.perf_counter(), time.process_time()
-            run()
-            times[name].append((time.perf_counter() - began, time.process_time() - cpu))
+    times = {}
+    for library in args.libraries:  # one library at a time: the ratios are within a library
+        steps = {name: setup() for name, setup in candidates(library, alone=not args.quick).items()}
+        names = list(steps)
+        times |= {name: [] for name in names}
+        for r in range(rounds):
+            # each round starts one candidate further on: what a step leaves behind (BLAS threads
+            # still spinning, a cold cache) falls on every candidate alike
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                began, cpu = time.perf_counter(), time.process_time()
+                steps[name]()
+                times[name].append((time.perf_counter() - began, time.process_time() - cpu))
+        del steps
     print(f"load average after: {load()}")
     print(
         "\n| candidate | median step (ms) | x keller2024 | median CPU time (ms) | x keller2024 |\n|---|---|---|---|---|"
