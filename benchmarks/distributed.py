@@ -19,6 +19,7 @@ them (DDP's own all-reduce is not counted: it is the same in every mode). Per wo
 
 import argparse
 import hashlib
+import math
 import os
 import statistics
 import sys
@@ -63,8 +64,8 @@ def rank_main(rank, world, mode, steps, folder, tree):
     original = muon_rule.newton_schulz
     from treeopt.distributed.ownership import newton_schulz_flops
 
-    def counted(x, ns_steps, *rest):
-        ns_flops.append(newton_schulz_flops(tuple(x.shape), ns_steps))
+    def counted(x, ns_steps, *rest):  # x: a matrix, or a stack of them (leading axes)
+        ns_flops.append(math.prod(x.shape[:-2]) * newton_schulz_flops(tuple(x.shape[-2:]), ns_steps))
         return original(x, ns_steps, *rest)
 
     muon_rule.newton_schulz = counted

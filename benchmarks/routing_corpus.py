@@ -1,19 +1,21 @@
 """Routing on real architectures: how many tensors go to the wrong optimizer.
 
-    python benchmarks/routing_corpus.py [--fast] [--models NAME ...]
+    python benchmarks/routing_corpus.py [--fast] [--models NAME ...] [--variant nanochat]
 
 Builds every model of the routing corpus (``tests/routing_corpus.py``: transformers, mlx-lm,
 flax, equinox and nanoGPT-style GPTs, tiny configurations, random weights), routes it with
 ``treeopt.muon_adamw`` as each framework's docs build it, takes one step, and compares each
 tensor's route with Keller Jordan's recipe. Beside it, the rule most code uses, Muon for every
 tensor with ``ndim >= 2``. Prints one line per model, the totals, and the mis-routes by cause
-(what the tensor is). A model that fails to build or step counts as an error.
+(what the tensor is). A model that fails to build or step counts as an error. ``--variant``
+builds ``muon_adamw(variant=...)`` (``nanochat``: NorMuon's moments follow each weight's view).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import sys
 import time
@@ -23,12 +25,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import routing_corpus as corpus  # noqa: E402
 
+import treeopt  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true", help="the default test run's subset only")
     parser.add_argument("--models", nargs="*", help="only the models whose names contain one of these")
+    parser.add_argument(
+        "--variant", default="keller2024", choices=sorted(treeopt.presets.RECIPES), help="Muon's recipe"
+    )
     args = parser.parse_args()
+    preset = functools.partial(treeopt.muon_adamw, variant=args.variant)
     cases = [c for c in corpus.CASES if (c.fast or not args.fast)]
     if args.models:
         cases = [c for c in cases if any(m in c.name for m in args.models)]
@@ -40,7 +48,7 @@ def main() -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = corpus.run(case)
+                result = corpus.run(case, preset)
         except Exception as error:  # a model treeopt cannot train is the worst mis-route
             totals["errors"] += 1
             print(f"{case.name:36s} {case.framework:9s} error: {type(error).__name__}: {str(error)[:120]}")

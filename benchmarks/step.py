@@ -533,7 +533,7 @@ def main(argv=None):
     parser.add_argument(
         "--closing",
         action="store_true",
-        help="the issue's table: trees small and many, AdamW and Muon (GPT-2 small: --trees gpt2)",
+        help="the table of docs/performance.md: trees small and many, AdamW and Muon (GPT-2 small: --trees gpt2)",
     )
     parser.add_argument(
         "--compile-limit", type=float, default=60, help="seconds before a JAX Muon compile is stopped (fresh process)"

@@ -228,6 +228,13 @@ TORCH_HF = [
         outputs=("lm_head", "multiple_choice_head.summary"),
     ),
     Case("llama", "torch", _hf("LlamaForCausalLM", "LlamaConfig", _lm_inputs, **_LM), outputs=("lm_head",), fast=True),
+    # tied (the embedding is the output layer), its MLP as wide as the vocabulary: the blocks'
+    # vocabulary-wide layers are hidden
+    Case(
+        "llama, tied, MLP as wide as the vocabulary",
+        "torch",
+        _hf("LlamaForCausalLM", "LlamaConfig", _lm_inputs, **dict(_LM, intermediate_size=97, tie_word_embeddings=True)),
+    ),
     Case("qwen2", "torch", _hf("Qwen2ForCausalLM", "Qwen2Config", _lm_inputs, **_LM), outputs=("lm_head",)),
     Case("qwen3", "torch", _hf("Qwen3ForCausalLM", "Qwen3Config", _lm_inputs, **_LM, head_dim=8), outputs=("lm_head",)),
     Case("gemma", "torch", _hf("GemmaForCausalLM", "GemmaConfig", _lm_inputs, **_LM, head_dim=8), outputs=("lm_head",)),
@@ -981,6 +988,12 @@ _MLX_MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_i
 MLX = [
     Case("mlx-lm llama", "mlx", _mlx_lm("llama"), outputs=("lm_head",), fast=True, source="mlx_lm.models.llama"),
     Case(
+        "mlx-lm llama, tied, MLP as wide as the vocabulary",
+        "mlx",
+        _mlx_lm("llama", intermediate_size=97, tie_word_embeddings=True),
+        source="mlx_lm.models.llama",
+    ),
+    Case(
         "mlx-lm gpt-oss",
         "mlx",
         _mlx_lm("gpt_oss", **_MLX_MOE),
@@ -1377,6 +1390,7 @@ FAST = [
     "llama",
     "mlx-examples transformer_lm",
     "mlx-lm llama",
+    "mlx-lm llama, tied, MLP as wide as the vocabulary",
     "nanogpt",
     "resnet",
     "vit",

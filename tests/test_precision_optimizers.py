@@ -189,6 +189,41 @@ def test_the_compiled_loop_is_the_runner_byte_for_byte_on_torch_tensors_and_non_
                 np.testing.assert_array_equal(got.view(torch.uint8).numpy(), value.view(torch.uint8).numpy())
 
 
+@pytest.mark.parametrize("offset", [0, 2**31 - 100, 2**32 - 100, 5 * 2**32 + 7])
+def test_the_compiled_loop_draws_the_bits_of_the_whole_tensor_index(offset):
+    """A shard's elements draw the random bits of their index in the whole tensor, modulo 2^32
+    (the loop counts it in 32 bits): the bytes of the formats' array code at that offset,
+    across 2^31 and 2^32."""
+    pytest.importorskip("numba")
+    from treeopt.backends import numpy_backend
+    from treeopt.kernels.numba_precision import block_items, block_of, kernel_for
+    from treeopt.precision.formats import Bfloat16, Noise
+    from treeopt.rules.adam import ADAMW, adamw_coefficients
+
+    rng = np.random.default_rng(3)
+    shape, kinds = (3, 300), ("bf16", "bf16")
+    g, p = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    m = Bfloat16().encode(numpy_backend, "m", rng.standard_normal(shape).astype(np.float32), None)["m"]
+    v = Bfloat16().encode(numpy_backend, "v", rng.random(shape).astype(np.float32), None)["v"]
+    values = adamw_coefficients(1e-2, 3, betas=(0.9, 0.99), eps=1e-8, bias_correction=True, weight_decay=0.1)
+    values = {k: np.float32(x) for k, x in values.items()}
+    noise = Noise(11, "blocks.0.w", 3, offset)
+    # the per-tensor runner's numbers: the rule on the slots read back, stored with the noise
+    want_p, want_m, want_v = ADAMW.update(g, p, m.astype(np.float32), v.astype(np.float32), **values)
+    want = {k: Bfloat16().encode(numpy_backend, k, x, noise)[k] for k, x in (("m", want_m), ("v", want_v))}
+
+    kernel, numeric = kernel_for(ADAMW, kinds)
+    pieces, items, columns, per_row = block_items([shape], False, threads=1, block=block_of(kinds))
+    pointers = lambda *arrays: np.array([[a.ctypes.data for a in arrays]], np.int64)  # noqa: E731
+    salts = np.array([[noise.salt(numpy_backend, "m"), noise.salt(numpy_backend, "v")]], np.int64)
+    kernel(pointers(g)[0], pointers(p)[0], pointers(m, v), np.zeros((1, 2), np.int64), pieces, items, columns,
+           per_row, np.zeros(1, np.int64), np.array([[values[n] for n in numeric]], np.float32),
+           np.zeros(0, np.bool_), salts, np.array([offset], np.int64))  # fmt: skip
+    np.testing.assert_array_equal(p, want_p)
+    np.testing.assert_array_equal(m.view(np.uint16), want["m"].view(np.uint16))
+    np.testing.assert_array_equal(v.view(np.uint16), want["v"].view(np.uint16))
+
+
 CROSS = [
     s
     for s in SETTINGS

@@ -126,6 +126,7 @@ def fingerprint(world):
             o.store.checked,
             getattr(o.store.backend, "name", None),
             {k: {s: as_bytes(v) for s, v in slots.items()} for k, slots in o.store.carried.items()},
+            dict(o.store.options),
         )
         for _, _, o in opt.groups()
     ]
@@ -844,20 +845,22 @@ case(
 )
 
 
-def muon_blocks_world(backend):
-    """Muon with NorMuon and a QKV-like split on the layers' (4, 4) matrices, after two steps."""
+def muon_world(backend, takes, **options):
+    """``Muon(0.02, **options)`` for the parameters ``takes`` accepts, Adam for the rest, after two steps."""
 
     def make_world():
         wd = World("single", backend)
-        wd.opt = optim.MultiOptimizer(
-            [optim.Muon(0.02, split_sizes=(2, 2), normuon=True), optim.Adam(1e-2)],
-            [lambda path, w: path.startswith("layers")],
-        )
+        wd.opt = optim.MultiOptimizer([optim.Muon(0.02, **options), optim.Adam(1e-2)], [takes])
         for _ in range(2):
             wd.step(wd.grads())
         return wd
 
     return make_world
+
+
+def muon_blocks_world(backend):
+    """Muon with NorMuon and a QKV-like split on the layers' (4, 4) matrices."""
+    return muon_world(backend, lambda path, w: path.startswith("layers"), split_sizes=(2, 2), normuon=True)
 
 
 for backend in BACKENDS:
@@ -867,6 +870,29 @@ for backend in BACKENDS:
         (lambda wd: wd.params["layers"].append(make(np.ones((5, 4)), wd.backend)), lambda wd: wd.step(wd.grads())),
         ValueError,
         r"Muon split_sizes=\(2, 2\) do not sum to the 5 outputs of a weight of shape \(5, 4\)",
+    )
+
+
+def muon_views_world(backend):
+    """NorMuon (one moment per output) on ``w`` (3 outputs, 4 inputs) and the layers."""
+    return muon_world(backend, lambda path, w: path == "w" or path.startswith("layers"), normuon="output")
+
+
+for backend in BACKENDS:
+    case(
+        f"{backend}: a layout declared after steps for a matrix whose moments were kept per output",
+        muon_views_world(backend),
+        (lambda wd: wd.opt.router.declare_options({"w": {"layout": "in_out"}}), lambda wd: wd.step(wd.grads())),
+        ParameterError,
+        r"slot 'second_moment' of 'w' has shape \(3,\), expected \(4,\) for a parameter of shape \(3, 4\) "
+        r"read with layout=in_out",
+    )
+    case(
+        f"{backend}: heads declared after steps that do not divide a matrix's outputs",
+        muon_views_world(backend),
+        (lambda wd: wd.opt.router.declare_options({"layers.1.w": {"num_heads": 3}}), lambda wd: wd.step(wd.grads())),
+        ValueError,
+        r"Muon num_heads=3 does not divide the 4 outputs of a weight of shape \(4, 4\)",
     )
 
 

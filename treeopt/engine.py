@@ -31,12 +31,12 @@ from treeopt.backends import Backend, backend_of, numpy_backend
 from treeopt.errors import MissingParameterError, ParameterError, describe
 from treeopt.kernels import stacking
 from treeopt.precision import Layout
-from treeopt.routing import Member, Options, Target
+from treeopt.routing import Member, Target
 from treeopt.rules.base import Rule, rule_checked
 from treeopt.scalars import Scalars
 from treeopt.state import SlotStore, slot_problem
 from treeopt.tree import is_container, items, rebuild
-from treeopt.types import Array, Keys, Shape, Tree
+from treeopt.types import Array, Keys, Options, Shape, Tree
 
 __all__ = [
     "Group",
@@ -167,8 +167,10 @@ def step(router: Router, hook: StepHook | None, gradients: Tree, parameters: Tre
         pair.options = target.options
         store = group.store
         pair.slots = store.slots(pair.keys)
-        if pair.slots:  # every step: a parameter may have changed shape under its path
-            store.check_slots(type(group).__name__, pair.keys, pair.param, pair.backend, pair.slots, group.runs_rule)
+        if pair.slots:  # every step: a parameter may have changed shape under its path, or its route's view
+            store.check_slots(
+                type(group).__name__, pair.keys, pair.param, pair.backend, pair.slots, group.runs_rule, pair.options
+            )
         if not pair.slots or not store.checked:
             new.setdefault(id(group), set()).add(pair.keys)
         routed.append(pair)
@@ -187,6 +189,8 @@ def step(router: Router, hook: StepHook | None, gradients: Tree, parameters: Tre
         for group in groups:
             group.store.settle(backend)
         updating = {(id(pair.group), pair.keys) for pair in active}  # a skipped pair gets no state yet
+        for pair in active:  # the view of a route (its options) is what its slots were checked for
+            pair.group.store.view(pair.keys, pair.options)
         for group in groups:
             keys = {k for k in new.get(id(group), ()) if (id(group), k) in updating}
             if keys:
@@ -238,12 +242,12 @@ def route(
 
 def initialize(router: Router, parameters: Tree, name: str) -> None:
     """Create the state of every parameter in ``parameters`` that has none yet (additive)."""
-    new: dict[int, tuple[Group, set[Keys]]] = {}
+    new: dict[int, tuple[Group, dict[Keys, Options]]] = {}
     for pair, target in route(router, parameters, name):
         if target is not None:  # None: frozen
-            new.setdefault(id(target.group), (target.group, set()))[1].add(pair.keys)
+            new.setdefault(id(target.group), (target.group, {}))[1][pair.keys] = target.options
     for group, keys in new.values():
-        group.store.create(parameters, keys, group.init_single)
+        group.store.create(parameters, keys, group.init_single, keys)
     for member in router.groups():
         member.group.store.checked = True
 
@@ -353,13 +357,9 @@ def run_one(group: Group, gradient: Array, parameter: Array, slots: dict[str, Ar
 
 
 def coefficients(group: Group, first: Pair) -> dict[str, Any]:
-    """The coefficients of a bucket: the group's, with the route's options on top."""
-    values = group.scalars.coefficients(first.param, first.backend)
-    for name, value in first.options:
-        values[name] = (
-            value if value is None or isinstance(value, (bool, int, str)) else first.backend.cast(value, first.param)
-        )
-    return values
+    """The coefficients of a bucket: from the group's hyper-parameters with the route's
+    options on top."""
+    return group.scalars.coefficients(first.param, first.backend, first.options)
 
 
 def run_rule(group: Group, pairs: list[Pair], in_place: bool, stacks: dict | None = None) -> None:
@@ -408,7 +408,8 @@ def run_plain(group: Group, pairs: list[Pair], in_place: bool, stacks: dict | No
     rule, store, first = group.scalars.rule, group.store, pairs[0]
     assert rule is not None  # run only for a group that runs its rule
     values = coefficients(group, first)
-    hyper = group.scalars.hyperparameters() if callable(rule.slots) else None
+    # the slots a pair's rule takes follow its route's view, as they were made (a bucket shares its options)
+    hyper = store.hyper(options=first.options) if callable(rule.slots) else None
     if rule.stackable and len(pairs) > 1:
         pairs = run_stacked(rule, store, values, pairs, hyper, in_place, stacks)
     for pair in pairs:

@@ -59,6 +59,7 @@ __all__ = [
     "role",
     "Role",
     "routing_tree",
+    "repeated_blocks",
     "JUDGEMENT_RULES",
     "kind",
     "kinds_of",
@@ -330,17 +331,17 @@ class _TreeFacts:
     def _vocabulary_heads(self):
         """The matrix whose output axis is the largest embedding table's rows: of several, the
         shallowest, then the last (a byte vocabulary as wide as a hidden layer is not taken)."""
-        tables = [  # a layer declared linear or convolutional is no table, whatever its name
-            shape[0]
+        tables = {  # a layer declared linear or convolutional is no table, whatever its name
+            path: shape[0]
             for path, shape in self.shapes.items()
             if len(shape) == 2
             and (EMBEDDING in kinds_of(path) or (_name_says_embedding(path) and not kinds_of(path) & {LINEAR, CONV}))
-        ]
+        }
         if not tables:
             return frozenset()
-        vocabulary = max(tables)
+        vocabulary = max(tables.values())
         found = []
-        repeated = self._repeated()
+        repeated = repeated_blocks({p: s for p, s in self.shapes.items() if p not in tables})
         for path, shape in self.shapes.items():
             if len(shape) != 2 or EMBEDDING in kinds_of(path) or _name_says_embedding(path) or _structural(path):
                 continue
@@ -359,24 +360,6 @@ class _TreeFacts:
             return frozenset()
         shallowest = min(path.count(".") for path in found)
         return frozenset([[path for path in found if path.count(".") == shallowest][-1]])
-
-    def _repeated(self):
-        """``repeated(path)``: ``path`` lies in a block the tree holds more than one of (a
-        numbered segment whose container has other numbers: ``blocks.0`` beside ``blocks.1``)."""
-        numbers: dict[tuple[str, ...], set[str]] = {}
-        for path in self.shapes:
-            segments = path.split(".")
-            for i, segment in enumerate(segments[:-1]):
-                if segment.isdigit():
-                    numbers.setdefault(tuple(segments[:i]), set()).add(segment)
-
-        def repeated(path: str) -> bool:
-            segments = path.split(".")
-            return any(
-                s.isdigit() and len(numbers.get(tuple(segments[:i]), ())) > 1 for i, s in enumerate(segments[:-1])
-            )
-
-        return repeated
 
     def siblings(self, path: str) -> list[str]:
         """Paths of the other parameters of the module that holds ``path``'s module."""
@@ -403,6 +386,32 @@ class _TreeFacts:
 
 
 _NO_TREE = _TreeFacts({})
+
+
+def repeated_blocks(shapes: Mapping[str, Iterable[int]]) -> Callable[[str], bool]:
+    """``repeated(path)``: the parameter at ``path`` (one of ``shapes``, ``{path: shape}``)
+    lies in a block the model holds several of: under a numbered element (``blocks.0``) whose
+    container holds another number with a parameter at the same place and of the same shape
+    (``blocks.1.mlp.weight`` beside ``blocks.0.mlp.weight``). The layers of a list (a
+    ``Sequential``) differ in shape: each is a layer of its own. Frameworks' module kinds and
+    the tree being routed read it: a layer of a repeated block is no output layer, however
+    wide (a tied model whose MLP is as wide as its vocabulary has none)."""
+    sizes = {path: tuple(int(d) for d in shape) for path, shape in shapes.items()}
+    numbers: dict[tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]], set[str]] = {}
+    for path, shape in sizes.items():
+        segments = tuple(path.split("."))
+        for i, segment in enumerate(segments[:-1]):
+            if segment.isdigit():
+                numbers.setdefault((segments[:i], segments[i + 1 :], shape), set()).add(segment)
+
+    def repeated(path: str) -> bool:
+        segments, shape = tuple(path.split(".")), sizes.get(path)
+        return shape is not None and any(
+            s.isdigit() and len(numbers.get((segments[:i], segments[i + 1 :], shape), ())) > 1
+            for i, s in enumerate(segments[:-1])
+        )
+
+    return repeated
 
 
 def _tree_facts() -> _TreeFacts:

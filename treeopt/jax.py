@@ -39,7 +39,19 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from treeopt.filters import CONV, DEPTHWISE, EMBEDDING, HEAD, INPUT, LINEAR, NORM, OUTPUT, POINTWISE, name_says_head
+from treeopt.filters import (
+    CONV,
+    DEPTHWISE,
+    EMBEDDING,
+    HEAD,
+    INPUT,
+    LINEAR,
+    NORM,
+    OUTPUT,
+    POINTWISE,
+    name_says_head,
+    repeated_blocks,
+)
 from treeopt.multi import MultiOptimizer
 from treeopt.optimizer import Optimizer
 from treeopt.optimizers import default_layout
@@ -169,9 +181,9 @@ def _kinds_of_equinox(model):
         elif isinstance(owner, eqx.nn.Conv) and field == "weight":
             kinds[path] = _conv_kinds(getattr(owner, "groups", 1) == owner.in_channels > 1, owner.kernel_size)
             layers.append((path, False, None))
-    tables = {path: kinds[path] for path in kinds if EMBEDDING in kinds[path]}
-    vocabularies = [dict(_equinox_shapes(model))[path][0] for path in tables]
-    return _by_order(kinds, layers, vocabularies)
+    shapes = dict(_equinox_shapes(model))
+    vocabularies = [shapes[path][0] for path in kinds if EMBEDDING in kinds[path]]
+    return _by_order(kinds, layers, vocabularies, {path: shapes[path] for path, _, _ in layers})
 
 
 def _equinox_shapes(model):
@@ -187,13 +199,14 @@ def _conv_kinds(depthwise, kernel):
     return kinds
 
 
-def _by_order(kinds, layers, vocabularies):
-    """The head by vocabulary; without an embedding, the last linear writes the output and the
-    first other layer reads the input (the model's definition order). A linear layer named as
-    an output layer (``head``, ``classifier``...) is the output whatever its place: an
-    ``nnx.State``, and a dict that went through JAX's tree functions, are sorted by name."""
+def _by_order(kinds, layers, vocabularies, shapes):
+    """The head by vocabulary (outside the blocks the model repeats: ``shapes`` of its
+    layers); without an embedding, the last linear writes the output and the first other
+    layer reads the input (the model's definition order). A linear layer named as an output
+    layer (``head``, ``classifier``...) is the output whatever its place: an ``nnx.State``, and
+    a dict that went through JAX's tree functions, are sorted by name."""
     if vocabularies:
-        heads = [path for path, is_linear, outputs in layers if is_linear and outputs == max(vocabularies)]
+        heads = _heads(layers, vocabularies, shapes)
         if heads:
             kinds[heads[-1]].add(HEAD)
     elif layers:
@@ -210,6 +223,14 @@ def _by_order(kinds, layers, vocabularies):
     return {path: frozenset(found) for path, found in kinds.items() if found}
 
 
+def _heads(layers, vocabularies, shapes):
+    """The linear layers whose outputs are the largest vocabulary, outside repeated blocks."""
+    repeated = repeated_blocks(shapes)
+    return [
+        path for path, is_linear, outputs in layers if is_linear and outputs == max(vocabularies) and not repeated(path)
+    ]
+
+
 def module_kinds(model: Tree) -> dict[str, frozenset[str]]:
     """What flax's and equinox's modules make of the parameters of ``model``: ``{path:
     kinds}``, paths as :func:`path_of` names them (see :mod:`treeopt.filters` for the kinds).
@@ -219,7 +240,8 @@ def module_kinds(model: Tree) -> dict[str, frozenset[str]]:
     parameters of its layers: an ``Embed`` keeps its table in ``embedding``, a ``Dense``,
     ``Linear`` or ``Conv`` its weight in ``kernel`` (a convolution's has more than two axes),
     a normalisation layer its gain in ``scale``. The output head is the dense layer whose
-    outputs are the largest vocabulary (of several, the shallowest, then the last). Without an
+    outputs are the largest vocabulary, outside the blocks the model repeats (of several, the
+    shallowest, then the last). Without an
     embedding (a CNN, an MLP), the first layer reads the input and the last dense layer writes
     the output, in the tree's order (linen's: the order layers are called; equinox's: field
     order; an ``nnx.State``'s: sorted by name).
@@ -228,6 +250,7 @@ def module_kinds(model: Tree) -> dict[str, frozenset[str]]:
         return _kinds_of_equinox(model)
     kinds: dict = {}
     layers: list = []  # (path of the weight, is a linear, outputs), in order
+    shapes: dict = {}  # of the layers: which blocks repeat
     vocabularies: list = []
     try:
         # optional: flax modules when flax is installed
@@ -244,14 +267,16 @@ def module_kinds(model: Tree) -> dict[str, frozenset[str]]:
             elif isinstance(module, nnx.Linear):
                 kinds[prefix + "kernel"] = {LINEAR}
                 layers.append((prefix + "kernel", True, module.out_features))
+                shapes[prefix + "kernel"] = (module.in_features, module.out_features)
             elif isinstance(module, nnx.Conv):
                 depthwise = module.feature_group_count == module.in_features > 1
                 kinds[prefix + "kernel"] = _conv_kinds(depthwise, module.kernel_size)
                 layers.append((prefix + "kernel", False, None))
+                shapes[prefix + "kernel"] = (*module.kernel_size, module.in_features, module.out_features)
             elif isinstance(module, norms):
                 for name in ("scale", "bias"):
                     kinds[prefix + name] = {NORM}
-        return _by_order(kinds, layers, vocabularies)
+        return _by_order(kinds, layers, vocabularies, shapes)
     # a plain dict (linen's params) in its own order, the order layers were called; JAX's
     # flattening would sort its keys
     flat = dict(tree_flatten(model)) if type(model) is dict else _flat(model)[0]
@@ -266,16 +291,18 @@ def module_kinds(model: Tree) -> dict[str, frozenset[str]]:
         elif leaf == "kernel" and len(shape) == 2:
             kinds[name] = {LINEAR}
             layers.append((name, True, shape[-1]))
+            shapes[name] = shape
         elif leaf == "kernel" and len(shape) > 2:  # (*window, in / groups, out)
             kinds[name] = _conv_kinds(shape[-2] == 1 and shape[-1] > 1, shape[:-2])
             layers.append((name, False, None))
+            shapes[name] = shape
     if vocabularies:  # of several vocabulary-sized layers the shallowest, then the last
-        heads = [path for path, is_linear, outputs in layers if is_linear and outputs == max(vocabularies)]
+        heads = _heads(layers, vocabularies, shapes)
         if heads:
             shallowest = min(path.count(".") for path in heads)
             kinds[[path for path in heads if path.count(".") == shallowest][-1]].add(HEAD)
         return {path: frozenset(found) for path, found in kinds.items() if found}
-    return _by_order(kinds, layers, vocabularies)
+    return _by_order(kinds, layers, vocabularies, shapes)
 
 
 def declare_kinds(optimizer: Optimizer, model: Tree) -> dict[str, frozenset[str]]:

@@ -18,7 +18,19 @@ import re
 import mlx.core as mx
 import mlx.nn as nn
 
-from treeopt.filters import CONV, DEPTHWISE, EMBEDDING, EXPERTS, HEAD, INPUT, LINEAR, NORM, OUTPUT, POINTWISE
+from treeopt.filters import (
+    CONV,
+    DEPTHWISE,
+    EMBEDDING,
+    EXPERTS,
+    HEAD,
+    INPUT,
+    LINEAR,
+    NORM,
+    OUTPUT,
+    POINTWISE,
+    repeated_blocks,
+)
 from treeopt.tree import tree_flatten
 
 __all__ = ["module_kinds", "is_module"]
@@ -53,14 +65,15 @@ def module_kinds(model: nn.Module) -> dict[str, frozenset[str]]:
     - ``"norm"``: the arrays of a module whose class name contains ``Norm``;
     - ``"linear"``, ``"conv"`` (with ``"depthwise"``/``"pointwise"``), ``"experts"`` (the
       3-D weights of mlx-lm's ``SwitchLinear`` and other stacks of matrices);
-    - ``"head"``: the last linear layer whose outputs are the largest vocabulary (a tied
-      model, which calls ``embed.as_linear``, has none);
+    - ``"head"``: the last linear layer whose outputs are the largest vocabulary, outside the
+      blocks the model repeats (a tied model, which calls ``embed.as_linear``, has none);
     - without an embedding (a CNN, an MLP): ``"input"`` for the first linear or convolution the
       model defines and ``"output"`` for the last linear.
     """
     modules = dict(model.named_modules())
     kinds: dict[str, set[str]] = {}
     vocabularies, linears, layers = [], [], []  # layers: (path of the weight, is a linear), in order
+    shapes = {}  # of the linear and convolutional layers: which blocks repeat
     for path, _ in tree_flatten(model.parameters()):
         module_path, _, name = path.rpartition(".")
         module = modules.get(module_path)
@@ -78,15 +91,18 @@ def module_kinds(model: nn.Module) -> dict[str, frozenset[str]]:
             found.add(LINEAR)
             linears.append((path, module.weight.shape[0]))
             layers.append((path, True))
+            shapes[path] = module.weight.shape
         elif isinstance(module, _CONVS) and name == "weight":
             found |= _conv_kinds(module)
             layers.append((path, False))
+            shapes[path] = module.weight.shape
         elif name in own and own[name].ndim == 3 and name != "bias":
             found.add(EXPERTS)
         if not found:
             del kinds[path]
     if vocabularies:
-        heads = [path for path, outputs in linears if outputs == max(vocabularies)]
+        repeated = repeated_blocks(shapes)
+        heads = [path for path, outputs in linears if outputs == max(vocabularies) and not repeated(path)]
         if heads:
             kinds[heads[-1]].add(HEAD)
     elif layers:

@@ -18,7 +18,6 @@ import weakref
 from typing import Any
 
 from treeopt import engine, kernels
-from treeopt.backends import backend_of
 from treeopt.errors import warn
 from treeopt.kernels.compiled_step import CompiledStep
 from treeopt.plan import Plan, build as build_plan
@@ -139,12 +138,7 @@ class Optimizer:
         """Fill ``state`` with zero slots for ``parameter``."""
         if self.rule is None:
             raise NotImplementedError(f"{type(self).__name__} must implement init_single")
-        backend = backend_of(parameter)
-        assert backend is not None  # the engine gives arrays
-        for name, shape in self.store.slot_shapes(tuple(parameter.shape)).items():
-            state[name] = backend.zeros(shape, parameter)
-            if name in self.rule.copies_param:  # e.g. schedule-free's z starts at the parameter
-                state[name] = state[name] + parameter
+        self.store.zeros(parameter, state)
 
     def apply_single(self, gradient: Array, parameter: Array, state: dict[str, Array]) -> Array:
         """One step for one parameter: returns the new parameter and updates ``state``."""

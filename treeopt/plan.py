@@ -21,7 +21,7 @@ from treeopt._trees import dotted
 from treeopt.backends import as_float, backend_of
 from treeopt.routing import Member, Route
 from treeopt.state import SlotStore
-from treeopt.types import Array, Keys, Shape
+from treeopt.types import Array, Keys, Options, Shape
 
 if TYPE_CHECKING:  # rich is optional: imported where a plan is printed with it
     from rich.console import Console, ConsoleOptions, RenderResult
@@ -348,10 +348,12 @@ class _Router(Protocol):
     def warnings(self) -> list[str]: ...
 
 
-def _predicted_bytes(store: SlotStore, shape: Shape, dtype: str) -> int:
-    """State bytes of a parameter that has no state yet, from what its store would keep."""
+def _predicted_bytes(store: SlotStore, shape: Shape, dtype: str, options: Options) -> int:
+    """State bytes of a parameter that has no state yet, from what its store would keep for
+    it, routed with ``options``."""
     try:
-        return sum(math.prod(s.shape) * _itemsize(s.dtype) for s in store.expected(shape, dtype).values())
+        expected = store.expected(shape, dtype, options=options)
+        return sum(math.prod(s.shape) * _itemsize(s.dtype) for s in expected.values())
     except Exception:
         return 0
 
@@ -360,12 +362,13 @@ def _itemsize(dtype: str) -> int:
     return 2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize
 
 
-def _stored_as(store: SlotStore, keys: Keys, shape: Shape, dtype: str) -> str | None:
-    """How a parameter's slots are stored, for an optimizer with a ``state_dtype``."""
+def _stored_as(store: SlotStore, keys: Keys, shape: Shape, dtype: str, options: Options | None) -> str | None:
+    """How a parameter's slots are stored, for an optimizer with a ``state_dtype`` (routed
+    with ``options``; ``None``: as its slots were made)."""
     if store.precision is None:
         return None
     try:
-        layout = store.layout(shape, dtype, keys)
+        layout = store.layout(shape, dtype, keys, options)
     except Exception:
         return None
     if layout is None:
@@ -388,7 +391,10 @@ def build(groups: list[Member], router: _Router) -> Plan:
             rows.append(Row(path, -1, "frozen", route.reason, shape, dtype, math.prod(shape), 0))
             continue
         slots = owner.store.slots(keys) or {}
-        state_bytes = sum(_nbytes(v) for v in slots.values()) if slots else _predicted_bytes(owner.store, shape, dtype)
+        if slots:
+            state_bytes = sum(_nbytes(v) for v in slots.values())
+        else:
+            state_bytes = _predicted_bytes(owner.store, shape, dtype, route.options)
         group = group_of[id(owner)]
         values = hyper[id(owner)]
         rows.append(
@@ -406,7 +412,7 @@ def build(groups: list[Member], router: _Router) -> Plan:
                 route.also,
                 route.notes,
                 options=dict(route.options),
-                state_dtype=_stored_as(owner.store, keys, shape, dtype),
+                state_dtype=_stored_as(owner.store, keys, shape, dtype, None if slots else route.options),
             )
         )
         totals[group][0] += 1

@@ -34,7 +34,7 @@ from treeopt.errors import TreeoptError, describe, warn
 from treeopt.filters import EXPERTS, IN_OUT, as_filter, module_kinds, normalise_kinds, routing_tree
 from treeopt.rules.base import Rule
 from treeopt.state import SlotStore, next_version
-from treeopt.types import Array, Filter, Keys, Shape
+from treeopt.types import Array, Filter, Keys, Options, Shape
 
 __all__ = ["Direct", "Member", "Route", "Router", "RoutingError", "RoutingWarning", "Target"]
 
@@ -75,10 +75,6 @@ class Parameter(Protocol):
 
     @property
     def dtype(self) -> str: ...
-
-
-#: per-parameter options for the rule: ``(name, value)`` pairs, sorted by name
-Options = tuple[tuple[str, Any], ...]
 
 
 @dataclass(frozen=True)
@@ -137,10 +133,10 @@ def views(kinds: Mapping[str, frozenset[str]]) -> dict[str, dict[str, Any]]:
 
 
 def _options(declared: Mapping[str, Any] | None, rule: Rule | None) -> Options:
-    """The declared options that ``rule`` takes, as sorted pairs."""
+    """The declared options that are hyper-parameters of ``rule``, as sorted pairs."""
     if not declared or rule is None:
         return ()
-    taken = rule.coefficient_names()
+    taken = rule.hyperparameters
     return tuple(sorted((k, v) for k, v in declared.items() if k in taken))
 
 
@@ -191,8 +187,11 @@ class Direct:
     # ------------------------------------------------------------------ what readers see
     def declare_options(self, options: Mapping[str, Mapping[str, Any]]) -> None:
         """Options for the rule by path (``{"h.0.attn.c_attn.weight": {"layout": "in_out"}}``),
-        from the next step on; options the rule does not take are ignored."""
-        self.declared = {**self.declared, **_check_options(options)}
+        from the next step on; options that are not hyper-parameters of the rule are ignored."""
+        checked = _check_options(options)
+        before = {path: self.wanted(path) for path in checked}
+        self.declared = {**self.declared, **checked}
+        self._remake(path for path, wanted in before.items() if self.wanted(path) != wanted)
         self.version = next_version()
 
     def declare_kinds(self, kinds: Mapping[str, str | Iterable[str]], *, replace: bool = False) -> None:
@@ -204,8 +203,17 @@ class Direct:
         for path, options in found.items():
             viewed[path] = options if replace else {**viewed.get(path, {}), **options}
         if viewed != self.viewed:
+            before = {path: self.wanted(path) for path in set(viewed) | set(self.viewed)}
             self.viewed = viewed
+            self._remake(path for path, wanted in before.items() if self.wanted(path) != wanted)
             self.version = next_version()
+
+    def _remake(self, paths: Iterable[str]) -> None:
+        """Slots made before any step for options that changed are made again for the new
+        ones at the next step."""
+        changed = set(paths)
+        store = self.group.store
+        _remake([(self.group, keys) for keys in list(store.parameters) if dotted(keys) in changed], store.started)
 
     def learn(self, model: object) -> None:
         """Kinds of a model given whole: an optimizer that does not route has no use for them."""
@@ -532,12 +540,9 @@ class Router:
             self.changes.append(f"step 0: revised {', '.join(moved)} (module kinds learned)")
 
     def _started(self) -> bool:
-        """Whether steps were taken. Inside a compiled function (``mx.compile``, ``jax.jit``)
-        the count cannot be read: as if they were, so that no route moves while it is traced."""
-        try:
-            return self._step() > 0
-        except (ValueError, TypeError):  # MLX refuses to evaluate, JAX's tracer to concretise
-            return True
+        """Whether steps were taken (as if they were while a compiled function is traced, so
+        that no route moves then)."""
+        return self.groups()[0].group.store.started()
 
     def learn(self, model: Any) -> None:
         """Declare the kinds of a framework's model given whole (an ``mlx.nn.Module``, as
@@ -565,12 +570,18 @@ class Router:
         return {**self.viewed.get(path, {}), **self.declared.get(path, {})}
 
     def _refresh_options(self, paths: set[str]) -> None:
-        """The known routes at ``paths`` take the options now wanted for them."""
+        """The known routes at ``paths`` take the options now wanted for them; slots made for
+        the old options before any step are made again for the new ones at the next step."""
+        changed = []
         for keys, route in list(self._routes.items()):
             path = dotted(keys)
             owner = self.owner(keys)
             if path in paths and owner is not None:
-                self._routes[keys] = replace(route, options=_options(self.wanted(path), owner.rule))
+                options = _options(self.wanted(path), owner.rule)
+                if options != route.options:
+                    changed.append((owner, keys))
+                self._routes[keys] = replace(route, options=options)
+        _remake(changed, self._started)
 
     # ------------------------------------------------------------------ what readers see
     def owner(self, keys: Keys) -> Routed | None:
@@ -715,6 +726,16 @@ class Router:
                 f"{self.names[target]}{carried}"
             )
         return [dotted(k) for k in moved]
+
+
+def _remake(changed: Sequence[tuple[Routed, Keys]], started: Callable[[], bool]) -> None:
+    """The state of parameters whose route's options changed (``(owner, keys)`` each): made
+    for the old view, so before any step (zeros) it is dropped, to be made again for the new
+    one; after steps it is kept, and the step refuses slots that no longer fit."""
+    held = [(owner, keys) for owner, keys in changed if owner.store.slots(keys)]
+    if held and not started():
+        for owner, keys in held:
+            owner.store.drop(keys)
 
 
 def _carry(old: Rule | None, new: Rule | None, slots: dict[str, Array]) -> dict[str, Array]:

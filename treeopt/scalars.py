@@ -6,7 +6,8 @@ The values live in the optimizer's state dict (MLX's layout: ``state["step"]``,
 the state's library, so ``mx.compile`` and ``jax.jit`` trace them and a new learning rate
 recompiles nothing. The hyper-parameters as set (numbers, flags, schedules) are ``settings``,
 a dict the optimizer writes whenever one of its hyper-parameter attributes is set (as in MLX,
-they stay readable as attributes); the slot store reads the same dict for slot shapes.
+they stay readable as attributes); the slot store reads the same dict for slot shapes, and
+merges a route's per-parameter options on top (:meth:`treeopt.state.SlotStore.hyper`).
 
 ``version`` changes when a setting changes or a schedule is added (what a compiled step was
 planned for), not when a value is written (a new learning rate, a step).
@@ -15,21 +16,16 @@ planned for), not when a value is written (a new learning rate, a step).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
-from types import MappingProxyType
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from treeopt.backends import Backend, as_float, backend_of, default_backend, numpy_backend
 from treeopt.rules.base import Rule, check_coefficients, keyword_only
-from treeopt.state import SlotStore, next_version
-from treeopt.types import Array, Scalar, Schedule, State
+from treeopt.state import CONTEXT, SlotStore, next_version
+from treeopt.types import Array, Options, Scalar, Schedule, State
 from treeopt.values import hyper
 
 __all__ = ["Scalars", "context"]
-
-#: settings the code around a step gives (``{name: value}``), read by settings left ``None``
-_CONTEXT: ContextVar[Mapping[str, Any]] = ContextVar("treeopt_settings", default=MappingProxyType({}))
 
 
 @contextlib.contextmanager
@@ -37,11 +33,11 @@ def context(**values: Any) -> Iterator[None]:
     """Within the block, settings left ``None`` that take a value from their context
     (``Scalars.defaults``) read ``values``; blocks nest, and each thread (each asyncio task)
     has its own."""
-    token = _CONTEXT.set({**_CONTEXT.get(), **values})
+    token = CONTEXT.set({**CONTEXT.get(), **values})
     try:
         yield
     finally:
-        _CONTEXT.reset(token)
+        CONTEXT.reset(token)
 
 
 class Scalars:
@@ -61,8 +57,9 @@ class Scalars:
         self.settings = store.settings
         self.hyperparameter_names = tuple(names)
         #: settings that, left ``None``, take their value from the code around the step
-        #: (:func:`context`), else this default (Muon's layout: flax's under treeopt.jax)
-        self.defaults: dict[str, Any] = {}
+        #: (:func:`context`), else this default (Muon's layout: flax's under treeopt.jax);
+        #: the store's, which reads them for slot shapes
+        self.defaults = store.defaults
         #: the schedules of hyper-parameters: ``{name: callable of the step}``
         self.schedules: dict[str, Schedule] = {}
         self.running: tuple[str, ...] = rule.running if rule is not None else ()
@@ -84,16 +81,16 @@ class Scalars:
         """The current value of scalar ``name``, as the state holds it."""
         return self.store.tree[name]
 
-    def hyperparameters(self) -> dict[str, Any]:
+    def hyperparameters(self, options: Options = ()) -> dict[str, Any]:
         """The hyper-parameters the rule reads: the state's values for scheduled ones (a tuple
-        such as ``betas`` may have scheduled members, kept as ``betas[i]``)."""
-        return {name: self._resolve(name, self._setting(name)) for name in self.hyperparameter_names}
-
-    def _setting(self, name: str) -> Any:
-        value = self.settings[name]
-        if value is None and name in self.defaults:
-            return _CONTEXT.get().get(name, self.defaults[name])
-        return value
+        such as ``betas`` may have scheduled members, kept as ``betas[i]``), with a route's
+        ``options`` for one parameter on top (merged by :meth:`SlotStore.hyper`, as its
+        slots are)."""
+        values, given = self.store.hyper(options=options), dict(options)
+        return {
+            name: values[name] if name in given else self._resolve(name, values[name])
+            for name in self.hyperparameter_names
+        }
 
     def _resolve(self, name: str, value: Any, evaluate: Callable[[Schedule], Any] | None = None) -> Any:
         def one(key: str, value: Any) -> Any:
@@ -119,7 +116,8 @@ class Scalars:
             return value if isinstance(value, (bool, str, int, type(None))) else as_float(value)
 
         for name in self.hyperparameter_names:
-            values[name] = plain(self._resolve(name, self._setting(name), evaluate=lambda schedule: schedule(step)))
+            setting = self.store.setting(name)
+            values[name] = plain(self._resolve(name, setting, evaluate=lambda schedule: schedule(step)))
         for name in self.running:
             values[name] = as_float(tree[name])
         return values
@@ -217,9 +215,10 @@ class Scalars:
             values = rule.coefficients(tree.get("learning_rate"), step, **self.hyperparameters(), **running)
         check_coefficients(rule, values)
 
-    def coefficients(self, like: Array, backend: Backend) -> dict[str, Any]:
+    def coefficients(self, like: Array, backend: Backend, options: Options = ()) -> dict[str, Any]:
         """The rule's coefficients for this step, in ``like``'s dtype (arrays of ``like``'s
-        library: a new value is a new number, never a new program)."""
+        library: a new value is a new number, never a new program), for parameters routed
+        with ``options``."""
         tree = self.store.tree
         lr = tree.get("learning_rate")
         if lr is not None:
@@ -228,7 +227,7 @@ class Scalars:
         step = backend.astype(tree["step"], "float32")
         rule = self._rule()
         running = {n: tree[n] for n in rule.running}
-        values = rule.coefficients(lr, step, **self.hyperparameters(), **running)
+        values = rule.coefficients(lr, step, **self.hyperparameters(options), **running)
         check_coefficients(rule, values)
         return {
             k: v if v is None or isinstance(v, (bool, int, str)) else backend.cast(v, like) for k, v in values.items()

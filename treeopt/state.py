@@ -6,21 +6,28 @@ parameter, nested as the parameters are. A top-level parameter named like a scal
 slots under ``~name``.
 
 Beside the dict the store keeps the ``(shape, dtype)`` of every parameter with state, the
-slots a re-route carried over and not yet taken up, the state's array library once settled,
-and a ``version`` that every mutator bumps: a compiled step is valid while the versions it
-watches are unchanged.
+options of its route, the slots a re-route carried over and not yet taken up, the state's
+array library once settled, and a ``version`` that every mutator bumps: a compiled step is
+valid while the versions it watches are unchanged.
 
 What a slot holds is said in one place, :meth:`SlotStore.expected` (a :class:`SlotSpec` per
 slot name), and checked by one validator (:func:`slot_problem`), for a state assigned from
-outside as for the slots a step is about to use. The runner reads slots for compute through
-:meth:`SlotStore.load` and writes results through :meth:`SlotStore.save`: a slot kept in
-another form than the parameter's (lower precision) is decoded and encoded there.
+outside as for the slots a step is about to use. A rule's slots may depend on its
+hyper-parameters (NorMuon keeps one value per neuron of each matrix, and which axis is a
+neuron depends on Muon's ``layout`` and ``batch_axes``); those are read in one place too,
+:meth:`SlotStore.hyper`: the optimizer's settings with the options of the parameter's route
+on top (a ``Conv1D`` read ``(in, out)``, a stack of experts), so slots are created, checked,
+planned and checkpointed for the view the rule computes with. The runner reads slots for
+compute through :meth:`SlotStore.load` and writes results through :meth:`SlotStore.save`: a
+slot kept in another form than the parameter's (lower precision) is decoded and encoded there.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from treeopt import _trees
@@ -29,13 +36,17 @@ from treeopt.errors import ParameterError, describe
 from treeopt.precision import Layout, Noise, StatePrecision, layout as precision_layout
 from treeopt.rules.base import Rule
 from treeopt.tree import is_container, items, tree_map
-from treeopt.types import Array, Keys, Shape, State, Tree
+from treeopt.types import Array, Keys, Options, Shape, State, Tree
 
-__all__ = ["RESERVED", "Part", "SlotStore", "SlotSpec", "slot_problem"]
+__all__ = ["CONTEXT", "RESERVED", "Part", "SlotStore", "SlotSpec", "slot_problem"]
 
 #: state keys that are never parameter names; a top-level parameter with one of these names
 #: (or the name of another scalar of the state) keeps its slots under the name prefixed with ``~``
 RESERVED = ("step", "learning_rate")
+
+#: settings the code around a step gives (``{name: value}``), read by settings left ``None``
+#: that have a default (:func:`treeopt.scalars.context`)
+CONTEXT: ContextVar[Mapping[str, Any]] = ContextVar("treeopt_settings", default=MappingProxyType({}))
 
 _versions = itertools.count(1)  # one sequence for every store, scalars and router: never reused
 
@@ -102,6 +113,9 @@ class SlotStore:
         #: the optimizer's hyper-parameters as set (written by its scalars): a rule's slots
         #: may depend on them (Adafactor's first moment)
         self.settings: dict[str, Any] = {}
+        #: settings that, left ``None``, take their value from the code around the step
+        #: (:data:`CONTEXT`), else this default (Muon's layout: flax's under treeopt.jax)
+        self.defaults: dict[str, Any] = {}
         #: the state's array library, settled at the first step (``None`` before)
         self.backend: Backend | None = None
         #: the slots are known to fit the parameters (``False`` after a state assignment: the
@@ -109,6 +123,8 @@ class SlotStore:
         self.checked = False
         #: keys -> ``(shape, dtype)`` of each parameter with state
         self.parameters: dict[Keys, tuple[Shape, str]] = {}
+        #: keys -> the options of its route that its slots were made for (those with none: absent)
+        self.options: dict[Keys, Options] = {}
         #: keys -> slots to start from when the parameter is initialised (a re-route's carry)
         self.carried: dict[Keys, dict[str, Array]] = {}
         self.precision = precision
@@ -122,6 +138,15 @@ class SlotStore:
         """The state key of a top-level parameter name (``~name`` for a reserved name)."""
         return "~" + name if name in self.reserved else name
 
+    def started(self) -> bool:
+        """Whether steps were taken. Inside a compiled function (``mx.compile``, ``jax.jit``)
+        the count cannot be read: as if they were, so that nothing planned on it changes while
+        it is traced."""
+        try:
+            return int(as_float(self.tree["step"])) > 0
+        except (ValueError, TypeError):  # MLX refuses to evaluate, JAX's tracer to concretise
+            return True
+
     def slots(self, keys: Keys) -> dict[str, Array] | None:
         """The slot dict of the parameter at ``keys``, or ``None``."""
         return slots_in(self.tree, keys, self.reserved)
@@ -130,32 +155,75 @@ class SlotStore:
         """``(keys, slot dict)`` of every parameter with state, in state order."""
         return slot_items(self.tree, self.reserved)
 
-    def slot_shapes(self, shape: Shape) -> dict[str, Shape]:
-        """The shape of each slot the rule computes with, for a parameter of ``shape``."""
+    def setting(self, name: str) -> Any:
+        """Hyper-parameter ``name`` as the rule reads it: as set, or, left ``None``, its
+        default (the one the code around the step gives first)."""
+        value = self.settings[name]
+        if value is None and name in self.defaults:
+            return CONTEXT.get().get(name, self.defaults[name])
+        return value
+
+    def hyper(self, keys: Keys | None = None, options: Options | None = None) -> dict[str, Any]:
+        """The hyper-parameters the slots of the parameter at ``keys`` follow: the optimizer's
+        settings, with the options of its route on top (``options``: a step's, not recorded
+        yet; else those recorded for ``keys``). The one place the two meet: slots are made,
+        checked, planned and checkpointed from it, and the rule's coefficients too
+        (:meth:`treeopt.scalars.Scalars.hyperparameters`)."""
+        if options is None:
+            options = self.options.get(keys, ()) if keys is not None else ()
+        values = dict(self.settings)
+        for name in self.defaults:
+            if name in values and values[name] is None:
+                values[name] = self.setting(name)
+        values.update(options)
+        return values
+
+    def slot_shapes(self, shape: Shape, keys: Keys | None = None, options: Options | None = None) -> dict[str, Shape]:
+        """The shape of each slot the rule computes with, for a parameter of ``shape`` (at
+        ``keys``, routed with ``options``: see :meth:`hyper`)."""
         if self.rule is None:
             return {}
-        return {name: tuple(s) for name, s in self.rule.slot_shapes(tuple(shape), self.settings).items()}
+        hyper = self.hyper(keys, options) if callable(self.rule.slots) else None  # else: one per slot name
+        return {name: tuple(s) for name, s in self.rule.slot_shapes(tuple(shape), hyper).items()}
 
-    def layout(self, shape: Shape, dtype: str, keys: Keys | None = None) -> Layout | None:
-        """How the slots of the parameter at ``keys`` (of ``shape`` and ``dtype``) are stored
-        and computed (:class:`treeopt.precision.Layout`), or ``None``: in the parameter's dtype."""
+    def zeros(self, param: Array, slots: dict[str, Array], keys: Keys | None = None) -> None:
+        """Fill ``slots`` with the rule's new slots for ``param`` (at ``keys``): zeros of
+        their shapes, or the parameter itself for a slot that starts there (schedule-free's
+        ``z``)."""
+        assert self.rule is not None  # an optimizer without a rule makes its own (init_single)
+        backend = backend_of(param)
+        assert backend is not None  # the engine gives arrays
+        for name, shape in self.slot_shapes(tuple(backend.shape(param)), keys).items():
+            slots[name] = backend.zeros(shape, param)
+            if name in self.rule.copies_param:
+                slots[name] = slots[name] + param
+
+    def layout(
+        self, shape: Shape, dtype: str, keys: Keys | None = None, options: Options | None = None
+    ) -> Layout | None:
+        """How the slots of the parameter at ``keys`` (of ``shape`` and ``dtype``, routed with
+        ``options``) are stored and computed (:class:`treeopt.precision.Layout`), or ``None``:
+        in the parameter's dtype."""
         if self.precision is None or self.rule is None:
             return None
         part = self.parts.get(keys) if keys is not None else None
         return precision_layout(
             self.precision,
             dtype,
-            self.slot_shapes(shape),
+            self.slot_shapes(shape, keys, options),
             self.rule.slot_meanings,
             whole=None if part is None else part.whole,
             shape=tuple(shape),
         )
 
-    def expected(self, shape: Shape, dtype: str, keys: Keys | None = None) -> dict[str, SlotSpec]:
-        """What the store keeps for a parameter of ``shape`` and ``dtype`` (at ``keys``): a
-        :class:`SlotSpec` per entry (a slot, or the codes and scales of an int8 slot)."""
-        shapes = self.slot_shapes(shape)
-        layout = self.layout(shape, dtype, keys)
+    def expected(
+        self, shape: Shape, dtype: str, keys: Keys | None = None, options: Options | None = None
+    ) -> dict[str, SlotSpec]:
+        """What the store keeps for a parameter of ``shape`` and ``dtype`` (at ``keys``,
+        routed with ``options``): a :class:`SlotSpec` per entry (a slot, or the codes and
+        scales of an int8 slot)."""
+        shapes = self.slot_shapes(shape, keys, options)
+        layout = self.layout(shape, dtype, keys, options)
         if layout is None:
             return {name: SlotSpec(s, dtype) for name, s in shapes.items()}
         return {key: SlotSpec(tuple(s), d, True) for key, (s, d) in layout.entries(shapes).items()}
@@ -259,11 +327,19 @@ class SlotStore:
         self.version = next_version()
 
     def create(
-        self, parameters: Tree, keys: Collection[Keys], init_single: Callable[[Array, dict[str, Array]], None]
+        self,
+        parameters: Tree,
+        keys: Collection[Keys],
+        init_single: Callable[[Array, dict[str, Array]], None],
+        options: Mapping[Keys, Options] | None = None,
     ) -> None:
         """Mirror ``parameters`` into the state, with slots made by ``init_single`` for the
-        parameters at ``keys`` (existing slots are kept: additive)."""
+        parameters at ``keys`` (existing slots are kept: additive). ``options``: keys -> the
+        options of its route; a parameter routed with some gets the slots of that view, made
+        here from the rule (``init_single`` knows no route)."""
         tree, known, carried = self.tree, self.parameters, self.carried
+        for leaf_keys, given in (options or {}).items():
+            self.view(leaf_keys, given)
 
         def select(leaf_keys: Keys, leaf: Array) -> bool:
             if leaf_keys not in keys:
@@ -276,7 +352,10 @@ class SlotStore:
             assert backend is not None  # the step checked every parameter
             if backend.name == "python":
                 param = (self.backend or numpy_backend).scalar_array(param, "float32")
-            init_single(param, slots)
+            if self.rule is not None and self.options.get(leaf_keys):
+                self.zeros(param, slots, leaf_keys)
+            else:
+                init_single(param, slots)
             if self.precision is not None:
                 self.encode_new(leaf_keys, param, slots)
             given = carried.pop(leaf_keys, None)
@@ -297,6 +376,17 @@ class SlotStore:
                 del tree[str(state_key)]
             tree[state_key] = _trees.mirror(found, child, select, init_leaf, (key,))
 
+    def view(self, keys: Keys, options: Options) -> None:
+        """The parameter at ``keys`` is routed with ``options`` (its slots follow them)."""
+        options = tuple(options)
+        if self.options.get(keys, ()) == options:
+            return
+        if options:
+            self.options[keys] = options
+        else:
+            self.options.pop(keys, None)
+        self.version = next_version()
+
     def drop(self, keys: Keys) -> dict[str, Array]:
         """Forget the state of the parameter at ``keys``; returns its slots."""
         self.version = next_version()
@@ -307,6 +397,7 @@ class SlotStore:
                 root = str(root)
             self.tree[root] = _trees.assign(self.tree[root], keys[1:], {})
         self.parameters.pop(keys, None)
+        self.options.pop(keys, None)
         return dict(slots)
 
     def carry(self, keys: Keys, slots: dict[str, Array]) -> None:
@@ -325,28 +416,37 @@ class SlotStore:
             self.checked,
             dict(self.parameters),
             dict(self.carried),
+            dict(self.options),
         )
 
         def restore() -> None:
-            self.tree, self.backend, self.checked, parameters, carried = saved
-            self.parameters, self.carried = dict(parameters), dict(carried)
+            self.tree, self.backend, self.checked, parameters, carried, options = saved
+            self.parameters, self.carried, self.options = dict(parameters), dict(carried), dict(options)
             self.version = next_version()
 
         return restore
 
     # ------------------------------------------------------------------ checks
     def check_slots(
-        self, owner: str, keys: Keys, param: Array, backend: Backend, slots: dict[str, Array], exact: bool
+        self,
+        owner: str,
+        keys: Keys,
+        param: Array,
+        backend: Backend,
+        slots: dict[str, Array],
+        exact: bool,
+        options: Options | None = None,
     ) -> None:
         """The slots a step is about to use must fit their parameter (its shape may have
-        changed under the same path, or the state was set from outside): same names (only
-        those, when ``exact``), library, shape, dtype and device; no silent broadcasting; a
-        slot stored in another form (``state_dtype``) has that form's entries."""
+        changed under the same path, or the state was set from outside) as the step routes
+        it (``options``; else as recorded): same names (only those, when ``exact``),
+        library, shape, dtype and device; no silent broadcasting; a slot stored in another
+        form (``state_dtype``) has that form's entries."""
         if self.rule is None:
             return
         path = _trees.dotted(keys)
         shape = tuple(backend.shape(param))
-        expected = self.expected(shape, backend.dtype_name(param), keys)
+        expected = self.expected(shape, backend.dtype_name(param), keys, options)
         extra = sorted(set(slots) - set(expected))
         if exact and extra:
             raise ParameterError(
@@ -364,6 +464,9 @@ class SlotStore:
             if problem is not None:
                 if problem.startswith("has shape"):
                     problem += f" for a parameter of shape {shape}"
+                    view = self.options.get(keys, ()) if options is None else options
+                    if view:
+                        problem += f" read with {', '.join(f'{k}={v}' for k, v in view)}"
                 raise ParameterError(f"{owner}: slot {slot!r} of {describe(path)} {problem}", path)
 
     def check_tree(self, tree: State, owner: str) -> None:

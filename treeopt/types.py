@@ -23,5 +23,8 @@ Keys = tuple[Any, ...]
 Shape = tuple[int, ...]
 #: an optimizer's state: ``step``, scalars, and one dict of slots per parameter, nested as the parameters
 State = dict[str, Any]
+#: hyper-parameters a route gives its rule for one parameter alone, on top of the optimizer's
+#: (Muon's ``layout`` of a ``Conv1D``): ``(name, value)`` pairs, sorted by name
+Options = tuple[tuple[str, Any], ...]
 
-__all__ = ["Array", "Tree", "Schedule", "Scalar", "Filter", "Keys", "Shape", "State"]
+__all__ = ["Array", "Tree", "Schedule", "Scalar", "Filter", "Keys", "Shape", "State", "Options"]

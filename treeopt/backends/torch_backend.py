@@ -160,6 +160,17 @@ class TorchBackend(Backend):
         return torch.matmul(a, b)
 
     def addmm(self, c: Array, a: Array, b: Array, alpha: float = 1.0, beta: float = 1.0) -> Array:
+        if c.device.type == "cpu" and c.dtype in (torch.float32, torch.float64) and a.ndim in (2, 3):
+            # on CPU: torch's baddbmm takes about a third longer than bmm, and every fresh
+            # stack-sized temporary costs a pass of page faults; so the product is scaled and
+            # summed in place, a single matrix as a stack (one matrix and a stack of them give
+            # the same bits, which sharded steps rely on); float32 and float64 round each term
+            # apart, within the products' own summation-order differences; half precision keeps
+            # MLX's roundings below
+            product = torch.bmm(a, b) if a.ndim == 3 else torch.mm(a, b)
+            if alpha != 1.0:
+                product.mul_(alpha)
+            return product.add_(c, alpha=self.cast(beta, c)) if beta != 1.0 else product.add_(c)
         if beta != 1.0:
             c = self.cast(beta, c) * c  # rounded in the dtype, as MLX's separate product
         if a.ndim == 3:  # a stack of matrices

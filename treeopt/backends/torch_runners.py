@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from treeopt.backends.program import Program
+from treeopt.backends.torch_foreach import ForeachStep
 
 Runner = Callable[[Sequence[torch.Tensor], Sequence[Sequence[float]]], None]
 
@@ -64,9 +65,6 @@ def build(
         step = TritonStep(program, rule.name, params, slots, rows)
         prepare = step.compile
     elif kind == "foreach":
-        # loaded only for a bucket it runs
-        from treeopt.backends.torch_foreach import ForeachStep
-
         step = ForeachStep(program, params, slots, rows)
         prepare = _nothing
     else:

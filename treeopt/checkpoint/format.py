@@ -308,7 +308,7 @@ def _stored_forms(store, keys, path, saved, block, report):
     """The stored form of each slot of ``path`` in the checkpoint, checked against the slots
     the parameter needs now; ``None`` (with the problems reported) when they do not fit."""
     shape, _ = store.parameters[keys]
-    wanted = store.slot_shapes(shape)
+    wanted = store.slot_shapes(shape, keys)
     entries = {k: (tuple(v["shape"]), v["dtype"]) for k, v in saved["slots"].items()}
     forms = {}
     for slot, slot_shape in wanted.items():

@@ -138,7 +138,7 @@ def mirror_frozen(optimizer: Optimizer, metadata: dict[str, Any], params: Tree) 
         for keys, route in multi.routes().items():
             owner = multi.owner(keys) if route.frozen else None
             if owner is not None and saved.get(dotted(keys), {}).get("slots") and not owner.store.slots(keys):
-                owner.store.create(params, {keys}, owner.init_single)
+                owner.store.create(params, {keys}, owner.init_single, {keys: route.options})
 
 
 def check_carried(
@@ -161,7 +161,9 @@ def check_carried(
         if owner is None or owner.rule is None:
             problems.append(Problem("carried", path, f"slot {slot!r} was carried to an optimizer that cannot take it"))
             continue
-        expected = owner.store.expected(tuple(entry["shape"]), entry["dtype"])
+        route = found[position].entry(keys)
+        options = None if route is None else route.options
+        expected = owner.store.expected(tuple(entry["shape"]), entry["dtype"], keys, options)
         array = tensors[key]
         source = array_backend(array)
         shape, dtype = list(source.shape(array)), source.dtype_name(array)

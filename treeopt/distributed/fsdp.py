@@ -134,7 +134,8 @@ class FullyShardedStep:
         rows of the slots with its rows of the parameter: every slot must be split by rows as
         the parameter is (Muon's momentum, NorMuon's one value per output row). Slots of
         other shapes (Adafactor's column sums, NorMuon over columns) and custom steps cannot."""
-        shapes = None if rule is None else group.store.slot_shapes(tuple(param.shape))
+        options = self.options.get(name, ())
+        shapes = None if rule is None else group.store.slot_shapes(tuple(param.shape), options=options)
         local = _ownership.row_range(param.shape[0], self.comm.world, self.comm.rank)
         rows = local[1] - local[0]
         split = shapes is not None and all(s[:1] == tuple(param.shape[:1]) for s in shapes.values())
@@ -149,7 +150,7 @@ class FullyShardedStep:
                 name,
             )
         assert shapes is not None
-        mine = group.store.slot_shapes((rows, *param.shape[1:]))
+        mine = group.store.slot_shapes((rows, *param.shape[1:]), options=options)
         if any(mine[n] != (rows, *s[1:]) for n, s in shapes.items()):
             raise ParameterError(
                 f"treeopt: the state of {name!r} cannot be split by rows as the parameter is: rank "
@@ -226,7 +227,8 @@ class FullyShardedStep:
         like = self.local[names[0]]
         backend = _backend(like)
         layouts = {n: store.layout(tuple(self.local[n].shape), backend.dtype_name(like), (n,)) for n in names}
-        wholes = {n: store.slot_shapes(tuple(self.parameters[n].shape)) for n in names}  # each whole tensor's slots
+        # each whole tensor's slots
+        wholes = {n: store.slot_shapes(tuple(self.parameters[n].shape), (n,)) for n in names}
         if parts is not None and all(layout is None for layout in layouts.values()):
             self._run_parts(group, names, grads, slots, wholes)
             return

@@ -27,8 +27,9 @@ from treeopt.clip import global_norm
 from treeopt.distributed import ownership as _ownership
 from treeopt.distributed.comm import Collectives
 from treeopt.distributed.fsdp import check_current
-from treeopt.distributed.routes import assign as assign_routes
+from treeopt.distributed.routes import targets as route_targets
 from treeopt.distributed.state import agreed, decode, encode, global_metadata, local_metadata, local_tensors, split_key
+from treeopt.types import Options
 
 if TYPE_CHECKING:
     from treeopt.checkpoint.format import LoadReport
@@ -40,11 +41,12 @@ __all__ = ["Zero1", "plan"]
 BUCKET_BYTES = 64 << 20  # per rank and collective: bounds the receive buffer to W x this
 
 
-def entry(name: str, param: torch.Tensor, optimizer: Optimizer) -> _ownership.Entry:
-    """The :class:`~treeopt.distributed.ownership.Entry` of a parameter routed to ``optimizer``."""
+def entry(name: str, param: torch.Tensor, optimizer: Optimizer, options: Options = ()) -> _ownership.Entry:
+    """The :class:`~treeopt.distributed.ownership.Entry` of a parameter routed to ``optimizer``
+    (with ``options`` for its rule)."""
     shape = tuple(param.shape)
     itemsize = param.element_size()
-    expected = optimizer.store.expected(shape, str(param.dtype).removeprefix("torch."))
+    expected = optimizer.store.expected(shape, str(param.dtype).removeprefix("torch."), options=options)
     state_bytes = sum(math.prod(s.shape) * getattr(torch, s.dtype).itemsize for s in expected.values())
     rule = optimizer.rule
     ns_steps = optimizer.scalars.hyperparameters().get("ns_steps")
@@ -110,9 +112,14 @@ class Zero1:
         self.comm = Collectives(group, next(iter(self.parameters.values())).device)
         self.bucket_bytes = bucket_bytes
         with torch.no_grad():
-            routes = assign_routes(optimizer, self.parameters)
+            decided = route_targets(optimizer, self.parameters)
+        routes: dict[str, Any] = {name: None if target is None else target.group for name, target in decided.items()}
         self.routes = routes  # name -> optimizer (None: frozen)
-        entries = [entry(n, p, owner) for n, p in self.parameters.items() if (owner := routes.get(n)) is not None]
+        entries = [
+            entry(n, p, target.group, target.options)
+            for n, p in self.parameters.items()
+            if (target := decided.get(n)) is not None
+        ]
         self.ownership = _ownership.assign(entries, self.comm.world, split_fraction)
         self._check_agreement()
         rank = self.comm.rank

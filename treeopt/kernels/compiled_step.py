@@ -128,8 +128,11 @@ class _StackedBucket(_RuleBucket):
         super().__init__(group, backend, taken, positions)
         rule = group.scalars.rule
         assert rule is not None  # _stacked_eligible
-        hyper = group.scalars.hyperparameters() if callable(rule.slots) else None
-        names = [rule.slot_names(backend.shape(pair.param), hyper) for pair in self.pairs]
+        store = group.store
+        names = [
+            rule.slot_names(backend.shape(pair.param), store.hyper(pair.keys) if callable(rule.slots) else None)
+            for pair in self.pairs
+        ]
         every = list(dict.fromkeys(n for per_pair in names for n in per_pair))  # in the rule's order
         groups = stacking.groups_by_shape([(shape, n) for shape, n in zip(self.shapes, names)])
         slots = [[pair.slots.get(n) for pair in self.pairs] for n in every]

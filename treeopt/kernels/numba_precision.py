@@ -107,18 +107,42 @@ def round_bfloat16(typingctx, x, salt, index):
 
         value, salt_value, index_value = args
         bits = builder.bitcast(value, i32)
-        h = builder.xor(builder.trunc(salt_value, i32), builder.trunc(index_value, i32))
+        h = builder.xor(builder.trunc(salt_value, i32), index_value)
         first, second, _ = codes.MIX_CONSTANTS  # lowbias32: products modulo 2^32
         h = builder.xor(h, builder.lshr(h, constant(16)))
         h = builder.mul(h, constant(first))
         h = builder.xor(h, builder.lshr(h, constant(15)))
         h = builder.mul(h, constant(second))
         h = builder.xor(h, builder.lshr(h, constant(16)))
-        rounded = builder.trunc(builder.lshr(builder.add(bits, builder.lshr(h, constant(16))), constant(16)), i16)
-        quiet = builder.or_(builder.trunc(builder.lshr(bits, constant(16)), i16), ir.Constant(i16, 0x40))
-        return builder.select(builder.fcmp_unordered("uno", value, value), quiet, rounded)
+        # a NaN keeps its high half with the quiet bit set, and takes no random bits (they could
+        # carry into the exponent); chosen before the shift: one select on 32-bit lanes
+        quiet = builder.or_(bits, constant(0x00400000))
+        added = builder.add(bits, builder.lshr(h, constant(16)))
+        chosen = builder.select(builder.fcmp_unordered("uno", value, value), quiet, added)
+        return builder.trunc(builder.lshr(chosen, constant(16)), i16)
 
-    return types.uint16(types.float32, types.int64, types.int64), codegen
+    return types.uint16(types.float32, types.int64, types.int32), codegen
+
+
+@intrinsic
+def low_bits(typingctx, x):
+    """The low 32 bits of an int64, as an int32 (an element's index for the random bits)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.trunc(args[0], ir.IntType(32))
+
+    return types.int32(types.int64), codegen
+
+
+@intrinsic
+def successor(typingctx, x):
+    """``x + 1`` in 32 bits, wrapping (numba would widen an int32 sum to int64, and the loop
+    would then count in 64-bit lanes: a third of a bfloat16 step's integer work)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.add(args[0], ir.Constant(ir.IntType(32), 1))
+
+    return types.int32(types.int32), codegen
 
 
 # the codes of :mod:`treeopt.precision.codes`, for float32 scalars, the same numbers in fewer
@@ -152,8 +176,8 @@ from numba import carray, njit, prange
 
 from treeopt.kernels.numba_kernels import scalar_version
 from treeopt.kernels.numba_precision import (
-    bits_float, magnitude_bits, round_bfloat16, signed_code, signed_value, unsigned_code, unsigned_value,
-    widen_bfloat16,
+    bits_float, low_bits, magnitude_bits, round_bfloat16, signed_code, signed_value, successor, unsigned_code,
+    unsigned_value, widen_bfloat16,
 )
 from treeopt.kernels.numba_support import as_voidptr
 from {module} import {function} as _update
@@ -185,7 +209,7 @@ def kernel(grad_ptrs, param_ptrs, slot_ptrs, scale_ptrs, pieces, items, columns,
                 first = (b - r * blocks) * BLOCK
                 start = r * width + first
                 n = min(BLOCK, width - first)
-                first_index = offsets[i] + start  # the element's index in the whole tensor (a shard's offset)
+{index}
                 g = carray(as_voidptr(grad_ptrs[i] + start * 4), n, np.float32)
                 p = carray(as_voidptr(param_ptrs[i] + start * 4), n, np.float32)
 {slot_arrays}
@@ -218,7 +242,7 @@ def _source(rule: Any, kinds: tuple[str, ...], static: tuple[str, ...], cache: b
             arrays.append(f"                s{k} = carray(as_voidptr({pointer} + start * 2), n, np.uint16)")
             arrays.append(f"                salt{k} = salts[i, {k}]")
             loads.append(f"                    l{k} = widen_bfloat16(s{k}[j])")
-            stores.append(f"                    s{k}[j] = round_bfloat16(t{k}, salt{k}, first_index + j)")
+            stores.append(f"                    s{k}[j] = round_bfloat16(t{k}, salt{k}, index)")
             continue
         signed = kind == "i8"
         code_type, value, code = (
@@ -249,6 +273,12 @@ def _source(rule: Any, kinds: tuple[str, ...], static: tuple[str, ...], cache: b
         encoded.append(
             f"                    s{k}[j] = {code}(buffer{k}[j], inverse{k}, {levels}, half) if top{k} < infinity else 0"
         )
+    index = ""
+    if "bf16" in kinds:
+        # the element's index in the whole tensor (a shard's offset), modulo 2^32, counted in
+        # 32-bit lanes for the random bits
+        index = "                index = low_bits(offsets[i] + start)"
+        stores.append("                    index = successor(index)")
     if scales:
         encodes = scales + ["                for j in range(n):"] + encoded
     values = [f"flags[{static.index(n)}]" if n in static else f"c{numeric.index(n)}" for n in names]
@@ -257,6 +287,7 @@ def _source(rule: Any, kinds: tuple[str, ...], static: tuple[str, ...], cache: b
         function=update.__name__,
         block=block_of(kinds),
         cache=cache,
+        index=index,
         signed_levels=float(codes.SIGNED_LEVELS),
         unsigned_levels=float(codes.UNSIGNED_LEVELS),
         signed_unit=float(np.float32(codes.SIGNED_UNIT)),

@@ -12,7 +12,20 @@ from __future__ import annotations
 import torch
 
 from treeopt._trees import WRAPPER_SEGMENTS, canonical_name
-from treeopt.filters import CONV, DEPTHWISE, EMBEDDING, EXPERTS, HEAD, IN_OUT, INPUT, LINEAR, NORM, OUTPUT, POINTWISE
+from treeopt.filters import (
+    CONV,
+    DEPTHWISE,
+    EMBEDDING,
+    EXPERTS,
+    HEAD,
+    IN_OUT,
+    INPUT,
+    LINEAR,
+    NORM,
+    OUTPUT,
+    POINTWISE,
+    repeated_blocks,
+)
 
 __all__ = ["canonical_name", "named_parameters", "module_kinds", "WRAPPER_SEGMENTS", "GUESSES", "IN_OUT"]
 
@@ -69,7 +82,8 @@ def module_kinds(model: torch.nn.Module) -> dict[str, frozenset[str]]:
       expert), ``"in_out"`` (Hugging Face's ``Conv1D``, which stores ``(in, out)``, and the
       expert stacks transformers marks ``is_transposed``, stored ``(E, in, out)``);
     - ``"head"``: an ``nn.Linear`` whose weight is an embedding's (tied), and the last
-      ``nn.Linear`` whose ``out_features`` is the largest embedding's ``num_embeddings``;
+      ``nn.Linear`` whose ``out_features`` is the largest embedding's ``num_embeddings``,
+      outside the blocks the model repeats;
     - ``"input"``: the first layer in definition order when it is a linear or convolution (a
       stem; an embedding is found by its type); without an embedding, ``"output"`` for the
       last linear layer (a CNN's classifier, an MLP's last layer).
@@ -110,7 +124,16 @@ def module_kinds(model: torch.nn.Module) -> dict[str, frozenset[str]]:
         if id(linear.weight) in embedding_weights:
             add(linear.parameters(recurse=False), HEAD)
     if vocabularies:
-        heads = [linear for linear in linears if _out_features(linear) == max(vocabularies)]
+        weights = {id(linear.weight) for linear in linears}
+        names = {id(param): name for name, param in named_parameters(model).items()}
+        repeated = repeated_blocks(
+            {name: tuple(param.shape) for name, param in named_parameters(model).items() if id(param) in weights}
+        )
+        heads = [
+            linear
+            for linear in linears
+            if _out_features(linear) == max(vocabularies) and not repeated(names[id(linear.weight)])
+        ]
         if heads:
             add(heads[-1].parameters(recurse=False), HEAD)
     if first is not None and (_is_linear(first) or isinstance(first, torch.nn.modules.conv._ConvNd)):
