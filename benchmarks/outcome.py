@@ -378,8 +378,9 @@ def variant_table(records, steps, seeds, variants):
             )
     lines += [
         "",
-        "Each recipe's best against the tuned AdamW, per seed (wall and CPU seconds of the training steps of "
-        "that run; runs shared the machine, so times are noisy):",
+        "Each recipe's best against the tuned AdamW, per seed: the step, and the wall and CPU seconds of that "
+        "run's training steps (one thread), at which it reached the tuned AdamW's final loss. On a machine shared "
+        "with other jobs the wall time follows the load more than the run; the CPU time is the steadier:",
         "",
         "| run | seed | final val loss | steps to target | x AdamW | wall s to target | x AdamW | CPU s to target "
         "| x AdamW |",

@@ -56,6 +56,7 @@ from treeopt.ops import (
     maximum,
     mean,
     on_whole,
+    sign,
     sqrt,
     swap_last,
     total,
@@ -203,18 +204,20 @@ def lr_scale(shape, layout, adjust_lr):
     return py_sqrt(max(1.0, shape[-2] / shape[-1]))  # for a conv kernel: kh / kw, as the references
 
 
-def newton_schulz(x, steps, eps=NS_EPS, table="keller2024", safety=1.0):
+def newton_schulz(x, steps, eps=NS_EPS, table="keller2024", safety=1.0, normalized=False):
     """Approximately orthogonalise the matrix ``x`` (its nearest semi-orthogonal matrix), or
-    each matrix of a stack (the last two axes; leading axes index the matrices)."""
+    each matrix of a stack (the last two axes; leading axes index the matrices).
+    ``normalized``: ``x`` is already divided by ``safety * |x|_F + eps`` (:func:`equilibrate`)."""
     lead = tuple(x.shape[:-2])
     if len(lead) > 1:  # one stack axis: batched products take three dimensions
         x = x.reshape((prod(lead),) + tuple(x.shape[-2:]))
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = swap_last(x)
-    # times 1 (Keller Jordan's table) is exact: one expression for every table, no branch on a
-    # value that a runner may hold on the device
-    x = x / (sqrt(total(x * x, axis=(-2, -1), keepdims=True)) * cast(safety, x) + cast(eps, x))
+    if not normalized:
+        # times 1 (Keller Jordan's table) is exact: one expression for every table, no branch on
+        # a value that a runner may hold on the device
+        x = x / (sqrt(total(x * x, axis=(-2, -1), keepdims=True)) * cast(safety, x) + cast(eps, x))
     coefficients = NS_TABLES[table]
     for k in range(steps):
         a, b, c = coefficients[min(k, len(coefficients) - 1)]
@@ -225,12 +228,18 @@ def newton_schulz(x, steps, eps=NS_EPS, table="keller2024", safety=1.0):
     return x.reshape(lead + tuple(x.shape[-2:])) if len(lead) > 1 else x
 
 
-def equilibrate(x, out_axis=-2):
+def equilibrate(x, out_axis=-2, safety=None, eps=NS_EPS):
     """MuonEq: every output neuron of ``x`` (a row, or with ``out_axis=-1`` a column; each
-    matrix of a stack) scaled to the neurons' mean norm."""
+    matrix of a stack) scaled to the neurons' mean norm. With ``safety``, the result is also
+    divided by ``safety * |result|_F + eps``, as Newton-Schulz starts: both scales come from
+    the neurons' squared norms, so ``x`` is read once squared and once scaled."""
     squares = total(x * x, axis=-1 if out_axis == -2 else -2, keepdims=True)  # one per neuron
     target = sqrt(total(squares, axis=(-2, -1), keepdims=True) * cast(1 / x.shape[out_axis], x))
-    return x * (target / maximum(sqrt(squares), cast(EQUILIBRATION_EPS, x)))
+    scale = target / maximum(sqrt(squares), cast(EQUILIBRATION_EPS, x))
+    if safety is not None:  # |x * scale|_F from the neurons' squares
+        norm = sqrt(total(squares * scale * scale, axis=(-2, -1), keepdims=True))
+        scale = scale / (norm * cast(safety, x) + cast(eps, x))
+    return x * scale
 
 
 def renormalize(x):
@@ -240,21 +249,32 @@ def renormalize(x):
     return x * (cast(py_sqrt(min(x.shape[-2:])), x) / maximum(norm, cast(RENORMALIZATION_EPS, x)))
 
 
-def normuon_normalize(o, second_moment, normuon, normuon_beta2, one_minus_normuon_beta2, one, out_axis=-2):
+def normuon_normalize(
+    o, second_moment, normuon, normuon_beta2, one_minus_normuon_beta2, one, out_axis=-2, renormalization=False
+):
     """NorMuon on ``o`` (each matrix of a stack; its outputs the rows, or with ``out_axis=-1``
     the columns): every neuron divided by the root of its running mean square, then the whole
-    scaled back to ``o``'s norm. Both norms come from the neurons' mean squares (|o|^2 is
-    their sum times the neuron's length, |U|^2 the same over the divided ones), so ``o`` is
-    read twice: once squared, once scaled."""
+    scaled back to ``o``'s norm; with ``renormalization``, on Muon+'s :func:`renormalize` of
+    ``o``. Every norm comes from the neurons' mean squares (|o|^2 is their sum times the
+    neuron's length, |U|^2 the same over the divided ones; Muon+'s scale c multiplies them by
+    c^2), so ``o`` is read twice: once squared, once scaled."""
     in_axis = -1 if out_axis == -2 else -2
     axis = out_axis if normuon == "output" or o.shape[out_axis] >= o.shape[in_axis] else in_axis  # the neurons'
     square = mean(o * o, axis=-1 if axis == -2 else -2)  # per neuron
+    norm = sqrt(total(square, axis=-1, keepdims=True))  # |o| / sqrt(length), per matrix
+    if renormalization:  # Muon+ first: o scaled by c, so its neurons' mean squares by c^2
+        length = o.shape[-1 if axis == -2 else -2]
+        scale = cast(py_sqrt(min(o.shape[-2:])), o) / maximum(
+            norm * cast(py_sqrt(length), o), cast(RENORMALIZATION_EPS, o)
+        )
+        square, norm = square * (scale * scale), norm * scale
     second_moment = normuon_beta2 * second_moment + one_minus_normuon_beta2 * square
     root = sqrt(second_moment) + cast(NORMUON_EPS, o)
     factor = where(root > 0, one / root, root)  # 0 only for a silent neuron in float16
-    norm = sqrt(total(square, axis=-1, keepdims=True))  # |o| / sqrt(length), per matrix
     norm_u = sqrt(total(square * factor * factor, axis=-1, keepdims=True))
     factor = factor * where(norm_u > 0, norm / norm_u, norm_u)
+    if renormalization:
+        factor = factor * scale
     return o * (factor[..., :, None] if axis == -2 else factor[..., None, :]), second_moment
 
 
@@ -309,20 +329,23 @@ def muon_orthogonalize(
     out_axis = -1 if layout == "in_out" and not flipped else -2
 
     def polar(d):
-        if row_equilibration:
-            d = equilibrate(d, out_axis)
+        if row_equilibration:  # and divided as Newton-Schulz starts, in the same pass
+            d = equilibrate(d, out_axis, ns_safety, ns_eps)
         if ns_dtype is None:
-            d = newton_schulz(d, ns_steps, ns_eps, ns_coefficients, ns_safety)
+            d = newton_schulz(d, ns_steps, ns_eps, ns_coefficients, ns_safety, row_equilibration)
         else:  # opt-in: iterate in a lower precision (bfloat16 in the reference), then come back
-            low = newton_schulz(astype(d, ns_dtype), ns_steps, ns_eps, ns_coefficients, ns_safety)
+            low = newton_schulz(astype(d, ns_dtype), ns_steps, ns_eps, ns_coefficients, ns_safety, row_equilibration)
             d = astype(low, dtype_name(d))
-        return renormalize(d) if renormalization else d
+        # with NorMuon, Muon+'s scale is folded into NorMuon's pass over the update
+        return renormalize(d) if renormalization and second_moment is None else d
 
     def step(d, s):
         # a matrix split across devices is orthogonalised whole, then split back as it was
         o = on_whole(polar, d)
         if s is not None:
-            o, s = normuon_normalize(o, s, normuon, normuon_beta2, one_minus_normuon_beta2, one, out_axis)
+            o, s = normuon_normalize(
+                o, s, normuon, normuon_beta2, one_minus_normuon_beta2, one, out_axis, renormalization
+            )
         return o, s
 
     if spans is None:
@@ -369,8 +392,15 @@ def matrix_lr(lr, shape, layout, adjust_lr, batch_axes=0, num_heads=None, split_
 def muon_apply(param, direction, lr, keep, cautious=False, **_):
     """The last, elementwise part: decoupled decay (by the unscaled learning rate, as the
     references do; cautious: only where the update and the weight agree in sign) and the step."""
+    if keep is not None and cautious:
+        # p * keep where O * p >= 0, else p. With step = -lr * O (lr >= 0), step * p <= 0 there,
+        # so for keep in [0, 1] max(keep, sign(step * p)) is keep there and 1 elsewhere (a product
+        # that underflows to zero aside): arithmetic, not a select, which torch runs as a scalar
+        # loop on CPUs, several times as long as an elementwise product
+        step = -lr * direction
+        return param * maximum(keep, sign(step * param)) + step
     if keep is not None:
-        param = where(direction * param >= 0, param * keep, param) if cautious else param * keep
+        param = param * keep
     return param - lr * direction
 
 
