@@ -21,8 +21,8 @@ one batched product (NumPy ``matmul`` on 3-D arrays; ``torch.bmm`` for torch), r
 every round. GPU rows (CUDA) are `benchmarks/gpu.py`'s, on a GPU machine.
 
 Two things are timed in fresh processes, as a user meets them: the *cached start* (a second
-process: ``import treeopt`` and the first two AdamW steps on the 10M tree, numba's loops
-loading from the disk cache in a thread meanwhile), and the *JAX compile* of a jitted Muon
+process: ``import treeopt`` and the first AdamW steps on the 10M tree, numba's loops
+loaded from the disk cache at the end of the first), and the *JAX compile* of a jitted Muon
 step (treeopt and optax: tracing plus XLA's compile, then again in a second process from
 JAX's persistent compilation cache), each stopped after ``--compile-limit`` seconds. JAX's Muon rows of
 a tree are timed in the main process only when its compile finished within the limit.
@@ -643,8 +643,8 @@ def main(argv=None):
             later = " ".join(f"{found[f'step{k}'] * 1e3:.0f}" for k in range(2, 9))
             print(
                 f"   import + step 1 {(found['import'] + found['step1']) * 1e3:.0f} ms (import treeopt "
-                f"{found['import'] * 1e3:.0f} ms, step 1 {found['step1'] * 1e3:.0f} ms: the engine's step, numba's "
-                f"loop then loading in a thread); steps 2-8 {later} ms"
+                f"{found['import'] * 1e3:.0f} ms, step 1 {found['step1'] * 1e3:.0f} ms: the engine's step, then "
+                f"numba's loop loaded from the disk cache); steps 2-8 {later} ms"
             )
             CACHED_START.update(found)
     print(

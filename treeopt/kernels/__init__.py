@@ -35,8 +35,10 @@ import os
 enabled = os.environ.get("TREEOPT_KERNELS", "1") not in ("0", "false", "no", "off")
 
 #: True: in a process that has not loaded a compiled loop yet, the loops load in a thread
-#: while the first steps run per tensor (numba's start-up takes longer than a small step)
-load_in_background = os.environ.get("TREEOPT_KERNELS_BACKGROUND", "1") not in ("0", "false", "no", "off")
+#: while the first steps run per tensor (numba's start-up takes longer than a small step).
+#: Off by default: numba compiling in a thread while JAX compiles in the main thread has
+#: aborted the process (both drive LLVM), so the loops build at the end of the first step
+load_in_background = os.environ.get("TREEOPT_KERNELS_BACKGROUND", "0") in ("1", "true", "yes", "on")
 
 #: the runner of torch tensors of elementwise rules: "auto", "foreach", "triton", "compile", "numba"
 torch_runner = os.environ.get("TREEOPT_TORCH_RUNNER", "auto")
