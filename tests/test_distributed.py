@@ -69,6 +69,14 @@ def gradients(step, rank=None, nan_at=None):
     return grads
 
 
+def take_steps(opt, params, steps):
+    """Step ``opt`` with the averaged gradients of each step in ``steps``, set on ``params``."""
+    for step in steps:
+        for (name, p), g in zip(params, gradients(step).values()):
+            p.grad = g
+        opt.step()
+
+
 def train(rank, world, steps, sharding="zero1", options=None, nan_at=None, count_ns=False):
     """``steps`` steps; returns the parameters, what each rank owns and its counts."""
     import treeopt.rules.muon as muon_rule
@@ -331,10 +339,7 @@ def dcp_phase(rank, world, folder, phase, calls):
     if phase == "load":
         dcp.load({"model": model, "optim": opt}, checkpoint_id=folder)
         first = int(opt.optimizer.optimizers[1].step) * 2  # the AdamW group steps every 2 calls
-    for step in range(first, first + calls):
-        for (name, p), g in zip(params, gradients(step).values()):
-            p.grad = g
-        opt.step()
+    take_steps(opt, params, range(first, first + calls))
     if phase == "save":
         dcp.save({"model": model, "optim": opt}, checkpoint_id=folder)
     return {"params": {n: p.detach().clone() for n, p in params}, "metadata": opt.state_dict()["metadata"]}
@@ -385,10 +390,7 @@ def folder_phase(rank, world, folder, phase):
             for (name, p), value in zip(params, torch.load(f"{folder}/params.pt").values()):
                 p.copy_(value)
         first = int(opt.optimizer.optimizers[1].step) * 2
-    for step in range(first, first + (4 if phase == "save" else 2)):
-        for (name, p), g in zip(params, gradients(step).values()):
-            p.grad = g
-        opt.step()
+    take_steps(opt, params, range(first, first + (4 if phase == "save" else 2)))
     if phase == "save":
         checkpoint.save(opt, folder)
         if rank == 0:
@@ -611,10 +613,7 @@ def held_slots(opt):
 def compact_train(rank, world, steps, sharding, state_dtype):
     params = make_params()
     opt = treeopt.torch.Optimizer(params, compact_muon_adamw(state_dtype), sharding=sharding if world > 1 else None)
-    for step in range(steps):
-        for (name, p), g in zip(params, gradients(step).values()):
-            p.grad = g
-        opt.step()
+    take_steps(opt, params, range(steps))
     return {
         "params": {n: p.detach().clone() for n, p in params},
         "codes": held_slots(opt),
@@ -670,10 +669,7 @@ def compact_dcp_phase(rank, world, folder, phase, calls, state_dtype):
     if phase == "load":
         dcp.load({"model": model, "optim": opt}, checkpoint_id=folder)
         first = int(opt.optimizer.optimizers[1].step)
-    for step in range(first, first + calls):
-        for (name, p), g in zip(params, gradients(step).values()):
-            p.grad = g
-        opt.step()
+    take_steps(opt, params, range(first, first + calls))
     if phase == "save":
         dcp.save({"model": model, "optim": opt}, checkpoint_id=folder)
     return {"params": {n: p.detach().clone() for n, p in params}, "codes": held_slots(opt)}
@@ -707,10 +703,7 @@ def variants_optimizer(normuon="output"):
 def variants_train(rank, world, steps, sharding):
     params = make_params()
     opt = treeopt.torch.Optimizer(params, variants_optimizer(), sharding=sharding if world > 1 else None)
-    for step in range(steps):
-        for (name, p), g in zip(params, gradients(step).values()):
-            p.grad = g
-        opt.step()
+    take_steps(opt, params, range(steps))
     return {"params": {n: p.detach().clone() for n, p in params}}
 
 
