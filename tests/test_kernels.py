@@ -49,6 +49,16 @@ def run(setting, backend, dtype, fast, steps=4, make_optimizer=None):
         kernels.enabled = True
 
 
+def on_the_reference_path(opt, params, grads):
+    """Every step of ``grads`` on the per-tensor reference path."""
+    kernels.enabled = False
+    try:
+        for g in grads:
+            opt.update(params, g)
+    finally:
+        kernels.enabled = True
+
+
 def assert_identical(a, b):
     flat_a, flat_b = tree_flatten(a), tree_flatten(b)
     assert [k for k, _ in flat_a] == [k for k, _ in flat_b]
@@ -202,12 +212,7 @@ def test_a_loop_loading_in_a_thread_takes_over_with_the_same_numbers(backend, mo
     for g in grads[2:]:
         fast.update(params, g)
     assert len(ran) == 3 and fast._compiled.buckets == [bucket]
-    kernels.enabled = False
-    try:
-        for g in grads:
-            ref.update(twin, g)
-    finally:
-        kernels.enabled = True
+    on_the_reference_path(ref, twin, grads)
     assert_identical(params, twin)
     assert_identical(fast.state, ref.state)
 
@@ -233,12 +238,7 @@ def test_a_loop_that_fails_to_load_in_a_thread_leaves_the_rule_per_tensor(monkey
     for g in grads[2:]:
         fast.update(params, g)
     assert bucket.loop is None and not compiled_step._loops_ready
-    kernels.enabled = False
-    try:
-        for g in grads:
-            ref.update(twin, g)
-    finally:
-        kernels.enabled = True
+    on_the_reference_path(ref, twin, grads)
     assert_identical(params, twin)
 
 
